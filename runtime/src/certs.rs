@@ -1,0 +1,276 @@
+//! A cluster CA and node certificates (rcgen), in memory and on disk.
+//!
+//! ```
+//! let ca = tern::certs::ClusterCa::new().unwrap();
+//! let phone = ca.issue("phone").unwrap();
+//! assert_eq!(phone.name().unwrap().as_str(), "phone");
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::error::Error;
+use crate::ids::NodeName;
+
+const CA_COMMON_NAME: &str = "Tern cluster CA";
+
+fn cert_err(e: impl std::fmt::Display) -> Error {
+    Error::Cert(e.to_string())
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// Checks that `name` can be a node name: 1 to 63 of `a-z`, `0-9` and `-`, not starting or
+/// ending with `-` (it is the certificate's DNS name).
+pub fn check_node_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "node name {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
+        )))
+    }
+}
+
+/// The cluster's certificate authority: only nodes holding a certificate it issued can join.
+pub struct ClusterCa {
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl ClusterCa {
+    /// Creates a new CA with a fresh key.
+    pub fn new() -> Result<Self, Error> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let cert = ca_params().self_signed(&key).map_err(cert_err)?;
+        Ok(ClusterCa {
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key,
+        })
+    }
+
+    /// Loads a CA written by [`write`](Self::write).
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let cert_pem = read(&dir.join("ca.pem"))?;
+        let key_pem = read(&dir.join("ca.key"))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(cert_err)?
+            .to_vec();
+        Ok(ClusterCa {
+            cert_der,
+            cert_pem,
+            key,
+        })
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Issues a certificate for node `name`, valid as server and client.
+    pub fn issue(&self, name: &str) -> Result<NodeIdentity, Error> {
+        check_node_name(name)?;
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err)?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::new(ca_params(), &self.key);
+        let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+        Ok(NodeIdentity {
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            ca_der: self.cert_der.clone(),
+        })
+    }
+
+    /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        write_file(&dir.join("ca.pem"), self.cert_pem.as_bytes(), false)?;
+        write_file(
+            &dir.join("ca.key"),
+            self.key.serialize_pem().as_bytes(),
+            true,
+        )
+    }
+}
+
+/// A node's certificate, private key and the cluster CA it trusts.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    /// The node certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The node's private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// The cluster CA certificate, DER.
+    pub ca_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeIdentity({:?})", self.name().ok())
+    }
+}
+
+impl NodeIdentity {
+    /// The node name, read from the certificate.
+    pub fn name(&self) -> Result<NodeName, Error> {
+        crate::tls::name_from_cert(&self.cert_der)
+    }
+
+    pub(crate) fn cert(&self) -> CertificateDer<'static> {
+        CertificateDer::from(self.cert_der.clone())
+    }
+
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    pub(crate) fn ca(&self) -> CertificateDer<'static> {
+        CertificateDer::from(self.ca_der.clone())
+    }
+
+    /// Paths of the files [`write`](Self::write) makes for `name` in `dir`:
+    /// certificate, key, CA certificate.
+    pub fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+            dir.join("ca.pem"),
+        )
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` (owner-only) into `dir`, and `ca.pem` if absent.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        let name = self.name()?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let (cert, key, ca) = Self::paths(dir, name.as_str());
+        write_file(
+            &cert,
+            to_pem("CERTIFICATE", &self.cert_der).as_bytes(),
+            false,
+        )?;
+        let key_pem = to_pem("PRIVATE KEY", &self.key_der);
+        write_file(&key, key_pem.as_bytes(), true)?;
+        if !ca.exists() {
+            write_file(&ca, to_pem("CERTIFICATE", &self.ca_der).as_bytes(), false)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the files written by [`write`](Self::write).
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, Error> {
+        let cert_der = CertificateDer::from_pem_slice(read(cert)?.as_bytes())
+            .map_err(|e| cert_err(format!("{}: {e}", cert.display())))?
+            .to_vec();
+        let key_der = PrivatePkcs8KeyDer::from_pem_slice(read(key)?.as_bytes())
+            .map_err(|e| cert_err(format!("{}: {e}", key.display())))?
+            .secret_pkcs8_der()
+            .to_vec();
+        let ca_der = CertificateDer::from_pem_slice(read(ca)?.as_bytes())
+            .map_err(|e| cert_err(format!("{}: {e}", ca.display())))?
+            .to_vec();
+        Ok(NodeIdentity {
+            cert_der,
+            key_der,
+            ca_der,
+        })
+    }
+}
+
+fn to_pem(tag: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(tag, der.to_vec()))
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
+}
+
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), Error> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if secret {
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    if secret {
+        // The file may have existed with wider permissions.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+    }
+    f.write_all(bytes)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn files_round_trip_and_keys_are_owner_only() {
+        let dir = std::env::temp_dir().join(format!("tern-certs-{}", std::process::id()));
+        let ca = ClusterCa::new().unwrap();
+        ca.write(&dir).unwrap();
+        let ca2 = ClusterCa::load(&dir).unwrap();
+        let id = ca2.issue("tv").unwrap();
+        id.write(&dir).unwrap();
+        let (c, k, a) = NodeIdentity::paths(&dir, "tv");
+        let back = NodeIdentity::load(&c, &k, &a).unwrap();
+        assert_eq!(back.name().unwrap().as_str(), "tv");
+        assert_eq!(back.ca_der, ca.cert_der);
+        for key in [dir.join("ca.key"), k] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_names_refused() {
+        let ca = ClusterCa::new().unwrap();
+        for bad in ["", "Phone", "a b", "-x", "x-", &"a".repeat(64)] {
+            assert!(ca.issue(bad).is_err(), "{bad:?}");
+        }
+    }
+}

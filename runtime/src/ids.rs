@@ -1,0 +1,141 @@
+//! Identifiers: services, nodes, kinds and the location-carrying [`ServiceAddr`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A cluster-unique service identifier.
+///
+/// The high half is a random prefix drawn once per node start, the low half a counter on that
+/// node, so two nodes never mint the same id without coordinating.
+///
+/// ```
+/// let id = tern::ServiceId::from_parts(7, 42);
+/// assert_eq!(id.to_string(), "0000000000000007-000000000000002a");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceId(u64, u64);
+
+impl ServiceId {
+    /// Builds an id from its prefix and counter halves.
+    pub const fn from_parts(prefix: u64, counter: u64) -> Self {
+        ServiceId(prefix, counter)
+    }
+    /// The node-start prefix half.
+    pub const fn prefix(&self) -> u64 {
+        self.0
+    }
+    /// The per-node counter half.
+    pub const fn counter(&self) -> u64 {
+        self.1
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}-{:016x}", self.0, self.1)
+    }
+}
+
+impl fmt::Debug for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceId({self})")
+    }
+}
+
+/// A node's name, as read from its certificate. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeName(Arc<str>);
+
+impl NodeName {
+    /// Wraps a name.
+    pub fn new(name: &str) -> Self {
+        NodeName(Arc::from(name))
+    }
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl From<&str> for NodeName {
+    fn from(s: &str) -> Self {
+        NodeName::new(s)
+    }
+}
+
+impl Serialize for NodeName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(NodeName::new(&s))
+    }
+}
+
+/// A registered service kind: name and version. Every node able to host a service must have
+/// its kind compiled in and registered.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KindKey {
+    /// The kind's name, e.g. `"kv"`.
+    pub name: String,
+    /// The kind's version; state and messages of another version are not accepted.
+    pub version: u32,
+}
+
+impl KindKey {
+    /// Builds a key.
+    pub fn new(name: &str, version: u32) -> Self {
+        KindKey {
+            name: name.to_owned(),
+            version,
+        }
+    }
+}
+
+impl fmt::Display for KindKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+impl fmt::Debug for KindKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// Where a service is: its id, its kind and the node hosting it. Serializable, so it can sit in
+/// service state, address books and messages.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceAddr {
+    /// The service.
+    pub id: ServiceId,
+    /// Its registered kind.
+    pub kind: KindKey,
+    /// The node hosting it when this address was made.
+    pub node: NodeName,
+}
+
+impl fmt::Debug for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}@{}", self.kind, self.id, self.node)
+    }
+}

@@ -1,0 +1,33 @@
+//! # Tern
+//!
+//! An actor runtime for multi-device applications: every service is an actor whose state is a
+//! serde value, hosted behind a runtime-owned mailbox on a node (one per device), reachable
+//! through the same typed handle whether it runs on this node or another, over QUIC with mutual
+//! TLS.
+//!
+//! Start at [`Service`] (writing a service), [`Node`] (running a node) and [`ServiceRef`]
+//! (talking to a service). `runtime/examples/` holds programs to copy.
+
+#![warn(missing_docs)]
+
+pub mod certs;
+pub mod core;
+mod error;
+mod handle;
+mod ids;
+mod mailbox;
+mod node;
+mod service;
+mod stats;
+pub mod tls;
+mod transport;
+pub mod wire;
+
+pub use crate::core::directory::{Associations, BookEdge};
+pub use error::{AskError, DeliveryError, Error};
+pub use handle::ServiceRef;
+pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+pub use node::{Limits, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo};
+pub use service::{Ctx, ReplyTo, Service};
+pub use stats::NodeStats;
+pub use transport::PeerStatus;

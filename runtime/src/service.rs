@@ -1,0 +1,284 @@
+//! The service API: the [`Service`] trait, the [`Ctx`] a handler gets, and [`ReplyTo`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::core::directory::Associations;
+use crate::error::{AskError, DeliveryError, Error};
+use crate::handle::ServiceRef;
+use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+use crate::mailbox::Mailbox;
+use crate::node::NodeShared;
+
+/// A migratable service: a plain struct whose fields are its state, a message type, and a
+/// handler that takes one message at a time.
+///
+/// Handlers may await; the runtime never starts the next message before the current handler's
+/// future completes, so a service never handles two messages at once.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tern::{Ctx, ReplyTo, Service};
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Counter { total: u64 }
+///
+/// #[derive(Serialize, Deserialize)]
+/// enum CounterMsg { Add(u64), Get(ReplyTo<u64>) }
+///
+/// impl Service for Counter {
+///     type Msg = CounterMsg;
+///     const KIND: &'static str = "counter";
+///     const VERSION: u32 = 1;
+///     async fn handle(&mut self, msg: CounterMsg, ctx: &mut Ctx<Self>) {
+///         match msg {
+///             CounterMsg::Add(n) => self.total += n,
+///             CounterMsg::Get(reply) => { let _ = ctx.reply(reply, self.total); }
+///         }
+///     }
+/// }
+/// ```
+pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
+    /// The messages this service handles.
+    type Msg: Serialize + DeserializeOwned + Send + 'static;
+    /// The kind's registered name.
+    const KIND: &'static str;
+    /// The kind's version. State and messages of one version are not read by another.
+    const VERSION: u32;
+
+    /// Handles one message.
+    fn handle(&mut self, msg: Self::Msg, ctx: &mut Ctx<Self>) -> impl Future<Output = ()>;
+
+    /// Called once before the first message, on the node that runs the service.
+    fn started(&mut self, _ctx: &mut Ctx<Self>) {}
+
+    /// Called once after the last message, when the service stops.
+    fn stopped(&mut self, _ctx: &mut Ctx<Self>) {}
+
+    /// The kind key of this service type.
+    fn kind_key() -> KindKey {
+        KindKey::new(Self::KIND, Self::VERSION)
+    }
+}
+
+/// A location-transparent, serializable handle for answering one ask.
+///
+/// It names the node and the pending ask waiting for the answer, so it can travel inside a
+/// message, be stored in state, and be answered from any node.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct ReplyTo<R> {
+    pub(crate) node: NodeName,
+    pub(crate) ask: u64,
+    #[serde(skip)]
+    _reply: PhantomData<fn() -> R>,
+}
+
+impl<R> ReplyTo<R> {
+    pub(crate) fn new(node: NodeName, ask: u64) -> Self {
+        ReplyTo {
+            node,
+            ask,
+            _reply: PhantomData,
+        }
+    }
+    /// The node waiting for the answer.
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+}
+
+impl<R> fmt::Debug for ReplyTo<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ReplyTo({}#{})", self.node, self.ask)
+    }
+}
+
+/// What a handler can do besides changing its own state.
+pub struct Ctx<S: Service> {
+    me: ServiceRef<S>,
+    node: Arc<NodeShared>,
+    seqs: HashMap<ServiceId, u64>,
+    stop: bool,
+}
+
+impl<S: Service> Ctx<S> {
+    /// This service's id.
+    pub fn id(&self) -> ServiceId {
+        self.me.id()
+    }
+
+    /// This service's kind.
+    pub fn kind(&self) -> KindKey {
+        S::kind_key()
+    }
+
+    /// This service's address (id, kind, node).
+    pub fn addr(&self) -> &ServiceAddr {
+        self.me.addr()
+    }
+
+    /// The node running this service now.
+    pub fn node_name(&self) -> &NodeName {
+        self.node.name()
+    }
+
+    /// A handle to this service, for giving to others.
+    pub fn myself(&self) -> ServiceRef<S> {
+        self.me.clone()
+    }
+
+    fn next_seq(&mut self, to: ServiceId) -> u64 {
+        let seq = self.seqs.entry(to).or_insert(0);
+        *seq += 1;
+        *seq
+    }
+
+    /// Sends `msg` to `to`, numbered in this service's channel to it.
+    pub fn tell<T: Service>(
+        &mut self,
+        to: &ServiceRef<T>,
+        msg: T::Msg,
+    ) -> Result<(), DeliveryError> {
+        let seq = self.next_seq(to.id());
+        to.send(Some(self.id()), seq, None, msg)
+    }
+
+    /// Like [`tell`](Self::tell), but waits for room when the target's mailbox or link is full.
+    pub async fn tell_wait<T: Service>(
+        &mut self,
+        to: &ServiceRef<T>,
+        msg: T::Msg,
+    ) -> Result<(), DeliveryError> {
+        let seq = self.next_seq(to.id());
+        to.send_wait(Some(self.id()), seq, msg).await
+    }
+
+    /// Sends a request to `to` and waits for the answer. The service handles nothing else
+    /// meanwhile.
+    pub async fn ask<T: Service, R: DeserializeOwned + Send + 'static>(
+        &mut self,
+        to: &ServiceRef<T>,
+        make: impl FnOnce(ReplyTo<R>) -> T::Msg,
+        timeout: Duration,
+    ) -> Result<R, AskError> {
+        let seq = self.next_seq(to.id());
+        to.ask_from(Some(self.id()), seq, make, timeout).await
+    }
+
+    /// Answers an ask, wherever the asker is.
+    pub fn reply<R: Serialize + Send + 'static>(
+        &self,
+        to: ReplyTo<R>,
+        value: R,
+    ) -> Result<(), DeliveryError> {
+        self.node.reply(to, value)
+    }
+
+    /// The address in this service's book under `role`.
+    pub fn book_get(&self, role: &str) -> Option<ServiceAddr> {
+        self.node.book_get(self.id(), role)
+    }
+
+    /// A typed handle to the service in this service's book under `role`.
+    pub fn book_ref<T: Service>(&self, role: &str) -> Result<ServiceRef<T>, DeliveryError> {
+        let addr = self
+            .book_get(role)
+            .ok_or_else(|| DeliveryError::UnknownService {
+                id: self.id(),
+                node: self.node.name().clone(),
+            })?;
+        self.node.resolve(&addr)
+    }
+
+    /// Sends `msg` to the service in this service's book under `role`.
+    pub fn tell_role<T: Service>(&mut self, role: &str, msg: T::Msg) -> Result<(), DeliveryError> {
+        let to = self.book_ref::<T>(role)?;
+        self.tell(&to, msg)
+    }
+
+    /// This service's whole book.
+    pub fn book(&self) -> Vec<(String, ServiceAddr)> {
+        self.node.book(self.id())
+    }
+
+    /// Adds or replaces the entry `role` of this service's book.
+    pub fn book_insert(&self, role: &str, target: ServiceAddr) -> Result<(), Error> {
+        self.node.book_insert(self.addr(), role, target)
+    }
+
+    /// Removes the entry `role` of this service's book; true if there was one.
+    pub fn book_remove(&self, role: &str) -> bool {
+        self.node.book_remove(self.id(), role)
+    }
+
+    /// Who this service holds and who holds it, across the cluster.
+    pub fn associations(&self) -> Associations {
+        self.node.associations(self.id())
+    }
+
+    /// Starts a child service on this node, recorded as an assembly-tree edge.
+    pub fn spawn_child<C: Service>(&self, state: C) -> Result<ServiceRef<C>, Error> {
+        self.node.spawn(state, Some(self.id()))
+    }
+
+    /// Stops this service after the current message. Messages still queued are refused and
+    /// their senders told.
+    pub fn stop(&mut self) {
+        self.stop = true;
+    }
+}
+
+/// How many messages a service handles before yielding its thread to the others.
+const MESSAGES_PER_TURN: u32 = 64;
+
+/// Runs a service until it stops or its node shuts down.
+pub(crate) async fn run_service<S: Service>(
+    mut state: S,
+    me: ServiceRef<S>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    node: Arc<NodeShared>,
+) {
+    let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
+    let mut ctx = Ctx {
+        me,
+        node,
+        seqs: HashMap::new(),
+        stop: false,
+    };
+    async move {
+        state.started(&mut ctx);
+        let mut turn = 0u32;
+        loop {
+            match mailbox.pop() {
+                Some(env) => {
+                    state.handle(env.msg, &mut ctx).await;
+                    ctx.node.stats.processed.inc();
+                    if ctx.stop {
+                        break;
+                    }
+                    turn += 1;
+                    if turn >= MESSAGES_PER_TURN {
+                        turn = 0;
+                        tokio::task::yield_now().await;
+                    }
+                }
+                None if mailbox.is_closed() => break,
+                None => mailbox.wait_ready().await,
+            }
+        }
+        state.stopped(&mut ctx);
+        let rest = mailbox.close();
+        ctx.node.service_stopped(ctx.id(), rest);
+    }
+    .instrument(span)
+    .await
+}

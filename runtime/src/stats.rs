@@ -1,0 +1,99 @@
+//! Counters a node keeps, and the snapshot [`NodeStats`] users read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// A monotonic counter.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats { $(pub $name: Counter,)* }
+
+        /// A snapshot of a node's counters and gauges.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct NodeStats {
+            $($(#[$doc])* pub $name: u64,)*
+            /// Services running on the node.
+            pub services_live: u64,
+            /// Peers with an established connection.
+            pub peers_connected: u64,
+            /// Book edges known cluster-wide.
+            pub book_edges: u64,
+            /// Asks waiting for a reply on this node.
+            pub asks_pending: u64,
+        }
+
+        impl Stats {
+            pub fn snapshot(&self) -> NodeStats {
+                NodeStats { $($name: self.$name.get(),)* ..NodeStats::default() }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages accepted into local mailboxes from senders on this node.
+    sent_local,
+    /// Messages queued for a peer node.
+    sent_remote,
+    /// Messages from peers accepted into local mailboxes.
+    received_remote,
+    /// Messages handled by local services.
+    processed,
+    /// Sends refused at once to a sender on this node (full, stopped, unknown, backpressure).
+    refused_to_senders,
+    /// Messages from waiting senders that found their mailbox full and held their stream.
+    deliveries_held,
+    /// Messages from peers this node refused (their sender was told).
+    refused_from_peers,
+    /// Messages this node sent that a peer refused.
+    refused_by_peers,
+    /// Messages refused because their service stopped with them still queued.
+    refused_on_stop,
+    /// Asks started on this node.
+    asks_started,
+    /// Asks answered (a value or an error from the far side).
+    asks_answered,
+    /// Asks that timed out.
+    asks_timed_out,
+    /// Replies sent to another node.
+    replies_remote,
+    /// Frames received.
+    frames_in,
+    /// Frames sent.
+    frames_out,
+    /// Bytes received on streams.
+    bytes_in,
+    /// Bytes sent on streams.
+    bytes_out,
+    /// Frames from peers that were malformed, oversize, truncated or unexpected.
+    protocol_errors,
+    /// Protocol errors peers reported about frames of ours.
+    protocol_errors_reported,
+    /// Bytes queued for a peer and lost when its connection failed.
+    bytes_lost_on_link,
+    /// Connections established (dialed or accepted).
+    connections_up,
+    /// Connections refused: TLS failures, bad handshakes, duplicates.
+    connections_refused,
+    /// Services started.
+    services_started,
+    /// Services stopped.
+    services_stopped,
+}

@@ -1,0 +1,108 @@
+//! rustls configurations (ring provider, TLS 1.3 only, mutual authentication against the
+//! cluster CA, ALPN `tern/1`) and reading a peer's name from its certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::certs::NodeIdentity;
+use crate::error::Error;
+use crate::ids::NodeName;
+use crate::wire::ALPN;
+
+fn tls_err(e: impl std::fmt::Display) -> Error {
+    Error::Tls(e.to_string())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(id: &NodeIdentity) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    roots.add(id.ca()).map_err(tls_err)?;
+    Ok(Arc::new(roots))
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.send_window(16 << 20);
+    Arc::new(t)
+}
+
+/// The QUIC server side of a node: requires a client certificate issued by the cluster CA.
+pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, Error> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone())
+        .build()
+        .map_err(tls_err)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert()], id.key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// The QUIC client side of a node: presents its certificate and trusts only the cluster CA.
+pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(roots(id)?)
+        .with_client_auth_cert(vec![id.cert()], id.key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// The node name in a certificate: its first DNS subject alternative name.
+pub fn name_from_cert(der: &[u8]) -> Result<NodeName, Error> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| Error::Cert(format!("bad subject alternative names: {e}")))?
+        .ok_or_else(|| Error::Cert("certificate has no subject alternative name".into()))?;
+    for name in &san.value.general_names {
+        if let GeneralName::DNSName(dns) = name {
+            crate::certs::check_node_name(dns)?;
+            return Ok(NodeName::new(dns));
+        }
+    }
+    Err(Error::Cert(
+        "certificate names no node (no DNS name)".into(),
+    ))
+}
+
+/// The name of the node at the other end of an authenticated connection.
+pub fn peer_name(conn: &quinn::Connection) -> Result<NodeName, Error> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| Error::Cert("peer presented no certificate".into()))?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| Error::Cert("peer identity is not a certificate chain".into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Cert("peer certificate chain is empty".into()))?;
+    name_from_cert(leaf)
+}

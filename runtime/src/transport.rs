@@ -1,0 +1,943 @@
+//! Links to peers over QUIC: one connection per pair of nodes, a control stream, one data
+//! stream per direction, bounded outgoing queues that survive reconnections.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use crate::error::{DeliveryError, Error};
+use crate::ids::{NodeName, ServiceId};
+use crate::mailbox::{lock, Slot};
+use crate::node::{reply_from_wire, Limits, NodeShared};
+use crate::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
+
+/// Bytes asked of quinn per read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Book edges per `BookSync` frame.
+const BOOK_SYNC_EDGES_PER_FRAME: usize = 1024;
+/// Pause between two dials of the same peer.
+const REDIAL_MS: u64 = 500;
+
+/// A bounded byte queue of encoded frames waiting for a stream.
+pub(crate) struct OutQueue {
+    buf: Mutex<Vec<u8>>,
+    ready: Notify,
+    space: Notify,
+    bytes_max: usize,
+    frame_bytes_max: usize,
+}
+
+impl OutQueue {
+    fn new(bytes_max: usize, frame_bytes_max: usize) -> Self {
+        OutQueue {
+            buf: Mutex::new(Vec::new()),
+            ready: Notify::new(),
+            space: Notify::new(),
+            bytes_max,
+            frame_bytes_max,
+        }
+    }
+
+    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<(), DeliveryError> {
+        {
+            let mut buf = lock(&self.buf);
+            if buf.len() >= self.bytes_max {
+                return Err(DeliveryError::Backpressure {
+                    node: peer.clone(),
+                    bytes_max: self.bytes_max,
+                });
+            }
+            encode_frame(&mut buf, frame, self.frame_bytes_max).map_err(|e| match e {
+                WireError::TooLarge { len, max } => DeliveryError::TooLarge {
+                    bytes: len as usize,
+                    max,
+                },
+                other => DeliveryError::Encode(other.to_string()),
+            })?;
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Swaps the queued bytes into `out` (which must be empty).
+    fn take(&self, out: &mut Vec<u8>) {
+        debug_assert!(out.is_empty());
+        std::mem::swap(&mut *lock(&self.buf), out);
+        if !out.is_empty() {
+            self.space.notify_waiters();
+        }
+    }
+}
+
+struct LiveConn {
+    conn: quinn::Connection,
+    dialed_by_me: bool,
+    gen: u64,
+}
+
+struct LinkState {
+    addr: Option<SocketAddr>,
+    live: Option<LiveConn>,
+    dialing: bool,
+    last_dial: Option<Instant>,
+    caps: Vec<String>,
+    last_error: Option<String>,
+    gen: u64,
+}
+
+/// The state of a link, as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer.
+    pub name: NodeName,
+    /// Where it is dialed, if known.
+    pub addr: Option<SocketAddr>,
+    /// True when a connection is up.
+    pub connected: bool,
+    /// The peer's capabilities, from its handshake.
+    pub capabilities: Vec<String>,
+    /// Why the last connection attempt or connection failed.
+    pub last_error: Option<String>,
+}
+
+/// Everything this node keeps about one peer. Outlives connections: frames queued while no
+/// connection is up are sent when one comes.
+pub(crate) struct PeerLink {
+    pub name: NodeName,
+    data: OutQueue,
+    ctrl: OutQueue,
+    state: Mutex<LinkState>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn encode_scratch<T: Serialize, R>(
+    value: &T,
+    then: impl FnOnce(&[u8]) -> Result<R, DeliveryError>,
+) -> Result<R, DeliveryError> {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.try_borrow_mut();
+        let mut fresh = Vec::new();
+        let buf: &mut Vec<u8> = match guard.as_mut() {
+            Ok(b) => b,
+            Err(_) => &mut fresh,
+        };
+        buf.clear();
+        rmp_serde::encode::write(buf, value).map_err(|e| DeliveryError::Encode(e.to_string()))?;
+        then(buf)
+    })
+}
+
+impl PeerLink {
+    pub fn new(name: NodeName, addr: Option<SocketAddr>, limits: &Limits) -> Self {
+        PeerLink {
+            name,
+            data: OutQueue::new(limits.link_queue_bytes_max, limits.frame_bytes_max),
+            ctrl: OutQueue::new(limits.link_queue_bytes_max, limits.frame_bytes_max),
+            state: Mutex::new(LinkState {
+                addr,
+                live: None,
+                dialing: false,
+                last_dial: None,
+                caps: Vec::new(),
+                last_error: None,
+                gen: 0,
+            }),
+        }
+    }
+
+    pub fn set_addr(&self, addr: Option<SocketAddr>) {
+        lock(&self.state).addr = addr;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        lock(&self.state).live.is_some()
+    }
+
+    pub fn status(&self) -> PeerStatus {
+        let st = lock(&self.state);
+        PeerStatus {
+            name: self.name.clone(),
+            addr: st.addr,
+            connected: st.live.is_some(),
+            capabilities: st.caps.clone(),
+            last_error: st.last_error.clone(),
+        }
+    }
+
+    pub fn push_ctrl(&self, frame: &Frame<'_>) -> Result<(), DeliveryError> {
+        self.ctrl.push(&self.name, frame)
+    }
+
+    pub fn send_deliver<M: Serialize>(
+        &self,
+        to: ServiceId,
+        from: Option<ServiceId>,
+        seq: u64,
+        ask: Option<u64>,
+        msg: &M,
+    ) -> Result<(), DeliveryError> {
+        self.deliver(to, from, seq, ask, false, msg)
+    }
+
+    fn deliver<M: Serialize>(
+        &self,
+        to: ServiceId,
+        from: Option<ServiceId>,
+        seq: u64,
+        ask: Option<u64>,
+        wait: bool,
+        msg: &M,
+    ) -> Result<(), DeliveryError> {
+        encode_scratch(msg, |bytes| {
+            self.data.push(
+                &self.name,
+                &Frame::Deliver {
+                    to,
+                    from,
+                    seq,
+                    ask,
+                    wait,
+                    msg: bytes,
+                },
+            )
+        })
+    }
+
+    pub async fn send_deliver_wait<M: Serialize>(
+        &self,
+        to: ServiceId,
+        from: Option<ServiceId>,
+        seq: u64,
+        msg: &M,
+    ) -> Result<(), DeliveryError> {
+        loop {
+            let space = self.data.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match self.deliver(to, from, seq, None, true, msg) {
+                Err(DeliveryError::Backpressure { .. }) => space.await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Replies travel on the control stream: a data stream held by a full mailbox must never
+    /// keep an answer from its asker.
+    pub fn send_reply<R: Serialize>(&self, ask: u64, value: &R) -> Result<(), DeliveryError> {
+        encode_scratch(value, |bytes| {
+            self.ctrl.push(
+                &self.name,
+                &Frame::Reply {
+                    ask,
+                    result: wire::ReplyBody::Value(bytes),
+                },
+            )
+        })
+    }
+
+    /// Whether to keep a connection this peer dialed to us. Of two connections between the
+    /// same pair, the one dialed by the node with the smaller name wins, on both sides.
+    fn accept_incoming(&self, me: &NodeName) -> bool {
+        let st = lock(&self.state);
+        if me > &self.name {
+            return true;
+        }
+        let mine_up = st.live.as_ref().is_some_and(|l| l.dialed_by_me);
+        !(mine_up || st.dialing)
+    }
+
+    /// Makes `conn` the link's connection; closes the one it replaces.
+    fn install(&self, conn: quinn::Connection, dialed_by_me: bool, caps: Vec<String>) -> u64 {
+        let mut st = lock(&self.state);
+        st.gen += 1;
+        let gen = st.gen;
+        if let Some(old) = st.live.replace(LiveConn {
+            conn,
+            dialed_by_me,
+            gen,
+        }) {
+            old.conn
+                .close(quinn::VarInt::from_u32(code::DUPLICATE as u32), b"replaced");
+        }
+        st.caps = caps;
+        st.last_error = None;
+        gen
+    }
+
+    fn is_current(&self, gen: u64) -> bool {
+        lock(&self.state)
+            .live
+            .as_ref()
+            .is_some_and(|l| l.gen == gen)
+    }
+
+    /// The connection of generation `gen` ended.
+    fn lost(&self, gen: u64, reason: String) -> bool {
+        let mut st = lock(&self.state);
+        if st.live.as_ref().is_some_and(|l| l.gen == gen) {
+            st.live = None;
+            st.last_error = Some(reason);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn fail_dial(&self, reason: String) {
+        let mut st = lock(&self.state);
+        st.dialing = false;
+        st.last_error = Some(reason);
+    }
+}
+
+/// Dials every peer with an address and no connection, at most once per `REDIAL_MS`.
+pub(crate) fn maintain_links(node: &Arc<NodeShared>) {
+    if node.stopping.load(Ordering::Relaxed) {
+        return;
+    }
+    for link in node.links() {
+        let addr = {
+            let mut st = lock(&link.state);
+            let due = st
+                .last_dial
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(REDIAL_MS));
+            match st.addr {
+                Some(addr) if st.live.is_none() && !st.dialing && due => {
+                    st.dialing = true;
+                    st.last_dial = Some(Instant::now());
+                    addr
+                }
+                _ => continue,
+            }
+        };
+        let span = tracing::info_span!("dial", node = %node.name(), peer = %link.name, %addr);
+        actix_rt::spawn(dial(node.clone(), link, addr).instrument(span));
+    }
+}
+
+async fn dial(node: Arc<NodeShared>, link: Arc<PeerLink>, addr: SocketAddr) {
+    match dial_inner(&node, &link, addr).await {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "dial failed");
+            link.fail_dial(e.to_string());
+        }
+    }
+}
+
+fn conn_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tls(format!("{what}: {e}"))
+}
+
+async fn dial_inner(
+    node: &Arc<NodeShared>,
+    link: &Arc<PeerLink>,
+    addr: SocketAddr,
+) -> Result<(), Error> {
+    let handshake = Duration::from_millis(node.limits.handshake_timeout_ms);
+    let connecting = node
+        .endpoint
+        .connect(addr, link.name.as_str())
+        .map_err(|e| conn_err("connect", e))?;
+    let conn = tokio::time::timeout(handshake, connecting)
+        .await
+        .map_err(|_| conn_err("handshake", "timed out"))?
+        .map_err(|e| conn_err("handshake", e))?;
+    let name = crate::tls::peer_name(&conn)?;
+    if name != link.name {
+        conn.close(
+            quinn::VarInt::from_u32(code::REFUSED as u32),
+            b"unexpected name",
+        );
+        return Err(Error::Cert(format!(
+            "dialed {} but the certificate names {name}",
+            link.name
+        )));
+    }
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| conn_err("open control stream", e))?;
+    let mut hello = Vec::new();
+    encode_frame(
+        &mut hello,
+        &Frame::Hello {
+            caps: node.caps.clone(),
+        },
+        node.limits.frame_bytes_max,
+    )?;
+    send.write_all(&hello)
+        .await
+        .map_err(|e| conn_err("hello", e))?;
+    let mut reader = FrameReader::new(node.limits.frame_bytes_max);
+    let answer = tokio::time::timeout(handshake, read_handshake(&mut recv, &mut reader))
+        .await
+        .map_err(|_| conn_err("waiting for welcome", "timed out"))??;
+    match answer {
+        Handshake::Welcome(caps) => {
+            {
+                let mut st = lock(&link.state);
+                st.dialing = false;
+            }
+            register(node, link, conn, true, send, recv, reader, caps);
+            Ok(())
+        }
+        Handshake::Reject(reason) => {
+            conn.close(quinn::VarInt::from_u32(code::REFUSED as u32), b"rejected");
+            let mut st = lock(&link.state);
+            st.dialing = false;
+            if reason.starts_with("duplicate") {
+                // The peer keeps the connection it dialed; nothing failed.
+                return Ok(());
+            }
+            Err(Error::Remote {
+                node: link.name.clone(),
+                detail: reason,
+            })
+        }
+        Handshake::Hello(_) => Err(Error::Wire(WireError::Unexpected {
+            kind: "hello",
+            stream: "control",
+        })),
+    }
+}
+
+enum Handshake {
+    Hello(Vec<String>),
+    Welcome(Vec<String>),
+    Reject(String),
+}
+
+async fn read_handshake(
+    recv: &mut quinn::RecvStream,
+    reader: &mut FrameReader,
+) -> Result<Handshake, Error> {
+    loop {
+        if let Some(body) = reader.next_frame()? {
+            return match wire::decode(body)? {
+                Frame::Hello { caps } => Ok(Handshake::Hello(caps)),
+                Frame::Welcome { caps } => Ok(Handshake::Welcome(caps)),
+                Frame::Reject { reason } => Ok(Handshake::Reject(reason)),
+                other => Err(Error::Wire(WireError::Unexpected {
+                    kind: other.kind(),
+                    stream: "handshake",
+                })),
+            };
+        }
+        match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => reader.push(&chunk.bytes),
+            Ok(None) => {
+                reader.finish()?;
+                return Err(conn_err("handshake", "stream ended before a frame"));
+            }
+            Err(e) => return Err(conn_err("handshake", e)),
+        }
+    }
+}
+
+/// Accepts connections until the endpoint closes.
+pub(crate) async fn accept_loop(node: Arc<NodeShared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let span = tracing::info_span!("accept", node = %node.name(), %remote);
+        actix_rt::spawn(accept_one(node.clone(), incoming).instrument(span));
+    }
+}
+
+fn refuse(node: &NodeShared, what: String) {
+    node.stats.connections_refused.inc();
+    tracing::warn!(refusal = %what, "connection refused");
+    node.event("connection-refused", what);
+}
+
+async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let handshake = Duration::from_millis(node.limits.handshake_timeout_ms);
+    let conn = match tokio::time::timeout(handshake, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return refuse(&node, format!("from {remote}: {e}")),
+        Err(_) => return refuse(&node, format!("from {remote}: TLS handshake timed out")),
+    };
+    let close = |why: &str| {
+        conn.close(
+            quinn::VarInt::from_u32(code::REFUSED as u32),
+            why.as_bytes(),
+        );
+    };
+    let name = match crate::tls::peer_name(&conn) {
+        Ok(n) => n,
+        Err(e) => {
+            close("bad certificate");
+            return refuse(&node, format!("from {remote}: {e}"));
+        }
+    };
+    if &name == node.name() {
+        close("certificate names the accepting node");
+        return refuse(
+            &node,
+            format!("from {remote}: certificate names this node ({name})"),
+        );
+    }
+    let first = async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| conn_err("control stream", e))?;
+        let mut reader = FrameReader::new(node.limits.frame_bytes_max);
+        let hs = read_handshake(&mut recv, &mut reader).await?;
+        Ok::<_, Error>((send, recv, reader, hs))
+    };
+    let (mut send, recv, reader, hs) = match tokio::time::timeout(handshake, first).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            close("bad handshake");
+            return refuse(&node, format!("from {name} at {remote}: {e}"));
+        }
+        Err(_) => {
+            close("handshake timed out");
+            return refuse(&node, format!("from {name} at {remote}: no hello in time"));
+        }
+    };
+    let caps = match hs {
+        Handshake::Hello(caps) => caps,
+        _ => {
+            close("expected hello");
+            return refuse(
+                &node,
+                format!("from {name} at {remote}: first frame was not hello"),
+            );
+        }
+    };
+    let link = match node.peer_or_insert(&name, None) {
+        Ok(l) => l,
+        Err(e) => {
+            close("too many peers");
+            return refuse(&node, format!("from {name} at {remote}: {e}"));
+        }
+    };
+    let mut out = Vec::new();
+    if !link.accept_incoming(node.name()) {
+        let _ = encode_frame(
+            &mut out,
+            &Frame::Reject {
+                reason: "duplicate: this node's own connection to you is kept".into(),
+            },
+            node.limits.frame_bytes_max,
+        );
+        let _ = send.write_all(&out).await;
+        let _ = send.finish();
+        tracing::debug!(peer = %name, "duplicate connection turned down");
+        return;
+    }
+    if let Err(e) = encode_frame(
+        &mut out,
+        &Frame::Welcome {
+            caps: node.caps.clone(),
+        },
+        node.limits.frame_bytes_max,
+    ) {
+        return refuse(&node, format!("encoding welcome: {e}"));
+    }
+    if let Err(e) = send.write_all(&out).await {
+        return refuse(
+            &node,
+            format!("from {name} at {remote}: writing welcome: {e}"),
+        );
+    }
+    register(&node, &link, conn, false, send, recv, reader, caps);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    Control,
+    Data,
+}
+
+impl StreamKind {
+    fn name(self) -> &'static str {
+        match self {
+            StreamKind::Control => "control",
+            StreamKind::Data => "data",
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn register(
+    node: &Arc<NodeShared>,
+    link: &Arc<PeerLink>,
+    conn: quinn::Connection,
+    dialed_by_me: bool,
+    ctrl_send: quinn::SendStream,
+    ctrl_recv: quinn::RecvStream,
+    reader: FrameReader,
+    caps: Vec<String>,
+) {
+    let gen = link.install(conn.clone(), dialed_by_me, caps);
+    node.stats.connections_up.inc();
+    node.event(
+        "peer-up",
+        format!(
+            "{} (dialed by {})",
+            link.name,
+            if dialed_by_me {
+                node.name()
+            } else {
+                &link.name
+            }
+        ),
+    );
+    let span = tracing::info_span!("connection", node = %node.name(), peer = %link.name, gen);
+    tracing::info!(parent: &span, "connection up");
+
+    for chunk in node.local_edges().chunks(BOOK_SYNC_EDGES_PER_FRAME) {
+        if let Err(e) = link.push_ctrl(&Frame::BookSync {
+            edges: chunk.to_vec(),
+        }) {
+            node.event("book-sync-lost", format!("to {}: {e}", link.name));
+        }
+    }
+
+    actix_rt::spawn(
+        write_stream(
+            node.clone(),
+            link.clone(),
+            StreamKind::Control,
+            ctrl_send,
+            conn.clone(),
+            gen,
+        )
+        .instrument(span.clone()),
+    );
+    actix_rt::spawn(
+        read_stream(
+            node.clone(),
+            link.clone(),
+            StreamKind::Control,
+            ctrl_recv,
+            reader,
+            conn.clone(),
+        )
+        .instrument(span.clone()),
+    );
+    {
+        let (node, link, conn) = (node.clone(), link.clone(), conn.clone());
+        actix_rt::spawn(
+            async move {
+                match conn.open_uni().await {
+                    Ok(send) => write_stream(node, link, StreamKind::Data, send, conn, gen).await,
+                    Err(e) => tracing::debug!(error = %e, "data stream not opened"),
+                }
+            }
+            .instrument(span.clone()),
+        );
+    }
+    let (node, link) = (node.clone(), link.clone());
+    actix_rt::spawn(
+        async move {
+            loop {
+                match conn.accept_uni().await {
+                    Ok(recv) => {
+                        let reader = FrameReader::new(node.limits.frame_bytes_max);
+                        actix_rt::spawn(
+                            read_stream(
+                                node.clone(),
+                                link.clone(),
+                                StreamKind::Data,
+                                recv,
+                                reader,
+                                conn.clone(),
+                            )
+                            .in_current_span(),
+                        );
+                    }
+                    Err(e) => {
+                        if link.lost(gen, e.to_string()) {
+                            tracing::info!(reason = %e, "connection down");
+                            node.event("peer-down", format!("{}: {e}", link.name));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        .instrument(span),
+    );
+}
+
+async fn write_stream(
+    node: Arc<NodeShared>,
+    link: Arc<PeerLink>,
+    kind: StreamKind,
+    mut send: quinn::SendStream,
+    conn: quinn::Connection,
+    gen: u64,
+) {
+    let queue = match kind {
+        StreamKind::Control => &link.ctrl,
+        StreamKind::Data => &link.data,
+    };
+    let mut buf = Vec::new();
+    loop {
+        let ready = queue.ready.notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+        if !link.is_current(gen) {
+            return;
+        }
+        queue.take(&mut buf);
+        if buf.is_empty() {
+            tokio::select! {
+                _ = &mut ready => continue,
+                _ = conn.closed() => return,
+            }
+        }
+        match send.write_all(&buf).await {
+            Ok(()) => node.stats.bytes_out.add(buf.len() as u64),
+            Err(e) => {
+                node.stats.bytes_lost_on_link.add(buf.len() as u64);
+                node.event(
+                    "link-write-failed",
+                    format!(
+                        "{} bytes for {} on the {} stream: {e}",
+                        buf.len(),
+                        link.name,
+                        kind.name()
+                    ),
+                );
+                return;
+            }
+        }
+        buf.clear();
+    }
+}
+
+async fn read_stream(
+    node: Arc<NodeShared>,
+    link: Arc<PeerLink>,
+    kind: StreamKind,
+    mut recv: quinn::RecvStream,
+    mut reader: FrameReader,
+    conn: quinn::Connection,
+) {
+    loop {
+        // Frames already buffered (the handshake may have read ahead) come first.
+        loop {
+            match reader.next_frame() {
+                Ok(Some(body)) => {
+                    node.stats.frames_in.inc();
+                    loop {
+                        match handle_frame(&node, &link, kind, body) {
+                            Ok(Flow::Done) => break,
+                            Ok(Flow::Blocked(slot)) => {
+                                // The sender asked to wait for room: hold this stream (QUIC
+                                // flow control pushes back to the sender) and try again.
+                                node.stats.deliveries_held.inc();
+                                slot.room().await;
+                            }
+                            Err(e) => {
+                                // The frame was well delimited: report it and read on.
+                                protocol_error(&node, &link, &e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Framing is lost on this stream: report, stop it, keep the connection
+                    // (unless it is the control stream).
+                    protocol_error(&node, &link, &e);
+                    end_stream(&node, kind, &mut recv, &conn, &e);
+                    return;
+                }
+            }
+        }
+        match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => {
+                node.stats.bytes_in.add(chunk.bytes.len() as u64);
+                reader.push(&chunk.bytes);
+            }
+            Ok(None) => {
+                if let Err(e) = reader.finish() {
+                    protocol_error(&node, &link, &e);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(stream = kind.name(), error = %e, "stream ended");
+                return;
+            }
+        }
+    }
+}
+
+fn end_stream(
+    node: &NodeShared,
+    kind: StreamKind,
+    recv: &mut quinn::RecvStream,
+    conn: &quinn::Connection,
+    e: &WireError,
+) {
+    let code = quinn::VarInt::from_u32(e.code() as u32);
+    let _ = recv.stop(code);
+    if kind == StreamKind::Control {
+        // Without a control stream the connection is of no use; give the error frame a moment
+        // to leave, then close.
+        let conn = conn.clone();
+        let reason = e.to_string();
+        let _ = node;
+        actix_rt::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            conn.close(code, reason.as_bytes());
+        });
+    }
+}
+
+fn protocol_error(node: &NodeShared, link: &PeerLink, e: &WireError) {
+    node.stats.protocol_errors.inc();
+    tracing::warn!(peer = %link.name, error = %e, "protocol error");
+    node.event("protocol-error", format!("from {}: {e}", link.name));
+    if let Err(qe) = link.push_ctrl(&Frame::ProtocolError {
+        code: e.code(),
+        detail: e.to_string(),
+    }) {
+        node.event(
+            "protocol-error-unreported",
+            format!("to {}: {qe}", link.name),
+        );
+    }
+}
+
+/// What became of a frame.
+enum Flow {
+    Done,
+    /// A waiting sender's message found its mailbox full; retry when it has room.
+    Blocked(Arc<dyn Slot>),
+}
+
+fn handle_frame(
+    node: &Arc<NodeShared>,
+    link: &Arc<PeerLink>,
+    kind: StreamKind,
+    body: &[u8],
+) -> Result<Flow, WireError> {
+    let frame = wire::decode(body)?;
+    match (kind, frame) {
+        (
+            StreamKind::Data,
+            Frame::Deliver {
+                to,
+                from,
+                seq,
+                ask,
+                wait,
+                msg,
+            },
+        ) => match node.deliver_remote(&link.name, to, from, seq, ask, msg) {
+            Ok(()) => node.stats.received_remote.inc(),
+            Err(DeliveryError::MailboxFull { .. }) if wait && ask.is_none() => {
+                if let Some(slot) = node.slot(to) {
+                    return Ok(Flow::Blocked(slot));
+                }
+            }
+            Err(reason) => {
+                node.stats.refused_from_peers.inc();
+                tracing::debug!(peer = %link.name, %reason, "message refused");
+                let answer = match ask {
+                    Some(ask) => Frame::Reply {
+                        ask,
+                        result: wire::ReplyBody::Refused(reason),
+                    },
+                    None => Frame::Refused {
+                        to,
+                        from,
+                        seq,
+                        reason,
+                    },
+                };
+                if let Err(e) = link.push_ctrl(&answer) {
+                    node.event("refusal-lost", format!("to {}: {e}", link.name));
+                }
+            }
+        },
+        (_, Frame::Reply { ask, result }) => {
+            if !node.asks.complete(ask, reply_from_wire(result)) {
+                node.event(
+                    "late-reply",
+                    format!("from {}: ask {ask} is no longer waiting", link.name),
+                );
+            }
+        }
+        (
+            _,
+            Frame::Refused {
+                to,
+                from,
+                seq,
+                reason,
+            },
+        ) => {
+            node.stats.refused_by_peers.inc();
+            tracing::warn!(peer = %link.name, %to, ?from, seq, %reason, "message refused by peer");
+            node.event(
+                "refused-by-peer",
+                format!("{}: message {seq} to {to}: {reason}", link.name),
+            );
+        }
+        (StreamKind::Control, Frame::BookSync { edges }) => {
+            for edge in edges {
+                node.peer_book_change(&link.name, edge, true)
+                    .map_err(|detail| WireError::Malformed { detail })?;
+            }
+        }
+        (StreamKind::Control, Frame::BookChange { edge, added }) => {
+            node.peer_book_change(&link.name, edge, added)
+                .map_err(|detail| WireError::Malformed { detail })?;
+        }
+        (StreamKind::Control, Frame::Spawn { req, kind, state }) => {
+            let result = match node.restore(&kind, state) {
+                Ok(addr) => encode_scratch(&addr, |bytes| {
+                    link.push_ctrl(&Frame::Reply {
+                        ask: req,
+                        result: wire::ReplyBody::Value(bytes),
+                    })
+                }),
+                Err(e) => {
+                    node.event("spawn-refused", format!("from {}: {e}", link.name));
+                    link.push_ctrl(&Frame::Reply {
+                        ask: req,
+                        result: wire::ReplyBody::Failed(e.to_string()),
+                    })
+                }
+            };
+            if let Err(e) = result {
+                node.event("spawn-answer-lost", format!("to {}: {e}", link.name));
+            }
+        }
+        (_, Frame::ProtocolError { code, detail }) => {
+            node.stats.protocol_errors_reported.inc();
+            tracing::warn!(peer = %link.name, code, %detail, "peer reported a protocol error");
+            node.event(
+                "protocol-error-reported",
+                format!("{} says ({code}): {detail}", link.name),
+            );
+        }
+        (k, f) => {
+            return Err(WireError::Unexpected {
+                kind: f.kind(),
+                stream: k.name(),
+            })
+        }
+    }
+    Ok(Flow::Done)
+}

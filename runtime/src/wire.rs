@@ -1,0 +1,424 @@
+//! The wire: length-prefixed, versioned MessagePack frames.
+//!
+//! A frame is `[u32 big-endian body length][u8 wire version][body]`, the body a MessagePack
+//! encoding of [`Frame`]. The length is checked against `frame_bytes_max` as soon as the five
+//! header bytes are in, before any buffer is sized for the body, so a peer announcing a 4 GiB
+//! frame costs nothing but an error.
+//!
+//! ```
+//! use tern::wire::{encode_frame, Frame, FrameReader};
+//! let mut out = Vec::new();
+//! encode_frame(&mut out, &Frame::Reject { reason: "busy".into() }, 1024).unwrap();
+//! let mut reader = FrameReader::new(1024);
+//! reader.push(&out);
+//! let body = reader.next_frame().unwrap().unwrap();
+//! assert!(matches!(tern::wire::decode(body).unwrap(), Frame::Reject { .. }));
+//! ```
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::core::directory::BookEdge;
+use crate::error::DeliveryError;
+use crate::ids::{KindKey, ServiceId};
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// The ALPN protocol id of Tern connections.
+pub const ALPN: &[u8] = b"tern/1";
+/// Bytes before a frame's body: length (4) and version (1).
+pub const FRAME_HEADER_BYTES: usize = 5;
+
+/// Codes carried in [`Frame::ProtocolError`] and QUIC close/stop codes.
+pub mod code {
+    /// The peer sent bytes that are not a frame.
+    pub const MALFORMED: u16 = 1;
+    /// A frame longer than the receiver's `frame_bytes_max`.
+    pub const TOO_LARGE: u16 = 2;
+    /// A stream ended in the middle of a frame.
+    pub const TRUNCATED: u16 = 3;
+    /// A frame of another wire version.
+    pub const WRONG_VERSION: u16 = 4;
+    /// A frame kind that does not belong on that stream.
+    pub const UNEXPECTED: u16 = 5;
+    /// Connection replaced by another one to the same peer.
+    pub const DUPLICATE: u16 = 6;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u16 = 7;
+    /// The handshake was refused.
+    pub const REFUSED: u16 = 8;
+}
+
+/// Why bytes from a peer are not an acceptable frame.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    /// Announced body length over the limit.
+    #[error("frame of {len} bytes exceeds frame_bytes_max {max}")]
+    TooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame: {have} of {need} bytes")]
+    Truncated {
+        /// Bytes the frame needs.
+        need: usize,
+        /// Bytes that arrived.
+        have: usize,
+    },
+    /// Version byte not ours.
+    #[error("wire version {got}, this node speaks {want}")]
+    WrongVersion {
+        /// Received.
+        got: u8,
+        /// Ours.
+        want: u8,
+    },
+    /// The body is not a frame this node knows.
+    #[error("malformed frame: {detail}")]
+    Malformed {
+        /// The decoder's complaint (an unknown frame kind shows up here as an unknown variant).
+        detail: String,
+    },
+    /// A known frame on a stream where it has no meaning.
+    #[error("unexpected {kind} frame on the {stream} stream")]
+    Unexpected {
+        /// The frame's kind.
+        kind: &'static str,
+        /// The stream.
+        stream: &'static str,
+    },
+}
+
+impl WireError {
+    /// The protocol-error code for this error.
+    pub fn code(&self) -> u16 {
+        match self {
+            WireError::TooLarge { .. } => code::TOO_LARGE,
+            WireError::Truncated { .. } => code::TRUNCATED,
+            WireError::WrongVersion { .. } => code::WRONG_VERSION,
+            WireError::Malformed { .. } => code::MALFORMED,
+            WireError::Unexpected { .. } => code::UNEXPECTED,
+        }
+    }
+}
+
+/// Everything that travels between nodes. Borrowed byte fields point into the receive buffer,
+/// so a delivered message is decoded straight from it.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Frame<'a> {
+    /// First frame of the dialer on the control stream.
+    Hello {
+        /// The dialer's capabilities.
+        caps: Vec<String>,
+    },
+    /// The acceptor keeps the connection.
+    Welcome {
+        /// The acceptor's capabilities.
+        caps: Vec<String>,
+    },
+    /// The acceptor refuses the connection.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+    /// All book edges held by services of the sender, sent when a connection comes up.
+    BookSync {
+        /// The edges.
+        edges: Vec<BookEdge>,
+    },
+    /// One book edge added or removed on the sender.
+    BookChange {
+        /// The edge.
+        edge: BookEdge,
+        /// Added (true) or removed (false).
+        added: bool,
+    },
+    /// Start a service of `kind` from `state` on the receiver; answered by [`Frame::Reply`].
+    Spawn {
+        /// Request id, answered in `Reply::ask`.
+        req: u64,
+        /// The kind.
+        kind: KindKey,
+        /// MessagePack state.
+        #[serde(borrow, with = "serde_bytes")]
+        state: &'a [u8],
+    },
+    /// The sender could not make sense of something the receiver sent.
+    ProtocolError {
+        /// One of [`code`].
+        code: u16,
+        /// Human-readable detail.
+        detail: String,
+    },
+    /// A message for a service on the receiver.
+    Deliver {
+        /// Target.
+        to: ServiceId,
+        /// Sending service, if a service sent it.
+        from: Option<ServiceId>,
+        /// Per (sender, receiver) sequence number.
+        seq: u64,
+        /// Ask id on the sender's node, for a request.
+        ask: Option<u64>,
+        /// The sender chose to wait for room: a full mailbox holds this stream instead of
+        /// refusing the message.
+        wait: bool,
+        /// MessagePack message.
+        #[serde(borrow, with = "serde_bytes")]
+        msg: &'a [u8],
+    },
+    /// The answer to an ask or a spawn.
+    Reply {
+        /// Ask id on the receiver's node.
+        ask: u64,
+        /// MessagePack reply, or why there is none.
+        #[serde(borrow)]
+        result: ReplyBody<'a>,
+    },
+    /// A tell the receiver did not accept.
+    Refused {
+        /// Target.
+        to: ServiceId,
+        /// Sending service.
+        from: Option<ServiceId>,
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        reason: DeliveryError,
+    },
+}
+
+impl Frame<'_> {
+    /// The frame's kind, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Welcome { .. } => "welcome",
+            Frame::Reject { .. } => "reject",
+            Frame::BookSync { .. } => "book-sync",
+            Frame::BookChange { .. } => "book-change",
+            Frame::Spawn { .. } => "spawn",
+            Frame::ProtocolError { .. } => "protocol-error",
+            Frame::Deliver { .. } => "deliver",
+            Frame::Reply { .. } => "reply",
+            Frame::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// The body of a reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ReplyBody<'a> {
+    /// MessagePack value.
+    Value(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    /// The request was not delivered.
+    Refused(DeliveryError),
+    /// The receiver failed the request for another reason.
+    Failed(String),
+}
+
+/// Appends one frame to `out`. On error `out` is left as it was.
+pub fn encode_frame(
+    out: &mut Vec<u8>,
+    frame: &Frame<'_>,
+    frame_bytes_max: usize,
+) -> Result<usize, WireError> {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
+    if let Err(e) = rmp_serde::encode::write(out, frame) {
+        out.truncate(start);
+        return Err(WireError::Malformed {
+            detail: e.to_string(),
+        });
+    }
+    let body_bytes = out.len() - start - FRAME_HEADER_BYTES;
+    if body_bytes > frame_bytes_max || body_bytes > u32::MAX as usize {
+        out.truncate(start);
+        return Err(WireError::TooLarge {
+            len: body_bytes as u64,
+            max: frame_bytes_max,
+        });
+    }
+    out[start..start + 4].copy_from_slice(&(body_bytes as u32).to_be_bytes());
+    Ok(out.len() - start)
+}
+
+/// Decodes a frame body (as returned by [`FrameReader::next_frame`]).
+pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
+    rmp_serde::from_slice(body).map_err(|e| WireError::Malformed {
+        detail: e.to_string(),
+    })
+}
+
+/// Incremental frame splitter for one stream: push bytes as they arrive, take frames out.
+///
+/// It holds at most one partial frame plus the last pushed chunk: a header announcing more than
+/// `frame_bytes_max` is refused before any room is made for its body.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    frame_bytes_max: usize,
+}
+
+impl FrameReader {
+    /// A reader refusing bodies over `frame_bytes_max` bytes.
+    pub fn new(frame_bytes_max: usize) -> Self {
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            frame_bytes_max,
+        }
+    }
+
+    /// Bytes buffered and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Appends received bytes. Call [`next_frame`](Self::next_frame) until it returns `None`
+    /// after each push, so that an oversize header is caught before more is buffered.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && (self.start == self.buf.len() || self.start >= self.buf.len() / 2) {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete frame body, `None` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, WireError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > self.frame_bytes_max {
+            return Err(WireError::TooLarge {
+                len: len as u64,
+                max: self.frame_bytes_max,
+            });
+        }
+        if avail[4] != WIRE_VERSION {
+            return Err(WireError::WrongVersion {
+                got: avail[4],
+                want: WIRE_VERSION,
+            });
+        }
+        if avail.len() < FRAME_HEADER_BYTES + len {
+            return Ok(None);
+        }
+        let body_start = self.start + FRAME_HEADER_BYTES;
+        self.start = body_start + len;
+        Ok(Some(&self.buf[body_start..body_start + len]))
+    }
+
+    /// Checks that the stream ended on a frame boundary.
+    pub fn finish(&self) -> Result<(), WireError> {
+        let have = self.buffered();
+        if have == 0 {
+            return Ok(());
+        }
+        let need = if have >= 4 {
+            let b = &self.buf[self.start..];
+            FRAME_HEADER_BYTES + u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+        } else {
+            FRAME_HEADER_BYTES
+        };
+        Err(WireError::Truncated { need, have })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let mut out = Vec::new();
+        for i in 0..10u64 {
+            let msg = vec![i as u8; i as usize * 30];
+            let f = Frame::Deliver {
+                to: ServiceId::from_parts(1, i),
+                from: None,
+                seq: i,
+                ask: None,
+                wait: false,
+                msg: &msg,
+            };
+            encode_frame(&mut out, &f, 4096).unwrap();
+        }
+        let mut r = FrameReader::new(4096);
+        let mut seen = 0u64;
+        for chunk in out.chunks(7) {
+            r.push(chunk);
+            while let Some(body) = r.next_frame().unwrap() {
+                match decode(body).unwrap() {
+                    Frame::Deliver { seq, msg, .. } => {
+                        assert_eq!(seq, seen);
+                        assert_eq!(msg.len(), seen as usize * 30);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 10);
+        r.finish().unwrap();
+    }
+
+    #[test]
+    fn oversize_header_is_refused_before_buffering() {
+        let mut r = FrameReader::new(1024);
+        r.push(&[0xff, 0xff, 0xff, 0xff, WIRE_VERSION]);
+        assert_eq!(
+            r.next_frame().unwrap_err(),
+            WireError::TooLarge {
+                len: u32::MAX as u64,
+                max: 1024
+            }
+        );
+        assert!(r.buffered() <= FRAME_HEADER_BYTES);
+    }
+
+    #[test]
+    fn encode_refuses_oversize() {
+        let big = vec![0u8; 2000];
+        let mut out = vec![9];
+        let f = Frame::Spawn {
+            req: 1,
+            kind: KindKey::new("k", 1),
+            state: &big,
+        };
+        assert!(matches!(
+            encode_frame(&mut out, &f, 1000),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert_eq!(out, vec![9]);
+    }
+
+    #[test]
+    fn truncated_and_wrong_version_and_garbage() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &Frame::Hello { caps: vec![] }, 64).unwrap();
+        let mut r = FrameReader::new(64);
+        r.push(&out[..out.len() - 1]);
+        assert!(r.next_frame().unwrap().is_none());
+        assert!(matches!(r.finish(), Err(WireError::Truncated { .. })));
+
+        let mut r = FrameReader::new(64);
+        r.push(&[0, 0, 0, 1, 99, 0]);
+        assert!(matches!(
+            r.next_frame(),
+            Err(WireError::WrongVersion { got: 99, .. })
+        ));
+
+        let mut r = FrameReader::new(64);
+        r.push(&[0, 0, 0, 3, WIRE_VERSION, 0xc1, 0xc1, 0xc1]);
+        let body = r.next_frame().unwrap().unwrap();
+        assert!(matches!(decode(body), Err(WireError::Malformed { .. })));
+    }
+}
