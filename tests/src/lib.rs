@@ -1,0 +1,202 @@
+//! The Tern multi-node harness: many nodes in one process, each on its own actix system and
+//! thread, real QUIC on 127.0.0.1 with OS-chosen ports, one fresh cluster CA.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let cluster = tern_harness::Cluster::builder()
+//!     .node("phone", &["display", "speaker"])
+//!     .node("tv", &["display"])
+//!     .setup(tern_actors::register_all)
+//!     .start()?;
+//! cluster.wait_connected(Duration::from_secs(10))?;
+//! let kv = cluster.node("tv").spawn(tern_actors::KvStore::default())?;
+//! # let _ = kv;
+//! cluster.shutdown();
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+use std::future::Future;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use tern::certs::ClusterCa;
+use tern::{Limits, Node, NodeConfig, NodeHandle};
+
+/// One node to start.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Node name (its certificate's).
+    pub name: String,
+    /// Capabilities.
+    pub capabilities: Vec<String>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+type Setup = Box<dyn Fn(&NodeHandle)>;
+
+/// Builds a [`Cluster`].
+#[derive(Default)]
+pub struct ClusterBuilder {
+    specs: Vec<NodeSpec>,
+    setup: Option<Setup>,
+    limits: Option<Limits>,
+    unconnected: bool,
+}
+
+impl ClusterBuilder {
+    /// Adds a node.
+    pub fn node(mut self, name: &str, capabilities: &[&str]) -> Self {
+        self.specs.push(NodeSpec {
+            name: name.to_owned(),
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            limits: Limits::default(),
+        });
+        self
+    }
+
+    /// Limits for every node.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Leaves the nodes unintroduced; [`Cluster::connect_all`] introduces them later.
+    pub fn unconnected(mut self) -> Self {
+        self.unconnected = true;
+        self
+    }
+
+    /// Runs on every node once it is up (register kinds here).
+    pub fn setup(mut self, f: impl Fn(&NodeHandle) + 'static) -> Self {
+        self.setup = Some(Box::new(f));
+        self
+    }
+
+    /// Starts every node and introduces each to all the others.
+    pub fn start(self) -> Result<Cluster> {
+        init_tracing();
+        let ca = ClusterCa::new()?;
+        let mut nodes = Vec::new();
+        for mut spec in self.specs {
+            if let Some(l) = &self.limits {
+                spec.limits = l.clone();
+            }
+            let mut cfg = NodeConfig::new(ca.issue(&spec.name)?, "127.0.0.1:0".parse()?);
+            cfg.capabilities = spec.capabilities;
+            cfg.limits = spec.limits;
+            let node = Node::start(cfg).with_context(|| format!("starting node {}", spec.name))?;
+            if let Some(setup) = &self.setup {
+                setup(&node);
+            }
+            nodes.push(node);
+        }
+        let cluster = Cluster { ca, nodes };
+        if !self.unconnected {
+            cluster.connect_all()?;
+        }
+        Ok(cluster)
+    }
+}
+
+/// Nodes running in this process.
+pub struct Cluster {
+    /// The cluster CA that issued every node's certificate.
+    pub ca: ClusterCa,
+    nodes: Vec<NodeHandle>,
+}
+
+impl Cluster {
+    /// A builder.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Starts nodes with the given names and no capabilities, with `setup` run on each.
+    pub fn start(names: &[&str], setup: impl Fn(&NodeHandle) + 'static) -> Result<Cluster> {
+        names
+            .iter()
+            .fold(Cluster::builder(), |b, n| b.node(n, &[]))
+            .setup(setup)
+            .start()
+    }
+
+    /// The node named `name`. Panics if there is none: a test naming a node it did not start
+    /// is wrong.
+    pub fn node(&self, name: &str) -> &NodeHandle {
+        self.nodes
+            .iter()
+            .find(|n| n.name().as_str() == name)
+            .unwrap_or_else(|| panic!("no node {name} in this cluster"))
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> &[NodeHandle] {
+        &self.nodes
+    }
+
+    /// Introduces every node to every other; they connect in the background.
+    pub fn connect_all(&self) -> Result<()> {
+        for a in &self.nodes {
+            for b in &self.nodes {
+                if a.name() != b.name() {
+                    a.add_peer(b.name().as_str(), b.local_addr())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every node has a connection to every other.
+    pub fn wait_connected(&self, timeout: Duration) -> Result<()> {
+        wait_for(timeout, "full mesh of connections", || {
+            self.nodes.iter().all(|a| {
+                self.nodes
+                    .iter()
+                    .all(|b| a.name() == b.name() || a.is_connected(b.name().as_str()))
+            })
+        })
+    }
+
+    /// Stops every node.
+    pub fn shutdown(self) {
+        for n in &self.nodes {
+            n.shutdown();
+        }
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds, or fails after `timeout` naming `what`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `fut` to completion on a fresh actix system on this thread (so asks and timers work
+/// from test code).
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    actix_rt::System::new().block_on(fut)
+}
+
+/// Installs a tracing subscriber once, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_test_writer()
+            .try_init();
+    });
+}

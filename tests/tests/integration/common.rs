@@ -1,0 +1,77 @@
+//! Services used only by tests.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tern::{Ctx, KindKey, NodeName, ReplyTo, Service, ServiceAddr, ServiceId};
+
+/// Records the items it handles, in order; `Hold` keeps it busy for a while.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Slow {
+    pub handled: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SlowMsg {
+    Hold { ms: u64 },
+    Item(u64),
+    Items(ReplyTo<Vec<u64>>),
+}
+
+impl Service for Slow {
+    type Msg = SlowMsg;
+    const KIND: &'static str = "test-slow";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: SlowMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            SlowMsg::Hold { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            SlowMsg::Item(i) => self.handled.push(i),
+            SlowMsg::Items(r) => {
+                let _ = ctx.reply(r, self.handled.clone());
+            }
+        }
+    }
+}
+
+/// Spawns children and reports what its context says about itself.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Parent {
+    children: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ParentMsg {
+    SpawnChild(ReplyTo<ServiceAddr>),
+    WhoAmI(ReplyTo<(ServiceId, KindKey, NodeName)>),
+}
+
+impl Service for Parent {
+    type Msg = ParentMsg;
+    const KIND: &'static str = "test-parent";
+    const VERSION: u32 = 3;
+
+    async fn handle(&mut self, msg: ParentMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            ParentMsg::SpawnChild(r) => {
+                let child = ctx
+                    .spawn_child(tern_actors::KvStore::default())
+                    .expect("kv is registered on every test node");
+                self.children += 1;
+                ctx.book_insert(&format!("child-{}", self.children), child.addr().clone())
+                    .expect("book has room");
+                let _ = ctx.reply(r, child.addr().clone());
+            }
+            ParentMsg::WhoAmI(r) => {
+                let _ = ctx.reply(r, (ctx.id(), ctx.kind(), ctx.node_name().clone()));
+            }
+        }
+    }
+}
+
+pub fn register_test_kinds(node: &tern::NodeHandle) {
+    tern_actors::register_all(node);
+    node.register::<Slow>().register::<Parent>();
+}
+
+pub const SECS_10: Duration = Duration::from_secs(10);

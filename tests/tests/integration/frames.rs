@@ -1,0 +1,266 @@
+//! A peer can send anything: malformed, truncated, oversize, unknown and misplaced frames all
+//! get a clear error back, and the node keeps serving everyone else.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tern::wire::{self, code, encode_frame, Frame, FrameReader, ReplyBody};
+use tern::{DeliveryError, KindKey, ServiceId};
+use tern_actors::{SeqSink, SinkMsg};
+use tern_harness::{block_on, Cluster};
+
+use crate::common::{register_test_kinds, SECS_10};
+
+const MAX: usize = 16 << 20;
+
+/// A hand-driven peer: a real member of the cluster speaking raw frames.
+struct Probe {
+    conn: quinn::Connection,
+    ctrl_send: quinn::SendStream,
+    ctrl_recv: quinn::RecvStream,
+    reader: FrameReader,
+    _endpoint: quinn::Endpoint,
+}
+
+/// What the node said back, owned.
+#[derive(Debug)]
+enum Answer {
+    ProtocolError(u16, String),
+    Refused(u64, DeliveryError),
+    Failed(u64, String),
+    Value(#[allow(dead_code)] u64),
+}
+
+impl Probe {
+    async fn connect(c: &Cluster, to: &str) -> Result<Probe> {
+        let id = c.ca.issue("probe")?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(tern::tls::client_config(&id)?);
+        let conn = endpoint.connect(c.node(to).local_addr(), to)?.await?;
+        let (mut ctrl_send, ctrl_recv) = conn.open_bi().await?;
+        let mut hello = Vec::new();
+        encode_frame(&mut hello, &Frame::Hello { caps: vec![] }, MAX)?;
+        ctrl_send.write_all(&hello).await?;
+        let mut probe = Probe {
+            conn,
+            ctrl_send,
+            ctrl_recv,
+            reader: FrameReader::new(MAX),
+            _endpoint: endpoint,
+        };
+        match probe.next_ctrl().await? {
+            Some(ProbeFrame::Welcome) => Ok(probe),
+            other => bail!("expected welcome, got {other:?}"),
+        }
+    }
+
+    async fn next_ctrl(&mut self) -> Result<Option<ProbeFrame>> {
+        loop {
+            if let Some(body) = self.reader.next_frame()? {
+                let f = wire::decode(body)?;
+                return Ok(Some(match f {
+                    Frame::Welcome { .. } => ProbeFrame::Welcome,
+                    Frame::ProtocolError { code, detail } => {
+                        ProbeFrame::Answer(Answer::ProtocolError(code, detail))
+                    }
+                    Frame::Reply { ask, result } => ProbeFrame::Answer(match result {
+                        ReplyBody::Refused(e) => Answer::Refused(ask, e),
+                        ReplyBody::Failed(s) => Answer::Failed(ask, s),
+                        ReplyBody::Value(_) => Answer::Value(ask),
+                    }),
+                    other => ProbeFrame::Other(other.kind()),
+                }));
+            }
+            match self.ctrl_recv.read_chunk(65536, true).await? {
+                Some(chunk) => self.reader.push(&chunk.bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next answer on the control stream, skipping anything else.
+    async fn answer(&mut self) -> Result<Answer> {
+        let wait = async {
+            loop {
+                match self.next_ctrl().await? {
+                    Some(ProbeFrame::Answer(a)) => return Ok(a),
+                    Some(_) => continue,
+                    None => bail!("control stream ended"),
+                }
+            }
+        };
+        tokio::time::timeout(SECS_10, wait)
+            .await
+            .context("no answer in time")?
+    }
+
+    async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
+        let mut s = self.conn.open_uni().await?;
+        s.write_all(bytes).await?;
+        s.finish()?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+enum ProbeFrame {
+    Welcome,
+    Answer(Answer),
+    #[allow(dead_code)]
+    Other(&'static str),
+}
+
+fn frame(f: &Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(&mut out, f, MAX).expect("test frames encode");
+    out
+}
+
+/// A body that is valid MessagePack but names a frame kind no node knows.
+fn unknown_kind() -> Vec<u8> {
+    #[derive(Serialize)]
+    enum Alien {
+        Teleport { to: u32 },
+    }
+    let body = rmp_serde::to_vec(&Alien::Teleport { to: 7 }).expect("encodes");
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.push(wire::WIRE_VERSION);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn expect_protocol_error(a: Answer, want: u16, mentions: &str) {
+    match a {
+        Answer::ProtocolError(code, detail) => {
+            assert_eq!(code, want, "{detail}");
+            assert!(
+                detail.contains(mentions),
+                "{detail:?} should mention {mentions:?}"
+            );
+        }
+        other => panic!("expected protocol error {want}, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let sink = a.spawn(SeqSink::default())?;
+    let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
+
+    block_on(async {
+        let mut p = Probe::connect(&c, "a").await?;
+
+        // Valid length, body not a frame.
+        p.send_uni(&[0, 0, 0, 3, wire::WIRE_VERSION, 0xc1, 0xc1, 0xc1])
+            .await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "malformed");
+
+        // A frame kind nobody knows.
+        p.send_uni(&unknown_kind()).await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "Teleport");
+
+        // A 4 GiB length prefix: refused from the header alone.
+        p.send_uni(&[0xff, 0xff, 0xff, 0xff, wire::WIRE_VERSION, 1, 2, 3])
+            .await?;
+        expect_protocol_error(p.answer().await?, code::TOO_LARGE, "4294967295");
+
+        // A frame cut short by the end of its stream.
+        let whole = frame(&Frame::Reject {
+            reason: "x".repeat(100),
+        });
+        p.send_uni(&whole[..40]).await?;
+        expect_protocol_error(p.answer().await?, code::TRUNCATED, "40 of");
+
+        // Another wire version.
+        p.send_uni(&[0, 0, 0, 1, 99, 0xc0]).await?;
+        expect_protocol_error(p.answer().await?, code::WRONG_VERSION, "99");
+
+        // A known frame on the wrong stream.
+        p.send_uni(&frame(&Frame::Hello { caps: vec![] })).await?;
+        expect_protocol_error(p.answer().await?, code::UNEXPECTED, "hello");
+
+        // A request for a service that does not exist: refused, not left hanging.
+        let ghost = ServiceId::from_parts(1, 1);
+        p.send_uni(&frame(&Frame::Deliver {
+            to: ghost,
+            from: None,
+            seq: 1,
+            ask: Some(77),
+            wait: false,
+            msg: &[0xc0],
+        }))
+        .await?;
+        match p.answer().await? {
+            Answer::Refused(77, DeliveryError::UnknownService { id, .. }) => assert_eq!(id, ghost),
+            other => panic!("expected refusal of ask 77, got {other:?}"),
+        }
+
+        // A message that is not the service's message type.
+        p.send_uni(&frame(&Frame::Deliver {
+            to: sink.id(),
+            from: None,
+            seq: 1,
+            ask: Some(78),
+            wait: false,
+            msg: &[0x93, 1, 2, 3],
+        }))
+        .await?;
+        match p.answer().await? {
+            Answer::Refused(78, DeliveryError::BadMessage { .. }) => {}
+            other => panic!("expected bad-message refusal of ask 78, got {other:?}"),
+        }
+
+        // A spawn of a kind the node does not have.
+        let spawn = frame(&Frame::Spawn {
+            req: 79,
+            kind: KindKey::new("nope", 1),
+            state: &[0xc0],
+        });
+        p.ctrl_send.write_all(&spawn).await?;
+        match p.answer().await? {
+            Answer::Failed(79, detail) => assert!(detail.contains("not registered"), "{detail}"),
+            other => panic!("expected spawn failure 79, got {other:?}"),
+        }
+
+        // Garbage on the control stream itself is answered too, then the connection closes.
+        p.ctrl_send.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).await?;
+        expect_protocol_error(p.answer().await?, code::TOO_LARGE, "frame_bytes_max");
+        let closed = tokio::time::timeout(SECS_10, p.conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "a broken control stream ends the connection"
+        );
+
+        // Meanwhile the node still serves its other peer.
+        for seq in 1..=100 {
+            from_b.tell(SinkMsg::Record {
+                sender: "b".into(),
+                seq,
+            })?;
+        }
+        let report = from_b.ask(SinkMsg::Report, SECS_10).await?;
+        assert_eq!(report.senders["b"].received, 100);
+        let echo = from_b
+            .ask(
+                |reply| SinkMsg::RecordAsk {
+                    sender: "b".into(),
+                    seq: 101,
+                    reply,
+                },
+                Duration::from_secs(5),
+            )
+            .await?;
+        assert_eq!(echo, 101);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let stats = a.stats();
+    assert!(stats.protocol_errors >= 7, "{stats:?}");
+    assert!(stats.refused_from_peers >= 2, "{stats:?}");
+    assert!(a.events().iter().any(|e| e.kind == "protocol-error"));
+    c.shutdown();
+    Ok(())
+}

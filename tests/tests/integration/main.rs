@@ -1,0 +1,8 @@
+//! Integration tests over real QUIC on loopback. One test binary, one module per subject.
+
+mod books;
+mod common;
+mod frames;
+mod mailbox;
+mod messaging;
+mod tls;
