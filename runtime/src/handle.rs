@@ -96,11 +96,11 @@ impl<S: Service> ServiceRef<S> {
 
     /// Like [`tell`](Self::tell), but waits while the mailbox or the link is full.
     pub async fn tell_wait(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send_wait(None, 0, msg).await
+        self.send_wait(None, 0, None, msg).await
     }
 
     /// Sends a request made by `make` around a reply handle, and waits up to `timeout` for the
-    /// answer.
+    /// answer. A full mailbox makes the request wait for room within the same timeout.
     pub async fn ask<R: DeserializeOwned + Send + 'static>(
         &self,
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
@@ -144,6 +144,7 @@ impl<S: Service> ServiceRef<S> {
         &self,
         from: Option<ServiceId>,
         seq: u64,
+        ask: Option<u64>,
         msg: S::Msg,
     ) -> Result<(), DeliveryError> {
         let res = match &self.route {
@@ -151,13 +152,19 @@ impl<S: Service> ServiceRef<S> {
                 let env = Envelope {
                     from,
                     seq,
-                    ask: None,
+                    ask: ask.map(|ask| AskOrigin {
+                        node: self.node.name().clone(),
+                        ask,
+                    }),
                     origin: None,
                     msg,
                 };
                 mb.push_wait(env).await
             }
-            Route::Remote(link) => link.send_deliver_wait(self.addr.id, from, seq, &msg).await,
+            Route::Remote(link) => {
+                link.send_deliver_wait(self.addr.id, from, seq, ask, &msg)
+                    .await
+            }
         };
         match &res {
             Ok(()) if self.is_local() => self.node.stats.sent_local.inc(),
@@ -177,11 +184,24 @@ impl<S: Service> ServiceRef<S> {
         let (ask, rx) = self.node.asks.open(self.addr.node.clone())?;
         self.node.stats.asks_started.inc();
         let msg = make(ReplyTo::new(self.node.name().clone(), ask));
-        if let Err(e) = self.send(from, seq, Some(ask), msg) {
-            self.node.asks.cancel(ask);
-            return Err(e.into());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent =
+            tokio::time::timeout_at(deadline, self.send_wait(from, seq, Some(ask), msg)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.node.asks.cancel(ask);
+                return Err(e.into());
+            }
+            Err(_) => {
+                self.node.asks.cancel(ask);
+                self.node.stats.asks_timed_out.inc();
+                return Err(AskError::Timeout {
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
         }
-        let payload = match tokio::time::timeout(timeout, rx).await {
+        let payload = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(payload)) => payload,
             Ok(Err(_)) => {
                 return Err(AskError::NodeLost {

@@ -159,7 +159,7 @@ impl<S: Service> Ctx<S> {
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
         let seq = self.next_seq(to.id());
-        to.send_wait(Some(self.id()), seq, msg).await
+        to.send_wait(Some(self.id()), seq, None, msg).await
     }
 
     /// Sends a request to `to` and waits for the answer. The service handles nothing else

@@ -217,13 +217,14 @@ impl PeerLink {
         to: ServiceId,
         from: Option<ServiceId>,
         seq: u64,
+        ask: Option<u64>,
         msg: &M,
     ) -> Result<(), DeliveryError> {
         loop {
             let space = self.data.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            match self.deliver(to, from, seq, None, true, msg) {
+            match self.deliver(to, from, seq, ask, true, msg) {
                 Err(DeliveryError::Backpressure { .. }) => space.await,
                 other => return other,
             }
@@ -845,7 +846,7 @@ fn handle_frame(
             },
         ) => match node.deliver_remote(&link.name, to, from, seq, ask, msg) {
             Ok(()) => node.stats.received_remote.inc(),
-            Err(DeliveryError::MailboxFull { .. }) if wait && ask.is_none() => {
+            Err(DeliveryError::MailboxFull { .. }) if wait => {
                 if let Some(slot) = node.slot(to) {
                     return Ok(Flow::Blocked(slot));
                 }
