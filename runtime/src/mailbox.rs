@@ -100,7 +100,13 @@ impl<M> Mailbox<M> {
     }
 
     /// Queues `env`, waiting for room while the mailbox is full.
-    pub async fn push_wait(&self, mut env: Envelope<M>) -> Result<(), DeliveryError> {
+    pub async fn push_wait(&self, env: Envelope<M>) -> Result<(), DeliveryError> {
+        // Fast path: room now, no waiter bookkeeping.
+        let mut env = match self.push(env) {
+            Ok(()) => return Ok(()),
+            Err((DeliveryError::MailboxFull { .. }, back)) => back,
+            Err((e, _)) => return Err(e),
+        };
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);

@@ -15,7 +15,7 @@ use crate::certs::NodeIdentity;
 use crate::core::directory::{Associations, BookEdge, BookIndex};
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
-use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Slot};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
@@ -198,7 +198,7 @@ pub(crate) struct NodeShared {
     id_prefix: u64,
     next_id: AtomicU64,
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
-    services: RwLock<HashMap<ServiceId, LocalService>>,
+    services: RwLock<IdMap<LocalService>>,
     children: Mutex<HashMap<ServiceId, BTreeSet<ServiceId>>>,
     books: Mutex<BookIndex>,
     peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
@@ -480,9 +480,12 @@ impl NodeShared {
         children.remove(&id);
     }
 
-    /// A message from peer `origin` for local service `to`.
+    /// A message from peer `origin` for local service `to`. `cache` keeps the last target a
+    /// stream delivered to, since consecutive frames usually share one.
+    #[allow(clippy::too_many_arguments)]
     pub fn deliver_remote(
         &self,
+        cache: &mut Option<(ServiceId, Arc<dyn Slot>)>,
         origin: &NodeName,
         to: ServiceId,
         from: Option<ServiceId>,
@@ -490,10 +493,16 @@ impl NodeShared {
         ask: Option<u64>,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
-        let slot = self.slot(to).ok_or_else(|| DeliveryError::UnknownService {
-            id: to,
-            node: self.name.clone(),
-        })?;
+        let slot = match cache {
+            Some((id, slot)) if *id == to => slot,
+            _ => {
+                let slot = self.slot(to).ok_or_else(|| DeliveryError::UnknownService {
+                    id: to,
+                    node: self.name.clone(),
+                })?;
+                &cache.insert((to, slot)).1
+            }
+        };
         let ask = ask.map(|ask| AskOrigin {
             node: origin.clone(),
             ask,
@@ -671,6 +680,9 @@ impl Actor for NodeActor {
     }
 }
 
+/// How long a stopping node waits for its connections to close cleanly.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Stop;
@@ -680,12 +692,18 @@ impl Handler<Stop> for NodeActor {
 
     fn handle(&mut self, _: Stop, _: &mut Self::Context) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.endpoint.close(
+        let endpoint = self.shared.endpoint.clone();
+        endpoint.close(
             quinn::VarInt::from_u32(wire::code::SHUTDOWN as u32),
             b"node shutting down",
         );
         tracing::info!(node = %self.shared.name, "node stopping");
-        System::current().stop();
+        // Give the close frames a moment to leave, so peers learn at once rather than by
+        // idle timeout; then end the system.
+        actix_rt::spawn(async move {
+            let _ = tokio::time::timeout(SHUTDOWN_LINGER, endpoint.wait_idle()).await;
+            System::current().stop();
+        });
     }
 }
 
@@ -760,7 +778,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         id_prefix: random_prefix()?,
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
-        services: RwLock::new(HashMap::new()),
+        services: RwLock::new(IdMap::default()),
         children: Mutex::new(HashMap::new()),
         books: Mutex::new(BookIndex::new(limits.book_edges_max)),
         peers: RwLock::new(HashMap::new()),

@@ -1,6 +1,5 @@
 //! The service API: the [`Service`] trait, the [`Ctx`] a handler gets, and [`ReplyTo`].
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -14,7 +13,7 @@ use tracing::Instrument;
 use crate::core::directory::Associations;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
-use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::Mailbox;
 use crate::node::NodeShared;
 
@@ -106,7 +105,7 @@ impl<R> fmt::Debug for ReplyTo<R> {
 pub struct Ctx<S: Service> {
     me: ServiceRef<S>,
     node: Arc<NodeShared>,
-    seqs: HashMap<ServiceId, u64>,
+    seqs: IdMap<u64>,
     stop: bool,
 }
 
@@ -251,7 +250,7 @@ pub(crate) async fn run_service<S: Service>(
     let mut ctx = Ctx {
         me,
         node,
-        seqs: HashMap::new(),
+        seqs: IdMap::default(),
         stop: false,
     };
     async move {

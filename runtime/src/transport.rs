@@ -730,6 +730,9 @@ async fn read_stream(
     mut reader: FrameReader,
     conn: quinn::Connection,
 ) {
+    // The last service this stream delivered to; a stopped service's closed mailbox still
+    // answers `Stopped`, so the cache never hides a change.
+    let mut target: Option<(ServiceId, Arc<dyn Slot>)> = None;
     loop {
         // Frames already buffered (the handshake may have read ahead) come first.
         loop {
@@ -737,7 +740,7 @@ async fn read_stream(
                 Ok(Some(body)) => {
                     node.stats.frames_in.inc();
                     loop {
-                        match handle_frame(&node, &link, kind, body) {
+                        match handle_frame(&node, &link, kind, body, &mut target) {
                             Ok(Flow::Done) => break,
                             Ok(Flow::Blocked(slot)) => {
                                 // The sender asked to wait for room: hold this stream (QUIC
@@ -831,6 +834,7 @@ fn handle_frame(
     link: &Arc<PeerLink>,
     kind: StreamKind,
     body: &[u8],
+    target: &mut Option<(ServiceId, Arc<dyn Slot>)>,
 ) -> Result<Flow, WireError> {
     let frame = wire::decode(body)?;
     match (kind, frame) {
@@ -844,7 +848,7 @@ fn handle_frame(
                 wait,
                 msg,
             },
-        ) => match node.deliver_remote(&link.name, to, from, seq, ask, msg) {
+        ) => match node.deliver_remote(target, &link.name, to, from, seq, ask, msg) {
             Ok(()) => node.stats.received_remote.inc(),
             Err(DeliveryError::MailboxFull { .. }) if wait => {
                 if let Some(slot) = node.slot(to) {
