@@ -1,0 +1,243 @@
+//! Local tells: a Tern service feeding another on one node, against plain actix actors doing
+//! the same work on one thread; and the memory of idle services.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tern::certs::ClusterCa;
+use tern::{Ctx, Limits, Node, NodeConfig, ReplyTo, Service, ServiceAddr, ServiceRef};
+
+use crate::util::{median, progress, resident_bytes, round2, Latch, Scale};
+
+static LOCAL_DONE: Latch = Latch::new();
+/// Messages sent between two yields of the driver, in both systems.
+const BATCH: u64 = 1_000;
+
+/// Adds what it is sent; signals when it has seen `target` messages.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Sum {
+    sum: u64,
+    count: u64,
+    target: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum SumMsg {
+    Target(u64),
+    Add(u64),
+}
+
+impl Sum {
+    fn add(&mut self, x: u64) {
+        self.sum = self.sum.wrapping_add(x);
+        self.count += 1;
+        if self.count == self.target {
+            LOCAL_DONE.signal();
+        }
+    }
+}
+
+impl Service for Sum {
+    type Msg = SumMsg;
+    const KIND: &'static str = "bench-sum";
+    const VERSION: u32 = 1;
+    async fn handle(&mut self, msg: SumMsg, _ctx: &mut Ctx<Self>) {
+        match msg {
+            SumMsg::Target(t) => {
+                self.count = 0;
+                self.target = t;
+            }
+            SumMsg::Add(x) => self.add(x),
+        }
+    }
+}
+
+/// Sends `total` messages to a Sum, yielding every `BATCH`.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Driver;
+
+#[derive(Serialize, Deserialize)]
+pub enum DriverMsg {
+    Run { to: ServiceAddr, total: u64 },
+}
+
+impl Service for Driver {
+    type Msg = DriverMsg;
+    const KIND: &'static str = "bench-driver";
+    const VERSION: u32 = 1;
+    async fn handle(&mut self, msg: DriverMsg, ctx: &mut Ctx<Self>) {
+        let DriverMsg::Run { to, total } = msg;
+        let Ok(sum) = ctx.book_ref::<Sum>("sum").or_else(|_| {
+            let _ = ctx.book_insert("sum", to);
+            ctx.book_ref::<Sum>("sum")
+        }) else {
+            eprintln!("tern-bench: driver cannot reach the sum service");
+            return;
+        };
+        for i in 0..total {
+            if ctx.tell_wait(&sum, SumMsg::Add(i)).await.is_err() {
+                eprintln!("tern-bench: driver send failed");
+                return;
+            }
+            if i % BATCH == BATCH - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// A service that does nothing, for measuring what an idle service costs.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Idle {
+    n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum IdleMsg {
+    Ping(ReplyTo<u64>),
+}
+
+impl Service for Idle {
+    type Msg = IdleMsg;
+    const KIND: &'static str = "bench-idle";
+    const VERSION: u32 = 1;
+    async fn handle(&mut self, msg: IdleMsg, ctx: &mut Ctx<Self>) {
+        let IdleMsg::Ping(r) = msg;
+        self.n += 1;
+        let _ = ctx.reply(r, self.n);
+    }
+}
+
+// The actix baseline: the same consumer as a plain actix actor.
+struct ActixSum {
+    sum: u64,
+    count: u64,
+    target: u64,
+}
+
+impl Actor for ActixSum {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ActixAdd(u64);
+
+impl Handler<ActixAdd> for ActixSum {
+    type Result = ();
+    fn handle(&mut self, msg: ActixAdd, _: &mut Self::Context) {
+        self.sum = self.sum.wrapping_add(msg.0);
+        self.count += 1;
+        if self.count == self.target {
+            LOCAL_DONE.signal();
+        }
+    }
+}
+
+fn actix_once(total: u64) -> Result<f64> {
+    LOCAL_DONE.reset();
+    let sys = actix_rt::System::new();
+    let t0 = Instant::now();
+    sys.block_on(async move {
+        let addr = ActixSum {
+            sum: 0,
+            count: 0,
+            target: total,
+        }
+        .start();
+        for i in 0..total {
+            addr.do_send(ActixAdd(i));
+            if i % BATCH == BATCH - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Let the actor drain on this thread.
+        while !LOCAL_DONE.is_done() {
+            tokio::task::yield_now().await;
+        }
+    });
+    let end = LOCAL_DONE.wait(Duration::from_secs(60), "actix local run")?;
+    Ok(total as f64 / (end - t0).as_secs_f64())
+}
+
+fn tern_once(driver: &ServiceRef<Driver>, sum: &ServiceRef<Sum>, total: u64) -> Result<f64> {
+    LOCAL_DONE.reset();
+    sum.tell(SumMsg::Target(total))?;
+    let t0 = Instant::now();
+    driver.tell(DriverMsg::Run {
+        to: sum.addr().clone(),
+        total,
+    })?;
+    let end = LOCAL_DONE.wait(Duration::from_secs(60), "tern local run")?;
+    Ok(total as f64 / (end - t0).as_secs_f64())
+}
+
+pub fn run(scale: &Scale) -> Result<Value> {
+    let ca = ClusterCa::new()?;
+    let mut cfg = NodeConfig::new(ca.issue("bench-local")?, "127.0.0.1:0".parse()?);
+    cfg.limits = Limits {
+        services_max: 2 * scale.idle_services as usize + 16,
+        ..Limits::default()
+    };
+    let node = Node::start(cfg)?;
+    node.register::<Sum>()
+        .register::<Driver>()
+        .register::<Idle>();
+    let sum = node.spawn(Sum::default())?;
+    let driver = node.spawn(Driver)?;
+
+    let mut tern_runs = Vec::new();
+    let mut actix_runs = Vec::new();
+    // Warm both up once, then alternate so drift affects both alike.
+    tern_once(&driver, &sum, scale.local_msgs / 10)?;
+    actix_once(scale.local_msgs / 10)?;
+    for r in 0..scale.repeats {
+        let t = tern_once(&driver, &sum, scale.local_msgs)?;
+        let a = actix_once(scale.local_msgs)?;
+        progress(&format!(
+            "local run {}: tern {:.0} msgs/s, actix {:.0} msgs/s",
+            r + 1,
+            t,
+            a
+        ));
+        tern_runs.push(t);
+        actix_runs.push(a);
+    }
+    let tern_rate = median(tern_runs);
+    let actix_rate = median(actix_runs);
+
+    // Idle services: resident memory before and after spawning them, once every spawn has run.
+    progress(&format!("spawning {} idle services", scale.idle_services));
+    let before = resident_bytes()?;
+    let mut last = None;
+    for _ in 0..scale.idle_services {
+        last = Some(node.spawn(Idle::default())?);
+    }
+    if let Some(last) = last {
+        // The arbiter runs spawns in order: once the last one answers, all are running.
+        let sys = actix_rt::System::new();
+        sys.block_on(last.ask(IdleMsg::Ping, Duration::from_secs(60)))?;
+    }
+    let after = resident_bytes()?;
+    let idle_bytes = (after.saturating_sub(before)) / scale.idle_services;
+    progress(&format!(
+        "{} idle services: {} bytes resident each",
+        scale.idle_services, idle_bytes
+    ));
+    let live = node.stats().services_live;
+    node.shutdown();
+
+    Ok(json!({
+        "tern_tell_msgs_per_s": tern_rate.round(),
+        "actix_tell_msgs_per_s": actix_rate.round(),
+        "overhead_ratio": round2(actix_rate / tern_rate),
+        "idle_service_bytes": idle_bytes,
+        "idle_services": scale.idle_services,
+        "services_live_at_measure": live,
+        "messages_per_run": scale.local_msgs,
+        "runs": scale.repeats,
+    }))
+}

@@ -1,0 +1,45 @@
+//! tern-bench: Tern's figures, each measured against a baseline doing the same work in the
+//! same run. `--json` prints one JSON object on stdout (progress goes to stderr); `--quick`
+//! keeps the whole run under a minute.
+
+mod local;
+mod remote;
+mod util;
+
+use anyhow::Result;
+use serde_json::json;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json_out = args.iter().any(|a| a == "--json");
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(bad) = args.iter().find(|a| *a != "--json" && *a != "--quick") {
+        anyhow::bail!("unknown argument {bad:?}; usage: tern-bench [--json] [--quick]");
+    }
+    let scale = if quick {
+        util::Scale::quick()
+    } else {
+        util::Scale::full()
+    };
+    let started = std::time::Instant::now();
+    util::start_clock();
+
+    let local = local::run(&scale)?;
+    let remote = remote::run(&scale)?;
+
+    let out = json!({
+        "local": local,
+        "remote": remote,
+        "run": {
+            "quick": quick,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "seconds": started.elapsed().as_secs_f64(),
+        }
+    });
+    if json_out {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
