@@ -17,11 +17,11 @@ pub struct Scale {
 impl Scale {
     pub fn quick() -> Self {
         Scale {
-            local_msgs: 2_000_000,
+            local_msgs: 4_000_000,
             idle_services: 100_000,
-            remote_msgs: 1_000_000,
-            rtt_samples: 2_000,
-            repeats: 3,
+            remote_msgs: 2_000_000,
+            rtt_samples: 5_000,
+            repeats: 5,
         }
     }
     pub fn full() -> Self {

@@ -21,6 +21,10 @@ use crate::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Book edges per `BookSync` frame.
 const BOOK_SYNC_EDGES_PER_FRAME: usize = 1024;
+/// Bytes queued for a peer past which a waiting sender lets the writer run before going on.
+/// Keeps the link pipelined (encode, send and the peer's decode overlap) instead of filling the
+/// whole queue and then writing it in one burst.
+const LINK_FLUSH_BYTES: usize = 256 * 1024;
 /// Pause between two dials of the same peer.
 const REDIAL_MS: u64 = 500;
 
@@ -44,8 +48,9 @@ impl OutQueue {
         }
     }
 
-    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<(), DeliveryError> {
-        {
+    /// Queues one frame; the bytes queued afterwards.
+    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
+        let queued = {
             let mut buf = lock(&self.buf);
             if buf.len() >= self.bytes_max {
                 return Err(DeliveryError::Backpressure {
@@ -60,9 +65,27 @@ impl OutQueue {
                 },
                 other => DeliveryError::Encode(other.to_string()),
             })?;
-        }
+            buf.len()
+        };
         self.ready.notify_one();
-        Ok(())
+        Ok(queued)
+    }
+
+    /// Waits until at most `bytes` are queued (the writer takes everything at once).
+    async fn drained_to(&self, bytes: usize) {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if self.queued_bytes() <= bytes {
+                return;
+            }
+            space.await;
+        }
+    }
+
+    fn queued_bytes(&self) -> usize {
+        lock(&self.buf).len()
     }
 
     /// Swaps the queued bytes into `out` (which must be empty).
@@ -174,7 +197,7 @@ impl PeerLink {
     }
 
     pub fn push_ctrl(&self, frame: &Frame<'_>) -> Result<(), DeliveryError> {
-        self.ctrl.push(&self.name, frame)
+        self.ctrl.push(&self.name, frame).map(drop)
     }
 
     pub fn send_deliver<M: Serialize>(
@@ -185,7 +208,7 @@ impl PeerLink {
         ask: Option<u64>,
         msg: &M,
     ) -> Result<(), DeliveryError> {
-        self.deliver(to, from, seq, ask, false, msg)
+        self.deliver(to, from, seq, ask, false, msg).map(drop)
     }
 
     fn deliver<M: Serialize>(
@@ -196,7 +219,7 @@ impl PeerLink {
         ask: Option<u64>,
         wait: bool,
         msg: &M,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<usize, DeliveryError> {
         encode_scratch(msg, |bytes| {
             self.data.push(
                 &self.name,
@@ -221,12 +244,17 @@ impl PeerLink {
         msg: &M,
     ) -> Result<(), DeliveryError> {
         loop {
-            let space = self.data.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
             match self.deliver(to, from, seq, ask, true, msg) {
-                Err(DeliveryError::Backpressure { .. }) => space.await,
-                other => return other,
+                Ok(queued) => {
+                    if queued > LINK_FLUSH_BYTES && self.is_connected() {
+                        self.data.drained_to(LINK_FLUSH_BYTES).await;
+                    }
+                    return Ok(());
+                }
+                Err(DeliveryError::Backpressure { bytes_max, .. }) => {
+                    self.data.drained_to(bytes_max / 2).await
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -243,6 +271,7 @@ impl PeerLink {
                 },
             )
         })
+        .map(drop)
     }
 
     /// Whether to keep a connection this peer dialed to us. Of two connections between the

@@ -220,6 +220,89 @@ pub enum ReplyBody<'a> {
     Failed(String),
 }
 
+/// How serde writes the start of a `Deliver` body: a one-entry map from the variant name to
+/// an array of its six fields. The fast path below writes and recognises exactly these bytes.
+const DELIVER_PREFIX: &[u8] = &[0x81, 0xa7, b'D', b'e', b'l', b'i', b'v', b'e', b'r', 0x96];
+const MSGPACK_NIL: u8 = 0xc0;
+const MSGPACK_ARRAY2: u8 = 0x92;
+
+// Writes to a Vec cannot fail; the results are ignored on purpose.
+fn write_id(out: &mut Vec<u8>, id: ServiceId) {
+    out.push(MSGPACK_ARRAY2);
+    let _ = rmp::encode::write_uint(out, id.prefix());
+    let _ = rmp::encode::write_uint(out, id.counter());
+}
+
+/// Writes a `Deliver` body byte for byte as serde would, without serde's per-field
+/// machinery: this frame is the one every message pays for.
+fn write_deliver(
+    out: &mut Vec<u8>,
+    (to, from, seq, ask, wait, msg): (ServiceId, Option<ServiceId>, u64, Option<u64>, bool, &[u8]),
+) -> Result<(), WireError> {
+    let msg_len = u32::try_from(msg.len()).map_err(|_| WireError::TooLarge {
+        len: msg.len() as u64,
+        max: u32::MAX as usize,
+    })?;
+    out.extend_from_slice(DELIVER_PREFIX);
+    write_id(out, to);
+    match from {
+        Some(id) => write_id(out, id),
+        None => out.push(MSGPACK_NIL),
+    }
+    let _ = rmp::encode::write_uint(out, seq);
+    match ask {
+        Some(a) => {
+            let _ = rmp::encode::write_uint(out, a);
+        }
+        None => out.push(MSGPACK_NIL),
+    }
+    let _ = rmp::encode::write_bool(out, wait);
+    let _ = rmp::encode::write_bin_len(out, msg_len);
+    out.extend_from_slice(msg);
+    Ok(())
+}
+
+fn read_id(rd: &mut &[u8]) -> Option<ServiceId> {
+    if rmp::decode::read_array_len(rd).ok()? != 2 {
+        return None;
+    }
+    let prefix: u64 = rmp::decode::read_int(rd).ok()?;
+    let counter: u64 = rmp::decode::read_int(rd).ok()?;
+    Some(ServiceId::from_parts(prefix, counter))
+}
+
+fn read_opt<T>(rd: &mut &[u8], read: impl FnOnce(&mut &[u8]) -> Option<T>) -> Option<Option<T>> {
+    if rd.first() == Some(&MSGPACK_NIL) {
+        *rd = &rd[1..];
+        Some(None)
+    } else {
+        read(rd).map(Some)
+    }
+}
+
+/// Reads a `Deliver` body written by [`write_deliver`] (or by serde, which writes the same
+/// bytes). `None` for anything else, which then goes through serde and its errors.
+fn read_deliver(body: &[u8]) -> Option<Frame<'_>> {
+    let mut rd = body.strip_prefix(DELIVER_PREFIX)?;
+    let to = read_id(&mut rd)?;
+    let from = read_opt(&mut rd, read_id)?;
+    let seq: u64 = rmp::decode::read_int(&mut rd).ok()?;
+    let ask = read_opt(&mut rd, |r| rmp::decode::read_int::<u64, _>(r).ok())?;
+    let wait = rmp::decode::read_bool(&mut rd).ok()?;
+    let len = rmp::decode::read_bin_len(&mut rd).ok()? as usize;
+    if rd.len() != len {
+        return None;
+    }
+    Some(Frame::Deliver {
+        to,
+        from,
+        seq,
+        ask,
+        wait,
+        msg: rd,
+    })
+}
+
 /// Appends one frame to `out`. On error `out` is left as it was.
 pub fn encode_frame(
     out: &mut Vec<u8>,
@@ -228,11 +311,22 @@ pub fn encode_frame(
 ) -> Result<usize, WireError> {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
-    if let Err(e) = rmp_serde::encode::write(out, frame) {
-        out.truncate(start);
-        return Err(WireError::Malformed {
+    let written = match *frame {
+        Frame::Deliver {
+            to,
+            from,
+            seq,
+            ask,
+            wait,
+            msg,
+        } => write_deliver(out, (to, from, seq, ask, wait, msg)),
+        _ => rmp_serde::encode::write(out, frame).map_err(|e| WireError::Malformed {
             detail: e.to_string(),
-        });
+        }),
+    };
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(e);
     }
     let body_bytes = out.len() - start - FRAME_HEADER_BYTES;
     if body_bytes > frame_bytes_max || body_bytes > u32::MAX as usize {
@@ -248,6 +342,9 @@ pub fn encode_frame(
 
 /// Decodes a frame body (as returned by [`FrameReader::next_frame`]).
 pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
+    if let Some(frame) = read_deliver(body) {
+        return Ok(frame);
+    }
     rmp_serde::from_slice(body).map_err(|e| WireError::Malformed {
         detail: e.to_string(),
     })
@@ -368,6 +465,46 @@ mod tests {
         }
         assert_eq!(seen, 10);
         r.finish().unwrap();
+    }
+
+    #[test]
+    fn deliver_fast_path_writes_exactly_what_serde_writes() {
+        let big = ServiceId::from_parts(u64::MAX, 1 << 40);
+        let cases = [
+            (ServiceId::from_parts(1, 2), None, 0, None, false, &b""[..]),
+            (
+                big,
+                Some(ServiceId::from_parts(300, 70_000)),
+                u64::MAX,
+                Some(5),
+                true,
+                &[7u8; 300][..],
+            ),
+            (big, None, 128, Some(u64::MAX), false, &[1, 2, 3][..]),
+        ];
+        for (to, from, seq, ask, wait, msg) in cases {
+            let frame = Frame::Deliver {
+                to,
+                from,
+                seq,
+                ask,
+                wait,
+                msg,
+            };
+            let mut fast = Vec::new();
+            write_deliver(&mut fast, (to, from, seq, ask, wait, msg)).unwrap();
+            let serde = rmp_serde::to_vec(&frame).unwrap();
+            assert_eq!(fast, serde, "{frame:?}");
+            // Both readers agree on it.
+            let via_fast = read_deliver(&serde).expect("fast path reads serde's bytes");
+            let via_serde: Frame<'_> = rmp_serde::from_slice(&fast).unwrap();
+            assert_eq!(format!("{via_fast:?}"), format!("{via_serde:?}"));
+        }
+        // Trailing bytes are not a Deliver the fast path accepts; serde then refuses them too.
+        let mut bad = Vec::new();
+        write_deliver(&mut bad, (big, None, 1, None, false, b"x")).unwrap();
+        bad.push(0);
+        assert!(read_deliver(&bad).is_none());
     }
 
     #[test]
