@@ -157,13 +157,14 @@ pub enum Error {
     /// A configuration value is not acceptable.
     #[error("configuration: {0}")]
     Config(String),
-    /// An I/O error, with what was being done.
-    #[error("{what}: {source}")]
+    /// An I/O error, with what was being done. The cause is part of the message (and not
+    /// repeated as a `source`, so error chains print it once).
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A too-large table or queue.
     #[error("{what} is at its limit of {max}")]
@@ -187,10 +188,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(what: impl Into<String>, cause: std::io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source,
+            cause,
         }
     }
 }
