@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{AskError, DeliveryError};
 use crate::ids::{ServiceAddr, ServiceId};
-use crate::mailbox::{AskOrigin, Envelope, Mailbox};
+use crate::mailbox::{Envelope, Mailbox, Meta};
 use crate::node::NodeShared;
 use crate::service::{ReplyTo, Service};
 use crate::transport::PeerLink;
@@ -91,12 +91,12 @@ impl<S: Service> ServiceRef<S> {
     /// to a remote node has no room; a remote refusal comes back asynchronously (counted in
     /// `refused_by_peers` and logged in the node's events).
     pub fn tell(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send(None, 0, None, msg)
+        self.send(Meta::default(), msg)
     }
 
     /// Like [`tell`](Self::tell), but waits while the mailbox or the link is full.
     pub async fn tell_wait(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send_wait(None, 0, None, msg).await
+        self.send_wait(Meta::default(), msg).await
     }
 
     /// Sends a request made by `make` around a reply handle, and waits up to `timeout` for the
@@ -106,78 +106,42 @@ impl<S: Service> ServiceRef<S> {
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        self.ask_from(None, 0, make, timeout).await
+        self.ask_from(Meta::default(), make, timeout).await
     }
 
-    pub(crate) fn send(
-        &self,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
-        msg: S::Msg,
-    ) -> Result<(), DeliveryError> {
-        let res = match &self.route {
-            Route::Local(mb) => {
-                let env = Envelope {
-                    from,
-                    seq,
-                    ask: ask.map(|ask| AskOrigin {
-                        node: self.node.name().clone(),
-                        ask,
-                    }),
-                    origin: None,
-                    msg,
-                };
-                mb.push(env).map_err(|(e, _)| e)
-            }
-            Route::Remote(link) => link.send_deliver(self.addr.id, from, seq, ask, &msg),
-        };
-        match &res {
+    fn envelope(&self, meta: Meta, msg: S::Msg) -> Envelope<S::Msg> {
+        Envelope::new(meta, self.node.name(), None, msg)
+    }
+
+    fn count(&self, res: &Result<(), DeliveryError>) {
+        match res {
             Ok(()) if self.is_local() => self.node.stats.sent_local.inc(),
             Ok(()) => self.node.stats.sent_remote.inc(),
             Err(_) => self.node.stats.refused_to_senders.inc(),
         }
+    }
+
+    pub(crate) fn send(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
+        let res = match &self.route {
+            Route::Local(mb) => mb.push(self.envelope(meta, msg)).map_err(|(e, _)| e),
+            Route::Remote(link) => link.send_deliver(self.addr.id, meta, &msg),
+        };
+        self.count(&res);
         res
     }
 
-    pub(crate) async fn send_wait(
-        &self,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
-        msg: S::Msg,
-    ) -> Result<(), DeliveryError> {
+    pub(crate) async fn send_wait(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
         let res = match &self.route {
-            Route::Local(mb) => {
-                let env = Envelope {
-                    from,
-                    seq,
-                    ask: ask.map(|ask| AskOrigin {
-                        node: self.node.name().clone(),
-                        ask,
-                    }),
-                    origin: None,
-                    msg,
-                };
-                mb.push_wait(env).await
-            }
-            Route::Remote(link) => {
-                link.send_deliver_wait(self.addr.id, from, seq, ask, &msg)
-                    .await
-            }
+            Route::Local(mb) => mb.push_wait(self.envelope(meta, msg)).await,
+            Route::Remote(link) => link.send_deliver_wait(self.addr.id, meta, &msg).await,
         };
-        match &res {
-            Ok(()) if self.is_local() => self.node.stats.sent_local.inc(),
-            Ok(()) => self.node.stats.sent_remote.inc(),
-            Err(_) => self.node.stats.refused_to_senders.inc(),
-        }
+        self.count(&res);
         res
     }
 
     pub(crate) async fn ask_from<R: DeserializeOwned + Send + 'static>(
         &self,
-        from: Option<ServiceId>,
-        seq: u64,
+        meta: Meta,
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
@@ -185,8 +149,17 @@ impl<S: Service> ServiceRef<S> {
         self.node.stats.asks_started.inc();
         let msg = make(ReplyTo::new(self.node.name().clone(), ask));
         let deadline = tokio::time::Instant::now() + timeout;
-        let sent =
-            tokio::time::timeout_at(deadline, self.send_wait(from, seq, Some(ask), msg)).await;
+        let sent = tokio::time::timeout_at(
+            deadline,
+            self.send_wait(
+                Meta {
+                    ask: Some(ask),
+                    ..meta
+                },
+                msg,
+            ),
+        )
+        .await;
         match sent {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

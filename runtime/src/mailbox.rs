@@ -30,6 +30,15 @@ pub(crate) struct AskOrigin {
     pub ask: u64,
 }
 
+/// Who sent a message and where it stands in that sender's channel to the receiver; the ask id
+/// (on the sender's node) when it is a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub from: Option<ServiceId>,
+    pub seq: u64,
+    pub ask: Option<u64>,
+}
+
 /// One queued message with its channel metadata.
 #[derive(Debug)]
 pub(crate) struct Envelope<M> {
@@ -38,6 +47,23 @@ pub(crate) struct Envelope<M> {
     pub ask: Option<AskOrigin>,
     pub origin: Option<NodeName>,
     pub msg: M,
+}
+
+impl<M> Envelope<M> {
+    /// An envelope for `msg`; `asker` is the node waiting on `meta.ask`, `origin` the node it came
+    /// from (`None` when local).
+    pub fn new(meta: Meta, asker: &NodeName, origin: Option<&NodeName>, msg: M) -> Self {
+        Envelope {
+            from: meta.from,
+            seq: meta.seq,
+            ask: meta.ask.map(|ask| AskOrigin {
+                node: asker.clone(),
+                ask,
+            }),
+            origin: origin.cloned(),
+            msg,
+        }
+    }
 }
 
 struct State<M> {
@@ -196,10 +222,8 @@ pub(crate) trait Slot: Send + Sync + 'static {
     /// Decodes `bytes` as the service's message type and queues it.
     fn deliver_bytes(
         &self,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<AskOrigin>,
-        origin: NodeName,
+        meta: Meta,
+        origin: &NodeName,
         bytes: &[u8],
     ) -> Result<(), DeliveryError>;
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
@@ -222,10 +246,8 @@ impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn deliver_bytes(
         &self,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<AskOrigin>,
-        origin: NodeName,
+        meta: Meta,
+        origin: &NodeName,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
         let msg: M = rmp_serde::from_slice(bytes).map_err(|e| DeliveryError::BadMessage {
@@ -233,14 +255,8 @@ impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
             kind: self.kind.clone(),
             detail: e.to_string(),
         })?;
-        self.push(Envelope {
-            from,
-            seq,
-            ask,
-            origin: Some(origin),
-            msg,
-        })
-        .map_err(|(e, _)| e)
+        self.push(Envelope::new(meta, origin, Some(origin), msg))
+            .map_err(|(e, _)| e)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -16,7 +16,7 @@ use crate::core::directory::{Associations, BookEdge, BookIndex};
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
-use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Slot};
+use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::{self, PeerLink, PeerStatus};
@@ -482,15 +482,12 @@ impl NodeShared {
 
     /// A message from peer `origin` for local service `to`. `cache` keeps the last target a
     /// stream delivered to, since consecutive frames usually share one.
-    #[allow(clippy::too_many_arguments)]
     pub fn deliver_remote(
         &self,
         cache: &mut Option<(ServiceId, Arc<dyn Slot>)>,
         origin: &NodeName,
         to: ServiceId,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
+        meta: Meta,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
         let slot = match cache {
@@ -503,11 +500,7 @@ impl NodeShared {
                 &cache.insert((to, slot)).1
             }
         };
-        let ask = ask.map(|ask| AskOrigin {
-            node: origin.clone(),
-            ask,
-        });
-        slot.deliver_bytes(from, seq, ask, origin.clone(), bytes)
+        slot.deliver_bytes(meta, origin, bytes)
     }
 
     /// The local service `id`, untyped.

@@ -14,7 +14,7 @@ use crate::core::directory::Associations;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, Meta};
 use crate::node::NodeShared;
 
 /// A migratable service: a plain struct whose fields are its state, a message type, and a
@@ -135,10 +135,15 @@ impl<S: Service> Ctx<S> {
         self.me.clone()
     }
 
-    fn next_seq(&mut self, to: ServiceId) -> u64 {
+    /// The metadata of this service's next message to `to`.
+    fn next_meta(&mut self, to: ServiceId) -> Meta {
         let seq = self.seqs.entry(to).or_insert(0);
         *seq += 1;
-        *seq
+        Meta {
+            from: Some(self.me.id()),
+            seq: *seq,
+            ask: None,
+        }
     }
 
     /// Sends `msg` to `to`, numbered in this service's channel to it.
@@ -147,8 +152,8 @@ impl<S: Service> Ctx<S> {
         to: &ServiceRef<T>,
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
-        let seq = self.next_seq(to.id());
-        to.send(Some(self.id()), seq, None, msg)
+        let meta = self.next_meta(to.id());
+        to.send(meta, msg)
     }
 
     /// Like [`tell`](Self::tell), but waits for room when the target's mailbox or link is full.
@@ -157,8 +162,8 @@ impl<S: Service> Ctx<S> {
         to: &ServiceRef<T>,
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
-        let seq = self.next_seq(to.id());
-        to.send_wait(Some(self.id()), seq, None, msg).await
+        let meta = self.next_meta(to.id());
+        to.send_wait(meta, msg).await
     }
 
     /// Sends a request to `to` and waits for the answer. The service handles nothing else
@@ -169,8 +174,8 @@ impl<S: Service> Ctx<S> {
         make: impl FnOnce(ReplyTo<R>) -> T::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let seq = self.next_seq(to.id());
-        to.ask_from(Some(self.id()), seq, make, timeout).await
+        let meta = self.next_meta(to.id());
+        to.ask_from(meta, make, timeout).await
     }
 
     /// Answers an ask, wherever the asker is.

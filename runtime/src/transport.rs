@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::error::{DeliveryError, Error};
 use crate::ids::{NodeName, ServiceId};
-use crate::mailbox::{lock, Slot};
+use crate::mailbox::{lock, Meta, Slot};
 use crate::node::{reply_from_wire, Limits, NodeShared};
 use crate::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
 
@@ -203,20 +203,16 @@ impl PeerLink {
     pub fn send_deliver<M: Serialize>(
         &self,
         to: ServiceId,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
+        meta: Meta,
         msg: &M,
     ) -> Result<(), DeliveryError> {
-        self.deliver(to, from, seq, ask, false, msg).map(drop)
+        self.deliver(to, meta, false, msg).map(drop)
     }
 
     fn deliver<M: Serialize>(
         &self,
         to: ServiceId,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
+        meta: Meta,
         wait: bool,
         msg: &M,
     ) -> Result<usize, DeliveryError> {
@@ -225,9 +221,9 @@ impl PeerLink {
                 &self.name,
                 &Frame::Deliver {
                     to,
-                    from,
-                    seq,
-                    ask,
+                    from: meta.from,
+                    seq: meta.seq,
+                    ask: meta.ask,
                     wait,
                     msg: bytes,
                 },
@@ -238,13 +234,11 @@ impl PeerLink {
     pub async fn send_deliver_wait<M: Serialize>(
         &self,
         to: ServiceId,
-        from: Option<ServiceId>,
-        seq: u64,
-        ask: Option<u64>,
+        meta: Meta,
         msg: &M,
     ) -> Result<(), DeliveryError> {
         loop {
-            match self.deliver(to, from, seq, ask, true, msg) {
+            match self.deliver(to, meta, true, msg) {
                 Ok(queued) => {
                     if queued > LINK_FLUSH_BYTES && self.is_connected() {
                         self.data.drained_to(LINK_FLUSH_BYTES).await;
@@ -877,7 +871,7 @@ fn handle_frame(
                 wait,
                 msg,
             },
-        ) => match node.deliver_remote(target, &link.name, to, from, seq, ask, msg) {
+        ) => match node.deliver_remote(target, &link.name, to, Meta { from, seq, ask }, msg) {
             Ok(()) => node.stats.received_remote.inc(),
             Err(DeliveryError::MailboxFull { .. }) if wait => {
                 if let Some(slot) = node.slot(to) {

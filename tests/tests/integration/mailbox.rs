@@ -25,6 +25,20 @@ fn hold(node: &tern::NodeHandle, slow: &ServiceRef<Slow>, ms: u64) -> Result<()>
     })
 }
 
+/// Nodes a and b with small mailboxes, a slow service on a, and b's handle to it.
+fn slow_on_a_seen_from_b() -> Result<(Cluster, ServiceRef<Slow>, ServiceRef<Slow>)> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(small_mailboxes())
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let slow = c.node("a").spawn(Slow::default())?;
+    let far = c.node("b").resolve(slow.addr())?;
+    Ok((c, slow, far))
+}
+
 #[test]
 fn full_local_mailbox_refuses_with_an_error_and_drops_nothing() -> Result<()> {
     let c = Cluster::builder()
@@ -69,16 +83,8 @@ fn full_local_mailbox_refuses_with_an_error_and_drops_nothing() -> Result<()> {
 
 #[test]
 fn full_remote_mailbox_refusals_reach_the_sender() -> Result<()> {
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(small_mailboxes())
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let (c, slow, far) = slow_on_a_seen_from_b()?;
     let (a, b) = (c.node("a"), c.node("b"));
-    let slow = a.spawn(Slow::default())?;
-    let far: ServiceRef<Slow> = b.resolve(slow.addr())?;
     hold(a, &slow, 1_000)?;
     for i in 1..=20 {
         far.tell(SlowMsg::Item(i))?;
@@ -109,16 +115,8 @@ fn full_remote_mailbox_refusals_reach_the_sender() -> Result<()> {
 
 #[test]
 fn waiting_remote_senders_are_held_not_refused() -> Result<()> {
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(small_mailboxes())
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let (c, slow, far) = slow_on_a_seen_from_b()?;
     let (a, b) = (c.node("a"), c.node("b"));
-    let slow = a.spawn(Slow::default())?;
-    let far: ServiceRef<Slow> = b.resolve(slow.addr())?;
     hold(a, &slow, 300)?;
     block_on(async {
         for i in 1..=40 {
