@@ -19,6 +19,8 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod sim;
+
 use anyhow::{bail, Context as _, Result};
 use tern::certs::ClusterCa;
 use tern::{Limits, Node, NodeConfig, NodeHandle};

@@ -2,3 +2,5 @@
 //! The node drives them; tests drive them directly.
 
 pub mod directory;
+pub mod migration;
+pub mod seq;

@@ -5,4 +5,5 @@ mod common;
 mod frames;
 mod mailbox;
 mod messaging;
+mod sim;
 mod tls;

@@ -1,0 +1,1172 @@
+//! The migration protocol and the data plane around it: one state machine per node, with no
+//! I/O, no clock and no threads. The node (or a simulation) feeds it events and carries out the
+//! [`Action`]s it returns.
+//!
+//! Rules that make the guarantees hold:
+//! - **One decider.** The source alone decides commit or abort. It commits only after the
+//!   target answered `Prepared`; once it has sent `Commit` it never resumes the service.
+//! - **A prepared target waits.** It runs the service only on `Commit` and discards it only on
+//!   `Abort`; when it hears nothing it asks (`Query`). So at most one instance ever runs.
+//! - **Nothing accepted is dropped.** Messages arriving while the service is frozen are held
+//!   and, at commit, forwarded to the target in order (at abort, given back behind the queue).
+//!   Per-sender [`Window`]s at the receiver put forwarded and direct messages back in order and
+//!   drop copies; their watermarks travel in the snapshot.
+//! - **Epochs order locations.** Every commit bumps the service's epoch; directory updates and
+//!   stale snapshots are judged by it. A tombstone forwards late messages and tells their
+//!   senders' nodes where the service went.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::core::seq::{Offer, Watermark, Window};
+use crate::ids::{NodeName, ServiceId};
+
+/// Identifies one migration attempt: the source node and a counter there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MigrationId {
+    /// The node that decides it.
+    pub source: NodeName,
+    /// Its number on that node.
+    pub n: u64,
+}
+
+/// One sender's numbered message to one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Data<P> {
+    /// The receiving service.
+    pub to: ServiceId,
+    /// The sender.
+    pub from: ServiceId,
+    /// Its number in the sender's channel to `to`, from 1.
+    pub seq: u64,
+    /// The message.
+    pub payload: P,
+}
+
+/// What moves: the state, the queue, the channel watermarks and the epoch.
+#[derive(Clone, Debug)]
+pub struct Snapshot<S, P> {
+    /// The service.
+    pub service: ServiceId,
+    /// The epoch it will have on the target.
+    pub epoch: u64,
+    /// Its state.
+    pub state: S,
+    /// Messages accepted and not yet handled, oldest first.
+    pub queue: Vec<Data<P>>,
+    /// Per sender, the next number expected.
+    pub watermarks: Vec<(ServiceId, Watermark)>,
+    /// Messages accepted early (waiting for an earlier number), to be offered again.
+    pub early: Vec<Data<P>>,
+    /// Numbers ahead of a watermark that were refused, per sender, so the gap still closes.
+    pub skipped: Vec<(ServiceId, u64)>,
+}
+
+/// Protocol messages between nodes.
+#[derive(Clone, Debug)]
+pub enum Wire<S, P> {
+    /// A message for a service; `origin` is the node of its sender.
+    Data {
+        /// The message.
+        data: Data<P>,
+        /// The sender's node, told where the service went if this reaches a tombstone.
+        origin: NodeName,
+    },
+    /// A tombstone's answer to `origin`: the service is now at `node`.
+    Moved {
+        /// The service.
+        service: ServiceId,
+        /// Where it went.
+        node: NodeName,
+        /// Its epoch there.
+        epoch: u64,
+    },
+    /// A number refused by a service's former node after its snapshot, so the new node's
+    /// window does not wait for it.
+    Skipped {
+        /// The service.
+        to: ServiceId,
+        /// The sender.
+        from: ServiceId,
+        /// The refused number.
+        seq: u64,
+    },
+    /// Source to target: restore this, paused.
+    Snapshot {
+        /// The attempt.
+        mig: MigrationId,
+        /// What moves.
+        snap: Snapshot<S, P>,
+    },
+    /// Target to source: restored and paused.
+    Prepared {
+        /// The attempt.
+        mig: MigrationId,
+    },
+    /// Target to source: will not take it.
+    Refused {
+        /// The attempt.
+        mig: MigrationId,
+        /// Why.
+        reason: String,
+    },
+    /// Source to target: run it.
+    Commit {
+        /// The attempt.
+        mig: MigrationId,
+    },
+    /// Target to source: running.
+    CommitAck {
+        /// The attempt.
+        mig: MigrationId,
+    },
+    /// Source to target: drop the paused copy.
+    Abort {
+        /// The attempt.
+        mig: MigrationId,
+    },
+    /// Target to source: what became of this attempt?
+    Query {
+        /// The attempt.
+        mig: MigrationId,
+    },
+    /// The service lives at `node` from `epoch` on.
+    Located {
+        /// The service.
+        service: ServiceId,
+        /// Where.
+        node: NodeName,
+        /// Since which epoch.
+        epoch: u64,
+    },
+}
+
+/// Why a migration did not happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The service is not running on this node.
+    NotHere,
+    /// The service is already moving.
+    Busy,
+    /// The target is this node.
+    SameNode,
+    /// The target refused.
+    Refused(String),
+    /// No answer from the target before the deadline.
+    Deadline,
+}
+
+/// How a migration ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The service runs on `to` with `epoch`.
+    Committed {
+        /// The target.
+        to: NodeName,
+        /// The new epoch.
+        epoch: u64,
+        /// Messages that arrived during the freeze and were forwarded.
+        forwarded: usize,
+    },
+    /// The service runs on as before.
+    Aborted(AbortReason),
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub enum Action<S, P> {
+    /// Send `msg` to node `to`.
+    Send {
+        /// Destination node.
+        to: NodeName,
+        /// The message.
+        msg: Wire<S, P>,
+    },
+    /// Append `data` to the service's queue.
+    Enqueue {
+        /// The service.
+        service: ServiceId,
+        /// The message.
+        data: Data<P>,
+    },
+    /// Stop taking messages after the one in hand, then call [`Core::frozen`].
+    Freeze {
+        /// The service.
+        service: ServiceId,
+    },
+    /// Restore the service from `snap`, paused, with its queue.
+    Install {
+        /// What to restore.
+        snap: Snapshot<S, P>,
+    },
+    /// The restored service may run.
+    Start {
+        /// The service.
+        service: ServiceId,
+    },
+    /// The frozen service runs again with this queue (what it handed over, then what arrived).
+    Resume {
+        /// The service.
+        service: ServiceId,
+        /// Its whole queue.
+        queue: Vec<Data<P>>,
+    },
+    /// The service has moved away: drop the frozen instance.
+    Retire {
+        /// The service.
+        service: ServiceId,
+    },
+    /// Drop the paused copy of an aborted attempt.
+    Discard {
+        /// The service.
+        service: ServiceId,
+    },
+    /// `data` was not accepted; its sender must be told.
+    Refuse {
+        /// The message.
+        data: Data<P>,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The migration the caller asked for ended.
+    Report {
+        /// The attempt.
+        mig: MigrationId,
+        /// The service.
+        service: ServiceId,
+        /// How it ended.
+        outcome: Outcome,
+    },
+}
+
+/// Bounds and timings, in ticks of the driver's clock.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Early messages held per sender window.
+    pub window_held_max: usize,
+    /// Messages held per service while it is frozen.
+    pub frozen_held_max: usize,
+    /// Ticks between two sends of an unanswered snapshot or commit.
+    pub retry_ticks: u64,
+    /// Ticks after the snapshot is first sent before the source gives up.
+    pub deadline_ticks: u64,
+    /// Ticks between two queries of a prepared target.
+    pub query_ticks: u64,
+    /// Tombstones kept; the oldest is forgotten first.
+    pub tombstones_max: usize,
+    /// Decisions remembered for late questions; the oldest aborted ones are forgotten first.
+    pub decisions_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window_held_max: 4096,
+            frozen_held_max: 65_536,
+            retry_ticks: 50,
+            deadline_ticks: 500,
+            query_ticks: 100,
+            tombstones_max: 65_536,
+            decisions_max: 65_536,
+        }
+    }
+}
+
+enum Phase<S, P> {
+    Running,
+    Freezing {
+        mig: MigrationId,
+        to: NodeName,
+    },
+    Sent {
+        mig: MigrationId,
+        to: NodeName,
+        snap: Snapshot<S, P>,
+        sent_at: u64,
+        deadline: u64,
+    },
+    Prepared {
+        mig: MigrationId,
+        last_query: u64,
+    },
+}
+
+struct Hosted<S, P> {
+    epoch: u64,
+    windows: BTreeMap<ServiceId, Window<Data<P>>>,
+    held: Vec<Data<P>>,
+    /// Messages that reached a prepared copy: kept out of it until the outcome is known, then
+    /// taken in (commit) or sent on to where the service runs (abort). With their origins.
+    parked: Vec<(Data<P>, NodeName)>,
+    phase: Phase<S, P>,
+    /// The attempt that brought it here, to answer a repeated `Commit`.
+    arrived_by: Option<MigrationId>,
+}
+
+#[derive(Clone, Copy)]
+struct Tomb {
+    epoch: u64,
+}
+
+enum Decision {
+    Committed { to: NodeName, last_sent: u64 },
+    Aborted,
+}
+
+/// Decides whether a snapshot may be installed here.
+pub type Policy<S, P> = Box<dyn FnMut(&Snapshot<S, P>) -> Result<(), String> + Send>;
+
+/// One node's protocol state.
+pub struct Core<S, P> {
+    me: NodeName,
+    cfg: Config,
+    now: u64,
+    next_mig: u64,
+    peers: Vec<NodeName>,
+    hosted: BTreeMap<ServiceId, Hosted<S, P>>,
+    tombs: BTreeMap<ServiceId, Tomb>,
+    tomb_order: VecDeque<ServiceId>,
+    directory: BTreeMap<ServiceId, (NodeName, u64)>,
+    decisions: BTreeMap<MigrationId, Decision>,
+    decision_order: VecDeque<MigrationId>,
+    send_seqs: BTreeMap<(ServiceId, ServiceId), u64>,
+    policy: Policy<S, P>,
+    out: Vec<Action<S, P>>,
+}
+
+impl<S: Clone, P: Clone> Core<S, P> {
+    /// A node named `me` that installs every snapshot.
+    pub fn new(me: NodeName, cfg: Config) -> Self {
+        Self::with_policy(me, cfg, Box::new(|_| Ok(())))
+    }
+
+    /// A node named `me` whose `policy` may refuse snapshots.
+    pub fn with_policy(me: NodeName, cfg: Config, policy: Policy<S, P>) -> Self {
+        Core {
+            me,
+            cfg,
+            now: 0,
+            next_mig: 1,
+            peers: Vec::new(),
+            hosted: BTreeMap::new(),
+            tombs: BTreeMap::new(),
+            tomb_order: VecDeque::new(),
+            directory: BTreeMap::new(),
+            decisions: BTreeMap::new(),
+            decision_order: VecDeque::new(),
+            send_seqs: BTreeMap::new(),
+            policy,
+            out: Vec::new(),
+        }
+    }
+
+    /// This node.
+    pub fn name(&self) -> &NodeName {
+        &self.me
+    }
+
+    /// Adds a node to tell about locations.
+    pub fn add_peer(&mut self, peer: NodeName) {
+        if peer != self.me && !self.peers.contains(&peer) {
+            self.peers.push(peer);
+        }
+    }
+
+    /// A service started here, running at epoch 0.
+    pub fn host(&mut self, service: ServiceId) {
+        self.hosted.insert(
+            service,
+            Hosted {
+                epoch: 0,
+                windows: BTreeMap::new(),
+                held: Vec::new(),
+                parked: Vec::new(),
+                phase: Phase::Running,
+                arrived_by: None,
+            },
+        );
+        self.directory.insert(service, (self.me.clone(), 0));
+    }
+
+    /// Records that `service` is at `node` since `epoch` (if newer than what is known).
+    pub fn learn(&mut self, service: ServiceId, node: NodeName, epoch: u64) {
+        let newer = self
+            .directory
+            .get(&service)
+            .is_none_or(|(_, known)| epoch > *known);
+        if newer {
+            self.directory.insert(service, (node, epoch));
+        }
+    }
+
+    /// Where this node believes `service` is.
+    pub fn locate(&self, service: ServiceId) -> Option<&NodeName> {
+        self.directory.get(&service).map(|(n, _)| n)
+    }
+
+    /// True when `service` may handle messages here now.
+    pub fn is_live(&self, service: ServiceId) -> bool {
+        self.hosted
+            .get(&service)
+            .is_some_and(|h| matches!(h.phase, Phase::Running))
+    }
+
+    /// The epoch of `service` if it is hosted here.
+    pub fn epoch(&self, service: ServiceId) -> Option<u64> {
+        self.hosted.get(&service).map(|h| h.epoch)
+    }
+
+    /// Number of tombstones kept.
+    pub fn tombstones(&self) -> usize {
+        self.tombs.len()
+    }
+
+    fn take(&mut self) -> Vec<Action<S, P>> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, to: NodeName, msg: Wire<S, P>) {
+        self.out.push(Action::Send { to, msg });
+    }
+
+    /// A sender on this node sends `payload` to `to`; numbered and routed.
+    pub fn send_from(&mut self, from: ServiceId, to: ServiceId, payload: P) -> Vec<Action<S, P>> {
+        let seq = self.send_seqs.entry((from, to)).or_insert(0);
+        *seq += 1;
+        let data = Data {
+            to,
+            from,
+            seq: *seq,
+            payload,
+        };
+        let me = self.me.clone();
+        self.route(data, me);
+        self.take()
+    }
+
+    fn route(&mut self, data: Data<P>, origin: NodeName) {
+        let service = data.to;
+        let parked_max = self.cfg.frozen_held_max;
+        if let Some(h) = self.hosted.get_mut(&service) {
+            if matches!(h.phase, Phase::Prepared { .. }) {
+                if h.parked.len() >= parked_max {
+                    self.out.push(Action::Refuse {
+                        data,
+                        reason: "prepared copy's parking is full",
+                    });
+                } else {
+                    h.parked.push((data, origin));
+                }
+                return;
+            }
+            self.accept(data);
+        } else if let Some(tomb) = self.tombs.get(&service).copied() {
+            let Some((node, epoch)) = self.directory.get(&service).cloned() else {
+                // A tombstone always has a directory entry; without one there is nowhere to go.
+                self.out.push(Action::Refuse {
+                    data,
+                    reason: "tombstone without a location",
+                });
+                return;
+            };
+            debug_assert!(epoch >= tomb.epoch);
+            if origin != self.me {
+                self.send(
+                    origin.clone(),
+                    Wire::Moved {
+                        service,
+                        node: node.clone(),
+                        epoch,
+                    },
+                );
+            }
+            self.send(node, Wire::Data { data, origin });
+        } else {
+            match self.directory.get(&service).map(|(n, _)| n.clone()) {
+                Some(node) if node != self.me => self.send(node, Wire::Data { data, origin }),
+                _ => self.out.push(Action::Refuse {
+                    data,
+                    reason: "unknown service",
+                }),
+            }
+        }
+    }
+
+    /// A message for a service hosted here: through its sender's window.
+    fn accept(&mut self, data: Data<P>) {
+        let service = data.to;
+        let (held_max, frozen_max) = (self.cfg.window_held_max, self.cfg.frozen_held_max);
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return;
+        };
+        let frozen = matches!(h.phase, Phase::Freezing { .. } | Phase::Sent { .. });
+        if frozen && h.held.len() >= frozen_max {
+            let seq = data.seq;
+            let from = data.from;
+            let window = h
+                .windows
+                .entry(from)
+                .or_insert_with(|| Window::new(held_max));
+            if seq >= window.watermark().0 {
+                let unblocked = window.skip(seq);
+                h.held.extend(unblocked);
+                self.out.push(Action::Refuse {
+                    data,
+                    reason: "service frozen and its hold is full",
+                });
+            }
+            return;
+        }
+        let window = h
+            .windows
+            .entry(data.from)
+            .or_insert_with(|| Window::new(held_max));
+        let seq = data.seq;
+        match window.offer(seq, data.clone()) {
+            Offer::Release(items) => {
+                if frozen {
+                    h.held.extend(items);
+                } else {
+                    for data in items {
+                        self.out.push(Action::Enqueue { service, data });
+                    }
+                }
+            }
+            Offer::Held | Offer::Duplicate => {}
+            Offer::Full => {
+                let unblocked = window.skip(seq);
+                if frozen {
+                    h.held.extend(unblocked);
+                } else {
+                    for d in unblocked {
+                        self.out.push(Action::Enqueue { service, data: d });
+                    }
+                }
+                self.out.push(Action::Refuse {
+                    data,
+                    reason: "receive window full",
+                });
+            }
+        }
+    }
+
+    /// The caller asks to move `service` to `to`.
+    pub fn migrate(
+        &mut self,
+        service: ServiceId,
+        to: NodeName,
+    ) -> (MigrationId, Vec<Action<S, P>>) {
+        let mig = MigrationId {
+            source: self.me.clone(),
+            n: self.next_mig,
+        };
+        self.next_mig += 1;
+        let refusal = if to == self.me {
+            Some(AbortReason::SameNode)
+        } else {
+            match self.hosted.get(&service) {
+                None => Some(AbortReason::NotHere),
+                Some(h) if !matches!(h.phase, Phase::Running) => Some(AbortReason::Busy),
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = refusal {
+            self.out.push(Action::Report {
+                mig: mig.clone(),
+                service,
+                outcome: Outcome::Aborted(reason),
+            });
+            return (mig, self.take());
+        }
+        if let Some(h) = self.hosted.get_mut(&service) {
+            h.phase = Phase::Freezing {
+                mig: mig.clone(),
+                to,
+            };
+        }
+        self.out.push(Action::Freeze { service });
+        (mig, self.take())
+    }
+
+    /// The frozen service handed over its state and queue.
+    pub fn frozen(
+        &mut self,
+        service: ServiceId,
+        state: S,
+        queue: Vec<Data<P>>,
+    ) -> Vec<Action<S, P>> {
+        let now = self.now;
+        let deadline = now + self.cfg.deadline_ticks;
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return self.take();
+        };
+        let Phase::Freezing { mig, to } = std::mem::replace(&mut h.phase, Phase::Running) else {
+            // Not freezing (a confused driver): give the queue straight back.
+            self.out.push(Action::Resume { service, queue });
+            return self.take();
+        };
+        // Messages accepted while the handler finished are behind the watermarks taken now:
+        // they travel in the snapshot's queue, after what the driver handed over.
+        let mut queue = queue;
+        queue.append(&mut h.held);
+        let mut watermarks = Vec::new();
+        let mut early = Vec::new();
+        let mut skipped = Vec::new();
+        for (sender, w) in &h.windows {
+            watermarks.push((*sender, w.watermark()));
+            early.extend(w.held_items().cloned());
+            skipped.extend(w.skipped_ahead().map(|seq| (*sender, seq)));
+        }
+        let snap = Snapshot {
+            service,
+            epoch: h.epoch + 1,
+            state,
+            queue,
+            watermarks,
+            early,
+            skipped,
+        };
+        h.phase = Phase::Sent {
+            mig: mig.clone(),
+            to: to.clone(),
+            snap: snap.clone(),
+            sent_at: now,
+            deadline,
+        };
+        self.send(to, Wire::Snapshot { mig, snap });
+        self.take()
+    }
+
+    /// Advances the clock to `now`: retries, deadlines, queries.
+    pub fn tick(&mut self, now: u64) -> Vec<Action<S, P>> {
+        debug_assert!(now >= self.now, "the clock does not go back");
+        self.now = now;
+        let mut expired = Vec::new();
+        let mut resend = Vec::new();
+        let mut queries = Vec::new();
+        for (service, h) in &mut self.hosted {
+            match &mut h.phase {
+                Phase::Sent {
+                    deadline,
+                    sent_at,
+                    mig,
+                    to,
+                    snap,
+                } => {
+                    if now >= *deadline {
+                        expired.push(*service);
+                    } else if now - *sent_at >= self.cfg.retry_ticks {
+                        *sent_at = now;
+                        resend.push((
+                            to.clone(),
+                            Wire::Snapshot {
+                                mig: mig.clone(),
+                                snap: snap.clone(),
+                            },
+                        ));
+                    }
+                }
+                Phase::Prepared { mig, last_query }
+                    if now - *last_query >= self.cfg.query_ticks =>
+                {
+                    *last_query = now;
+                    queries.push((mig.source.clone(), Wire::Query { mig: mig.clone() }));
+                }
+                _ => {}
+            }
+        }
+        for (to, msg) in resend.into_iter().chain(queries) {
+            self.send(to, msg);
+        }
+        for service in expired {
+            self.abort(service, AbortReason::Deadline);
+        }
+        let retry = self.cfg.retry_ticks;
+        let mut commits = Vec::new();
+        for (mig, d) in &mut self.decisions {
+            if let Decision::Committed { to, last_sent } = d {
+                if now - *last_sent >= retry {
+                    *last_sent = now;
+                    commits.push((to.clone(), Wire::Commit { mig: mig.clone() }));
+                }
+            }
+        }
+        for (to, msg) in commits {
+            self.send(to, msg);
+        }
+        self.take()
+    }
+
+    fn decide(&mut self, mig: MigrationId, d: Decision) {
+        if !self.decisions.contains_key(&mig) {
+            self.decision_order.push_back(mig.clone());
+        }
+        self.decisions.insert(mig, d);
+        // Forget the oldest aborted decisions first: an unknown attempt is answered `Abort`,
+        // which is right for an aborted one. Committed ones stay until acknowledged.
+        while self.decisions.len() > self.cfg.decisions_max {
+            let Some(pos) = self
+                .decision_order
+                .iter()
+                .position(|m| matches!(self.decisions.get(m), Some(Decision::Aborted) | None))
+            else {
+                break;
+            };
+            if let Some(old) = self.decision_order.remove(pos) {
+                self.decisions.remove(&old);
+            }
+        }
+    }
+
+    fn abort(&mut self, service: ServiceId, reason: AbortReason) {
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return;
+        };
+        let Phase::Sent { mig, to, snap, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            return;
+        };
+        let mut queue = snap.queue;
+        queue.append(&mut h.held);
+        self.out.push(Action::Resume { service, queue });
+        self.send(to, Wire::Abort { mig: mig.clone() });
+        self.decide(mig.clone(), Decision::Aborted);
+        self.out.push(Action::Report {
+            mig,
+            service,
+            outcome: Outcome::Aborted(reason),
+        });
+    }
+
+    fn commit(&mut self, service: ServiceId) {
+        let Some(mut h) = self.hosted.remove(&service) else {
+            return;
+        };
+        let Phase::Sent { mig, to, snap, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            self.hosted.insert(service, h);
+            return;
+        };
+        let epoch = snap.epoch;
+        self.out.push(Action::Retire { service });
+        self.decide(
+            mig.clone(),
+            Decision::Committed {
+                to: to.clone(),
+                last_sent: self.now,
+            },
+        );
+        self.send(to.clone(), Wire::Commit { mig: mig.clone() });
+        // What arrived during the freeze goes after the snapshot, in order: first what was
+        // released, then what waits early in a window (its gap may be filled on the target),
+        // then the numbers refused here, so the target's windows do not wait for them.
+        let me = self.me.clone();
+        let early: Vec<Data<P>> = h
+            .windows
+            .values()
+            .flat_map(|w| w.held_items().cloned())
+            .collect();
+        let skipped: Vec<(ServiceId, u64)> = h
+            .windows
+            .iter()
+            .flat_map(|(from, w)| w.skipped_ahead().map(move |seq| (*from, seq)))
+            .collect();
+        let forwarded = h.held.len() + early.len();
+        for data in h.held.drain(..).chain(early) {
+            self.send(
+                to.clone(),
+                Wire::Data {
+                    data,
+                    origin: me.clone(),
+                },
+            );
+        }
+        for (from, seq) in skipped {
+            self.send(
+                to.clone(),
+                Wire::Skipped {
+                    to: service,
+                    from,
+                    seq,
+                },
+            );
+        }
+        self.bury(service, epoch);
+        self.directory.insert(service, (to.clone(), epoch));
+        for peer in self.peers.clone() {
+            self.send(
+                peer,
+                Wire::Located {
+                    service,
+                    node: to.clone(),
+                    epoch,
+                },
+            );
+        }
+        self.out.push(Action::Report {
+            mig,
+            service,
+            outcome: Outcome::Committed {
+                to,
+                epoch,
+                forwarded,
+            },
+        });
+    }
+
+    fn bury(&mut self, service: ServiceId, epoch: u64) {
+        if self.tombs.insert(service, Tomb { epoch }).is_none() {
+            self.tomb_order.push_back(service);
+        }
+        while self.tombs.len() > self.cfg.tombstones_max {
+            match self.tomb_order.pop_front() {
+                Some(old) => {
+                    self.tombs.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// A protocol message from node `from`.
+    pub fn receive(&mut self, from: NodeName, msg: Wire<S, P>) -> Vec<Action<S, P>> {
+        match msg {
+            Wire::Data { data, origin } => self.route(data, origin),
+            Wire::Moved {
+                service,
+                node,
+                epoch,
+            }
+            | Wire::Located {
+                service,
+                node,
+                epoch,
+            } => self.learn(service, node, epoch),
+            Wire::Skipped {
+                to,
+                from: sender,
+                seq,
+            } => self.on_skipped(to, sender, seq),
+            Wire::Snapshot { mig, snap } => self.on_snapshot(from, mig, snap),
+            Wire::Prepared { mig } | Wire::Query { mig } => self.on_prepared(from, mig),
+            Wire::Refused { mig, reason } => {
+                let service = self.sent_service(&mig);
+                if let Some(service) = service {
+                    self.abort(service, AbortReason::Refused(reason));
+                }
+            }
+            Wire::Commit { mig } => self.on_commit(from, mig),
+            Wire::CommitAck { mig } => {
+                if matches!(self.decisions.get(&mig), Some(Decision::Committed { .. })) {
+                    self.decisions.remove(&mig);
+                    self.decision_order.retain(|m| m != &mig);
+                }
+            }
+            Wire::Abort { mig } => {
+                let discard = self.hosted.iter().find_map(|(s, h)| match &h.phase {
+                    Phase::Prepared { mig: m, .. } if *m == mig => Some(*s),
+                    _ => None,
+                });
+                if let Some(service) = discard {
+                    self.discard(service);
+                }
+            }
+        }
+        self.take()
+    }
+
+    /// Drops a prepared copy; what was parked at it goes on to where the service runs.
+    fn discard(&mut self, service: ServiceId) {
+        if let Some(h) = self.hosted.remove(&service) {
+            debug_assert!(matches!(h.phase, Phase::Prepared { .. }));
+            self.out.push(Action::Discard { service });
+            for (data, origin) in h.parked {
+                self.route(data, origin);
+            }
+        }
+    }
+
+    fn on_skipped(&mut self, service: ServiceId, sender: ServiceId, seq: u64) {
+        let held_max = self.cfg.window_held_max;
+        if let Some(h) = self.hosted.get_mut(&service) {
+            let frozen = matches!(h.phase, Phase::Freezing { .. } | Phase::Sent { .. });
+            let released = h
+                .windows
+                .entry(sender)
+                .or_insert_with(|| Window::new(held_max))
+                .skip(seq);
+            if frozen {
+                h.held.extend(released);
+            } else {
+                for data in released {
+                    self.out.push(Action::Enqueue { service, data });
+                }
+            }
+        } else if self.tombs.contains_key(&service) {
+            if let Some((node, _)) = self.directory.get(&service).cloned() {
+                self.send(
+                    node,
+                    Wire::Skipped {
+                        to: service,
+                        from: sender,
+                        seq,
+                    },
+                );
+            }
+        }
+    }
+
+    fn sent_service(&self, mig: &MigrationId) -> Option<ServiceId> {
+        self.hosted.iter().find_map(|(s, h)| match &h.phase {
+            Phase::Sent { mig: m, .. } if m == mig => Some(*s),
+            _ => None,
+        })
+    }
+
+    fn on_prepared(&mut self, from: NodeName, mig: MigrationId) {
+        if let Some(service) = self.sent_service(&mig) {
+            return self.commit(service);
+        }
+        match self.decisions.get(&mig) {
+            Some(Decision::Committed { .. }) => self.send(from, Wire::Commit { mig }),
+            // Aborted, or forgotten (only aborted decisions are forgotten before acknowledged).
+            _ => self.send(from, Wire::Abort { mig }),
+        }
+    }
+
+    fn on_snapshot(&mut self, from: NodeName, mig: MigrationId, snap: Snapshot<S, P>) {
+        let service = snap.service;
+        if let Some(h) = self.hosted.get(&service) {
+            match &h.phase {
+                Phase::Prepared { mig: m, .. } if *m == mig => {
+                    return self.send(from, Wire::Prepared { mig });
+                }
+                Phase::Running if h.arrived_by.as_ref() == Some(&mig) => {
+                    // Committed already; the source will hear our CommitAck.
+                    return;
+                }
+                Phase::Prepared { mig: m, .. } if m.source == mig.source && m.n < mig.n => {
+                    // A paused copy of an older attempt by the same source, which has decided
+                    // against it since it is trying again: replace it. (Never the other way
+                    // round: a late copy of an old snapshot must not displace a newer attempt
+                    // the source may already have committed.)
+                    self.discard(service);
+                }
+                _ => return, // stale: the service is here with a newer (or the same) epoch
+            }
+        }
+        if self
+            .tombs
+            .get(&service)
+            .is_some_and(|t| t.epoch >= snap.epoch)
+        {
+            return; // stale: it has been here and left since
+        }
+        if let Err(reason) = (self.policy)(&snap) {
+            return self.send(from, Wire::Refused { mig, reason });
+        }
+        let held_max = self.cfg.window_held_max;
+        let mut windows: BTreeMap<ServiceId, Window<Data<P>>> = snap
+            .watermarks
+            .iter()
+            .map(|(s, w)| (*s, Window::from_watermark(*w, held_max)))
+            .collect();
+        for data in &snap.early {
+            let w = windows
+                .entry(data.from)
+                .or_insert_with(|| Window::new(held_max));
+            let offered = w.offer(data.seq, data.clone());
+            debug_assert!(matches!(offered, Offer::Held), "early messages stay early");
+        }
+        for (sender, seq) in &snap.skipped {
+            let w = windows
+                .entry(*sender)
+                .or_insert_with(|| Window::new(held_max));
+            let released = w.skip(*seq);
+            debug_assert!(
+                released.is_empty(),
+                "a skip ahead of the watermark releases nothing"
+            );
+        }
+        self.tombs.remove(&service);
+        self.hosted.insert(
+            service,
+            Hosted {
+                epoch: snap.epoch,
+                windows,
+                held: Vec::new(),
+                parked: Vec::new(),
+                phase: Phase::Prepared {
+                    mig: mig.clone(),
+                    last_query: self.now,
+                },
+                arrived_by: Some(mig.clone()),
+            },
+        );
+        self.out.push(Action::Install { snap });
+        self.send(from, Wire::Prepared { mig });
+    }
+
+    fn on_commit(&mut self, from: NodeName, mig: MigrationId) {
+        let found = self
+            .hosted
+            .iter_mut()
+            .find(|(_, h)| h.arrived_by.as_ref() == Some(&mig));
+        let Some((service, h)) = found else {
+            return; // Nothing of this attempt here (a stale copy); nothing to acknowledge.
+        };
+        let service = *service;
+        if matches!(h.phase, Phase::Prepared { .. }) {
+            h.phase = Phase::Running;
+            let epoch = h.epoch;
+            let parked = std::mem::take(&mut h.parked);
+            self.directory.insert(service, (self.me.clone(), epoch));
+            self.out.push(Action::Start { service });
+            for (data, _) in parked {
+                self.accept(data);
+            }
+        }
+        self.send(from, Wire::CommitAck { mig });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type C = Core<Vec<u64>, u64>;
+
+    fn svc() -> ServiceId {
+        ServiceId::from_parts(1, 1)
+    }
+
+    fn sender() -> ServiceId {
+        ServiceId::from_parts(2, 1)
+    }
+
+    fn sends(actions: &[Action<Vec<u64>, u64>]) -> Vec<(String, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, msg } => Some((to.to_string(), format!("{msg:?}"))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn only_wire(actions: Vec<Action<Vec<u64>, u64>>) -> Wire<Vec<u64>, u64> {
+        let mut wires: Vec<_> = actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send { msg, .. } => Some(msg),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(wires.len(), 1, "exactly one message sent");
+        wires.remove(0)
+    }
+
+    #[test]
+    fn a_refused_migration_gives_back_the_queue_and_what_arrived_meanwhile_in_order() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.host(svc());
+        let (_, acts) = src.migrate(svc(), b.clone());
+        assert!(matches!(acts[..], [Action::Freeze { .. }]));
+        assert!(!src.is_live(svc()), "frozen: not live");
+        // One message arrives while the handler finishes: it is accepted and held.
+        assert!(src.send_from(sender(), svc(), 10).is_empty());
+        let queued = vec![Data {
+            to: svc(),
+            from: ServiceId::from_parts(3, 1),
+            seq: 1,
+            payload: 7,
+        }];
+        let snap = only_wire(src.frozen(svc(), vec![1, 2], queued.clone()));
+        let Wire::Snapshot { mig, snap } = snap else {
+            panic!("expected a snapshot")
+        };
+        assert_eq!(
+            snap.queue.len(),
+            2,
+            "queue plus the message accepted while freezing"
+        );
+        // Another arrives after the snapshot left.
+        assert!(src.send_from(sender(), svc(), 11).is_empty());
+        let acts = src.receive(
+            b.clone(),
+            Wire::Refused {
+                mig,
+                reason: "no".into(),
+            },
+        );
+        let resumed = acts.iter().find_map(|a| match a {
+            Action::Resume { queue, .. } => {
+                Some(queue.iter().map(|d| d.payload).collect::<Vec<_>>())
+            }
+            _ => None,
+        });
+        assert_eq!(resumed, Some(vec![7, 10, 11]), "everything, in order");
+        assert!(src.is_live(svc()));
+        assert!(acts.iter().any(|a| matches!(
+            a,
+            Action::Report {
+                outcome: Outcome::Aborted(AbortReason::Refused(_)),
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_prepared_target_waits_for_the_source_and_passes_parked_messages_on_if_aborted() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let cfg = Config {
+            query_ticks: 10,
+            ..Config::default()
+        };
+        let mut dst: C = Core::new(b.clone(), cfg);
+        dst.learn(svc(), a.clone(), 0);
+        let mig = MigrationId {
+            source: a.clone(),
+            n: 1,
+        };
+        let snap = Snapshot {
+            service: svc(),
+            epoch: 1,
+            state: vec![],
+            queue: vec![],
+            watermarks: vec![],
+            early: vec![],
+            skipped: vec![],
+        };
+        let acts = dst.receive(
+            a.clone(),
+            Wire::Snapshot {
+                mig: mig.clone(),
+                snap,
+            },
+        );
+        assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
+        assert!(!dst.is_live(svc()), "prepared is not live");
+        // A local sender's message is parked, not given to the paused copy.
+        assert!(dst.send_from(sender(), svc(), 5).is_empty());
+        // Silence from the source: the target only asks, it never starts on its own.
+        for t in 1..=100 {
+            for act in dst.tick(t) {
+                assert!(!matches!(
+                    act,
+                    Action::Start { .. } | Action::Discard { .. }
+                ));
+            }
+        }
+        assert!(sends(&dst.tick(200))
+            .iter()
+            .any(|(to, m)| to == "a" && m.starts_with("Query")));
+        // The source says abort: the copy goes, and the parked message goes to the source.
+        let acts = dst.receive(a.clone(), Wire::Abort { mig });
+        assert!(acts.iter().any(|x| matches!(x, Action::Discard { .. })));
+        let out = sends(&acts);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "a");
+        assert!(out[0].1.starts_with("Data"), "{out:?}");
+    }
+}

@@ -1,0 +1,573 @@
+//! Deterministic simulation of the protocol core (`tern::core::migration`).
+//!
+//! Several nodes, each with a [`Core`], exchange protocol messages through a simulated network
+//! that delays, reorders and duplicates every message and loses control messages (data is not
+//! lost without a crash: QUIC delivers it). Senders on every node stream numbered messages to
+//! services that migrate at random; targets refuse at random. The service's state is the log of
+//! what it handled, so state transfer is checked along with delivery.
+//!
+//! Checked after every event: at most one live instance per service; every handled message is
+//! exactly the next number from its sender (exactly once, per-sender FIFO). Checked at the end:
+//! every service runs somewhere and has handled everything sent to it.
+//!
+//! A run is a pure function of its seed: a failure names the seed, and [`run`] replays it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+use tern::core::migration::{AbortReason, Action, Config, Core, Data, Outcome, Wire};
+use tern::{NodeName, ServiceId};
+
+/// A service's state in the simulation: what it handled, in order.
+pub type Log = Vec<(ServiceId, u64)>;
+type Msg = Wire<Log, ()>;
+
+/// The size and weather of one simulated run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Nodes.
+    pub nodes: usize,
+    /// Migratable services.
+    pub services: usize,
+    /// Messages each node's sender sends to each service.
+    pub msgs_per_sender: u64,
+    /// Migration requests.
+    pub migrations: usize,
+    /// Probability a control message is lost.
+    pub loss: f64,
+    /// Probability a message is delivered twice.
+    pub dup: f64,
+    /// Largest network delay (time units); delays are uniform in 1..=max.
+    pub delay_max: u64,
+    /// Probability a target refuses a snapshot.
+    pub refuse: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 3,
+            services: 2,
+            msgs_per_sender: 20,
+            migrations: 8,
+            loss: 0.1,
+            dup: 0.05,
+            delay_max: 20,
+            refuse: 0.1,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// Migrations committed.
+    pub committed: u64,
+    /// Migrations aborted, by reason.
+    pub aborted: BTreeMap<String, u64>,
+    /// Messages sent by all senders.
+    pub sent: u64,
+    /// Messages handled by all services.
+    pub handled: u64,
+    /// Protocol messages lost by the network.
+    pub lost: u64,
+    /// Events processed.
+    pub events: u64,
+}
+
+/// splitmix64: small, seedable, good enough to pick delays and dice.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 >= 1.0 - p
+    }
+}
+
+enum Event {
+    Net { to: usize, from: usize, msg: Msg },
+    Process { node: usize, service: ServiceId },
+    Send { node: usize, service: ServiceId },
+    Migrate { service: ServiceId, to: usize },
+    Frozen { node: usize, service: ServiceId },
+    Tick { node: usize },
+}
+
+struct Instance {
+    log: Log,
+    queue: VecDeque<Data<()>>,
+    running: bool,
+}
+
+struct Node {
+    core: Core<Log, ()>,
+    instances: BTreeMap<ServiceId, Instance>,
+    sender: ServiceId,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    order: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    nodes: Vec<Node>,
+    names: Vec<NodeName>,
+    sent: BTreeMap<(ServiceId, ServiceId), u64>,
+    report: SimReport,
+}
+
+const TICK_EVERY: u64 = 5;
+
+fn is_control(msg: &Msg) -> bool {
+    !matches!(msg, Wire::Data { .. })
+}
+
+impl Sim {
+    fn at(&mut self, delay: u64, ev: Event) {
+        self.order += 1;
+        let idx = self.events.len();
+        self.events.push(Some(ev));
+        self.queue
+            .push(Reverse((self.now + delay, self.order, idx)));
+    }
+
+    fn node_of(&self, name: &NodeName) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .expect("the simulation only names its own nodes")
+    }
+
+    fn carry_out(&mut self, node: usize, actions: Vec<Action<Log, ()>>) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => {
+                    let to = self.node_of(&to);
+                    if is_control(&msg) && self.rng.chance(self.cfg.loss) {
+                        self.report.lost += 1;
+                        continue;
+                    }
+                    if self.rng.chance(self.cfg.dup) {
+                        let d = 1 + self.rng.below(self.cfg.delay_max);
+                        self.at(
+                            d,
+                            Event::Net {
+                                to,
+                                from: node,
+                                msg: msg.clone(),
+                            },
+                        );
+                    }
+                    let d = 1 + self.rng.below(self.cfg.delay_max);
+                    self.at(
+                        d,
+                        Event::Net {
+                            to,
+                            from: node,
+                            msg,
+                        },
+                    );
+                }
+                Action::Enqueue { service, data } => {
+                    if std::env::var_os("TERN_SIM_TRACE").is_some() {
+                        eprintln!(
+                            "    enqueue {}#{} for {} on {node}",
+                            data.from.counter(),
+                            data.seq,
+                            service.counter()
+                        );
+                    }
+                    let inst = self.nodes[node]
+                        .instances
+                        .get_mut(&service)
+                        .ok_or_else(|| {
+                            format!("enqueue for {service} on node {node}, which has no instance")
+                        })?;
+                    inst.queue.push_back(data);
+                    if inst.running {
+                        let d = 1 + self.rng.below(3);
+                        self.at(d, Event::Process { node, service });
+                    }
+                }
+                Action::Freeze { service } => {
+                    let inst = self.nodes[node]
+                        .instances
+                        .get_mut(&service)
+                        .ok_or("freeze of a missing instance")?;
+                    inst.running = false;
+                    // The message in hand finishes first.
+                    let d = self.rng.below(4);
+                    self.at(d, Event::Frozen { node, service });
+                }
+                Action::Install { snap } => {
+                    let service = snap.service;
+                    if self.nodes[node].instances.contains_key(&service) {
+                        return Err(format!(
+                            "install of {service} over a live instance on {node}"
+                        ));
+                    }
+                    self.nodes[node].instances.insert(
+                        service,
+                        Instance {
+                            log: snap.state,
+                            queue: snap.queue.into(),
+                            running: false,
+                        },
+                    );
+                }
+                Action::Start { service } | Action::Resume { service, .. } => {
+                    let queue = match action {
+                        Action::Resume { queue, .. } => Some(queue),
+                        _ => None,
+                    };
+                    let inst = self.nodes[node]
+                        .instances
+                        .get_mut(&service)
+                        .ok_or("start or resume of a missing instance")?;
+                    if let Some(q) = queue {
+                        if !inst.queue.is_empty() {
+                            return Err("resume while messages were queued after freezing".into());
+                        }
+                        inst.queue = q.into();
+                    }
+                    inst.running = true;
+                    self.at(1, Event::Process { node, service });
+                }
+                Action::Retire { service } => {
+                    let inst = self.nodes[node]
+                        .instances
+                        .remove(&service)
+                        .ok_or("retire of a missing instance")?;
+                    if !inst.queue.is_empty() || inst.running {
+                        return Err(format!(
+                            "retired {service} on {node} with {} queued (running {})",
+                            inst.queue.len(),
+                            inst.running
+                        ));
+                    }
+                }
+                Action::Discard { service } => {
+                    let inst = self.nodes[node]
+                        .instances
+                        .remove(&service)
+                        .ok_or("discard of a missing instance")?;
+                    if inst.running {
+                        return Err(format!("discarded a running {service} on {node}"));
+                    }
+                }
+                Action::Refuse { data, reason } => {
+                    return Err(format!(
+                        "message {} from {} to {} refused on node {node} ({reason}); the bounds are large enough that this must not happen",
+                        data.seq, data.from, data.to
+                    ));
+                }
+                Action::Report { outcome, .. } => match outcome {
+                    Outcome::Committed { .. } => self.report.committed += 1,
+                    Outcome::Aborted(reason) => {
+                        let key = match reason {
+                            AbortReason::Refused(_) => "refused".to_string(),
+                            other => format!("{other:?}").to_lowercase(),
+                        };
+                        *self.report.aborted.entry(key).or_default() += 1;
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn check_one_live(&self) -> Result<(), String> {
+        let mut live: BTreeMap<ServiceId, usize> = BTreeMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (s, inst) in &n.instances {
+                if inst.running {
+                    *live.entry(*s).or_default() += 1;
+                    if !n.core.is_live(*s) {
+                        return Err(format!("{s} runs on {i} but its core there is not live"));
+                    }
+                }
+            }
+        }
+        match live.iter().find(|(_, &n)| n > 1) {
+            Some((s, n)) => Err(format!("{n} live instances of {s}")),
+            None => Ok(()),
+        }
+    }
+
+    fn step(&mut self, ev: Event) -> Result<(), String> {
+        match ev {
+            Event::Net { to, from, msg } => {
+                let actions = self.nodes[to].core.receive(self.names[from].clone(), msg);
+                self.carry_out(to, actions)?;
+            }
+            Event::Process { node, service } => {
+                let Some(inst) = self.nodes[node].instances.get_mut(&service) else {
+                    return Ok(());
+                };
+                if !inst.running {
+                    return Ok(());
+                }
+                if let Some(d) = inst.queue.pop_front() {
+                    let last = inst
+                        .log
+                        .iter()
+                        .rev()
+                        .find(|(s, _)| *s == d.from)
+                        .map_or(0, |(_, q)| *q);
+                    if d.seq != last + 1 {
+                        return Err(format!(
+                            "{service} on {node} handled message {} from {} after {last}",
+                            d.seq, d.from
+                        ));
+                    }
+                    inst.log.push((d.from, d.seq));
+                    if std::env::var_os("TERN_SIM_TRACE").is_some() {
+                        eprintln!(
+                            "    handled {}#{} by {} on {node}",
+                            d.from.counter(),
+                            d.seq,
+                            service.counter()
+                        );
+                    }
+                    self.report.handled += 1;
+                    if !inst.queue.is_empty() {
+                        let d = 1 + self.rng.below(3);
+                        self.at(d, Event::Process { node, service });
+                    }
+                }
+            }
+            Event::Send { node, service } => {
+                let sender = self.nodes[node].sender;
+                *self.sent.entry((service, sender)).or_default() += 1;
+                self.report.sent += 1;
+                let actions = self.nodes[node].core.send_from(sender, service, ());
+                self.carry_out(node, actions)?;
+            }
+            Event::Migrate { service, to } => {
+                let at =
+                    (0..self.nodes.len()).find(|&i| self.nodes[i].core.epoch(service).is_some());
+                if let Some(node) = at {
+                    // Mostly to another node; now and then to where it already is.
+                    let to = if to == node && !self.rng.chance(0.1) {
+                        (node + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize)
+                            % self.nodes.len()
+                    } else {
+                        to
+                    };
+                    let (_, actions) = self.nodes[node]
+                        .core
+                        .migrate(service, self.names[to].clone());
+                    self.carry_out(node, actions)?;
+                }
+            }
+            Event::Frozen { node, service } => {
+                let Some(inst) = self.nodes[node].instances.get_mut(&service) else {
+                    return Err("frozen instance vanished".into());
+                };
+                let state = inst.log.clone();
+                let queue: Vec<_> = inst.queue.drain(..).collect();
+                let actions = self.nodes[node].core.frozen(service, state, queue);
+                self.carry_out(node, actions)?;
+            }
+            Event::Tick { node } => {
+                let now = self.now;
+                let actions = self.nodes[node].core.tick(now);
+                self.carry_out(node, actions)?;
+            }
+        }
+        self.check_one_live()
+    }
+}
+
+fn describe(ev: &Event) -> String {
+    match ev {
+        Event::Net { to, from, msg } => match msg {
+            Wire::Data { data, origin } => format!(
+                "net {from}->{to} data {}#{} for {} (origin {origin})",
+                data.from.counter(),
+                data.seq,
+                data.to.counter()
+            ),
+            Wire::Snapshot { mig, snap } => format!(
+                "net {from}->{to} snapshot {}#{} epoch {} queue {:?} marks {:?}",
+                mig.source,
+                mig.n,
+                snap.epoch,
+                snap.queue
+                    .iter()
+                    .map(|d| (d.from.counter(), d.seq))
+                    .collect::<Vec<_>>(),
+                snap.watermarks
+                    .iter()
+                    .map(|(s, w)| (s.counter(), w.0))
+                    .collect::<Vec<_>>()
+            ),
+            other => format!("net {from}->{to} {other:?}"),
+        },
+        Event::Process { node, service } => format!("process {} on {node}", service.counter()),
+        Event::Send { node, service } => format!("send from {node} to {}", service.counter()),
+        Event::Migrate { service, to } => format!("migrate {} to {to}", service.counter()),
+        Event::Frozen { node, service } => format!("frozen {} on {node}", service.counter()),
+        Event::Tick { .. } => "tick".into(),
+    }
+}
+
+/// Runs one seeded simulation; `Err` says which invariant broke, and when.
+pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
+    let mut rng = Rng(seed);
+    let names: Vec<NodeName> = (0..cfg.nodes)
+        .map(|i| NodeName::new(&format!("n{i}")))
+        .collect();
+    let core_cfg = Config {
+        retry_ticks: 3 * cfg.delay_max,
+        deadline_ticks: 10 * cfg.delay_max,
+        query_ticks: 4 * cfg.delay_max,
+        ..Config::default()
+    };
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut policy_rng = Rng(seed ^ (0xa5a5 + i as u64));
+        let refuse = cfg.refuse;
+        let mut core = Core::with_policy(
+            name.clone(),
+            core_cfg.clone(),
+            Box::new(move |_| {
+                if policy_rng.chance(refuse) {
+                    Err("policy says no".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        );
+        for other in &names {
+            core.add_peer(other.clone());
+        }
+        nodes.push(Node {
+            core,
+            instances: BTreeMap::new(),
+            sender: ServiceId::from_parts(2, i as u64),
+        });
+    }
+    let services: Vec<ServiceId> = (0..cfg.services as u64)
+        .map(|k| ServiceId::from_parts(1, k))
+        .collect();
+    for &s in &services {
+        let home = rng.below(cfg.nodes as u64) as usize;
+        nodes[home].core.host(s);
+        nodes[home].instances.insert(
+            s,
+            Instance {
+                log: Vec::new(),
+                queue: VecDeque::new(),
+                running: true,
+            },
+        );
+        for n in nodes.iter_mut() {
+            n.core.learn(s, names[home].clone(), 0);
+        }
+    }
+    let mut sim = Sim {
+        cfg: cfg.clone(),
+        rng,
+        now: 0,
+        order: 0,
+        queue: BinaryHeap::new(),
+        events: Vec::new(),
+        nodes,
+        names,
+        sent: BTreeMap::new(),
+        report: SimReport {
+            seed,
+            ..SimReport::default()
+        },
+    };
+    let busy_until = cfg.msgs_per_sender * 8 + 50;
+    for node in 0..cfg.nodes {
+        for &s in &services {
+            // Sends of one sender are spaced out in increasing time, so they are numbered in
+            // the order they are issued.
+            let mut t = 0;
+            for _ in 0..cfg.msgs_per_sender {
+                t += 1 + sim.rng.below(8);
+                sim.at(t, Event::Send { node, service: s });
+            }
+        }
+    }
+    for _ in 0..cfg.migrations {
+        let t = sim.rng.below(busy_until);
+        let service = services[sim.rng.below(services.len() as u64) as usize];
+        let to = sim.rng.below(cfg.nodes as u64) as usize;
+        sim.at(t, Event::Migrate { service, to });
+    }
+    let end = busy_until + 60 * cfg.delay_max;
+    let mut t = 0;
+    while t <= end {
+        for node in 0..cfg.nodes {
+            sim.at(t, Event::Tick { node });
+        }
+        t += TICK_EVERY;
+    }
+    while let Some(Reverse((time, _, idx))) = sim.queue.pop() {
+        sim.now = time;
+        let Some(ev) = sim.events[idx].take() else {
+            continue;
+        };
+        sim.report.events += 1;
+        if std::env::var_os("TERN_SIM_TRACE").is_some() {
+            eprintln!("t={time} {}", describe(&ev));
+        }
+        sim.step(ev)
+            .map_err(|e| format!("seed {seed}, time {time}: {e}"))?;
+    }
+    // Everything settled: each service runs once, having handled all that was sent to it.
+    for &s in &services {
+        let live: Vec<usize> = (0..cfg.nodes)
+            .filter(|&i| sim.nodes[i].instances.get(&s).is_some_and(|x| x.running))
+            .collect();
+        let [node] = live[..] else {
+            return Err(format!("seed {seed}: {s} ends live on {live:?}"));
+        };
+        let inst = &sim.nodes[node].instances[&s];
+        if !inst.queue.is_empty() {
+            return Err(format!(
+                "seed {seed}: {s} ends with {} queued",
+                inst.queue.len()
+            ));
+        }
+        for n in &sim.nodes {
+            let want = sim.sent.get(&(s, n.sender)).copied().unwrap_or(0);
+            let got = inst
+                .log
+                .iter()
+                .filter(|(from, _)| *from == n.sender)
+                .count() as u64;
+            if got != want {
+                return Err(format!(
+                    "seed {seed}: {s} handled {got} of the {want} messages from {}",
+                    n.sender
+                ));
+            }
+        }
+    }
+    if sim.report.handled != sim.report.sent {
+        return Err(format!(
+            "seed {seed}: {} handled of {} sent",
+            sim.report.handled, sim.report.sent
+        ));
+    }
+    Ok(sim.report)
+}
