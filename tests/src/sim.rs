@@ -41,6 +41,8 @@ pub struct SimConfig {
     pub delay_max: u64,
     /// Probability a target refuses a snapshot.
     pub refuse: f64,
+    /// Probability a service, having handled a message, sends one to another service.
+    pub chatter: f64,
 }
 
 impl Default for SimConfig {
@@ -54,6 +56,7 @@ impl Default for SimConfig {
             dup: 0.05,
             delay_max: 20,
             refuse: 0.1,
+            chatter: 0.3,
         }
     }
 }
@@ -127,6 +130,9 @@ struct Sim {
     nodes: Vec<Node>,
     names: Vec<NodeName>,
     sent: BTreeMap<(ServiceId, ServiceId), u64>,
+    services: Vec<ServiceId>,
+    /// Service-to-service messages still allowed, so a run always ends.
+    chatter_left: u64,
     report: SimReport,
 }
 
@@ -335,6 +341,7 @@ impl Sim {
                         ));
                     }
                     inst.log.push((d.from, d.seq));
+                    let more = !inst.queue.is_empty();
                     if std::env::var_os("TERN_SIM_TRACE").is_some() {
                         eprintln!(
                             "    handled {}#{} by {} on {node}",
@@ -344,9 +351,29 @@ impl Sim {
                         );
                     }
                     self.report.handled += 1;
-                    if !inst.queue.is_empty() {
+                    if more {
                         let d = 1 + self.rng.below(3);
                         self.at(d, Event::Process { node, service });
+                    }
+                    // Services talk to each other too, and keep numbering their messages
+                    // wherever they move.
+                    if self.services.len() > 1
+                        && self.chatter_left > 0
+                        && self.rng.chance(self.cfg.chatter)
+                    {
+                        self.chatter_left -= 1;
+                        let k = self.rng.below(self.services.len() as u64 - 1) as usize;
+                        let others: Vec<ServiceId> = self
+                            .services
+                            .iter()
+                            .copied()
+                            .filter(|s| *s != service)
+                            .collect();
+                        let to = others[k];
+                        *self.sent.entry((to, service)).or_default() += 1;
+                        self.report.sent += 1;
+                        let actions = self.nodes[node].core.send_from(service, to, ());
+                        self.carry_out(node, actions)?;
                     }
                 }
             }
@@ -490,6 +517,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         nodes,
         names,
         sent: BTreeMap::new(),
+        services: services.clone(),
+        chatter_left: cfg.msgs_per_sender * cfg.services as u64,
         report: SimReport {
             seed,
             ..SimReport::default()

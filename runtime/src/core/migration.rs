@@ -59,6 +59,8 @@ pub struct Snapshot<S, P> {
     pub early: Vec<Data<P>>,
     /// Numbers ahead of a watermark that were refused, per sender, so the gap still closes.
     pub skipped: Vec<(ServiceId, u64)>,
+    /// The service's own channels as a sender: per receiver, the last number it used.
+    pub send_seqs: Vec<(ServiceId, u64)>,
 }
 
 /// Protocol messages between nodes.
@@ -428,8 +430,15 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.out.push(Action::Send { to, msg });
     }
 
-    /// A sender on this node sends `payload` to `to`; numbered and routed.
+    /// A sender on this node sends `payload` to `to`; numbered and routed. A hosted service may
+    /// send only while it runs here (not frozen, not a paused copy).
     pub fn send_from(&mut self, from: ServiceId, to: ServiceId, payload: P) -> Vec<Action<S, P>> {
+        debug_assert!(
+            self.hosted
+                .get(&from)
+                .is_none_or(|h| matches!(h.phase, Phase::Running)),
+            "a service sends only while it runs"
+        );
         let seq = self.send_seqs.entry((from, to)).or_insert(0);
         *seq += 1;
         let data = Data {
@@ -616,6 +625,14 @@ impl<S: Clone, P: Clone> Core<S, P> {
             early.extend(w.held_items().cloned());
             skipped.extend(w.skipped_ahead().map(|seq| (*sender, seq)));
         }
+        let send_seqs: Vec<(ServiceId, u64)> = self
+            .send_seqs
+            .range(
+                (service, ServiceId::from_parts(0, 0))
+                    ..=(service, ServiceId::from_parts(u64::MAX, u64::MAX)),
+            )
+            .map(|((_, to), seq)| (*to, *seq))
+            .collect();
         let snap = Snapshot {
             service,
             epoch: h.epoch + 1,
@@ -624,6 +641,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             watermarks,
             early,
             skipped,
+            send_seqs,
         };
         h.phase = Phase::Sent {
             mig: mig.clone(),
@@ -791,6 +809,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             );
         }
         self.bury(service, epoch);
+        self.send_seqs.retain(|(from, _), _| *from != service);
         self.directory.insert(service, (to.clone(), epoch));
         for peer in self.peers.clone() {
             self.send(
@@ -878,6 +897,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
     fn discard(&mut self, service: ServiceId) {
         if let Some(h) = self.hosted.remove(&service) {
             debug_assert!(matches!(h.phase, Phase::Prepared { .. }));
+            self.send_seqs.retain(|(from, _), _| *from != service);
             self.out.push(Action::Discard { service });
             for (data, origin) in h.parked {
                 self.route(data, origin);
@@ -988,6 +1008,10 @@ impl<S: Clone, P: Clone> Core<S, P> {
             );
         }
         self.tombs.remove(&service);
+        self.send_seqs.retain(|(from, _), _| *from != service);
+        for (to, seq) in &snap.send_seqs {
+            self.send_seqs.insert((service, *to), *seq);
+        }
         self.hosted.insert(
             service,
             Hosted {
@@ -1137,6 +1161,7 @@ mod tests {
             watermarks: vec![],
             early: vec![],
             skipped: vec![],
+            send_seqs: vec![],
         };
         let acts = dst.receive(
             a.clone(),
