@@ -206,6 +206,14 @@ pub fn run(scale: &Scale) -> Result<Value> {
         tern_runs.push(t);
         actix_runs.push(a);
     }
+    // Each tern run is paired with the actix run right after it; the ratio is the median of the
+    // pairs' ratios, which cancels slow shifts of machine speed that a ratio of medians mixes.
+    let pair_ratios: Vec<f64> = tern_runs
+        .iter()
+        .zip(&actix_runs)
+        .map(|(t, a)| a / t)
+        .collect();
+    let overhead_ratio = median(pair_ratios);
     let tern_rate = median(tern_runs);
     let actix_rate = median(actix_runs);
 
@@ -233,7 +241,7 @@ pub fn run(scale: &Scale) -> Result<Value> {
     Ok(json!({
         "tern_tell_msgs_per_s": tern_rate.round(),
         "actix_tell_msgs_per_s": actix_rate.round(),
-        "overhead_ratio": round2(actix_rate / tern_rate),
+        "overhead_ratio": round2(overhead_ratio),
         "idle_service_bytes": idle_bytes,
         "idle_services": scale.idle_services,
         "services_live_at_measure": live,

@@ -178,10 +178,18 @@ impl<M> Mailbox<M> {
         }
     }
 
-    /// Takes the oldest message.
+    /// Takes the oldest message. Senders waiting for room are woken once the queue is down to
+    /// half its capacity, so each wake-up lets a run of messages in rather than one.
     pub fn pop(&self) -> Option<Envelope<M>> {
-        let env = lock(&self.state).queue.pop_front();
-        if env.is_some() && self.space_waiters.load(Ordering::SeqCst) > 0 {
+        let (env, left) = {
+            let mut st = lock(&self.state);
+            let env = st.queue.pop_front();
+            (env, st.queue.len())
+        };
+        if env.is_some()
+            && left <= self.capacity / 2
+            && self.space_waiters.load(Ordering::SeqCst) > 0
+        {
             self.space.notify_waiters();
         }
         env

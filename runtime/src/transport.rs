@@ -30,17 +30,34 @@ const REDIAL_MS: u64 = 500;
 
 /// A bounded byte queue of encoded frames waiting for a stream.
 pub(crate) struct OutQueue {
-    buf: Mutex<Vec<u8>>,
+    buf: Mutex<Pending>,
     ready: Notify,
     space: Notify,
     bytes_max: usize,
     frame_bytes_max: usize,
 }
 
+/// Encoded frames waiting for the writer, and the open batch at their end, if any.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    batch: Option<wire::BatchTail>,
+}
+
+fn delivery_error(e: WireError) -> DeliveryError {
+    match e {
+        WireError::TooLarge { len, max } => DeliveryError::TooLarge {
+            bytes: len as usize,
+            max,
+        },
+        other => DeliveryError::Encode(other.to_string()),
+    }
+}
+
 impl OutQueue {
     fn new(bytes_max: usize, frame_bytes_max: usize) -> Self {
         OutQueue {
-            buf: Mutex::new(Vec::new()),
+            buf: Mutex::new(Pending::default()),
             ready: Notify::new(),
             space: Notify::new(),
             bytes_max,
@@ -51,21 +68,54 @@ impl OutQueue {
     /// Queues one frame; the bytes queued afterwards.
     fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
         let queued = {
-            let mut buf = lock(&self.buf);
-            if buf.len() >= self.bytes_max {
+            let mut p = lock(&self.buf);
+            if p.bytes.len() >= self.bytes_max {
                 return Err(DeliveryError::Backpressure {
                     node: peer.clone(),
                     bytes_max: self.bytes_max,
                 });
             }
-            encode_frame(&mut buf, frame, self.frame_bytes_max).map_err(|e| match e {
-                WireError::TooLarge { len, max } => DeliveryError::TooLarge {
-                    bytes: len as usize,
-                    max,
-                },
-                other => DeliveryError::Encode(other.to_string()),
-            })?;
-            buf.len()
+            encode_frame(&mut p.bytes, frame, self.frame_bytes_max).map_err(delivery_error)?;
+            p.batch = None;
+            p.bytes.len()
+        };
+        self.ready.notify_one();
+        Ok(queued)
+    }
+
+    /// Queues a message that is not an ask: it joins the batch at the end of the queue when it
+    /// continues it (same target, sender and wait flag, next number), else starts one.
+    fn push_message(
+        &self,
+        peer: &NodeName,
+        (to, meta, wait, msg): (ServiceId, Meta, bool, &[u8]),
+    ) -> Result<usize, DeliveryError> {
+        debug_assert!(meta.ask.is_none(), "asks are never batched");
+        let queued = {
+            let mut p = lock(&self.buf);
+            if p.bytes.len() >= self.bytes_max {
+                return Err(DeliveryError::Backpressure {
+                    node: peer.clone(),
+                    bytes_max: self.bytes_max,
+                });
+            }
+            let Pending { bytes, batch } = &mut *p;
+            let joined = match batch {
+                Some(tail) if tail.takes(to, meta.from, meta.seq, wait) => {
+                    wire::append_to_batch(bytes, tail, msg, self.frame_bytes_max)
+                }
+                _ => false,
+            };
+            if !joined {
+                let tail = wire::start_batch(
+                    bytes,
+                    (to, meta.from, meta.seq, wait, msg),
+                    self.frame_bytes_max,
+                )
+                .map_err(delivery_error)?;
+                *batch = Some(tail);
+            }
+            bytes.len()
         };
         self.ready.notify_one();
         Ok(queued)
@@ -85,13 +135,18 @@ impl OutQueue {
     }
 
     fn queued_bytes(&self) -> usize {
-        lock(&self.buf).len()
+        lock(&self.buf).bytes.len()
     }
 
     /// Swaps the queued bytes into `out` (which must be empty).
     fn take(&self, out: &mut Vec<u8>) {
         debug_assert!(out.is_empty());
-        std::mem::swap(&mut *lock(&self.buf), out);
+        {
+            let mut p = lock(&self.buf);
+            std::mem::swap(&mut p.bytes, out);
+            // The open batch left with the bytes.
+            p.batch = None;
+        }
         if !out.is_empty() {
             self.space.notify_waiters();
         }
@@ -216,8 +271,9 @@ impl PeerLink {
         wait: bool,
         msg: &M,
     ) -> Result<usize, DeliveryError> {
-        encode_scratch(msg, |bytes| {
-            self.data.push(
+        encode_scratch(msg, |bytes| match meta.ask {
+            None => self.data.push_message(&self.name, (to, meta, wait, bytes)),
+            Some(_) => self.data.push(
                 &self.name,
                 &Frame::Deliver {
                     to,
@@ -227,7 +283,7 @@ impl PeerLink {
                     wait,
                     msg: bytes,
                 },
-            )
+            ),
         })
     }
 
@@ -762,12 +818,16 @@ async fn read_stream(
             match reader.next_frame() {
                 Ok(Some(body)) => {
                     node.stats.frames_in.inc();
+                    // Messages of this frame already delivered, when a full mailbox held it.
+                    let mut done = 0;
                     loop {
-                        match handle_frame(&node, &link, kind, body, &mut target) {
+                        match handle_frame(&node, &link, kind, body, &mut target, done) {
                             Ok(Flow::Done) => break,
-                            Ok(Flow::Blocked(slot)) => {
+                            Ok(Flow::Blocked(slot, delivered)) => {
                                 // The sender asked to wait for room: hold this stream (QUIC
-                                // flow control pushes back to the sender) and try again.
+                                // flow control pushes back to the sender) and go on from the
+                                // message that did not fit.
+                                done = delivered;
                                 node.stats.deliveries_held.inc();
                                 slot.room().await;
                             }
@@ -845,11 +905,38 @@ fn protocol_error(node: &NodeShared, link: &PeerLink, e: &WireError) {
     }
 }
 
+/// Tells the sending node that a message was not accepted: a failed ask, or a `Refused` tell.
+fn refuse_message(
+    node: &NodeShared,
+    link: &PeerLink,
+    (to, from, seq, ask): (ServiceId, Option<ServiceId>, u64, Option<u64>),
+    reason: DeliveryError,
+) {
+    node.stats.refused_from_peers.inc();
+    tracing::debug!(peer = %link.name, %reason, "message refused");
+    let answer = match ask {
+        Some(ask) => Frame::Reply {
+            ask,
+            result: wire::ReplyBody::Refused(reason),
+        },
+        None => Frame::Refused {
+            to,
+            from,
+            seq,
+            reason,
+        },
+    };
+    if let Err(e) = link.push_ctrl(&answer) {
+        node.event("refusal-lost", format!("to {}: {e}", link.name));
+    }
+}
+
 /// What became of a frame.
 enum Flow {
     Done,
-    /// A waiting sender's message found its mailbox full; retry when it has room.
-    Blocked(Arc<dyn Slot>),
+    /// A waiting sender's message found its mailbox full; retry when it has room, skipping the
+    /// frame's first `.1` messages, already delivered.
+    Blocked(Arc<dyn Slot>, usize),
 }
 
 fn handle_frame(
@@ -858,6 +945,7 @@ fn handle_frame(
     kind: StreamKind,
     body: &[u8],
     target: &mut Option<(ServiceId, Arc<dyn Slot>)>,
+    done: usize,
 ) -> Result<Flow, WireError> {
     let frame = wire::decode(body)?;
     match (kind, frame) {
@@ -873,31 +961,48 @@ fn handle_frame(
             },
         ) => match node.deliver_remote(target, &link.name, to, Meta { from, seq, ask }, msg) {
             Ok(()) => node.stats.received_remote.inc(),
-            Err(DeliveryError::MailboxFull { .. }) if wait => {
-                if let Some(slot) = node.slot(to) {
-                    return Ok(Flow::Blocked(slot));
-                }
-            }
-            Err(reason) => {
-                node.stats.refused_from_peers.inc();
-                tracing::debug!(peer = %link.name, %reason, "message refused");
-                let answer = match ask {
-                    Some(ask) => Frame::Reply {
-                        ask,
-                        result: wire::ReplyBody::Refused(reason),
-                    },
-                    None => Frame::Refused {
-                        to,
-                        from,
-                        seq,
-                        reason,
-                    },
-                };
-                if let Err(e) = link.push_ctrl(&answer) {
-                    node.event("refusal-lost", format!("to {}: {e}", link.name));
-                }
-            }
+            Err(reason @ DeliveryError::MailboxFull { .. }) if wait => match node.slot(to) {
+                Some(slot) => return Ok(Flow::Blocked(slot, 0)),
+                None => refuse_message(node, link, (to, from, seq, ask), reason),
+            },
+            Err(reason) => refuse_message(node, link, (to, from, seq, ask), reason),
         },
+        (
+            StreamKind::Data,
+            Frame::DeliverBatch {
+                to,
+                from,
+                first_seq,
+                wait,
+                msgs,
+            },
+        ) => {
+            for (i, msg) in msgs.iter().enumerate().skip(done) {
+                let seq = match from {
+                    Some(_) => first_seq
+                        .checked_add(i as u64)
+                        .ok_or(WireError::Malformed {
+                            detail: format!("batch numbers run past {}", u64::MAX),
+                        })?,
+                    None => first_seq,
+                };
+                let meta = Meta {
+                    from,
+                    seq,
+                    ask: None,
+                };
+                match node.deliver_remote(target, &link.name, to, meta, msg) {
+                    Ok(()) => node.stats.received_remote.inc(),
+                    Err(reason @ DeliveryError::MailboxFull { .. }) if wait => {
+                        match node.slot(to) {
+                            Some(slot) => return Ok(Flow::Blocked(slot, i)),
+                            None => refuse_message(node, link, (to, from, seq, None), reason),
+                        }
+                    }
+                    Err(reason) => refuse_message(node, link, (to, from, seq, None), reason),
+                }
+            }
+        }
         (_, Frame::Reply { ask, result }) => {
             if !node.asks.complete(ask, reply_from_wire(result)) {
                 node.event(

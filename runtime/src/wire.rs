@@ -170,6 +170,21 @@ pub enum Frame<'a> {
         #[serde(borrow, with = "serde_bytes")]
         msg: &'a [u8],
     },
+    /// Consecutive messages from one sender to one service, numbered `first_seq`,
+    /// `first_seq + 1`, ... (all 0 when the sender is not a service). Never carries asks.
+    DeliverBatch {
+        /// Target.
+        to: ServiceId,
+        /// Sending service, if a service sent them.
+        from: Option<ServiceId>,
+        /// Number of the first message.
+        first_seq: u64,
+        /// The sender chose to wait for room (see `Deliver`).
+        wait: bool,
+        /// MessagePack messages, oldest first.
+        #[serde(borrow)]
+        msgs: Vec<&'a serde_bytes::Bytes>,
+    },
     /// The answer to an ask or a spawn.
     Reply {
         /// Ask id on the receiver's node.
@@ -203,6 +218,7 @@ impl Frame<'_> {
             Frame::Spawn { .. } => "spawn",
             Frame::ProtocolError { .. } => "protocol-error",
             Frame::Deliver { .. } => "deliver",
+            Frame::DeliverBatch { .. } => "deliver-batch",
             Frame::Reply { .. } => "reply",
             Frame::Refused { .. } => "refused",
         }
@@ -280,6 +296,159 @@ fn read_opt<T>(rd: &mut &[u8], read: impl FnOnce(&mut &[u8]) -> Option<T>) -> Op
     }
 }
 
+/// How serde writes the start of a `DeliverBatch` body.
+const BATCH_PREFIX: &[u8] = &[
+    0x81, 0xac, b'D', b'e', b'l', b'i', b'v', b'e', b'r', b'B', b'a', b't', b'c', b'h', 0x95,
+];
+const MSGPACK_ARRAY32: u8 = 0xdd;
+/// Messages in one batch frame at most.
+pub const BATCH_MESSAGES_MAX: u32 = 4096;
+
+/// Where an open batch frame sits in an output buffer, so more messages can join it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTail {
+    start: usize,
+    count_at: usize,
+    count: u32,
+    to: ServiceId,
+    from: Option<ServiceId>,
+    next_seq: u64,
+    wait: bool,
+}
+
+impl BatchTail {
+    /// Whether a message with these fields may join this batch.
+    pub fn takes(&self, to: ServiceId, from: Option<ServiceId>, seq: u64, wait: bool) -> bool {
+        self.to == to
+            && self.from == from
+            && self.wait == wait
+            && self.next_seq == seq
+            && self.count < BATCH_MESSAGES_MAX
+    }
+}
+
+fn bin_header_bytes(len: usize) -> usize {
+    match len {
+        0..=0xff => 2,
+        0x100..=0xffff => 3,
+        _ => 5,
+    }
+}
+
+/// Appends a `DeliverBatch` frame holding one message; the array length is written in its
+/// 32-bit form so the count can be patched in place as messages join. On error `out` is left
+/// as it was.
+pub fn start_batch(
+    out: &mut Vec<u8>,
+    (to, from, seq, wait, msg): (ServiceId, Option<ServiceId>, u64, bool, &[u8]),
+    frame_bytes_max: usize,
+) -> Result<BatchTail, WireError> {
+    let start = out.len();
+    if msg.len() > frame_bytes_max || msg.len() > u32::MAX as usize {
+        return Err(WireError::TooLarge {
+            len: msg.len() as u64,
+            max: frame_bytes_max,
+        });
+    }
+    out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
+    out.extend_from_slice(BATCH_PREFIX);
+    write_id(out, to);
+    match from {
+        Some(id) => write_id(out, id),
+        None => out.push(MSGPACK_NIL),
+    }
+    let _ = rmp::encode::write_uint(out, seq);
+    let _ = rmp::encode::write_bool(out, wait);
+    out.push(MSGPACK_ARRAY32);
+    let count_at = out.len();
+    out.extend_from_slice(&1u32.to_be_bytes());
+    let _ = rmp::encode::write_bin_len(out, msg.len() as u32);
+    out.extend_from_slice(msg);
+    let body = out.len() - start - FRAME_HEADER_BYTES;
+    if body > frame_bytes_max {
+        out.truncate(start);
+        return Err(WireError::TooLarge {
+            len: body as u64,
+            max: frame_bytes_max,
+        });
+    }
+    out[start..start + 4].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(BatchTail {
+        start,
+        count_at,
+        count: 1,
+        to,
+        from,
+        next_seq: if from.is_some() {
+            seq.wrapping_add(1)
+        } else {
+            seq
+        },
+        wait,
+    })
+}
+
+/// Adds `msg` to the batch at `tail` (the last frame in `out`); false, with `out` unchanged, if
+/// it would make the frame too large.
+pub fn append_to_batch(
+    out: &mut Vec<u8>,
+    tail: &mut BatchTail,
+    msg: &[u8],
+    frame_bytes_max: usize,
+) -> bool {
+    debug_assert!(tail.count < BATCH_MESSAGES_MAX);
+    let body = out.len() - tail.start - FRAME_HEADER_BYTES;
+    if msg.len() > u32::MAX as usize
+        || body + bin_header_bytes(msg.len()) + msg.len() > frame_bytes_max
+    {
+        return false;
+    }
+    let _ = rmp::encode::write_bin_len(out, msg.len() as u32);
+    out.extend_from_slice(msg);
+    tail.count += 1;
+    if tail.from.is_some() {
+        tail.next_seq = tail.next_seq.wrapping_add(1);
+    }
+    let body = out.len() - tail.start - FRAME_HEADER_BYTES;
+    out[tail.count_at..tail.count_at + 4].copy_from_slice(&tail.count.to_be_bytes());
+    out[tail.start..tail.start + 4].copy_from_slice(&(body as u32).to_be_bytes());
+    true
+}
+
+fn read_batch(body: &[u8]) -> Option<Frame<'_>> {
+    let mut rd = body.strip_prefix(BATCH_PREFIX)?;
+    let to = read_id(&mut rd)?;
+    let from = read_opt(&mut rd, read_id)?;
+    let first_seq: u64 = rmp::decode::read_int(&mut rd).ok()?;
+    let wait = rmp::decode::read_bool(&mut rd).ok()?;
+    let n = rmp::decode::read_array_len(&mut rd).ok()? as usize;
+    // Every message takes at least one byte, so a count beyond the bytes left is a lie: do not
+    // size anything by it.
+    if n > rd.len() {
+        return None;
+    }
+    let mut msgs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = rmp::decode::read_bin_len(&mut rd).ok()? as usize;
+        if len > rd.len() {
+            return None;
+        }
+        let (msg, rest) = rd.split_at(len);
+        msgs.push(serde_bytes::Bytes::new(msg));
+        rd = rest;
+    }
+    if !rd.is_empty() {
+        return None;
+    }
+    Some(Frame::DeliverBatch {
+        to,
+        from,
+        first_seq,
+        wait,
+        msgs,
+    })
+}
+
 /// Reads a `Deliver` body written by [`write_deliver`] (or by serde, which writes the same
 /// bytes). `None` for anything else, which then goes through serde and its errors.
 fn read_deliver(body: &[u8]) -> Option<Frame<'_>> {
@@ -343,6 +512,9 @@ pub fn encode_frame(
 /// Decodes a frame body (as returned by [`FrameReader::next_frame`]).
 pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
     if let Some(frame) = read_deliver(body) {
+        return Ok(frame);
+    }
+    if let Some(frame) = read_batch(body) {
         return Ok(frame);
     }
     rmp_serde::from_slice(body).map_err(|e| WireError::Malformed {
@@ -505,6 +677,55 @@ mod tests {
         write_deliver(&mut bad, (big, None, 1, None, false, b"x")).unwrap();
         bad.push(0);
         assert!(read_deliver(&bad).is_none());
+    }
+
+    #[test]
+    fn batches_grow_in_place_and_read_back_like_serde() {
+        let to = ServiceId::from_parts(9, 9);
+        let from = Some(ServiceId::from_parts(8, 8));
+        let mut out = Vec::new();
+        let mut tail = start_batch(&mut out, (to, from, 41, true, b"a"), 1 << 20).unwrap();
+        assert!(tail.takes(to, from, 42, true));
+        assert!(
+            !tail.takes(to, from, 43, true),
+            "only the next number joins"
+        );
+        assert!(!tail.takes(to, None, 42, true));
+        let big = vec![5u8; 300];
+        for msg in [&b"bb"[..], &big[..], &b""[..]] {
+            assert!(append_to_batch(&mut out, &mut tail, msg, 1 << 20));
+        }
+        let mut r = FrameReader::new(1 << 20);
+        r.push(&out);
+        let body = r.next_frame().unwrap().unwrap();
+        let fast = read_batch(body).expect("fast path reads its own batch");
+        let via_serde: Frame<'_> = rmp_serde::from_slice(body).unwrap();
+        assert_eq!(format!("{fast:?}"), format!("{via_serde:?}"));
+        match fast {
+            Frame::DeliverBatch {
+                first_seq,
+                msgs,
+                wait,
+                ..
+            } => {
+                assert_eq!(first_seq, 41);
+                assert!(wait);
+                let lens: Vec<usize> = msgs.iter().map(|m| m.len()).collect();
+                assert_eq!(lens, vec![1, 2, 300, 0]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A frame that would pass the limit does not take the message.
+        let mut small = Vec::new();
+        let mut t = start_batch(&mut small, (to, None, 0, false, &[1; 40]), 100).unwrap();
+        let before = small.clone();
+        assert!(!append_to_batch(&mut small, &mut t, &[2; 60], 100));
+        assert_eq!(small, before);
+        // A count larger than the bytes left is refused without sizing anything by it.
+        let mut lie = BATCH_PREFIX.to_vec();
+        lie.extend_from_slice(&[0x92, 1, 1, 0xc0, 1, 0xc2, 0xdd, 0xff, 0xff, 0xff, 0xff]);
+        assert!(read_batch(&lie).is_none());
+        assert!(decode(&lie).is_err());
     }
 
     #[test]

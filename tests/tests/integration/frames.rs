@@ -27,6 +27,7 @@ struct Probe {
 #[derive(Debug)]
 enum Answer {
     ProtocolError(u16, String),
+    RefusedTell,
     Refused(u64, DeliveryError),
     Failed(u64, String),
     Value(#[allow(dead_code)] u64),
@@ -69,6 +70,7 @@ impl Probe {
                         ReplyBody::Failed(s) => Answer::Failed(ask, s),
                         ReplyBody::Value(_) => Answer::Value(ask),
                     }),
+                    Frame::Refused { .. } => ProbeFrame::Answer(Answer::RefusedTell),
                     other => ProbeFrame::Other(other.kind()),
                 }));
             }
@@ -213,6 +215,36 @@ fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
             Answer::Refused(78, DeliveryError::BadMessage { .. }) => {}
             other => panic!("expected bad-message refusal of ask 78, got {other:?}"),
         }
+
+        // A batch whose numbers would run past u64::MAX: a clear error, not an overflow. The
+        // message before the overflow is delivered (and is not a sink message, so refused).
+        let mut batch = Vec::new();
+        let mut tail = wire::start_batch(
+            &mut batch,
+            (
+                sink.id(),
+                Some(ServiceId::from_parts(5, 5)),
+                u64::MAX,
+                false,
+                &[0xc0],
+            ),
+            MAX,
+        )?;
+        assert!(wire::append_to_batch(&mut batch, &mut tail, &[0xc0], MAX));
+        p.send_uni(&batch).await?;
+        let mut saw_overflow = false;
+        for _ in 0..2 {
+            match p.answer().await? {
+                Answer::ProtocolError(code, detail) => {
+                    assert_eq!(code, code::MALFORMED);
+                    assert!(detail.contains("run past"), "{detail}");
+                    saw_overflow = true;
+                }
+                Answer::RefusedTell => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert!(saw_overflow);
 
         // A spawn of a kind the node does not have.
         let spawn = frame(&Frame::Spawn {
