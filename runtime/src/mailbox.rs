@@ -234,6 +234,15 @@ pub(crate) trait Slot: Send + Sync + 'static {
         origin: &NodeName,
         bytes: &[u8],
     ) -> Result<(), DeliveryError>;
+    /// Decodes and queues `msgs[start..]` (numbered from `first_seq + start` when `from` is a
+    /// service) under one lock, stopping at the first that cannot be taken. Returns the index of
+    /// the first message not queued, with the reason, or `msgs.len()` and `None`.
+    fn deliver_run(
+        &self,
+        sender: (Option<ServiceId>, u64, &NodeName),
+        msgs: &[&serde_bytes::Bytes],
+        start: usize,
+    ) -> (usize, Option<DeliveryError>);
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
@@ -265,6 +274,60 @@ impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         })?;
         self.push(Envelope::new(meta, origin, Some(origin), msg))
             .map_err(|(e, _)| e)
+    }
+
+    fn deliver_run(
+        &self,
+        (from, first_seq, origin): (Option<ServiceId>, u64, &NodeName),
+        msgs: &[&serde_bytes::Bytes],
+        start: usize,
+    ) -> (usize, Option<DeliveryError>) {
+        let mut next = start;
+        let stopped = {
+            let mut st = lock(&self.state);
+            loop {
+                if next == msgs.len() {
+                    break None;
+                }
+                if st.closed {
+                    break Some(DeliveryError::Stopped { id: self.id });
+                }
+                if st.queue.len() >= self.capacity {
+                    break Some(DeliveryError::MailboxFull {
+                        id: self.id,
+                        capacity: self.capacity,
+                    });
+                }
+                let msg: M = match rmp_serde::from_slice(msgs[next]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        break Some(DeliveryError::BadMessage {
+                            id: self.id,
+                            kind: self.kind.clone(),
+                            detail: e.to_string(),
+                        })
+                    }
+                };
+                // The caller checked that the numbering does not overflow.
+                let seq = if from.is_some() {
+                    first_seq + next as u64
+                } else {
+                    first_seq
+                };
+                st.queue.push_back(Envelope {
+                    from,
+                    seq,
+                    ask: None,
+                    origin: Some(origin.clone()),
+                    msg,
+                });
+                next += 1;
+            }
+        };
+        if next > start {
+            self.ready.notify_one();
+        }
+        (next, stopped)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -490,16 +490,7 @@ impl NodeShared {
         meta: Meta,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
-        let slot = match cache {
-            Some((id, slot)) if *id == to => slot,
-            _ => {
-                let slot = self.slot(to).ok_or_else(|| DeliveryError::UnknownService {
-                    id: to,
-                    node: self.name.clone(),
-                })?;
-                &cache.insert((to, slot)).1
-            }
-        };
+        let slot = self.cached_slot(cache, to)?;
         slot.deliver_bytes(meta, origin, bytes)
     }
 
@@ -510,6 +501,28 @@ impl NodeShared {
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .map(|s| s.slot.clone())
+    }
+
+    /// The local service `to`, through a stream's cache of its last target.
+    pub fn cached_slot<'c>(
+        &self,
+        cache: &'c mut Option<(ServiceId, Arc<dyn Slot>)>,
+        to: ServiceId,
+    ) -> Result<&'c Arc<dyn Slot>, DeliveryError> {
+        match cache {
+            Some((id, _)) if *id == to => {}
+            _ => {
+                let slot = self.slot(to).ok_or_else(|| DeliveryError::UnknownService {
+                    id: to,
+                    node: self.name.clone(),
+                })?;
+                *cache = Some((to, slot));
+            }
+        }
+        match cache {
+            Some((_, slot)) => Ok(slot),
+            None => unreachable!("the cache was just filled"),
+        }
     }
 
     pub fn book_get(&self, holder: ServiceId, role: &str) -> Option<ServiceAddr> {

@@ -977,29 +977,42 @@ fn handle_frame(
                 msgs,
             },
         ) => {
-            for (i, msg) in msgs.iter().enumerate().skip(done) {
-                let seq = match from {
-                    Some(_) => first_seq
-                        .checked_add(i as u64)
-                        .ok_or(WireError::Malformed {
-                            detail: format!("batch numbers run past {}", u64::MAX),
-                        })?,
-                    None => first_seq,
-                };
-                let meta = Meta {
-                    from,
-                    seq,
-                    ask: None,
-                };
-                match node.deliver_remote(target, &link.name, to, meta, msg) {
-                    Ok(()) => node.stats.received_remote.inc(),
-                    Err(reason @ DeliveryError::MailboxFull { .. }) if wait => {
-                        match node.slot(to) {
-                            Some(slot) => return Ok(Flow::Blocked(slot, i)),
-                            None => refuse_message(node, link, (to, from, seq, None), reason),
-                        }
+            if from.is_some() && first_seq.checked_add(msgs.len() as u64).is_none() {
+                return Err(WireError::Malformed {
+                    detail: format!("batch numbers run past {}", u64::MAX),
+                });
+            }
+            let seq_of = |i: usize| {
+                if from.is_some() {
+                    first_seq + i as u64
+                } else {
+                    first_seq
+                }
+            };
+            let slot = match node.cached_slot(target, to) {
+                Ok(slot) => slot.clone(),
+                Err(reason) => {
+                    for i in done..msgs.len() {
+                        refuse_message(node, link, (to, from, seq_of(i), None), reason.clone());
                     }
-                    Err(reason) => refuse_message(node, link, (to, from, seq, None), reason),
+                    return Ok(Flow::Done);
+                }
+            };
+            let mut next = done;
+            while next < msgs.len() {
+                let (stop, reason) = slot.deliver_run((from, first_seq, &link.name), &msgs, next);
+                node.stats.received_remote.add((stop - next) as u64);
+                match reason {
+                    None => break,
+                    Some(DeliveryError::MailboxFull { .. }) if wait => {
+                        return Ok(Flow::Blocked(slot, stop))
+                    }
+                    Some(reason) => {
+                        // This one is refused; the rest may still fit (a bad message, or room
+                        // freed meanwhile on another thread).
+                        refuse_message(node, link, (to, from, seq_of(stop), None), reason);
+                        next = stop + 1;
+                    }
                 }
             }
         }
