@@ -161,11 +161,13 @@ impl Cluster {
         })
     }
 
-    /// Stops every node.
+    /// Stops every node, all at once (each lingers briefly so its peers see it close).
     pub fn shutdown(self) {
-        for n in &self.nodes {
-            n.shutdown();
-        }
+        std::thread::scope(|s| {
+            for n in &self.nodes {
+                s.spawn(|| n.shutdown());
+            }
+        });
     }
 }
 

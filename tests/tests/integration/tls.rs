@@ -86,3 +86,31 @@ fn dialing_an_address_under_the_wrong_name_fails() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn each_pair_of_nodes_keeps_exactly_one_connection_when_both_dial() -> Result<()> {
+    // The harness introduces every node to every other, so every pair dials both ways at once.
+    let c = Cluster::start(&["a", "b", "c", "d"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    // Let any duplicate dial finish its handshake and be turned down.
+    std::thread::sleep(Duration::from_millis(300));
+    for n in c.nodes() {
+        let s = n.stats();
+        assert_eq!(
+            s.connections_up,
+            3,
+            "{} brought up {} connections for 3 peers: {:?}",
+            n.name(),
+            s.connections_up,
+            n.events()
+        );
+        assert_eq!(s.peers_connected, 3);
+        assert!(
+            !n.events().iter().any(|e| e.kind == "peer-down"),
+            "{:?}",
+            n.events()
+        );
+    }
+    c.shutdown();
+    Ok(())
+}
