@@ -28,6 +28,6 @@ pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;
 pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub use node::{Limits, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo};
-pub use service::{Ctx, ReplyTo, Service};
+pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;
 pub use transport::PeerStatus;

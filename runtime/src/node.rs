@@ -43,6 +43,8 @@ pub struct Limits {
     pub events_max: usize,
     /// Time allowed for a connection's TLS and Tern handshakes.
     pub handshake_timeout_ms: u64,
+    /// Pending timers per service.
+    pub timers_per_service_max: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             peers_max: 256,
             events_max: 256,
             handshake_timeout_ms: 5_000,
+            timers_per_service_max: 1024,
         }
     }
 }

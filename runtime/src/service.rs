@@ -101,11 +101,64 @@ impl<R> fmt::Debug for ReplyTo<R> {
     }
 }
 
+/// Identifies a pending timer of a service, for [`Ctx::cancel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TimerId(u64);
+
+/// A service's pending timers: messages to itself, due at an instant. Kept by the runtime as
+/// data (not as sleeping tasks), so they can be listed, bounded and moved.
+struct Timers<M> {
+    due: std::collections::BTreeMap<(tokio::time::Instant, TimerId), M>,
+    by_id: std::collections::HashMap<TimerId, tokio::time::Instant>,
+    next: u64,
+    max: usize,
+}
+
+impl<M> Timers<M> {
+    fn new(max: usize) -> Self {
+        Timers {
+            due: std::collections::BTreeMap::new(),
+            by_id: std::collections::HashMap::new(),
+            next: 1,
+            max,
+        }
+    }
+
+    fn add(&mut self, at: tokio::time::Instant, msg: M) -> Option<TimerId> {
+        if self.due.len() >= self.max {
+            return None;
+        }
+        let id = TimerId(self.next);
+        self.next += 1;
+        self.due.insert((at, id), msg);
+        self.by_id.insert(id, at);
+        Some(id)
+    }
+
+    fn cancel(&mut self, id: TimerId) -> bool {
+        match self.by_id.remove(&id) {
+            Some(at) => self.due.remove(&(at, id)).is_some(),
+            None => false,
+        }
+    }
+
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.due.keys().next().map(|(at, _)| *at)
+    }
+
+    fn pop_due(&mut self, now: tokio::time::Instant) -> Option<M> {
+        let key = *self.due.keys().next().filter(|(at, _)| *at <= now)?;
+        self.by_id.remove(&key.1);
+        self.due.remove(&key)
+    }
+}
+
 /// What a handler can do besides changing its own state.
 pub struct Ctx<S: Service> {
     me: ServiceRef<S>,
     node: Arc<NodeShared>,
     seqs: IdMap<u64>,
+    timers: Timers<S::Msg>,
     stop: bool,
 }
 
@@ -234,6 +287,48 @@ impl<S: Service> Ctx<S> {
         self.node.spawn(state, Some(self.id()))
     }
 
+    /// Sends `msg` to this service after `delay`. A due timer is handled before the next queued
+    /// message. Fails when the service has `timers_per_service_max` timers pending.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tern::{Ctx, Service};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Player { position_s: u64 }
+    /// #[derive(Serialize, Deserialize)]
+    /// enum PlayerMsg { Play, Tick }
+    /// impl Service for Player {
+    ///     type Msg = PlayerMsg;
+    ///     const KIND: &'static str = "player";
+    ///     const VERSION: u32 = 1;
+    ///     async fn handle(&mut self, msg: PlayerMsg, ctx: &mut Ctx<Self>) {
+    ///         if let PlayerMsg::Tick = msg {
+    ///             self.position_s += 1;
+    ///         }
+    ///         // Advance the position every second.
+    ///         let _ = ctx.schedule(Duration::from_secs(1), PlayerMsg::Tick);
+    ///     }
+    /// }
+    /// ```
+    pub fn schedule(&mut self, delay: Duration, msg: S::Msg) -> Result<TimerId, Error> {
+        let at = tokio::time::Instant::now() + delay;
+        self.timers.add(at, msg).ok_or(Error::Limit {
+            what: "timers of this service",
+            max: self.timers.max,
+        })
+    }
+
+    /// Cancels a pending timer; false if it already fired or was cancelled.
+    pub fn cancel(&mut self, timer: TimerId) -> bool {
+        self.timers.cancel(timer)
+    }
+
+    /// Number of pending timers.
+    pub fn timers_pending(&self) -> usize {
+        self.timers.due.len()
+    }
+
     /// Stops this service after the current message. Messages still queued are refused and
     /// their senders told.
     pub fn stop(&mut self) {
@@ -252,19 +347,32 @@ pub(crate) async fn run_service<S: Service>(
     node: Arc<NodeShared>,
 ) {
     let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
+    let timers_max = node.limits.timers_per_service_max;
     let mut ctx = Ctx {
         me,
         node,
         seqs: IdMap::default(),
+        timers: Timers::new(timers_max),
         stop: false,
     };
     async move {
         state.started(&mut ctx);
         let mut turn = 0u32;
         loop {
-            match mailbox.pop() {
-                Some(env) => {
-                    state.handle(env.msg, &mut ctx).await;
+            // A due timer goes before the next queued message.
+            // (The clock is read only when a timer is pending.)
+            let due = if ctx.timers.due.is_empty() {
+                None
+            } else {
+                ctx.timers.pop_due(tokio::time::Instant::now())
+            };
+            let next = match due {
+                Some(msg) => Some(msg),
+                None => mailbox.pop().map(|env| env.msg),
+            };
+            match next {
+                Some(msg) => {
+                    state.handle(msg, &mut ctx).await;
                     ctx.node.stats.processed.inc();
                     if ctx.stop {
                         break;
@@ -276,7 +384,15 @@ pub(crate) async fn run_service<S: Service>(
                     }
                 }
                 None if mailbox.is_closed() => break,
-                None => mailbox.wait_ready().await,
+                None => match ctx.timers.next_due() {
+                    Some(at) => {
+                        tokio::select! {
+                            _ = mailbox.wait_ready() => {}
+                            _ = tokio::time::sleep_until(at) => {}
+                        }
+                    }
+                    None => mailbox.wait_ready().await,
+                },
             }
         }
         state.stopped(&mut ctx);

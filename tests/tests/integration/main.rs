@@ -6,4 +6,5 @@ mod frames;
 mod mailbox;
 mod messaging;
 mod sim;
+mod timers;
 mod tls;
