@@ -65,8 +65,13 @@ impl OutQueue {
         }
     }
 
-    /// Queues one frame; the bytes queued afterwards.
-    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
+    /// Runs `write` on the pending bytes if they are under the bound, then wakes the writer;
+    /// the bytes queued afterwards.
+    fn append(
+        &self,
+        peer: &NodeName,
+        write: impl FnOnce(&mut Pending) -> Result<(), DeliveryError>,
+    ) -> Result<usize, DeliveryError> {
         let queued = {
             let mut p = lock(&self.buf);
             if p.bytes.len() >= self.bytes_max {
@@ -75,12 +80,20 @@ impl OutQueue {
                     bytes_max: self.bytes_max,
                 });
             }
-            encode_frame(&mut p.bytes, frame, self.frame_bytes_max).map_err(delivery_error)?;
-            p.batch = None;
+            write(&mut p)?;
             p.bytes.len()
         };
         self.ready.notify_one();
         Ok(queued)
+    }
+
+    /// Queues one frame; the bytes queued afterwards.
+    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
+        self.append(peer, |p| {
+            encode_frame(&mut p.bytes, frame, self.frame_bytes_max).map_err(delivery_error)?;
+            p.batch = None;
+            Ok(())
+        })
     }
 
     /// Queues a message that is not an ask: it joins the batch at the end of the queue when it
@@ -91,15 +104,8 @@ impl OutQueue {
         (to, meta, wait, msg): (ServiceId, Meta, bool, &[u8]),
     ) -> Result<usize, DeliveryError> {
         debug_assert!(meta.ask.is_none(), "asks are never batched");
-        let queued = {
-            let mut p = lock(&self.buf);
-            if p.bytes.len() >= self.bytes_max {
-                return Err(DeliveryError::Backpressure {
-                    node: peer.clone(),
-                    bytes_max: self.bytes_max,
-                });
-            }
-            let Pending { bytes, batch } = &mut *p;
+        self.append(peer, |p| {
+            let Pending { bytes, batch } = p;
             let joined = match batch {
                 Some(tail) if tail.takes(to, meta.from, meta.seq, wait) => {
                     wire::append_to_batch(bytes, tail, msg, self.frame_bytes_max)
@@ -115,10 +121,8 @@ impl OutQueue {
                 .map_err(delivery_error)?;
                 *batch = Some(tail);
             }
-            bytes.len()
-        };
-        self.ready.notify_one();
-        Ok(queued)
+            Ok(())
+        })
     }
 
     /// Waits until at most `bytes` are queued (the writer takes everything at once).
