@@ -1027,3 +1027,26 @@ pub(crate) fn reply_from_wire(body: wire::ReplyBody<'_>) -> ReplyPayload {
         wire::ReplyBody::Failed(s) => ReplyPayload::Failed(s),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_asks_are_bounded_and_freed() {
+        let table = AskTable::new(2);
+        let node = NodeName::new("b");
+        let (a1, _r1) = table.open(node.clone()).unwrap();
+        let (_a2, _r2) = table.open(node.clone()).unwrap();
+        assert!(matches!(
+            table.open(node.clone()),
+            Err(AskError::TooManyPending { max: 2 })
+        ));
+        table.cancel(a1);
+        assert!(table.open(node).is_ok(), "a cancelled ask frees its place");
+        assert!(
+            !table.complete(a1, ReplyPayload::Failed("late".into())),
+            "a late reply finds nothing"
+        );
+    }
+}

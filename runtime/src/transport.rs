@@ -1091,3 +1091,54 @@ fn handle_frame(
     }
     Ok(Flow::Done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_queue_is_bounded_and_batches_only_what_continues() {
+        let q = OutQueue::new(200, 1 << 20);
+        let peer = NodeName::new("b");
+        let to = ServiceId::from_parts(1, 1);
+        let meta = |seq| Meta {
+            from: Some(ServiceId::from_parts(2, 2)),
+            seq,
+            ask: None,
+        };
+        let first = q
+            .push_message(&peer, (to, meta(1), false, &[0; 40]))
+            .unwrap();
+        let second = q
+            .push_message(&peer, (to, meta(2), false, &[0; 40]))
+            .unwrap();
+        assert_eq!(
+            second - first,
+            42,
+            "the next number joins the batch: its bytes and a bin header"
+        );
+        let third = q
+            .push_message(&peer, (to, meta(4), false, &[0; 40]))
+            .unwrap();
+        assert!(third - second > 42, "a gap starts a new frame");
+        let mut refused = None;
+        for seq in 5..20 {
+            if let Err(e) = q.push_message(&peer, (to, meta(seq), false, &[0; 40])) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(
+            refused,
+            Some(DeliveryError::Backpressure { bytes_max: 200, .. })
+        ));
+        let mut out = Vec::new();
+        q.take(&mut out);
+        assert!(out.len() >= 200);
+        // Room again; and the batch that left is not appended to.
+        let after = q
+            .push_message(&peer, (to, meta(20), false, &[0; 40]))
+            .unwrap();
+        assert!(after > 42, "a fresh frame after the writer took the queue");
+    }
+}
