@@ -132,6 +132,14 @@ fn unknown_kind() -> Vec<u8> {
     out
 }
 
+/// A batch frame of two MessagePack nils from `from` to `to`, numbered from `first_seq`.
+fn two_nil_batch(to: ServiceId, from: ServiceId, first_seq: u64) -> Result<Vec<u8>> {
+    let mut batch = Vec::new();
+    let mut tail = wire::start_batch(&mut batch, (to, Some(from), first_seq, false, &[0xc0]), MAX)?;
+    assert!(wire::append_to_batch(&mut batch, &mut tail, &[0xc0], MAX));
+    Ok(batch)
+}
+
 fn expect_protocol_error(a: Answer, want: u16, mentions: &str) {
     match a {
         Answer::ProtocolError(code, detail) => {
@@ -218,36 +226,12 @@ fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
 
         // A batch whose numbers would run past u64::MAX: a clear error, not an overflow, and none
         // of it is delivered.
-        let mut batch = Vec::new();
-        let mut tail = wire::start_batch(
-            &mut batch,
-            (
-                sink.id(),
-                Some(ServiceId::from_parts(5, 5)),
-                u64::MAX,
-                false,
-                &[0xc0],
-            ),
-            MAX,
-        )?;
-        assert!(wire::append_to_batch(&mut batch, &mut tail, &[0xc0], MAX));
+        let batch = two_nil_batch(sink.id(), ServiceId::from_parts(5, 5), u64::MAX)?;
         p.send_uni(&batch).await?;
         expect_protocol_error(p.answer().await?, code::MALFORMED, "run past");
 
         // A batch of two messages that are not the sink's type: each is refused on its own.
-        let mut batch = Vec::new();
-        let mut tail = wire::start_batch(
-            &mut batch,
-            (
-                sink.id(),
-                Some(ServiceId::from_parts(5, 6)),
-                1,
-                false,
-                &[0xc0],
-            ),
-            MAX,
-        )?;
-        assert!(wire::append_to_batch(&mut batch, &mut tail, &[0xc0], MAX));
+        let batch = two_nil_batch(sink.id(), ServiceId::from_parts(5, 6), 1)?;
         p.send_uni(&batch).await?;
         for _ in 0..2 {
             assert!(matches!(p.answer().await?, Answer::RefusedTell));
