@@ -26,6 +26,14 @@ pub enum DeliveryError {
         /// The mailbox bound.
         capacity: usize,
     },
+    /// The sender's messages arrive too far ahead of the next one expected.
+    #[error("receive window of service {id} for this sender is full ({held_max} early messages)")]
+    WindowFull {
+        /// The target.
+        id: ServiceId,
+        /// Early messages held per sender.
+        held_max: usize,
+    },
     /// The service has stopped and takes no more messages.
     #[error("service {id} has stopped")]
     Stopped {
@@ -77,6 +85,17 @@ pub enum DeliveryError {
     /// The message could not be encoded.
     #[error("message could not be encoded: {0}")]
     Encode(String),
+    /// The service has moved to another node (a tombstone's answer; the runtime forwards the
+    /// message itself, so callers only see this when the new node cannot be reached).
+    #[error("service {id} moved to node {node} (epoch {epoch})")]
+    Moved {
+        /// The target.
+        id: ServiceId,
+        /// Where it runs now.
+        node: NodeName,
+        /// Its epoch there.
+        epoch: u64,
+    },
     /// The local node is shutting down.
     #[error("node {node} is shutting down")]
     NodeStopping {

@@ -2,14 +2,14 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::{AskError, DeliveryError};
-use crate::ids::{ServiceAddr, ServiceId};
-use crate::mailbox::{Envelope, Mailbox, Meta};
+use crate::ids::{NodeName, ServiceAddr, ServiceId};
+use crate::mailbox::{lock, Envelope, Mailbox, Meta};
 use crate::node::NodeShared;
 use crate::service::{ReplyTo, Service};
 use crate::transport::PeerLink;
@@ -28,8 +28,99 @@ impl<M> Clone for Route<M> {
     }
 }
 
+/// Where a channel's messages go now.
+struct ChanState<M> {
+    route: Route<M>,
+    node: NodeName,
+    epoch: u64,
+    /// Last number used by senders outside any service.
+    client_seq: u64,
+}
+
+/// The path from this node to one service, shared by every handle to it made on this node.
+/// The node rewrites it when the service moves (channel rebuild), so handles follow.
+pub(crate) struct Channel<M> {
+    id: ServiceId,
+    /// The sender id of messages sent from outside any service through this channel.
+    client: ServiceId,
+    state: Mutex<ChanState<M>>,
+}
+
+/// A channel seen without its message type, for the node's table.
+pub(crate) trait AnyChannel: Send + Sync + 'static {
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    /// Points the channel at `node` if `epoch` is newer than what it knows. True if it moved.
+    fn relocate(&self, shared: &NodeShared, node: &NodeName, epoch: u64) -> bool;
+    /// Where the channel points.
+    fn location(&self) -> (NodeName, u64);
+}
+
+impl<M: Send + 'static> Channel<M> {
+    pub(crate) fn new(
+        id: ServiceId,
+        client: ServiceId,
+        route: Route<M>,
+        node: NodeName,
+        epoch: u64,
+    ) -> Self {
+        Channel {
+            id,
+            client,
+            state: Mutex::new(ChanState {
+                route,
+                node,
+                epoch,
+                client_seq: 0,
+            }),
+        }
+    }
+
+    fn repoint(&self, st: &mut ChanState<M>, shared: &NodeShared, node: &NodeName, epoch: u64) {
+        let route = if node == shared.name() {
+            match shared
+                .slot(self.id)
+                .map(|s| s.into_any().downcast::<Mailbox<M>>())
+            {
+                Some(Ok(mb)) => Route::Local(mb),
+                _ => return,
+            }
+        } else {
+            match shared.peer(node) {
+                Some(link) => Route::Remote(link),
+                None => return,
+            }
+        };
+        st.route = route;
+        st.node = node.clone();
+        st.epoch = st.epoch.max(epoch);
+    }
+}
+
+impl<M: Send + 'static> AnyChannel for Channel<M> {
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+
+    fn relocate(&self, shared: &NodeShared, node: &NodeName, epoch: u64) -> bool {
+        let mut st = lock(&self.state);
+        if epoch <= st.epoch && st.node == *node {
+            return false;
+        }
+        if epoch < st.epoch {
+            return false;
+        }
+        self.repoint(&mut st, shared, node, epoch);
+        true
+    }
+
+    fn location(&self) -> (NodeName, u64) {
+        let st = lock(&self.state);
+        (st.node.clone(), st.epoch)
+    }
+}
+
 /// A typed handle to a service: the same code sends to it whether it runs on this node or on
-/// another.
+/// another, and keeps working when the service migrates (its node's channel follows it).
 ///
 /// ```no_run
 /// # use std::time::Duration;
@@ -47,7 +138,7 @@ impl<M> Clone for Route<M> {
 pub struct ServiceRef<S: Service> {
     addr: ServiceAddr,
     pub(crate) node: Arc<NodeShared>,
-    route: Route<S::Msg>,
+    chan: Arc<Channel<S::Msg>>,
 }
 
 impl<S: Service> Clone for ServiceRef<S> {
@@ -55,7 +146,7 @@ impl<S: Service> Clone for ServiceRef<S> {
         ServiceRef {
             addr: self.addr.clone(),
             node: self.node.clone(),
-            route: self.route.clone(),
+            chan: self.chan.clone(),
         }
     }
 }
@@ -66,9 +157,19 @@ impl<S: Service> fmt::Debug for ServiceRef<S> {
     }
 }
 
+/// A message on its way: it keeps its number across re-routing.
+enum Attempt<M> {
+    Sent(usize),
+    Full(DeliveryError, Route<M>, M),
+}
+
 impl<S: Service> ServiceRef<S> {
-    pub(crate) fn new(addr: ServiceAddr, node: Arc<NodeShared>, route: Route<S::Msg>) -> Self {
-        ServiceRef { addr, node, route }
+    pub(crate) fn new(
+        addr: ServiceAddr,
+        node: Arc<NodeShared>,
+        chan: Arc<Channel<S::Msg>>,
+    ) -> Self {
+        ServiceRef { addr, node, chan }
     }
 
     /// The service's id.
@@ -76,15 +177,22 @@ impl<S: Service> ServiceRef<S> {
         self.addr.id
     }
 
-    /// The service's address: id, kind and node. Serializable; turn it back into a handle with
-    /// [`NodeHandle::resolve`](crate::NodeHandle::resolve).
+    /// The service's address: id, kind and the node it ran on when this handle was made
+    /// (see [`location`](Self::location) for where it runs now). Serializable; turn it back
+    /// into a handle with [`NodeHandle::resolve`](crate::NodeHandle::resolve), which follows
+    /// the service wherever it went.
     pub fn addr(&self) -> &ServiceAddr {
         &self.addr
     }
 
+    /// The node this handle sends to now.
+    pub fn location(&self) -> NodeName {
+        lock(&self.chan.state).node.clone()
+    }
+
     /// True when the service runs on the node this handle belongs to.
     pub fn is_local(&self) -> bool {
-        matches!(self.route, Route::Local(_))
+        matches!(lock(&self.chan.state).route, Route::Local(_))
     }
 
     /// Sends `msg`. Fails at once when a local mailbox is full, the service stopped, or the link
@@ -109,33 +217,118 @@ impl<S: Service> ServiceRef<S> {
         self.ask_from(Meta::default(), make, timeout).await
     }
 
-    fn envelope(&self, meta: Meta, msg: S::Msg) -> Envelope<S::Msg> {
-        Envelope::new(meta, self.node.name(), None, msg)
-    }
-
-    fn count(&self, res: &Result<(), DeliveryError>) {
+    fn count(&self, res: &Result<(), DeliveryError>, local: bool) {
         match res {
-            Ok(()) if self.is_local() => self.node.stats.sent_local.inc(),
+            Ok(()) if local => self.node.stats.sent_local.inc(),
             Ok(()) => self.node.stats.sent_remote.inc(),
             Err(_) => self.node.stats.refused_to_senders.inc(),
         }
     }
 
-    pub(crate) fn send(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
-        let res = match &self.route {
-            Route::Local(mb) => mb.push(self.envelope(meta, msg)).map_err(|(e, _)| e),
-            Route::Remote(link) => link.send_deliver(self.addr.id, meta, &msg),
+    /// One attempt under the channel lock: numbers a message from outside any service, follows
+    /// the service if its old mailbox says it moved, and gives the number back if nothing was
+    /// queued (so no receiver waits for it).
+    fn attempt(
+        &self,
+        meta: Meta,
+        wait: bool,
+        msg: S::Msg,
+    ) -> Result<Attempt<S::Msg>, DeliveryError> {
+        let mut st = lock(&self.chan.state);
+        let client = meta.from.is_none();
+        let meta = if client {
+            st.client_seq += 1;
+            Meta {
+                from: Some(self.chan.client),
+                seq: st.client_seq,
+                ..meta
+            }
+        } else {
+            meta
         };
-        self.count(&res);
+        let mut msg = msg;
+        // A service moves at most a few times while one message looks for it.
+        for _ in 0..8 {
+            let (e, back): (DeliveryError, Option<S::Msg>) = match &st.route {
+                Route::Local(mb) => {
+                    let env = Envelope::new(meta, self.node.name(), None, msg);
+                    match mb.push_with(env, true) {
+                        Ok(()) => return Ok(Attempt::Sent(0)),
+                        Err((DeliveryError::Moved { node, epoch, .. }, env)) => {
+                            msg = env.msg;
+                            self.chan.repoint(&mut st, &self.node, &node, epoch);
+                            continue;
+                        }
+                        Err((
+                            e @ (DeliveryError::MailboxFull { .. }
+                            | DeliveryError::WindowFull { .. }),
+                            env,
+                        )) => (e, Some(env.msg)),
+                        Err((e, _)) => (e, None),
+                    }
+                }
+                Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
+                    Ok(queued) => return Ok(Attempt::Sent(queued)),
+                    Err(e @ DeliveryError::Backpressure { .. }) => (e, Some(msg)),
+                    Err(e) => (e, None),
+                },
+            };
+            if client {
+                st.client_seq -= 1;
+            }
+            return match back {
+                Some(m) if wait => Ok(Attempt::Full(e, st.route.clone(), m)),
+                _ => Err(e),
+            };
+        }
+        if client {
+            st.client_seq -= 1;
+        }
+        Err(DeliveryError::UnknownService {
+            id: self.addr.id,
+            node: st.node.clone(),
+        })
+    }
+
+    pub(crate) fn send(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
+        let res = self.attempt(meta, false, msg).map(drop);
+        self.count(&res, self.is_local());
         res
     }
 
     pub(crate) async fn send_wait(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
-        let res = match &self.route {
-            Route::Local(mb) => mb.push_wait(self.envelope(meta, msg)).await,
-            Route::Remote(link) => link.send_deliver_wait(self.addr.id, meta, &msg).await,
+        let mut msg = msg;
+        let res = loop {
+            match self.attempt(meta, true, msg) {
+                Ok(Attempt::Sent(queued)) => {
+                    if queued > 0 {
+                        // The guard must be gone before the await: other senders (some on
+                        // the thread that drains this link) share the channel.
+                        let route = lock(&self.chan.state).route.clone();
+                        if let Route::Remote(link) = route {
+                            link.settle(queued).await;
+                        }
+                    }
+                    break Ok(());
+                }
+                Ok(Attempt::Full(e, route, back)) => {
+                    msg = back;
+                    match (route, e) {
+                        (Route::Local(mb), DeliveryError::WindowFull { .. }) => {
+                            let from = meta.from.unwrap_or(self.chan.client);
+                            mb.wait_window(from).await
+                        }
+                        (Route::Local(mb), _) => mb.wait_room().await,
+                        (Route::Remote(link), DeliveryError::Backpressure { bytes_max, .. }) => {
+                            link.data_room(bytes_max).await
+                        }
+                        (Route::Remote(_), e) => break Err(e),
+                    }
+                }
+                Err(e) => break Err(e),
+            }
         };
-        self.count(&res);
+        self.count(&res, self.is_local());
         res
     }
 
@@ -145,7 +338,7 @@ impl<S: Service> ServiceRef<S> {
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let (ask, rx) = self.node.asks.open(self.addr.node.clone())?;
+        let (ask, rx) = self.node.asks.open(self.location())?;
         self.node.stats.asks_started.inc();
         let msg = make(ReplyTo::new(self.node.name().clone(), ask));
         let deadline = tokio::time::Instant::now() + timeout;
@@ -178,7 +371,7 @@ impl<S: Service> ServiceRef<S> {
             Ok(Ok(payload)) => payload,
             Ok(Err(_)) => {
                 return Err(AskError::NodeLost {
-                    node: self.addr.node.clone(),
+                    node: self.location(),
                 })
             }
             Err(_) => {

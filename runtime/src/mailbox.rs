@@ -5,15 +5,18 @@
 //! the sender, who may also wait for room.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::core::seq::{Offer, Watermark, Window};
 use crate::error::DeliveryError;
 use crate::ids::{KindKey, NodeName, ServiceId};
+use crate::wire::CarriedMsg;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of the runtime's locks leaves plain data behind (queues,
@@ -69,6 +72,76 @@ impl<M> Envelope<M> {
 struct State<M> {
     queue: VecDeque<Envelope<M>>,
     closed: bool,
+    /// Set when the service has moved away: pushes are handed back with its new place.
+    moved: Option<(NodeName, u64)>,
+    /// Per numbered sender, the receive window: releases in order, holds early messages,
+    /// drops copies. Keyed by ids peers choose, hence a tree rather than a fast hash map.
+    windows: BTreeMap<ServiceId, Window<Envelope<M>>>,
+    /// Some while a restored copy waits for the rest of its carried queue and its start:
+    /// arrivals wait here, in arrival order, so none overtakes a carried message.
+    parked: Option<Parked<M>>,
+    /// Messages handed over in a snapshot not yet committed: they still count against the
+    /// capacity, so a freeze does not let a second mailbox-full in behind them.
+    handed_over: usize,
+    /// Messages held early in the windows (reported, not counted against the capacity).
+    early: usize,
+}
+
+/// How a message comes to a mailbox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// A sender that does not wait: a full mailbox refuses and consumes the number.
+    Tell,
+    /// A sender that waits for room: a full mailbox refuses, the number stays open.
+    Wait,
+    /// Accepted earlier (parked at a restored copy): no capacity check.
+    Accepted,
+    /// Handed on by another node (a commit's leftovers, a tombstone): its sender may have
+    /// been told it was taken, so it may go past the capacity, up to twice it.
+    Forwarded,
+}
+
+impl<M> State<M> {
+    /// Messages waiting: queued, and parked at a restored copy.
+    fn depth(&self) -> usize {
+        self.queue.len() + self.handed_over + self.parked.as_ref().map_or(0, |p| p.msgs.len())
+    }
+
+    /// Queues messages a window released after a gap closed or a number was skipped.
+    fn release(&mut self, items: Vec<Envelope<M>>) {
+        self.early = self.early.saturating_sub(items.len());
+        self.queue.extend(items);
+    }
+}
+
+/// Arrivals at a restored copy before it may take them.
+struct Parked<M> {
+    msgs: VecDeque<Envelope<M>>,
+    /// Numbers refused while parked (the parking was full), skipped when the gate opens.
+    skips: Vec<(ServiceId, u64)>,
+    carried_done: bool,
+    started: bool,
+}
+
+/// Early messages held per sender window.
+pub(crate) const WINDOW_HELD_MAX: usize = 4096;
+/// Arrivals parked at a restored copy before it starts.
+pub(crate) const PARKED_MAX: usize = 65_536;
+
+/// What a window export of one sender holds: next number, early messages, skipped numbers.
+pub(crate) struct WindowExport<T> {
+    pub from: ServiceId,
+    pub next: u64,
+    pub early: Vec<T>,
+    pub skipped: Vec<u64>,
+}
+
+/// What a commit hands on from the source: the arrivals since the snapshot, in order, then
+/// early messages and skipped numbers still in its windows.
+pub(crate) struct Leftovers<M> {
+    pub queue: Vec<Envelope<M>>,
+    pub early: Vec<Envelope<M>>,
+    pub skipped: Vec<(ServiceId, u64)>,
 }
 
 /// A bounded, runtime-owned queue for one service.
@@ -80,6 +153,10 @@ pub(crate) struct Mailbox<M> {
     ready: Notify,
     space: Notify,
     space_waiters: AtomicUsize,
+    /// Set by the node to ask the runner to freeze after the message in hand.
+    pub freeze: std::sync::atomic::AtomicBool,
+    /// Copies dropped by the windows.
+    pub duplicates: AtomicUsize,
 }
 
 impl<M> Mailbox<M> {
@@ -92,67 +169,383 @@ impl<M> Mailbox<M> {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 closed: false,
+                moved: None,
+                windows: BTreeMap::new(),
+                parked: None,
+                handed_over: 0,
+                early: 0,
             }),
             ready: Notify::new(),
             space: Notify::new(),
             space_waiters: AtomicUsize::new(0),
+            freeze: std::sync::atomic::AtomicBool::new(false),
+            duplicates: AtomicUsize::new(0),
         }
     }
 
-    /// Queues `env`, or hands it back with the reason it was not taken.
+    /// A mailbox for a restored copy: windows from the snapshot, arrivals parked until
+    /// [`carried_done`](Self::carried_done) and [`start`](Self::start) both happened.
+    pub fn restored(
+        id: ServiceId,
+        kind: KindKey,
+        capacity: usize,
+        windows: Vec<WindowExport<Envelope<M>>>,
+    ) -> Self {
+        let mb = Self::new(id, kind, capacity);
+        {
+            let mut st = lock(&mb.state);
+            for w in windows {
+                let mut win = Window::from_watermark(Watermark(w.next.max(1)), WINDOW_HELD_MAX);
+                for env in w.early {
+                    let seq = env.seq;
+                    let _ = win.offer(seq, env);
+                }
+                for seq in w.skipped {
+                    let _ = win.skip(seq);
+                }
+                st.early += win.held();
+                st.windows.insert(w.from, win);
+            }
+            st.parked = Some(Parked {
+                msgs: VecDeque::new(),
+                skips: Vec::new(),
+                carried_done: false,
+                started: false,
+            });
+        }
+        mb
+    }
+
+    /// Queues `env`, or hands it back with the reason it was not taken. A numbered message
+    /// goes through its sender's window: a copy is dropped (and counts as taken), an early one
+    /// is held. When `wait` is false a refused number is consumed, so later ones still flow.
     // The envelope comes back by value on refusal so that it is never lost; boxing it would
     // allocate on the path that is already under pressure.
     #[allow(clippy::result_large_err)]
-    pub fn push(&self, env: Envelope<M>) -> Result<(), (DeliveryError, Envelope<M>)> {
-        {
+    pub fn push_with(
+        &self,
+        env: Envelope<M>,
+        wait: bool,
+    ) -> Result<(), (DeliveryError, Envelope<M>)> {
+        let mode = if wait { Admit::Wait } else { Admit::Tell };
+        let queued = {
             let mut st = lock(&self.state);
-            if st.closed {
-                return Err((DeliveryError::Stopped { id: self.id }, env));
-            }
-            if st.queue.len() >= self.capacity {
-                return Err((
-                    DeliveryError::MailboxFull {
-                        id: self.id,
-                        capacity: self.capacity,
-                    },
-                    env,
-                ));
-            }
-            st.queue.push_back(env);
-            debug_assert!(st.queue.len() <= self.capacity);
+            self.admit(&mut st, env, mode)?
+        };
+        if queued {
+            self.ready.notify_one();
         }
-        self.ready.notify_one();
         Ok(())
     }
 
-    /// Queues `env`, waiting for room while the mailbox is full.
-    pub async fn push_wait(&self, env: Envelope<M>) -> Result<(), DeliveryError> {
-        // Fast path: room now, no waiter bookkeeping.
-        let mut env = match self.push(env) {
-            Ok(()) => return Ok(()),
-            Err((DeliveryError::MailboxFull { .. }, back)) => back,
-            Err((e, _)) => return Err(e),
+    /// [`push_with`](Self::push_with) for a sender that does not wait.
+    #[cfg(test)]
+    #[allow(clippy::result_large_err)]
+    pub fn push(&self, env: Envelope<M>) -> Result<(), (DeliveryError, Envelope<M>)> {
+        self.push_with(env, false)
+    }
+
+    /// The admission rules, under the lock. Ok(true) when something was queued.
+    #[allow(clippy::result_large_err)]
+    fn admit(
+        &self,
+        st: &mut State<M>,
+        env: Envelope<M>,
+        mode: Admit,
+    ) -> Result<bool, (DeliveryError, Envelope<M>)> {
+        if st.closed {
+            return Err((DeliveryError::Stopped { id: self.id }, env));
+        }
+        if let Some((node, epoch)) = &st.moved {
+            return Err((
+                DeliveryError::Moved {
+                    id: self.id,
+                    node: node.clone(),
+                    epoch: *epoch,
+                },
+                env,
+            ));
+        }
+        let depth = st.depth();
+        if let Some(p) = st.parked.as_mut() {
+            // Parked arrivals count against the capacity like queued ones.
+            let full = match mode {
+                Admit::Accepted => false,
+                Admit::Forwarded => depth >= 2 * self.capacity,
+                Admit::Tell | Admit::Wait => depth >= self.capacity,
+            };
+            if full || p.msgs.len() >= PARKED_MAX {
+                if let (Some(from), Admit::Tell) = (env.from, mode) {
+                    if p.skips.len() < PARKED_MAX {
+                        p.skips.push((from, env.seq));
+                    }
+                }
+                return Err((self.full(), env));
+            }
+            p.msgs.push_back(env);
+            return Ok(false);
+        }
+        let full = match mode {
+            Admit::Accepted => false,
+            Admit::Forwarded => depth >= 2 * self.capacity,
+            Admit::Tell | Admit::Wait => depth >= self.capacity,
         };
+        let Some(from) = env.from else {
+            if full {
+                return Err((self.full(), env));
+            }
+            st.queue.push_back(env);
+            return Ok(true);
+        };
+        let w = st
+            .windows
+            .entry(from)
+            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
+        let seq = env.seq;
+        if seq < w.watermark().0 {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        // Early messages are bounded by the window, not the capacity: they wait on a message
+        // that comes another way, and must never hold up the stream that brings it.
+        if full && seq == w.watermark().0 {
+            // Only a waiting sender keeps its number open (it tries again).
+            if mode != Admit::Wait {
+                let released = w.skip(seq);
+                st.release(released);
+            }
+            return Err((self.full(), env));
+        }
+        // Messages taken once already are never refused: their count is bounded where they
+        // were taken (a mailbox's capacity, its parking).
+        match w.offer_bounded(seq, env, mode != Admit::Accepted) {
+            Offer::Release(items) => {
+                // All but the offered one were held early.
+                st.early = st.early.saturating_sub(items.len() - 1);
+                st.queue.extend(items);
+                Ok(true)
+            }
+            Offer::Held => {
+                st.early += 1;
+                Ok(false)
+            }
+            Offer::Duplicate => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
+            Offer::Full(env) if mode == Admit::Wait => {
+                // A waiting sender far ahead of a gap waits for it to close, number kept.
+                Err((
+                    DeliveryError::WindowFull {
+                        id: self.id,
+                        held_max: WINDOW_HELD_MAX,
+                    },
+                    env,
+                ))
+            }
+            Offer::Full(env) => {
+                let released = w.skip(seq);
+                let queued = !released.is_empty();
+                st.release(released);
+                if queued {
+                    self.ready.notify_one();
+                }
+                Err((
+                    DeliveryError::WindowFull {
+                        id: self.id,
+                        held_max: WINDOW_HELD_MAX,
+                    },
+                    env,
+                ))
+            }
+        }
+    }
+
+    fn full(&self) -> DeliveryError {
+        DeliveryError::MailboxFull {
+            id: self.id,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Consumes number `seq` of `from` without a message (it could not be decoded).
+    pub fn skip_number(&self, from: ServiceId, seq: u64) {
+        let queued = {
+            let mut st = lock(&self.state);
+            let st = &mut *st;
+            if let Some(p) = st.parked.as_mut() {
+                if p.skips.len() < PARKED_MAX {
+                    p.skips.push((from, seq));
+                }
+                false
+            } else {
+                let released = st
+                    .windows
+                    .entry(from)
+                    .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
+                    .skip(seq);
+                let queued = !released.is_empty();
+                st.release(released);
+                queued
+            }
+        };
+        if queued {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Freeze, source side: takes the queue and exports the windows (early messages encoded by
+    /// `encode`, and left in place: they are handed on again at commit, as copies).
+    pub fn take_for_snapshot<T>(
+        &self,
+        encode: impl Fn(&Envelope<M>) -> T,
+    ) -> (VecDeque<Envelope<M>>, Vec<WindowExport<T>>) {
+        let mut st = lock(&self.state);
+        let queue = std::mem::take(&mut st.queue);
+        st.handed_over = queue.len();
+        let windows = st
+            .windows
+            .iter()
+            .map(|(from, w)| WindowExport {
+                from: *from,
+                next: w.watermark().0,
+                early: w.held_items().map(&encode).collect(),
+                skipped: w.skipped_ahead().collect(),
+            })
+            .collect();
+        drop(st);
+        (queue, windows)
+    }
+
+    /// Abort, source side: the queue handed over goes back in front of what arrived meanwhile.
+    pub fn put_back(&self, mut queue: VecDeque<Envelope<M>>) {
+        {
+            let mut st = lock(&self.state);
+            st.handed_over = 0;
+            queue.append(&mut st.queue);
+            st.queue = queue;
+        }
+        self.ready.notify_one();
+    }
+
+    /// Commit, source side: from now on pushes are handed back with the new place; returns
+    /// what must follow the snapshot to the target.
+    pub fn retire(&self, node: NodeName, epoch: u64) -> Leftovers<M> {
+        let left = {
+            let mut st = lock(&self.state);
+            st.moved = Some((node, epoch));
+            st.handed_over = 0;
+            st.early = 0;
+            let queue: Vec<Envelope<M>> = st.queue.drain(..).collect();
+            let mut early = Vec::new();
+            let mut skipped = Vec::new();
+            for (from, w) in std::mem::take(&mut st.windows) {
+                skipped.extend(w.skipped_ahead().map(|seq| (from, seq)));
+                early.extend(w.into_held_items());
+            }
+            Leftovers {
+                queue,
+                early,
+                skipped,
+            }
+        };
+        self.ready.notify_one();
+        self.space.notify_waiters();
+        left
+    }
+
+    /// Restored copy: a carried message, already released by the source's windows.
+    pub fn push_carried(&self, env: Envelope<M>) {
+        lock(&self.state).queue.push_back(env);
+        self.ready.notify_one();
+    }
+
+    /// Restored copy: the carried queue is complete. Returns parked arrivals the windows
+    /// refused when the gate opened, for their senders to be told.
+    pub fn carried_done(&self) -> Vec<(DeliveryError, Envelope<M>)> {
+        self.open_gate(|p| p.carried_done = true)
+    }
+
+    /// Restored copy: it may run. Returns refusals as [`carried_done`](Self::carried_done).
+    pub fn start(&self) -> Vec<(DeliveryError, Envelope<M>)> {
+        self.open_gate(|p| p.started = true)
+    }
+
+    /// True while arrivals are parked (a restored copy not yet started or not yet complete).
+    pub fn is_gated(&self) -> bool {
+        lock(&self.state).parked.is_some()
+    }
+
+    fn open_gate(&self, mark: impl FnOnce(&mut Parked<M>)) -> Vec<(DeliveryError, Envelope<M>)> {
+        let mut refused = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let Some(p) = st.parked.as_mut() else {
+                return refused;
+            };
+            mark(p);
+            if !(p.carried_done && p.started) {
+                return refused;
+            }
+            let Some(p) = st.parked.take() else {
+                return refused;
+            };
+            for (from, seq) in p.skips {
+                let released = st
+                    .windows
+                    .entry(from)
+                    .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
+                    .skip(seq);
+                st.release(released);
+            }
+            for env in p.msgs {
+                // Accepted already: through the windows, past the capacity check.
+                if let Err(r) = self.admit(&mut st, env, Admit::Accepted) {
+                    refused.push(r);
+                }
+            }
+        }
+        self.ready.notify_one();
+        refused
+    }
+
+    /// Aborted copy: closes the mailbox, drops the carried queue (the source still has it) and
+    /// returns the arrivals that were parked, to go on to the source.
+    pub fn discard(&self) -> Vec<Envelope<M>> {
+        let parked = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            st.queue.clear();
+            st.parked.take().map(|p| p.msgs.into()).unwrap_or_default()
+        };
+        self.ready.notify_one();
+        self.space.notify_waiters();
+        parked
+    }
+
+    /// Returns once the receive window of `from` can hold another early message (or the
+    /// mailbox closed or moved). Woken like [`wait_room`](Self::wait_room), by pops.
+    pub async fn wait_window(&self, from: ServiceId) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.space_waiters.fetch_add(1, Ordering::SeqCst);
-            let res = self.push(env);
-            match res {
-                Ok(()) => {
-                    self.space_waiters.fetch_sub(1, Ordering::SeqCst);
-                    return Ok(());
-                }
-                Err((DeliveryError::MailboxFull { .. }, back)) => {
-                    env = back;
-                    notified.await;
-                    self.space_waiters.fetch_sub(1, Ordering::SeqCst);
-                }
-                Err((e, _)) => {
-                    self.space_waiters.fetch_sub(1, Ordering::SeqCst);
-                    return Err(e);
-                }
+            let room = {
+                let st = lock(&self.state);
+                st.closed
+                    || st.moved.is_some()
+                    || st
+                        .windows
+                        .get(&from)
+                        .is_none_or(|w| w.held() < WINDOW_HELD_MAX)
+            };
+            if !room {
+                notified.await;
+            }
+            self.space_waiters.fetch_sub(1, Ordering::SeqCst);
+            if room {
+                return;
             }
         }
     }
@@ -166,7 +559,7 @@ impl<M> Mailbox<M> {
             self.space_waiters.fetch_add(1, Ordering::SeqCst);
             let room = {
                 let st = lock(&self.state);
-                st.closed || st.queue.len() < self.capacity
+                st.closed || st.depth() < self.capacity
             };
             if !room {
                 notified.await;
@@ -184,7 +577,7 @@ impl<M> Mailbox<M> {
         let (env, left) = {
             let mut st = lock(&self.state);
             let env = st.queue.pop_front();
-            (env, st.queue.len())
+            (env, st.depth())
         };
         if env.is_some()
             && left <= self.capacity / 2
@@ -221,17 +614,80 @@ impl<M> Mailbox<M> {
     }
 }
 
+/// A commit's leftovers, encoded: each message, or why it could not be encoded; then the
+/// numbers refused since the snapshot, `(sender, seq)`.
+pub(crate) type EncodedLeftovers = (Vec<Result<CarriedMsg, Box<Refusal>>>, Vec<(ServiceId, u64)>);
+
+/// A message refused after it was accepted elsewhere (parked at a restored copy, forwarded),
+/// described without its type so the node can tell its sender.
+pub(crate) struct Refusal {
+    pub from: Option<ServiceId>,
+    pub seq: u64,
+    pub ask: Option<AskOrigin>,
+    pub origin: Option<NodeName>,
+    pub reason: DeliveryError,
+}
+
+impl<M> Envelope<M> {
+    pub(crate) fn refusal(self, reason: DeliveryError) -> Refusal {
+        Refusal {
+            from: self.from,
+            seq: self.seq,
+            ask: self.ask,
+            origin: self.origin,
+            reason,
+        }
+    }
+}
+
+/// An envelope as it travels in a snapshot or a forward: its message as MessagePack.
+pub(crate) fn encode_envelope<M: Serialize>(
+    env: &Envelope<M>,
+) -> Result<CarriedMsg, DeliveryError> {
+    Ok(CarriedMsg {
+        from: env.from,
+        seq: env.seq,
+        ask: env.ask.as_ref().map(|a| (a.node.clone(), a.ask)),
+        origin: env.origin.clone(),
+        msg: rmp_serde::to_vec(&env.msg).map_err(|e| DeliveryError::Encode(e.to_string()))?,
+    })
+}
+
+pub(crate) fn decode_envelope<M: DeserializeOwned>(
+    id: ServiceId,
+    kind: &KindKey,
+    c: &CarriedMsg,
+) -> Result<Envelope<M>, DeliveryError> {
+    let msg: M = rmp_serde::from_slice(&c.msg).map_err(|e| DeliveryError::BadMessage {
+        id,
+        kind: kind.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(Envelope {
+        from: c.from,
+        seq: c.seq,
+        ask: c.ask.as_ref().map(|(node, ask)| AskOrigin {
+            node: node.clone(),
+            ask: *ask,
+        }),
+        origin: c.origin.clone(),
+        msg,
+    })
+}
+
 /// A local service seen without its types: what the node needs to route bytes from the network
 /// to it and to find it again by type.
 pub(crate) trait Slot: Send + Sync + 'static {
     fn kind(&self) -> &KindKey;
     fn depth(&self) -> usize;
     fn capacity(&self) -> usize;
-    /// Decodes `bytes` as the service's message type and queues it.
+    /// Decodes `bytes` as the service's message type and queues it. `asker` is the node
+    /// waiting on `meta.ask`; `wait` keeps the number open when the mailbox is full.
     fn deliver_bytes(
         &self,
         meta: Meta,
-        origin: &NodeName,
+        nodes: (&NodeName, &NodeName),
+        wait: bool,
         bytes: &[u8],
     ) -> Result<(), DeliveryError>;
     /// Decodes and queues `msgs[start..]` (numbered from `first_seq + start` when `from` is a
@@ -240,15 +696,39 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn deliver_run(
         &self,
         sender: (Option<ServiceId>, u64, &NodeName),
+        wait: bool,
         msgs: &[&serde_bytes::Bytes],
         start: usize,
     ) -> (usize, Option<DeliveryError>);
+    /// A message handed on by another node (see `Admit::Forwarded`).
+    fn deliver_forwarded(
+        &self,
+        msg: &CarriedMsg,
+        origin: &NodeName,
+        hand: crate::migrate::Hand,
+    ) -> Result<(), DeliveryError>;
+    /// Commit, source side: marks the mailbox moved and returns what must follow the snapshot,
+    /// encoded: arrivals since the snapshot in order, early messages, skipped numbers.
+    fn retire_encoded(&self, node: NodeName, epoch: u64) -> EncodedLeftovers;
+    /// Restored copy: one carried message.
+    fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError>;
+    /// Restored copy: the carried queue is complete.
+    fn carried_complete(&self) -> Vec<Refusal>;
+    /// Consumes a number whose message could not be taken at all.
+    fn skip(&self, from: ServiceId, seq: u64);
+    /// Asks the runner to freeze after the message in hand.
+    fn request_freeze(&self);
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
+    /// Resolves once the window of `from` has room (see `Mailbox::wait_window`).
+    fn window_room(
+        &self,
+        from: ServiceId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
 }
 
-impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
+impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     fn kind(&self) -> &KindKey {
         &self.kind
     }
@@ -264,70 +744,153 @@ impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     fn deliver_bytes(
         &self,
         meta: Meta,
-        origin: &NodeName,
+        (asker, origin): (&NodeName, &NodeName),
+        wait: bool,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
-        let msg: M = rmp_serde::from_slice(bytes).map_err(|e| DeliveryError::BadMessage {
-            id: self.id,
-            kind: self.kind.clone(),
-            detail: e.to_string(),
-        })?;
-        self.push(Envelope::new(meta, origin, Some(origin), msg))
+        let msg: M = match rmp_serde::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(from) = meta.from {
+                    self.skip_number(from, meta.seq);
+                }
+                return Err(DeliveryError::BadMessage {
+                    id: self.id,
+                    kind: self.kind.clone(),
+                    detail: e.to_string(),
+                });
+            }
+        };
+        self.push_with(Envelope::new(meta, asker, Some(origin), msg), wait)
             .map_err(|(e, _)| e)
     }
 
     fn deliver_run(
         &self,
         (from, first_seq, origin): (Option<ServiceId>, u64, &NodeName),
+        wait: bool,
         msgs: &[&serde_bytes::Bytes],
         start: usize,
     ) -> (usize, Option<DeliveryError>) {
+        let mode = if wait { Admit::Wait } else { Admit::Tell };
         let mut next = start;
+        let mut queued = false;
         let stopped = {
             let mut st = lock(&self.state);
             loop {
                 if next == msgs.len() {
                     break None;
                 }
-                if st.closed {
-                    break Some(DeliveryError::Stopped { id: self.id });
-                }
-                if st.queue.len() >= self.capacity {
-                    break Some(DeliveryError::MailboxFull {
-                        id: self.id,
-                        capacity: self.capacity,
-                    });
-                }
-                let msg: M = match rmp_serde::from_slice(msgs[next]) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        break Some(DeliveryError::BadMessage {
-                            id: self.id,
-                            kind: self.kind.clone(),
-                            detail: e.to_string(),
-                        })
-                    }
-                };
                 // The caller checked that the numbering does not overflow.
                 let seq = if from.is_some() {
                     first_seq + next as u64
                 } else {
                     first_seq
                 };
-                st.queue.push_back(Envelope {
+                let msg: M = match rmp_serde::from_slice(msgs[next]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if let Some(from) = from {
+                            let released = st
+                                .windows
+                                .entry(from)
+                                .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
+                                .skip(seq);
+                            queued |= !released.is_empty();
+                            st.release(released);
+                        }
+                        break Some(DeliveryError::BadMessage {
+                            id: self.id,
+                            kind: self.kind.clone(),
+                            detail: e.to_string(),
+                        });
+                    }
+                };
+                let env = Envelope {
                     from,
                     seq,
                     ask: None,
                     origin: Some(origin.clone()),
                     msg,
-                });
+                };
+                match self.admit(&mut st, env, mode) {
+                    Ok(q) => queued |= q,
+                    Err((e, _)) => break Some(e),
+                }
                 next += 1;
             }
         };
-        if next > start {
+        if queued {
             self.ready.notify_one();
         }
         (next, stopped)
+    }
+
+    fn deliver_forwarded(
+        &self,
+        msg: &CarriedMsg,
+        origin: &NodeName,
+        hand: crate::migrate::Hand,
+    ) -> Result<(), DeliveryError> {
+        let env = match decode_envelope::<M>(self.id, &self.kind, msg) {
+            Ok(mut env) => {
+                env.origin.get_or_insert_with(|| origin.clone());
+                env
+            }
+            Err(e) => {
+                if let Some(from) = msg.from {
+                    self.skip_number(from, msg.seq);
+                }
+                return Err(e);
+            }
+        };
+        let queued = {
+            let mut st = lock(&self.state);
+            // A waiting sender's message waits like a direct one; one taken already is never
+            // refused for room; others may go past the capacity, up to twice it.
+            let mode = match hand {
+                crate::migrate::Hand::Wait => Admit::Wait,
+                crate::migrate::Hand::Accepted => Admit::Accepted,
+                crate::migrate::Hand::Tell => Admit::Forwarded,
+            };
+            self.admit(&mut st, env, mode).map_err(|(e, _)| e)?
+        };
+        if queued {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    fn retire_encoded(&self, node: NodeName, epoch: u64) -> EncodedLeftovers {
+        let left = self.retire(node, epoch);
+        let msgs = left
+            .queue
+            .into_iter()
+            .chain(left.early)
+            .map(|env| encode_envelope(&env).map_err(|e| Box::new(env.refusal(e))))
+            .collect();
+        (msgs, left.skipped)
+    }
+
+    fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError> {
+        self.push_carried(decode_envelope(self.id, &self.kind, msg)?);
+        Ok(())
+    }
+
+    fn carried_complete(&self) -> Vec<Refusal> {
+        self.carried_done()
+            .into_iter()
+            .map(|(reason, env)| env.refusal(reason))
+            .collect()
+    }
+
+    fn skip(&self, from: ServiceId, seq: u64) {
+        self.skip_number(from, seq);
+    }
+
+    fn request_freeze(&self) {
+        self.freeze.store(true, Ordering::SeqCst);
+        self.ready.notify_one();
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
@@ -336,6 +899,13 @@ impl<M: DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
         Box::pin(self.wait_room())
+    }
+
+    fn window_room(
+        &self,
+        from: ServiceId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(self.wait_window(from))
     }
 }
 

@@ -8,19 +8,24 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use actix::prelude::*;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::certs::NodeIdentity;
 use crate::core::directory::{Associations, BookEdge, BookIndex};
 use crate::error::{AskError, DeliveryError, Error};
+use crate::handle::{AnyChannel, Channel};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
+use crate::mailbox::Refusal;
 use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
+use crate::migrate::{Driver, Go, InCopy, MigrateOptions, MigrationReport, MigrationStats};
+use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::{self, PeerLink, PeerStatus};
-use crate::wire::{self, Frame};
+use crate::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
 
 /// Bounds on every table and queue of a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +50,16 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// Pending timers per service.
     pub timers_per_service_max: usize,
+    /// Largest service state a migration may bring to this node, in bytes.
+    pub snapshot_bytes_max: usize,
+    /// Most queued messages a migration may carry to this node.
+    pub snapshot_carried_max: usize,
+    /// Time a source waits for the target's answer before it aborts, in milliseconds.
+    pub migration_deadline_ms: u64,
+    /// Tombstones kept (the oldest is forgotten first).
+    pub tombstones_max: usize,
+    /// Peers allowed to push migrations to this node; empty means every peer.
+    pub migration_peers: Vec<String>,
 }
 
 impl Default for Limits {
@@ -60,6 +75,11 @@ impl Default for Limits {
             events_max: 256,
             handshake_timeout_ms: 5_000,
             timers_per_service_max: 1024,
+            snapshot_bytes_max: 256 << 20,
+            snapshot_carried_max: 1_000_000,
+            migration_deadline_ms: 10_000,
+            tombstones_max: 65_536,
+            migration_peers: Vec::new(),
         }
     }
 }
@@ -127,9 +147,89 @@ pub struct ServiceInfo {
 }
 
 type RestoreFn = fn(&Arc<NodeShared>, &[u8]) -> Result<ServiceAddr, Error>;
+type RestorePausedFn =
+    fn(&Arc<NodeShared>, &NodeName, SnapHeader, Vec<u8>) -> Result<InCopy, Error>;
 
 struct KindEntry {
     restore: RestoreFn,
+    restore_paused: RestorePausedFn,
+}
+
+/// Builds a paused copy of a migrating service from its snapshot; the copy is registered and
+/// its runner spawned only when the core installs it.
+fn restore_paused<S: Service>(
+    node: &Arc<NodeShared>,
+    source: &NodeName,
+    header: SnapHeader,
+    state: Vec<u8>,
+) -> Result<InCopy, Error> {
+    let kind = S::kind_key();
+    let bad = |what: &str, e: String| Error::State {
+        kind: kind.clone(),
+        detail: format!("{what}: {e}"),
+    };
+    let value: S = rmp_serde::from_slice(&state).map_err(|e| bad("state", e.to_string()))?;
+    let mut timers = Vec::with_capacity(header.timers.len());
+    for t in &header.timers {
+        let msg: S::Msg = rmp_serde::from_slice(&t.msg).map_err(|e| bad("timer", e.to_string()))?;
+        timers.push((Duration::from_micros(t.after_us), msg));
+    }
+    let mut windows = Vec::with_capacity(header.windows.len());
+    for w in &header.windows {
+        let mut early = Vec::with_capacity(w.early.len());
+        for m in &w.early {
+            early.push(
+                crate::mailbox::decode_envelope::<S::Msg>(header.id, &kind, m)
+                    .map_err(|e| bad("early message", e.to_string()))?,
+            );
+        }
+        windows.push(crate::mailbox::WindowExport {
+            from: w.from,
+            next: w.next,
+            early,
+            skipped: w.skipped.clone(),
+        });
+    }
+    let capacity = node.limits.mailbox_capacity;
+    let mailbox = Arc::new(Mailbox::<S::Msg>::restored(
+        header.id,
+        kind.clone(),
+        capacity,
+        windows,
+    ));
+    let slot: Arc<dyn Slot> = mailbox.clone();
+    let restored = Restored {
+        timers,
+        seqs: header.send_seqs.clone(),
+        source: source.clone(),
+    };
+    let install = {
+        let node = node.clone();
+        let id = header.id;
+        let parent = header.parent;
+        move |go: oneshot::Receiver<Go>| -> Result<(), Error> {
+            let addr = ServiceAddr {
+                id,
+                kind: S::kind_key(),
+                node: node.name.clone(),
+            };
+            node.register_local(id, mailbox.clone(), addr.clone(), parent)?;
+            let chan = node.channel::<S::Msg>(&addr)?;
+            let me = ServiceRef::new(addr, node.clone(), chan);
+            let runner = {
+                let node = node.clone();
+                move || {
+                    actix_rt::spawn(run_restored(value, me, mailbox, node, restored, go));
+                }
+            };
+            node.run_on_node(runner, id)
+        }
+    };
+    Ok(InCopy {
+        header,
+        slot,
+        install: Mutex::new(Some(Box::new(install))),
+    })
 }
 
 fn restore_service<S: Service>(node: &Arc<NodeShared>, bytes: &[u8]) -> Result<ServiceAddr, Error> {
@@ -210,6 +310,10 @@ pub(crate) struct NodeShared {
     arbiter: OnceLock<actix_rt::ArbiterHandle>,
     thread: OnceLock<ThreadId>,
     pub stopping: AtomicBool,
+    /// Runs the migration protocol core for this node.
+    pub driver: Driver,
+    /// Per target service, the channel every handle on this node shares.
+    channels: Mutex<IdMap<Arc<dyn AnyChannel>>>,
 }
 
 fn random_prefix() -> Result<u64, Error> {
@@ -253,6 +357,7 @@ impl NodeShared {
             .entry(S::kind_key())
             .or_insert(KindEntry {
                 restore: restore_service::<S>,
+                restore_paused: restore_paused::<S>,
             });
     }
 
@@ -288,6 +393,29 @@ impl NodeShared {
             kind,
             self.limits.mailbox_capacity,
         ));
+        self.register_local(id, mailbox.clone(), addr.clone(), parent)?;
+        self.stats.services_started.inc();
+        let chan = self.channel::<S::Msg>(&addr)?;
+        let me = ServiceRef::new(addr, self.clone(), chan);
+        let runner = {
+            let me = me.clone();
+            let node = self.clone();
+            move || {
+                actix_rt::spawn(run_service(state, me, mailbox, node));
+            }
+        };
+        self.run_on_node(runner, id)?;
+        Ok(me)
+    }
+
+    /// Adds a local service to the table (bounded by `services_max`).
+    pub fn register_local(
+        &self,
+        id: ServiceId,
+        slot: Arc<dyn Slot>,
+        addr: ServiceAddr,
+        parent: Option<ServiceId>,
+    ) -> Result<(), Error> {
         {
             let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
             if services.len() >= self.limits.services_max {
@@ -296,37 +424,206 @@ impl NodeShared {
                     max: self.limits.services_max,
                 });
             }
-            services.insert(
-                id,
-                LocalService {
-                    slot: mailbox.clone(),
-                    addr: addr.clone(),
-                    parent,
-                },
-            );
+            services.insert(id, LocalService { slot, addr, parent });
         }
         if let Some(p) = parent {
             lock(&self.children).entry(p).or_default().insert(id);
         }
-        self.stats.services_started.inc();
-        let me = ServiceRef::new(addr, self.clone(), Route::Local(mailbox.clone()));
-        let runner = {
-            let me = me.clone();
-            let node = self.clone();
-            move || {
-                actix_rt::spawn(run_service(state, me, mailbox, node));
-            }
-        };
+        Ok(())
+    }
+
+    /// Runs `runner` on the node's thread (it spawns a service's task there).
+    pub fn run_on_node(
+        &self,
+        runner: impl FnOnce() + Send + 'static,
+        id: ServiceId,
+    ) -> Result<(), Error> {
         if self.on_node_thread() {
             runner();
+            return Ok(());
+        }
+        let spawned = self.arbiter.get().is_some_and(|a| a.spawn_fn(runner));
+        if !spawned {
+            self.forget_service(id);
+            return Err(Error::Stopped);
+        }
+        Ok(())
+    }
+
+    /// The parent of local service `id` in its assembly tree.
+    pub fn parent_of(&self, id: ServiceId) -> Option<ServiceId> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .and_then(|s| s.parent)
+    }
+
+    /// The channel from this node to `addr`'s service, shared by every handle made here. Made
+    /// on first use, pointing where the directory last saw the service (else at `addr.node`).
+    pub fn channel<M: DeserializeOwned + Send + 'static>(
+        &self,
+        addr: &ServiceAddr,
+    ) -> Result<Arc<Channel<M>>, DeliveryError> {
+        let mut table = lock(&self.channels);
+        if let Some(c) = table.get(&addr.id) {
+            return c.clone().into_any().downcast::<Channel<M>>().map_err(|_| {
+                DeliveryError::KindMismatch {
+                    id: addr.id,
+                    expected: addr.kind.clone(),
+                    actual: self
+                        .slot(addr.id)
+                        .map(|s| s.kind().clone())
+                        .unwrap_or_else(|| addr.kind.clone()),
+                }
+            });
+        }
+        let (at, epoch) = self
+            .driver
+            .location(addr.id)
+            .unwrap_or_else(|| (addr.node.clone(), 0));
+        let route = if at == self.name {
+            let slot = self
+                .slot(addr.id)
+                .ok_or_else(|| DeliveryError::UnknownService {
+                    id: addr.id,
+                    node: self.name.clone(),
+                })?;
+            let actual = slot.kind().clone();
+            Route::Local(slot.into_any().downcast::<Mailbox<M>>().map_err(|_| {
+                DeliveryError::KindMismatch {
+                    id: addr.id,
+                    expected: addr.kind.clone(),
+                    actual,
+                }
+            })?)
         } else {
-            let spawned = self.arbiter.get().is_some_and(|a| a.spawn_fn(runner));
-            if !spawned {
-                self.forget_service(id);
-                return Err(Error::Stopped);
+            Route::Remote(
+                self.peer(&at)
+                    .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?,
+            )
+        };
+        let client =
+            ServiceId::from_parts(self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let chan = Arc::new(Channel::new(addr.id, client, route, at, epoch));
+        // Past the bound a handle still works, with a channel of its own that the rebuild
+        // does not reach (the tombstone still forwards for it).
+        if table.len() < self.limits.services_max {
+            table.insert(addr.id, chan.clone());
+        }
+        Ok(chan)
+    }
+
+    /// Channel rebuild on this node: `id` runs on `node` since `epoch`. Repoints the shared
+    /// channel and rewrites every book entry naming it. Returns the entries rewritten.
+    pub fn relocated(&self, id: ServiceId, node: &NodeName, epoch: u64) -> usize {
+        let chan = lock(&self.channels).get(&id).cloned();
+        if let Some(c) = chan {
+            c.relocate(self, node, epoch);
+        }
+        let n = lock(&self.books).relocate(id, node);
+        self.driver.count_rebuilt(n);
+        n
+    }
+
+    /// A service left this node by migration: forget it without stopping anything.
+    pub fn forget_moved(&self, id: ServiceId) {
+        self.forget_service(id);
+    }
+
+    /// Hands messages for `id` on to node `to` (after a commit, or back to the source after an
+    /// abort), keeping their numbering; what cannot go is refused to its sender.
+    pub fn hand_on<M: Serialize>(&self, id: ServiceId, to: &NodeName, msgs: Vec<Envelope<M>>) {
+        for env in msgs {
+            let origin = env.origin.clone().unwrap_or_else(|| self.name.clone());
+            let res = crate::mailbox::encode_envelope(&env).and_then(|m| {
+                crate::migrate::forward(self, to, id, &origin, m, crate::migrate::Hand::Accepted)
+            });
+            if let Err(e) = res {
+                self.refuse_envelope(id, env.refusal(e));
             }
         }
-        Ok(me)
+    }
+
+    /// Tells node `to` which numbers for `id` were refused here, so its windows go on.
+    pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)]) {
+        let Some(link) = self.peer(to) else {
+            return;
+        };
+        for (from, seq) in skipped {
+            if let Err(e) = link.data.push(
+                &link.name,
+                &Frame::Skipped {
+                    to: id,
+                    from: *from,
+                    seq: *seq,
+                },
+            ) {
+                self.event("skip-lost", format!("to {to}: {e}"));
+            }
+        }
+    }
+
+    /// Tells the sender of a message accepted earlier that it was not delivered after all.
+    pub fn refuse_envelope(&self, to: ServiceId, r: Refusal) {
+        self.stats.refused_from_peers.inc();
+        match (&r.ask, &r.origin) {
+            (Some(ask), _) => self.refuse_ask(ask, r.reason),
+            (None, Some(origin)) if *origin != self.name => {
+                if let Some(link) = self.peer(origin) {
+                    let _ = link.push_ctrl(&Frame::Refused {
+                        to,
+                        from: r.from,
+                        seq: r.seq,
+                        reason: r.reason,
+                    });
+                }
+            }
+            _ => self.event(
+                "refused",
+                format!("message {} to {to} from this node: {}", r.seq, r.reason),
+            ),
+        }
+    }
+
+    /// Migrates `id` in the background (asked by the service itself); the outcome goes to the
+    /// event log.
+    pub fn migrate_detached(self: &Arc<Self>, id: ServiceId, to: NodeName, opts: MigrateOptions) {
+        let rx = self.driver.migrate(self, id, to, opts);
+        let node = self.clone();
+        actix_rt::spawn(async move {
+            if let Ok(report) = rx.await {
+                node.event("migration", describe(&report));
+            }
+        });
+    }
+
+    /// Builds a paused copy from a received snapshot, through the kind registry.
+    pub fn restore_paused(
+        self: &Arc<Self>,
+        source: &NodeName,
+        header: SnapHeader,
+        state: Vec<u8>,
+    ) -> Result<InCopy, Error> {
+        let f = self
+            .kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&header.kind)
+            .map(|k| k.restore_paused)
+            .ok_or_else(|| Error::UnknownKind {
+                kind: header.kind.clone(),
+                node: self.name.clone(),
+            })?;
+        f(self, source, header, state)
+    }
+
+    /// True when kind `kind` is registered here.
+    pub fn has_kind(&self, kind: &KindKey) -> bool {
+        self.kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(kind)
     }
 
     /// Decodes `state` as `kind` through the registry and starts it here.
@@ -356,35 +653,8 @@ impl NodeShared {
                 actual: addr.kind.clone(),
             });
         }
-        let node = self.clone();
-        if addr.node == self.name {
-            let slot = self
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&addr.id)
-                .map(|s| s.slot.clone())
-                .ok_or_else(|| DeliveryError::UnknownService {
-                    id: addr.id,
-                    node: self.name.clone(),
-                })?;
-            let actual = slot.kind().clone();
-            let mailbox = slot.into_any().downcast::<Mailbox<S::Msg>>().map_err(|_| {
-                DeliveryError::KindMismatch {
-                    id: addr.id,
-                    expected: S::kind_key(),
-                    actual,
-                }
-            })?;
-            Ok(ServiceRef::new(addr.clone(), node, Route::Local(mailbox)))
-        } else {
-            let link = self
-                .peer(&addr.node)
-                .ok_or_else(|| DeliveryError::UnknownNode {
-                    node: addr.node.clone(),
-                })?;
-            Ok(ServiceRef::new(addr.clone(), node, Route::Remote(link)))
-        }
+        let chan = self.channel::<S::Msg>(addr)?;
+        Ok(ServiceRef::new(addr.clone(), self.clone(), chan))
     }
 
     pub fn reply<R: Serialize + Send + 'static>(
@@ -432,6 +702,8 @@ impl NodeShared {
     /// Called by a service's runner when it stops, with what was still queued.
     pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>) {
         self.forget_service(id);
+        lock(&self.channels).remove(&id);
+        self.driver.unhost(id);
         for edge in lock(&self.books).remove_holder(id) {
             self.broadcast_ctrl(&Frame::BookChange { edge, added: false });
         }
@@ -485,16 +757,46 @@ impl NodeShared {
 
     /// A message from peer `origin` for local service `to`. `cache` keeps the last target a
     /// stream delivered to, since consecutive frames usually share one.
+    /// A message that is not for a service here: a tombstone forwards it.
     pub fn deliver_remote(
-        &self,
+        self: &Arc<Self>,
         cache: &mut Option<(ServiceId, Arc<dyn Slot>)>,
         origin: &NodeName,
         to: ServiceId,
-        meta: Meta,
+        (meta, wait): (Meta, bool),
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
-        let slot = self.cached_slot(cache, to)?;
-        slot.deliver_bytes(meta, origin, bytes)
+        let mut res = match self.cached_slot(cache, to) {
+            Ok(slot) => slot.deliver_bytes(meta, (origin, origin), wait, bytes),
+            Err(e) => Err(e),
+        };
+        if matches!(res, Err(DeliveryError::Moved { .. })) {
+            // The stream's cache held an instance that has moved; the service may be back.
+            *cache = None;
+            res = match self.cached_slot(cache, to) {
+                Ok(slot) => slot.deliver_bytes(meta, (origin, origin), wait, bytes),
+                Err(e) => Err(e),
+            };
+        }
+        match res {
+            Err(DeliveryError::UnknownService { .. } | DeliveryError::Moved { .. }) => {
+                *cache = None;
+                let msg = CarriedMsg {
+                    from: meta.from,
+                    seq: meta.seq,
+                    ask: meta.ask.map(|a| (origin.clone(), a)),
+                    origin: Some(origin.clone()),
+                    msg: bytes.to_vec(),
+                };
+                let hand = if wait {
+                    crate::migrate::Hand::Wait
+                } else {
+                    crate::migrate::Hand::Tell
+                };
+                crate::migrate::forward_by_tombstone(self, to, origin, msg, hand)
+            }
+            other => other,
+        }
     }
 
     /// The local service `id`, untyped.
@@ -686,6 +988,10 @@ impl Actor for NodeActor {
         ctx.run_interval(Duration::from_millis(250), |act, _| {
             transport::maintain_links(&act.shared)
         });
+        // The migration core's clock: deadlines and queries of prepared copies.
+        ctx.run_interval(Duration::from_millis(10), |act, _| {
+            act.shared.driver.tick(&act.shared)
+        });
     }
 }
 
@@ -796,6 +1102,12 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         arbiter: OnceLock::new(),
         thread: OnceLock::new(),
         stopping: AtomicBool::new(false),
+        driver: Driver::new(
+            name.clone(),
+            limits.migration_deadline_ms,
+            limits.tombstones_max,
+        ),
+        channels: Mutex::new(IdMap::default()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -947,6 +1259,41 @@ impl NodeHandle {
         self.shared.associations(id)
     }
 
+    /// Moves service `id` to node `to` while it runs, and reports how it went. The service may
+    /// be on this node or on a peer (the request then goes to the node hosting it).
+    ///
+    /// ```no_run
+    /// # async fn demo(phone: tern::NodeHandle, id: tern::ServiceId) -> Result<(), tern::Error> {
+    /// let report = phone.migrate(id, "tv", tern::MigrateOptions::default()).await?;
+    /// if report.committed() {
+    ///     println!("moved in {} us of freeze, {} messages carried", report.freeze_us, report.carried);
+    /// } else {
+    ///     println!("still here: {:?}", report.aborted);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate(
+        &self,
+        id: ServiceId,
+        to: &str,
+        opts: MigrateOptions,
+    ) -> Result<MigrationReport, Error> {
+        self.shared.migrate(id, NodeName::new(to), opts).await
+    }
+
+    /// Counters of this node's migrations: committed, aborted by reason, freeze histogram.
+    pub fn migration_stats(&self) -> MigrationStats {
+        self.shared.driver.stats()
+    }
+
+    /// Where this node believes service `id` runs.
+    pub fn location(&self, id: ServiceId) -> Option<NodeName> {
+        if self.shared.slot(id).is_some() {
+            return Some(self.name().clone());
+        }
+        self.shared.driver.location(id).map(|(n, _)| n)
+    }
+
     /// Children of `id` in its assembly tree (on this node).
     pub fn children(&self, id: ServiceId) -> Vec<ServiceId> {
         lock(&self.shared.children)
@@ -1018,6 +1365,78 @@ impl NodeHandle {
         }
     }
 }
+
+/// One line describing a migration report, for the event log.
+pub(crate) fn describe(r: &MigrationReport) -> String {
+    match &r.aborted {
+        None => format!(
+            "{} moved {} to {} (epoch {}): freeze {} us, total {} us, {} bytes, {} carried, {} forwarded",
+            r.migration, r.service, r.to, r.epoch, r.freeze_us, r.total_us, r.snapshot_bytes, r.carried, r.forwarded
+        ),
+        Some(why) => format!("{} did not move {} to {}: {why}", r.migration, r.service, r.to),
+    }
+}
+
+impl NodeShared {
+    /// Migrates `id` (hosted here, or on the peer the directory names) to `to`.
+    pub async fn migrate(
+        self: &Arc<Self>,
+        id: ServiceId,
+        to: NodeName,
+        opts: MigrateOptions,
+    ) -> Result<MigrationReport, Error> {
+        if self.slot(id).is_some() {
+            let rx = self.driver.migrate(self, id, to, opts);
+            return rx.await.map_err(|_| Error::Stopped);
+        }
+        let at = self
+            .driver
+            .location(id)
+            .map(|(n, _)| n)
+            .or_else(|| lock(&self.channels).get(&id).map(|c| c.location().0))
+            .ok_or(DeliveryError::UnknownService {
+                id,
+                node: self.name.clone(),
+            })?;
+        if at == self.name {
+            return Err(DeliveryError::UnknownService {
+                id,
+                node: self.name.clone(),
+            }
+            .into());
+        }
+        let link = self
+            .peer(&at)
+            .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
+        let (req, rx) = self.asks.open(at.clone())?;
+        if let Err(e) = link.push_ctrl(&Frame::Mig(MigMsg::Request {
+            req,
+            service: id,
+            to,
+            drain: opts.drain,
+        })) {
+            self.asks.cancel(req);
+            return Err(e.into());
+        }
+        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + REQUEST_SLACK;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(ReplyPayload::Failed(detail))) => Err(Error::Remote { node: at, detail }),
+            Ok(Ok(p)) => Ok(p.into_typed()?),
+            Ok(Err(_)) => Err(AskError::NodeLost { node: at }.into()),
+            Err(_) => {
+                self.asks.cancel(req);
+                Err(AskError::Timeout {
+                    timeout_ms: wait.as_millis() as u64,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// Beyond the migration deadline, how long a remote migration request waits for its report
+/// (the carried queue may still be streaming after commit).
+const REQUEST_SLACK: Duration = Duration::from_secs(30);
 
 /// Decodes a reply payload sent over the wire.
 pub(crate) fn reply_from_wire(body: wire::ReplyBody<'_>) -> ReplyPayload {

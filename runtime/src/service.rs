@@ -14,8 +14,10 @@ use crate::core::directory::Associations;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
-use crate::mailbox::{Mailbox, Meta};
+use crate::mailbox::{encode_envelope, lock, Mailbox, Meta};
+use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
+use crate::wire::{SnapHeader, TimerWire, WindowWire};
 
 /// A migratable service: a plain struct whose fields are its state, a message type, and a
 /// handler that takes one message at a time.
@@ -160,6 +162,7 @@ pub struct Ctx<S: Service> {
     seqs: IdMap<u64>,
     timers: Timers<S::Msg>,
     stop: bool,
+    migrate_to: Option<(NodeName, MigrateOptions)>,
 }
 
 impl<S: Service> Ctx<S> {
@@ -199,6 +202,14 @@ impl<S: Service> Ctx<S> {
         }
     }
 
+    /// Gives back the number of a message that was not queued, so its receiver does not
+    /// wait for it.
+    fn unnumber(&mut self, to: ServiceId) {
+        if let Some(seq) = self.seqs.get_mut(&to) {
+            *seq -= 1;
+        }
+    }
+
     /// Sends `msg` to `to`, numbered in this service's channel to it.
     pub fn tell<T: Service>(
         &mut self,
@@ -206,7 +217,11 @@ impl<S: Service> Ctx<S> {
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
         let meta = self.next_meta(to.id());
-        to.send(meta, msg)
+        let res = to.send(meta, msg);
+        if res.is_err() {
+            self.unnumber(to.id());
+        }
+        res
     }
 
     /// Like [`tell`](Self::tell), but waits for room when the target's mailbox or link is full.
@@ -216,7 +231,11 @@ impl<S: Service> Ctx<S> {
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
         let meta = self.next_meta(to.id());
-        to.send_wait(meta, msg).await
+        let res = to.send_wait(meta, msg).await;
+        if res.is_err() {
+            self.unnumber(to.id());
+        }
+        res
     }
 
     /// Sends a request to `to` and waits for the answer. The service handles nothing else
@@ -228,7 +247,13 @@ impl<S: Service> Ctx<S> {
         timeout: Duration,
     ) -> Result<R, AskError> {
         let meta = self.next_meta(to.id());
-        to.ask_from(meta, make, timeout).await
+        let res = to.ask_from(meta, make, timeout).await;
+        if matches!(res, Err(AskError::Delivery(_))) {
+            // Refused before it was queued (a remote refusal answers the ask later, and the
+            // receiver consumed the number itself).
+            self.unnumber(to.id());
+        }
+        res
     }
 
     /// Answers an ask, wherever the asker is.
@@ -329,6 +354,12 @@ impl<S: Service> Ctx<S> {
         self.timers.due.len()
     }
 
+    /// Moves this service to node `to` after the current message. The outcome is logged in the
+    /// node's events (`migration`); the service keeps running here if it aborts.
+    pub fn migrate(&mut self, to: &str, opts: MigrateOptions) {
+        self.migrate_to = Some((NodeName::new(to), opts));
+    }
+
     /// Stops this service after the current message. Messages still queued are refused and
     /// their senders told.
     pub fn stop(&mut self) {
@@ -339,66 +370,218 @@ impl<S: Service> Ctx<S> {
 /// How many messages a service handles before yielding its thread to the others.
 const MESSAGES_PER_TURN: u32 = 64;
 
-/// Runs a service until it stops or its node shuts down.
-pub(crate) async fn run_service<S: Service>(
-    mut state: S,
-    me: ServiceRef<S>,
-    mailbox: Arc<Mailbox<S::Msg>>,
-    node: Arc<NodeShared>,
-) {
-    let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
+/// What a restored copy brings besides its state.
+pub(crate) struct Restored<M> {
+    pub timers: Vec<(Duration, M)>,
+    pub seqs: Vec<(ServiceId, u64)>,
+    pub source: NodeName,
+}
+
+fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
     let timers_max = node.limits.timers_per_service_max;
-    let mut ctx = Ctx {
+    Ctx {
         me,
         node,
         seqs: IdMap::default(),
         timers: Timers::new(timers_max),
         stop: false,
-    };
+        migrate_to: None,
+    }
+}
+
+/// Runs a service until it stops, moves away or its node shuts down.
+pub(crate) async fn run_service<S: Service>(
+    state: S,
+    me: ServiceRef<S>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    node: Arc<NodeShared>,
+) {
+    let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
+    let ctx = new_ctx(me, node);
+    serve(state, ctx, mailbox).instrument(span).await
+}
+
+/// Runs a restored copy: paused until the source commits (or discarded if it aborts).
+pub(crate) async fn run_restored<S: Service>(
+    state: S,
+    me: ServiceRef<S>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    node: Arc<NodeShared>,
+    restored: Restored<S::Msg>,
+    go: tokio::sync::oneshot::Receiver<Go>,
+) {
+    let id = me.id();
+    let span = tracing::debug_span!("service", id = %id, kind = S::KIND, node = %node.name());
+    let mut ctx = new_ctx(me, node);
     async move {
-        state.started(&mut ctx);
-        let mut turn = 0u32;
-        loop {
-            // A due timer goes before the next queued message.
-            // (The clock is read only when a timer is pending.)
-            let due = if ctx.timers.due.is_empty() {
-                None
-            } else {
-                ctx.timers.pop_due(tokio::time::Instant::now())
-            };
-            let next = match due {
-                Some(msg) => Some(msg),
-                None => mailbox.pop().map(|env| env.msg),
-            };
-            match next {
-                Some(msg) => {
-                    state.handle(msg, &mut ctx).await;
-                    ctx.node.stats.processed.inc();
-                    if ctx.stop {
-                        break;
-                    }
-                    turn += 1;
-                    if turn >= MESSAGES_PER_TURN {
-                        turn = 0;
-                        tokio::task::yield_now().await;
-                    }
+        match go.await {
+            Ok(Go::Start) => {
+                for r in mailbox.start() {
+                    let (reason, env) = r;
+                    ctx.node.refuse_envelope(id, env.refusal(reason));
                 }
-                None if mailbox.is_closed() => break,
-                None => match ctx.timers.next_due() {
-                    Some(at) => {
-                        tokio::select! {
-                            _ = mailbox.wait_ready() => {}
-                            _ = tokio::time::sleep_until(at) => {}
-                        }
-                    }
-                    None => mailbox.wait_ready().await,
-                },
+                let now = tokio::time::Instant::now();
+                for (after, msg) in restored.timers {
+                    // Bounded on the source by the same limit.
+                    let _ = ctx.timers.add(now + after, msg);
+                }
+                ctx.seqs.extend(restored.seqs);
+                serve(state, ctx, mailbox).await
+            }
+            Ok(Go::Discard) | Err(_) => {
+                let parked = mailbox.discard();
+                ctx.node.forget_moved(id);
+                ctx.node.hand_on(id, &restored.source, parked);
             }
         }
-        state.stopped(&mut ctx);
-        let rest = mailbox.close();
-        ctx.node.service_stopped(ctx.id(), rest);
     }
     .instrument(span)
     .await
+}
+
+/// A snapshot, and the queue it carries (taken back on abort).
+type Taken<M> = (OutSnap, Arc<CarriedQueue<M>>);
+
+/// Takes the snapshot of a frozen service: its state, queue, timers, counters, windows, book.
+fn snapshot<S: Service>(
+    state: &S,
+    ctx: &Ctx<S>,
+    mailbox: &Mailbox<S::Msg>,
+) -> Result<Taken<S::Msg>, String> {
+    let bytes = rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?;
+    let now = tokio::time::Instant::now();
+    let mut timers = Vec::with_capacity(ctx.timers.due.len());
+    for ((at, _), msg) in &ctx.timers.due {
+        timers.push(TimerWire {
+            after_us: at.saturating_duration_since(now).as_micros() as u64,
+            msg: rmp_serde::to_vec(msg).map_err(|e| format!("timer: {e}"))?,
+        });
+    }
+    let (queue, windows) = mailbox.take_for_snapshot(encode_envelope);
+    let mut wins = Vec::with_capacity(windows.len());
+    for w in windows {
+        let early: Result<Vec<_>, _> = w.early.into_iter().collect();
+        match early {
+            Ok(early) => wins.push(WindowWire {
+                from: w.from,
+                next: w.next,
+                early,
+                skipped: w.skipped,
+            }),
+            Err(e) => {
+                mailbox.put_back(queue);
+                return Err(format!("early message: {e}"));
+            }
+        }
+    }
+    let header = SnapHeader {
+        mig: 0,
+        id: ctx.id(),
+        kind: S::kind_key(),
+        epoch: 0,
+        parent: ctx.node.parent_of(ctx.id()),
+        state_bytes: bytes.len() as u64,
+        carried: queue.len() as u64,
+        timers,
+        send_seqs: ctx.seqs.iter().map(|(k, v)| (*k, *v)).collect(),
+        windows: wins,
+        book: ctx.node.book(ctx.id()),
+    };
+    let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
+    Ok((
+        OutSnap {
+            header,
+            state: bytes,
+            carried: carried.clone(),
+        },
+        carried,
+    ))
+}
+
+/// Freezes the service for a migration; true if it moved away.
+async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S::Msg>>) -> bool {
+    let node = ctx.node.clone();
+    let id = ctx.id();
+    // This request is being served; one made while it runs is seen after it.
+    mailbox
+        .freeze
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let snap = snapshot(state, ctx, mailbox);
+    let carried = snap.as_ref().ok().map(|(_, c)| c.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    node.driver.frozen(&node, id, snap.map(|(s, _)| s), tx);
+    match rx.await {
+        // The driver handed the leftovers on already, before any sender could be pointed at
+        // the target: they go first on the link.
+        Ok(Decision::Retire) => true,
+        Ok(Decision::Resume) | Err(_) => {
+            if let Some(c) = carried {
+                let queue = std::mem::take(&mut *lock(&c.0));
+                mailbox.put_back(queue);
+            }
+            false
+        }
+    }
+}
+
+/// The message loop shared by new and restored services.
+async fn serve<S: Service>(mut state: S, mut ctx: Ctx<S>, mailbox: Arc<Mailbox<S::Msg>>) {
+    state.started(&mut ctx);
+    let mut turn = 0u32;
+    loop {
+        // A freeze waits for the message in hand, for the rest of a carried queue still
+        // streaming in (its parked arrivals are not in the queue yet), and when draining, for
+        // the queue to empty.
+        if mailbox.freeze.load(std::sync::atomic::Ordering::Relaxed)
+            && !mailbox.is_gated()
+            && !(mailbox.len() > 0 && ctx.node.driver.drains(ctx.id()))
+        {
+            if freeze(&state, &mut ctx, &mailbox).await {
+                // Moved away: the target runs it now. No `stopped`: it did not stop.
+                return;
+            }
+            continue;
+        }
+        // A due timer goes before the next queued message.
+        // (The clock is read only when a timer is pending.)
+        let due = if ctx.timers.due.is_empty() {
+            None
+        } else {
+            ctx.timers.pop_due(tokio::time::Instant::now())
+        };
+        let next = match due {
+            Some(msg) => Some(msg),
+            None => mailbox.pop().map(|env| env.msg),
+        };
+        match next {
+            Some(msg) => {
+                state.handle(msg, &mut ctx).await;
+                ctx.node.stats.processed.inc();
+                if ctx.stop {
+                    break;
+                }
+                if let Some((to, opts)) = ctx.migrate_to.take() {
+                    ctx.node.migrate_detached(ctx.id(), to, opts);
+                }
+                turn += 1;
+                if turn >= MESSAGES_PER_TURN {
+                    turn = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+            None if mailbox.is_closed() => break,
+            None => match ctx.timers.next_due() {
+                Some(at) => {
+                    tokio::select! {
+                        _ = mailbox.wait_ready() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => mailbox.wait_ready().await,
+            },
+        }
+    }
+    state.stopped(&mut ctx);
+    let rest = mailbox.close();
+    ctx.node.service_stopped(ctx.id(), rest);
 }

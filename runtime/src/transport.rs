@@ -88,7 +88,7 @@ impl OutQueue {
     }
 
     /// Queues one frame; the bytes queued afterwards.
-    fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
+    pub(crate) fn push(&self, peer: &NodeName, frame: &Frame<'_>) -> Result<usize, DeliveryError> {
         self.append(peer, |p| {
             encode_frame(&mut p.bytes, frame, self.frame_bytes_max).map_err(delivery_error)?;
             p.batch = None;
@@ -192,7 +192,7 @@ pub struct PeerStatus {
 /// connection is up are sent when one comes.
 pub(crate) struct PeerLink {
     pub name: NodeName,
-    data: OutQueue,
+    pub(crate) data: OutQueue,
     ctrl: OutQueue,
     state: Mutex<LinkState>,
 }
@@ -240,6 +240,11 @@ impl PeerLink {
         lock(&self.state).addr = addr;
     }
 
+    /// The live QUIC connection, if any.
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        lock(&self.state).live.as_ref().map(|l| l.conn.clone())
+    }
+
     pub fn is_connected(&self) -> bool {
         lock(&self.state).live.is_some()
     }
@@ -259,16 +264,7 @@ impl PeerLink {
         self.ctrl.push(&self.name, frame).map(drop)
     }
 
-    pub fn send_deliver<M: Serialize>(
-        &self,
-        to: ServiceId,
-        meta: Meta,
-        msg: &M,
-    ) -> Result<(), DeliveryError> {
-        self.deliver(to, meta, false, msg).map(drop)
-    }
-
-    fn deliver<M: Serialize>(
+    pub(crate) fn deliver<M: Serialize>(
         &self,
         to: ServiceId,
         meta: Meta,
@@ -291,26 +287,21 @@ impl PeerLink {
         })
     }
 
-    pub async fn send_deliver_wait<M: Serialize>(
-        &self,
-        to: ServiceId,
-        meta: Meta,
-        msg: &M,
-    ) -> Result<(), DeliveryError> {
-        loop {
-            match self.deliver(to, meta, true, msg) {
-                Ok(queued) => {
-                    if queued > LINK_FLUSH_BYTES && self.is_connected() {
-                        self.data.drained_to(LINK_FLUSH_BYTES).await;
-                    }
-                    return Ok(());
-                }
-                Err(DeliveryError::Backpressure { bytes_max, .. }) => {
-                    self.data.drained_to(bytes_max / 2).await
-                }
-                Err(e) => return Err(e),
-            }
+    /// After a waiting sender queued `queued` bytes: lets the stream drain when it is long.
+    pub(crate) async fn settle(&self, queued: usize) {
+        if queued > LINK_FLUSH_BYTES && self.is_connected() {
+            self.data.drained_to(LINK_FLUSH_BYTES).await;
         }
+    }
+
+    /// Waits until the data queue holds at most `bytes`.
+    pub(crate) async fn data_drained_to(&self, bytes: usize) {
+        self.data.drained_to(bytes).await
+    }
+
+    /// Waits until a queue that answered `Backpressure` has room again.
+    pub(crate) async fn data_room(&self, bytes_max: usize) {
+        self.data.drained_to(bytes_max / 2).await
     }
 
     /// Replies travel on the control stream: a data stream held by a full mailbox must never
@@ -668,6 +659,7 @@ fn register(
 ) {
     let gen = link.install(conn.clone(), dialed_by_me, caps);
     node.stats.connections_up.inc();
+    node.driver.add_peer(link.name.clone());
     node.event(
         "peer-up",
         format!(
@@ -748,6 +740,7 @@ fn register(
                         if link.lost(gen, e.to_string()) {
                             tracing::info!(reason = %e, "connection down");
                             node.event("peer-down", format!("{}: {e}", link.name));
+                            node.driver.link_lost(&node, &link.name);
                         }
                         break;
                     }
@@ -816,6 +809,8 @@ async fn read_stream(
     // The last service this stream delivered to; a stopped service's closed mailbox still
     // answers `Stopped`, so the cache never hides a change.
     let mut target: Option<(ServiceId, Arc<dyn Slot>)> = None;
+    // Set when this stream turns out to carry a snapshot.
+    let mut snap: Option<crate::migrate::SnapRecv> = None;
     loop {
         // Frames already buffered (the handshake may have read ahead) come first.
         loop {
@@ -825,7 +820,8 @@ async fn read_stream(
                     // Messages of this frame already delivered, when a full mailbox held it.
                     let mut done = 0;
                     loop {
-                        match handle_frame(&node, &link, kind, body, &mut target, done) {
+                        match handle_frame(&node, &link, (kind, body), &mut target, &mut snap, done)
+                        {
                             Ok(Flow::Done) => break,
                             Ok(Flow::Blocked(slot, delivered)) => {
                                 // The sender asked to wait for room: hold this stream (QUIC
@@ -834,6 +830,16 @@ async fn read_stream(
                                 done = delivered;
                                 node.stats.deliveries_held.inc();
                                 slot.room().await;
+                            }
+                            Ok(Flow::BlockedOnWindow(slot, delivered, from)) => {
+                                done = delivered;
+                                node.stats.deliveries_held.inc();
+                                slot.window_room(from).await;
+                            }
+                            Ok(Flow::BlockedOnLink(onward, delivered, bytes)) => {
+                                done = delivered;
+                                node.stats.deliveries_held.inc();
+                                onward.data_drained_to(bytes).await;
                             }
                             Err(e) => {
                                 // The frame was well delimited: report it and read on.
@@ -862,10 +868,12 @@ async fn read_stream(
                 if let Err(e) = reader.finish() {
                     protocol_error(&node, &link, &e);
                 }
+                crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
                 return;
             }
             Err(e) => {
                 tracing::debug!(stream = kind.name(), error = %e, "stream ended");
+                crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
                 return;
             }
         }
@@ -941,18 +949,72 @@ enum Flow {
     /// A waiting sender's message found its mailbox full; retry when it has room, skipping the
     /// frame's first `.1` messages, already delivered.
     Blocked(Arc<dyn Slot>, usize),
+    /// A waiting sender's message arrived far ahead of a gap in its numbers: retry once the
+    /// window of sender `.2` has room.
+    BlockedOnWindow(Arc<dyn Slot>, usize, ServiceId),
+    /// A waiting sender's message, forwarded by a tombstone, found the link onwards full:
+    /// retry when it has drained to `.2` bytes, skipping the first `.1` messages.
+    BlockedOnLink(Arc<PeerLink>, usize, usize),
+}
+
+/// Where a waiting sender's message that could not go on right now must wait, if anywhere.
+fn wait_for(
+    node: &NodeShared,
+    (to, from): (ServiceId, Option<ServiceId>),
+    e: &DeliveryError,
+    done: usize,
+) -> Option<Flow> {
+    match e {
+        DeliveryError::MailboxFull { .. } => node.slot(to).map(|s| Flow::Blocked(s, done)),
+        DeliveryError::WindowFull { .. } => {
+            let from = from?;
+            node.slot(to).map(|s| Flow::BlockedOnWindow(s, done, from))
+        }
+        DeliveryError::Backpressure {
+            node: at,
+            bytes_max,
+        } => node
+            .peer(at)
+            .map(|l| Flow::BlockedOnLink(l, done, bytes_max / 2)),
+        _ => None,
+    }
 }
 
 fn handle_frame(
     node: &Arc<NodeShared>,
     link: &Arc<PeerLink>,
-    kind: StreamKind,
-    body: &[u8],
+    (kind, body): (StreamKind, &[u8]),
     target: &mut Option<(ServiceId, Arc<dyn Slot>)>,
+    snap: &mut Option<crate::migrate::SnapRecv>,
     done: usize,
 ) -> Result<Flow, WireError> {
     let frame = wire::decode(body)?;
     match (kind, frame) {
+        (_, f)
+            if snap.is_some()
+                && !matches!(
+                    f,
+                    Frame::SnapState { .. }
+                        | Frame::SnapCarried { .. }
+                        | Frame::SnapLeftovers { .. }
+                        | Frame::SnapEnd
+                ) =>
+        {
+            return Err(WireError::Unexpected {
+                kind: f.kind(),
+                stream: "snapshot",
+            })
+        }
+        (
+            StreamKind::Data,
+            f @ (Frame::SnapBegin(_)
+            | Frame::SnapState { .. }
+            | Frame::SnapCarried { .. }
+            | Frame::SnapLeftovers { .. }
+            | Frame::SnapEnd),
+        ) => {
+            crate::migrate::snapshot_frame(node, &link.name, snap, f)?;
+        }
         (
             StreamKind::Data,
             Frame::Deliver {
@@ -963,14 +1025,19 @@ fn handle_frame(
                 wait,
                 msg,
             },
-        ) => match node.deliver_remote(target, &link.name, to, Meta { from, seq, ask }, msg) {
-            Ok(()) => node.stats.received_remote.inc(),
-            Err(reason @ DeliveryError::MailboxFull { .. }) if wait => match node.slot(to) {
-                Some(slot) => return Ok(Flow::Blocked(slot, 0)),
-                None => refuse_message(node, link, (to, from, seq, ask), reason),
-            },
-            Err(reason) => refuse_message(node, link, (to, from, seq, ask), reason),
-        },
+        ) => {
+            match node.deliver_remote(target, &link.name, to, (Meta { from, seq, ask }, wait), msg)
+            {
+                Ok(()) => node.stats.received_remote.inc(),
+                Err(reason) => match wait
+                    .then(|| wait_for(node, (to, from), &reason, 0))
+                    .flatten()
+                {
+                    Some(flow) => return Ok(flow),
+                    None => refuse_message(node, link, (to, from, seq, ask), reason),
+                },
+            }
+        }
         (
             StreamKind::Data,
             Frame::DeliverBatch {
@@ -993,23 +1060,54 @@ fn handle_frame(
                     first_seq
                 }
             };
+            // One at a time through the forwarding path, when the service is not (or no
+            // longer) here. A waiting sender's message that finds the mailbox full holds the
+            // stream as usual.
+            let one_by_one = |from_index: usize,
+                              target: &mut Option<(ServiceId, Arc<dyn Slot>)>|
+             -> Option<Flow> {
+                for (i, m) in msgs.iter().enumerate().skip(from_index) {
+                    let meta = Meta {
+                        from,
+                        seq: seq_of(i),
+                        ask: None,
+                    };
+                    match node.deliver_remote(target, &link.name, to, (meta, wait), m) {
+                        Ok(()) => node.stats.received_remote.inc(),
+                        Err(reason) => match wait
+                            .then(|| wait_for(node, (to, from), &reason, i))
+                            .flatten()
+                        {
+                            Some(flow) => return Some(flow),
+                            None => refuse_message(node, link, (to, from, seq_of(i), None), reason),
+                        },
+                    }
+                }
+                None
+            };
             let slot = match node.cached_slot(target, to) {
                 Ok(slot) => slot.clone(),
-                Err(reason) => {
-                    for i in done..msgs.len() {
-                        refuse_message(node, link, (to, from, seq_of(i), None), reason.clone());
-                    }
-                    return Ok(Flow::Done);
+                Err(_) => {
+                    return Ok(one_by_one(done, target).unwrap_or(Flow::Done));
                 }
             };
             let mut next = done;
             while next < msgs.len() {
-                let (stop, reason) = slot.deliver_run((from, first_seq, &link.name), &msgs, next);
+                let (stop, reason) =
+                    slot.deliver_run((from, first_seq, &link.name), wait, &msgs, next);
                 node.stats.received_remote.add((stop - next) as u64);
                 match reason {
                     None => break,
                     Some(DeliveryError::MailboxFull { .. }) if wait => {
                         return Ok(Flow::Blocked(slot, stop))
+                    }
+                    Some(DeliveryError::WindowFull { .. }) if wait && from.is_some() => {
+                        let from = from.unwrap_or(to);
+                        return Ok(Flow::BlockedOnWindow(slot, stop, from));
+                    }
+                    Some(DeliveryError::Moved { .. } | DeliveryError::Stopped { .. }) => {
+                        *target = None;
+                        return Ok(one_by_one(stop, target).unwrap_or(Flow::Done));
                     }
                     Some(reason) => {
                         // This one is refused; the rest may still fit (a bad message, or room
@@ -1019,6 +1117,37 @@ fn handle_frame(
                     }
                 }
             }
+        }
+        (
+            StreamKind::Data,
+            Frame::Forward {
+                to,
+                origin,
+                wait,
+                accepted,
+                msg,
+            },
+        ) => {
+            let hand = match (accepted, wait) {
+                (true, _) => crate::migrate::Hand::Accepted,
+                (false, true) => crate::migrate::Hand::Wait,
+                (false, false) => crate::migrate::Hand::Tell,
+            };
+            if let Err(reason) = crate::migrate::on_forward(node, to, &origin, hand, &msg) {
+                match wait
+                    .then(|| wait_for(node, (to, msg.from), &reason, 0))
+                    .flatten()
+                {
+                    Some(flow) => return Ok(flow),
+                    None => crate::migrate::refuse_carried(node, to, &msg, reason),
+                }
+            }
+        }
+        (StreamKind::Data, Frame::Skipped { to, from, seq }) => {
+            crate::migrate::on_skipped(node, to, from, seq);
+        }
+        (StreamKind::Control, Frame::Mig(msg)) => {
+            crate::migrate::on_control(node, link, msg);
         }
         (_, Frame::Reply { ask, result }) => {
             if !node.asks.complete(ask, reply_from_wire(result)) {

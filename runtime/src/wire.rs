@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::core::directory::BookEdge;
 use crate::error::DeliveryError;
-use crate::ids::{KindKey, ServiceId};
+use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -193,6 +193,57 @@ pub enum Frame<'a> {
         #[serde(borrow)]
         result: ReplyBody<'a>,
     },
+    /// A message handed on from another node: by a tombstone (the service moved), by a
+    /// commit (arrivals during the freeze) or by an aborted copy (back to the source). Keeps
+    /// its sender's numbering, asker and origin.
+    Forward {
+        /// Target.
+        to: ServiceId,
+        /// The node that first sent it, told where the service went.
+        origin: NodeName,
+        /// Its sender waits for room (see `Deliver`).
+        wait: bool,
+        /// Taken already by the service's former instance (a commit's leftovers, an aborted
+        /// copy's parked arrivals): never refused for room.
+        accepted: bool,
+        /// The message.
+        msg: CarriedMsg,
+    },
+    /// Number `seq` of `from` to `to` was refused on the service's former node: the receiver's
+    /// window must not wait for it.
+    Skipped {
+        /// Target.
+        to: ServiceId,
+        /// The sender.
+        from: ServiceId,
+        /// The refused number.
+        seq: u64,
+    },
+    /// A migration protocol message (control stream).
+    Mig(MigMsg),
+    /// First frame of a snapshot stream: everything but the state's bytes and the queue.
+    SnapBegin(Box<SnapHeader>),
+    /// Part of the state's bytes, in order.
+    SnapState {
+        /// The bytes.
+        #[serde(borrow, with = "serde_bytes")]
+        bytes: &'a [u8],
+    },
+    /// Queued messages carried with the service, oldest first.
+    SnapCarried {
+        /// The messages.
+        msgs: Vec<CarriedMsg>,
+    },
+    /// After commit: what arrived at the source during the freeze, in order, then what waited
+    /// early in its windows. Taken through the target's windows.
+    SnapLeftovers {
+        /// The messages.
+        msgs: Vec<CarriedMsg>,
+        /// Numbers refused at the source after the snapshot: `(sender, seq)`.
+        skipped: Vec<(ServiceId, u64)>,
+    },
+    /// Last frame of a snapshot stream.
+    SnapEnd,
     /// A tell the receiver did not accept.
     Refused {
         /// Target.
@@ -221,8 +272,161 @@ impl Frame<'_> {
             Frame::DeliverBatch { .. } => "deliver-batch",
             Frame::Reply { .. } => "reply",
             Frame::Refused { .. } => "refused",
+            Frame::Forward { .. } => "forward",
+            Frame::Skipped { .. } => "skipped",
+            Frame::Mig(_) => "mig",
+            Frame::SnapBegin(_) => "snap-begin",
+            Frame::SnapState { .. } => "snap-state",
+            Frame::SnapCarried { .. } => "snap-carried",
+            Frame::SnapLeftovers { .. } => "snap-leftovers",
+            Frame::SnapEnd => "snap-end",
         }
     }
+}
+
+/// A queued message as it travels in a snapshot or a forward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedMsg {
+    /// Sending service (or node client channel).
+    pub from: Option<ServiceId>,
+    /// Its number in that sender's channel.
+    pub seq: u64,
+    /// For a request: the node waiting and its ask id there.
+    pub ask: Option<(NodeName, u64)>,
+    /// The node it came from, if not the service's own.
+    pub origin: Option<NodeName>,
+    /// MessagePack message.
+    #[serde(with = "serde_bytes")]
+    pub msg: Vec<u8>,
+}
+
+/// A pending timer in a snapshot: due `after_us` after the snapshot was taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimerWire {
+    /// Microseconds left until it is due (0 when overdue).
+    pub after_us: u64,
+    /// MessagePack message.
+    #[serde(with = "serde_bytes")]
+    pub msg: Vec<u8>,
+}
+
+/// One sender's receive window in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowWire {
+    /// The sender.
+    pub from: ServiceId,
+    /// The next number expected.
+    pub next: u64,
+    /// Messages that arrived early, waiting for the gap before them.
+    pub early: Vec<CarriedMsg>,
+    /// Numbers ahead of `next` already refused.
+    pub skipped: Vec<u64>,
+}
+
+/// The head of a snapshot stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapHeader {
+    /// Attempt number on the source (the stream's sender).
+    pub mig: u64,
+    /// The service.
+    pub id: ServiceId,
+    /// Its kind.
+    pub kind: KindKey,
+    /// The epoch it will have on the target.
+    pub epoch: u64,
+    /// Its parent in an assembly tree.
+    pub parent: Option<ServiceId>,
+    /// Length of the state, sent in `SnapState` frames after this one.
+    pub state_bytes: u64,
+    /// Queued messages, sent in `SnapCarried` frames after the state.
+    pub carried: u64,
+    /// Pending timers.
+    pub timers: Vec<TimerWire>,
+    /// Per receiver, the last number the service used as a sender.
+    pub send_seqs: Vec<(ServiceId, u64)>,
+    /// Its receive windows.
+    pub windows: Vec<WindowWire>,
+    /// Its address book.
+    pub book: Vec<(String, ServiceAddr)>,
+}
+
+/// Migration protocol messages between nodes (see `core::migration::Wire`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MigMsg {
+    /// Target to source: restored and paused.
+    Prepared {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+    },
+    /// Target to source: will not take it.
+    Refused {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Source to target: run it.
+    Commit {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+    },
+    /// Target to source: running.
+    CommitAck {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+    },
+    /// Source to target: drop the paused copy.
+    Abort {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+    },
+    /// Target to source: what became of this attempt?
+    Query {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+    },
+    /// The service lives at `node` from `epoch` on (sent to every peer at commit).
+    Located {
+        /// The service.
+        service: ServiceId,
+        /// Where.
+        node: NodeName,
+        /// Since which epoch.
+        epoch: u64,
+    },
+    /// A tombstone's answer to a sender's node: the service is now at `node`.
+    Moved {
+        /// The service.
+        service: ServiceId,
+        /// Where.
+        node: NodeName,
+        /// Its epoch there.
+        epoch: u64,
+    },
+    /// Ask the receiver to migrate its service `service` to `to`; answered by a `Reply` to
+    /// `req` carrying the report.
+    Request {
+        /// Request id on the sender.
+        req: u64,
+        /// The service.
+        service: ServiceId,
+        /// Target node.
+        to: NodeName,
+        /// Handle the queue at the source first.
+        drain: bool,
+    },
 }
 
 /// The body of a reply.

@@ -44,6 +44,7 @@ pub struct ClusterBuilder {
     specs: Vec<NodeSpec>,
     setup: Option<Setup>,
     limits: Option<Limits>,
+    node_limits: Vec<(String, Limits)>,
     unconnected: bool,
 }
 
@@ -61,6 +62,12 @@ impl ClusterBuilder {
     /// Limits for every node.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = Some(limits);
+        self
+    }
+
+    /// Limits for node `name` only (applied after [`limits`](Self::limits)).
+    pub fn node_limits(mut self, name: &str, limits: Limits) -> Self {
+        self.node_limits.push((name.to_owned(), limits));
         self
     }
 
@@ -83,6 +90,9 @@ impl ClusterBuilder {
         let mut nodes = Vec::new();
         for mut spec in self.specs {
             if let Some(l) = &self.limits {
+                spec.limits = l.clone();
+            }
+            if let Some((_, l)) = self.node_limits.iter().find(|(n, _)| *n == spec.name) {
                 spec.limits = l.clone();
             }
             let mut cfg = NodeConfig::new(ca.issue(&spec.name)?, "127.0.0.1:0".parse()?);

@@ -132,6 +132,36 @@ impl BookIndex {
         Some(edge)
     }
 
+    /// Channel rebuild: `id` now runs on `node`. Rewrites every entry that names it and the
+    /// holder address of its own book. Returns the number of entries rewritten.
+    pub fn relocate(&mut self, id: ServiceId, node: &NodeName) -> usize {
+        let mut rewritten = 0;
+        if let Some((holder, book)) = self.books.get_mut(&id) {
+            if holder.node != *node {
+                holder.node = node.clone();
+                rewritten += book.len();
+            }
+        }
+        let holders: Vec<(ServiceId, String)> = self
+            .reverse
+            .get(&id)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        for (holder, role) in holders {
+            if let Some(target) = self
+                .books
+                .get_mut(&holder)
+                .and_then(|(_, b)| b.get_mut(&role))
+            {
+                if target.node != *node {
+                    target.node = node.clone();
+                    rewritten += 1;
+                }
+            }
+        }
+        rewritten
+    }
+
     /// Removes every entry of `holder`'s book, returning them.
     pub fn remove_holder(&mut self, holder: ServiceId) -> Vec<BookEdge> {
         let roles: Vec<String> = match self.books.get(&holder) {
@@ -247,6 +277,44 @@ mod tests {
             role: role.into(),
             target: addr(t, "b"),
         }
+    }
+
+    #[test]
+    fn relocate_rewrites_holders_and_targets() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let addr = |n: u64, node: &NodeName| ServiceAddr {
+            id: ServiceId::from_parts(0, n),
+            kind: crate::ids::KindKey::new("k", 1),
+            node: node.clone(),
+        };
+        let mut idx = BookIndex::new(10);
+        idx.insert(BookEdge {
+            holder: addr(1, &a),
+            role: "x".into(),
+            target: addr(2, &a),
+        })
+        .unwrap();
+        idx.insert(BookEdge {
+            holder: addr(2, &a),
+            role: "y".into(),
+            target: addr(3, &b),
+        })
+        .unwrap();
+        idx.insert(BookEdge {
+            holder: addr(3, &b),
+            role: "z".into(),
+            target: addr(2, &a),
+        })
+        .unwrap();
+        assert_eq!(idx.relocate(ServiceId::from_parts(0, 2), &b), 3);
+        assert_eq!(idx.get(ServiceId::from_parts(0, 1), "x").unwrap().node, b);
+        assert_eq!(idx.get(ServiceId::from_parts(0, 3), "z").unwrap().node, b);
+        assert_eq!(idx.edges_held_on(&b).len(), 2, "its own book moved with it");
+        assert_eq!(
+            idx.relocate(ServiceId::from_parts(0, 2), &b),
+            0,
+            "idempotent"
+        );
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub enum Wire<S, P> {
 }
 
 /// Why a migration did not happen.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AbortReason {
     /// The service is not running on this node.
     NotHere,
@@ -155,6 +155,39 @@ pub enum AbortReason {
     Refused(String),
     /// No answer from the target before the deadline.
     Deadline,
+    /// The connection to the target went down before it answered.
+    LinkLost,
+    /// The service's state could not be taken (it did not serialize).
+    Snapshot(String),
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AbortReason::NotHere => write!(f, "the service is not running on this node"),
+            AbortReason::Busy => write!(f, "the service is already moving"),
+            AbortReason::SameNode => write!(f, "the target is the node the service runs on"),
+            AbortReason::Refused(why) => write!(f, "the target refused: {why}"),
+            AbortReason::Deadline => write!(f, "no answer from the target before the deadline"),
+            AbortReason::LinkLost => write!(f, "the connection to the target went down"),
+            AbortReason::Snapshot(why) => write!(f, "the snapshot could not be taken: {why}"),
+        }
+    }
+}
+
+impl AbortReason {
+    /// A short name for counters and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AbortReason::NotHere => "not-here",
+            AbortReason::Busy => "busy",
+            AbortReason::SameNode => "same-node",
+            AbortReason::Refused(_) => "refused",
+            AbortReason::Deadline => "deadline",
+            AbortReason::LinkLost => "link-lost",
+            AbortReason::Snapshot(_) => "snapshot",
+        }
+    }
 }
 
 /// How a migration ended.
@@ -417,6 +450,67 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.hosted.get(&service).map(|h| h.epoch)
     }
 
+    /// Where `service` is and since which epoch, as far as this node knows.
+    pub fn location(&self, service: ServiceId) -> Option<(NodeName, u64)> {
+        self.directory.get(&service).cloned()
+    }
+
+    /// Where a tombstone here forwards `service`'s messages, if there is one.
+    pub fn tombstone(&self, service: ServiceId) -> Option<(NodeName, u64)> {
+        if self.tombs.contains_key(&service) && !self.hosted.contains_key(&service) {
+            self.directory.get(&service).cloned()
+        } else {
+            None
+        }
+    }
+
+    /// A service hosted here stopped for good.
+    pub fn unhost(&mut self, service: ServiceId) {
+        if self
+            .hosted
+            .get(&service)
+            .is_some_and(|h| matches!(h.phase, Phase::Running))
+        {
+            self.hosted.remove(&service);
+            self.directory.remove(&service);
+            self.send_seqs.retain(|(from, _), _| *from != service);
+        }
+    }
+
+    /// The frozen service could not hand over its state: it runs on, and the caller is told.
+    pub fn freeze_failed(&mut self, service: ServiceId, why: String) -> Vec<Action<S, P>> {
+        if let Some(h) = self.hosted.get_mut(&service) {
+            if let Phase::Freezing { mig, .. } = std::mem::replace(&mut h.phase, Phase::Running) {
+                let queue = std::mem::take(&mut h.held);
+                self.out.push(Action::Resume { service, queue });
+                self.decide(mig.clone(), Decision::Aborted);
+                self.out.push(Action::Report {
+                    mig,
+                    service,
+                    outcome: Outcome::Aborted(AbortReason::Snapshot(why)),
+                });
+            }
+        }
+        self.take()
+    }
+
+    /// The connection to `node` went down: attempts waiting for its answer abort now rather
+    /// than at their deadline. (Safe: the source has not committed them.)
+    pub fn link_lost(&mut self, node: &NodeName) -> Vec<Action<S, P>> {
+        let lost: Vec<ServiceId> = self
+            .hosted
+            .iter()
+            .filter_map(|(s, h)| match &h.phase {
+                Phase::Sent { to, .. } if to == node => Some(*s),
+                _ => None,
+            })
+            .collect();
+        for service in lost {
+            self.abort(service, AbortReason::LinkLost);
+        }
+        self.take()
+    }
+
     /// Number of tombstones kept.
     pub fn tombstones(&self) -> usize {
         self.tombs.len()
@@ -541,7 +635,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 }
             }
             Offer::Held | Offer::Duplicate => {}
-            Offer::Full => {
+            Offer::Full(_) => {
                 let unblocked = window.skip(seq);
                 if frozen {
                     h.held.extend(unblocked);

@@ -20,7 +20,8 @@ pub enum Offer<T> {
     /// Already taken (or skipped): a copy, dropped.
     Duplicate,
     /// Early, and the window already holds `held_max` messages: refuse it (and then `skip` it).
-    Full,
+    /// The message is handed back.
+    Full(T),
 }
 
 enum Slot<T> {
@@ -73,6 +74,14 @@ impl<T> Window<T> {
         })
     }
 
+    /// Gives up the messages held early, in number order.
+    pub fn into_held_items(self) -> impl Iterator<Item = T> {
+        self.held.into_values().filter_map(|s| match s {
+            Slot::Item(t) => Some(t),
+            Slot::Skipped => None,
+        })
+    }
+
     /// The numbers ahead of the watermark that were skipped (refused).
     pub fn skipped_ahead(&self) -> impl Iterator<Item = u64> + '_ {
         self.held.iter().filter_map(|(seq, s)| match s {
@@ -83,12 +92,18 @@ impl<T> Window<T> {
 
     /// Offers message `seq`.
     pub fn offer(&mut self, seq: u64, item: T) -> Offer<T> {
+        self.offer_bounded(seq, item, true)
+    }
+
+    /// Offers message `seq`; with `bounded` false an early message is held even past
+    /// `held_max` (for messages accepted once already, whose number is bounded elsewhere).
+    pub fn offer_bounded(&mut self, seq: u64, item: T, bounded: bool) -> Offer<T> {
         if seq < self.next || self.held.contains_key(&seq) {
             return Offer::Duplicate;
         }
         if seq > self.next {
-            if self.held.len() >= self.held_max {
-                return Offer::Full;
+            if bounded && self.held.len() >= self.held_max {
+                return Offer::Full(item);
             }
             self.held.insert(seq, Slot::Item(item));
             return Offer::Held;
@@ -157,7 +172,7 @@ mod tests {
     fn bounded_and_resumable() {
         let mut w = Window::from_watermark(Watermark(10), 1);
         assert_eq!(w.offer(12, 12), Offer::Held);
-        assert_eq!(w.offer(13, 13), Offer::Full);
+        assert_eq!(w.offer(13, 13), Offer::Full(13));
         assert_eq!(w.offer(9, 9), Offer::Duplicate);
         assert_eq!(w.offer(10, 10), Offer::Release(vec![10]));
         assert_eq!(w.offer(11, 11), Offer::Release(vec![11, 12]));

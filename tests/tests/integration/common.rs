@@ -71,7 +71,59 @@ impl Service for Parent {
 
 pub fn register_test_kinds(node: &tern::NodeHandle) {
     tern_actors::register_all(node);
-    node.register::<Slow>().register::<Parent>();
+    node.register::<Slow>()
+        .register::<Parent>()
+        .register::<Alarm>();
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Sets alarms for itself and records where and how late each rang (wall clock, so the
+/// lateness is measured the same on every node of the process).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Alarm {
+    due_ms: Vec<(u32, u64)>,
+    fired: Vec<(u32, NodeName, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AlarmMsg {
+    Set { after_ms: u64, tag: u32 },
+    Ring { tag: u32 },
+    Fired(ReplyTo<Vec<(u32, NodeName, u64)>>),
+}
+
+impl Service for Alarm {
+    type Msg = AlarmMsg;
+    const KIND: &'static str = "test-alarm";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: AlarmMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            AlarmMsg::Set { after_ms, tag } => {
+                self.due_ms.push((tag, unix_ms() + after_ms));
+                ctx.schedule(Duration::from_millis(after_ms), AlarmMsg::Ring { tag })
+                    .expect("one timer fits");
+            }
+            AlarmMsg::Ring { tag } => {
+                let due = self
+                    .due_ms
+                    .iter()
+                    .find(|(t, _)| *t == tag)
+                    .map_or(0, |(_, d)| *d);
+                let late = unix_ms().saturating_sub(due);
+                self.fired.push((tag, ctx.node_name().clone(), late));
+            }
+            AlarmMsg::Fired(r) => {
+                let _ = ctx.reply(r, self.fired.clone());
+            }
+        }
+    }
+}

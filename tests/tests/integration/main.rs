@@ -5,6 +5,7 @@ mod common;
 mod frames;
 mod mailbox;
 mod messaging;
+mod migration;
 mod sim;
 mod timers;
 mod tls;

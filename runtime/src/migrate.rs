@@ -1,0 +1,1348 @@
+//! The node's migration driver: it runs the protocol core ([`crate::core::migration::Core`])
+//! for this node and carries out its actions with the node's real parts: the service runner
+//! (freeze, resume, retire), the snapshot stream over QUIC, the mailbox (windows, parked
+//! arrivals, tombstone forwarding) and the channel rebuild (books and handles).
+//!
+//! The core decides; this module only moves bytes and services. Every migration gets a tracing
+//! span with its id; its steps are logged with their durations.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::core::migration::{
+    AbortReason, Action, Config, Core, MigrationId, Outcome, Snapshot, Wire,
+};
+use crate::error::{DeliveryError, Error};
+use crate::ids::{NodeName, ServiceId};
+use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
+use crate::node::NodeShared;
+use crate::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
+
+/// How to migrate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// Handle every queued message at the source before freezing, instead of carrying the
+    /// queue to the target.
+    pub drain: bool,
+}
+
+/// What became of one migration, as the source saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// `source#n`: the attempt's id.
+    pub migration: String,
+    /// The service.
+    pub service: ServiceId,
+    /// The node it ran on.
+    pub from: NodeName,
+    /// The node asked to take it.
+    pub to: NodeName,
+    /// Why it did not move; `None` when it did.
+    pub aborted: Option<AbortReason>,
+    /// Its epoch after the migration (unchanged when aborted).
+    pub epoch: u64,
+    /// From the freeze at the source until the target said it runs (the source handles
+    /// nothing for the service meanwhile), in microseconds. For an abort: until it resumed.
+    pub freeze_us: u64,
+    /// From the call until the target runs and has every carried message, in microseconds.
+    pub total_us: u64,
+    /// Bytes written on the snapshot stream: header, state and carried queue.
+    pub snapshot_bytes: u64,
+    /// Queued messages carried in the snapshot.
+    pub carried: u64,
+    /// Messages that arrived during the freeze and were forwarded after commit.
+    pub forwarded: u64,
+    /// Address-book entries rewritten on the source node at commit.
+    pub rebuilt: u64,
+}
+
+impl MigrationReport {
+    /// True when the service now runs on `to`.
+    pub fn committed(&self) -> bool {
+        self.aborted.is_none()
+    }
+}
+
+/// Counters of this node's migrations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// Migrations asked of this node as a source.
+    pub started: u64,
+    /// Of those, committed.
+    pub committed: u64,
+    /// Of those, aborted, by reason (`AbortReason::label`).
+    pub aborted: BTreeMap<String, u64>,
+    /// Services that arrived here and started.
+    pub arrived: u64,
+    /// Snapshots this node refused as a target, by reason.
+    pub refused_in: BTreeMap<String, u64>,
+    /// Committed migrations by freeze time: `(upper bound in µs, count)`, powers of two.
+    pub freeze_us_histogram: Vec<(u64, u64)>,
+    /// Messages forwarded by tombstones on this node.
+    pub tombstone_forwards: u64,
+    /// Address-book entries rewritten on this node by channel rebuilds.
+    pub rebuilt: u64,
+    /// Tombstones kept.
+    pub tombstones: u64,
+}
+
+/// What follows the snapshot on its stream after commit.
+pub(crate) struct Leftover {
+    msgs: Vec<CarriedMsg>,
+    skipped: Vec<(ServiceId, u64)>,
+}
+
+/// What the frozen runner is told.
+pub(crate) enum Decision {
+    Resume,
+    Retire,
+}
+
+/// What a paused copy's runner is told.
+pub(crate) enum Go {
+    Start,
+    Discard,
+}
+
+/// A queue carried in a snapshot, encoded lazily while it streams (so the freeze does not
+/// grow with it).
+pub(crate) trait CarriedSource: Send + Sync {
+    fn len(&self) -> usize;
+    /// Encodes messages from `start` until about `bytes_max` bytes; returns the next index.
+    fn encode(&self, start: usize, bytes_max: usize, out: &mut Vec<CarriedMsg>) -> usize;
+}
+
+/// The typed queue a frozen runner hands over; it takes it back on abort.
+pub(crate) struct CarriedQueue<M>(pub Mutex<VecDeque<Envelope<M>>>);
+
+impl<M: Serialize + Send> CarriedSource for CarriedQueue<M> {
+    fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
+
+    fn encode(&self, start: usize, bytes_max: usize, out: &mut Vec<CarriedMsg>) -> usize {
+        let q = lock(&self.0);
+        let mut i = start;
+        let mut bytes = 0;
+        while i < q.len() && bytes < bytes_max {
+            match encode_envelope(&q[i]) {
+                Ok(m) => {
+                    bytes += m.msg.len() + 32;
+                    out.push(m);
+                }
+                Err(e) => tracing::error!(error = %e, "carried message could not be encoded"),
+            }
+            i += 1;
+        }
+        i
+    }
+}
+
+/// The source's side of a snapshot.
+pub(crate) struct OutSnap {
+    pub header: SnapHeader,
+    pub state: Vec<u8>,
+    pub carried: Arc<dyn CarriedSource>,
+}
+
+/// Registers a paused copy and spawns its runner, which waits for [`Go`].
+pub(crate) type Installer = Box<dyn FnOnce(oneshot::Receiver<Go>) -> Result<(), Error> + Send>;
+
+/// The target's restored, paused copy.
+pub(crate) struct InCopy {
+    pub header: SnapHeader,
+    pub slot: Arc<dyn Slot>,
+    /// Registers and spawns the paused runner; it waits for [`Go`].
+    pub install: Mutex<Option<Installer>>,
+}
+
+pub(crate) enum Payload {
+    Out(OutSnap),
+    In(InCopy),
+}
+
+type Snap = Arc<Payload>;
+
+struct Outgoing {
+    mig: MigrationId,
+    to: NodeName,
+    called: Instant,
+    freeze_at: Option<Instant>,
+    freeze_us: Option<u64>,
+    snapshot_bytes: u64,
+    carried: u64,
+    forwarded: u64,
+    rebuilt: u64,
+    epoch: u64,
+    committed: bool,
+    written: bool,
+    aborted: Option<AbortReason>,
+    waiters: Vec<oneshot::Sender<MigrationReport>>,
+    decide: Option<oneshot::Sender<Decision>>,
+    /// Hands the commit's leftovers to the snapshot stream's writer.
+    leftovers: Option<oneshot::Sender<Leftover>>,
+    drain: bool,
+    span: tracing::Span,
+}
+
+#[derive(Default)]
+struct Counters {
+    stats: MigrationStats,
+    freeze_hist: [u64; 32],
+}
+
+/// One node's migration driver.
+pub(crate) struct Driver {
+    core: Mutex<Core<Snap, ()>>,
+    clock: Instant,
+    outgoing: Mutex<HashMap<ServiceId, Outgoing>>,
+    incoming: Mutex<HashMap<ServiceId, oneshot::Sender<Go>>>,
+    counters: Mutex<Counters>,
+    /// `Moved` notices already sent, bounded by `NOTICES_MAX`.
+    told: Mutex<std::collections::HashSet<(ServiceId, NodeName, u64)>>,
+}
+
+/// `Moved` notices remembered; past this the set starts over (a repeat notice is harmless).
+const NOTICES_MAX: usize = 4096;
+
+/// Bytes of state per `SnapState` frame.
+const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
+/// About this many message bytes per `SnapCarried` frame.
+const SNAP_CARRIED_CHUNK_BYTES: usize = 256 << 10;
+/// How long a committed migration's report waits for the target's acknowledgement and the
+/// end of its snapshot stream before it is given as it stands.
+const REPORT_WAIT: Duration = Duration::from_secs(30);
+
+impl Driver {
+    pub fn new(me: NodeName, deadline_ms: u64, tombstones_max: usize) -> Self {
+        let cfg = Config {
+            // QUIC delivers what a live connection accepted; a lost connection aborts at once
+            // (`link_lost`), so the core never needs to send a snapshot twice.
+            retry_ticks: u64::MAX / 4,
+            deadline_ticks: deadline_ms,
+            query_ticks: 500,
+            tombstones_max,
+            ..Config::default()
+        };
+        Driver {
+            core: Mutex::new(Core::new(me, cfg)),
+            clock: Instant::now(),
+            outgoing: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            counters: Mutex::new(Counters::default()),
+            told: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    fn now_ticks(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Where `service` is and since which epoch, as far as this node knows.
+    pub fn location(&self, service: ServiceId) -> Option<(NodeName, u64)> {
+        lock(&self.core).location(service)
+    }
+
+    /// Where a tombstone on this node forwards `service`.
+    pub fn tombstone(&self, service: ServiceId) -> Option<(NodeName, u64)> {
+        lock(&self.core).tombstone(service)
+    }
+
+    pub fn add_peer(&self, peer: NodeName) {
+        lock(&self.core).add_peer(peer);
+    }
+
+    /// A service hosted here stopped for good.
+    pub fn unhost(&self, service: ServiceId) {
+        lock(&self.core).unhost(service);
+    }
+
+    pub fn stats(&self) -> MigrationStats {
+        let c = lock(&self.counters);
+        let mut s = c.stats.clone();
+        s.freeze_us_histogram = c
+            .freeze_hist
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (1u64 << i, *n))
+            .collect();
+        s.tombstones = lock(&self.core).tombstones() as u64;
+        s
+    }
+
+    pub fn count_rebuilt(&self, n: usize) {
+        lock(&self.counters).stats.rebuilt += n as u64;
+    }
+
+    /// True the first time this tombstone tells `origin` about `service` at `epoch` (one
+    /// `Moved` per sender node is enough; the rest of its in-flight messages just follow).
+    pub fn first_notice(&self, service: ServiceId, origin: &NodeName, epoch: u64) -> bool {
+        let mut told = lock(&self.told);
+        if told.len() >= NOTICES_MAX {
+            told.clear();
+        }
+        told.insert((service, origin.clone(), epoch))
+    }
+
+    pub fn count_tombstone_forward(&self) {
+        lock(&self.counters).stats.tombstone_forwards += 1;
+    }
+
+    fn count_refused_in(&self, reason: &str) {
+        let label = reason.split(':').next().unwrap_or(reason).to_owned();
+        *lock(&self.counters)
+            .stats
+            .refused_in
+            .entry(label)
+            .or_default() += 1;
+    }
+
+    /// Starts moving local service `id` to `to`; the report comes on the returned receiver.
+    pub fn migrate(
+        &self,
+        node: &Arc<NodeShared>,
+        id: ServiceId,
+        to: NodeName,
+        opts: MigrateOptions,
+    ) -> oneshot::Receiver<MigrationReport> {
+        let (tx, rx) = oneshot::channel();
+        let actions = {
+            let mut core = lock(&self.core);
+            if core.epoch(id).is_none() && node.slot(id).is_some() {
+                core.host(id);
+            }
+            let (mig, actions) = core.migrate(id, to.clone());
+            let span = tracing::info_span!(
+                "migration",
+                node = %node.name(),
+                id = %format!("{}#{}", mig.source, mig.n),
+                service = %id,
+                to = %to
+            );
+            lock(&self.counters).stats.started += 1;
+            tracing::info!(parent: &span, drain = opts.drain, "migration asked");
+            let mut out = lock(&self.outgoing);
+            let entry = Outgoing {
+                mig,
+                to,
+                called: Instant::now(),
+                freeze_at: None,
+                freeze_us: None,
+                snapshot_bytes: 0,
+                carried: 0,
+                forwarded: 0,
+                rebuilt: 0,
+                epoch: core.epoch(id).unwrap_or(0),
+                committed: false,
+                written: false,
+                aborted: None,
+                waiters: vec![tx],
+                decide: None,
+                leftovers: None,
+                drain: opts.drain,
+                span,
+            };
+            // A second request while one runs is answered by the core (`Busy`) through the
+            // report of this new attempt; keep the running entry.
+            if let Some(running) = out.get(&id) {
+                if running.mig != entry.mig && running.aborted.is_none() && !running.committed {
+                    drop(out);
+                    let mut busy = entry;
+                    busy.aborted = Some(AbortReason::Busy);
+                    let report = report_of(node.name(), id, &busy);
+                    for w in busy.waiters {
+                        let _ = w.send(report.clone());
+                    }
+                    lock(&self.counters)
+                        .stats
+                        .aborted
+                        .entry("busy".into())
+                        .and_modify(|n| *n += 1)
+                        .or_insert(1);
+                    return rx;
+                }
+            }
+            out.insert(id, entry);
+            actions
+        };
+        self.run(node, actions);
+        rx
+    }
+
+    /// True when the runner should handle its queue before freezing.
+    pub fn drains(&self, id: ServiceId) -> bool {
+        lock(&self.outgoing).get(&id).is_some_and(|o| o.drain)
+    }
+
+    /// The frozen runner hands over its snapshot; `decide` tells it the outcome.
+    pub fn frozen(
+        &self,
+        node: &Arc<NodeShared>,
+        id: ServiceId,
+        snap: Result<OutSnap, String>,
+        decide: oneshot::Sender<Decision>,
+    ) {
+        {
+            let mut out = lock(&self.outgoing);
+            if let Some(o) = out.get_mut(&id) {
+                o.freeze_at = Some(Instant::now());
+                o.decide = Some(decide);
+                if let Ok(s) = &snap {
+                    o.carried = s.carried.len() as u64;
+                }
+                tracing::debug!(parent: &o.span, carried = o.carried, "frozen");
+            } else {
+                let _ = decide.send(Decision::Resume);
+                return;
+            }
+        }
+        let actions = {
+            let mut core = lock(&self.core);
+            match snap {
+                Ok(s) => core.frozen(id, Arc::new(Payload::Out(s)), Vec::new()),
+                Err(why) => core.freeze_failed(id, why),
+            }
+        };
+        self.run(node, actions);
+    }
+
+    /// Advances the core's clock: deadlines and queries; reports that waited too long.
+    pub fn tick(&self, node: &Arc<NodeShared>) {
+        let now = self.now_ticks();
+        let actions = lock(&self.core).tick(now);
+        self.run(node, actions);
+        let stale: Vec<ServiceId> = lock(&self.outgoing)
+            .iter()
+            .filter(|(_, o)| o.committed && o.called.elapsed() > REPORT_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            node.event(
+                "migration-report-late",
+                format!("service {id}: no acknowledgement or stream end; reported as it stands"),
+            );
+            self.finish(node, id, true);
+        }
+    }
+
+    /// The connection to `peer` went down.
+    pub fn link_lost(&self, node: &Arc<NodeShared>, peer: &NodeName) {
+        let actions = lock(&self.core).link_lost(peer);
+        self.run(node, actions);
+    }
+
+    /// A protocol message from `from`.
+    pub fn on_msg(&self, node: &Arc<NodeShared>, from: &NodeName, msg: MigMsg) {
+        let wire = match msg {
+            MigMsg::Prepared { source, n } => Wire::Prepared {
+                mig: MigrationId { source, n },
+            },
+            MigMsg::Refused { source, n, reason } => Wire::Refused {
+                mig: MigrationId { source, n },
+                reason,
+            },
+            MigMsg::Commit { source, n } => Wire::Commit {
+                mig: MigrationId { source, n },
+            },
+            MigMsg::CommitAck { source, n } => {
+                let mig = MigrationId { source, n };
+                self.acked(node, &mig);
+                Wire::CommitAck { mig }
+            }
+            MigMsg::Abort { source, n } => Wire::Abort {
+                mig: MigrationId { source, n },
+            },
+            MigMsg::Query { source, n } => Wire::Query {
+                mig: MigrationId { source, n },
+            },
+            MigMsg::Located {
+                service,
+                node: at,
+                epoch,
+            } => {
+                node.relocated(service, &at, epoch);
+                Wire::Located {
+                    service,
+                    node: at,
+                    epoch,
+                }
+            }
+            MigMsg::Moved {
+                service,
+                node: at,
+                epoch,
+            } => {
+                node.relocated(service, &at, epoch);
+                Wire::Moved {
+                    service,
+                    node: at,
+                    epoch,
+                }
+            }
+            MigMsg::Request { .. } => return,
+        };
+        let actions = lock(&self.core).receive(from.clone(), wire);
+        self.run(node, actions);
+    }
+
+    /// A whole snapshot arrived from `from` (state complete; the carried queue may follow).
+    /// Returns the slot carried messages go to when the core installs it.
+    pub fn on_snapshot(
+        &self,
+        node: &Arc<NodeShared>,
+        from: &NodeName,
+        copy: InCopy,
+    ) -> Option<Arc<dyn Slot>> {
+        let mig = MigrationId {
+            source: from.clone(),
+            n: copy.header.mig,
+        };
+        let id = copy.header.id;
+        let epoch = copy.header.epoch;
+        let slot = copy.slot.clone();
+        let snap = Snapshot {
+            service: id,
+            epoch,
+            state: Arc::new(Payload::In(copy)),
+            queue: Vec::new(),
+            watermarks: Vec::new(),
+            early: Vec::new(),
+            skipped: Vec::new(),
+            send_seqs: Vec::new(),
+        };
+        let actions = lock(&self.core).receive(from.clone(), Wire::Snapshot { mig, snap });
+        let installed = actions
+            .iter()
+            .any(|a| matches!(a, Action::Install { snap } if snap.service == id));
+        self.run(node, actions);
+        installed.then_some(slot)
+    }
+
+    /// Refuses a snapshot before its state is read.
+    pub fn refuse_snapshot(&self, node: &Arc<NodeShared>, from: &NodeName, n: u64, reason: String) {
+        self.count_refused_in(&reason);
+        node.event("migration-refused", format!("from {from}: {reason}"));
+        send_mig(
+            node,
+            from,
+            MigMsg::Refused {
+                source: from.clone(),
+                n,
+                reason,
+            },
+        );
+    }
+
+    fn note_written(&self, node: &Arc<NodeShared>, id: ServiceId, mig: &MigrationId, bytes: u64) {
+        let done = {
+            let mut out = lock(&self.outgoing);
+            match out.get_mut(&id) {
+                Some(o) if o.mig == *mig => {
+                    o.snapshot_bytes = bytes;
+                    o.written = true;
+                    tracing::debug!(parent: &o.span, bytes, "snapshot stream written");
+                    o.committed && o.freeze_us.is_some()
+                }
+                _ => false,
+            }
+        };
+        if done {
+            self.finish(node, id, false);
+        }
+    }
+
+    fn acked(&self, node: &Arc<NodeShared>, mig: &MigrationId) {
+        let done = {
+            let mut out = lock(&self.outgoing);
+            let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
+                return;
+            };
+            if o.freeze_us.is_none() {
+                let us = o.freeze_at.map_or(0, |t| t.elapsed().as_micros() as u64);
+                o.freeze_us = Some(us);
+                tracing::info!(parent: &o.span, freeze_us = us, "target runs");
+            }
+            (o.committed && o.written).then_some(*id)
+        };
+        if let Some(id) = done {
+            self.finish(node, id, false);
+        }
+    }
+
+    /// Gives the report to its waiters and forgets the attempt.
+    fn finish(&self, node: &Arc<NodeShared>, id: ServiceId, late: bool) {
+        let Some(o) = lock(&self.outgoing).remove(&id) else {
+            return;
+        };
+        let report = report_of(node.name(), id, &o);
+        {
+            let mut c = lock(&self.counters);
+            match &report.aborted {
+                None => {
+                    c.stats.committed += 1;
+                    let bucket = (64 - report.freeze_us.max(1).leading_zeros() as usize).min(31);
+                    c.freeze_hist[bucket] += 1;
+                }
+                Some(r) => *c.stats.aborted.entry(r.label().to_owned()).or_default() += 1,
+            }
+        }
+        tracing::info!(
+            parent: &o.span,
+            committed = report.committed(),
+            late,
+            freeze_us = report.freeze_us,
+            total_us = report.total_us,
+            snapshot_bytes = report.snapshot_bytes,
+            carried = report.carried,
+            forwarded = report.forwarded,
+            rebuilt = report.rebuilt,
+            aborted = ?report.aborted,
+            "migration ended"
+        );
+        for w in o.waiters {
+            let _ = w.send(report.clone());
+        }
+    }
+
+    /// Carries out the core's actions.
+    fn run(&self, node: &Arc<NodeShared>, actions: Vec<Action<Snap, ()>>) {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => self.send(node, to, msg),
+                Action::Freeze { service } => match node.slot(service) {
+                    Some(slot) => slot.request_freeze(),
+                    None => {
+                        let actions =
+                            lock(&self.core).freeze_failed(service, "the service is gone".into());
+                        self.run(node, actions);
+                    }
+                },
+                Action::Resume { service, .. } => {
+                    let decide = lock(&self.outgoing)
+                        .get_mut(&service)
+                        .and_then(|o| o.decide.take());
+                    if let Some(d) = decide {
+                        let _ = d.send(Decision::Resume);
+                    }
+                }
+                Action::Retire { service } => self.retire(node, service),
+                Action::Install { snap } => self.install(node, snap),
+                Action::Start { service } => {
+                    if let Some(go) = lock(&self.incoming).remove(&service) {
+                        let _ = go.send(Go::Start);
+                    }
+                    lock(&self.counters).stats.arrived += 1;
+                    let epoch = lock(&self.core).epoch(service).unwrap_or(0);
+                    node.relocated(service, node.name(), epoch);
+                }
+                Action::Discard { service } => {
+                    if let Some(go) = lock(&self.incoming).remove(&service) {
+                        let _ = go.send(Go::Discard);
+                    }
+                }
+                Action::Enqueue { .. } | Action::Refuse { .. } => {
+                    // The node's data plane is the mailbox; no data goes through the core.
+                    debug_assert!(false, "data action from a core that carries no data");
+                }
+                Action::Report {
+                    service, outcome, ..
+                } => self.report(node, service, outcome),
+            }
+        }
+    }
+
+    fn report(&self, node: &Arc<NodeShared>, service: ServiceId, outcome: Outcome) {
+        let finish_now = {
+            let mut out = lock(&self.outgoing);
+            let Some(o) = out.get_mut(&service) else {
+                return;
+            };
+            match outcome {
+                Outcome::Committed { epoch, .. } => {
+                    o.committed = true;
+                    o.epoch = epoch;
+                    tracing::info!(parent: &o.span, epoch, "committed");
+                    o.written && o.freeze_us.is_some()
+                }
+                Outcome::Aborted(reason) => {
+                    o.freeze_us = o.freeze_at.map(|t| t.elapsed().as_micros() as u64);
+                    tracing::warn!(parent: &o.span, %reason, "aborted");
+                    o.aborted = Some(reason);
+                    true
+                }
+            }
+        };
+        if finish_now {
+            self.finish(node, service, false);
+        }
+    }
+
+    fn retire(&self, node: &Arc<NodeShared>, service: ServiceId) {
+        let (to, epoch) = match lock(&self.core).location(service) {
+            Some(loc) => loc,
+            None => return,
+        };
+        // Leftovers first: what arrived during the freeze goes onto the link to the target
+        // before any channel on this node points there, so a local sender's next message
+        // queues behind its earlier ones.
+        let forwarded = match node.slot(service) {
+            Some(slot) => {
+                let (encoded, skipped) = slot.retire_encoded(to.clone(), epoch);
+                let n = encoded.len();
+                let mut msgs = Vec::with_capacity(n);
+                for m in encoded {
+                    match m {
+                        Ok(msg) => msgs.push(msg),
+                        Err(r) => refuse(node, service, *r),
+                    }
+                }
+                let writer = lock(&self.outgoing)
+                    .get_mut(&service)
+                    .and_then(|o| o.leftovers.take());
+                let left = Leftover { msgs, skipped };
+                // On the snapshot stream, behind the carried queue; if that stream is gone,
+                // on the data link.
+                if let Some(Err(left)) = writer.map(|w| w.send(left)) {
+                    hand_on_link(node, service, &to, left);
+                }
+                n
+            }
+            None => 0,
+        };
+        let decide = lock(&self.outgoing).get_mut(&service).map(|o| {
+            o.forwarded = forwarded as u64;
+            o.decide.take()
+        });
+        if let Some(Some(d)) = decide {
+            let _ = d.send(Decision::Retire);
+        }
+        node.forget_moved(service);
+        let rebuilt = node.relocated(service, &to, epoch);
+        if let Some(o) = lock(&self.outgoing).get_mut(&service) {
+            o.rebuilt = rebuilt as u64;
+        }
+    }
+
+    fn install(&self, node: &Arc<NodeShared>, snap: Snapshot<Snap, ()>) {
+        let Payload::In(copy) = &*snap.state else {
+            return;
+        };
+        let install = lock(&copy.install).take();
+        let Some(install) = install else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        match install(rx) {
+            Ok(()) => {
+                lock(&self.incoming).insert(snap.service, tx);
+            }
+            Err(e) => {
+                // Registered already, or the node is stopping: the copy is not usable. The
+                // source still waits for an answer; the core answered Prepared, so it will
+                // commit: log loudly. (Installation only fails when the node stops.)
+                node.event(
+                    "migration-install-failed",
+                    format!("service {}: {e}", snap.service),
+                );
+            }
+        }
+    }
+
+    fn send(&self, node: &Arc<NodeShared>, to: NodeName, msg: Wire<Snap, ()>) {
+        let mig = match msg {
+            Wire::Snapshot { mig, snap } => {
+                let (tx, rx) = oneshot::channel();
+                if let Some(o) = lock(&self.outgoing).get_mut(&snap.service) {
+                    o.leftovers = Some(tx);
+                }
+                let node = node.clone();
+                actix_rt::spawn(async move {
+                    write_snapshot(node, to, mig, snap, rx).await;
+                });
+                return;
+            }
+            Wire::Prepared { mig } => MigMsg::Prepared {
+                source: mig.source,
+                n: mig.n,
+            },
+            Wire::Refused { mig, reason } => MigMsg::Refused {
+                source: mig.source,
+                n: mig.n,
+                reason,
+            },
+            Wire::Commit { mig } => MigMsg::Commit {
+                source: mig.source,
+                n: mig.n,
+            },
+            Wire::CommitAck { mig } => MigMsg::CommitAck {
+                source: mig.source,
+                n: mig.n,
+            },
+            Wire::Abort { mig } => MigMsg::Abort {
+                source: mig.source,
+                n: mig.n,
+            },
+            Wire::Query { mig } => MigMsg::Query {
+                source: mig.source,
+                n: mig.n,
+            },
+            Wire::Located {
+                service,
+                node: at,
+                epoch,
+            } => MigMsg::Located {
+                service,
+                node: at,
+                epoch,
+            },
+            Wire::Moved {
+                service,
+                node: at,
+                epoch,
+            } => MigMsg::Moved {
+                service,
+                node: at,
+                epoch,
+            },
+            Wire::Data { .. } | Wire::Skipped { .. } => {
+                debug_assert!(false, "data from a core that carries no data");
+                return;
+            }
+        };
+        send_mig(node, &to, mig);
+    }
+}
+
+fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
+    MigrationReport {
+        migration: format!("{}#{}", o.mig.source, o.mig.n),
+        service: id,
+        from: me.clone(),
+        to: o.to.clone(),
+        aborted: o.aborted.clone(),
+        epoch: o.epoch,
+        freeze_us: o.freeze_us.unwrap_or(0),
+        total_us: o.called.elapsed().as_micros() as u64,
+        snapshot_bytes: o.snapshot_bytes,
+        carried: o.carried,
+        forwarded: o.forwarded,
+        rebuilt: o.rebuilt,
+    }
+}
+
+/// Sends a protocol message on the control stream to `to`.
+pub(crate) fn send_mig(node: &NodeShared, to: &NodeName, msg: MigMsg) {
+    match node.peer(to) {
+        Some(link) => {
+            if let Err(e) = link.push_ctrl(&Frame::Mig(msg)) {
+                node.event("migration-message-lost", format!("to {to}: {e}"));
+            }
+        }
+        None => node.event("migration-message-lost", format!("{to} is not a peer")),
+    }
+}
+
+/// Writes one snapshot on its own unidirectional stream: header, state, carried queue, end.
+async fn write_snapshot(
+    node: Arc<NodeShared>,
+    to: NodeName,
+    mig: MigrationId,
+    snap: Snapshot<Snap, ()>,
+    leftovers: oneshot::Receiver<Leftover>,
+) {
+    let Payload::Out(out) = &*snap.state else {
+        return;
+    };
+    let id = snap.service;
+    let conn = node.peer(&to).and_then(|l| l.connection());
+    let Some(conn) = conn else {
+        node.driver.link_lost(&node, &to);
+        return;
+    };
+    let started = Instant::now();
+    let result = async {
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| format!("opening the snapshot stream: {e}"))?;
+        let frame_max = node.limits.frame_bytes_max;
+        let mut header = out.header.clone();
+        header.mig = mig.n;
+        header.epoch = snap.epoch;
+        let mut buf = Vec::new();
+        let mut written = 0u64;
+        wire::encode_frame(&mut buf, &Frame::SnapBegin(Box::new(header)), frame_max)
+            .map_err(|e| format!("snapshot header: {e}"))?;
+        for chunk in out.state.chunks(SNAP_STATE_CHUNK_BYTES) {
+            wire::encode_frame(&mut buf, &Frame::SnapState { bytes: chunk }, frame_max)
+                .map_err(|e| format!("snapshot state: {e}"))?;
+            send.write_all(&buf).await.map_err(|e| e.to_string())?;
+            written += buf.len() as u64;
+            buf.clear();
+        }
+        let mut next = 0;
+        let total = out.carried.len();
+        let mut msgs = Vec::new();
+        while next < total {
+            msgs.clear();
+            next = out
+                .carried
+                .encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs);
+            let frame = Frame::SnapCarried {
+                msgs: std::mem::take(&mut msgs),
+            };
+            wire::encode_frame(&mut buf, &frame, frame_max)
+                .map_err(|e| format!("carried messages: {e}"))?;
+            send.write_all(&buf).await.map_err(|e| e.to_string())?;
+            written += buf.len() as u64;
+            buf.clear();
+        }
+        // After commit, what arrived during the freeze follows on this stream, so the target
+        // takes it before it may move on again; an abort sends nothing more.
+        if let Ok(left) = leftovers.await {
+            let mut rest = left.msgs.as_slice();
+            let mut skipped = left.skipped;
+            while !rest.is_empty() || !skipped.is_empty() {
+                let mut bytes = 0;
+                let n = rest
+                    .iter()
+                    .take_while(|m| {
+                        bytes += m.msg.len() + 32;
+                        bytes <= SNAP_CARRIED_CHUNK_BYTES
+                    })
+                    .count()
+                    .max(1)
+                    .min(rest.len());
+                let frame = Frame::SnapLeftovers {
+                    msgs: rest[..n].to_vec(),
+                    skipped: std::mem::take(&mut skipped),
+                };
+                rest = &rest[n..];
+                wire::encode_frame(&mut buf, &frame, frame_max)
+                    .map_err(|e| format!("leftovers: {e}"))?;
+                send.write_all(&buf).await.map_err(|e| e.to_string())?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        wire::encode_frame(&mut buf, &Frame::SnapEnd, frame_max).map_err(|e| e.to_string())?;
+        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        written += buf.len() as u64;
+        send.finish().map_err(|e| e.to_string())?;
+        // Until the peer has every byte, the migration is not over.
+        let _ = send.stopped().await;
+        Ok::<u64, String>(written)
+    }
+    .await;
+    match result {
+        Ok(bytes) => {
+            node.stats.bytes_out.add(bytes);
+            tracing::debug!(service = %id, bytes, us = started.elapsed().as_micros() as u64, "snapshot sent");
+            node.driver.note_written(&node, id, &mig, bytes);
+        }
+        Err(e) => {
+            node.event(
+                "snapshot-stream-failed",
+                format!("service {id} to {to}: {e}"),
+            );
+            // Before commit this aborts the attempt; after it, the target runs without the
+            // rest of the queue: counted and reported, never hidden.
+            let actions = lock(&node.driver.core).link_lost(&to);
+            node.driver.run(&node, actions);
+            node.driver.note_written(&node, id, &mig, 0);
+        }
+    }
+}
+
+/// Leftovers on the data link, when the snapshot stream cannot take them.
+fn hand_on_link(node: &Arc<NodeShared>, service: ServiceId, to: &NodeName, left: Leftover) {
+    for msg in left.msgs {
+        let origin = msg.origin.clone().unwrap_or_else(|| node.name().clone());
+        if let Err(e) = forward(node, to, service, &origin, msg.clone(), Hand::Accepted) {
+            refuse(node, service, refusal_of(&msg, e));
+        }
+    }
+    node.send_skips(service, to, &left.skipped);
+}
+
+/// Tells the sender of a message that was accepted and then could not be delivered.
+pub(crate) fn refuse(node: &NodeShared, to: ServiceId, r: Refusal) {
+    node.refuse_envelope(to, r);
+}
+
+/// A message for a service that is not here: a tombstone forwards it and tells its sender's
+/// node where the service went. Returns false when there is no tombstone.
+pub(crate) fn forward_by_tombstone(
+    node: &Arc<NodeShared>,
+    to: ServiceId,
+    origin: &NodeName,
+    msg: CarriedMsg,
+    hand: Hand,
+) -> Result<(), DeliveryError> {
+    let Some((at, epoch)) = node.driver.tombstone(to) else {
+        return Err(DeliveryError::UnknownService {
+            id: to,
+            node: node.name().clone(),
+        });
+    };
+    node.driver.count_tombstone_forward();
+    if origin != node.name() && *origin != at && node.driver.first_notice(to, origin, epoch) {
+        send_mig(
+            node,
+            origin,
+            MigMsg::Moved {
+                service: to,
+                node: at.clone(),
+                epoch,
+            },
+        );
+    }
+    forward(node, &at, to, origin, msg, hand)
+}
+
+/// How a forwarded message is to be taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hand {
+    /// A sender that does not wait.
+    Tell,
+    /// A sender waiting for room.
+    Wait,
+    /// Taken once already: not refused for room.
+    Accepted,
+}
+
+/// Sends `msg` for `to` on to node `at`, keeping its numbering, asker and origin.
+pub(crate) fn forward(
+    node: &NodeShared,
+    at: &NodeName,
+    to: ServiceId,
+    origin: &NodeName,
+    msg: CarriedMsg,
+    hand: Hand,
+) -> Result<(), DeliveryError> {
+    let link = node
+        .peer(at)
+        .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
+    link.data.push(
+        &link.name,
+        &Frame::Forward {
+            to,
+            origin: origin.clone(),
+            wait: hand == Hand::Wait,
+            accepted: hand == Hand::Accepted,
+            msg,
+        },
+    )?;
+    Ok(())
+}
+
+/// A snapshot stream being received.
+pub(crate) struct SnapRecv {
+    n: u64,
+    id: ServiceId,
+    header: Option<SnapHeader>,
+    state: Vec<u8>,
+    state_bytes: usize,
+    /// The installed copy carried messages go to; None when refused or stale.
+    slot: Option<Arc<dyn Slot>>,
+    refused: bool,
+    ended: bool,
+    carried_in: u64,
+}
+
+/// Checks a snapshot header against this node's rules; the reason when it is refused.
+fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<(), String> {
+    let limits = &node.limits;
+    if !limits.migration_peers.is_empty()
+        && !limits.migration_peers.iter().any(|p| p == from.as_str())
+    {
+        return Err(format!("policy: node {from} may not push migrations here"));
+    }
+    if !node.has_kind(&h.kind) {
+        return Err(format!(
+            "unknown kind: {} is not registered on {}",
+            h.kind,
+            node.name()
+        ));
+    }
+    if h.state_bytes > limits.snapshot_bytes_max as u64 {
+        return Err(format!(
+            "too large: state of {} bytes exceeds snapshot_bytes_max {}",
+            h.state_bytes, limits.snapshot_bytes_max
+        ));
+    }
+    if h.carried > limits.snapshot_carried_max as u64 {
+        return Err(format!(
+            "too large: {} carried messages exceed snapshot_carried_max {}",
+            h.carried, limits.snapshot_carried_max
+        ));
+    }
+    if node.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err("stopping: the node is shutting down".into());
+    }
+    Ok(())
+}
+
+/// One frame of a snapshot stream.
+pub(crate) fn snapshot_frame(
+    node: &Arc<NodeShared>,
+    from: &NodeName,
+    rx: &mut Option<SnapRecv>,
+    frame: Frame<'_>,
+) -> Result<(), wire::WireError> {
+    let malformed = |detail: String| wire::WireError::Malformed { detail };
+    match frame {
+        Frame::SnapBegin(h) => {
+            if rx.is_some() {
+                return Err(malformed("a second snapshot header on one stream".into()));
+            }
+            let refusal = admit_snapshot(node, from, &h);
+            let mut recv = SnapRecv {
+                n: h.mig,
+                id: h.id,
+                state: Vec::new(),
+                state_bytes: h.state_bytes as usize,
+                header: None,
+                slot: None,
+                refused: false,
+                ended: false,
+                carried_in: 0,
+            };
+            match refusal {
+                Err(reason) => {
+                    recv.refused = true;
+                    node.driver.refuse_snapshot(node, from, h.mig, reason);
+                }
+                Ok(()) => {
+                    // Bounded by `snapshot_bytes_max`, checked above.
+                    recv.state = Vec::with_capacity(recv.state_bytes);
+                    recv.header = Some(*h);
+                }
+            }
+            let empty = recv.state_bytes == 0;
+            *rx = Some(recv);
+            if empty {
+                state_complete(node, from, rx);
+            }
+        }
+        Frame::SnapState { bytes } => {
+            let Some(recv) = rx.as_mut() else {
+                return Err(malformed("snapshot state before its header".into()));
+            };
+            if recv.refused {
+                return Ok(());
+            }
+            if recv.header.is_none() || recv.state.len() + bytes.len() > recv.state_bytes {
+                return Err(malformed(format!(
+                    "snapshot state longer than the {} bytes announced",
+                    recv.state_bytes
+                )));
+            }
+            recv.state.extend_from_slice(bytes);
+            if recv.state.len() == recv.state_bytes {
+                state_complete(node, from, rx);
+            }
+        }
+        Frame::SnapCarried { msgs } => {
+            let Some(recv) = rx.as_mut() else {
+                return Err(malformed(
+                    "carried messages before a snapshot header".into(),
+                ));
+            };
+            let Some(slot) = &recv.slot else {
+                // Refused or stale: the source still has these messages.
+                return Ok(());
+            };
+            for m in msgs {
+                recv.carried_in += 1;
+                if let Err(reason) = slot.deliver_carried(&m) {
+                    refuse(node, recv.id, refusal_of(&m, reason));
+                }
+            }
+        }
+        Frame::SnapLeftovers { msgs, skipped } => {
+            let Some(recv) = rx.as_mut() else {
+                return Err(malformed("leftovers before a snapshot header".into()));
+            };
+            let Some(slot) = &recv.slot else {
+                return Ok(());
+            };
+            for m in msgs {
+                let origin = m.origin.clone().unwrap_or_else(|| from.clone());
+                if let Err(reason) = slot.deliver_forwarded(&m, &origin, Hand::Accepted) {
+                    refuse(node, recv.id, refusal_of(&m, reason));
+                }
+            }
+            for (sender, seq) in skipped {
+                slot.skip(sender, seq);
+            }
+        }
+        Frame::SnapEnd => {
+            let Some(recv) = rx.as_mut() else {
+                return Err(malformed("snapshot end before its header".into()));
+            };
+            recv.ended = true;
+            if let Some(slot) = &recv.slot {
+                for r in slot.carried_complete() {
+                    refuse(node, recv.id, r);
+                }
+                tracing::debug!(service = %recv.id, carried = recv.carried_in, "carried queue complete");
+            }
+        }
+        other => {
+            return Err(wire::WireError::Unexpected {
+                kind: other.kind(),
+                stream: "snapshot",
+            })
+        }
+    }
+    Ok(())
+}
+
+fn refusal_of(m: &CarriedMsg, reason: DeliveryError) -> Refusal {
+    Refusal {
+        from: m.from,
+        seq: m.seq,
+        ask: m.ask.as_ref().map(|(node, ask)| crate::mailbox::AskOrigin {
+            node: node.clone(),
+            ask: *ask,
+        }),
+        origin: m.origin.clone(),
+        reason,
+    }
+}
+
+fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapRecv>) {
+    let Some(recv) = rx.as_mut() else {
+        return;
+    };
+    let Some(header) = recv.header.take() else {
+        return;
+    };
+    let state = std::mem::take(&mut recv.state);
+    match node.restore_paused(from, header, state) {
+        Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),
+        Err(e) => {
+            recv.refused = true;
+            node.driver
+                .refuse_snapshot(node, from, recv.n, format!("restore failed: {e}"));
+        }
+    }
+}
+
+/// A snapshot stream ended; if it ended early, the copy it fed is incomplete.
+pub(crate) fn snapshot_stream_ended(node: &NodeShared, from: &NodeName, rx: &mut Option<SnapRecv>) {
+    if let Some(recv) = rx.take() {
+        if !recv.ended && !recv.refused {
+            node.event(
+                "snapshot-stream-cut",
+                format!(
+                    "service {} from {from}: stream ended after {} carried messages",
+                    recv.id, recv.carried_in
+                ),
+            );
+        }
+    }
+}
+
+/// A message handed on by another node: delivered here, or forwarded again by a tombstone.
+pub(crate) fn on_forward(
+    node: &Arc<NodeShared>,
+    to: ServiceId,
+    origin: &NodeName,
+    hand: Hand,
+    msg: &CarriedMsg,
+) -> Result<(), DeliveryError> {
+    let res = match node.slot(to) {
+        Some(slot) => slot.deliver_forwarded(msg, origin, hand),
+        None => Err(DeliveryError::UnknownService {
+            id: to,
+            node: node.name().clone(),
+        }),
+    };
+    let res = match res {
+        Err(DeliveryError::UnknownService { .. } | DeliveryError::Moved { .. }) => {
+            forward_by_tombstone(node, to, origin, msg.clone(), hand)
+        }
+        other => other,
+    };
+    if res.is_ok() {
+        node.stats.received_remote.inc();
+    }
+    res
+}
+
+/// Tells the sender of a handed-on message that it was not delivered.
+pub(crate) fn refuse_carried(
+    node: &NodeShared,
+    to: ServiceId,
+    msg: &CarriedMsg,
+    reason: DeliveryError,
+) {
+    refuse(node, to, refusal_of(msg, reason));
+}
+
+/// A number refused on a service's former node.
+pub(crate) fn on_skipped(node: &Arc<NodeShared>, to: ServiceId, from: ServiceId, seq: u64) {
+    match node.slot(to) {
+        Some(slot) => slot.skip(from, seq),
+        None => {
+            if let Some((at, _)) = node.driver.tombstone(to) {
+                node.send_skips(to, &at, &[(from, seq)]);
+            }
+        }
+    }
+}
+
+/// A migration message on the control stream.
+pub(crate) fn on_control(
+    node: &Arc<NodeShared>,
+    link: &Arc<crate::transport::PeerLink>,
+    msg: MigMsg,
+) {
+    match msg {
+        MigMsg::Request {
+            req,
+            service,
+            to,
+            drain,
+        } => {
+            let (node, link) = (node.clone(), link.clone());
+            actix_rt::spawn(async move {
+                let res = if node.slot(service).is_some() {
+                    let rx = node
+                        .driver
+                        .migrate(&node, service, to, MigrateOptions { drain });
+                    rx.await.map_err(|_| "the node stopped".to_string())
+                } else {
+                    Err(format!("service {service} does not run on {}", node.name()))
+                };
+                let sent = match res {
+                    Ok(report) => match rmp_serde::to_vec(&report) {
+                        Ok(bytes) => link.push_ctrl(&Frame::Reply {
+                            ask: req,
+                            result: wire::ReplyBody::Value(&bytes),
+                        }),
+                        Err(e) => link.push_ctrl(&Frame::Reply {
+                            ask: req,
+                            result: wire::ReplyBody::Failed(e.to_string()),
+                        }),
+                    },
+                    Err(detail) => link.push_ctrl(&Frame::Reply {
+                        ask: req,
+                        result: wire::ReplyBody::Failed(detail),
+                    }),
+                };
+                if let Err(e) = sent {
+                    node.event("migration-report-lost", format!("to {}: {e}", link.name));
+                }
+            });
+        }
+        other => node.driver.on_msg(node, &link.name, other),
+    }
+}
