@@ -3,6 +3,7 @@
 //! keeps the whole run under a minute.
 
 mod local;
+mod migration;
 mod remote;
 mod util;
 
@@ -26,10 +27,12 @@ fn main() -> Result<()> {
 
     let local = local::run(&scale)?;
     let remote = remote::run(&scale)?;
+    let migration = migration::run(&scale)?;
 
     let out = json!({
         "local": local,
         "remote": remote,
+        "migration": migration,
         "run": {
             "quick": quick,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
