@@ -159,7 +159,8 @@ impl<S: Service> fmt::Debug for ServiceRef<S> {
 
 /// A message on its way: it keeps its number across re-routing.
 enum Attempt<M> {
-    Sent(usize),
+    /// Queued: bytes now waiting on the link (0 for a local mailbox), and whether it was local.
+    Sent(usize, bool),
     Full(DeliveryError, Route<M>, M),
 }
 
@@ -253,7 +254,7 @@ impl<S: Service> ServiceRef<S> {
                 Route::Local(mb) => {
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
-                        Ok(()) => return Ok(Attempt::Sent(0)),
+                        Ok(()) => return Ok(Attempt::Sent(0, true)),
                         Err((DeliveryError::Moved { node, epoch, .. }, env)) => {
                             msg = env.msg;
                             self.chan.repoint(&mut st, &self.node, &node, epoch);
@@ -268,7 +269,7 @@ impl<S: Service> ServiceRef<S> {
                     }
                 }
                 Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
-                    Ok(queued) => return Ok(Attempt::Sent(queued)),
+                    Ok(queued) => return Ok(Attempt::Sent(queued, false)),
                     Err(e @ DeliveryError::Backpressure { .. }) => (e, Some(msg)),
                     Err(e) => (e, None),
                 },
@@ -291,16 +292,20 @@ impl<S: Service> ServiceRef<S> {
     }
 
     pub(crate) fn send(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
-        let res = self.attempt(meta, false, msg).map(drop);
-        self.count(&res, self.is_local());
+        let res = self.attempt(meta, false, msg);
+        let local = matches!(res, Ok(Attempt::Sent(_, true)));
+        let res = res.map(drop);
+        self.count(&res, local);
         res
     }
 
     pub(crate) async fn send_wait(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
         let mut msg = msg;
+        let mut local = false;
         let res = loop {
             match self.attempt(meta, true, msg) {
-                Ok(Attempt::Sent(queued)) => {
+                Ok(Attempt::Sent(queued, here)) => {
+                    local = here;
                     if queued > 0 {
                         // The guard must be gone before the await: other senders (some on
                         // the thread that drains this link) share the channel.
@@ -328,7 +333,7 @@ impl<S: Service> ServiceRef<S> {
                 Err(e) => break Err(e),
             }
         };
-        self.count(&res, self.is_local());
+        self.count(&res, local);
         res
     }
 

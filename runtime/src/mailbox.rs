@@ -316,6 +316,10 @@ impl<M> Mailbox<M> {
             }
             return Err((self.full(), env));
         }
+        if w.take_in_order(seq) {
+            st.queue.push_back(env);
+            return Ok(true);
+        }
         // Messages taken once already are never refused: their count is bounded where they
         // were taken (a mailbox's capacity, its parking).
         match w.offer_bounded(seq, env, mode != Admit::Accepted) {

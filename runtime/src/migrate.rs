@@ -211,8 +211,9 @@ const NOTICES_MAX: usize = 4096;
 
 /// Bytes of state per `SnapState` frame.
 const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
-/// About this many message bytes per `SnapCarried` frame.
-const SNAP_CARRIED_CHUNK_BYTES: usize = 256 << 10;
+/// About this many message bytes per `SnapCarried` frame (small, so the node's thread turns to
+/// other work, such as the target's answer, between two).
+const SNAP_CARRIED_CHUNK_BYTES: usize = 32 << 10;
 /// How long a committed migration's report waits for the target's acknowledgement and the
 /// end of its snapshot stream before it is given as it stands.
 const REPORT_WAIT: Duration = Duration::from_secs(30);
@@ -901,6 +902,8 @@ async fn write_snapshot(
             send.write_all(&buf).await.map_err(|e| e.to_string())?;
             written += buf.len() as u64;
             buf.clear();
+            // Let the protocol's answers through between two chunks of the queue.
+            tokio::task::yield_now().await;
         }
         // After commit, what arrived during the freeze follows on this stream, so the target
         // takes it before it may move on again; an abort sends nothing more.

@@ -822,6 +822,12 @@ async fn read_stream(
                     loop {
                         match handle_frame(&node, &link, (kind, body), &mut target, &mut snap, done)
                         {
+                            Ok(Flow::Done) if snap.is_some() => {
+                                // A snapshot stream can bring thousands of queued messages:
+                                // let the protocol's frames through between two of its frames.
+                                tokio::task::yield_now().await;
+                                break;
+                            }
                             Ok(Flow::Done) => break,
                             Ok(Flow::Blocked(slot, delivered)) => {
                                 // The sender asked to wait for room: hold this stream (QUIC

@@ -90,6 +90,17 @@ impl<T> Window<T> {
         })
     }
 
+    /// The common case without a move: `seq` is the next number and nothing waits early. Takes
+    /// it (true) without touching the item; otherwise changes nothing (false).
+    pub fn take_in_order(&mut self, seq: u64) -> bool {
+        if seq == self.next && self.held.is_empty() {
+            self.next += 1;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Offers message `seq`.
     pub fn offer(&mut self, seq: u64, item: T) -> Offer<T> {
         self.offer_bounded(seq, item, true)

@@ -77,6 +77,8 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
         for i in 1..=10_000 {
             slow.tell(SlowMsg::Item(i))?;
         }
+        // The service is in the middle of `Hold`: the freeze waits for it, the rest travels.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let report = a.migrate(slow.id(), "b", opts()).await?;
         assert!(report.committed(), "{report:?}");
         assert_eq!(report.carried, 10_000, "{report:?}");
