@@ -35,6 +35,18 @@ enum BlobMsg {
     Check(ReplyTo<(u64, u64, u64)>),
 }
 
+impl Blob {
+    fn new(state_bytes: usize) -> Self {
+        Blob {
+            data: vec![0x5a; state_bytes],
+            next: 1,
+            got: 0,
+            dup: 0,
+            gaps: 0,
+        }
+    }
+}
+
 impl Service for Blob {
     type Msg = BlobMsg;
     const KIND: &'static str = "bench-blob";
@@ -112,13 +124,7 @@ fn migrate_case(
     tally: &mut Tally,
 ) -> Result<(Vec<u64>, Vec<u64>)> {
     let a = c.node("a");
-    let blob = a.spawn(Blob {
-        data: vec![0x5a; state_bytes],
-        next: 1,
-        got: 0,
-        dup: 0,
-        gaps: 0,
-    })?;
+    let blob = a.spawn(Blob::new(state_bytes))?;
     let (mut freeze, mut total) = (Vec::new(), Vec::new());
     let mut item = 0u64;
     block_on(async {
@@ -190,13 +196,7 @@ fn raw_limit(c: &Cluster, state_bytes: usize, queued: u64) -> Result<u64> {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         ep.set_default_client_config(tern::tls::client_config(&cid)?);
         let conn = ep.connect(addr, "raw-server")?.await?;
-        let state = Blob {
-            data: vec![0x5a; state_bytes],
-            next: 1,
-            got: 0,
-            dup: 0,
-            gaps: 0,
-        };
+        let state = Blob::new(state_bytes);
         let t0 = Instant::now();
         let queue: Vec<(u64, serde_bytes::ByteBuf)> = (1..=queued)
             .map(|i| {
@@ -227,13 +227,7 @@ fn raw_limit(c: &Cluster, state_bytes: usize, queued: u64) -> Result<u64> {
 /// spread over three nodes (an upper bound on commit-to-last-rewrite: it includes the freeze).
 fn rebuild_case(c: &Cluster, holders: usize, runs: usize) -> Result<(Vec<u64>, Vec<u64>)> {
     let a = c.node("a");
-    let sink = a.spawn(Blob {
-        data: vec![0; 1024],
-        next: 1,
-        got: 0,
-        dup: 0,
-        gaps: 0,
-    })?;
+    let sink = a.spawn(Blob::new(1024))?;
     let mut refs: Vec<ServiceRef<Holder>> = Vec::with_capacity(holders);
     for i in 0..holders {
         let node = c.node(NODES[i % 3]);

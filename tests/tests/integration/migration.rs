@@ -15,6 +15,17 @@ fn opts() -> MigrateOptions {
     MigrateOptions::default()
 }
 
+/// The service handled items 1..=n, each once, in order.
+async fn assert_handled_in_order(slow: &ServiceRef<Slow>, n: u64) -> Result<()> {
+    let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
+    assert_eq!(
+        handled,
+        (1..=n).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    Ok(())
+}
+
 #[test]
 fn state_and_queue_move_and_are_handled_in_order_at_the_target() -> Result<()> {
     let c = Cluster::start(&["a", "b"], register_test_kinds)?;
@@ -82,8 +93,7 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
         let report = a.migrate(slow.id(), "b", opts()).await?;
         assert!(report.committed(), "{report:?}");
         assert_eq!(report.carried, 10_000, "{report:?}");
-        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
-        assert_eq!(handled, (1..=10_000).collect::<Vec<_>>());
+        assert_handled_in_order(&slow, 10_000).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     c.shutdown();
@@ -106,8 +116,7 @@ fn drain_option_handles_the_queue_at_the_source_first() -> Result<()> {
             .await?;
         assert!(report.committed(), "{report:?}");
         assert_eq!(report.carried, 0, "drained, not carried: {report:?}");
-        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
-        assert_eq!(handled, (1..=300).collect::<Vec<_>>());
+        assert_handled_in_order(&slow, 300).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     c.shutdown();
@@ -277,8 +286,7 @@ fn refusal_by_the_target_resumes_at_the_source_with_nothing_lost() -> Result<()>
         for i in 201..=300 {
             slow.tell(SlowMsg::Item(i))?;
         }
-        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
-        assert_eq!(handled, (1..=300).collect::<Vec<_>>());
+        assert_handled_in_order(&slow, 300).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(a.migration_stats().aborted.get("refused"), Some(&1));
@@ -329,8 +337,7 @@ fn oversize_state_and_policy_refusals_resume_at_the_source() -> Result<()> {
         );
         let to_a = a.migrate(slow.id(), "a", opts()).await?;
         assert_eq!(to_a.aborted, Some(AbortReason::SameNode));
-        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
-        assert_eq!(handled, (1..=100).collect::<Vec<_>>());
+        assert_handled_in_order(&slow, 100).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     c.shutdown();
@@ -462,8 +469,7 @@ fn a_failed_restore_at_the_target_resumes_at_the_source() -> Result<()> {
             matches!(&report.aborted, Some(AbortReason::Refused(w)) if w.contains("restore failed")),
             "{report:?}"
         );
-        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
-        assert_eq!(handled, (1..=50).collect::<Vec<_>>());
+        assert_handled_in_order(&slow, 50).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     c.shutdown();
