@@ -2,6 +2,7 @@
 //! same bytes cost over a raw quinn stream; channel rebuild time; and a sink's count of lost,
 //! duplicated and reordered messages over every run.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,11 @@ use tern::{Ctx, Limits, MigrateOptions, ReplyTo, Service, ServiceRef};
 use tern_harness::{block_on, Cluster};
 
 use crate::util::{percentiles, progress, Scale};
+
+/// Opened by the bench once a case's queue is in place and its migration asked for.
+static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// True while a `Blob` waits at the gate.
+static HOLDING: AtomicBool = AtomicBool::new(false);
 
 /// A service whose state is `data`, checking that its numbered items arrive once and in order.
 #[derive(Serialize, Deserialize)]
@@ -26,10 +32,8 @@ struct Blob {
 
 #[derive(Serialize, Deserialize)]
 enum BlobMsg {
-    /// Stay busy, so what follows queues up.
-    Hold {
-        ms: u64,
-    },
+    /// Stay busy until the bench opens `GATE`, so what follows queues up.
+    Hold,
     Item(u64),
     /// (received, duplicated, out of order)
     Check(ReplyTo<(u64, u64, u64)>),
@@ -54,7 +58,11 @@ impl Service for Blob {
 
     async fn handle(&mut self, msg: BlobMsg, ctx: &mut Ctx<Self>) {
         match msg {
-            BlobMsg::Hold { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            BlobMsg::Hold => {
+                HOLDING.store(true, Ordering::SeqCst);
+                GATE.notified().await;
+                HOLDING.store(false, Ordering::SeqCst);
+            }
             BlobMsg::Item(i) => {
                 self.got += 1;
                 if i == self.next {
@@ -129,20 +137,41 @@ fn migrate_case(
     let mut item = 0u64;
     block_on(async {
         for run in 0..runs {
+            let (from, to) = if run % 2 == 0 { ("a", "b") } else { ("b", "a") };
             if queued > 0 {
-                blob.tell(BlobMsg::Hold { ms: 20 })?;
+                // Sent from the node that hosts it, so the queue is in place, not in flight,
+                // when the migration is asked for.
+                let here = c.node(from).resolve::<Blob>(blob.addr())?;
+                here.tell(BlobMsg::Hold)?;
+                while !HOLDING.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 for _ in 0..queued {
                     item += 1;
-                    blob.tell_wait(BlobMsg::Item(item)).await?;
+                    here.tell_wait(BlobMsg::Item(item)).await?;
                 }
             }
-            let (from, to) = if run % 2 == 0 { ("a", "b") } else { ("b", "a") };
-            let report = c
-                .node(from)
-                .migrate(blob.id(), to, MigrateOptions::default())
-                .await?;
+            // The migration is asked for (the freeze waits for the message in hand), then the
+            // service is let go: the whole queue is behind the freeze.
+            let (report, ()) = tokio::join!(
+                c.node(from)
+                    .migrate(blob.id(), to, MigrateOptions::default()),
+                async {
+                    if queued > 0 {
+                        tokio::task::yield_now().await;
+                        GATE.notify_one();
+                    }
+                }
+            );
+            let report = report?;
             if !report.committed() {
                 bail!("migration of {state_bytes} bytes did not commit: {report:?}");
+            }
+            if report.carried != queued {
+                bail!(
+                    "{} messages were carried, not the {queued} queued: {report:?}",
+                    report.carried
+                );
             }
             freeze.push(report.freeze_us);
             total.push(report.total_us);

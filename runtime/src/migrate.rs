@@ -45,8 +45,10 @@ pub struct MigrationReport {
     pub aborted: Option<AbortReason>,
     /// Its epoch after the migration (unchanged when aborted).
     pub epoch: u64,
-    /// From the freeze at the source until the target said it runs (the source handles
-    /// nothing for the service meanwhile), in microseconds. For an abort: until it resumed.
+    /// From the freeze at the source (the message in hand finished, the snapshot not yet
+    /// taken) until the target handled its next message, or had none to handle with the whole
+    /// carried queue in, in microseconds. Summed from the two nodes' own clocks, so it is an
+    /// upper bound by one one-way trip. For an abort: until the service resumed at the source.
     pub freeze_us: u64,
     /// From the call until the target runs and has every carried message, in microseconds.
     pub total_us: u64,
@@ -172,7 +174,12 @@ struct Outgoing {
     to: NodeName,
     called: Instant,
     freeze_at: Option<Instant>,
+    /// Set on abort: from the freeze to the resumption at the source.
     freeze_us: Option<u64>,
+    /// From the freeze until the target's acknowledgement of the commit arrived.
+    acked_us: Option<u64>,
+    /// From the target's start until its copy served (its `Serving` message).
+    served_us: Option<u64>,
     snapshot_bytes: u64,
     carried: u64,
     forwarded: u64,
@@ -213,7 +220,9 @@ const NOTICES_MAX: usize = 4096;
 const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
 /// About this many message bytes per `SnapCarried` frame (small, so the node's thread turns to
 /// other work, such as the target's answer, between two).
-const SNAP_CARRIED_CHUNK_BYTES: usize = 32 << 10;
+const SNAP_CARRIED_CHUNK_BYTES: usize = 8 << 10;
+/// About this many message bytes of the queue's head go before the commit.
+const SNAP_CARRIED_HEAD_BYTES: usize = 4 << 10;
 /// How long a committed migration's report waits for the target's acknowledgement and the
 /// end of its snapshot stream before it is given as it stands.
 const REPORT_WAIT: Duration = Duration::from_secs(30);
@@ -334,6 +343,8 @@ impl Driver {
                 called: Instant::now(),
                 freeze_at: None,
                 freeze_us: None,
+                acked_us: None,
+                served_us: None,
                 snapshot_bytes: 0,
                 carried: 0,
                 forwarded: 0,
@@ -380,18 +391,20 @@ impl Driver {
         lock(&self.outgoing).get(&id).is_some_and(|o| o.drain)
     }
 
-    /// The frozen runner hands over its snapshot; `decide` tells it the outcome.
+    /// The frozen runner hands over its snapshot; `since` is when it stopped serving (the
+    /// freeze is timed from there) and `decide` tells it the outcome.
     pub fn frozen(
         &self,
         node: &Arc<NodeShared>,
         id: ServiceId,
+        since: Instant,
         snap: Result<OutSnap, String>,
         decide: oneshot::Sender<Decision>,
     ) {
         {
             let mut out = lock(&self.outgoing);
             if let Some(o) = out.get_mut(&id) {
-                o.freeze_at = Some(Instant::now());
+                o.freeze_at = Some(since);
                 o.decide = Some(decide);
                 if let Ok(s) = &snap {
                     o.carried = s.carried.len() as u64;
@@ -485,6 +498,16 @@ impl Driver {
                     epoch,
                 }
             }
+            MigMsg::Serving {
+                source,
+                n,
+                after_start_us,
+            } => {
+                if source == *node.name() {
+                    self.served(node, &MigrationId { source, n }, after_start_us);
+                }
+                return;
+            }
             MigMsg::Request { .. } => return,
         };
         let actions = lock(&self.core).receive(from.clone(), wire);
@@ -547,7 +570,7 @@ impl Driver {
                     o.snapshot_bytes = bytes;
                     o.written = true;
                     tracing::debug!(parent: &o.span, bytes, "snapshot stream written");
-                    o.committed && o.freeze_us.is_some()
+                    o.complete()
                 }
                 _ => false,
             }
@@ -563,16 +586,45 @@ impl Driver {
             let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
                 return;
             };
-            if o.freeze_us.is_none() {
+            if o.acked_us.is_none() {
                 let us = o.freeze_at.map_or(0, |t| t.elapsed().as_micros() as u64);
-                o.freeze_us = Some(us);
-                tracing::info!(parent: &o.span, freeze_us = us, "target runs");
+                o.acked_us = Some(us);
+                tracing::info!(parent: &o.span, after_freeze_us = us, "target runs");
             }
-            (o.committed && o.written).then_some(*id)
+            o.complete().then_some(*id)
         };
         if let Some(id) = done {
             self.finish(node, id, false);
         }
+    }
+
+    /// The target's copy served its first message `after_start_us` after it started.
+    fn served(&self, node: &Arc<NodeShared>, mig: &MigrationId, after_start_us: u64) {
+        let done = {
+            let mut out = lock(&self.outgoing);
+            let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
+                return;
+            };
+            o.served_us.get_or_insert(after_start_us);
+            tracing::info!(parent: &o.span, after_start_us, "target serves");
+            o.complete().then_some(*id)
+        };
+        if let Some(id) = done {
+            self.finish(node, id, false);
+        }
+    }
+
+    /// Tells the source of attempt `n` that its copy here serves (see [`MigMsg::Serving`]).
+    pub fn serving(&self, node: &Arc<NodeShared>, source: &NodeName, n: u64, after_start_us: u64) {
+        send_mig(
+            node,
+            source,
+            MigMsg::Serving {
+                source: source.clone(),
+                n,
+                after_start_us,
+            },
+        );
     }
 
     /// Gives the report to its waiters and forgets the attempt.
@@ -668,7 +720,7 @@ impl Driver {
                     o.committed = true;
                     o.epoch = epoch;
                     tracing::info!(parent: &o.span, epoch, "committed");
-                    o.written && o.freeze_us.is_some()
+                    o.complete()
                 }
                 Outcome::Aborted(reason) => {
                     o.freeze_us = o.freeze_at.map(|t| t.elapsed().as_micros() as u64);
@@ -819,6 +871,25 @@ impl Driver {
     }
 }
 
+impl Outgoing {
+    /// Committed, the stream written, and the target has said it runs and serves.
+    fn complete(&self) -> bool {
+        self.committed && self.written && self.acked_us.is_some() && self.served_us.is_some()
+    }
+
+    /// The freeze as reported. Committed: until the target acknowledged, plus how long after
+    /// its start the copy served; an upper bound on the true freeze by the acknowledgement's
+    /// one-way trip (the two clocks are never compared). Aborted: until the source resumed.
+    /// A report given before the target's answers came counts up to the moment it is given.
+    fn freeze_time_us(&self) -> u64 {
+        match (self.freeze_us, self.acked_us, self.served_us) {
+            (Some(us), _, _) => us,
+            (None, Some(acked), Some(served)) => acked + served,
+            _ => self.freeze_at.map_or(0, |t| t.elapsed().as_micros() as u64),
+        }
+    }
+}
+
 fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
     MigrationReport {
         migration: format!("{}#{}", o.mig.source, o.mig.n),
@@ -827,7 +898,7 @@ fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
         to: o.to.clone(),
         aborted: o.aborted.clone(),
         epoch: o.epoch,
-        freeze_us: o.freeze_us.unwrap_or(0),
+        freeze_us: o.freeze_time_us(),
         total_us: o.called.elapsed().as_micros() as u64,
         snapshot_bytes: o.snapshot_bytes,
         carried: o.carried,
@@ -886,14 +957,16 @@ async fn write_snapshot(
             written += buf.len() as u64;
             buf.clear();
         }
+        // The head of the queue goes behind the state, so the target has work the moment it
+        // starts; the rest follows once the source has committed. Until then the answer to
+        // Prepared and the Commit have the link and both threads nearly to themselves, so the
+        // freeze does not grow with the queue. The target takes the rest as it arrives, then
+        // what arrived during the freeze. An abort sends nothing more.
         let mut next = 0;
         let total = out.carried.len();
         let mut msgs = Vec::new();
-        while next < total {
-            msgs.clear();
-            next = out
-                .carried
-                .encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs);
+        if total > 0 {
+            next = out.carried.encode(0, SNAP_CARRIED_HEAD_BYTES, &mut msgs);
             let frame = Frame::SnapCarried {
                 msgs: std::mem::take(&mut msgs),
             };
@@ -902,12 +975,24 @@ async fn write_snapshot(
             send.write_all(&buf).await.map_err(|e| e.to_string())?;
             written += buf.len() as u64;
             buf.clear();
-            // Let the protocol's answers through between two chunks of the queue.
-            tokio::task::yield_now().await;
         }
-        // After commit, what arrived during the freeze follows on this stream, so the target
-        // takes it before it may move on again; an abort sends nothing more.
         if let Ok(left) = leftovers.await {
+            while next < total {
+                // The commit's own messages, queued just now, go out before the first chunk.
+                tokio::task::yield_now().await;
+                msgs.clear();
+                next = out
+                    .carried
+                    .encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs);
+                let frame = Frame::SnapCarried {
+                    msgs: std::mem::take(&mut msgs),
+                };
+                wire::encode_frame(&mut buf, &frame, frame_max)
+                    .map_err(|e| format!("carried messages: {e}"))?;
+                send.write_all(&buf).await.map_err(|e| e.to_string())?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
             let mut rest = left.msgs.as_slice();
             let mut skipped = left.skipped;
             while !rest.is_empty() || !skipped.is_empty() {

@@ -202,6 +202,7 @@ fn restore_paused<S: Service>(
         timers,
         seqs: header.send_seqs.clone(),
         source: source.clone(),
+        mig: header.mig,
     };
     let install = {
         let node = node.clone();

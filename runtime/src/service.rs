@@ -375,6 +375,8 @@ pub(crate) struct Restored<M> {
     pub timers: Vec<(Duration, M)>,
     pub seqs: Vec<(ServiceId, u64)>,
     pub source: NodeName,
+    /// The attempt that brought it, numbered at `source`.
+    pub mig: u64,
 }
 
 fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
@@ -398,7 +400,7 @@ pub(crate) async fn run_service<S: Service>(
 ) {
     let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
     let ctx = new_ctx(me, node);
-    serve(state, ctx, mailbox).instrument(span).await
+    serve(state, ctx, mailbox, None).instrument(span).await
 }
 
 /// Runs a restored copy: paused until the source commits (or discarded if it aborts).
@@ -426,7 +428,12 @@ pub(crate) async fn run_restored<S: Service>(
                     let _ = ctx.timers.add(now + after, msg);
                 }
                 ctx.seqs.extend(restored.seqs);
-                serve(state, ctx, mailbox).await
+                let arrived = Arrived {
+                    source: restored.source,
+                    mig: restored.mig,
+                    at: std::time::Instant::now(),
+                };
+                serve(state, ctx, mailbox, Some(arrived)).await
             }
             Ok(Go::Discard) | Err(_) => {
                 let parked = mailbox.discard();
@@ -506,10 +513,13 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
     mailbox
         .freeze
         .store(false, std::sync::atomic::Ordering::SeqCst);
+    // The freeze is timed from here: taking the snapshot is part of it.
+    let since = std::time::Instant::now();
     let snap = snapshot(state, ctx, mailbox);
     let carried = snap.as_ref().ok().map(|(_, c)| c.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    node.driver.frozen(&node, id, snap.map(|(s, _)| s), tx);
+    node.driver
+        .frozen(&node, id, since, snap.map(|(s, _)| s), tx);
     match rx.await {
         // The driver handed the leftovers on already, before any sender could be pointed at
         // the target: they go first on the link.
@@ -524,8 +534,20 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
     }
 }
 
+/// A copy that has just started on its target: the end of its freeze is measured from `at`.
+struct Arrived {
+    source: NodeName,
+    mig: u64,
+    at: std::time::Instant,
+}
+
 /// The message loop shared by new and restored services.
-async fn serve<S: Service>(mut state: S, mut ctx: Ctx<S>, mailbox: Arc<Mailbox<S::Msg>>) {
+async fn serve<S: Service>(
+    mut state: S,
+    mut ctx: Ctx<S>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    mut arrived: Option<Arrived>,
+) {
     state.started(&mut ctx);
     let mut turn = 0u32;
     loop {
@@ -553,6 +575,16 @@ async fn serve<S: Service>(mut state: S, mut ctx: Ctx<S>, mailbox: Arc<Mailbox<S
             Some(msg) => Some(msg),
             None => mailbox.pop().map(|env| env.msg),
         };
+        // The freeze ends when the copy handles its next message, or has nothing to handle
+        // with every carried message in: the source learns how long after the start that was.
+        if arrived.is_some() && (next.is_some() || !mailbox.is_gated()) {
+            if let Some(a) = arrived.take() {
+                let after_start_us = a.at.elapsed().as_micros() as u64;
+                ctx.node
+                    .driver
+                    .serving(&ctx.node, &a.source, a.mig, after_start_us);
+            }
+        }
         match next {
             Some(msg) => {
                 state.handle(msg, &mut ctx).await;

@@ -427,6 +427,16 @@ pub enum MigMsg {
         /// Handle the queue at the source first.
         drain: bool,
     },
+    /// Target to source: the copy handled its first message (or had none to handle with the
+    /// whole carried queue in) `after_start_us` after it started; this ends the freeze.
+    Serving {
+        /// Source of the attempt.
+        source: NodeName,
+        /// Attempt number there.
+        n: u64,
+        /// Microseconds from the start to that moment, on the target's clock.
+        after_start_us: u64,
+    },
 }
 
 /// The body of a reply.

@@ -90,9 +90,17 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
         }
         // The service is in the middle of `Hold`: the freeze waits for it, the rest travels.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let handled_at_b = c.node("b").stats().processed;
         let report = a.migrate(slow.id(), "b", opts()).await?;
         assert!(report.committed(), "{report:?}");
         assert_eq!(report.carried, 10_000, "{report:?}");
+        // The freeze ends when the target handles its next message: by the time the report
+        // is given, b has handled at least the first carried one.
+        assert!(
+            c.node("b").stats().processed > handled_at_b,
+            "report before the target served: {report:?}"
+        );
+        assert!(report.freeze_us > 0, "{report:?}");
         assert_handled_in_order(&slow, 10_000).await?;
         Ok::<_, anyhow::Error>(())
     })?;
