@@ -221,8 +221,9 @@ const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
 /// About this many message bytes per `SnapCarried` frame (small, so the node's thread turns to
 /// other work, such as the target's answer, between two).
 const SNAP_CARRIED_CHUNK_BYTES: usize = 8 << 10;
-/// About this many message bytes of the queue's head go before the commit.
-const SNAP_CARRIED_HEAD_BYTES: usize = 4 << 10;
+/// About this many message bytes of the queue's head go before the commit: enough for the
+/// target to start on, few enough not to delay its `Prepared` (4 KiB measured slower).
+const SNAP_CARRIED_HEAD_BYTES: usize = 1 << 10;
 /// How long a committed migration's report waits for the target's acknowledgement and the
 /// end of its snapshot stream before it is given as it stands.
 const REPORT_WAIT: Duration = Duration::from_secs(30);
