@@ -90,6 +90,10 @@ pub struct MigrationStats {
     pub rebuilt: u64,
     /// Tombstones kept.
     pub tombstones: u64,
+    /// Tombstones removed because every node that could send through them has fenced.
+    pub tombstones_removed: u64,
+    /// Fences received: a peer's word that it no longer sends through a tombstone here.
+    pub fences_in: u64,
 }
 
 /// What follows the snapshot on its stream after commit.
@@ -211,6 +215,10 @@ pub(crate) struct Driver {
     counters: Mutex<Counters>,
     /// `Moved` notices already sent, bounded by `NOTICES_MAX`.
     told: Mutex<std::collections::HashSet<(ServiceId, NodeName, u64)>>,
+    /// Per tombstone here: its epoch and the peers whose fence it still waits for. Bounded
+    /// like the tombstones (entries whose tombstone the core let go are dropped).
+    fences: Mutex<HashMap<ServiceId, (u64, std::collections::HashSet<NodeName>)>>,
+    tombstones_max: usize,
 }
 
 /// `Moved` notices remembered; past this the set starts over (a repeat notice is harmless).
@@ -246,6 +254,46 @@ impl Driver {
             incoming: Mutex::new(HashMap::new()),
             counters: Mutex::new(Counters::default()),
             told: Mutex::new(std::collections::HashSet::new()),
+            fences: Mutex::new(HashMap::new()),
+            tombstones_max,
+        }
+    }
+
+    /// `service` left this node at `epoch`: its tombstone stays until each of `peers` (every
+    /// node this one knows, connected or not) has fenced it.
+    fn await_fences(&self, service: ServiceId, epoch: u64, peers: Vec<NodeName>) {
+        let mut fences = lock(&self.fences);
+        fences.insert(service, (epoch, peers.into_iter().collect()));
+        if fences.len() > self.tombstones_max {
+            let core = lock(&self.core);
+            fences.retain(|s, (e, _)| core.tombstone(*s).is_some_and(|(_, te)| te == *e));
+        }
+    }
+
+    /// Node `from` fenced `service` at `epoch` (see `Frame::Fence`). The last awaited fence
+    /// removes the tombstone.
+    pub fn on_fence(&self, node: &NodeShared, from: &NodeName, service: ServiceId, epoch: u64) {
+        lock(&self.counters).stats.fences_in += 1;
+        let done = {
+            let mut fences = lock(&self.fences);
+            match fences.get_mut(&service) {
+                Some((e, waiting)) if *e == epoch => {
+                    waiting.remove(from);
+                    let done = waiting.is_empty();
+                    if done {
+                        fences.remove(&service);
+                    }
+                    done
+                }
+                _ => false,
+            }
+        };
+        if done && lock(&self.core).unbury(service, epoch) {
+            lock(&self.counters).stats.tombstones_removed += 1;
+            node.event(
+                "tombstone-removed",
+                format!("service {service} (epoch {epoch}): every peer has fenced it"),
+            );
         }
     }
 
@@ -481,6 +529,7 @@ impl Driver {
                 epoch,
             } => {
                 node.relocated(service, &at, epoch);
+                node.send_fence(from, service, epoch);
                 Wire::Located {
                     service,
                     node: at,
@@ -493,6 +542,7 @@ impl Driver {
                 epoch,
             } => {
                 node.relocated(service, &at, epoch);
+                node.send_fence(from, service, epoch);
                 Wire::Moved {
                     service,
                     node: at,
@@ -777,6 +827,13 @@ impl Driver {
         }
         node.forget_moved(service);
         let rebuilt = node.relocated(service, &to, epoch);
+        let peers = node
+            .links()
+            .iter()
+            .map(|l| l.name.clone())
+            .filter(|n| n != node.name())
+            .collect();
+        self.await_fences(service, epoch, peers);
         if let Some(o) = lock(&self.outgoing).get_mut(&service) {
             o.rebuilt = rebuilt as u64;
         }

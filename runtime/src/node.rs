@@ -546,6 +546,21 @@ impl NodeShared {
         }
     }
 
+    /// Tells node `to`, behind everything this node sent it, that this node's channel to `id`
+    /// no longer points there (at `epoch`): `to` may then drop its tombstone for `id`.
+    pub fn send_fence(&self, to: &NodeName, id: ServiceId, epoch: u64) {
+        let Some(link) = self.peer(to) else {
+            return;
+        };
+        if let Err(e) = link
+            .data
+            .push(&link.name, &Frame::Fence { service: id, epoch })
+        {
+            // The tombstone stays; the bounded table lets it go in time.
+            self.event("fence-lost", format!("to {to}: {e}"));
+        }
+    }
+
     /// Tells node `to` which numbers for `id` were refused here, so its windows go on.
     pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)]) {
         let Some(link) = self.peer(to) else {

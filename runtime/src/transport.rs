@@ -1152,6 +1152,9 @@ fn handle_frame(
         (StreamKind::Data, Frame::Skipped { to, from, seq }) => {
             crate::migrate::on_skipped(node, to, from, seq);
         }
+        (StreamKind::Data, Frame::Fence { service, epoch }) => {
+            node.driver.on_fence(node, &link.name, service, epoch);
+        }
         (StreamKind::Control, Frame::Mig(msg)) => {
             crate::migrate::on_control(node, link, msg);
         }

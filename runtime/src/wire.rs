@@ -255,6 +255,15 @@ pub enum Frame<'a> {
         /// Why.
         reason: DeliveryError,
     },
+    /// Data stream, to the node that told the sender where `service` went (`Located`,
+    /// `Moved`): the sender's channel no longer points at the receiver for `service` at
+    /// `epoch`, and everything it sent there before is ahead of this frame on the stream.
+    Fence {
+        /// The service that moved.
+        service: ServiceId,
+        /// The epoch it moved at.
+        epoch: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -280,6 +289,7 @@ impl Frame<'_> {
             Frame::SnapCarried { .. } => "snap-carried",
             Frame::SnapLeftovers { .. } => "snap-leftovers",
             Frame::SnapEnd => "snap-end",
+            Frame::Fence { .. } => "fence",
         }
     }
 }

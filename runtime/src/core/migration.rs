@@ -516,6 +516,22 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.tombs.len()
     }
 
+    /// Removes the tombstone `service` left here at `epoch`, once no node can still send to
+    /// it through this one (the driver knows, from fences on ordered streams). Returns true
+    /// when there was one. The directory entry stays: a snapshot no newer than it is stale.
+    pub fn unbury(&mut self, service: ServiceId, epoch: u64) -> bool {
+        if self.tombs.get(&service).map(|t| t.epoch) != Some(epoch) {
+            return false;
+        }
+        self.tombs.remove(&service);
+        // The order queue is cleaned lazily, so that it stays within twice the table.
+        if self.tomb_order.len() > 2 * self.tombs.len() + 64 {
+            let tombs = &self.tombs;
+            self.tomb_order.retain(|s| tombs.contains_key(s));
+        }
+        true
+    }
+
     fn take(&mut self) -> Vec<Action<S, P>> {
         std::mem::take(&mut self.out)
     }
@@ -1075,6 +1091,13 @@ impl<S: Clone, P: Clone> Core<S, P> {
         {
             return; // stale: it has been here and left since
         }
+        if self
+            .directory
+            .get(&service)
+            .is_some_and(|(at, e)| *at != self.me && *e >= snap.epoch)
+        {
+            return; // stale: committed elsewhere at this epoch or later
+        }
         if let Err(reason) = (self.policy)(&snap) {
             return self.send(from, Wire::Refused { mig, reason });
         }
@@ -1287,5 +1310,72 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, "a");
         assert!(out[0].1.starts_with("Data"), "{out:?}");
+    }
+
+    fn snapshot_at(epoch: u64) -> Snapshot<Vec<u64>, u64> {
+        Snapshot {
+            service: svc(),
+            epoch,
+            state: vec![],
+            queue: vec![],
+            watermarks: vec![],
+            early: vec![],
+            skipped: vec![],
+            send_seqs: vec![],
+        }
+    }
+
+    #[test]
+    fn an_unburied_tombstone_stops_forwarding_and_old_snapshots_stay_stale() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.host(svc());
+        let _ = src.migrate(svc(), b.clone());
+        let Wire::Snapshot { mig, .. } = only_wire(src.frozen(svc(), vec![], vec![])) else {
+            panic!("expected a snapshot")
+        };
+        let _ = src.receive(b.clone(), Wire::Prepared { mig: mig.clone() });
+        let _ = src.receive(b.clone(), Wire::CommitAck { mig });
+        assert_eq!(src.tombstone(svc()), Some((b.clone(), 1)));
+        assert!(
+            !src.unbury(svc(), 0),
+            "another epoch's fence removes nothing"
+        );
+        assert_eq!(src.tombstones(), 1);
+        assert!(src.unbury(svc(), 1));
+        assert_eq!(src.tombstones(), 0);
+        assert_eq!(src.tombstone(svc()), None, "no forwarding once unburied");
+        assert_eq!(
+            src.location(svc()),
+            Some((b.clone(), 1)),
+            "the directory stays"
+        );
+        // A late snapshot of an attempt no newer than the directory is ignored.
+        let late = MigrationId {
+            source: c.clone(),
+            n: 9,
+        };
+        let acts = src.receive(
+            c.clone(),
+            Wire::Snapshot {
+                mig: late,
+                snap: snapshot_at(1),
+            },
+        );
+        assert!(acts.is_empty(), "stale snapshot answered: {acts:?}");
+        // A newer one (the service coming back) is taken.
+        let back = MigrationId {
+            source: b.clone(),
+            n: 1,
+        };
+        let acts = src.receive(
+            b.clone(),
+            Wire::Snapshot {
+                mig: back,
+                snap: snapshot_at(2),
+            },
+        );
+        assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
     }
 }

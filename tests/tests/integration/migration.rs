@@ -589,3 +589,78 @@ fn timers_travel_and_fire_on_the_target_at_the_right_time() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_tombstone_goes_once_every_peer_has_fenced_it_and_nothing_in_flight_is_lost() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, cc) = (c.node("a").clone(), c.node("c").clone());
+    let sink = a.spawn(SeqSink::default())?;
+    let from_c: ServiceRef<SeqSink> = cc.resolve(sink.addr())?;
+    let record = |seq| SinkMsg::Record {
+        sender: "ext".into(),
+        seq,
+    };
+    block_on(async {
+        // c streams throughout: some of its messages are on the way to a when a commits.
+        let sending = async {
+            for seq in 1..=3_000 {
+                from_c.tell_wait(record(seq)).await?;
+                if seq % 500 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let migrating = async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            a.migrate(sink.id(), "b", opts()).await
+        };
+        let (sent, report) = tokio::join!(sending, migrating);
+        sent?;
+        assert!(report?.committed());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // b and c each fence a behind what they sent it; then a drops its tombstone.
+    wait_for(SECS_10, "a's tombstone removed", || {
+        let s = a.migration_stats();
+        s.tombstones == 0 && s.tombstones_removed == 1
+    })?;
+    assert!(
+        a.migration_stats().fences_in >= 2,
+        "{:?}",
+        a.migration_stats()
+    );
+    block_on(async {
+        for seq in 3_001..=3_100 {
+            from_c.tell_wait(record(seq)).await?;
+        }
+        let r = from_c.ask(SinkMsg::Report, SECS_10).await?;
+        let v = r.verdict(&BTreeMap::from([("ext".to_string(), 3_100)]));
+        assert!(v.is_clean(), "{v:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_tombstone_stays_while_a_known_peer_has_not_fenced_it() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a").clone(), c.node("b").clone());
+    // c is known to a but gone: it may still hold a channel that points at a.
+    c.node("c").shutdown();
+    wait_for(SECS_10, "a sees c down", || !a.is_connected("c"))?;
+    let slow = a.spawn(Slow::default())?;
+    let report = block_on(a.migrate(slow.id(), "b", opts()))?;
+    assert!(report.committed(), "{report:?}");
+    wait_for(SECS_10, "b's fence at a", || {
+        a.migration_stats().fences_in >= 1
+    })?;
+    let s = a.migration_stats();
+    assert_eq!((s.tombstones, s.tombstones_removed), (1, 0), "{s:?}");
+    assert_eq!(b.location(slow.id()), Some(b.name().clone()));
+    c.shutdown();
+    Ok(())
+}
