@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tern::wire::{self, code, encode_frame, Frame, FrameReader, ReplyBody};
+use tern::wire::{self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader};
 use tern::{DeliveryError, KindKey, ServiceId};
 use tern_actors::{SeqSink, SinkMsg};
 use tern_harness::{block_on, Cluster};
 
-use crate::common::{register_test_kinds, SECS_10};
+use crate::common::{register_test_kinds, Slow, SECS_10};
 
 const MAX: usize = 16 << 20;
 
@@ -71,6 +71,7 @@ impl Probe {
                         ReplyBody::Value(_) => Answer::Value(ask),
                     }),
                     Frame::Refused { .. } => ProbeFrame::Answer(Answer::RefusedTell),
+                    Frame::Mig(m) => ProbeFrame::Mig(m),
                     other => ProbeFrame::Other(other.kind()),
                 }));
             }
@@ -97,6 +98,22 @@ impl Probe {
             .context("no answer in time")?
     }
 
+    /// The next migration message on the control stream, skipping anything else.
+    async fn mig(&mut self) -> Result<MigMsg> {
+        let wait = async {
+            loop {
+                match self.next_ctrl().await? {
+                    Some(ProbeFrame::Mig(m)) => return Ok(m),
+                    Some(_) => continue,
+                    None => bail!("control stream ended"),
+                }
+            }
+        };
+        tokio::time::timeout(SECS_10, wait)
+            .await
+            .context("no migration message in time")?
+    }
+
     async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
         let mut s = self.conn.open_uni().await?;
         s.write_all(bytes).await?;
@@ -109,6 +126,7 @@ impl Probe {
 enum ProbeFrame {
     Welcome,
     Answer(Answer),
+    Mig(MigMsg),
     #[allow(dead_code)]
     Other(&'static str),
 }
@@ -284,6 +302,166 @@ fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
     assert!(stats.protocol_errors >= 7, "{stats:?}");
     assert!(stats.refused_from_peers >= 2, "{stats:?}");
     assert!(a.events().iter().any(|e| e.kind == "protocol-error"));
+    c.shutdown();
+    Ok(())
+}
+
+fn snap_header(n: u64, kind: KindKey, state_bytes: u64, carried: u64) -> SnapHeader {
+    SnapHeader {
+        mig: n,
+        id: ServiceId::from_parts(0x5eed, n),
+        kind,
+        epoch: 1,
+        parent: None,
+        state_bytes,
+        carried,
+        timers: vec![],
+        send_seqs: vec![],
+        windows: vec![],
+        book: vec![],
+    }
+}
+
+fn begin(h: SnapHeader) -> Vec<u8> {
+    frame(&Frame::SnapBegin(Box::new(h)))
+}
+
+/// The node's refusal of attempt `n`, with its reason.
+fn refusal(m: MigMsg, want_n: u64) -> String {
+    match m {
+        MigMsg::Refused { n, reason, .. } if n == want_n => reason,
+        other => panic!("expected the refusal of attempt {want_n}, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() -> Result<()> {
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let sink = a.spawn(SeqSink::default())?;
+    let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
+    let slow = KindKey::new("test-slow", 1);
+    let valid_state = rmp_serde::to_vec(&Slow::default())?;
+
+    block_on(async {
+        let mut p = Probe::connect(&c, "a").await?;
+
+        // State before any header.
+        p.send_uni(&frame(&Frame::SnapState { bytes: &[1, 2, 3] }))
+            .await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "before its header");
+
+        // More state than the header announced.
+        let mut s = begin(snap_header(1, slow.clone(), 4, 0));
+        s.extend(frame(&Frame::SnapState { bytes: &[0; 8] }));
+        p.send_uni(&s).await?;
+        expect_protocol_error(
+            p.answer().await?,
+            code::MALFORMED,
+            "longer than the 4 bytes",
+        );
+
+        // Two headers on one stream.
+        let mut s = begin(snap_header(2, slow.clone(), 4, 0));
+        s.extend(begin(snap_header(3, slow.clone(), 4, 0)));
+        p.send_uni(&s).await?;
+        expect_protocol_error(p.answer().await?, code::UNEXPECTED, "snap-begin");
+
+        // A message frame inside a snapshot stream.
+        let mut s = begin(snap_header(4, slow.clone(), 4, 0));
+        s.extend(frame(&Frame::Deliver {
+            to: sink.id(),
+            from: None,
+            seq: 1,
+            ask: None,
+            wait: false,
+            msg: &[0xc0],
+        }));
+        p.send_uni(&s).await?;
+        expect_protocol_error(p.answer().await?, code::UNEXPECTED, "deliver");
+
+        // A terabyte of state announced: refused from the header, nothing allocated.
+        p.send_uni(&begin(snap_header(5, slow.clone(), 1 << 40, 0)))
+            .await?;
+        let why = refusal(p.mig().await?, 5);
+        assert!(why.contains("snapshot_bytes_max"), "{why}");
+
+        // A billion carried messages announced.
+        p.send_uni(&begin(snap_header(6, slow.clone(), 4, 1_000_000_000)))
+            .await?;
+        let why = refusal(p.mig().await?, 6);
+        assert!(why.contains("snapshot_carried_max"), "{why}");
+
+        // A kind the node does not have.
+        p.send_uni(&begin(snap_header(7, KindKey::new("nope", 1), 4, 0)))
+            .await?;
+        let why = refusal(p.mig().await?, 7);
+        assert!(why.contains("nope"), "{why}");
+
+        // State that is not the kind's state.
+        let mut s = begin(snap_header(8, slow.clone(), 3, 0));
+        s.extend(frame(&Frame::SnapState {
+            bytes: &[0xc1, 0xc1, 0xc1],
+        }));
+        s.extend(frame(&Frame::SnapEnd));
+        p.send_uni(&s).await?;
+        let why = refusal(p.mig().await?, 8);
+        assert!(why.contains("restore failed"), "{why}");
+
+        // A well-formed snapshot is prepared, and still never runs without the source's
+        // commit; the probe says abort and the copy goes.
+        let h = snap_header(9, slow.clone(), valid_state.len() as u64, 0);
+        let id9 = h.id;
+        let mut s = begin(h);
+        s.extend(frame(&Frame::SnapState {
+            bytes: &valid_state,
+        }));
+        s.extend(frame(&Frame::SnapEnd));
+        p.send_uni(&s).await?;
+        match p.mig().await? {
+            MigMsg::Prepared { n: 9, .. } => {}
+            other => panic!("expected Prepared for attempt 9, got {other:?}"),
+        }
+        let abort = frame(&Frame::Mig(MigMsg::Abort {
+            source: tern::NodeName::new("probe"),
+            n: 9,
+        }));
+        p.ctrl_send.write_all(&abort).await?;
+        // Waited for here, not with the blocking helper: the probe's connection runs on this
+        // thread and must get its Abort out.
+        let mut gone = false;
+        for _ in 0..1_000 {
+            if a.services().iter().all(|s| s.addr.id != id9) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone, "the aborted copy is still there: {:?}", a.services());
+
+        // Meanwhile the node serves its other peer as before.
+        for seq in 1..=100 {
+            from_b.tell(SinkMsg::Record {
+                sender: "b".into(),
+                seq,
+            })?;
+        }
+        let report = from_b.ask(SinkMsg::Report, SECS_10).await?;
+        assert_eq!(report.senders["b"].received, 100);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // None of the hostile attempts left a service behind.
+    let ours = a
+        .services()
+        .iter()
+        .filter(|s| s.addr.id.prefix() == 0x5eed)
+        .count();
+    assert_eq!(ours, 0);
+    let m = a.migration_stats();
+    assert_eq!(m.arrived, 0, "{m:?}");
+    assert!(m.refused_in.values().sum::<u64>() >= 4, "{m:?}");
+    assert!(a.stats().protocol_errors >= 4);
     c.shutdown();
     Ok(())
 }
