@@ -119,7 +119,14 @@ pub(crate) enum Go {
 pub(crate) trait CarriedSource: Send + Sync {
     fn len(&self) -> usize;
     /// Encodes messages from `start` until about `bytes_max` bytes; returns the next index.
-    fn encode(&self, start: usize, bytes_max: usize, out: &mut Vec<CarriedMsg>) -> usize;
+    /// A message that cannot be encoded goes to `failed`, for its sender to be told.
+    fn encode(
+        &self,
+        start: usize,
+        bytes_max: usize,
+        out: &mut Vec<CarriedMsg>,
+        failed: &mut Vec<Refusal>,
+    ) -> usize;
 }
 
 /// The typed queue a frozen runner hands over; it takes it back on abort.
@@ -130,17 +137,30 @@ impl<M: Serialize + Send> CarriedSource for CarriedQueue<M> {
         lock(&self.0).len()
     }
 
-    fn encode(&self, start: usize, bytes_max: usize, out: &mut Vec<CarriedMsg>) -> usize {
+    fn encode(
+        &self,
+        start: usize,
+        bytes_max: usize,
+        out: &mut Vec<CarriedMsg>,
+        failed: &mut Vec<Refusal>,
+    ) -> usize {
         let q = lock(&self.0);
         let mut i = start;
         let mut bytes = 0;
         while i < q.len() && bytes < bytes_max {
-            match encode_envelope(&q[i]) {
+            let env = &q[i];
+            match encode_envelope(env) {
                 Ok(m) => {
                     bytes += m.msg.len() + 32;
                     out.push(m);
                 }
-                Err(e) => tracing::error!(error = %e, "carried message could not be encoded"),
+                Err(reason) => failed.push(Refusal {
+                    from: env.from,
+                    seq: env.seq,
+                    ask: env.ask.clone(),
+                    origin: env.origin.clone(),
+                    reason,
+                }),
             }
             i += 1;
         }
@@ -1023,8 +1043,13 @@ async fn write_snapshot(
         let mut next = 0;
         let total = out.carried.len();
         let mut msgs = Vec::new();
+        // Messages that could not be encoded: their senders are told once the migration has
+        // committed (never dropped unseen).
+        let mut failed = Vec::new();
         if total > 0 {
-            next = out.carried.encode(0, SNAP_CARRIED_HEAD_BYTES, &mut msgs);
+            next = out
+                .carried
+                .encode(0, SNAP_CARRIED_HEAD_BYTES, &mut msgs, &mut failed);
             let frame = Frame::SnapCarried {
                 msgs: std::mem::take(&mut msgs),
             };
@@ -1041,7 +1066,7 @@ async fn write_snapshot(
                 msgs.clear();
                 next = out
                     .carried
-                    .encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs);
+                    .encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs, &mut failed);
                 let frame = Frame::SnapCarried {
                     msgs: std::mem::take(&mut msgs),
                 };
@@ -1050,6 +1075,11 @@ async fn write_snapshot(
                 send.write_all(&buf).await.map_err(|e| e.to_string())?;
                 written += buf.len() as u64;
                 buf.clear();
+            }
+            // Committed: the source no longer has them either. (After an abort they stay in
+            // the queue it resumes with.)
+            for r in failed.drain(..) {
+                refuse(&node, id, r);
             }
             let mut rest = left.msgs.as_slice();
             let mut skipped = left.skipped;

@@ -13,9 +13,29 @@ pub struct Slow {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum SlowMsg {
-    Hold { ms: u64 },
+    Hold {
+        ms: u64,
+    },
     Item(u64),
     Items(ReplyTo<Vec<u64>>),
+    /// Handled fine where it was sent, but cannot be encoded to travel.
+    Unsendable(Poison, ReplyTo<u64>),
+}
+
+/// A value whose serialization always fails.
+#[derive(Debug)]
+pub struct Poison;
+
+impl Serialize for Poison {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value cannot be encoded"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Poison {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <()>::deserialize(d).map(|()| Poison)
+    }
 }
 
 impl Service for Slow {
@@ -29,6 +49,9 @@ impl Service for Slow {
             SlowMsg::Item(i) => self.handled.push(i),
             SlowMsg::Items(r) => {
                 let _ = ctx.reply(r, self.handled.clone());
+            }
+            SlowMsg::Unsendable(_, r) => {
+                let _ = ctx.reply(r, 0);
             }
         }
     }

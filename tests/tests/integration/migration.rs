@@ -9,7 +9,7 @@ use tern::{AbortReason, MigrateOptions, ServiceRef};
 use tern_actors::{SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+use crate::common::{register_test_kinds, Poison, Slow, SlowMsg, SECS_10};
 
 fn opts() -> MigrateOptions {
     MigrateOptions::default()
@@ -661,6 +661,44 @@ fn a_tombstone_stays_while_a_known_peer_has_not_fenced_it() -> Result<()> {
     let s = a.migration_stats();
     assert_eq!((s.tombstones, s.tombstones_removed), (1, 0), "{s:?}");
     assert_eq!(b.location(slow.id()), Some(b.name().clone()));
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_carried_message_that_cannot_be_encoded_is_refused_to_its_sender_not_dropped() -> Result<()> {
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let slow = a.spawn(Slow::default())?;
+    block_on(async {
+        slow.tell(SlowMsg::Hold { ms: 200 })?;
+        for i in 1..=10 {
+            slow.tell(SlowMsg::Item(i))?;
+        }
+        let asking = slow.ask(|r| SlowMsg::Unsendable(Poison, r), SECS_10);
+        let rest = async {
+            for i in 11..=20 {
+                slow.tell(SlowMsg::Item(i))?;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            a.migrate(slow.id(), "b", opts())
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let (answer, report) = tokio::join!(asking, rest);
+        let report = report?;
+        assert!(report.committed(), "{report:?}");
+        assert_eq!(report.carried, 21, "{report:?}");
+        match answer {
+            Err(tern::AskError::Delivery(tern::DeliveryError::Encode(why))) => {
+                assert!(why.contains("cannot be encoded"), "{why}")
+            }
+            other => panic!("the asker should be told, got {other:?}"),
+        }
+        assert_handled_in_order(&slow, 20).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
     c.shutdown();
     Ok(())
 }
