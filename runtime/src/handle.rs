@@ -191,6 +191,27 @@ impl<S: Service> ServiceRef<S> {
         lock(&self.chan.state).node.clone()
     }
 
+    /// Moves the service to node `to` while it runs, wherever it is now (the handle's node
+    /// asks the node that hosts it), and reports how it went. The handle keeps working: it
+    /// follows the service.
+    ///
+    /// ```no_run
+    /// # use tern::{MigrateOptions, Service, ServiceRef};
+    /// # async fn demo<S: Service>(player: ServiceRef<S>) -> Result<(), tern::Error> {
+    /// let report = player.migrate("tv", MigrateOptions::default()).await?;
+    /// println!("freeze {} us, {} messages carried", report.freeze_us, report.carried);
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate(
+        &self,
+        to: &str,
+        opts: crate::MigrateOptions,
+    ) -> Result<crate::MigrationReport, crate::Error> {
+        self.node
+            .migrate(self.addr.id, NodeName::new(to), opts)
+            .await
+    }
+
     /// True when the service runs on the node this handle belongs to.
     pub fn is_local(&self) -> bool {
         matches!(lock(&self.chan.state).route, Route::Local(_))

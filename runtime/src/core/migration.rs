@@ -151,6 +151,8 @@ pub enum AbortReason {
     Busy,
     /// The target is this node.
     SameNode,
+    /// The target is not a node this one has ever been connected to.
+    UnknownNode,
     /// The target refused.
     Refused(String),
     /// No answer from the target before the deadline.
@@ -167,6 +169,7 @@ impl std::fmt::Display for AbortReason {
             AbortReason::NotHere => write!(f, "the service is not running on this node"),
             AbortReason::Busy => write!(f, "the service is already moving"),
             AbortReason::SameNode => write!(f, "the target is the node the service runs on"),
+            AbortReason::UnknownNode => write!(f, "the target is not a known peer"),
             AbortReason::Refused(why) => write!(f, "the target refused: {why}"),
             AbortReason::Deadline => write!(f, "no answer from the target before the deadline"),
             AbortReason::LinkLost => write!(f, "the connection to the target went down"),
@@ -182,6 +185,7 @@ impl AbortReason {
             AbortReason::NotHere => "not-here",
             AbortReason::Busy => "busy",
             AbortReason::SameNode => "same-node",
+            AbortReason::UnknownNode => "unknown-node",
             AbortReason::Refused(_) => "refused",
             AbortReason::Deadline => "deadline",
             AbortReason::LinkLost => "link-lost",
@@ -681,6 +685,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.next_mig += 1;
         let refusal = if to == self.me {
             Some(AbortReason::SameNode)
+        } else if !self.peers.contains(&to) {
+            // Nothing is frozen for a node that cannot be reached at all.
+            Some(AbortReason::UnknownNode)
         } else {
             match self.hosted.get(&service) {
                 None => Some(AbortReason::NotHere),
@@ -1210,6 +1217,7 @@ mod tests {
     fn a_refused_migration_gives_back_the_queue_and_what_arrived_meanwhile_in_order() {
         let (a, b) = (NodeName::new("a"), NodeName::new("b"));
         let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
         src.host(svc());
         let (_, acts) = src.migrate(svc(), b.clone());
         assert!(matches!(acts[..], [Action::Freeze { .. }]));
@@ -1344,6 +1352,9 @@ mod tests {
         );
         assert_eq!(src.tombstones(), 1);
         assert!(src.unbury(svc(), 1));
+        // And a migration to a node never connected freezes nothing.
+        let (_, acts) = src.migrate(svc(), NodeName::new("nowhere"));
+        assert!(!acts.iter().any(|x| matches!(x, Action::Freeze { .. })));
         assert_eq!(src.tombstones(), 0);
         assert_eq!(src.tombstone(svc()), None, "no forwarding once unburied");
         assert_eq!(

@@ -702,3 +702,34 @@ fn a_carried_message_that_cannot_be_encoded_is_refused_to_its_sender_not_dropped
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_handle_on_a_third_node_migrates_the_service_and_keeps_working() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let slow = c.node("a").spawn(Slow::default())?;
+    let from_c: ServiceRef<Slow> = c.node("c").resolve(slow.addr())?;
+    block_on(async {
+        for i in 1..=50 {
+            from_c.tell_wait(SlowMsg::Item(i)).await?;
+        }
+        let report = from_c.migrate("b", opts()).await?;
+        assert!(report.committed(), "{report:?}");
+        assert_eq!((report.from.as_str(), report.to.as_str()), ("a", "b"));
+        for i in 51..=100 {
+            from_c.tell_wait(SlowMsg::Item(i)).await?;
+        }
+        assert_handled_in_order(&from_c, 100).await?;
+        // To a node nobody knows: aborted before anything is frozen, and it says why.
+        let err = from_c.migrate("nowhere", opts()).await?;
+        assert_eq!(err.aborted, Some(AbortReason::UnknownNode), "{err:?}");
+        assert_eq!(err.freeze_us, 0, "{err:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(
+        c.node("b").location(slow.id()),
+        Some(c.node("b").name().clone())
+    );
+    c.shutdown();
+    Ok(())
+}
