@@ -733,3 +733,41 @@ fn a_handle_on_a_third_node_migrates_the_service_and_keeps_working() -> Result<(
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_moving_service_takes_its_book_and_its_numbering_and_sends_on_from_the_target() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let sink = c.node("c").spawn(SeqSink::default())?;
+    let sender = a.spawn(SeqSender::new("mover"))?;
+    a.book_insert(sender.addr(), "sink", sink.addr())?;
+    block_on(async {
+        // Sending while it moves: the Tell is in hand or queued when the freeze comes.
+        sender.tell(SeqSenderMsg::Tell { count: 300 })?;
+        let report = a.migrate(sender.id(), "b", opts()).await?;
+        assert!(report.committed(), "{report:?}");
+        // Its book came along, and it goes on numbering from where it stopped.
+        let book = b.book(sender.id());
+        assert!(
+            book.iter()
+                .any(|(role, t)| role == "sink" && t.id == sink.id()),
+            "{book:?}"
+        );
+        sender.tell(SeqSenderMsg::Tell { count: 300 })?;
+        let sink_c = c.node("c").resolve::<SeqSink>(sink.addr())?;
+        let sent = BTreeMap::from([("mover".to_string(), 600)]);
+        let mut v = tern_actors::Verdict::default();
+        for _ in 0..500 {
+            v = sink_c.ask(SinkMsg::Report, SECS_10).await?.verdict(&sent);
+            if v.received >= 600 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(v.is_clean() && v.received == 600, "{v:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    c.shutdown();
+    Ok(())
+}
