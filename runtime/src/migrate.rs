@@ -548,8 +548,7 @@ impl Driver {
                 node: at,
                 epoch,
             } => {
-                node.relocated(service, &at, epoch);
-                node.send_fence(from, service, epoch);
+                learned(node, from, service, &at, epoch);
                 Wire::Located {
                     service,
                     node: at,
@@ -561,8 +560,7 @@ impl Driver {
                 node: at,
                 epoch,
             } => {
-                node.relocated(service, &at, epoch);
-                node.send_fence(from, service, epoch);
+                learned(node, from, service, &at, epoch);
                 Wire::Moved {
                     service,
                     node: at,
@@ -652,32 +650,37 @@ impl Driver {
     }
 
     fn acked(&self, node: &Arc<NodeShared>, mig: &MigrationId) {
-        let done = {
-            let mut out = lock(&self.outgoing);
-            let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
-                return;
-            };
+        self.note_answer(node, mig, |o| {
             if o.acked_us.is_none() {
                 let us = o.freeze_at.map_or(0, |t| t.elapsed().as_micros() as u64);
                 o.acked_us = Some(us);
                 tracing::info!(parent: &o.span, after_freeze_us = us, "target runs");
             }
-            o.complete().then_some(*id)
-        };
-        if let Some(id) = done {
-            self.finish(node, id, false);
-        }
+        });
     }
 
     /// The target's copy served its first message `after_start_us` after it started.
     fn served(&self, node: &Arc<NodeShared>, mig: &MigrationId, after_start_us: u64) {
+        self.note_answer(node, mig, |o| {
+            o.served_us.get_or_insert(after_start_us);
+            tracing::info!(parent: &o.span, after_start_us, "target serves");
+        });
+    }
+
+    /// Records one of the target's answers after commit on attempt `mig`; the report is given
+    /// once every part of it is in.
+    fn note_answer(
+        &self,
+        node: &Arc<NodeShared>,
+        mig: &MigrationId,
+        note: impl FnOnce(&mut Outgoing),
+    ) {
         let done = {
             let mut out = lock(&self.outgoing);
             let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
                 return;
             };
-            o.served_us.get_or_insert(after_start_us);
-            tracing::info!(parent: &o.span, after_start_us, "target serves");
+            note(o);
             o.complete().then_some(*id)
         };
         if let Some(id) = done {
@@ -985,6 +988,13 @@ fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
     }
 }
 
+/// Node `from` said `service` is at `at` since `epoch`: every channel and book here follows,
+/// then a fence goes to `from` behind everything this node sent it.
+fn learned(node: &Arc<NodeShared>, from: &NodeName, service: ServiceId, at: &NodeName, epoch: u64) {
+    node.relocated(service, at, epoch);
+    node.send_fence(from, service, epoch);
+}
+
 /// Sends a protocol message on the control stream to `to`.
 pub(crate) fn send_mig(node: &NodeShared, to: &NodeName, msg: MigMsg) {
     match node.peer(to) {
@@ -1029,8 +1039,17 @@ async fn write_snapshot(
         wire::encode_frame(&mut buf, &Frame::SnapBegin(Box::new(header)), frame_max)
             .map_err(|e| format!("snapshot header: {e}"))?;
         for chunk in out.state.chunks(SNAP_STATE_CHUNK_BYTES) {
-            wire::encode_frame(&mut buf, &Frame::SnapState { bytes: chunk }, frame_max)
-                .map_err(|e| format!("snapshot state: {e}"))?;
+            written += put_frame(
+                &mut send,
+                &mut buf,
+                &Frame::SnapState { bytes: chunk },
+                frame_max,
+                "snapshot state",
+            )
+            .await?;
+        }
+        if !buf.is_empty() {
+            // No state bytes at all: the header alone.
             send.write_all(&buf).await.map_err(|e| e.to_string())?;
             written += buf.len() as u64;
             buf.clear();
@@ -1053,11 +1072,8 @@ async fn write_snapshot(
             let frame = Frame::SnapCarried {
                 msgs: std::mem::take(&mut msgs),
             };
-            wire::encode_frame(&mut buf, &frame, frame_max)
-                .map_err(|e| format!("carried messages: {e}"))?;
-            send.write_all(&buf).await.map_err(|e| e.to_string())?;
-            written += buf.len() as u64;
-            buf.clear();
+            written +=
+                put_frame(&mut send, &mut buf, &frame, frame_max, "carried messages").await?;
         }
         if let Ok(left) = leftovers.await {
             while next < total {
@@ -1070,11 +1086,8 @@ async fn write_snapshot(
                 let frame = Frame::SnapCarried {
                     msgs: std::mem::take(&mut msgs),
                 };
-                wire::encode_frame(&mut buf, &frame, frame_max)
-                    .map_err(|e| format!("carried messages: {e}"))?;
-                send.write_all(&buf).await.map_err(|e| e.to_string())?;
-                written += buf.len() as u64;
-                buf.clear();
+                written +=
+                    put_frame(&mut send, &mut buf, &frame, frame_max, "carried messages").await?;
             }
             // Committed: the source no longer has them either. (After an abort they stay in
             // the queue it resumes with.)
@@ -1099,11 +1112,7 @@ async fn write_snapshot(
                     skipped: std::mem::take(&mut skipped),
                 };
                 rest = &rest[n..];
-                wire::encode_frame(&mut buf, &frame, frame_max)
-                    .map_err(|e| format!("leftovers: {e}"))?;
-                send.write_all(&buf).await.map_err(|e| e.to_string())?;
-                written += buf.len() as u64;
-                buf.clear();
+                written += put_frame(&mut send, &mut buf, &frame, frame_max, "leftovers").await?;
             }
         }
         wire::encode_frame(&mut buf, &Frame::SnapEnd, frame_max).map_err(|e| e.to_string())?;
@@ -1133,6 +1142,21 @@ async fn write_snapshot(
             node.driver.note_written(&node, id, &mig, 0);
         }
     }
+}
+
+/// Encodes `frame` into `buf` (left empty again) and writes it; returns the bytes written.
+async fn put_frame(
+    send: &mut quinn::SendStream,
+    buf: &mut Vec<u8>,
+    frame: &Frame<'_>,
+    frame_max: usize,
+    what: &str,
+) -> Result<u64, String> {
+    wire::encode_frame(buf, frame, frame_max).map_err(|e| format!("{what}: {e}"))?;
+    send.write_all(buf).await.map_err(|e| e.to_string())?;
+    let n = buf.len() as u64;
+    buf.clear();
+    Ok(n)
 }
 
 /// Leftovers on the data link, when the snapshot stream cannot take them.

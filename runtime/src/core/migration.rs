@@ -1278,16 +1278,7 @@ mod tests {
             source: a.clone(),
             n: 1,
         };
-        let snap = Snapshot {
-            service: svc(),
-            epoch: 1,
-            state: vec![],
-            queue: vec![],
-            watermarks: vec![],
-            early: vec![],
-            skipped: vec![],
-            send_seqs: vec![],
-        };
+        let snap = snapshot_at(1);
         let acts = dst.receive(
             a.clone(),
             Wire::Snapshot {
