@@ -478,7 +478,13 @@ impl Driver {
                 if let Ok(s) = &snap {
                     o.carried = s.carried.len() as u64;
                 }
-                tracing::debug!(parent: &o.span, carried = o.carried, "frozen");
+                tracing::info!(
+                    parent: &o.span,
+                    carried = o.carried,
+                    wait_us = o.called.elapsed().as_micros() as u64,
+                    snapshot_us = since.elapsed().as_micros() as u64,
+                    "frozen"
+                );
             } else {
                 let _ = decide.send(Decision::Resume);
                 return;
@@ -638,7 +644,12 @@ impl Driver {
                 Some(o) if o.mig == *mig => {
                     o.snapshot_bytes = bytes;
                     o.written = true;
-                    tracing::debug!(parent: &o.span, bytes, "snapshot stream written");
+                    tracing::info!(
+                        parent: &o.span,
+                        bytes,
+                        after_call_us = o.called.elapsed().as_micros() as u64,
+                        "snapshot stream written"
+                    );
                     o.complete()
                 }
                 _ => false,
@@ -793,7 +804,12 @@ impl Driver {
                 Outcome::Committed { epoch, .. } => {
                     o.committed = true;
                     o.epoch = epoch;
-                    tracing::info!(parent: &o.span, epoch, "committed");
+                    tracing::info!(
+                        parent: &o.span,
+                        epoch,
+                        after_freeze_us = o.freeze_at.map_or(0, |t| t.elapsed().as_micros() as u64),
+                        "committed"
+                    );
                     o.complete()
                 }
                 Outcome::Aborted(reason) => {

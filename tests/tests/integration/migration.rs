@@ -771,3 +771,69 @@ fn a_moving_service_takes_its_book_and_its_numbering_and_sends_on_from_the_targe
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_chain_of_moves_and_back_keeps_every_handle_working_in_order() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let sink = c.node("a").spawn(SeqSink::default())?;
+    // One ad-hoc handle per node, all made while the sink was on a.
+    let handles: Vec<(String, ServiceRef<SeqSink>)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Ok((n.to_string(), c.node(n).resolve(sink.addr())?)))
+        .collect::<Result<_>>()?;
+    let mut sent = BTreeMap::new();
+    block_on(async {
+        let mut seq = 0;
+        // a -> b -> c -> a: each hop leaves a tombstone on the way, and the service comes back
+        // to a node that forwarded for it.
+        for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+            seq += 1;
+            for (n, h) in &handles {
+                for s in seq * 100 - 99..=seq * 100 {
+                    h.tell_wait(SinkMsg::Record {
+                        sender: n.clone(),
+                        seq: s,
+                    })
+                    .await?;
+                }
+            }
+            let report = handles[0].1.migrate(to, opts()).await?;
+            assert!(report.committed(), "{report:?}");
+            assert_eq!(report.from.as_str(), from, "{report:?}");
+        }
+        for (n, h) in &handles {
+            for s in 301..=400 {
+                h.tell_wait(SinkMsg::Record {
+                    sender: n.clone(),
+                    seq: s,
+                })
+                .await?;
+            }
+            sent.insert(n.clone(), 400);
+        }
+        let mut v = tern_actors::Verdict::default();
+        for _ in 0..500 {
+            v = handles[0]
+                .1
+                .ask(SinkMsg::Report, SECS_10)
+                .await?
+                .verdict(&sent);
+            if v.received >= 1_200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(v.is_clean() && v.received == 1_200, "{v:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(
+        c.node("a").location(sink.id()),
+        Some(c.node("a").name().clone())
+    );
+    for n in c.nodes() {
+        assert_eq!(n.migration_stats().aborted.len(), 0);
+    }
+    c.shutdown();
+    Ok(())
+}
