@@ -23,6 +23,8 @@ mod stats;
 pub mod tls;
 mod transport;
 pub mod wire;
+#[cfg(test)]
+mod wire_props;
 
 pub use crate::core::directory::{Associations, BookEdge};
 pub use crate::core::migration::AbortReason;
