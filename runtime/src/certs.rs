@@ -99,11 +99,47 @@ impl ClusterCa {
         &self.cert_der
     }
 
-    /// Issues a certificate for node `name`, valid as server and client.
+    /// Issues a certificate for node `name`, valid as server and client, without an expiry
+    /// that matters (rcgen's default span, to the year 4096).
     pub fn issue(&self, name: &str) -> Result<NodeIdentity, Error> {
+        self.issue_with(name, None)
+    }
+
+    /// Issues a certificate for node `name` valid only from `valid.start` to `valid.end`.
+    /// Peers refuse it outside that span, with a reason that says so.
+    ///
+    /// ```
+    /// # fn demo(ca: &tern::certs::ClusterCa) -> Result<(), tern::Error> {
+    /// use std::time::{Duration, SystemTime};
+    /// let now = SystemTime::now();
+    /// let tv = ca.issue_valid("tv", now..now + Duration::from_secs(90 * 24 * 3600))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn issue_valid(
+        &self,
+        name: &str,
+        valid: std::ops::Range<std::time::SystemTime>,
+    ) -> Result<NodeIdentity, Error> {
+        if valid.end <= valid.start {
+            return Err(Error::Cert(format!(
+                "certificate for {name}: its validity ends before it starts"
+            )));
+        }
+        self.issue_with(name, Some(valid))
+    }
+
+    fn issue_with(
+        &self,
+        name: &str,
+        valid: Option<std::ops::Range<std::time::SystemTime>>,
+    ) -> Result<NodeIdentity, Error> {
         check_node_name(name)?;
         let key = KeyPair::generate().map_err(cert_err)?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err)?;
+        if let Some(valid) = valid {
+            params.not_before = valid.start.into();
+            params.not_after = valid.end.into();
+        }
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

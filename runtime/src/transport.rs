@@ -319,6 +319,15 @@ impl PeerLink {
         .map(drop)
     }
 
+    /// Where this peer's live connection comes from, if one is up.
+    fn live_remote(&self) -> Option<SocketAddr> {
+        lock(&self.state)
+            .live
+            .as_ref()
+            .filter(|l| l.conn.close_reason().is_none())
+            .map(|l| l.conn.remote_address())
+    }
+
     /// Whether to keep a connection this peer dialed to us. Of two connections between the
     /// same pair, the one dialed by the node with the smaller name wins, on both sides.
     fn accept_incoming(&self, me: &NodeName) -> bool {
@@ -599,6 +608,17 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             return refuse(&node, format!("from {name} at {remote}: {e}"));
         }
     };
+    // A node dials from the one socket it also listens on, so a second connection under a
+    // name that is connected already, from elsewhere, is another holder of that name (a
+    // copied or re-issued certificate), not the node itself: refused, and the first stays.
+    // (A node restarted on another port gets in once its old connection has timed out.)
+    if let Some(there) = link.live_remote().filter(|there| *there != remote) {
+        close("name collision");
+        return refuse(
+            &node,
+            format!("from {remote}: name collision: {name} is connected from {there}"),
+        );
+    }
     let mut out = Vec::new();
     if !link.accept_incoming(node.name()) {
         let _ = encode_frame(

@@ -256,6 +256,19 @@ fn a_handle_outside_any_book_is_forwarded_once_then_goes_direct() -> Result<()> 
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(learned, "c's channel follows the service");
+        // c's fence reaches a behind everything c sent there (b fences a too): after it, a
+        // has forwarded all it will ever forward from c.
+        for _ in 0..500 {
+            if a.migration_stats().fences_in >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            a.migration_stats().fences_in >= 2,
+            "{:?}",
+            a.migration_stats()
+        );
         // Once c knows, its sends go straight to b: the old node forwards none of them.
         let forwarded_before = a.migration_stats().tombstone_forwards;
         for seq in 201..=2_000 {
