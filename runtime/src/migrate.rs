@@ -615,11 +615,9 @@ impl Driver {
             send_seqs: Vec::new(),
         };
         let actions = lock(&self.core).receive(from.clone(), Wire::Snapshot { mig, snap });
-        let installed = actions
-            .iter()
-            .any(|a| matches!(a, Action::Install { snap } if snap.service == id));
         self.run(node, actions);
-        installed.then_some(slot)
+        // Installed, and set up (a copy waiting for its start).
+        lock(&self.incoming).contains_key(&id).then_some(slot)
     }
 
     /// Refuses a snapshot before its state is read.
@@ -749,8 +747,14 @@ impl Driver {
 
     /// Carries out the core's actions.
     fn run(&self, node: &Arc<NodeShared>, actions: Vec<Action<Snap, ()>>) {
+        // Attempts whose copy could not be set up here: their `Prepared` is not sent.
+        let mut not_installed: Vec<MigrationId> = Vec::new();
         for action in actions {
             match action {
+                Action::Send {
+                    msg: Wire::Prepared { ref mig },
+                    ..
+                } if not_installed.contains(mig) => {}
                 Action::Send { to, msg } => self.send(node, to, msg),
                 Action::Freeze { service } => match node.slot(service) {
                     Some(slot) => slot.request_freeze(),
@@ -769,7 +773,11 @@ impl Driver {
                     }
                 }
                 Action::Retire { service } => self.retire(node, service),
-                Action::Install { snap } => self.install(node, snap),
+                Action::Install { snap } => {
+                    if let Some(mig) = self.install(node, snap) {
+                        not_installed.push(mig);
+                    }
+                }
                 Action::Start { service } => {
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Start);
@@ -878,27 +886,29 @@ impl Driver {
         }
     }
 
-    fn install(&self, node: &Arc<NodeShared>, snap: Snapshot<Snap, ()>) {
+    /// Sets up the paused copy the core installed. On failure the core turns the attempt into
+    /// a refusal, and the attempt is returned so its `Prepared` is held back.
+    fn install(&self, node: &Arc<NodeShared>, snap: Snapshot<Snap, ()>) -> Option<MigrationId> {
         let Payload::In(copy) = &*snap.state else {
-            return;
+            return None;
         };
-        let install = lock(&copy.install).take();
-        let Some(install) = install else {
-            return;
-        };
+        let install = lock(&copy.install).take()?;
         let (tx, rx) = oneshot::channel();
         match install(rx) {
             Ok(()) => {
                 lock(&self.incoming).insert(snap.service, tx);
+                None
             }
             Err(e) => {
-                // Registered already, or the node is stopping: the copy is not usable. The
-                // source still waits for an answer; the core answered Prepared, so it will
-                // commit: log loudly. (Installation only fails when the node stops.)
+                let reason = format!("install failed: {e}");
+                self.count_refused_in(&reason);
                 node.event(
-                    "migration-install-failed",
-                    format!("service {}: {e}", snap.service),
+                    "migration-refused",
+                    format!("service {}: {reason}", snap.service),
                 );
+                let (mig, actions) = lock(&self.core).install_failed(snap.service, reason);
+                self.run(node, actions);
+                mig
             }
         }
     }

@@ -215,15 +215,24 @@ fn restore_paused<S: Service>(
                 node: node.name.clone(),
             };
             node.register_local(id, mailbox.clone(), addr.clone(), parent)?;
-            let chan = node.channel::<S::Msg>(&addr)?;
-            let me = ServiceRef::new(addr, node.clone(), chan);
-            let runner = {
-                let node = node.clone();
-                move || {
-                    actix_rt::spawn(run_restored(value, me, mailbox, node, restored, go));
-                }
-            };
-            node.run_on_node(runner, id)
+            let started = node
+                .channel::<S::Msg>(&addr)
+                .map_err(Error::from)
+                .and_then(|chan| {
+                    let me = ServiceRef::new(addr, node.clone(), chan);
+                    let runner = {
+                        let node = node.clone();
+                        move || {
+                            actix_rt::spawn(run_restored(value, me, mailbox, node, restored, go));
+                        }
+                    };
+                    node.run_on_node(runner, id)
+                });
+            if started.is_err() {
+                // Registered but never run: not a service of this node after all.
+                node.forget_moved(id);
+            }
+            started
         }
     };
     Ok(InCopy {

@@ -1010,6 +1010,39 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.take()
     }
 
+    /// The node could not set up the copy the core just installed (its service table is
+    /// full, say): the copy goes, and the source is told `Refused` instead of `Prepared`, so
+    /// it resumes. Returns the attempt, whose `Prepared` (already among the actions being
+    /// carried out) must not be sent.
+    pub fn install_failed(
+        &mut self,
+        service: ServiceId,
+        reason: String,
+    ) -> (Option<MigrationId>, Vec<Action<S, P>>) {
+        let mig = match self.hosted.get(&service) {
+            Some(Hosted {
+                phase: Phase::Prepared { .. },
+                arrived_by: Some(mig),
+                ..
+            }) => mig.clone(),
+            _ => return (None, self.take()),
+        };
+        if let Some(h) = self.hosted.remove(&service) {
+            self.send_seqs.retain(|(from, _), _| *from != service);
+            for (data, origin) in h.parked {
+                self.route(data, origin);
+            }
+        }
+        self.send(
+            mig.source.clone(),
+            Wire::Refused {
+                mig: mig.clone(),
+                reason,
+            },
+        );
+        (Some(mig), self.take())
+    }
+
     /// Drops a prepared copy; what was parked at it goes on to where the service runs.
     fn discard(&mut self, service: ServiceId) {
         if let Some(h) = self.hosted.remove(&service) {

@@ -3,6 +3,7 @@
 mod books;
 mod common;
 mod frames;
+mod limits;
 mod mailbox;
 mod messaging;
 mod migration;

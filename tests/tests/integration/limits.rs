@@ -1,0 +1,130 @@
+//! Node limits at their bounds: each has a defined behaviour, an error that says which limit,
+//! and the node goes on (docs/limits.md lists them all).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tern::{AbortReason, Error, Limits, MigrateOptions};
+use tern_harness::{block_on, wait_for, Cluster};
+
+use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+
+#[test]
+fn a_full_service_table_refuses_spawns_and_migrations_and_the_service_stays_put() -> Result<()> {
+    let tight = Limits {
+        services_max: 1,
+        events_max: 8,
+        ..Limits::default()
+    };
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .node_limits("b", tight)
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let _resident = b.spawn(Slow::default())?;
+    match b.spawn(Slow::default()) {
+        Err(Error::Limit { what, max: 1 }) => assert!(what.contains("services"), "{what}"),
+        other => panic!(
+            "expected the services limit, got {:?}",
+            other.map(|s| s.id())
+        ),
+    }
+    let mover = a.spawn(Slow::default())?;
+    block_on(async {
+        for round in 0..12u64 {
+            mover.tell(SlowMsg::Item(round))?;
+            let report = a
+                .migrate(mover.id(), "b", MigrateOptions::default())
+                .await?;
+            match &report.aborted {
+                Some(AbortReason::Refused(why)) => {
+                    assert!(why.contains("services on this node"), "{why}")
+                }
+                other => panic!("expected a refusal for the full table, got {other:?}"),
+            }
+        }
+        // Still at a, with every message handled in order.
+        let handled = mover.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, (0..12).collect::<Vec<_>>());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Twelve refusals and more were logged on b; the log kept the newest eight.
+    let events = b.events();
+    assert_eq!(events.len(), 8, "{events:?}");
+    assert!(events.iter().any(|e| e.kind == "migration-refused"));
+    assert_eq!(b.migration_stats().refused_in.values().sum::<u64>(), 12);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn the_tombstone_table_forgets_its_oldest_past_its_bound() -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .node("c", &[])
+        .node_limits(
+            "a",
+            Limits {
+                tombstones_max: 2,
+                ..Limits::default()
+            },
+        )
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a").clone();
+    // c is known and gone, so no tombstone on a is ever fenced away: only the bound acts.
+    c.node("c").shutdown();
+    wait_for(SECS_10, "a sees c down", || !a.is_connected("c"))?;
+    let movers: Vec<_> = (0..5)
+        .map(|_| a.spawn(Slow::default()))
+        .collect::<Result<_, _>>()?;
+    block_on(async {
+        for m in &movers {
+            let r = a.migrate(m.id(), "b", MigrateOptions::default()).await?;
+            assert!(r.committed(), "{r:?}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let s = a.migration_stats();
+    assert_eq!((s.tombstones, s.committed), (2, 5), "{s:?}");
+    // The services themselves are fine at b, whatever a remembers.
+    block_on(async {
+        for m in &movers {
+            m.tell_wait(SlowMsg::Item(1)).await?;
+            let h = m.ask(SlowMsg::Items, SECS_10).await?;
+            assert_eq!(h, vec![1]);
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    std::thread::sleep(Duration::from_millis(10));
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn the_peer_table_is_bounded() -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node_limits(
+            "a",
+            Limits {
+                peers_max: 1,
+                ..Limits::default()
+            },
+        )
+        .setup(register_test_kinds)
+        .start()?;
+    let a = c.node("a");
+    a.add_peer("x", "127.0.0.1:9".parse()?)?;
+    match a.add_peer("y", "127.0.0.1:9".parse()?) {
+        Err(Error::Limit { what, max: 1 }) => assert!(what.contains("peer"), "{what}"),
+        other => panic!("expected the peers limit, got {other:?}"),
+    }
+    c.shutdown();
+    Ok(())
+}
