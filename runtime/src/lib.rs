@@ -32,7 +32,9 @@ pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;
 pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
-pub use node::{Limits, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo};
+pub use node::{
+    Limits, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo, SocketWrap,
+};
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;
 pub use transport::PeerStatus;

@@ -106,6 +106,24 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Bounds.
     pub limits: Limits,
+    /// Wraps the node's UDP socket before QUIC runs on it: a test harness injects faults here
+    /// (drops, delays, cut links). `None` in production.
+    pub socket_wrap: Option<SocketWrap>,
+}
+
+/// A function given the node's UDP socket (as quinn sees it) that returns the socket QUIC
+/// should use instead; see [`NodeConfig::socket_wrap`].
+#[derive(Clone)]
+pub struct SocketWrap(pub Arc<WrapFn>);
+
+/// The function inside a [`SocketWrap`].
+pub type WrapFn =
+    dyn Fn(Arc<dyn quinn::AsyncUdpSocket>) -> Arc<dyn quinn::AsyncUdpSocket> + Send + Sync;
+
+impl std::fmt::Debug for SocketWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SocketWrap(..)")
+    }
 }
 
 impl NodeConfig {
@@ -117,8 +135,31 @@ impl NodeConfig {
             capabilities: Vec::new(),
             peers: Vec::new(),
             limits: Limits::default(),
+            socket_wrap: None,
         }
     }
+}
+
+/// The node's QUIC endpoint on `listen`, on a wrapped socket when `wrap` is given.
+fn endpoint(
+    server: quinn::ServerConfig,
+    listen: SocketAddr,
+    wrap: Option<&SocketWrap>,
+) -> Result<quinn::Endpoint, Error> {
+    let listening = |e| Error::io(format!("listening on {listen}"), e);
+    let Some(wrap) = wrap else {
+        return quinn::Endpoint::server(server, listen).map_err(listening);
+    };
+    let udp = std::net::UdpSocket::bind(listen).map_err(listening)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = quinn::Runtime::wrap_udp_socket(&*runtime, udp).map_err(listening)?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        (wrap.0)(socket),
+        runtime,
+    )
+    .map_err(listening)
 }
 
 /// Something a node noticed that an operator may want to see: refusals, protocol errors,
@@ -1102,9 +1143,11 @@ impl Node {
 
 async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, SocketAddr), Error> {
     let name = config.identity.name()?;
-    let mut endpoint =
-        quinn::Endpoint::server(crate::tls::server_config(&config.identity)?, config.listen)
-            .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+    let mut endpoint = endpoint(
+        crate::tls::server_config(&config.identity)?,
+        config.listen,
+        config.socket_wrap.as_ref(),
+    )?;
     endpoint.set_default_client_config(crate::tls::client_config(&config.identity)?);
     let local_addr = endpoint
         .local_addr()

@@ -19,11 +19,14 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod faults;
 pub mod sim;
 
 use anyhow::{bail, Context as _, Result};
 use tern::certs::ClusterCa;
 use tern::{Limits, Node, NodeConfig, NodeHandle};
+
+use crate::faults::Faults;
 
 /// One node to start.
 #[derive(Debug, Clone)]
@@ -46,6 +49,7 @@ pub struct ClusterBuilder {
     limits: Option<Limits>,
     node_limits: Vec<(String, Limits)>,
     unconnected: bool,
+    faults_seed: Option<u64>,
 }
 
 impl ClusterBuilder {
@@ -77,6 +81,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs every node on a fault-injecting socket (see [`faults`]); node `i`'s random choices
+    /// follow from `seed + i`. [`Cluster::faults`] controls them.
+    pub fn faults(mut self, seed: u64) -> Self {
+        self.faults_seed = Some(seed);
+        self
+    }
+
     /// Runs on every node once it is up (register kinds here).
     pub fn setup(mut self, f: impl Fn(&NodeHandle) + 'static) -> Self {
         self.setup = Some(Box::new(f));
@@ -88,7 +99,8 @@ impl ClusterBuilder {
         init_tracing();
         let ca = ClusterCa::new()?;
         let mut nodes = Vec::new();
-        for mut spec in self.specs {
+        let mut faults = Vec::new();
+        for (i, mut spec) in self.specs.into_iter().enumerate() {
             if let Some(l) = &self.limits {
                 spec.limits = l.clone();
             }
@@ -98,13 +110,18 @@ impl ClusterBuilder {
             let mut cfg = NodeConfig::new(ca.issue(&spec.name)?, "127.0.0.1:0".parse()?);
             cfg.capabilities = spec.capabilities;
             cfg.limits = spec.limits;
+            if let Some(seed) = self.faults_seed {
+                let f = Faults::new(seed.wrapping_add(i as u64));
+                cfg.socket_wrap = Some(f.wrap());
+                faults.push((spec.name.clone(), f));
+            }
             let node = Node::start(cfg).with_context(|| format!("starting node {}", spec.name))?;
             if let Some(setup) = &self.setup {
                 setup(&node);
             }
             nodes.push(node);
         }
-        let cluster = Cluster { ca, nodes };
+        let cluster = Cluster { ca, nodes, faults };
         if !self.unconnected {
             cluster.connect_all()?;
         }
@@ -117,6 +134,7 @@ pub struct Cluster {
     /// The cluster CA that issued every node's certificate.
     pub ca: ClusterCa,
     nodes: Vec<NodeHandle>,
+    faults: Vec<(String, Faults)>,
 }
 
 impl Cluster {
@@ -141,6 +159,28 @@ impl Cluster {
             .iter()
             .find(|n| n.name().as_str() == name)
             .unwrap_or_else(|| panic!("no node {name} in this cluster"))
+    }
+
+    /// The fault control of node `name`. Panics unless the cluster was built with
+    /// [`ClusterBuilder::faults`] and has that node.
+    pub fn faults(&self, name: &str) -> &Faults {
+        self.faults
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, f)| f)
+            .unwrap_or_else(|| panic!("node {name} runs on no fault-injecting socket"))
+    }
+
+    /// Cuts the way between nodes `a` and `b`, both directions.
+    pub fn cut(&self, a: &str, b: &str) {
+        self.faults(a).cut(self.node(b).local_addr());
+        self.faults(b).cut(self.node(a).local_addr());
+    }
+
+    /// Heals the way between nodes `a` and `b`, both directions.
+    pub fn heal(&self, a: &str, b: &str) {
+        self.faults(a).heal(self.node(b).local_addr());
+        self.faults(b).heal(self.node(a).local_addr());
     }
 
     /// Every node.

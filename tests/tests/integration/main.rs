@@ -2,6 +2,7 @@
 
 mod books;
 mod common;
+mod faults;
 mod frames;
 mod limits;
 mod mailbox;

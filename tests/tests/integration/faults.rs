@@ -1,0 +1,195 @@
+//! Migrations over a network that loses, delays, reorders and cuts datagrams (the harness's
+//! fault-injecting socket). Each test prints its seed; `TERN_FAULT_SEED` replays one.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use tern::{AbortReason, Limits, MigrateOptions};
+use tern_actors::{SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
+use tern_harness::{block_on, Cluster};
+
+use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+
+fn seed() -> u64 {
+    let seed = std::env::var("TERN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("fault seed {seed} (replay with TERN_FAULT_SEED={seed})");
+    seed
+}
+
+#[test]
+fn migrations_under_loss_delay_and_reordering_keep_every_promise() -> Result<()> {
+    let names = ["a", "b", "c"];
+    let c = names
+        .iter()
+        .fold(Cluster::builder(), |b, n| b.node(n, &[]))
+        .faults(seed())
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    for n in names {
+        // 5% of datagrams lost; every one held 0.5 to 2.5 ms, so they also overtake each other.
+        c.faults(n).drop_rate(0.05);
+        c.faults(n)
+            .delay(Duration::from_micros(500), Duration::from_millis(2));
+    }
+    let sink = c.node("a").spawn(SeqSink::default())?;
+    let mut senders = Vec::new();
+    for n in ["b", "c"] {
+        let node = c.node(n);
+        let s = node.spawn(SeqSender::new(&format!("from-{n}")))?;
+        node.book_insert(s.addr(), "sink", sink.addr())?;
+        senders.push(s);
+    }
+    let rounds = 20;
+    block_on(async {
+        let mut committed = 0;
+        for round in 0..rounds {
+            for s in &senders {
+                s.tell(SeqSenderMsg::Tell { count: 150 })?;
+                s.tell(SeqSenderMsg::Ask {
+                    count: 2,
+                    timeout_ms: 30_000,
+                })?;
+            }
+            let to = names[(round + 1) % 3];
+            let report = sink.migrate(to, MigrateOptions::default()).await?;
+            // Under loss an attempt may time out; then the sink resumes where it was.
+            assert!(
+                report.committed() || report.aborted == Some(AbortReason::Deadline),
+                "{report:?}"
+            );
+            committed += usize::from(report.committed());
+        }
+        assert!(committed >= rounds / 2, "{committed} of {rounds} committed");
+        // Everything sent arrives, once, in order; every ask was answered.
+        let mut sent = BTreeMap::new();
+        for (s, n) in senders.iter().zip(["b", "c"]) {
+            let mut progress = (0, 0);
+            for _ in 0..600 {
+                progress = s.ask(SeqSenderMsg::Progress, SECS_10).await?;
+                if progress.0 >= rounds as u64 * 152 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(progress, (rounds as u64 * 152, 0), "sender on {n}");
+            sent.insert(format!("from-{n}"), progress.0);
+        }
+        let mut v = tern_actors::Verdict::default();
+        for _ in 0..600 {
+            v = sink.ask(SinkMsg::Report, SECS_10).await?.verdict(&sent);
+            if v.received >= rounds as u64 * 304 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(v.is_clean() && v.received == rounds as u64 * 304, "{v:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let counts: Vec<_> = names.iter().map(|n| c.faults(n).counts()).collect();
+    assert!(
+        counts.iter().map(|k| k.dropped).sum::<u64>() > 0 && counts.iter().all(|k| k.delayed > 0),
+        "the faults really happened: {counts:?}"
+    );
+    c.shutdown();
+    Ok(())
+}
+
+fn two_nodes_with_a_short_deadline() -> Result<Cluster> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(Limits {
+            migration_deadline_ms: 800,
+            ..Limits::default()
+        })
+        .faults(seed())
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    Ok(c)
+}
+
+#[test]
+fn a_cut_before_commit_aborts_the_service_resumes_and_after_healing_it_moves() -> Result<()> {
+    let c = two_nodes_with_a_short_deadline()?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let slow = a.spawn(Slow::default())?;
+    block_on(async {
+        for i in 1..=50 {
+            slow.tell(SlowMsg::Item(i))?;
+        }
+        c.cut("a", "b");
+        let report = slow.migrate("b", MigrateOptions::default()).await?;
+        assert_eq!(report.aborted, Some(AbortReason::Deadline), "{report:?}");
+        for i in 51..=100 {
+            slow.tell(SlowMsg::Item(i))?;
+        }
+        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(
+            handled,
+            (1..=100).collect::<Vec<_>>(),
+            "resumed at a, in order"
+        );
+        c.heal("a", "b");
+        let report = slow.migrate("b", MigrateOptions::default()).await?;
+        assert!(report.committed(), "{report:?}");
+        for i in 101..=150 {
+            slow.tell_wait(SlowMsg::Item(i)).await?;
+        }
+        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, (1..=150).collect::<Vec<_>>());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(b.location(slow.id()), Some(b.name().clone()));
+    assert_eq!(
+        b.migration_stats().arrived,
+        1,
+        "the cut attempt never ran at b"
+    );
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_one_way_cut_stops_that_way_only() -> Result<()> {
+    let c = two_nodes_with_a_short_deadline()?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let slow = a.spawn(Slow::default())?;
+    // Nothing a sends reaches b; b still reaches a.
+    c.faults("a").cut(b.local_addr());
+    block_on(async {
+        let report = slow.migrate("b", MigrateOptions::default()).await?;
+        assert_eq!(report.aborted, Some(AbortReason::Deadline), "{report:?}");
+        let from_b = b.resolve::<Slow>(slow.addr())?;
+        for i in 1..=20 {
+            from_b.tell(SlowMsg::Item(i))?;
+        }
+        // The messages arrive at a; the answer cannot come back until the cut heals.
+        let mut handled = Vec::new();
+        for _ in 0..200 {
+            handled = slow.ask(SlowMsg::Items, SECS_10).await?;
+            if handled.len() == 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handled, (1..=20).collect::<Vec<_>>());
+        c.faults("a").heal(b.local_addr());
+        let report = slow.migrate("b", MigrateOptions::default()).await?;
+        assert!(report.committed(), "{report:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert!(c.faults("a").counts().cut > 0);
+    c.shutdown();
+    Ok(())
+}
