@@ -364,7 +364,7 @@ impl<S: Service> ServiceRef<S> {
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let (ask, rx) = self.node.asks.open(self.location())?;
+        let (ask, rx) = self.node.asks.open(self.location(), Some(self.addr.id))?;
         self.node.stats.asks_started.inc();
         let msg = make(ReplyTo::new(self.node.name().clone(), ask));
         let deadline = tokio::time::Instant::now() + timeout;

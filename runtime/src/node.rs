@@ -60,6 +60,11 @@ pub struct Limits {
     pub tombstones_max: usize,
     /// Peers allowed to push migrations to this node; empty means every peer.
     pub migration_peers: Vec<String>,
+    /// A connection that hears nothing for this long is closed and its peer counted lost:
+    /// asks only it could answer fail with `NodeLost`, and attempts waiting on it abort.
+    pub idle_timeout_ms: u64,
+    /// A quiet connection sends a keep-alive this often (well under `idle_timeout_ms`).
+    pub keep_alive_ms: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +85,8 @@ impl Default for Limits {
             migration_deadline_ms: 10_000,
             tombstones_max: 65_536,
             migration_peers: Vec::new(),
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 2_000,
         }
     }
 }
@@ -297,9 +304,12 @@ struct LocalService {
     parent: Option<ServiceId>,
 }
 
+type PendingAsk = (NodeName, Option<ServiceId>, oneshot::Sender<ReplyPayload>);
+
 /// Asks waiting for replies, bounded.
 pub(crate) struct AskTable {
-    pending: Mutex<HashMap<u64, (NodeName, oneshot::Sender<ReplyPayload>)>>,
+    /// Per ask: the node it was sent to, its target service, and its waiter.
+    pending: Mutex<HashMap<u64, PendingAsk>>,
     next: AtomicU64,
     max: usize,
 }
@@ -313,22 +323,46 @@ impl AskTable {
         }
     }
 
-    pub fn open(&self, node: NodeName) -> Result<(u64, oneshot::Receiver<ReplyPayload>), AskError> {
+    /// Opens an ask sent to `node`, for service `target` when there is one (its answer may
+    /// come from wherever the service has moved since).
+    pub fn open(
+        &self,
+        node: NodeName,
+        target: Option<ServiceId>,
+    ) -> Result<(u64, oneshot::Receiver<ReplyPayload>), AskError> {
         let (tx, rx) = oneshot::channel();
         let mut p = lock(&self.pending);
         if p.len() >= self.max {
             return Err(AskError::TooManyPending { max: self.max });
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        p.insert(id, (node, tx));
+        p.insert(id, (node, target, tx));
         Ok((id, rx))
+    }
+
+    /// The connection to `lost` is gone: every ask whose answer can only come from there (sent
+    /// there for no service, or for a service this node last knew there) fails now with
+    /// `NodeLost` instead of at its timeout. Returns how many.
+    pub fn fail_lost(
+        &self,
+        lost: &NodeName,
+        location: impl Fn(ServiceId) -> Option<NodeName>,
+    ) -> usize {
+        let mut p = lock(&self.pending);
+        let before = p.len();
+        // Dropping a waiter's sender is what tells it the node was lost.
+        p.retain(|_, (node, target, _)| {
+            let at = target.and_then(&location).unwrap_or_else(|| node.clone());
+            at != *lost
+        });
+        before - p.len()
     }
 
     /// Hands `payload` to the ask's waiter; false if no such ask is waiting (late or unknown).
     pub fn complete(&self, ask: u64, payload: ReplyPayload) -> bool {
         let entry = lock(&self.pending).remove(&ask);
         match entry {
-            Some((_, tx)) => tx.send(payload).is_ok(),
+            Some((_, _, tx)) => tx.send(payload).is_ok(),
             None => false,
         }
     }
@@ -1143,12 +1177,16 @@ impl Node {
 
 async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, SocketAddr), Error> {
     let name = config.identity.name()?;
+    let live = crate::tls::Liveness {
+        idle_timeout_ms: config.limits.idle_timeout_ms,
+        keep_alive_ms: config.limits.keep_alive_ms,
+    };
     let mut endpoint = endpoint(
-        crate::tls::server_config(&config.identity)?,
+        crate::tls::server_config_with(&config.identity, live)?,
         config.listen,
         config.socket_wrap.as_ref(),
     )?;
-    endpoint.set_default_client_config(crate::tls::client_config(&config.identity)?);
+    endpoint.set_default_client_config(crate::tls::client_config_with(&config.identity, live)?);
     let local_addr = endpoint
         .local_addr()
         .map_err(|e| Error::io("reading local address", e))?;
@@ -1251,7 +1289,7 @@ impl NodeHandle {
             kind: S::kind_key(),
             detail: e.to_string(),
         })?;
-        let (req, rx) = self.shared.asks.open(node.clone())?;
+        let (req, rx) = self.shared.asks.open(node.clone(), None)?;
         if let Err(e) = link.push_ctrl(&Frame::Spawn {
             req,
             kind: S::kind_key(),
@@ -1476,7 +1514,7 @@ impl NodeShared {
         let link = self
             .peer(&at)
             .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
-        let (req, rx) = self.asks.open(at.clone())?;
+        let (req, rx) = self.asks.open(at.clone(), Some(id))?;
         if let Err(e) = link.push_ctrl(&Frame::Mig(MigMsg::Request {
             req,
             service: id,
@@ -1523,17 +1561,48 @@ mod tests {
     fn pending_asks_are_bounded_and_freed() {
         let table = AskTable::new(2);
         let node = NodeName::new("b");
-        let (a1, _r1) = table.open(node.clone()).unwrap();
-        let (_a2, _r2) = table.open(node.clone()).unwrap();
+        let (a1, _r1) = table.open(node.clone(), None).unwrap();
+        let (_a2, _r2) = table.open(node.clone(), None).unwrap();
         assert!(matches!(
-            table.open(node.clone()),
+            table.open(node.clone(), None),
             Err(AskError::TooManyPending { max: 2 })
         ));
         table.cancel(a1);
-        assert!(table.open(node).is_ok(), "a cancelled ask frees its place");
+        assert!(
+            table.open(node, None).is_ok(),
+            "a cancelled ask frees its place"
+        );
         assert!(
             !table.complete(a1, ReplyPayload::Failed("late".into())),
             "a late reply finds nothing"
         );
+    }
+
+    #[test]
+    fn a_lost_node_fails_the_asks_only_it_can_answer() {
+        let table = AskTable::new(16);
+        let (b, c) = (NodeName::new("b"), NodeName::new("c"));
+        let (moved, stayed) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(1, 2));
+        let (_, mut to_b) = table.open(b.clone(), None).unwrap();
+        let (_, mut to_stayed) = table.open(b.clone(), Some(stayed)).unwrap();
+        // Sent to b, but the service has moved on to c since: c answers it.
+        let (_, mut to_moved) = table.open(b.clone(), Some(moved)).unwrap();
+        let (_, mut to_c) = table.open(c.clone(), None).unwrap();
+        let failed = table.fail_lost(&b, |id| (id == moved).then(|| c.clone()));
+        assert_eq!(failed, 2);
+        assert!(to_b.try_recv().is_err() && to_stayed.try_recv().is_err());
+        assert!(matches!(
+            to_b.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(
+            to_moved.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        assert!(matches!(
+            to_c.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        assert_eq!(table.len(), 2);
     }
 }

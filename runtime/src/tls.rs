@@ -27,10 +27,28 @@ fn roots(id: &NodeIdentity) -> Result<Arc<RootCertStore>, Error> {
     Ok(Arc::new(roots))
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// How long a silent connection lives, and how often a quiet one is kept alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// A connection that hears nothing for this long is closed, and its peer counted lost.
+    pub idle_timeout_ms: u64,
+    /// A connection with nothing to say sends a keep-alive this often.
+    pub keep_alive_ms: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 2_000,
+        }
+    }
+}
+
+fn transport(live: Liveness) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+    t.keep_alive_interval(Some(Duration::from_millis(live.keep_alive_ms.max(1))));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(live.idle_timeout_ms)) {
         t.max_idle_timeout(Some(idle));
     }
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
@@ -41,6 +59,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// The QUIC server side of a node: requires a client certificate issued by the cluster CA.
 pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, Error> {
+    server_config_with(id, Liveness::default())
+}
+
+/// [`server_config`] with the given liveness.
+pub fn server_config_with(id: &NodeIdentity, live: Liveness) -> Result<quinn::ServerConfig, Error> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone())
         .build()
@@ -54,12 +77,17 @@ pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(live));
     Ok(cfg)
 }
 
 /// The QUIC client side of a node: presents its certificate and trusts only the cluster CA.
 pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
+    client_config_with(id, Liveness::default())
+}
+
+/// [`client_config`] with the given liveness.
+pub fn client_config_with(id: &NodeIdentity, live: Liveness) -> Result<quinn::ClientConfig, Error> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -69,7 +97,7 @@ pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(live));
     Ok(cfg)
 }
 

@@ -761,6 +761,15 @@ fn register(
                             tracing::info!(reason = %e, "connection down");
                             node.event("peer-down", format!("{}: {e}", link.name));
                             node.driver.link_lost(&node, &link.name);
+                            let failed = node.asks.fail_lost(&link.name, |id| {
+                                node.driver.location(id).map(|(at, _)| at)
+                            });
+                            if failed > 0 {
+                                node.event(
+                                    "asks-failed",
+                                    format!("{failed} pending asks: {} was lost", link.name),
+                                );
+                            }
                         }
                         break;
                     }

@@ -193,3 +193,48 @@ fn a_one_way_cut_stops_that_way_only() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(Limits {
+            idle_timeout_ms: 600,
+            keep_alive_ms: 150,
+            ..Limits::default()
+        })
+        .faults(seed())
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let slow = b.spawn(Slow::default())?;
+    let from_a = a.resolve::<Slow>(slow.addr())?;
+    let (result, waited) = block_on(async {
+        // The service is busy, so the ask is pending when b goes silent.
+        from_a.tell(SlowMsg::Hold { ms: 3_000 })?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let asking = from_a.ask(SlowMsg::Items, Duration::from_secs(30));
+        let silence = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.faults("b").kill();
+        };
+        let (result, ()) = tokio::join!(asking, silence);
+        Ok::<_, anyhow::Error>((result, started.elapsed()))
+    })?;
+    match result {
+        Err(tern::AskError::NodeLost { node }) => assert_eq!(node.as_str(), "b"),
+        other => panic!("expected NodeLost, got {other:?}"),
+    }
+    // Told within a few idle timeouts, not at the ask's 30 s timeout.
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert!(
+        a.events().iter().any(|e| e.kind == "asks-failed"),
+        "{:?}",
+        a.events()
+    );
+    c.shutdown();
+    Ok(())
+}
