@@ -27,7 +27,9 @@ pub struct SenderReport {
 }
 
 impl SenderReport {
-    fn record(&mut self, seq: u64) {
+    /// Counts `seq` from this sender: in order, a gap (the numbers skipped become missing), a
+    /// late one filling a gap (reordered), or a copy (duplicated).
+    pub fn record(&mut self, seq: u64) {
         self.received += 1;
         if self.next == 0 {
             self.next = 1;
