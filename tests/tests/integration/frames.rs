@@ -82,36 +82,45 @@ impl Probe {
         }
     }
 
-    /// The next answer on the control stream, skipping anything else.
-    async fn answer(&mut self) -> Result<Answer> {
+    /// The next frame on the control stream that `pick` takes, skipping anything else.
+    async fn next_picked<T>(
+        &mut self,
+        what: &str,
+        pick: impl Fn(ProbeFrame) -> Option<T>,
+    ) -> Result<T> {
         let wait = async {
             loop {
                 match self.next_ctrl().await? {
-                    Some(ProbeFrame::Answer(a)) => return Ok(a),
-                    Some(_) => continue,
+                    Some(f) => {
+                        if let Some(t) = pick(f) {
+                            return Ok(t);
+                        }
+                    }
                     None => bail!("control stream ended"),
                 }
             }
         };
         tokio::time::timeout(SECS_10, wait)
             .await
-            .context("no answer in time")?
+            .with_context(|| format!("no {what} in time"))?
     }
 
-    /// The next migration message on the control stream, skipping anything else.
+    /// The next answer on the control stream.
+    async fn answer(&mut self) -> Result<Answer> {
+        self.next_picked("answer", |f| match f {
+            ProbeFrame::Answer(a) => Some(a),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next migration message on the control stream.
     async fn mig(&mut self) -> Result<MigMsg> {
-        let wait = async {
-            loop {
-                match self.next_ctrl().await? {
-                    Some(ProbeFrame::Mig(m)) => return Ok(m),
-                    Some(_) => continue,
-                    None => bail!("control stream ended"),
-                }
-            }
-        };
-        tokio::time::timeout(SECS_10, wait)
-            .await
-            .context("no migration message in time")?
+        self.next_picked("migration message", |f| match f {
+            ProbeFrame::Mig(m) => Some(m),
+            _ => None,
+        })
+        .await
     }
 
     async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
