@@ -100,6 +100,7 @@ impl ClusterBuilder {
         let ca = ClusterCa::new()?;
         let mut nodes = Vec::new();
         let mut faults = Vec::new();
+        let mut specs = Vec::new();
         for (i, mut spec) in self.specs.into_iter().enumerate() {
             if let Some(l) = &self.limits {
                 spec.limits = l.clone();
@@ -107,6 +108,7 @@ impl ClusterBuilder {
             if let Some((_, l)) = self.node_limits.iter().find(|(n, _)| *n == spec.name) {
                 spec.limits = l.clone();
             }
+            specs.push(spec.clone());
             let mut cfg = NodeConfig::new(ca.issue(&spec.name)?, "127.0.0.1:0".parse()?);
             cfg.capabilities = spec.capabilities;
             cfg.limits = spec.limits;
@@ -121,7 +123,14 @@ impl ClusterBuilder {
             }
             nodes.push(node);
         }
-        let cluster = Cluster { ca, nodes, faults };
+        let cluster = Cluster {
+            ca,
+            nodes,
+            faults,
+            specs,
+            setup: self.setup,
+            faults_seed: self.faults_seed,
+        };
         if !self.unconnected {
             cluster.connect_all()?;
         }
@@ -135,6 +144,9 @@ pub struct Cluster {
     pub ca: ClusterCa,
     nodes: Vec<NodeHandle>,
     faults: Vec<(String, Faults)>,
+    specs: Vec<NodeSpec>,
+    setup: Option<Setup>,
+    faults_seed: Option<u64>,
 }
 
 impl Cluster {
@@ -181,6 +193,52 @@ impl Cluster {
     pub fn heal(&self, a: &str, b: &str) {
         self.faults(a).heal(self.node(b).local_addr());
         self.faults(b).heal(self.node(a).local_addr());
+    }
+
+    /// Kills node `name` without a goodbye: its socket drops everything from now on (so not
+    /// even its connection-close frames leave), then its endpoint and services stop. Its
+    /// peers learn only through their idle timeout. Needs [`ClusterBuilder::faults`].
+    pub fn kill(&self, name: &str) {
+        self.faults(name).kill();
+        self.node(name).shutdown();
+    }
+
+    /// Starts node `name` again after [`kill`](Self::kill), on the same address, with a
+    /// fresh certificate for the same name, the same limits and setup, and a clean
+    /// fault-injecting socket. It has no services; its peers redial it. Handles the caller
+    /// made on the old node must be dropped first (they keep its socket bound).
+    pub fn restart(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name().as_str() == name)
+            .with_context(|| format!("no node {name} in this cluster"))?;
+        let spec = self.specs[i].clone();
+        // The old handle goes first: while anything holds the old node, its socket stays bound.
+        // (So must every handle the test made on it.)
+        let old = self.nodes.remove(i);
+        let addr = old.local_addr();
+        old.shutdown();
+        drop(old);
+        let mut cfg = NodeConfig::new(self.ca.issue(name)?, addr);
+        cfg.capabilities = spec.capabilities;
+        cfg.limits = spec.limits;
+        if let Some(seed) = self.faults_seed {
+            let f = Faults::new(seed.wrapping_add(i as u64).wrapping_add(0x1000));
+            cfg.socket_wrap = Some(f.wrap());
+            if let Some(slot) = self.faults.iter_mut().find(|(n, _)| n == name) {
+                slot.1 = f;
+            }
+        }
+        let node = Node::start(cfg).with_context(|| format!("restarting node {name}"))?;
+        if let Some(setup) = &self.setup {
+            setup(&node);
+        }
+        for other in &self.nodes {
+            node.add_peer(other.name().as_str(), other.local_addr())?;
+        }
+        self.nodes.insert(i, node);
+        Ok(())
     }
 
     /// Every node.

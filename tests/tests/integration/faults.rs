@@ -238,3 +238,50 @@ fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()>
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_killed_node_is_noticed_its_asks_fail_and_once_restarted_it_takes_migrations_again(
+) -> Result<()> {
+    let mut c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(Limits {
+            idle_timeout_ms: 600,
+            keep_alive_ms: 150,
+            ..Limits::default()
+        })
+        .faults(seed())
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let gone = c.node("b").spawn(Slow::default())?;
+    let from_a = c.node("a").resolve::<Slow>(gone.addr())?;
+    c.kill("b");
+    let err = block_on(from_a.ask(SlowMsg::Items, Duration::from_secs(30)));
+    assert!(
+        matches!(&err, Err(tern::AskError::NodeLost { node }) if node.as_str() == "b"),
+        "{err:?}"
+    );
+    tern_harness::wait_for(SECS_10, "a notices b is gone", || {
+        !c.node("a").is_connected("b")
+    })?;
+    drop(gone);
+    c.restart("b")?;
+    c.wait_connected(SECS_10)?;
+    // The new b is a node like any other: a service moves there and back.
+    let slow = c.node("a").spawn(Slow::default())?;
+    block_on(async {
+        for i in 1..=20 {
+            slow.tell(SlowMsg::Item(i))?;
+        }
+        let report = slow.migrate("b", MigrateOptions::default()).await?;
+        assert!(report.committed(), "{report:?}");
+        let report = slow.migrate("a", MigrateOptions::default()).await?;
+        assert!(report.committed(), "{report:?}");
+        let handled = slow.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, (1..=20).collect::<Vec<_>>());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    c.shutdown();
+    Ok(())
+}
