@@ -194,8 +194,8 @@ fn a_one_way_cut_stops_that_way_only() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()> {
+/// Two nodes whose connections count a peer lost after 600 ms of silence.
+fn two_nodes_that_notice_silence_fast() -> Result<Cluster> {
     let c = Cluster::builder()
         .node("a", &[])
         .node("b", &[])
@@ -208,6 +208,12 @@ fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()>
         .setup(register_test_kinds)
         .start()?;
     c.wait_connected(SECS_10)?;
+    Ok(c)
+}
+
+#[test]
+fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()> {
+    let c = two_nodes_that_notice_silence_fast()?;
     let (a, b) = (c.node("a"), c.node("b"));
     let slow = b.spawn(Slow::default())?;
     let from_a = a.resolve::<Slow>(slow.addr())?;
@@ -242,18 +248,7 @@ fn asks_to_a_node_that_falls_silent_fail_promptly_with_node_lost() -> Result<()>
 #[test]
 fn a_killed_node_is_noticed_its_asks_fail_and_once_restarted_it_takes_migrations_again(
 ) -> Result<()> {
-    let mut c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(Limits {
-            idle_timeout_ms: 600,
-            keep_alive_ms: 150,
-            ..Limits::default()
-        })
-        .faults(seed())
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let mut c = two_nodes_that_notice_silence_fast()?;
     let gone = c.node("b").spawn(Slow::default())?;
     let from_a = c.node("a").resolve::<Slow>(gone.addr())?;
     c.kill("b");
