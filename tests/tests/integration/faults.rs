@@ -104,19 +104,24 @@ fn migrations_under_loss_delay_and_reordering_keep_every_promise() -> Result<()>
     Ok(())
 }
 
-fn two_nodes_with_a_short_deadline() -> Result<Cluster> {
+/// Nodes a and b on fault-injecting sockets, with `limits`.
+fn two_faulty_nodes(limits: Limits) -> Result<Cluster> {
     let c = Cluster::builder()
         .node("a", &[])
         .node("b", &[])
-        .limits(Limits {
-            migration_deadline_ms: 800,
-            ..Limits::default()
-        })
+        .limits(limits)
         .faults(seed())
         .setup(register_test_kinds)
         .start()?;
     c.wait_connected(SECS_10)?;
     Ok(c)
+}
+
+fn two_nodes_with_a_short_deadline() -> Result<Cluster> {
+    two_faulty_nodes(Limits {
+        migration_deadline_ms: 800,
+        ..Limits::default()
+    })
 }
 
 #[test]
@@ -196,19 +201,11 @@ fn a_one_way_cut_stops_that_way_only() -> Result<()> {
 
 /// Two nodes whose connections count a peer lost after 600 ms of silence.
 fn two_nodes_that_notice_silence_fast() -> Result<Cluster> {
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(Limits {
-            idle_timeout_ms: 600,
-            keep_alive_ms: 150,
-            ..Limits::default()
-        })
-        .faults(seed())
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
-    Ok(c)
+    two_faulty_nodes(Limits {
+        idle_timeout_ms: 600,
+        keep_alive_ms: 150,
+        ..Limits::default()
+    })
 }
 
 #[test]
