@@ -34,6 +34,14 @@ pub enum DeliveryError {
         /// Early messages held per sender.
         held_max: usize,
     },
+    /// The service was lost: the node that ran it, or that was handing it over, is gone.
+    #[error("service {id} was lost with node {node}")]
+    ServiceLost {
+        /// The target.
+        id: ServiceId,
+        /// The node it was lost with.
+        node: NodeName,
+    },
     /// The service has stopped and takes no more messages.
     #[error("service {id} has stopped")]
     Stopped {
@@ -107,9 +115,13 @@ pub enum DeliveryError {
 /// Why an ask did not produce a reply.
 #[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
 pub enum AskError {
-    /// The request was not accepted.
+    /// The receiving side refused the request after it left this node.
     #[error("request not delivered: {0}")]
     Delivery(#[from] DeliveryError),
+    /// The request never left this node (the mailbox or link refused it at once): nothing
+    /// was delivered, so sending it again cannot make a copy.
+    #[error("request not sent: {0}")]
+    NotSent(DeliveryError),
     /// No reply within the timeout.
     #[error("no reply within {timeout_ms} ms")]
     Timeout {

@@ -1,7 +1,9 @@
 //! Typed, location-transparent handles to services.
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +37,34 @@ struct ChanState<M> {
     epoch: u64,
     /// Last number used by senders outside any service.
     client_seq: u64,
+    /// The delivery ledger: per sender on this node, what it sent that the service has not yet
+    /// been seen to take. One entry per sender with messages outstanding.
+    ledger: BTreeMap<ServiceId, Outstanding>,
+}
+
+/// Nodes a ledger entry remembers having sent through; past that it assumes any.
+const LEDGER_VIA_MAX: usize = 4;
+
+/// One sender's messages to one service, sent and not yet confirmed taken for handling.
+struct Outstanding {
+    /// The last number sent.
+    sent: u64,
+    /// The last number the service confirmed taking (0: none).
+    handled: u64,
+    /// The nodes the outstanding messages were sent to; empty with `via_any`.
+    via: Vec<NodeName>,
+    via_any: bool,
+}
+
+/// Messages declared lost with a node: `first..=last` of `sender` to `service`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LostRange {
+    pub service: ServiceId,
+    pub sender: ServiceId,
+    pub first: u64,
+    pub last: u64,
+    /// Where the channel points now, to be told of the gap.
+    pub now_at: NodeName,
 }
 
 /// The path from this node to one service, shared by every handle to it made on this node.
@@ -53,6 +83,13 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn relocate(&self, shared: &NodeShared, node: &NodeName, epoch: u64) -> bool;
     /// Where the channel points.
     fn location(&self) -> (NodeName, u64);
+    /// The service confirmed taking `sender`'s messages up to `seq`.
+    fn settle(&self, sender: ServiceId, seq: u64);
+    /// Node `lost` is gone: every outstanding message that went there, or that the service
+    /// (now there) had not confirmed, is declared lost and leaves the ledger.
+    fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange>;
+    /// Messages sent through this channel and not yet confirmed.
+    fn outstanding(&self) -> u64;
 }
 
 impl<M: Send + 'static> Channel<M> {
@@ -71,6 +108,7 @@ impl<M: Send + 'static> Channel<M> {
                 node,
                 epoch,
                 client_seq: 0,
+                ledger: BTreeMap::new(),
             }),
         }
     }
@@ -116,6 +154,68 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
     fn location(&self) -> (NodeName, u64) {
         let st = lock(&self.state);
         (st.node.clone(), st.epoch)
+    }
+
+    fn settle(&self, sender: ServiceId, seq: u64) {
+        let mut st = lock(&self.state);
+        if let Some(o) = st.ledger.get_mut(&sender) {
+            o.handled = o.handled.max(seq);
+            if o.handled >= o.sent {
+                st.ledger.remove(&sender);
+            }
+        }
+    }
+
+    fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange> {
+        let mut st = lock(&self.state);
+        let here = st.node == *lost;
+        let now_at = st.node.clone();
+        let mut out = Vec::new();
+        st.ledger.retain(|sender, o| {
+            if !(here || o.via_any || o.via.contains(lost)) {
+                return true;
+            }
+            out.push(LostRange {
+                service: self.id,
+                sender: *sender,
+                first: o.handled + 1,
+                last: o.sent,
+                now_at: now_at.clone(),
+            });
+            false
+        });
+        out
+    }
+
+    fn outstanding(&self) -> u64 {
+        lock(&self.state)
+            .ledger
+            .values()
+            .map(|o| o.sent - o.handled)
+            .sum()
+    }
+}
+
+impl<M> ChanState<M> {
+    /// Notes number `seq` of `sender` as sent to node `via` (at the channel's lock, so the
+    /// ledger and the channel's route agree).
+    fn note_sent(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
+        let o = self.ledger.entry(sender).or_insert_with(|| Outstanding {
+            sent: seq,
+            // Numbers before the first one seen here were confirmed or belong to another node.
+            handled: seq.saturating_sub(1),
+            via: Vec::new(),
+            via_any: false,
+        });
+        o.sent = o.sent.max(seq);
+        if !o.via_any && !o.via.contains(via) {
+            if o.via.len() < LEDGER_VIA_MAX {
+                o.via.push(via.clone());
+            } else {
+                o.via.clear();
+                o.via_any = true;
+            }
+        }
     }
 }
 
@@ -212,6 +312,18 @@ impl<S: Service> ServiceRef<S> {
             .await
     }
 
+    /// The sender id this node's handles to the service put on messages sent from outside any
+    /// service (what a [`LossReport`](crate::LossReport) names as `sender` for them).
+    pub fn sender_id(&self) -> ServiceId {
+        self.chan.client
+    }
+
+    /// Messages sent to the service from this node (by handles and services here) that it
+    /// has not yet confirmed taking. Confirmations come in batches every few milliseconds.
+    pub fn unconfirmed(&self) -> u64 {
+        self.chan.outstanding()
+    }
+
     /// True when the service runs on the node this handle belongs to.
     pub fn is_local(&self) -> bool {
         matches!(lock(&self.chan.state).route, Route::Local(_))
@@ -275,7 +387,13 @@ impl<S: Service> ServiceRef<S> {
                 Route::Local(mb) => {
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
-                        Ok(()) => return Ok(Attempt::Sent(0, true)),
+                        Ok(()) => {
+                            if let Some(from) = meta.from {
+                                let via = st.node.clone();
+                                st.note_sent(from, meta.seq, &via);
+                            }
+                            return Ok(Attempt::Sent(0, true));
+                        }
                         Err((DeliveryError::Moved { node, epoch, .. }, env)) => {
                             msg = env.msg;
                             self.chan.repoint(&mut st, &self.node, &node, epoch);
@@ -290,7 +408,13 @@ impl<S: Service> ServiceRef<S> {
                     }
                 }
                 Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
-                    Ok(queued) => return Ok(Attempt::Sent(queued, false)),
+                    Ok(queued) => {
+                        if let Some(from) = meta.from {
+                            let via = link.name.clone();
+                            st.note_sent(from, meta.seq, &via);
+                        }
+                        return Ok(Attempt::Sent(queued, false));
+                    }
                     Err(e @ DeliveryError::Backpressure { .. }) => (e, Some(msg)),
                     Err(e) => (e, None),
                 },
@@ -321,11 +445,24 @@ impl<S: Service> ServiceRef<S> {
     }
 
     pub(crate) async fn send_wait(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
+        self.send_wait_noting(meta, msg, &AtomicBool::new(false))
+            .await
+    }
+
+    /// [`send_wait`](Self::send_wait), setting `queued` once the message is queued (before it
+    /// waits for the link to drain), so a caller that gives up midway knows its number was used.
+    pub(crate) async fn send_wait_noting(
+        &self,
+        meta: Meta,
+        msg: S::Msg,
+        queued_flag: &AtomicBool,
+    ) -> Result<(), DeliveryError> {
         let mut msg = msg;
         let mut local = false;
         let res = loop {
             match self.attempt(meta, true, msg) {
                 Ok(Attempt::Sent(queued, here)) => {
+                    queued_flag.store(true, Ordering::Relaxed);
                     local = here;
                     if queued > 0 {
                         // The guard must be gone before the await: other senders (some on
@@ -364,18 +501,33 @@ impl<S: Service> ServiceRef<S> {
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let (ask, rx) = self.node.asks.open(self.location(), Some(self.addr.id))?;
+        self.ask_sent(meta, make, timeout).await.0
+    }
+
+    /// An ask, and whether its request was queued (so its number was used).
+    pub(crate) async fn ask_sent<R: DeserializeOwned + Send + 'static>(
+        &self,
+        meta: Meta,
+        make: impl FnOnce(ReplyTo<R>) -> S::Msg,
+        timeout: Duration,
+    ) -> (Result<R, AskError>, bool) {
+        let (ask, rx) = match self.node.asks.open(self.location(), Some(self.addr.id)) {
+            Ok(opened) => opened,
+            Err(e) => return (Err(e), false),
+        };
         self.node.stats.asks_started.inc();
         let msg = make(ReplyTo::new(self.node.name().clone(), ask));
         let deadline = tokio::time::Instant::now() + timeout;
+        let queued = AtomicBool::new(false);
         let sent = tokio::time::timeout_at(
             deadline,
-            self.send_wait(
+            self.send_wait_noting(
                 Meta {
                     ask: Some(ask),
                     ..meta
                 },
                 msg,
+                &queued,
             ),
         )
         .await;
@@ -383,33 +535,31 @@ impl<S: Service> ServiceRef<S> {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.node.asks.cancel(ask);
-                return Err(e.into());
+                return (Err(AskError::NotSent(e)), false);
             }
             Err(_) => {
                 self.node.asks.cancel(ask);
                 self.node.stats.asks_timed_out.inc();
-                return Err(AskError::Timeout {
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                let timeout_ms = timeout.as_millis() as u64;
+                let used = queued.load(Ordering::Relaxed);
+                return (Err(AskError::Timeout { timeout_ms }), used);
             }
         }
         let payload = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(payload)) => payload,
             Ok(Err(_)) => {
-                return Err(AskError::NodeLost {
-                    node: self.location(),
-                })
+                let node = self.location();
+                return (Err(AskError::NodeLost { node }), true);
             }
             Err(_) => {
                 self.node.asks.cancel(ask);
                 self.node.stats.asks_timed_out.inc();
-                return Err(AskError::Timeout {
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                let timeout_ms = timeout.as_millis() as u64;
+                return (Err(AskError::Timeout { timeout_ms }), true);
             }
         };
         self.node.stats.asks_answered.inc();
-        payload.into_typed()
+        (payload.into_typed(), true)
     }
 }
 

@@ -33,7 +33,8 @@ pub use handle::ServiceRef;
 pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
 pub use node::{
-    Limits, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo, SocketWrap,
+    Limits, LossReport, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo,
+    SocketWrap,
 };
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;

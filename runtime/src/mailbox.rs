@@ -6,7 +6,7 @@
 
 use std::any::Any;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::de::DeserializeOwned;
@@ -85,7 +85,33 @@ struct State<M> {
     handed_over: usize,
     /// Messages held early in the windows (reported, not counted against the capacity).
     early: usize,
+    /// Between the snapshot and the decision: the windows are exported, so a declared gap
+    /// waits for the outcome (see [`Mailbox::skip_through`]).
+    frozen: bool,
+    /// Per numbered sender, the last number taken for handling and the node it came from
+    /// (`None`: this node), with whether that node has been told. One entry per sender, like
+    /// the windows.
+    handled: BTreeMap<ServiceId, Handled>,
+    /// Marks not yet told that a newer mark from another node replaced (the sender moved):
+    /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
+    handled_moved: Vec<(ServiceId, u64, Option<NodeName>)>,
 }
+
+/// Replaced marks kept for telling; past this the oldest goes (its sender's node then keeps
+/// those messages outstanding until a later mark or a node loss declares them).
+const HANDLED_MOVED_MAX: usize = 1024;
+
+/// One sender's progress at a receiver, for its node's delivery ledger.
+struct Handled {
+    seq: u64,
+    origin: Option<NodeName>,
+    told: bool,
+}
+
+/// A declared gap could not be applied now (the mailbox is frozen, moving or a restored copy
+/// not yet started); the node tries again.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct NotNow;
 
 /// How a message comes to a mailbox.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -157,6 +183,8 @@ pub(crate) struct Mailbox<M> {
     pub freeze: std::sync::atomic::AtomicBool,
     /// Copies dropped by the windows.
     pub duplicates: AtomicUsize,
+    /// Set when a handled mark has not been reported to its sender's node yet.
+    handled_dirty: AtomicBool,
 }
 
 impl<M> Mailbox<M> {
@@ -174,12 +202,16 @@ impl<M> Mailbox<M> {
                 parked: None,
                 handed_over: 0,
                 early: 0,
+                frozen: false,
+                handled: BTreeMap::new(),
+                handled_moved: Vec::new(),
             }),
             ready: Notify::new(),
             space: Notify::new(),
             space_waiters: AtomicUsize::new(0),
             freeze: std::sync::atomic::AtomicBool::new(false),
             duplicates: AtomicUsize::new(0),
+            handled_dirty: AtomicBool::new(false),
         }
     }
 
@@ -407,6 +439,7 @@ impl<M> Mailbox<M> {
         let mut st = lock(&self.state);
         let queue = std::mem::take(&mut st.queue);
         st.handed_over = queue.len();
+        st.frozen = true;
         let windows = st
             .windows
             .iter()
@@ -426,6 +459,7 @@ impl<M> Mailbox<M> {
         {
             let mut st = lock(&self.state);
             st.handed_over = 0;
+            st.frozen = false;
             queue.append(&mut st.queue);
             st.queue = queue;
         }
@@ -527,6 +561,20 @@ impl<M> Mailbox<M> {
         parked
     }
 
+    /// Orphaned copy: closes the mailbox and returns its carried queue and parked arrivals.
+    pub fn discard_all(&self) -> (Vec<Envelope<M>>, Vec<Envelope<M>>) {
+        let out = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            let carried = st.queue.drain(..).collect();
+            let parked = st.parked.take().map(|p| p.msgs.into()).unwrap_or_default();
+            (carried, parked)
+        };
+        self.ready.notify_one();
+        self.space.notify_waiters();
+        out
+    }
+
     /// Returns once the receive window of `from` can hold another early message (or the
     /// mailbox closed or moved). Woken like [`wait_room`](Self::wait_room), by pops.
     pub async fn wait_window(&self, from: ServiceId) {
@@ -581,6 +629,36 @@ impl<M> Mailbox<M> {
         let (env, left) = {
             let mut st = lock(&self.state);
             let env = st.queue.pop_front();
+            if let Some(Envelope {
+                from: Some(from),
+                seq,
+                origin,
+                ..
+            }) = &env
+            {
+                let mark = Handled {
+                    seq: *seq,
+                    origin: origin.clone(),
+                    told: false,
+                };
+                match st.handled.get_mut(from) {
+                    Some(h) => {
+                        let old = std::mem::replace(h, mark);
+                        if !old.told && old.origin != *origin {
+                            if st.handled_moved.len() >= HANDLED_MOVED_MAX {
+                                st.handled_moved.remove(0);
+                            }
+                            st.handled_moved.push((*from, old.seq, old.origin));
+                        }
+                    }
+                    None => {
+                        st.handled.insert(*from, mark);
+                    }
+                }
+                if !self.handled_dirty.load(Ordering::Relaxed) {
+                    self.handled_dirty.store(true, Ordering::Relaxed);
+                }
+            }
             (env, st.depth())
         };
         if env.is_some()
@@ -599,6 +677,50 @@ impl<M> Mailbox<M> {
 
     pub fn is_closed(&self) -> bool {
         lock(&self.state).closed
+    }
+
+    /// The senders whose progress changed since the last call: `(sender, last number taken,
+    /// its node)`. Cheap when nothing changed.
+    pub fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)> {
+        if !self.handled_dirty.swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut st = lock(&self.state);
+        let mut out = std::mem::take(&mut st.handled_moved);
+        out.extend(
+            st.handled
+                .iter_mut()
+                .filter(|(_, h)| !h.told)
+                .map(|(from, h)| {
+                    h.told = true;
+                    (*from, h.seq, h.origin.clone())
+                }),
+        );
+        out
+    }
+
+    /// The numbers of `from` up to `through` that have not arrived never will: the window
+    /// stops waiting for them and releases what waited behind them. Refused with [`NotNow`]
+    /// while the windows are in a snapshot or parked (frozen, moving, a copy not yet started).
+    pub fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow> {
+        let queued = {
+            let mut st = lock(&self.state);
+            if st.frozen || st.moved.is_some() || st.parked.is_some() || st.closed {
+                return Err(NotNow);
+            }
+            let released = st
+                .windows
+                .entry(from)
+                .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
+                .skip_through(through);
+            let queued = !released.is_empty();
+            st.release(released);
+            queued
+        };
+        if queued {
+            self.ready.notify_one();
+        }
+        Ok(())
     }
 
     /// Closes the mailbox and returns what was still queued, oldest first.
@@ -720,6 +842,10 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn carried_complete(&self) -> Vec<Refusal>;
     /// Consumes a number whose message could not be taken at all.
     fn skip(&self, from: ServiceId, seq: u64);
+    /// See [`Mailbox::skip_through`].
+    fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow>;
+    /// See [`Mailbox::take_handled`].
+    fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)>;
     /// Asks the runner to freeze after the message in hand.
     fn request_freeze(&self);
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
@@ -890,6 +1016,14 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn skip(&self, from: ServiceId, seq: u64) {
         self.skip_number(from, seq);
+    }
+
+    fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow> {
+        Mailbox::skip_through(self, from, through)
+    }
+
+    fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)> {
+        Mailbox::take_handled(self)
     }
 
     fn request_freeze(&self) {

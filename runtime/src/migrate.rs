@@ -112,6 +112,8 @@ pub(crate) enum Decision {
 pub(crate) enum Go {
     Start,
     Discard,
+    /// The source never decided: drop the copy and refuse what it holds.
+    Orphan,
 }
 
 /// A queue carried in a snapshot, encoded lazily while it streams (so the freeze does not
@@ -257,8 +259,9 @@ const SNAP_CARRIED_HEAD_BYTES: usize = 1 << 10;
 const REPORT_WAIT: Duration = Duration::from_secs(30);
 
 impl Driver {
-    pub fn new(me: NodeName, deadline_ms: u64, tombstones_max: usize) -> Self {
+    pub fn new(me: NodeName, deadline_ms: u64, tombstones_max: usize, orphan_ms: u64) -> Self {
         let cfg = Config {
+            orphan_ticks: orphan_ms,
             // QUIC delivers what a live connection accepted; a lost connection aborts at once
             // (`link_lost`), so the core never needs to send a snapshot twice.
             retry_ticks: u64::MAX / 4,
@@ -790,6 +793,23 @@ impl Driver {
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Discard);
                     }
+                }
+                Action::Orphan { service, mig } => {
+                    if let Some(go) = lock(&self.incoming).remove(&service) {
+                        let _ = go.send(Go::Orphan);
+                    }
+                    node.stats.copies_orphaned.inc();
+                    tracing::warn!(%service, source = %mig.source, n = mig.n,
+                        "prepared copy orphaned: its source never decided");
+                    node.event(
+                        "copy-orphaned",
+                        format!(
+                            "service {service} from {}: no decision after {} ms; it is lost unless {} still runs it",
+                            mig.source,
+                            node.limits.prepared_orphan_ms,
+                            mig.source
+                        ),
+                    );
                 }
                 Action::Enqueue { .. } | Action::Refuse { .. } => {
                     // The node's data plane is the mailbox; no data goes through the core.
@@ -1472,6 +1492,13 @@ pub(crate) fn snapshot_stream_ended(node: &NodeShared, from: &NodeName, rx: &mut
                     recv.id, recv.carried_in
                 ),
             );
+            // A committed copy runs with what arrived rather than waiting for the rest for
+            // ever; an uncommitted one still waits for the source's word.
+            if let Some(slot) = &recv.slot {
+                for r in slot.carried_complete() {
+                    refuse(node, recv.id, r);
+                }
+            }
         }
     }
 }

@@ -65,6 +65,13 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// A quiet connection sends a keep-alive this often (well under `idle_timeout_ms`).
     pub keep_alive_ms: u64,
+    /// Loss reports kept for [`NodeHandle::losses`] (the oldest goes first; the counters
+    /// `messages_lost_reported` and `loss_reports` keep the totals).
+    pub losses_max: usize,
+    /// A restored copy whose source has said neither commit nor abort for this long (the
+    /// source is gone, or cut off with its decision) is dropped and reported lost, in
+    /// milliseconds. Must be well over `migration_deadline_ms` plus `idle_timeout_ms`.
+    pub prepared_orphan_ms: u64,
 }
 
 impl Default for Limits {
@@ -87,6 +94,8 @@ impl Default for Limits {
             migration_peers: Vec::new(),
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
+            losses_max: 1024,
+            prepared_orphan_ms: 60_000,
         }
     }
 }
@@ -179,6 +188,41 @@ pub struct NodeEvent {
     pub kind: String,
     /// What happened.
     pub detail: String,
+}
+
+/// Messages this node sent that will not be handled, or may not have been: numbers
+/// `first_seq..=last_seq` of `sender`'s channel to `service`.
+///
+/// Two causes. A node they went to (or that hosted their service) was lost before the service
+/// confirmed taking them: some of them may still have been handled (the confirmation is what
+/// went missing), but none is delivered after the report, because the receiver is told to
+/// stop waiting for them. Or a node refused a message it had first accepted (its service
+/// stopped, its copy was orphaned, it was forwarded somewhere full): that one was not handled.
+///
+/// ```no_run
+/// # fn demo(node: tern::NodeHandle) {
+/// for loss in node.losses() {
+///     eprintln!("{} messages to {} lost with {}", loss.messages, loss.service, loss.node);
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossReport {
+    /// The receiving service.
+    pub service: ServiceId,
+    /// The sending service, or the sender id of a handle's channel (see
+    /// [`ServiceRef::sender_id`](crate::ServiceRef::sender_id)).
+    pub sender: ServiceId,
+    /// First number declared lost.
+    pub first_seq: u64,
+    /// Last number declared lost.
+    pub last_seq: u64,
+    /// How many: `last_seq - first_seq + 1`.
+    pub messages: u64,
+    /// The node that was lost, or that refused.
+    pub node: NodeName,
+    /// Why, in words.
+    pub reason: String,
 }
 
 /// One local service as listed by [`NodeHandle::services`].
@@ -395,11 +439,24 @@ pub(crate) struct NodeShared {
     arbiter: OnceLock<actix_rt::ArbiterHandle>,
     thread: OnceLock<ThreadId>,
     pub stopping: AtomicBool,
+    /// Set by [`NodeHandle::halt`]: services handle nothing more, as after a crash.
+    pub halted: AtomicBool,
     /// Runs the migration protocol core for this node.
     pub driver: Driver,
     /// Per target service, the channel every handle on this node shares.
     channels: Mutex<IdMap<Arc<dyn AnyChannel>>>,
+    /// Declared losses, newest last (bounded by `losses_max`).
+    losses: Mutex<VecDeque<LossReport>>,
+    /// Gaps that reached a service while its windows were busy (frozen, moving, a copy not
+    /// yet started): `(to, from, through)`, tried again on every progress tick.
+    gaps_pending: Mutex<VecDeque<(ServiceId, ServiceId, u64)>>,
 }
+
+/// Gaps kept waiting for a busy service; past this the oldest is dropped and logged (its
+/// sender's later messages then wait in the window and are refused when it fills).
+const GAPS_PENDING_MAX: usize = 4096;
+/// Handled marks per frame.
+const HANDLED_MARKS_PER_FRAME: usize = 4096;
 
 fn random_prefix() -> Result<u64, Error> {
     use rustls::crypto::ring::default_provider;
@@ -613,6 +670,7 @@ impl NodeShared {
 
     /// A service left this node by migration: forget it without stopping anything.
     pub fn forget_moved(&self, id: ServiceId) {
+        self.flush_handled(id);
         self.forget_service(id);
     }
 
@@ -679,10 +737,183 @@ impl NodeShared {
                     });
                 }
             }
-            _ => self.event(
-                "refused",
-                format!("message {} to {to} from this node: {}", r.seq, r.reason),
-            ),
+            _ => {
+                self.event(
+                    "refused",
+                    format!("message {} to {to} from this node: {}", r.seq, r.reason),
+                );
+                if let Some(from) = r.from {
+                    self.record_loss(LossReport {
+                        service: to,
+                        sender: from,
+                        first_seq: r.seq,
+                        last_seq: r.seq,
+                        messages: 1,
+                        node: self.name.clone(),
+                        reason: r.reason.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tells senders' nodes how far local services have taken their messages (the other half
+    /// of the delivery ledger), and retries gaps that waited for a busy service.
+    pub fn report_progress(self: &Arc<Self>) {
+        let slots: Vec<(ServiceId, Arc<dyn Slot>)> = self
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, s)| (*id, s.slot.clone()))
+            .collect();
+        let mut remote: HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>> = HashMap::new();
+        for (id, slot) in slots {
+            self.note_handled(id, &slot, &mut remote);
+        }
+        for (origin, marks) in remote {
+            self.send_handled(&origin, marks);
+        }
+        let pending: Vec<_> = lock(&self.gaps_pending).drain(..).collect();
+        for (to, from, through) in pending {
+            self.apply_gap(to, from, through);
+        }
+    }
+
+    /// Collects one service's handled marks: local senders settle at once, the rest are
+    /// grouped by node.
+    fn note_handled(
+        &self,
+        id: ServiceId,
+        slot: &Arc<dyn Slot>,
+        remote: &mut HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>>,
+    ) {
+        for (from, seq, origin) in slot.take_handled() {
+            match origin {
+                Some(o) if o != self.name => remote.entry(o).or_default().push((id, from, seq)),
+                _ => self.settle(id, from, seq),
+            }
+        }
+    }
+
+    fn send_handled(&self, origin: &NodeName, marks: Vec<(ServiceId, ServiceId, u64)>) {
+        let Some(link) = self.peer(origin) else {
+            return;
+        };
+        for chunk in marks.chunks(HANDLED_MARKS_PER_FRAME) {
+            if let Err(e) = link.push_ctrl(&Frame::Handled {
+                marks: chunk.to_vec(),
+            }) {
+                // The sender's ledger keeps those messages outstanding; a later mark settles them.
+                self.event("handled-lost", format!("to {origin}: {e}"));
+            }
+        }
+    }
+
+    /// A service that leaves this node (migration, stop) reports its last marks first.
+    pub fn flush_handled(&self, id: ServiceId) {
+        if let Some(slot) = self.slot(id) {
+            let mut remote = HashMap::new();
+            self.note_handled(id, &slot, &mut remote);
+            for (origin, marks) in remote {
+                self.send_handled(&origin, marks);
+            }
+        }
+    }
+
+    /// Service `to` confirmed taking `from`'s messages up to `seq`.
+    pub fn settle(&self, to: ServiceId, from: ServiceId, seq: u64) {
+        let chan = lock(&self.channels).get(&to).cloned();
+        if let Some(c) = chan {
+            c.settle(from, seq);
+        }
+    }
+
+    /// Node `lost`'s connection is gone: every message this node sent that went there, or
+    /// whose service was there, and that was not confirmed taken, is declared lost: reported
+    /// (log, counters, event) and, so no window waits for it, a gap is sent to where its
+    /// service is now (behind anything still queued for it).
+    pub fn declare_lost(self: &Arc<Self>, lost: &NodeName) -> u64 {
+        if self.stopping.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let chans: Vec<Arc<dyn AnyChannel>> = lock(&self.channels).values().cloned().collect();
+        let mut total = 0;
+        for chan in chans {
+            for r in chan.declare_lost(lost) {
+                let messages = r.last - r.first + 1;
+                total += messages;
+                self.record_loss(LossReport {
+                    service: r.service,
+                    sender: r.sender,
+                    first_seq: r.first,
+                    last_seq: r.last,
+                    messages,
+                    node: lost.clone(),
+                    reason: "node lost before the service confirmed taking them".into(),
+                });
+                tracing::warn!(service = %r.service, sender = %r.sender, first = r.first,
+                    last = r.last, node = %lost, "messages declared lost");
+                self.send_gap(&r.now_at, r.service, r.sender, r.last);
+            }
+        }
+        if total > 0 {
+            self.event(
+                "messages-lost",
+                format!("{total} messages sent from here were not confirmed by {lost}'s services when it was lost"),
+            );
+        }
+        total
+    }
+
+    /// Keeps a loss report and counts it.
+    pub fn record_loss(&self, r: LossReport) {
+        self.stats.messages_lost_reported.add(r.messages);
+        self.stats.loss_reports.inc();
+        let mut log = lock(&self.losses);
+        if log.len() >= self.limits.losses_max {
+            log.pop_front();
+        }
+        log.push_back(r);
+    }
+
+    /// Tells node `at` (perhaps this one) that numbers of `from` to `to` up to `through` will
+    /// not come.
+    pub fn send_gap(self: &Arc<Self>, at: &NodeName, to: ServiceId, from: ServiceId, through: u64) {
+        if at == &self.name {
+            return self.apply_gap(to, from, through);
+        }
+        let Some(link) = self.peer(at) else {
+            return;
+        };
+        if let Err(e) = link
+            .data
+            .push(&link.name, &Frame::Gap { to, from, through })
+        {
+            self.event("gap-lost", format!("to {at}: {e}"));
+        }
+    }
+
+    /// A gap for local service `to` (or one that was here: the tombstone passes it on).
+    pub fn apply_gap(self: &Arc<Self>, to: ServiceId, from: ServiceId, through: u64) {
+        match self.slot(to) {
+            Some(slot) => {
+                if slot.skip_through(from, through).is_err() {
+                    let mut pending = lock(&self.gaps_pending);
+                    if pending.len() >= GAPS_PENDING_MAX {
+                        pending.pop_front();
+                        drop(pending);
+                        self.event("gap-dropped", format!("for {to}: too many waiting"));
+                        pending = lock(&self.gaps_pending);
+                    }
+                    pending.push_back((to, from, through));
+                }
+            }
+            None => {
+                if let Some((at, _)) = self.driver.tombstone(to) {
+                    self.send_gap(&at, to, from, through);
+                }
+            }
         }
     }
 
@@ -801,6 +1032,7 @@ impl NodeShared {
 
     /// Called by a service's runner when it stops, with what was still queued.
     pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>) {
+        self.flush_handled(id);
         self.forget_service(id);
         lock(&self.channels).remove(&id);
         self.driver.unhost(id);
@@ -1092,8 +1324,15 @@ impl Actor for NodeActor {
         ctx.run_interval(Duration::from_millis(10), |act, _| {
             act.shared.driver.tick(&act.shared)
         });
+        // The delivery ledger's confirmations, batched.
+        ctx.run_interval(Duration::from_millis(PROGRESS_MS), |act, _| {
+            act.shared.report_progress()
+        });
     }
 }
+
+/// How often a node tells senders' nodes what its services have taken.
+const PROGRESS_MS: u64 = 20;
 
 /// How long a stopping node waits for its connections to close cleanly.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
@@ -1101,6 +1340,20 @@ const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Stop;
+
+/// Ends the node's system at once (see [`NodeHandle::halt`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Halt;
+
+impl Handler<Halt> for NodeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Halt, _: &mut Self::Context) {
+        tracing::info!(node = %self.shared.name, "node halted");
+        System::current().stop();
+    }
+}
 
 impl Handler<Stop> for NodeActor {
     type Result = ();
@@ -1208,12 +1461,16 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         arbiter: OnceLock::new(),
         thread: OnceLock::new(),
         stopping: AtomicBool::new(false),
+        halted: AtomicBool::new(false),
         driver: Driver::new(
             name.clone(),
             limits.migration_deadline_ms,
             limits.tombstones_max,
+            limits.prepared_orphan_ms,
         ),
         channels: Mutex::new(IdMap::default()),
+        losses: Mutex::new(VecDeque::new()),
+        gaps_pending: Mutex::new(VecDeque::new()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -1431,6 +1688,12 @@ impl NodeHandle {
         self.shared.snapshot_stats()
     }
 
+    /// Messages sent from this node that were declared lost with a node, oldest first
+    /// (the last `losses_max`; `stats()` counts them all). See [`LossReport`].
+    pub fn losses(&self) -> Vec<LossReport> {
+        lock(&self.shared.losses).iter().cloned().collect()
+    }
+
     /// The node's recent events, oldest first.
     pub fn events(&self) -> Vec<NodeEvent> {
         lock(&self.shared.events).1.iter().cloned().collect()
@@ -1459,16 +1722,31 @@ impl NodeHandle {
             .is_some_and(|l| l.is_connected())
     }
 
-    /// Stops the node: closes its endpoint, ends its actix system and joins its thread.
-    /// Pending asks on this node fail with `NodeLost`.
-    pub fn shutdown(&self) {
-        self.actor.do_send(Stop);
+    /// Stops the node at once, as a crash would: its services handle nothing more, no
+    /// goodbye goes to its peers and nothing lingers; its actix system ends and its thread is
+    /// joined. Peers learn only by their idle timeout. For fault tests (the harness's
+    /// `Cluster::kill`); a node leaving on purpose calls [`shutdown`](Self::shutdown).
+    pub fn halt(&self) {
+        self.shared.halted.store(true, Ordering::SeqCst);
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.actor.do_send(Halt);
+        self.join();
+    }
+
+    fn join(&self) {
         let thread = lock(&self.thread).take();
         if let Some(t) = thread {
             if t.join().is_err() {
                 tracing::error!(node = %self.name(), "node thread panicked");
             }
         }
+    }
+
+    /// Stops the node: closes its endpoint, ends its actix system and joins its thread.
+    /// Pending asks on this node fail with `NodeLost`.
+    pub fn shutdown(&self) {
+        self.actor.do_send(Stop);
+        self.join();
     }
 }
 

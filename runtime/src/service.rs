@@ -247,10 +247,10 @@ impl<S: Service> Ctx<S> {
         timeout: Duration,
     ) -> Result<R, AskError> {
         let meta = self.next_meta(to.id());
-        let res = to.ask_from(meta, make, timeout).await;
-        if matches!(res, Err(AskError::Delivery(_))) {
-            // Refused before it was queued (a remote refusal answers the ask later, and the
-            // receiver consumed the number itself).
+        let (res, sent) = to.ask_sent(meta, make, timeout).await;
+        if !sent {
+            // Never queued, so no receiver will see this number. (A refusal from the far
+            // side comes after the number was used there: it stays used.)
             self.unnumber(to.id());
         }
         res
@@ -440,6 +440,19 @@ pub(crate) async fn run_restored<S: Service>(
                 ctx.node.forget_moved(id);
                 ctx.node.hand_on(id, &restored.source, parked);
             }
+            Ok(Go::Orphan) => {
+                // Nobody else holds what the copy carried if the source committed and died;
+                // if it lives and aborted, it has them too. Either way their senders are told.
+                let (carried, parked) = mailbox.discard_all();
+                ctx.node.forget_moved(id);
+                let reason = DeliveryError::ServiceLost {
+                    id,
+                    node: restored.source.clone(),
+                };
+                for env in carried.into_iter().chain(parked) {
+                    ctx.node.refuse_envelope(id, env.refusal(reason.clone()));
+                }
+            }
         }
     }
     .instrument(span)
@@ -551,6 +564,10 @@ async fn serve<S: Service>(
     state.started(&mut ctx);
     let mut turn = 0u32;
     loop {
+        if ctx.node.halted.load(std::sync::atomic::Ordering::Relaxed) {
+            // A halted node handles nothing more; its system is ending.
+            return std::future::pending().await;
+        }
         // A freeze waits for the message in hand, for the rest of a carried queue still
         // streaming in (its parked arrivals are not in the queue yet), and when draining, for
         // the queue to empty.

@@ -88,6 +88,13 @@ counters! {
     protocol_errors_reported,
     /// Bytes queued for a peer and lost when its connection failed.
     bytes_lost_on_link,
+    /// Messages sent from this node reported not handled: declared lost with a node, or
+    /// refused after they were accepted (see `NodeHandle::losses`).
+    messages_lost_reported,
+    /// Loss reports made.
+    loss_reports,
+    /// Restored copies dropped because their source never decided (see `prepared_orphan_ms`).
+    copies_orphaned,
     /// Connections established (dialed or accepted).
     connections_up,
     /// Connections refused: TLS failures, bad handshakes, duplicates.

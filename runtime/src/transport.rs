@@ -761,6 +761,7 @@ fn register(
                             tracing::info!(reason = %e, "connection down");
                             node.event("peer-down", format!("{}: {e}", link.name));
                             node.driver.link_lost(&node, &link.name);
+                            node.declare_lost(&link.name);
                             let failed = node.asks.fail_lost(&link.name, |id| {
                                 node.driver.location(id).map(|(at, _)| at)
                             });
@@ -1184,6 +1185,14 @@ fn handle_frame(
         (StreamKind::Data, Frame::Fence { service, epoch }) => {
             node.driver.on_fence(node, &link.name, service, epoch);
         }
+        (StreamKind::Data, Frame::Gap { to, from, through }) => {
+            node.apply_gap(to, from, through);
+        }
+        (StreamKind::Control, Frame::Handled { marks }) => {
+            for (to, from, seq) in marks {
+                node.settle(to, from, seq);
+            }
+        }
         (StreamKind::Control, Frame::Mig(msg)) => {
             crate::migrate::on_control(node, link, msg);
         }
@@ -1210,6 +1219,17 @@ fn handle_frame(
                 "refused-by-peer",
                 format!("{}: message {seq} to {to}: {reason}", link.name),
             );
+            if let Some(from) = from {
+                node.record_loss(crate::LossReport {
+                    service: to,
+                    sender: from,
+                    first_seq: seq,
+                    last_seq: seq,
+                    messages: 1,
+                    node: link.name.clone(),
+                    reason: reason.to_string(),
+                });
+            }
         }
         (StreamKind::Control, Frame::BookSync { edges }) => {
             for edge in edges {

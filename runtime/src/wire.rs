@@ -255,6 +255,24 @@ pub enum Frame<'a> {
         /// Why.
         reason: DeliveryError,
     },
+    /// Control stream, to the node messages came from: for each `(to, from, seq)`, service
+    /// `to` has taken every message of sender `from` numbered up to `seq` for handling. The
+    /// sender's node settles its delivery ledger with it.
+    Handled {
+        /// `(receiver, sender, last number taken)`.
+        marks: Vec<(ServiceId, ServiceId, u64)>,
+    },
+    /// Data stream: the numbers of `from` to `to` up to `through` that have not arrived never
+    /// will (the sender's node declared them lost with a node), so the receiver's window must
+    /// not wait for them. Everything the sender sent this way before is ahead of it.
+    Gap {
+        /// Target.
+        to: ServiceId,
+        /// The sender.
+        from: ServiceId,
+        /// The last number declared lost.
+        through: u64,
+    },
     /// Data stream, to the node that told the sender where `service` went (`Located`,
     /// `Moved`): the sender's channel no longer points at the receiver for `service` at
     /// `epoch`, and everything it sent there before is ahead of this frame on the stream.
@@ -290,6 +308,8 @@ impl Frame<'_> {
             Frame::SnapLeftovers { .. } => "snap-leftovers",
             Frame::SnapEnd => "snap-end",
             Frame::Fence { .. } => "fence",
+            Frame::Handled { .. } => "handled",
+            Frame::Gap { .. } => "gap",
         }
     }
 }

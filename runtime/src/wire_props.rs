@@ -228,6 +228,8 @@ enum Owned {
     Forward(ServiceId, NodeName, bool, bool, CarriedMsg),
     Skipped(ServiceId, ServiceId, u64),
     Fence(ServiceId, u64),
+    Handled(Vec<(ServiceId, ServiceId, u64)>),
+    Gap(ServiceId, ServiceId, u64),
     Mig(MigMsg),
     Begin(SnapHeader),
     State(Vec<u8>),
@@ -263,6 +265,14 @@ impl Owned {
                 service: *service,
                 epoch: *epoch,
             },
+            Owned::Handled(marks) => Frame::Handled {
+                marks: marks.clone(),
+            },
+            Owned::Gap(to, from, through) => Frame::Gap {
+                to: *to,
+                from: *from,
+                through: *through,
+            },
             Owned::Mig(m) => Frame::Mig(m.clone()),
             Owned::Begin(h) => Frame::SnapBegin(Box::new(h.clone())),
             Owned::State(b) => Frame::SnapState { bytes: b },
@@ -293,6 +303,9 @@ fn owned() -> impl Strategy<Value = Owned> {
             .prop_map(|(to, o, w, a, m)| Owned::Forward(to, o, w, a, m)),
         (service(), service(), any::<u64>()).prop_map(|(t, f, s)| Owned::Skipped(t, f, s)),
         (service(), any::<u64>()).prop_map(|(s, e)| Owned::Fence(s, e)),
+        proptest::collection::vec((service(), service(), any::<u64>()), 0..8)
+            .prop_map(Owned::Handled),
+        (service(), service(), any::<u64>()).prop_map(|(t, f, s)| Owned::Gap(t, f, s)),
         mig_msg().prop_map(Owned::Mig),
         header().prop_map(Owned::Begin),
         bytes(256).prop_map(Owned::State),

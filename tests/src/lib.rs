@@ -196,11 +196,11 @@ impl Cluster {
     }
 
     /// Kills node `name` without a goodbye: its socket drops everything from now on (so not
-    /// even its connection-close frames leave), then its endpoint and services stop. Its
-    /// peers learn only through their idle timeout. Needs [`ClusterBuilder::faults`].
+    /// even its connection-close frames leave), and it halts: its services handle nothing
+    /// more and its system ends at once. Its peers learn only through their idle timeout. Needs [`ClusterBuilder::faults`].
     pub fn kill(&self, name: &str) {
         self.faults(name).kill();
-        self.node(name).shutdown();
+        self.node(name).halt();
     }
 
     /// Starts node `name` again after [`kill`](Self::kill), on the same address, with a

@@ -43,6 +43,12 @@ pub struct SimConfig {
     pub refuse: f64,
     /// Probability a service, having handled a message, sends one to another service.
     pub chatter: f64,
+    /// Nodes that crash at a random moment while traffic flows (never all of them). A crashed
+    /// node loses its instances and everything sent to it; the others notice after a while
+    /// (`link_lost`). With crashes the run checks at most one live instance, no copy and no
+    /// reordering of what is handled, and that no restored copy waits for ever; messages may
+    /// be lost.
+    pub crashes: usize,
 }
 
 impl Default for SimConfig {
@@ -57,6 +63,7 @@ impl Default for SimConfig {
             delay_max: 20,
             refuse: 0.1,
             chatter: 0.3,
+            crashes: 0,
         }
     }
 }
@@ -78,6 +85,10 @@ pub struct SimReport {
     pub lost: u64,
     /// Events processed.
     pub events: u64,
+    /// Nodes crashed.
+    pub crashed: u64,
+    /// Restored copies dropped because their source never decided.
+    pub orphaned: u64,
 }
 
 /// splitmix64: small, seedable, good enough to pick delays and dice.
@@ -100,12 +111,38 @@ impl Rng {
 }
 
 enum Event {
-    Net { to: usize, from: usize, msg: Msg },
-    Process { node: usize, service: ServiceId },
-    Send { node: usize, service: ServiceId },
-    Migrate { service: ServiceId, to: usize },
-    Frozen { node: usize, service: ServiceId },
-    Tick { node: usize },
+    Net {
+        to: usize,
+        from: usize,
+        msg: Msg,
+    },
+    Process {
+        node: usize,
+        service: ServiceId,
+    },
+    Send {
+        node: usize,
+        service: ServiceId,
+    },
+    Migrate {
+        service: ServiceId,
+        to: usize,
+    },
+    Frozen {
+        node: usize,
+        service: ServiceId,
+    },
+    Tick {
+        node: usize,
+    },
+    Crash {
+        node: usize,
+    },
+    /// `node` notices that `dead` is gone (its connection timed out).
+    Detect {
+        node: usize,
+        dead: usize,
+    },
 }
 
 struct Instance {
@@ -131,6 +168,8 @@ struct Sim {
     names: Vec<NodeName>,
     sent: BTreeMap<(ServiceId, ServiceId), u64>,
     services: Vec<ServiceId>,
+    /// Crashed nodes: nothing reaches them and they do nothing more.
+    dead: Vec<bool>,
     /// Service-to-service messages still allowed, so a run always ends.
     chatter_left: u64,
     report: SimReport,
@@ -163,6 +202,9 @@ impl Sim {
             match action {
                 Action::Send { to, msg } => {
                     let to = self.node_of(&to);
+                    if self.dead[to] {
+                        continue;
+                    }
                     if is_control(&msg) && self.rng.chance(self.cfg.loss) {
                         self.report.lost += 1;
                         continue;
@@ -275,6 +317,23 @@ impl Sim {
                         return Err(format!("discarded a running {service} on {node}"));
                     }
                 }
+                Action::Orphan { service, .. } => {
+                    if self.cfg.crashes == 0 {
+                        return Err(format!(
+                            "copy of {service} on {node} orphaned, though every source lives and answers"
+                        ));
+                    }
+                    let inst = self.nodes[node]
+                        .instances
+                        .remove(&service)
+                        .ok_or("orphan of a missing instance")?;
+                    if inst.running {
+                        return Err(format!("orphaned a running {service} on {node}"));
+                    }
+                    self.report.orphaned += 1;
+                }
+                Action::Refuse { reason, .. }
+                    if self.cfg.crashes > 0 && reason.contains("orphaned") => {}
                 Action::Refuse { data, reason } => {
                     return Err(format!(
                         "message {} from {} to {} refused on node {node} ({reason}); the bounds are large enough that this must not happen",
@@ -315,7 +374,45 @@ impl Sim {
     }
 
     fn step(&mut self, ev: Event) -> Result<(), String> {
+        let on = match &ev {
+            Event::Net { to, .. } => Some(*to),
+            Event::Process { node, .. }
+            | Event::Send { node, .. }
+            | Event::Frozen { node, .. }
+            | Event::Tick { node }
+            | Event::Crash { node }
+            | Event::Detect { node, .. } => Some(*node),
+            Event::Migrate { .. } => None,
+        };
+        if on.is_some_and(|n| self.dead[n]) {
+            return Ok(());
+        }
         match ev {
+            Event::Crash { node } => {
+                if self.dead.iter().filter(|d| !**d).count() > 1 {
+                    self.dead[node] = true;
+                    self.nodes[node].instances.clear();
+                    self.report.crashed += 1;
+                    // The others notice only after their idle timeout.
+                    for other in 0..self.nodes.len() {
+                        if other != node {
+                            let d = 10 * self.cfg.delay_max + self.rng.below(self.cfg.delay_max);
+                            self.at(
+                                d,
+                                Event::Detect {
+                                    node: other,
+                                    dead: node,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Event::Detect { node, dead } => {
+                let name = self.names[dead].clone();
+                let actions = self.nodes[node].core.link_lost(&name);
+                self.carry_out(node, actions)?;
+            }
             Event::Net { to, from, msg } => {
                 let actions = self.nodes[to].core.receive(self.names[from].clone(), msg);
                 self.carry_out(to, actions)?;
@@ -334,7 +431,13 @@ impl Sim {
                         .rev()
                         .find(|(s, _)| *s == d.from)
                         .map_or(0, |(_, q)| *q);
-                    if d.seq != last + 1 {
+                    let in_order = if self.cfg.crashes > 0 {
+                        // Messages may be lost with a crashed node; never copied or reordered.
+                        d.seq > last
+                    } else {
+                        d.seq == last + 1
+                    };
+                    if !in_order {
                         return Err(format!(
                             "{service} on {node} handled message {} from {} after {last}",
                             d.seq, d.from
@@ -385,8 +488,8 @@ impl Sim {
                 self.carry_out(node, actions)?;
             }
             Event::Migrate { service, to } => {
-                let at =
-                    (0..self.nodes.len()).find(|&i| self.nodes[i].core.epoch(service).is_some());
+                let at = (0..self.nodes.len())
+                    .find(|&i| !self.dead[i] && self.nodes[i].core.epoch(service).is_some());
                 if let Some(node) = at {
                     // Mostly to another node; now and then to where it already is.
                     let to = if to == node && !self.rng.chance(0.1) {
@@ -450,6 +553,8 @@ fn describe(ev: &Event) -> String {
         Event::Migrate { service, to } => format!("migrate {} to {to}", service.counter()),
         Event::Frozen { node, service } => format!("frozen {} on {node}", service.counter()),
         Event::Tick { .. } => "tick".into(),
+        Event::Crash { node } => format!("crash {node}"),
+        Event::Detect { node, dead } => format!("{node} notices {dead} is gone"),
     }
 }
 
@@ -463,6 +568,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         retry_ticks: 3 * cfg.delay_max,
         deadline_ticks: 10 * cfg.delay_max,
         query_ticks: 4 * cfg.delay_max,
+        // Long after any live source answers; short enough to happen within a crash run.
+        orphan_ticks: 40 * cfg.delay_max,
         ..Config::default()
     };
     let mut nodes = Vec::new();
@@ -518,6 +625,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         names,
         sent: BTreeMap::new(),
         services: services.clone(),
+        dead: vec![false; cfg.nodes],
         chatter_left: cfg.msgs_per_sender * cfg.services as u64,
         report: SimReport {
             seed,
@@ -542,6 +650,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         let to = sim.rng.below(cfg.nodes as u64) as usize;
         sim.at(t, Event::Migrate { service, to });
     }
+    for _ in 0..cfg.crashes {
+        let t = sim.rng.below(busy_until);
+        let node = sim.rng.below(cfg.nodes as u64) as usize;
+        sim.at(t, Event::Crash { node });
+    }
     let end = busy_until + 60 * cfg.delay_max;
     let mut t = 0;
     while t <= end {
@@ -561,6 +674,25 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         }
         sim.step(ev)
             .map_err(|e| format!("seed {seed}, time {time}: {e}"))?;
+    }
+    if cfg.crashes > 0 {
+        // At most one instance of each service, and no restored copy left waiting.
+        for &s in &services {
+            let on: Vec<usize> = (0..cfg.nodes)
+                .filter(|&i| !sim.dead[i] && sim.nodes[i].instances.contains_key(&s))
+                .collect();
+            if on.len() > 1 {
+                return Err(format!("seed {seed}: {s} ends with instances on {on:?}"));
+            }
+            if let [node] = on[..] {
+                if !sim.nodes[node].instances[&s].running {
+                    return Err(format!(
+                        "seed {seed}: {s} ends as a copy on {node} that never ran"
+                    ));
+                }
+            }
+        }
+        return Ok(sim.report);
     }
     // Everything settled: each service runs once, having handled all that was sent to it.
     for &s in &services {

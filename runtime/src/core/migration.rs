@@ -259,6 +259,15 @@ pub enum Action<S, P> {
         /// The service.
         service: ServiceId,
     },
+    /// Drop the paused copy whose source has not decided for `Config::orphan_ticks`: the
+    /// source is gone (or cut off with its decision). The service is lost unless the source
+    /// still runs it; what the copy holds is refused to its senders.
+    Orphan {
+        /// The service.
+        service: ServiceId,
+        /// The attempt.
+        mig: MigrationId,
+    },
     /// `data` was not accepted; its sender must be told.
     Refuse {
         /// The message.
@@ -294,6 +303,9 @@ pub struct Config {
     pub tombstones_max: usize,
     /// Decisions remembered for late questions; the oldest aborted ones are forgotten first.
     pub decisions_max: usize,
+    /// Ticks a prepared copy waits for its source's decision before it is dropped as an
+    /// orphan. Far above `deadline_ticks`: a live, connected source decides well before.
+    pub orphan_ticks: u64,
 }
 
 impl Default for Config {
@@ -306,6 +318,7 @@ impl Default for Config {
             query_ticks: 100,
             tombstones_max: 65_536,
             decisions_max: 65_536,
+            orphan_ticks: 6_000,
         }
     }
 }
@@ -326,6 +339,8 @@ enum Phase<S, P> {
     Prepared {
         mig: MigrationId,
         last_query: u64,
+        /// When it was prepared.
+        since: u64,
     },
 }
 
@@ -778,6 +793,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let mut expired = Vec::new();
         let mut resend = Vec::new();
         let mut queries = Vec::new();
+        let mut orphans = Vec::new();
         for (service, h) in &mut self.hosted {
             match &mut h.phase {
                 Phase::Sent {
@@ -800,9 +816,12 @@ impl<S: Clone, P: Clone> Core<S, P> {
                         ));
                     }
                 }
-                Phase::Prepared { mig, last_query }
-                    if now - *last_query >= self.cfg.query_ticks =>
-                {
+                Phase::Prepared { mig, since, .. } if now - *since >= self.cfg.orphan_ticks => {
+                    orphans.push((*service, mig.clone()));
+                }
+                Phase::Prepared {
+                    mig, last_query, ..
+                } if now - *last_query >= self.cfg.query_ticks => {
                     *last_query = now;
                     queries.push((mig.source.clone(), Wire::Query { mig: mig.clone() }));
                 }
@@ -814,6 +833,18 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
         for service in expired {
             self.abort(service, AbortReason::Deadline);
+        }
+        for (service, mig) in orphans {
+            if let Some(h) = self.hosted.remove(&service) {
+                self.send_seqs.retain(|(from, _), _| *from != service);
+                self.out.push(Action::Orphan { service, mig });
+                for (data, _) in h.parked {
+                    self.out.push(Action::Refuse {
+                        data,
+                        reason: "the service's copy was orphaned",
+                    });
+                }
+            }
         }
         let retry = self.cfg.retry_ticks;
         let mut commits = Vec::new();
@@ -1179,6 +1210,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 phase: Phase::Prepared {
                     mig: mig.clone(),
                     last_query: self.now,
+                    since: self.now,
                 },
                 arrived_by: Some(mig.clone()),
             },
@@ -1342,6 +1374,50 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, "a");
         assert!(out[0].1.starts_with("Data"), "{out:?}");
+    }
+
+    #[test]
+    fn a_copy_whose_source_never_decides_is_orphaned_once_and_refuses_what_it_parked() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let cfg = Config {
+            query_ticks: 10,
+            orphan_ticks: 1_000,
+            ..Config::default()
+        };
+        let mut dst: C = Core::new(b.clone(), cfg);
+        dst.learn(svc(), a.clone(), 0);
+        let mig = MigrationId {
+            source: a.clone(),
+            n: 1,
+        };
+        dst.receive(
+            a.clone(),
+            Wire::Snapshot {
+                mig: mig.clone(),
+                snap: snapshot_at(1),
+            },
+        );
+        assert!(dst.send_from(sender(), svc(), 5).is_empty());
+        for t in 1..1_000 {
+            assert!(!dst
+                .tick(t)
+                .iter()
+                .any(|x| matches!(x, Action::Orphan { .. } | Action::Start { .. })));
+        }
+        let acts = dst.tick(1_000);
+        assert!(acts
+            .iter()
+            .any(|x| matches!(x, Action::Orphan { mig: m, .. } if *m == mig)));
+        assert!(acts.iter().any(
+            |x| matches!(x, Action::Refuse { data, .. } if data.seq == 1 && data.payload == 5)
+        ));
+        assert!(!dst.is_live(svc()));
+        // Once: a late Commit finds nothing to start, and nothing is orphaned again.
+        assert!(!dst
+            .receive(a.clone(), Wire::Commit { mig })
+            .iter()
+            .any(|x| matches!(x, Action::Start { .. })));
+        assert!(dst.tick(5_000).is_empty());
     }
 
     fn snapshot_at(epoch: u64) -> Snapshot<Vec<u64>, u64> {

@@ -142,6 +142,29 @@ impl<T> Window<T> {
         out
     }
 
+    /// Consumes every number up to `through` that has not arrived: its sender declared them
+    /// lost. Messages held early within that range are released in order, skipping the missing
+    /// numbers; so is what follows them. Costs no more than the messages held, whatever the
+    /// range, so a peer cannot make the receiver loop over a huge one.
+    pub fn skip_through(&mut self, through: u64) -> Vec<T> {
+        let mut out = Vec::new();
+        if through < self.next {
+            return out;
+        }
+        let rest = match through.checked_add(1) {
+            Some(after) => self.held.split_off(&after),
+            None => BTreeMap::new(),
+        };
+        for (_, slot) in std::mem::replace(&mut self.held, rest) {
+            if let Slot::Item(item) = slot {
+                out.push(item);
+            }
+        }
+        self.next = through.saturating_add(1);
+        self.drain_into(&mut out);
+        out
+    }
+
     fn drain_into(&mut self, out: &mut Vec<T>) {
         while let Some(slot) = self.held.remove(&self.next) {
             if let Slot::Item(item) = slot {
@@ -177,6 +200,23 @@ mod tests {
         assert_eq!(w.offer(1, "a"), Offer::Release(vec!["a", "c"]));
         assert_eq!(w.skip(4), Vec::<&str>::new());
         assert_eq!(w.offer(5, "e"), Offer::Release(vec!["e"]));
+    }
+
+    #[test]
+    fn a_declared_gap_releases_what_waited_behind_it_and_drops_late_arrivals() {
+        let mut w = Window::new(8);
+        assert_eq!(w.offer(1, 1), Offer::Release(vec![1]));
+        assert_eq!(w.offer(4, 4), Offer::Held);
+        assert_eq!(w.offer(6, 6), Offer::Held);
+        assert!(w.skip(7).is_empty());
+        assert_eq!(w.offer(8, 8), Offer::Held);
+        // 2..=5 declared lost: 4 was here and goes on, 6 follows, 7 is skipped, 8 follows.
+        assert_eq!(w.skip_through(5), vec![4, 6, 8]);
+        assert_eq!(w.watermark(), Watermark(9));
+        assert_eq!(w.offer(3, 3), Offer::Duplicate);
+        assert!(w.skip_through(2).is_empty());
+        assert!(w.skip_through(u64::MAX).is_empty());
+        assert_eq!(w.watermark(), Watermark(u64::MAX));
     }
 
     #[test]

@@ -92,11 +92,56 @@ impl Service for Parent {
     }
 }
 
+/// What every [`Tally`] handled, by tally name: outside any node, so it outlives a killed one.
+static TALLIES: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u64>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The items tally `name` handled, in order, wherever it ran.
+pub fn tally(name: &str) -> Vec<u64> {
+    TALLIES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Like [`Slow`], but writes what it handles to [`TALLIES`] under its name.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Tally {
+    pub name: String,
+}
+
+impl Service for Tally {
+    type Msg = SlowMsg;
+    const KIND: &'static str = "test-tally";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: SlowMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            SlowMsg::Hold { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            SlowMsg::Item(i) => TALLIES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(self.name.clone())
+                .or_default()
+                .push(i),
+            SlowMsg::Items(r) => {
+                let _ = ctx.reply(r, tally(&self.name));
+            }
+            SlowMsg::Unsendable(_, r) => {
+                let _ = ctx.reply(r, 0);
+            }
+        }
+    }
+}
+
 pub fn register_test_kinds(node: &tern::NodeHandle) {
     tern_actors::register_all(node);
     node.register::<Slow>()
         .register::<Parent>()
-        .register::<Alarm>();
+        .register::<Alarm>()
+        .register::<Tally>();
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);

@@ -2,6 +2,7 @@
 
 mod books;
 mod common;
+mod crashes;
 mod faults;
 mod frames;
 mod limits;

@@ -93,3 +93,26 @@ fn a_storm_with_many_nodes_and_services() {
     let reports = sweep(0x5707, 300, &cfg);
     assert!(reports.iter().all(|r| r.handled == r.sent));
 }
+
+#[test]
+fn crashes_never_make_two_instances_or_leave_a_copy_waiting() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 3,
+        migrations: 16,
+        crashes: 1,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0xc4a5, 1_000, &cfg);
+    let crashed: u64 = reports.iter().map(|r| r.crashed).sum();
+    let orphaned: u64 = reports.iter().map(|r| r.orphaned).sum();
+    let (committed, aborted, _, handled) = summary(&reports);
+    eprintln!(
+        "sim with crashes: {} runs, {crashed} nodes crashed, {orphaned} copies orphaned, {committed} migrations committed, aborted {aborted:?}, {handled} messages handled",
+        reports.len()
+    );
+    // The crashes must actually have caught migrations in flight.
+    if reports.len() > 100 {
+        assert!(crashed > 0 && orphaned > 0 && aborted.contains_key("linklost"));
+    }
+}
