@@ -1,7 +1,6 @@
 //! Typed, location-transparent handles to services.
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::error::{AskError, DeliveryError};
-use crate::ids::{NodeName, ServiceAddr, ServiceId};
+use crate::ids::{IdMap, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::{lock, Envelope, Mailbox, Meta};
 use crate::node::NodeShared;
 use crate::service::{ReplyTo, Service};
@@ -39,7 +38,79 @@ struct ChanState<M> {
     client_seq: u64,
     /// The delivery ledger: per sender on this node, what it sent that the service has not yet
     /// been seen to take. One entry per sender with messages outstanding.
-    ledger: BTreeMap<ServiceId, Outstanding>,
+    ledger: Ledger,
+}
+
+/// The delivery ledger of one channel: the last sender's entry kept apart (a channel mostly
+/// carries one sender's run at a time), the others in a table.
+#[derive(Default)]
+struct Ledger {
+    hot: Option<(ServiceId, Outstanding)>,
+    cold: IdMap<Outstanding>,
+}
+
+impl Ledger {
+    /// Notes number `seq` of `sender` as sent to node `via`.
+    fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
+        let o = match &mut self.hot {
+            Some((s, o)) if *s == sender => o,
+            _ => {
+                let fresh = self.cold.remove(&sender).unwrap_or(Outstanding {
+                    sent: seq,
+                    // Numbers before the first one seen here were confirmed or belong to
+                    // another node.
+                    handled: seq.saturating_sub(1),
+                    via: Vec::new(),
+                    via_any: false,
+                });
+                if let Some((s, o)) = self.hot.replace((sender, fresh)) {
+                    self.cold.insert(s, o);
+                }
+                match &mut self.hot {
+                    Some((_, o)) => o,
+                    None => unreachable!("just set"),
+                }
+            }
+        };
+        o.sent = o.sent.max(seq);
+        if !o.via_any && o.via.last() != Some(via) && !o.via.contains(via) {
+            if o.via.len() < LEDGER_VIA_MAX {
+                o.via.push(via.clone());
+            } else {
+                o.via.clear();
+                o.via_any = true;
+            }
+        }
+    }
+
+    fn get_mut(&mut self, sender: &ServiceId) -> Option<&mut Outstanding> {
+        match &mut self.hot {
+            Some((s, o)) if s == sender => Some(o),
+            _ => self.cold.get_mut(sender),
+        }
+    }
+
+    fn remove(&mut self, sender: &ServiceId) {
+        if matches!(&self.hot, Some((s, _)) if s == sender) {
+            self.hot = None;
+        } else {
+            self.cold.remove(sender);
+        }
+    }
+
+    /// Keeps the entries `keep` says to keep.
+    fn retain(&mut self, mut keep: impl FnMut(&ServiceId, &Outstanding) -> bool) {
+        if let Some((s, o)) = &self.hot {
+            if !keep(s, o) {
+                self.hot = None;
+            }
+        }
+        self.cold.retain(|s, o| keep(s, o));
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Outstanding> {
+        self.hot.iter().map(|(_, o)| o).chain(self.cold.values())
+    }
 }
 
 /// Nodes a ledger entry remembers having sent through; past that it assumes any.
@@ -108,7 +179,7 @@ impl<M: Send + 'static> Channel<M> {
                 node,
                 epoch,
                 client_seq: 0,
-                ledger: BTreeMap::new(),
+                ledger: Ledger::default(),
             }),
         }
     }
@@ -193,29 +264,6 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
             .values()
             .map(|o| o.sent - o.handled)
             .sum()
-    }
-}
-
-impl<M> ChanState<M> {
-    /// Notes number `seq` of `sender` as sent to node `via` (at the channel's lock, so the
-    /// ledger and the channel's route agree).
-    fn note_sent(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
-        let o = self.ledger.entry(sender).or_insert_with(|| Outstanding {
-            sent: seq,
-            // Numbers before the first one seen here were confirmed or belong to another node.
-            handled: seq.saturating_sub(1),
-            via: Vec::new(),
-            via_any: false,
-        });
-        o.sent = o.sent.max(seq);
-        if !o.via_any && !o.via.contains(via) {
-            if o.via.len() < LEDGER_VIA_MAX {
-                o.via.push(via.clone());
-            } else {
-                o.via.clear();
-                o.via_any = true;
-            }
-        }
     }
 }
 
@@ -389,8 +437,8 @@ impl<S: Service> ServiceRef<S> {
                     match mb.push_with(env, true) {
                         Ok(()) => {
                             if let Some(from) = meta.from {
-                                let via = st.node.clone();
-                                st.note_sent(from, meta.seq, &via);
+                                let ChanState { ledger, node, .. } = &mut *st;
+                                ledger.note(from, meta.seq, node);
                             }
                             return Ok(Attempt::Sent(0, true));
                         }
@@ -410,8 +458,8 @@ impl<S: Service> ServiceRef<S> {
                 Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
                     Ok(queued) => {
                         if let Some(from) = meta.from {
-                            let via = link.name.clone();
-                            st.note_sent(from, meta.seq, &via);
+                            let ChanState { ledger, node, .. } = &mut *st;
+                            ledger.note(from, meta.seq, node);
                         }
                         return Ok(Attempt::Sent(queued, false));
                     }

@@ -95,6 +95,8 @@ struct State<M> {
     /// Marks not yet told that a newer mark from another node replaced (the sender moved):
     /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
     handled_moved: Vec<(ServiceId, u64, Option<NodeName>)>,
+    /// The last sender's mark, kept out of `handled` until another sender's message is taken.
+    recent: Option<(ServiceId, Handled)>,
 }
 
 /// Replaced marks kept for telling; past this the oldest goes (its sender's node then keeps
@@ -128,6 +130,25 @@ enum Admit {
 }
 
 impl<M> State<M> {
+    /// Files `from`'s newest mark; an unreported older one from another node is kept for
+    /// telling that node.
+    fn store_mark(&mut self, from: ServiceId, mark: Handled) {
+        match self.handled.get_mut(&from) {
+            Some(h) => {
+                let old = std::mem::replace(h, mark);
+                if !old.told && old.origin != h.origin {
+                    if self.handled_moved.len() >= HANDLED_MOVED_MAX {
+                        self.handled_moved.remove(0);
+                    }
+                    self.handled_moved.push((from, old.seq, old.origin));
+                }
+            }
+            None => {
+                self.handled.insert(from, mark);
+            }
+        }
+    }
+
     /// Messages waiting: queued, and parked at a restored copy.
     fn depth(&self) -> usize {
         self.queue.len() + self.handed_over + self.parked.as_ref().map_or(0, |p| p.msgs.len())
@@ -205,6 +226,7 @@ impl<M> Mailbox<M> {
                 frozen: false,
                 handled: BTreeMap::new(),
                 handled_moved: Vec::new(),
+                recent: None,
             }),
             ready: Notify::new(),
             space: Notify::new(),
@@ -625,7 +647,15 @@ impl<M> Mailbox<M> {
 
     /// Takes the oldest message. Senders waiting for room are woken once the queue is down to
     /// half its capacity, so each wake-up lets a run of messages in rather than one.
+    #[cfg(test)]
     pub fn pop(&self) -> Option<Envelope<M>> {
+        self.pop_noting().0
+    }
+
+    /// [`pop`](Self::pop), and whether this pop left a confirmation to report where there
+    /// was none (so the node must visit this mailbox on its next progress tick).
+    pub fn pop_noting(&self) -> (Option<Envelope<M>>, bool) {
+        let mut newly_dirty = false;
         let (env, left) = {
             let mut st = lock(&self.state);
             let env = st.queue.pop_front();
@@ -636,27 +666,26 @@ impl<M> Mailbox<M> {
                 ..
             }) = &env
             {
-                let mark = Handled {
-                    seq: *seq,
-                    origin: origin.clone(),
-                    told: false,
-                };
-                match st.handled.get_mut(from) {
-                    Some(h) => {
-                        let old = std::mem::replace(h, mark);
-                        if !old.told && old.origin != *origin {
-                            if st.handled_moved.len() >= HANDLED_MOVED_MAX {
-                                st.handled_moved.remove(0);
-                            }
-                            st.handled_moved.push((*from, old.seq, old.origin));
-                        }
+                // The common case (the same sender as the last pop) touches only the cache.
+                match &mut st.recent {
+                    Some((f, h)) if *f == *from && h.origin == *origin => {
+                        h.seq = *seq;
+                        h.told = false;
                     }
-                    None => {
-                        st.handled.insert(*from, mark);
+                    _ => {
+                        let mark = Handled {
+                            seq: *seq,
+                            origin: origin.clone(),
+                            told: false,
+                        };
+                        if let Some((f, h)) = st.recent.replace((*from, mark)) {
+                            st.store_mark(f, h);
+                        }
                     }
                 }
                 if !self.handled_dirty.load(Ordering::Relaxed) {
                     self.handled_dirty.store(true, Ordering::Relaxed);
+                    newly_dirty = true;
                 }
             }
             (env, st.depth())
@@ -667,7 +696,7 @@ impl<M> Mailbox<M> {
         {
             self.space.notify_waiters();
         }
-        env
+        (env, newly_dirty)
     }
 
     /// Waits until a push may have happened.
@@ -686,6 +715,9 @@ impl<M> Mailbox<M> {
             return Vec::new();
         }
         let mut st = lock(&self.state);
+        if let Some((f, h)) = st.recent.take() {
+            st.store_mark(f, h);
+        }
         let mut out = std::mem::take(&mut st.handled_moved);
         out.extend(
             st.handled

@@ -450,6 +450,9 @@ pub(crate) struct NodeShared {
     /// Gaps that reached a service while its windows were busy (frozen, moving, a copy not
     /// yet started): `(to, from, through)`, tried again on every progress tick.
     gaps_pending: Mutex<VecDeque<(ServiceId, ServiceId, u64)>>,
+    /// Services with confirmations to report on the next progress tick (each at most once
+    /// per tick: a mailbox adds itself when its first unreported mark appears).
+    handled_pending: Mutex<Vec<ServiceId>>,
 }
 
 /// Gaps kept waiting for a busy service; past this the oldest is dropped and logged (its
@@ -760,16 +763,12 @@ impl NodeShared {
     /// Tells senders' nodes how far local services have taken their messages (the other half
     /// of the delivery ledger), and retries gaps that waited for a busy service.
     pub fn report_progress(self: &Arc<Self>) {
-        let slots: Vec<(ServiceId, Arc<dyn Slot>)> = self
-            .services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(id, s)| (*id, s.slot.clone()))
-            .collect();
+        let ids = std::mem::take(&mut *lock(&self.handled_pending));
         let mut remote: HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>> = HashMap::new();
-        for (id, slot) in slots {
-            self.note_handled(id, &slot, &mut remote);
+        for id in ids {
+            if let Some(slot) = self.slot(id) {
+                self.note_handled(id, &slot, &mut remote);
+            }
         }
         for (origin, marks) in remote {
             self.send_handled(&origin, marks);
@@ -778,6 +777,11 @@ impl NodeShared {
         for (to, from, through) in pending {
             self.apply_gap(to, from, through);
         }
+    }
+
+    /// Service `id` has confirmations to report (its mailbox says so once per tick).
+    pub fn handled_pending(&self, id: ServiceId) {
+        lock(&self.handled_pending).push(id);
     }
 
     /// Collects one service's handled marks: local senders settle at once, the rest are
@@ -1471,6 +1475,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         channels: Mutex::new(IdMap::default()),
         losses: Mutex::new(VecDeque::new()),
         gaps_pending: Mutex::new(VecDeque::new()),
+        handled_pending: Mutex::new(Vec::new()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

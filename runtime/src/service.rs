@@ -590,7 +590,13 @@ async fn serve<S: Service>(
         };
         let next = match due {
             Some(msg) => Some(msg),
-            None => mailbox.pop().map(|env| env.msg),
+            None => {
+                let (env, newly_dirty) = mailbox.pop_noting();
+                if newly_dirty {
+                    ctx.node.handled_pending(ctx.id());
+                }
+                env.map(|env| env.msg)
+            }
         };
         // The freeze ends when the copy handles its next message, or has nothing to handle
         // with every carried message in: the source learns how long after the start that was.
