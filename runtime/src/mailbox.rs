@@ -572,15 +572,7 @@ impl<M> Mailbox<M> {
     /// Aborted copy: closes the mailbox, drops the carried queue (the source still has it) and
     /// returns the arrivals that were parked, to go on to the source.
     pub fn discard(&self) -> Vec<Envelope<M>> {
-        let parked = {
-            let mut st = lock(&self.state);
-            st.closed = true;
-            st.queue.clear();
-            st.parked.take().map(|p| p.msgs.into()).unwrap_or_default()
-        };
-        self.ready.notify_one();
-        self.space.notify_waiters();
-        parked
+        self.discard_all().1
     }
 
     /// Orphaned copy: closes the mailbox and returns its carried queue and parked arrivals.

@@ -1337,20 +1337,7 @@ mod tests {
             query_ticks: 10,
             ..Config::default()
         };
-        let mut dst: C = Core::new(b.clone(), cfg);
-        dst.learn(svc(), a.clone(), 0);
-        let mig = MigrationId {
-            source: a.clone(),
-            n: 1,
-        };
-        let snap = snapshot_at(1);
-        let acts = dst.receive(
-            a.clone(),
-            Wire::Snapshot {
-                mig: mig.clone(),
-                snap,
-            },
-        );
+        let (mut dst, mig, acts) = prepared_at(b, a.clone(), cfg);
         assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
         assert!(!dst.is_live(svc()), "prepared is not live");
         // A local sender's message is parked, not given to the paused copy.
@@ -1384,19 +1371,7 @@ mod tests {
             orphan_ticks: 1_000,
             ..Config::default()
         };
-        let mut dst: C = Core::new(b.clone(), cfg);
-        dst.learn(svc(), a.clone(), 0);
-        let mig = MigrationId {
-            source: a.clone(),
-            n: 1,
-        };
-        dst.receive(
-            a.clone(),
-            Wire::Snapshot {
-                mig: mig.clone(),
-                snap: snapshot_at(1),
-            },
-        );
+        let (mut dst, mig, _) = prepared_at(b, a.clone(), cfg);
         assert!(dst.send_from(sender(), svc(), 5).is_empty());
         for t in 1..1_000 {
             assert!(!dst
@@ -1418,6 +1393,30 @@ mod tests {
             .iter()
             .any(|x| matches!(x, Action::Start { .. })));
         assert!(dst.tick(5_000).is_empty());
+    }
+
+    /// Node `at` after it restored a copy of `svc()` (epoch 1) sent by `source`: the core,
+    /// the attempt and the actions of the restore.
+    fn prepared_at(
+        at: NodeName,
+        source: NodeName,
+        cfg: Config,
+    ) -> (C, MigrationId, Vec<Action<Vec<u64>, u64>>) {
+        let mut dst: C = Core::new(at, cfg);
+        dst.learn(svc(), source.clone(), 0);
+        let mig = MigrationId {
+            source: source.clone(),
+            n: 1,
+        };
+        let snap = snapshot_at(1);
+        let acts = dst.receive(
+            source,
+            Wire::Snapshot {
+                mig: mig.clone(),
+                snap,
+            },
+        );
+        (dst, mig, acts)
     }
 
     fn snapshot_at(epoch: u64) -> Snapshot<Vec<u64>, u64> {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use tern::{Limits, LossReport, MigrateOptions, NodeHandle, ServiceId};
+use tern::{Limits, LossReport, MigrateOptions, NodeHandle, ServiceId, ServiceRef};
 use tern_harness::{block_on, wait_for, Cluster};
 
 use crate::common::{register_test_kinds, tally, Slow, SlowMsg, Tally, SECS_10};
@@ -186,30 +186,44 @@ fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_a
     Ok(())
 }
 
+/// A tally named `name` on a, with a handle on c, and `n` items queued behind a hold of
+/// `hold_ms` sent from c.
+fn tally_on_a_fed_from_c(
+    c: &Cluster,
+    name: &str,
+    n: u64,
+    hold_ms: u64,
+) -> Result<(ServiceRef<Tally>, ServiceRef<Tally>)> {
+    let svc = c.node("a").spawn(Tally { name: name.into() })?;
+    let from_c = c.node("c").resolve::<Tally>(svc.addr())?;
+    block_on(async {
+        from_c.tell(SlowMsg::Hold { ms: hold_ms })?;
+        for i in 1..=n {
+            from_c.tell(SlowMsg::Item(i))?;
+        }
+        // Until a has them all queued behind the hold.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok((svc, from_c))
+}
+
+/// Asks `svc`'s node to move it to b from a thread of its own, left behind: the caller's node
+/// dies and its call never returns.
+fn migrate_to_b_in_the_background(svc: &ServiceRef<Tally>) {
+    let mover = svc.clone();
+    std::thread::spawn(move || block_on(mover.migrate("b", MigrateOptions::default())));
+}
+
 #[test]
 fn a_copy_whose_source_dies_before_deciding_is_dropped_and_its_senders_told() -> Result<()> {
     let c = cluster(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
-    let svc = a.spawn(Tally {
-        name: "orphaned".into(),
-    })?;
-    let from_c = c.node("c").resolve::<Tally>(svc.addr())?;
     let n = 100;
-    block_on(async {
-        from_c.tell(SlowMsg::Hold { ms: 300 })?;
-        for i in 1..=n {
-            from_c.tell(SlowMsg::Item(i))?;
-        }
-        // Wait until a has all of them queued behind the hold.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok::<_, anyhow::Error>(())
-    })?;
+    let (svc, from_c) = tally_on_a_fed_from_c(&c, "orphaned", n, 300)?;
     // b's answers never reach a: a never decides, b's copy waits.
     c.faults("b").cut(a.local_addr());
-    // The caller is on a, which dies: its call never returns, so it runs on a thread of its
-    // own that is left behind.
-    let mover = svc.clone();
-    std::thread::spawn(move || block_on(mover.migrate("b", MigrateOptions::default())));
+    migrate_to_b_in_the_background(&svc);
     wait_for(SECS_10, "b holds a prepared copy", || {
         b.services().iter().any(|s| s.addr.id == svc.id())
     })?;
@@ -247,28 +261,14 @@ fn a_copy_whose_source_dies_before_deciding_is_dropped_and_its_senders_told() ->
 #[test]
 fn a_source_that_dies_right_after_commit_loses_nothing_unreported() -> Result<()> {
     let c = cluster(&["a", "b", "c"])?;
-    let (a, b) = (c.node("a"), c.node("b"));
-    let svc = a.spawn(Tally {
-        name: "source-dies".into(),
-    })?;
-    let from_c = c.node("c").resolve::<Tally>(svc.addr())?;
+    let b = c.node("b");
+    // A long queue behind a hold; a's datagrams slowed, so the carried tail is likely still
+    // streaming when a dies (the checks hold either way).
     let n = 4_000;
-    block_on(async {
-        // A long queue behind a hold; a's datagrams slowed, so the carried tail is likely
-        // still streaming when a dies (the checks hold either way).
-        from_c.tell(SlowMsg::Hold { ms: 500 })?;
-        for i in 1..=n {
-            from_c.tell(SlowMsg::Item(i))?;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok::<_, anyhow::Error>(())
-    })?;
+    let (svc, from_c) = tally_on_a_fed_from_c(&c, "source-dies", n, 500)?;
     c.faults("a")
         .delay(Duration::from_millis(30), Duration::from_millis(5));
-    // The caller is on a, which dies: its call never returns, so it runs on a thread of its
-    // own that is left behind.
-    let mover = svc.clone();
-    std::thread::spawn(move || block_on(mover.migrate("b", MigrateOptions::default())));
+    migrate_to_b_in_the_background(&svc);
     wait_for(SECS_10, "the service starts at b", || {
         b.migration_stats().arrived == 1
     })?;
