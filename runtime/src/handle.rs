@@ -50,36 +50,37 @@ struct Ledger {
 }
 
 impl Ledger {
-    /// Notes number `seq` of `sender` as sent to node `via`.
+    /// Notes number `seq` of `sender` as sent to node `via`, where the channel points. The
+    /// common case (the same sender again) is one comparison and one store: an entry learns
+    /// its nodes when it is made and when the channel is repointed (`went`), not per message.
     fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
-        let o = match &mut self.hot {
-            Some((s, o)) if *s == sender => o,
-            _ => {
-                let fresh = self.cold.remove(&sender).unwrap_or(Outstanding {
-                    sent: seq,
-                    // Numbers before the first one seen here were confirmed or belong to
-                    // another node.
-                    handled: seq.saturating_sub(1),
-                    via: Vec::new(),
-                    via_any: false,
-                });
-                if let Some((s, o)) = self.hot.replace((sender, fresh)) {
-                    self.cold.insert(s, o);
-                }
-                match &mut self.hot {
-                    Some((_, o)) => o,
-                    None => unreachable!("just set"),
-                }
+        if let Some((s, o)) = &mut self.hot {
+            if *s == sender {
+                o.sent = o.sent.max(seq);
+                return;
             }
-        };
+        }
+        let mut o = self.cold.remove(&sender).unwrap_or(Outstanding {
+            sent: seq,
+            // Numbers before the first one seen here were confirmed or belong to another node.
+            handled: seq.saturating_sub(1),
+            via: Vec::new(),
+            via_any: false,
+        });
         o.sent = o.sent.max(seq);
-        if !o.via_any && o.via.last() != Some(via) && !o.via.contains(via) {
-            if o.via.len() < LEDGER_VIA_MAX {
-                o.via.push(via.clone());
-            } else {
-                o.via.clear();
-                o.via_any = true;
-            }
+        o.went(via);
+        if let Some((s, old)) = self.hot.replace((sender, o)) {
+            self.cold.insert(s, old);
+        }
+    }
+
+    /// The channel now points at `node`: every outstanding entry may send there.
+    fn repointed(&mut self, node: &NodeName) {
+        if let Some((_, o)) = &mut self.hot {
+            o.went(node);
+        }
+        for o in self.cold.values_mut() {
+            o.went(node);
         }
     }
 
@@ -125,6 +126,20 @@ struct Outstanding {
     /// The nodes the outstanding messages were sent to; empty with `via_any`.
     via: Vec<NodeName>,
     via_any: bool,
+}
+
+impl Outstanding {
+    /// Remembers that messages went (or may go) to `node`.
+    fn went(&mut self, node: &NodeName) {
+        if !self.via_any && !self.via.contains(node) {
+            if self.via.len() < LEDGER_VIA_MAX {
+                self.via.push(node.clone());
+            } else {
+                self.via.clear();
+                self.via_any = true;
+            }
+        }
+    }
 }
 
 /// Messages declared lost with a node: `first..=last` of `sender` to `service`.
@@ -202,6 +217,7 @@ impl<M: Send + 'static> Channel<M> {
         st.route = route;
         st.node = node.clone();
         st.epoch = st.epoch.max(epoch);
+        st.ledger.repointed(node);
     }
 }
 
@@ -386,7 +402,7 @@ impl<S: Service> ServiceRef<S> {
 
     /// Like [`tell`](Self::tell), but waits while the mailbox or the link is full.
     pub async fn tell_wait(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send_wait(Meta::default(), msg).await
+        self.send_wait(Meta::default(), msg, None).await
     }
 
     /// Sends a request made by `make` around a reply handle, and waits up to `timeout` for the
@@ -492,25 +508,23 @@ impl<S: Service> ServiceRef<S> {
         res
     }
 
-    pub(crate) async fn send_wait(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send_wait_noting(meta, msg, &AtomicBool::new(false))
-            .await
-    }
-
-    /// [`send_wait`](Self::send_wait), setting `queued` once the message is queued (before it
-    /// waits for the link to drain), so a caller that gives up midway knows its number was used.
-    pub(crate) async fn send_wait_noting(
+    /// Sends, waiting for room. With `queued_flag`, sets it once the message is queued (before
+    /// it waits for the link to drain), so a caller that gives up midway knows its number was
+    /// used.
+    pub(crate) async fn send_wait(
         &self,
         meta: Meta,
         msg: S::Msg,
-        queued_flag: &AtomicBool,
+        queued_flag: Option<&AtomicBool>,
     ) -> Result<(), DeliveryError> {
         let mut msg = msg;
         let mut local = false;
         let res = loop {
             match self.attempt(meta, true, msg) {
                 Ok(Attempt::Sent(queued, here)) => {
-                    queued_flag.store(true, Ordering::Relaxed);
+                    if let Some(f) = queued_flag {
+                        f.store(true, Ordering::Relaxed);
+                    }
                     local = here;
                     if queued > 0 {
                         // The guard must be gone before the await: other senders (some on
@@ -569,13 +583,13 @@ impl<S: Service> ServiceRef<S> {
         let queued = AtomicBool::new(false);
         let sent = tokio::time::timeout_at(
             deadline,
-            self.send_wait_noting(
+            self.send_wait(
                 Meta {
                     ask: Some(ask),
                     ..meta
                 },
                 msg,
-                &queued,
+                Some(&queued),
             ),
         )
         .await;

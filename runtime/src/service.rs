@@ -231,7 +231,7 @@ impl<S: Service> Ctx<S> {
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
         let meta = self.next_meta(to.id());
-        let res = to.send_wait(meta, msg).await;
+        let res = to.send_wait(meta, msg, None).await;
         if res.is_err() {
             self.unnumber(to.id());
         }
@@ -564,7 +564,7 @@ async fn serve<S: Service>(
     state.started(&mut ctx);
     let mut turn = 0u32;
     loop {
-        if ctx.node.halted.load(std::sync::atomic::Ordering::Relaxed) {
+        if ctx.node.halted.is_set() {
             // A halted node handles nothing more; its system is ending.
             return std::future::pending().await;
         }
