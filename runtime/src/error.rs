@@ -42,6 +42,15 @@ pub enum DeliveryError {
         /// The node it was lost with.
         node: NodeName,
     },
+    /// The message was handed on to `node` with its service (a migration's carried queue) and
+    /// the connection failed before `node` confirmed it: it may not have been handled.
+    #[error("message for service {id} handed on to {node} and not confirmed: it may not have been handled")]
+    Unconfirmed {
+        /// The target.
+        id: ServiceId,
+        /// The node it was handed on to.
+        node: NodeName,
+    },
     /// The service has stopped and takes no more messages.
     #[error("service {id} has stopped")]
     Stopped {

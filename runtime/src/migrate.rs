@@ -1071,6 +1071,9 @@ async fn write_snapshot(
         return;
     };
     let started = Instant::now();
+    // Once committed, the carried queue and the leftovers have no other copy: if the stream is
+    // not acknowledged to its end, their senders are told (see below).
+    let mut committed_tail: Option<Vec<CarriedMsg>> = None;
     let result = async {
         let mut send = conn
             .open_uni()
@@ -1122,6 +1125,7 @@ async fn write_snapshot(
                 put_frame(&mut send, &mut buf, &frame, frame_max, "carried messages").await?;
         }
         if let Ok(left) = leftovers.await {
+            committed_tail = Some(left.msgs.clone());
             while next < total {
                 // The commit's own messages, queued just now, go out before the first chunk.
                 tokio::task::yield_now().await;
@@ -1166,7 +1170,9 @@ async fn write_snapshot(
         written += buf.len() as u64;
         send.finish().map_err(|e| e.to_string())?;
         // Until the peer has every byte, the migration is not over.
-        let _ = send.stopped().await;
+        send.stopped()
+            .await
+            .map_err(|e| format!("the target did not acknowledge the stream: {e}"))?;
         Ok::<u64, String>(written)
     }
     .await;
@@ -1186,6 +1192,9 @@ async fn write_snapshot(
             let actions = lock(&node.driver.core).link_lost(&to);
             node.driver.run(&node, actions);
             node.driver.note_written(&node, id, &mig, 0);
+            if let Some(left) = committed_tail {
+                refuse_unconfirmed(&node, id, &to, out.carried.as_ref(), left);
+            }
         }
     }
 }
@@ -1214,6 +1223,41 @@ fn hand_on_link(node: &Arc<NodeShared>, service: ServiceId, to: &NodeName, left:
         }
     }
     node.send_skips(service, to, &left.skipped);
+}
+
+/// A committed snapshot stream failed before the target acknowledged it: every carried
+/// message and every leftover may be lost with it, and nobody else holds them. Each sender is
+/// told (`Unconfirmed`); some may still have been handled at the target.
+fn refuse_unconfirmed(
+    node: &NodeShared,
+    id: ServiceId,
+    to: &NodeName,
+    carried: &dyn CarriedSource,
+    left: Vec<CarriedMsg>,
+) {
+    let reason = DeliveryError::Unconfirmed {
+        id,
+        node: to.clone(),
+    };
+    let (mut next, total) = (0, carried.len());
+    let (mut msgs, mut failed) = (Vec::new(), Vec::new());
+    let mut n = 0u64;
+    while next < total {
+        msgs.clear();
+        next = carried.encode(next, SNAP_CARRIED_CHUNK_BYTES, &mut msgs, &mut failed);
+        for m in &msgs {
+            refuse(node, id, refusal_of(m, reason.clone()));
+            n += 1;
+        }
+    }
+    for m in &left {
+        refuse(node, id, refusal_of(m, reason.clone()));
+        n += 1;
+    }
+    node.event(
+        "carried-unconfirmed",
+        format!("service {id} at {to}: {n} handed-on messages unconfirmed, their senders told"),
+    );
 }
 
 /// Tells the sender of a message that was accepted and then could not be delivered.

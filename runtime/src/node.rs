@@ -197,7 +197,9 @@ pub struct NodeEvent {
 /// confirmed taking them: some of them may still have been handled (the confirmation is what
 /// went missing), but none is delivered after the report, because the receiver is told to
 /// stop waiting for them. Or a node refused a message it had first accepted (its service
-/// stopped, its copy was orphaned, it was forwarded somewhere full): that one was not handled.
+/// stopped, its copy was orphaned, it was forwarded somewhere full): that one was not handled;
+/// except `Unconfirmed`, a migration's carried message whose stream failed after the commit,
+/// which the target may have handled.
 ///
 /// ```no_run
 /// # fn demo(node: tern::NodeHandle) {

@@ -20,6 +20,8 @@ fn quick_to_notice() -> Limits {
         keep_alive_ms: 150,
         migration_deadline_ms: 1_000,
         prepared_orphan_ms: 2_500,
+        // Every report kept: the checks read them all back.
+        losses_max: 100_000,
         ..Limits::default()
     }
 }
@@ -338,6 +340,49 @@ fn a_target_that_dies_holding_a_prepared_copy_changes_nothing_at_the_source() ->
     ensure!(handled == (1..=500).collect::<Vec<_>>(), "{handled:?}");
     ensure!(a.location(slow.id()) == Some(a.name().clone()));
     ensure!(a.stats().messages_lost_reported == 0);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_carried_tail_cut_between_two_live_nodes_is_reported_to_its_senders() -> Result<()> {
+    let c = cluster(&["a", "b", "c"])?;
+    let b = c.node("b");
+    let n = 4_000;
+    let (svc, from_c) = tally_on_a_fed_from_c(&c, "tail-cut", n, 500)?;
+    c.faults("a")
+        .delay(Duration::from_millis(30), Duration::from_millis(5));
+    migrate_to_b_in_the_background(&svc);
+    wait_for(SECS_10, "the service starts at b", || {
+        b.migration_stats().arrived == 1
+    })?;
+    // Both live; only their connection dies (idle timeout), with the tail perhaps unsent.
+    c.cut("a", "b");
+    let cn = c.node("c");
+    // Settled: every message is handled at b or reported at c (the refusals stream in).
+    let accounted = |rep: &BTreeSet<u64>| {
+        // The hold is number 1, items are numbers 2.. .
+        let shifted: BTreeSet<u64> = rep.iter().filter(|&&s| s > 1).map(|s| s - 1).collect();
+        check_accounted(&tally("tail-cut"), n, 0, &shifted)
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "every message accounted for",
+        || accounted(&reported(cn, svc.id(), from_c.sender_id())).is_ok(),
+    )?;
+    let rep = reported(cn, svc.id(), from_c.sender_id());
+    let done = accounted(&rep)?;
+    let unconfirmed = c
+        .node("a")
+        .events()
+        .iter()
+        .any(|e| e.kind == "carried-unconfirmed");
+    eprintln!(
+        "handled {done} of {n} at b; {} reported; a told senders of an unconfirmed tail: {unconfirmed}",
+        rep.len()
+    );
+    c.heal("a", "b");
+    drop((svc, from_c));
     c.shutdown();
     Ok(())
 }
