@@ -217,6 +217,13 @@ pub enum Error {
     /// The node has stopped.
     #[error("node has stopped")]
     Stopped,
+    /// An assembly-tree operation that cannot be done (a cycle, a second parent, members
+    /// on several nodes).
+    #[error("assembly tree: {0}")]
+    Tree(String),
+    /// No placement satisfies what the services need; nothing was moved.
+    #[error("placement: {0}")]
+    Placement(String),
     /// A remote node reported an error.
     #[error("node {node} answered: {detail}")]
     Remote {

@@ -22,6 +22,7 @@ mod service;
 mod stats;
 pub mod tls;
 mod transport;
+mod tree;
 pub mod wire;
 #[cfg(test)]
 mod wire_props;
@@ -39,3 +40,4 @@ pub use node::{
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;
 pub use transport::PeerStatus;
+pub use tree::{child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, TREE_MEMBERS_MAX};

@@ -52,6 +52,10 @@ pub struct MigrationReport {
     pub freeze_us: u64,
     /// From the call until the target runs and has every carried message, in microseconds.
     pub total_us: u64,
+    /// From the call until the service froze at the source, in microseconds (0 when it never
+    /// froze). With `freeze_us` it places the freeze in time, e.g. to measure the window
+    /// in which a group of services was frozen.
+    pub frozen_after_us: u64,
     /// Bytes written on the snapshot stream: header, state and carried queue.
     pub snapshot_bytes: u64,
     /// Queued messages carried in the snapshot.
@@ -399,55 +403,14 @@ impl Driver {
                 core.host(id);
             }
             let (mig, actions) = core.migrate(id, to.clone());
-            let span = tracing::info_span!(
-                "migration",
-                node = %node.name(),
-                id = %format!("{}#{}", mig.source, mig.n),
-                service = %id,
-                to = %to
-            );
-            lock(&self.counters).stats.started += 1;
-            tracing::info!(parent: &span, drain = opts.drain, "migration asked");
+            let entry = self.outgoing_entry(node, &core, id, mig, to, opts, tx, None);
             let mut out = lock(&self.outgoing);
-            let entry = Outgoing {
-                mig,
-                to,
-                called: Instant::now(),
-                freeze_at: None,
-                freeze_us: None,
-                acked_us: None,
-                served_us: None,
-                snapshot_bytes: 0,
-                carried: 0,
-                forwarded: 0,
-                rebuilt: 0,
-                epoch: core.epoch(id).unwrap_or(0),
-                committed: false,
-                written: false,
-                aborted: None,
-                waiters: vec![tx],
-                decide: None,
-                leftovers: None,
-                drain: opts.drain,
-                span,
-            };
             // A second request while one runs is answered by the core (`Busy`) through the
             // report of this new attempt; keep the running entry.
             if let Some(running) = out.get(&id) {
                 if running.mig != entry.mig && running.aborted.is_none() && !running.committed {
                     drop(out);
-                    let mut busy = entry;
-                    busy.aborted = Some(AbortReason::Busy);
-                    let report = report_of(node.name(), id, &busy);
-                    for w in busy.waiters {
-                        let _ = w.send(report.clone());
-                    }
-                    lock(&self.counters)
-                        .stats
-                        .aborted
-                        .entry("busy".into())
-                        .and_modify(|n| *n += 1)
-                        .or_insert(1);
+                    self.refuse_busy(node, id, entry, AbortReason::Busy);
                     return rx;
                 }
             }
@@ -456,6 +419,139 @@ impl Driver {
         };
         self.run(node, actions);
         rx
+    }
+
+    /// Starts moving local services as one group (see [`Core::migrate_group`]): each member
+    /// to its own target, all or none. One report per member, in the order given.
+    pub fn migrate_group(
+        &self,
+        node: &Arc<NodeShared>,
+        members: &[(ServiceId, NodeName)],
+        opts: MigrateOptions,
+    ) -> Vec<oneshot::Receiver<MigrationReport>> {
+        let mut rxs = Vec::with_capacity(members.len());
+        let mut txs = Vec::with_capacity(members.len());
+        for _ in members {
+            let (tx, rx) = oneshot::channel();
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        let actions = {
+            let mut core = lock(&self.core);
+            for (id, _) in members {
+                if core.epoch(*id).is_none() && node.slot(*id).is_some() {
+                    core.host(*id);
+                }
+            }
+            let busy = {
+                let out = lock(&self.outgoing);
+                members
+                    .iter()
+                    .find(|(id, _)| {
+                        out.get(id)
+                            .is_some_and(|o| o.aborted.is_none() && !o.committed)
+                    })
+                    .map(|(id, _)| *id)
+            };
+            let (migs, actions) = match busy {
+                // A member whose earlier attempt has not ended: its entry must stay, so the
+                // group is refused here, before the core freezes anything.
+                Some(_) => (Vec::new(), Vec::new()),
+                None => core.migrate_group(members),
+            };
+            let group = format!("{} services", members.len());
+            for (i, ((id, to), tx)) in members.iter().zip(txs).enumerate() {
+                let mig = migs.get(i).cloned().unwrap_or(MigrationId {
+                    source: node.name().clone(),
+                    n: 0,
+                });
+                let entry =
+                    self.outgoing_entry(node, &core, *id, mig, to.clone(), opts, tx, Some(&group));
+                match busy {
+                    Some(b) => {
+                        let reason = if b == *id {
+                            AbortReason::Busy
+                        } else {
+                            AbortReason::Group(format!("{b}: {}", AbortReason::Busy))
+                        };
+                        self.refuse_busy(node, *id, entry, reason);
+                    }
+                    None => {
+                        lock(&self.outgoing).insert(*id, entry);
+                    }
+                }
+            }
+            actions
+        };
+        self.run(node, actions);
+        rxs
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn outgoing_entry(
+        &self,
+        node: &Arc<NodeShared>,
+        core: &Core<Snap, ()>,
+        id: ServiceId,
+        mig: MigrationId,
+        to: NodeName,
+        opts: MigrateOptions,
+        tx: oneshot::Sender<MigrationReport>,
+        group: Option<&str>,
+    ) -> Outgoing {
+        let span = tracing::info_span!(
+            "migration",
+            node = %node.name(),
+            id = %format!("{}#{}", mig.source, mig.n),
+            service = %id,
+            to = %to,
+            group = group.unwrap_or("")
+        );
+        lock(&self.counters).stats.started += 1;
+        tracing::info!(parent: &span, drain = opts.drain, "migration asked");
+        Outgoing {
+            mig,
+            to,
+            called: Instant::now(),
+            freeze_at: None,
+            freeze_us: None,
+            acked_us: None,
+            served_us: None,
+            snapshot_bytes: 0,
+            carried: 0,
+            forwarded: 0,
+            rebuilt: 0,
+            epoch: core.epoch(id).unwrap_or(0),
+            committed: false,
+            written: false,
+            aborted: None,
+            waiters: vec![tx],
+            decide: None,
+            leftovers: None,
+            drain: opts.drain,
+            span,
+        }
+    }
+
+    /// Answers an attempt refused because its service is already moving.
+    fn refuse_busy(
+        &self,
+        node: &Arc<NodeShared>,
+        id: ServiceId,
+        entry: Outgoing,
+        why: AbortReason,
+    ) {
+        let mut busy = entry;
+        *lock(&self.counters)
+            .stats
+            .aborted
+            .entry(why.label().into())
+            .or_default() += 1;
+        busy.aborted = Some(why);
+        let report = report_of(node.name(), id, &busy);
+        for w in busy.waiters {
+            let _ = w.send(report.clone());
+        }
     }
 
     /// True when the runner should handle its queue before freezing.
@@ -586,7 +682,7 @@ impl Driver {
                 }
                 return;
             }
-            MigMsg::Request { .. } => return,
+            MigMsg::Request { .. } | MigMsg::GroupRequest { .. } => return,
         };
         let actions = lock(&self.core).receive(from.clone(), wire);
         self.run(node, actions);
@@ -1027,6 +1123,9 @@ fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
         epoch: o.epoch,
         freeze_us: o.freeze_time_us(),
         total_us: o.called.elapsed().as_micros() as u64,
+        frozen_after_us: o.freeze_at.map_or(0, |t| {
+            t.saturating_duration_since(o.called).as_micros() as u64
+        }),
         snapshot_bytes: o.snapshot_bytes,
         carried: o.carried,
         forwarded: o.forwarded,
@@ -1639,6 +1738,9 @@ pub(crate) fn on_control(
                     node.event("migration-report-lost", format!("to {}: {e}", link.name));
                 }
             });
+        }
+        MigMsg::GroupRequest { req, moves, drain } => {
+            crate::tree::on_group_request(node, link, req, moves, drain);
         }
         other => node.driver.on_msg(node, &link.name, other),
     }

@@ -1,6 +1,6 @@
 //! A node: one runtime instance per device, on its own actix system and thread.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -25,6 +25,7 @@ use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::{self, PeerLink, PeerStatus};
+use crate::tree::{GroupReport, TreeMember};
 use crate::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
 
 /// Bounds on every table and queue of a node.
@@ -301,14 +302,13 @@ fn restore_paused<S: Service>(
     let install = {
         let node = node.clone();
         let id = header.id;
-        let parent = header.parent;
         move |go: oneshot::Receiver<Go>| -> Result<(), Error> {
             let addr = ServiceAddr {
                 id,
                 kind: S::kind_key(),
                 node: node.name.clone(),
             };
-            node.register_local(id, mailbox.clone(), addr.clone(), parent)?;
+            node.register_local(id, mailbox.clone(), addr.clone())?;
             let started = node
                 .channel::<S::Msg>(&addr)
                 .map_err(Error::from)
@@ -347,7 +347,6 @@ fn restore_service<S: Service>(node: &Arc<NodeShared>, bytes: &[u8]) -> Result<S
 struct LocalService {
     slot: Arc<dyn Slot>,
     addr: ServiceAddr,
-    parent: Option<ServiceId>,
 }
 
 type PendingAsk = (NodeName, Option<ServiceId>, oneshot::Sender<ReplyPayload>);
@@ -433,7 +432,6 @@ pub(crate) struct NodeShared {
     next_id: AtomicU64,
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
     services: RwLock<IdMap<LocalService>>,
-    children: Mutex<HashMap<ServiceId, BTreeSet<ServiceId>>>,
     books: Mutex<BookIndex>,
     peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
     events: Mutex<(u64, VecDeque<NodeEvent>)>,
@@ -552,7 +550,13 @@ impl NodeShared {
             kind,
             self.limits.mailbox_capacity,
         ));
-        self.register_local(id, mailbox.clone(), addr.clone(), parent)?;
+        self.register_local(id, mailbox.clone(), addr.clone())?;
+        if let Some(p) = parent {
+            if let Err(e) = self.record_child(p, &addr) {
+                self.forget_service(id);
+                return Err(e);
+            }
+        }
         self.stats.services_started.inc();
         let chan = self.channel::<S::Msg>(&addr)?;
         let me = ServiceRef::new(addr, self.clone(), chan);
@@ -573,7 +577,6 @@ impl NodeShared {
         id: ServiceId,
         slot: Arc<dyn Slot>,
         addr: ServiceAddr,
-        parent: Option<ServiceId>,
     ) -> Result<(), Error> {
         {
             let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
@@ -583,10 +586,7 @@ impl NodeShared {
                     max: self.limits.services_max,
                 });
             }
-            services.insert(id, LocalService { slot, addr, parent });
-        }
-        if let Some(p) = parent {
-            lock(&self.children).entry(p).or_default().insert(id);
+            services.insert(id, LocalService { slot, addr });
         }
         Ok(())
     }
@@ -609,13 +609,13 @@ impl NodeShared {
         Ok(())
     }
 
-    /// The parent of local service `id` in its assembly tree.
-    pub fn parent_of(&self, id: ServiceId) -> Option<ServiceId> {
+    /// The local service `id`'s address.
+    pub fn local_addr_of(&self, id: ServiceId) -> Option<ServiceAddr> {
         self.services
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .and_then(|s| s.parent)
+            .map(|s| s.addr.clone())
     }
 
     /// The channel from this node to `addr`'s service, shared by every handle made here. Made
@@ -1057,6 +1057,7 @@ impl NodeShared {
         for edge in lock(&self.books).remove_holder(id) {
             self.broadcast_ctrl(&Frame::BookChange { edge, added: false });
         }
+        self.forget_child(id);
         self.stats.services_stopped.inc();
         if rest.is_empty() {
             return;
@@ -1087,22 +1088,10 @@ impl NodeShared {
     }
 
     fn forget_service(&self, id: ServiceId) {
-        let parent = self
-            .services
+        self.services
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-            .and_then(|s| s.parent);
-        let mut children = lock(&self.children);
-        if let Some(p) = parent {
-            if let Some(set) = children.get_mut(&p) {
-                set.remove(&id);
-                if set.is_empty() {
-                    children.remove(&p);
-                }
-            }
-        }
-        children.remove(&id);
+            .remove(&id);
     }
 
     /// A message from peer `origin` for local service `to`. `cache` keeps the last target a
@@ -1190,6 +1179,11 @@ impl NodeShared {
 
     pub fn associations(&self, id: ServiceId) -> Associations {
         lock(&self.books).associations(id)
+    }
+
+    /// `id`'s address as the books know it.
+    pub fn book_addr(&self, id: ServiceId) -> Option<ServiceAddr> {
+        lock(&self.books).addr_of(id).cloned()
     }
 
     pub fn book_insert(
@@ -1471,7 +1465,6 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
         services: RwLock::new(IdMap::default()),
-        children: Mutex::new(HashMap::new()),
         books: Mutex::new(BookIndex::new(limits.book_edges_max)),
         peers: RwLock::new(HashMap::new()),
         events: Mutex::new((0, VecDeque::new())),
@@ -1663,6 +1656,54 @@ impl NodeHandle {
         self.shared.migrate(id, NodeName::new(to), opts).await
     }
 
+    /// The assembly tree rooted at `root`: root first, then breadth first, each member with
+    /// its parent and the node it runs on.
+    pub fn tree(&self, root: ServiceId) -> Result<Vec<TreeMember>, Error> {
+        self.shared.tree(root)
+    }
+
+    /// Makes `child` a child of `parent` (which runs on this node) in its assembly tree. A
+    /// service has one parent at most and a tree has no cycle.
+    pub fn adopt(&self, parent: ServiceId, child: &ServiceAddr) -> Result<(), Error> {
+        self.shared.adopt(parent, child)
+    }
+
+    /// Moves the whole tree of `root` to `to` as one unit: every member is frozen at once,
+    /// and all move or none does. Channels between members are local again on `to`;
+    /// channels to the rest of the cluster are rebuilt as for one service.
+    ///
+    /// ```no_run
+    /// # async fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
+    /// let report = phone.migrate_tree(player, "tv", tern::MigrateOptions::default()).await?;
+    /// println!("{} services moved: {}, frozen for {} us",
+    ///     report.members.len(), report.committed, report.freeze_us);
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate_tree(
+        &self,
+        root: ServiceId,
+        to: &str,
+        opts: MigrateOptions,
+    ) -> Result<GroupReport, Error> {
+        self.shared
+            .migrate_tree(root, NodeName::new(to), opts)
+            .await
+    }
+
+    /// Moves services that run on one node as one unit, each to its own node (a split
+    /// tree): all or none, frozen together.
+    pub async fn migrate_group(
+        &self,
+        moves: &[(ServiceId, &str)],
+        opts: MigrateOptions,
+    ) -> Result<GroupReport, Error> {
+        let moves = moves
+            .iter()
+            .map(|(id, to)| (*id, NodeName::new(to)))
+            .collect();
+        self.shared.migrate_group(moves, opts).await
+    }
+
     /// Counters of this node's migrations: committed, aborted by reason, freeze histogram.
     pub fn migration_stats(&self) -> MigrationStats {
         self.shared.driver.stats()
@@ -1676,12 +1717,14 @@ impl NodeHandle {
         self.shared.driver.location(id).map(|(n, _)| n)
     }
 
-    /// Children of `id` in its assembly tree (on this node).
+    /// Children of `id` in its assembly tree, wherever they run (from the cluster-wide
+    /// books: a parent holds each child under the role `child:<id>`).
     pub fn children(&self, id: ServiceId) -> Vec<ServiceId> {
-        lock(&self.shared.children)
-            .get(&id)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
+        self.shared
+            .children_of(id)
+            .into_iter()
+            .map(|a| a.id)
+            .collect()
     }
 
     /// Services running on this node.
@@ -1697,7 +1740,7 @@ impl NodeHandle {
                 addr: s.addr.clone(),
                 mailbox_depth: s.slot.depth(),
                 mailbox_capacity: s.slot.capacity(),
-                parent: s.parent,
+                parent: self.shared.parent_of(s.addr.id),
             })
             .collect()
     }

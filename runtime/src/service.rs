@@ -312,6 +312,12 @@ impl<S: Service> Ctx<S> {
         self.node.spawn(state, Some(self.id()))
     }
 
+    /// Makes `child` a child of this service in its assembly tree (see
+    /// [`NodeHandle::adopt`](crate::NodeHandle::adopt)).
+    pub fn adopt(&self, child: &ServiceAddr) -> Result<(), Error> {
+        self.node.adopt(self.id(), child)
+    }
+
     /// Sends `msg` to this service after `delay`. A due timer is handled before the next queued
     /// message. Fails when the service has `timers_per_service_max` timers pending.
     ///

@@ -457,6 +457,16 @@ pub enum MigMsg {
         /// Handle the queue at the source first.
         drain: bool,
     },
+    /// Ask the receiver to migrate a group of its services as one unit (all or none), each
+    /// to its node; answered by a `Reply` to `req` carrying the reports, in order.
+    GroupRequest {
+        /// Request id on the sender.
+        req: u64,
+        /// `(service, target node)`.
+        moves: Vec<(ServiceId, NodeName)>,
+        /// Handle the queues at the source first.
+        drain: bool,
+    },
     /// Target to source: the copy handled its first message (or had none to handle with the
     /// whole carried queue in) `after_start_us` after it started; this ends the freeze.
     Serving {

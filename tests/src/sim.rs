@@ -49,6 +49,10 @@ pub struct SimConfig {
     /// reordering of what is handled, and that no restored copy waits for ever; messages may
     /// be lost.
     pub crashes: usize,
+    /// Probability a migration request moves every service its node hosts as one group, each
+    /// to its own random target (a split tree). Without crashes the run checks that a group
+    /// commits all or none.
+    pub groups: f64,
 }
 
 impl Default for SimConfig {
@@ -64,6 +68,7 @@ impl Default for SimConfig {
             refuse: 0.1,
             chatter: 0.3,
             crashes: 0,
+            groups: 0.0,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct SimReport {
     pub crashed: u64,
     /// Restored copies dropped because their source never decided.
     pub orphaned: u64,
+    /// Group migrations asked, committed whole, aborted whole.
+    pub groups: (u64, u64, u64),
 }
 
 /// splitmix64: small, seedable, good enough to pick delays and dice.
@@ -173,6 +180,10 @@ struct Sim {
     /// Service-to-service messages still allowed, so a run always ends.
     chatter_left: u64,
     report: SimReport,
+    /// Per attempt in a group: the group's index.
+    group_of: BTreeMap<tern::core::migration::MigrationId, usize>,
+    /// Per group: members, committed, aborted.
+    group_outcomes: Vec<(usize, usize, usize)>,
 }
 
 const TICK_EVERY: u64 = 5;
@@ -340,11 +351,20 @@ impl Sim {
                         data.seq, data.from, data.to
                     ));
                 }
-                Action::Report { outcome, .. } => match outcome {
-                    Outcome::Committed { .. } => self.report.committed += 1,
+                Action::Report { outcome, mig, .. } => match outcome {
+                    Outcome::Committed { .. } => {
+                        self.report.committed += 1;
+                        if let Some(g) = self.group_of.get(&mig) {
+                            self.group_outcomes[*g].1 += 1;
+                        }
+                    }
                     Outcome::Aborted(reason) => {
+                        if let Some(g) = self.group_of.get(&mig) {
+                            self.group_outcomes[*g].2 += 1;
+                        }
                         let key = match reason {
                             AbortReason::Refused(_) => "refused".to_string(),
+                            AbortReason::Group(_) => "group".to_string(),
                             other => format!("{other:?}").to_lowercase(),
                         };
                         *self.report.aborted.entry(key).or_default() += 1;
@@ -490,7 +510,30 @@ impl Sim {
             Event::Migrate { service, to } => {
                 let at = (0..self.nodes.len())
                     .find(|&i| !self.dead[i] && self.nodes[i].core.epoch(service).is_some());
-                if let Some(node) = at {
+                if let Some(node) = at.filter(|_| self.rng.chance(self.cfg.groups)) {
+                    // Everything this node hosts, each to its own other node.
+                    let hosted: Vec<ServiceId> = self
+                        .services
+                        .iter()
+                        .copied()
+                        .filter(|s| self.nodes[node].core.epoch(*s).is_some())
+                        .collect();
+                    let members: Vec<(ServiceId, NodeName)> = hosted
+                        .into_iter()
+                        .map(|s| {
+                            let k = 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize;
+                            (s, self.names[(node + k) % self.nodes.len()].clone())
+                        })
+                        .collect();
+                    let (migs, actions) = self.nodes[node].core.migrate_group(&members);
+                    let g = self.group_outcomes.len();
+                    self.group_outcomes.push((members.len(), 0, 0));
+                    self.report.groups.0 += 1;
+                    for mig in migs {
+                        self.group_of.insert(mig, g);
+                    }
+                    self.carry_out(node, actions)?;
+                } else if let Some(node) = at {
                     // Mostly to another node; now and then to where it already is.
                     let to = if to == node && !self.rng.chance(0.1) {
                         (node + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize)
@@ -631,6 +674,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
             seed,
             ..SimReport::default()
         },
+        group_of: BTreeMap::new(),
+        group_outcomes: Vec::new(),
     };
     let busy_until = cfg.msgs_per_sender * 8 + 50;
     for node in 0..cfg.nodes {
@@ -693,6 +738,33 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
             }
         }
         return Ok(sim.report);
+    }
+    // Groups: all or none, and every member reported.
+    for (g, &(members, committed, aborted)) in sim.group_outcomes.iter().enumerate() {
+        if committed + aborted != members {
+            return Err(format!(
+                "seed {seed}: group {g} of {members} reported {committed} committed and {aborted} aborted"
+            ));
+        }
+        if committed != 0 && committed != members {
+            return Err(format!(
+                "seed {seed}: group {g} committed {committed} of its {members} members"
+            ));
+        }
+        if committed == members {
+            sim.report.groups.1 += 1;
+        } else {
+            sim.report.groups.2 += 1;
+        }
+    }
+    for n in &sim.nodes {
+        if n.core.groups() != 0 {
+            return Err(format!(
+                "seed {seed}: {} groups left open on {}",
+                n.core.groups(),
+                n.core.name()
+            ));
+        }
     }
     // Everything settled: each service runs once, having handled all that was sent to it.
     for &s in &services {

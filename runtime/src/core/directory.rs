@@ -179,6 +179,15 @@ impl BookIndex {
         self.books.get(&holder).and_then(|(_, b)| b.get(role))
     }
 
+    /// The address of `id` as the books know it: as a holder, or as the target of an entry.
+    pub fn addr_of(&self, id: ServiceId) -> Option<&ServiceAddr> {
+        if let Some((addr, _)) = self.books.get(&id) {
+            return Some(addr);
+        }
+        let (holder, role) = self.reverse.get(&id)?.iter().next()?;
+        self.get(*holder, role)
+    }
+
     /// `holder`'s whole book, by role.
     pub fn book(&self, holder: ServiceId) -> Vec<(String, ServiceAddr)> {
         self.books

@@ -161,6 +161,9 @@ pub enum AbortReason {
     LinkLost,
     /// The service's state could not be taken (it did not serialize).
     Snapshot(String),
+    /// The service moved as a member of a group (an assembly tree) and another member could
+    /// not move, so none did. Says which and why.
+    Group(String),
 }
 
 impl std::fmt::Display for AbortReason {
@@ -174,6 +177,7 @@ impl std::fmt::Display for AbortReason {
             AbortReason::Deadline => write!(f, "no answer from the target before the deadline"),
             AbortReason::LinkLost => write!(f, "the connection to the target went down"),
             AbortReason::Snapshot(why) => write!(f, "the snapshot could not be taken: {why}"),
+            AbortReason::Group(why) => write!(f, "another member of its group did not move: {why}"),
         }
     }
 }
@@ -190,6 +194,7 @@ impl AbortReason {
             AbortReason::Deadline => "deadline",
             AbortReason::LinkLost => "link-lost",
             AbortReason::Snapshot(_) => "snapshot",
+            AbortReason::Group(_) => "group",
         }
     }
 }
@@ -328,6 +333,7 @@ enum Phase<S, P> {
     Freezing {
         mig: MigrationId,
         to: NodeName,
+        group: Option<u64>,
     },
     Sent {
         mig: MigrationId,
@@ -335,6 +341,9 @@ enum Phase<S, P> {
         snap: Snapshot<S, P>,
         sent_at: u64,
         deadline: u64,
+        group: Option<u64>,
+        /// The target answered `Prepared` (a group member waits for the others).
+        prepared: bool,
     },
     Prepared {
         mig: MigrationId,
@@ -366,6 +375,16 @@ enum Decision {
     Aborted,
 }
 
+/// Services migrating together, all or none: committed once every member's target is
+/// prepared, aborted (every member resumes) as soon as one member cannot move.
+struct Group {
+    members: Vec<ServiceId>,
+    /// Members whose target answered `Prepared`.
+    prepared: usize,
+    /// The first member that could not move, and why.
+    failed: Option<(ServiceId, AbortReason)>,
+}
+
 /// Decides whether a snapshot may be installed here.
 pub type Policy<S, P> = Box<dyn FnMut(&Snapshot<S, P>) -> Result<(), String> + Send>;
 
@@ -383,6 +402,8 @@ pub struct Core<S, P> {
     decisions: BTreeMap<MigrationId, Decision>,
     decision_order: VecDeque<MigrationId>,
     send_seqs: BTreeMap<(ServiceId, ServiceId), u64>,
+    groups: BTreeMap<u64, Group>,
+    next_group: u64,
     policy: Policy<S, P>,
     out: Vec<Action<S, P>>,
 }
@@ -408,6 +429,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
             decisions: BTreeMap::new(),
             decision_order: VecDeque::new(),
             send_seqs: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            next_group: 1,
             policy,
             out: Vec::new(),
         }
@@ -497,20 +520,150 @@ impl<S: Clone, P: Clone> Core<S, P> {
     }
 
     /// The frozen service could not hand over its state: it runs on, and the caller is told.
+    /// In a group, every other member resumes too.
     pub fn freeze_failed(&mut self, service: ServiceId, why: String) -> Vec<Action<S, P>> {
-        if let Some(h) = self.hosted.get_mut(&service) {
-            if let Phase::Freezing { mig, .. } = std::mem::replace(&mut h.phase, Phase::Running) {
-                let queue = std::mem::take(&mut h.held);
-                self.out.push(Action::Resume { service, queue });
-                self.decide(mig.clone(), Decision::Aborted);
-                self.out.push(Action::Report {
-                    mig,
-                    service,
-                    outcome: Outcome::Aborted(AbortReason::Snapshot(why)),
-                });
-            }
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return self.take();
+        };
+        let Phase::Freezing { mig, group, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            return self.take();
+        };
+        let queue = std::mem::take(&mut h.held);
+        let reason = AbortReason::Snapshot(why);
+        self.out.push(Action::Resume { service, queue });
+        self.decide(mig.clone(), Decision::Aborted);
+        self.out.push(Action::Report {
+            mig,
+            service,
+            outcome: Outcome::Aborted(reason.clone()),
+        });
+        if let Some(g) = group {
+            self.fail_group(g, service, reason);
+            self.leave_group(g, service);
         }
         self.take()
+    }
+
+    /// Moves every `(service, target)` of `members` (all hosted here) as one unit: all are
+    /// frozen at once, each snapshot goes to its own target, and the source commits them
+    /// together once every target is prepared. If one member cannot move (refused, deadline,
+    /// link lost, snapshot failed) every member resumes here. A member's report names the
+    /// member that failed ([`AbortReason::Group`]). Nothing freezes when a member is refused
+    /// up front (not here, busy, same node, unknown node, listed twice).
+    pub fn migrate_group(
+        &mut self,
+        members: &[(ServiceId, NodeName)],
+    ) -> (Vec<MigrationId>, Vec<Action<S, P>>) {
+        let migs: Vec<MigrationId> = members
+            .iter()
+            .map(|_| {
+                let mig = MigrationId {
+                    source: self.me.clone(),
+                    n: self.next_mig,
+                };
+                self.next_mig += 1;
+                mig
+            })
+            .collect();
+        let mut refusal = None;
+        for (i, (service, to)) in members.iter().enumerate() {
+            let reason = if *to == self.me {
+                Some(AbortReason::SameNode)
+            } else if !self.peers.contains(to) {
+                Some(AbortReason::UnknownNode)
+            } else if members[..i].iter().any(|(s, _)| s == service) {
+                Some(AbortReason::Busy)
+            } else {
+                match self.hosted.get(service) {
+                    None => Some(AbortReason::NotHere),
+                    Some(h) if !matches!(h.phase, Phase::Running) => Some(AbortReason::Busy),
+                    Some(_) => None,
+                }
+            };
+            if let Some(r) = reason {
+                refusal = Some((*service, r));
+                break;
+            }
+        }
+        if let Some((culprit, reason)) = refusal {
+            for ((service, _), mig) in members.iter().zip(&migs) {
+                let outcome = if *service == culprit {
+                    reason.clone()
+                } else {
+                    AbortReason::Group(format!("{culprit}: {reason}"))
+                };
+                self.out.push(Action::Report {
+                    mig: mig.clone(),
+                    service: *service,
+                    outcome: Outcome::Aborted(outcome),
+                });
+            }
+            return (migs, self.take());
+        }
+        let g = self.next_group;
+        self.next_group += 1;
+        self.groups.insert(
+            g,
+            Group {
+                members: members.iter().map(|(s, _)| *s).collect(),
+                prepared: 0,
+                failed: None,
+            },
+        );
+        for ((service, to), mig) in members.iter().zip(&migs) {
+            if let Some(h) = self.hosted.get_mut(service) {
+                h.phase = Phase::Freezing {
+                    mig: mig.clone(),
+                    to: to.clone(),
+                    group: Some(g),
+                };
+            }
+            self.out.push(Action::Freeze { service: *service });
+        }
+        (migs, self.take())
+    }
+
+    /// Member `culprit` of group `g` cannot move: every member already waiting for its
+    /// target aborts now; those still freezing resume when they hand over their snapshot.
+    fn fail_group(&mut self, g: u64, culprit: ServiceId, reason: AbortReason) {
+        let Some(group) = self.groups.get_mut(&g) else {
+            return;
+        };
+        if group.failed.is_some() {
+            return;
+        }
+        group.failed = Some((culprit, reason.clone()));
+        let others: Vec<ServiceId> = group
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != culprit)
+            .collect();
+        let why = AbortReason::Group(format!("{culprit}: {reason}"));
+        for m in others {
+            if matches!(
+                self.hosted.get(&m).map(|h| &h.phase),
+                Some(Phase::Sent { .. })
+            ) {
+                self.abort_one(m, why.clone());
+            }
+        }
+    }
+
+    /// `service` no longer belongs to group `g` (it resumed or moved).
+    fn leave_group(&mut self, g: u64, service: ServiceId) {
+        if let Some(group) = self.groups.get_mut(&g) {
+            group.members.retain(|m| *m != service);
+            if group.members.is_empty() {
+                self.groups.remove(&g);
+            }
+        }
+    }
+
+    /// Groups under way (for invariant checks).
+    pub fn groups(&self) -> usize {
+        self.groups.len()
     }
 
     /// The connection to `node` went down: attempts waiting for its answer abort now rather
@@ -722,6 +875,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             h.phase = Phase::Freezing {
                 mig: mig.clone(),
                 to,
+                group: None,
             };
         }
         self.out.push(Action::Freeze { service });
@@ -740,11 +894,31 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let Some(h) = self.hosted.get_mut(&service) else {
             return self.take();
         };
-        let Phase::Freezing { mig, to } = std::mem::replace(&mut h.phase, Phase::Running) else {
+        let Phase::Freezing { mig, to, group } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
             // Not freezing (a confused driver): give the queue straight back.
             self.out.push(Action::Resume { service, queue });
             return self.take();
         };
+        if let Some(failed) = group.and_then(|g| self.groups.get(&g)?.failed.clone()) {
+            // Another member of its group could not move: resume at once.
+            let mut queue = queue;
+            queue.append(&mut h.held);
+            self.out.push(Action::Resume { service, queue });
+            self.decide(mig.clone(), Decision::Aborted);
+            self.out.push(Action::Report {
+                mig,
+                service,
+                outcome: Outcome::Aborted(AbortReason::Group(format!(
+                    "{}: {}",
+                    failed.0, failed.1
+                ))),
+            });
+            if let Some(g) = group {
+                self.leave_group(g, service);
+            }
+            return self.take();
+        }
         // Messages accepted while the handler finished are behind the watermarks taken now:
         // they travel in the snapshot's queue, after what the driver handed over.
         let mut queue = queue;
@@ -781,6 +955,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
             snap: snap.clone(),
             sent_at: now,
             deadline,
+            group,
+            prepared: false,
         };
         self.send(to, Wire::Snapshot { mig, snap });
         self.take()
@@ -802,6 +978,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
                     mig,
                     to,
                     snap,
+                    prepared: false,
+                    ..
                 } => {
                     if now >= *deadline {
                         expired.push(*service);
@@ -883,12 +1061,36 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
     }
 
+    /// Aborts the attempt moving `service`, and with it every other member of its group.
     fn abort(&mut self, service: ServiceId, reason: AbortReason) {
+        let group = match self.hosted.get(&service).map(|h| &h.phase) {
+            Some(Phase::Sent { group, .. }) => *group,
+            _ => None,
+        };
+        if let Some(g) = group {
+            self.fail_group(g, service, reason.clone());
+        }
+        self.abort_one(service, reason);
+    }
+
+    fn abort_one(&mut self, service: ServiceId, reason: AbortReason) {
         let Some(h) = self.hosted.get_mut(&service) else {
             return;
         };
-        let Phase::Sent { mig, to, snap, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        let Phase::Sent {
+            mig,
+            to,
+            snap,
+            group,
+            ..
+        } = std::mem::replace(&mut h.phase, Phase::Running)
         else {
+            return;
+        };
+        if let Some(g) = group {
+            self.leave_group(g, service);
+        }
+        let Some(h) = self.hosted.get_mut(&service) else {
             return;
         };
         let mut queue = snap.queue;
@@ -907,11 +1109,20 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let Some(mut h) = self.hosted.remove(&service) else {
             return;
         };
-        let Phase::Sent { mig, to, snap, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        let Phase::Sent {
+            mig,
+            to,
+            snap,
+            group,
+            ..
+        } = std::mem::replace(&mut h.phase, Phase::Running)
         else {
             self.hosted.insert(service, h);
             return;
         };
+        if let Some(g) = group {
+            self.leave_group(g, service);
+        }
         let epoch = snap.epoch;
         self.out.push(Action::Retire { service });
         self.decide(
@@ -1125,13 +1336,51 @@ impl<S: Clone, P: Clone> Core<S, P> {
 
     fn on_prepared(&mut self, from: NodeName, mig: MigrationId) {
         if let Some(service) = self.sent_service(&mig) {
-            return self.commit(service);
+            return self.prepared(service);
         }
         match self.decisions.get(&mig) {
             Some(Decision::Committed { .. }) => self.send(from, Wire::Commit { mig }),
             // Aborted, or forgotten (only aborted decisions are forgotten before acknowledged).
             _ => self.send(from, Wire::Abort { mig }),
         }
+    }
+
+    /// `service`'s target is prepared: commit it, or, in a group, once every member's is.
+    fn prepared(&mut self, service: ServiceId) {
+        let group = match self.hosted.get_mut(&service).map(|h| &mut h.phase) {
+            Some(Phase::Sent {
+                group: Some(g),
+                prepared,
+                ..
+            }) => {
+                let first = !*prepared;
+                *prepared = true;
+                Some((*g, first))
+            }
+            _ => None,
+        };
+        let Some((g, first)) = group else {
+            return self.commit(service);
+        };
+        let Some(grp) = self.groups.get_mut(&g) else {
+            return;
+        };
+        if first {
+            grp.prepared += 1;
+        }
+        if grp.failed.is_some() || grp.prepared < grp.members.len() {
+            return;
+        }
+        // Every member's target is prepared: decide them all now, in one step.
+        let members = grp.members.clone();
+        debug_assert!(members.iter().all(|m| matches!(
+            self.hosted.get(m).map(|h| &h.phase),
+            Some(Phase::Sent { prepared: true, .. })
+        )));
+        for m in members {
+            self.commit(m);
+        }
+        debug_assert!(!self.groups.contains_key(&g), "a committed group is gone");
     }
 
     fn on_snapshot(&mut self, from: NodeName, mig: MigrationId, snap: Snapshot<S, P>) {
@@ -1328,6 +1577,127 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn a_group_commits_only_when_every_target_is_prepared_and_one_refusal_resumes_all() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let members = [
+            (ServiceId::from_parts(1, 1), b.clone()),
+            (ServiceId::from_parts(1, 2), c.clone()),
+            (ServiceId::from_parts(1, 3), b.clone()),
+        ];
+        for refuse_last in [false, true] {
+            let mut src: C = Core::new(a.clone(), Config::default());
+            src.add_peer(b.clone());
+            src.add_peer(c.clone());
+            for (s, _) in &members {
+                src.host(*s);
+            }
+            let (migs, acts) = src.migrate_group(&members);
+            assert_eq!(migs.len(), 3);
+            let frozen = acts
+                .iter()
+                .filter(|x| matches!(x, Action::Freeze { .. }))
+                .count();
+            assert_eq!(frozen, 3, "every member freezes at once");
+            for (s, _) in &members {
+                assert!(!src.is_live(*s));
+                let sent = src.frozen(*s, vec![], vec![]);
+                assert!(matches!(only_wire(sent), Wire::Snapshot { .. }));
+            }
+            // Two targets prepared: nothing is decided yet.
+            for (mig, (_, to)) in migs.iter().zip(&members).take(2) {
+                let acts = src.receive(to.clone(), Wire::Prepared { mig: mig.clone() });
+                assert!(
+                    acts.is_empty(),
+                    "no decision before the last member: {acts:?}"
+                );
+            }
+            let last = if refuse_last {
+                Wire::Refused {
+                    mig: migs[2].clone(),
+                    reason: "no room".into(),
+                }
+            } else {
+                Wire::Prepared {
+                    mig: migs[2].clone(),
+                }
+            };
+            let acts = src.receive(b.clone(), last);
+            let commits = acts
+                .iter()
+                .filter(|x| {
+                    matches!(
+                        x,
+                        Action::Send {
+                            msg: Wire::Commit { .. },
+                            ..
+                        }
+                    )
+                })
+                .count();
+            let aborts_sent = acts
+                .iter()
+                .filter(|x| {
+                    matches!(
+                        x,
+                        Action::Send {
+                            msg: Wire::Abort { .. },
+                            ..
+                        }
+                    )
+                })
+                .count();
+            let reports: Vec<&Outcome> = acts
+                .iter()
+                .filter_map(|x| match x {
+                    Action::Report { outcome, .. } => Some(outcome),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(reports.len(), 3, "every member is reported");
+            if refuse_last {
+                assert_eq!(commits, 0);
+                assert_eq!(aborts_sent, 3, "every prepared copy is told to go");
+                assert!(members.iter().all(|(s, _)| src.is_live(*s)), "all resume");
+                let group_reasons = reports
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Aborted(AbortReason::Group(_))))
+                    .count();
+                assert_eq!(group_reasons, 2, "the others name the member that failed");
+            } else {
+                assert_eq!(commits, 3);
+                assert!(reports
+                    .iter()
+                    .all(|o| matches!(o, Outcome::Committed { .. })));
+                assert!(members.iter().all(|(s, _)| !src.is_live(*s)));
+            }
+            assert_eq!(src.groups(), 0, "the group is closed either way");
+        }
+    }
+
+    #[test]
+    fn a_group_with_a_member_that_cannot_go_freezes_nothing() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.host(ServiceId::from_parts(1, 1));
+        let members = [
+            (ServiceId::from_parts(1, 1), b.clone()),
+            (ServiceId::from_parts(1, 9), b.clone()), // not hosted here
+        ];
+        let (_, acts) = src.migrate_group(&members);
+        assert!(acts.iter().all(|x| matches!(
+            x,
+            Action::Report {
+                outcome: Outcome::Aborted(_),
+                ..
+            }
+        )));
+        assert_eq!(acts.len(), 2);
+        assert!(src.is_live(ServiceId::from_parts(1, 1)));
+        assert_eq!(src.groups(), 0);
     }
 
     #[test]

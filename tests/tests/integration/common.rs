@@ -141,7 +141,8 @@ pub fn register_test_kinds(node: &tern::NodeHandle) {
     node.register::<Slow>()
         .register::<Parent>()
         .register::<Alarm>()
-        .register::<Tally>();
+        .register::<Tally>()
+        .register::<Relay>();
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);
@@ -191,6 +192,47 @@ impl Service for Alarm {
             }
             AlarmMsg::Fired(r) => {
                 let _ = ctx.reply(r, self.fired.clone());
+            }
+        }
+    }
+}
+
+/// An assembly-tree member: records each item under its name (in [`TALLIES`]) and passes it
+/// on to each of its children (book roles `child:*`), so items flow down the tree.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Relay {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RelayMsg {
+    Item(u64),
+}
+
+impl Service for Relay {
+    type Msg = RelayMsg;
+    const KIND: &'static str = "test-relay";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: RelayMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            RelayMsg::Item(i) => {
+                TALLIES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(self.name.clone())
+                    .or_default()
+                    .push(i);
+                for (role, addr) in ctx.book() {
+                    if !role.starts_with(tern::CHILD_ROLE_PREFIX) {
+                        continue;
+                    }
+                    if let Ok(child) = ctx.book_ref::<Relay>(&role) {
+                        if let Err(e) = ctx.tell_wait(&child, RelayMsg::Item(i)).await {
+                            tracing::warn!(error = %e, to = %addr.id, "relay could not pass an item on");
+                        }
+                    }
+                }
             }
         }
     }

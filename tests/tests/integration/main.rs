@@ -12,3 +12,4 @@ mod migration;
 mod sim;
 mod timers;
 mod tls;
+mod trees;

@@ -116,3 +116,45 @@ fn crashes_never_make_two_instances_or_leave_a_copy_waiting() {
         assert!(crashed > 0 && orphaned > 0 && aborted.contains_key("linklost"));
     }
 }
+
+#[test]
+fn groups_commit_all_or_none_under_loss_and_refusals() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 4,
+        migrations: 12,
+        groups: 0.5,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0x9c0f, 1_000, &cfg);
+    let asked: u64 = reports.iter().map(|r| r.groups.0).sum();
+    let whole: u64 = reports.iter().map(|r| r.groups.1).sum();
+    let none: u64 = reports.iter().map(|r| r.groups.2).sum();
+    let (committed, aborted, _, handled) = summary(&reports);
+    eprintln!(
+        "sim with groups: {} runs, {asked} groups asked, {whole} committed whole, {none} aborted whole, {committed} member migrations committed, aborted {aborted:?}, {handled} messages handled",
+        reports.len()
+    );
+    // Both outcomes must actually have happened, including aborts caused by one member.
+    if reports.len() > 100 {
+        assert!(whole > 0 && none > 0 && aborted.contains_key("group"));
+    }
+}
+
+#[test]
+fn groups_with_crashes_never_make_two_instances() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 4,
+        migrations: 12,
+        groups: 0.5,
+        crashes: 1,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0x9c1f, 500, &cfg);
+    let asked: u64 = reports.iter().map(|r| r.groups.0).sum();
+    eprintln!(
+        "sim with groups and crashes: {} runs, {asked} groups asked",
+        reports.len()
+    );
+}

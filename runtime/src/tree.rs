@@ -1,0 +1,394 @@
+//! Assembly trees: a parent service and the children it spawned or adopted, migrated as one
+//! unit (all members or none, frozen together), to one node or split across several.
+//!
+//! A tree is kept in the cluster-wide books: a parent holds each child under the role
+//! `child:<id>`. So it is known on every node, travels with the parent's book, and is
+//! rewritten by the channel rebuild like any other entry.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AskError, DeliveryError, Error};
+use crate::ids::{NodeName, ServiceAddr, ServiceId};
+use crate::migrate::{MigrateOptions, MigrationReport};
+use crate::node::NodeShared;
+use crate::wire::{Frame, MigMsg, ReplyBody};
+
+/// Book roles naming a child start with this.
+pub const CHILD_ROLE_PREFIX: &str = "child:";
+
+/// Members of one tree listed or moved at most (a walk stops there with an error).
+pub const TREE_MEMBERS_MAX: usize = 4096;
+
+/// The book role under which a parent holds `child`.
+pub fn child_role(child: ServiceId) -> String {
+    format!("{CHILD_ROLE_PREFIX}{child}")
+}
+
+/// One member of an assembly tree, as listed by [`NodeHandle::tree`](crate::NodeHandle::tree).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeMember {
+    /// The member, with the node it runs on as far as this node knows.
+    pub addr: ServiceAddr,
+    /// Its parent; `None` for the root.
+    pub parent: Option<ServiceId>,
+    /// 0 for the root, 1 for its children, and so on.
+    pub depth: u32,
+}
+
+/// What became of a group migration (a tree, whole or split): one report per member, and
+/// the group's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// Per member, in the order the moves were given.
+    pub members: Vec<MigrationReport>,
+    /// True when every member moved; false when none did.
+    pub committed: bool,
+    /// The group's freeze window: from the first member's freeze until the last member's
+    /// target served (an upper bound, like each member's `freeze_us`), in microseconds.
+    pub freeze_us: u64,
+    /// From the call until every member ran on its target with its whole queue, in
+    /// microseconds.
+    pub total_us: u64,
+}
+
+impl GroupReport {
+    fn of(members: Vec<MigrationReport>) -> Self {
+        let committed = !members.is_empty() && members.iter().all(|r| r.committed());
+        debug_assert!(
+            committed || members.iter().all(|r| !r.committed()),
+            "a group moves all or none"
+        );
+        let frozen: Vec<&MigrationReport> =
+            members.iter().filter(|r| r.frozen_after_us > 0).collect();
+        let freeze_us = match (
+            frozen.iter().map(|r| r.frozen_after_us).min(),
+            frozen.iter().map(|r| r.frozen_after_us + r.freeze_us).max(),
+        ) {
+            (Some(first), Some(last)) => last - first,
+            _ => 0,
+        };
+        let total_us = members.iter().map(|r| r.total_us).max().unwrap_or(0);
+        GroupReport {
+            members,
+            committed,
+            freeze_us,
+            total_us,
+        }
+    }
+
+    /// Why the group did not move: the first member's reason that is not merely "another
+    /// member failed", else the first reason.
+    pub fn aborted(&self) -> Option<String> {
+        if self.committed {
+            return None;
+        }
+        let reasons: Vec<&crate::AbortReason> = self
+            .members
+            .iter()
+            .filter_map(|r| r.aborted.as_ref())
+            .collect();
+        reasons
+            .iter()
+            .find(|r| !matches!(r, crate::AbortReason::Group(_)))
+            .or(reasons.first())
+            .map(|r| r.to_string())
+    }
+
+    /// Messages carried in the members' snapshots.
+    pub fn carried(&self) -> u64 {
+        self.members.iter().map(|r| r.carried).sum()
+    }
+
+    /// Messages forwarded after the commit.
+    pub fn forwarded(&self) -> u64 {
+        self.members.iter().map(|r| r.forwarded).sum()
+    }
+
+    /// Book entries rewritten at the source.
+    pub fn rebuilt(&self) -> u64 {
+        self.members.iter().map(|r| r.rebuilt).sum()
+    }
+}
+
+impl NodeShared {
+    /// Records `child` as a child of local service `parent`.
+    pub fn record_child(&self, parent: ServiceId, child: &ServiceAddr) -> Result<(), Error> {
+        let holder = self
+            .local_addr_of(parent)
+            .ok_or(DeliveryError::UnknownService {
+                id: parent,
+                node: self.name().clone(),
+            })?;
+        self.book_insert(&holder, &child_role(child.id), child.clone())
+    }
+
+    /// A service stopped: its parent, if it runs here, no longer holds it.
+    pub fn forget_child(&self, child: ServiceId) {
+        if let Some(parent) = self.parent_of(child) {
+            if self.local_addr_of(parent).is_some() {
+                self.book_remove(parent, &child_role(child));
+            }
+        }
+    }
+
+    /// The parent of `id` in its assembly tree, from the books.
+    pub fn parent_of(&self, id: ServiceId) -> Option<ServiceId> {
+        let role = child_role(id);
+        self.associations(id)
+            .held_by
+            .into_iter()
+            .find(|(_, r)| *r == role)
+            .map(|(holder, _)| holder.id)
+    }
+
+    /// The children of `id`, from the books.
+    pub fn children_of(&self, id: ServiceId) -> Vec<ServiceAddr> {
+        self.book(id)
+            .into_iter()
+            .filter(|(role, _)| role.starts_with(CHILD_ROLE_PREFIX))
+            .map(|(_, addr)| addr)
+            .collect()
+    }
+
+    /// Where `id` runs as far as this node knows.
+    pub fn whereabouts(&self, id: ServiceId, fallback: &NodeName) -> NodeName {
+        if self.slot(id).is_some() {
+            return self.name().clone();
+        }
+        self.driver
+            .location(id)
+            .map(|(n, _)| n)
+            .unwrap_or_else(|| fallback.clone())
+    }
+
+    /// Makes `child` a child of local service `parent`. A service has at most one parent,
+    /// and a tree has no cycles.
+    pub fn adopt(&self, parent: ServiceId, child: &ServiceAddr) -> Result<(), Error> {
+        if parent == child.id {
+            return Err(Error::Tree(format!("{parent} cannot adopt itself")));
+        }
+        if let Some(p) = self.parent_of(child.id) {
+            return Err(Error::Tree(format!(
+                "{} already has a parent ({p}); a service has at most one",
+                child.id
+            )));
+        }
+        let mut up = Some(parent);
+        let mut steps = 0;
+        while let Some(p) = up {
+            if p == child.id {
+                return Err(Error::Tree(format!(
+                    "{} is an ancestor of {parent}: adopting it would make a cycle",
+                    child.id
+                )));
+            }
+            steps += 1;
+            if steps > TREE_MEMBERS_MAX {
+                break;
+            }
+            up = self.parent_of(p);
+        }
+        self.record_child(parent, child)
+    }
+
+    /// The tree rooted at `root`, root first, breadth first.
+    pub fn tree(&self, root: ServiceId) -> Result<Vec<TreeMember>, Error> {
+        let root_node = self.whereabouts(root, self.name());
+        let kind = self.addr_known(root).map(|a| a.kind);
+        let Some(kind) = kind else {
+            return Err(DeliveryError::UnknownService {
+                id: root,
+                node: self.name().clone(),
+            }
+            .into());
+        };
+        let mut out = vec![TreeMember {
+            addr: ServiceAddr {
+                id: root,
+                kind,
+                node: root_node,
+            },
+            parent: None,
+            depth: 0,
+        }];
+        let mut seen: BTreeSet<ServiceId> = BTreeSet::from([root]);
+        let mut todo = VecDeque::from([(root, 0u32)]);
+        while let Some((id, depth)) = todo.pop_front() {
+            for child in self.children_of(id) {
+                if !seen.insert(child.id) {
+                    continue;
+                }
+                if out.len() >= TREE_MEMBERS_MAX {
+                    return Err(Error::Limit {
+                        what: "members of one assembly tree",
+                        max: TREE_MEMBERS_MAX,
+                    });
+                }
+                let node = self.whereabouts(child.id, &child.node);
+                out.push(TreeMember {
+                    addr: ServiceAddr { node, ..child },
+                    parent: Some(id),
+                    depth: depth + 1,
+                });
+                todo.push_back((child.id, depth + 1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// An address for `id` from the local table or the books.
+    fn addr_known(&self, id: ServiceId) -> Option<ServiceAddr> {
+        self.local_addr_of(id).or_else(|| self.book_addr(id))
+    }
+
+    /// Moves every `(service, node)` of `moves` as one group: all or none, frozen together.
+    /// The members must all run on one node (this one or a peer, which then does it).
+    pub async fn migrate_group(
+        self: &Arc<Self>,
+        moves: Vec<(ServiceId, NodeName)>,
+        opts: MigrateOptions,
+    ) -> Result<GroupReport, Error> {
+        if moves.is_empty() {
+            return Err(Error::Tree(
+                "a group migration needs at least one member".into(),
+            ));
+        }
+        if moves.len() > TREE_MEMBERS_MAX {
+            return Err(Error::Limit {
+                what: "members of one group migration",
+                max: TREE_MEMBERS_MAX,
+            });
+        }
+        let me = self.name().clone();
+        let sources: BTreeSet<NodeName> = moves
+            .iter()
+            .map(|(id, _)| self.whereabouts(*id, &me))
+            .collect();
+        if sources.len() > 1 {
+            return Err(Error::Tree(format!(
+                "the members run on {} nodes ({}); a group moves from one node",
+                sources.len(),
+                sources
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let at = sources.into_iter().next().unwrap_or(me);
+        if at == *self.name() {
+            let unknown = moves.iter().find(|(id, _)| self.slot(*id).is_none());
+            if let Some((id, _)) = unknown {
+                return Err(DeliveryError::UnknownService {
+                    id: *id,
+                    node: self.name().clone(),
+                }
+                .into());
+            }
+            let rxs = self.driver.migrate_group(self, &moves, opts);
+            let mut reports = Vec::with_capacity(rxs.len());
+            for rx in rxs {
+                reports.push(rx.await.map_err(|_| Error::Stopped)?);
+            }
+            return Ok(GroupReport::of(reports));
+        }
+        let link = self
+            .peer(&at)
+            .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
+        let (req, rx) = self.asks.open(at.clone(), None)?;
+        if let Err(e) = link.push_ctrl(&Frame::Mig(MigMsg::GroupRequest {
+            req,
+            moves,
+            drain: opts.drain,
+        })) {
+            self.asks.cancel(req);
+            return Err(e.into());
+        }
+        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + GROUP_SLACK;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(crate::handle::ReplyPayload::Failed(detail))) => {
+                Err(Error::Remote { node: at, detail })
+            }
+            Ok(Ok(p)) => Ok(GroupReport::of(p.into_typed::<Vec<MigrationReport>>()?)),
+            Ok(Err(_)) => Err(AskError::NodeLost { node: at }.into()),
+            Err(_) => {
+                self.asks.cancel(req);
+                Err(AskError::Timeout {
+                    timeout_ms: wait.as_millis() as u64,
+                }
+                .into())
+            }
+        }
+    }
+
+    /// Moves the whole tree of `root` to `to`.
+    pub async fn migrate_tree(
+        self: &Arc<Self>,
+        root: ServiceId,
+        to: NodeName,
+        opts: MigrateOptions,
+    ) -> Result<GroupReport, Error> {
+        let moves = self
+            .tree(root)?
+            .into_iter()
+            .map(|m| (m.addr.id, to.clone()))
+            .collect();
+        self.migrate_group(moves, opts).await
+    }
+}
+
+/// Beyond the migration deadline, how long a remote group request waits for its reports.
+const GROUP_SLACK: Duration = Duration::from_secs(30);
+
+/// A peer asked this node to move a group of its services; answers with the reports.
+pub(crate) fn on_group_request(
+    node: &Arc<NodeShared>,
+    link: &Arc<crate::transport::PeerLink>,
+    req: u64,
+    moves: Vec<(ServiceId, NodeName)>,
+    drain: bool,
+) {
+    let (node, link) = (node.clone(), link.clone());
+    actix_rt::spawn(async move {
+        let missing = moves.iter().find(|(id, _)| node.slot(*id).is_none());
+        let res = match missing {
+            Some((id, _)) => Err(format!("service {id} does not run on {}", node.name())),
+            None => {
+                let rxs = node
+                    .driver
+                    .migrate_group(&node, &moves, MigrateOptions { drain });
+                let mut reports = Vec::with_capacity(rxs.len());
+                let mut stopped = false;
+                for rx in rxs {
+                    match rx.await {
+                        Ok(r) => reports.push(r),
+                        Err(_) => stopped = true,
+                    }
+                }
+                if stopped {
+                    Err("the node stopped".to_string())
+                } else {
+                    Ok(reports)
+                }
+            }
+        };
+        let bytes = res.and_then(|r| rmp_serde::to_vec(&r).map_err(|e| e.to_string()));
+        let sent = match &bytes {
+            Ok(b) => link.push_ctrl(&Frame::Reply {
+                ask: req,
+                result: ReplyBody::Value(b),
+            }),
+            Err(detail) => link.push_ctrl(&Frame::Reply {
+                ask: req,
+                result: ReplyBody::Failed(detail.clone()),
+            }),
+        };
+        if let Err(e) = sent {
+            node.event("migration-report-lost", format!("to {}: {e}", link.name));
+        }
+    });
+}

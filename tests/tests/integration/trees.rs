@@ -1,0 +1,239 @@
+//! Assembly trees over real QUIC: a tree moves as one unit (all members or none, one freeze
+//! window), with nothing lost, duplicated or reordered, and its inner channels local again.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use tern::{MigrateOptions, NodeHandle, ServiceRef};
+use tern_harness::{block_on, wait_for, Cluster};
+
+use crate::common::{register_test_kinds, tally, Relay, RelayMsg, SECS_10};
+
+/// A tree of `members` relays on `node`, `fanout` children each, breadth first; its names
+/// start with `prefix`. Returns the root and every member (root first).
+pub fn relay_tree(
+    node: &NodeHandle,
+    prefix: &str,
+    members: usize,
+    fanout: usize,
+) -> Result<Vec<ServiceRef<Relay>>> {
+    let mut all: Vec<ServiceRef<Relay>> = vec![node.spawn(Relay {
+        name: format!("{prefix}0"),
+    })?];
+    let mut parent = 0;
+    while all.len() < members {
+        for _ in 0..fanout {
+            if all.len() >= members {
+                break;
+            }
+            let child = node.spawn(Relay {
+                name: format!("{prefix}{}", all.len()),
+            })?;
+            node.adopt(all[parent].id(), child.addr())?;
+            all.push(child);
+        }
+        parent += 1;
+    }
+    Ok(all)
+}
+
+/// Every member of the tree named `prefix` handled items `1..=n`, once each, in order.
+pub fn check_tallies(prefix: &str, members: usize, n: u64) -> Result<()> {
+    for i in 0..members {
+        let got = tally(&format!("{prefix}{i}"));
+        ensure!(
+            got == (1..=n).collect::<Vec<_>>(),
+            "member {i} handled {} items, first differences: {:?}",
+            got.len(),
+            got.iter()
+                .enumerate()
+                .filter(|(k, v)| **v != *k as u64 + 1)
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+fn wait_tallies(prefix: &str, members: usize, n: u64) -> Result<()> {
+    wait_for(
+        Duration::from_secs(30),
+        "every member to handle every item",
+        || (0..members).all(|i| tally(&format!("{prefix}{i}")).len() as u64 >= n),
+    )
+}
+
+#[test]
+fn a_tree_of_twenty_moves_as_one_under_load_and_talks_locally_after() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let members = 20;
+    let tree = relay_tree(a, "t20.", members, 3)?;
+    let root = tree[0].clone();
+    let listed = a.tree(root.id())?;
+    assert_eq!(listed.len(), members);
+    assert_eq!(listed[0].addr.id, root.id());
+    assert!(listed[1..]
+        .iter()
+        .all(|m| m.parent.is_some() && m.depth >= 1));
+    // The tree is known on every node (it lives in the books).
+    wait_for(SECS_10, "c to know the tree", || {
+        c.node("c").tree(root.id()).map(|t| t.len()).unwrap_or(0) == members
+    })?;
+
+    // Items flow down the tree while it moves.
+    let n = 2_000u64;
+    let feeder = {
+        let root = root.clone();
+        std::thread::spawn(move || {
+            block_on(async {
+                for i in 1..=n {
+                    root.tell_wait(RelayMsg::Item(i)).await?;
+                    if i % 100 == 0 {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(40));
+    let report = block_on(a.migrate_tree(root.id(), "b", MigrateOptions::default()))?;
+    assert!(report.committed, "{report:?}");
+    assert_eq!(report.members.len(), members);
+    assert!(report.members.iter().all(|m| m.to.as_str() == "b"));
+    assert!(report.freeze_us > 0 && report.total_us > 0);
+    eprintln!(
+        "tree of {members}: freeze window {} us, total {} us, carried {}, forwarded {}",
+        report.freeze_us,
+        report.total_us,
+        report.carried(),
+        report.forwarded()
+    );
+    feeder.join().expect("feeder thread")?;
+    wait_tallies("t20.", members, n)?;
+    check_tallies("t20.", members, n)?;
+    assert_eq!(
+        b.services()
+            .iter()
+            .filter(|s| s.addr.kind.name == "test-relay")
+            .count(),
+        members
+    );
+    assert!(a
+        .services()
+        .iter()
+        .all(|s| s.addr.kind.name != "test-relay"));
+    let on_b = b.tree(root.id())?;
+    assert_eq!(on_b.len(), members);
+    assert!(on_b.iter().all(|m| m.addr.node.as_str() == "b"), "{on_b:?}");
+
+    // After the move, traffic inside the tree stays on b: b sends nothing to a peer.
+    let before = b.stats();
+    let more = 300u64;
+    block_on(async {
+        for i in n + 1..=n + more {
+            root.tell_wait(RelayMsg::Item(i)).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    wait_tallies("t20.", members, n + more)?;
+    check_tallies("t20.", members, n + more)?;
+    let after = b.stats();
+    let inner = (members as u64 - 1) * more;
+    eprintln!(
+        "after the move: b sent {} local and {} remote messages for {inner} intra-tree items",
+        after.sent_local - before.sent_local,
+        after.sent_remote - before.sent_remote
+    );
+    assert_eq!(
+        after.sent_remote, before.sent_remote,
+        "intra-tree traffic left b"
+    );
+    assert!(after.sent_local - before.sent_local >= inner);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_tree_whose_member_is_refused_does_not_move_at_all() -> Result<()> {
+    // c cannot host relays: one member sent there sinks the whole group.
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .node("c", &[])
+        .setup(|n: &NodeHandle| {
+            if n.name().as_str() == "c" {
+                tern_actors::register_all(n);
+            } else {
+                register_test_kinds(n);
+            }
+        })
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let tree = relay_tree(a, "r5.", 5, 2)?;
+    let n = 500u64;
+    let feeder = {
+        let root = tree[0].clone();
+        std::thread::spawn(move || {
+            block_on(async {
+                for i in 1..=n {
+                    root.tell_wait(RelayMsg::Item(i)).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(10));
+    let moves: Vec<(tern::ServiceId, &str)> = tree
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id(), if i == 3 { "c" } else { "b" }))
+        .collect();
+    let report = block_on(a.migrate_group(&moves, MigrateOptions::default()))?;
+    assert!(!report.committed, "{report:?}");
+    assert!(report.members.iter().all(|m| !m.committed()));
+    let why = report.aborted().unwrap_or_default();
+    assert!(
+        why.contains("kind"),
+        "the first reason is the refusal: {why}"
+    );
+    assert!(
+        matches!(report.members[0].aborted, Some(tern::AbortReason::Group(_))),
+        "{:?}",
+        report.members[0].aborted
+    );
+    feeder.join().expect("feeder thread")?;
+    wait_tallies("r5.", 5, n)?;
+    check_tallies("r5.", 5, n)?;
+    assert_eq!(
+        a.services()
+            .iter()
+            .filter(|s| s.addr.kind.name == "test-relay")
+            .count(),
+        5,
+        "every member still runs on a"
+    );
+    assert_eq!(c.node("b").migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn adoption_refuses_cycles_and_second_parents() -> Result<()> {
+    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let a = c.node("a");
+    let tree = relay_tree(a, "cy.", 3, 1)?; // a chain: 0 -> 1 -> 2
+    let err = a.adopt(tree[2].id(), tree[0].addr()).unwrap_err();
+    assert!(err.to_string().contains("cycle"), "{err}");
+    let other = a.spawn(Relay {
+        name: "cy.x".into(),
+    })?;
+    let err = a.adopt(other.id(), tree[1].addr()).unwrap_err();
+    assert!(err.to_string().contains("parent"), "{err}");
+    assert_eq!(a.children(tree[0].id()), vec![tree[1].id()]);
+    c.shutdown();
+    Ok(())
+}
