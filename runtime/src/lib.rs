@@ -16,8 +16,10 @@ mod error;
 mod handle;
 mod ids;
 mod mailbox;
+mod members;
 mod migrate;
 mod node;
+mod placement;
 mod service;
 mod stats;
 pub mod tls;
@@ -29,13 +31,20 @@ mod wire_props;
 
 pub use crate::core::directory::{Associations, BookEdge};
 pub use crate::core::migration::AbortReason;
+pub use crate::core::placement::{AffinityPolicy, Needs, Policy};
+pub use crate::core::traffic::EdgeRate;
 pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;
 pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+pub use members::{Member, MemberInfo, MemberStatus, NodeLoad, Power};
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
 pub use node::{
     Limits, LossReport, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo,
     SocketWrap,
+};
+pub use placement::{
+    Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
+    RebalancerConfig,
 };
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;

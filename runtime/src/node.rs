@@ -14,13 +14,22 @@ use tokio::sync::oneshot;
 
 use crate::certs::NodeIdentity;
 use crate::core::directory::{Associations, BookEdge, BookIndex};
+use crate::core::placement::Needs;
+use crate::core::placement::Policy;
+use crate::core::traffic::EdgeRate;
+use crate::core::traffic::TrafficSketch;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{AnyChannel, Channel};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::Refusal;
 use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
+use crate::members::{Member, Power};
+use crate::members::{MemberInfo, Members};
 use crate::migrate::{Driver, Go, InCopy, MigrateOptions, MigrationReport, MigrationStats};
+use crate::placement::{
+    Association, DrainReport, PlaceReport, Plan, PlanOptions, RebalanceRound, RebalancerConfig,
+};
 use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
@@ -73,6 +82,10 @@ pub struct Limits {
     /// source is gone, or cut off with its decision) is dropped and reported lost, in
     /// milliseconds. Must be well over `migration_deadline_ms` plus `idle_timeout_ms`.
     pub prepared_orphan_ms: u64,
+    /// Service-to-service edges whose traffic is observed (the heaviest are kept).
+    pub traffic_edges_max: usize,
+    /// On battery at or below this charge (percent), the node drains itself.
+    pub drain_below_percent: u8,
 }
 
 impl Default for Limits {
@@ -97,6 +110,8 @@ impl Default for Limits {
             keep_alive_ms: 2_000,
             losses_max: 1024,
             prepared_orphan_ms: 60_000,
+            traffic_edges_max: 4096,
+            drain_below_percent: 10,
         }
     }
 }
@@ -248,6 +263,7 @@ type RestorePausedFn =
 struct KindEntry {
     restore: RestoreFn,
     restore_paused: RestorePausedFn,
+    needs: Needs,
 }
 
 /// Builds a paused copy of a migrating service from its snapshot; the copy is registered and
@@ -424,7 +440,6 @@ impl AskTable {
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
-    pub caps: Vec<String>,
     pub limits: Limits,
     pub stats: Stats,
     pub asks: AskTable,
@@ -453,6 +468,13 @@ pub(crate) struct NodeShared {
     /// Services with confirmations to report on the next progress tick (each at most once
     /// per tick: a mailbox adds itself when its first unreported mark appears).
     handled_pending: Mutex<Vec<ServiceId>>,
+    /// Observed traffic of the edges touching local services (bounded by
+    /// `traffic_edges_max`).
+    pub traffic: Mutex<TrafficSketch>,
+    /// What this node knows of every node, itself included.
+    pub members: Mutex<Members>,
+    /// Placement's state: policy, pins, rebalancer.
+    pub placement: crate::placement::PlacementState,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -515,6 +537,10 @@ impl NodeShared {
             .or_insert(KindEntry {
                 restore: restore_service::<S>,
                 restore_paused: restore_paused::<S>,
+                needs: Needs {
+                    required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
+                    preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
+                },
             });
     }
 
@@ -589,6 +615,15 @@ impl NodeShared {
             services.insert(id, LocalService { slot, addr });
         }
         Ok(())
+    }
+
+    /// Runs `fut` as a task on the node's thread; false if the node has stopped.
+    pub fn spawn_task(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+        if self.on_node_thread() {
+            actix_rt::spawn(fut);
+            return true;
+        }
+        self.arbiter.get().is_some_and(|a| a.spawn(fut))
     }
 
     /// Runs `runner` on the node's thread (it spawns a service's task there).
@@ -689,6 +724,7 @@ impl NodeShared {
     pub fn forget_moved(&self, id: ServiceId) {
         self.flush_handled(id);
         self.forget_service(id);
+        lock(&self.traffic).forget(id);
     }
 
     /// Hands messages for `id` on to node `to` (after a commit, or back to the source after an
@@ -806,7 +842,14 @@ impl NodeShared {
         slot: &Arc<dyn Slot>,
         remote: &mut HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>>,
     ) {
-        for (from, seq, origin) in slot.take_handled() {
+        let marks = slot.take_handled();
+        if !marks.is_empty() {
+            let mut traffic = lock(&self.traffic);
+            for (from, seq, _) in &marks {
+                traffic.observe(*from, id, *seq);
+            }
+        }
+        for (from, seq, origin) in marks {
             match origin {
                 Some(o) if o != self.name => remote.entry(o).or_default().push((id, from, seq)),
                 _ => self.settle(id, from, seq),
@@ -837,6 +880,11 @@ impl NodeShared {
                 self.send_handled(&origin, marks);
             }
         }
+    }
+
+    /// A sampled message size on the edge `from -> to`.
+    pub fn sample_size(&self, from: ServiceId, to: ServiceId, bytes: usize) {
+        lock(&self.traffic).sample_size(from, to, bytes);
     }
 
     /// Service `to` confirmed taking `from`'s messages up to `seq`.
@@ -968,6 +1016,50 @@ impl NodeShared {
     }
 
     /// True when kind `kind` is registered here.
+    /// What kind `kind` needs from a node (`None` if it is not registered here).
+    pub fn needs_of(&self, kind: &KindKey) -> Option<Needs> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .map(|k| k.needs.clone())
+    }
+
+    /// This node's capabilities now.
+    pub fn capabilities(&self) -> Vec<String> {
+        lock(&self.members).me().capabilities.clone()
+    }
+
+    /// Services hosted here and messages queued for them.
+    pub fn local_depths(&self) -> (u64, u64) {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let backlog = services.values().map(|s| s.slot.depth() as u64).sum();
+        (services.len() as u64, backlog)
+    }
+
+    /// Up to `max` local services: id, kind, pinned.
+    pub fn hosted_list(&self, max: usize) -> Vec<(ServiceId, KindKey, bool)> {
+        let pins = self.placement.pins();
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(ServiceId, KindKey, bool)> = services
+            .values()
+            .take(max)
+            .map(|s| (s.addr.id, s.addr.kind.clone(), pins.contains(&s.addr.id)))
+            .collect();
+        out.sort_by_key(|(id, _, _)| *id);
+        out
+    }
+
+    /// Every local service's address.
+    pub fn local_services(&self) -> Vec<ServiceAddr> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.addr.clone())
+            .collect()
+    }
+
     pub fn has_kind(&self, kind: &KindKey) -> bool {
         self.kinds
             .read()
@@ -1336,6 +1428,20 @@ impl Actor for NodeActor {
         ctx.run_interval(Duration::from_millis(10), |act, _| {
             act.shared.driver.tick(&act.shared)
         });
+        // Membership: what this node is, to every peer, once a second; then the
+        // rebalancer, when it is on and this node leads.
+        ctx.run_interval(
+            Duration::from_millis(crate::members::GOSSIP_MS),
+            |act, _| {
+                act.shared.gossip();
+                act.shared.rebalancer_tick();
+            },
+        );
+        // Traffic rates: one window per second.
+        let clock = std::time::Instant::now();
+        ctx.run_interval(Duration::from_millis(1000), move |act, _| {
+            lock(&act.shared.traffic).roll(clock.elapsed().as_millis() as u64)
+        });
         // The delivery ledger's confirmations, batched.
         ctx.run_interval(Duration::from_millis(PROGRESS_MS), |act, _| {
             act.shared.report_progress()
@@ -1456,12 +1562,12 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         .local_addr()
         .map_err(|e| Error::io("reading local address", e))?;
     let limits = config.limits.clone();
+    let id_prefix = random_prefix()?;
     let shared = Arc::new(NodeShared {
         name: name.clone(),
-        caps: config.capabilities.clone(),
         stats: Stats::default(),
         asks: AskTable::new(limits.asks_pending_max),
-        id_prefix: random_prefix()?,
+        id_prefix,
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
         services: RwLock::new(IdMap::default()),
@@ -1483,6 +1589,21 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         losses: Mutex::new(VecDeque::new()),
         gaps_pending: Mutex::new(VecDeque::new()),
         handled_pending: Mutex::new(Vec::new()),
+        traffic: Mutex::new(TrafficSketch::new(limits.traffic_edges_max)),
+        members: Mutex::new(Members::new(MemberInfo {
+            name: name.clone(),
+            addr: (!local_addr.ip().is_unspecified()).then_some(local_addr),
+            capabilities: config.capabilities.clone(),
+            load: Default::default(),
+            power: Default::default(),
+            draining: false,
+            rebalancing: false,
+            id_prefix,
+            services: Vec::new(),
+            edges: Vec::new(),
+            version: 1,
+        })),
+        placement: Default::default(),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -1510,9 +1631,9 @@ impl NodeHandle {
         self.local_addr
     }
 
-    /// The node's capabilities.
-    pub fn capabilities(&self) -> &[String] {
-        &self.shared.caps
+    /// The node's capabilities now (see [`set_capabilities`](Self::set_capabilities)).
+    pub fn capabilities(&self) -> Vec<String> {
+        self.shared.capabilities()
     }
 
     /// The node's limits.
@@ -1704,6 +1825,138 @@ impl NodeHandle {
         self.shared.migrate_group(moves, opts).await
     }
 
+    /// Every node this one knows, itself first: capabilities, load, power, status.
+    pub fn members(&self) -> Vec<Member> {
+        self.shared.members()
+    }
+
+    /// Replaces this node's capabilities (a display turned off, a speaker plugged in). Peers
+    /// learn at the next gossip; local services that require a capability the node lost are
+    /// moved to a node that has it, and those that prefer one to a node that offers it.
+    pub fn set_capabilities(&self, capabilities: &[&str]) {
+        let caps: Vec<String> = capabilities.iter().map(|c| c.to_string()).collect();
+        lock(&self.shared.members).update_me(|me| me.capabilities = caps);
+        self.shared.gossip();
+        self.shared
+            .capabilities_changed(std::slice::from_ref(self.name()));
+    }
+
+    /// Sets this device's power. At or below `Limits::drain_below_percent` on battery, the
+    /// node drains: every movable service moves to the best peers (see
+    /// [`drain`](Self::drain)); the report lands in the event log (`drained`).
+    pub fn set_power(&self, power: Power) {
+        lock(&self.shared.members).update_me(|me| me.power = power);
+        self.shared.gossip();
+        let low = matches!(power, Power::Battery { percent } if percent <= self.shared.limits.drain_below_percent);
+        let draining = lock(&self.shared.members).me().draining;
+        if low && !draining {
+            self.shared.event("power-low", format!("{power}: draining"));
+            let node = self.shared.clone();
+            self.shared.spawn_task(async move {
+                node.drain().await;
+            });
+        }
+    }
+
+    /// Moves every movable service of this node to the best peers (trees whose root is here
+    /// as one unit each) and stops taking services; pinned services stay and are listed.
+    /// Returns once every move has ended. Call [`shutdown`](Self::shutdown) after it to
+    /// leave the cluster with nothing lost.
+    ///
+    /// ```no_run
+    /// # async fn demo(phone: tern::NodeHandle) {
+    /// let report = phone.drain().await;
+    /// println!("{} moved, pinned: {:?}, failed: {:?}", report.moved.len(), report.pinned, report.failed);
+    /// phone.shutdown();
+    /// # }
+    /// ```
+    pub async fn drain(&self) -> DrainReport {
+        let node = self.shared.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = self.shared.spawn_task(async move {
+            let _ = tx.send(node.drain().await);
+        });
+        if !spawned {
+            return DrainReport::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Pins (or unpins) local service `id`: placement, drain and the rebalancer never move
+    /// it, and `migrate` refuses to.
+    pub fn pin(&self, id: ServiceId, pinned: bool) {
+        self.shared.placement.pin(id, pinned);
+    }
+
+    /// Replaces the placement policy (the default is [`AffinityPolicy`]).
+    pub fn set_policy(&self, policy: Arc<dyn Policy>) {
+        self.shared.placement.set_policy(policy);
+    }
+
+    /// Where `ids` (with their trees when `opts.tree`) would go and why, moving nothing.
+    ///
+    /// ```no_run
+    /// # fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
+    /// let plan = phone.plan(&[player], &tern::PlanOptions { tree: true, ..Default::default() })?;
+    /// for m in &plan.moves {
+    ///     println!("{} {} -> {}: {}", m.kind, m.from, m.to, m.reasons.join("; "));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn plan(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
+        self.shared.plan(ids, opts)
+    }
+
+    /// Plans `ids` and carries the plan out (one all-or-none group per source node). If any
+    /// service cannot be placed, nothing moves and the error says why.
+    pub async fn place(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<PlaceReport, Error> {
+        self.shared.place(ids, opts).await
+    }
+
+    /// Starts the periodic affinity rebalancer on this node (`None` stops it). Of the nodes
+    /// that run it, the one with the smallest name plans for the whole cluster.
+    pub fn set_rebalancer(&self, cfg: Option<RebalancerConfig>) {
+        self.shared.set_rebalancer(cfg);
+    }
+
+    /// Runs one rebalancer round now, planned here for the whole cluster, and waits for its
+    /// migrations.
+    pub async fn rebalance_now(&self, cfg: &RebalancerConfig) -> RebalanceRound {
+        let node = self.shared.clone();
+        let cfg = cfg.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = self.shared.spawn_task(async move {
+            let _ = tx.send(node.rebalance_round(&cfg).await);
+        });
+        let empty = RebalanceRound {
+            leader: self.name().clone(),
+            cross_node_fraction_before: 0.0,
+            cross_node_fraction_planned: 0.0,
+            moves: Vec::new(),
+        };
+        if !spawned {
+            return empty;
+        }
+        rx.await.unwrap_or(empty)
+    }
+
+    /// The rebalancer rounds this node led, oldest first.
+    pub fn rebalance_rounds(&self) -> Vec<RebalanceRound> {
+        self.shared.rebalance_rounds()
+    }
+
+    /// The services associated with `id`: in its book, holding it in theirs, or observed
+    /// exchanging messages with it (rates from the traffic tables of this node and its
+    /// peers), heaviest first.
+    pub fn associated(&self, id: ServiceId) -> Vec<Association> {
+        self.shared.associated(id)
+    }
+
+    /// Observed traffic of the edges touching this node's services, heaviest first.
+    pub fn traffic(&self) -> Vec<EdgeRate> {
+        lock(&self.shared.traffic).all()
+    }
+
     /// Counters of this node's migrations: committed, aborted by reason, freeze histogram.
     pub fn migration_stats(&self) -> MigrationStats {
         self.shared.driver.stats()
@@ -1831,6 +2084,12 @@ impl NodeShared {
         to: NodeName,
         opts: MigrateOptions,
     ) -> Result<MigrationReport, Error> {
+        if self.placement.pins().contains(&id) {
+            return Err(Error::Placement(format!(
+                "service {id} is pinned to {}",
+                self.name
+            )));
+        }
         if self.slot(id).is_some() {
             let rx = self.driver.migrate(self, id, to, opts);
             return rx.await.map_err(|_| Error::Stopped);
@@ -1840,6 +2099,7 @@ impl NodeShared {
             .location(id)
             .map(|(n, _)| n)
             .or_else(|| lock(&self.channels).get(&id).map(|c| c.location().0))
+            .or_else(|| self.hosting_member(id))
             .ok_or(DeliveryError::UnknownService {
                 id,
                 node: self.name.clone(),

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::core::directory::Associations;
+use crate::core::traffic::SIZE_SAMPLE_EVERY;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
 use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
@@ -54,6 +55,11 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     const KIND: &'static str;
     /// The kind's version. State and messages of one version are not read by another.
     const VERSION: u32;
+
+    /// Capabilities a node must offer to host this kind (placement never puts it elsewhere).
+    const REQUIRES: &'static [&'static str] = &[];
+    /// Capabilities this kind is better off with (placement weighs them).
+    const PREFERS: &'static [&'static str] = &[];
 
     /// Handles one message.
     fn handle(&mut self, msg: Self::Msg, ctx: &mut Ctx<Self>) -> impl Future<Output = ()>;
@@ -163,6 +169,29 @@ pub struct Ctx<S: Service> {
     timers: Timers<S::Msg>,
     stop: bool,
     migrate_to: Option<(NodeName, MigrateOptions)>,
+    /// Messages sent and received, for sampling their sizes.
+    sent: u64,
+    received: u64,
+}
+
+/// The MessagePack size of `msg`, measured without keeping the bytes (0 if it does not
+/// encode: it would not travel either).
+pub(crate) fn encoded_len<T: Serialize>(msg: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match rmp_serde::encode::write(&mut c, msg) {
+        Ok(()) => c.0,
+        Err(_) => 0,
+    }
 }
 
 impl<S: Service> Ctx<S> {
@@ -191,6 +220,14 @@ impl<S: Service> Ctx<S> {
         self.me.clone()
     }
 
+    /// Measures one sent message in [`SIZE_SAMPLE_EVERY`] for the traffic table.
+    fn sample_send<M: Serialize>(&mut self, to: ServiceId, msg: &M) {
+        self.sent += 1;
+        if self.sent % SIZE_SAMPLE_EVERY == 1 {
+            self.node.sample_size(self.me.id(), to, encoded_len(msg));
+        }
+    }
+
     /// The metadata of this service's next message to `to`.
     fn next_meta(&mut self, to: ServiceId) -> Meta {
         let seq = self.seqs.entry(to).or_insert(0);
@@ -216,6 +253,7 @@ impl<S: Service> Ctx<S> {
         to: &ServiceRef<T>,
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
+        self.sample_send(to.id(), &msg);
         let meta = self.next_meta(to.id());
         let res = to.send(meta, msg);
         if res.is_err() {
@@ -230,6 +268,7 @@ impl<S: Service> Ctx<S> {
         to: &ServiceRef<T>,
         msg: T::Msg,
     ) -> Result<(), DeliveryError> {
+        self.sample_send(to.id(), &msg);
         let meta = self.next_meta(to.id());
         let res = to.send_wait(meta, msg, None).await;
         if res.is_err() {
@@ -394,6 +433,8 @@ fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
         timers: Timers::new(timers_max),
         stop: false,
         migrate_to: None,
+        sent: 0,
+        received: 0,
     }
 }
 
@@ -601,7 +642,15 @@ async fn serve<S: Service>(
                 if newly_dirty {
                     ctx.node.handled_pending(ctx.id());
                 }
-                env.map(|env| env.msg)
+                env.map(|env| {
+                    ctx.received += 1;
+                    if ctx.received % SIZE_SAMPLE_EVERY == 1 {
+                        if let Some(from) = env.from {
+                            ctx.node.sample_size(from, ctx.id(), encoded_len(&env.msg));
+                        }
+                    }
+                    env.msg
+                })
             }
         };
         // The freeze ends when the copy handles its next message, or has nothing to handle

@@ -455,7 +455,7 @@ async fn dial_inner(
     encode_frame(
         &mut hello,
         &Frame::Hello {
-            caps: node.caps.clone(),
+            caps: node.capabilities(),
         },
         node.limits.frame_bytes_max,
     )?;
@@ -636,7 +636,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
     if let Err(e) = encode_frame(
         &mut out,
         &Frame::Welcome {
-            caps: node.caps.clone(),
+            caps: node.capabilities(),
         },
         node.limits.frame_bytes_max,
     ) {
@@ -760,6 +760,9 @@ fn register(
                         if link.lost(gen, e.to_string()) {
                             tracing::info!(reason = %e, "connection down");
                             node.event("peer-down", format!("{}: {e}", link.name));
+                            let left = matches!(&e, quinn::ConnectionError::ApplicationClosed(c)
+                                if c.error_code == quinn::VarInt::from_u32(code::SHUTDOWN as u32));
+                            node.member_down(&link.name, left);
                             node.driver.link_lost(&node, &link.name);
                             node.declare_lost(&link.name);
                             let failed = node.asks.fail_lost(&link.name, |id| {
@@ -1189,9 +1192,19 @@ fn handle_frame(
             node.apply_gap(to, from, through);
         }
         (StreamKind::Control, Frame::Handled { marks }) => {
+            {
+                // What local senders sent to services there: outgoing traffic.
+                let mut traffic = crate::mailbox::lock(&node.traffic);
+                for (to, from, seq) in &marks {
+                    traffic.observe(*from, *to, *seq);
+                }
+            }
             for (to, from, seq) in marks {
                 node.settle(to, from, seq);
             }
+        }
+        (StreamKind::Control, Frame::Members { nodes }) => {
+            node.on_members(&link.name, nodes);
         }
         (StreamKind::Control, Frame::Mig(msg)) => {
             crate::migrate::on_control(node, link, msg);

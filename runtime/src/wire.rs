@@ -273,6 +273,12 @@ pub enum Frame<'a> {
         /// The last number declared lost.
         through: u64,
     },
+    /// Control stream, once a second: what the sender is (capabilities, load, power, the
+    /// services it hosts, its heaviest traffic) and what it knows of other nodes.
+    Members {
+        /// The sender first, then the members it believes up.
+        nodes: Vec<crate::members::MemberInfo>,
+    },
     /// Data stream, to the node that told the sender where `service` went (`Located`,
     /// `Moved`): the sender's channel no longer points at the receiver for `service` at
     /// `epoch`, and everything it sent there before is ahead of this frame on the stream.
@@ -308,6 +314,7 @@ impl Frame<'_> {
             Frame::SnapLeftovers { .. } => "snap-leftovers",
             Frame::SnapEnd => "snap-end",
             Frame::Fence { .. } => "fence",
+            Frame::Members { .. } => "members",
             Frame::Handled { .. } => "handled",
             Frame::Gap { .. } => "gap",
         }

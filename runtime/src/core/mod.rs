@@ -3,4 +3,6 @@
 
 pub mod directory;
 pub mod migration;
+pub mod placement;
 pub mod seq;
+pub mod traffic;

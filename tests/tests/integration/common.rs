@@ -142,7 +142,10 @@ pub fn register_test_kinds(node: &tern::NodeHandle) {
         .register::<Parent>()
         .register::<Alarm>()
         .register::<Tally>()
-        .register::<Relay>();
+        .register::<Relay>()
+        .register::<SpeakerRelay>()
+        .register::<DisplayRelay>()
+        .register::<Chatter>();
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);
@@ -209,31 +212,115 @@ pub enum RelayMsg {
     Item(u64),
 }
 
+/// What every relay kind does with an item: record it, pass it to each child (children may
+/// be of any relay kind; they all take [`RelayMsg`]).
+async fn relay<S: Service<Msg = RelayMsg>>(name: &str, msg: RelayMsg, ctx: &mut Ctx<S>) {
+    let RelayMsg::Item(i) = msg;
+    TALLIES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(name.to_owned())
+        .or_default()
+        .push(i);
+    for (role, addr) in ctx.book() {
+        if !role.starts_with(tern::CHILD_ROLE_PREFIX) {
+            continue;
+        }
+        let sent = match addr.kind.name.as_str() {
+            "test-speaker-relay" => match ctx.book_ref::<SpeakerRelay>(&role) {
+                Ok(c) => ctx.tell_wait(&c, RelayMsg::Item(i)).await,
+                Err(e) => Err(e),
+            },
+            "test-display-relay" => match ctx.book_ref::<DisplayRelay>(&role) {
+                Ok(c) => ctx.tell_wait(&c, RelayMsg::Item(i)).await,
+                Err(e) => Err(e),
+            },
+            _ => match ctx.book_ref::<Relay>(&role) {
+                Ok(c) => ctx.tell_wait(&c, RelayMsg::Item(i)).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, to = %addr.id, "relay could not pass an item on");
+        }
+    }
+}
+
 impl Service for Relay {
     type Msg = RelayMsg;
     const KIND: &'static str = "test-relay";
     const VERSION: u32 = 1;
 
     async fn handle(&mut self, msg: RelayMsg, ctx: &mut Ctx<Self>) {
+        relay(&self.name, msg, ctx).await
+    }
+}
+
+/// A relay that needs a speaker.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SpeakerRelay {
+    pub name: String,
+}
+
+impl Service for SpeakerRelay {
+    type Msg = RelayMsg;
+    const KIND: &'static str = "test-speaker-relay";
+    const VERSION: u32 = 1;
+    const REQUIRES: &'static [&'static str] = &["speaker"];
+
+    async fn handle(&mut self, msg: RelayMsg, ctx: &mut Ctx<Self>) {
+        relay(&self.name, msg, ctx).await
+    }
+}
+
+/// A relay that needs a display.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DisplayRelay {
+    pub name: String,
+}
+
+impl Service for DisplayRelay {
+    type Msg = RelayMsg;
+    const KIND: &'static str = "test-display-relay";
+    const VERSION: u32 = 1;
+    const REQUIRES: &'static [&'static str] = &["display"];
+
+    async fn handle(&mut self, msg: RelayMsg, ctx: &mut Ctx<Self>) {
+        relay(&self.name, msg, ctx).await
+    }
+}
+
+/// Talks to the service in its book under `peer` every `every_ms`, and counts what it gets.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Chatter {
+    pub every_ms: u64,
+    pub heard: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ChatterMsg {
+    Start,
+    Tick,
+    Ping,
+}
+
+impl Service for Chatter {
+    type Msg = ChatterMsg;
+    const KIND: &'static str = "test-chatter";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: ChatterMsg, ctx: &mut Ctx<Self>) {
         match msg {
-            RelayMsg::Item(i) => {
-                TALLIES
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(self.name.clone())
-                    .or_default()
-                    .push(i);
-                for (role, addr) in ctx.book() {
-                    if !role.starts_with(tern::CHILD_ROLE_PREFIX) {
-                        continue;
-                    }
-                    if let Ok(child) = ctx.book_ref::<Relay>(&role) {
-                        if let Err(e) = ctx.tell_wait(&child, RelayMsg::Item(i)).await {
-                            tracing::warn!(error = %e, to = %addr.id, "relay could not pass an item on");
-                        }
-                    }
-                }
+            ChatterMsg::Start => {
+                let _ = ctx.schedule(Duration::from_millis(self.every_ms), ChatterMsg::Tick);
             }
+            ChatterMsg::Tick => {
+                if let Ok(peer) = ctx.book_ref::<Chatter>("peer") {
+                    let _ = ctx.tell(&peer, ChatterMsg::Ping);
+                }
+                let _ = ctx.schedule(Duration::from_millis(self.every_ms), ChatterMsg::Tick);
+            }
+            ChatterMsg::Ping => self.heard += 1,
         }
     }
 }

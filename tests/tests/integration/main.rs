@@ -9,6 +9,7 @@ mod limits;
 mod mailbox;
 mod messaging;
 mod migration;
+mod placement;
 mod sim;
 mod timers;
 mod tls;

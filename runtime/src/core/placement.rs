@@ -1,0 +1,528 @@
+//! Placement: which node each service should run on, and why. Pure functions over a view of
+//! the cluster (nodes with capabilities, load and power; services with their needs and where
+//! they run; observed traffic between services). No I/O: the node builds the view from its
+//! membership table, directory and traffic table, and carries out the moves.
+//!
+//! The order of concerns is fixed: a node that lacks a required capability, is draining, is
+//! not reachable or is excluded is never chosen; among the rest a [`Policy`] scores each node
+//! (the default, [`AffinityPolicy`], weighs preferred capabilities, then affinity: being where
+//! the services it talks to most are, then load and power). Every decision carries its reasons.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{KindKey, NodeName, ServiceId};
+
+/// What a service kind needs from a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Needs {
+    /// Capabilities a node must have to host it.
+    pub required: Vec<String>,
+    /// Capabilities it is better off with.
+    pub preferred: Vec<String>,
+}
+
+/// A node as placement sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// The node.
+    pub name: NodeName,
+    /// What it offers now.
+    pub capabilities: Vec<String>,
+    /// Services it hosts.
+    pub services: u64,
+    /// Messages queued on it.
+    pub backlog: u64,
+    /// Charge left in percent (100 when plugged in).
+    pub power_percent: u8,
+    /// Reachable (connected, or this node).
+    pub up: bool,
+    /// Moving its services away: takes none.
+    pub draining: bool,
+}
+
+impl NodeView {
+    fn has(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
+    }
+}
+
+/// A service as placement sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// The service.
+    pub id: ServiceId,
+    /// Its kind.
+    pub kind: KindKey,
+    /// Where it runs.
+    pub at: NodeName,
+    /// What its kind needs.
+    pub needs: Needs,
+    /// Pinned services are never moved by placement.
+    pub pinned: bool,
+}
+
+/// Traffic between the service being placed and the nodes its peers run on: messages per
+/// second (both directions) exchanged with services on each node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Affinity {
+    /// Per node.
+    pub by_node: BTreeMap<NodeName, f64>,
+    /// All observed traffic of the service (including peers whose node is unknown).
+    pub total: f64,
+}
+
+impl Affinity {
+    /// The fraction of the service's traffic exchanged with services on `node`.
+    pub fn share(&self, node: &NodeName) -> f64 {
+        if self.total <= 0.0 {
+            return 0.0;
+        }
+        self.by_node.get(node).copied().unwrap_or(0.0) / self.total
+    }
+}
+
+/// What a policy sees besides the service and one node.
+#[derive(Debug, Clone)]
+pub struct Context<'a> {
+    /// Every candidate node (for relative load).
+    pub nodes: &'a [NodeView],
+    /// The service's traffic by node.
+    pub affinity: &'a Affinity,
+}
+
+/// One node's score for one service, with the reasons that make it up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// Higher is better.
+    pub value: f64,
+    /// What added or took away, in words.
+    pub reasons: Vec<String>,
+}
+
+/// A placement strategy: scores a node that meets the service's required capabilities.
+///
+/// ```
+/// use tern::core::placement::{Context, NodeView, Policy, Score, ServiceView};
+///
+/// /// Prefers plugged-in devices, and otherwise the one with the fewest services.
+/// struct PluggedFirst;
+///
+/// impl Policy for PluggedFirst {
+///     fn name(&self) -> &str { "plugged-first" }
+///     fn score(&self, _svc: &ServiceView, node: &NodeView, _cx: &Context<'_>) -> Score {
+///         let plugged = if node.power_percent == 100 { 100.0 } else { 0.0 };
+///         Score {
+///             value: plugged - node.services as f64,
+///             reasons: vec![format!("power {}%, {} services", node.power_percent, node.services)],
+///         }
+///     }
+/// }
+/// ```
+pub trait Policy: Send + Sync {
+    /// The policy's name, shown with its decisions.
+    fn name(&self) -> &str;
+    /// Scores `node` for `svc`.
+    fn score(&self, svc: &ServiceView, node: &NodeView, cx: &Context<'_>) -> Score;
+}
+
+/// The default policy: preferred capabilities, then affinity, then load and power.
+#[derive(Debug, Clone)]
+pub struct AffinityPolicy {
+    /// Added per preferred capability the node has.
+    pub preferred_weight: f64,
+    /// Times the share of the service's traffic exchanged with services on the node.
+    pub affinity_weight: f64,
+    /// Times the node's services relative to the busiest candidate's (taken away).
+    pub load_weight: f64,
+    /// Times the missing charge (0 plugged in, 1 empty) (taken away).
+    pub power_weight: f64,
+    /// Added to the node the service is on, so that a move must gain at least this much.
+    pub stay_bonus: f64,
+}
+
+impl Default for AffinityPolicy {
+    fn default() -> Self {
+        AffinityPolicy {
+            preferred_weight: 10.0,
+            affinity_weight: 10.0,
+            load_weight: 1.0,
+            power_weight: 2.0,
+            stay_bonus: 0.5,
+        }
+    }
+}
+
+impl Policy for AffinityPolicy {
+    fn name(&self) -> &str {
+        "affinity"
+    }
+
+    fn score(&self, svc: &ServiceView, node: &NodeView, cx: &Context<'_>) -> Score {
+        let mut value = 0.0;
+        let mut reasons = Vec::new();
+        for p in &svc.needs.preferred {
+            if node.has(p) {
+                value += self.preferred_weight;
+                reasons.push(format!("has preferred {p} (+{:.1})", self.preferred_weight));
+            }
+        }
+        let share = cx.affinity.share(&node.name);
+        if share > 0.0 {
+            let v = self.affinity_weight * share;
+            value += v;
+            reasons.push(format!(
+                "{:.0}% of its traffic is with services there (+{v:.1})",
+                share * 100.0
+            ));
+        }
+        let busiest = cx
+            .nodes
+            .iter()
+            .map(|n| n.services)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let load = self.load_weight * node.services as f64 / busiest as f64;
+        value -= load;
+        reasons.push(format!("{} services (-{load:.2})", node.services));
+        if node.power_percent < 100 {
+            let p = self.power_weight * (100 - node.power_percent) as f64 / 100.0;
+            value -= p;
+            reasons.push(format!("battery {}% (-{p:.2})", node.power_percent));
+        }
+        if node.name == svc.at {
+            value += self.stay_bonus;
+            reasons.push(format!("already there (+{:.1})", self.stay_bonus));
+        }
+        Score { value, reasons }
+    }
+}
+
+/// Why a node was not a candidate, or the reasons it won.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The node chosen (possibly where the service already is).
+    pub node: NodeName,
+    /// Its score.
+    pub score: f64,
+    /// Why: the winner's score parts, then what ruled the others out.
+    pub reasons: Vec<String>,
+}
+
+/// Picks the node for `svc` among `nodes`, never one in `exclude`. `Err` lists why every node
+/// was ruled out.
+pub fn choose(
+    policy: &dyn Policy,
+    svc: &ServiceView,
+    nodes: &[NodeView],
+    affinity: &Affinity,
+    exclude: &BTreeSet<NodeName>,
+) -> Result<Choice, Vec<String>> {
+    let mut ruled_out = Vec::new();
+    let cx = Context { nodes, affinity };
+    let mut best: Option<(f64, &NodeView, Score)> = None;
+    for node in nodes {
+        if exclude.contains(&node.name) {
+            ruled_out.push(format!("{}: excluded", node.name));
+            continue;
+        }
+        if !node.up {
+            ruled_out.push(format!("{}: not reachable", node.name));
+            continue;
+        }
+        if node.draining {
+            ruled_out.push(format!("{}: draining", node.name));
+            continue;
+        }
+        let missing: Vec<&String> = svc.needs.required.iter().filter(|c| !node.has(c)).collect();
+        if !missing.is_empty() {
+            ruled_out.push(format!(
+                "{}: lacks required {}",
+                node.name,
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            continue;
+        }
+        let score = policy.score(svc, node, &cx);
+        let better = match &best {
+            None => true,
+            Some((v, n, _)) => {
+                score.value > *v
+                    || (score.value == *v && node.name == svc.at)
+                    || (score.value == *v && n.name != svc.at && node.name < n.name)
+            }
+        };
+        if better {
+            best = Some((score.value, node, score));
+        }
+    }
+    match best {
+        Some((value, node, score)) => {
+            let mut reasons = Vec::new();
+            if !svc.needs.required.is_empty() {
+                reasons.push(format!("has required {}", svc.needs.required.join(", ")));
+            }
+            reasons.extend(score.reasons);
+            reasons.extend(ruled_out);
+            Ok(Choice {
+                node: node.name.clone(),
+                score: value,
+                reasons,
+            })
+        }
+        None => Err(ruled_out),
+    }
+}
+
+/// One traffic edge between two services, in messages per second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// One end.
+    pub a: ServiceId,
+    /// The other end.
+    pub b: ServiceId,
+    /// Messages per second, both directions together.
+    pub msgs_per_s: f64,
+}
+
+/// How the rebalancer may move services.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceLimits {
+    /// Moves per round at most.
+    pub max_moves: usize,
+    /// A node may hold at most `ceil(mean * (1 + load_tolerance))` services after a move.
+    pub load_tolerance: f64,
+    /// A move must cut at least this many cross-node messages per second.
+    pub min_gain: f64,
+}
+
+/// One move the rebalancer proposes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    /// The service.
+    pub service: ServiceId,
+    /// Where it is.
+    pub from: NodeName,
+    /// Where it should go.
+    pub to: NodeName,
+    /// Cross-node messages per second the move saves.
+    pub gain: f64,
+    /// Why, in words.
+    pub reasons: Vec<String>,
+}
+
+/// The fraction of traffic (by message rate) whose two ends run on different nodes.
+pub fn cross_node_fraction(links: &[Link], at: &BTreeMap<ServiceId, NodeName>) -> f64 {
+    let (mut cross, mut total) = (0.0, 0.0);
+    for l in links {
+        let (Some(x), Some(y)) = (at.get(&l.a), at.get(&l.b)) else {
+            continue;
+        };
+        total += l.msgs_per_s;
+        if x != y {
+            cross += l.msgs_per_s;
+        }
+    }
+    if total > 0.0 {
+        cross / total
+    } else {
+        0.0
+    }
+}
+
+/// The rebalancer's round: greedily, the move that cuts the most cross-node traffic, while
+/// it cuts at least `min_gain`, keeps every node within the load tolerance and honours
+/// required capabilities, pins and `frozen` (services in their cool-down). Each move is
+/// planned against the placement the earlier moves of the round produced, and every move
+/// strictly lowers the cross-node traffic of the view, so rounds cannot undo each other
+/// while the traffic stays as observed.
+pub fn rebalance(
+    services: &[ServiceView],
+    nodes: &[NodeView],
+    links: &[Link],
+    frozen: &BTreeSet<ServiceId>,
+    limits: &RebalanceLimits,
+) -> Vec<Move> {
+    let mut at: BTreeMap<ServiceId, NodeName> =
+        services.iter().map(|s| (s.id, s.at.clone())).collect();
+    let mut count: BTreeMap<NodeName, u64> = BTreeMap::new();
+    for s in services {
+        *count.entry(s.at.clone()).or_default() += 1;
+    }
+    let usable: Vec<&NodeView> = nodes.iter().filter(|n| n.up && !n.draining).collect();
+    if usable.is_empty() {
+        return Vec::new();
+    }
+    let mean = services.len() as f64 / usable.len() as f64;
+    let cap = (mean * (1.0 + limits.load_tolerance)).ceil().max(1.0) as u64;
+    // Per service: its neighbours and rates.
+    let mut adj: BTreeMap<ServiceId, Vec<(ServiceId, f64)>> = BTreeMap::new();
+    for l in links {
+        if l.a == l.b {
+            continue;
+        }
+        adj.entry(l.a).or_default().push((l.b, l.msgs_per_s));
+        adj.entry(l.b).or_default().push((l.a, l.msgs_per_s));
+    }
+    let mut moved: BTreeSet<ServiceId> = BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < limits.max_moves {
+        let mut best: Option<(f64, usize, NodeName)> = None;
+        for (i, s) in services.iter().enumerate() {
+            if s.pinned || frozen.contains(&s.id) || moved.contains(&s.id) {
+                continue;
+            }
+            let Some(neigh) = adj.get(&s.id) else {
+                continue;
+            };
+            let here = at[&s.id].clone();
+            let mut with: BTreeMap<&NodeName, f64> = BTreeMap::new();
+            for (peer, rate) in neigh {
+                if let Some(n) = at.get(peer) {
+                    *with.entry(n).or_default() += rate;
+                }
+            }
+            let local = with.get(&here).copied().unwrap_or(0.0);
+            for node in &usable {
+                if node.name == here || count.get(&node.name).copied().unwrap_or(0) + 1 > cap {
+                    continue;
+                }
+                if s.needs.required.iter().any(|c| !node.has(c)) {
+                    continue;
+                }
+                let gain = with.get(&node.name).copied().unwrap_or(0.0) - local;
+                if gain >= limits.min_gain && best.as_ref().is_none_or(|(g, _, _)| gain > *g) {
+                    best = Some((gain, i, node.name.clone()));
+                }
+            }
+        }
+        let Some((gain, i, to)) = best else {
+            break;
+        };
+        let s = &services[i];
+        let from = at[&s.id].clone();
+        *count.entry(from.clone()).or_default() -= 1;
+        *count.entry(to.clone()).or_default() += 1;
+        at.insert(s.id, to.clone());
+        moved.insert(s.id);
+        out.push(Move {
+            service: s.id,
+            from: from.clone(),
+            to: to.clone(),
+            gain,
+            reasons: vec![format!(
+                "cuts {gain:.1} cross-node msgs/s: more of its traffic is with services on {to} than on {from}"
+            )],
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, caps: &[&str], services: u64) -> NodeView {
+        NodeView {
+            name: NodeName::new(name),
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            services,
+            backlog: 0,
+            power_percent: 100,
+            up: true,
+            draining: false,
+        }
+    }
+
+    fn svc(n: u64, at: &str, required: &[&str], preferred: &[&str]) -> ServiceView {
+        ServiceView {
+            id: ServiceId::from_parts(1, n),
+            kind: KindKey::new("k", 1),
+            at: NodeName::new(at),
+            needs: Needs {
+                required: required.iter().map(|c| c.to_string()).collect(),
+                preferred: preferred.iter().map(|c| c.to_string()).collect(),
+            },
+            pinned: false,
+        }
+    }
+
+    #[test]
+    fn required_first_then_preferred_then_affinity_then_load() {
+        let nodes = [
+            node("phone", &["display", "speaker"], 5),
+            node("tv", &["display", "speaker"], 1),
+            node("watch", &["display"], 0),
+        ];
+        let p = AffinityPolicy::default();
+        let none = BTreeSet::new();
+        // Needs a speaker: the watch is out; the tv is less loaded than the phone.
+        let s = svc(1, "phone", &["speaker"], &[]);
+        let c = choose(&p, &s, &nodes, &Affinity::default(), &none).unwrap();
+        assert_eq!(c.node.as_str(), "tv", "{c:?}");
+        assert!(c
+            .reasons
+            .iter()
+            .any(|r| r.contains("watch: lacks required speaker")));
+        // Affinity outweighs load: most of its traffic is with services on the phone.
+        let aff = Affinity {
+            by_node: [(NodeName::new("phone"), 90.0)].into_iter().collect(),
+            total: 100.0,
+        };
+        let c = choose(&p, &s, &nodes, &aff, &none).unwrap();
+        assert_eq!(c.node.as_str(), "phone", "{c:?}");
+        // Nothing fits: every node says why.
+        let s = svc(2, "phone", &["camera"], &[]);
+        let why = choose(&p, &s, &nodes, &Affinity::default(), &none).unwrap_err();
+        assert_eq!(why.len(), 3);
+    }
+
+    #[test]
+    fn the_rebalancer_cuts_cross_node_traffic_within_the_load_tolerance() {
+        // Four pairs, each split across two nodes.
+        let nodes = [node("a", &[], 4), node("b", &[], 4)];
+        let mut services = Vec::new();
+        let mut links = Vec::new();
+        for k in 0..4u64 {
+            services.push(svc(2 * k, "a", &[], &[]));
+            services.push(svc(2 * k + 1, "b", &[], &[]));
+            links.push(Link {
+                a: ServiceId::from_parts(1, 2 * k),
+                b: ServiceId::from_parts(1, 2 * k + 1),
+                msgs_per_s: 100.0,
+            });
+        }
+        let at: BTreeMap<ServiceId, NodeName> =
+            services.iter().map(|s| (s.id, s.at.clone())).collect();
+        assert_eq!(cross_node_fraction(&links, &at), 1.0);
+        let limits = RebalanceLimits {
+            max_moves: 10,
+            load_tolerance: 0.25,
+            min_gain: 1.0,
+        };
+        let moves = rebalance(&services, &nodes, &links, &BTreeSet::new(), &limits);
+        assert_eq!(moves.len(), 4, "{moves:?}");
+        let mut after = at.clone();
+        for m in &moves {
+            after.insert(m.service, m.to.clone());
+        }
+        assert_eq!(cross_node_fraction(&links, &after), 0.0);
+        let on_a = after.values().filter(|n| n.as_str() == "a").count();
+        assert_eq!(on_a, 4, "balanced: {after:?}");
+        // Planned again from where they are: nothing left to gain.
+        let settled: Vec<ServiceView> = services
+            .iter()
+            .map(|s| ServiceView {
+                at: after[&s.id].clone(),
+                ..s.clone()
+            })
+            .collect();
+        assert!(rebalance(&settled, &nodes, &links, &BTreeSet::new(), &limits).is_empty());
+    }
+}

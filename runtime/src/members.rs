@@ -1,0 +1,337 @@
+//! Membership: every node gossips what it is (capabilities, load, power) to its connected
+//! peers once a second, with what it knows of the others. A node that starts with a few seed
+//! peers learns the rest and connects to them; a node that shuts down is marked `Left`, one
+//! that falls silent `Lost`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::traffic::EdgeRate;
+use crate::ids::{KindKey, NodeName, ServiceId};
+use crate::mailbox::lock;
+use crate::node::NodeShared;
+use crate::wire::Frame;
+
+/// How often a node gossips, in milliseconds.
+pub const GOSSIP_MS: u64 = 1000;
+/// Services a node lists in its gossip at most.
+pub const GOSSIP_SERVICES_MAX: usize = 1024;
+/// Traffic edges a node lists in its gossip at most (its heaviest).
+pub const GOSSIP_EDGES_MAX: usize = 256;
+/// Capabilities kept per member.
+pub const CAPABILITIES_MAX: usize = 64;
+
+/// A device's power, as the device sets it ([`NodeHandle::set_power`](crate::NodeHandle::set_power)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Power {
+    /// On mains power.
+    #[default]
+    Plugged,
+    /// On battery, with this much charge left (0 to 100).
+    Battery {
+        /// Charge left, in percent.
+        percent: u8,
+    },
+}
+
+impl Power {
+    /// The charge left in percent (100 when plugged in).
+    pub fn percent(&self) -> u8 {
+        match self {
+            Power::Plugged => 100,
+            Power::Battery { percent } => (*percent).min(100),
+        }
+    }
+}
+
+impl std::fmt::Display for Power {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Power::Plugged => f.write_str("plugged in"),
+            Power::Battery { percent } => write!(f, "battery {percent}%"),
+        }
+    }
+}
+
+/// A node's live load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeLoad {
+    /// Services it hosts.
+    pub services: u64,
+    /// Messages queued in all their mailboxes.
+    pub backlog: u64,
+    /// Resident memory of the process hosting the node, in bytes (Linux; 0 elsewhere).
+    /// Nodes sharing one process (the harness) report the same figure.
+    pub memory_bytes: u64,
+}
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The node.
+    pub name: NodeName,
+    /// Where peers can reach it, if it listens on a routable address.
+    pub addr: Option<SocketAddr>,
+    /// What the device offers now.
+    pub capabilities: Vec<String>,
+    /// Its load when it said so.
+    pub load: NodeLoad,
+    /// Its power.
+    pub power: Power,
+    /// True while it is draining (moving its services away before it stops).
+    pub draining: bool,
+    /// True when its rebalancer is on (the one with the smallest name among those leads).
+    pub rebalancing: bool,
+    /// The prefix of the ids it makes (a handle's sender id made there starts with it).
+    pub id_prefix: u64,
+    /// Services it hosts (at most [`GOSSIP_SERVICES_MAX`]): id, kind, pinned.
+    pub services: Vec<(ServiceId, KindKey, bool)>,
+    /// Its heaviest observed traffic edges (at most [`GOSSIP_EDGES_MAX`]).
+    pub edges: Vec<EdgeRate>,
+    /// Bumped by the node at each change it announces; a newer one replaces an older one.
+    pub version: u64,
+}
+
+/// Whether a member is reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    /// Connected, or heard of recently through another node.
+    Up,
+    /// Said goodbye (shut down).
+    Left,
+    /// Its connection timed out.
+    Lost,
+}
+
+/// One node as [`NodeHandle::members`](crate::NodeHandle::members) lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// What it last said.
+    pub info: MemberInfo,
+    /// Reachable or not.
+    pub status: MemberStatus,
+    /// True for the node answering.
+    pub local: bool,
+}
+
+/// The table of members a node keeps (bounded by `peers_max` + itself).
+pub(crate) struct Members {
+    me: MemberInfo,
+    others: std::collections::HashMap<NodeName, (MemberInfo, MemberStatus, Instant)>,
+}
+
+impl Members {
+    pub fn new(me: MemberInfo) -> Self {
+        Members {
+            me,
+            others: std::collections::HashMap::new(),
+        }
+    }
+
+    pub fn me(&self) -> &MemberInfo {
+        &self.me
+    }
+
+    pub fn update_me(&mut self, change: impl FnOnce(&mut MemberInfo)) {
+        change(&mut self.me);
+        self.me.version += 1;
+    }
+
+    /// Takes `info` if it is newer than what is known. `direct` when it came from the node
+    /// itself, which is then up. Returns true when the node was not known before.
+    pub fn learn(&mut self, info: MemberInfo, direct: bool, max: usize) -> bool {
+        if info.name == self.me.name {
+            return false;
+        }
+        let room = self.others.len() < max;
+        match self.others.get_mut(&info.name) {
+            Some((known, status, heard)) => {
+                if info.version > known.version || (direct && info.version == known.version) {
+                    *known = info;
+                    *heard = Instant::now();
+                    if direct {
+                        *status = MemberStatus::Up;
+                    }
+                }
+                false
+            }
+            None if room => {
+                self.others
+                    .insert(info.name.clone(), (info, MemberStatus::Up, Instant::now()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn set_status(&mut self, name: &NodeName, status: MemberStatus) {
+        if let Some(m) = self.others.get_mut(name) {
+            m.1 = status;
+        }
+    }
+
+    pub fn list(&self) -> Vec<Member> {
+        let mut out = vec![Member {
+            info: self.me.clone(),
+            status: MemberStatus::Up,
+            local: true,
+        }];
+        let mut others: Vec<Member> = self
+            .others
+            .values()
+            .map(|(info, status, _)| Member {
+                info: info.clone(),
+                status: *status,
+                local: false,
+            })
+            .collect();
+        others.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        out.extend(others);
+        out
+    }
+
+    /// What goes in a gossip frame: this node, then every member believed up.
+    fn gossip(&self) -> Vec<MemberInfo> {
+        std::iter::once(self.me.clone())
+            .chain(
+                self.others
+                    .values()
+                    .filter(|(_, s, _)| *s == MemberStatus::Up)
+                    .map(|(i, _, _)| i.clone()),
+            )
+            .collect()
+    }
+}
+
+/// Resident memory of this process, from `/proc/self/statm` (0 where there is none).
+fn resident_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+impl NodeShared {
+    /// This node's load now.
+    pub fn load(&self) -> NodeLoad {
+        let (services, backlog) = self.local_depths();
+        NodeLoad {
+            services,
+            backlog,
+            memory_bytes: resident_bytes(),
+        }
+    }
+
+    /// Gossip round: refresh this node's load, then tell every connected peer what this node
+    /// knows.
+    pub fn gossip(self: &Arc<Self>) {
+        let load = self.load();
+        let services = self.hosted_list(GOSSIP_SERVICES_MAX);
+        let mut edges = lock(&self.traffic).all();
+        edges.truncate(GOSSIP_EDGES_MAX);
+        let nodes = {
+            let mut m = lock(&self.members);
+            let me = m.me();
+            if me.load != load || me.services != services || me.edges != edges {
+                m.update_me(|me| {
+                    me.load = load;
+                    me.services = services;
+                    me.edges = edges;
+                });
+            }
+            m.gossip()
+        };
+        for link in self.links() {
+            if !link.is_connected() {
+                continue;
+            }
+            if let Err(e) = link.push_ctrl(&Frame::Members {
+                nodes: nodes.clone(),
+            }) {
+                tracing::debug!(peer = %link.name, error = %e, "gossip not queued");
+            }
+        }
+    }
+
+    /// A peer's gossip: learn new members (and connect to them), newer figures of known ones.
+    pub fn on_members(self: &Arc<Self>, from: &NodeName, nodes: Vec<MemberInfo>) {
+        let max = self.limits.peers_max;
+        let mut changed = Vec::new();
+        let mut new_peers = Vec::new();
+        {
+            let mut m = lock(&self.members);
+            for mut info in nodes.into_iter().take(max + 1) {
+                // Whatever a peer claims is kept within the same bounds this node gossips with.
+                info.services.truncate(GOSSIP_SERVICES_MAX);
+                info.edges.truncate(GOSSIP_EDGES_MAX);
+                info.capabilities.truncate(CAPABILITIES_MAX);
+                let direct = info.name == *from;
+                let before = m
+                    .list()
+                    .into_iter()
+                    .find(|x| x.info.name == info.name)
+                    .map(|x| x.info.capabilities);
+                let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
+                if m.learn(info, direct, max) {
+                    if let Some(a) = addr {
+                        new_peers.push((name.clone(), a));
+                    }
+                }
+                if before.as_ref() != Some(&caps) {
+                    changed.push(name);
+                }
+            }
+        }
+        for (name, addr) in new_peers {
+            if name != *self.name() && self.peer(&name).is_none() {
+                match self.peer_or_insert(&name, Some(addr)) {
+                    Ok(_) => self.event("member-joined", format!("{name} at {addr} (via {from})")),
+                    Err(e) => self.event("member-ignored", format!("{name}: {e}")),
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.capabilities_changed(&changed);
+        }
+    }
+
+    /// The connection to `peer` went down: it left (it said so) or was lost.
+    pub fn member_down(&self, peer: &NodeName, left: bool) {
+        let status = if left {
+            MemberStatus::Left
+        } else {
+            MemberStatus::Lost
+        };
+        lock(&self.members).set_status(peer, status);
+        self.event(
+            if left { "member-left" } else { "member-lost" },
+            peer.to_string(),
+        );
+    }
+
+    /// The member whose gossip lists `id` among its services.
+    pub fn hosting_member(&self, id: ServiceId) -> Option<NodeName> {
+        lock(&self.members)
+            .list()
+            .into_iter()
+            .find(|m| {
+                !m.local
+                    && m.status == MemberStatus::Up
+                    && m.info.services.iter().any(|(s, _, _)| *s == id)
+            })
+            .map(|m| m.info.name)
+    }
+
+    /// Every member this node knows, itself first.
+    pub fn members(&self) -> Vec<Member> {
+        lock(&self.members).list()
+    }
+}

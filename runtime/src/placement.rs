@@ -1,0 +1,824 @@
+//! The node's placement engine: builds a view of the cluster (membership, directory, traffic),
+//! asks the pure functions in [`crate::core::placement`] where services should run, and acts
+//! on the triggers: explicit calls (`plan`, `place`), drain, capability changes and the
+//! periodic rebalancer. Pinned services are never moved by any of them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::placement::{
+    choose, cross_node_fraction, rebalance, Affinity, AffinityPolicy, Link, NodeView, Policy,
+    RebalanceLimits, ServiceView,
+};
+use crate::error::{DeliveryError, Error};
+use crate::ids::{KindKey, NodeName, ServiceId};
+use crate::mailbox::lock;
+use crate::members::MemberStatus;
+use crate::migrate::{MigrateOptions, MigrationReport};
+use crate::node::NodeShared;
+use crate::tree::GroupReport;
+
+/// Rounds kept in the rebalancer's log.
+const ROUNDS_KEPT: usize = 64;
+/// Cool-down entries kept (older ones are dropped first).
+const COOLDOWNS_MAX: usize = 65_536;
+
+/// The periodic affinity rebalancer's settings (it is off until started).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalancerConfig {
+    /// Time between rounds, in milliseconds.
+    pub interval_ms: u64,
+    /// Migrations per round at most.
+    pub max_moves_per_round: usize,
+    /// A service moved by the rebalancer is left alone this long, in milliseconds.
+    pub cooldown_ms: u64,
+    /// A node may hold at most `ceil(mean * (1 + load_tolerance))` services after a move.
+    pub load_tolerance: f64,
+    /// A move must cut at least this many cross-node messages per second.
+    pub min_gain_msgs_per_s: f64,
+}
+
+impl Default for RebalancerConfig {
+    fn default() -> Self {
+        RebalancerConfig {
+            interval_ms: 5_000,
+            max_moves_per_round: 8,
+            cooldown_ms: 30_000,
+            load_tolerance: 0.25,
+            min_gain_msgs_per_s: 1.0,
+        }
+    }
+}
+
+/// What to plan.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// Only this node may be chosen.
+    pub to: Option<String>,
+    /// These nodes may not be chosen.
+    pub exclude: Vec<String>,
+    /// Plan each service's whole assembly tree with it (members may split across nodes).
+    pub tree: bool,
+}
+
+/// One service's placement decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    /// The service.
+    pub service: ServiceId,
+    /// Its kind.
+    pub kind: KindKey,
+    /// Where it runs.
+    pub from: NodeName,
+    /// Where it should run (equal to `from`: it stays).
+    pub to: NodeName,
+    /// The chosen node's score.
+    pub score: f64,
+    /// Why.
+    pub reasons: Vec<String>,
+}
+
+/// What would move where, without moving anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The policy that scored the nodes.
+    pub policy: String,
+    /// Services that would move.
+    pub moves: Vec<PlannedMove>,
+    /// Services that would stay where they are, with the reasons.
+    pub stays: Vec<PlannedMove>,
+    /// Services no node can take (or that are pinned), with why. A plan with any is not
+    /// carried out at all.
+    pub refused: Vec<(ServiceId, String)>,
+}
+
+/// A plan and what carrying it out did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceReport {
+    /// The plan.
+    pub plan: Plan,
+    /// One group migration per source node (all or none within each).
+    pub groups: Vec<GroupReport>,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// Migrations that moved services away.
+    pub moved: Vec<MigrationReport>,
+    /// Pinned services, left in place.
+    pub pinned: Vec<ServiceId>,
+    /// Services that could not be moved, and why.
+    pub failed: Vec<(ServiceId, String)>,
+}
+
+/// One rebalancer round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceRound {
+    /// The node that planned it.
+    pub leader: NodeName,
+    /// Cross-node share of observed traffic before the round.
+    pub cross_node_fraction_before: f64,
+    /// The same if every planned move succeeds.
+    pub cross_node_fraction_planned: f64,
+    /// The moves, with their outcomes (`None`: committed).
+    pub moves: Vec<(crate::core::placement::Move, Option<String>)>,
+}
+
+/// One associated service of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Association {
+    /// The other service (or a handle's sender id).
+    pub peer: ServiceId,
+    /// Its kind, when known.
+    pub kind: Option<KindKey>,
+    /// Where it runs, when known.
+    pub node: Option<NodeName>,
+    /// Book entries linking the two: `holds <role>` (in the service's book) or
+    /// `held as <role>` (in the peer's).
+    pub declared: Vec<String>,
+    /// True when traffic between them was observed.
+    pub observed: bool,
+    /// Messages per second from the service to the peer.
+    pub out_msgs_per_s: f64,
+    /// Messages per second from the peer to the service.
+    pub in_msgs_per_s: f64,
+    /// Bytes per second, both directions (from sampled sizes).
+    pub bytes_per_s: f64,
+}
+
+impl Association {
+    /// `in`, `out`, `both` or `none` (declared only, no traffic seen).
+    pub fn direction(&self) -> &'static str {
+        match (self.in_msgs_per_s > 0.0, self.out_msgs_per_s > 0.0) {
+            (true, true) => "both",
+            (true, false) => "in",
+            (false, true) => "out",
+            (false, false) => "none",
+        }
+    }
+}
+
+/// The node's placement state.
+#[derive(Default)]
+pub(crate) struct PlacementState {
+    policy: RwLock<Option<Arc<dyn Policy>>>,
+    pins: Mutex<BTreeSet<ServiceId>>,
+    rebalancer: Mutex<Option<RebalancerConfig>>,
+    last_round: Mutex<Option<Instant>>,
+    moved_at: Mutex<HashMap<ServiceId, Instant>>,
+    rounds: Mutex<VecDeque<RebalanceRound>>,
+    /// A trigger's re-placement is running (one at a time).
+    replacing: AtomicBool,
+    /// A rebalancer round is running.
+    rebalancing: AtomicBool,
+}
+
+impl PlacementState {
+    pub fn pins(&self) -> BTreeSet<ServiceId> {
+        lock(&self.pins).clone()
+    }
+
+    fn policy(&self) -> Arc<dyn Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::new(AffinityPolicy::default()))
+    }
+}
+
+/// The cluster as one node sees it.
+pub(crate) struct View {
+    pub nodes: Vec<NodeView>,
+    pub services: Vec<ServiceView>,
+    pub links: Vec<Link>,
+    pub at: BTreeMap<ServiceId, NodeName>,
+    /// Node by id prefix, for handles' sender ids.
+    prefixes: HashMap<u64, NodeName>,
+    /// Directed edges: (from, to) -> (msgs/s, bytes/s).
+    directed: HashMap<(ServiceId, ServiceId), (f64, f64)>,
+}
+
+impl View {
+    fn node_of(&self, id: ServiceId) -> Option<NodeName> {
+        self.at
+            .get(&id)
+            .cloned()
+            .or_else(|| self.prefixes.get(&id.prefix()).cloned())
+    }
+
+    fn affinity(&self, id: ServiceId, at: &BTreeMap<ServiceId, NodeName>) -> Affinity {
+        let mut a = Affinity::default();
+        for l in &self.links {
+            let peer = if l.a == id {
+                l.b
+            } else if l.b == id {
+                l.a
+            } else {
+                continue;
+            };
+            a.total += l.msgs_per_s;
+            let node = at.get(&peer).cloned().or_else(|| self.node_of(peer));
+            if let Some(n) = node {
+                *a.by_node.entry(n).or_default() += l.msgs_per_s;
+            }
+        }
+        a
+    }
+}
+
+impl NodeShared {
+    /// Builds the cluster view from membership, local services and traffic.
+    pub(crate) fn view(&self) -> View {
+        let members = self.members();
+        let pins = self.placement.pins();
+        let mut nodes = Vec::new();
+        let mut services = Vec::new();
+        let mut at = BTreeMap::new();
+        let mut prefixes = HashMap::new();
+        let mut directed: HashMap<(ServiceId, ServiceId), (f64, f64)> = HashMap::new();
+        let mut merge = |e: &crate::core::traffic::EdgeRate| {
+            let d = directed.entry((e.from, e.to)).or_insert((0.0, 0.0));
+            d.0 = d.0.max(e.msgs_per_s);
+            d.1 = d.1.max(e.bytes_per_s);
+        };
+        for e in lock(&self.traffic).all() {
+            merge(&e);
+        }
+        for m in &members {
+            let up = m.local
+                || (m.status == MemberStatus::Up
+                    && self.peer(&m.info.name).is_some_and(|l| l.is_connected()));
+            prefixes.insert(m.info.id_prefix, m.info.name.clone());
+            let hosted: Vec<(ServiceId, KindKey, bool)> = if m.local {
+                self.local_services()
+                    .into_iter()
+                    .map(|a| (a.id, a.kind, pins.contains(&a.id)))
+                    .collect()
+            } else if up {
+                m.info.services.clone()
+            } else {
+                Vec::new()
+            };
+            if !m.local && up {
+                for e in &m.info.edges {
+                    merge(e);
+                }
+            }
+            nodes.push(NodeView {
+                name: m.info.name.clone(),
+                capabilities: m.info.capabilities.clone(),
+                services: hosted.len() as u64,
+                backlog: m.info.load.backlog,
+                power_percent: m.info.power.percent(),
+                up,
+                draining: m.info.draining,
+            });
+            for (id, kind, pinned) in hosted {
+                // A service listed by two nodes (mid-move gossip): the local table wins.
+                if at.contains_key(&id) && !m.local {
+                    continue;
+                }
+                at.insert(id, m.info.name.clone());
+                let needs = self.needs_of(&kind).unwrap_or_default();
+                services.retain(|s: &ServiceView| s.id != id);
+                services.push(ServiceView {
+                    id,
+                    kind,
+                    at: m.info.name.clone(),
+                    needs,
+                    pinned,
+                });
+            }
+        }
+        // Undirected links for affinity.
+        let mut undirected: BTreeMap<(ServiceId, ServiceId), f64> = BTreeMap::new();
+        for ((f, t), (rate, _)) in &directed {
+            if f == t {
+                continue;
+            }
+            let key = if f < t { (*f, *t) } else { (*t, *f) };
+            *undirected.entry(key).or_default() += rate;
+        }
+        let links = undirected
+            .into_iter()
+            .map(|((a, b), msgs_per_s)| Link { a, b, msgs_per_s })
+            .collect();
+        View {
+            nodes,
+            services,
+            links,
+            at,
+            prefixes,
+            directed,
+        }
+    }
+
+    /// What `ids` (with their trees when asked) would need to move where, moving nothing.
+    pub fn plan(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
+        let view = self.view();
+        self.plan_in(&view, ids, opts)
+    }
+
+    fn plan_in(&self, view: &View, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
+        let policy = self.placement.policy();
+        let mut order: Vec<ServiceId> = Vec::new();
+        for id in ids {
+            if opts.tree {
+                for m in self.tree(*id)? {
+                    if !order.contains(&m.addr.id) {
+                        order.push(m.addr.id);
+                    }
+                }
+            } else if !order.contains(id) {
+                order.push(*id);
+            }
+        }
+        let mut exclude: BTreeSet<NodeName> =
+            opts.exclude.iter().map(|n| NodeName::new(n)).collect();
+        if let Some(to) = &opts.to {
+            for n in &view.nodes {
+                if n.name.as_str() != to {
+                    exclude.insert(n.name.clone());
+                }
+            }
+            if !view.nodes.iter().any(|n| n.name.as_str() == to) {
+                return Err(DeliveryError::UnknownNode {
+                    node: NodeName::new(to),
+                }
+                .into());
+            }
+        }
+        let mut plan = Plan {
+            policy: policy.name().to_owned(),
+            ..Plan::default()
+        };
+        // Members placed so far count where they will be, so a tree's members follow one
+        // another.
+        let mut at = view.at.clone();
+        for id in order {
+            let Some(svc) = view.services.iter().find(|s| s.id == id) else {
+                plan.refused
+                    .push((id, format!("not running on any node {} knows", self.name())));
+                continue;
+            };
+            if self.needs_of(&svc.kind).is_none() {
+                plan.refused.push((
+                    id,
+                    format!(
+                        "kind {} is not registered on {}, so its needs are unknown here",
+                        svc.kind,
+                        self.name()
+                    ),
+                ));
+                continue;
+            }
+            if svc.pinned {
+                plan.refused.push((id, format!("pinned on {}", svc.at)));
+                continue;
+            }
+            let affinity = view.affinity(id, &at);
+            match choose(&*policy, svc, &view.nodes, &affinity, &exclude) {
+                Ok(c) => {
+                    at.insert(id, c.node.clone());
+                    let m = PlannedMove {
+                        service: id,
+                        kind: svc.kind.clone(),
+                        from: svc.at.clone(),
+                        to: c.node,
+                        score: c.score,
+                        reasons: c.reasons,
+                    };
+                    if m.to == m.from {
+                        plan.stays.push(m);
+                    } else {
+                        plan.moves.push(m);
+                    }
+                }
+                Err(why) => plan
+                    .refused
+                    .push((id, format!("no node fits: {}", why.join("; ")))),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Plans `ids` and carries the plan out: one all-or-none group migration per source
+    /// node. A plan with a refused service moves nothing.
+    pub async fn place(
+        self: &Arc<Self>,
+        ids: &[ServiceId],
+        opts: &PlanOptions,
+    ) -> Result<PlaceReport, Error> {
+        let plan = self.plan(ids, opts)?;
+        self.carry_out(plan).await
+    }
+
+    async fn carry_out(self: &Arc<Self>, plan: Plan) -> Result<PlaceReport, Error> {
+        if !plan.refused.is_empty() {
+            return Err(Error::Placement(
+                plan.refused
+                    .iter()
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
+        let mut by_source: BTreeMap<NodeName, Vec<(ServiceId, NodeName)>> = BTreeMap::new();
+        for m in &plan.moves {
+            by_source
+                .entry(m.from.clone())
+                .or_default()
+                .push((m.service, m.to.clone()));
+        }
+        let mut groups = Vec::new();
+        for (_, moves) in by_source {
+            let ids: Vec<ServiceId> = moves.iter().map(|(id, _)| *id).collect();
+            let report = self.migrate_group(moves, MigrateOptions::default()).await?;
+            if report.committed {
+                self.placement.note_moved(&ids);
+            }
+            groups.push(report);
+        }
+        Ok(PlaceReport { plan, groups })
+    }
+
+    /// Moves every movable service away (each tree whose root is here as one unit), then
+    /// stops taking services. Pinned services stay and are reported.
+    pub async fn drain(self: &Arc<Self>) -> DrainReport {
+        lock(&self.members).update_me(|me| me.draining = true);
+        self.gossip();
+        let pins = self.placement.pins();
+        let mut report = DrainReport::default();
+        let locals: Vec<ServiceId> = self.local_services().iter().map(|a| a.id).collect();
+        // Roots here: services whose parent is not a local service.
+        let local_set: BTreeSet<ServiceId> = locals.iter().copied().collect();
+        let mut roots = Vec::new();
+        for id in &locals {
+            if pins.contains(id) {
+                report.pinned.push(*id);
+                continue;
+            }
+            let parent_here = self
+                .parent_of(*id)
+                .is_some_and(|p| local_set.contains(&p) && !pins.contains(&p));
+            if !parent_here {
+                roots.push(*id);
+            }
+        }
+        let me = self.name().clone();
+        for root in roots {
+            // The tree's members that run here and are not pinned move together.
+            let members: Vec<ServiceId> = match self.tree(root) {
+                Ok(t) => t
+                    .into_iter()
+                    .map(|m| m.addr.id)
+                    .filter(|id| local_set.contains(id) && !pins.contains(id))
+                    .collect(),
+                Err(_) => vec![root],
+            };
+            let view = self.view();
+            let opts = PlanOptions {
+                exclude: vec![me.to_string()],
+                ..PlanOptions::default()
+            };
+            let outcome = match self.plan_in(&view, &members, &opts) {
+                Ok(plan) => self.carry_out(plan).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(placed) => {
+                    for g in placed.groups {
+                        if g.committed {
+                            report.moved.extend(g.members);
+                        } else {
+                            let why = g.aborted().unwrap_or_default();
+                            for m in g.members {
+                                report.failed.push((m.service, why.clone()));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    for id in members {
+                        report.failed.push((id, e.to_string()));
+                    }
+                }
+            }
+        }
+        self.event(
+            "drained",
+            format!(
+                "{} moved, {} pinned, {} failed",
+                report.moved.len(),
+                report.pinned.len(),
+                report.failed.len()
+            ),
+        );
+        report
+    }
+
+    /// Nodes' capabilities changed (or nodes joined): services here that require a
+    /// capability this node lost move now; services that would fit better elsewhere (a
+    /// preferred capability) move too. Runs in the background, one at a time.
+    pub fn capabilities_changed(self: &Arc<Self>, nodes: &[NodeName]) {
+        tracing::debug!(?nodes, "capabilities changed");
+        if self.placement.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let node = self.clone();
+        let spawned = self.spawn_task(async move {
+            node.replace_misfits().await;
+            node.placement.replacing.store(false, Ordering::Release);
+        });
+        if !spawned {
+            self.placement.replacing.store(false, Ordering::Release);
+        }
+    }
+
+    async fn replace_misfits(self: &Arc<Self>) {
+        if lock(&self.members).me().draining {
+            return;
+        }
+        let view = self.view();
+        let me = self.name().clone();
+        let Some(here) = view.nodes.iter().find(|n| n.name == me).cloned() else {
+            return;
+        };
+        let cooldown = Duration::from_millis(
+            lock(&self.placement.rebalancer)
+                .as_ref()
+                .map_or(RebalancerConfig::default().cooldown_ms, |c| c.cooldown_ms),
+        );
+        let candidates: Vec<ServiceId> = view
+            .services
+            .iter()
+            .filter(|s| s.at == me && !s.pinned)
+            .filter(|s| {
+                let lacks_required = s
+                    .needs
+                    .required
+                    .iter()
+                    .any(|c| !here.capabilities.contains(c));
+                let lacks_preferred = s
+                    .needs
+                    .preferred
+                    .iter()
+                    .any(|c| !here.capabilities.contains(c));
+                lacks_required || (lacks_preferred && !self.placement.cooling(s.id, cooldown))
+            })
+            .map(|s| s.id)
+            .collect();
+        for id in candidates {
+            let plan = match self.plan_in(&view, &[id], &PlanOptions::default()) {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            if plan.moves.is_empty() {
+                for (sid, why) in &plan.refused {
+                    self.event("placement-stuck", format!("{sid}: {why}"));
+                }
+                continue;
+            }
+            let why = plan.moves[0].reasons.join("; ");
+            let to = plan.moves[0].to.clone();
+            match self.carry_out(plan).await {
+                Ok(r) if r.groups.iter().all(|g| g.committed) => {
+                    self.event("re-placed", format!("{id} to {to}: {why}"));
+                }
+                Ok(r) => {
+                    let why = r
+                        .groups
+                        .iter()
+                        .find_map(|g| g.aborted())
+                        .unwrap_or_default();
+                    self.event("re-place-failed", format!("{id} to {to}: {why}"));
+                }
+                Err(e) => self.event("re-place-failed", format!("{id}: {e}")),
+            }
+        }
+    }
+
+    /// One rebalancer round planned on this node for the whole cluster, carried out.
+    pub async fn rebalance_round(self: &Arc<Self>, cfg: &RebalancerConfig) -> RebalanceRound {
+        let view = self.view();
+        let cooldown = Duration::from_millis(cfg.cooldown_ms);
+        let frozen: BTreeSet<ServiceId> = view
+            .services
+            .iter()
+            .filter(|s| self.placement.cooling(s.id, cooldown) || self.needs_of(&s.kind).is_none())
+            .map(|s| s.id)
+            .collect();
+        let limits = RebalanceLimits {
+            max_moves: cfg.max_moves_per_round,
+            load_tolerance: cfg.load_tolerance,
+            min_gain: cfg.min_gain_msgs_per_s,
+        };
+        let moves = rebalance(&view.services, &view.nodes, &view.links, &frozen, &limits);
+        let before = cross_node_fraction(&view.links, &view.at);
+        let mut planned = view.at.clone();
+        for m in &moves {
+            planned.insert(m.service, m.to.clone());
+        }
+        let after = cross_node_fraction(&view.links, &planned);
+        let mut done = Vec::new();
+        for m in moves {
+            let res = self
+                .migrate(m.service, m.to.clone(), MigrateOptions::default())
+                .await;
+            // Moved or not, the service cools down: a failed move is not retried at once.
+            self.placement.note_moved(&[m.service]);
+            let outcome = match res {
+                Ok(r) if r.committed() => None,
+                Ok(r) => Some(r.aborted.map(|a| a.to_string()).unwrap_or_default()),
+                Err(e) => Some(e.to_string()),
+            };
+            done.push((m, outcome));
+        }
+        let round = RebalanceRound {
+            leader: self.name().clone(),
+            cross_node_fraction_before: before,
+            cross_node_fraction_planned: after,
+            moves: done,
+        };
+        if !round.moves.is_empty() {
+            self.event(
+                "rebalanced",
+                format!(
+                    "{} moves, cross-node traffic {:.2} -> {:.2} (planned)",
+                    round.moves.len(),
+                    before,
+                    after
+                ),
+            );
+        }
+        let mut rounds = lock(&self.placement.rounds);
+        if rounds.len() >= ROUNDS_KEPT {
+            rounds.pop_front();
+        }
+        rounds.push_back(round.clone());
+        round
+    }
+
+    /// Called every second: runs a rebalancer round when it is on, this node leads (the
+    /// smallest name among nodes up with theirs on) and the interval has passed.
+    pub fn rebalancer_tick(self: &Arc<Self>) {
+        let Some(cfg) = lock(&self.placement.rebalancer).clone() else {
+            return;
+        };
+        let me = self.name().clone();
+        let leader = self
+            .members()
+            .into_iter()
+            .filter(|m| {
+                m.info.rebalancing
+                    && (m.local
+                        || (m.status == MemberStatus::Up
+                            && self.peer(&m.info.name).is_some_and(|l| l.is_connected())))
+            })
+            .map(|m| m.info.name)
+            .min();
+        if leader.as_ref() != Some(&me) {
+            return;
+        }
+        {
+            let mut last = lock(&self.placement.last_round);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(cfg.interval_ms)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        if self.placement.rebalancing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let node = self.clone();
+        let spawned = self.spawn_task(async move {
+            node.rebalance_round(&cfg).await;
+            node.placement.rebalancing.store(false, Ordering::Release);
+        });
+        if !spawned {
+            self.placement.rebalancing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Starts (or re-configures) the rebalancer on this node, or stops it with `None`.
+    pub fn set_rebalancer(self: &Arc<Self>, cfg: Option<RebalancerConfig>) {
+        let on = cfg.is_some();
+        *lock(&self.placement.rebalancer) = cfg;
+        lock(&self.members).update_me(|me| me.rebalancing = on);
+        self.gossip();
+    }
+
+    /// The rebalancer rounds this node led, oldest first.
+    pub fn rebalance_rounds(&self) -> Vec<RebalanceRound> {
+        lock(&self.placement.rounds).iter().cloned().collect()
+    }
+
+    /// The services associated with `id`: declared in books either way, or observed
+    /// exchanging messages with it.
+    pub fn associated(&self, id: ServiceId) -> Vec<Association> {
+        let view = self.view();
+        let books = self.associations(id);
+        let mut out: BTreeMap<ServiceId, Association> = BTreeMap::new();
+        let entry = |peer: ServiceId| Association {
+            peer,
+            kind: None,
+            node: None,
+            declared: Vec::new(),
+            observed: false,
+            out_msgs_per_s: 0.0,
+            in_msgs_per_s: 0.0,
+            bytes_per_s: 0.0,
+        };
+        for (role, addr) in books.holds {
+            let a = out.entry(addr.id).or_insert_with(|| entry(addr.id));
+            a.kind = Some(addr.kind.clone());
+            a.declared.push(format!("holds {role}"));
+        }
+        for (holder, role) in books.held_by {
+            let a = out.entry(holder.id).or_insert_with(|| entry(holder.id));
+            a.kind = Some(holder.kind.clone());
+            a.declared.push(format!("held as {role}"));
+        }
+        for ((f, t), (rate, bytes)) in &view.directed {
+            let (peer, outgoing) = if *f == id {
+                (*t, true)
+            } else if *t == id {
+                (*f, false)
+            } else {
+                continue;
+            };
+            if peer == id {
+                continue;
+            }
+            let a = out.entry(peer).or_insert_with(|| entry(peer));
+            a.observed = true;
+            if outgoing {
+                a.out_msgs_per_s += rate;
+            } else {
+                a.in_msgs_per_s += rate;
+            }
+            a.bytes_per_s += bytes;
+        }
+        let mut list: Vec<Association> = out
+            .into_values()
+            .map(|mut a| {
+                a.node = view.node_of(a.peer);
+                if a.kind.is_none() {
+                    a.kind = view
+                        .services
+                        .iter()
+                        .find(|s| s.id == a.peer)
+                        .map(|s| s.kind.clone());
+                }
+                a
+            })
+            .collect();
+        list.sort_by(|x, y| {
+            (y.in_msgs_per_s + y.out_msgs_per_s).total_cmp(&(x.in_msgs_per_s + x.out_msgs_per_s))
+        });
+        list
+    }
+}
+
+impl PlacementState {
+    pub(crate) fn set_policy(&self, policy: Arc<dyn Policy>) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+    }
+
+    pub(crate) fn pin(&self, id: ServiceId, pinned: bool) {
+        let mut pins = lock(&self.pins);
+        if pinned {
+            pins.insert(id);
+        } else {
+            pins.remove(&id);
+        }
+    }
+
+    fn note_moved(&self, ids: &[ServiceId]) {
+        let mut m = lock(&self.moved_at);
+        if m.len() + ids.len() > COOLDOWNS_MAX {
+            // Oldest first.
+            let mut by_age: Vec<(ServiceId, Instant)> = m.iter().map(|(k, v)| (*k, *v)).collect();
+            by_age.sort_by_key(|(_, t)| *t);
+            for (k, _) in by_age.into_iter().take(ids.len().max(COOLDOWNS_MAX / 4)) {
+                m.remove(&k);
+            }
+        }
+        let now = Instant::now();
+        for id in ids {
+            m.insert(*id, now);
+        }
+    }
+
+    fn cooling(&self, id: ServiceId, cooldown: Duration) -> bool {
+        lock(&self.moved_at)
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < cooldown)
+    }
+}
