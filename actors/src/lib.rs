@@ -4,6 +4,7 @@
 //! - [`SeqSink`]: records, per sender, the sequence numbers it sees and reports gaps,
 //!   duplicates and reorderings. Migration and chaos tests use it as their referee.
 //! - [`SeqSender`]: sends numbered messages to the sink in its book under `"sink"`.
+//! - [`Chatter`]: pings the service in its book under `"peer"` at a steady rate.
 //!
 //! Each kind must be registered on every node that may run it:
 //!
@@ -15,9 +16,11 @@
 //! # }
 //! ```
 
+mod chatter;
 mod kv;
 mod seq;
 
+pub use chatter::{Chatter, ChatterMsg};
 pub use kv::{KvError, KvMsg, KvStore};
 pub use seq::{SenderReport, SeqSender, SeqSenderMsg, SeqSink, SinkMsg, SinkReport, Verdict};
 
@@ -25,5 +28,6 @@ pub use seq::{SenderReport, SeqSender, SeqSenderMsg, SeqSink, SinkMsg, SinkRepor
 pub fn register_all(node: &tern::NodeHandle) {
     node.register::<KvStore>()
         .register::<SeqSink>()
-        .register::<SeqSender>();
+        .register::<SeqSender>()
+        .register::<Chatter>();
 }

@@ -4,6 +4,7 @@
 
 mod local;
 mod migration;
+mod placement;
 mod remote;
 mod util;
 
@@ -28,11 +29,14 @@ fn main() -> Result<()> {
     let local = local::run(&scale)?;
     let remote = remote::run(&scale)?;
     let migration = migration::run(&scale)?;
+    let (tree, placement) = placement::run(&scale)?;
 
     let out = json!({
         "local": local,
         "remote": remote,
         "migration": migration,
+        "tree": tree,
+        "placement": placement,
         "run": {
             "quick": quick,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

@@ -49,4 +49,6 @@ pub use placement::{
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;
 pub use transport::PeerStatus;
-pub use tree::{child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, TREE_MEMBERS_MAX};
+pub use tree::{
+    child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, GROUP_MEMBERS_MAX, TREE_MEMBERS_MAX,
+};

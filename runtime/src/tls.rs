@@ -45,12 +45,21 @@ impl Default for Liveness {
     }
 }
 
+/// Unidirectional streams a peer may open beyond the largest group migration's snapshots:
+/// the data stream and single migrations alongside.
+const UNI_STREAMS_SPARE: usize = 64;
+
 fn transport(live: Liveness) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(live.keep_alive_ms.max(1))));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(live.idle_timeout_ms)) {
         t.max_idle_timeout(Some(idle));
     }
+    // Every member of a group migration holds a snapshot stream open until the group
+    // commits, so the peer must allow that many at once (plus the data stream).
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(
+        (crate::tree::GROUP_MEMBERS_MAX + UNI_STREAMS_SPARE) as u32,
+    ));
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(16 << 20));
     t.send_window(16 << 20);

@@ -20,8 +20,12 @@ use crate::wire::{Frame, MigMsg, ReplyBody};
 /// Book roles naming a child start with this.
 pub const CHILD_ROLE_PREFIX: &str = "child:";
 
-/// Members of one tree listed or moved at most (a walk stops there with an error).
+/// Members of one tree listed at most (a walk stops there with an error).
 pub const TREE_MEMBERS_MAX: usize = 4096;
+
+/// Members of one group migration at most. Each holds a snapshot stream open until the group
+/// commits; the QUIC stream limit is set from this.
+pub const GROUP_MEMBERS_MAX: usize = 1024;
 
 /// The book role under which a parent holds `child`.
 pub fn child_role(child: ServiceId) -> String {
@@ -257,10 +261,10 @@ impl NodeShared {
                 "a group migration needs at least one member".into(),
             ));
         }
-        if moves.len() > TREE_MEMBERS_MAX {
+        if moves.len() > GROUP_MEMBERS_MAX {
             return Err(Error::Limit {
                 what: "members of one group migration",
-                max: TREE_MEMBERS_MAX,
+                max: GROUP_MEMBERS_MAX,
             });
         }
         let me = self.name().clone();
@@ -356,6 +360,10 @@ pub(crate) fn on_group_request(
     actix_rt::spawn(async move {
         let missing = moves.iter().find(|(id, _)| node.slot(*id).is_none());
         let res = match missing {
+            _ if moves.len() > GROUP_MEMBERS_MAX => Err(format!(
+                "{} members: a group migration moves at most {GROUP_MEMBERS_MAX}",
+                moves.len()
+            )),
             Some((id, _)) => Err(format!("service {id} does not run on {}", node.name())),
             None => {
                 let rxs = node

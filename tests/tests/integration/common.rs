@@ -144,8 +144,7 @@ pub fn register_test_kinds(node: &tern::NodeHandle) {
         .register::<Tally>()
         .register::<Relay>()
         .register::<SpeakerRelay>()
-        .register::<DisplayRelay>()
-        .register::<Chatter>();
+        .register::<DisplayRelay>();
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);
@@ -287,40 +286,5 @@ impl Service for DisplayRelay {
 
     async fn handle(&mut self, msg: RelayMsg, ctx: &mut Ctx<Self>) {
         relay(&self.name, msg, ctx).await
-    }
-}
-
-/// Talks to the service in its book under `peer` every `every_ms`, and counts what it gets.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Chatter {
-    pub every_ms: u64,
-    pub heard: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ChatterMsg {
-    Start,
-    Tick,
-    Ping,
-}
-
-impl Service for Chatter {
-    type Msg = ChatterMsg;
-    const KIND: &'static str = "test-chatter";
-    const VERSION: u32 = 1;
-
-    async fn handle(&mut self, msg: ChatterMsg, ctx: &mut Ctx<Self>) {
-        match msg {
-            ChatterMsg::Start => {
-                let _ = ctx.schedule(Duration::from_millis(self.every_ms), ChatterMsg::Tick);
-            }
-            ChatterMsg::Tick => {
-                if let Ok(peer) = ctx.book_ref::<Chatter>("peer") {
-                    let _ = ctx.tell(&peer, ChatterMsg::Ping);
-                }
-                let _ = ctx.schedule(Duration::from_millis(self.every_ms), ChatterMsg::Tick);
-            }
-            ChatterMsg::Ping => self.heard += 1,
-        }
     }
 }

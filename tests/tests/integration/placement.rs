@@ -8,11 +8,11 @@ use anyhow::{ensure, Result};
 use tern::{
     Limits, MemberStatus, NodeHandle, PlanOptions, Power, RebalancerConfig, ServiceId, ServiceRef,
 };
+use tern_actors::{Chatter, ChatterMsg};
 use tern_harness::{block_on, wait_for, Cluster};
 
 use crate::common::{
-    register_test_kinds, tally, Chatter, ChatterMsg, DisplayRelay, Relay, RelayMsg, SpeakerRelay,
-    SECS_10,
+    register_test_kinds, tally, DisplayRelay, Relay, RelayMsg, SpeakerRelay, SECS_10,
 };
 use crate::trees::{check_tallies, relay_tree};
 
@@ -359,14 +359,8 @@ fn the_rebalancer_brings_chatty_pairs_together_without_oscillating() -> Result<(
     let pairs = 6;
     let mut all = Vec::new();
     for k in 0..pairs {
-        let x = nodes[k % 3].spawn(Chatter {
-            every_ms: 10,
-            heard: 0,
-        })?;
-        let y = nodes[(k + 1) % 3].spawn(Chatter {
-            every_ms: 10,
-            heard: 0,
-        })?;
+        let x = nodes[k % 3].spawn(Chatter::new(10))?;
+        let y = nodes[(k + 1) % 3].spawn(Chatter::new(10))?;
         nodes[k % 3].book_insert(x.addr(), "peer", y.addr())?;
         nodes[(k + 1) % 3].book_insert(y.addr(), "peer", x.addr())?;
         all.push(x);

@@ -237,3 +237,24 @@ fn adoption_refuses_cycles_and_second_parents() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_tree_with_more_members_than_quics_default_stream_limit_moves() -> Result<()> {
+    // Each member's snapshot stream stays open until the group commits: 150 of them at once
+    // is over QUIC's default of 100 concurrent streams, which used to stall until the deadline.
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let members = 150;
+    let tree = relay_tree(c.node("a"), "big.", members, 5)?;
+    let report = block_on(
+        c.node("a")
+            .migrate_tree(tree[0].id(), "b", MigrateOptions::default()),
+    )?;
+    assert!(report.committed, "{:?}", report.aborted());
+    assert_eq!(report.members.len(), members);
+    block_on(tree[0].tell_wait(RelayMsg::Item(1)))?;
+    wait_tallies("big.", members, 1)?;
+    check_tallies("big.", members, 1)?;
+    c.shutdown();
+    Ok(())
+}
