@@ -644,6 +644,11 @@ impl NodeShared {
         Ok(())
     }
 
+    /// Where this node's channel to `id` points.
+    pub fn channel_location(&self, id: ServiceId) -> Option<NodeName> {
+        lock(&self.channels).get(&id).map(|c| c.location().0)
+    }
+
     /// The local service `id`'s address.
     pub fn local_addr_of(&self, id: ServiceId) -> Option<ServiceAddr> {
         self.services

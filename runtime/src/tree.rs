@@ -158,7 +158,8 @@ impl NodeShared {
             .collect()
     }
 
-    /// Where `id` runs as far as this node knows.
+    /// Where `id` runs as far as this node knows: here, the directory, a handle's channel,
+    /// the books, a member's gossip; else `fallback`.
     pub fn whereabouts(&self, id: ServiceId, fallback: &NodeName) -> NodeName {
         if self.slot(id).is_some() {
             return self.name().clone();
@@ -166,6 +167,9 @@ impl NodeShared {
         self.driver
             .location(id)
             .map(|(n, _)| n)
+            .or_else(|| self.channel_location(id))
+            .or_else(|| self.book_addr(id).map(|a| a.node))
+            .or_else(|| self.hosting_member(id))
             .unwrap_or_else(|| fallback.clone())
     }
 

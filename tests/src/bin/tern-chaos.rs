@@ -3,8 +3,10 @@
 //!
 //! `cargo run --release -p tern-harness --bin tern-chaos -- --nodes 5 --migrations 1000 --seed 7 --json`
 //!
-//! Every node hosts a sequence-checking sink and a sender per sink. The runner migrates sinks
-//! to random nodes one after another while the senders stream numbered tells and asks, and
+//! Every node hosts a sequence-checking sink, an assembly tree of three sinks (a root and two
+//! children), and a sender per sink. The runner migrates lone sinks, and one time in three a
+//! whole tree (all members or none), to random nodes one after another while the senders
+//! stream numbered tells and asks, and
 //! between migrations injects faults at random on the nodes' sockets: datagram loss, delay
 //! with jitter (reordering), and short cuts between two nodes, one way or both. With
 //! `--kills K` it also kills K nodes (never `a`, whose handles drive the run) at even intervals
@@ -287,6 +289,11 @@ impl Rng {
     }
 }
 
+/// The first words of an error, as a counter key.
+fn short(e: &str) -> String {
+    e.split(':').next().unwrap_or(e).chars().take(40).collect()
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -325,6 +332,10 @@ struct SenderAt {
 #[derive(Default)]
 struct Fleet {
     sinks: Vec<ServiceRef<Sink>>,
+    /// Lone sinks, migrated one at a time.
+    lone: Vec<ServiceRef<Sink>>,
+    /// Roots of trees, migrated whole.
+    trees: Vec<ServiceRef<Sink>>,
     senders: Vec<SenderAt>,
     dead_sinks: BTreeSet<ServiceId>,
     dead_senders: BTreeSet<String>,
@@ -335,16 +346,28 @@ impl Fleet {
     /// live sink).
     fn add_node(&mut self, c: &Cluster, node: &str, live: &[String]) -> Result<()> {
         let a = c.node("a");
-        let sink = c.node(node).spawn(Sink::default())?;
-        let sink = a.resolve::<Sink>(sink.addr())?;
-        self.sinks.push(sink.clone());
-        let mut pairs: Vec<(String, ServiceRef<Sink>)> = live
-            .iter()
-            .filter(|n| n.as_str() != node)
-            .map(|n| (n.clone(), sink.clone()))
-            .collect();
+        let host = c.node(node);
+        let lone = a.resolve::<Sink>(host.spawn(Sink::default())?.addr())?;
+        let root = host.spawn(Sink::default())?;
+        let mut new = vec![lone.clone(), a.resolve::<Sink>(root.addr())?];
+        for _ in 0..2 {
+            let child = host.spawn(Sink::default())?;
+            host.adopt(root.id(), child.addr())?;
+            new.push(a.resolve::<Sink>(child.addr())?);
+        }
+        self.lone.push(lone);
+        self.trees.push(new[1].clone());
+        let mut pairs: Vec<(String, ServiceRef<Sink>)> = Vec::new();
+        for sink in &new {
+            self.sinks.push(sink.clone());
+            pairs.extend(
+                live.iter()
+                    .filter(|n| n.as_str() != node)
+                    .map(|n| (n.clone(), sink.clone())),
+            );
+        }
         for s in &self.sinks {
-            if !self.dead_sinks.contains(&s.id()) {
+            if !self.dead_sinks.contains(&s.id()) && !new.iter().any(|x| x.id() == s.id()) {
                 pairs.push((node.to_owned(), s.clone()));
             }
         }
@@ -422,6 +445,8 @@ fn run() -> Result<(String, bool)> {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut aborted: BTreeMap<String, u64> = BTreeMap::new();
     let (mut committed, mut freeze) = (0u64, Vec::new());
+    let (mut trees_committed, mut tree_freeze) = (0u64, Vec::new());
+    let mut trees_aborted: BTreeMap<String, u64> = BTreeMap::new();
     let kill_every = a.migrations / (a.kills + 1);
     let mut kills = 0usize;
     // A killed node, and when it died: restarted once its peers have surely noticed.
@@ -522,8 +547,13 @@ fn run() -> Result<(String, bool)> {
                     _ => {}
                 }
             }
-            let alive: Vec<&ServiceRef<Sink>> = fleet
-                .sinks
+            let whole_tree = rng.below(3) == 0;
+            let pool = if whole_tree {
+                &fleet.trees
+            } else {
+                &fleet.lone
+            };
+            let alive: Vec<&ServiceRef<Sink>> = pool
                 .iter()
                 .filter(|s| !fleet.dead_sinks.contains(&s.id()))
                 .collect();
@@ -533,6 +563,41 @@ fn run() -> Result<(String, bool)> {
             let here = sink.location();
             let others: Vec<&String> = up.iter().filter(|n| n.as_str() != here.as_str()).collect();
             let to = others[rng.below(others.len())];
+            if whole_tree {
+                match c
+                    .node("a")
+                    .migrate_tree(sink.id(), to, MigrateOptions::default())
+                    .await
+                {
+                    Ok(r) if r.committed => {
+                        trees_committed += 1;
+                        tree_freeze.push(r.freeze_us);
+                    }
+                    Ok(r) => {
+                        let partial = r.members.iter().filter(|m| m.committed()).count();
+                        if partial > 0 {
+                            bail!("a tree moved {partial} of its {} members", r.members.len());
+                        }
+                        let reason = r
+                            .members
+                            .iter()
+                            .filter_map(|m| m.aborted.as_ref())
+                            .find(|a| !matches!(a, AbortReason::Group(_)))
+                            .map(|a| a.label())
+                            .unwrap_or("group");
+                        if reason != "same-node" {
+                            *trees_aborted.entry(reason.to_owned()).or_default() += 1;
+                        }
+                    }
+                    // The request itself failed (its node unreachable under a cut): counted.
+                    Err(e) => {
+                        *trees_aborted
+                            .entry(format!("request: {}", short(&e.to_string())))
+                            .or_default() += 1;
+                    }
+                }
+                return Ok::<_, anyhow::Error>(());
+            }
             let report = sink.migrate(to, MigrateOptions::default()).await?;
             match &report.aborted {
                 None => {
@@ -618,6 +683,7 @@ fn run() -> Result<(String, bool)> {
     c.shutdown();
 
     freeze.sort_unstable();
+    tree_freeze.sort_unstable();
     let ok = lost_unreported == 0
         && duplicated == 0
         && reordered == 0
@@ -642,6 +708,9 @@ fn run() -> Result<(String, bool)> {
         "reordered": reordered,
         "freeze_us_p50": percentile(&freeze, 0.5),
         "freeze_us_p99": percentile(&freeze, 0.99),
+        "tree_migrations_committed": trees_committed,
+        "tree_migrations_aborted": trees_aborted,
+        "tree_freeze_us_p50": percentile(&tree_freeze, 0.5),
         "max_live_instances": max_live,
         "seconds": started.elapsed().as_secs_f64(),
         "ok": ok,
