@@ -223,6 +223,7 @@ pub fn choose(
     let mut ruled_out = Vec::new();
     let cx = Context { nodes, affinity };
     let mut best: Option<(f64, &NodeView, Score)> = None;
+    let mut scored: Vec<(NodeName, f64)> = Vec::new();
     for node in nodes {
         if exclude.contains(&node.name) {
             ruled_out.push(format!("{}: excluded", node.name));
@@ -250,6 +251,7 @@ pub fn choose(
             continue;
         }
         let score = policy.score(svc, node, &cx);
+        scored.push((node.name.clone(), score.value));
         let better = match &best {
             None => true,
             Some((v, n, _)) => {
@@ -269,6 +271,11 @@ pub fn choose(
                 reasons.push(format!("has required {}", svc.needs.required.join(", ")));
             }
             reasons.extend(score.reasons);
+            for (n, v) in scored {
+                if n != node.name {
+                    reasons.push(format!("{n}: scored {v:.2} against {value:.2}"));
+                }
+            }
             reasons.extend(ruled_out);
             Ok(Choice {
                 node: node.name.clone(),
