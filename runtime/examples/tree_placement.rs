@@ -110,7 +110,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         player.tell(PlayerMsg::Tick)?;
-        let pos = player.ask(PlayerMsg::Position, Duration::from_secs(5)).await?;
+        let pos = player
+            .ask(PlayerMsg::Position, Duration::from_secs(5))
+            .await?;
         println!("the player, now on {}, is at {pos} s", player.location());
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::ServiceId;
 
 /// One message in this many has its encoded size measured.
-pub const SIZE_SAMPLE_EVERY: u64 = 32;
+pub const SIZE_SAMPLE_EVERY: u64 = 256;
 
 /// Rates below this (messages per second) with nothing new are forgotten at a roll.
 const RATE_FORGET: f64 = 0.01;
