@@ -136,10 +136,25 @@ fn context_reports_itself_and_records_children() -> Result<()> {
             .count(),
         2
     );
-    // The parent put them in its book, and the other node hears of it.
+    // The parent put them in its book (and the tree holds them as `child:<id>`), and the
+    // other node hears of it.
     wait_for(SECS_10, "b to learn the parent's book", || {
-        c.node("b").associations(parent.id()).holds.len() == 2
+        c.node("b").associations(parent.id()).holds.len() == 4
     })?;
+    let roles: Vec<String> = c
+        .node("b")
+        .associations(parent.id())
+        .holds
+        .into_iter()
+        .map(|(role, _)| role)
+        .collect();
+    assert!(roles.contains(&tern::child_role(kid1.id)), "{roles:?}");
+    assert!(roles.contains(&"child-1".to_string()), "{roles:?}");
+    assert_eq!(
+        c.node("b").children(parent.id()).len(),
+        2,
+        "the tree is known on b"
+    );
     assert_eq!(kid1.kind, <KvStore as tern::Service>::kind_key());
     c.shutdown();
     Ok(())
