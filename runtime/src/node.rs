@@ -2116,20 +2116,34 @@ impl NodeShared {
             }
             .into());
         }
-        let link = self
-            .peer(&at)
-            .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
-        let (req, rx) = self.asks.open(at.clone(), Some(id))?;
-        if let Err(e) = link.push_ctrl(&Frame::Mig(MigMsg::Request {
+        self.request_migration(at, Some(id), REQUEST_SLACK, |req| MigMsg::Request {
             req,
             service: id,
             to,
             drain: opts.drain,
-        })) {
+        })
+        .await
+    }
+
+    /// Sends a migration request made by `make` (given its request id) to `at` and waits for
+    /// the answer: up to the migration deadline plus `slack` (the carried queues may still be
+    /// streaming after the commit).
+    pub async fn request_migration<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        at: NodeName,
+        target: Option<ServiceId>,
+        slack: Duration,
+        make: impl FnOnce(u64) -> MigMsg,
+    ) -> Result<T, Error> {
+        let link = self
+            .peer(&at)
+            .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
+        let (req, rx) = self.asks.open(at.clone(), target)?;
+        if let Err(e) = link.push_ctrl(&Frame::Mig(make(req))) {
             self.asks.cancel(req);
             return Err(e.into());
         }
-        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + REQUEST_SLACK;
+        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + slack;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(ReplyPayload::Failed(detail))) => Err(Error::Remote { node: at, detail }),
             Ok(Ok(p)) => Ok(p.into_typed()?),

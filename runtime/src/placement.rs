@@ -22,6 +22,11 @@ use crate::migrate::{MigrateOptions, MigrationReport};
 use crate::node::NodeShared;
 use crate::tree::GroupReport;
 
+/// How long a move this node made is remembered for its view (a few gossip rounds).
+const RECENT_KEPT: Duration = Duration::from_secs(5);
+/// Moves remembered for the view at most.
+const RECENT_MAX: usize = 4096;
+
 /// Rounds kept in the rebalancer's log.
 const ROUNDS_KEPT: usize = 64;
 /// Cool-down entries kept (older ones are dropped first).
@@ -171,6 +176,9 @@ pub(crate) struct PlacementState {
     rebalancer: Mutex<Option<RebalancerConfig>>,
     last_round: Mutex<Option<Instant>>,
     moved_at: Mutex<HashMap<ServiceId, Instant>>,
+    /// Services this node moved lately, as they are now: gossip may not list them anywhere
+    /// for a moment (their old node has dropped them, their new one not yet sent its list).
+    recent: Mutex<VecDeque<(Instant, ServiceView)>>,
     rounds: Mutex<VecDeque<RebalanceRound>>,
     /// A trigger's re-placement is running (one at a time).
     replacing: AtomicBool,
@@ -294,6 +302,26 @@ impl NodeShared {
                     needs,
                     pinned,
                 });
+            }
+        }
+        // Services moved from here lately that no gossip lists yet still count where they went.
+        for (t, svc) in lock(&self.placement.recent).iter() {
+            if t.elapsed() < RECENT_KEPT && !at.contains_key(&svc.id) {
+                at.insert(svc.id, svc.at.clone());
+                if let Some(n) = nodes.iter_mut().find(|n| n.name == svc.at) {
+                    n.services += 1;
+                }
+                services.push(svc.clone());
+            }
+        }
+        // The directory is newer than gossip for every service whose move this node has
+        // heard of (`Located` at each commit): a plan from a stale location could undo a move.
+        for svc in &mut services {
+            if let Some((node, _)) = self.driver.location(svc.id) {
+                if node != svc.at {
+                    svc.at = node.clone();
+                    at.insert(svc.id, node);
+                }
             }
         }
         // Undirected links for affinity.
@@ -442,6 +470,16 @@ impl NodeShared {
             let report = self.migrate_group(moves, MigrateOptions::default()).await?;
             if report.committed {
                 self.placement.note_moved(&ids);
+                for m in plan.moves.iter().filter(|m| ids.contains(&m.service)) {
+                    let needs = self.needs_of(&m.kind).unwrap_or_default();
+                    self.placement.remember(ServiceView {
+                        id: m.service,
+                        kind: m.kind.clone(),
+                        at: m.to.clone(),
+                        needs,
+                        pinned: false,
+                    });
+                }
             }
             groups.push(report);
         }
@@ -634,7 +672,15 @@ impl NodeShared {
             // Moved or not, the service cools down: a failed move is not retried at once.
             self.placement.note_moved(&[m.service]);
             let outcome = match res {
-                Ok(r) if r.committed() => None,
+                Ok(r) if r.committed() => {
+                    if let Some(svc) = view.services.iter().find(|s| s.id == m.service) {
+                        self.placement.remember(ServiceView {
+                            at: m.to.clone(),
+                            ..svc.clone()
+                        });
+                    }
+                    None
+                }
                 Ok(r) => Some(r.aborted.map(|a| a.to_string()).unwrap_or_default()),
                 Err(e) => Some(e.to_string()),
             };
@@ -814,6 +860,14 @@ impl PlacementState {
         for id in ids {
             m.insert(*id, now);
         }
+    }
+
+    fn remember(&self, svc: ServiceView) {
+        let mut r = lock(&self.recent);
+        while r.len() >= RECENT_MAX || r.front().is_some_and(|(t, _)| t.elapsed() >= RECENT_KEPT) {
+            r.pop_front();
+        }
+        r.push_back((Instant::now(), svc));
     }
 
     fn cooling(&self, id: ServiceId, cooldown: Duration) -> bool {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{AskError, DeliveryError, Error};
+use crate::error::{DeliveryError, Error};
 use crate::ids::{NodeName, ServiceAddr, ServiceId};
 use crate::migrate::{MigrateOptions, MigrationReport};
 use crate::node::NodeShared;
@@ -304,33 +304,14 @@ impl NodeShared {
             }
             return Ok(GroupReport::of(reports));
         }
-        let link = self
-            .peer(&at)
-            .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
-        let (req, rx) = self.asks.open(at.clone(), None)?;
-        if let Err(e) = link.push_ctrl(&Frame::Mig(MigMsg::GroupRequest {
-            req,
-            moves,
-            drain: opts.drain,
-        })) {
-            self.asks.cancel(req);
-            return Err(e.into());
-        }
-        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + GROUP_SLACK;
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(crate::handle::ReplyPayload::Failed(detail))) => {
-                Err(Error::Remote { node: at, detail })
-            }
-            Ok(Ok(p)) => Ok(GroupReport::of(p.into_typed::<Vec<MigrationReport>>()?)),
-            Ok(Err(_)) => Err(AskError::NodeLost { node: at }.into()),
-            Err(_) => {
-                self.asks.cancel(req);
-                Err(AskError::Timeout {
-                    timeout_ms: wait.as_millis() as u64,
-                }
-                .into())
-            }
-        }
+        let reports: Vec<MigrationReport> = self
+            .request_migration(at, None, GROUP_SLACK, |req| MigMsg::GroupRequest {
+                req,
+                moves,
+                drain: opts.drain,
+            })
+            .await?;
+        Ok(GroupReport::of(reports))
     }
 
     /// Moves the whole tree of `root` to `to`.
