@@ -91,7 +91,11 @@ pub struct MemberInfo {
     pub services: Vec<(ServiceId, KindKey, bool)>,
     /// Its heaviest observed traffic edges (at most [`GOSSIP_EDGES_MAX`]).
     pub edges: Vec<EdgeRate>,
-    /// Bumped by the node at each change it announces; a newer one replaces an older one.
+    /// When this run of the node started (ms since the Unix epoch): a restarted node is a
+    /// new incarnation, whose word replaces everything its earlier run said.
+    pub incarnation: u64,
+    /// Bumped by the node at each change it announces; within one incarnation a newer one
+    /// replaces an older one.
     pub version: u64,
 }
 
@@ -149,7 +153,9 @@ impl Members {
         let room = self.others.len() < max;
         match self.others.get_mut(&info.name) {
             Some((known, status, heard)) => {
-                if info.version > known.version || (direct && info.version == known.version) {
+                let newer = (info.incarnation, info.version) > (known.incarnation, known.version);
+                // A node's own word is always taken: it may have restarted.
+                if newer || direct {
                     *known = info;
                     *heard = Instant::now();
                     if direct {

@@ -1716,7 +1716,11 @@ pub(crate) fn on_control(
                         .migrate(&node, service, to, MigrateOptions { drain });
                     rx.await.map_err(|_| "the node stopped".to_string())
                 } else {
-                    Err(format!("service {service} does not run on {}", node.name()))
+                    Err(format!(
+                        "service {service} {} {}",
+                        crate::node::NOT_HERE,
+                        node.name()
+                    ))
                 };
                 let sent = match res {
                     Ok(report) => match rmp_serde::to_vec(&report) {

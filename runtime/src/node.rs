@@ -1606,6 +1606,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
             id_prefix,
             services: Vec::new(),
             edges: Vec::new(),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             version: 1,
         })),
         placement: Default::default(),
@@ -2116,13 +2119,25 @@ impl NodeShared {
             }
             .into());
         }
-        self.request_migration(at, Some(id), REQUEST_SLACK, |req| MigMsg::Request {
-            req,
-            service: id,
-            to,
-            drain: opts.drain,
-        })
-        .await
+        let ask = |at: NodeName, to: NodeName| {
+            self.request_migration(at, Some(id), REQUEST_SLACK, move |req| MigMsg::Request {
+                req,
+                service: id,
+                to,
+                drain: opts.drain,
+            })
+        };
+        match ask(at.clone(), to.clone()).await {
+            // This node's directory was stale (it missed a move's `Located`, say under a
+            // cut): ask once more where membership gossip, at most a second old, says it is.
+            Err(Error::Remote { node, detail }) if detail.contains(NOT_HERE) => {
+                match self.hosting_member(id).filter(|alt| *alt != at) {
+                    Some(alt) => ask(alt, to).await,
+                    None => Err(Error::Remote { node, detail }),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Sends a migration request made by `make` (given its request id) to `at` and waits for
@@ -2158,6 +2173,9 @@ impl NodeShared {
         }
     }
 }
+
+/// What a node answers to a migration request for a service it does not run.
+pub(crate) const NOT_HERE: &str = "does not run on";
 
 /// Beyond the migration deadline, how long a remote migration request waits for its report
 /// (the carried queue may still be streaming after commit).

@@ -5,7 +5,7 @@
 //! `child:<id>`. So it is known on every node, travels with the parent's book, and is
 //! rewritten by the channel rebuild like any other entry.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,18 +158,18 @@ impl NodeShared {
             .collect()
     }
 
-    /// Where `id` runs as far as this node knows: here, the directory, a handle's channel,
-    /// the books, a member's gossip; else `fallback`.
+    /// Where `id` runs as far as this node knows: here; else the member whose gossip lists
+    /// it (at most a second old); else the directory, a handle's channel, the books (which
+    /// stay stale for as long as this node missed the `Located` of a move, for example under a
+    /// cut); else `fallback`.
     pub fn whereabouts(&self, id: ServiceId, fallback: &NodeName) -> NodeName {
         if self.slot(id).is_some() {
             return self.name().clone();
         }
-        self.driver
-            .location(id)
-            .map(|(n, _)| n)
+        self.hosting_member(id)
+            .or_else(|| self.driver.location(id).map(|(n, _)| n))
             .or_else(|| self.channel_location(id))
             .or_else(|| self.book_addr(id).map(|a| a.node))
-            .or_else(|| self.hosting_member(id))
             .unwrap_or_else(|| fallback.clone())
     }
 
@@ -272,22 +272,35 @@ impl NodeShared {
             });
         }
         let me = self.name().clone();
-        let sources: BTreeSet<NodeName> = moves
-            .iter()
-            .map(|(id, _)| self.whereabouts(*id, &me))
-            .collect();
-        if sources.len() > 1 {
+        // Where this node believes the members run. That can be stale (a `Located` lost with
+        // a connection), so the request goes to the node most of them are believed on, and
+        // that node, which knows its own services, checks that every member runs there.
+        let mut sources: BTreeMap<NodeName, usize> = BTreeMap::new();
+        for (id, _) in &moves {
+            *sources.entry(self.whereabouts(*id, &me)).or_default() += 1;
+        }
+        let all_local = moves.iter().all(|(id, _)| self.slot(*id).is_some());
+        let at = if all_local {
+            me.clone()
+        } else {
+            sources
+                .iter()
+                .filter(|(n, _)| **n != me)
+                .max_by_key(|(_, count)| **count)
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| me.clone())
+        };
+        if at == me && !all_local && sources.len() > 1 {
             return Err(Error::Tree(format!(
                 "the members run on {} nodes ({}); a group moves from one node",
                 sources.len(),
                 sources
-                    .iter()
+                    .keys()
                     .map(|n| n.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
         }
-        let at = sources.into_iter().next().unwrap_or(me);
         if at == *self.name() {
             let unknown = moves.iter().find(|(id, _)| self.slot(*id).is_none());
             if let Some((id, _)) = unknown {
@@ -304,13 +317,26 @@ impl NodeShared {
             }
             return Ok(GroupReport::of(reports));
         }
-        let reports: Vec<MigrationReport> = self
-            .request_migration(at, None, GROUP_SLACK, |req| MigMsg::GroupRequest {
-                req,
-                moves,
-                drain: opts.drain,
+        let ask = |at: NodeName, moves: Vec<(ServiceId, NodeName)>| {
+            self.request_migration::<Vec<MigrationReport>>(at, None, GROUP_SLACK, move |req| {
+                MigMsg::GroupRequest {
+                    req,
+                    moves,
+                    drain: opts.drain,
+                }
             })
-            .await?;
+        };
+        let first = moves[0].0;
+        let reports = match ask(at.clone(), moves.clone()).await {
+            // A stale belief: ask once more where gossip says the first member is.
+            Err(Error::Remote { node, detail }) if detail.contains(crate::node::NOT_HERE) => {
+                match self.hosting_member(first).filter(|alt| *alt != at) {
+                    Some(alt) => ask(alt, moves).await?,
+                    None => return Err(Error::Remote { node, detail }),
+                }
+            }
+            other => other?,
+        };
         Ok(GroupReport::of(reports))
     }
 
@@ -349,7 +375,11 @@ pub(crate) fn on_group_request(
                 "{} members: a group migration moves at most {GROUP_MEMBERS_MAX}",
                 moves.len()
             )),
-            Some((id, _)) => Err(format!("service {id} does not run on {}", node.name())),
+            Some((id, _)) => Err(format!(
+                "service {id} {} {}",
+                crate::node::NOT_HERE,
+                node.name()
+            )),
             None => {
                 let rxs = node
                     .driver

@@ -547,16 +547,24 @@ fn run() -> Result<(String, bool)> {
                     _ => {}
                 }
             }
-            let whole_tree = rng.below(3) == 0;
-            let pool = if whole_tree {
-                &fleet.trees
-            } else {
-                &fleet.lone
+            let live = |pool: &Vec<ServiceRef<Sink>>| -> Vec<ServiceRef<Sink>> {
+                pool.iter()
+                    .filter(|s| !fleet.dead_sinks.contains(&s.id()))
+                    .cloned()
+                    .collect()
             };
-            let alive: Vec<&ServiceRef<Sink>> = pool
-                .iter()
-                .filter(|s| !fleet.dead_sinks.contains(&s.id()))
-                .collect();
+            let (trees, lone) = (live(&fleet.trees), live(&fleet.lone));
+            // Kills can leave one pool empty for a while: then the other is used.
+            let whole_tree = (rng.below(3) == 0 && !trees.is_empty()) || lone.is_empty();
+            let alive: Vec<&ServiceRef<Sink>> = if whole_tree {
+                trees.iter()
+            } else {
+                lone.iter()
+            }
+            .collect();
+            if alive.is_empty() {
+                bail!("every sink is dead");
+            }
             let sink = alive[rng.below(alive.len())];
             // Another live node than the one the handle last knew: rarely the same node, then
             // an abort that is not counted.
@@ -591,6 +599,21 @@ fn run() -> Result<(String, bool)> {
                     }
                     // The request itself failed (its node unreachable under a cut): counted.
                     Err(e) => {
+                        // Where each member really runs, for the log.
+                        let members = c.node("a").tree(sink.id()).unwrap_or_default();
+                        let hosts: Vec<Vec<&String>> = members
+                            .iter()
+                            .map(|m| {
+                                up.iter()
+                                    .filter(|n| {
+                                        c.node(n).services().iter().any(|x| x.addr.id == m.addr.id)
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        eprintln!(
+                            "tern-chaos: tree request failed: {e} (members run on {hosts:?})"
+                        );
                         *trees_aborted
                             .entry(format!("request: {}", short(&e.to_string())))
                             .or_default() += 1;
