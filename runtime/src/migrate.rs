@@ -682,7 +682,9 @@ impl Driver {
                 }
                 return;
             }
-            MigMsg::Request { .. } | MigMsg::GroupRequest { .. } => return,
+            MigMsg::Request { .. } | MigMsg::GroupRequest { .. } | MigMsg::TreeRequest { .. } => {
+                return
+            }
         };
         let actions = lock(&self.core).receive(from.clone(), wire);
         self.run(node, actions);
@@ -1745,6 +1747,14 @@ pub(crate) fn on_control(
         }
         MigMsg::GroupRequest { req, moves, drain } => {
             crate::tree::on_group_request(node, link, req, moves, drain);
+        }
+        MigMsg::TreeRequest {
+            req,
+            root,
+            to,
+            drain,
+        } => {
+            crate::tree::on_tree_request(node, link, req, root, to, drain);
         }
         other => node.driver.on_msg(node, &link.name, other),
     }

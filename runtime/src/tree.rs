@@ -158,18 +158,20 @@ impl NodeShared {
             .collect()
     }
 
-    /// Where `id` runs as far as this node knows: here; else the member whose gossip lists
-    /// it (at most a second old); else the directory, a handle's channel, the books (which
-    /// stay stale for as long as this node missed the `Located` of a move, for example under a
-    /// cut); else `fallback`.
+    /// Where `id` runs as far as this node knows: here; else the directory, a handle's
+    /// channel, the books, a member's gossip; else `fallback`. (The directory stays stale for
+    /// as long as this node missed the `Located` of a move, for example under a cut; requests
+    /// sent on a stale belief are asked again where gossip says.)
     pub fn whereabouts(&self, id: ServiceId, fallback: &NodeName) -> NodeName {
         if self.slot(id).is_some() {
             return self.name().clone();
         }
-        self.hosting_member(id)
-            .or_else(|| self.driver.location(id).map(|(n, _)| n))
+        self.driver
+            .location(id)
+            .map(|(n, _)| n)
             .or_else(|| self.channel_location(id))
             .or_else(|| self.book_addr(id).map(|a| a.node))
+            .or_else(|| self.hosting_member(id))
             .unwrap_or_else(|| fallback.clone())
     }
 
@@ -340,19 +342,49 @@ impl NodeShared {
         Ok(GroupReport::of(reports))
     }
 
-    /// Moves the whole tree of `root` to `to`.
+    /// Moves the whole tree of `root` to `to`. The tree is read on the root's node, whose
+    /// books are the ones its members hold (another node's copy may lag, and moving part of
+    /// a tree would split it).
     pub async fn migrate_tree(
         self: &Arc<Self>,
         root: ServiceId,
         to: NodeName,
         opts: MigrateOptions,
     ) -> Result<GroupReport, Error> {
-        let moves = self
-            .tree(root)?
-            .into_iter()
-            .map(|m| (m.addr.id, to.clone()))
-            .collect();
-        self.migrate_group(moves, opts).await
+        let me = self.name().clone();
+        let at = self.whereabouts(root, &me);
+        if at == me {
+            let moves = self
+                .tree(root)?
+                .into_iter()
+                .map(|m| (m.addr.id, to.clone()))
+                .collect();
+            return self.migrate_group(moves, opts).await;
+        }
+        let ask = |at: NodeName, to: NodeName| {
+            self.request_migration::<Vec<MigrationReport>>(
+                at,
+                Some(root),
+                GROUP_SLACK,
+                move |req| MigMsg::TreeRequest {
+                    req,
+                    root,
+                    to,
+                    drain: opts.drain,
+                },
+            )
+        };
+        let reports = match ask(at.clone(), to.clone()).await {
+            // A stale belief: ask once more where gossip says the root is.
+            Err(Error::Remote { node, detail }) if detail.contains(crate::node::NOT_HERE) => {
+                match self.hosting_member(root).filter(|alt| *alt != at) {
+                    Some(alt) => ask(alt, to).await?,
+                    None => return Err(Error::Remote { node, detail }),
+                }
+            }
+            other => other?,
+        };
+        Ok(GroupReport::of(reports))
     }
 }
 
@@ -399,19 +431,56 @@ pub(crate) fn on_group_request(
                 }
             }
         };
-        let bytes = res.and_then(|r| rmp_serde::to_vec(&r).map_err(|e| e.to_string()));
-        let sent = match &bytes {
-            Ok(b) => link.push_ctrl(&Frame::Reply {
-                ask: req,
-                result: ReplyBody::Value(b),
-            }),
-            Err(detail) => link.push_ctrl(&Frame::Reply {
-                ask: req,
-                result: ReplyBody::Failed(detail.clone()),
-            }),
-        };
-        if let Err(e) = sent {
-            node.event("migration-report-lost", format!("to {}: {e}", link.name));
-        }
+        answer_reports(&node, &link, req, res);
     });
+}
+
+/// A peer asked this node to move the tree of its service `root`; answers with the reports.
+pub(crate) fn on_tree_request(
+    node: &Arc<NodeShared>,
+    link: &Arc<crate::transport::PeerLink>,
+    req: u64,
+    root: ServiceId,
+    to: NodeName,
+    drain: bool,
+) {
+    let (node, link) = (node.clone(), link.clone());
+    actix_rt::spawn(async move {
+        let res = if node.slot(root).is_none() {
+            Err(format!(
+                "service {root} {} {}",
+                crate::node::NOT_HERE,
+                node.name()
+            ))
+        } else {
+            node.migrate_tree(root, to, MigrateOptions { drain })
+                .await
+                .map(|r| r.members)
+                .map_err(|e| e.to_string())
+        };
+        answer_reports(&node, &link, req, res);
+    });
+}
+
+/// Answers request `req` with the reports, or the error.
+fn answer_reports(
+    node: &NodeShared,
+    link: &crate::transport::PeerLink,
+    req: u64,
+    res: Result<Vec<MigrationReport>, String>,
+) {
+    let bytes = res.and_then(|r| rmp_serde::to_vec(&r).map_err(|e| e.to_string()));
+    let sent = match &bytes {
+        Ok(b) => link.push_ctrl(&Frame::Reply {
+            ask: req,
+            result: ReplyBody::Value(b),
+        }),
+        Err(detail) => link.push_ctrl(&Frame::Reply {
+            ask: req,
+            result: ReplyBody::Failed(detail.clone()),
+        }),
+    };
+    if let Err(e) = sent {
+        node.event("migration-report-lost", format!("to {}: {e}", link.name));
+    }
 }

@@ -474,6 +474,18 @@ pub enum MigMsg {
         /// Handle the queues at the source first.
         drain: bool,
     },
+    /// Ask the receiver to migrate the whole tree of its service `root` to `to`. The tree is
+    /// read there, from the books its members hold; answered like `GroupRequest`.
+    TreeRequest {
+        /// Request id on the sender.
+        req: u64,
+        /// The tree's root.
+        root: ServiceId,
+        /// Target node.
+        to: NodeName,
+        /// Handle the queues at the source first.
+        drain: bool,
+    },
     /// Target to source: the copy handled its first message (or had none to handle with the
     /// whole carried queue in) `after_start_us` after it started; this ends the freeze.
     Serving {

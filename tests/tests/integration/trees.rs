@@ -152,6 +152,21 @@ fn a_tree_of_twenty_moves_as_one_under_load_and_talks_locally_after() -> Result<
         "intra-tree traffic left b"
     );
     assert!(after.sent_local - before.sent_local >= inner);
+
+    // Asked from a third node: the tree is read on the root's node and moves whole.
+    let back = block_on(
+        c.node("c")
+            .migrate_tree(root.id(), "a", MigrateOptions::default()),
+    )?;
+    assert!(back.committed, "{:?}", back.aborted());
+    assert_eq!(back.members.len(), members);
+    assert_eq!(
+        a.services()
+            .iter()
+            .filter(|s| s.addr.kind.name == "test-relay")
+            .count(),
+        members
+    );
     c.shutdown();
     Ok(())
 }
