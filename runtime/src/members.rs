@@ -173,6 +173,27 @@ impl Members {
         }
     }
 
+    /// The first member up (by name) whose last list holds `id`.
+    fn hosting(&self, id: ServiceId) -> Option<NodeName> {
+        self.others
+            .iter()
+            .filter(|(_, (i, st, _))| {
+                *st == MemberStatus::Up && i.services.iter().any(|(s, _, _)| *s == id)
+            })
+            .map(|(n, _)| n.clone())
+            .min()
+    }
+
+    /// What `name` offered when last heard of (without copying the rest of the table).
+    fn capabilities_of(&self, name: &NodeName) -> Option<Vec<String>> {
+        if *name == self.me.name {
+            return Some(self.me.capabilities.clone());
+        }
+        self.others
+            .get(name)
+            .map(|(i, _, _)| i.capabilities.clone())
+    }
+
     pub fn set_status(&mut self, name: &NodeName, status: MemberStatus) {
         if let Some(m) = self.others.get_mut(name) {
             m.1 = status;
@@ -280,11 +301,7 @@ impl NodeShared {
                 info.edges.truncate(GOSSIP_EDGES_MAX);
                 info.capabilities.truncate(CAPABILITIES_MAX);
                 let direct = info.name == *from;
-                let before = m
-                    .list()
-                    .into_iter()
-                    .find(|x| x.info.name == info.name)
-                    .map(|x| x.info.capabilities);
+                let before = m.capabilities_of(&info.name);
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {
                     if let Some(a) = addr {
@@ -325,15 +342,7 @@ impl NodeShared {
 
     /// The member whose gossip lists `id` among its services.
     pub fn hosting_member(&self, id: ServiceId) -> Option<NodeName> {
-        lock(&self.members)
-            .list()
-            .into_iter()
-            .find(|m| {
-                !m.local
-                    && m.status == MemberStatus::Up
-                    && m.info.services.iter().any(|(s, _, _)| *s == id)
-            })
-            .map(|m| m.info.name)
+        lock(&self.members).hosting(id)
     }
 
     /// Every member this node knows, itself first.
