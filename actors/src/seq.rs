@@ -83,6 +83,26 @@ impl Verdict {
 }
 
 impl SinkReport {
+    /// Counts `seq` from `sender` (see [`SenderReport::record`]); senders beyond the tracked
+    /// bound are only counted, in `untracked`.
+    pub fn record(&mut self, sender: &str, seq: u64) {
+        let tracked = self.senders.len();
+        match self.senders.get_mut(sender) {
+            Some(r) => r.record(seq),
+            None if tracked < SENDERS_MAX => {
+                let mut r = SenderReport::default();
+                r.record(seq);
+                self.senders.insert(sender.to_owned(), r);
+            }
+            None => self.untracked += 1,
+        }
+    }
+
+    /// Messages received from every sender, copies included.
+    pub fn received(&self) -> u64 {
+        self.senders.values().map(|r| r.received).sum::<u64>() + self.untracked
+    }
+
     /// Compares with `sent`: per sender, the count of messages numbered 1..=n it sent.
     pub fn verdict(&self, sent: &BTreeMap<String, u64>) -> Verdict {
         let mut v = Verdict::default();
@@ -133,21 +153,6 @@ pub enum SinkMsg {
     Report(ReplyTo<SinkReport>),
 }
 
-impl SeqSink {
-    fn record(&mut self, sender: String, seq: u64) {
-        let tracked = self.report.senders.len();
-        match self.report.senders.get_mut(&sender) {
-            Some(r) => r.record(seq),
-            None if tracked < SENDERS_MAX => {
-                let mut r = SenderReport::default();
-                r.record(seq);
-                self.report.senders.insert(sender, r);
-            }
-            None => self.report.untracked += 1,
-        }
-    }
-}
-
 impl Service for SeqSink {
     type Msg = SinkMsg;
     const KIND: &'static str = "seq-sink";
@@ -155,9 +160,9 @@ impl Service for SeqSink {
 
     async fn handle(&mut self, msg: SinkMsg, ctx: &mut Ctx<Self>) {
         match msg {
-            SinkMsg::Record { sender, seq } => self.record(sender, seq),
+            SinkMsg::Record { sender, seq } => self.report.record(&sender, seq),
             SinkMsg::RecordAsk { sender, seq, reply } => {
-                self.record(sender, seq);
+                self.report.record(&sender, seq);
                 if let Err(e) = ctx.reply(reply, seq) {
                     tracing::warn!(error = %e, "sink reply not delivered");
                 }

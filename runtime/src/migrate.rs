@@ -328,6 +328,11 @@ impl Driver {
         self.clock.elapsed().as_millis() as u64
     }
 
+    /// The epoch of `service` if it is hosted here.
+    pub fn epoch(&self, service: ServiceId) -> Option<u64> {
+        lock(&self.core).epoch(service)
+    }
+
     /// Where `service` is and since which epoch, as far as this node knows.
     pub fn location(&self, service: ServiceId) -> Option<(NodeName, u64)> {
         lock(&self.core).location(service)

@@ -254,6 +254,8 @@ pub struct ServiceInfo {
     pub mailbox_capacity: usize,
     /// Its parent in an assembly tree.
     pub parent: Option<ServiceId>,
+    /// Its epoch: how many times it has migrated.
+    pub epoch: u64,
 }
 
 type RestoreFn = fn(&Arc<NodeShared>, &[u8]) -> Result<ServiceAddr, Error>;
@@ -1890,6 +1892,12 @@ impl NodeHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// What the last drain of this node did (whether [`drain`](Self::drain) or a low
+    /// battery started it), once it has ended.
+    pub fn last_drain(&self) -> Option<DrainReport> {
+        self.shared.last_drain()
+    }
+
     /// Pins (or unpins) local service `id`: placement, drain and the rebalancer never move
     /// it, and `migrate` refuses to.
     pub fn pin(&self, id: ServiceId, pinned: bool) {
@@ -2002,6 +2010,7 @@ impl NodeHandle {
                 mailbox_depth: s.slot.depth(),
                 mailbox_capacity: s.slot.capacity(),
                 parent: self.shared.parent_of(s.addr.id),
+                epoch: self.shared.driver.epoch(s.addr.id).unwrap_or(0),
             })
             .collect()
     }

@@ -119,6 +119,8 @@ pub struct DrainReport {
     pub pinned: Vec<ServiceId>,
     /// Services that could not be moved, and why.
     pub failed: Vec<(ServiceId, String)>,
+    /// The placement decisions behind the moves, with their reasons.
+    pub plans: Vec<PlannedMove>,
 }
 
 /// One rebalancer round.
@@ -180,6 +182,8 @@ pub(crate) struct PlacementState {
     /// for a moment (their old node has dropped them, their new one not yet sent its list).
     recent: Mutex<VecDeque<(Instant, ServiceView)>>,
     rounds: Mutex<VecDeque<RebalanceRound>>,
+    /// What the last drain did, whoever started it.
+    last_drain: Mutex<Option<DrainReport>>,
     /// A trigger's re-placement is running (one at a time).
     replacing: AtomicBool,
     /// A rebalancer round is running.
@@ -526,7 +530,10 @@ impl NodeShared {
                 ..PlanOptions::default()
             };
             let outcome = match self.plan_in(&view, &members, &opts) {
-                Ok(plan) => self.carry_out(plan).await,
+                Ok(plan) => {
+                    report.plans.extend(plan.moves.iter().cloned());
+                    self.carry_out(plan).await
+                }
                 Err(e) => Err(e),
             };
             match outcome {
@@ -558,7 +565,13 @@ impl NodeShared {
                 report.failed.len()
             ),
         );
+        *lock(&self.placement.last_drain) = Some(report.clone());
         report
+    }
+
+    /// What the last drain of this node did, if one ended.
+    pub fn last_drain(&self) -> Option<DrainReport> {
+        lock(&self.placement.last_drain).clone()
     }
 
     /// Nodes' capabilities changed (or nodes joined): services here that require a

@@ -3,6 +3,7 @@
 mod books;
 mod common;
 mod crashes;
+mod demo;
 mod faults;
 mod frames;
 mod limits;

@@ -1,0 +1,12 @@
+//! Tern Media, the Tern demo: a media app whose services move between a phone, a tv, a car
+//! and a watch while it plays.
+//!
+//! - [`media`]: the services (player, lyrics, playlist, remote, scrobbler) and the audit;
+//! - [`app`]: one running app: spawning, wiring, auditing;
+//! - [`scenario`]: the scripted walk through the devices, in one process;
+//! - [`timeline`]: how a run is printed.
+
+pub mod app;
+pub mod media;
+pub mod scenario;
+pub mod timeline;
