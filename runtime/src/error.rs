@@ -232,6 +232,9 @@ pub enum Error {
         /// Its error.
         detail: String,
     },
+    /// An admin connection failed, or the node refused the request; why, in words.
+    #[error("admin: {0}")]
+    Admin(String),
 }
 
 impl Error {

@@ -38,6 +38,32 @@ impl fmt::Display for ServiceId {
     }
 }
 
+/// Reads the form [`Display`](fmt::Display) writes: two 16-digit hex halves joined by `-`.
+///
+/// ```
+/// let id: tern::ServiceId = "0000000000000007-000000000000002a".parse().unwrap();
+/// assert_eq!(id, tern::ServiceId::from_parts(7, 42));
+/// assert!("7-42-1".parse::<tern::ServiceId>().is_err());
+/// ```
+impl std::str::FromStr for ServiceId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a service id (two hex halves joined by '-')"))?;
+        let half = |h: &str| {
+            if h.is_empty() || h.len() > 16 {
+                return Err(format!(
+                    "{s:?} is not a service id (halves of 1 to 16 hex digits)"
+                ));
+            }
+            u64::from_str_radix(h, 16).map_err(|e| format!("{s:?} is not a service id: {e}"))
+        };
+        Ok(ServiceId(half(hi)?, half(lo)?))
+    }
+}
+
 impl fmt::Debug for ServiceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ServiceId({self})")

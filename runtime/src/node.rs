@@ -141,6 +141,9 @@ pub struct NodeConfig {
     /// Wraps the node's UDP socket before QUIC runs on it: a test harness injects faults here
     /// (drops, delays, cut links). `None` in production.
     pub socket_wrap: Option<SocketWrap>,
+    /// Names (from their certificates) that may open admin connections (the `tern` command
+    /// line). `None`: any certificate the cluster CA issued.
+    pub admins: Option<Vec<String>>,
 }
 
 /// A function given the node's UDP socket (as quinn sees it) that returns the socket QUIC
@@ -168,6 +171,7 @@ impl NodeConfig {
             peers: Vec::new(),
             limits: Limits::default(),
             socket_wrap: None,
+            admins: None,
         }
     }
 }
@@ -244,7 +248,7 @@ pub struct LossReport {
 }
 
 /// One local service as listed by [`NodeHandle::services`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     /// The service.
     pub addr: ServiceAddr,
@@ -443,6 +447,8 @@ impl AskTable {
 pub(crate) struct NodeShared {
     name: NodeName,
     pub limits: Limits,
+    /// Who may open admin connections (`None`: any certificate of the cluster).
+    pub admins: Option<Vec<String>>,
     pub stats: Stats,
     pub asks: AskTable,
     id_prefix: u64,
@@ -1057,6 +1063,21 @@ impl NodeShared {
         out
     }
 
+    /// Every local service, with its mailbox, parent and epoch.
+    pub fn service_infos(&self) -> Vec<ServiceInfo> {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        services
+            .values()
+            .map(|s| ServiceInfo {
+                addr: s.addr.clone(),
+                mailbox_depth: s.slot.depth(),
+                mailbox_capacity: s.slot.capacity(),
+                parent: self.parent_of(s.addr.id),
+                epoch: self.driver.epoch(s.addr.id).unwrap_or(0),
+            })
+            .collect()
+    }
+
     /// Every local service's address.
     pub fn local_services(&self) -> Vec<ServiceAddr> {
         self.services
@@ -1614,6 +1635,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
             version: 1,
         })),
         placement: Default::default(),
+        admins: config.admins.clone(),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -1998,21 +2020,7 @@ impl NodeHandle {
 
     /// Services running on this node.
     pub fn services(&self) -> Vec<ServiceInfo> {
-        let services = self
-            .shared
-            .services
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        services
-            .values()
-            .map(|s| ServiceInfo {
-                addr: s.addr.clone(),
-                mailbox_depth: s.slot.depth(),
-                mailbox_capacity: s.slot.capacity(),
-                parent: self.shared.parent_of(s.addr.id),
-                epoch: self.shared.driver.epoch(s.addr.id).unwrap_or(0),
-            })
-            .collect()
+        self.shared.service_infos()
     }
 
     /// A snapshot of the node's counters.

@@ -1,5 +1,6 @@
 //! rustls configurations (ring provider, TLS 1.3 only, mutual authentication against the
-//! cluster CA, ALPN `tern/1`) and reading a peer's name from its certificate.
+//! cluster CA, ALPN `tern/1` between nodes and `tern-admin/1` from the command line) and
+//! reading a peer's name from its certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use rustls::RootCertStore;
 use crate::certs::NodeIdentity;
 use crate::error::Error;
 use crate::ids::NodeName;
-use crate::wire::ALPN;
+use crate::wire::{ADMIN_ALPN, ALPN};
 
 fn tls_err(e: impl std::fmt::Display) -> Error {
     Error::Tls(e.to_string())
@@ -83,7 +84,8 @@ pub fn server_config_with(id: &NodeIdentity, live: Liveness) -> Result<quinn::Se
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![id.cert()], id.key())
         .map_err(tls_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Nodes speak `tern/1`; the command line's admin connections `tern-admin/1`.
+    tls.alpn_protocols = vec![ALPN.to_vec(), ADMIN_ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport(live));
@@ -142,4 +144,82 @@ pub fn peer_name(conn: &quinn::Connection) -> Result<NodeName, Error> {
         .first()
         .ok_or_else(|| Error::Cert("peer certificate chain is empty".into()))?;
     name_from_cert(leaf)
+}
+
+/// Accepts a server certificate issued by the cluster CA whatever node it names (checking
+/// the chain, validity and signatures as for that name): the command line dials an address
+/// and learns which node answered from the certificate.
+#[derive(Debug)]
+struct AnyNodeOfTheCluster {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyNodeOfTheCluster {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let name = name_from_cert(end_entity)
+            .map_err(|e| rustls::Error::General(format!("node certificate: {e}")))?;
+        let as_server = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| rustls::Error::General(format!("node name {name}: {e}")))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &as_server, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The QUIC client side of an admin connection (ALPN `tern-admin/1`): presents `id`'s
+/// certificate and accepts any node whose certificate the cluster CA issued.
+pub fn admin_client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
+    let provider = provider();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
+            .build()
+            .map_err(tls_err)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyNodeOfTheCluster { inner }))
+        .with_client_auth_cert(vec![id.cert()], id.key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ADMIN_ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(Liveness::default()));
+    Ok(cfg)
+}
+
+/// The ALPN protocol `conn` negotiated, if any.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }

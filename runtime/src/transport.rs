@@ -564,6 +564,10 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             return refuse(&node, format!("from {remote}: {e}"));
         }
     };
+    if crate::tls::negotiated_alpn(&conn).as_deref() == Some(crate::wire::ADMIN_ALPN) {
+        // The command line, not a peer: it joins no membership and carries no messages.
+        return crate::admin::serve(node, conn, name).await;
+    }
     if &name == node.name() {
         close("certificate names the accepting node");
         return refuse(

@@ -26,6 +26,8 @@ use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub const WIRE_VERSION: u8 = 1;
 /// The ALPN protocol id of Tern connections.
 pub const ALPN: &[u8] = b"tern/1";
+/// The ALPN protocol id of admin connections (the `tern` command line to a node).
+pub const ADMIN_ALPN: &[u8] = b"tern-admin/1";
 /// Bytes before a frame's body: length (4) and version (1).
 pub const FRAME_HEADER_BYTES: usize = 5;
 

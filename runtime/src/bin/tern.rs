@@ -1,88 +1,615 @@
-//! The `tern` command line.
+//! `tern`: the command line for any Tern cluster.
 //!
 //! ```text
-//! tern ca init [--dir DIR]          create a cluster CA (ca.pem, ca.key) in DIR (default ./certs)
-//! tern ca issue NAME [--dir DIR]    issue a node certificate (NAME.pem, NAME.key) from the CA in DIR
+//! tern ca init [--dir certs]              a cluster CA (ca.pem, ca.key owner-only)
+//! tern ca issue NAME [--dir certs]        a certificate for node (or admin) NAME
+//! tern ps                                 services, where they run, epochs, mailbox depth
+//! tern nodes                              nodes: capabilities, load, power
+//! tern tree SERVICE                       an assembly tree
+//! tern assoc SERVICE                      a service's associated services
+//! tern plan SERVICE [--to NODE] [--tree]  where placement would put it, and why
+//! tern migrate SERVICE --to NODE [--tree] move it (or its tree) and print the report
+//! tern drain NODE                         move everything off NODE
 //! ```
 //!
-//! Keys are written readable by their owner only.
+//! Every command but `ca` talks to a node over an admin connection (QUIC, mutual TLS,
+//! ALPN `tern-admin/1`) as `--as NAME` (default `admin`, certificate in `--certs`), entering
+//! the cluster at `--node ADDR` (or `TERN_NODE`). SERVICE is an id, the start of one, or a
+//! kind with one service.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tern::admin::{survey, AdminClient, AdminReply, AdminRequest, Survey};
 use tern::certs::{ClusterCa, NodeIdentity};
+use tern::GroupReport;
 
-const USAGE: &str = "usage:
-  tern ca init [--dir DIR]         create a cluster CA (ca.pem, ca.key) in DIR (default ./certs)
-  tern ca issue NAME [--dir DIR]   issue a certificate for node NAME from the CA in DIR";
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    about = "Drive a Tern cluster: certificates, services, placement, migration"
+)]
+struct Args {
+    /// A node to enter the cluster through.
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_NODE",
+        default_value = "127.0.0.1:7101"
+    )]
+    node: SocketAddr,
+    /// The folder with the cluster CA and the admin certificate.
+    #[arg(long, global = true, env = "TERN_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// The admin certificate's name (NAME.pem and NAME.key in --certs).
+    #[arg(long = "as", global = true, default_value = "admin")]
+    admin: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The cluster CA and certificates.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Lists every service: where it runs, its epoch and mailbox depth.
+    Ps,
+    /// Lists every node: capabilities, load, power.
+    Nodes,
+    /// Shows the assembly tree rooted at SERVICE.
+    Tree {
+        /// Id, start of an id, or kind.
+        service: String,
+    },
+    /// Lists SERVICE's associated services: declared in books and observed in traffic.
+    Assoc {
+        /// Id, start of an id, or kind.
+        service: String,
+    },
+    /// Shows where placement would put SERVICE, and why; moves nothing.
+    Plan {
+        /// Id, start of an id, or kind.
+        service: String,
+        /// Only consider this node.
+        #[arg(long)]
+        to: Option<String>,
+        /// Plan its whole assembly tree.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Moves SERVICE (or its whole tree) to NODE and prints the report.
+    Migrate {
+        /// Id, start of an id, or kind.
+        service: String,
+        /// The node to take it.
+        #[arg(long)]
+        to: String,
+        /// Move its whole assembly tree as one unit.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Moves every movable service off NODE, then NODE takes no more.
+    Drain {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        target: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Creates a cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        /// Where to write it.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Issues a certificate for NAME (a node, or an admin) from the CA in DIR.
+    Issue {
+        /// The node's (or admin's) name.
+        name: String,
+        /// Where the CA is and the certificate goes.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
 
 fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("tern: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Splits `--dir DIR` out of `args`.
-fn take_dir(args: &mut Vec<String>) -> Result<PathBuf> {
-    match args.iter().position(|a| a == "--dir") {
-        Some(i) => {
-            if i + 1 >= args.len() {
-                bail!("--dir needs a folder\n{USAGE}");
+            if let Some(hint) = hint(&format!("{e:#}"), &args) {
+                eprintln!("hint: {hint}");
             }
-            let dir = args.remove(i + 1);
-            args.remove(i);
-            Ok(PathBuf::from(dir))
+            ExitCode::from(2)
         }
-        None => Ok(PathBuf::from("certs")),
     }
 }
 
-fn run(mut args: Vec<String>) -> Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") || args.is_empty() {
-        println!("{USAGE}");
-        return Ok(());
+/// What to do about an error, when the message says what went wrong.
+fn hint(error: &str, args: &Args) -> Option<String> {
+    let e = error.to_lowercase();
+    if e.contains("no answer from") || e.contains("timed out") {
+        Some(format!(
+            "is a node running at {}? Start one with `tern-demo node --config FILE`, or pass \
+             --node ADDR (or set TERN_NODE)",
+            args.node
+        ))
+    } else if e.contains("certificate") || e.contains("alert") || e.contains("not an admin") {
+        Some(format!(
+            "the node and this admin certificate must come from the same cluster CA: run \
+             `tern ca issue {} --dir {}` with that CA (and if the node has an admins list, \
+             add {} to it)",
+            args.admin,
+            args.certs.display(),
+            args.admin
+        ))
+    } else if e.contains("loading the admin certificate") {
+        Some(format!(
+            "issue one with `tern ca issue {} --dir {}`",
+            args.admin,
+            args.certs.display()
+        ))
+    } else {
+        None
     }
-    let dir = take_dir(&mut args)?;
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["ca", "init"] => {
+}
+
+fn run(args: &Args) -> Result<bool> {
+    if let Cmd::Ca(ca) = &args.command {
+        return ca_command(ca).map(|()| true);
+    }
+    let identity = load_identity(&args.certs, &args.admin)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(cluster_command(args, &identity))
+}
+
+fn ca_command(cmd: &CaCmd) -> Result<()> {
+    match cmd {
+        CaCmd::Init { dir } => {
             if dir.join("ca.key").exists() {
                 bail!(
                     "{} already holds a CA key; remove it first or pick another --dir",
                     dir.display()
                 );
             }
-            let ca = ClusterCa::new()?;
-            ca.write(&dir)?;
+            ClusterCa::new()?.write(dir)?;
             println!(
                 "cluster CA written to {} (ca.pem, ca.key owner-only)",
                 dir.display()
             );
-            Ok(())
         }
-        ["ca", "issue", name] => {
-            let ca = ClusterCa::load(&dir).with_context(|| {
+        CaCmd::Issue { name, dir } => {
+            let ca = ClusterCa::load(dir).with_context(|| {
                 format!(
                     "no CA in {} (run `tern ca init --dir {}` first)",
                     dir.display(),
                     dir.display()
                 )
             })?;
-            let id = ca.issue(name)?;
-            id.write(&dir)?;
-            let (cert, key, _) = NodeIdentity::paths(&dir, name);
+            ca.issue(name)?.write(dir)?;
+            let (cert, key, _) = NodeIdentity::paths(dir, name);
             println!(
-                "certificate for node {name}: {} and {} (owner-only)",
+                "certificate for {name}: {} and {} (owner-only)",
                 cert.display(),
                 key.display()
             );
-            Ok(())
         }
-        _ => bail!("unknown command {:?}\n{USAGE}", words.join(" ")),
+    }
+    Ok(())
+}
+
+fn load_identity(dir: &Path, name: &str) -> Result<NodeIdentity> {
+    let (cert, key, ca) = NodeIdentity::paths(dir, name);
+    NodeIdentity::load(&cert, &key, &ca).with_context(|| {
+        format!(
+            "loading the admin certificate {} (with {} and {})",
+            cert.display(),
+            key.display(),
+            ca.display()
+        )
+    })
+}
+
+/// Prints progress lines on stderr: rewritten in place on a terminal, one per line otherwise.
+fn progress_printer() -> impl FnMut(&str) {
+    let tty = std::io::stderr().is_terminal();
+    move |line: &str| {
+        let mut err = std::io::stderr();
+        if tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+}
+
+fn end_progress() {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K");
+    }
+}
+
+async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<AdminClient> {
+    AdminClient::connect(addr, identity)
+        .await
+        .with_context(|| format!("connecting to the node at {addr}"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn warn_unreachable(s: &Survey) {
+    for (node, why) in &s.unreachable {
+        eprintln!("tern: warning: node {node} did not answer ({why}); its services are not listed");
+    }
+}
+
+async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
+    let entry = connect(args.node, identity).await?;
+    let outcome = match &args.command {
+        Cmd::Ca(_) => unreachable!("handled before connecting"),
+        Cmd::Ps => {
+            let s = survey(&entry, identity).await?;
+            warn_unreachable(&s);
+            if args.json {
+                print_json(&s.services)?;
+            } else {
+                println!(
+                    "{:<12} {:<33} {:<8} {:>5} {:>9}  PARENT",
+                    "KIND", "ID", "NODE", "EPOCH", "MAILBOX"
+                );
+                for e in &s.services {
+                    let i = &e.info;
+                    println!(
+                        "{:<12} {:<33} {:<8} {:>5} {:>9}  {}",
+                        i.addr.kind.to_string(),
+                        i.addr.id.to_string(),
+                        e.node,
+                        i.epoch,
+                        format!("{}/{}", i.mailbox_depth, i.mailbox_capacity),
+                        i.parent
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            true
+        }
+        Cmd::Nodes => {
+            let AdminReply::Nodes(nodes) = entry.request(&AdminRequest::Nodes, |_| {}).await?
+            else {
+                bail!("unexpected answer to nodes");
+            };
+            if args.json {
+                print_json(&nodes)?;
+            } else {
+                println!(
+                    "{:<8} {:<22} {:<6} {:>8} {:>7} {:>9} {:<10} CAPABILITIES",
+                    "NODE", "ADDRESS", "STATUS", "SERVICES", "BACKLOG", "MEMORY", "POWER"
+                );
+                for m in &nodes {
+                    let i = &m.info;
+                    println!(
+                        "{:<8} {:<22} {:<6} {:>8} {:>7} {:>8}M {:<10} {}{}",
+                        i.name.to_string(),
+                        i.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                        format!("{:?}", m.status).to_lowercase(),
+                        i.load.services,
+                        i.load.backlog,
+                        i.load.memory_bytes >> 20,
+                        i.power.to_string(),
+                        i.capabilities.join(","),
+                        if i.draining { "  (draining)" } else { "" }
+                    );
+                }
+            }
+            true
+        }
+        Cmd::Tree { service } => {
+            let s = survey(&entry, identity).await?;
+            let found = s.find(service)?;
+            let client = client_for(&s, &found.node, &entry, identity).await?;
+            let AdminReply::Tree(tree) = client
+                .request(
+                    &AdminRequest::Tree {
+                        service: found.info.addr.id,
+                    },
+                    |_| {},
+                )
+                .await?
+            else {
+                bail!("unexpected answer to tree");
+            };
+            if args.json {
+                print_json(&tree)?;
+            } else {
+                for m in &tree {
+                    println!(
+                        "{}{} {} on {}",
+                        "  ".repeat(m.depth as usize),
+                        m.addr.kind,
+                        m.addr.id,
+                        m.addr.node
+                    );
+                }
+            }
+            true
+        }
+        Cmd::Assoc { service } => {
+            let s = survey(&entry, identity).await?;
+            let found = s.find(service)?;
+            let client = client_for(&s, &found.node, &entry, identity).await?;
+            let AdminReply::Assoc(assoc) = client
+                .request(
+                    &AdminRequest::Assoc {
+                        service: found.info.addr.id,
+                    },
+                    |_| {},
+                )
+                .await?
+            else {
+                bail!("unexpected answer to assoc");
+            };
+            if args.json {
+                print_json(&assoc)?;
+            } else {
+                println!(
+                    "{} {} on {}",
+                    found.info.addr.kind, found.info.addr.id, found.node
+                );
+                println!(
+                    "  {:<12} {:<33} {:<8} {:<5} {:>8} {:>8}  DECLARED",
+                    "KIND", "PEER", "NODE", "DIR", "OUT/s", "IN/s"
+                );
+                for a in &assoc {
+                    println!(
+                        "  {:<12} {:<33} {:<8} {:<5} {:>8.1} {:>8.1}  {}",
+                        a.kind
+                            .as_ref()
+                            .map(|k| k.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        a.peer.to_string(),
+                        a.node
+                            .as_ref()
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        a.direction(),
+                        a.out_msgs_per_s,
+                        a.in_msgs_per_s,
+                        a.declared.join(", ")
+                    );
+                }
+            }
+            true
+        }
+        Cmd::Plan { service, to, tree } => {
+            let s = survey(&entry, identity).await?;
+            let found = s.find(service)?;
+            let req = AdminRequest::Plan {
+                service: found.info.addr.id,
+                to: to.clone(),
+                tree: *tree,
+            };
+            let AdminReply::Plan(plan) = entry.request(&req, |_| {}).await? else {
+                bail!("unexpected answer to plan");
+            };
+            if args.json {
+                print_json(&plan)?;
+            } else {
+                println!("policy: {}", plan.policy);
+                for (verb, list) in [("move", &plan.moves), ("stay", &plan.stays)] {
+                    for m in list {
+                        println!(
+                            "{verb:<5} {} {}: {} -> {} (score {:.2})",
+                            m.kind, m.service, m.from, m.to, m.score
+                        );
+                        println!("      why: {}", m.reasons.join("; "));
+                    }
+                }
+                for (id, why) in &plan.refused {
+                    println!("refused {id}: {why}");
+                }
+            }
+            plan.refused.is_empty()
+        }
+        Cmd::Migrate { service, to, tree } => {
+            let s = survey(&entry, identity).await?;
+            let found = s.find(service)?;
+            if found.node == *to {
+                bail!(
+                    "{} {} already runs on {to}",
+                    found.info.addr.kind,
+                    found.info.addr.id
+                );
+            }
+            if !s.nodes.iter().any(|m| m.info.name.as_str() == to) {
+                let known: Vec<String> = s.nodes.iter().map(|m| m.info.name.to_string()).collect();
+                bail!("unknown node {to:?}: the cluster has {}", known.join(", "));
+            }
+            let client = client_for(&s, &found.node, &entry, identity).await?;
+            if !args.json {
+                eprintln!(
+                    "moving {} {} from {} to {}{}",
+                    found.info.addr.kind,
+                    found.info.addr.id,
+                    found.node,
+                    to,
+                    if *tree { " with its tree" } else { "" }
+                );
+            }
+            let req = AdminRequest::Migrate {
+                service: found.info.addr.id,
+                to: to.clone(),
+                tree: *tree,
+            };
+            let mut progress = progress_printer();
+            let reply = client
+                .request(&req, |l| {
+                    if !args.json {
+                        progress(l)
+                    }
+                })
+                .await;
+            end_progress();
+            let AdminReply::Migrated(report) = reply? else {
+                bail!("unexpected answer to migrate");
+            };
+            if args.json {
+                print_json(&report)?;
+            } else {
+                print_group(&report, &s);
+            }
+            report.committed
+        }
+        Cmd::Drain { target: node } => {
+            let s = survey(&entry, identity).await?;
+            let client = client_for(&s, node, &entry, identity).await?;
+            let mut progress = progress_printer();
+            let reply = client
+                .request(&AdminRequest::Drain, |l| {
+                    if !args.json {
+                        progress(l)
+                    }
+                })
+                .await;
+            end_progress();
+            let AdminReply::Drained(report) = reply? else {
+                bail!("unexpected answer to drain");
+            };
+            if args.json {
+                print_json(&report)?;
+            } else {
+                for r in &report.moved {
+                    println!(
+                        "moved  {} {} -> {}  freeze {} us  carried {}  forwarded {}  rebuilt {}",
+                        kind_of(&s, r.service),
+                        r.service,
+                        r.to,
+                        r.freeze_us,
+                        r.carried,
+                        r.forwarded,
+                        r.rebuilt
+                    );
+                }
+                for id in &report.pinned {
+                    println!("pinned {} {id} stays", kind_of(&s, *id));
+                }
+                for (id, why) in &report.failed {
+                    println!("FAILED {} {id}: {why}", kind_of(&s, *id));
+                }
+                println!(
+                    "{node}: {} moved, {} pinned, {} failed",
+                    report.moved.len(),
+                    report.pinned.len(),
+                    report.failed.len()
+                );
+            }
+            report.failed.is_empty()
+        }
+    };
+    entry.close().await;
+    Ok(outcome)
+}
+
+/// An admin connection to node `name`: the entry's own, or a new one.
+async fn client_for<'a>(
+    s: &Survey,
+    name: &str,
+    entry: &'a AdminClient,
+    identity: &NodeIdentity,
+) -> Result<ClientRef<'a>> {
+    if entry.node().as_str() == name {
+        return Ok(ClientRef::Entry(entry));
+    }
+    let addr = s.addr_of(name).ok_or_else(|| {
+        let known: Vec<String> = s.nodes.iter().map(|m| m.info.name.to_string()).collect();
+        anyhow!(
+            "unknown node {name:?}: {} knows {}",
+            entry.node(),
+            known.join(", ")
+        )
+    })?;
+    Ok(ClientRef::Own(connect(addr, identity).await?))
+}
+
+/// A borrowed or owned admin connection.
+enum ClientRef<'a> {
+    Entry(&'a AdminClient),
+    Own(AdminClient),
+}
+
+impl std::ops::Deref for ClientRef<'_> {
+    type Target = AdminClient;
+    fn deref(&self) -> &AdminClient {
+        match self {
+            ClientRef::Entry(c) => c,
+            ClientRef::Own(c) => c,
+        }
+    }
+}
+
+fn kind_of(s: &Survey, id: tern::ServiceId) -> String {
+    s.services
+        .iter()
+        .find(|e| e.info.addr.id == id)
+        .map(|e| e.info.addr.kind.to_string())
+        .unwrap_or_else(|| "service".into())
+}
+
+fn print_group(report: &GroupReport, s: &Survey) {
+    for r in &report.members {
+        match &r.aborted {
+            None => println!(
+                "moved {} {}: {} -> {}  epoch {}  freeze {} us  total {} us  snapshot {} bytes  carried {}  forwarded {}  rebuilt {}",
+                kind_of(s, r.service),
+                r.service,
+                r.from,
+                r.to,
+                r.epoch,
+                r.freeze_us,
+                r.total_us,
+                r.snapshot_bytes,
+                r.carried,
+                r.forwarded,
+                r.rebuilt
+            ),
+            Some(why) => println!(
+                "NOT moved {} {}: stays on {} ({why})",
+                kind_of(s, r.service),
+                r.service,
+                r.from
+            ),
+        }
+    }
+    if report.members.len() > 1 {
+        println!(
+            "{} services {}; group freeze window {} us, total {} us",
+            report.members.len(),
+            if report.committed {
+                "moved together"
+            } else {
+                "stayed (all or none)"
+            },
+            report.freeze_us,
+            report.total_us
+        );
     }
 }
