@@ -4,9 +4,11 @@
 //! - [`media`]: the services (player, lyrics, playlist, remote, scrobbler) and the audit;
 //! - [`app`]: one running app: spawning, wiring, auditing;
 //! - [`scenario`]: the scripted walk through the devices, in one process;
+//! - [`device`]: one device as its own process, from a TOML file;
 //! - [`timeline`]: how a run is printed.
 
 pub mod app;
+pub mod device;
 pub mod media;
 pub mod scenario;
 pub mod timeline;

@@ -9,12 +9,13 @@
 //!
 //! Exits non-zero if anything was lost, duplicated or reordered, or an ask went unanswered.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use tern_demo::app::Pace;
+use tern_demo::device::DeviceConfig;
 use tern_demo::scenario::{self, ScenarioOptions};
 use tern_demo::timeline;
 
@@ -48,10 +49,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.command {
         None => embedded(&args),
-        Some(Cmd::Node { config }) => {
-            let _ = config;
-            Err(anyhow::anyhow!("node mode is not built yet"))
-        }
+        Some(Cmd::Node { config }) => device(config).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -100,7 +98,64 @@ fn embedded(args: &Args) -> Result<bool> {
     Ok(outcome.is_clean())
 }
 
-#[allow(dead_code)]
-fn parse_addr(s: &str) -> Result<SocketAddr> {
-    Ok(s.parse()?)
+/// Runs one device until Ctrl-C (or SIGTERM), printing what its node notices.
+fn device(path: &std::path::Path) -> Result<()> {
+    tern_harness::init_tracing();
+    let cfg = DeviceConfig::load(path)?;
+    let (node, app) = tern_demo::device::start(&cfg, Pace::default())?;
+    println!(
+        "{} listening on {}  capabilities: {}",
+        node.name(),
+        node.local_addr(),
+        cfg.capabilities.join(", ")
+    );
+    if let Some(app) = &app {
+        for (name, addr) in app.services() {
+            println!("  {name:<10} {} started here", addr.id);
+        }
+    }
+    println!(
+        "Ctrl-C stops this device (drain it first with `tern drain {}`).",
+        cfg.name
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut seen = 0;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => {
+                    let last = seen;
+                    for e in node.events().into_iter().filter(|e| e.n > last) {
+                        seen = e.n;
+                        println!("[{}] {:<18} {}", node.name(), e.kind, e.detail);
+                    }
+                }
+            }
+        }
+    });
+    println!("{}: stopping", cfg.name);
+    node.shutdown();
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,5 +1,6 @@
 //! Integration tests over real QUIC on loopback. One test binary, one module per subject.
 
+mod admin;
 mod books;
 mod common;
 mod crashes;

@@ -1,0 +1,136 @@
+//! One device as its own process: `tern-demo node --config demo-apps/devices/tv.toml`.
+//!
+//! ```toml
+//! name = "tv"                       # must match the name in the certificate
+//! listen = "127.0.0.1:7102"
+//! capabilities = ["display", "speaker"]
+//! ca = "certs/ca.pem"               # paths are relative to the current folder
+//! cert = "certs/tv.pem"
+//! key = "certs/tv.key"
+//! # battery_percent = 80            # a device on battery (none: plugged in)
+//! # start_app = true                # spawn Tern Media here and start playing
+//! # admins = ["admin"]              # who may use `tern` on it (none: any cluster certificate)
+//!
+//! [[peers]]
+//! name = "phone"
+//! addr = "127.0.0.1:7101"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use tern::certs::NodeIdentity;
+use tern::{Node, NodeConfig, NodeHandle, PeerConfig, Power};
+
+use crate::app::{MediaApp, Pace};
+
+/// A peer to dial.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// Its name, as in its certificate.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// A device file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The device's name; its certificate must name the same.
+    pub name: String,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// What the device offers.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Devices to dial (the rest are learned from them).
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    /// The cluster CA's certificate.
+    pub ca: PathBuf,
+    /// This device's certificate.
+    pub cert: PathBuf,
+    /// This device's private key.
+    pub key: PathBuf,
+    /// Battery level, when on battery.
+    #[serde(default)]
+    pub battery_percent: Option<u8>,
+    /// Spawn Tern Media here and start playing.
+    #[serde(default)]
+    pub start_app: bool,
+    /// Names that may open admin connections (none: any certificate of the cluster).
+    #[serde(default)]
+    pub admins: Option<Vec<String>>,
+}
+
+impl DeviceConfig {
+    /// Reads and checks a device file.
+    pub fn load(path: &Path) -> Result<DeviceConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the device file {}", path.display()))?;
+        let cfg: DeviceConfig =
+            toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+        if cfg.battery_percent.is_some_and(|p| p > 100) {
+            bail!("{}: battery_percent is over 100", path.display());
+        }
+        Ok(cfg)
+    }
+
+    /// The node configuration: loads the certificate and checks it names this device.
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        let identity = NodeIdentity::load(&self.cert, &self.key, &self.ca).with_context(|| {
+            format!(
+                "loading {}'s certificate ({}, {}, {}); make them with `tern ca init` and \
+                 `tern ca issue {}`",
+                self.name,
+                self.cert.display(),
+                self.key.display(),
+                self.ca.display(),
+                self.name
+            )
+        })?;
+        let named = identity.name()?;
+        if named.as_str() != self.name {
+            bail!(
+                "{} is {named}'s certificate, not {}'s",
+                self.cert.display(),
+                self.name
+            );
+        }
+        let mut cfg = NodeConfig::new(identity, self.listen);
+        cfg.capabilities = self.capabilities.clone();
+        cfg.peers = self
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                name: p.name.clone(),
+                addr: p.addr,
+            })
+            .collect();
+        cfg.admins = self.admins.clone();
+        Ok(cfg)
+    }
+}
+
+/// Starts the device's node with the Tern Media kinds, its power, and the app if it starts
+/// here. Returns the node and the app it started.
+pub fn start(cfg: &DeviceConfig, pace: Pace) -> Result<(NodeHandle, Option<MediaApp>)> {
+    let node = Node::start(cfg.node_config()?)
+        .with_context(|| format!("starting {} on {}", cfg.name, cfg.listen))?;
+    crate::media::register(&node);
+    if let Some(percent) = cfg.battery_percent {
+        node.set_power(Power::Battery { percent });
+    }
+    let app = if cfg.start_app {
+        let app = MediaApp::spawn(&node, pace)?;
+        app.play(&node, pace)?;
+        Some(app)
+    } else {
+        None
+    };
+    Ok((node, app))
+}

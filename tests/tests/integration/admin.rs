@@ -1,0 +1,349 @@
+//! The admin connection the `tern` command line uses, against devices started from TOML
+//! files as `tern-demo node` starts them: every request, and every way one can be refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use tern::admin::{survey, AdminClient, AdminReply, AdminRequest};
+use tern::certs::{ClusterCa, NodeIdentity};
+use tern::NodeHandle;
+use tern_demo::app::{MediaApp, Pace};
+use tern_demo::device::{self, DeviceConfig};
+use tern_harness::{block_on, wait_for};
+
+use crate::common::SECS_10;
+
+/// A fresh folder under the system's temporary folder.
+fn scratch(what: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "tern-{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Writes a device file the way a user would and loads it.
+fn device_file(
+    dir: &Path,
+    name: &str,
+    caps: &[&str],
+    peers: &[(&str, std::net::SocketAddr)],
+    extra: &str,
+) -> Result<DeviceConfig> {
+    let mut text = format!(
+        "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncapabilities = [{}]\n\
+         ca = \"{d}/ca.pem\"\ncert = \"{d}/{name}.pem\"\nkey = \"{d}/{name}.key\"\n{extra}\n",
+        caps.iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        d = dir.display()
+    );
+    for (peer, addr) in peers {
+        text.push_str(&format!(
+            "\n[[peers]]\nname = \"{peer}\"\naddr = \"{addr}\"\n"
+        ));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text)?;
+    DeviceConfig::load(&path)
+}
+
+struct Devices {
+    dir: PathBuf,
+    phone: NodeHandle,
+    tv: NodeHandle,
+    app: MediaApp,
+    admin: NodeIdentity,
+}
+
+/// A phone running Tern Media and a tv, each from its own device file, and an admin
+/// certificate, all from one CA written to disk as `tern ca` writes them.
+fn devices(phone_extra: &str) -> Result<Devices> {
+    let dir = scratch("admin")?;
+    let ca = ClusterCa::new()?;
+    ca.write(&dir)?;
+    for name in ["phone", "tv", "admin"] {
+        ca.issue(name)?.write(&dir)?;
+    }
+    let extra = format!("start_app = true\nbattery_percent = 70\n{phone_extra}");
+    let phone_cfg = device_file(&dir, "phone", &["display", "speaker", "input"], &[], &extra)?;
+    let (phone, app) = device::start(&phone_cfg, Pace::default())?;
+    let tv_cfg = device_file(
+        &dir,
+        "tv",
+        &["display", "speaker"],
+        &[("phone", phone.local_addr())],
+        "",
+    )?;
+    let (tv, none) = device::start(&tv_cfg, Pace::default())?;
+    assert!(none.is_none());
+    wait_for(SECS_10, "phone and tv to know each other", || {
+        phone.members().len() == 2 && tv.members().len() == 2
+    })?;
+    let (cert, key, ca_path) = NodeIdentity::paths(&dir, "admin");
+    let admin = NodeIdentity::load(&cert, &key, &ca_path)?;
+    Ok(Devices {
+        dir,
+        phone,
+        tv,
+        app: app.expect("the phone starts the app"),
+        admin,
+    })
+}
+
+impl Devices {
+    fn stop(self) {
+        self.phone.shutdown();
+        self.tv.shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn admin_requests_drive_devices_started_from_files() -> Result<()> {
+    let d = devices("")?;
+    let app = d.app.clone();
+    block_on(async {
+        let client = AdminClient::connect(d.phone.local_addr(), &d.admin).await?;
+        assert_eq!(client.node().as_str(), "phone");
+
+        // ps across the cluster, through the phone: the app's five services on the phone.
+        let s = survey(&client, &d.admin).await?;
+        assert!(s.unreachable.is_empty(), "{:?}", s.unreachable);
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.services.len(), 5);
+        let player = s.find("player")?;
+        assert_eq!((player.node.as_str(), player.info.epoch), ("phone", 0));
+        assert_eq!(
+            s.find(&app.player.id.to_string())?.info.addr.id,
+            app.player.id
+        );
+        assert_eq!(s.find("lyrics@1")?.info.addr.id, app.lyrics.id);
+        let prefix = &app.player.id.to_string()[..20];
+        let ambiguous = s.find(prefix).unwrap_err().to_string();
+        assert!(ambiguous.contains("names 5 services"), "{ambiguous}");
+        let unknown = s.find("jukebox").unwrap_err().to_string();
+        assert!(unknown.contains("unknown service \"jukebox\""), "{unknown}");
+
+        // tree and plan: the lyrics hang under the player; the tv could take both.
+        let AdminReply::Tree(tree) = client
+            .request(
+                &AdminRequest::Tree {
+                    service: app.player.id,
+                },
+                |_| {},
+            )
+            .await?
+        else {
+            panic!("tree")
+        };
+        assert_eq!(tree.len(), 2);
+        assert_eq!(tree[1].addr.id, app.lyrics.id);
+        let plan_req = AdminRequest::Plan {
+            service: app.player.id,
+            to: Some("tv".into()),
+            tree: true,
+        };
+        let AdminReply::Plan(plan) = client.request(&plan_req, |_| {}).await? else {
+            panic!("plan")
+        };
+        assert_eq!(plan.moves.len(), 2, "{plan:?}");
+        assert!(plan
+            .moves
+            .iter()
+            .all(|m| m.to.as_str() == "tv" && !m.reasons.is_empty()));
+
+        // migrate --tree: both move, with a report; ps on the tv then shows epoch 1.
+        let mut lines = Vec::new();
+        let req = AdminRequest::Migrate {
+            service: app.player.id,
+            to: "tv".into(),
+            tree: true,
+        };
+        let AdminReply::Migrated(report) =
+            client.request(&req, |l| lines.push(l.to_owned())).await?
+        else {
+            panic!("migrate")
+        };
+        assert!(report.committed, "{report:?}");
+        assert_eq!(report.members.len(), 2);
+        let tv = AdminClient::connect(d.tv.local_addr(), &d.admin).await?;
+        let AdminReply::Ps { node, services } = tv.request(&AdminRequest::Ps, |_| {}).await? else {
+            panic!("ps")
+        };
+        assert_eq!(node, "tv");
+        let on_tv: Vec<_> = services.iter().map(|s| (s.addr.id, s.epoch)).collect();
+        assert!(on_tv.contains(&(app.player.id, 1)) && on_tv.contains(&(app.lyrics.id, 1)));
+
+        // assoc, asked of the tv: the remote holds the player, and talks to it.
+        wait_for(SECS_10, "traffic to be observed", || {
+            d.tv.associated(app.player.id)
+                .iter()
+                .any(|a| a.peer == app.remote.id && a.observed)
+        })?;
+        let AdminReply::Assoc(assoc) = tv
+            .request(
+                &AdminRequest::Assoc {
+                    service: app.player.id,
+                },
+                |_| {},
+            )
+            .await?
+        else {
+            panic!("assoc")
+        };
+        let remote = assoc
+            .iter()
+            .find(|a| a.peer == app.remote.id)
+            .expect("remote");
+        assert!(
+            remote.declared.iter().any(|d| d == "held as player"),
+            "{remote:?}"
+        );
+
+        // drain the phone: what is left goes to the tv, with progress while it works.
+        let AdminReply::Drained(drained) = client
+            .request(&AdminRequest::Drain, |l| lines.push(l.to_owned()))
+            .await?
+        else {
+            panic!("drain")
+        };
+        // The remote needs an input, which the tv lacks: it cannot leave.
+        assert_eq!(drained.moved.len(), 2, "{drained:?}");
+        assert_eq!(drained.failed.len(), 1, "{drained:?}");
+        assert_eq!(drained.failed[0].0, app.remote.id);
+        // The nodes table says the phone is draining.
+        let AdminReply::Nodes(nodes) = tv.request(&AdminRequest::Nodes, |_| {}).await? else {
+            panic!("nodes")
+        };
+        wait_for(SECS_10, "the tv to hear the phone drains", || {
+            d.tv.members()
+                .iter()
+                .any(|m| m.info.name.as_str() == "phone" && m.info.draining)
+        })?;
+        assert_eq!(nodes.len(), 2);
+
+        // A move to a node nobody knows is reported as not done, and why; a bad id is an
+        // error. The connection keeps working after both.
+        let AdminReply::Migrated(to_fridge) = client
+            .request(
+                &AdminRequest::Migrate {
+                    service: app.player.id,
+                    to: "fridge".into(),
+                    tree: false,
+                },
+                |_| {},
+            )
+            .await?
+        else {
+            panic!("migrate")
+        };
+        assert!(!to_fridge.committed);
+        assert_eq!(
+            to_fridge.members[0].aborted,
+            Some(tern::AbortReason::UnknownNode)
+        );
+        let no_such = client
+            .request(
+                &AdminRequest::Tree {
+                    service: tern::ServiceId::from_parts(1, 1),
+                },
+                |_| {},
+            )
+            .await;
+        assert!(no_such.is_err(), "{no_such:?}");
+        assert!(matches!(
+            client.request(&AdminRequest::Ps, |_| {}).await?,
+            AdminReply::Ps { .. }
+        ));
+        client.close().await;
+        tv.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    d.stop();
+    Ok(())
+}
+
+#[test]
+fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
+    let d = devices("admins = [\"ops\"]")?;
+    let phone_addr = d.phone.local_addr();
+    let tv_addr = d.tv.local_addr();
+    block_on(async {
+        // A certificate from another CA: the node refuses it at the handshake.
+        let other = ClusterCa::new()?;
+        let stranger = NodeIdentity {
+            ca_der: d.admin.ca_der.clone(),
+            ..other.issue("admin")?
+        };
+        let refused = match AdminClient::connect(tv_addr, &stranger).await {
+            Ok(c) => c.request(&AdminRequest::Ps, |_| {}).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let why = refused.expect_err("a stranger gets in").to_string();
+        assert!(
+            why.to_lowercase().contains("certificate") || why.contains("alert"),
+            "{why}"
+        );
+
+        // The cluster's own admin certificate, but the phone only lets "ops" in.
+        let not_listed = match AdminClient::connect(phone_addr, &d.admin).await {
+            Ok(c) => c.request(&AdminRequest::Ps, |_| {}).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let why = not_listed
+            .expect_err("admin is not on the phone's list")
+            .to_string();
+        assert!(
+            why.contains("not an admin") || why.contains("closed"),
+            "{why}"
+        );
+
+        // Malformed and oversize requests on a raw admin stream: a clear error back, and the
+        // node answers the next request on the same connection.
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(tern::tls::admin_client_config(&d.admin)?);
+        let conn = endpoint.connect(tv_addr, "tern-node")?.await?;
+        for (bytes, expect) in [
+            (vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1], "malformed"),
+            ((1u32 << 30).to_be_bytes().to_vec(), "bound"),
+            (vec![0, 0, 0, 2, 0x81, 0xa3], "malformed"),
+        ] {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&bytes).await?;
+            send.finish()?;
+            let answer = recv.read_to_end(1 << 20).await?;
+            assert!(answer.len() > 4);
+            let reply: AdminReply = rmp_serde::from_slice(&answer[4..])?;
+            match reply {
+                AdminReply::Error(e) => assert!(e.contains(expect), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let client = AdminClient::connect(tv_addr, &d.admin).await?;
+        assert!(matches!(
+            client.request(&AdminRequest::Nodes, |_| {}).await?,
+            AdminReply::Nodes(_)
+        ));
+        client.close().await;
+        conn.close(0u32.into(), b"done");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Both refusals are in the nodes' logs; the nodes kept running.
+    wait_for(Duration::from_secs(5), "the refusals to be logged", || {
+        d.tv.events().iter().any(|e| e.kind == "connection-refused")
+            && d.phone
+                .events()
+                .iter()
+                .any(|e| e.kind == "connection-refused" && e.detail.contains("admins"))
+    })?;
+    assert!(d.tv.is_connected("phone"));
+    d.stop();
+    Ok(())
+}
