@@ -125,8 +125,18 @@ impl MediaApp {
         }
     }
 
-    /// Reads every service's counters once and adds them up.
+    /// Reads every service's counters once and adds them up against what the senders sent.
     pub async fn audit(&self, node: &NodeHandle) -> Result<Audit> {
+        self.read_counters(node, true).await
+    }
+
+    /// Like [`audit`](Self::audit) while traffic flows: messages still in flight are not
+    /// counted as lost (only gaps a receiver has seen are).
+    pub async fn audit_so_far(&self, node: &NodeHandle) -> Result<Audit> {
+        self.read_counters(node, false).await
+    }
+
+    async fn read_counters(&self, node: &NodeHandle, against_senders: bool) -> Result<Audit> {
         let remote: RemoteTotals = node
             .resolve::<Remote>(&self.remote)?
             .ask(RemoteMsg::Totals, ASK_TIMEOUT)
@@ -153,15 +163,24 @@ impl MediaApp {
             .await
             .context("asking the scrobbler for its report")?;
         let mut audit = Audit::default();
-        audit.stream(
-            "remote→player",
-            "remote",
-            remote.commands_sent,
-            &player.commands,
-        );
-        audit.stream("player→lyrics", "player", player.positions_sent, &positions);
-        audit.stream("player→playlist", "player", player.asks_sent, &asks);
-        audit.stream("player→scrobbler", "player", player.played_sent, &played);
+        let streams = [
+            (
+                "remote→player",
+                "remote",
+                remote.commands_sent,
+                &player.commands,
+            ),
+            ("player→lyrics", "player", player.positions_sent, &positions),
+            ("player→playlist", "player", player.asks_sent, &asks),
+            ("player→scrobbler", "player", player.played_sent, &played),
+        ];
+        for (name, from, sent, seen) in streams {
+            if against_senders {
+                audit.stream(name, from, sent, seen);
+            } else {
+                audit.stream_so_far(name, from, seen);
+            }
+        }
         audit.asks_sent = remote.asks_sent + player.asks_sent;
         audit.asks_unanswered = remote.asks_unanswered + player.asks_unanswered;
         Ok(audit)

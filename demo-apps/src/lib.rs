@@ -5,9 +5,11 @@
 //! - [`app`]: one running app: spawning, wiring, auditing;
 //! - [`scenario`]: the scripted walk through the devices, in one process;
 //! - [`device`]: one device as its own process, from a TOML file;
-//! - [`timeline`]: how a run is printed.
+//! - [`timeline`]: how a run is printed;
+//! - [`dashboard`]: the live dashboard (`--serve`).
 
 pub mod app;
+pub mod dashboard;
 pub mod device;
 pub mod media;
 pub mod scenario;

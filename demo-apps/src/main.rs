@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tern_demo::app::Pace;
+use tern_demo::dashboard::{self, Dashboard};
 use tern_demo::device::DeviceConfig;
 use tern_demo::scenario::{self, ScenarioOptions};
 use tern_demo::timeline;
@@ -28,6 +29,10 @@ struct Args {
     /// Print one JSON object instead of the timeline.
     #[arg(long)]
     json: bool,
+    /// After the scenario, keep the cluster running (the music playing) and serve the live
+    /// dashboard on this address until Ctrl-C.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<std::net::SocketAddr>,
     /// Milliseconds between two steps of the scenario.
     #[arg(long, default_value_t = 1_500)]
     step_gap_ms: u64,
@@ -84,7 +89,7 @@ fn embedded(args: &Args) -> Result<bool> {
         println!();
     }
     let json = args.json;
-    let (_app, outcome) = scenario::run(&cluster, opts, |m| {
+    let (app, outcome) = scenario::run(&cluster, opts, |m| {
         if !json {
             print!("{}", timeline::moment(m));
         }
@@ -93,6 +98,21 @@ fn embedded(args: &Args) -> Result<bool> {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else {
         print!("{}", timeline::verdict(&outcome));
+    }
+    if let Some(addr) = args.serve {
+        // The music plays on while the dashboard is up.
+        let at = cluster.node("car");
+        app.play(at, opts.pace)?;
+        let dash = Dashboard::new(cluster.nodes().to_vec(), app);
+        dash.record_steps(&outcome.steps);
+        actix_web::rt::System::new().block_on(dashboard::serve(
+            dash,
+            addr,
+            |bound| {
+                eprintln!("\nDashboard: http://{bound}/  (Ctrl-C stops the cluster)");
+            },
+            stop_signal(),
+        ))?;
     }
     cluster.shutdown();
     Ok(outcome.is_clean())

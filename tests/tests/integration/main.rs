@@ -2,6 +2,7 @@
 
 mod admin;
 mod books;
+mod browser;
 mod common;
 mod crashes;
 mod demo;
