@@ -1,5 +1,5 @@
-//! The live dashboard (`tern-demo --serve ADDR`): one small page, no build step, fed by
-//! Server-Sent Events.
+//! The live dashboard (`tern-demo --serve ADDR`, or `tern-demo node --config F --serve ADDR`):
+//! one small page, no build step, fed by Server-Sent Events.
 //!
 //! - `GET /` the page (`dashboard.html`, compiled in);
 //! - `GET /api/state` one [`Snapshot`] as JSON;
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use tern::admin::{AdminClient, AdminReply, AdminRequest};
+use tern::certs::NodeIdentity;
 use tern::{MigrateOptions, MigrationReport, NodeHandle, ServiceId};
 
 use crate::app::MediaApp;
@@ -24,7 +26,7 @@ use crate::scenario::Step;
 
 /// The page.
 const PAGE: &str = include_str!("dashboard.html");
-/// How often the page gets a new snapshot, in milliseconds.
+/// How often the cluster is read and the page gets a new snapshot, in milliseconds.
 pub const PUSH_MS: u64 = 500;
 /// How often the counters are read from the services, in milliseconds.
 const AUDIT_MS: u64 = 1_000;
@@ -59,6 +61,10 @@ pub struct ServiceView {
     pub id: String,
     /// Its name in the app, or its kind.
     pub name: String,
+    /// Its kind's name.
+    pub kind: String,
+    /// Its address.
+    pub addr: tern::ServiceAddr,
     /// The device running it.
     pub node: String,
     /// Its epoch.
@@ -141,15 +147,22 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Recent migrations, oldest first.
     pub migrations: Vec<MigrationView>,
+    /// Devices whose services could not be read, and why.
+    pub unreachable: Vec<(String, String)>,
 }
 
-/// The dashboard's view of a cluster running in this process.
+/// The dashboard's view of a cluster, through one node of it (`entry`): membership and books
+/// from that node, each device's services over an admin connection (the entry's own directly),
+/// moves through the entry (which routes them to wherever the service runs).
 pub struct Dashboard {
-    nodes: Vec<NodeHandle>,
-    app: MediaApp,
+    entry: NodeHandle,
+    identity: NodeIdentity,
+    app: Mutex<Option<MediaApp>>,
     started: Instant,
     migrations: Mutex<(u64, VecDeque<MigrationView>)>,
     counters: Mutex<Counters>,
+    current: Mutex<Snapshot>,
+    clients: tokio::sync::Mutex<BTreeMap<String, AdminClient>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,20 +170,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Dashboard {
-    /// A dashboard over `nodes` (every device, in this process) running `app`.
-    pub fn new(nodes: Vec<NodeHandle>, app: MediaApp) -> Arc<Dashboard> {
+    /// A dashboard entering the cluster at `entry`, asking the other devices with
+    /// `identity` (a certificate from the cluster CA: the entry's own, or an admin's). When
+    /// `app` is `None`, the app is found by its services' kinds.
+    pub fn new(entry: NodeHandle, identity: NodeIdentity, app: Option<MediaApp>) -> Arc<Dashboard> {
         Arc::new(Dashboard {
-            nodes,
-            app,
+            entry,
+            identity,
+            app: Mutex::new(app),
             started: Instant::now(),
             migrations: Mutex::new((0, VecDeque::new())),
             counters: Mutex::new(Counters::default()),
+            current: Mutex::new(Snapshot {
+                devices: Vec::new(),
+                services: Vec::new(),
+                channels: Vec::new(),
+                counters: Counters::default(),
+                migrations: Vec::new(),
+                unreachable: Vec::new(),
+            }),
+            clients: tokio::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
     fn name_of(&self, id: ServiceId, kind: &str) -> String {
-        self.app
-            .name_of(id)
+        lock(&self.app)
+            .as_ref()
+            .and_then(|a| a.name_of(id))
             .map_or_else(|| kind.to_owned(), str::to_owned)
     }
 
@@ -189,12 +215,11 @@ impl Dashboard {
 
     /// Remembers the scenario's moves.
     pub fn record_steps(&self, steps: &[Step]) {
+        let app = lock(&self.app).clone();
         for s in steps {
-            let id = self
-                .app
-                .services()
-                .into_iter()
-                .find(|(n, _)| *n == s.service)
+            let id = app
+                .as_ref()
+                .and_then(|a| a.services().into_iter().find(|(n, _)| *n == s.service))
                 .map_or_else(String::new, |(_, a)| a.id.to_string());
             self.record_view(
                 id,
@@ -234,101 +259,164 @@ impl Dashboard {
         m.1.push_back(view);
     }
 
-    /// What the page draws now.
+    /// What the page draws, as last refreshed.
     pub fn snapshot(&self) -> Snapshot {
+        let mut s = lock(&self.current).clone();
+        s.counters = lock(&self.counters).clone();
+        let m = lock(&self.migrations);
+        s.counters.migrations = m.1.iter().filter(|v| v.committed).count() as u64;
+        s.migrations = m.1.iter().cloned().collect();
+        s
+    }
+
+    /// The services of member `m`: the entry's own directly, the others' over a (cached)
+    /// admin connection.
+    async fn services_of(&self, m: &tern::Member) -> Result<Vec<tern::ServiceInfo>, String> {
+        if m.local {
+            return Ok(self.entry.services());
+        }
+        let name = m.info.name.to_string();
+        let addr = m.info.addr.ok_or("no address known")?;
+        let mut clients = self.clients.lock().await;
+        if !clients.contains_key(&name) {
+            let c = AdminClient::connect(addr, &self.identity)
+                .await
+                .map_err(|e| e.to_string())?;
+            clients.insert(name.clone(), c);
+        }
+        let Some(client) = clients.get(&name) else {
+            return Err("no connection".into());
+        };
+        match client.request(&AdminRequest::Ps, |_| {}).await {
+            Ok(AdminReply::Ps { services, .. }) => Ok(services),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => {
+                // Dial again next time.
+                clients.remove(&name);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Reads the cluster once: devices, services, channels.
+    async fn refresh(&self) {
+        let members = self.entry.members();
         let mut devices = Vec::new();
         let mut services = Vec::new();
+        let mut unreachable = Vec::new();
         let mut at: BTreeMap<ServiceId, String> = BTreeMap::new();
         let mut rates: BTreeMap<(ServiceId, ServiceId), f64> = BTreeMap::new();
-        for node in &self.nodes {
-            let me = node.members().into_iter().find(|m| m.local);
-            let (load, power, draining) = me.map_or_else(
-                || (Default::default(), String::new(), false),
-                |m| (m.info.load, m.info.power.to_string(), m.info.draining),
-            );
-            let local = node.services();
-            devices.push(DeviceView {
-                name: node.name().to_string(),
-                capabilities: node.capabilities(),
-                services: local.len() as u64,
-                backlog: local.iter().map(|s| s.mailbox_depth as u64).sum(),
-                memory_bytes: load.memory_bytes,
-                power,
-                draining,
-            });
-            for s in local {
-                at.insert(s.addr.id, node.name().to_string());
-                services.push(ServiceView {
-                    id: s.addr.id.to_string(),
-                    name: self.name_of(s.addr.id, &s.addr.kind.name),
-                    node: node.name().to_string(),
-                    epoch: s.epoch,
-                    depth: s.mailbox_depth as u64,
-                    parent: s.parent.map(|p| p.to_string()),
-                });
-            }
-            for e in node.traffic() {
+        for m in &members {
+            let name = m.info.name.to_string();
+            for e in &m.info.edges {
                 let r = rates.entry((e.from, e.to)).or_insert(0.0);
                 *r = r.max(e.msgs_per_s);
             }
-        }
-        services.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut channels = Vec::new();
-        let mut drawn = std::collections::BTreeSet::new();
-        for node in &self.nodes {
-            for s in node.services() {
-                for (role, target) in node.book(s.addr.id) {
-                    let (from, to) = (s.addr.id, target.id);
-                    let (Some(a), Some(b)) = (at.get(&from), at.get(&to)) else {
-                        continue;
-                    };
-                    if !drawn.insert((from, to)) {
-                        continue;
-                    }
-                    let both = rates.get(&(from, to)).copied().unwrap_or(0.0)
-                        + rates.get(&(to, from)).copied().unwrap_or(0.0);
-                    channels.push(ChannelView {
-                        from: from.to_string(),
-                        to: to.to_string(),
-                        msgs_per_s: both,
-                        local: a == b,
-                        child: role.starts_with(tern::CHILD_ROLE_PREFIX),
-                    });
-                }
+            let local = if m.status == tern::MemberStatus::Up {
+                self.services_of(m).await
+            } else {
+                Err(format!("{:?}", m.status).to_lowercase())
+            };
+            let local = local.unwrap_or_else(|e| {
+                unreachable.push((name.clone(), e));
+                Vec::new()
+            });
+            devices.push(DeviceView {
+                name: name.clone(),
+                capabilities: m.info.capabilities.clone(),
+                services: local.len() as u64,
+                backlog: local.iter().map(|s| s.mailbox_depth as u64).sum(),
+                memory_bytes: m.info.load.memory_bytes,
+                power: m.info.power.to_string(),
+                draining: m.info.draining,
+            });
+            for s in local {
+                at.insert(s.addr.id, name.clone());
+                services.push(ServiceView {
+                    id: s.addr.id.to_string(),
+                    name: self.name_of(s.addr.id, &s.addr.kind.name),
+                    kind: s.addr.kind.name.clone(),
+                    node: name.clone(),
+                    epoch: s.epoch,
+                    depth: s.mailbox_depth as u64,
+                    parent: s.parent.map(|p| p.to_string()),
+                    addr: s.addr,
+                });
             }
         }
-        let mut counters = lock(&self.counters).clone();
-        let m = lock(&self.migrations);
-        counters.migrations = m.1.iter().filter(|v| v.committed).count() as u64;
-        Snapshot {
-            devices,
-            services,
-            channels,
-            counters,
-            migrations: m.1.iter().cloned().collect(),
+        for e in self.entry.traffic() {
+            let r = rates.entry((e.from, e.to)).or_insert(0.0);
+            *r = r.max(e.msgs_per_s);
         }
+        devices.sort_by_key(|d| {
+            DEVICE_ORDER
+                .iter()
+                .position(|n| *n == d.name)
+                .unwrap_or(usize::MAX)
+        });
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut channels = Vec::new();
+        for (from, a) in &at {
+            // The entry's copy of the books is cluster-wide.
+            for (role, target) in self.entry.book(*from) {
+                let Some(b) = at.get(&target.id) else {
+                    continue;
+                };
+                let both = rates.get(&(*from, target.id)).copied().unwrap_or(0.0)
+                    + rates.get(&(target.id, *from)).copied().unwrap_or(0.0);
+                channels.push(ChannelView {
+                    from: from.to_string(),
+                    to: target.id.to_string(),
+                    msgs_per_s: both,
+                    local: a == b,
+                    child: role.starts_with(tern::CHILD_ROLE_PREFIX),
+                });
+            }
+        }
+        self.find_app(&services);
+        let mut current = lock(&self.current);
+        current.devices = devices;
+        current.services = services;
+        current.channels = channels;
+        current.unreachable = unreachable;
     }
 
-    fn node(&self, name: &str) -> Option<&NodeHandle> {
-        self.nodes.iter().find(|n| n.name().as_str() == name)
-    }
-
-    /// The device running `id`.
-    fn host_of(&self, id: ServiceId) -> Option<&NodeHandle> {
-        self.nodes
-            .iter()
-            .find(|n| n.services().iter().any(|s| s.addr.id == id))
+    /// Finds the app by its kinds when it was not given (one service of each).
+    fn find_app(&self, services: &[ServiceView]) {
+        let mut app = lock(&self.app);
+        if app.is_some() {
+            return;
+        }
+        let one = |kind: &str| {
+            let mut of_kind = services.iter().filter(|s| s.kind == kind);
+            match (of_kind.next(), of_kind.next()) {
+                (Some(s), None) => Some(s.addr.clone()),
+                _ => None,
+            }
+        };
+        if let (Some(player), Some(lyrics), Some(playlist), Some(remote), Some(scrobbler)) = (
+            one("player"),
+            one("lyrics"),
+            one("playlist"),
+            one("remote"),
+            one("scrobbler"),
+        ) {
+            *app = Some(MediaApp {
+                player,
+                lyrics,
+                playlist,
+                remote,
+                scrobbler,
+            });
+        }
     }
 
     /// Reads the services' counters once (while traffic flows).
     async fn refresh_counters(&self) {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| !n.members().iter().any(|m| m.local && m.info.draining))
-            .or(self.nodes.first());
-        let Some(node) = node else { return };
-        let read: Result<Audit> = self.app.audit_so_far(node).await;
+        let Some(app) = lock(&self.app).clone() else {
+            return;
+        };
+        let read: Result<Audit> = app.audit_so_far(&self.entry).await;
         let mut c = lock(&self.counters);
         c.read_at_ms = self.started.elapsed().as_millis() as u64;
         match read {
@@ -346,21 +434,25 @@ impl Dashboard {
         }
     }
 
-    /// Moves `id` to `to` (with its tree when it has children).
+    /// Moves `id` to `to` (with its tree when it has children), through the entry node.
     pub async fn migrate(&self, id: ServiceId, to: &str) -> Result<Vec<MigrationReport>, String> {
-        if self.node(to).is_none() {
+        if !self
+            .entry
+            .members()
+            .iter()
+            .any(|m| m.info.name.as_str() == to)
+        {
             return Err(format!("unknown device {to:?}"));
         }
-        let host = self
-            .host_of(id)
-            .ok_or_else(|| format!("no device runs service {id}"))?;
-        let has_children = !host.children(id).is_empty();
+        let has_children = !self.entry.children(id).is_empty();
         let reports = if has_children {
-            host.migrate_tree(id, to, MigrateOptions::default())
+            self.entry
+                .migrate_tree(id, to, MigrateOptions::default())
                 .await
                 .map(|g| g.members)
         } else {
-            host.migrate(id, to, MigrateOptions::default())
+            self.entry
+                .migrate(id, to, MigrateOptions::default())
                 .await
                 .map(|r| vec![r])
         }
@@ -371,18 +463,37 @@ impl Dashboard {
         Ok(reports)
     }
 
-    /// Drains device `name`.
+    /// Drains device `name` (the entry itself, or another over an admin connection).
     pub async fn drain(&self, name: &str) -> Result<tern::DrainReport, String> {
-        let node = self
-            .node(name)
+        let member = self
+            .entry
+            .members()
+            .into_iter()
+            .find(|m| m.info.name.as_str() == name)
             .ok_or_else(|| format!("unknown device {name:?}"))?;
-        let report = node.drain().await;
+        let report = if member.local {
+            self.entry.drain().await
+        } else {
+            let addr = member.info.addr.ok_or("no address known")?;
+            let client = AdminClient::connect(addr, &self.identity)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = client.request(&AdminRequest::Drain, |_| {}).await;
+            client.close().await;
+            match reply.map_err(|e| e.to_string())? {
+                AdminReply::Drained(r) => r,
+                other => return Err(format!("unexpected answer {other:?}")),
+            }
+        };
         for r in &report.moved {
             self.record(r);
         }
         Ok(report)
     }
 }
+
+/// Columns in the demo's order; other devices after them.
+const DEVICE_ORDER: [&str; 4] = ["phone", "tv", "car", "watch"];
 
 #[derive(Deserialize)]
 struct MigrateBody {
@@ -470,9 +581,14 @@ pub async fn serve(
     let handle = server.handle();
     let poller = dashboard.clone();
     let counters = actix_web::rt::spawn(async move {
+        let mut last_audit: Option<Instant> = None;
         loop {
-            poller.refresh_counters().await;
-            tokio::time::sleep(Duration::from_millis(AUDIT_MS)).await;
+            poller.refresh().await;
+            if last_audit.is_none_or(|t| t.elapsed() >= Duration::from_millis(AUDIT_MS)) {
+                poller.refresh_counters().await;
+                last_audit = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(PUSH_MS)).await;
         }
     });
     let mut server = std::pin::pin!(server);

@@ -47,6 +47,10 @@ enum Cmd {
         /// The device's configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Also serve the live dashboard on this address (it sees the whole cluster through
+        /// this device).
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
     },
 }
 
@@ -54,7 +58,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.command {
         None => embedded(&args),
-        Some(Cmd::Node { config }) => device(config).map(|()| true),
+        Some(Cmd::Node { config, serve }) => device(config, *serve).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -103,7 +107,8 @@ fn embedded(args: &Args) -> Result<bool> {
         // The music plays on while the dashboard is up.
         let at = cluster.node("car");
         app.play(at, opts.pace)?;
-        let dash = Dashboard::new(cluster.nodes().to_vec(), app);
+        // The dashboard enters at the car and reads the other devices over admin connections.
+        let dash = Dashboard::new(at.clone(), cluster.ca.issue("dashboard")?, Some(app));
         dash.record_steps(&outcome.steps);
         actix_web::rt::System::new().block_on(dashboard::serve(
             dash,
@@ -118,8 +123,9 @@ fn embedded(args: &Args) -> Result<bool> {
     Ok(outcome.is_clean())
 }
 
-/// Runs one device until Ctrl-C (or SIGTERM), printing what its node notices.
-fn device(path: &std::path::Path) -> Result<()> {
+/// Runs one device until Ctrl-C (or SIGTERM), printing what its node notices; with `serve`,
+/// also the dashboard.
+fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result<()> {
     tern_harness::init_tracing();
     let cfg = DeviceConfig::load(path)?;
     let (node, app) = tern_demo::device::start(&cfg, Pace::default())?;
@@ -138,27 +144,43 @@ fn device(path: &std::path::Path) -> Result<()> {
         "Ctrl-C stops this device (drain it first with `tern drain {}`).",
         cfg.name
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut seen = 0;
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-        let stop = stop_signal();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = tick.tick() => {
-                    let last = seen;
-                    for e in node.events().into_iter().filter(|e| e.n > last) {
-                        seen = e.n;
-                        println!("[{}] {:<18} {}", node.name(), e.kind, e.detail);
-                    }
+    let printer = {
+        let node = node.clone();
+        async move {
+            let mut seen = 0;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let last = seen;
+                for e in node.events().into_iter().filter(|e| e.n > last) {
+                    seen = e.n;
+                    println!("[{}] {:<18} {}", node.name(), e.kind, e.detail);
                 }
             }
         }
-    });
+    };
+    actix_web::rt::System::new().block_on(async {
+        let printing = actix_web::rt::spawn(printer);
+        let served = match serve {
+            Some(addr) => {
+                let identity = cfg.node_config()?.identity;
+                let dash = Dashboard::new(node.clone(), identity, app);
+                dashboard::serve(
+                    dash,
+                    addr,
+                    |bound| println!("Dashboard: http://{bound}/"),
+                    stop_signal(),
+                )
+                .await
+            }
+            None => {
+                stop_signal().await;
+                Ok(())
+            }
+        };
+        printing.abort();
+        served
+    })?;
     println!("{}: stopping", cfg.name);
     node.shutdown();
     Ok(())

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ pub const ADMIN_REPLY_BYTES_MAX: usize = 16 << 20;
 pub const ADMIN_PROGRESS_MS: u64 = 250;
 /// How long a client waits for a node to answer its handshake.
 pub const ADMIN_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Admin connections a node serves at once; more are refused.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// Requests a node serves on one admin connection before closing it.
 pub const ADMIN_REQUESTS_PER_CONNECTION_MAX: u64 = 100_000;
 
@@ -178,6 +181,20 @@ pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: N
             return;
         }
     }
+    let open = node.admin_connections.fetch_add(1, Ordering::AcqRel);
+    let _open = OpenAdmin(&node.admin_connections);
+    if open >= ADMIN_CONNECTIONS_MAX {
+        conn.close(
+            quinn::VarInt::from_u32(crate::wire::code::REFUSED as u32),
+            b"too many admin connections",
+        );
+        node.stats.connections_refused.inc();
+        node.event(
+            "connection-refused",
+            format!("admin {who}: {ADMIN_CONNECTIONS_MAX} admin connections are open"),
+        );
+        return;
+    }
     node.event(
         "admin-connected",
         format!("{who} at {}", conn.remote_address()),
@@ -210,6 +227,15 @@ pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: N
         quinn::VarInt::from_u32(0),
         b"enough requests on one connection",
     );
+}
+
+/// Counts one open admin connection until dropped.
+struct OpenAdmin<'a>(&'a AtomicUsize);
+
+impl Drop for OpenAdmin<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Runs `work`, sending a progress line every [`ADMIN_PROGRESS_MS`] until it ends.

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
@@ -449,6 +449,8 @@ pub(crate) struct NodeShared {
     pub limits: Limits,
     /// Who may open admin connections (`None`: any certificate of the cluster).
     pub admins: Option<Vec<String>>,
+    /// Admin connections open now (at most `admin::ADMIN_CONNECTIONS_MAX`).
+    pub admin_connections: AtomicUsize,
     pub stats: Stats,
     pub asks: AskTable,
     id_prefix: u64,
@@ -1636,6 +1638,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         })),
         placement: Default::default(),
         admins: config.admins.clone(),
+        admin_connections: AtomicUsize::new(0),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

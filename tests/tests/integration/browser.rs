@@ -254,7 +254,13 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     let phone = cluster.node("phone");
     let app = MediaApp::spawn(phone, Pace::default())?;
     app.play(phone, Pace::default())?;
-    let dash = Dashboard::new(cluster.nodes().to_vec(), app.clone());
+    // The dashboard enters at the car and reads the other devices over admin connections, as
+    // it does in one process per device.
+    let dash = Dashboard::new(
+        cluster.node("car").clone(),
+        cluster.ca.issue("dashboard")?,
+        Some(app.clone()),
+    );
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {
@@ -336,6 +342,8 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
         browser.script("return document.querySelector('#verdict').textContent")?,
         json!("nothing lost")
     );
+    // Let the last animation and the next snapshot land before the picture.
+    std::thread::sleep(Duration::from_millis(1_500));
     let shot = out.join("dashboard.png");
     browser.screenshot(&shot)?;
     eprintln!("screenshot: {}", shot.display());
