@@ -140,7 +140,13 @@ fn main() -> ExitCode {
 /// What to do about an error, when the message says what went wrong.
 fn hint(error: &str, args: &Args) -> Option<String> {
     let e = error.to_lowercase();
-    if e.contains("no answer from") || e.contains("timed out") {
+    if e.contains("loading the admin certificate") {
+        Some(format!(
+            "issue one with `tern ca issue {} --dir {}`",
+            args.admin,
+            args.certs.display()
+        ))
+    } else if e.contains("no answer from") || e.contains("timed out") {
         Some(format!(
             "is a node running at {}? Start one with `tern-demo node --config FILE`, or pass \
              --node ADDR (or set TERN_NODE)",
@@ -154,12 +160,6 @@ fn hint(error: &str, args: &Args) -> Option<String> {
             args.admin,
             args.certs.display(),
             args.admin
-        ))
-    } else if e.contains("loading the admin certificate") {
-        Some(format!(
-            "issue one with `tern ca issue {} --dir {}`",
-            args.admin,
-            args.certs.display()
         ))
     } else {
         None
