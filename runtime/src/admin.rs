@@ -162,38 +162,33 @@ async fn read_msg<T: DeserializeOwned>(
         .map_err(|e| Error::Admin(format!("malformed message: {e}")))
 }
 
+/// Closes an admin connection with `reason` (the client sees it) and logs `detail`.
+fn refuse(node: &NodeShared, conn: &quinn::Connection, reason: &str, detail: String) {
+    conn.close(
+        quinn::VarInt::from_u32(crate::wire::code::REFUSED as u32),
+        reason.as_bytes(),
+    );
+    node.stats.connections_refused.inc();
+    tracing::warn!(refusal = %detail, "admin connection refused");
+    node.event("connection-refused", detail);
+}
+
 /// Serves one admin connection until the client closes it.
 pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: NodeName) {
     if let Some(admins) = &node.admins {
         if !admins.iter().any(|a| a.as_str() == who.as_str()) {
-            conn.close(
-                quinn::VarInt::from_u32(crate::wire::code::REFUSED as u32),
-                b"not an admin of this node",
+            let why = format!(
+                "admin {who} at {}: not in this node's admins",
+                conn.remote_address()
             );
-            node.stats.connections_refused.inc();
-            node.event(
-                "connection-refused",
-                format!(
-                    "admin {who} at {}: not in this node's admins",
-                    conn.remote_address()
-                ),
-            );
-            return;
+            return refuse(&node, &conn, "not an admin of this node", why);
         }
     }
     let open = node.admin_connections.fetch_add(1, Ordering::AcqRel);
     let _open = OpenAdmin(&node.admin_connections);
     if open >= ADMIN_CONNECTIONS_MAX {
-        conn.close(
-            quinn::VarInt::from_u32(crate::wire::code::REFUSED as u32),
-            b"too many admin connections",
-        );
-        node.stats.connections_refused.inc();
-        node.event(
-            "connection-refused",
-            format!("admin {who}: {ADMIN_CONNECTIONS_MAX} admin connections are open"),
-        );
-        return;
+        let why = format!("admin {who}: {ADMIN_CONNECTIONS_MAX} admin connections are open");
+        return refuse(&node, &conn, "too many admin connections", why);
     }
     node.event(
         "admin-connected",

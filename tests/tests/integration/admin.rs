@@ -270,6 +270,23 @@ fn admin_requests_drive_devices_started_from_files() -> Result<()> {
     Ok(())
 }
 
+/// Dials until the node admits the connection (a closed one is counted off when its task
+/// notices).
+async fn wait_until_admitted(addr: std::net::SocketAddr, id: &NodeIdentity) -> Result<AdminClient> {
+    let deadline = std::time::Instant::now() + SECS_10;
+    loop {
+        let c = AdminClient::connect(addr, id).await?;
+        match c.request(&AdminRequest::Nodes, |_| {}).await {
+            Ok(_) => return Ok(c),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not admitted yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 #[test]
 fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
     let d = devices("admins = [\"ops\"]")?;
@@ -331,6 +348,28 @@ fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
             client.request(&AdminRequest::Nodes, |_| {}).await?,
             AdminReply::Nodes(_)
         ));
+
+        // Admin connections are bounded: with the bound open (the raw one and `client` among
+        // them), the next is closed with the reason; once one closes, a new one gets in.
+        let mut open = Vec::new();
+        for _ in 0..tern::admin::ADMIN_CONNECTIONS_MAX - 2 {
+            let c = AdminClient::connect(tv_addr, &d.admin).await?;
+            c.request(&AdminRequest::Nodes, |_| {}).await?;
+            open.push(c);
+        }
+        let one_too_many = match AdminClient::connect(tv_addr, &d.admin).await {
+            Ok(c) => c.request(&AdminRequest::Nodes, |_| {}).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let why = one_too_many.expect_err("past the bound").to_string();
+        assert!(why.contains("too many admin connections"), "{why}");
+        if let Some(c) = open.pop() {
+            c.close().await;
+        }
+        let again = wait_until_admitted(tv_addr, &d.admin).await?;
+        again.close().await;
+        // Dropping a client closes its connection without waiting for the close to drain.
+        drop(open);
         client.close().await;
         conn.close(0u32.into(), b"done");
         Ok::<_, anyhow::Error>(())
