@@ -12,7 +12,7 @@ use tern_demo::app::{MediaApp, Pace};
 use tern_demo::device::{self, DeviceConfig};
 use tern_harness::{block_on, wait_for};
 
-use crate::common::SECS_10;
+use crate::common::{Slow, SlowMsg, SECS_10};
 
 /// A fresh folder under the system's temporary folder.
 fn scratch(what: &str) -> Result<PathBuf> {
@@ -383,6 +383,49 @@ fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
                 .any(|e| e.kind == "connection-refused" && e.detail.contains("admins"))
     })?;
     assert!(d.tv.is_connected("phone"));
+    d.stop();
+    Ok(())
+}
+
+/// A long migration reports progress while it works: the service is busy with a 900 ms
+/// message, and its freeze waits for the message in hand, so the node sends progress lines
+/// before the report.
+#[test]
+fn a_long_migration_reports_progress_then_the_report() -> Result<()> {
+    let d = devices("")?;
+    for node in [&d.phone, &d.tv] {
+        node.register::<Slow>();
+    }
+    let busy = d.phone.spawn(Slow::default())?;
+    busy.tell(SlowMsg::Hold { ms: 900 })?;
+    busy.tell(SlowMsg::Item(7))?;
+    let id = busy.id();
+    block_on(async {
+        let client = AdminClient::connect(d.phone.local_addr(), &d.admin).await?;
+        let mut lines = Vec::new();
+        let req = AdminRequest::Migrate {
+            service: id,
+            to: "tv".into(),
+            tree: false,
+        };
+        let AdminReply::Migrated(report) =
+            client.request(&req, |l| lines.push(l.to_owned())).await?
+        else {
+            panic!("migrate")
+        };
+        assert!(report.committed, "{report:?}");
+        assert!(lines.len() >= 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("moving {id} to tv: ")),
+            "{lines:?}"
+        );
+        client.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The item queued behind the busy message moved with it and was handled once, on the tv.
+    let on_tv: tern::ServiceRef<Slow> = d.tv.resolve(busy.addr())?;
+    let items = block_on(on_tv.ask(SlowMsg::Items, SECS_10))?;
+    assert_eq!(items, vec![7]);
     d.stop();
     Ok(())
 }
