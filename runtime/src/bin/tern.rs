@@ -225,24 +225,32 @@ fn load_identity(dir: &Path, name: &str) -> Result<NodeIdentity> {
     })
 }
 
-/// Prints progress lines on stderr: rewritten in place on a terminal, one per line otherwise.
-fn progress_printer() -> impl FnMut(&str) {
+/// Sends `req` and waits for the reply, printing the node's progress lines on stderr
+/// (rewritten in place on a terminal, one per line otherwise; none with `--json`).
+async fn with_progress(
+    client: &AdminClient,
+    req: &AdminRequest,
+    json: bool,
+) -> Result<AdminReply, tern::Error> {
     let tty = std::io::stderr().is_terminal();
-    move |line: &str| {
-        let mut err = std::io::stderr();
-        if tty {
-            let _ = write!(err, "\r\x1b[2K{line}");
-        } else {
-            let _ = writeln!(err, "{line}");
-        }
-        let _ = err.flush();
-    }
-}
-
-fn end_progress() {
-    if std::io::stderr().is_terminal() {
+    let reply = client
+        .request(req, |line| {
+            if json {
+                return;
+            }
+            let mut err = std::io::stderr();
+            if tty {
+                let _ = write!(err, "\r\x1b[2K{line}");
+            } else {
+                let _ = writeln!(err, "{line}");
+            }
+            let _ = err.flush();
+        })
+        .await;
+    if tty && !json {
         eprint!("\r\x1b[2K");
     }
+    reply
 }
 
 async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<AdminClient> {
@@ -460,16 +468,8 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                 to: to.clone(),
                 tree: *tree,
             };
-            let mut progress = progress_printer();
-            let reply = client
-                .request(&req, |l| {
-                    if !args.json {
-                        progress(l)
-                    }
-                })
-                .await;
-            end_progress();
-            let AdminReply::Migrated(report) = reply? else {
+            let AdminReply::Migrated(report) = with_progress(&client, &req, args.json).await?
+            else {
                 bail!("unexpected answer to migrate");
             };
             if args.json {
@@ -482,16 +482,8 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
         Cmd::Drain { target: node } => {
             let s = survey(&entry, identity).await?;
             let client = client_for(&s, node, &entry, identity).await?;
-            let mut progress = progress_printer();
-            let reply = client
-                .request(&AdminRequest::Drain, |l| {
-                    if !args.json {
-                        progress(l)
-                    }
-                })
-                .await;
-            end_progress();
-            let AdminReply::Drained(report) = reply? else {
+            let reply = with_progress(&client, &AdminRequest::Drain, args.json).await?;
+            let AdminReply::Drained(report) = reply else {
                 bail!("unexpected answer to drain");
             };
             if args.json {

@@ -429,3 +429,56 @@ fn a_long_migration_reports_progress_then_the_report() -> Result<()> {
     d.stop();
     Ok(())
 }
+
+/// A device file that is malformed, has an unknown key, an impossible battery, missing
+/// certificates, or another device's certificate is refused with an error that names the
+/// problem; nothing starts.
+#[test]
+fn bad_device_files_get_clear_errors() -> Result<()> {
+    let dir = scratch("devfile")?;
+    let ca = ClusterCa::new()?;
+    ca.write(&dir)?;
+    ca.issue("tv")?.write(&dir)?;
+    let d = dir.display();
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\nca = \"{d}/ca.pem\"\ncert = \"{d}/tv.pem\"\nkey = \"{d}/tv.key\"\n"
+    );
+    let cases = [
+        ("malformed", "name = \"tv\n".to_owned(), "malformed.toml"),
+        (
+            "unknown key",
+            format!("name = \"tv\"\n{base}speakers = 2\n"),
+            "speakers",
+        ),
+        (
+            "battery",
+            format!("name = \"tv\"\n{base}battery_percent = 140\n"),
+            "over 100",
+        ),
+        (
+            "no address",
+            format!("name = \"tv\"\n{}", base.replace("127.0.0.1:0", "tv")),
+            "listen",
+        ),
+    ];
+    for (what, text, expect) in cases {
+        let path = dir.join(format!("{}.toml", what.replace(' ', "-")));
+        std::fs::write(&path, text)?;
+        let err = format!("{:#}", DeviceConfig::load(&path).expect_err(what));
+        assert!(err.contains(expect), "{what}: {err}");
+    }
+    // Loads, but the certificate is missing, or names another device.
+    std::fs::write(dir.join("radio.toml"), format!("name = \"radio\"\n{base}"))?;
+    let radio = DeviceConfig::load(&dir.join("radio.toml"))?;
+    let err = format!("{:#}", radio.node_config().expect_err("tv's certificate"));
+    assert!(err.contains("is tv's certificate, not radio's"), "{err}");
+    let missing = base
+        .replace("tv.pem", "car.pem")
+        .replace("tv.key", "car.key");
+    std::fs::write(dir.join("car.toml"), format!("name = \"car\"\n{missing}"))?;
+    let car = DeviceConfig::load(&dir.join("car.toml"))?;
+    let err = format!("{:#}", car.node_config().expect_err("no certificate"));
+    assert!(err.contains("tern ca issue car"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
