@@ -144,17 +144,9 @@ impl Player {
         }
         self.totals.asks_sent += 1;
         let n = self.totals.asks_sent;
-        let answer = match ctx.book_ref::<Playlist>("playlist") {
-            Ok(playlist) => ctx
-                .ask(
-                    &playlist,
-                    |reply| PlaylistMsg::Next { n, reply },
-                    ASK_TIMEOUT,
-                )
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let answer =
+            ask_role::<Self, Playlist, _>(ctx, "playlist", |reply| PlaylistMsg::Next { n, reply })
+                .await;
         match answer {
             Ok(track) => {
                 self.track = Some(track);
@@ -229,6 +221,19 @@ impl Service for Player {
             }
         }
     }
+}
+
+/// Asks the service `ctx`'s service holds under `role`, within [`ASK_TIMEOUT`]; any failure
+/// (no such role, no answer) comes back in words, for the asker to count.
+async fn ask_role<S: Service, T: Service, R: serde::de::DeserializeOwned + Send + 'static>(
+    ctx: &mut Ctx<S>,
+    role: &str,
+    make: impl FnOnce(ReplyTo<R>) -> T::Msg,
+) -> Result<R, String> {
+    let target = ctx.book_ref::<T>(role).map_err(|e| e.to_string())?;
+    ctx.ask(&target, make, ASK_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The book role under which a player holds its lyrics: its one child.
@@ -459,13 +464,8 @@ impl Service for Remote {
                 }
                 if ask {
                     self.totals.asks_sent += 1;
-                    let status = match ctx.book_ref::<Player>("player") {
-                        Ok(player) => ctx
-                            .ask(&player, PlayerMsg::Status, ASK_TIMEOUT)
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let status =
+                        ask_role::<Self, Player, _>(ctx, "player", PlayerMsg::Status).await;
                     match status {
                         Ok(s) => self.totals.last_status = Some(s),
                         Err(e) => {

@@ -182,6 +182,26 @@ fn steps_of_place(app: &MediaApp, step: &str, report: &PlaceReport) -> Vec<Step>
         .collect()
 }
 
+/// Moves `id` (with its tree) to `to` through `via`, as step `step`.
+async fn place_step(
+    app: &MediaApp,
+    via: &NodeHandle,
+    id: tern::ServiceId,
+    to: &str,
+    step: &str,
+) -> Result<Vec<Step>> {
+    let opts = PlanOptions {
+        to: Some(to.to_owned()),
+        tree: true,
+        ..PlanOptions::default()
+    };
+    let report = via
+        .place(&[id], &opts)
+        .await
+        .with_context(|| format!("step {step}: moving {id} to {to}"))?;
+    Ok(steps_of_place(app, step, &report))
+}
+
 /// Where each of the app's services runs now, as `node` knows.
 pub fn placement(app: &MediaApp, node: &NodeHandle) -> Vec<(String, String)> {
     app.services()
@@ -237,32 +257,21 @@ pub fn run(
 
     let outcome = tern_harness::block_on(async {
         tokio::time::sleep(gap).await;
-        let tree_to = |to: &str| PlanOptions {
-            to: Some(to.to_owned()),
-            tree: true,
-            ..PlanOptions::default()
-        };
-        let report = phone
-            .place(&[app.player.id], &tree_to("tv"))
-            .await
-            .context("moving the player's tree to the tv")?;
+        let moved = place_step(&app, phone, app.player.id, "tv", "living-room").await?;
         record(
             "living-room",
             "The user walks into the living room and plays on the tv: the player's tree \
              (player and lyrics) moves there as one unit."
                 .to_owned(),
-            steps_of_place(&app, "living-room", &report),
+            moved,
         );
 
         tokio::time::sleep(gap).await;
-        let report = tv
-            .place(&[app.player.id], &tree_to("car"))
-            .await
-            .context("moving the player's tree to the car")?;
+        let moved = place_step(&app, tv, app.player.id, "car", "car").await?;
         record(
             "car",
             "The user gets in the car: the player's tree follows to the car.".to_owned(),
-            steps_of_place(&app, "car", &report),
+            moved,
         );
 
         tokio::time::sleep(gap).await;
@@ -311,14 +320,11 @@ pub fn run(
         );
 
         tokio::time::sleep(gap).await;
-        let report = car
-            .place(&[app.remote.id], &tree_to("watch"))
-            .await
-            .context("moving the remote to the watch")?;
+        let moved = place_step(&app, car, app.remote.id, "watch", "watch").await?;
         record(
             "watch",
             "The user puts on the watch: the watch takes the remote.".to_owned(),
-            steps_of_place(&app, "watch", &report),
+            moved,
         );
 
         tokio::time::sleep(gap).await;
