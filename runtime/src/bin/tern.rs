@@ -442,11 +442,20 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
             let s = survey(&entry, identity).await?;
             let found = s.find(service)?;
             if found.node == *to {
-                bail!(
-                    "{} {} already runs on {to}",
-                    found.info.addr.kind,
-                    found.info.addr.id
-                );
+                // Nothing to move: the command asks for a state that already holds.
+                if args.json {
+                    print_json(&serde_json::json!({
+                        "service": found.info.addr.id.to_string(),
+                        "already_on": to,
+                    }))?;
+                } else {
+                    println!(
+                        "{} {} already runs on {to}: nothing to do",
+                        found.info.addr.kind, found.info.addr.id
+                    );
+                }
+                entry.close().await;
+                return Ok(true);
             }
             if !s.nodes.iter().any(|m| m.info.name.as_str() == to) {
                 let known: Vec<String> = s.nodes.iter().map(|m| m.info.name.to_string()).collect();
