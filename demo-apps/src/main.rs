@@ -56,6 +56,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Logs go to stderr: stdout carries the timeline or the JSON.
+    tern_harness::init_tracing_stderr();
     let result = match &args.command {
         None => embedded(&args),
         Some(Cmd::Node { config, serve }) => device(config, *serve).map(|()| true),
@@ -126,7 +128,6 @@ fn embedded(args: &Args) -> Result<bool> {
 /// Runs one device until Ctrl-C (or SIGTERM), printing what its node notices; with `serve`,
 /// also the dashboard.
 fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result<()> {
-    tern_harness::init_tracing();
     let cfg = DeviceConfig::load(path)?;
     let (node, app) = tern_demo::device::start(&cfg, Pace::default())?;
     println!(

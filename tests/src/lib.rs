@@ -307,8 +307,20 @@ pub fn init_tracing() {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
             .with_test_writer()
             .try_init();
     });
+}
+
+/// For binaries: installs a tracing subscriber writing to stderr, filtered by `RUST_LOG`
+/// (default: warnings), so logs never mix with what a program prints on stdout. Call it before
+/// starting a cluster ([`init_tracing`], which tests use, writes where the test harness
+/// captures, and that is stdout outside tests).
+pub fn init_tracing_stderr() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -37,10 +37,17 @@ fn scenario_moves_everything_and_loses_nothing() -> anyhow::Result<()> {
         ("living-room", "lyrics", "phone", "tv"),
         ("car", "player", "tv", "car"),
         ("car", "lyrics", "tv", "car"),
-        ("watch", "remote", "car", "watch"),
     ] {
         assert!(moves.contains(&expected), "{expected:?} not in {moves:?}");
     }
+    // The drain places the remote by affinity from gossiped traffic, which can lag a move:
+    // it may already have put the remote on the watch, and then the watch step moves nothing.
+    let remote_moves: Vec<_> = moves.iter().filter(|m| m.1 == "remote").collect();
+    assert!(
+        moves.contains(&("watch", "remote", "car", "watch"))
+            || remote_moves == [&("battery-low", "remote", "phone", "watch")],
+        "{moves:?}"
+    );
     // The drain moved the phone's three services, none back to the phone, with reasons.
     let drained: Vec<_> = outcome
         .steps
