@@ -315,6 +315,29 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
         "return document.querySelectorAll('#wires path.remote').length >= 1",
     )?;
 
+    // Drag the remote onto the watch. ChromeDriver's pointer actions do not start HTML5 drags,
+    // so the gesture is replayed as the DragEvents Chromium would fire, sharing one
+    // DataTransfer: the page's own dragstart and drop handlers pick the service and migrate it.
+    browser.script(
+        "const dt = new DataTransfer(); \
+         const fire = (el, type) => el.dispatchEvent( \
+             new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt})); \
+         const from = document.querySelector('#svc-remote'); \
+         const to = document.querySelector('#dev-watch'); \
+         fire(from, 'dragstart'); fire(to, 'dragenter'); fire(to, 'dragover'); \
+         fire(to, 'drop'); fire(from, 'dragend'); return true;",
+    )?;
+    browser.wait(
+        "the remote on the watch",
+        "return document.querySelector('#svc-remote').dataset.node === 'watch' \
+         && document.querySelector('#dev-watch').contains(document.querySelector('#svc-remote'))",
+    )?;
+    assert!(cluster
+        .node("watch")
+        .services()
+        .iter()
+        .any(|s| s.addr.id == app.remote.id));
+
     // Drain the phone from its button: what is left leaves it.
     browser.click("#drain-phone")?;
     browser.wait(
