@@ -1,0 +1,277 @@
+//! The `tern` command line as a user runs it: the built binary, certificates it made itself,
+//! and nodes started from those files. Each command's exit status, its `--json` output and
+//! (for errors) its message and hint are checked against what the nodes themselves report.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tern::certs::{ClusterCa, NodeIdentity};
+use tern::{Ctx, Node, NodeConfig, NodeHandle, Service};
+
+/// Counts what it is told; enough state to see it move.
+#[derive(Default, Serialize, Deserialize)]
+struct Counter {
+    total: u64,
+}
+
+impl Service for Counter {
+    type Msg = u64;
+    const KIND: &'static str = "counter";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, n: u64, _: &mut Ctx<Self>) {
+        self.total += n;
+    }
+}
+
+/// A fresh folder under the test's output folder.
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    dir
+}
+
+/// Runs `tern ARGS` with the certificates in `certs` and the entry node `node`.
+fn tern(certs: &Path, node: SocketAddr, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--certs", &certs.display().to_string()])
+        .args(["--node", &node.to_string()])
+        .args(args)
+        .env_remove("TERN_NODE")
+        .env_remove("TERN_CERTS")
+        .output()
+        .expect("the tern binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs a command that must succeed and returns its standard output as JSON.
+fn json(certs: &Path, node: SocketAddr, args: &[&str]) -> Value {
+    let out = tern(certs, node, args);
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("tern {args:?} printed no JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// Runs a command that must fail with status 2; returns its standard error.
+fn fails(certs: &Path, node: SocketAddr, args: &[&str]) -> String {
+    let out = tern(certs, node, args);
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "tern {args:?} should fail: {}{err}",
+        text(&out.stdout)
+    );
+    err
+}
+
+/// `tern ca` in `dir`; panics unless it succeeds.
+fn ca(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("ca")
+        .args(args)
+        .args(["--dir", &dir.display().to_string()])
+        .output()
+        .expect("the tern binary runs");
+    assert!(
+        out.status.success(),
+        "tern ca {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn start(certs: &Path, name: &str) -> NodeHandle {
+    let (cert, key, ca) = NodeIdentity::paths(certs, name);
+    let identity = NodeIdentity::load(&cert, &key, &ca).expect("the certificate tern issued");
+    let node = Node::start(NodeConfig::new(
+        identity,
+        "127.0.0.1:0".parse().expect("an address"),
+    ))
+    .expect("a node");
+    node.register::<Counter>();
+    node
+}
+
+/// Where `tern ps --json` says the one counter runs.
+fn counter_node(certs: &Path, entry: SocketAddr) -> String {
+    let ps = json(certs, entry, &["--json", "ps"]);
+    let counters: Vec<&Value> = ps
+        .as_array()
+        .expect("ps --json is a list")
+        .iter()
+        .filter(|e| e["info"]["addr"]["kind"]["name"] == "counter")
+        .collect();
+    assert_eq!(counters.len(), 1, "{ps}");
+    counters[0]["node"]
+        .as_str()
+        .expect("a node name")
+        .to_owned()
+}
+
+#[test]
+fn tern_drives_a_cluster_made_from_its_own_certificates() {
+    let certs = scratch("drive");
+    assert!(ca(&certs, &["init"]).contains("cluster CA written"));
+    for name in ["phone", "tv", "admin"] {
+        assert!(ca(&certs, &["issue", name]).contains(&format!("certificate for {name}")));
+    }
+    // A second CA over the first would orphan every certificate: refused.
+    let again = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["ca", "init", "--dir", &certs.display().to_string()])
+        .output()
+        .expect("the tern binary runs");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("already holds a CA key"));
+
+    let phone = start(&certs, "phone");
+    let tv = start(&certs, "tv");
+    phone.add_peer("tv", tv.local_addr()).expect("a peer");
+    let counter = phone.spawn(Counter::default()).expect("a service");
+    counter.tell(5).expect("a message");
+    let entry = phone.local_addr();
+
+    // Membership comes by gossip: wait until the entry node lists both.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes = json(&certs, entry, &["--json", "nodes"]);
+        let names: Vec<&str> = nodes
+            .as_array()
+            .expect("nodes --json is a list")
+            .iter()
+            .filter_map(|m| m["info"]["name"].as_str())
+            .collect();
+        if names.contains(&"phone") && names.contains(&"tv") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tv never joined: {nodes}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The table form names the columns and the service.
+    let ps = tern(&certs, entry, &["ps"]);
+    assert!(ps.status.success());
+    let table = text(&ps.stdout);
+    assert!(table.starts_with("KIND"), "{table}");
+    assert!(
+        table.contains("counter") && table.contains("phone"),
+        "{table}"
+    );
+    assert_eq!(counter_node(&certs, entry), "phone");
+
+    // A dry run names the tv and moves nothing.
+    let plan = json(&certs, entry, &["--json", "plan", "counter", "--to", "tv"]);
+    assert_eq!(plan["moves"][0]["to"], "tv", "{plan}");
+    assert!(!plan["moves"][0]["reasons"]
+        .as_array()
+        .expect("reasons")
+        .is_empty());
+    assert_eq!(counter_node(&certs, entry), "phone");
+
+    // The move, its report, and the node's own view afterwards.
+    let report = json(
+        &certs,
+        entry,
+        &["--json", "migrate", "counter", "--to", "tv"],
+    );
+    assert_eq!(report["committed"], true, "{report}");
+    assert_eq!(report["members"][0]["to"], "tv", "{report}");
+    assert!(tv.services().iter().any(|s| s.addr.id == counter.id()));
+    assert_eq!(counter_node(&certs, entry), "tv");
+    // Asked again, it has nothing to do and says so.
+    let same = json(
+        &certs,
+        entry,
+        &["--json", "migrate", "counter", "--to", "tv"],
+    );
+    assert_eq!(same["already_on"], "tv", "{same}");
+
+    // The tree and the associations of a service on another node than the entry.
+    let tree = json(&certs, entry, &["--json", "tree", "counter"]);
+    assert_eq!(tree.as_array().map(Vec::len), Some(1), "{tree}");
+    let assoc = tern(&certs, entry, &["assoc", "counter"]);
+    assert!(assoc.status.success(), "{}", text(&assoc.stderr));
+    assert!(text(&assoc.stdout).contains("on tv"));
+
+    // Draining the tv sends the counter home, and the table says what moved.
+    let drain = tern(&certs, entry, &["drain", "tv"]);
+    assert!(drain.status.success(), "{}", text(&drain.stderr));
+    let said = text(&drain.stdout);
+    assert!(said.contains("tv: 1 moved, 0 pinned, 0 failed"), "{said}");
+    assert_eq!(counter_node(&certs, entry), "phone");
+    assert!(phone.services().iter().any(|s| s.addr.id == counter.id()));
+
+    // Unknown names: a clear message, status 2, and the cluster untouched.
+    let err = fails(&certs, entry, &["migrate", "nosuch", "--to", "tv"]);
+    assert!(err.contains("nosuch"), "{err}");
+    let err = fails(&certs, entry, &["migrate", "counter", "--to", "fridge"]);
+    assert!(
+        err.contains("unknown node \"fridge\"") && err.contains("phone"),
+        "{err}"
+    );
+    assert_eq!(counter_node(&certs, entry), "phone");
+
+    phone.shutdown();
+    tv.shutdown();
+}
+
+#[test]
+fn tern_errors_name_the_problem_and_what_to_do() {
+    let certs = scratch("errors");
+    ca(&certs, &["init"]);
+    ca(&certs, &["issue", "phone"]);
+    let phone = start(&certs, "phone");
+    let entry = phone.local_addr();
+
+    // No admin certificate yet: say which file and how to make it.
+    let err = fails(&certs, entry, &["ps"]);
+    assert!(err.contains("loading the admin certificate"), "{err}");
+    assert!(
+        err.contains("hint: issue one with `tern ca issue admin"),
+        "{err}"
+    );
+
+    // A certificate from another cluster's CA: the node refuses it.
+    let stranger = scratch("stranger");
+    ClusterCa::new()
+        .and_then(|ca| ca.write(&stranger).map(|()| ca))
+        .and_then(|ca| ca.issue("admin"))
+        .and_then(|id| id.write(&stranger))
+        .expect("a second CA");
+    let err = fails(&stranger, entry, &["ps"]);
+    assert!(
+        err.contains(
+            "hint: the node and this admin certificate must come from the same cluster CA"
+        ),
+        "{err}"
+    );
+
+    // Nothing listening there: say so and how to point elsewhere.
+    ca(&certs, &["issue", "admin"]);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("a port");
+    let nowhere = silent.local_addr().expect("its address");
+    let err = fails(&certs, nowhere, &["ps"]);
+    assert!(
+        err.contains(&format!("is a node running at {nowhere}?")),
+        "{err}"
+    );
+    drop(silent);
+
+    // With the right certificate, the same node answers.
+    assert!(json(&certs, entry, &["--json", "ps"]).is_array());
+    phone.shutdown();
+}
