@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tern_demo::app::Pace;
 use tern_demo::dashboard::{self, Dashboard};
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     tern_harness::init_tracing_stderr();
     let result = match &args.command {
         None => embedded(&args),
-        Some(Cmd::Node { config, serve }) => device(config, *serve).map(|()| true),
+        Some(Cmd::Node { config, serve }) => device(config, *serve),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -126,10 +126,12 @@ fn embedded(args: &Args) -> Result<bool> {
 }
 
 /// Runs one device until Ctrl-C (or SIGTERM), printing what its node notices; with `serve`,
-/// also the dashboard.
-fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result<()> {
+/// also the dashboard. The device that started the app stops it first and prints the audit;
+/// true unless that audit found something wrong.
+fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result<bool> {
     let cfg = DeviceConfig::load(path)?;
     let (node, app) = tern_demo::device::start(&cfg, Pace::default())?;
+    let started_here = app.clone();
     println!(
         "{} listening on {}  capabilities: {}",
         node.name(),
@@ -141,10 +143,17 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             println!("  {name:<10} {} started here", addr.id);
         }
     }
-    println!(
-        "Ctrl-C stops this device (drain it first with `tern drain {}`).",
-        cfg.name
-    );
+    if started_here.is_some() {
+        println!(
+            "Ctrl-C stops the app, prints its audit, then stops this device; stop the other \
+             devices after this one."
+        );
+    } else {
+        println!(
+            "Ctrl-C stops this device (drain it first with `tern drain {}`).",
+            cfg.name
+        );
+    }
     let printer = {
         let node = node.clone();
         async move {
@@ -160,7 +169,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             }
         }
     };
-    actix_web::rt::System::new().block_on(async {
+    let verdict = actix_web::rt::System::new().block_on(async {
         let printing = actix_web::rt::spawn(printer);
         let served = match serve {
             Some(addr) => {
@@ -180,11 +189,22 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             }
         };
         printing.abort();
-        served
-    })?;
+        served?;
+        let Some(app) = &started_here else {
+            return Ok(true);
+        };
+        // Wherever the services run now, they answer through this node.
+        println!("{}: stopping Tern Media and reading its checks", cfg.name);
+        let audit = app
+            .finish(&node, std::time::Duration::from_secs(10))
+            .await
+            .context("auditing Tern Media (its services must still be running: stop this device before the others)")?;
+        print!("{}", timeline::audit_verdict(&audit));
+        Ok::<bool, anyhow::Error>(audit.is_clean())
+    });
     println!("{}: stopping", cfg.name);
     node.shutdown();
-    Ok(())
+    verdict
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

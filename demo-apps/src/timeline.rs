@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::media::Audit;
 use crate::scenario::{Moment, Outcome};
 
 /// Text width the timeline wraps to.
@@ -80,19 +81,7 @@ pub fn verdict(o: &Outcome) -> String {
     for (service, node) in &o.placement {
         let _ = writeln!(out, "  {service:<10} on {node}");
     }
-    let _ = writeln!(out, "\nWhat the sequence checks saw");
-    for (stream, v) in &o.audit.streams {
-        let _ = writeln!(
-            out,
-            "  {stream:<18} {:>6} received   {} lost   {} duplicated   {} reordered",
-            v.received, v.lost, v.duplicated, v.reordered
-        );
-    }
-    let _ = writeln!(
-        out,
-        "  asks               {:>6} sent       {} unanswered",
-        o.asks_sent, o.asks_unanswered
-    );
+    out.push_str(&checks(&o.audit));
     let moved = o.steps.iter().filter(|s| s.committed).count();
     let carried: u64 = o.steps.iter().map(|s| s.carried).sum();
     let forwarded: u64 = o.steps.iter().map(|s| s.forwarded).sum();
@@ -103,15 +92,65 @@ pub fn verdict(o: &Outcome) -> String {
         o.elapsed_ms / 1_000,
         (o.elapsed_ms % 1_000) / 10
     );
+    out.push_str(&verdict_line(
+        [
+            o.received,
+            o.lost,
+            o.duplicated,
+            o.reordered,
+            o.asks_unanswered,
+        ],
+        o.is_clean(),
+    ));
+    out
+}
+
+/// `Verdict: ...` from [received, lost, duplicated, reordered, asks unanswered].
+fn verdict_line(n: [u64; 5], ok: bool) -> String {
+    format!(
+        "Verdict: {} messages received, {} lost, {} duplicated, {} reordered, {} asks unanswered -> {}\n",
+        n[0],
+        n[1],
+        n[2],
+        n[3],
+        n[4],
+        if ok { "OK" } else { "FAILED" }
+    )
+}
+
+/// What the services' sequence checks saw, stream by stream, and the asks.
+pub fn checks(audit: &Audit) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\nWhat the sequence checks saw");
+    for (stream, v) in &audit.streams {
+        let _ = writeln!(
+            out,
+            "  {stream:<18} {:>6} received   {} lost   {} duplicated   {} reordered",
+            v.received, v.lost, v.duplicated, v.reordered
+        );
+    }
     let _ = writeln!(
         out,
-        "Verdict: {} messages received, {} lost, {} duplicated, {} reordered, {} asks unanswered -> {}",
-        o.received,
-        o.lost,
-        o.duplicated,
-        o.reordered,
-        o.asks_unanswered,
-        if o.is_clean() { "OK" } else { "FAILED" }
+        "  asks               {:>6} sent       {} unanswered",
+        audit.asks_sent, audit.asks_unanswered
     );
+    out
+}
+
+/// The final word on an audit taken when the app stops outside the scenario (a device that
+/// started it in multi-process mode).
+pub fn audit_verdict(audit: &Audit) -> String {
+    let t = audit.total();
+    let mut out = checks(audit);
+    out.push_str(&verdict_line(
+        [
+            t.received,
+            t.lost,
+            t.duplicated,
+            t.reordered,
+            audit.asks_unanswered,
+        ],
+        audit.is_clean(),
+    ));
     out
 }
