@@ -236,6 +236,33 @@ fn counter_is_zero(name: &str) -> String {
     format!("(document.querySelector('#c-{name}') || {{dataset: {{}}}}).dataset.value === '0'")
 }
 
+/// Waits until service `name`'s box sits in `node`'s column, then checks that the node itself
+/// runs it.
+fn lands(
+    browser: &Browser,
+    cluster: &tern_harness::Cluster,
+    name: &str,
+    service: &tern::ServiceAddr,
+    node: &str,
+) -> Result<()> {
+    browser.wait(
+        &format!("the {name} on the {node}"),
+        &format!(
+            "const b = document.querySelector('#svc-{name}'); \
+             return b.dataset.node === '{node}' && document.querySelector('#dev-{node}').contains(b)"
+        ),
+    )?;
+    assert!(
+        cluster
+            .node(node)
+            .services()
+            .iter()
+            .any(|s| s.addr.id == service.id),
+        "the page shows the {name} on the {node}, the node does not run it"
+    );
+    Ok(())
+}
+
 #[test]
 fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
@@ -298,17 +325,8 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     // Pick the player, then "move here" on the tv: its tree goes, the boxes move.
     browser.click("#svc-player")?;
     browser.click("#to-tv")?;
-    browser.wait(
-        "the player and its lyrics on the tv",
-        "return document.querySelector('#svc-player').dataset.node === 'tv' \
-         && document.querySelector('#svc-lyrics').dataset.node === 'tv' \
-         && document.querySelector('#dev-tv').contains(document.querySelector('#svc-player'))",
-    )?;
-    assert!(cluster
-        .node("tv")
-        .services()
-        .iter()
-        .any(|s| s.addr.id == app.player.id));
+    lands(&browser, &cluster, "player", &app.player, "tv")?;
+    lands(&browser, &cluster, "lyrics", &app.lyrics, "tv")?;
     // The remote's channel to the player is remote now (dashed); the child link local.
     browser.wait(
         "remote channel lines",
@@ -327,16 +345,7 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
          fire(from, 'dragstart'); fire(to, 'dragenter'); fire(to, 'dragover'); \
          fire(to, 'drop'); fire(from, 'dragend'); return true;",
     )?;
-    browser.wait(
-        "the remote on the watch",
-        "return document.querySelector('#svc-remote').dataset.node === 'watch' \
-         && document.querySelector('#dev-watch').contains(document.querySelector('#svc-remote'))",
-    )?;
-    assert!(cluster
-        .node("watch")
-        .services()
-        .iter()
-        .any(|s| s.addr.id == app.remote.id));
+    lands(&browser, &cluster, "remote", &app.remote, "watch")?;
 
     // Drain the phone from its button: what is left leaves it.
     browser.click("#drain-phone")?;
