@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern::wire::{MigMsg, SnapHeader};
+use tern_proto::wire::{MigMsg, SnapHeader};
 
 fuzz_target!(|data: &[u8]| {
     let _ = rmp_serde::from_slice::<MigMsg>(data);

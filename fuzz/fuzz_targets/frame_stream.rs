@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern::wire::{decode, FrameReader, FRAME_HEADER_BYTES};
+use tern_proto::wire::{decode, FrameReader, FRAME_HEADER_BYTES};
 
 const LIMIT: usize = 64 << 10;
 

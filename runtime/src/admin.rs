@@ -29,12 +29,12 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::error::Error;
-use crate::ids::{NodeName, ServiceId};
 use crate::members::Member;
 use crate::migrate::MigrateOptions;
 use crate::node::{NodeShared, ServiceInfo};
 use crate::placement::{Association, DrainReport, Plan, PlanOptions};
 use crate::tree::{GroupReport, TreeMember};
+use tern_proto::ids::{NodeName, ServiceId};
 
 /// Largest admin request, in bytes.
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 64 << 10;
@@ -165,7 +165,7 @@ async fn read_msg<T: DeserializeOwned>(
 /// Closes an admin connection with `reason` (the client sees it) and logs `detail`.
 fn refuse(node: &NodeShared, conn: &quinn::Connection, reason: &str, detail: String) {
     conn.close(
-        quinn::VarInt::from_u32(crate::wire::code::REFUSED as u32),
+        quinn::VarInt::from_u32(tern_proto::wire::code::REFUSED as u32),
         reason.as_bytes(),
     );
     node.stats.connections_refused.inc();

@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::error::Error;
-use crate::ids::NodeName;
+use tern_proto::ids::NodeName;
 
 const CA_COMMON_NAME: &str = "Tern cluster CA";
 

@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::error::{AskError, DeliveryError};
-use crate::ids::{IdMap, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::{lock, Envelope, Mailbox, Meta};
 use crate::node::NodeShared;
 use crate::service::{ReplyTo, Service};
 use crate::transport::PeerLink;
+use tern_proto::ids::{IdMap, NodeName, ServiceAddr, ServiceId};
 
 pub(crate) enum Route<M> {
     Local(Arc<Mailbox<M>>),

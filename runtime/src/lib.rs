@@ -6,16 +6,16 @@
 //! TLS.
 //!
 //! Start at [`Service`] (writing a service), [`Node`] (running a node) and [`ServiceRef`]
-//! (talking to a service). `runtime/examples/` holds programs to copy.
+//! (talking to a service). `runtime/examples/` holds programs to copy. The protocol itself
+//! (wire frames, windows, the migration core, the directory) is the crate `tern-proto`, with no
+//! I/O; this crate drives it.
 
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod certs;
-pub mod core;
 mod error;
 mod handle;
-mod ids;
 mod mailbox;
 mod members;
 mod migrate;
@@ -26,17 +26,9 @@ mod stats;
 pub mod tls;
 mod transport;
 mod tree;
-pub mod wire;
-#[cfg(test)]
-mod wire_props;
 
-pub use crate::core::directory::{Associations, BookEdge};
-pub use crate::core::migration::AbortReason;
-pub use crate::core::placement::{AffinityPolicy, Needs, Policy};
-pub use crate::core::traffic::EdgeRate;
 pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;
-pub use ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub use members::{Member, MemberInfo, MemberStatus, NodeLoad, Power};
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
 pub use node::{
@@ -49,6 +41,11 @@ pub use placement::{
 };
 pub use service::{Ctx, ReplyTo, Service, TimerId};
 pub use stats::NodeStats;
+pub use tern_proto::directory::{Associations, BookEdge};
+pub use tern_proto::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+pub use tern_proto::migration::AbortReason;
+pub use tern_proto::placement::{AffinityPolicy, Needs, Policy};
+pub use tern_proto::traffic::EdgeRate;
 pub use transport::PeerStatus;
 pub use tree::{
     child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, GROUP_MEMBERS_MAX, TREE_MEMBERS_MAX,

@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::core::seq::{Offer, Watermark, Window};
 use crate::error::DeliveryError;
-use crate::ids::{KindKey, NodeName, ServiceId};
-use crate::wire::CarriedMsg;
+use tern_proto::ids::{KindKey, NodeName, ServiceId};
+use tern_proto::seq::{Offer, Watermark, Window};
+use tern_proto::wire::CarriedMsg;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of the runtime's locks leaves plain data behind (queues,

@@ -1,4 +1,4 @@
-//! The node's migration driver: it runs the protocol core ([`crate::core::migration::Core`])
+//! The node's migration driver: it runs the protocol core ([`tern_proto::migration::Core`])
 //! for this node and carries out its actions with the node's real parts: the service runner
 //! (freeze, resume, retire), the snapshot stream over QUIC, the mailbox (windows, parked
 //! arrivals, tombstone forwarding) and the channel rebuild (books and handles).
@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::core::migration::{
-    AbortReason, Action, Config, Core, MigrationId, Outcome, Snapshot, Wire,
-};
 use crate::error::{DeliveryError, Error};
-use crate::ids::{NodeName, ServiceId};
 use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
-use crate::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
+use tern_proto::ids::{NodeName, ServiceId};
+use tern_proto::migration::{
+    AbortReason, Action, Config, Core, MigrationId, Outcome, Snapshot, Wire,
+};
+use tern_proto::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

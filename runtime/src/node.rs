@@ -13,15 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::certs::NodeIdentity;
-use crate::core::directory::{Associations, BookEdge, BookIndex};
-use crate::core::placement::Needs;
-use crate::core::placement::Policy;
-use crate::core::traffic::EdgeRate;
-use crate::core::traffic::TrafficSketch;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{AnyChannel, Channel};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
-use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::Refusal;
 use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
 use crate::members::{Member, Power};
@@ -35,7 +29,13 @@ use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::{self, PeerLink, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
-use crate::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
+use tern_proto::directory::{Associations, BookEdge, BookIndex};
+use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
+use tern_proto::placement::Needs;
+use tern_proto::placement::Policy;
+use tern_proto::traffic::EdgeRate;
+use tern_proto::traffic::TrafficSketch;
+use tern_proto::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
 
 /// Bounds on every table and queue of a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]

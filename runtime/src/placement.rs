@@ -1,5 +1,5 @@
 //! The node's placement engine: builds a view of the cluster (membership, directory, traffic),
-//! asks the pure functions in [`crate::core::placement`] where services should run, and acts
+//! asks the pure functions in [`tern_proto::placement`] where services should run, and acts
 //! on the triggers: explicit calls (`plan`, `place`), drain, capability changes and the
 //! periodic rebalancer. Pinned services are never moved by any of them.
 
@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::placement::{
-    choose, cross_node_fraction, rebalance, Affinity, AffinityPolicy, Link, NodeView, Policy,
-    RebalanceLimits, ServiceView,
-};
 use crate::error::{DeliveryError, Error};
-use crate::ids::{KindKey, NodeName, ServiceId};
 use crate::mailbox::lock;
 use crate::members::MemberStatus;
 use crate::migrate::{MigrateOptions, MigrationReport};
 use crate::node::NodeShared;
 use crate::tree::GroupReport;
+use tern_proto::ids::{KindKey, NodeName, ServiceId};
+use tern_proto::placement::{
+    choose, cross_node_fraction, rebalance, Affinity, AffinityPolicy, Link, NodeView, Policy,
+    RebalanceLimits, ServiceView,
+};
 
 /// How long a move this node made is remembered for its view (a few gossip rounds).
 const RECENT_KEPT: Duration = Duration::from_secs(5);
@@ -133,7 +133,7 @@ pub struct RebalanceRound {
     /// The same if every planned move succeeds.
     pub cross_node_fraction_planned: f64,
     /// The moves, with their outcomes (`None`: committed).
-    pub moves: Vec<(crate::core::placement::Move, Option<String>)>,
+    pub moves: Vec<(tern_proto::placement::Move, Option<String>)>,
 }
 
 /// One associated service of a service.
@@ -254,7 +254,7 @@ impl NodeShared {
         let mut at = BTreeMap::new();
         let mut prefixes = HashMap::new();
         let mut directed: HashMap<(ServiceId, ServiceId), (f64, f64)> = HashMap::new();
-        let mut merge = |e: &crate::core::traffic::EdgeRate| {
+        let mut merge = |e: &tern_proto::traffic::EdgeRate| {
             let d = directed.entry((e.from, e.to)).or_insert((0.0, 0.0));
             d.0 = d.0.max(e.msgs_per_s);
             d.1 = d.1.max(e.bytes_per_s);

@@ -10,15 +10,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::core::directory::Associations;
-use crate::core::traffic::SIZE_SAMPLE_EVERY;
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
-use crate::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::mailbox::{encode_envelope, lock, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
-use crate::wire::{SnapHeader, TimerWire, WindowWire};
+use tern_proto::directory::Associations;
+use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
+use tern_proto::traffic::SIZE_SAMPLE_EVERY;
+use tern_proto::wire::{SnapHeader, TimerWire, WindowWire};
 
 /// A migratable service: a plain struct whose fields are its state, a message type, and a
 /// handler that takes one message at a time.

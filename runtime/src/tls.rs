@@ -11,8 +11,8 @@ use rustls::RootCertStore;
 
 use crate::certs::NodeIdentity;
 use crate::error::Error;
-use crate::ids::NodeName;
-use crate::wire::{ADMIN_ALPN, ALPN};
+use tern_proto::ids::NodeName;
+use tern_proto::wire::{ADMIN_ALPN, ALPN};
 
 fn tls_err(e: impl std::fmt::Display) -> Error {
     Error::Tls(e.to_string())

@@ -12,10 +12,10 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::error::{DeliveryError, Error};
-use crate::ids::{NodeName, ServiceId};
 use crate::mailbox::{lock, Meta, Slot};
 use crate::node::{reply_from_wire, Limits, NodeShared};
-use crate::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
+use tern_proto::ids::{NodeName, ServiceId};
+use tern_proto::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
 
 /// Bytes asked of quinn per read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -564,7 +564,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             return refuse(&node, format!("from {remote}: {e}"));
         }
     };
-    if crate::tls::negotiated_alpn(&conn).as_deref() == Some(crate::wire::ADMIN_ALPN) {
+    if crate::tls::negotiated_alpn(&conn).as_deref() == Some(tern_proto::wire::ADMIN_ALPN) {
         // The command line, not a peer: it joins no membership and carries no messages.
         return crate::admin::serve(node, conn, name).await;
     }

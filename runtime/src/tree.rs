@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DeliveryError, Error};
-use crate::ids::{NodeName, ServiceAddr, ServiceId};
 use crate::migrate::{MigrateOptions, MigrationReport};
 use crate::node::NodeShared;
-use crate::wire::{Frame, MigMsg, ReplyBody};
+use tern_proto::ids::{NodeName, ServiceAddr, ServiceId};
+use tern_proto::wire::{Frame, MigMsg, ReplyBody};
 
 /// Book roles naming a child start with this.
 pub const CHILD_ROLE_PREFIX: &str = "child:";

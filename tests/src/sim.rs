@@ -1,4 +1,4 @@
-//! Deterministic simulation of the protocol core (`tern::core::migration`).
+//! Deterministic simulation of the protocol core (`tern_proto::migration`).
 //!
 //! Several nodes, each with a [`Core`], exchange protocol messages through a simulated network
 //! that delays, reorders and duplicates every message and loses control messages (data is not
@@ -15,8 +15,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
-use tern::core::migration::{AbortReason, Action, Config, Core, Data, Outcome, Wire};
 use tern::{NodeName, ServiceId};
+use tern_proto::migration::{AbortReason, Action, Config, Core, Data, Outcome, Wire};
 
 /// A service's state in the simulation: what it handled, in order.
 pub type Log = Vec<(ServiceId, u64)>;
@@ -181,7 +181,7 @@ struct Sim {
     chatter_left: u64,
     report: SimReport,
     /// Per attempt in a group: the group's index.
-    group_of: BTreeMap<tern::core::migration::MigrationId, usize>,
+    group_of: BTreeMap<tern_proto::migration::MigrationId, usize>,
     /// Per group: members, committed, aborted.
     group_outcomes: Vec<(usize, usize, usize)>,
 }

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tern::wire::{self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader};
 use tern::{DeliveryError, KindKey, ServiceId};
 use tern_actors::{SeqSink, SinkMsg};
 use tern_harness::{block_on, Cluster};
+use tern_proto::wire::{
+    self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
+};
 
 use crate::common::{register_test_kinds, Slow, SECS_10};
 

@@ -166,7 +166,7 @@ fn a_peer_without_a_client_certificate_is_refused() -> Result<()> {
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    tls.alpn_protocols = vec![tern::wire::ALPN.to_vec()];
+    tls.alpn_protocols = vec![tern_proto::wire::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let sent = block_on(async {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;

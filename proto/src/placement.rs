@@ -104,7 +104,7 @@ pub struct Score {
 /// A placement strategy: scores a node that meets the service's required capabilities.
 ///
 /// ```
-/// use tern::core::placement::{Context, NodeView, Policy, Score, ServiceView};
+/// use tern_proto::placement::{Context, NodeView, Policy, Score, ServiceView};
 ///
 /// /// Prefers plugged-in devices, and otherwise the one with the fewest services.
 /// struct PluggedFirst;

@@ -170,7 +170,7 @@ impl fmt::Debug for ServiceAddr {
 /// the two words with one multiplication spreads them well, at a fraction of SipHash's cost.
 /// Not for keys a peer chooses to collide: only local tables and per-service counters use it.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
+pub struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -189,5 +189,5 @@ impl std::hash::Hasher for IdHasher {
 }
 
 /// A `HashMap` keyed by [`ServiceId`] with [`IdHasher`].
-pub(crate) type IdMap<V> =
+pub type IdMap<V> =
     std::collections::HashMap<ServiceId, V, std::hash::BuildHasherDefault<IdHasher>>;

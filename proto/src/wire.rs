@@ -6,19 +6,19 @@
 //! frame costs nothing but an error.
 //!
 //! ```
-//! use tern::wire::{encode_frame, Frame, FrameReader};
+//! use tern_proto::wire::{encode_frame, Frame, FrameReader};
 //! let mut out = Vec::new();
 //! encode_frame(&mut out, &Frame::Reject { reason: "busy".into() }, 1024).unwrap();
 //! let mut reader = FrameReader::new(1024);
 //! reader.push(&out);
 //! let body = reader.next_frame().unwrap().unwrap();
-//! assert!(matches!(tern::wire::decode(body).unwrap(), Frame::Reject { .. }));
+//! assert!(matches!(tern_proto::wire::decode(body).unwrap(), Frame::Reject { .. }));
 //! ```
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::core::directory::BookEdge;
+use crate::directory::BookEdge;
 use crate::error::DeliveryError;
 use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 

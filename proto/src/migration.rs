@@ -17,8 +17,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::core::seq::{Offer, Watermark, Window};
 use crate::ids::{NodeName, ServiceId};
+use crate::seq::{Offer, Watermark, Window};
 
 /// Identifies one migration attempt: the source node and a counter there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

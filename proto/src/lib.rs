@@ -1,0 +1,30 @@
+//! # tern-proto
+//!
+//! Tern's protocol with no I/O, no clock and no threads: plain data and state machines driven
+//! by their caller, with time passed in as an argument. The node (crate `tern`) runs this code
+//! over QUIC; the deterministic simulation in `tern-harness` drives the same code under seeded
+//! faults. Inputs are events, outputs are actions.
+//!
+//! - [`ids`]: `ServiceId`, `NodeName`, `KindKey`, `ServiceAddr`.
+//! - [`wire`]: frames and their codec (length-checked before anything is allocated).
+//! - [`error`]: why a delivery or an ask failed (these travel on the wire).
+//! - [`seq`]: one sender's receive window.
+//! - [`migration`]: one node's migration protocol, single and group, with tombstones and the
+//!   directory of locations.
+//! - [`directory`]: address books and their reverse index.
+//! - [`members`]: what a node says of itself in gossip.
+//! - [`traffic`], [`placement`]: observed traffic and pure placement decisions.
+
+#![warn(missing_docs)]
+
+pub mod directory;
+pub mod error;
+pub mod ids;
+pub mod members;
+pub mod migration;
+pub mod placement;
+pub mod seq;
+pub mod traffic;
+pub mod wire;
+#[cfg(test)]
+mod wire_props;
