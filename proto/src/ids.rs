@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// node, so two nodes never mint the same id without coordinating.
 ///
 /// ```
-/// let id = tern::ServiceId::from_parts(7, 42);
+/// let id = tern_proto::ids::ServiceId::from_parts(7, 42);
 /// assert_eq!(id.to_string(), "0000000000000007-000000000000002a");
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -41,9 +41,9 @@ impl fmt::Display for ServiceId {
 /// Reads the form [`Display`](fmt::Display) writes: two 16-digit hex halves joined by `-`.
 ///
 /// ```
-/// let id: tern::ServiceId = "0000000000000007-000000000000002a".parse().unwrap();
-/// assert_eq!(id, tern::ServiceId::from_parts(7, 42));
-/// assert!("7-42-1".parse::<tern::ServiceId>().is_err());
+/// let id: tern_proto::ids::ServiceId = "0000000000000007-000000000000002a".parse().unwrap();
+/// assert_eq!(id, tern_proto::ids::ServiceId::from_parts(7, 42));
+/// assert!("7-42-1".parse::<tern_proto::ids::ServiceId>().is_err());
 /// ```
 impl std::str::FromStr for ServiceId {
     type Err = String;
