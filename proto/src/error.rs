@@ -119,6 +119,16 @@ pub enum DeliveryError {
         /// The local node.
         node: NodeName,
     },
+    /// The service's handler panicked: the service stopped (its state may have been half
+    /// changed, so it is not run again) and every message queued for it, and the one in hand,
+    /// failed with this reason.
+    #[error("service {id} stopped: its handler panicked: {detail}")]
+    ServicePanicked {
+        /// The target.
+        id: ServiceId,
+        /// The panic's message.
+        detail: String,
+    },
 }
 
 /// Why an ask did not produce a reply.

@@ -39,7 +39,7 @@ pub use placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
     RebalancerConfig,
 };
-pub use service::{Ctx, ReplyTo, Service, TimerId};
+pub use service::{Ctx, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;
 pub use tern_proto::directory::{Associations, BookEdge};
 pub use tern_proto::ids::{KindKey, NodeName, ServiceAddr, ServiceId};

@@ -793,6 +793,12 @@ impl NodeShared {
     /// Tells the sender of a message accepted earlier that it was not delivered after all.
     pub fn refuse_envelope(&self, to: ServiceId, r: Refusal) {
         self.stats.refused_from_peers.inc();
+        self.refuse_envelope_quiet(to, r)
+    }
+
+    /// Tells a refused message's sender (or asker) why, without counting it as a refusal of a
+    /// peer's message: the callers count it themselves.
+    pub fn refuse_envelope_quiet(&self, to: ServiceId, r: Refusal) {
         match (&r.ask, &r.origin) {
             (Some(ask), _) => self.refuse_ask(ask, r.reason),
             (None, Some(origin)) if *origin != self.name => {
@@ -1170,8 +1176,9 @@ impl NodeShared {
         }
     }
 
-    /// Called by a service's runner when it stops, with what was still queued.
-    pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>) {
+    /// Called by a service's runner when it stops, with what was still queued: each of those
+    /// messages is refused to its sender or asker with `reason`.
+    pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>, reason: DeliveryError) {
         self.flush_handled(id);
         self.forget_service(id);
         lock(&self.channels).remove(&id);
@@ -1186,26 +1193,14 @@ impl NodeShared {
         }
         let n = rest.len() as u64;
         for env in rest {
-            let reason = DeliveryError::Stopped { id };
-            match (&env.ask, &env.origin) {
-                (Some(ask), _) => self.refuse_ask(ask, reason),
-                (None, Some(origin)) => {
-                    if let Some(link) = self.peer(origin) {
-                        let _ = link.push_ctrl(&Frame::Refused {
-                            to: id,
-                            from: env.from,
-                            seq: env.seq,
-                            reason,
-                        });
-                    }
-                }
-                (None, None) => {}
-            }
+            self.refuse_envelope_quiet(id, env.refusal(reason.clone()));
         }
         self.stats.refused_on_stop.add(n);
         self.event(
             "refused",
-            format!("service {id} stopped with {n} messages queued; their senders were told"),
+            format!(
+                "service {id} stopped with {n} messages queued; their senders were told: {reason}"
+            ),
         );
     }
 

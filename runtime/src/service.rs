@@ -1,9 +1,12 @@
 //! The service API: the [`Service`] trait, the [`Ctx`] a handler gets, and [`ReplyTo`].
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -12,7 +15,7 @@ use tracing::Instrument;
 
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::ServiceRef;
-use crate::mailbox::{encode_envelope, lock, Mailbox, Meta};
+use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
 use tern_proto::directory::Associations;
@@ -70,9 +73,80 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     /// Called once after the last message, when the service stops.
     fn stopped(&mut self, _ctx: &mut Ctx<Self>) {}
 
+    /// What happens when a handler (or `started`) panics. `None`, the default: the service
+    /// stops, and everything queued for it fails with
+    /// [`DeliveryError::ServicePanicked`](crate::DeliveryError::ServicePanicked). `Some`: it is
+    /// restarted in place with a fresh state, as an OTP supervisor would, at most
+    /// `max_restarts` times within `within_ms`; see [`Restart`].
+    const RESTART: Option<Restart<Self>> = None;
+
     /// The kind key of this service type.
     fn kind_key() -> KindKey {
         KindKey::new(Self::KIND, Self::VERSION)
+    }
+}
+
+/// A kind's restart policy after a panic ([`Service::RESTART`]).
+///
+/// On a panic the message in hand fails to its sender or asker with
+/// [`DeliveryError::ServicePanicked`](crate::DeliveryError::ServicePanicked); the service keeps
+/// its id, mailbox, queued messages and address book, loses its pending timers, and goes on
+/// with the state `fresh()` returns (`started` runs again). The `max_restarts + 1`-th panic
+/// within `within_ms` stops it for good, as without a policy. The count is kept by the node
+/// running the service and starts again after a migration.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tern::{Ctx, Restart, Service};
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Parser { lines: u64 }
+///
+/// impl Service for Parser {
+///     type Msg = String;
+///     const KIND: &'static str = "parser";
+///     const VERSION: u32 = 1;
+///     const RESTART: Option<Restart<Self>> = Some(Restart {
+///         fresh: Parser::default,
+///         max_restarts: 3,
+///         within_ms: 5_000,
+///     });
+///     async fn handle(&mut self, line: String, _ctx: &mut Ctx<Self>) {
+///         assert!(!line.is_empty(), "empty line");
+///         self.lines += 1;
+///     }
+/// }
+/// ```
+pub struct Restart<S> {
+    /// Makes the state the service restarts with.
+    pub fresh: fn() -> S,
+    /// Restarts allowed within `within_ms`; one more panic stops the service.
+    pub max_restarts: u32,
+    /// The window the restarts are counted in, in milliseconds.
+    pub within_ms: u64,
+}
+
+/// Restarts done recently, for a kind's [`Restart`] policy.
+struct RestartBudget(std::collections::VecDeque<std::time::Instant>);
+
+impl RestartBudget {
+    /// The fresh state, if the policy allows one more restart now.
+    fn take<S: Service>(&mut self) -> Option<S> {
+        let policy = S::RESTART?;
+        let now = std::time::Instant::now();
+        let window = Duration::from_millis(policy.within_ms);
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() >= policy.max_restarts as usize {
+            return None;
+        }
+        self.0.push_back(now);
+        Some((policy.fresh)())
     }
 }
 
@@ -123,6 +197,11 @@ struct Timers<M> {
 }
 
 impl<M> Timers<M> {
+    fn clear(&mut self) {
+        self.due.clear();
+        self.by_id.clear();
+    }
+
     fn new(max: usize) -> Self {
         Timers {
             due: std::collections::BTreeMap::new(),
@@ -617,9 +696,26 @@ async fn serve<S: Service>(
     mailbox: Arc<Mailbox<S::Msg>>,
     mut arrived: Option<Arrived>,
 ) {
-    state.started(&mut ctx);
+    let mut restarts = RestartBudget(std::collections::VecDeque::new());
+    let mut panic_in_hand: Option<Caught> = None;
+    if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
+        panic_in_hand = Some((panic, None));
+    }
     let mut turn = 0u32;
     loop {
+        if let Some((panic, in_hand)) = panic_in_hand.take() {
+            match restarts.take::<S>() {
+                Some(fresh) => {
+                    restarted(&mut ctx, in_hand, &*panic);
+                    state = fresh;
+                    if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
+                        panic_in_hand = Some((panic, None));
+                    }
+                    continue;
+                }
+                None => return panicked(&ctx, &mailbox, in_hand, panic),
+            }
+        }
         if ctx.node.halted.is_set() {
             // A halted node handles nothing more; its system is ending.
             return std::future::pending().await;
@@ -644,6 +740,8 @@ async fn serve<S: Service>(
         } else {
             ctx.timers.pop_due(tokio::time::Instant::now())
         };
+        // Who sent the message in hand, so that a panic can fail it to its sender.
+        let mut in_hand: Option<Envelope<()>> = None;
         let next = match due {
             Some(msg) => Some(msg),
             None => {
@@ -659,7 +757,21 @@ async fn serve<S: Service>(
                                 sample_size(&ctx.node, from, ctx.me.id(), &env.msg);
                             }
                         }
-                        Some(env.msg)
+                        let Envelope {
+                            from,
+                            seq,
+                            ask,
+                            origin,
+                            msg,
+                        } = env;
+                        in_hand = Some(Envelope {
+                            from,
+                            seq,
+                            ask,
+                            origin,
+                            msg: (),
+                        });
+                        Some(msg)
                     }
                     None => None,
                 }
@@ -677,7 +789,21 @@ async fn serve<S: Service>(
         }
         match next {
             Some(msg) => {
-                state.handle(msg, &mut ctx).await;
+                let handled = {
+                    let mut fut = std::pin::pin!(state.handle(msg, &mut ctx));
+                    std::future::poll_fn(|cx| {
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                            Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
+                            Ok(Poll::Pending) => Poll::Pending,
+                            Err(panic) => Poll::Ready(Err(panic)),
+                        }
+                    })
+                    .await
+                };
+                if let Err(panic) = handled {
+                    panic_in_hand = Some((panic, in_hand));
+                    continue;
+                }
                 ctx.node.stats.processed.inc();
                 if ctx.stop {
                     break;
@@ -703,7 +829,105 @@ async fn serve<S: Service>(
             },
         }
     }
-    state.stopped(&mut ctx);
+    let stopped = catch_panic(|| state.stopped(&mut ctx));
     let rest = mailbox.close();
-    ctx.node.service_stopped(ctx.id(), rest);
+    match stopped {
+        Ok(()) => {
+            let id = ctx.id();
+            ctx.node
+                .service_stopped(id, rest, DeliveryError::Stopped { id });
+        }
+        Err(panic) => {
+            let detail = panic_message(&*panic);
+            report_panic(&ctx, &detail, rest, None);
+        }
+    }
+}
+
+/// A caught panic, and the message that was in hand when it happened (none in `started`).
+type Caught = (Box<dyn Any + Send>, Option<Envelope<()>>);
+
+/// Runs a synchronous hook (`started`, `stopped`), catching a panic.
+fn catch_panic(f: impl FnOnce()) -> Result<(), Box<dyn Any + Send>> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+}
+
+/// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    }
+}
+
+/// A handler (or `started`) panicked: the service stops for good. Its state may be half
+/// changed, so neither `stopped` nor any other handler runs on it again. The message in hand
+/// and everything queued fail to their senders and askers with `ServicePanicked`.
+fn panicked<S: Service>(
+    ctx: &Ctx<S>,
+    mailbox: &Mailbox<S::Msg>,
+    in_hand: Option<Envelope<()>>,
+    panic: Box<dyn Any + Send>,
+) {
+    let detail = panic_message(&*panic);
+    let rest = mailbox.close();
+    report_panic(ctx, &detail, rest, in_hand);
+}
+
+/// A panic the kind's [`Restart`] policy absorbs: the message in hand fails, pending timers go
+/// (they belong to the state that panicked), and the loop goes on with a fresh state.
+fn restarted<S: Service>(
+    ctx: &mut Ctx<S>,
+    in_hand: Option<Envelope<()>>,
+    panic: &(dyn Any + Send),
+) {
+    let id = ctx.id();
+    let detail = panic_message(panic);
+    tracing::warn!(service = %id, kind = S::KIND, panic = %detail, "handler panicked; service restarted");
+    ctx.node.stats.services_restarted.inc();
+    ctx.node.event(
+        "restarted",
+        format!(
+            "service {id} ({}) restarted with a fresh state: its handler panicked: {detail}",
+            S::kind_key()
+        ),
+    );
+    ctx.timers.clear();
+    ctx.stop = false;
+    ctx.migrate_to = None;
+    if let Some(env) = in_hand {
+        let reason = DeliveryError::ServicePanicked { id, detail };
+        ctx.node.refuse_envelope_quiet(id, env.refusal(reason));
+    }
+}
+
+fn report_panic<S: Service, M>(
+    ctx: &Ctx<S>,
+    detail: &str,
+    rest: Vec<Envelope<M>>,
+    in_hand: Option<Envelope<()>>,
+) {
+    let id = ctx.id();
+    tracing::error!(service = %id, kind = S::KIND, panic = detail, "handler panicked; service stopped");
+    ctx.node.stats.services_panicked.inc();
+    ctx.node.event(
+        "panicked",
+        format!(
+            "service {id} ({}) stopped: its handler panicked: {detail}; {} queued messages failed to their senders",
+            S::kind_key(),
+            rest.len()
+        ),
+    );
+    let reason = DeliveryError::ServicePanicked {
+        id,
+        detail: detail.to_string(),
+    };
+    if let Some(env) = in_hand {
+        ctx.node
+            .refuse_envelope_quiet(id, env.refusal(reason.clone()));
+    }
+    ctx.node.service_stopped(id, rest, reason);
 }

@@ -103,4 +103,8 @@ counters! {
     services_started,
     /// Services stopped.
     services_stopped,
+    /// Services stopped because a handler panicked (also counted in `services_stopped`).
+    services_panicked,
+    /// Services restarted in place with a fresh state after a panic (their kind's `RESTART`).
+    services_restarted,
 }

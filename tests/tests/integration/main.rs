@@ -13,6 +13,7 @@ mod limits;
 mod mailbox;
 mod messaging;
 mod migration;
+mod panics;
 mod placement;
 mod sim;
 mod timers;
