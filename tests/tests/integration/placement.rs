@@ -267,7 +267,10 @@ fn a_display_turning_off_moves_the_services_that_need_it() -> Result<()> {
         phone.services().iter().any(|s| s.addr.id == music.id()),
         "the speaker service had no reason to move"
     );
-    assert!(phone.events().iter().any(|e| e.kind == "re-placed"));
+    // The event is logged after the move it reports: wait for it as for the move.
+    wait_for(SECS_10, "the re-placement event", || {
+        phone.events().iter().any(|e| e.kind == "re-placed")
+    })?;
     c.shutdown();
     Ok(())
 }
