@@ -10,6 +10,7 @@ mod faults;
 mod frames;
 mod layers;
 mod limits;
+mod liveness;
 mod mailbox;
 mod messaging;
 mod migration;
