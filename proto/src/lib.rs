@@ -9,6 +9,7 @@
 //! - [`wire`]: frames and their codec (length-checked before anything is allocated).
 //! - [`error`]: why a delivery or an ask failed (these travel on the wire).
 //! - [`seq`]: one sender's receive window.
+//! - [`inbox`]: one service's inbox: admission, parking, freeze and hand-over, handled marks.
 //! - [`migration`]: one node's migration protocol, single and group, with tombstones and the
 //!   directory of locations.
 //! - [`directory`]: address books and their reverse index.
@@ -20,6 +21,7 @@
 pub mod directory;
 pub mod error;
 pub mod ids;
+pub mod inbox;
 pub mod members;
 pub mod migration;
 pub mod placement;

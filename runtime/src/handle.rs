@@ -452,10 +452,7 @@ impl<S: Service> ServiceRef<S> {
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
                         Ok(()) => {
-                            if let Some(from) = meta.from {
-                                let ChanState { ledger, node, .. } = &mut *st;
-                                ledger.note(from, meta.seq, node);
-                            }
+                            self.note_sent(&mut st, meta);
                             return Ok(Attempt::Sent(0, true));
                         }
                         Err((DeliveryError::Moved { node, epoch, .. }, env)) => {
@@ -473,10 +470,7 @@ impl<S: Service> ServiceRef<S> {
                 }
                 Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
                     Ok(queued) => {
-                        if let Some(from) = meta.from {
-                            let ChanState { ledger, node, .. } = &mut *st;
-                            ledger.note(from, meta.seq, node);
-                        }
+                        self.note_sent(&mut st, meta);
                         return Ok(Attempt::Sent(queued, false));
                     }
                     Err(e @ DeliveryError::Backpressure { .. }) => (e, Some(msg)),
@@ -498,6 +492,18 @@ impl<S: Service> ServiceRef<S> {
             id: self.addr.id,
             node: st.node.clone(),
         })
+    }
+
+    /// A message was queued: the delivery ledger notes its number, and an ask its request's
+    /// number (so a refusal of it can be skipped at the receiver).
+    fn note_sent(&self, st: &mut ChanState<S::Msg>, meta: Meta) {
+        if let Some(from) = meta.from {
+            let ChanState { ledger, node, .. } = st;
+            ledger.note(from, meta.seq, node);
+            if let Some(ask) = meta.ask {
+                self.node.asks.numbered(ask, from, meta.seq);
+            }
+        }
     }
 
     pub(crate) fn send(&self, meta: Meta, msg: S::Msg) -> Result<(), DeliveryError> {

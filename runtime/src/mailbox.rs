@@ -5,7 +5,7 @@
 //! the sender, who may also wait for room.
 
 use std::any::Any;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -15,7 +15,9 @@ use tokio::sync::Notify;
 
 use crate::error::DeliveryError;
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
-use tern_proto::seq::{Offer, Watermark, Window};
+pub(crate) use tern_proto::inbox::NotHere;
+use tern_proto::inbox::{Admit, Inbox, Numbered};
+pub(crate) use tern_proto::inbox::{Leftovers, NotNow, WindowExport};
 use tern_proto::wire::CarriedMsg;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,170 +71,50 @@ impl<M> Envelope<M> {
     }
 }
 
-struct State<M> {
-    queue: VecDeque<Envelope<M>>,
-    closed: bool,
-    /// Set when the service has moved away: pushes are handed back with its new place.
-    moved: Option<(NodeName, u64)>,
-    /// Per numbered sender, the receive window: releases in order, holds early messages,
-    /// drops copies. Keyed by ids peers choose, hence a tree rather than a fast hash map.
-    windows: BTreeMap<ServiceId, Window<Envelope<M>>>,
-    /// Some while a restored copy waits for the rest of its carried queue and its start:
-    /// arrivals wait here, in arrival order, so none overtakes a carried message.
-    parked: Option<Parked<M>>,
-    /// Messages handed over in a snapshot not yet committed: they still count against the
-    /// capacity, so a freeze does not let a second mailbox-full in behind them.
-    handed_over: usize,
-    /// Messages held early in the windows (reported, not counted against the capacity).
-    early: usize,
-    /// Between the snapshot and the decision: the windows are exported, so a declared gap
-    /// waits for the outcome (see [`Mailbox::skip_through`]).
-    frozen: bool,
-    /// Per numbered sender, the last number taken for handling and the node it came from
-    /// (`None`: this node), with whether that node has been told. One entry per sender, like
-    /// the windows.
-    handled: BTreeMap<ServiceId, Handled>,
-    /// Marks not yet told that a newer mark from another node replaced (the sender moved):
-    /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
-    handled_moved: Vec<(ServiceId, u64, Option<NodeName>)>,
-    /// The last sender's mark, kept out of `handled` until another sender's message is taken.
-    recent: Option<(ServiceId, Handled)>,
-}
-
-/// Replaced marks kept for telling; past this the oldest goes (its sender's node then keeps
-/// those messages outstanding until a later mark or a node loss declares them).
-const HANDLED_MOVED_MAX: usize = 1024;
-
-/// One sender's progress at a receiver, for its node's delivery ledger.
-struct Handled {
-    seq: u64,
-    origin: Option<NodeName>,
-    told: bool,
-}
-
-/// A declared gap could not be applied now (the mailbox is frozen, moving or a restored copy
-/// not yet started); the node tries again.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct NotNow;
-
-/// How a message comes to a mailbox.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Admit {
-    /// A sender that does not wait: a full mailbox refuses and consumes the number.
-    Tell,
-    /// A sender that waits for room: a full mailbox refuses, the number stays open.
-    Wait,
-    /// Accepted earlier (parked at a restored copy): no capacity check.
-    Accepted,
-    /// Handed on by another node (a commit's leftovers, a tombstone): its sender may have
-    /// been told it was taken, so it may go past the capacity, up to twice it.
-    Forwarded,
-}
-
-impl<M> State<M> {
-    /// Files `from`'s newest mark; an unreported older one from another node is kept for
-    /// telling that node.
-    fn store_mark(&mut self, from: ServiceId, mark: Handled) {
-        match self.handled.get_mut(&from) {
-            Some(h) => {
-                let old = std::mem::replace(h, mark);
-                if !old.told && old.origin != h.origin {
-                    if self.handled_moved.len() >= HANDLED_MOVED_MAX {
-                        self.handled_moved.remove(0);
-                    }
-                    self.handled_moved.push((from, old.seq, old.origin));
-                }
-            }
-            None => {
-                self.handled.insert(from, mark);
-            }
-        }
+impl<M> Numbered for Envelope<M> {
+    fn sender(&self) -> Option<ServiceId> {
+        self.from
     }
-
-    /// Messages waiting: queued, and parked at a restored copy.
-    fn depth(&self) -> usize {
-        self.queue.len() + self.handed_over + self.parked.as_ref().map_or(0, |p| p.msgs.len())
+    fn seq(&self) -> u64 {
+        self.seq
     }
-
-    /// Queues messages a window released after a gap closed or a number was skipped.
-    fn release(&mut self, items: Vec<Envelope<M>>) {
-        self.early = self.early.saturating_sub(items.len());
-        self.queue.extend(items);
+    fn origin(&self) -> Option<&NodeName> {
+        self.origin.as_ref()
     }
 }
 
-/// Arrivals at a restored copy before it may take them.
-struct Parked<M> {
-    msgs: VecDeque<Envelope<M>>,
-    /// Numbers refused while parked (the parking was full), skipped when the gate opens.
-    skips: Vec<(ServiceId, u64)>,
-    carried_done: bool,
-    started: bool,
-}
-
-/// Early messages held per sender window.
-pub(crate) const WINDOW_HELD_MAX: usize = 4096;
-/// Arrivals parked at a restored copy before it starts.
-pub(crate) const PARKED_MAX: usize = 65_536;
-
-/// What a window export of one sender holds: next number, early messages, skipped numbers.
-pub(crate) struct WindowExport<T> {
-    pub from: ServiceId,
-    pub next: u64,
-    pub early: Vec<T>,
-    pub skipped: Vec<u64>,
-}
-
-/// What a commit hands on from the source: the arrivals since the snapshot, in order, then
-/// early messages and skipped numbers still in its windows.
-pub(crate) struct Leftovers<M> {
-    pub queue: Vec<Envelope<M>>,
-    pub early: Vec<Envelope<M>>,
-    pub skipped: Vec<(ServiceId, u64)>,
-}
-
-/// A bounded, runtime-owned queue for one service.
+/// A bounded, runtime-owned queue for one service: the data plane's [`Inbox`] (admission,
+/// windows, parking, hand-over, handled marks, all in `tern-proto`) behind a lock, with the
+/// wake-ups of its runner and of senders waiting for room.
 pub(crate) struct Mailbox<M> {
     pub id: ServiceId,
     pub kind: KindKey,
     pub capacity: usize,
-    state: Mutex<State<M>>,
+    state: Mutex<Inbox<Envelope<M>>>,
     ready: Notify,
     space: Notify,
     space_waiters: AtomicUsize,
     /// Set by the node to ask the runner to freeze after the message in hand.
     pub freeze: std::sync::atomic::AtomicBool,
-    /// Copies dropped by the windows.
-    pub duplicates: AtomicUsize,
     /// Set when a handled mark has not been reported to its sender's node yet.
     handled_dirty: AtomicBool,
 }
 
 impl<M> Mailbox<M> {
     pub fn new(id: ServiceId, kind: KindKey, capacity: usize) -> Self {
-        assert!(capacity > 0, "mailbox capacity must be positive");
+        Self::wrap(kind, Inbox::new(id, capacity))
+    }
+
+    fn wrap(kind: KindKey, inbox: Inbox<Envelope<M>>) -> Self {
         Mailbox {
-            id,
+            id: inbox.id(),
             kind,
-            capacity,
-            state: Mutex::new(State {
-                queue: VecDeque::new(),
-                closed: false,
-                moved: None,
-                windows: BTreeMap::new(),
-                parked: None,
-                handed_over: 0,
-                early: 0,
-                frozen: false,
-                handled: BTreeMap::new(),
-                handled_moved: Vec::new(),
-                recent: None,
-            }),
+            capacity: inbox.capacity(),
+            state: Mutex::new(inbox),
             ready: Notify::new(),
             space: Notify::new(),
             space_waiters: AtomicUsize::new(0),
             freeze: std::sync::atomic::AtomicBool::new(false),
-            duplicates: AtomicUsize::new(0),
             handled_dirty: AtomicBool::new(false),
         }
     }
@@ -245,29 +127,21 @@ impl<M> Mailbox<M> {
         capacity: usize,
         windows: Vec<WindowExport<Envelope<M>>>,
     ) -> Self {
-        let mb = Self::new(id, kind, capacity);
-        {
-            let mut st = lock(&mb.state);
-            for w in windows {
-                let mut win = Window::from_watermark(Watermark(w.next.max(1)), WINDOW_HELD_MAX);
-                for env in w.early {
-                    let seq = env.seq;
-                    let _ = win.offer(seq, env);
-                }
-                for seq in w.skipped {
-                    let _ = win.skip(seq);
-                }
-                st.early += win.held();
-                st.windows.insert(w.from, win);
-            }
-            st.parked = Some(Parked {
-                msgs: VecDeque::new(),
-                skips: Vec::new(),
-                carried_done: false,
-                started: false,
-            });
+        Self::wrap(kind, Inbox::restored(id, capacity, windows))
+    }
+
+    /// Runs `f` on the inbox under the lock, then wakes the runner if it queued something
+    /// (`f` says so, or a skip released held messages).
+    fn with<R>(&self, f: impl FnOnce(&mut Inbox<Envelope<M>>) -> (R, bool)) -> R {
+        let (r, queued) = {
+            let mut st = lock(&self.state);
+            let (r, queued) = f(&mut st);
+            (r, queued | st.take_released())
+        };
+        if queued {
+            self.ready.notify_one();
         }
-        mb
+        r
     }
 
     /// Queues `env`, or hands it back with the reason it was not taken. A numbered message
@@ -282,14 +156,10 @@ impl<M> Mailbox<M> {
         wait: bool,
     ) -> Result<(), (DeliveryError, Envelope<M>)> {
         let mode = if wait { Admit::Wait } else { Admit::Tell };
-        let queued = {
-            let mut st = lock(&self.state);
-            self.admit(&mut st, env, mode)?
-        };
-        if queued {
-            self.ready.notify_one();
-        }
-        Ok(())
+        self.with(|st| match st.admit(env, mode) {
+            Ok(queued) => (Ok(()), queued),
+            Err(e) => (Err(e), false),
+        })
     }
 
     /// [`push_with`](Self::push_with) for a sender that does not wait.
@@ -299,157 +169,13 @@ impl<M> Mailbox<M> {
         self.push_with(env, false)
     }
 
-    /// The admission rules, under the lock. Ok(true) when something was queued.
-    #[allow(clippy::result_large_err)]
-    fn admit(
-        &self,
-        st: &mut State<M>,
-        env: Envelope<M>,
-        mode: Admit,
-    ) -> Result<bool, (DeliveryError, Envelope<M>)> {
-        if st.closed {
-            return Err((DeliveryError::Stopped { id: self.id }, env));
-        }
-        if let Some((node, epoch)) = &st.moved {
-            return Err((
-                DeliveryError::Moved {
-                    id: self.id,
-                    node: node.clone(),
-                    epoch: *epoch,
-                },
-                env,
-            ));
-        }
-        let depth = st.depth();
-        if let Some(p) = st.parked.as_mut() {
-            // Parked arrivals count against the capacity like queued ones.
-            let full = match mode {
-                Admit::Accepted => false,
-                Admit::Forwarded => depth >= 2 * self.capacity,
-                Admit::Tell | Admit::Wait => depth >= self.capacity,
-            };
-            if full || p.msgs.len() >= PARKED_MAX {
-                if let (Some(from), Admit::Tell) = (env.from, mode) {
-                    if p.skips.len() < PARKED_MAX {
-                        p.skips.push((from, env.seq));
-                    }
-                }
-                return Err((self.full(), env));
-            }
-            p.msgs.push_back(env);
-            return Ok(false);
-        }
-        let full = match mode {
-            Admit::Accepted => false,
-            Admit::Forwarded => depth >= 2 * self.capacity,
-            Admit::Tell | Admit::Wait => depth >= self.capacity,
-        };
-        let Some(from) = env.from else {
-            if full {
-                return Err((self.full(), env));
-            }
-            st.queue.push_back(env);
-            return Ok(true);
-        };
-        let w = st
-            .windows
-            .entry(from)
-            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
-        let seq = env.seq;
-        if seq < w.watermark().0 {
-            self.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        }
-        // Early messages are bounded by the window, not the capacity: they wait on a message
-        // that comes another way, and must never hold up the stream that brings it.
-        if full && seq == w.watermark().0 {
-            // Only a waiting sender keeps its number open (it tries again).
-            if mode != Admit::Wait {
-                let released = w.skip(seq);
-                st.release(released);
-            }
-            return Err((self.full(), env));
-        }
-        if w.take_in_order(seq) {
-            st.queue.push_back(env);
-            return Ok(true);
-        }
-        // Messages taken once already are never refused: their count is bounded where they
-        // were taken (a mailbox's capacity, its parking).
-        match w.offer_bounded(seq, env, mode != Admit::Accepted) {
-            Offer::Release(items) => {
-                // All but the offered one were held early.
-                st.early = st.early.saturating_sub(items.len() - 1);
-                st.queue.extend(items);
-                Ok(true)
-            }
-            Offer::Held => {
-                st.early += 1;
-                Ok(false)
-            }
-            Offer::Duplicate => {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                Ok(false)
-            }
-            Offer::Full(env) if mode == Admit::Wait => {
-                // A waiting sender far ahead of a gap waits for it to close, number kept.
-                Err((
-                    DeliveryError::WindowFull {
-                        id: self.id,
-                        held_max: WINDOW_HELD_MAX,
-                    },
-                    env,
-                ))
-            }
-            Offer::Full(env) => {
-                let released = w.skip(seq);
-                let queued = !released.is_empty();
-                st.release(released);
-                if queued {
-                    self.ready.notify_one();
-                }
-                Err((
-                    DeliveryError::WindowFull {
-                        id: self.id,
-                        held_max: WINDOW_HELD_MAX,
-                    },
-                    env,
-                ))
-            }
-        }
-    }
-
-    fn full(&self) -> DeliveryError {
-        DeliveryError::MailboxFull {
-            id: self.id,
-            capacity: self.capacity,
-        }
-    }
-
-    /// Consumes number `seq` of `from` without a message (it could not be decoded).
-    pub fn skip_number(&self, from: ServiceId, seq: u64) {
-        let queued = {
-            let mut st = lock(&self.state);
-            let st = &mut *st;
-            if let Some(p) = st.parked.as_mut() {
-                if p.skips.len() < PARKED_MAX {
-                    p.skips.push((from, seq));
-                }
-                false
-            } else {
-                let released = st
-                    .windows
-                    .entry(from)
-                    .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
-                    .skip(seq);
-                let queued = !released.is_empty();
-                st.release(released);
-                queued
-            }
-        };
-        if queued {
-            self.ready.notify_one();
-        }
+    /// Consumes number `seq` of `from` without a message (it was refused, here or on its
+    /// way). [`NotHere`] when the service moved or stopped: the caller hands the skip on.
+    pub fn skip_number(&self, from: ServiceId, seq: u64) -> Result<(), NotHere> {
+        self.with(|st| match st.skip(from, seq) {
+            Ok(queued) => (Ok(()), queued),
+            Err(e) => (Err(e), false),
+        })
     }
 
     /// Freeze, source side: takes the queue and exports the windows (early messages encoded by
@@ -458,57 +184,19 @@ impl<M> Mailbox<M> {
         &self,
         encode: impl Fn(&Envelope<M>) -> T,
     ) -> (VecDeque<Envelope<M>>, Vec<WindowExport<T>>) {
-        let mut st = lock(&self.state);
-        let queue = std::mem::take(&mut st.queue);
-        st.handed_over = queue.len();
-        st.frozen = true;
-        let windows = st
-            .windows
-            .iter()
-            .map(|(from, w)| WindowExport {
-                from: *from,
-                next: w.watermark().0,
-                early: w.held_items().map(&encode).collect(),
-                skipped: w.skipped_ahead().collect(),
-            })
-            .collect();
-        drop(st);
-        (queue, windows)
+        lock(&self.state).take_for_snapshot(encode)
     }
 
     /// Abort, source side: the queue handed over goes back in front of what arrived meanwhile.
-    pub fn put_back(&self, mut queue: VecDeque<Envelope<M>>) {
-        {
-            let mut st = lock(&self.state);
-            st.handed_over = 0;
-            st.frozen = false;
-            queue.append(&mut st.queue);
-            st.queue = queue;
-        }
+    pub fn put_back(&self, queue: VecDeque<Envelope<M>>) {
+        lock(&self.state).put_back(queue);
         self.ready.notify_one();
     }
 
     /// Commit, source side: from now on pushes are handed back with the new place; returns
     /// what must follow the snapshot to the target.
-    pub fn retire(&self, node: NodeName, epoch: u64) -> Leftovers<M> {
-        let left = {
-            let mut st = lock(&self.state);
-            st.moved = Some((node, epoch));
-            st.handed_over = 0;
-            st.early = 0;
-            let queue: Vec<Envelope<M>> = st.queue.drain(..).collect();
-            let mut early = Vec::new();
-            let mut skipped = Vec::new();
-            for (from, w) in std::mem::take(&mut st.windows) {
-                skipped.extend(w.skipped_ahead().map(|seq| (from, seq)));
-                early.extend(w.into_held_items());
-            }
-            Leftovers {
-                queue,
-                early,
-                skipped,
-            }
-        };
+    pub fn retire(&self, node: NodeName, epoch: u64) -> Leftovers<Envelope<M>> {
+        let left = lock(&self.state).retire(node, epoch);
         self.ready.notify_one();
         self.space.notify_waiters();
         left
@@ -516,57 +204,24 @@ impl<M> Mailbox<M> {
 
     /// Restored copy: a carried message, already released by the source's windows.
     pub fn push_carried(&self, env: Envelope<M>) {
-        lock(&self.state).queue.push_back(env);
+        lock(&self.state).push_carried(env);
         self.ready.notify_one();
     }
 
     /// Restored copy: the carried queue is complete. Returns parked arrivals the windows
     /// refused when the gate opened, for their senders to be told.
     pub fn carried_done(&self) -> Vec<(DeliveryError, Envelope<M>)> {
-        self.open_gate(|p| p.carried_done = true)
+        self.with(|st| st.carried_done())
     }
 
     /// Restored copy: it may run. Returns refusals as [`carried_done`](Self::carried_done).
     pub fn start(&self) -> Vec<(DeliveryError, Envelope<M>)> {
-        self.open_gate(|p| p.started = true)
+        self.with(|st| st.start())
     }
 
     /// True while arrivals are parked (a restored copy not yet started or not yet complete).
     pub fn is_gated(&self) -> bool {
-        lock(&self.state).parked.is_some()
-    }
-
-    fn open_gate(&self, mark: impl FnOnce(&mut Parked<M>)) -> Vec<(DeliveryError, Envelope<M>)> {
-        let mut refused = Vec::new();
-        {
-            let mut st = lock(&self.state);
-            let Some(p) = st.parked.as_mut() else {
-                return refused;
-            };
-            mark(p);
-            if !(p.carried_done && p.started) {
-                return refused;
-            }
-            let Some(p) = st.parked.take() else {
-                return refused;
-            };
-            for (from, seq) in p.skips {
-                let released = st
-                    .windows
-                    .entry(from)
-                    .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
-                    .skip(seq);
-                st.release(released);
-            }
-            for env in p.msgs {
-                // Accepted already: through the windows, past the capacity check.
-                if let Err(r) = self.admit(&mut st, env, Admit::Accepted) {
-                    refused.push(r);
-                }
-            }
-        }
-        self.ready.notify_one();
-        refused
+        lock(&self.state).is_gated()
     }
 
     /// Aborted copy: closes the mailbox, drops the carried queue (the source still has it) and
@@ -577,35 +232,20 @@ impl<M> Mailbox<M> {
 
     /// Orphaned copy: closes the mailbox and returns its carried queue and parked arrivals.
     pub fn discard_all(&self) -> (Vec<Envelope<M>>, Vec<Envelope<M>>) {
-        let out = {
-            let mut st = lock(&self.state);
-            st.closed = true;
-            let carried = st.queue.drain(..).collect();
-            let parked = st.parked.take().map(|p| p.msgs.into()).unwrap_or_default();
-            (carried, parked)
-        };
+        let out = lock(&self.state).discard_all();
         self.ready.notify_one();
         self.space.notify_waiters();
         out
     }
 
-    /// Returns once the receive window of `from` can hold another early message (or the
-    /// mailbox closed or moved). Woken like [`wait_room`](Self::wait_room), by pops.
-    pub async fn wait_window(&self, from: ServiceId) {
+    /// Returns once `ok` holds of the inbox; woken by pops (and by moves and closes).
+    async fn wait_until(&self, ok: impl Fn(&Inbox<Envelope<M>>) -> bool) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.space_waiters.fetch_add(1, Ordering::SeqCst);
-            let room = {
-                let st = lock(&self.state);
-                st.closed
-                    || st.moved.is_some()
-                    || st
-                        .windows
-                        .get(&from)
-                        .is_none_or(|w| w.held() < WINDOW_HELD_MAX)
-            };
+            let room = ok(&lock(&self.state));
             if !room {
                 notified.await;
             }
@@ -616,25 +256,15 @@ impl<M> Mailbox<M> {
         }
     }
 
-    /// Returns once the mailbox has room (or is closed).
+    /// Returns once the receive window of `from` can hold another early message (or the
+    /// mailbox closed or moved).
+    pub async fn wait_window(&self, from: ServiceId) {
+        self.wait_until(|st| st.window_has_room(from)).await
+    }
+
+    /// Returns once the mailbox has room (or is closed or moved).
     pub async fn wait_room(&self) {
-        loop {
-            let notified = self.space.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            self.space_waiters.fetch_add(1, Ordering::SeqCst);
-            let room = {
-                let st = lock(&self.state);
-                st.closed || st.depth() < self.capacity
-            };
-            if !room {
-                notified.await;
-            }
-            self.space_waiters.fetch_sub(1, Ordering::SeqCst);
-            if room {
-                return;
-            }
-        }
+        self.wait_until(|st| st.has_room()).await
     }
 
     /// Takes the oldest message. Senders waiting for room are woken once the queue is down to
@@ -647,41 +277,14 @@ impl<M> Mailbox<M> {
     /// [`pop`](Self::pop), and whether this pop left a confirmation to report where there
     /// was none (so the node must visit this mailbox on its next progress tick).
     pub fn pop_noting(&self) -> (Option<Envelope<M>>, bool) {
+        let (env, left) = lock(&self.state).pop();
         let mut newly_dirty = false;
-        let (env, left) = {
-            let mut st = lock(&self.state);
-            let env = st.queue.pop_front();
-            if let Some(Envelope {
-                from: Some(from),
-                seq,
-                origin,
-                ..
-            }) = &env
-            {
-                // The common case (the same sender as the last pop) touches only the cache.
-                match &mut st.recent {
-                    Some((f, h)) if *f == *from && h.origin == *origin => {
-                        h.seq = *seq;
-                        h.told = false;
-                    }
-                    _ => {
-                        let mark = Handled {
-                            seq: *seq,
-                            origin: origin.clone(),
-                            told: false,
-                        };
-                        if let Some((f, h)) = st.recent.replace((*from, mark)) {
-                            st.store_mark(f, h);
-                        }
-                    }
-                }
-                if !self.handled_dirty.load(Ordering::Relaxed) {
-                    self.handled_dirty.store(true, Ordering::Relaxed);
-                    newly_dirty = true;
-                }
-            }
-            (env, st.depth())
-        };
+        if env.as_ref().is_some_and(|e| e.from.is_some())
+            && !self.handled_dirty.load(Ordering::Relaxed)
+        {
+            self.handled_dirty.store(true, Ordering::Relaxed);
+            newly_dirty = true;
+        }
         if env.is_some()
             && left <= self.capacity / 2
             && self.space_waiters.load(Ordering::SeqCst) > 0
@@ -697,7 +300,7 @@ impl<M> Mailbox<M> {
     }
 
     pub fn is_closed(&self) -> bool {
-        lock(&self.state).closed
+        lock(&self.state).is_closed()
     }
 
     /// The senders whose progress changed since the last call: `(sender, last number taken,
@@ -706,61 +309,27 @@ impl<M> Mailbox<M> {
         if !self.handled_dirty.swap(false, Ordering::Relaxed) {
             return Vec::new();
         }
-        let mut st = lock(&self.state);
-        if let Some((f, h)) = st.recent.take() {
-            st.store_mark(f, h);
-        }
-        let mut out = std::mem::take(&mut st.handled_moved);
-        out.extend(
-            st.handled
-                .iter_mut()
-                .filter(|(_, h)| !h.told)
-                .map(|(from, h)| {
-                    h.told = true;
-                    (*from, h.seq, h.origin.clone())
-                }),
-        );
-        out
+        lock(&self.state).take_handled()
     }
 
-    /// The numbers of `from` up to `through` that have not arrived never will: the window
-    /// stops waiting for them and releases what waited behind them. Refused with [`NotNow`]
-    /// while the windows are in a snapshot or parked (frozen, moving, a copy not yet started).
+    /// See [`Inbox::skip_through`].
     pub fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow> {
-        let queued = {
-            let mut st = lock(&self.state);
-            if st.frozen || st.moved.is_some() || st.parked.is_some() || st.closed {
-                return Err(NotNow);
-            }
-            let released = st
-                .windows
-                .entry(from)
-                .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
-                .skip_through(through);
-            let queued = !released.is_empty();
-            st.release(released);
-            queued
-        };
-        if queued {
-            self.ready.notify_one();
-        }
-        Ok(())
+        self.with(|st| match st.skip_through(from, through) {
+            Ok(queued) => (Ok(()), queued),
+            Err(e) => (Err(e), false),
+        })
     }
 
     /// Closes the mailbox and returns what was still queued, oldest first.
     pub fn close(&self) -> Vec<Envelope<M>> {
-        let rest = {
-            let mut st = lock(&self.state);
-            st.closed = true;
-            st.queue.drain(..).collect()
-        };
+        let rest = lock(&self.state).close();
         self.ready.notify_one();
         self.space.notify_waiters();
         rest
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.state).queue.len()
+        lock(&self.state).len()
     }
 }
 
@@ -864,8 +433,9 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError>;
     /// Restored copy: the carried queue is complete.
     fn carried_complete(&self) -> Vec<Refusal>;
-    /// Consumes a number whose message could not be taken at all.
-    fn skip(&self, from: ServiceId, seq: u64);
+    /// Consumes a number whose message could not be taken at all; [`NotHere`] when the
+    /// service moved or stopped (the caller hands the skip on).
+    fn skip(&self, from: ServiceId, seq: u64) -> Result<(), NotHere>;
     /// See [`Mailbox::skip_through`].
     fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow>;
     /// See [`Mailbox::take_handled`].
@@ -905,8 +475,10 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         let msg: M = match rmp_serde::from_slice(bytes) {
             Ok(m) => m,
             Err(e) => {
+                // Moved or stopped: the sender, told of the refusal, skips it where the
+                // service is now.
                 if let Some(from) = meta.from {
-                    self.skip_number(from, meta.seq);
+                    let _ = self.skip_number(from, meta.seq);
                 }
                 return Err(DeliveryError::BadMessage {
                     id: self.id,
@@ -928,10 +500,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     ) -> (usize, Option<DeliveryError>) {
         let mode = if wait { Admit::Wait } else { Admit::Tell };
         let mut next = start;
-        let mut queued = false;
-        let stopped = {
-            let mut st = lock(&self.state);
-            loop {
+        let stopped = self.with(|st| {
+            let mut queued = false;
+            let stopped = loop {
                 if next == msgs.len() {
                     break None;
                 }
@@ -945,13 +516,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                     Ok(m) => m,
                     Err(e) => {
                         if let Some(from) = from {
-                            let released = st
-                                .windows
-                                .entry(from)
-                                .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
-                                .skip(seq);
-                            queued |= !released.is_empty();
-                            st.release(released);
+                            let _ = st.skip(from, seq);
                         }
                         break Some(DeliveryError::BadMessage {
                             id: self.id,
@@ -967,16 +532,14 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                     origin: Some(origin.clone()),
                     msg,
                 };
-                match self.admit(&mut st, env, mode) {
+                match st.admit(env, mode) {
                     Ok(q) => queued |= q,
                     Err((e, _)) => break Some(e),
                 }
                 next += 1;
-            }
-        };
-        if queued {
-            self.ready.notify_one();
-        }
+            };
+            (stopped, queued)
+        });
         (next, stopped)
     }
 
@@ -993,26 +556,22 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
             }
             Err(e) => {
                 if let Some(from) = msg.from {
-                    self.skip_number(from, msg.seq);
+                    let _ = self.skip_number(from, msg.seq);
                 }
                 return Err(e);
             }
         };
-        let queued = {
-            let mut st = lock(&self.state);
-            // A waiting sender's message waits like a direct one; one taken already is never
-            // refused for room; others may go past the capacity, up to twice it.
-            let mode = match hand {
-                crate::migrate::Hand::Wait => Admit::Wait,
-                crate::migrate::Hand::Accepted => Admit::Accepted,
-                crate::migrate::Hand::Tell => Admit::Forwarded,
-            };
-            self.admit(&mut st, env, mode).map_err(|(e, _)| e)?
+        // A waiting sender's message waits like a direct one; one taken already is never
+        // refused for room; others may go past the capacity, up to twice it.
+        let mode = match hand {
+            crate::migrate::Hand::Wait => Admit::Wait,
+            crate::migrate::Hand::Accepted => Admit::Accepted,
+            crate::migrate::Hand::Tell => Admit::Forwarded,
         };
-        if queued {
-            self.ready.notify_one();
-        }
-        Ok(())
+        self.with(|st| match st.admit(env, mode) {
+            Ok(queued) => (Ok(()), queued),
+            Err((e, _)) => (Err(e), false),
+        })
     }
 
     fn retire_encoded(&self, node: NodeName, epoch: u64) -> EncodedLeftovers {
@@ -1038,8 +597,8 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
             .collect()
     }
 
-    fn skip(&self, from: ServiceId, seq: u64) {
-        self.skip_number(from, seq);
+    fn skip(&self, from: ServiceId, seq: u64) -> Result<(), NotHere> {
+        self.skip_number(from, seq)
     }
 
     fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow> {

@@ -1575,7 +1575,9 @@ pub(crate) fn snapshot_frame(
                 }
             }
             for (sender, seq) in skipped {
-                slot.skip(sender, seq);
+                if slot.skip(sender, seq).is_err() {
+                    node.apply_skip(recv.id, sender, seq, false);
+                }
             }
         }
         Frame::SnapEnd => {
@@ -1692,14 +1694,7 @@ pub(crate) fn refuse_carried(
 
 /// A number refused on a service's former node.
 pub(crate) fn on_skipped(node: &Arc<NodeShared>, to: ServiceId, from: ServiceId, seq: u64) {
-    match node.slot(to) {
-        Some(slot) => slot.skip(from, seq),
-        None => {
-            if let Some((at, _)) = node.driver.tombstone(to) {
-                node.send_skips(to, &at, &[(from, seq)]);
-            }
-        }
-    }
+    node.apply_skip(to, from, seq, false);
 }
 
 /// A migration message on the control stream.

@@ -371,11 +371,21 @@ struct LocalService {
     addr: ServiceAddr,
 }
 
-type PendingAsk = (NodeName, Option<ServiceId>, oneshot::Sender<ReplyPayload>);
+/// One ask waiting: the node it was sent to, its target service, its waiter, and once its
+/// request is queued, the request's number `(sender, seq)` in the channel to the target.
+struct PendingAsk {
+    node: NodeName,
+    target: Option<ServiceId>,
+    tx: oneshot::Sender<ReplyPayload>,
+    numbered: Option<(ServiceId, u64)>,
+}
+
+/// A refused request's number: `(service, sender, seq)`, for its window to skip.
+pub(crate) type RefusedNumber = (ServiceId, ServiceId, u64);
 
 /// Asks waiting for replies, bounded.
 pub(crate) struct AskTable {
-    /// Per ask: the node it was sent to, its target service, and its waiter.
+    /// Per ask, what it waits on.
     pending: Mutex<HashMap<u64, PendingAsk>>,
     next: AtomicU64,
     max: usize,
@@ -403,8 +413,24 @@ impl AskTable {
             return Err(AskError::TooManyPending { max: self.max });
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        p.insert(id, (node, target, tx));
+        p.insert(
+            id,
+            PendingAsk {
+                node,
+                target,
+                tx,
+                numbered: None,
+            },
+        );
         Ok((id, rx))
+    }
+
+    /// Ask `ask`'s request was queued as number `seq` of `sender`: if it is refused on its
+    /// way, the target's window is told to skip that number.
+    pub fn numbered(&self, ask: u64, sender: ServiceId, seq: u64) {
+        if let Some(p) = lock(&self.pending).get_mut(&ask) {
+            p.numbered = Some((sender, seq));
+        }
     }
 
     /// The connection to `lost` is gone: every ask whose answer can only come from there (sent
@@ -418,19 +444,31 @@ impl AskTable {
         let mut p = lock(&self.pending);
         let before = p.len();
         // Dropping a waiter's sender is what tells it the node was lost.
-        p.retain(|_, (node, target, _)| {
-            let at = target.and_then(&location).unwrap_or_else(|| node.clone());
+        p.retain(|_, a| {
+            let at = a
+                .target
+                .and_then(&location)
+                .unwrap_or_else(|| a.node.clone());
             at != *lost
         });
         before - p.len()
     }
 
     /// Hands `payload` to the ask's waiter; false if no such ask is waiting (late or unknown).
-    pub fn complete(&self, ask: u64, payload: ReplyPayload) -> bool {
+    /// A refusal also returns the request's number, which no window is to wait for.
+    pub fn complete(&self, ask: u64, payload: ReplyPayload) -> (bool, Option<RefusedNumber>) {
         let entry = lock(&self.pending).remove(&ask);
         match entry {
-            Some((_, _, tx)) => tx.send(payload).is_ok(),
-            None => false,
+            Some(p) => {
+                let refused = match (&payload, p.target, p.numbered) {
+                    (ReplyPayload::Refused(_), Some(to), Some((from, seq))) => {
+                        Some((to, from, seq))
+                    }
+                    _ => None,
+                };
+                (p.tx.send(payload).is_ok(), refused)
+            }
+            None => (false, None),
         }
     }
 
@@ -771,23 +809,78 @@ impl NodeShared {
         }
     }
 
-    /// Tells node `to` which numbers for `id` were refused here, so its windows go on.
+    /// Tells node `to` which numbers for `id` were refused here, so its windows go on. On the
+    /// control stream: a skip carries no message, so it may overtake anything, and a data
+    /// stream held by a waiting delivery must not hold the skip that would free it.
     pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)]) {
         let Some(link) = self.peer(to) else {
+            if !skipped.is_empty() {
+                self.event("skip-lost", format!("to {to}: no link"));
+            }
             return;
         };
         for (from, seq) in skipped {
-            if let Err(e) = link.data.push(
-                &link.name,
-                &Frame::Skipped {
-                    to: id,
-                    from: *from,
-                    seq: *seq,
-                },
-            ) {
+            if let Err(e) = link.push_ctrl(&Frame::Skipped {
+                to: id,
+                from: *from,
+                seq: *seq,
+            }) {
                 self.event("skip-lost", format!("to {to}: {e}"));
             }
         }
+    }
+
+    /// Number `seq` of sender `from` (on this node) to service `to` was refused somewhere on
+    /// its way and will not come: the service's window, wherever it runs now, must not wait
+    /// for it. Sent where this node believes the service is: its channel or, when newer, the
+    /// directory.
+    pub fn skip_refused(&self, to: ServiceId, from: ServiceId, seq: u64) {
+        let chan = lock(&self.channels).get(&to).map(|c| c.location());
+        let known = self.driver.location(to);
+        let at = match (chan, known) {
+            (Some(c), Some(k)) => Some(if k.1 > c.1 { k.0 } else { c.0 }),
+            (c, k) => c.or(k).map(|(n, _)| n),
+        };
+        match at {
+            Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)]),
+            _ => self.apply_skip(to, from, seq, true),
+        }
+    }
+
+    /// A skip for service `to`: applied to its window here, or handed on to where its
+    /// tombstone says it went; with `directory`, where the directory says it is (only the
+    /// sender's node does that: tombstones point to newer epochs, so handing on by them
+    /// alone cannot loop).
+    pub fn apply_skip(&self, to: ServiceId, from: ServiceId, seq: u64, directory: bool) {
+        if let Some(slot) = self.slot(to) {
+            if slot.skip(from, seq).is_ok() {
+                return;
+            }
+        }
+        let next = self.driver.tombstone(to).map(|(at, _)| at).or_else(|| {
+            directory
+                .then(|| self.driver.location(to))
+                .flatten()
+                .map(|(at, _)| at)
+                .filter(|at| *at != self.name)
+        });
+        match next {
+            Some(at) => self.send_skips(to, &at, &[(from, seq)]),
+            None => self.event(
+                "skip-lost",
+                format!("number {seq} of {from} to {to}: the service is not known here"),
+            ),
+        }
+    }
+
+    /// Completes ask `ask` with `payload`; a refused request's number is skipped where the
+    /// service is. False if no such ask was waiting.
+    pub fn complete_ask(&self, ask: u64, payload: ReplyPayload) -> bool {
+        let (waiting, refused) = self.asks.complete(ask, payload);
+        if let Some((to, from, seq)) = refused {
+            self.skip_refused(to, from, seq);
+        }
+        waiting
     }
 
     /// Tells the sender of a message accepted earlier that it was not delivered after all.
@@ -826,6 +919,7 @@ impl NodeShared {
                         node: self.name.clone(),
                         reason: r.reason.to_string(),
                     });
+                    self.skip_refused(to, from, r.seq);
                 }
             }
         }
@@ -1140,10 +1234,7 @@ impl NodeShared {
         value: R,
     ) -> Result<(), DeliveryError> {
         if to.node == self.name {
-            if !self
-                .asks
-                .complete(to.ask, ReplyPayload::Local(Box::new(value)))
-            {
+            if !self.complete_ask(to.ask, ReplyPayload::Local(Box::new(value))) {
                 self.event("late-reply", format!("ask {} is no longer waiting", to.ask));
             }
             return Ok(());
@@ -1161,8 +1252,7 @@ impl NodeShared {
     /// Fails the ask behind `origin` with `reason`, wherever the asker is.
     fn refuse_ask(&self, origin: &AskOrigin, reason: DeliveryError) {
         if origin.node == self.name {
-            self.asks
-                .complete(origin.ask, ReplyPayload::Refused(reason));
+            self.complete_ask(origin.ask, ReplyPayload::Refused(reason));
         } else if let Some(link) = self.peer(&origin.node) {
             if let Err(e) = link.push_ctrl(&Frame::Reply {
                 ask: origin.ask,
@@ -2225,8 +2315,27 @@ mod tests {
             "a cancelled ask frees its place"
         );
         assert!(
-            !table.complete(a1, ReplyPayload::Failed("late".into())),
+            !table.complete(a1, ReplyPayload::Failed("late".into())).0,
             "a late reply finds nothing"
+        );
+    }
+
+    #[test]
+    fn a_refused_ask_gives_back_its_request_number() {
+        let table = AskTable::new(4);
+        let (to, from) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(2, 1));
+        let node = NodeName::new("b");
+        let (a1, _r1) = table.open(node.clone(), Some(to)).unwrap();
+        let (a2, _r2) = table.open(node, Some(to)).unwrap();
+        table.numbered(a1, from, 7);
+        table.numbered(a2, from, 8);
+        let refused = ReplyPayload::Refused(DeliveryError::Stopped { id: to });
+        assert_eq!(table.complete(a1, refused), (true, Some((to, from, 7))));
+        let answered = ReplyPayload::Bytes(vec![]);
+        assert_eq!(
+            table.complete(a2, answered),
+            (true, None),
+            "an answered request was taken"
         );
     }
 

@@ -1186,7 +1186,7 @@ fn handle_frame(
                 }
             }
         }
-        (StreamKind::Data, Frame::Skipped { to, from, seq }) => {
+        (_, Frame::Skipped { to, from, seq }) => {
             crate::migrate::on_skipped(node, to, from, seq);
         }
         (StreamKind::Data, Frame::Fence { service, epoch }) => {
@@ -1214,7 +1214,7 @@ fn handle_frame(
             crate::migrate::on_control(node, link, msg);
         }
         (_, Frame::Reply { ask, result }) => {
-            if !node.asks.complete(ask, reply_from_wire(result)) {
+            if !node.complete_ask(ask, reply_from_wire(result)) {
                 node.event(
                     "late-reply",
                     format!("from {}: ask {ask} is no longer waiting", link.name),
@@ -1246,6 +1246,8 @@ fn handle_frame(
                     node: link.name.clone(),
                     reason: reason.to_string(),
                 });
+                // Wherever it was refused, its number must not hold up the live window.
+                node.skip_refused(to, from, seq);
             }
         }
         (StreamKind::Control, Frame::BookSync { edges }) => {

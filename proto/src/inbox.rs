@@ -1,0 +1,809 @@
+//! One service's inbox, as data: the admission rules of the data plane.
+//!
+//! An [`Inbox`] is the state behind a service's mailbox: the queue, one receive
+//! [`Window`] per numbered sender, the parking of a restored copy until it may run, the freeze
+//! and hand-over of a migration, and the handled marks that feed the senders' delivery ledgers.
+//! It has no lock, no clock and no waker: the node wraps it in a mutex and wakes its runner and
+//! its waiting senders from what the methods return; the simulation drives the same code.
+//!
+//! The rule that keeps channels alive: **every number is taken, skipped or handed on**. A
+//! number this inbox refuses (a full mailbox, a full window, a message it cannot decode) is
+//! consumed here, and when the windows are in a snapshot (frozen) it is also remembered, so the
+//! copy restored from that snapshot learns it with the leftovers.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::error::DeliveryError;
+use crate::ids::{NodeName, ServiceId};
+use crate::seq::{Offer, Watermark, Window};
+
+/// Early messages held per sender window.
+pub const WINDOW_HELD_MAX: usize = 4096;
+/// Arrivals parked at a restored copy before it starts.
+pub const PARKED_MAX: usize = 65_536;
+/// Replaced handled marks kept for telling; past this the oldest goes (its sender's node then
+/// keeps those messages outstanding until a later mark or a node loss declares them).
+pub const HANDLED_MOVED_MAX: usize = 1024;
+/// Numbers skipped while frozen, kept for the leftovers. A freeze lasts one snapshot; past
+/// this bound the oldest goes, and the sender's own skip (sent when it hears of the refusal)
+/// closes that number at the target.
+pub const FROZEN_SKIPS_MAX: usize = 65_536;
+
+/// What the inbox needs to know of a queued item.
+pub trait Numbered {
+    /// The numbered sender (`None`: an unnumbered message, such as a reply-less system one).
+    fn sender(&self) -> Option<ServiceId>;
+    /// Its number in that sender's channel.
+    fn seq(&self) -> u64;
+    /// The node it came from (`None`: this node).
+    fn origin(&self) -> Option<&NodeName>;
+}
+
+/// How a message comes to an inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// A sender that does not wait: a full mailbox refuses and consumes the number.
+    Tell,
+    /// A sender that waits for room: a full mailbox refuses, the number stays open.
+    Wait,
+    /// Accepted earlier (parked at a restored copy, a commit's leftovers): no capacity check.
+    Accepted,
+    /// Handed on by another node (a tombstone): its sender may have been told it was taken,
+    /// so it may go past the capacity, up to twice it.
+    Forwarded,
+}
+
+/// A declared gap could not be applied now (the inbox is frozen, moving or a restored copy
+/// not yet started); the node tries again.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotNow;
+
+/// A skip that this inbox cannot apply: it has moved or closed (the caller hands it on).
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotHere;
+
+/// What a window export of one sender holds: next number, early messages, skipped numbers.
+#[derive(Debug)]
+pub struct WindowExport<T> {
+    /// The sender.
+    pub from: ServiceId,
+    /// The next number expected.
+    pub next: u64,
+    /// Early messages, in number order.
+    pub early: Vec<T>,
+    /// Numbers ahead of `next` already skipped.
+    pub skipped: Vec<u64>,
+}
+
+/// What a commit hands on from the source: the arrivals since the snapshot, in order, then
+/// early messages and the numbers skipped since the snapshot or ahead in its windows.
+#[derive(Debug)]
+pub struct Leftovers<T> {
+    /// Arrivals since the snapshot, in order.
+    pub queue: Vec<T>,
+    /// Early messages still held.
+    pub early: Vec<T>,
+    /// `(sender, seq)` the target must not wait for.
+    pub skipped: Vec<(ServiceId, u64)>,
+}
+
+/// One sender's progress at a receiver, for its node's delivery ledger.
+#[derive(Debug)]
+struct Handled {
+    seq: u64,
+    origin: Option<NodeName>,
+    told: bool,
+}
+
+/// Arrivals at a restored copy before it may take them.
+#[derive(Debug)]
+struct Parked<T> {
+    msgs: VecDeque<T>,
+    /// Numbers refused while parked (the parking was full), skipped when the gate opens.
+    skips: Vec<(ServiceId, u64)>,
+    carried_done: bool,
+    started: bool,
+}
+
+/// A service's inbox. See the [module documentation](self).
+pub struct Inbox<T> {
+    id: ServiceId,
+    capacity: usize,
+    queue: VecDeque<T>,
+    closed: bool,
+    /// Set when the service has moved away: pushes are handed back with its new place.
+    moved: Option<(NodeName, u64)>,
+    /// Per numbered sender, the receive window: releases in order, holds early messages,
+    /// drops copies. Keyed by ids peers choose, hence a tree rather than a fast hash map.
+    windows: BTreeMap<ServiceId, Window<T>>,
+    /// Some while a restored copy waits for the rest of its carried queue and its start:
+    /// arrivals wait here, in arrival order, so none overtakes a carried message.
+    parked: Option<Parked<T>>,
+    /// Messages handed over in a snapshot not yet committed: they still count against the
+    /// capacity, so a freeze does not let a second mailbox-full in behind them.
+    handed_over: usize,
+    /// Messages held early in the windows (reported, not counted against the capacity).
+    early: usize,
+    /// Between the snapshot and the decision: the windows are exported.
+    frozen: bool,
+    /// Numbers consumed while frozen: the exported windows do not know them, so they go with
+    /// the leftovers.
+    frozen_skips: VecDeque<(ServiceId, u64)>,
+    /// Per numbered sender, the last number taken for handling and the node it came from
+    /// (`None`: this node), with whether that node has been told.
+    handled: BTreeMap<ServiceId, Handled>,
+    /// Marks not yet told that a newer mark from another node replaced (the sender moved):
+    /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
+    handled_moved: VecDeque<(ServiceId, u64, Option<NodeName>)>,
+    /// The last sender's mark, kept out of `handled` until another sender's message is taken.
+    recent: Option<(ServiceId, Handled)>,
+    /// Copies dropped by the windows.
+    duplicates: u64,
+    /// Set when a skip released messages (see [`Inbox::take_released`]).
+    released: bool,
+}
+
+impl<T: Numbered> Inbox<T> {
+    /// An empty inbox for service `id` taking at most `capacity` queued messages.
+    pub fn new(id: ServiceId, capacity: usize) -> Self {
+        assert!(capacity > 0, "mailbox capacity must be positive");
+        Inbox {
+            id,
+            capacity,
+            queue: VecDeque::new(),
+            closed: false,
+            moved: None,
+            windows: BTreeMap::new(),
+            parked: None,
+            handed_over: 0,
+            early: 0,
+            frozen: false,
+            frozen_skips: VecDeque::new(),
+            handled: BTreeMap::new(),
+            handled_moved: VecDeque::new(),
+            recent: None,
+            duplicates: 0,
+            released: false,
+        }
+    }
+
+    /// The inbox of a restored copy: windows from the snapshot, arrivals parked until
+    /// [`carried_done`](Self::carried_done) and [`start`](Self::start) both happened.
+    pub fn restored(id: ServiceId, capacity: usize, windows: Vec<WindowExport<T>>) -> Self {
+        let mut inbox = Self::new(id, capacity);
+        for w in windows {
+            let mut win = Window::from_watermark(Watermark(w.next.max(1)), WINDOW_HELD_MAX);
+            for item in w.early {
+                let seq = item.seq();
+                let _ = win.offer(seq, item);
+            }
+            for seq in w.skipped {
+                let _ = win.skip(seq);
+            }
+            inbox.early += win.held();
+            inbox.windows.insert(w.from, win);
+        }
+        inbox.parked = Some(Parked {
+            msgs: VecDeque::new(),
+            skips: Vec::new(),
+            carried_done: false,
+            started: false,
+        });
+        inbox
+    }
+
+    /// The service this inbox belongs to.
+    pub fn id(&self) -> ServiceId {
+        self.id
+    }
+
+    /// Its capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Messages waiting: queued, handed over in an undecided snapshot, and parked.
+    pub fn depth(&self) -> usize {
+        self.queue.len() + self.handed_over + self.parked.as_ref().map_or(0, |p| p.msgs.len())
+    }
+
+    /// Messages queued for the runner.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True when nothing is queued for the runner.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Messages held early in the windows.
+    pub fn early(&self) -> usize {
+        self.early
+    }
+
+    /// Copies the windows dropped so far.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// True once closed (stopped, discarded).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// True once the service moved away.
+    pub fn has_moved(&self) -> bool {
+        self.moved.is_some()
+    }
+
+    /// True while arrivals are parked (a restored copy not yet started or not yet complete).
+    pub fn is_gated(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// The next number expected from `from` (1 for a sender never seen).
+    pub fn watermark(&self, from: ServiceId) -> u64 {
+        self.windows.get(&from).map_or(1, |w| w.watermark().0)
+    }
+
+    /// True when a sender waiting for room should try again: there is room, or it never will
+    /// come here (closed, moved).
+    pub fn has_room(&self) -> bool {
+        self.closed || self.moved.is_some() || self.depth() < self.capacity
+    }
+
+    /// True when a sender waiting on `from`'s window should try again.
+    pub fn window_has_room(&self, from: ServiceId) -> bool {
+        self.closed
+            || self.moved.is_some()
+            || self
+                .windows
+                .get(&from)
+                .is_none_or(|w| w.held() < WINDOW_HELD_MAX)
+    }
+
+    fn full(&self) -> DeliveryError {
+        DeliveryError::MailboxFull {
+            id: self.id,
+            capacity: self.capacity,
+        }
+    }
+
+    fn is_full(&self, mode: Admit) -> bool {
+        let depth = self.depth();
+        match mode {
+            Admit::Accepted => false,
+            Admit::Forwarded => depth >= 2 * self.capacity,
+            Admit::Tell | Admit::Wait => depth >= self.capacity,
+        }
+    }
+
+    /// Consumes number `seq` of `from` in its window, remembering it while frozen. True when
+    /// that released messages to the queue.
+    fn consume(&mut self, from: ServiceId, seq: u64) -> bool {
+        let w = self
+            .windows
+            .entry(from)
+            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
+        if seq < w.watermark().0 {
+            return false;
+        }
+        if seq > w.watermark().0 && w.held() >= 2 * WINDOW_HELD_MAX {
+            // Only a sender's refused numbers are skipped, one per message it sent: this many
+            // ahead of a gap is not a sender's doing. Leave the window as it is.
+            return false;
+        }
+        let released = w.skip(seq);
+        if self.frozen {
+            if self.frozen_skips.len() >= FROZEN_SKIPS_MAX {
+                self.frozen_skips.pop_front();
+            }
+            self.frozen_skips.push_back((from, seq));
+        }
+        self.release(released)
+    }
+
+    /// Queues messages a window released after a gap closed or a number was skipped.
+    fn release(&mut self, items: Vec<T>) -> bool {
+        let queued = !items.is_empty();
+        self.early = self.early.saturating_sub(items.len());
+        self.queue.extend(items);
+        self.released |= queued;
+        queued
+    }
+
+    /// True when a refusal or a skip released held messages to the queue since the last call:
+    /// the runner is to be woken although nothing was admitted.
+    pub fn take_released(&mut self) -> bool {
+        std::mem::take(&mut self.released)
+    }
+
+    /// The admission rules. `Ok(true)` when something was queued for the runner; on refusal
+    /// the item comes back with the reason. A numbered message goes through its sender's
+    /// window: a copy is dropped (and counts as taken), an early one is held. A refused number
+    /// is consumed unless the sender waits ([`Admit::Wait`]).
+    // The item comes back by value on refusal so that it is never lost; boxing it would
+    // allocate on the path that is already under pressure.
+    #[allow(clippy::result_large_err)]
+    pub fn admit(&mut self, item: T, mode: Admit) -> Result<bool, (DeliveryError, T)> {
+        if self.closed {
+            return Err((DeliveryError::Stopped { id: self.id }, item));
+        }
+        if let Some((node, epoch)) = &self.moved {
+            return Err((
+                DeliveryError::Moved {
+                    id: self.id,
+                    node: node.clone(),
+                    epoch: *epoch,
+                },
+                item,
+            ));
+        }
+        let full = self.is_full(mode);
+        if let Some(p) = self.parked.as_mut() {
+            // Parked arrivals count against the capacity like queued ones.
+            if full || p.msgs.len() >= PARKED_MAX {
+                if let (Some(from), Admit::Tell | Admit::Forwarded) = (item.sender(), mode) {
+                    if p.skips.len() < PARKED_MAX {
+                        p.skips.push((from, item.seq()));
+                    }
+                }
+                return Err((self.full(), item));
+            }
+            p.msgs.push_back(item);
+            return Ok(false);
+        }
+        let Some(from) = item.sender() else {
+            if full {
+                return Err((self.full(), item));
+            }
+            self.queue.push_back(item);
+            return Ok(true);
+        };
+        let seq = item.seq();
+        let w = self
+            .windows
+            .entry(from)
+            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
+        if seq < w.watermark().0 {
+            self.duplicates += 1;
+            return Ok(false);
+        }
+        // Early messages are bounded by the window, not the capacity: they wait on a message
+        // that comes another way, and must never hold up the stream that brings it.
+        if full && seq == w.watermark().0 {
+            // Only a waiting sender keeps its number open (it tries again). What the skip
+            // releases is queued; see [`take_released`](Self::take_released).
+            if mode != Admit::Wait {
+                self.consume(from, seq);
+            }
+            return Err((self.full(), item));
+        }
+        if w.take_in_order(seq) {
+            self.queue.push_back(item);
+            return Ok(true);
+        }
+        // Messages taken once already are never refused: their count is bounded where they
+        // were taken (a mailbox's capacity, its parking).
+        match w.offer_bounded(seq, item, mode != Admit::Accepted) {
+            Offer::Release(items) => {
+                // All but the offered one were held early.
+                self.early = self.early.saturating_sub(items.len() - 1);
+                self.queue.extend(items);
+                Ok(true)
+            }
+            Offer::Held => {
+                self.early += 1;
+                Ok(false)
+            }
+            Offer::Duplicate => {
+                self.duplicates += 1;
+                Ok(false)
+            }
+            Offer::Full(item) if mode == Admit::Wait => {
+                // A waiting sender far ahead of a gap waits for it to close, number kept.
+                Err((
+                    DeliveryError::WindowFull {
+                        id: self.id,
+                        held_max: WINDOW_HELD_MAX,
+                    },
+                    item,
+                ))
+            }
+            Offer::Full(item) => {
+                self.consume(from, seq);
+                Err((
+                    DeliveryError::WindowFull {
+                        id: self.id,
+                        held_max: WINDOW_HELD_MAX,
+                    },
+                    item,
+                ))
+            }
+        }
+    }
+
+    /// Consumes number `seq` of `from` without a message (it was refused or could not be
+    /// decoded, here or on its way). `Ok(true)` when that released messages to the queue;
+    /// [`NotHere`] when the service moved or stopped (the caller hands the skip on).
+    pub fn skip(&mut self, from: ServiceId, seq: u64) -> Result<bool, NotHere> {
+        if self.closed || self.moved.is_some() {
+            return Err(NotHere);
+        }
+        if let Some(p) = self.parked.as_mut() {
+            if p.skips.len() < PARKED_MAX {
+                p.skips.push((from, seq));
+            }
+            return Ok(false);
+        }
+        Ok(self.consume(from, seq))
+    }
+
+    /// The numbers of `from` up to `through` that have not arrived never will: the window
+    /// stops waiting for them and releases what waited behind them. `Ok(true)` when that
+    /// queued something. Refused with [`NotNow`] while the windows are in a snapshot or parked
+    /// (frozen, moving, a copy not yet started).
+    pub fn skip_through(&mut self, from: ServiceId, through: u64) -> Result<bool, NotNow> {
+        if self.frozen || self.moved.is_some() || self.parked.is_some() || self.closed {
+            return Err(NotNow);
+        }
+        let released = self
+            .windows
+            .entry(from)
+            .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
+            .skip_through(through);
+        Ok(self.release(released))
+    }
+
+    /// Freeze, source side: takes the queue and exports the windows (early messages encoded by
+    /// `encode`, and left in place: they are handed on again at commit, as copies).
+    pub fn take_for_snapshot<U>(
+        &mut self,
+        encode: impl Fn(&T) -> U,
+    ) -> (VecDeque<T>, Vec<WindowExport<U>>) {
+        let queue = std::mem::take(&mut self.queue);
+        self.handed_over = queue.len();
+        self.frozen = true;
+        self.frozen_skips.clear();
+        let windows = self
+            .windows
+            .iter()
+            .map(|(from, w)| WindowExport {
+                from: *from,
+                next: w.watermark().0,
+                early: w.held_items().map(&encode).collect(),
+                skipped: w.skipped_ahead().collect(),
+            })
+            .collect();
+        (queue, windows)
+    }
+
+    /// Abort, source side: the queue handed over goes back in front of what arrived meanwhile.
+    pub fn put_back(&mut self, mut queue: VecDeque<T>) {
+        self.handed_over = 0;
+        self.frozen = false;
+        self.frozen_skips.clear();
+        queue.append(&mut self.queue);
+        self.queue = queue;
+    }
+
+    /// Commit, source side: from now on pushes are handed back with the new place; returns
+    /// what must follow the snapshot to the target.
+    pub fn retire(&mut self, node: NodeName, epoch: u64) -> Leftovers<T> {
+        self.moved = Some((node, epoch));
+        self.handed_over = 0;
+        self.early = 0;
+        self.frozen = false;
+        let queue: Vec<T> = self.queue.drain(..).collect();
+        let mut early = Vec::new();
+        let mut skipped: Vec<(ServiceId, u64)> = self.frozen_skips.drain(..).collect();
+        for (from, w) in std::mem::take(&mut self.windows) {
+            skipped.extend(w.skipped_ahead().map(|seq| (from, seq)));
+            early.extend(w.into_held_items());
+        }
+        Leftovers {
+            queue,
+            early,
+            skipped,
+        }
+    }
+
+    /// Restored copy: a carried message, already released by the source's windows.
+    pub fn push_carried(&mut self, item: T) {
+        self.queue.push_back(item);
+    }
+
+    /// Restored copy: the carried queue is complete. Returns parked arrivals the windows
+    /// refused when the gate opened, for their senders to be told, and whether the gate opened.
+    #[allow(clippy::type_complexity)]
+    pub fn carried_done(&mut self) -> (Vec<(DeliveryError, T)>, bool) {
+        self.open_gate(|p| p.carried_done = true)
+    }
+
+    /// Restored copy: it may run. Returns as [`carried_done`](Self::carried_done).
+    #[allow(clippy::type_complexity)]
+    pub fn start(&mut self) -> (Vec<(DeliveryError, T)>, bool) {
+        self.open_gate(|p| p.started = true)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn open_gate(&mut self, mark: impl FnOnce(&mut Parked<T>)) -> (Vec<(DeliveryError, T)>, bool) {
+        let mut refused = Vec::new();
+        let Some(p) = self.parked.as_mut() else {
+            return (refused, false);
+        };
+        mark(p);
+        if !(p.carried_done && p.started) {
+            return (refused, false);
+        }
+        let Some(p) = self.parked.take() else {
+            return (refused, false);
+        };
+        for (from, seq) in p.skips {
+            self.consume(from, seq);
+        }
+        for item in p.msgs {
+            // Accepted already: through the windows, past the capacity check.
+            if let Err(r) = self.admit(item, Admit::Accepted) {
+                refused.push(r);
+            }
+        }
+        (refused, true)
+    }
+
+    /// Orphaned or aborted copy: closes the inbox and returns its carried queue and parked
+    /// arrivals.
+    pub fn discard_all(&mut self) -> (Vec<T>, Vec<T>) {
+        self.closed = true;
+        let carried = self.queue.drain(..).collect();
+        let parked = self
+            .parked
+            .take()
+            .map(|p| p.msgs.into())
+            .unwrap_or_default();
+        (carried, parked)
+    }
+
+    /// Closes the inbox and returns what was still queued, oldest first.
+    pub fn close(&mut self) -> Vec<T> {
+        self.closed = true;
+        self.queue.drain(..).collect()
+    }
+
+    /// Takes the oldest message for handling and notes its sender's handled mark. Returns the
+    /// message and the depth left.
+    pub fn pop(&mut self) -> (Option<T>, usize) {
+        let item = self.queue.pop_front();
+        if let Some(it) = &item {
+            if let Some(from) = it.sender() {
+                let seq = it.seq();
+                // The common case (the same sender as the last pop) touches only the cache.
+                match &mut self.recent {
+                    Some((f, h)) if *f == from && h.origin.as_ref() == it.origin() => {
+                        h.seq = seq;
+                        h.told = false;
+                    }
+                    _ => {
+                        let mark = Handled {
+                            seq,
+                            origin: it.origin().cloned(),
+                            told: false,
+                        };
+                        if let Some((f, h)) = self.recent.replace((from, mark)) {
+                            self.store_mark(f, h);
+                        }
+                    }
+                }
+            }
+        }
+        (item, self.depth())
+    }
+
+    /// Files `from`'s newest mark; an unreported older one from another node is kept for
+    /// telling that node.
+    fn store_mark(&mut self, from: ServiceId, mark: Handled) {
+        match self.handled.get_mut(&from) {
+            Some(h) => {
+                let old = std::mem::replace(h, mark);
+                if !old.told && old.origin != h.origin {
+                    if self.handled_moved.len() >= HANDLED_MOVED_MAX {
+                        self.handled_moved.pop_front();
+                    }
+                    self.handled_moved.push_back((from, old.seq, old.origin));
+                }
+            }
+            None => {
+                self.handled.insert(from, mark);
+            }
+        }
+    }
+
+    /// The senders whose progress changed since the last call: `(sender, last number taken,
+    /// its node)`.
+    pub fn take_handled(&mut self) -> Vec<(ServiceId, u64, Option<NodeName>)> {
+        if let Some((f, h)) = self.recent.take() {
+            self.store_mark(f, h);
+        }
+        let mut out: Vec<_> = self.handled_moved.drain(..).collect();
+        out.extend(
+            self.handled
+                .iter_mut()
+                .filter(|(_, h)| !h.told)
+                .map(|(from, h)| {
+                    h.told = true;
+                    (*from, h.seq, h.origin.clone())
+                }),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Eq)]
+    struct Msg {
+        from: Option<ServiceId>,
+        seq: u64,
+    }
+
+    impl Numbered for Msg {
+        fn sender(&self) -> Option<ServiceId> {
+            self.from
+        }
+        fn seq(&self) -> u64 {
+            self.seq
+        }
+        fn origin(&self) -> Option<&NodeName> {
+            None
+        }
+    }
+
+    const ME: ServiceId = ServiceId::from_parts(0, 1);
+    const FROM: ServiceId = ServiceId::from_parts(7, 1);
+
+    fn m(seq: u64) -> Msg {
+        Msg {
+            from: Some(FROM),
+            seq,
+        }
+    }
+
+    fn pop_seqs(inbox: &mut Inbox<Msg>) -> Vec<u64> {
+        std::iter::from_fn(|| inbox.pop().0.map(|m| m.seq)).collect()
+    }
+
+    #[test]
+    fn a_tell_refused_for_room_consumes_its_number_a_waiting_one_does_not() {
+        let mut inbox = Inbox::new(ME, 1);
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        assert!(matches!(
+            inbox.admit(m(2), Admit::Wait),
+            Err((DeliveryError::MailboxFull { .. }, _))
+        ));
+        assert_eq!(
+            inbox.watermark(FROM),
+            2,
+            "a waiting sender keeps its number"
+        );
+        assert!(inbox.admit(m(2), Admit::Tell).is_err());
+        assert_eq!(
+            inbox.watermark(FROM),
+            3,
+            "a tell's refused number is consumed"
+        );
+        assert_eq!(pop_seqs(&mut inbox), vec![1]);
+        assert_eq!(inbox.admit(m(3), Admit::Tell), Ok(true));
+    }
+
+    /// A tell refused at the watermark while frozen consumes its number at the source; the
+    /// target restores the windows exported before, so the number must travel with the
+    /// leftovers or the target waits for it for ever.
+    #[test]
+    fn a_number_refused_during_a_freeze_travels_with_the_leftovers() {
+        let mut src = Inbox::new(ME, 2);
+        src.admit(m(1), Admit::Tell).unwrap();
+        src.admit(m(2), Admit::Tell).unwrap();
+        let (queue, windows) = src.take_for_snapshot(|x| m(x.seq));
+        assert_eq!((queue.len(), windows[0].next), (2, 3));
+        // Still full (the handed-over queue counts): refused, its number consumed here.
+        assert!(matches!(
+            src.admit(m(3), Admit::Tell),
+            Err((DeliveryError::MailboxFull { .. }, _))
+        ));
+        // A number refused on its way here, say.
+        assert_eq!(src.skip(FROM, 4), Ok(false));
+        let left = src.retire(NodeName::new("t"), 2);
+        assert!(left.queue.is_empty());
+        assert_eq!(left.skipped, vec![(FROM, 3), (FROM, 4)]);
+
+        let mut dst = Inbox::restored(ME, 3, windows);
+        for x in queue {
+            dst.push_carried(x);
+        }
+        assert_eq!(dst.admit(m(5), Admit::Tell), Ok(false), "parked");
+        assert!(!dst.carried_done().1);
+        let (refused, opened) = dst.start();
+        assert!(refused.is_empty() && opened);
+        for (f, seq) in left.skipped {
+            let _ = dst.skip(f, seq);
+        }
+        assert_eq!(
+            pop_seqs(&mut dst),
+            vec![1, 2, 5],
+            "5 is released once 3 and 4 are known skipped"
+        );
+    }
+
+    #[test]
+    fn an_abort_forgets_the_skips_of_the_freeze() {
+        let mut src = Inbox::new(ME, 1);
+        src.admit(m(1), Admit::Tell).unwrap();
+        let (queue, _) = src.take_for_snapshot(|x| x.seq);
+        assert!(src.admit(m(2), Admit::Tell).is_err());
+        src.put_back(queue);
+        let left = src.retire(NodeName::new("t"), 2);
+        assert_eq!(left.queue, vec![m(1)]);
+        assert!(
+            left.skipped.is_empty(),
+            "after an abort the windows are the source's again: they hold the skip"
+        );
+    }
+
+    #[test]
+    fn a_skip_while_parked_waits_for_the_gate_and_a_moved_inbox_hands_it_on() {
+        let mut dst = Inbox::restored(
+            ME,
+            4,
+            vec![WindowExport {
+                from: FROM,
+                next: 3,
+                early: vec![],
+                skipped: vec![],
+            }],
+        );
+        assert_eq!(dst.admit(m(4), Admit::Tell), Ok(false));
+        assert_eq!(dst.skip(FROM, 3), Ok(false));
+        dst.carried_done();
+        dst.start();
+        assert_eq!(pop_seqs(&mut dst), vec![4]);
+        let _ = dst.take_for_snapshot(|x| x.seq);
+        let _ = dst.retire(NodeName::new("u"), 3);
+        assert_eq!(dst.skip(FROM, 5), Err(NotHere));
+    }
+
+    #[test]
+    fn a_parked_refusal_of_a_forwarded_message_is_skipped_at_the_gate() {
+        let mut dst = Inbox::restored(
+            ME,
+            1,
+            vec![WindowExport {
+                from: FROM,
+                next: 1,
+                early: vec![],
+                skipped: vec![],
+            }],
+        );
+        assert_eq!(dst.admit(m(1), Admit::Tell), Ok(false));
+        assert!(
+            dst.admit(m(2), Admit::Forwarded).is_ok(),
+            "up to twice the capacity"
+        );
+        assert!(dst.admit(m(3), Admit::Forwarded).is_err());
+        dst.carried_done();
+        dst.start();
+        assert_eq!(dst.admit(m(4), Admit::Accepted), Ok(true));
+        assert_eq!(pop_seqs(&mut dst), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn skips_far_ahead_are_bounded() {
+        let mut inbox: Inbox<Msg> = Inbox::new(ME, 4);
+        for seq in 2..(2 + 3 * WINDOW_HELD_MAX as u64) {
+            let _ = inbox.skip(FROM, seq);
+        }
+        assert_eq!(inbox.windows[&FROM].held(), 2 * WINDOW_HELD_MAX);
+    }
+}
