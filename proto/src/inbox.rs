@@ -87,6 +87,17 @@ pub struct Leftovers<T> {
     pub skipped: Vec<(ServiceId, u64)>,
 }
 
+/// What a discarded copy held.
+#[derive(Debug)]
+pub struct Discarded<T> {
+    /// Its carried queue (the source still has it after an abort).
+    pub carried: Vec<T>,
+    /// Arrivals parked at it, in order.
+    pub parked: Vec<T>,
+    /// `(sender, seq)` skips that waited for its gate.
+    pub skips: Vec<(ServiceId, u64)>,
+}
+
 /// One sender's progress at a receiver, for its node's delivery ledger.
 #[derive(Debug)]
 struct Handled {
@@ -552,17 +563,21 @@ impl<T: Numbered> Inbox<T> {
         (refused, true)
     }
 
-    /// Orphaned or aborted copy: closes the inbox and returns its carried queue and parked
-    /// arrivals.
-    pub fn discard_all(&mut self) -> (Vec<T>, Vec<T>) {
+    /// Orphaned or aborted copy: closes the inbox and returns what it held: its carried
+    /// queue, its parked arrivals, and the skips that waited for its gate (they belong to
+    /// wherever the service runs instead).
+    pub fn discard_all(&mut self) -> Discarded<T> {
         self.closed = true;
         let carried = self.queue.drain(..).collect();
-        let parked = self
-            .parked
-            .take()
-            .map(|p| p.msgs.into())
-            .unwrap_or_default();
-        (carried, parked)
+        let (parked, skips) = match self.parked.take() {
+            Some(p) => (p.msgs.into(), p.skips),
+            None => (Vec::new(), Vec::new()),
+        };
+        Discarded {
+            carried,
+            parked,
+            skips,
+        }
     }
 
     /// Closes the inbox and returns what was still queued, oldest first.
@@ -637,6 +652,37 @@ impl<T: Numbered> Inbox<T> {
         );
         out
     }
+}
+
+/// Where a node sends the number it learned was refused (its own sender's), or a skip it
+/// received: the newest of what its channel and its directory say, as `(node, epoch)`.
+pub fn newest_location(
+    channel: Option<(NodeName, u64)>,
+    directory: Option<(NodeName, u64)>,
+) -> Option<NodeName> {
+    match (channel, directory) {
+        (Some(c), Some(d)) => Some(if d.1 > c.1 { d.0 } else { c.0 }),
+        (c, d) => c.or(d).map(|(n, _)| n),
+    }
+}
+
+/// Nodes a skip may be handed on by before it is dropped.
+pub const SKIP_HOPS_MAX: u8 = 8;
+
+/// Where a skip that the local inbox could not take (none here, or it moved) goes next, after
+/// `hops` nodes handed it on: the tombstone's node, else the directory's if it is not this
+/// one. A tombstone points to a newer epoch; a directory may be stale, and two stale ones may
+/// point at each other, hence the bound on hops. `None`: nowhere (dropped, with an event).
+pub fn skip_next_hop(
+    me: &NodeName,
+    tombstone: Option<NodeName>,
+    directory: Option<NodeName>,
+    hops: u8,
+) -> Option<NodeName> {
+    if hops >= SKIP_HOPS_MAX {
+        return None;
+    }
+    tombstone.or_else(|| directory.filter(|at| at != me))
 }
 
 #[cfg(test)]
@@ -796,6 +842,29 @@ mod tests {
         dst.start();
         assert_eq!(dst.admit(m(4), Admit::Accepted), Ok(true));
         assert_eq!(pop_seqs(&mut dst), vec![1, 2, 4]);
+    }
+
+    /// Found by the data-plane simulation: a skip that reached a prepared copy waited in its
+    /// parking, and the abort that discarded the copy dropped it; the source, running again,
+    /// waited for that number for ever.
+    #[test]
+    fn a_discarded_copy_gives_back_the_skips_it_parked() {
+        let mut dst = Inbox::restored(
+            ME,
+            4,
+            vec![WindowExport {
+                from: FROM,
+                next: 3,
+                early: vec![],
+                skipped: vec![],
+            }],
+        );
+        assert_eq!(dst.admit(m(4), Admit::Tell), Ok(false));
+        assert_eq!(dst.skip(FROM, 3), Ok(false));
+        let gone = dst.discard_all();
+        assert_eq!(gone.parked, vec![m(4)]);
+        assert_eq!(gone.skips, vec![(FROM, 3)]);
+        assert_eq!(dst.skip(FROM, 5), Err(NotHere));
     }
 
     #[test]

@@ -220,6 +220,8 @@ pub enum Frame<'a> {
         from: ServiceId,
         /// The refused number.
         seq: u64,
+        /// Nodes it has been handed on by (bounded by `inbox::SKIP_HOPS_MAX`).
+        hops: u8,
     },
     /// A migration protocol message (control stream).
     Mig(MigMsg),

@@ -226,7 +226,7 @@ enum Owned {
         Vec<u8>,
     ),
     Forward(ServiceId, NodeName, bool, bool, CarriedMsg),
-    Skipped(ServiceId, ServiceId, u64),
+    Skipped(ServiceId, ServiceId, u64, u8),
     Fence(ServiceId, u64),
     Handled(Vec<(ServiceId, ServiceId, u64)>),
     Gap(ServiceId, ServiceId, u64),
@@ -256,10 +256,11 @@ impl Owned {
                 accepted: *accepted,
                 msg: msg.clone(),
             },
-            Owned::Skipped(to, from, seq) => Frame::Skipped {
+            Owned::Skipped(to, from, seq, hops) => Frame::Skipped {
                 to: *to,
                 from: *from,
                 seq: *seq,
+                hops: *hops,
             },
             Owned::Fence(service, epoch) => Frame::Fence {
                 service: *service,
@@ -301,7 +302,8 @@ fn owned() -> impl Strategy<Value = Owned> {
             )),
         (service(), name(), any::<bool>(), any::<bool>(), carried())
             .prop_map(|(to, o, w, a, m)| Owned::Forward(to, o, w, a, m)),
-        (service(), service(), any::<u64>()).prop_map(|(t, f, s)| Owned::Skipped(t, f, s)),
+        (service(), service(), any::<u64>(), any::<u8>())
+            .prop_map(|(t, f, s, h)| Owned::Skipped(t, f, s, h)),
         (service(), any::<u64>()).prop_map(|(s, e)| Owned::Fence(s, e)),
         proptest::collection::vec((service(), service(), any::<u64>()), 0..8)
             .prop_map(Owned::Handled),

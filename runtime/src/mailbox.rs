@@ -17,7 +17,7 @@ use crate::error::DeliveryError;
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
 pub(crate) use tern_proto::inbox::NotHere;
 use tern_proto::inbox::{Admit, Inbox, Numbered};
-pub(crate) use tern_proto::inbox::{Leftovers, NotNow, WindowExport};
+pub(crate) use tern_proto::inbox::{Discarded, Leftovers, NotNow, WindowExport};
 use tern_proto::wire::CarriedMsg;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -224,14 +224,9 @@ impl<M> Mailbox<M> {
         lock(&self.state).is_gated()
     }
 
-    /// Aborted copy: closes the mailbox, drops the carried queue (the source still has it) and
-    /// returns the arrivals that were parked, to go on to the source.
-    pub fn discard(&self) -> Vec<Envelope<M>> {
-        self.discard_all().1
-    }
-
-    /// Orphaned copy: closes the mailbox and returns its carried queue and parked arrivals.
-    pub fn discard_all(&self) -> (Vec<Envelope<M>>, Vec<Envelope<M>>) {
+    /// Aborted or orphaned copy: closes the mailbox and returns its carried queue, its parked
+    /// arrivals and the skips that waited for its gate.
+    pub fn discard_all(&self) -> Discarded<Envelope<M>> {
         let out = lock(&self.state).discard_all();
         self.ready.notify_one();
         self.space.notify_waiters();

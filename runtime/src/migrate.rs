@@ -1328,7 +1328,7 @@ fn hand_on_link(node: &Arc<NodeShared>, service: ServiceId, to: &NodeName, left:
             refuse(node, service, refusal_of(&msg, e));
         }
     }
-    node.send_skips(service, to, &left.skipped);
+    node.send_skips(service, to, &left.skipped, 0);
 }
 
 /// A committed snapshot stream failed before the target acknowledged it: every carried
@@ -1576,7 +1576,7 @@ pub(crate) fn snapshot_frame(
             }
             for (sender, seq) in skipped {
                 if slot.skip(sender, seq).is_err() {
-                    node.apply_skip(recv.id, sender, seq, false);
+                    node.apply_skip(recv.id, sender, seq, 0);
                 }
             }
         }
@@ -1693,8 +1693,13 @@ pub(crate) fn refuse_carried(
 }
 
 /// A number refused on a service's former node.
-pub(crate) fn on_skipped(node: &Arc<NodeShared>, to: ServiceId, from: ServiceId, seq: u64) {
-    node.apply_skip(to, from, seq, false);
+pub(crate) fn on_skipped(
+    node: &Arc<NodeShared>,
+    to: ServiceId,
+    from: ServiceId,
+    (seq, hops): (u64, u8),
+) {
+    node.apply_skip(to, from, seq, hops);
 }
 
 /// A migration message on the control stream.

@@ -812,7 +812,7 @@ impl NodeShared {
     /// Tells node `to` which numbers for `id` were refused here, so its windows go on. On the
     /// control stream: a skip carries no message, so it may overtake anything, and a data
     /// stream held by a waiting delivery must not hold the skip that would free it.
-    pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)]) {
+    pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)], hops: u8) {
         let Some(link) = self.peer(to) else {
             if !skipped.is_empty() {
                 self.event("skip-lost", format!("to {to}: no link"));
@@ -824,6 +824,7 @@ impl NodeShared {
                 to: id,
                 from: *from,
                 seq: *seq,
+                hops,
             }) {
                 self.event("skip-lost", format!("to {to}: {e}"));
             }
@@ -836,39 +837,30 @@ impl NodeShared {
     /// directory.
     pub fn skip_refused(&self, to: ServiceId, from: ServiceId, seq: u64) {
         let chan = lock(&self.channels).get(&to).map(|c| c.location());
-        let known = self.driver.location(to);
-        let at = match (chan, known) {
-            (Some(c), Some(k)) => Some(if k.1 > c.1 { k.0 } else { c.0 }),
-            (c, k) => c.or(k).map(|(n, _)| n),
-        };
+        let at = tern_proto::inbox::newest_location(chan, self.driver.location(to));
         match at {
-            Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)]),
-            _ => self.apply_skip(to, from, seq, true),
+            Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)], 0),
+            _ => self.apply_skip(to, from, seq, 0),
         }
     }
 
-    /// A skip for service `to`: applied to its window here, or handed on to where its
-    /// tombstone says it went; with `directory`, where the directory says it is (only the
-    /// sender's node does that: tombstones point to newer epochs, so handing on by them
-    /// alone cannot loop).
-    pub fn apply_skip(&self, to: ServiceId, from: ServiceId, seq: u64, directory: bool) {
+    /// A skip for service `to`, handed on by `hops` nodes so far: applied to its window here,
+    /// or handed on to where its tombstone, else the directory, says it went
+    /// (`tern_proto::inbox::skip_next_hop`).
+    pub fn apply_skip(&self, to: ServiceId, from: ServiceId, seq: u64, hops: u8) {
         if let Some(slot) = self.slot(to) {
             if slot.skip(from, seq).is_ok() {
                 return;
             }
         }
-        let next = self.driver.tombstone(to).map(|(at, _)| at).or_else(|| {
-            directory
-                .then(|| self.driver.location(to))
-                .flatten()
-                .map(|(at, _)| at)
-                .filter(|at| *at != self.name)
-        });
+        let tomb = self.driver.tombstone(to).map(|(at, _)| at);
+        let known = self.driver.location(to).map(|(at, _)| at);
+        let next = tern_proto::inbox::skip_next_hop(&self.name, tomb, known, hops);
         match next {
-            Some(at) => self.send_skips(to, &at, &[(from, seq)]),
+            Some(at) => self.send_skips(to, &at, &[(from, seq)], hops.saturating_add(1)),
             None => self.event(
                 "skip-lost",
-                format!("number {seq} of {from} to {to}: the service is not known here"),
+                format!("number {seq} of {from} to {to}: not here, no tombstone or location, or {hops} hops"),
             ),
         }
     }

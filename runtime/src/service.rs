@@ -571,21 +571,26 @@ pub(crate) async fn run_restored<S: Service>(
                 serve(state, ctx, mailbox, Some(arrived)).await
             }
             Ok(Go::Discard) | Err(_) => {
-                let parked = mailbox.discard();
+                // The carried queue is still at the source; what arrived here goes there.
+                let gone = mailbox.discard_all();
                 ctx.node.forget_moved(id);
-                ctx.node.hand_on(id, &restored.source, parked);
+                ctx.node.hand_on(id, &restored.source, gone.parked);
+                ctx.node.send_skips(id, &restored.source, &gone.skips, 0);
             }
             Ok(Go::Orphan) => {
                 // Nobody else holds what the copy carried if the source committed and died;
                 // if it lives and aborted, it has them too. Either way their senders are told.
-                let (carried, parked) = mailbox.discard_all();
+                let gone = mailbox.discard_all();
                 ctx.node.forget_moved(id);
                 let reason = DeliveryError::ServiceLost {
                     id,
                     node: restored.source.clone(),
                 };
-                for env in carried.into_iter().chain(parked) {
+                for env in gone.carried.into_iter().chain(gone.parked) {
                     ctx.node.refuse_envelope(id, env.refusal(reason.clone()));
+                }
+                for (from, seq) in gone.skips {
+                    ctx.node.apply_skip(id, from, seq, 0);
                 }
             }
         }

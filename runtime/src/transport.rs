@@ -1186,8 +1186,16 @@ fn handle_frame(
                 }
             }
         }
-        (_, Frame::Skipped { to, from, seq }) => {
-            crate::migrate::on_skipped(node, to, from, seq);
+        (
+            _,
+            Frame::Skipped {
+                to,
+                from,
+                seq,
+                hops,
+            },
+        ) => {
+            crate::migrate::on_skipped(node, to, from, (seq, hops));
         }
         (StreamKind::Data, Frame::Fence { service, epoch }) => {
             node.driver.on_fence(node, &link.name, service, epoch);

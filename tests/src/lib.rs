@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod dataplane;
 pub mod faults;
 pub mod sim;
 

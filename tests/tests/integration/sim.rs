@@ -158,3 +158,54 @@ fn groups_with_crashes_never_make_two_instances() {
         reports.len()
     );
 }
+
+/// The data plane the node runs (`tern_proto::inbox::Inbox`), under moves, aborts, tiny
+/// mailboxes, tombstone eviction and reordering: every message handled once in order or
+/// reported, and every sender's channel delivers again once the moves stop.
+#[test]
+fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
+    use tern_harness::dataplane::{run as run_dp, DataPlaneConfig};
+    // The default weather, and a harsher one: four nodes, mailboxes of 2, no tombstones at
+    // all (every message to a stale address is refused), more waiting senders.
+    let harsh = DataPlaneConfig {
+        nodes: 4,
+        services: 3,
+        capacity: 2,
+        tombstones_max: 0,
+        wait: 0.3,
+        ..DataPlaneConfig::default()
+    };
+    let cfgs = [DataPlaneConfig::default(), harsh];
+    let one = |seed: u64| {
+        let cfg = &cfgs[(seed % 2) as usize];
+        run_dp(seed, cfg).unwrap_or_else(|e| {
+            panic!("{e}\nreplay with TERN_SIM_SEED={seed} cargo test -p tern-harness --test integration sim")
+        })
+    };
+    if let Some(seed) = std::env::var("TERN_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        one(seed);
+        return;
+    }
+    let reports: Vec<_> = (0..runs(2_000)).map(|i| one(0xda7a_0000 + i)).collect();
+    let total = |f: fn(&tern_harness::dataplane::DataPlaneReport) -> u64| -> u64 {
+        reports.iter().map(f).sum()
+    };
+    let (sent, handled, reported) = (
+        total(|r| r.sent),
+        total(|r| r.handled),
+        total(|r| r.reported),
+    );
+    let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
+    eprintln!(
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost",
+        reports.len(),
+        total(|r| r.skips_lost)
+    );
+    if reports.len() > 100 {
+        // The weather must have produced refusals, moves and aborts.
+        assert!(reported > 0 && committed > 0 && aborted > 0);
+    }
+}

@@ -1,0 +1,918 @@
+//! Deterministic simulation of the data plane the node runs: `tern_proto::inbox::Inbox`.
+//!
+//! Several nodes host services whose inboxes are the real `Inbox` (small capacities, so
+//! refusals are common). Senders on every node tell (and sometimes wait) numbered messages to
+//! every service while the services migrate at random: freeze and snapshot at the source
+//! (`take_for_snapshot`), a restored copy at the target that parks arrivals, commit with the
+//! leftovers (`retire`) or abort (`put_back` at the source, the parked arrivals sent back).
+//! Messages for a service that left go on by a bounded tombstone table (evicted at random);
+//! a node with neither refuses them. Every refusal goes back to the sender's node, which
+//! records it and sends a skip to where it believes the service is (`newest_location`,
+//! `skip_next_hop`: the same functions the node calls). The network delays and reorders
+//! everything (data is never lost: QUIC delivers it).
+//!
+//! Checked after every handled message: each is the next number from its sender that was not
+//! reported (FIFO, exactly once). Checked at the end, once every sender has sent a last message
+//! that waits for room (**liveness**): every sender's last message was handled, and every
+//! message sent was handled once or reported to its sender, never both.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use tern_proto::error::DeliveryError;
+use tern_proto::ids::{NodeName, ServiceId};
+use tern_proto::inbox::{newest_location, skip_next_hop, Admit, Inbox, Numbered, WindowExport};
+
+/// The size and weather of one run.
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// Nodes.
+    pub nodes: usize,
+    /// Services.
+    pub services: usize,
+    /// Messages each node's sender tells each service before its last one.
+    pub msgs_per_sender: u64,
+    /// Mailbox capacity of every service.
+    pub capacity: usize,
+    /// Migration attempts.
+    pub migrations: usize,
+    /// Probability an attempt is aborted after the target restored it.
+    pub abort: f64,
+    /// Tombstones a node keeps (the oldest goes first).
+    pub tombstones_max: usize,
+    /// Largest network delay; delays are uniform in 1..=max.
+    pub delay_max: u64,
+    /// Probability a tell is sent as a waiting one (kept when refused for room, tried again).
+    pub wait: f64,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            nodes: 3,
+            services: 2,
+            msgs_per_sender: 40,
+            capacity: 4,
+            migrations: 10,
+            abort: 0.2,
+            tombstones_max: 1,
+            delay_max: 12,
+            wait: 0.1,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataPlaneReport {
+    /// The seed.
+    pub seed: u64,
+    /// Messages sent (taken by a sender's channel).
+    pub sent: u64,
+    /// Messages handled.
+    pub handled: u64,
+    /// Messages reported refused to their senders.
+    pub reported: u64,
+    /// Migrations committed and aborted.
+    pub committed: u64,
+    /// Migrations aborted.
+    pub aborted: u64,
+    /// Skips that found nowhere to go.
+    pub skips_lost: u64,
+    /// Events processed.
+    pub events: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Msg {
+    from: ServiceId,
+    seq: u64,
+    origin: usize,
+}
+
+impl Numbered for Msg {
+    fn sender(&self) -> Option<ServiceId> {
+        Some(self.from)
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn origin(&self) -> Option<&NodeName> {
+        None
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 >= 1.0 - p
+    }
+}
+
+/// How a message travels between nodes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Tell,
+    Wait,
+    /// Handed on by a tombstone.
+    Forwarded,
+    /// Accepted once already (leftovers, parked arrivals of an aborted copy).
+    Accepted,
+}
+
+enum Net {
+    Deliver {
+        to: ServiceId,
+        msg: Msg,
+        mode: Mode,
+    },
+    Refused {
+        to: ServiceId,
+        from: ServiceId,
+        seq: u64,
+    },
+    Skip {
+        to: ServiceId,
+        from: ServiceId,
+        seq: u64,
+        hops: u8,
+    },
+    Located {
+        service: ServiceId,
+        node: usize,
+        epoch: u64,
+    },
+    Snapshot {
+        service: ServiceId,
+        attempt: u64,
+        epoch: u64,
+        log: Vec<(ServiceId, u64)>,
+        queue: Vec<Msg>,
+        windows: Vec<WindowExport<Msg>>,
+    },
+    Prepared {
+        service: ServiceId,
+        attempt: u64,
+    },
+    Commit {
+        service: ServiceId,
+        attempt: u64,
+        leftovers: Vec<Msg>,
+        skipped: Vec<(ServiceId, u64)>,
+    },
+    Abort {
+        service: ServiceId,
+        attempt: u64,
+    },
+}
+
+enum Event {
+    Net {
+        to: usize,
+        from: usize,
+        msg: Net,
+    },
+    Send {
+        node: usize,
+        service: ServiceId,
+        last: bool,
+    },
+    Handle {
+        node: usize,
+        service: ServiceId,
+    },
+    Migrate,
+}
+
+enum Phase {
+    Running,
+    /// Source: snapshot sent to the target.
+    Frozen {
+        to: usize,
+        attempt: u64,
+        queue: VecDeque<Msg>,
+    },
+    /// Target: restored, waiting for the decision of `attempt`.
+    Prepared {
+        attempt: u64,
+    },
+}
+
+struct Hosted {
+    inbox: Inbox<Msg>,
+    log: Vec<(ServiceId, u64)>,
+    epoch: u64,
+    phase: Phase,
+}
+
+struct Node {
+    hosted: BTreeMap<ServiceId, Hosted>,
+    tombs: VecDeque<(ServiceId, usize, u64)>,
+    directory: BTreeMap<ServiceId, (usize, u64)>,
+    /// This node's sender: its id and next number per service.
+    sender: ServiceId,
+    next_seq: BTreeMap<ServiceId, u64>,
+}
+
+struct Sim {
+    cfg: DataPlaneConfig,
+    rng: Rng,
+    now: u64,
+    order: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    nodes: Vec<Node>,
+    names: Vec<NodeName>,
+    services: Vec<ServiceId>,
+    /// Per (service, sender): numbers sent, handled, reported.
+    sent: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
+    handled: BTreeMap<(ServiceId, ServiceId), Vec<u64>>,
+    reported: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
+    last: BTreeMap<(ServiceId, ServiceId), u64>,
+    report: DataPlaneReport,
+    migrating: bool,
+    attempts: u64,
+}
+
+impl Sim {
+    fn at(&mut self, delay: u64, ev: Event) {
+        self.order += 1;
+        let idx = self.events.len();
+        self.events.push(Some(ev));
+        self.queue
+            .push(Reverse((self.now + delay, self.order, idx)));
+    }
+
+    fn net(&mut self, from: usize, to: usize, msg: Net) {
+        let d = 1 + self.rng.below(self.cfg.delay_max);
+        self.at(d, Event::Net { to, from, msg });
+    }
+
+    fn node_of(&self, name: &NodeName) -> usize {
+        self.names.iter().position(|n| n == name).unwrap_or(0)
+    }
+
+    fn tomb(&self, node: usize, service: ServiceId) -> Option<usize> {
+        self.nodes[node]
+            .tombs
+            .iter()
+            .rev()
+            .find(|(s, _, _)| *s == service)
+            .map(|(_, at, _)| *at)
+    }
+
+    /// A message for `to` could not be taken at `node`: its sender's node hears of it.
+    fn refuse(&mut self, node: usize, to: ServiceId, msg: &Msg) {
+        if msg.origin == node {
+            self.refused_here(node, to, msg.from, msg.seq);
+        } else {
+            self.net(
+                node,
+                msg.origin,
+                Net::Refused {
+                    to,
+                    from: msg.from,
+                    seq: msg.seq,
+                },
+            );
+        }
+    }
+
+    /// The sender's node records a refusal and closes the number where the service is.
+    fn refused_here(&mut self, node: usize, to: ServiceId, from: ServiceId, seq: u64) {
+        let key = (to, from);
+        let fresh = self.reported.entry(key).or_default().insert(seq);
+        assert!(
+            fresh,
+            "seed {}: {to}/{from} #{seq} reported twice",
+            self.report.seed
+        );
+        self.report.reported += 1;
+        let dir = self.nodes[node]
+            .directory
+            .get(&to)
+            .map(|(n, e)| (self.names[*n].clone(), *e));
+        match newest_location(None, dir) {
+            Some(at) if at != self.names[node] => {
+                let at = self.node_of(&at);
+                self.net(
+                    node,
+                    at,
+                    Net::Skip {
+                        to,
+                        from,
+                        seq,
+                        hops: 0,
+                    },
+                );
+            }
+            _ => self.apply_skip(node, to, from, seq, 0),
+        }
+    }
+
+    fn apply_skip(&mut self, node: usize, to: ServiceId, from: ServiceId, seq: u64, hops: u8) {
+        if let Some(h) = self.nodes[node].hosted.get_mut(&to) {
+            if h.inbox.skip(from, seq).is_ok() {
+                return;
+            }
+        }
+        let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
+        let known = self.nodes[node]
+            .directory
+            .get(&to)
+            .map(|(n, _)| self.names[*n].clone());
+        match skip_next_hop(&self.names[node], tomb, known, hops) {
+            Some(at) => {
+                let at = self.node_of(&at);
+                let hops = hops + 1;
+                self.net(
+                    node,
+                    at,
+                    Net::Skip {
+                        to,
+                        from,
+                        seq,
+                        hops,
+                    },
+                );
+            }
+            None => self.report.skips_lost += 1,
+        }
+    }
+
+    fn admit(&mut self, node: usize, to: ServiceId, msg: Msg, mode: Mode) {
+        let Some(h) = self.nodes[node].hosted.get_mut(&to) else {
+            return self.not_here(node, to, msg, mode);
+        };
+        let admit = match mode {
+            Mode::Tell => Admit::Tell,
+            Mode::Wait => Admit::Wait,
+            Mode::Forwarded => Admit::Forwarded,
+            Mode::Accepted => Admit::Accepted,
+        };
+        match h.inbox.admit(msg, admit) {
+            Ok(_) => {}
+            Err((DeliveryError::Moved { .. }, msg)) => self.not_here(node, to, msg, mode),
+            Err((DeliveryError::MailboxFull { .. } | DeliveryError::WindowFull { .. }, msg))
+                if mode == Mode::Wait =>
+            {
+                // The stream holds it and tries again when there is room.
+                let d = 1 + self.rng.below(4);
+                self.at(
+                    d,
+                    Event::Net {
+                        to: node,
+                        from: msg.origin,
+                        msg: Net::Deliver { to, msg, mode },
+                    },
+                );
+            }
+            Err((_, msg)) => self.refuse(node, to, &msg),
+        }
+    }
+
+    fn not_here(&mut self, node: usize, to: ServiceId, msg: Msg, mode: Mode) {
+        match self.tomb(node, to) {
+            Some(at) => {
+                let mode = match mode {
+                    Mode::Tell => Mode::Forwarded,
+                    m => m,
+                };
+                self.net(node, at, Net::Deliver { to, msg, mode });
+            }
+            None => self.refuse(node, to, &msg),
+        }
+    }
+
+    fn bury(&mut self, node: usize, service: ServiceId, at: usize, epoch: u64) {
+        let n = &mut self.nodes[node];
+        n.tombs.push_back((service, at, epoch));
+        while n.tombs.len() > self.cfg.tombstones_max {
+            n.tombs.pop_front();
+        }
+    }
+
+    fn learn(&mut self, node: usize, service: ServiceId, at: usize, epoch: u64) {
+        let d = self.nodes[node]
+            .directory
+            .entry(service)
+            .or_insert((at, epoch));
+        if epoch >= d.1 {
+            *d = (at, epoch);
+        }
+    }
+
+    fn on_net(&mut self, node: usize, from: usize, msg: Net) {
+        match msg {
+            Net::Deliver { to, msg, mode } => self.admit(node, to, msg, mode),
+            Net::Refused { to, from, seq } => self.refused_here(node, to, from, seq),
+            Net::Skip {
+                to,
+                from,
+                seq,
+                hops,
+            } => self.apply_skip(node, to, from, seq, hops),
+            Net::Located {
+                service,
+                node: at,
+                epoch,
+            } => self.learn(node, service, at, epoch),
+            Net::Snapshot {
+                service,
+                attempt,
+                epoch,
+                log,
+                queue,
+                windows,
+            } => {
+                // A copy of an earlier attempt whose abort is still on its way goes, as an
+                // abort would take it.
+                self.discard_copy(node, from, service, None);
+                let mut inbox = Inbox::restored(service, self.cfg.capacity, windows);
+                for m in queue {
+                    inbox.push_carried(m);
+                }
+                self.nodes[node].hosted.insert(
+                    service,
+                    Hosted {
+                        inbox,
+                        log,
+                        epoch,
+                        phase: Phase::Prepared { attempt },
+                    },
+                );
+                self.net(node, from, Net::Prepared { service, attempt });
+            }
+            Net::Prepared { service, attempt } => self.decide(node, service, attempt),
+            Net::Commit {
+                service,
+                attempt,
+                leftovers,
+                skipped,
+            } => {
+                let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+                    return;
+                };
+                if !matches!(h.phase, Phase::Prepared { attempt: a } if a == attempt) {
+                    return;
+                }
+                h.phase = Phase::Running;
+                let mut refused = Vec::new();
+                for m in leftovers {
+                    if let Err((_, m)) = h.inbox.admit(m, Admit::Accepted) {
+                        refused.push(m);
+                    }
+                }
+                for (f, seq) in skipped {
+                    let _ = h.inbox.skip(f, seq);
+                }
+                refused.extend(h.inbox.carried_done().0.into_iter().map(|(_, m)| m));
+                refused.extend(h.inbox.start().0.into_iter().map(|(_, m)| m));
+                let epoch = h.epoch;
+                for m in refused {
+                    self.refuse(node, service, &m);
+                }
+                self.learn(node, service, node, epoch);
+                self.at(1, Event::Handle { node, service });
+            }
+            Net::Abort { service, attempt } => {
+                self.discard_copy(node, from, service, Some(attempt));
+            }
+        }
+    }
+
+    /// Drops the prepared copy of `service` here (of `attempt` only, when given): its carried
+    /// queue is still at the source, its parked arrivals go back there.
+    fn discard_copy(
+        &mut self,
+        node: usize,
+        source: usize,
+        service: ServiceId,
+        attempt: Option<u64>,
+    ) {
+        let ours = self.nodes[node].hosted.get(&service).is_some_and(|h| {
+            matches!(h.phase, Phase::Prepared { attempt: a } if attempt.is_none_or(|want| want == a))
+        });
+        if !ours {
+            return;
+        }
+        let Some(mut h) = self.nodes[node].hosted.remove(&service) else {
+            return;
+        };
+        let gone = h.inbox.discard_all();
+        for (from, seq) in gone.skips {
+            self.net(
+                node,
+                source,
+                Net::Skip {
+                    to: service,
+                    from,
+                    seq,
+                    hops: 0,
+                },
+            );
+        }
+        for m in gone.parked {
+            self.net(
+                node,
+                source,
+                Net::Deliver {
+                    to: service,
+                    msg: m,
+                    mode: Mode::Accepted,
+                },
+            );
+        }
+    }
+
+    /// The source hears `Prepared`: commit, or abort at random.
+    fn decide(&mut self, node: usize, service: ServiceId, attempt: u64) {
+        let abort = self.rng.chance(self.cfg.abort);
+        let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+            return;
+        };
+        if !matches!(h.phase, Phase::Frozen { attempt: a, .. } if a == attempt) {
+            return;
+        }
+        let Phase::Frozen { to, queue, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            return;
+        };
+        self.migrating = false;
+        if abort {
+            h.inbox.put_back(queue);
+            self.report.aborted += 1;
+            self.net(node, to, Net::Abort { service, attempt });
+            self.at(1, Event::Handle { node, service });
+            return;
+        }
+        let epoch = h.epoch + 1;
+        let left = h.inbox.retire(self.names[to].clone(), epoch);
+        self.nodes[node].hosted.remove(&service);
+        self.report.committed += 1;
+        let leftovers = left.queue.into_iter().chain(left.early).collect();
+        self.net(
+            node,
+            to,
+            Net::Commit {
+                service,
+                attempt,
+                leftovers,
+                skipped: left.skipped,
+            },
+        );
+        self.bury(node, service, to, epoch);
+        self.learn(node, service, to, epoch);
+        for peer in 0..self.nodes.len() {
+            if peer != node {
+                self.net(
+                    node,
+                    peer,
+                    Net::Located {
+                        service,
+                        node: to,
+                        epoch,
+                    },
+                );
+            }
+        }
+    }
+
+    fn migrate(&mut self) {
+        if self.migrating {
+            return;
+        }
+        let service = self.services[self.rng.below(self.services.len() as u64) as usize];
+        let Some(node) = (0..self.nodes.len()).find(|n| {
+            self.nodes[*n]
+                .hosted
+                .get(&service)
+                .is_some_and(|h| matches!(h.phase, Phase::Running) && !h.inbox.is_gated())
+        }) else {
+            return;
+        };
+        let to =
+            (node + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize) % self.nodes.len();
+        let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+            return;
+        };
+        let (queue, windows) = h.inbox.take_for_snapshot(|m| m.clone());
+        self.attempts += 1;
+        let attempt = self.attempts;
+        let snap = Net::Snapshot {
+            service,
+            attempt,
+            epoch: h.epoch + 1,
+            log: h.log.clone(),
+            queue: queue.iter().cloned().collect(),
+            windows,
+        };
+        h.phase = Phase::Frozen { to, attempt, queue };
+        self.migrating = true;
+        self.net(node, to, snap);
+    }
+
+    fn send(&mut self, node: usize, service: ServiceId, last: bool) {
+        let wait = last || self.rng.chance(self.cfg.wait);
+        let from = self.nodes[node].sender;
+        let seq = self.nodes[node]
+            .next_seq
+            .get(&service)
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let msg = Msg {
+            from,
+            seq,
+            origin: node,
+        };
+        let here = self.nodes[node].hosted.get_mut(&service);
+        if let Some(h) = here.filter(|h| !h.inbox.has_moved()) {
+            // A local sender always waits for room; a number not queued is given back.
+            match h.inbox.admit(msg, Admit::Wait) {
+                Ok(_) => {}
+                Err(_) if last => {
+                    return self.at(
+                        2,
+                        Event::Send {
+                            node,
+                            service,
+                            last,
+                        },
+                    );
+                }
+                Err(_) => return,
+            }
+        } else {
+            let at = self.nodes[node]
+                .directory
+                .get(&service)
+                .map_or(0, |(n, _)| *n);
+            let mode = if wait { Mode::Wait } else { Mode::Tell };
+            if at == node {
+                // Stale directory: the service just left; its tombstone hands it on.
+                self.not_here(node, service, msg, mode);
+            } else {
+                self.net(
+                    node,
+                    at,
+                    Net::Deliver {
+                        to: service,
+                        msg,
+                        mode,
+                    },
+                );
+            }
+        }
+        self.nodes[node].next_seq.insert(service, seq);
+        self.sent.entry((service, from)).or_default().insert(seq);
+        self.report.sent += 1;
+        if last {
+            self.last.insert((service, from), seq);
+        }
+    }
+
+    fn handle(&mut self, node: usize, service: ServiceId) {
+        let seed = self.report.seed;
+        let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+            return;
+        };
+        if !matches!(h.phase, Phase::Running) || h.inbox.is_gated() {
+            return;
+        }
+        let (msg, _) = h.inbox.pop();
+        let Some(msg) = msg else {
+            return;
+        };
+        h.log.push((msg.from, msg.seq));
+        let more = !h.inbox.is_empty();
+        let key = (service, msg.from);
+        // In order, once: a refused number may be skipped here before its report reaches the
+        // sender's node, so the numbers between are checked at the end.
+        let prev = self
+            .handled
+            .get(&key)
+            .and_then(|v| v.last())
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            msg.seq > prev,
+            "seed {seed}: {service} handled #{} of {} after #{prev}",
+            msg.seq,
+            msg.from
+        );
+        self.handled.entry(key).or_default().push(msg.seq);
+        self.report.handled += 1;
+        if more {
+            self.at(1, Event::Handle { node, service });
+        }
+    }
+
+    fn run(mut self) -> Result<DataPlaneReport, String> {
+        let mut steps = 0u64;
+        while let Some(Reverse((t, _, idx))) = self.queue.pop() {
+            self.now = t;
+            steps += 1;
+            if steps > 5_000_000 {
+                return Err(format!("seed {}: no quiescence", self.report.seed));
+            }
+            let Some(ev) = self.events[idx].take() else {
+                continue;
+            };
+            match ev {
+                Event::Net { to, from, msg } => {
+                    let service = match &msg {
+                        Net::Deliver { to: s, .. }
+                        | Net::Skip { to: s, .. }
+                        | Net::Commit { service: s, .. } => Some(*s),
+                        _ => None,
+                    };
+                    self.on_net(to, from, msg);
+                    if let Some(s) = service {
+                        self.at(
+                            1,
+                            Event::Handle {
+                                node: to,
+                                service: s,
+                            },
+                        );
+                    }
+                }
+                Event::Send {
+                    node,
+                    service,
+                    last,
+                } => {
+                    self.send(node, service, last);
+                    let (d, host) = (1 + self.rng.below(3), self.host_of(service));
+                    self.at(
+                        d,
+                        Event::Handle {
+                            node: host,
+                            service,
+                        },
+                    );
+                }
+                Event::Handle { node, service } => self.handle(node, service),
+                Event::Migrate => self.migrate(),
+            }
+        }
+        self.report.events = steps;
+        self.check()?;
+        Ok(self.report)
+    }
+
+    fn host_of(&self, service: ServiceId) -> usize {
+        (0..self.nodes.len())
+            .find(|n| self.nodes[*n].hosted.contains_key(&service))
+            .unwrap_or(0)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let seed = self.report.seed;
+        for (key, sent) in &self.sent {
+            let handled: BTreeSet<u64> = self
+                .handled
+                .get(key)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default();
+            let empty = BTreeSet::new();
+            let reported = self.reported.get(key).unwrap_or(&empty);
+            if let Some(both) = handled.intersection(reported).next() {
+                return Err(format!("seed {seed}: {key:?} #{both} handled and reported"));
+            }
+            if let Some(missing) = sent
+                .iter()
+                .find(|s| !handled.contains(s) && !reported.contains(s))
+            {
+                let held: Vec<_> = self
+                    .nodes
+                    .iter()
+                    .flat_map(|n| n.hosted.get(&key.0))
+                    .map(|h| {
+                        (
+                            h.inbox.watermark(key.1),
+                            h.inbox.early(),
+                            h.inbox.is_gated(),
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "seed {seed}: {key:?} #{missing} neither handled nor reported ({} sent, {} handled, {} reported; live inbox (watermark, early, gated): {held:?}; skips lost {})",
+                    sent.len(), handled.len(), reported.len(), self.report.skips_lost
+                ));
+            }
+            if let Some(last) = self.last.get(key) {
+                if !handled.contains(last) {
+                    return Err(format!("seed {seed}: {key:?} last message #{last} not handled: the channel is dead"));
+                }
+            }
+        }
+        let live: usize = self
+            .services
+            .iter()
+            .filter(|s| self.nodes.iter().any(|n| n.hosted.contains_key(s)))
+            .count();
+        if live != self.services.len() {
+            return Err(format!("seed {seed}: a service runs nowhere"));
+        }
+        Ok(())
+    }
+}
+
+/// One run from `seed`.
+pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> {
+    assert!(cfg.nodes >= 2 && cfg.services >= 1 && cfg.capacity >= 1);
+    let names: Vec<NodeName> = (0..cfg.nodes)
+        .map(|i| NodeName::new(&format!("n{i}")))
+        .collect();
+    let services: Vec<ServiceId> = (0..cfg.services as u64)
+        .map(|i| ServiceId::from_parts(1000, i + 1))
+        .collect();
+    let mut nodes: Vec<Node> = (0..cfg.nodes)
+        .map(|i| Node {
+            hosted: BTreeMap::new(),
+            tombs: VecDeque::new(),
+            directory: BTreeMap::new(),
+            sender: ServiceId::from_parts(i as u64 + 1, 1),
+            next_seq: BTreeMap::new(),
+        })
+        .collect();
+    for (k, s) in services.iter().enumerate() {
+        let home = k % cfg.nodes;
+        nodes[home].hosted.insert(
+            *s,
+            Hosted {
+                inbox: Inbox::new(*s, cfg.capacity),
+                log: Vec::new(),
+                epoch: 0,
+                phase: Phase::Running,
+            },
+        );
+        for n in nodes.iter_mut() {
+            n.directory.insert(*s, (home, 0));
+        }
+    }
+    let mut sim = Sim {
+        cfg: cfg.clone(),
+        rng: Rng(seed),
+        now: 0,
+        order: 0,
+        queue: BinaryHeap::new(),
+        events: Vec::new(),
+        nodes,
+        names,
+        services: services.clone(),
+        sent: BTreeMap::new(),
+        handled: BTreeMap::new(),
+        reported: BTreeMap::new(),
+        last: BTreeMap::new(),
+        report: DataPlaneReport {
+            seed,
+            ..Default::default()
+        },
+        migrating: false,
+        attempts: 0,
+    };
+    let span = cfg.msgs_per_sender * 2;
+    for node in 0..cfg.nodes {
+        for s in &services {
+            for _ in 0..cfg.msgs_per_sender {
+                let t = sim.rng.below(span);
+                sim.at(
+                    t,
+                    Event::Send {
+                        node,
+                        service: *s,
+                        last: false,
+                    },
+                );
+            }
+            // The liveness probe: once the faults are over.
+            sim.at(
+                span + 4 * cfg.delay_max + 50,
+                Event::Send {
+                    node,
+                    service: *s,
+                    last: true,
+                },
+            );
+        }
+    }
+    for _ in 0..cfg.migrations {
+        let t = sim.rng.below(span);
+        sim.at(t, Event::Migrate);
+    }
+    sim.run()
+}
