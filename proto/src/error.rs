@@ -129,6 +129,13 @@ pub enum DeliveryError {
         /// The panic's message.
         detail: String,
     },
+    /// The connection to the node the message was for was lost and is not back: nothing is
+    /// queued for it (it would wait unreported), the sender is told at once.
+    #[error("node {node} was lost and is not connected")]
+    PeerLost {
+        /// The node.
+        node: NodeName,
+    },
 }
 
 /// Why an ask did not produce a reply.

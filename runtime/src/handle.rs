@@ -601,6 +601,11 @@ impl<S: Service> ServiceRef<S> {
         .await;
         match sent {
             Ok(Ok(())) => {}
+            Ok(Err(DeliveryError::PeerLost { node })) => {
+                // The node it would go to is gone: the same answer as an ask pending there.
+                self.node.asks.cancel(ask);
+                return (Err(AskError::NodeLost { node }), false);
+            }
             Ok(Err(e)) => {
                 self.node.asks.cancel(ask);
                 return (Err(AskError::NotSent(e)), false);

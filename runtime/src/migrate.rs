@@ -1424,6 +1424,7 @@ pub(crate) fn forward(
     let link = node
         .peer(at)
         .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
+    link.check_up()?;
     link.data.push(
         &link.name,
         &Frame::Forward {

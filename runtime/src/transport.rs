@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,11 @@ pub(crate) struct OutQueue {
     space: Notify,
     bytes_max: usize,
     frame_bytes_max: usize,
+    /// Set while the peer is declared lost (its connection ended and no new one is up): new
+    /// messages fail at once with `PeerLost` (see [`PeerLink::check_up`]) instead of waiting,
+    /// unreported, for a node that may never come back; protocol frames (gaps, fences, skips)
+    /// still queue, for the case it does. A link that was never up queues as usual.
+    lost: AtomicBool,
 }
 
 /// Encoded frames waiting for the writer, and the open batch at their end, if any.
@@ -62,7 +67,15 @@ impl OutQueue {
             space: Notify::new(),
             bytes_max,
             frame_bytes_max,
+            lost: AtomicBool::new(false),
         }
+    }
+
+    /// The peer was declared lost (`true`) or is connected again (`false`). Senders waiting
+    /// for room are woken: they find out which.
+    fn set_lost(&self, lost: bool) {
+        self.lost.store(lost, Ordering::SeqCst);
+        self.space.notify_waiters();
     }
 
     /// Runs `write` on the pending bytes if they are under the bound, then wakes the writer;
@@ -131,7 +144,7 @@ impl OutQueue {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            if self.queued_bytes() <= bytes {
+            if self.queued_bytes() <= bytes || self.lost.load(Ordering::SeqCst) {
                 return;
             }
             space.await;
@@ -264,6 +277,17 @@ impl PeerLink {
         self.ctrl.push(&self.name, frame).map(drop)
     }
 
+    /// `PeerLost` while the peer is declared lost and not connected again: a new message for it
+    /// would wait, unreported, for a node that may never come back.
+    pub(crate) fn check_up(&self) -> Result<(), DeliveryError> {
+        if self.data.lost.load(Ordering::SeqCst) {
+            return Err(DeliveryError::PeerLost {
+                node: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn deliver<M: Serialize>(
         &self,
         to: ServiceId,
@@ -271,6 +295,7 @@ impl PeerLink {
         wait: bool,
         msg: &M,
     ) -> Result<usize, DeliveryError> {
+        self.check_up()?;
         encode_scratch(msg, |bytes| match meta.ask {
             None => self.data.push_message(&self.name, (to, meta, wait, bytes)),
             Some(_) => self.data.push(
@@ -354,6 +379,8 @@ impl PeerLink {
         }
         st.caps = caps;
         st.last_error = None;
+        self.data.set_lost(false);
+        self.ctrl.set_lost(false);
         gen
     }
 
@@ -370,6 +397,8 @@ impl PeerLink {
         if st.live.as_ref().is_some_and(|l| l.gen == gen) {
             st.live = None;
             st.last_error = Some(reason);
+            self.data.set_lost(true);
+            self.ctrl.set_lost(true);
             true
         } else {
             false

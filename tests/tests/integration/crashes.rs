@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use tern::{Limits, LossReport, MigrateOptions, NodeHandle, ServiceId, ServiceRef};
+use tern::{
+    AskError, DeliveryError, Limits, LossReport, MigrateOptions, NodeHandle, ServiceId, ServiceRef,
+};
 use tern_harness::{block_on, wait_for, Cluster};
 
 use crate::common::{register_test_kinds, tally, Slow, SlowMsg, Tally, SECS_10};
@@ -142,14 +144,20 @@ fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_a
     let slow = b.spawn(Slow::default())?;
     let from_a = a.resolve::<Slow>(slow.addr())?;
     let n = 600;
+    let mut refused_at_once = Vec::new();
     block_on(async {
         for i in 1..=200 {
             from_a.tell(SlowMsg::Item(i))?;
         }
         c.cut("a", "b");
-        // Sent into the cut: on the dying connection, then queued for the next one.
+        // Sent into the cut, on the dying connection, until a counts b lost; from then on a
+        // tell fails at once (`PeerLost`) and its number is given back.
         for i in 201..=400 {
-            from_a.tell(SlowMsg::Item(i))?;
+            match from_a.tell(SlowMsg::Item(i)) {
+                Ok(()) => {}
+                Err(DeliveryError::PeerLost { .. }) => refused_at_once.push(i),
+                Err(e) => return Err(e.into()),
+            }
             if i % 50 == 0 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -174,8 +182,29 @@ fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_a
         }
         Ok::<_, anyhow::Error>(handled)
     })?;
+    // Item i went out as number i minus the items refused at once before it.
     let rep = reported(a, slow.id(), from_a.sender_id());
-    let done = check_accounted(&handled, n, 0, &rep)?;
+    let sent: Vec<u64> = (1..=n).filter(|i| !refused_at_once.contains(i)).collect();
+    ensure!(
+        !handled.iter().any(|i| refused_at_once.contains(i)),
+        "an item refused at once was handled"
+    );
+    let items_reported: BTreeSet<u64> = sent
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| rep.contains(&(*k as u64 + 1)))
+        .map(|(_, i)| *i)
+        .collect();
+    let done = check_accounted(
+        &handled,
+        n,
+        0,
+        &items_reported
+            .iter()
+            .copied()
+            .chain(refused_at_once.iter().copied())
+            .collect(),
+    )?;
     ensure!(
         (401..=n).all(|i| handled.contains(&i)),
         "traffic after the heal was held up"
@@ -184,6 +213,48 @@ fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_a
         "handled {done} of {n}; reported {} (a partition may report messages that were handled: their confirmation was what went missing)",
         rep.len()
     );
+    c.shutdown();
+    Ok(())
+}
+
+/// Once a peer is declared lost, nothing waits for it unreported: a tell to a service there
+/// fails at once with `PeerLost`, an ask with `NodeLost` (not at its timeout); and once the
+/// peer is back, the same handle delivers again.
+#[test]
+fn sends_to_a_lost_peer_fail_at_once_and_flow_again_when_it_is_back() -> Result<()> {
+    let c = cluster(&["a", "b"])?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let name = "lost-peer";
+    let svc = b.spawn(Tally { name: name.into() })?;
+    let from_a = a.resolve::<Tally>(svc.addr())?;
+    block_on(from_a.tell_wait(SlowMsg::Item(1)))?;
+    wait_for(SECS_10, "the first item handled and confirmed", || {
+        tally(name) == vec![1] && from_a.unconfirmed() == 0
+    })?;
+    c.cut("a", "b");
+    wait_for(SECS_10, "a counts b lost", || !a.is_connected("b"))?;
+    let told = from_a.tell(SlowMsg::Item(2));
+    ensure!(
+        matches!(&told, Err(DeliveryError::PeerLost { node }) if node.as_str() == "b"),
+        "a tell to a lost peer: {told:?}"
+    );
+    let asked = block_on(from_a.ask(SlowMsg::Items, Duration::from_secs(3)));
+    ensure!(
+        matches!(&asked, Err(AskError::NodeLost { node }) if node.as_str() == "b"),
+        "an ask to a lost peer: {asked:?}"
+    );
+    c.heal("a", "b");
+    c.wait_connected(SECS_10)?;
+    let items = block_on(async {
+        from_a.tell_wait(SlowMsg::Item(3)).await?;
+        from_a.ask(SlowMsg::Items, SECS_10).await
+    })?;
+    ensure!(items == vec![1, 3], "after the heal: {items:?}");
+    ensure!(
+        reported(a, svc.id(), from_a.sender_id()).is_empty(),
+        "nothing was sent into the loss, so nothing is reported"
+    );
+    drop((svc, from_a));
     c.shutdown();
     Ok(())
 }
