@@ -164,6 +164,10 @@ pub enum AbortReason {
     /// The service moved as a member of a group (an assembly tree) and another member could
     /// not move, so none did. Says which and why.
     Group(String),
+    /// The service did not hand over its state within `Config::freeze_ticks` of being asked
+    /// to freeze: a handler still running (blocked, slow), or a drain under steady inflow.
+    /// It runs on here.
+    FreezeDeadline,
 }
 
 impl std::fmt::Display for AbortReason {
@@ -178,6 +182,10 @@ impl std::fmt::Display for AbortReason {
             AbortReason::LinkLost => write!(f, "the connection to the target went down"),
             AbortReason::Snapshot(why) => write!(f, "the snapshot could not be taken: {why}"),
             AbortReason::Group(why) => write!(f, "another member of its group did not move: {why}"),
+            AbortReason::FreezeDeadline => write!(
+                f,
+                "the service did not hand over its state in time (a handler still running, or a drain that never emptied)"
+            ),
         }
     }
 }
@@ -195,6 +203,7 @@ impl AbortReason {
             AbortReason::LinkLost => "link-lost",
             AbortReason::Snapshot(_) => "snapshot",
             AbortReason::Group(_) => "group",
+            AbortReason::FreezeDeadline => "freeze-deadline",
         }
     }
 }
@@ -311,6 +320,9 @@ pub struct Config {
     /// Ticks a prepared copy waits for its source's decision before it is dropped as an
     /// orphan. Far above `deadline_ticks`: a live, connected source decides well before.
     pub orphan_ticks: u64,
+    /// Ticks a service asked to freeze may take to hand over its state (finish the message in
+    /// hand; with a drain, empty its queue) before the attempt is aborted and it runs on.
+    pub freeze_ticks: u64,
 }
 
 impl Default for Config {
@@ -324,6 +336,7 @@ impl Default for Config {
             tombstones_max: 65_536,
             decisions_max: 65_536,
             orphan_ticks: 6_000,
+            freeze_ticks: 1_000,
         }
     }
 }
@@ -334,6 +347,8 @@ enum Phase<S, P> {
         mig: MigrationId,
         to: NodeName,
         group: Option<u64>,
+        /// When the freeze was asked for.
+        since: u64,
     },
     Sent {
         mig: MigrationId,
@@ -522,15 +537,21 @@ impl<S: Clone, P: Clone> Core<S, P> {
     /// The frozen service could not hand over its state: it runs on, and the caller is told.
     /// In a group, every other member resumes too.
     pub fn freeze_failed(&mut self, service: ServiceId, why: String) -> Vec<Action<S, P>> {
+        self.freeze_ended(service, AbortReason::Snapshot(why));
+        self.take()
+    }
+
+    /// A freeze that ends without a snapshot: the service runs on (`Resume`), the attempt is
+    /// aborted with `reason`, and the rest of its group with it.
+    fn freeze_ended(&mut self, service: ServiceId, reason: AbortReason) {
         let Some(h) = self.hosted.get_mut(&service) else {
-            return self.take();
+            return;
         };
         let Phase::Freezing { mig, group, .. } = std::mem::replace(&mut h.phase, Phase::Running)
         else {
-            return self.take();
+            return;
         };
         let queue = std::mem::take(&mut h.held);
-        let reason = AbortReason::Snapshot(why);
         self.out.push(Action::Resume { service, queue });
         self.decide(mig.clone(), Decision::Aborted);
         self.out.push(Action::Report {
@@ -542,7 +563,6 @@ impl<S: Clone, P: Clone> Core<S, P> {
             self.fail_group(g, service, reason);
             self.leave_group(g, service);
         }
-        self.take()
     }
 
     /// Moves every `(service, target)` of `members` (all hosted here) as one unit: all are
@@ -617,6 +637,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                     mig: mig.clone(),
                     to: to.clone(),
                     group: Some(g),
+                    since: self.now,
                 };
             }
             self.out.push(Action::Freeze { service: *service });
@@ -876,6 +897,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 mig: mig.clone(),
                 to,
                 group: None,
+                since: self.now,
             };
         }
         self.out.push(Action::Freeze { service });
@@ -894,7 +916,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let Some(h) = self.hosted.get_mut(&service) else {
             return self.take();
         };
-        let Phase::Freezing { mig, to, group } = std::mem::replace(&mut h.phase, Phase::Running)
+        let Phase::Freezing { mig, to, group, .. } =
+            std::mem::replace(&mut h.phase, Phase::Running)
         else {
             // Not freezing (a confused driver): give the queue straight back.
             self.out.push(Action::Resume { service, queue });
@@ -970,8 +993,12 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let mut resend = Vec::new();
         let mut queries = Vec::new();
         let mut orphans = Vec::new();
+        let mut stuck = Vec::new();
         for (service, h) in &mut self.hosted {
             match &mut h.phase {
+                Phase::Freezing { since, .. } if now - *since >= self.cfg.freeze_ticks => {
+                    stuck.push(*service);
+                }
                 Phase::Sent {
                     deadline,
                     sent_at,
@@ -1011,6 +1038,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
         for service in expired {
             self.abort(service, AbortReason::Deadline);
+        }
+        for service in stuck {
+            self.freeze_ended(service, AbortReason::FreezeDeadline);
         }
         for (service, mig) in orphans {
             if let Some(h) = self.hosted.remove(&service) {
@@ -1577,6 +1607,45 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    /// A service whose handler never returns (or a drain that never empties) does not leave
+    /// `migrate()` pending for ever: past `freeze_ticks` the attempt aborts and the service
+    /// runs on; a snapshot handed over later is given straight back.
+    #[test]
+    fn a_freeze_that_takes_too_long_aborts_and_the_service_runs_on() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let cfg = Config {
+            freeze_ticks: 100,
+            ..Config::default()
+        };
+        let mut src: C = Core::new(a.clone(), cfg);
+        src.add_peer(b.clone());
+        src.host(svc());
+        let _ = src.tick(10);
+        let (_, acts) = src.migrate(svc(), b.clone());
+        assert!(matches!(acts[..], [Action::Freeze { .. }]));
+        assert!(
+            src.tick(109).is_empty(),
+            "within the deadline: still waiting"
+        );
+        let acts = src.tick(110);
+        assert!(acts.iter().any(|a| matches!(a, Action::Resume { .. })));
+        assert!(acts.iter().any(|a| matches!(
+            a,
+            Action::Report {
+                outcome: Outcome::Aborted(AbortReason::FreezeDeadline),
+                ..
+            }
+        )));
+        assert!(src.is_live(svc()));
+        // The handler returns at last and the runner hands its snapshot over: not sent.
+        let acts = src.frozen(svc(), vec![1], Vec::new());
+        assert!(sends(&acts).is_empty(), "{acts:?}");
+        assert!(acts.iter().any(|a| matches!(a, Action::Resume { .. })));
+        // And it can move again.
+        let (_, acts) = src.migrate(svc(), b);
+        assert!(matches!(acts[..], [Action::Freeze { .. }]));
     }
 
     #[test]

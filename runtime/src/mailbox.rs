@@ -437,6 +437,8 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)>;
     /// Asks the runner to freeze after the message in hand.
     fn request_freeze(&self);
+    /// Calls off a freeze asked for and not yet served.
+    fn cancel_freeze(&self);
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
@@ -607,6 +609,10 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     fn request_freeze(&self) {
         self.freeze.store(true, Ordering::SeqCst);
         self.ready.notify_one();
+    }
+
+    fn cancel_freeze(&self) {
+        self.freeze.store(false, Ordering::SeqCst);
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -263,13 +263,16 @@ const SNAP_CARRIED_HEAD_BYTES: usize = 1 << 10;
 const REPORT_WAIT: Duration = Duration::from_secs(30);
 
 impl Driver {
-    pub fn new(me: NodeName, deadline_ms: u64, tombstones_max: usize, orphan_ms: u64) -> Self {
+    /// The driver of node `me`; the core's clock ticks in milliseconds.
+    pub fn new(me: NodeName, limits: &crate::Limits) -> Self {
+        let tombstones_max = limits.tombstones_max;
         let cfg = Config {
-            orphan_ticks: orphan_ms,
+            orphan_ticks: limits.prepared_orphan_ms,
             // QUIC delivers what a live connection accepted; a lost connection aborts at once
             // (`link_lost`), so the core never needs to send a snapshot twice.
             retry_ticks: u64::MAX / 4,
-            deadline_ticks: deadline_ms,
+            deadline_ticks: limits.migration_deadline_ms,
+            freeze_ticks: limits.freeze_deadline_ms,
             query_ticks: 500,
             tombstones_max,
             ..Config::default()
@@ -871,6 +874,10 @@ impl Driver {
                     }
                 },
                 Action::Resume { service, .. } => {
+                    // A freeze asked for and not yet served (the deadline passed) is called off.
+                    if let Some(slot) = node.slot(service) {
+                        slot.cancel_freeze();
+                    }
                     let decide = lock(&self.outgoing)
                         .get_mut(&service)
                         .and_then(|o| o.decide.take());

@@ -66,6 +66,10 @@ pub struct Limits {
     pub snapshot_carried_max: usize,
     /// Time a source waits for the target's answer before it aborts, in milliseconds.
     pub migration_deadline_ms: u64,
+    /// Time a service asked to freeze for a migration may take to hand over its state (finish
+    /// the message in hand; with `drain`, empty its queue), in milliseconds. Past it the
+    /// migration aborts with `freeze-deadline` and the service runs on.
+    pub freeze_deadline_ms: u64,
     /// Tombstones kept (the oldest is forgotten first).
     pub tombstones_max: usize,
     /// Peers allowed to push migrations to this node; empty means every peer.
@@ -104,6 +108,7 @@ impl Default for Limits {
             snapshot_bytes_max: 256 << 20,
             snapshot_carried_max: 1_000_000,
             migration_deadline_ms: 10_000,
+            freeze_deadline_ms: 10_000,
             tombstones_max: 65_536,
             migration_peers: Vec::new(),
             idle_timeout_ms: 10_000,
@@ -1686,12 +1691,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         thread: OnceLock::new(),
         stopping: AtomicBool::new(false),
         halted: Halted::default(),
-        driver: Driver::new(
-            name.clone(),
-            limits.migration_deadline_ms,
-            limits.tombstones_max,
-            limits.prepared_orphan_ms,
-        ),
+        driver: Driver::new(name.clone(), &limits),
         channels: Mutex::new(IdMap::default()),
         losses: Mutex::new(VecDeque::new()),
         gaps_pending: Mutex::new(VecDeque::new()),

@@ -850,3 +850,50 @@ fn a_chain_of_moves_and_back_keeps_every_handle_working_in_order() -> Result<()>
     c.shutdown();
     Ok(())
 }
+
+/// A handler that does not return in time does not leave `migrate()` pending: past
+/// `freeze_deadline_ms` the attempt aborts (`FreezeDeadline`), the service runs on where it
+/// was, handles what it was sent, and can move once it is free.
+#[test]
+fn a_service_that_does_not_freeze_in_time_aborts_and_runs_on() -> Result<()> {
+    let limits = tern::Limits {
+        freeze_deadline_ms: 300,
+        ..tern::Limits::default()
+    };
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(limits)
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let slow = a.spawn(Slow::default())?;
+    slow.tell(SlowMsg::Hold { ms: 3_000 })?;
+    wait_for(SECS_10, "the hold is in hand", || {
+        a.services()
+            .iter()
+            .any(|s| s.addr.id == slow.id() && s.mailbox_depth == 0)
+    })?;
+    block_on(async {
+        slow.tell(SlowMsg::Item(1))?;
+        // Before the deadline existed this never returned: the bound only makes the test fail.
+        let report = tokio::time::timeout(SECS_10, slow.migrate("b", opts()))
+            .await
+            .context("migrate() still pending after 10 s")??;
+        assert_eq!(
+            report.aborted,
+            Some(AbortReason::FreezeDeadline),
+            "{report:?}"
+        );
+        assert_eq!(slow.location().as_str(), "a");
+        slow.tell(SlowMsg::Item(2))?;
+        assert_handled_in_order(&slow, 2).await?;
+        let report = slow.migrate("b", opts()).await?;
+        assert!(report.aborted.is_none(), "free again, it moves: {report:?}");
+        slow.tell(SlowMsg::Item(3))?;
+        assert_handled_in_order(&slow, 3).await
+    })?;
+    c.shutdown();
+    Ok(())
+}
