@@ -323,6 +323,10 @@ pub struct Config {
     /// Ticks a service asked to freeze may take to hand over its state (finish the message in
     /// hand; with a drain, empty its queue) before the attempt is aborted and it runs on.
     pub freeze_ticks: u64,
+    /// The number of this node's first migration attempt. A node that restarts must not
+    /// number its attempts as it did before (a target may still hold a copy from an attempt
+    /// of its former life): the node takes it from the clock.
+    pub first_attempt: u64,
 }
 
 impl Default for Config {
@@ -337,6 +341,7 @@ impl Default for Config {
             decisions_max: 65_536,
             orphan_ticks: 6_000,
             freeze_ticks: 1_000,
+            first_attempt: 1,
         }
     }
 }
@@ -433,9 +438,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
     pub fn with_policy(me: NodeName, cfg: Config, policy: Policy<S, P>) -> Self {
         Core {
             me,
+            next_mig: cfg.first_attempt.max(1),
             cfg,
             now: 0,
-            next_mig: 1,
             peers: Vec::new(),
             hosted: BTreeMap::new(),
             tombs: BTreeMap::new(),
@@ -1043,16 +1048,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             self.freeze_ended(service, AbortReason::FreezeDeadline);
         }
         for (service, mig) in orphans {
-            if let Some(h) = self.hosted.remove(&service) {
-                self.send_seqs.retain(|(from, _), _| *from != service);
-                self.out.push(Action::Orphan { service, mig });
-                for (data, _) in h.parked {
-                    self.out.push(Action::Refuse {
-                        data,
-                        reason: "the service's copy was orphaned",
-                    });
-                }
-            }
+            self.orphan(service, mig);
         }
         let retry = self.cfg.retry_ticks;
         let mut commits = Vec::new();
@@ -1451,6 +1447,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         if let Err(reason) = (self.policy)(&snap) {
             return self.send(from, Wire::Refused { mig, reason });
         }
+        self.forget_former_life(service, &mig);
         let held_max = self.cfg.window_held_max;
         let mut windows: BTreeMap<ServiceId, Window<Data<P>>> = snap
             .watermarks
@@ -1496,6 +1493,47 @@ impl<S: Clone, P: Clone> Core<S, P> {
         );
         self.out.push(Action::Install { snap });
         self.send(from, Wire::Prepared { mig });
+    }
+
+    /// Attempt `mig` brings `service`: a copy of another service here that came by the same
+    /// attempt id came from the source's former life (it restarted and numbers again). A
+    /// paused one will never be decided: it goes as an orphan now; a running one forgets the
+    /// id, so the new attempt's `Commit` is not taken for it.
+    fn forget_former_life(&mut self, service: ServiceId, mig: &MigrationId) {
+        let stale: Vec<ServiceId> = self
+            .hosted
+            .iter()
+            .filter(|(s, h)| **s != service && h.arrived_by.as_ref() == Some(mig))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in stale {
+            let paused = self
+                .hosted
+                .get(&s)
+                .is_some_and(|h| matches!(h.phase, Phase::Prepared { .. }));
+            if !paused {
+                if let Some(h) = self.hosted.get_mut(&s) {
+                    h.arrived_by = None;
+                }
+                continue;
+            }
+            self.orphan(s, mig.clone());
+        }
+    }
+
+    /// Drops the paused copy of `service` (of attempt `mig`) whose source will never decide:
+    /// the node is told (`Orphan`) and what arrived for it is refused to its senders.
+    fn orphan(&mut self, service: ServiceId, mig: MigrationId) {
+        if let Some(h) = self.hosted.remove(&service) {
+            self.send_seqs.retain(|(from, _), _| *from != service);
+            self.out.push(Action::Orphan { service, mig });
+            for (data, _) in h.parked {
+                self.out.push(Action::Refuse {
+                    data,
+                    reason: "the service's copy was orphaned",
+                });
+            }
+        }
     }
 
     fn on_commit(&mut self, from: NodeName, mig: MigrationId) {
@@ -1832,6 +1870,91 @@ mod tests {
             .iter()
             .any(|x| matches!(x, Action::Start { .. })));
         assert!(dst.tick(5_000).is_empty());
+    }
+
+    /// A source that restarts numbers its attempts again; a target still holding a prepared
+    /// copy from its former life (never decided: the source died) must not take the new
+    /// attempt's `Commit` for that copy. It starts the service the new attempt sent, and the
+    /// stale copy goes as an orphan. (With `Config::first_attempt` from the clock, as the
+    /// node sets it, the numbers do not meet in the first place.)
+    #[test]
+    fn a_restarted_source_attempt_never_commits_its_former_lifes_copy() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let (x, y) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(1, 2));
+        let mut dst: C = Core::new(b.clone(), Config::default());
+        dst.add_peer(a.clone());
+        let move_to_b = |src: &mut C, s: ServiceId, dst: &mut C| {
+            let (mig, _) = src.migrate(s, b.clone());
+            let Wire::Snapshot { mig: m, snap } = only_wire(src.frozen(s, vec![], vec![])) else {
+                panic!("a snapshot")
+            };
+            assert_eq!(m, mig);
+            let acts = dst.receive(a.clone(), Wire::Snapshot { mig: m, snap });
+            assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
+            mig
+        };
+        let mut old: C = Core::new(a.clone(), Config::default());
+        old.add_peer(b.clone());
+        old.host(x);
+        let old_mig = move_to_b(&mut old, x, &mut dst);
+        drop(old); // a dies before deciding
+        let mut new: C = Core::new(a.clone(), Config::default());
+        new.add_peer(b.clone());
+        new.host(y);
+        let new_mig = move_to_b(&mut new, y, &mut dst);
+        assert_eq!(old_mig, new_mig, "the numbering started again");
+        let acts = new.receive(
+            b.clone(),
+            Wire::Prepared {
+                mig: new_mig.clone(),
+            },
+        );
+        let commit = acts
+            .into_iter()
+            .find_map(|x| match x {
+                Action::Send {
+                    msg: m @ Wire::Commit { .. },
+                    ..
+                } => Some(m),
+                _ => None,
+            })
+            .expect("a commit");
+        let acts = dst.receive(a.clone(), commit);
+        let started: Vec<ServiceId> = acts
+            .iter()
+            .filter_map(|x| match x {
+                Action::Start { service } => Some(*service),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            started,
+            vec![y],
+            "the new attempt's service starts, not the stale copy"
+        );
+        assert!(dst.is_live(y) && !dst.is_live(x));
+    }
+
+    #[test]
+    fn attempts_start_where_the_config_says() {
+        let a = NodeName::new("a");
+        let mut src: C = Core::new(
+            a.clone(),
+            Config {
+                first_attempt: 1_000,
+                ..Config::default()
+            },
+        );
+        src.add_peer(NodeName::new("b"));
+        src.host(svc());
+        let (mig, _) = src.migrate(svc(), NodeName::new("b"));
+        assert_eq!(
+            mig,
+            MigrationId {
+                source: a,
+                n: 1_000
+            }
+        );
     }
 
     /// Node `at` after it restored a copy of `svc()` (epoch 1) sent by `source`: the core,

@@ -273,6 +273,11 @@ impl Driver {
             retry_ticks: u64::MAX / 4,
             deadline_ticks: limits.migration_deadline_ms,
             freeze_ticks: limits.freeze_deadline_ms,
+            // A restarted node must not number its attempts as its former life did: microseconds
+            // since the epoch grow faster than any node starts attempts.
+            first_attempt: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
             query_ticks: 500,
             tombstones_max,
             ..Config::default()
