@@ -15,7 +15,7 @@
 //!   stale snapshots are judged by it. A tombstone forwards late messages and tells their
 //!   senders' nodes where the service went.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::ids::{NodeName, ServiceId};
 use crate::seq::{Offer, Watermark, Window};
@@ -164,6 +164,8 @@ pub enum AbortReason {
     /// The service moved as a member of a group (an assembly tree) and another member could
     /// not move, so none did. Says which and why.
     Group(String),
+    /// The service is pinned to this node: nothing moves it, whoever asks.
+    Pinned,
     /// The service did not hand over its state within `Config::freeze_ticks` of being asked
     /// to freeze: a handler still running (blocked, slow), or a drain under steady inflow.
     /// It runs on here.
@@ -182,6 +184,7 @@ impl std::fmt::Display for AbortReason {
             AbortReason::LinkLost => write!(f, "the connection to the target went down"),
             AbortReason::Snapshot(why) => write!(f, "the snapshot could not be taken: {why}"),
             AbortReason::Group(why) => write!(f, "another member of its group did not move: {why}"),
+            AbortReason::Pinned => write!(f, "the service is pinned to its node"),
             AbortReason::FreezeDeadline => write!(
                 f,
                 "the service did not hand over its state in time (a handler still running, or a drain that never emptied)"
@@ -204,6 +207,7 @@ impl AbortReason {
             AbortReason::Snapshot(_) => "snapshot",
             AbortReason::Group(_) => "group",
             AbortReason::FreezeDeadline => "freeze-deadline",
+            AbortReason::Pinned => "pinned",
         }
     }
 }
@@ -424,6 +428,8 @@ pub struct Core<S, P> {
     send_seqs: BTreeMap<(ServiceId, ServiceId), u64>,
     groups: BTreeMap<u64, Group>,
     next_group: u64,
+    /// Services that never move from here.
+    pinned: BTreeSet<ServiceId>,
     policy: Policy<S, P>,
     out: Vec<Action<S, P>>,
 }
@@ -451,6 +457,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             send_seqs: BTreeMap::new(),
             groups: BTreeMap::new(),
             next_group: 1,
+            pinned: BTreeSet::new(),
             policy,
             out: Vec::new(),
         }
@@ -526,6 +533,27 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
     }
 
+    /// Why `service` cannot start moving from here, if it cannot: not here, already moving,
+    /// or pinned.
+    fn refusal(&self, service: ServiceId) -> Option<AbortReason> {
+        match self.hosted.get(&service) {
+            None => Some(AbortReason::NotHere),
+            Some(h) if !matches!(h.phase, Phase::Running) => Some(AbortReason::Busy),
+            Some(_) if self.pinned.contains(&service) => Some(AbortReason::Pinned),
+            Some(_) => None,
+        }
+    }
+
+    /// Pins (`true`) or unpins `service`: while pinned, every migration of it from here is
+    /// refused ([`AbortReason::Pinned`]), whoever asked (this node, a peer, the service).
+    pub fn pin(&mut self, service: ServiceId, pinned: bool) {
+        if pinned {
+            self.pinned.insert(service);
+        } else {
+            self.pinned.remove(&service);
+        }
+    }
+
     /// A service hosted here stopped for good.
     pub fn unhost(&mut self, service: ServiceId) {
         if self
@@ -534,6 +562,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             .is_some_and(|h| matches!(h.phase, Phase::Running))
         {
             self.hosted.remove(&service);
+            self.pinned.remove(&service);
             self.directory.remove(&service);
             self.send_seqs.retain(|(from, _), _| *from != service);
         }
@@ -600,11 +629,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             } else if members[..i].iter().any(|(s, _)| s == service) {
                 Some(AbortReason::Busy)
             } else {
-                match self.hosted.get(service) {
-                    None => Some(AbortReason::NotHere),
-                    Some(h) if !matches!(h.phase, Phase::Running) => Some(AbortReason::Busy),
-                    Some(_) => None,
-                }
+                self.refusal(*service)
             };
             if let Some(r) = reason {
                 refusal = Some((*service, r));
@@ -883,11 +908,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             // Nothing is frozen for a node that cannot be reached at all.
             Some(AbortReason::UnknownNode)
         } else {
-            match self.hosted.get(&service) {
-                None => Some(AbortReason::NotHere),
-                Some(h) if !matches!(h.phase, Phase::Running) => Some(AbortReason::Busy),
-                Some(_) => None,
-            }
+            self.refusal(service)
         };
         if let Some(reason) = refusal {
             self.out.push(Action::Report {
@@ -1933,6 +1954,38 @@ mod tests {
             "the new attempt's service starts, not the stale copy"
         );
         assert!(dst.is_live(y) && !dst.is_live(x));
+    }
+
+    #[test]
+    fn a_pinned_service_never_starts_moving_alone_or_in_a_group() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let other = ServiceId::from_parts(1, 9);
+        let mut src: C = Core::new(a, Config::default());
+        src.add_peer(b.clone());
+        src.host(svc());
+        src.host(other);
+        src.pin(svc(), true);
+        let pinned = |acts: &[Action<Vec<u64>, u64>]| {
+            acts.iter().any(|x| {
+                matches!(
+                    x,
+                    Action::Report {
+                        outcome: Outcome::Aborted(AbortReason::Pinned),
+                        ..
+                    }
+                )
+            })
+        };
+        let (_, acts) = src.migrate(svc(), b.clone());
+        assert!(pinned(&acts) && !acts.iter().any(|x| matches!(x, Action::Freeze { .. })));
+        let (_, acts) = src.migrate_group(&[(other, b.clone()), (svc(), b.clone())]);
+        assert!(
+            !acts.iter().any(|x| matches!(x, Action::Freeze { .. })),
+            "all or none: nothing freezes"
+        );
+        src.pin(svc(), false);
+        let (_, acts) = src.migrate(svc(), b);
+        assert!(matches!(acts[..], [Action::Freeze { .. }]));
     }
 
     #[test]

@@ -351,6 +351,11 @@ impl Driver {
         lock(&self.core).tombstone(service)
     }
 
+    /// Pins or unpins `service`: the core refuses every migration of a pinned one.
+    pub fn pin(&self, service: ServiceId, pinned: bool) {
+        lock(&self.core).pin(service, pinned);
+    }
+
     pub fn add_peer(&self, peer: NodeName) {
         lock(&self.core).add_peer(peer);
     }

@@ -2004,6 +2004,9 @@ impl NodeHandle {
     /// it, and `migrate` refuses to.
     pub fn pin(&self, id: ServiceId, pinned: bool) {
         self.shared.placement.pin(id, pinned);
+        // The check itself is the protocol core's: it refuses whoever asks (this node, a
+        // peer's request, a group or tree, the service's own `ctx.migrate`).
+        self.shared.driver.pin(id, pinned);
     }
 
     /// Replaces the placement policy (the default is [`AffinityPolicy`]).
@@ -2189,33 +2192,24 @@ impl NodeShared {
         to: NodeName,
         opts: MigrateOptions,
     ) -> Result<MigrationReport, Error> {
-        if self.placement.pins().contains(&id) {
-            return Err(Error::Placement(format!(
+        let pinned = |r: MigrationReport| match r.aborted {
+            Some(tern_proto::migration::AbortReason::Pinned) => Err(Error::Placement(format!(
                 "service {id} is pinned to {}",
-                self.name
-            )));
-        }
+                r.from
+            ))),
+            _ => Ok(r),
+        };
         if self.slot(id).is_some() {
             let rx = self.driver.migrate(self, id, to, opts);
-            return rx.await.map_err(|_| Error::Stopped);
+            return rx.await.map_err(|_| Error::Stopped).and_then(pinned);
         }
-        let at = self
-            .driver
-            .location(id)
-            .map(|(n, _)| n)
-            .or_else(|| lock(&self.channels).get(&id).map(|c| c.location().0))
-            .or_else(|| self.hosting_member(id))
-            .ok_or(DeliveryError::UnknownService {
-                id,
-                node: self.name.clone(),
-            })?;
-        if at == self.name {
-            return Err(DeliveryError::UnknownService {
+        let unknown = || -> Error {
+            DeliveryError::UnknownService {
                 id,
                 node: self.name.clone(),
             }
-            .into());
-        }
+            .into()
+        };
         let ask = |at: NodeName, to: NodeName| {
             self.request_migration(at, Some(id), REQUEST_SLACK, move |req| MigMsg::Request {
                 req,
@@ -2224,6 +2218,26 @@ impl NodeShared {
                 drain: opts.drain,
             })
         };
+        let known = self
+            .driver
+            .location(id)
+            .map(|(n, _)| n)
+            .or_else(|| lock(&self.channels).get(&id).map(|c| c.location().0))
+            .or_else(|| self.hosting_member(id));
+        let Some(at) = known else {
+            // Started on a peer a moment ago (gossip has not said so yet): ask the peers, one
+            // after the other; the one that hosts it answers.
+            for link in self.links().into_iter().filter(|l| l.is_connected()) {
+                match ask(link.name.clone(), to.clone()).await {
+                    Err(Error::Remote { detail, .. }) if detail.contains(NOT_HERE) => continue,
+                    other => return other.and_then(pinned),
+                }
+            }
+            return Err(unknown());
+        };
+        if at == self.name {
+            return Err(unknown());
+        }
         match ask(at.clone(), to.clone()).await {
             // This node's directory was stale (it missed a move's `Located`, say under a
             // cut): ask once more where membership gossip, at most a second old, says it is.
@@ -2235,6 +2249,7 @@ impl NodeShared {
             }
             other => other,
         }
+        .and_then(pinned)
     }
 
     /// Sends a migration request made by `make` (given its request id) to `at` and waits for

@@ -897,3 +897,26 @@ fn a_service_that_does_not_freeze_in_time_aborts_and_runs_on() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// A service started on a peer a moment ago is not in this node's directory or gossip yet:
+/// `migrate` asks the peers instead of failing with "not known".
+#[test]
+fn a_service_started_on_a_peer_a_moment_ago_can_be_moved_from_here() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let slow = b.spawn(Slow::default())?;
+    let report = block_on(a.migrate(slow.id(), "c", opts()))?;
+    assert!(report.aborted.is_none(), "{report:?}");
+    assert_eq!(report.from.as_str(), "b");
+    block_on(async {
+        slow.tell(SlowMsg::Item(1))?;
+        assert_handled_in_order(&slow, 1).await
+    })?;
+    // One that runs nowhere is still refused, once every peer has said so.
+    let nowhere = tern::ServiceId::from_parts(0xdead, 1);
+    let err = block_on(a.migrate(nowhere, "c", opts())).expect_err("runs nowhere");
+    assert!(err.to_string().contains("not known"), "{err}");
+    c.shutdown();
+    Ok(())
+}

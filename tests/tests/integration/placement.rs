@@ -458,3 +458,41 @@ fn the_rebalancer_brings_chatty_pairs_together_without_oscillating() -> Result<(
     c.shutdown();
     Ok(())
 }
+
+/// A pin is kept where the service runs and holds whoever asks: a peer's `migrate`, a peer's
+/// group request. (Before, only the hosting node's own calls checked it.)
+#[test]
+fn a_pin_holds_against_requests_from_peers() -> Result<()> {
+    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let pinned = b.spawn(Relay {
+        name: "pin.held".into(),
+    })?;
+    let free = b.spawn(Relay {
+        name: "pin.free".into(),
+    })?;
+    b.pin(pinned.id(), true);
+    let id = pinned.id();
+    wait_for(SECS_10, "a knows where it runs", || {
+        a.resolve::<Relay>(pinned.addr()).is_ok()
+    })?;
+    let err = block_on(a.migrate(id, "c", tern::MigrateOptions::default()))
+        .expect_err("a pinned service refuses a peer's request");
+    assert!(err.to_string().contains("pinned"), "{err}");
+    let group = block_on(a.migrate_group(
+        &[(free.id(), "c"), (id, "c")],
+        tern::MigrateOptions::default(),
+    ));
+    assert!(
+        group.as_ref().map_or(true, |g| !g.committed),
+        "a group with a pinned member does not move: {group:?}"
+    );
+    let here: Vec<ServiceId> = b.services().iter().map(|s| s.addr.id).collect();
+    assert!(here.contains(&id) && here.contains(&free.id()), "{here:?}");
+    b.pin(id, false);
+    let report = block_on(a.migrate(id, "c", tern::MigrateOptions::default()))?;
+    assert!(report.aborted.is_none(), "unpinned, it moves: {report:?}");
+    c.shutdown();
+    Ok(())
+}
