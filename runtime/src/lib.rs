@@ -21,6 +21,7 @@ mod members;
 mod migrate;
 mod node;
 mod placement;
+mod registry;
 mod service;
 mod stats;
 pub mod tls;

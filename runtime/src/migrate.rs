@@ -981,7 +981,8 @@ impl Driver {
         // Leftovers first: what arrived during the freeze goes onto the link to the target
         // before any channel on this node points there, so a local sender's next message
         // queues behind its earlier ones.
-        let forwarded = match node.slot(service) {
+        let retiring = node.slot(service);
+        let forwarded = match &retiring {
             Some(slot) => {
                 let (encoded, skipped) = slot.retire_encoded(to.clone(), epoch);
                 let n = encoded.len();
@@ -1012,7 +1013,9 @@ impl Driver {
         if let Some(Some(d)) = decide {
             let _ = d.send(Decision::Retire);
         }
-        node.forget_moved(service);
+        if let Some(copy) = &retiring {
+            node.forget_moved(service, copy);
+        }
         let rebuilt = node.relocated(service, &to, epoch);
         let peers = node
             .links()

@@ -24,6 +24,7 @@ use crate::migrate::{Driver, Go, InCopy, MigrateOptions, MigrationReport, Migrat
 use crate::placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, RebalanceRound, RebalancerConfig,
 };
+use crate::registry::Registry;
 use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
@@ -335,7 +336,8 @@ fn restore_paused<S: Service>(
                 kind: S::kind_key(),
                 node: node.name.clone(),
             };
-            node.register_local(id, mailbox.clone(), addr.clone())?;
+            let mailbox_slot: Arc<dyn Slot> = mailbox.clone();
+            node.register_local(id, mailbox_slot.clone(), addr.clone())?;
             let started = node
                 .channel::<S::Msg>(&addr)
                 .map_err(Error::from)
@@ -351,7 +353,7 @@ fn restore_paused<S: Service>(
                 });
             if started.is_err() {
                 // Registered but never run: not a service of this node after all.
-                node.forget_moved(id);
+                node.forget_moved(id, &mailbox_slot);
             }
             started
         }
@@ -369,11 +371,6 @@ fn restore_service<S: Service>(node: &Arc<NodeShared>, bytes: &[u8]) -> Result<S
         detail: e.to_string(),
     })?;
     Ok(node.spawn(state, None)?.addr().clone())
-}
-
-struct LocalService {
-    slot: Arc<dyn Slot>,
-    addr: ServiceAddr,
 }
 
 /// One ask waiting: the node it was sent to, its target service, its waiter, and once its
@@ -499,7 +496,8 @@ pub(crate) struct NodeShared {
     id_prefix: u64,
     next_id: AtomicU64,
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
-    services: RwLock<IdMap<LocalService>>,
+    /// The local services (the registry subsystem).
+    pub(crate) registry: Registry,
     books: Mutex<BookIndex>,
     peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
     events: Mutex<(u64, VecDeque<NodeEvent>)>,
@@ -657,17 +655,7 @@ impl NodeShared {
         slot: Arc<dyn Slot>,
         addr: ServiceAddr,
     ) -> Result<(), Error> {
-        {
-            let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
-            if services.len() >= self.limits.services_max {
-                return Err(Error::Limit {
-                    what: "services on this node",
-                    max: self.limits.services_max,
-                });
-            }
-            services.insert(id, LocalService { slot, addr });
-        }
-        Ok(())
+        self.registry.register(id, slot, addr)
     }
 
     /// Runs `fut` as a task on the node's thread; false if the node has stopped.
@@ -704,11 +692,7 @@ impl NodeShared {
 
     /// The local service `id`'s address.
     pub fn local_addr_of(&self, id: ServiceId) -> Option<ServiceAddr> {
-        self.services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|s| s.addr.clone())
+        self.registry.addr(id)
     }
 
     /// The channel from this node to `addr`'s service, shared by every handle made here. Made
@@ -778,11 +762,18 @@ impl NodeShared {
         n
     }
 
-    /// A service left this node by migration: forget it without stopping anything.
-    pub fn forget_moved(&self, id: ServiceId) {
-        self.flush_handled(id);
-        self.forget_service(id);
-        lock(&self.traffic).forget(id);
+    /// Copy `copy` of service `id` left this node (moved away, discarded, orphaned): forget
+    /// it without stopping anything. A newer copy of the same service registered meanwhile
+    /// (the next attempt's) stays, with its marks and traffic.
+    pub fn forget_moved(&self, id: ServiceId, copy: &Arc<dyn Slot>) {
+        let mut remote = HashMap::new();
+        self.note_handled(id, copy, &mut remote);
+        for (origin, marks) in remote {
+            self.send_handled(&origin, marks);
+        }
+        if self.registry.remove_copy(id, copy) {
+            lock(&self.traffic).forget(id);
+        }
     }
 
     /// Hands messages for `id` on to node `to` (after a commit, or back to the source after an
@@ -1144,47 +1135,51 @@ impl NodeShared {
 
     /// Services hosted here and messages queued for them.
     pub fn local_depths(&self) -> (u64, u64) {
-        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
-        let backlog = services.values().map(|s| s.slot.depth() as u64).sum();
-        (services.len() as u64, backlog)
+        self.registry.with_all(|services| {
+            let backlog = services.values().map(|s| s.slot.depth() as u64).sum();
+            (services.len() as u64, backlog)
+        })
     }
 
     /// Up to `max` local services: id, kind, pinned.
     pub fn hosted_list(&self, max: usize) -> Vec<(ServiceId, KindKey, bool)> {
         let pins = self.placement.pins();
-        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(ServiceId, KindKey, bool)> = services
-            .values()
-            .take(max)
-            .map(|s| (s.addr.id, s.addr.kind.clone(), pins.contains(&s.addr.id)))
-            .collect();
+        let mut out: Vec<(ServiceId, KindKey, bool)> = self.registry.with_all(|services| {
+            services
+                .values()
+                .take(max)
+                .map(|s| (s.addr.id, s.addr.kind.clone(), pins.contains(&s.addr.id)))
+                .collect()
+        });
         out.sort_by_key(|(id, _, _)| *id);
         out
     }
 
     /// Every local service, with its mailbox, parent and epoch.
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
-        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
-        services
-            .values()
-            .map(|s| ServiceInfo {
-                addr: s.addr.clone(),
-                mailbox_depth: s.slot.depth(),
-                mailbox_capacity: s.slot.capacity(),
-                parent: self.parent_of(s.addr.id),
-                epoch: self.driver.epoch(s.addr.id).unwrap_or(0),
+        let local: Vec<(ServiceAddr, usize, usize)> = self.registry.with_all(|services| {
+            services
+                .values()
+                .map(|s| (s.addr.clone(), s.slot.depth(), s.slot.capacity()))
+                .collect()
+        });
+        // Parents and epochs are read outside the registry's lock (other subsystems).
+        local
+            .into_iter()
+            .map(|(addr, depth, capacity)| ServiceInfo {
+                parent: self.parent_of(addr.id),
+                epoch: self.driver.epoch(addr.id).unwrap_or(0),
+                addr,
+                mailbox_depth: depth,
+                mailbox_capacity: capacity,
             })
             .collect()
     }
 
     /// Every local service's address.
     pub fn local_services(&self) -> Vec<ServiceAddr> {
-        self.services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|s| s.addr.clone())
-            .collect()
+        self.registry
+            .with_all(|services| services.values().map(|s| s.addr.clone()).collect())
     }
 
     pub fn has_kind(&self, kind: &KindKey) -> bool {
@@ -1292,10 +1287,7 @@ impl NodeShared {
     }
 
     fn forget_service(&self, id: ServiceId) {
-        self.services
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.registry.remove(id);
     }
 
     /// A message from peer `origin` for local service `to`. `cache` keeps the last target a
@@ -1344,11 +1336,7 @@ impl NodeShared {
 
     /// The local service `id`, untyped.
     pub fn slot(&self, id: ServiceId) -> Option<Arc<dyn Slot>> {
-        self.services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|s| s.slot.clone())
+        self.registry.slot(id)
     }
 
     /// The local service `to`, through a stream's cache of its last target.
@@ -1511,11 +1499,7 @@ impl NodeShared {
 
     fn snapshot_stats(&self) -> NodeStats {
         let mut s = self.stats.snapshot();
-        s.services_live = self
-            .services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len() as u64;
+        s.services_live = self.registry.with_all(|services| services.len()) as u64;
         s.peers_connected = self.links().iter().filter(|l| l.is_connected()).count() as u64;
         s.book_edges = lock(&self.books).len() as u64;
         s.asks_pending = self.asks.len() as u64;
@@ -1682,7 +1666,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         id_prefix,
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
-        services: RwLock::new(IdMap::default()),
+        registry: Registry::new(limits.services_max),
         books: Mutex::new(BookIndex::new(limits.book_edges_max)),
         peers: RwLock::new(HashMap::new()),
         events: Mutex::new((0, VecDeque::new())),

@@ -573,7 +573,8 @@ pub(crate) async fn run_restored<S: Service>(
             Ok(Go::Discard) | Err(_) => {
                 // The carried queue is still at the source; what arrived here goes there.
                 let gone = mailbox.discard_all();
-                ctx.node.forget_moved(id);
+                let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
+                ctx.node.forget_moved(id, &copy);
                 ctx.node.hand_on(id, &restored.source, gone.parked);
                 ctx.node.send_skips(id, &restored.source, &gone.skips, 0);
             }
@@ -581,7 +582,8 @@ pub(crate) async fn run_restored<S: Service>(
                 // Nobody else holds what the copy carried if the source committed and died;
                 // if it lives and aborted, it has them too. Either way their senders are told.
                 let gone = mailbox.discard_all();
-                ctx.node.forget_moved(id);
+                let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
+                ctx.node.forget_moved(id, &copy);
                 let reason = DeliveryError::ServiceLost {
                     id,
                     node: restored.source.clone(),

@@ -139,7 +139,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("net", &["transport"]),
     (
         "node",
-        &["mailbox", "handle", "service", "node", "members", "migrate"],
+        &[
+            "mailbox", "registry", "handle", "service", "node", "members", "migrate",
+        ],
     ),
     ("features", &["placement", "tree", "admin"]),
     ("api", &["lib"]),
