@@ -44,6 +44,9 @@ pub struct BookIndex {
     reverse: HashMap<ServiceId, BTreeSet<(ServiceId, String)>>,
     edges: usize,
     edges_max: usize,
+    /// Per service the index names, the epoch of the last relocation applied: a late, older
+    /// `Located` must not point entries back. Pruned to the services still named.
+    epochs: HashMap<ServiceId, u64>,
 }
 
 impl BookIndex {
@@ -54,6 +57,7 @@ impl BookIndex {
             reverse: HashMap::new(),
             edges: 0,
             edges_max,
+            epochs: HashMap::new(),
         }
     }
 
@@ -132,9 +136,22 @@ impl BookIndex {
         Some(edge)
     }
 
-    /// Channel rebuild: `id` now runs on `node`. Rewrites every entry that names it and the
-    /// holder address of its own book. Returns the number of entries rewritten.
-    pub fn relocate(&mut self, id: ServiceId, node: &NodeName) -> usize {
+    /// Channel rebuild: `id` runs on `node` since `epoch`. Rewrites every entry that names it
+    /// and the holder address of its own book, unless a later epoch was applied already (a
+    /// late `Located` never points entries back). Returns the number of entries rewritten.
+    pub fn relocate(&mut self, id: ServiceId, node: &NodeName, epoch: u64) -> usize {
+        if !self.books.contains_key(&id) && !self.reverse.contains_key(&id) {
+            return 0;
+        }
+        if self.epochs.get(&id).is_some_and(|known| *known > epoch) {
+            return 0; // older news: the entries already name a later place
+        }
+        self.epochs.insert(id, epoch);
+        if self.epochs.len() > 2 * (self.books.len() + self.reverse.len()) + 64 {
+            let (books, reverse) = (&self.books, &self.reverse);
+            self.epochs
+                .retain(|s, _| books.contains_key(s) || reverse.contains_key(s));
+        }
         let mut rewritten = 0;
         if let Some((holder, book)) = self.books.get_mut(&id) {
             if holder.node != *node {
@@ -315,15 +332,20 @@ mod tests {
             target: addr(2, &a),
         })
         .unwrap();
-        assert_eq!(idx.relocate(ServiceId::from_parts(0, 2), &b), 3);
+        assert_eq!(idx.relocate(ServiceId::from_parts(0, 2), &b, 1), 3);
         assert_eq!(idx.get(ServiceId::from_parts(0, 1), "x").unwrap().node, b);
         assert_eq!(idx.get(ServiceId::from_parts(0, 3), "z").unwrap().node, b);
         assert_eq!(idx.edges_held_on(&b).len(), 2, "its own book moved with it");
         assert_eq!(
-            idx.relocate(ServiceId::from_parts(0, 2), &b),
+            idx.relocate(ServiceId::from_parts(0, 2), &b, 1),
             0,
             "idempotent"
         );
+        // A late `Located` of an older epoch does not point the entries back.
+        assert_eq!(idx.relocate(ServiceId::from_parts(0, 2), &a, 0), 0);
+        assert_eq!(idx.get(ServiceId::from_parts(0, 1), "x").unwrap().node, b);
+        assert_eq!(idx.relocate(ServiceId::from_parts(0, 2), &a, 2), 3);
+        assert_eq!(idx.get(ServiceId::from_parts(0, 1), "x").unwrap().node, a);
     }
 
     #[test]

@@ -757,7 +757,7 @@ impl NodeShared {
         if let Some(c) = chan {
             c.relocate(self, node, epoch);
         }
-        let n = lock(&self.books).relocate(id, node);
+        let n = lock(&self.books).relocate(id, node, epoch);
         self.driver.count_rebuilt(n);
         n
     }
