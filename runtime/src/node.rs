@@ -701,6 +701,14 @@ impl NodeShared {
         &self,
         addr: &ServiceAddr,
     ) -> Result<Arc<Channel<M>>, DeliveryError> {
+        // Where the service is: the directory, else membership gossip (a node that joined
+        // after a move never heard its `Located`), else the address itself. Read before the
+        // channel table is locked (the core and the member table are other subsystems).
+        let known = self.driver.location(addr.id).or_else(|| {
+            self.hosting_member(addr.id)
+                .filter(|at| *at != addr.node)
+                .map(|at| (at, 0))
+        });
         let mut table = lock(&self.channels);
         if let Some(c) = table.get(&addr.id) {
             return c.clone().into_any().downcast::<Channel<M>>().map_err(|_| {
@@ -714,10 +722,7 @@ impl NodeShared {
                 }
             });
         }
-        let (at, epoch) = self
-            .driver
-            .location(addr.id)
-            .unwrap_or_else(|| (addr.node.clone(), 0));
+        let (at, epoch) = known.unwrap_or_else(|| (addr.node.clone(), 0));
         let route = if at == self.name {
             let slot = self
                 .slot(addr.id)
@@ -748,6 +753,39 @@ impl NodeShared {
             table.insert(addr.id, chan.clone());
         }
         Ok(chan)
+    }
+
+    /// Node `at` said service `id` is not known there: if this node's channel points there
+    /// and the directory or membership gossip knows another place, the channel goes there (a
+    /// handle whose tombstone was evicted follows the service again). True if it moved.
+    pub fn not_known_at(&self, id: ServiceId, at: &NodeName) -> bool {
+        let Some(chan) = lock(&self.channels).get(&id).cloned() else {
+            return false;
+        };
+        let (points, epoch) = chan.location();
+        if points != *at {
+            return false;
+        }
+        let elsewhere = match self.driver.location(id) {
+            Some((n, e)) if n != *at => Some((n, e.max(epoch))),
+            _ => self
+                .hosting_member(id)
+                .filter(|n| n != at)
+                .map(|n| (n, epoch)),
+        };
+        match elsewhere {
+            Some((n, e)) => {
+                let moved = chan.relocate(self, &n, e);
+                if moved {
+                    self.event(
+                        "channel-followed",
+                        format!("service {id}: not known at {at}; now sent to {n}"),
+                    );
+                }
+                moved
+            }
+            None => false,
+        }
     }
 
     /// Channel rebuild on this node: `id` runs on `node` since `epoch`. Repoints the shared
@@ -864,6 +902,9 @@ impl NodeShared {
     /// Completes ask `ask` with `payload`; a refused request's number is skipped where the
     /// service is. False if no such ask was waiting.
     pub fn complete_ask(&self, ask: u64, payload: ReplyPayload) -> bool {
+        if let ReplyPayload::Refused(DeliveryError::UnknownService { id, node }) = &payload {
+            self.not_known_at(*id, node);
+        }
         let (waiting, refused) = self.asks.complete(ask, payload);
         if let Some((to, from, seq)) = refused {
             self.skip_refused(to, from, seq);

@@ -1283,6 +1283,9 @@ fn handle_frame(
                     node: link.name.clone(),
                     reason: reason.to_string(),
                 });
+                if let DeliveryError::UnknownService { node: at, .. } = &reason {
+                    node.not_known_at(to, at);
+                }
                 // Wherever it was refused, its number must not hold up the live window.
                 node.skip_refused(to, from, seq);
             }

@@ -920,3 +920,50 @@ fn a_service_started_on_a_peer_a_moment_ago_can_be_moved_from_here() -> Result<(
     c.shutdown();
     Ok(())
 }
+
+/// A node that joins after a move (here: restarted, so it never heard the `Located`) and is
+/// given the service's old address reaches it: its channel takes the place from membership
+/// gossip, or follows it when the old node says it does not know the service (its tombstone
+/// gone). Before, every message from that node was refused for good.
+#[test]
+fn a_node_that_joins_after_a_move_reaches_the_service_through_its_old_address() -> Result<()> {
+    let mut c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let addr = c.node("b").spawn(Slow::default())?.addr().clone();
+    let report = block_on(c.node("b").migrate(addr.id, "c", opts()))?;
+    assert!(report.aborted.is_none(), "{report:?}");
+    wait_for(
+        SECS_10,
+        "b drops its tombstone once every peer fenced it",
+        || {
+            c.node("b")
+                .events()
+                .iter()
+                .any(|e| e.kind == "tombstone-removed")
+        },
+    )?;
+    c.restart("a")?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let mut item = 0;
+    wait_for(
+        SECS_10,
+        "a's handle made from the old address is answered",
+        || {
+            let Ok(h) = a.resolve::<Slow>(&addr) else {
+                return false;
+            };
+            item += 1;
+            let told = h.tell(SlowMsg::Item(item)).is_ok();
+            told && block_on(h.ask(SlowMsg::Items, Duration::from_millis(500)))
+                .is_ok_and(|items| items.contains(&item))
+        },
+    )?;
+    assert_eq!(
+        a.resolve::<Slow>(&addr)?.location().as_str(),
+        "c",
+        "the channel points where the service runs"
+    );
+    c.shutdown();
+    Ok(())
+}
