@@ -924,9 +924,11 @@ async fn read_stream(
                 Ok(None) => break,
                 Err(e) => {
                     // Framing is lost on this stream: report, stop it, keep the connection
-                    // (unless it is the control stream).
+                    // (unless it is the control stream). A snapshot it carried ends here: a
+                    // committed copy runs with what arrived rather than wait for the rest.
                     protocol_error(&node, &link, &e);
                     end_stream(&node, kind, &mut recv, &conn, &e);
+                    crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
                     return;
                 }
             }

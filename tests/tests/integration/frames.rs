@@ -476,3 +476,59 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
     c.shutdown();
     Ok(())
 }
+
+/// A snapshot stream whose framing breaks after the state and part of the carried queue: the
+/// copy runs once its source commits, with what arrived, instead of waiting for the rest of
+/// its queue for ever (before, a framing error left it gated: nothing it held, and nothing
+/// sent to it, was ever handled).
+#[test]
+fn a_snapshot_stream_whose_framing_breaks_leaves_no_copy_gated() -> Result<()> {
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let slow = KindKey::new("test-slow", 1);
+    let state = rmp_serde::to_vec(&Slow::default())?;
+    block_on(async {
+        let mut p = Probe::connect(&c, "a").await?;
+        let h = snap_header(10, slow.clone(), state.len() as u64, 2);
+        let addr = tern::ServiceAddr {
+            id: h.id,
+            kind: slow.clone(),
+            node: a.name().clone(),
+        };
+        let mut s = begin(h);
+        s.extend(frame(&Frame::SnapState { bytes: &state }));
+        s.extend(frame(&Frame::SnapCarried {
+            msgs: vec![wire::CarriedMsg {
+                from: Some(ServiceId::from_parts(0x5eed, 99)),
+                seq: 1,
+                ask: None,
+                origin: Some(tern::NodeName::new("probe")),
+                msg: rmp_serde::to_vec(&crate::common::SlowMsg::Item(7))?,
+            }],
+        }));
+        // The second carried message never comes: a length no frame may have.
+        s.extend(u32::MAX.to_be_bytes());
+        s.extend([0u8; 8]);
+        p.send_uni(&s).await?;
+        match p.mig().await? {
+            MigMsg::Prepared { n: 10, .. } => {}
+            other => bail!("expected Prepared for attempt 10, got {other:?}"),
+        }
+        let commit = frame(&Frame::Mig(MigMsg::Commit {
+            source: tern::NodeName::new("probe"),
+            n: 10,
+        }));
+        p.ctrl_send.write_all(&commit).await?;
+        let h = a.resolve::<Slow>(&addr)?;
+        let items = h
+            .ask(crate::common::SlowMsg::Items, SECS_10)
+            .await
+            .context("the committed copy never ran")?;
+        assert_eq!(items, vec![7], "it ran with what arrived");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert!(a.stats().protocol_errors >= 1);
+    c.shutdown();
+    Ok(())
+}
