@@ -1199,7 +1199,7 @@ async fn write_snapshot(
     let started = Instant::now();
     // Once committed, the carried queue and the leftovers have no other copy: if the stream is
     // not acknowledged to its end, their senders are told (see below).
-    let mut committed_tail: Option<(Vec<CarriedMsg>, Vec<(ServiceId, u64)>)> = None;
+    let mut committed_tail: Option<Leftover> = None;
     let result = async {
         let mut send = conn
             .open_uni()
@@ -1251,7 +1251,10 @@ async fn write_snapshot(
                 put_frame(&mut send, &mut buf, &frame, frame_max, "carried messages").await?;
         }
         if let Ok(left) = leftovers.await {
-            committed_tail = Some((left.msgs.clone(), left.skipped.clone()));
+            committed_tail = Some(Leftover {
+                msgs: left.msgs.clone(),
+                skipped: left.skipped.clone(),
+            });
             while next < total {
                 // The commit's own messages, queued just now, go out before the first chunk.
                 tokio::task::yield_now().await;
@@ -1318,7 +1321,11 @@ async fn write_snapshot(
             let actions = lock(&node.driver.core).link_lost(&to);
             node.driver.run(&node, actions);
             node.driver.note_written(&node, id, &mig, 0);
-            if let Some((left, skipped)) = committed_tail {
+            if let Some(Leftover {
+                msgs: left,
+                skipped,
+            }) = committed_tail
+            {
                 refuse_unconfirmed(&node, id, &to, out.carried.as_ref(), left);
                 // The numbers consumed here during the freeze went with the leftovers: the
                 // target's windows must still learn them (on the control stream).
