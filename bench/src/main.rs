@@ -23,6 +23,9 @@ fn main() -> Result<()> {
     } else {
         util::Scale::full()
     };
+    // Logs go to stderr: `--json` prints one object on stdout and nothing else (a node's
+    // warnings, such as losses declared when a phase's nodes stop, used to land there).
+    tern_harness::init_tracing_stderr();
     let started = std::time::Instant::now();
     util::start_clock();
 
