@@ -717,6 +717,20 @@ mod tests {
         }
     }
 
+    /// A restored copy whose window for `FROM` expects `next`, with room for `capacity`.
+    fn restored_at(next: u64, capacity: usize) -> Inbox<Msg> {
+        Inbox::restored(
+            ME,
+            capacity,
+            vec![WindowExport {
+                from: FROM,
+                next,
+                early: vec![],
+                skipped: vec![],
+            }],
+        )
+    }
+
     fn pop_seqs(inbox: &mut Inbox<Msg>) -> Vec<u64> {
         std::iter::from_fn(|| inbox.pop().0.map(|m| m.seq)).collect()
     }
@@ -800,16 +814,7 @@ mod tests {
 
     #[test]
     fn a_skip_while_parked_waits_for_the_gate_and_a_moved_inbox_hands_it_on() {
-        let mut dst = Inbox::restored(
-            ME,
-            4,
-            vec![WindowExport {
-                from: FROM,
-                next: 3,
-                early: vec![],
-                skipped: vec![],
-            }],
-        );
+        let mut dst = restored_at(3, 4);
         assert_eq!(dst.admit(m(4), Admit::Tell), Ok(false));
         assert_eq!(dst.skip(FROM, 3), Ok(false));
         dst.carried_done();
@@ -822,16 +827,7 @@ mod tests {
 
     #[test]
     fn a_parked_refusal_of_a_forwarded_message_is_skipped_at_the_gate() {
-        let mut dst = Inbox::restored(
-            ME,
-            1,
-            vec![WindowExport {
-                from: FROM,
-                next: 1,
-                early: vec![],
-                skipped: vec![],
-            }],
-        );
+        let mut dst = restored_at(1, 1);
         assert_eq!(dst.admit(m(1), Admit::Tell), Ok(false));
         assert!(
             dst.admit(m(2), Admit::Forwarded).is_ok(),
@@ -849,16 +845,7 @@ mod tests {
     /// waited for that number for ever.
     #[test]
     fn a_discarded_copy_gives_back_the_skips_it_parked() {
-        let mut dst = Inbox::restored(
-            ME,
-            4,
-            vec![WindowExport {
-                from: FROM,
-                next: 3,
-                early: vec![],
-                skipped: vec![],
-            }],
-        );
+        let mut dst = restored_at(3, 4);
         assert_eq!(dst.admit(m(4), Admit::Tell), Ok(false));
         assert_eq!(dst.skip(FROM, 3), Ok(false));
         let gone = dst.discard_all();

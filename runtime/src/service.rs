@@ -857,10 +857,7 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for CatchPanic<'_,
     type Output = Result<(), Box<dyn Any + Send>>;
 
     #[inline(always)]
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Self::Output> {
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let fut = self.get_mut().0.as_mut();
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Ready(())) => Poll::Ready(Ok(())),

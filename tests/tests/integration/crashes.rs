@@ -95,10 +95,13 @@ fn a_node_that_dies_with_queued_messages_has_each_unhandled_one_reported() -> Re
         for i in 21..=n {
             from_c.tell(SlowMsg::Item(i))?;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(())
     });
     lost?;
+    // The hold is in hand and confirmed to c (every number up to it taken), the rest queued.
+    wait_for(SECS_10, "b holds the rest behind the hold", || {
+        from_c.unconfirmed() == n - 20
+    })?;
     c.kill("b");
     let cn = c.node("c");
     wait_for(SECS_10, "c declares what b took with it", || {

@@ -591,8 +591,14 @@ fn timers_travel_and_fire_on_the_target_at_the_right_time() -> Result<()> {
         })?;
         let report = a.migrate(t.id(), "b", opts()).await?;
         assert!(report.committed(), "{report:?}");
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let fired = t.ask(crate::common::AlarmMsg::Fired, SECS_10).await?;
+        // Waits for the first firing (polled: the ask runs on this thread).
+        let fired = loop {
+            let fired = t.ask(crate::common::AlarmMsg::Fired, SECS_10).await?;
+            if !fired.is_empty() {
+                break fired;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert_eq!(fired.len(), 1, "{fired:?}");
         let (tag, node, late_ms) = fired[0].clone();
         assert_eq!((tag, node.as_str()), (7, "b"), "fired once, on the target");
