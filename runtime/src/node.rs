@@ -1156,7 +1156,43 @@ impl NodeShared {
                 kind: header.kind.clone(),
                 node: self.name.clone(),
             })?;
-        f(self, source, header, state)
+        let holder = ServiceAddr {
+            id: header.id,
+            kind: header.kind.clone(),
+            node: source.clone(),
+        };
+        let book = header.book.clone();
+        let copy = f(self, source, header, state)?;
+        self.learn_book(holder, book);
+        Ok(copy)
+    }
+
+    /// The book a snapshot carried: entries this node's index lacks (a `BookChange` it
+    /// missed) are added, under the holder's address at its source; the commit's relocation
+    /// then points them here. Entries it has are left as they are.
+    fn learn_book(&self, holder: ServiceAddr, book: Vec<(String, ServiceAddr)>) {
+        let mut books = lock(&self.books);
+        for (role, target) in book {
+            if books.get(holder.id, &role).is_some() {
+                continue;
+            }
+            let edge = BookEdge {
+                holder: holder.clone(),
+                role,
+                target,
+            };
+            if let Err(full) = books.insert(edge) {
+                drop(books);
+                self.event(
+                    "book-edge-dropped",
+                    format!(
+                        "service {}: a carried book entry does not fit ({} edges)",
+                        holder.id, full.edges_max
+                    ),
+                );
+                return;
+            }
+        }
     }
 
     /// True when kind `kind` is registered here.

@@ -532,3 +532,52 @@ fn a_snapshot_stream_whose_framing_breaks_leaves_no_copy_gated() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// The book a snapshot carries is read at the target: an entry the target never heard of (its
+/// `BookChange` missed) is there once the copy runs, pointing from the service's new place.
+#[test]
+fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
+    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let slow = KindKey::new("test-slow", 1);
+    let state = rmp_serde::to_vec(&Slow::default())?;
+    let friend = tern::ServiceAddr {
+        id: ServiceId::from_parts(0x5eed, 77),
+        kind: slow.clone(),
+        node: tern::NodeName::new("b"),
+    };
+    let mut h = snap_header(11, slow.clone(), state.len() as u64, 0);
+    h.book = vec![("friend".to_string(), friend.clone())];
+    let id = h.id;
+    block_on(async {
+        let mut p = Probe::connect(&c, "a").await?;
+        let mut s = begin(h);
+        s.extend(frame(&Frame::SnapState { bytes: &state }));
+        s.extend(frame(&Frame::SnapEnd));
+        p.send_uni(&s).await?;
+        match p.mig().await? {
+            MigMsg::Prepared { n: 11, .. } => {}
+            other => bail!("expected Prepared for attempt 11, got {other:?}"),
+        }
+        p.ctrl_send
+            .write_all(&frame(&Frame::Mig(MigMsg::Commit {
+                source: tern::NodeName::new("probe"),
+                n: 11,
+            })))
+            .await?;
+        let mut running = false;
+        for _ in 0..1_000 {
+            if a.services().iter().any(|s| s.addr.id == id) {
+                running = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(running, "the committed copy runs");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(a.book(id), vec![("friend".to_string(), friend)]);
+    c.shutdown();
+    Ok(())
+}
