@@ -168,9 +168,10 @@ fn refuse(node: &NodeShared, conn: &quinn::Connection, reason: &str, detail: Str
         quinn::VarInt::from_u32(tern_proto::wire::code::REFUSED as u32),
         reason.as_bytes(),
     );
-    node.stats.connections_refused.inc();
     tracing::warn!(refusal = %detail, "admin connection refused");
+    // The event before the count: whoever sees the count finds the event.
     node.event("connection-refused", detail);
+    node.stats.connections_refused.inc();
 }
 
 /// Serves one admin connection until the client closes it.

@@ -567,9 +567,10 @@ pub(crate) async fn accept_loop(node: Arc<NodeShared>, endpoint: quinn::Endpoint
 }
 
 fn refuse(node: &NodeShared, what: String) {
-    node.stats.connections_refused.inc();
     tracing::warn!(refusal = %what, "connection refused");
+    // The event before the count: whoever sees the count finds the event.
     node.event("connection-refused", what);
+    node.stats.connections_refused.inc();
 }
 
 async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
