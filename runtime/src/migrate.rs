@@ -918,9 +918,9 @@ impl Driver {
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Orphan);
                     }
-                    node.stats.copies_orphaned.inc();
                     tracing::warn!(%service, source = %mig.source, n = mig.n,
                         "prepared copy orphaned: its source never decided");
+                    // Events before counts: whoever sees the count finds the event.
                     node.event(
                         "copy-orphaned",
                         format!(
@@ -930,6 +930,7 @@ impl Driver {
                             mig.source
                         ),
                     );
+                    node.stats.copies_orphaned.inc();
                 }
                 Action::Enqueue { .. } | Action::Refuse { .. } => {
                     // The node's data plane is the mailbox; no data goes through the core.

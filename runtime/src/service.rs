@@ -906,7 +906,6 @@ fn restarted<S: Service>(
     let id = ctx.id();
     let detail = panic_message(panic);
     tracing::warn!(service = %id, kind = S::KIND, panic = %detail, "handler panicked; service restarted");
-    ctx.node.stats.services_restarted.inc();
     ctx.node.event(
         "restarted",
         format!(
@@ -914,6 +913,7 @@ fn restarted<S: Service>(
             S::kind_key()
         ),
     );
+    ctx.node.stats.services_restarted.inc();
     ctx.timers.clear();
     ctx.stop = false;
     ctx.migrate_to = None;
@@ -931,7 +931,6 @@ fn report_panic<S: Service, M>(
 ) {
     let id = ctx.id();
     tracing::error!(service = %id, kind = S::KIND, panic = detail, "handler panicked; service stopped");
-    ctx.node.stats.services_panicked.inc();
     ctx.node.event(
         "panicked",
         format!(
@@ -940,6 +939,7 @@ fn report_panic<S: Service, M>(
             rest.len()
         ),
     );
+    ctx.node.stats.services_panicked.inc();
     let reason = DeliveryError::ServicePanicked {
         id,
         detail: detail.to_string(),

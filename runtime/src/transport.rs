@@ -1270,7 +1270,6 @@ fn handle_frame(
                 reason,
             },
         ) => {
-            node.stats.refused_by_peers.inc();
             tracing::warn!(peer = %link.name, %to, ?from, seq, %reason, "message refused by peer");
             node.event(
                 "refused-by-peer",
@@ -1292,6 +1291,8 @@ fn handle_frame(
                 // Wherever it was refused, its number must not hold up the live window.
                 node.skip_refused(to, from, seq);
             }
+            // Counted last: whoever sees the count finds the event and the loss report.
+            node.stats.refused_by_peers.inc();
         }
         (StreamKind::Control, Frame::BookSync { edges }) => {
             for edge in edges {
