@@ -804,11 +804,7 @@ impl NodeShared {
     /// it without stopping anything. A newer copy of the same service registered meanwhile
     /// (the next attempt's) stays, with its marks and traffic.
     pub fn forget_moved(&self, id: ServiceId, copy: &Arc<dyn Slot>) {
-        let mut remote = HashMap::new();
-        self.note_handled(id, copy, &mut remote);
-        for (origin, marks) in remote {
-            self.send_handled(&origin, marks);
-        }
+        self.flush_handled_of(id, copy);
         if self.registry.remove_copy(id, copy) {
             lock(&self.traffic).forget(id);
         }
@@ -1018,11 +1014,16 @@ impl NodeShared {
     /// A service that leaves this node (migration, stop) reports its last marks first.
     pub fn flush_handled(&self, id: ServiceId) {
         if let Some(slot) = self.slot(id) {
-            let mut remote = HashMap::new();
-            self.note_handled(id, &slot, &mut remote);
-            for (origin, marks) in remote {
-                self.send_handled(&origin, marks);
-            }
+            self.flush_handled_of(id, &slot);
+        }
+    }
+
+    /// Reports the last marks of copy `slot` of service `id` now.
+    fn flush_handled_of(&self, id: ServiceId, slot: &Arc<dyn Slot>) {
+        let mut remote = HashMap::new();
+        self.note_handled(id, slot, &mut remote);
+        for (origin, marks) in remote {
+            self.send_handled(&origin, marks);
         }
     }
 

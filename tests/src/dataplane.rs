@@ -287,21 +287,29 @@ impl Sim {
             .get(&to)
             .map(|(n, e)| (self.names[*n].clone(), *e));
         match newest_location(None, dir) {
-            Some(at) if at != self.names[node] => {
-                let at = self.node_of(&at);
-                self.net(
-                    node,
-                    at,
-                    Net::Skip {
-                        to,
-                        from,
-                        seq,
-                        hops: 0,
-                    },
-                );
-            }
+            Some(at) if at != self.names[node] => self.send_skip(node, &at, (to, from, seq), 0),
             _ => self.apply_skip(node, to, from, seq, 0),
         }
+    }
+
+    fn send_skip(
+        &mut self,
+        node: usize,
+        at: &NodeName,
+        (to, from, seq): (ServiceId, ServiceId, u64),
+        hops: u8,
+    ) {
+        let at = self.node_of(at);
+        self.net(
+            node,
+            at,
+            Net::Skip {
+                to,
+                from,
+                seq,
+                hops,
+            },
+        );
     }
 
     fn apply_skip(&mut self, node: usize, to: ServiceId, from: ServiceId, seq: u64, hops: u8) {
@@ -316,20 +324,7 @@ impl Sim {
             .get(&to)
             .map(|(n, _)| self.names[*n].clone());
         match skip_next_hop(&self.names[node], tomb, known, hops) {
-            Some(at) => {
-                let at = self.node_of(&at);
-                let hops = hops + 1;
-                self.net(
-                    node,
-                    at,
-                    Net::Skip {
-                        to,
-                        from,
-                        seq,
-                        hops,
-                    },
-                );
-            }
+            Some(at) => self.send_skip(node, &at, (to, from, seq), hops + 1),
             None => self.report.skips_lost += 1,
         }
     }
@@ -495,16 +490,8 @@ impl Sim {
         };
         let gone = h.inbox.discard_all();
         for (from, seq) in gone.skips {
-            self.net(
-                node,
-                source,
-                Net::Skip {
-                    to: service,
-                    from,
-                    seq,
-                    hops: 0,
-                },
-            );
+            let at = self.names[source].clone();
+            self.send_skip(node, &at, (service, from, seq), 0);
         }
         for m in gone.parked {
             self.net(
