@@ -136,6 +136,15 @@ pub enum DeliveryError {
         /// The node.
         node: NodeName,
     },
+    /// The service already keeps a receive window for as many senders as it may
+    /// ([`crate::inbox::SENDERS_MAX`]); a sender it has never heard from is refused.
+    #[error("service {id} already has {senders_max} senders; a new one is refused")]
+    TooManySenders {
+        /// The service.
+        id: ServiceId,
+        /// The bound.
+        senders_max: usize,
+    },
 }
 
 /// Why an ask did not produce a reply.

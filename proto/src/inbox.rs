@@ -24,6 +24,12 @@ pub const PARKED_MAX: usize = 65_536;
 /// Replaced handled marks kept for telling; past this the oldest goes (its sender's node then
 /// keeps those messages outstanding until a later mark or a node loss declares them).
 pub const HANDLED_MOVED_MAX: usize = 1024;
+/// Senders a service keeps a receive window for. A window is what lets a message arrive
+/// exactly once and in order whatever way it comes, so it is never dropped while the service
+/// lives; past this bound a sender never seen before is refused
+/// ([`DeliveryError::TooManySenders`]), and so is every later message it sends here. Its
+/// skips and gaps are ignored: it has no window to wait in.
+pub const SENDERS_MAX: usize = 65_536;
 /// Numbers skipped while frozen, kept for the leftovers. A freeze lasts one snapshot; past
 /// this bound the oldest goes, and the sender's own skip (sent when it hears of the refusal)
 /// closes that number at the target.
@@ -103,7 +109,6 @@ pub struct Discarded<T> {
 struct Handled {
     seq: u64,
     origin: Option<NodeName>,
-    told: bool,
 }
 
 /// Arrivals at a restored copy before it may take them.
@@ -140,8 +145,9 @@ pub struct Inbox<T> {
     /// Numbers consumed while frozen: the exported windows do not know them, so they go with
     /// the leftovers.
     frozen_skips: VecDeque<(ServiceId, u64)>,
-    /// Per numbered sender, the last number taken for handling and the node it came from
-    /// (`None`: this node), with whether that node has been told.
+    /// Per numbered sender whose progress its node has not been told yet, the last number
+    /// taken for handling and the node it came from (`None`: this node). A mark leaves once
+    /// told, so this holds only the senders served since the last [`Inbox::take_handled`].
     handled: BTreeMap<ServiceId, Handled>,
     /// Marks not yet told that a newer mark from another node replaced (the sender moved):
     /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
@@ -293,10 +299,9 @@ impl<T: Numbered> Inbox<T> {
     /// Consumes number `seq` of `from` in its window, remembering it while frozen. True when
     /// that released messages to the queue.
     fn consume(&mut self, from: ServiceId, seq: u64) -> bool {
-        let w = self
-            .windows
-            .entry(from)
-            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
+        let Some(w) = self.window(from) else {
+            return false;
+        };
         if seq < w.watermark().0 {
             return false;
         }
@@ -313,6 +318,23 @@ impl<T: Numbered> Inbox<T> {
             self.frozen_skips.push_back((from, seq));
         }
         self.release(released)
+    }
+
+    /// `from`'s window, made if it is new and there is room for one more sender.
+    fn window(&mut self, from: ServiceId) -> Option<&mut Window<T>> {
+        let room = self.windows.len() < SENDERS_MAX;
+        match self.windows.entry(from) {
+            std::collections::btree_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::btree_map::Entry::Vacant(e) if room => {
+                Some(e.insert(Window::new(WINDOW_HELD_MAX)))
+            }
+            std::collections::btree_map::Entry::Vacant(_) => None,
+        }
+    }
+
+    /// Senders this inbox keeps a window for (at most [`SENDERS_MAX`]).
+    pub fn senders(&self) -> usize {
+        self.windows.len()
     }
 
     /// Queues messages a window released after a gap closed or a number was skipped.
@@ -373,10 +395,16 @@ impl<T: Numbered> Inbox<T> {
             return Ok(true);
         };
         let seq = item.seq();
-        let w = self
-            .windows
-            .entry(from)
-            .or_insert_with(|| Window::new(WINDOW_HELD_MAX));
+        let id = self.id;
+        let Some(w) = self.window(from) else {
+            return Err((
+                DeliveryError::TooManySenders {
+                    id,
+                    senders_max: SENDERS_MAX,
+                },
+                item,
+            ));
+        };
         if seq < w.watermark().0 {
             self.duplicates += 1;
             return Ok(false);
@@ -459,11 +487,10 @@ impl<T: Numbered> Inbox<T> {
         if self.frozen || self.moved.is_some() || self.parked.is_some() || self.closed {
             return Err(NotNow);
         }
-        let released = self
-            .windows
-            .entry(from)
-            .or_insert_with(|| Window::new(WINDOW_HELD_MAX))
-            .skip_through(through);
+        let released = match self.window(from) {
+            Some(w) => w.skip_through(through),
+            None => Vec::new(),
+        };
         Ok(self.release(released))
     }
 
@@ -597,13 +624,11 @@ impl<T: Numbered> Inbox<T> {
                 match &mut self.recent {
                     Some((f, h)) if *f == from && h.origin.as_ref() == it.origin() => {
                         h.seq = seq;
-                        h.told = false;
                     }
                     _ => {
                         let mark = Handled {
                             seq,
                             origin: it.origin().cloned(),
-                            told: false,
                         };
                         if let Some((f, h)) = self.recent.replace((from, mark)) {
                             self.store_mark(f, h);
@@ -621,7 +646,7 @@ impl<T: Numbered> Inbox<T> {
         match self.handled.get_mut(&from) {
             Some(h) => {
                 let old = std::mem::replace(h, mark);
-                if !old.told && old.origin != h.origin {
+                if old.origin != h.origin {
                     if self.handled_moved.len() >= HANDLED_MOVED_MAX {
                         self.handled_moved.pop_front();
                     }
@@ -642,13 +667,9 @@ impl<T: Numbered> Inbox<T> {
         }
         let mut out: Vec<_> = self.handled_moved.drain(..).collect();
         out.extend(
-            self.handled
-                .iter_mut()
-                .filter(|(_, h)| !h.told)
-                .map(|(from, h)| {
-                    h.told = true;
-                    (*from, h.seq, h.origin.clone())
-                }),
+            std::mem::take(&mut self.handled)
+                .into_iter()
+                .map(|(from, h)| (from, h.seq, h.origin)),
         );
         out
     }
@@ -861,5 +882,66 @@ mod tests {
             let _ = inbox.skip(FROM, seq);
         }
         assert_eq!(inbox.windows[&FROM].held(), 2 * WINDOW_HELD_MAX);
+    }
+
+    #[test]
+    fn past_the_senders_bound_a_new_sender_is_refused_and_known_ones_go_on() {
+        let mut inbox = Inbox::new(ME, 4);
+        let sender = |i: u64| ServiceId::from_parts(9, i);
+        for i in 0..SENDERS_MAX as u64 {
+            let msg = Msg {
+                from: Some(sender(i)),
+                seq: 1,
+            };
+            assert_eq!(inbox.admit(msg, Admit::Accepted), Ok(true));
+            assert!(inbox.pop().0.is_some());
+        }
+        let late = sender(SENDERS_MAX as u64);
+        let refused = inbox.admit(
+            Msg {
+                from: Some(late),
+                seq: 1,
+            },
+            Admit::Tell,
+        );
+        assert!(matches!(
+            refused,
+            Err((
+                DeliveryError::TooManySenders {
+                    senders_max: SENDERS_MAX,
+                    ..
+                },
+                _
+            ))
+        ));
+        // Its skip and its gap make no window either.
+        assert_eq!(inbox.skip(late, 1), Ok(false));
+        assert_eq!(inbox.skip_through(late, 5), Ok(false));
+        assert_eq!(inbox.senders(), SENDERS_MAX);
+        // A known sender's next message is taken.
+        let known = Msg {
+            from: Some(sender(3)),
+            seq: 2,
+        };
+        assert_eq!(inbox.admit(known, Admit::Tell), Ok(true));
+    }
+
+    #[test]
+    fn handled_marks_leave_once_told() {
+        let mut inbox = Inbox::new(ME, 8);
+        for i in 0..5 {
+            let msg = Msg {
+                from: Some(ServiceId::from_parts(9, i)),
+                seq: 1,
+            };
+            assert_eq!(inbox.admit(msg, Admit::Tell), Ok(true));
+            assert!(inbox.pop().0.is_some());
+        }
+        assert_eq!(inbox.take_handled().len(), 5);
+        assert!(inbox.handled.is_empty() && inbox.recent.is_none());
+        assert!(inbox.take_handled().is_empty(), "told once");
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        assert!(inbox.pop().0.is_some());
+        assert_eq!(inbox.take_handled(), vec![(FROM, 1, None)]);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`error`]: why a delivery or an ask failed (these travel on the wire).
 //! - [`seq`]: one sender's receive window.
 //! - [`inbox`]: one service's inbox: admission, parking, freeze and hand-over, handled marks.
+//! - [`snapshot`]: a snapshot's windows and send counters, cut into frames and put back.
 //! - [`migration`]: one node's migration protocol, single and group, with tombstones and the
 //!   directory of locations.
 //! - [`directory`]: address books and their reverse index.
@@ -26,6 +27,7 @@ pub mod members;
 pub mod migration;
 pub mod placement;
 pub mod seq;
+pub mod snapshot;
 pub mod traffic;
 pub mod wire;
 #[cfg(test)]

@@ -319,6 +319,10 @@ pub struct Config {
     pub query_ticks: u64,
     /// Tombstones kept; the oldest is forgotten first.
     pub tombstones_max: usize,
+    /// Locations kept of services neither hosted nor buried here; the longest known is
+    /// forgotten first (the node then finds the service through gossip or by asking its
+    /// peers, as it does one it never heard of).
+    pub directory_max: usize,
     /// Decisions remembered for late questions; the oldest aborted ones are forgotten first.
     pub decisions_max: usize,
     /// Ticks a prepared copy waits for its source's decision before it is dropped as an
@@ -342,6 +346,7 @@ impl Default for Config {
             deadline_ticks: 500,
             query_ticks: 100,
             tombstones_max: 65_536,
+            directory_max: 65_536,
             decisions_max: 65_536,
             orphan_ticks: 6_000,
             freeze_ticks: 1_000,
@@ -423,6 +428,8 @@ pub struct Core<S, P> {
     tombs: BTreeMap<ServiceId, Tomb>,
     tomb_order: VecDeque<ServiceId>,
     directory: BTreeMap<ServiceId, (NodeName, u64)>,
+    /// Directory entries, oldest first, for forgetting (cleaned lazily).
+    directory_order: VecDeque<ServiceId>,
     decisions: BTreeMap<MigrationId, Decision>,
     decision_order: VecDeque<MigrationId>,
     send_seqs: BTreeMap<(ServiceId, ServiceId), u64>,
@@ -452,6 +459,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             tombs: BTreeMap::new(),
             tomb_order: VecDeque::new(),
             directory: BTreeMap::new(),
+            directory_order: VecDeque::new(),
             decisions: BTreeMap::new(),
             decision_order: VecDeque::new(),
             send_seqs: BTreeMap::new(),
@@ -488,7 +496,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 arrived_by: None,
             },
         );
-        self.directory.insert(service, (self.me.clone(), 0));
+        self.place(service, self.me.clone(), 0);
     }
 
     /// Records that `service` is at `node` since `epoch` (if newer than what is known).
@@ -498,8 +506,40 @@ impl<S: Clone, P: Clone> Core<S, P> {
             .get(&service)
             .is_none_or(|(_, known)| epoch > *known);
         if newer {
-            self.directory.insert(service, (node, epoch));
+            self.place(service, node, epoch);
         }
+    }
+
+    /// Writes `service`'s location, forgetting the longest-known location of a service that
+    /// is neither hosted nor buried here when past [`Config::directory_max`].
+    fn place(&mut self, service: ServiceId, node: NodeName, epoch: u64) {
+        if self.directory.insert(service, (node, epoch)).is_none() {
+            self.directory_order.push_back(service);
+        }
+        let keep = self.cfg.directory_max + self.hosted.len() + self.tombs.len();
+        while self.directory.len() > keep {
+            let Some(old) = self.directory_order.pop_front() else {
+                break;
+            };
+            if self.hosted.contains_key(&old) || self.tombs.contains_key(&old) {
+                // Needed while it is here or buried here: it goes to the back.
+                self.directory_order.push_back(old);
+            } else {
+                self.directory.remove(&old);
+            }
+        }
+        if self.directory_order.len() > 2 * self.directory.len() + 64 {
+            let dir = &self.directory;
+            let mut seen = BTreeSet::new();
+            self.directory_order
+                .retain(|s| dir.contains_key(s) && seen.insert(*s));
+        }
+    }
+
+    /// Locations in the directory (at most [`Config::directory_max`] beyond the services
+    /// hosted or buried here).
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
     }
 
     /// Where this node believes `service` is.
@@ -1216,7 +1256,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
         self.bury(service, epoch);
         self.send_seqs.retain(|(from, _), _| *from != service);
-        self.directory.insert(service, (to.clone(), epoch));
+        self.place(service, to.clone(), epoch);
         for peer in self.peers.clone() {
             self.send(
                 peer,
@@ -1570,7 +1610,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             h.phase = Phase::Running;
             let epoch = h.epoch;
             let parked = std::mem::take(&mut h.parked);
-            self.directory.insert(service, (self.me.clone(), epoch));
+            self.place(service, self.me.clone(), epoch);
             self.out.push(Action::Start { service });
             for (data, _) in parked {
                 self.accept(data);
@@ -2102,5 +2142,31 @@ mod tests {
             },
         );
         assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
+    }
+
+    #[test]
+    fn the_directory_forgets_the_oldest_location_past_its_bound_never_a_hosted_one() {
+        let me = NodeName::new("a");
+        let cfg = Config {
+            directory_max: 3,
+            ..Config::default()
+        };
+        let mut core: C = Core::new(me.clone(), cfg);
+        let here = ServiceId::from_parts(1, 1);
+        core.host(here);
+        let far = |i: u64| ServiceId::from_parts(2, i);
+        for i in 0..10 {
+            core.learn(far(i), NodeName::new("b"), 1);
+        }
+        assert_eq!(core.directory_len(), 4, "three others and the hosted one");
+        assert_eq!(core.locate(here), Some(&me));
+        assert_eq!(core.locate(far(0)), None, "the oldest is forgotten");
+        for i in 7..10 {
+            assert!(core.locate(far(i)).is_some(), "the newest three are kept");
+        }
+        // A forgotten location is learned again like a new one.
+        core.learn(far(0), NodeName::new("c"), 2);
+        assert_eq!(core.locate(far(0)), Some(&NodeName::new("c")));
+        assert_eq!(core.directory_len(), 4);
     }
 }

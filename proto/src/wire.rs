@@ -292,6 +292,16 @@ pub enum Frame<'a> {
         /// The epoch it moved at.
         epoch: u64,
     },
+    /// Snapshot stream, after the header and before the state: part of the service's receive
+    /// windows and send counters, as many frames as the header's `tables` says (see
+    /// [`crate::snapshot`]). They travel apart from the header so that a service with many
+    /// senders fits any frame bound.
+    SnapTables {
+        /// Receive windows; one window's early messages may continue in the next entry.
+        windows: Vec<WindowWire>,
+        /// Per receiver, the last number the service used as a sender.
+        send_seqs: Vec<(ServiceId, u64)>,
+    },
 }
 
 impl Frame<'_> {
@@ -318,6 +328,7 @@ impl Frame<'_> {
             Frame::SnapLeftovers { .. } => "snap-leftovers",
             Frame::SnapEnd => "snap-end",
             Frame::Fence { .. } => "fence",
+            Frame::SnapTables { .. } => "snap-tables",
             Frame::Members { .. } => "members",
             Frame::Handled { .. } => "handled",
             Frame::Gap { .. } => "gap",
@@ -383,10 +394,13 @@ pub struct SnapHeader {
     pub carried: u64,
     /// Pending timers.
     pub timers: Vec<TimerWire>,
-    /// Per receiver, the last number the service used as a sender.
+    /// Per receiver, the last number the service used as a sender (on the wire: empty, they
+    /// follow in `SnapTables` frames).
     pub send_seqs: Vec<(ServiceId, u64)>,
-    /// Its receive windows.
+    /// Its receive windows (on the wire: empty, they follow in `SnapTables` frames).
     pub windows: Vec<WindowWire>,
+    /// `SnapTables` frames that follow this header, before the state.
+    pub tables: u32,
     /// Its address book.
     pub book: Vec<(String, ServiceAddr)>,
 }

@@ -147,6 +147,7 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                         .map(|(after_us, msg)| TimerWire { after_us, msg })
                         .collect(),
                     send_seqs: seqs,
+                    tables: n as u32,
                     windows: wins
                         .into_iter()
                         .map(|(from, next, early)| WindowWire {

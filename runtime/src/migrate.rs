@@ -255,6 +255,8 @@ const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
 /// About this many message bytes per `SnapCarried` frame (small, so the node's thread turns to
 /// other work, such as the target's answer, between two).
 const SNAP_CARRIED_CHUNK_BYTES: usize = 8 << 10;
+/// At most this many bytes of skipped numbers per `SnapLeftovers` frame (about 32 each).
+const SKIPS_PER_FRAME_BYTES: usize = 64 << 10;
 /// About this many message bytes of the queue's head go before the commit: enough for the
 /// target to start on, few enough not to delay its `Prepared` (4 KiB measured slower).
 const SNAP_CARRIED_HEAD_BYTES: usize = 1 << 10;
@@ -1210,11 +1212,27 @@ async fn write_snapshot(
         let mut header = out.header.clone();
         header.mig = mig.n;
         header.epoch = snap.epoch;
+        // The windows and send counters follow the header in frames of their own, so that a
+        // service with many senders fits any frame bound.
+        let tables = tern_proto::snapshot::tables_frames(
+            std::mem::take(&mut header.windows),
+            std::mem::take(&mut header.send_seqs),
+            frame_max / 2,
+        );
+        header.tables =
+            u32::try_from(tables.len()).map_err(|_| format!("{} tables frames", tables.len()))?;
         let mut buf = Vec::new();
         let mut written = 0u64;
         wire::encode_frame(&mut buf, &Frame::SnapBegin(Box::new(header)), frame_max)
             .map_err(|e| format!("snapshot header: {e}"))?;
-        for chunk in out.state.chunks(SNAP_STATE_CHUNK_BYTES) {
+        for (windows, send_seqs) in tables {
+            let frame = Frame::SnapTables { windows, send_seqs };
+            written += put_frame(&mut send, &mut buf, &frame, frame_max, "snapshot tables").await?;
+        }
+        for chunk in out
+            .state
+            .chunks(SNAP_STATE_CHUNK_BYTES.min(frame_max / 2).max(1))
+        {
             written += put_frame(
                 &mut send,
                 &mut buf,
@@ -1287,9 +1305,12 @@ async fn write_snapshot(
                     .count()
                     .max(1)
                     .min(rest.len());
+                let k = skipped
+                    .len()
+                    .min(SKIPS_PER_FRAME_BYTES.min(frame_max / 2) / 32);
                 let frame = Frame::SnapLeftovers {
                     msgs: rest[..n].to_vec(),
-                    skipped: std::mem::take(&mut skipped),
+                    skipped: skipped.drain(..k).collect(),
                 };
                 rest = &rest[n..];
                 written += put_frame(&mut send, &mut buf, &frame, frame_max, "leftovers").await?;
@@ -1474,6 +1495,8 @@ pub(crate) struct SnapRecv {
     n: u64,
     id: ServiceId,
     header: Option<SnapHeader>,
+    /// The windows and send counters, until every `SnapTables` frame announced has come.
+    tables: tern_proto::snapshot::TablesIn,
     state: Vec<u8>,
     state_bytes: usize,
     /// The installed copy carried messages go to; None when refused or stale.
@@ -1504,6 +1527,9 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
             h.state_bytes, limits.snapshot_bytes_max
         ));
     }
+    if !h.windows.is_empty() || !h.send_seqs.is_empty() {
+        return Err("malformed: windows and send counters travel in their own frames".into());
+    }
     if h.carried > limits.snapshot_carried_max as u64 {
         return Err(format!(
             "too large: {} carried messages exceed snapshot_carried_max {}",
@@ -1530,9 +1556,15 @@ pub(crate) fn snapshot_frame(
                 return Err(malformed("a second snapshot header on one stream".into()));
             }
             let refusal = admit_snapshot(node, from, &h);
+            // Early messages share the snapshot's byte bound with the state.
+            let early_max = (node.limits.snapshot_bytes_max as u64).saturating_sub(h.state_bytes);
             let mut recv = SnapRecv {
                 n: h.mig,
                 id: h.id,
+                tables: tern_proto::snapshot::TablesIn::new(
+                    h.tables,
+                    usize::try_from(early_max).unwrap_or(usize::MAX),
+                ),
                 state: Vec::new(),
                 state_bytes: h.state_bytes as usize,
                 header: None,
@@ -1552,11 +1584,28 @@ pub(crate) fn snapshot_frame(
                     recv.header = Some(*h);
                 }
             }
-            let empty = recv.state_bytes == 0;
             *rx = Some(recv);
-            if empty {
-                state_complete(node, from, rx);
+            state_complete(node, from, rx);
+        }
+        Frame::SnapTables { windows, send_seqs } => {
+            let Some(recv) = rx.as_mut() else {
+                return Err(malformed("snapshot tables before the header".into()));
+            };
+            if recv.refused {
+                return Ok(());
             }
+            if recv.header.is_none() || !recv.state.is_empty() {
+                return Err(malformed("snapshot tables after the state".into()));
+            }
+            if let Err(e) = recv.tables.add(windows, send_seqs) {
+                recv.refused = true;
+                recv.header = None;
+                recv.state = Vec::new();
+                node.driver
+                    .refuse_snapshot(node, from, recv.n, format!("too large: {e}"));
+                return Ok(());
+            }
+            state_complete(node, from, rx);
         }
         Frame::SnapState { bytes } => {
             let Some(recv) = rx.as_mut() else {
@@ -1571,10 +1620,11 @@ pub(crate) fn snapshot_frame(
                     recv.state_bytes
                 )));
             }
-            recv.state.extend_from_slice(bytes);
-            if recv.state.len() == recv.state_bytes {
-                state_complete(node, from, rx);
+            if !recv.tables.is_complete() {
+                return Err(malformed("snapshot state before its tables".into()));
             }
+            recv.state.extend_from_slice(bytes);
+            state_complete(node, from, rx);
         }
         Frame::SnapCarried { msgs } => {
             let Some(recv) = rx.as_mut() else {
@@ -1651,9 +1701,14 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     let Some(recv) = rx.as_mut() else {
         return;
     };
-    let Some(header) = recv.header.take() else {
+    if !recv.tables.is_complete() || recv.state.len() < recv.state_bytes {
+        return;
+    }
+    let Some(mut header) = recv.header.take() else {
         return;
     };
+    header.windows = std::mem::take(&mut recv.tables.windows);
+    header.send_seqs = std::mem::take(&mut recv.tables.send_seqs);
     let state = std::mem::take(&mut recv.state);
     match node.restore_paused(from, header, state) {
         Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),

@@ -647,6 +647,8 @@ fn snapshot<S: Service>(
         timers,
         send_seqs: ctx.seqs.iter().map(|(k, v)| (*k, *v)).collect(),
         windows: wins,
+        // Set by the stream's writer, which cuts the windows and counters into frames.
+        tables: 0,
         book: ctx.node.book(ctx.id()),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));

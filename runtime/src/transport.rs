@@ -1069,7 +1069,8 @@ fn handle_frame(
             if snap.is_some()
                 && !matches!(
                     f,
-                    Frame::SnapState { .. }
+                    Frame::SnapTables { .. }
+                        | Frame::SnapState { .. }
                         | Frame::SnapCarried { .. }
                         | Frame::SnapLeftovers { .. }
                         | Frame::SnapEnd
@@ -1083,6 +1084,7 @@ fn handle_frame(
         (
             StreamKind::Data,
             f @ (Frame::SnapBegin(_)
+            | Frame::SnapTables { .. }
             | Frame::SnapState { .. }
             | Frame::SnapCarried { .. }
             | Frame::SnapLeftovers { .. }

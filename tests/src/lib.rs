@@ -294,6 +294,25 @@ pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -
     }
 }
 
+/// [`wait_for`] inside async code (a [`block_on`] or a node's thread): awaits `cond` every
+/// 5 ms until it holds, or fails after `timeout` naming `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Runs `fut` to completion on a fresh actix system on this thread (so asks and timers work
 /// from test code).
 pub fn block_on<F: Future>(fut: F) -> F::Output {

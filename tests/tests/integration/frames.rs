@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tern::{DeliveryError, KindKey, ServiceId};
 use tern_actors::{SeqSink, SinkMsg};
-use tern_harness::{block_on, Cluster};
+use tern_harness::{block_on, wait_until, Cluster};
 use tern_proto::wire::{
     self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
 };
@@ -329,6 +329,7 @@ fn snap_header(n: u64, kind: KindKey, state_bytes: u64, carried: u64) -> SnapHea
         timers: vec![],
         send_seqs: vec![],
         windows: vec![],
+        tables: 0,
         book: vec![],
     }
 }
@@ -578,6 +579,86 @@ fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(a.book(id), vec![("friend".to_string(), friend)]);
+    c.shutdown();
+    Ok(())
+}
+
+/// A service that heard from more senders than its windows fit in one frame still moves
+/// (the windows follow the header in frames of their own), and its windows arrive whole: a
+/// copy of a number it took is dropped at the new place, the next number is handled.
+#[test]
+fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Result<()> {
+    const SENDERS: u64 = 6_000;
+    const FRAME_MAX: usize = 32 << 10;
+    let limits = tern::Limits {
+        frame_bytes_max: FRAME_MAX,
+        ..tern::Limits::default()
+    };
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(limits)
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let a = c.node("a");
+    let sink = a.spawn(SeqSink::default())?;
+    let to = sink.id();
+    let sender = |i: u64| ServiceId::from_parts(0x7e57_0000_0000_0000 | i, u64::MAX - i);
+    let record = |seq: u64| -> Result<Vec<u8>> {
+        Ok(rmp_serde::to_vec(&SinkMsg::Record {
+            sender: "probe".into(),
+            seq,
+        })?)
+    };
+    let tell = |from: ServiceId, tern_seq: u64, body: &[u8]| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        wire::start_batch(&mut out, (to, Some(from), tern_seq, true, body), FRAME_MAX)?;
+        Ok(out)
+    };
+    let report = block_on(async {
+        let p = Probe::connect(&c, "a").await?;
+        // One message from each of many senders: one window each at the sink.
+        let mut stream = Vec::new();
+        for i in 0..SENDERS {
+            stream.extend(tell(sender(i), 1, &record(i + 1)?)?);
+        }
+        p.send_uni(&stream).await?;
+        wait_until(SECS_10, "every sender's message handled", || async {
+            sink.ask(SinkMsg::Report, SECS_10).await.is_ok_and(|r| {
+                r.senders
+                    .get("probe")
+                    .is_some_and(|r| r.received == SENDERS)
+            })
+        })
+        .await?;
+
+        let report = a.migrate(to, "b", Default::default()).await?;
+        assert!(report.committed(), "moved: {report:?}");
+
+        // Through the tombstone at a: a copy of sender 17's first message (dropped by its
+        // window at b), then its second (handled).
+        let mut again = tell(sender(17), 1, &record(1_000_000)?)?;
+        again.extend(tell(sender(17), 2, &record(SENDERS + 1)?)?);
+        p.send_uni(&again).await?;
+        // The probe stays connected until the messages are through.
+        let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
+        let report = || async { from_b.ask(SinkMsg::Report, SECS_10).await };
+        wait_until(SECS_10, "sender 17's messages at b", || async {
+            report()
+                .await
+                .is_ok_and(|r| r.senders.get("probe").is_some_and(|r| r.received > SENDERS))
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(report().await?)
+    })?;
+    let probe = &report.senders["probe"];
+    assert_eq!(
+        (probe.received, probe.next),
+        (SENDERS + 1, SENDERS + 2),
+        "received and next: the copy was dropped, the next number handled"
+    );
+    assert!(probe.missing.is_empty() && probe.duplicated == 0);
     c.shutdown();
     Ok(())
 }
