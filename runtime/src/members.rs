@@ -88,6 +88,18 @@ impl Members {
             .map(|(i, _, _)| i.capabilities.clone())
     }
 
+    /// The incarnation `name` last said it runs.
+    fn incarnation_of(&self, name: &NodeName) -> Option<u64> {
+        self.others.get(name).map(|(i, _, _)| i.incarnation)
+    }
+
+    /// True when `name` left or was lost and has not been heard from directly since.
+    fn is_gone(&self, name: &NodeName) -> bool {
+        self.others
+            .get(name)
+            .is_some_and(|(_, st, _)| matches!(st, MemberStatus::Lost | MemberStatus::Left))
+    }
+
     pub fn set_status(&mut self, name: &NodeName, status: MemberStatus) {
         if let Some(m) = self.others.get_mut(name) {
             m.1 = status;
@@ -187,6 +199,7 @@ impl NodeShared {
         let max = self.limits.peers_max;
         let mut changed = Vec::new();
         let mut new_peers = Vec::new();
+        let mut restarted = Vec::new();
         {
             let mut m = lock(&self.members);
             for mut info in nodes.into_iter().take(max + 1) {
@@ -196,6 +209,13 @@ impl NodeShared {
                 info.capabilities.truncate(CAPABILITIES_MAX);
                 let direct = info.name == *from;
                 let before = m.capabilities_of(&info.name);
+                // Only a node's own word says it restarted (a peer may lie about another).
+                if direct
+                    && m.incarnation_of(&info.name)
+                        .is_some_and(|was| was < info.incarnation)
+                {
+                    restarted.push(info.name.clone());
+                }
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {
                     if let Some(a) = addr {
@@ -218,6 +238,14 @@ impl NodeShared {
         if !changed.is_empty() {
             self.capabilities_changed(&changed);
         }
+        for name in restarted {
+            self.peer_restarted(&name);
+        }
+    }
+
+    /// True when `name` left or was lost (and has not spoken for itself since).
+    pub fn member_gone(&self, name: &NodeName) -> bool {
+        lock(&self.members).is_gone(name)
     }
 
     /// The connection to `peer` went down: it left (it said so) or was lost.

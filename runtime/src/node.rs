@@ -1043,7 +1043,8 @@ impl NodeShared {
     /// Node `lost`'s connection is gone: every message this node sent that went there, or
     /// whose service was there, and that was not confirmed taken, is declared lost: reported
     /// (log, counters, event) and, so no window waits for it, a gap is sent to where its
-    /// service is now (behind anything still queued for it).
+    /// service is now (behind anything still queued for it). The assembly-tree edges its
+    /// services held are forgotten here (see `forget_tree_edges_at`).
     pub fn declare_lost(self: &Arc<Self>, lost: &NodeName) -> u64 {
         if self.stopping.load(Ordering::SeqCst) {
             return 0;
@@ -1067,6 +1068,13 @@ impl NodeShared {
                     last = r.last, node = %lost, "messages declared lost");
                 self.send_gap(&r.now_at, r.service, r.sender, r.last);
             }
+        }
+        let dropped = self.forget_tree_edges_at(lost);
+        if dropped > 0 {
+            self.event(
+                "tree-edges-dropped",
+                format!("{dropped} assembly-tree edges held by services of {lost} forgotten"),
+            );
         }
         if total > 0 {
             self.event(
@@ -1492,6 +1500,29 @@ impl NodeShared {
             }
             None => false,
         }
+    }
+
+    /// Node `name` said it runs a new incarnation: it restarted, and the services it ran are
+    /// gone. The assembly-tree edges naming them leave the books.
+    pub(crate) fn peer_restarted(&self, name: &NodeName) {
+        let dropped = self.forget_tree_children_at(name);
+        if dropped > 0 {
+            self.event(
+                "tree-edges-dropped",
+                format!("{dropped} assembly-tree edges named services of {name}, which restarted"),
+            );
+        }
+    }
+
+    /// Book edges whose holder is on `node`, as this node knows them.
+    pub(crate) fn book_edges_held_on(&self, node: &NodeName) -> Vec<BookEdge> {
+        lock(&self.books).edges_held_on(node)
+    }
+
+    /// Forgets, here only, an edge held by a service on another node (the peers have their
+    /// own copy, and the holder's node sends it again if it has it).
+    pub(crate) fn book_forget_remote(&self, holder: ServiceId, role: &str) -> bool {
+        lock(&self.books).remove(holder, role).is_some()
     }
 
     /// A peer told us about one of its services' book entries.

@@ -139,6 +139,46 @@ impl NodeShared {
         }
     }
 
+    /// True when `node` was lost or left: its link is declared lost and not up again, or
+    /// the member table says so.
+    fn node_gone(&self, node: &NodeName) -> bool {
+        self.peer(node).is_some_and(|l| l.check_up().is_err()) || self.member_gone(node)
+    }
+
+    /// Node `lost` was lost: the `child:` entries held by its services are forgotten here (if
+    /// it was cut off rather than dead, its `BookSync` brings them back when it reconnects),
+    /// so services here it parented can be adopted again. The entries this node's services
+    /// hold for children there stay: [`tree`](Self::tree) leaves those members out while
+    /// their node is gone, and they leave the books if it comes back as a new incarnation
+    /// ([`forget_tree_children_at`](Self::forget_tree_children_at)). Returns how many left.
+    pub(crate) fn forget_tree_edges_at(&self, lost: &NodeName) -> usize {
+        let mut dropped = 0;
+        for edge in self.book_edges_held_on(lost) {
+            if edge.role.starts_with(CHILD_ROLE_PREFIX)
+                && self.book_forget_remote(edge.holder.id, &edge.role)
+            {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Node `node` restarted: children this node's services held there are gone. Their
+    /// `child:` entries are removed (and the peers told). Returns how many.
+    pub(crate) fn forget_tree_children_at(&self, node: &NodeName) -> usize {
+        let me = self.name().clone();
+        let mut dropped = 0;
+        for edge in self.book_edges_held_on(&me) {
+            if edge.role.starts_with(CHILD_ROLE_PREFIX)
+                && self.whereabouts(edge.target.id, &edge.target.node) == *node
+                && self.book_remove(edge.holder.id, &edge.role)
+            {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// The parent of `id` in its assembly tree, from the books.
     pub fn parent_of(&self, id: ServiceId) -> Option<ServiceId> {
         let role = child_role(id);
@@ -205,7 +245,8 @@ impl NodeShared {
         self.record_child(parent, child)
     }
 
-    /// The tree rooted at `root`, root first, breadth first.
+    /// The tree rooted at `root`, root first, breadth first. Members on a node that was lost
+    /// or left are left out, with what hangs below them.
     pub fn tree(&self, root: ServiceId) -> Result<Vec<TreeMember>, Error> {
         let root_node = self.whereabouts(root, self.name());
         let kind = self.addr_known(root).map(|a| a.kind);
@@ -239,6 +280,11 @@ impl NodeShared {
                     });
                 }
                 let node = self.whereabouts(child.id, &child.node);
+                if node != *self.name() && self.node_gone(&node) {
+                    // Lost with its node (or the node left): not part of the tree while
+                    // it is gone, nor is what hangs below it.
+                    continue;
+                }
                 out.push(TreeMember {
                     addr: ServiceAddr { node, ..child },
                     parent: Some(id),

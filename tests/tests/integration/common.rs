@@ -288,3 +288,34 @@ impl Service for DisplayRelay {
         relay(&self.name, msg, ctx).await
     }
 }
+
+/// Limits under which a killed node is noticed in well under a second.
+pub fn quick_to_notice() -> tern::Limits {
+    tern::Limits {
+        idle_timeout_ms: 600,
+        keep_alive_ms: 150,
+        migration_deadline_ms: 1_000,
+        prepared_orphan_ms: 2_500,
+        // Every report kept: the checks read them all back.
+        losses_max: 100_000,
+        ..tern::Limits::default()
+    }
+}
+
+/// A connected cluster of `names` with the test kinds, on fault-injecting sockets (so nodes
+/// can be cut and killed) and [`quick_to_notice`] limits.
+pub fn killable_cluster(names: &[&str]) -> anyhow::Result<tern_harness::Cluster> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let c = names
+        .iter()
+        .fold(tern_harness::Cluster::builder(), |b, n| b.node(n, &[]))
+        .limits(quick_to_notice())
+        .faults(seed)
+        .setup(register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    Ok(c)
+}

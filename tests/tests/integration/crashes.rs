@@ -10,39 +10,11 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use tern::{
-    AskError, DeliveryError, Limits, LossReport, MigrateOptions, NodeHandle, ServiceId, ServiceRef,
+    AskError, DeliveryError, LossReport, MigrateOptions, NodeHandle, ServiceId, ServiceRef,
 };
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, tally, Slow, SlowMsg, Tally, SECS_10};
-
-fn quick_to_notice() -> Limits {
-    Limits {
-        idle_timeout_ms: 600,
-        keep_alive_ms: 150,
-        migration_deadline_ms: 1_000,
-        prepared_orphan_ms: 2_500,
-        // Every report kept: the checks read them all back.
-        losses_max: 100_000,
-        ..Limits::default()
-    }
-}
-
-fn cluster(names: &[&str]) -> Result<Cluster> {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let c = names
-        .iter()
-        .fold(Cluster::builder(), |b, n| b.node(n, &[]))
-        .limits(quick_to_notice())
-        .faults(seed)
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
-    Ok(c)
-}
+use crate::common::{killable_cluster, tally, Slow, SlowMsg, Tally, SECS_10};
 
 /// The numbers `node`'s loss reports give for `sender`'s channel to `service`.
 fn reported(node: &NodeHandle, service: ServiceId, sender: ServiceId) -> BTreeSet<u64> {
@@ -77,7 +49,7 @@ fn check_accounted(handled: &[u64], n: u64, offset: u64, reported: &BTreeSet<u64
 
 #[test]
 fn a_node_that_dies_with_queued_messages_has_each_unhandled_one_reported() -> Result<()> {
-    let c = cluster(&["a", "b", "c"])?;
+    let c = killable_cluster(&["a", "b", "c"])?;
     let svc = c.node("a").spawn(Tally {
         name: "dies-with-b".into(),
     })?;
@@ -142,7 +114,7 @@ fn a_node_that_dies_with_queued_messages_has_each_unhandled_one_reported() -> Re
 #[test]
 fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_again() -> Result<()>
 {
-    let c = cluster(&["a", "b"])?;
+    let c = killable_cluster(&["a", "b"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let slow = b.spawn(Slow::default())?;
     let from_a = a.resolve::<Slow>(slow.addr())?;
@@ -225,7 +197,7 @@ fn a_partition_past_the_idle_timeout_reports_the_unconfirmed_and_traffic_flows_a
 /// peer is back, the same handle delivers again.
 #[test]
 fn sends_to_a_lost_peer_fail_at_once_and_flow_again_when_it_is_back() -> Result<()> {
-    let c = cluster(&["a", "b"])?;
+    let c = killable_cluster(&["a", "b"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let name = "lost-peer";
     let svc = b.spawn(Tally { name: name.into() })?;
@@ -293,7 +265,7 @@ fn migrate_to_b_in_the_background(svc: &ServiceRef<Tally>) {
 
 #[test]
 fn a_copy_whose_source_dies_before_deciding_is_dropped_and_its_senders_told() -> Result<()> {
-    let c = cluster(&["a", "b", "c"])?;
+    let c = killable_cluster(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let n = 100;
     let (svc, from_c) = tally_on_a_fed_from_c(&c, "orphaned", n, 300)?;
@@ -338,7 +310,7 @@ fn a_copy_whose_source_dies_before_deciding_is_dropped_and_its_senders_told() ->
 /// is likely still streaming when `fault` strikes, right after the service starts at b. Then
 /// every item must end up handled at b (once, in order) or reported to c, its sender.
 fn carried_tail_then(name: &str, fault: impl FnOnce(&Cluster)) -> Result<()> {
-    let c = cluster(&["a", "b", "c"])?;
+    let c = killable_cluster(&["a", "b", "c"])?;
     let b = c.node("b");
     let n = 4_000;
     let (svc, from_c) = tally_on_a_fed_from_c(&c, name, n, 500)?;
@@ -382,7 +354,7 @@ fn a_source_that_dies_right_after_commit_loses_nothing_unreported() -> Result<()
 
 #[test]
 fn a_target_that_dies_holding_a_prepared_copy_changes_nothing_at_the_source() -> Result<()> {
-    let c = cluster(&["a", "b"])?;
+    let c = killable_cluster(&["a", "b"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let slow = a.spawn(Slow::default())?;
     block_on(async {

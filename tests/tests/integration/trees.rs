@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use tern::{MigrateOptions, NodeHandle, ServiceRef};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, tally, Relay, RelayMsg, SECS_10};
+use crate::common::{killable_cluster, register_test_kinds, tally, Relay, RelayMsg, SECS_10};
 
 /// A tree of `members` relays on `node`, `fanout` children each, breadth first; its names
 /// start with `prefix`. Returns the root and every member (root first).
@@ -270,6 +270,107 @@ fn a_tree_with_more_members_than_quics_default_stream_limit_moves() -> Result<()
     block_on(tree[0].tell_wait(RelayMsg::Item(1)))?;
     wait_tallies("big.", members, 1)?;
     check_tallies("big.", members, 1)?;
+    c.shutdown();
+    Ok(())
+}
+
+/// A member lost with its node leaves the tree: the rest of it moves, and items flow down
+/// what is left. A member on the lost node that parented a service here no longer holds it,
+/// so that service can be adopted again. When the node comes back as a new incarnation, the
+/// entry for the member it ran leaves the parent's book.
+#[test]
+fn a_tree_member_lost_with_its_node_leaves_the_tree_and_the_rest_moves() -> Result<()> {
+    let mut c = killable_cluster(&["a", "b", "c"])?;
+    let (a, b) = (c.node("a").clone(), c.node("b").clone());
+    let tree = relay_tree(&a, "lost.", 3, 2)?;
+    let root = tree[0].clone();
+    // One more child of the root, on c; and a parent on c of a service on a.
+    let on_c = {
+        let far = c.node("c");
+        let on_c = far.spawn(Relay {
+            name: "lost.c".into(),
+        })?;
+        a.adopt(root.id(), on_c.addr())?;
+        let orphan = a.spawn(Relay {
+            name: "lost.orphan".into(),
+        })?;
+        far.adopt(on_c.id(), orphan.addr())?;
+        wait_for(SECS_10, "a knows both edges", || {
+            a.tree(root.id()).is_ok_and(|t| t.len() == 5)
+        })?;
+        (on_c.id(), orphan)
+    };
+    let (on_c, orphan) = on_c;
+    // A restart is told apart from a cut by c's incarnation, which b learns from c's gossip.
+    wait_for(SECS_10, "b knows c's incarnation", || {
+        b.members().iter().any(|m| m.info.name.as_str() == "c")
+    })?;
+    c.kill("c");
+    wait_for(SECS_10, "the member on c leaves the tree", || {
+        a.tree(root.id()).is_ok_and(|t| t.len() == 3)
+    })?;
+    let report = block_on(a.migrate_tree(root.id(), "b", MigrateOptions::default()))?;
+    assert!(report.committed, "{report:?}");
+    assert_eq!(report.members.len(), 3);
+    block_on(root.tell_wait(RelayMsg::Item(1)))?;
+    wait_tallies("lost.", 3, 1)?;
+    check_tallies("lost.", 3, 1)?;
+    assert_eq!(
+        b.services()
+            .iter()
+            .filter(|s| s.addr.kind.name == "test-relay")
+            .count(),
+        3
+    );
+    // The service whose parent was on c is free to join another tree. (b forgets the edge
+    // when it counts c lost, which may come after a does.)
+    wait_for(SECS_10, "b to let the service be adopted", || {
+        b.adopt(root.id(), orphan.addr()).is_ok()
+    })?;
+    assert_eq!(b.tree(root.id())?.len(), 4);
+    // c restarts empty: the root's entry for the member it ran goes.
+    let role = tern::child_role(on_c);
+    assert!(b.book(root.id()).iter().any(|(r, _)| *r == role));
+    c.restart("c")?;
+    wait_for(
+        SECS_10,
+        "the entry for the member c ran leaves the root's book",
+        || !b.book(root.id()).iter().any(|(r, _)| *r == role),
+    )?;
+    assert_eq!(b.tree(root.id())?.len(), 4);
+    c.shutdown();
+    Ok(())
+}
+
+/// A node cut off, not dead: the edges its services held come back with its `BookSync` when
+/// it reconnects, and its subtree is whole again.
+#[test]
+fn a_tree_edge_held_on_a_node_cut_off_comes_back_when_it_reconnects() -> Result<()> {
+    let c = killable_cluster(&["a", "b"])?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let parent = b.spawn(Relay {
+        name: "cut.0".into(),
+    })?;
+    let child = a.spawn(Relay {
+        name: "cut.1".into(),
+    })?;
+    b.adopt(parent.id(), child.addr())?;
+    wait_for(SECS_10, "a knows the edge", || {
+        a.tree(parent.id()).is_ok_and(|t| t.len() == 2)
+    })?;
+    c.cut("a", "b");
+    wait_for(SECS_10, "a forgets the edge held on b", || {
+        !a.tree(parent.id()).is_ok_and(|t| t.len() == 2)
+    })?;
+    c.heal("a", "b");
+    wait_for(SECS_10, "the edge back at a", || {
+        a.tree(parent.id()).is_ok_and(|t| t.len() == 2)
+    })?;
+    // And it works: an item sent to the parent reaches the child.
+    let from_a = a.resolve::<Relay>(parent.addr())?;
+    block_on(from_a.tell_wait(RelayMsg::Item(1)))?;
+    wait_tallies("cut.", 2, 1)?;
+    check_tallies("cut.", 2, 1)?;
     c.shutdown();
     Ok(())
 }
