@@ -10,6 +10,7 @@
 //! - [`error`]: why a delivery or an ask failed (these travel on the wire).
 //! - [`seq`]: one sender's receive window.
 //! - [`inbox`]: one service's inbox: admission, parking, freeze and hand-over, handled marks.
+//! - [`ledger`]: a channel's delivery ledger: sent, settled, declared lost with a node.
 //! - [`snapshot`]: a snapshot's windows and send counters, cut into frames and put back.
 //! - [`migration`]: one node's migration protocol, single and group, with tombstones and the
 //!   directory of locations.
@@ -23,6 +24,7 @@ pub mod directory;
 pub mod error;
 pub mod ids;
 pub mod inbox;
+pub mod ledger;
 pub mod members;
 pub mod migration;
 pub mod placement;

@@ -13,7 +13,8 @@ use crate::mailbox::{lock, Envelope, Mailbox, Meta};
 use crate::node::NodeShared;
 use crate::service::{ReplyTo, Service};
 use crate::transport::PeerLink;
-use tern_proto::ids::{IdMap, NodeName, ServiceAddr, ServiceId};
+use tern_proto::ids::{NodeName, ServiceAddr, ServiceId};
+use tern_proto::ledger::Ledger;
 
 pub(crate) enum Route<M> {
     Local(Arc<Mailbox<M>>),
@@ -39,107 +40,6 @@ struct ChanState<M> {
     /// The delivery ledger: per sender on this node, what it sent that the service has not yet
     /// been seen to take. One entry per sender with messages outstanding.
     ledger: Ledger,
-}
-
-/// The delivery ledger of one channel: the last sender's entry kept apart (a channel mostly
-/// carries one sender's run at a time), the others in a table.
-#[derive(Default)]
-struct Ledger {
-    hot: Option<(ServiceId, Outstanding)>,
-    cold: IdMap<Outstanding>,
-}
-
-impl Ledger {
-    /// Notes number `seq` of `sender` as sent to node `via`, where the channel points. The
-    /// common case (the same sender again) is one comparison and one store: an entry learns
-    /// its nodes when it is made and when the channel is repointed (`went`), not per message.
-    fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
-        if let Some((s, o)) = &mut self.hot {
-            if *s == sender {
-                o.sent = o.sent.max(seq);
-                return;
-            }
-        }
-        let mut o = self.cold.remove(&sender).unwrap_or(Outstanding {
-            sent: seq,
-            // Numbers before the first one seen here were confirmed or belong to another node.
-            handled: seq.saturating_sub(1),
-            via: Vec::new(),
-            via_any: false,
-        });
-        o.sent = o.sent.max(seq);
-        o.went(via);
-        if let Some((s, old)) = self.hot.replace((sender, o)) {
-            self.cold.insert(s, old);
-        }
-    }
-
-    /// The channel now points at `node`: every outstanding entry may send there.
-    fn repointed(&mut self, node: &NodeName) {
-        if let Some((_, o)) = &mut self.hot {
-            o.went(node);
-        }
-        for o in self.cold.values_mut() {
-            o.went(node);
-        }
-    }
-
-    fn get_mut(&mut self, sender: &ServiceId) -> Option<&mut Outstanding> {
-        match &mut self.hot {
-            Some((s, o)) if s == sender => Some(o),
-            _ => self.cold.get_mut(sender),
-        }
-    }
-
-    fn remove(&mut self, sender: &ServiceId) {
-        if matches!(&self.hot, Some((s, _)) if s == sender) {
-            self.hot = None;
-        } else {
-            self.cold.remove(sender);
-        }
-    }
-
-    /// Keeps the entries `keep` says to keep.
-    fn retain(&mut self, mut keep: impl FnMut(&ServiceId, &Outstanding) -> bool) {
-        if let Some((s, o)) = &self.hot {
-            if !keep(s, o) {
-                self.hot = None;
-            }
-        }
-        self.cold.retain(|s, o| keep(s, o));
-    }
-
-    fn values(&self) -> impl Iterator<Item = &Outstanding> {
-        self.hot.iter().map(|(_, o)| o).chain(self.cold.values())
-    }
-}
-
-/// Nodes a ledger entry remembers having sent through; past that it assumes any.
-const LEDGER_VIA_MAX: usize = 4;
-
-/// One sender's messages to one service, sent and not yet confirmed taken for handling.
-struct Outstanding {
-    /// The last number sent.
-    sent: u64,
-    /// The last number the service confirmed taking (0: none).
-    handled: u64,
-    /// The nodes the outstanding messages were sent to; empty with `via_any`.
-    via: Vec<NodeName>,
-    via_any: bool,
-}
-
-impl Outstanding {
-    /// Remembers that messages went (or may go) to `node`.
-    fn went(&mut self, node: &NodeName) {
-        if !self.via_any && !self.via.contains(node) {
-            if self.via.len() < LEDGER_VIA_MAX {
-                self.via.push(node.clone());
-            } else {
-                self.via.clear();
-                self.via_any = true;
-            }
-        }
-    }
 }
 
 /// Messages declared lost with a node: `first..=last` of `sender` to `service`.
@@ -244,42 +144,28 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
     }
 
     fn settle(&self, sender: ServiceId, seq: u64) {
-        let mut st = lock(&self.state);
-        if let Some(o) = st.ledger.get_mut(&sender) {
-            o.handled = o.handled.max(seq);
-            if o.handled >= o.sent {
-                st.ledger.remove(&sender);
-            }
-        }
+        lock(&self.state).ledger.settle(sender, seq);
     }
 
     fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange> {
         let mut st = lock(&self.state);
         let here = st.node == *lost;
         let now_at = st.node.clone();
-        let mut out = Vec::new();
-        st.ledger.retain(|sender, o| {
-            if !(here || o.via_any || o.via.contains(lost)) {
-                return true;
-            }
-            out.push(LostRange {
+        st.ledger
+            .declare_lost(lost, here)
+            .into_iter()
+            .map(|(sender, first, last)| LostRange {
                 service: self.id,
-                sender: *sender,
-                first: o.handled + 1,
-                last: o.sent,
+                sender,
+                first,
+                last,
                 now_at: now_at.clone(),
-            });
-            false
-        });
-        out
+            })
+            .collect()
     }
 
     fn outstanding(&self) -> u64 {
-        lock(&self.state)
-            .ledger
-            .values()
-            .map(|o| o.sent - o.handled)
-            .sum()
+        lock(&self.state).ledger.outstanding()
     }
 }
 

@@ -1,0 +1,229 @@
+//! The delivery ledger of one channel (the path from a node to one service): per sender on
+//! that node, what it sent that the service has not yet been seen to take, and the nodes those
+//! messages went to. The receiver's handled marks settle it; when a node is lost, what went
+//! there (or to the service while it was there) and was not settled is declared lost, so its
+//! sender is told. Nothing is ever both settled and declared.
+//!
+//! ```
+//! use tern_proto::ids::{NodeName, ServiceId};
+//! use tern_proto::ledger::Ledger;
+//!
+//! let (b, me) = (NodeName::new("b"), ServiceId::from_parts(1, 1));
+//! let mut ledger = Ledger::default();
+//! for seq in 1..=5 {
+//!     ledger.note(me, seq, &b);
+//! }
+//! ledger.settle(me, 3); // the service took 1..=3
+//! assert_eq!(ledger.outstanding(), 2);
+//! // b is lost, with the service on it: 4 and 5 are declared.
+//! assert_eq!(ledger.declare_lost(&b, true), vec![(me, 4, 5)]);
+//! assert_eq!(ledger.outstanding(), 0);
+//! ```
+
+use crate::ids::{IdMap, NodeName, ServiceId};
+
+/// Nodes a ledger entry remembers having sent through; past that it assumes any (a lost node
+/// then declares the entry: an over-report, never an under-report).
+pub const LEDGER_VIA_MAX: usize = 4;
+
+/// One channel's ledger: the last sender's entry kept apart (a channel mostly carries one
+/// sender's run at a time), the others in a table. One entry per sender with messages
+/// outstanding.
+#[derive(Default, Debug)]
+pub struct Ledger {
+    hot: Option<(ServiceId, Outstanding)>,
+    cold: IdMap<Outstanding>,
+}
+
+/// One sender's messages to one service, sent and not yet confirmed taken for handling.
+#[derive(Debug)]
+struct Outstanding {
+    /// The last number sent.
+    sent: u64,
+    /// The last number the service confirmed taking (0: none).
+    handled: u64,
+    /// The nodes the outstanding messages were sent to; empty with `via_any`.
+    via: Vec<NodeName>,
+    via_any: bool,
+}
+
+impl Outstanding {
+    /// Remembers that messages went (or may go) to `node`.
+    fn went(&mut self, node: &NodeName) {
+        if !self.via_any && !self.via.contains(node) {
+            if self.via.len() < LEDGER_VIA_MAX {
+                self.via.push(node.clone());
+            } else {
+                self.via.clear();
+                self.via_any = true;
+            }
+        }
+    }
+}
+
+impl Ledger {
+    /// Notes number `seq` of `sender` as sent to node `via`, where the channel points. The
+    /// common case (the same sender again) is one comparison and one store: an entry learns
+    /// its nodes when it is made and when the channel is repointed, not per message.
+    pub fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
+        if let Some((s, o)) = &mut self.hot {
+            if *s == sender {
+                o.sent = o.sent.max(seq);
+                return;
+            }
+        }
+        let mut o = self.cold.remove(&sender).unwrap_or(Outstanding {
+            sent: seq,
+            // Numbers before the first one seen here were confirmed or belong to another node.
+            handled: seq.saturating_sub(1),
+            via: Vec::new(),
+            via_any: false,
+        });
+        o.sent = o.sent.max(seq);
+        o.went(via);
+        if let Some((s, old)) = self.hot.replace((sender, o)) {
+            self.cold.insert(s, old);
+        }
+    }
+
+    /// The channel now points at `node`: every outstanding entry may send there.
+    pub fn repointed(&mut self, node: &NodeName) {
+        if let Some((_, o)) = &mut self.hot {
+            o.went(node);
+        }
+        for o in self.cold.values_mut() {
+            o.went(node);
+        }
+    }
+
+    /// The service confirmed taking `sender`'s messages up to `seq`; an entry with nothing
+    /// left outstanding leaves.
+    pub fn settle(&mut self, sender: ServiceId, seq: u64) {
+        let done = match &mut self.hot {
+            Some((s, o)) if *s == sender => {
+                o.handled = o.handled.max(seq);
+                o.handled >= o.sent
+            }
+            _ => match self.cold.get_mut(&sender) {
+                Some(o) => {
+                    o.handled = o.handled.max(seq);
+                    o.handled >= o.sent
+                }
+                None => false,
+            },
+        };
+        if done {
+            if matches!(&self.hot, Some((s, _)) if *s == sender) {
+                self.hot = None;
+            } else {
+                self.cold.remove(&sender);
+            }
+        }
+    }
+
+    /// Node `lost` is gone (`here`: the channel points at it): every entry whose messages
+    /// went there, or may have, leaves the ledger and comes back as `(sender, first, last)`,
+    /// the numbers not confirmed.
+    pub fn declare_lost(&mut self, lost: &NodeName, here: bool) -> Vec<(ServiceId, u64, u64)> {
+        let mut out = Vec::new();
+        let mut take = |sender: &ServiceId, o: &Outstanding| {
+            if here || o.via_any || o.via.contains(lost) {
+                out.push((*sender, o.handled + 1, o.sent));
+                false
+            } else {
+                true
+            }
+        };
+        if let Some((s, o)) = &self.hot {
+            if !take(s, o) {
+                self.hot = None;
+            }
+        }
+        self.cold.retain(|s, o| take(s, o));
+        out
+    }
+
+    /// Messages noted and not yet settled or declared.
+    pub fn outstanding(&self) -> u64 {
+        self.hot
+            .iter()
+            .map(|(_, o)| o)
+            .chain(self.cold.values())
+            .map(|o| o.sent - o.handled)
+            .sum()
+    }
+
+    /// Senders with messages outstanding.
+    pub fn len(&self) -> usize {
+        usize::from(self.hot.is_some()) + self.cold.len()
+    }
+
+    /// True when nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(i: u64) -> ServiceId {
+        ServiceId::from_parts(3, i)
+    }
+
+    #[test]
+    fn a_lost_node_declares_only_what_went_there_and_was_not_settled() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let mut l = Ledger::default();
+        for seq in 1..=4 {
+            l.note(sender(1), seq, &b);
+        }
+        for seq in 10..=12 {
+            l.note(sender(2), seq, &b);
+        }
+        // The channel moves to c; sender 3 sends only there.
+        l.repointed(&c);
+        l.note(sender(3), 1, &c);
+        l.settle(sender(1), 2);
+        l.settle(sender(2), 12);
+        assert_eq!(l.len(), 2, "a fully settled sender leaves");
+        // a is not where anything went.
+        assert!(l.declare_lost(&a, false).is_empty());
+        // b: sender 1's unsettled numbers (sender 3 never sent there).
+        assert_eq!(l.declare_lost(&b, false), vec![(sender(1), 3, 4)]);
+        // c, where the channel points: the rest.
+        assert_eq!(l.declare_lost(&c, true), vec![(sender(3), 1, 1)]);
+        assert!(l.is_empty());
+        assert_eq!(l.outstanding(), 0);
+    }
+
+    #[test]
+    fn past_its_node_bound_an_entry_is_declared_by_any_lost_node() {
+        let mut l = Ledger::default();
+        for i in 0..=LEDGER_VIA_MAX as u64 {
+            l.repointed(&NodeName::new(&format!("n{i}")));
+            l.note(sender(1), i + 1, &NodeName::new(&format!("n{i}")));
+        }
+        let far = NodeName::new("somewhere-else");
+        assert_eq!(
+            l.declare_lost(&far, false),
+            vec![(sender(1), 1, LEDGER_VIA_MAX as u64 + 1)],
+            "over-reported, never under-reported"
+        );
+    }
+
+    #[test]
+    fn a_settle_never_resurrects_and_a_late_one_is_harmless() {
+        let b = NodeName::new("b");
+        let mut l = Ledger::default();
+        l.note(sender(1), 1, &b);
+        l.note(sender(2), 1, &b); // sender 1 goes cold
+        l.settle(sender(1), 1);
+        l.settle(sender(1), 1);
+        l.settle(sender(9), 5);
+        assert_eq!(l.outstanding(), 1);
+        l.settle(sender(2), 7);
+        assert!(l.is_empty());
+    }
+}
