@@ -170,7 +170,7 @@ fn refuse(node: &NodeShared, conn: &quinn::Connection, reason: &str, detail: Str
     );
     tracing::warn!(refusal = %detail, "admin connection refused");
     // The event before the count: whoever sees the count finds the event.
-    node.event("connection-refused", detail);
+    node.logs.event("connection-refused", detail);
     node.stats.connections_refused.inc();
 }
 
@@ -191,7 +191,7 @@ pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: N
         let why = format!("admin {who}: {ADMIN_CONNECTIONS_MAX} admin connections are open");
         return refuse(&node, &conn, "too many admin connections", why);
     }
-    node.event(
+    node.logs.event(
         "admin-connected",
         format!("{who} at {}", conn.remote_address()),
     );

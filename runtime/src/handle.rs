@@ -109,7 +109,7 @@ impl<M: Send + 'static> Channel<M> {
                 _ => return,
             }
         } else {
-            match shared.peer(node) {
+            match shared.links.get(node) {
                 Some(link) => Route::Remote(link),
                 None => return,
             }

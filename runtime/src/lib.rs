@@ -13,8 +13,10 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod books;
 pub mod certs;
 mod error;
+mod events;
 mod handle;
 mod mailbox;
 mod members;

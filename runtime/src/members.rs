@@ -182,7 +182,7 @@ impl NodeShared {
             }
             m.gossip()
         };
-        for link in self.links() {
+        for link in self.links.all() {
             if !link.is_connected() {
                 continue;
             }
@@ -228,10 +228,12 @@ impl NodeShared {
             }
         }
         for (name, addr) in new_peers {
-            if name != *self.name() && self.peer(&name).is_none() {
-                match self.peer_or_insert(&name, Some(addr)) {
-                    Ok(_) => self.event("member-joined", format!("{name} at {addr} (via {from})")),
-                    Err(e) => self.event("member-ignored", format!("{name}: {e}")),
+            if name != *self.name() && self.links.get(&name).is_none() {
+                match self.links.get_or_insert(&name, Some(addr), &self.limits) {
+                    Ok(_) => self
+                        .logs
+                        .event("member-joined", format!("{name} at {addr} (via {from})")),
+                    Err(e) => self.logs.event("member-ignored", format!("{name}: {e}")),
                 }
             }
         }
@@ -256,7 +258,7 @@ impl NodeShared {
             MemberStatus::Lost
         };
         lock(&self.members).set_status(peer, status);
-        self.event(
+        self.logs.event(
             if left { "member-left" } else { "member-lost" },
             peer.to_string(),
         );

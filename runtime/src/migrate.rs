@@ -327,7 +327,7 @@ impl Driver {
         };
         if done && lock(&self.core).unbury(service, epoch) {
             lock(&self.counters).stats.tombstones_removed += 1;
-            node.event(
+            node.logs.event(
                 "tombstone-removed",
                 format!("service {service} (epoch {epoch}): every peer has fenced it"),
             );
@@ -630,7 +630,7 @@ impl Driver {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            node.event(
+            node.logs.event(
                 "migration-report-late",
                 format!("service {id}: no acknowledgement or stream end; reported as it stands"),
             );
@@ -744,7 +744,8 @@ impl Driver {
     /// Refuses a snapshot before its state is read.
     pub fn refuse_snapshot(&self, node: &Arc<NodeShared>, from: &NodeName, n: u64, reason: String) {
         self.count_refused_in(&reason);
-        node.event("migration-refused", format!("from {from}: {reason}"));
+        node.logs
+            .event("migration-refused", format!("from {from}: {reason}"));
         send_mig(
             node,
             from,
@@ -923,7 +924,7 @@ impl Driver {
                     tracing::warn!(%service, source = %mig.source, n = mig.n,
                         "prepared copy orphaned: its source never decided");
                     // Events before counts: whoever sees the count finds the event.
-                    node.event(
+                    node.logs.event(
                         "copy-orphaned",
                         format!(
                             "service {service} from {}: no decision after {} ms; it is lost unless {} still runs it",
@@ -1021,7 +1022,8 @@ impl Driver {
         }
         let rebuilt = node.relocated(service, &to, epoch);
         let peers = node
-            .links()
+            .links
+            .all()
             .iter()
             .map(|l| l.name.clone())
             .filter(|n| n != node.name())
@@ -1048,7 +1050,7 @@ impl Driver {
             Err(e) => {
                 let reason = format!("install failed: {e}");
                 self.count_refused_in(&reason);
-                node.event(
+                node.logs.event(
                     "migration-refused",
                     format!("service {}: {reason}", snap.service),
                 );
@@ -1172,13 +1174,16 @@ fn learned(node: &Arc<NodeShared>, from: &NodeName, service: ServiceId, at: &Nod
 
 /// Sends a protocol message on the control stream to `to`.
 pub(crate) fn send_mig(node: &NodeShared, to: &NodeName, msg: MigMsg) {
-    match node.peer(to) {
+    match node.links.get(to) {
         Some(link) => {
             if let Err(e) = link.push_ctrl(&Frame::Mig(msg)) {
-                node.event("migration-message-lost", format!("to {to}: {e}"));
+                node.logs
+                    .event("migration-message-lost", format!("to {to}: {e}"));
             }
         }
-        None => node.event("migration-message-lost", format!("{to} is not a peer")),
+        None => node
+            .logs
+            .event("migration-message-lost", format!("{to} is not a peer")),
     }
 }
 
@@ -1194,7 +1199,7 @@ async fn write_snapshot(
         return;
     };
     let id = snap.service;
-    let conn = node.peer(&to).and_then(|l| l.connection());
+    let conn = node.links.get(&to).and_then(|l| l.connection());
     let Some(conn) = conn else {
         node.driver.link_lost(&node, &to);
         return;
@@ -1334,7 +1339,7 @@ async fn write_snapshot(
             node.driver.note_written(&node, id, &mig, bytes);
         }
         Err(e) => {
-            node.event(
+            node.logs.event(
                 "snapshot-stream-failed",
                 format!("service {id} to {to}: {e}"),
             );
@@ -1412,7 +1417,7 @@ fn refuse_unconfirmed(
         refuse(node, id, refusal_of(m, reason.clone()));
         n += 1;
     }
-    node.event(
+    node.logs.event(
         "carried-unconfirmed",
         format!("service {id} at {to}: {n} handed-on messages unconfirmed, their senders told"),
     );
@@ -1474,7 +1479,8 @@ pub(crate) fn forward(
     hand: Hand,
 ) -> Result<(), DeliveryError> {
     let link = node
-        .peer(at)
+        .links
+        .get(at)
         .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
     link.check_up()?;
     link.data.push(
@@ -1724,7 +1730,7 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
 pub(crate) fn snapshot_stream_ended(node: &NodeShared, from: &NodeName, rx: &mut Option<SnapRecv>) {
     if let Some(recv) = rx.take() {
         if !recv.ended && !recv.refused {
-            node.event(
+            node.logs.event(
                 "snapshot-stream-cut",
                 format!(
                     "service {} from {from}: stream ended after {} carried messages",
@@ -1833,7 +1839,8 @@ pub(crate) fn on_control(
                     }),
                 };
                 if let Err(e) = sent {
-                    node.event("migration-report-lost", format!("to {}: {e}", link.name));
+                    node.logs
+                        .event("migration-report-lost", format!("to {}: {e}", link.name));
                 }
             });
         }

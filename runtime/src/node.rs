@@ -12,8 +12,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::books::Books;
 use crate::certs::NodeIdentity;
 use crate::error::{AskError, DeliveryError, Error};
+use crate::events::Logs;
+pub use crate::events::{LossReport, NodeEvent};
 use crate::handle::{AnyChannel, Channel};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
 use crate::mailbox::Refusal;
@@ -28,9 +31,10 @@ use crate::registry::Registry;
 use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
-use crate::transport::{self, PeerLink, PeerStatus};
+use crate::transport::Links;
+use crate::transport::{self, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
-use tern_proto::directory::{Associations, BookEdge, BookIndex};
+use tern_proto::directory::{Associations, BookEdge};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use tern_proto::placement::Needs;
 use tern_proto::placement::Policy;
@@ -202,55 +206,6 @@ fn endpoint(
         runtime,
     )
     .map_err(listening)
-}
-
-/// Something a node noticed that an operator may want to see: refusals, protocol errors,
-/// peers coming and going. Kept in a bounded log (`events_max`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeEvent {
-    /// Position in the node's event sequence.
-    pub n: u64,
-    /// Short kind, e.g. `connection-refused`, `protocol-error`, `refused`.
-    pub kind: String,
-    /// What happened.
-    pub detail: String,
-}
-
-/// Messages this node sent that will not be handled, or may not have been: numbers
-/// `first_seq..=last_seq` of `sender`'s channel to `service`.
-///
-/// Two causes. A node they went to (or that hosted their service) was lost before the service
-/// confirmed taking them: some of them may still have been handled (the confirmation is what
-/// went missing), but none is delivered after the report, because the receiver is told to
-/// stop waiting for them. Or a node refused a message it had first accepted (its service
-/// stopped, its copy was orphaned, it was forwarded somewhere full): that one was not handled;
-/// except `Unconfirmed`, a migration's carried message whose stream failed after the commit,
-/// which the target may have handled.
-///
-/// ```no_run
-/// # fn demo(node: tern::NodeHandle) {
-/// for loss in node.losses() {
-///     eprintln!("{} messages to {} lost with {}", loss.messages, loss.service, loss.node);
-/// }
-/// # }
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LossReport {
-    /// The receiving service.
-    pub service: ServiceId,
-    /// The sending service, or the sender id of a handle's channel (see
-    /// [`ServiceRef::sender_id`](crate::ServiceRef::sender_id)).
-    pub sender: ServiceId,
-    /// First number declared lost.
-    pub first_seq: u64,
-    /// Last number declared lost.
-    pub last_seq: u64,
-    /// How many: `last_seq - first_seq + 1`.
-    pub messages: u64,
-    /// The node that was lost, or that refused.
-    pub node: NodeName,
-    /// Why, in words.
-    pub reason: String,
 }
 
 /// One local service as listed by [`NodeHandle::services`].
@@ -498,9 +453,12 @@ pub(crate) struct NodeShared {
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
     /// The local services (the registry subsystem).
     pub(crate) registry: Registry,
-    books: Mutex<BookIndex>,
-    peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
-    events: Mutex<(u64, VecDeque<NodeEvent>)>,
+    /// The address books (the books subsystem).
+    pub(crate) books: Books,
+    /// The peer links (the links subsystem).
+    pub(crate) links: Links,
+    /// The event log and the loss log.
+    pub(crate) logs: Logs,
     pub endpoint: quinn::Endpoint,
     arbiter: OnceLock<actix_rt::ArbiterHandle>,
     thread: OnceLock<ThreadId>,
@@ -511,8 +469,6 @@ pub(crate) struct NodeShared {
     pub driver: Driver,
     /// Per target service, the channel every handle on this node shares.
     channels: Mutex<IdMap<Arc<dyn AnyChannel>>>,
-    /// Declared losses, newest last (bounded by `losses_max`).
-    losses: Mutex<VecDeque<LossReport>>,
     /// Gaps that reached a service while its windows were busy (frozen, moving, a copy not
     /// yet started): `(to, from, through)`, tried again on every progress tick.
     gaps_pending: Mutex<VecDeque<(ServiceId, ServiceId, u64)>>,
@@ -563,21 +519,6 @@ impl NodeShared {
 
     fn on_node_thread(&self) -> bool {
         self.thread.get() == Some(&std::thread::current().id())
-    }
-
-    /// Records an event in the bounded log.
-    pub fn event(&self, kind: &str, detail: String) {
-        let mut ev = lock(&self.events);
-        ev.0 += 1;
-        let n = ev.0;
-        if ev.1.len() >= self.limits.events_max {
-            ev.1.pop_front();
-        }
-        ev.1.push_back(NodeEvent {
-            n,
-            kind: kind.to_owned(),
-            detail,
-        });
     }
 
     pub fn register<S: Service>(&self) {
@@ -740,7 +681,8 @@ impl NodeShared {
             })?)
         } else {
             Route::Remote(
-                self.peer(&at)
+                self.links
+                    .get(&at)
                     .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?,
             )
         };
@@ -777,7 +719,7 @@ impl NodeShared {
             Some((n, e)) => {
                 let moved = chan.relocate(self, &n, e);
                 if moved {
-                    self.event(
+                    self.logs.event(
                         "channel-followed",
                         format!("service {id}: not known at {at}; now sent to {n}"),
                     );
@@ -795,7 +737,7 @@ impl NodeShared {
         if let Some(c) = chan {
             c.relocate(self, node, epoch);
         }
-        let n = lock(&self.books).relocate(id, node, epoch);
+        let n = self.books.relocate(id, node, epoch);
         self.driver.count_rebuilt(n);
         n
     }
@@ -827,7 +769,7 @@ impl NodeShared {
     /// Tells node `to`, behind everything this node sent it, that this node's channel to `id`
     /// no longer points there (at `epoch`): `to` may then drop its tombstone for `id`.
     pub fn send_fence(&self, to: &NodeName, id: ServiceId, epoch: u64) {
-        let Some(link) = self.peer(to) else {
+        let Some(link) = self.links.get(to) else {
             return;
         };
         if let Err(e) = link
@@ -835,7 +777,7 @@ impl NodeShared {
             .push(&link.name, &Frame::Fence { service: id, epoch })
         {
             // The tombstone stays; the bounded table lets it go in time.
-            self.event("fence-lost", format!("to {to}: {e}"));
+            self.logs.event("fence-lost", format!("to {to}: {e}"));
         }
     }
 
@@ -843,9 +785,9 @@ impl NodeShared {
     /// control stream: a skip carries no message, so it may overtake anything, and a data
     /// stream held by a waiting delivery must not hold the skip that would free it.
     pub fn send_skips(&self, id: ServiceId, to: &NodeName, skipped: &[(ServiceId, u64)], hops: u8) {
-        let Some(link) = self.peer(to) else {
+        let Some(link) = self.links.get(to) else {
             if !skipped.is_empty() {
-                self.event("skip-lost", format!("to {to}: no link"));
+                self.logs.event("skip-lost", format!("to {to}: no link"));
             }
             return;
         };
@@ -856,7 +798,7 @@ impl NodeShared {
                 seq: *seq,
                 hops,
             }) {
-                self.event("skip-lost", format!("to {to}: {e}"));
+                self.logs.event("skip-lost", format!("to {to}: {e}"));
             }
         }
     }
@@ -888,7 +830,7 @@ impl NodeShared {
         let next = tern_proto::inbox::skip_next_hop(&self.name, tomb, known, hops);
         match next {
             Some(at) => self.send_skips(to, &at, &[(from, seq)], hops.saturating_add(1)),
-            None => self.event(
+            None => self.logs.event(
                 "skip-lost",
                 format!("number {seq} of {from} to {to}: not here, no tombstone or location, or {hops} hops"),
             ),
@@ -920,7 +862,7 @@ impl NodeShared {
         match (&r.ask, &r.origin) {
             (Some(ask), _) => self.refuse_ask(ask, r.reason),
             (None, Some(origin)) if *origin != self.name => {
-                if let Some(link) = self.peer(origin) {
+                if let Some(link) = self.links.get(origin) {
                     let _ = link.push_ctrl(&Frame::Refused {
                         to,
                         from: r.from,
@@ -930,7 +872,7 @@ impl NodeShared {
                 }
             }
             _ => {
-                self.event(
+                self.logs.event(
                     "refused",
                     format!("message {} to {to} from this node: {}", r.seq, r.reason),
                 );
@@ -998,7 +940,7 @@ impl NodeShared {
     }
 
     fn send_handled(&self, origin: &NodeName, marks: Vec<(ServiceId, ServiceId, u64)>) {
-        let Some(link) = self.peer(origin) else {
+        let Some(link) = self.links.get(origin) else {
             return;
         };
         for chunk in marks.chunks(HANDLED_MARKS_PER_FRAME) {
@@ -1006,7 +948,7 @@ impl NodeShared {
                 marks: chunk.to_vec(),
             }) {
                 // The sender's ledger keeps those messages outstanding; a later mark settles them.
-                self.event("handled-lost", format!("to {origin}: {e}"));
+                self.logs.event("handled-lost", format!("to {origin}: {e}"));
             }
         }
     }
@@ -1071,13 +1013,13 @@ impl NodeShared {
         }
         let dropped = self.forget_tree_edges_at(lost);
         if dropped > 0 {
-            self.event(
+            self.logs.event(
                 "tree-edges-dropped",
                 format!("{dropped} assembly-tree edges held by services of {lost} forgotten"),
             );
         }
         if total > 0 {
-            self.event(
+            self.logs.event(
                 "messages-lost",
                 format!("{total} messages sent from here were not confirmed by {lost}'s services when it was lost"),
             );
@@ -1087,13 +1029,7 @@ impl NodeShared {
 
     /// Keeps a loss report and counts it.
     pub fn record_loss(&self, r: LossReport) {
-        self.stats.messages_lost_reported.add(r.messages);
-        self.stats.loss_reports.inc();
-        let mut log = lock(&self.losses);
-        if log.len() >= self.limits.losses_max {
-            log.pop_front();
-        }
-        log.push_back(r);
+        self.logs.record_loss(r, &self.stats);
     }
 
     /// Tells node `at` (perhaps this one) that numbers of `from` to `to` up to `through` will
@@ -1102,14 +1038,14 @@ impl NodeShared {
         if at == &self.name {
             return self.apply_gap(to, from, through);
         }
-        let Some(link) = self.peer(at) else {
+        let Some(link) = self.links.get(at) else {
             return;
         };
         if let Err(e) = link
             .data
             .push(&link.name, &Frame::Gap { to, from, through })
         {
-            self.event("gap-lost", format!("to {at}: {e}"));
+            self.logs.event("gap-lost", format!("to {at}: {e}"));
         }
     }
 
@@ -1122,7 +1058,8 @@ impl NodeShared {
                     if pending.len() >= GAPS_PENDING_MAX {
                         pending.pop_front();
                         drop(pending);
-                        self.event("gap-dropped", format!("for {to}: too many waiting"));
+                        self.logs
+                            .event("gap-dropped", format!("for {to}: too many waiting"));
                         pending = lock(&self.gaps_pending);
                     }
                     pending.push_back((to, from, through));
@@ -1143,7 +1080,7 @@ impl NodeShared {
         let node = self.clone();
         actix_rt::spawn(async move {
             if let Ok(report) = rx.await {
-                node.event("migration", describe(&report));
+                node.logs.event("migration", describe(&report));
             }
         });
     }
@@ -1180,27 +1117,14 @@ impl NodeShared {
     /// missed) are added, under the holder's address at its source; the commit's relocation
     /// then points them here. Entries it has are left as they are.
     fn learn_book(&self, holder: ServiceAddr, book: Vec<(String, ServiceAddr)>) {
-        let mut books = lock(&self.books);
-        for (role, target) in book {
-            if books.get(holder.id, &role).is_some() {
-                continue;
-            }
-            let edge = BookEdge {
-                holder: holder.clone(),
-                role,
-                target,
-            };
-            if let Err(full) = books.insert(edge) {
-                drop(books);
-                self.event(
-                    "book-edge-dropped",
-                    format!(
-                        "service {}: a carried book entry does not fit ({} edges)",
-                        holder.id, full.edges_max
-                    ),
-                );
-                return;
-            }
+        if let Err(edges_max) = self.books.learn(&holder, book) {
+            self.logs.event(
+                "book-edge-dropped",
+                format!(
+                    "service {}: a carried book entry does not fit ({edges_max} edges)",
+                    holder.id
+                ),
+            );
         }
     }
 
@@ -1313,12 +1237,14 @@ impl NodeShared {
     ) -> Result<(), DeliveryError> {
         if to.node == self.name {
             if !self.complete_ask(to.ask, ReplyPayload::Local(Box::new(value))) {
-                self.event("late-reply", format!("ask {} is no longer waiting", to.ask));
+                self.logs
+                    .event("late-reply", format!("ask {} is no longer waiting", to.ask));
             }
             return Ok(());
         }
         let link = self
-            .peer(&to.node)
+            .links
+            .get(&to.node)
             .ok_or_else(|| DeliveryError::UnknownNode {
                 node: to.node.clone(),
             })?;
@@ -1331,12 +1257,12 @@ impl NodeShared {
     fn refuse_ask(&self, origin: &AskOrigin, reason: DeliveryError) {
         if origin.node == self.name {
             self.complete_ask(origin.ask, ReplyPayload::Refused(reason));
-        } else if let Some(link) = self.peer(&origin.node) {
+        } else if let Some(link) = self.links.get(&origin.node) {
             if let Err(e) = link.push_ctrl(&Frame::Reply {
                 ask: origin.ask,
                 result: wire::ReplyBody::Refused(reason),
             }) {
-                self.event(
+                self.logs.event(
                     "refusal-lost",
                     format!("could not tell {}: {e}", origin.node),
                 );
@@ -1351,7 +1277,7 @@ impl NodeShared {
         self.forget_service(id);
         lock(&self.channels).remove(&id);
         self.driver.unhost(id);
-        for edge in lock(&self.books).remove_holder(id) {
+        for edge in self.books.remove_holder(id) {
             self.broadcast_ctrl(&Frame::BookChange { edge, added: false });
         }
         self.forget_child(id);
@@ -1364,7 +1290,7 @@ impl NodeShared {
             self.refuse_envelope_quiet(id, env.refusal(reason.clone()));
         }
         self.stats.refused_on_stop.add(n);
-        self.event(
+        self.logs.event(
             "refused",
             format!(
                 "service {id} stopped with {n} messages queued; their senders were told: {reason}"
@@ -1447,23 +1373,6 @@ impl NodeShared {
         }
     }
 
-    pub fn book_get(&self, holder: ServiceId, role: &str) -> Option<ServiceAddr> {
-        lock(&self.books).get(holder, role).cloned()
-    }
-
-    pub fn book(&self, holder: ServiceId) -> Vec<(String, ServiceAddr)> {
-        lock(&self.books).book(holder)
-    }
-
-    pub fn associations(&self, id: ServiceId) -> Associations {
-        lock(&self.books).associations(id)
-    }
-
-    /// `id`'s address as the books know it.
-    pub fn book_addr(&self, id: ServiceId) -> Option<ServiceAddr> {
-        lock(&self.books).addr_of(id).cloned()
-    }
-
     pub fn book_insert(
         &self,
         holder: &ServiceAddr,
@@ -1481,7 +1390,7 @@ impl NodeShared {
             role: role.to_owned(),
             target,
         };
-        lock(&self.books)
+        self.books
             .insert(edge.clone())
             .map_err(|full| Error::Limit {
                 what: "book edges",
@@ -1492,7 +1401,7 @@ impl NodeShared {
     }
 
     pub fn book_remove(&self, holder: ServiceId, role: &str) -> bool {
-        let removed = lock(&self.books).remove(holder, role);
+        let removed = self.books.remove(holder, role);
         match removed {
             Some(edge) => {
                 self.broadcast_ctrl(&Frame::BookChange { edge, added: false });
@@ -1507,110 +1416,31 @@ impl NodeShared {
     pub(crate) fn peer_restarted(&self, name: &NodeName) {
         let dropped = self.forget_tree_children_at(name);
         if dropped > 0 {
-            self.event(
+            self.logs.event(
                 "tree-edges-dropped",
                 format!("{dropped} assembly-tree edges named services of {name}, which restarted"),
             );
         }
     }
 
-    /// Book edges whose holder is on `node`, as this node knows them.
-    pub(crate) fn book_edges_held_on(&self, node: &NodeName) -> Vec<BookEdge> {
-        lock(&self.books).edges_held_on(node)
-    }
-
-    /// Forgets, here only, an edge held by a service on another node (the peers have their
-    /// own copy, and the holder's node sends it again if it has it).
-    pub(crate) fn book_forget_remote(&self, holder: ServiceId, role: &str) -> bool {
-        lock(&self.books).remove(holder, role).is_some()
-    }
-
-    /// A peer told us about one of its services' book entries.
-    pub fn peer_book_change(
-        &self,
-        peer: &NodeName,
-        edge: BookEdge,
-        added: bool,
-    ) -> Result<(), String> {
-        if &edge.holder.node != peer {
-            return Err(format!(
-                "node {peer} sent a book entry of service {} on node {}",
-                edge.holder.id, edge.holder.node
-            ));
-        }
-        let mut books = lock(&self.books);
-        if added {
-            books
-                .insert(edge)
-                .map_err(|full| format!("book edge table is full ({})", full.edges_max))?;
-        } else {
-            books.remove(edge.holder.id, &edge.role);
-        }
-        Ok(())
-    }
-
-    pub fn local_edges(&self) -> Vec<BookEdge> {
-        lock(&self.books).edges_held_on(&self.name)
-    }
-
     fn broadcast_ctrl(&self, frame: &Frame<'_>) {
-        for link in self.links() {
+        for link in self.links.all() {
             if !link.is_connected() {
                 // A link that comes up later gets the whole book in its BookSync.
                 continue;
             }
             if let Err(e) = link.push_ctrl(frame) {
-                self.event("book-change-lost", format!("to {}: {e}", link.name));
+                self.logs
+                    .event("book-change-lost", format!("to {}: {e}", link.name));
             }
         }
-    }
-
-    pub fn peer(&self, name: &NodeName) -> Option<Arc<PeerLink>> {
-        self.peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    pub fn links(&self) -> Vec<Arc<PeerLink>> {
-        self.peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    /// The link to `name`, made if new. `addr` updates where to dial it.
-    pub fn peer_or_insert(
-        &self,
-        name: &NodeName,
-        addr: Option<SocketAddr>,
-    ) -> Result<Arc<PeerLink>, Error> {
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = peers.get(name) {
-            if addr.is_some() {
-                link.set_addr(addr);
-            }
-            return Ok(link.clone());
-        }
-        if peers.len() >= self.limits.peers_max {
-            return Err(Error::Limit {
-                what: "peers",
-                max: self.limits.peers_max,
-            });
-        }
-        let link = Arc::new(PeerLink::new(name.clone(), addr, &self.limits));
-        peers.insert(name.clone(), link.clone());
-        Ok(link)
     }
 
     fn snapshot_stats(&self) -> NodeStats {
         let mut s = self.stats.snapshot();
         s.services_live = self.registry.with_all(|services| services.len()) as u64;
-        s.peers_connected = self.links().iter().filter(|l| l.is_connected()).count() as u64;
-        s.book_edges = lock(&self.books).len() as u64;
+        s.peers_connected = self.links.all().iter().filter(|l| l.is_connected()).count() as u64;
+        s.book_edges = self.books.len() as u64;
         s.asks_pending = self.asks.len() as u64;
         s
     }
@@ -1776,9 +1606,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
         registry: Registry::new(limits.services_max),
-        books: Mutex::new(BookIndex::new(limits.book_edges_max)),
-        peers: RwLock::new(HashMap::new()),
-        events: Mutex::new((0, VecDeque::new())),
+        books: Books::new(limits.book_edges_max),
+        links: Links::new(limits.peers_max),
+        logs: Logs::new(limits.events_max, limits.losses_max),
         endpoint: endpoint.clone(),
         arbiter: OnceLock::new(),
         thread: OnceLock::new(),
@@ -1786,7 +1616,6 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         halted: Halted::default(),
         driver: Driver::new(name.clone(), &limits),
         channels: Mutex::new(IdMap::default()),
-        losses: Mutex::new(VecDeque::new()),
         gaps_pending: Mutex::new(VecDeque::new()),
         handled_pending: Mutex::new(Vec::new()),
         traffic: Mutex::new(TrafficSketch::new(limits.traffic_edges_max)),
@@ -1814,7 +1643,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
     let _ = shared.thread.set(std::thread::current().id());
     for p in &config.peers {
-        shared.peer_or_insert(&NodeName::new(&p.name), Some(p.addr))?;
+        shared
+            .links
+            .get_or_insert(&NodeName::new(&p.name), Some(p.addr), &shared.limits)?;
     }
     actix_rt::spawn(transport::accept_loop(shared.clone(), endpoint));
     let actor = NodeActor {
@@ -1878,7 +1709,8 @@ impl NodeHandle {
         }
         let link = self
             .shared
-            .peer(node)
+            .links
+            .get(node)
             .ok_or_else(|| DeliveryError::UnknownNode { node: node.clone() })?;
         let bytes = rmp_serde::to_vec(state).map_err(|e| Error::State {
             kind: S::kind_key(),
@@ -1952,12 +1784,12 @@ impl NodeHandle {
 
     /// The book of `holder`, as this node knows it.
     pub fn book(&self, holder: ServiceId) -> Vec<(String, ServiceAddr)> {
-        self.shared.book(holder)
+        self.shared.books.book(holder)
     }
 
     /// Who `id` holds and who holds it, across the cluster as this node knows it.
     pub fn associations(&self, id: ServiceId) -> Associations {
-        self.shared.associations(id)
+        self.shared.books.associations(id)
     }
 
     /// Moves service `id` to node `to` while it runs, and reports how it went. The service may
@@ -2055,7 +1887,9 @@ impl NodeHandle {
         let low = matches!(power, Power::Battery { percent } if percent <= self.shared.limits.drain_below_percent);
         let draining = lock(&self.shared.members).me().draining;
         if low && !draining {
-            self.shared.event("power-low", format!("{power}: draining"));
+            self.shared
+                .logs
+                .event("power-low", format!("{power}: draining"));
             let node = self.shared.clone();
             self.shared.spawn_task(async move {
                 node.drain().await;
@@ -2207,12 +2041,12 @@ impl NodeHandle {
     /// Messages sent from this node that were declared lost with a node, oldest first
     /// (the last `losses_max`; `stats()` counts them all). See [`LossReport`].
     pub fn losses(&self) -> Vec<LossReport> {
-        lock(&self.shared.losses).iter().cloned().collect()
+        self.shared.logs.losses()
     }
 
     /// The node's recent events, oldest first.
     pub fn events(&self) -> Vec<NodeEvent> {
-        lock(&self.shared.events).1.iter().cloned().collect()
+        self.shared.logs.events()
     }
 
     /// Adds (or re-addresses) a peer; the node connects to it.
@@ -2222,19 +2056,21 @@ impl NodeHandle {
             return Err(Error::Config(format!("node {name} cannot be its own peer")));
         }
         self.shared
-            .peer_or_insert(&NodeName::new(name), Some(addr))?;
+            .links
+            .get_or_insert(&NodeName::new(name), Some(addr), &self.shared.limits)?;
         Ok(())
     }
 
     /// The state of every link to a peer.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        self.shared.links().iter().map(|l| l.status()).collect()
+        self.shared.links.all().iter().map(|l| l.status()).collect()
     }
 
     /// True when a connection to `peer` is up.
     pub fn is_connected(&self, peer: &str) -> bool {
         self.shared
-            .peer(&NodeName::new(peer))
+            .links
+            .get(&NodeName::new(peer))
             .is_some_and(|l| l.is_connected())
     }
 
@@ -2320,7 +2156,7 @@ impl NodeShared {
         let Some(at) = known else {
             // Started on a peer a moment ago (gossip has not said so yet): ask the peers, one
             // after the other; the one that hosts it answers.
-            for link in self.links().into_iter().filter(|l| l.is_connected()) {
+            for link in self.links.all().into_iter().filter(|l| l.is_connected()) {
                 match ask(link.name.clone(), to.clone()).await {
                     Err(Error::Remote { detail, .. }) if detail.contains(NOT_HERE) => continue,
                     other => return other.and_then(pinned),
@@ -2356,7 +2192,8 @@ impl NodeShared {
         make: impl FnOnce(u64) -> MigMsg,
     ) -> Result<T, Error> {
         let link = self
-            .peer(&at)
+            .links
+            .get(&at)
             .ok_or_else(|| DeliveryError::UnknownNode { node: at.clone() })?;
         let (req, rx) = self.asks.open(at.clone(), target)?;
         if let Err(e) = link.push_ctrl(&Frame::Mig(make(req))) {

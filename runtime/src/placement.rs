@@ -265,7 +265,10 @@ impl NodeShared {
         for m in &members {
             let up = m.local
                 || (m.status == MemberStatus::Up
-                    && self.peer(&m.info.name).is_some_and(|l| l.is_connected()));
+                    && self
+                        .links
+                        .get(&m.info.name)
+                        .is_some_and(|l| l.is_connected()));
             prefixes.insert(m.info.id_prefix, m.info.name.clone());
             let hosted: Vec<(ServiceId, KindKey, bool)> = if m.local {
                 self.local_services()
@@ -556,7 +559,7 @@ impl NodeShared {
                 }
             }
         }
-        self.event(
+        self.logs.event(
             "drained",
             format!(
                 "{} moved, {} pinned, {} failed",
@@ -632,7 +635,7 @@ impl NodeShared {
             };
             if plan.moves.is_empty() {
                 for (sid, why) in &plan.refused {
-                    self.event("placement-stuck", format!("{sid}: {why}"));
+                    self.logs.event("placement-stuck", format!("{sid}: {why}"));
                 }
                 continue;
             }
@@ -640,7 +643,7 @@ impl NodeShared {
             let to = plan.moves[0].to.clone();
             match self.carry_out(plan).await {
                 Ok(r) if r.groups.iter().all(|g| g.committed) => {
-                    self.event("re-placed", format!("{id} to {to}: {why}"));
+                    self.logs.event("re-placed", format!("{id} to {to}: {why}"));
                 }
                 Ok(r) => {
                     let why = r
@@ -648,9 +651,10 @@ impl NodeShared {
                         .iter()
                         .find_map(|g| g.aborted())
                         .unwrap_or_default();
-                    self.event("re-place-failed", format!("{id} to {to}: {why}"));
+                    self.logs
+                        .event("re-place-failed", format!("{id} to {to}: {why}"));
                 }
-                Err(e) => self.event("re-place-failed", format!("{id}: {e}")),
+                Err(e) => self.logs.event("re-place-failed", format!("{id}: {e}")),
             }
         }
     }
@@ -706,7 +710,7 @@ impl NodeShared {
             moves: done,
         };
         if !round.moves.is_empty() {
-            self.event(
+            self.logs.event(
                 "rebalanced",
                 format!(
                     "{} moves, cross-node traffic {:.2} -> {:.2} (planned)",
@@ -738,7 +742,10 @@ impl NodeShared {
                 m.info.rebalancing
                     && (m.local
                         || (m.status == MemberStatus::Up
-                            && self.peer(&m.info.name).is_some_and(|l| l.is_connected())))
+                            && self
+                                .links
+                                .get(&m.info.name)
+                                .is_some_and(|l| l.is_connected())))
             })
             .map(|m| m.info.name)
             .min();
@@ -782,7 +789,7 @@ impl NodeShared {
     /// exchanging messages with it.
     pub fn associated(&self, id: ServiceId) -> Vec<Association> {
         let view = self.view();
-        let books = self.associations(id);
+        let books = self.books.associations(id);
         let mut out: BTreeMap<ServiceId, Association> = BTreeMap::new();
         let entry = |peer: ServiceId| Association {
             peer,

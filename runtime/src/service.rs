@@ -394,7 +394,7 @@ impl<S: Service> Ctx<S> {
 
     /// The address in this service's book under `role`.
     pub fn book_get(&self, role: &str) -> Option<ServiceAddr> {
-        self.node.book_get(self.id(), role)
+        self.node.books.get(self.id(), role)
     }
 
     /// A typed handle to the service in this service's book under `role`.
@@ -416,7 +416,7 @@ impl<S: Service> Ctx<S> {
 
     /// This service's whole book.
     pub fn book(&self) -> Vec<(String, ServiceAddr)> {
-        self.node.book(self.id())
+        self.node.books.book(self.id())
     }
 
     /// Adds or replaces the entry `role` of this service's book.
@@ -431,7 +431,7 @@ impl<S: Service> Ctx<S> {
 
     /// Who this service holds and who holds it, across the cluster.
     pub fn associations(&self) -> Associations {
-        self.node.associations(self.id())
+        self.node.books.associations(self.id())
     }
 
     /// Starts a child service on this node, recorded as an assembly-tree edge.
@@ -649,7 +649,7 @@ fn snapshot<S: Service>(
         windows: wins,
         // Set by the stream's writer, which cuts the windows and counters into frames.
         tables: 0,
-        book: ctx.node.book(ctx.id()),
+        book: ctx.node.books.book(ctx.id()),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((
@@ -908,7 +908,7 @@ fn restarted<S: Service>(
     let id = ctx.id();
     let detail = panic_message(panic);
     tracing::warn!(service = %id, kind = S::KIND, panic = %detail, "handler panicked; service restarted");
-    ctx.node.event(
+    ctx.node.logs.event(
         "restarted",
         format!(
             "service {id} ({}) restarted with a fresh state: its handler panicked: {detail}",
@@ -933,7 +933,7 @@ fn report_panic<S: Service, M>(
 ) {
     let id = ctx.id();
     tracing::error!(service = %id, kind = S::KIND, panic = detail, "handler panicked; service stopped");
-    ctx.node.event(
+    ctx.node.logs.event(
         "panicked",
         format!(
             "service {id} ({}) stopped: its handler panicked: {detail}; {} queued messages failed to their senders",

@@ -2,9 +2,10 @@
 //! stream per direction, bounded outgoing queues that survive reconnections.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -199,6 +200,67 @@ pub struct PeerStatus {
     pub capabilities: Vec<String>,
     /// Why the last connection attempt or connection failed.
     pub last_error: Option<String>,
+}
+
+/// The peer links of a node, by name (at most `peers_max`). One of `NodeShared`'s subsystems:
+/// its lock is a leaf (a link is cloned out, then used).
+pub(crate) struct Links {
+    peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
+    peers_max: usize,
+}
+
+impl Links {
+    /// No links yet; at most `peers_max`.
+    pub fn new(peers_max: usize) -> Self {
+        Links {
+            peers: RwLock::new(HashMap::new()),
+            peers_max,
+        }
+    }
+
+    /// The link to `name`, if there is one.
+    pub fn get(&self, name: &NodeName) -> Option<Arc<PeerLink>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every link.
+    pub fn all(&self) -> Vec<Arc<PeerLink>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The link to `name`, made (with `limits`) if new. `addr` updates where to dial it.
+    pub fn get_or_insert(
+        &self,
+        name: &NodeName,
+        addr: Option<SocketAddr>,
+        limits: &Limits,
+    ) -> Result<Arc<PeerLink>, Error> {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = peers.get(name) {
+            if addr.is_some() {
+                link.set_addr(addr);
+            }
+            return Ok(link.clone());
+        }
+        if peers.len() >= self.peers_max {
+            return Err(Error::Limit {
+                what: "peers",
+                max: self.peers_max,
+            });
+        }
+        let link = Arc::new(PeerLink::new(name.clone(), addr, limits));
+        peers.insert(name.clone(), link.clone());
+        Ok(link)
+    }
 }
 
 /// Everything this node keeps about one peer. Outlives connections: frames queued while no
@@ -417,7 +479,7 @@ pub(crate) fn maintain_links(node: &Arc<NodeShared>) {
     if node.stopping.load(Ordering::Relaxed) {
         return;
     }
-    for link in node.links() {
+    for link in node.links.all() {
         let addr = {
             let mut st = lock(&link.state);
             let due = st
@@ -569,7 +631,7 @@ pub(crate) async fn accept_loop(node: Arc<NodeShared>, endpoint: quinn::Endpoint
 fn refuse(node: &NodeShared, what: String) {
     tracing::warn!(refusal = %what, "connection refused");
     // The event before the count: whoever sees the count finds the event.
-    node.event("connection-refused", what);
+    node.logs.event("connection-refused", what);
     node.stats.connections_refused.inc();
 }
 
@@ -635,7 +697,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             );
         }
     };
-    let link = match node.peer_or_insert(&name, None) {
+    let link = match node.links.get_or_insert(&name, None, &node.limits) {
         Ok(l) => l,
         Err(e) => {
             close("too many peers");
@@ -714,7 +776,7 @@ fn register(
     let gen = link.install(conn.clone(), dialed_by_me, caps);
     node.stats.connections_up.inc();
     node.driver.add_peer(link.name.clone());
-    node.event(
+    node.logs.event(
         "peer-up",
         format!(
             "{} (dialed by {})",
@@ -729,11 +791,16 @@ fn register(
     let span = tracing::info_span!("connection", node = %node.name(), peer = %link.name, gen);
     tracing::info!(parent: &span, "connection up");
 
-    for chunk in node.local_edges().chunks(BOOK_SYNC_EDGES_PER_FRAME) {
+    for chunk in node
+        .books
+        .edges_held_on(node.name())
+        .chunks(BOOK_SYNC_EDGES_PER_FRAME)
+    {
         if let Err(e) = link.push_ctrl(&Frame::BookSync {
             edges: chunk.to_vec(),
         }) {
-            node.event("book-sync-lost", format!("to {}: {e}", link.name));
+            node.logs
+                .event("book-sync-lost", format!("to {}: {e}", link.name));
         }
     }
 
@@ -793,7 +860,7 @@ fn register(
                     Err(e) => {
                         if link.lost(gen, e.to_string()) {
                             tracing::info!(reason = %e, "connection down");
-                            node.event("peer-down", format!("{}: {e}", link.name));
+                            node.logs.event("peer-down", format!("{}: {e}", link.name));
                             let left = matches!(&e, quinn::ConnectionError::ApplicationClosed(c)
                                 if c.error_code == quinn::VarInt::from_u32(code::SHUTDOWN as u32));
                             node.member_down(&link.name, left);
@@ -803,7 +870,7 @@ fn register(
                                 node.driver.location(id).map(|(at, _)| at)
                             });
                             if failed > 0 {
-                                node.event(
+                                node.logs.event(
                                     "asks-failed",
                                     format!("{failed} pending asks: {} was lost", link.name),
                                 );
@@ -849,7 +916,7 @@ async fn write_stream(
             Ok(()) => node.stats.bytes_out.add(buf.len() as u64),
             Err(e) => {
                 node.stats.bytes_lost_on_link.add(buf.len() as u64);
-                node.event(
+                node.logs.event(
                     "link-write-failed",
                     format!(
                         "{} bytes for {} on the {} stream: {e}",
@@ -980,12 +1047,13 @@ fn end_stream(
 fn protocol_error(node: &NodeShared, link: &PeerLink, e: &WireError) {
     node.stats.protocol_errors.inc();
     tracing::warn!(peer = %link.name, error = %e, "protocol error");
-    node.event("protocol-error", format!("from {}: {e}", link.name));
+    node.logs
+        .event("protocol-error", format!("from {}: {e}", link.name));
     if let Err(qe) = link.push_ctrl(&Frame::ProtocolError {
         code: e.code(),
         detail: e.to_string(),
     }) {
-        node.event(
+        node.logs.event(
             "protocol-error-unreported",
             format!("to {}: {qe}", link.name),
         );
@@ -1014,7 +1082,8 @@ fn refuse_message(
         },
     };
     if let Err(e) = link.push_ctrl(&answer) {
-        node.event("refusal-lost", format!("to {}: {e}", link.name));
+        node.logs
+            .event("refusal-lost", format!("to {}: {e}", link.name));
     }
 }
 
@@ -1049,7 +1118,8 @@ fn wait_for(
             node: at,
             bytes_max,
         } => node
-            .peer(at)
+            .links
+            .get(at)
             .map(|l| Flow::BlockedOnLink(l, done, bytes_max / 2)),
         _ => None,
     }
@@ -1257,7 +1327,7 @@ fn handle_frame(
         }
         (_, Frame::Reply { ask, result }) => {
             if !node.complete_ask(ask, reply_from_wire(result)) {
-                node.event(
+                node.logs.event(
                     "late-reply",
                     format!("from {}: ask {ask} is no longer waiting", link.name),
                 );
@@ -1273,7 +1343,7 @@ fn handle_frame(
             },
         ) => {
             tracing::warn!(peer = %link.name, %to, ?from, seq, %reason, "message refused by peer");
-            node.event(
+            node.logs.event(
                 "refused-by-peer",
                 format!("{}: message {seq} to {to}: {reason}", link.name),
             );
@@ -1298,12 +1368,14 @@ fn handle_frame(
         }
         (StreamKind::Control, Frame::BookSync { edges }) => {
             for edge in edges {
-                node.peer_book_change(&link.name, edge, true)
+                node.books
+                    .peer_change(&link.name, edge, true)
                     .map_err(|detail| WireError::Malformed { detail })?;
             }
         }
         (StreamKind::Control, Frame::BookChange { edge, added }) => {
-            node.peer_book_change(&link.name, edge, added)
+            node.books
+                .peer_change(&link.name, edge, added)
                 .map_err(|detail| WireError::Malformed { detail })?;
         }
         (StreamKind::Control, Frame::Spawn { req, kind, state }) => {
@@ -1315,7 +1387,8 @@ fn handle_frame(
                     })
                 }),
                 Err(e) => {
-                    node.event("spawn-refused", format!("from {}: {e}", link.name));
+                    node.logs
+                        .event("spawn-refused", format!("from {}: {e}", link.name));
                     link.push_ctrl(&Frame::Reply {
                         ask: req,
                         result: wire::ReplyBody::Failed(e.to_string()),
@@ -1323,13 +1396,14 @@ fn handle_frame(
                 }
             };
             if let Err(e) = result {
-                node.event("spawn-answer-lost", format!("to {}: {e}", link.name));
+                node.logs
+                    .event("spawn-answer-lost", format!("to {}: {e}", link.name));
             }
         }
         (_, Frame::ProtocolError { code, detail }) => {
             node.stats.protocol_errors_reported.inc();
             tracing::warn!(peer = %link.name, code, %detail, "peer reported a protocol error");
-            node.event(
+            node.logs.event(
                 "protocol-error-reported",
                 format!("{} says ({code}): {detail}", link.name),
             );

@@ -142,7 +142,7 @@ impl NodeShared {
     /// True when `node` was lost or left: its link is declared lost and not up again, or
     /// the member table says so.
     fn node_gone(&self, node: &NodeName) -> bool {
-        self.peer(node).is_some_and(|l| l.check_up().is_err()) || self.member_gone(node)
+        self.links.get(node).is_some_and(|l| l.check_up().is_err()) || self.member_gone(node)
     }
 
     /// Node `lost` was lost: the `child:` entries held by its services are forgotten here (if
@@ -153,9 +153,9 @@ impl NodeShared {
     /// ([`forget_tree_children_at`](Self::forget_tree_children_at)). Returns how many left.
     pub(crate) fn forget_tree_edges_at(&self, lost: &NodeName) -> usize {
         let mut dropped = 0;
-        for edge in self.book_edges_held_on(lost) {
+        for edge in self.books.edges_held_on(lost) {
             if edge.role.starts_with(CHILD_ROLE_PREFIX)
-                && self.book_forget_remote(edge.holder.id, &edge.role)
+                && self.books.remove(edge.holder.id, &edge.role).is_some()
             {
                 dropped += 1;
             }
@@ -168,7 +168,7 @@ impl NodeShared {
     pub(crate) fn forget_tree_children_at(&self, node: &NodeName) -> usize {
         let me = self.name().clone();
         let mut dropped = 0;
-        for edge in self.book_edges_held_on(&me) {
+        for edge in self.books.edges_held_on(&me) {
             if edge.role.starts_with(CHILD_ROLE_PREFIX)
                 && self.whereabouts(edge.target.id, &edge.target.node) == *node
                 && self.book_remove(edge.holder.id, &edge.role)
@@ -182,7 +182,8 @@ impl NodeShared {
     /// The parent of `id` in its assembly tree, from the books.
     pub fn parent_of(&self, id: ServiceId) -> Option<ServiceId> {
         let role = child_role(id);
-        self.associations(id)
+        self.books
+            .associations(id)
             .held_by
             .into_iter()
             .find(|(_, r)| *r == role)
@@ -191,7 +192,8 @@ impl NodeShared {
 
     /// The children of `id`, from the books.
     pub fn children_of(&self, id: ServiceId) -> Vec<ServiceAddr> {
-        self.book(id)
+        self.books
+            .book(id)
             .into_iter()
             .filter(|(role, _)| role.starts_with(CHILD_ROLE_PREFIX))
             .map(|(_, addr)| addr)
@@ -210,7 +212,7 @@ impl NodeShared {
             .location(id)
             .map(|(n, _)| n)
             .or_else(|| self.channel_location(id))
-            .or_else(|| self.book_addr(id).map(|a| a.node))
+            .or_else(|| self.books.addr_of(id).map(|a| a.node))
             .or_else(|| self.hosting_member(id))
             .unwrap_or_else(|| fallback.clone())
     }
@@ -298,7 +300,7 @@ impl NodeShared {
 
     /// An address for `id` from the local table or the books.
     fn addr_known(&self, id: ServiceId) -> Option<ServiceAddr> {
-        self.local_addr_of(id).or_else(|| self.book_addr(id))
+        self.local_addr_of(id).or_else(|| self.books.addr_of(id))
     }
 
     /// Moves every `(service, node)` of `moves` as one group: all or none, frozen together.
@@ -527,6 +529,7 @@ fn answer_reports(
         }),
     };
     if let Err(e) = sent {
-        node.event("migration-report-lost", format!("to {}: {e}", link.name));
+        node.logs
+            .event("migration-report-lost", format!("to {}: {e}", link.name));
     }
 }

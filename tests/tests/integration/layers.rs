@@ -135,7 +135,10 @@ fn tern_proto_has_no_async_network_or_actor_dependency() {
 /// The layers of `tern` (runtime/src), lowest first; a module may name modules of its own layer
 /// or below. Written in docs/ARCHITECTURE.md.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("base", &["error", "stats", "certs", "tls"]),
+    (
+        "base",
+        &["error", "stats", "certs", "tls", "events", "books"],
+    ),
     ("net", &["transport"]),
     (
         "node",
