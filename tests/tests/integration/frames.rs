@@ -442,15 +442,10 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
         p.ctrl_send.write_all(&abort).await?;
         // Waited for here, not with the blocking helper: the probe's connection runs on this
         // thread and must get its Abort out.
-        let mut gone = false;
-        for _ in 0..1_000 {
-            if a.services().iter().all(|s| s.addr.id != id9) {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(gone, "the aborted copy is still there: {:?}", a.services());
+        wait_until(SECS_10, "the aborted copy to go", || async {
+            a.services().iter().all(|s| s.addr.id != id9)
+        })
+        .await?;
 
         // Meanwhile the node serves its other peer as before.
         for seq in 1..=100 {
@@ -567,15 +562,10 @@ fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
                 n: 11,
             })))
             .await?;
-        let mut running = false;
-        for _ in 0..1_000 {
-            if a.services().iter().any(|s| s.addr.id == id) {
-                running = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(running, "the committed copy runs");
+        wait_until(SECS_10, "the committed copy to run", || async {
+            a.services().iter().any(|s| s.addr.id == id)
+        })
+        .await?;
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(a.book(id), vec![("friend".to_string(), friend)]);

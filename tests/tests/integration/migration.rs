@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tern::{AbortReason, MigrateOptions, ServiceRef};
 use tern_actors::{SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
-use tern_harness::{block_on, wait_for, Cluster};
+use tern_harness::{block_on, wait_for, wait_until, Cluster};
 
 use crate::common::{register_test_kinds, Poison, Slow, SlowMsg, SECS_10};
 
@@ -88,8 +88,14 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
         for i in 1..=10_000 {
             slow.tell(SlowMsg::Item(i))?;
         }
-        // The service is in the middle of `Hold`: the freeze waits for it, the rest travels.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The service is in the middle of `Hold` (its queue no longer holds it): the freeze
+        // waits for it, the rest travels.
+        wait_until(SECS_10, "the service to take the hold", || async {
+            a.services()
+                .iter()
+                .any(|s| s.addr.id == slow.id() && s.mailbox_depth <= 10_000)
+        })
+        .await?;
         let handled_at_b = c.node("b").stats().processed;
         let report = a.migrate(slow.id(), "b", opts()).await?;
         assert!(report.committed(), "{report:?}");
@@ -247,28 +253,16 @@ fn a_handle_outside_any_book_is_forwarded_once_then_goes_direct() -> Result<()> 
                 })
                 .await?;
         }
-        let mut learned = false;
-        for _ in 0..500 {
-            if from_c.location().as_str() == "b" {
-                learned = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(learned, "c's channel follows the service");
+        wait_until(SECS_10, "c's channel to follow the service", || async {
+            from_c.location().as_str() == "b"
+        })
+        .await?;
         // c's fence reaches a behind everything c sent there (b fences a too): after it, a
         // has forwarded all it will ever forward from c.
-        for _ in 0..500 {
-            if a.migration_stats().fences_in >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            a.migration_stats().fences_in >= 2,
-            "{:?}",
-            a.migration_stats()
-        );
+        wait_until(SECS_10, "both fences at a", || async {
+            a.migration_stats().fences_in >= 2
+        })
+        .await?;
         // Once c knows, its sends go straight to b: the old node forwards none of them.
         let forwarded_before = a.migration_stats().tombstone_forwards;
         for seq in 201..=2_000 {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tern::{Ctx, Limits, ReplyTo, Service, TimerId};
-use tern_harness::{block_on, Cluster};
+use tern_harness::{block_on, wait_until, Cluster};
 
 use crate::common::SECS_10;
 
@@ -105,7 +105,14 @@ fn timers_fire_in_due_order_not_early_and_can_be_cancelled() -> Result<()> {
         // The last one scheduled ("b") is cancelled; a second cancel finds nothing.
         assert!(clock.ask(ClockMsg::CancelLast, SECS_10).await?);
         assert!(!clock.ask(ClockMsg::CancelLast, SECS_10).await?);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Two firings: "a" and "c" (were the cancelled "b" to fire, it would come before "c").
+        wait_until(SECS_10, "two timers to fire", || async {
+            clock
+                .ask(ClockMsg::Fired, SECS_10)
+                .await
+                .is_ok_and(|f| f.len() >= 2)
+        })
+        .await?;
         let fired = clock.ask(ClockMsg::Fired, SECS_10).await?;
         let names: Vec<&str> = fired.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(names, vec!["a", "c"]);

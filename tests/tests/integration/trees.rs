@@ -98,7 +98,10 @@ fn a_tree_of_twenty_moves_as_one_under_load_and_talks_locally_after() -> Result<
             })
         })
     };
-    std::thread::sleep(Duration::from_millis(40));
+    // Under load: the feed has begun.
+    wait_for(SECS_10, "the root's first item", || {
+        !tally("t20.0").is_empty()
+    })?;
     let report = block_on(a.migrate_tree(root.id(), "b", MigrateOptions::default()))?;
     assert!(report.committed, "{report:?}");
     assert_eq!(report.members.len(), members);
@@ -201,7 +204,9 @@ fn a_tree_whose_member_is_refused_does_not_move_at_all() -> Result<()> {
             })
         })
     };
-    std::thread::sleep(Duration::from_millis(10));
+    wait_for(SECS_10, "the root's first item", || {
+        !tally("r5.0").is_empty()
+    })?;
     let moves: Vec<(tern::ServiceId, &str)> = tree
         .iter()
         .enumerate()
