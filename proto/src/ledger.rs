@@ -25,6 +25,9 @@ use crate::ids::{IdMap, NodeName, ServiceId};
 /// Nodes a ledger entry remembers having sent through; past that it assumes any (a lost node
 /// then declares the entry: an over-report, never an under-report).
 pub const LEDGER_VIA_MAX: usize = 4;
+/// Refused numbers an entry remembers (above its settled mark), so that a node lost later does
+/// not report them a second time; past this the lowest is forgotten (an over-report).
+pub const LEDGER_REFUSED_MAX: usize = 64;
 
 /// One channel's ledger: the last sender's entry kept apart (a channel mostly carries one
 /// sender's run at a time), the others in a table. One entry per sender with messages
@@ -45,9 +48,23 @@ struct Outstanding {
     /// The nodes the outstanding messages were sent to; empty with `via_any`.
     via: Vec<NodeName>,
     via_any: bool,
+    /// Numbers above `handled` already reported refused to the sender, ascending.
+    refused: Vec<u64>,
 }
 
 impl Outstanding {
+    /// Drops what the settled mark covers, and refused numbers at the top of what was sent
+    /// (no later number will settle them). True when nothing is left outstanding.
+    fn tidy(&mut self) -> bool {
+        let handled = self.handled;
+        self.refused.retain(|r| *r > handled);
+        while self.sent > self.handled && self.refused.last() == Some(&self.sent) {
+            self.refused.pop();
+            self.sent -= 1;
+        }
+        self.handled >= self.sent
+    }
+
     /// Remembers that messages went (or may go) to `node`.
     fn went(&mut self, node: &NodeName) {
         if !self.via_any && !self.via.contains(node) {
@@ -78,6 +95,7 @@ impl Ledger {
             handled: seq.saturating_sub(1),
             via: Vec::new(),
             via_any: false,
+            refused: Vec::new(),
         });
         o.sent = o.sent.max(seq);
         o.went(via);
@@ -99,15 +117,36 @@ impl Ledger {
     /// The service confirmed taking `sender`'s messages up to `seq`; an entry with nothing
     /// left outstanding leaves.
     pub fn settle(&mut self, sender: ServiceId, seq: u64) {
+        self.update(sender, |o| o.handled = o.handled.max(seq));
+    }
+
+    /// Number `seq` of `sender` was refused, and the sender told: it is no longer outstanding
+    /// (a node lost later does not report it again).
+    pub fn refused(&mut self, sender: ServiceId, seq: u64) {
+        self.update(sender, |o| {
+            if seq <= o.handled || seq > o.sent {
+                return;
+            }
+            if let Err(at) = o.refused.binary_search(&seq) {
+                o.refused.insert(at, seq);
+                if o.refused.len() > LEDGER_REFUSED_MAX {
+                    o.refused.remove(0);
+                }
+            }
+        });
+    }
+
+    /// Applies `change` to `sender`'s entry, which leaves if nothing is outstanding after.
+    fn update(&mut self, sender: ServiceId, change: impl FnOnce(&mut Outstanding)) {
         let done = match &mut self.hot {
             Some((s, o)) if *s == sender => {
-                o.handled = o.handled.max(seq);
-                o.handled >= o.sent
+                change(o);
+                o.tidy()
             }
             _ => match self.cold.get_mut(&sender) {
                 Some(o) => {
-                    o.handled = o.handled.max(seq);
-                    o.handled >= o.sent
+                    change(o);
+                    o.tidy()
                 }
                 None => false,
             },
@@ -127,12 +166,18 @@ impl Ledger {
     pub fn declare_lost(&mut self, lost: &NodeName, here: bool) -> Vec<(ServiceId, u64, u64)> {
         let mut out = Vec::new();
         let mut take = |sender: &ServiceId, o: &Outstanding| {
-            if here || o.via_any || o.via.contains(lost) {
-                out.push((*sender, o.handled + 1, o.sent));
-                false
-            } else {
-                true
+            if !(here || o.via_any || o.via.contains(lost)) {
+                return true;
             }
+            // The unsettled numbers, less those already reported refused.
+            let mut first = o.handled + 1;
+            for r in o.refused.iter().copied().chain(std::iter::once(o.sent + 1)) {
+                if r > first {
+                    out.push((*sender, first, r - 1));
+                }
+                first = r + 1;
+            }
+            false
         };
         if let Some((s, o)) = &self.hot {
             if !take(s, o) {
@@ -149,7 +194,7 @@ impl Ledger {
             .iter()
             .map(|(_, o)| o)
             .chain(self.cold.values())
-            .map(|o| o.sent - o.handled)
+            .map(|o| o.sent - o.handled - o.refused.len() as u64)
             .sum()
     }
 
@@ -224,6 +269,32 @@ mod tests {
         l.settle(sender(9), 5);
         assert_eq!(l.outstanding(), 1);
         l.settle(sender(2), 7);
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_refused_number_is_not_declared_again_when_its_node_is_lost() {
+        let b = NodeName::new("b");
+        let mut l = Ledger::default();
+        for seq in 1..=8 {
+            l.note(sender(1), seq, &b);
+        }
+        l.settle(sender(1), 2);
+        // 4 and 8 refused (and reported): 8 was the last sent, so it leaves at once.
+        l.refused(sender(1), 8);
+        l.refused(sender(1), 4);
+        l.refused(sender(1), 4);
+        l.refused(sender(1), 1); // settled already: ignored
+        assert_eq!(l.outstanding(), 4, "3, 5, 6 and 7");
+        assert_eq!(
+            l.declare_lost(&b, true),
+            vec![(sender(1), 3, 3), (sender(1), 5, 7)]
+        );
+        // A refusal of everything outstanding empties the entry.
+        l.note(sender(2), 1, &b);
+        l.note(sender(2), 2, &b);
+        l.refused(sender(2), 1);
+        l.refused(sender(2), 2);
         assert!(l.is_empty());
     }
 }

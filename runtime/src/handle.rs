@@ -71,6 +71,8 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn location(&self) -> (NodeName, u64);
     /// The service confirmed taking `sender`'s messages up to `seq`.
     fn settle(&self, sender: ServiceId, seq: u64);
+    /// Number `seq` of `sender` was refused and its sender told: no longer outstanding.
+    fn refused(&self, sender: ServiceId, seq: u64);
     /// Node `lost` is gone: every outstanding message that went there, or that the service
     /// (now there) had not confirmed, is declared lost and leaves the ledger.
     fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange>;
@@ -145,6 +147,10 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
 
     fn settle(&self, sender: ServiceId, seq: u64) {
         lock(&self.state).ledger.settle(sender, seq);
+    }
+
+    fn refused(&self, sender: ServiceId, seq: u64) {
+        lock(&self.state).ledger.refused(sender, seq);
     }
 
     fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange> {

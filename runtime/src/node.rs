@@ -808,7 +808,12 @@ impl NodeShared {
     /// for it. Sent where this node believes the service is: its channel or, when newer, the
     /// directory.
     pub fn skip_refused(&self, to: ServiceId, from: ServiceId, seq: u64) {
-        let chan = lock(&self.channels).get(&to).map(|c| c.location());
+        let chan = lock(&self.channels).get(&to).cloned();
+        // Reported already: a node lost later does not report it again.
+        let chan = chan.map(|c| {
+            c.refused(from, seq);
+            c.location()
+        });
         let at = tern_proto::inbox::newest_location(chan, self.driver.location(to));
         match at {
             Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)], 0),

@@ -401,3 +401,60 @@ fn a_carried_tail_cut_between_two_live_nodes_is_reported_to_its_senders() -> Res
     // Both live; only their connection dies (idle timeout), with the tail perhaps unsent.
     carried_tail_then("tail-cut", |c| c.cut("a", "b"))
 }
+
+/// A tell refused by a full mailbox is reported once: when the node that refused it dies
+/// later, its declaration leaves out what was reported refused already, and reports the rest.
+#[test]
+fn a_refused_tell_is_not_reported_again_when_its_node_dies() -> Result<()> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .limits(tern::Limits {
+            mailbox_capacity: 8,
+            ..crate::common::quick_to_notice()
+        })
+        .faults(seed)
+        .setup(crate::common::register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let svc = b.spawn(Slow::default())?;
+    let from_a = a.resolve::<Slow>(svc.addr())?;
+    // Busy with the hold, 8 queued behind it, then 4 refused: numbers 10..=13.
+    from_a.tell(SlowMsg::Hold { ms: 5_000 })?;
+    wait_for(SECS_10, "b holds", || {
+        b.services()
+            .iter()
+            .any(|s| s.addr.id == svc.id() && s.mailbox_depth == 0)
+            && from_a.unconfirmed() == 0
+    })?;
+    for i in 1..=12 {
+        from_a.tell(SlowMsg::Item(i))?;
+    }
+    wait_for(SECS_10, "the four refusals reported", || {
+        reported(a, svc.id(), from_a.sender_id()).len() == 4
+    })?;
+    c.kill("b");
+    wait_for(SECS_10, "a declares what b took with it", || {
+        a.losses().iter().any(|r| r.reason.contains("node lost"))
+    })?;
+    let mut times: std::collections::BTreeMap<u64, u32> = Default::default();
+    for r in a.losses() {
+        if r.service == svc.id() && r.sender == from_a.sender_id() {
+            for seq in r.first_seq..=r.last_seq {
+                *times.entry(seq).or_default() += 1;
+            }
+        }
+    }
+    ensure!(
+        times.keys().copied().eq(2..=13) && times.values().all(|n| *n == 1),
+        "each of 2..=13 reported once: {times:?}"
+    );
+    drop((svc, from_a));
+    c.shutdown();
+    Ok(())
+}
