@@ -5,7 +5,7 @@ use tern::{Associations, ServiceAddr, ServiceId};
 use tern_actors::{KvStore, SeqSender, SeqSink};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, Parent, ParentMsg, SECS_10};
+use crate::common::{connected, register_test_kinds, Parent, ParentMsg, SECS_10};
 
 fn sorted(mut a: Associations) -> Associations {
     a.holds.sort();
@@ -110,8 +110,7 @@ fn books_and_associations_are_right_on_every_node() -> Result<()> {
 
 #[test]
 fn context_reports_itself_and_records_children() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let parent = a.spawn(Parent::default())?;
     let (kid1, kid2, who): (ServiceAddr, ServiceAddr, _) = block_on(async {

@@ -289,6 +289,13 @@ impl Service for DisplayRelay {
     }
 }
 
+/// The usual cluster: nodes `names` with the test kinds, every pair connected.
+pub fn connected(names: &[&str]) -> anyhow::Result<tern_harness::Cluster> {
+    let c = tern_harness::Cluster::start(names, register_test_kinds)?;
+    c.wait_connected(SECS_10)?;
+    Ok(c)
+}
+
 /// Limits under which a killed node is noticed in well under a second.
 pub fn quick_to_notice() -> tern::Limits {
     tern::Limits {

@@ -12,7 +12,7 @@ use tern_proto::wire::{
     self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
 };
 
-use crate::common::{register_test_kinds, Slow, SECS_10};
+use crate::common::{connected, register_test_kinds, Slow, SECS_10};
 
 const MAX: usize = 16 << 20;
 
@@ -184,8 +184,7 @@ fn expect_protocol_error(a: Answer, want: u16, mentions: &str) {
 
 #[test]
 fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
     let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
@@ -348,8 +347,7 @@ fn refusal(m: MigMsg, want_n: u64) -> String {
 
 #[test]
 fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
     let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
@@ -479,8 +477,7 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
 /// sent to it, was ever handled).
 #[test]
 fn a_snapshot_stream_whose_framing_breaks_leaves_no_copy_gated() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let slow = KindKey::new("test-slow", 1);
     let state = rmp_serde::to_vec(&Slow::default())?;
@@ -533,8 +530,7 @@ fn a_snapshot_stream_whose_framing_breaks_leaves_no_copy_gated() -> Result<()> {
 /// `BookChange` missed) is there once the copy runs, pointing from the service's new place.
 #[test]
 fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let slow = KindKey::new("test-slow", 1);
     let state = rmp_serde::to_vec(&Slow::default())?;

@@ -8,12 +8,11 @@ use tern::{AskError, DeliveryError, Error, KindKey, ServiceAddr, ServiceId, Serv
 use tern_actors::{KvMsg, KvStore, SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, Slow, SECS_10};
+use crate::common::{connected, Slow, SECS_10};
 
 #[test]
 fn asks_and_tells_across_three_nodes_keep_per_sender_order() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let sink_b = b.spawn(SeqSink::default())?;
     let sink_c = c.node("c").spawn(SeqSink::default())?;
@@ -85,8 +84,7 @@ fn asks_and_tells_across_three_nodes_keep_per_sender_order() -> Result<()> {
 
 #[test]
 fn kv_store_answers_local_and_remote_asks_alike() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let kv = c.node("b").spawn(KvStore::default())?;
     let local = kv.clone();
     let remote: ServiceRef<KvStore> = c.node("a").resolve(kv.addr())?;

@@ -9,7 +9,7 @@ use tern::{AbortReason, MigrateOptions, ServiceRef};
 use tern_actors::{SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
 use tern_harness::{block_on, wait_for, wait_until, Cluster};
 
-use crate::common::{register_test_kinds, Poison, Slow, SlowMsg, SECS_10};
+use crate::common::{connected, register_test_kinds, Poison, Slow, SlowMsg, SECS_10};
 
 fn opts() -> MigrateOptions {
     MigrateOptions::default()
@@ -28,8 +28,7 @@ async fn assert_handled_in_order(slow: &ServiceRef<Slow>, n: u64) -> Result<()> 
 
 #[test]
 fn state_and_queue_move_and_are_handled_in_order_at_the_target() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let slow = a.spawn(Slow::default())?;
     block_on(async {
@@ -116,8 +115,7 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
 
 #[test]
 fn drain_option_handles_the_queue_at_the_source_first() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let slow = a.spawn(Slow::default())?;
     block_on(async {
@@ -139,8 +137,7 @@ fn drain_option_handles_the_queue_at_the_source_first() -> Result<()> {
 
 #[test]
 fn three_senders_keep_exactly_once_and_order_through_a_hundred_migrations() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let names = ["a", "b", "c"];
     let sink = c.node("a").spawn(SeqSink::default())?;
     let mut senders = Vec::new();
@@ -228,8 +225,7 @@ fn three_senders_keep_exactly_once_and_order_through_a_hundred_migrations() -> R
 
 #[test]
 fn a_handle_outside_any_book_is_forwarded_once_then_goes_direct() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
     let sink = a.spawn(SeqSink::default())?;
     let from_c: ServiceRef<SeqSink> = cc.resolve(sink.addr())?;
@@ -374,8 +370,7 @@ fn oversize_state_and_policy_refusals_resume_at_the_source() -> Result<()> {
 
 #[test]
 fn channels_are_rebuilt_and_co_located_services_go_local() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
     let sink = a.spawn(SeqSink::default())?;
     // Holders on b and c; a third on a itself.
@@ -547,8 +542,7 @@ fn a_deadline_before_commit_resumes_at_the_source_and_the_copy_is_dropped() -> R
 
 #[test]
 fn a_link_lost_before_commit_resumes_at_the_source() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let (a, b) = (c.node("a").clone(), c.node("b").clone());
     let slow = a.spawn(big_slow(4_000_000))?;
     let report = block_on(async {
@@ -574,8 +568,7 @@ fn a_link_lost_before_commit_resumes_at_the_source() -> Result<()> {
 
 #[test]
 fn timers_travel_and_fire_on_the_target_at_the_right_time() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let t = a.spawn(crate::common::Alarm::default())?;
     block_on(async {
@@ -605,8 +598,7 @@ fn timers_travel_and_fire_on_the_target_at_the_right_time() -> Result<()> {
 
 #[test]
 fn a_tombstone_goes_once_every_peer_has_fenced_it_and_nothing_in_flight_is_lost() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, cc) = (c.node("a").clone(), c.node("c").clone());
     let sink = a.spawn(SeqSink::default())?;
     let from_c: ServiceRef<SeqSink> = cc.resolve(sink.addr())?;
@@ -659,8 +651,7 @@ fn a_tombstone_goes_once_every_peer_has_fenced_it_and_nothing_in_flight_is_lost(
 
 #[test]
 fn a_tombstone_stays_while_a_known_peer_has_not_fenced_it() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a").clone(), c.node("b").clone());
     // c is known to a but gone: it may still hold a channel that points at a.
     c.node("c").shutdown();
@@ -680,8 +671,7 @@ fn a_tombstone_stays_while_a_known_peer_has_not_fenced_it() -> Result<()> {
 
 #[test]
 fn a_carried_message_that_cannot_be_encoded_is_refused_to_its_sender_not_dropped() -> Result<()> {
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let a = c.node("a");
     let slow = a.spawn(Slow::default())?;
     block_on(async {
@@ -718,8 +708,7 @@ fn a_carried_message_that_cannot_be_encoded_is_refused_to_its_sender_not_dropped
 
 #[test]
 fn a_handle_on_a_third_node_migrates_the_service_and_keeps_working() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let slow = c.node("a").spawn(Slow::default())?;
     let from_c: ServiceRef<Slow> = c.node("c").resolve(slow.addr())?;
     block_on(async {
@@ -749,8 +738,7 @@ fn a_handle_on_a_third_node_migrates_the_service_and_keeps_working() -> Result<(
 
 #[test]
 fn a_moving_service_takes_its_book_and_its_numbering_and_sends_on_from_the_target() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let sink = c.node("c").spawn(SeqSink::default())?;
     let sender = a.spawn(SeqSender::new("mover"))?;
@@ -787,8 +775,7 @@ fn a_moving_service_takes_its_book_and_its_numbering_and_sends_on_from_the_targe
 
 #[test]
 fn a_chain_of_moves_and_back_keeps_every_handle_working_in_order() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let sink = c.node("a").spawn(SeqSink::default())?;
     // One ad-hoc handle per node, all made while the sink was on a.
     let handles: Vec<(String, ServiceRef<SeqSink>)> = ["a", "b", "c"]
@@ -902,8 +889,7 @@ fn a_service_that_does_not_freeze_in_time_aborts_and_runs_on() -> Result<()> {
 /// `migrate` asks the peers instead of failing with "not known".
 #[test]
 fn a_service_started_on_a_peer_a_moment_ago_can_be_moved_from_here() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let slow = b.spawn(Slow::default())?;
     let report = block_on(a.migrate(slow.id(), "c", opts()))?;
@@ -927,8 +913,7 @@ fn a_service_started_on_a_peer_a_moment_ago_can_be_moved_from_here() -> Result<(
 /// gone). Before, every message from that node was refused for good.
 #[test]
 fn a_node_that_joins_after_a_move_reaches_the_service_through_its_old_address() -> Result<()> {
-    let mut c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let mut c = connected(&["a", "b", "c"])?;
     let addr = c.node("b").spawn(Slow::default())?.addr().clone();
     let report = block_on(c.node("b").migrate(addr.id, "c", opts()))?;
     assert!(report.aborted.is_none(), "{report:?}");

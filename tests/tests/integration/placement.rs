@@ -12,7 +12,7 @@ use tern_actors::{Chatter, ChatterMsg};
 use tern_harness::{block_on, wait_for, Cluster};
 
 use crate::common::{
-    register_test_kinds, tally, DisplayRelay, Relay, RelayMsg, SpeakerRelay, SECS_10,
+    connected, register_test_kinds, tally, DisplayRelay, Relay, RelayMsg, SpeakerRelay, SECS_10,
 };
 use crate::trees::{check_tallies, relay_tree};
 
@@ -463,8 +463,7 @@ fn the_rebalancer_brings_chatty_pairs_together_without_oscillating() -> Result<(
 /// group request. (Before, only the hosting node's own calls checked it.)
 #[test]
 fn a_pin_holds_against_requests_from_peers() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let pinned = b.spawn(Relay {
         name: "pin.held".into(),

@@ -7,13 +7,13 @@ use anyhow::Result;
 use tern::certs::{ClusterCa, NodeIdentity};
 use tern::{Node, NodeConfig};
 use tern_actors::{SeqSink, SinkMsg};
-use tern_harness::{block_on, wait_for, Cluster};
+use tern_harness::{block_on, wait_for};
 
-use crate::common::{register_test_kinds, SECS_10};
+use crate::common::{connected, register_test_kinds, SECS_10};
 
 #[test]
 fn a_node_with_a_certificate_from_another_ca_cannot_connect() -> Result<()> {
-    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let c = connected(&["a"])?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
 
@@ -67,7 +67,7 @@ fn a_node_with_a_certificate_from_another_ca_cannot_connect() -> Result<()> {
 
 #[test]
 fn dialing_an_address_under_the_wrong_name_fails() -> Result<()> {
-    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let c = connected(&["a"])?;
     let a = c.node("a");
     // A member of the cluster believes node b listens where a does: a's certificate names a,
     // so the dial must fail instead of talking to the wrong node.
@@ -91,8 +91,7 @@ fn dialing_an_address_under_the_wrong_name_fails() -> Result<()> {
 #[test]
 fn each_pair_of_nodes_keeps_exactly_one_connection_when_both_dial() -> Result<()> {
     // The harness introduces every node to every other, so every pair dials both ways at once.
-    let c = Cluster::start(&["a", "b", "c", "d"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c", "d"])?;
     // Let any duplicate dial finish its handshake and be turned down.
     std::thread::sleep(Duration::from_millis(300));
     for n in c.nodes() {
@@ -153,7 +152,7 @@ fn nothing_arrives_from(
 
 #[test]
 fn a_peer_without_a_client_certificate_is_refused() -> Result<()> {
-    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let c = connected(&["a"])?;
     let a = c.node("a");
     let before = a.stats().connections_refused;
     // A client that trusts the cluster CA but presents no certificate of its own.
@@ -197,7 +196,7 @@ fn a_peer_without_a_client_certificate_is_refused() -> Result<()> {
 
 #[test]
 fn an_expired_certificate_is_refused_with_a_reason_that_says_so() -> Result<()> {
-    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let c = connected(&["a"])?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
     let before = a.stats().connections_refused;
@@ -224,8 +223,7 @@ fn an_expired_certificate_is_refused_with_a_reason_that_says_so() -> Result<()> 
 
 #[test]
 fn a_second_holder_of_a_connected_nodes_name_is_refused_and_the_first_stays() -> Result<()> {
-    let c = Cluster::start(&["a", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "c"])?;
     let (a, cc) = (c.node("a"), c.node("c"));
     let sink = cc.spawn(SeqSink::default())?;
     let before = cc.stats().connections_refused;

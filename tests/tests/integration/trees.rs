@@ -7,7 +7,9 @@ use anyhow::{ensure, Result};
 use tern::{MigrateOptions, NodeHandle, ServiceRef};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{killable_cluster, register_test_kinds, tally, Relay, RelayMsg, SECS_10};
+use crate::common::{
+    connected, killable_cluster, register_test_kinds, tally, Relay, RelayMsg, SECS_10,
+};
 
 /// A tree of `members` relays on `node`, `fanout` children each, breadth first; its names
 /// start with `prefix`. Returns the root and every member (root first).
@@ -65,8 +67,7 @@ fn wait_tallies(prefix: &str, members: usize, n: u64) -> Result<()> {
 
 #[test]
 fn a_tree_of_twenty_moves_as_one_under_load_and_talks_locally_after() -> Result<()> {
-    let c = Cluster::start(&["a", "b", "c"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b", "c"])?;
     let (a, b) = (c.node("a"), c.node("b"));
     let members = 20;
     let tree = relay_tree(a, "t20.", members, 3)?;
@@ -243,7 +244,7 @@ fn a_tree_whose_member_is_refused_does_not_move_at_all() -> Result<()> {
 
 #[test]
 fn adoption_refuses_cycles_and_second_parents() -> Result<()> {
-    let c = Cluster::start(&["a"], register_test_kinds)?;
+    let c = connected(&["a"])?;
     let a = c.node("a");
     let tree = relay_tree(a, "cy.", 3, 1)?; // a chain: 0 -> 1 -> 2
     let err = a.adopt(tree[2].id(), tree[0].addr()).unwrap_err();
@@ -262,8 +263,7 @@ fn adoption_refuses_cycles_and_second_parents() -> Result<()> {
 fn a_tree_with_more_members_than_quics_default_stream_limit_moves() -> Result<()> {
     // Each member's snapshot stream stays open until the group commits: 150 of them at once
     // is over QUIC's default of 100 concurrent streams, which used to stall until the deadline.
-    let c = Cluster::start(&["a", "b"], register_test_kinds)?;
-    c.wait_connected(SECS_10)?;
+    let c = connected(&["a", "b"])?;
     let members = 150;
     let tree = relay_tree(c.node("a"), "big.", members, 5)?;
     let report = block_on(
