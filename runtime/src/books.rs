@@ -22,7 +22,7 @@ impl Books {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BookIndex> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.index)
     }
 
     /// `holder`'s entry under `role`.

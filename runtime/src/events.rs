@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tern_proto::ids::{NodeName, ServiceId};
 
 use crate::stats::Stats;
+use crate::sync::lock;
 
 /// Something a node noticed that an operator may want to see: refusals, protocol errors,
 /// peers coming and going. Kept in a bounded log (`events_max`).
@@ -119,10 +120,6 @@ impl Logs {
     pub fn losses(&self) -> Vec<LossReport> {
         lock(&self.losses).iter().cloned().collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -20,11 +20,7 @@ use tern_proto::inbox::{Admit, Inbox, Numbered};
 pub(crate) use tern_proto::inbox::{Discarded, Leftovers, NotNow, WindowExport};
 use tern_proto::wire::CarriedMsg;
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of the runtime's locks leaves plain data behind (queues,
-    // tables); carrying on is better than poisoning every later sender.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 /// Where the answer to a queued request goes.
 #[derive(Clone, Debug)]
@@ -35,14 +31,7 @@ pub(crate) struct AskOrigin {
     pub ask: u64,
 }
 
-/// Who sent a message and where it stands in that sender's channel to the receiver; the ask id
-/// (on the sender's node) when it is a request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Meta {
-    pub from: Option<ServiceId>,
-    pub seq: u64,
-    pub ask: Option<u64>,
-}
+pub(crate) use crate::transport::Meta;
 
 /// One queued message with its channel metadata.
 #[derive(Debug)]

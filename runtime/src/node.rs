@@ -32,7 +32,7 @@ use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::Links;
-use crate::transport::{self, PeerStatus};
+use crate::transport::{self, PeerLink, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
 use tern_proto::directory::{Associations, BookEdge};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
@@ -438,6 +438,10 @@ impl AskTable {
     }
 }
 
+/// Makes the sink for one incoming stream of a peer link.
+pub(crate) type OpenStream =
+    fn(&Arc<NodeShared>, &Arc<PeerLink>, transport::StreamKind) -> Box<dyn transport::StreamSink>;
+
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
@@ -457,6 +461,9 @@ pub(crate) struct NodeShared {
     pub(crate) books: Books,
     /// The peer links (the links subsystem).
     pub(crate) links: Links,
+    /// Makes the sink an incoming stream's frames go to (`inbound::open_stream`): the
+    /// transport reaches the node's handling of frames only through it.
+    pub(crate) open_stream: OpenStream,
     /// The event log and the loss log.
     pub(crate) logs: Logs,
     pub endpoint: quinn::Endpoint,
@@ -1613,6 +1620,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         registry: Registry::new(limits.services_max),
         books: Books::new(limits.book_edges_max),
         links: Links::new(limits.peers_max),
+        open_stream: crate::inbound::open_stream,
         logs: Logs::new(limits.events_max, limits.losses_max),
         endpoint: endpoint.clone(),
         arbiter: OnceLock::new(),

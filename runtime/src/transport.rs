@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::error::{DeliveryError, Error};
-use crate::mailbox::{lock, Meta, Slot};
-use crate::node::{reply_from_wire, Limits, NodeShared};
+use crate::node::{Limits, NodeShared};
+use crate::sync::lock;
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
 
@@ -48,6 +48,15 @@ pub(crate) struct OutQueue {
 struct Pending {
     bytes: Vec<u8>,
     batch: Option<wire::BatchTail>,
+}
+
+/// Who sent a message and where it stands in that sender's channel to the receiver; the ask id
+/// (on the sender's node) when it is a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub from: Option<ServiceId>,
+    pub seq: u64,
+    pub ask: Option<u64>,
 }
 
 fn delivery_error(e: WireError) -> DeliveryError {
@@ -276,7 +285,7 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn encode_scratch<T: Serialize, R>(
+pub(crate) fn encode_scratch<T: Serialize, R>(
     value: &T,
     then: impl FnOnce(&[u8]) -> Result<R, DeliveryError>,
 ) -> Result<R, DeliveryError> {
@@ -748,13 +757,13 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum StreamKind {
+pub(crate) enum StreamKind {
     Control,
     Data,
 }
 
 impl StreamKind {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             StreamKind::Control => "control",
             StreamKind::Data => "data",
@@ -940,11 +949,7 @@ async fn read_stream(
     mut reader: FrameReader,
     conn: quinn::Connection,
 ) {
-    // The last service this stream delivered to; a stopped service's closed mailbox still
-    // answers `Stopped`, so the cache never hides a change.
-    let mut target: Option<(ServiceId, Arc<dyn Slot>)> = None;
-    // Set when this stream turns out to carry a snapshot.
-    let mut snap: Option<crate::migrate::SnapRecv> = None;
+    let mut sink = (node.open_stream)(&node, &link, kind);
     loop {
         // Frames already buffered (the handshake may have read ahead) come first.
         loop {
@@ -954,32 +959,22 @@ async fn read_stream(
                     // Messages of this frame already delivered, when a full mailbox held it.
                     let mut done = 0;
                     loop {
-                        match handle_frame(&node, &link, (kind, body), &mut target, &mut snap, done)
-                        {
-                            Ok(Flow::Done) if snap.is_some() => {
+                        match sink.frame(body, done) {
+                            Ok(Flow::Done) if sink.carries_snapshot() => {
                                 // A snapshot stream can bring thousands of queued messages:
                                 // let the protocol's frames through between two of its frames.
                                 tokio::task::yield_now().await;
                                 break;
                             }
                             Ok(Flow::Done) => break,
-                            Ok(Flow::Blocked(slot, delivered)) => {
-                                // The sender asked to wait for room: hold this stream (QUIC
-                                // flow control pushes back to the sender) and go on from the
-                                // message that did not fit.
+                            Ok(Flow::Held {
+                                done: delivered,
+                                until,
+                            }) => {
+                                // Go on from the message that did not fit.
                                 done = delivered;
                                 node.stats.deliveries_held.inc();
-                                slot.room().await;
-                            }
-                            Ok(Flow::BlockedOnWindow(slot, delivered, from)) => {
-                                done = delivered;
-                                node.stats.deliveries_held.inc();
-                                slot.window_room(from).await;
-                            }
-                            Ok(Flow::BlockedOnLink(onward, delivered, bytes)) => {
-                                done = delivered;
-                                node.stats.deliveries_held.inc();
-                                onward.data_drained_to(bytes).await;
+                                until.await;
                             }
                             Err(e) => {
                                 // The frame was well delimited: report it and read on.
@@ -996,7 +991,7 @@ async fn read_stream(
                     // committed copy runs with what arrived rather than wait for the rest.
                     protocol_error(&node, &link, &e);
                     end_stream(&node, kind, &mut recv, &conn, &e);
-                    crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
+                    sink.ended();
                     return;
                 }
             }
@@ -1010,12 +1005,12 @@ async fn read_stream(
                 if let Err(e) = reader.finish() {
                     protocol_error(&node, &link, &e);
                 }
-                crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
+                sink.ended();
                 return;
             }
             Err(e) => {
                 tracing::debug!(stream = kind.name(), error = %e, "stream ended");
-                crate::migrate::snapshot_stream_ended(&node, &link.name, &mut snap);
+                sink.ended();
                 return;
             }
         }
@@ -1060,362 +1055,29 @@ fn protocol_error(node: &NodeShared, link: &PeerLink, e: &WireError) {
     }
 }
 
-/// Tells the sending node that a message was not accepted: a failed ask, or a `Refused` tell.
-fn refuse_message(
-    node: &NodeShared,
-    link: &PeerLink,
-    (to, from, seq, ask): (ServiceId, Option<ServiceId>, u64, Option<u64>),
-    reason: DeliveryError,
-) {
-    node.stats.refused_from_peers.inc();
-    tracing::debug!(peer = %link.name, %reason, "message refused");
-    let answer = match ask {
-        Some(ask) => Frame::Reply {
-            ask,
-            result: wire::ReplyBody::Refused(reason),
-        },
-        None => Frame::Refused {
-            to,
-            from,
-            seq,
-            reason,
-        },
-    };
-    if let Err(e) = link.push_ctrl(&answer) {
-        node.logs
-            .event("refusal-lost", format!("to {}: {e}", link.name));
-    }
-}
-
-/// What became of a frame.
-enum Flow {
+/// What became of a frame handed to a stream's sink.
+pub(crate) enum Flow {
     Done,
-    /// A waiting sender's message found its mailbox full; retry when it has room, skipping the
-    /// frame's first `.1` messages, already delivered.
-    Blocked(Arc<dyn Slot>, usize),
-    /// A waiting sender's message arrived far ahead of a gap in its numbers: retry once the
-    /// window of sender `.2` has room.
-    BlockedOnWindow(Arc<dyn Slot>, usize, ServiceId),
-    /// A waiting sender's message, forwarded by a tombstone, found the link onwards full:
-    /// retry when it has drained to `.2` bytes, skipping the first `.1` messages.
-    BlockedOnLink(Arc<PeerLink>, usize, usize),
+    /// The frame's sender waits for room: this stream holds (QUIC flow control then pushes
+    /// back on the sender) until `until` completes, and the frame is handed over again with
+    /// its first `done` messages already delivered.
+    Held {
+        done: usize,
+        until: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+    },
 }
 
-/// Where a waiting sender's message that could not go on right now must wait, if anywhere.
-fn wait_for(
-    node: &NodeShared,
-    (to, from): (ServiceId, Option<ServiceId>),
-    e: &DeliveryError,
-    done: usize,
-) -> Option<Flow> {
-    match e {
-        DeliveryError::MailboxFull { .. } => node.slot(to).map(|s| Flow::Blocked(s, done)),
-        DeliveryError::WindowFull { .. } => {
-            let from = from?;
-            node.slot(to).map(|s| Flow::BlockedOnWindow(s, done, from))
-        }
-        DeliveryError::Backpressure {
-            node: at,
-            bytes_max,
-        } => node
-            .links
-            .get(at)
-            .map(|l| Flow::BlockedOnLink(l, done, bytes_max / 2)),
-        _ => None,
-    }
-}
-
-fn handle_frame(
-    node: &Arc<NodeShared>,
-    link: &Arc<PeerLink>,
-    (kind, body): (StreamKind, &[u8]),
-    target: &mut Option<(ServiceId, Arc<dyn Slot>)>,
-    snap: &mut Option<crate::migrate::SnapRecv>,
-    done: usize,
-) -> Result<Flow, WireError> {
-    let frame = wire::decode(body)?;
-    match (kind, frame) {
-        (_, f)
-            if snap.is_some()
-                && !matches!(
-                    f,
-                    Frame::SnapTables { .. }
-                        | Frame::SnapState { .. }
-                        | Frame::SnapCarried { .. }
-                        | Frame::SnapLeftovers { .. }
-                        | Frame::SnapEnd
-                ) =>
-        {
-            return Err(WireError::Unexpected {
-                kind: f.kind(),
-                stream: "snapshot",
-            })
-        }
-        (
-            StreamKind::Data,
-            f @ (Frame::SnapBegin(_)
-            | Frame::SnapTables { .. }
-            | Frame::SnapState { .. }
-            | Frame::SnapCarried { .. }
-            | Frame::SnapLeftovers { .. }
-            | Frame::SnapEnd),
-        ) => {
-            crate::migrate::snapshot_frame(node, &link.name, snap, f)?;
-        }
-        (
-            StreamKind::Data,
-            Frame::Deliver {
-                to,
-                from,
-                seq,
-                ask,
-                wait,
-                msg,
-            },
-        ) => {
-            match node.deliver_remote(target, &link.name, to, (Meta { from, seq, ask }, wait), msg)
-            {
-                Ok(()) => node.stats.received_remote.inc(),
-                Err(reason) => match wait
-                    .then(|| wait_for(node, (to, from), &reason, 0))
-                    .flatten()
-                {
-                    Some(flow) => return Ok(flow),
-                    None => refuse_message(node, link, (to, from, seq, ask), reason),
-                },
-            }
-        }
-        (
-            StreamKind::Data,
-            Frame::DeliverBatch {
-                to,
-                from,
-                first_seq,
-                wait,
-                msgs,
-            },
-        ) => {
-            if from.is_some() && first_seq.checked_add(msgs.len() as u64).is_none() {
-                return Err(WireError::Malformed {
-                    detail: format!("batch numbers run past {}", u64::MAX),
-                });
-            }
-            let seq_of = |i: usize| {
-                if from.is_some() {
-                    first_seq + i as u64
-                } else {
-                    first_seq
-                }
-            };
-            // One at a time through the forwarding path, when the service is not (or no
-            // longer) here. A waiting sender's message that finds the mailbox full holds the
-            // stream as usual.
-            let one_by_one = |from_index: usize,
-                              target: &mut Option<(ServiceId, Arc<dyn Slot>)>|
-             -> Option<Flow> {
-                for (i, m) in msgs.iter().enumerate().skip(from_index) {
-                    let meta = Meta {
-                        from,
-                        seq: seq_of(i),
-                        ask: None,
-                    };
-                    match node.deliver_remote(target, &link.name, to, (meta, wait), m) {
-                        Ok(()) => node.stats.received_remote.inc(),
-                        Err(reason) => match wait
-                            .then(|| wait_for(node, (to, from), &reason, i))
-                            .flatten()
-                        {
-                            Some(flow) => return Some(flow),
-                            None => refuse_message(node, link, (to, from, seq_of(i), None), reason),
-                        },
-                    }
-                }
-                None
-            };
-            let slot = match node.cached_slot(target, to) {
-                Ok(slot) => slot.clone(),
-                Err(_) => {
-                    return Ok(one_by_one(done, target).unwrap_or(Flow::Done));
-                }
-            };
-            let mut next = done;
-            while next < msgs.len() {
-                let (stop, reason) =
-                    slot.deliver_run((from, first_seq, &link.name), wait, &msgs, next);
-                node.stats.received_remote.add((stop - next) as u64);
-                match reason {
-                    None => break,
-                    Some(DeliveryError::MailboxFull { .. }) if wait => {
-                        return Ok(Flow::Blocked(slot, stop))
-                    }
-                    Some(DeliveryError::WindowFull { .. }) if wait && from.is_some() => {
-                        let from = from.unwrap_or(to);
-                        return Ok(Flow::BlockedOnWindow(slot, stop, from));
-                    }
-                    Some(DeliveryError::Moved { .. } | DeliveryError::Stopped { .. }) => {
-                        *target = None;
-                        return Ok(one_by_one(stop, target).unwrap_or(Flow::Done));
-                    }
-                    Some(reason) => {
-                        // This one is refused; the rest may still fit (a bad message, or room
-                        // freed meanwhile on another thread).
-                        refuse_message(node, link, (to, from, seq_of(stop), None), reason);
-                        next = stop + 1;
-                    }
-                }
-            }
-        }
-        (
-            StreamKind::Data,
-            Frame::Forward {
-                to,
-                origin,
-                wait,
-                accepted,
-                msg,
-            },
-        ) => {
-            let hand = match (accepted, wait) {
-                (true, _) => crate::migrate::Hand::Accepted,
-                (false, true) => crate::migrate::Hand::Wait,
-                (false, false) => crate::migrate::Hand::Tell,
-            };
-            if let Err(reason) = crate::migrate::on_forward(node, to, &origin, hand, &msg) {
-                match wait
-                    .then(|| wait_for(node, (to, msg.from), &reason, 0))
-                    .flatten()
-                {
-                    Some(flow) => return Ok(flow),
-                    None => crate::migrate::refuse_carried(node, to, &msg, reason),
-                }
-            }
-        }
-        (
-            _,
-            Frame::Skipped {
-                to,
-                from,
-                seq,
-                hops,
-            },
-        ) => {
-            crate::migrate::on_skipped(node, to, from, (seq, hops));
-        }
-        (StreamKind::Data, Frame::Fence { service, epoch }) => {
-            node.driver.on_fence(node, &link.name, service, epoch);
-        }
-        (StreamKind::Data, Frame::Gap { to, from, through }) => {
-            node.apply_gap(to, from, through);
-        }
-        (StreamKind::Control, Frame::Handled { marks }) => {
-            {
-                // What local senders sent to services there: outgoing traffic.
-                let mut traffic = crate::mailbox::lock(&node.traffic);
-                for (to, from, seq) in &marks {
-                    traffic.observe(*from, *to, *seq);
-                }
-            }
-            for (to, from, seq) in marks {
-                node.settle(to, from, seq);
-            }
-        }
-        (StreamKind::Control, Frame::Members { nodes }) => {
-            node.on_members(&link.name, nodes);
-        }
-        (StreamKind::Control, Frame::Mig(msg)) => {
-            crate::migrate::on_control(node, link, msg);
-        }
-        (_, Frame::Reply { ask, result }) => {
-            if !node.complete_ask(ask, reply_from_wire(result)) {
-                node.logs.event(
-                    "late-reply",
-                    format!("from {}: ask {ask} is no longer waiting", link.name),
-                );
-            }
-        }
-        (
-            _,
-            Frame::Refused {
-                to,
-                from,
-                seq,
-                reason,
-            },
-        ) => {
-            tracing::warn!(peer = %link.name, %to, ?from, seq, %reason, "message refused by peer");
-            node.logs.event(
-                "refused-by-peer",
-                format!("{}: message {seq} to {to}: {reason}", link.name),
-            );
-            if let Some(from) = from {
-                node.record_loss(crate::LossReport {
-                    service: to,
-                    sender: from,
-                    first_seq: seq,
-                    last_seq: seq,
-                    messages: 1,
-                    node: link.name.clone(),
-                    reason: reason.to_string(),
-                });
-                if let DeliveryError::UnknownService { node: at, .. } = &reason {
-                    node.not_known_at(to, at);
-                }
-                // Wherever it was refused, its number must not hold up the live window.
-                node.skip_refused(to, from, seq);
-            }
-            // Counted last: whoever sees the count finds the event and the loss report.
-            node.stats.refused_by_peers.inc();
-        }
-        (StreamKind::Control, Frame::BookSync { edges }) => {
-            for edge in edges {
-                node.books
-                    .peer_change(&link.name, edge, true)
-                    .map_err(|detail| WireError::Malformed { detail })?;
-            }
-        }
-        (StreamKind::Control, Frame::BookChange { edge, added }) => {
-            node.books
-                .peer_change(&link.name, edge, added)
-                .map_err(|detail| WireError::Malformed { detail })?;
-        }
-        (StreamKind::Control, Frame::Spawn { req, kind, state }) => {
-            let result = match node.restore(&kind, state) {
-                Ok(addr) => encode_scratch(&addr, |bytes| {
-                    link.push_ctrl(&Frame::Reply {
-                        ask: req,
-                        result: wire::ReplyBody::Value(bytes),
-                    })
-                }),
-                Err(e) => {
-                    node.logs
-                        .event("spawn-refused", format!("from {}: {e}", link.name));
-                    link.push_ctrl(&Frame::Reply {
-                        ask: req,
-                        result: wire::ReplyBody::Failed(e.to_string()),
-                    })
-                }
-            };
-            if let Err(e) = result {
-                node.logs
-                    .event("spawn-answer-lost", format!("to {}: {e}", link.name));
-            }
-        }
-        (_, Frame::ProtocolError { code, detail }) => {
-            node.stats.protocol_errors_reported.inc();
-            tracing::warn!(peer = %link.name, code, %detail, "peer reported a protocol error");
-            node.logs.event(
-                "protocol-error-reported",
-                format!("{} says ({code}): {detail}", link.name),
-            );
-        }
-        (k, f) => {
-            return Err(WireError::Unexpected {
-                kind: f.kind(),
-                stream: k.name(),
-            })
-        }
-    }
-    Ok(Flow::Done)
+/// Where one incoming stream's frames go: the node makes one per stream
+/// (`NodeShared::open_stream`), and the transport hands it each frame's body, knowing
+/// nothing of services.
+pub(crate) trait StreamSink {
+    /// One frame's body; `done` of its messages were delivered before it was held.
+    fn frame(&mut self, body: &[u8], done: usize) -> Result<Flow, WireError>;
+    /// True once the stream turned out to carry a snapshot (its frames are then let through
+    /// one at a time, with the node's other work between them).
+    fn carries_snapshot(&self) -> bool;
+    /// The stream ended, cleanly or not.
+    fn ended(&mut self);
 }
 
 #[cfg(test)]

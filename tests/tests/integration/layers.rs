@@ -137,13 +137,13 @@ fn tern_proto_has_no_async_network_or_actor_dependency() {
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "base",
-        &["error", "stats", "certs", "tls", "events", "books"],
+        &["error", "stats", "certs", "tls", "sync", "events", "books"],
     ),
     ("net", &["transport"]),
     (
         "node",
         &[
-            "mailbox", "registry", "handle", "service", "node", "members", "migrate",
+            "mailbox", "registry", "handle", "service", "node", "members", "migrate", "inbound",
         ],
     ),
     ("features", &["placement", "tree", "admin"]),
@@ -156,8 +156,6 @@ const LAYERS: &[(&str, &[&str])] = &[
 const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("tls", "tree"),
     ("transport", "admin"),
-    ("transport", "mailbox"),
-    ("transport", "migrate"),
     ("transport", "node"),
     ("node", "placement"),
     ("node", "tree"),
