@@ -291,7 +291,20 @@ impl Service for DisplayRelay {
 
 /// The usual cluster: nodes `names` with the test kinds, every pair connected.
 pub fn connected(names: &[&str]) -> anyhow::Result<tern_harness::Cluster> {
-    let c = tern_harness::Cluster::start(names, register_test_kinds)?;
+    connected_with(names, tern::Limits::default())
+}
+
+/// [`connected`], every node with `limits`.
+pub fn connected_with(
+    names: &[&str],
+    limits: tern::Limits,
+) -> anyhow::Result<tern_harness::Cluster> {
+    let c = names
+        .iter()
+        .fold(tern_harness::Cluster::builder(), |b, n| b.node(n, &[]))
+        .limits(limits)
+        .setup(register_test_kinds)
+        .start()?;
     c.wait_connected(SECS_10)?;
     Ok(c)
 }

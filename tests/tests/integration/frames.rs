@@ -12,7 +12,7 @@ use tern_proto::wire::{
     self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
 };
 
-use crate::common::{connected, register_test_kinds, Slow, SECS_10};
+use crate::common::{connected, connected_with, Slow, SECS_10};
 
 const MAX: usize = 16 << 20;
 
@@ -580,13 +580,7 @@ fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Re
         frame_bytes_max: FRAME_MAX,
         ..tern::Limits::default()
     };
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(limits)
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let c = connected_with(&["a", "b"], limits)?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
     let to = sink.id();

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use tern::{Limits, MigrateOptions, ServiceRef};
-use tern_harness::{block_on, wait_for, Cluster};
+use tern_harness::{block_on, wait_for};
 
-use crate::common::{register_test_kinds, tally, SlowMsg, Tally, SECS_10};
+use crate::common::{connected_with, tally, SlowMsg, Tally, SECS_10};
 
 /// The first hole of the protocol-core work: a tell refused at the source during a freeze
 /// consumed its number there, the target (restored from the windows exported before) waited
@@ -27,14 +27,7 @@ fn refused_tells_during_many_moves_leave_the_channel_working() -> Result<()> {
         losses_max: 1_000_000,
         ..Limits::default()
     };
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .node("c", &[])
-        .limits(limits)
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let c = connected_with(&["a", "b", "c"], limits)?;
     let a = c.node("a");
     let name = "live.small";
     let svc = c.node("b").spawn(Tally { name: name.into() })?;

@@ -4,7 +4,7 @@ use anyhow::Result;
 use tern::{AskError, DeliveryError, Limits, ServiceRef};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+use crate::common::{connected_with, register_test_kinds, Slow, SlowMsg, SECS_10};
 
 const CAPACITY: usize = 8;
 
@@ -27,13 +27,7 @@ fn hold(node: &tern::NodeHandle, slow: &ServiceRef<Slow>, ms: u64) -> Result<()>
 
 /// Nodes a and b with small mailboxes, a slow service on a, and b's handle to it.
 fn slow_on_a_seen_from_b() -> Result<(Cluster, ServiceRef<Slow>, ServiceRef<Slow>)> {
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(small_mailboxes())
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let c = connected_with(&["a", "b"], small_mailboxes())?;
     let slow = c.node("a").spawn(Slow::default())?;
     let far = c.node("b").resolve(slow.addr())?;
     Ok((c, slow, far))

@@ -9,7 +9,9 @@ use tern::{AbortReason, MigrateOptions, ServiceRef};
 use tern_actors::{SeqSender, SeqSenderMsg, SeqSink, SinkMsg};
 use tern_harness::{block_on, wait_for, wait_until, Cluster};
 
-use crate::common::{connected, register_test_kinds, Poison, Slow, SlowMsg, SECS_10};
+use crate::common::{
+    connected, connected_with, register_test_kinds, Poison, Slow, SlowMsg, SECS_10,
+};
 
 fn opts() -> MigrateOptions {
     MigrateOptions::default()
@@ -73,13 +75,7 @@ fn a_carried_mailbox_of_ten_thousand_is_handled_in_order_at_the_target() -> Resu
         mailbox_capacity: 20_000,
         ..tern::Limits::default()
     };
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(limits)
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let c = connected_with(&["a", "b"], limits)?;
     let a = c.node("a");
     let slow = a.spawn(Slow::default())?;
     block_on(async {
@@ -847,13 +843,7 @@ fn a_service_that_does_not_freeze_in_time_aborts_and_runs_on() -> Result<()> {
         freeze_deadline_ms: 300,
         ..tern::Limits::default()
     };
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .limits(limits)
-        .setup(register_test_kinds)
-        .start()?;
-    c.wait_connected(SECS_10)?;
+    let c = connected_with(&["a", "b"], limits)?;
     let a = c.node("a");
     let slow = a.spawn(Slow::default())?;
     slow.tell(SlowMsg::Hold { ms: 3_000 })?;
