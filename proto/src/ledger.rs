@@ -32,14 +32,14 @@ pub const LEDGER_REFUSED_MAX: usize = 64;
 /// One channel's ledger: the last sender's entry kept apart (a channel mostly carries one
 /// sender's run at a time), the others in a table. One entry per sender with messages
 /// outstanding.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Ledger {
     hot: Option<(ServiceId, Outstanding)>,
     cold: IdMap<Outstanding>,
 }
 
 /// One sender's messages to one service, sent and not yet confirmed taken for handling.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Outstanding {
     /// The last number sent.
     sent: u64,
@@ -53,16 +53,12 @@ struct Outstanding {
 }
 
 impl Outstanding {
-    /// Drops what the settled mark covers, and refused numbers at the top of what was sent
-    /// (no later number will settle them). True when nothing is left outstanding.
+    /// Drops the refused numbers the settled mark covers. True when nothing is left
+    /// outstanding: every number above the mark was reported refused.
     fn tidy(&mut self) -> bool {
         let handled = self.handled;
         self.refused.retain(|r| *r > handled);
-        while self.sent > self.handled && self.refused.last() == Some(&self.sent) {
-            self.refused.pop();
-            self.sent -= 1;
-        }
-        self.handled >= self.sent
+        self.handled >= self.sent || self.refused.len() as u64 >= self.sent - self.handled
     }
 
     /// Remembers that messages went (or may go) to `node`.
@@ -280,7 +276,7 @@ mod tests {
             l.note(sender(1), seq, &b);
         }
         l.settle(sender(1), 2);
-        // 4 and 8 refused (and reported): 8 was the last sent, so it leaves at once.
+        // 4 and 8 refused (and reported).
         l.refused(sender(1), 8);
         l.refused(sender(1), 4);
         l.refused(sender(1), 4);
@@ -296,5 +292,38 @@ mod tests {
         l.refused(sender(2), 1);
         l.refused(sender(2), 2);
         assert!(l.is_empty());
+    }
+
+    /// Found by the data-plane simulation: the top numbers refused, then more sent; the
+    /// refused ones must stay out of a later declaration.
+    #[test]
+    fn numbers_refused_at_the_top_stay_refused_when_more_are_sent() {
+        let b = NodeName::new("b");
+        let mut l = Ledger::default();
+        for seq in 1..=24 {
+            l.note(sender(1), seq, &b);
+        }
+        l.settle(sender(1), 19);
+        for seq in 20..=24 {
+            l.refused(sender(1), seq);
+        }
+        assert!(
+            l.is_empty(),
+            "nothing outstanding: all above the mark refused"
+        );
+        l.note(sender(1), 25, &b);
+        assert_eq!(l.declare_lost(&b, true), vec![(sender(1), 25, 25)]);
+        // The same with the entry kept by an unsettled number below the refused ones.
+        for seq in 26..=30 {
+            l.note(sender(1), seq, &b);
+        }
+        for seq in 28..=30 {
+            l.refused(sender(1), seq);
+        }
+        l.note(sender(1), 31, &b);
+        assert_eq!(
+            l.declare_lost(&b, true),
+            vec![(sender(1), 26, 27), (sender(1), 31, 31)]
+        );
     }
 }

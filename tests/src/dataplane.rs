@@ -23,6 +23,7 @@ use crate::sim::Rng;
 use tern_proto::error::DeliveryError;
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::inbox::{newest_location, skip_next_hop, Admit, Inbox, Numbered, WindowExport};
+use tern_proto::ledger::Ledger;
 
 /// The size and weather of one run.
 #[derive(Clone, Debug)]
@@ -125,6 +126,12 @@ enum Net {
         from: ServiceId,
         seq: u64,
     },
+    /// Service `to` took `from`'s messages up to `seq` (for the sender's ledger).
+    Handled {
+        to: ServiceId,
+        from: ServiceId,
+        seq: u64,
+    },
     Skip {
         to: ServiceId,
         from: ServiceId,
@@ -206,6 +213,8 @@ struct Node {
     /// This node's sender: its id and next number per service.
     sender: ServiceId,
     next_seq: BTreeMap<ServiceId, u64>,
+    /// Per service, the delivery ledger of this node's channel to it (the node's own).
+    ledgers: BTreeMap<ServiceId, Ledger>,
 }
 
 struct Sim {
@@ -282,6 +291,19 @@ impl Sim {
             self.report.seed
         );
         self.report.reported += 1;
+        if let Some(l) = self.nodes[node].ledgers.get_mut(&to) {
+            l.refused(from, seq);
+            // Were this node lost now, no number reported refused would be reported again.
+            let here = self.names[node].clone();
+            let reported = &self.reported[&key];
+            for (_, first, last) in l.clone().declare_lost(&here, true) {
+                assert!(
+                    !(first..=last).any(|n| reported.contains(&n)),
+                    "seed {}: {to}/{from}: {first}..={last} would be declared, some reported refused already",
+                    self.report.seed
+                );
+            }
+        }
         let dir = self.nodes[node]
             .directory
             .get(&to)
@@ -395,6 +417,11 @@ impl Sim {
         match msg {
             Net::Deliver { to, msg, mode } => self.admit(node, to, msg, mode),
             Net::Refused { to, from, seq } => self.refused_here(node, to, from, seq),
+            Net::Handled { to, from, seq } => {
+                if let Some(l) = self.nodes[node].ledgers.get_mut(&to) {
+                    l.settle(from, seq);
+                }
+            }
             Net::Skip {
                 to,
                 from,
@@ -611,7 +638,14 @@ impl Sim {
         if let Some(h) = here.filter(|h| !h.inbox.has_moved()) {
             // A local sender always waits for room; a number not queued is given back.
             match h.inbox.admit(msg, Admit::Wait) {
-                Ok(_) => {}
+                Ok(_) => {
+                    let here = self.names[node].clone();
+                    self.nodes[node]
+                        .ledgers
+                        .entry(service)
+                        .or_default()
+                        .note(from, seq, &here);
+                }
                 Err(_) if last => {
                     return self.at(
                         2,
@@ -630,6 +664,12 @@ impl Sim {
                 .get(&service)
                 .map_or(0, |(n, _)| *n);
             let mode = if wait { Mode::Wait } else { Mode::Tell };
+            let via = self.names[at].clone();
+            self.nodes[node]
+                .ledgers
+                .entry(service)
+                .or_default()
+                .note(from, seq, &via);
             if at == node {
                 // Stale directory: the service just left; its tombstone hands it on.
                 self.not_here(node, service, msg, mode);
@@ -667,6 +707,26 @@ impl Sim {
         };
         h.log.push((msg.from, msg.seq));
         let more = !h.inbox.is_empty();
+        // The marks go to the senders' nodes at once (the node sends them every 20 ms).
+        for (from, seq, _) in h.inbox.take_handled() {
+            match self.nodes.iter().position(|n| n.sender == from) {
+                Some(at) if at == node => {
+                    if let Some(l) = self.nodes[node].ledgers.get_mut(&service) {
+                        l.settle(from, seq);
+                    }
+                }
+                Some(at) => self.net(
+                    node,
+                    at,
+                    Net::Handled {
+                        to: service,
+                        from,
+                        seq,
+                    },
+                ),
+                None => {}
+            }
+        }
         let key = (service, msg.from);
         // In order, once: a refused number may be skipped here before its report reaches the
         // sender's node, so the numbers between are checked at the end.
@@ -789,6 +849,17 @@ impl Sim {
                 }
             }
         }
+        // Every ledger settled: each number sent was confirmed taken or reported refused.
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (service, l) in &n.ledgers {
+                if !l.is_empty() {
+                    return Err(format!(
+                        "seed {seed}: node {i}'s ledger for {service} keeps {} messages outstanding",
+                        l.outstanding()
+                    ));
+                }
+            }
+        }
         let live: usize = self
             .services
             .iter()
@@ -817,6 +888,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
             directory: BTreeMap::new(),
             sender: ServiceId::from_parts(i as u64 + 1, 1),
             next_seq: BTreeMap::new(),
+            ledgers: BTreeMap::new(),
         })
         .collect();
     for (k, s) in services.iter().enumerate() {
