@@ -620,6 +620,22 @@ impl Sim {
         self.net(node, to, snap);
     }
 
+    /// `node`'s ledger for `service` notes number `seq` of `from`, sent to node `via`.
+    fn note_sent(
+        &mut self,
+        node: usize,
+        service: ServiceId,
+        (from, seq): (ServiceId, u64),
+        via: usize,
+    ) {
+        let via = self.names[via].clone();
+        self.nodes[node]
+            .ledgers
+            .entry(service)
+            .or_default()
+            .note(from, seq, &via);
+    }
+
     fn send(&mut self, node: usize, service: ServiceId, last: bool) {
         let wait = last || self.rng.chance(self.cfg.wait);
         let from = self.nodes[node].sender;
@@ -638,14 +654,7 @@ impl Sim {
         if let Some(h) = here.filter(|h| !h.inbox.has_moved()) {
             // A local sender always waits for room; a number not queued is given back.
             match h.inbox.admit(msg, Admit::Wait) {
-                Ok(_) => {
-                    let here = self.names[node].clone();
-                    self.nodes[node]
-                        .ledgers
-                        .entry(service)
-                        .or_default()
-                        .note(from, seq, &here);
-                }
+                Ok(_) => self.note_sent(node, service, (from, seq), node),
                 Err(_) if last => {
                     return self.at(
                         2,
@@ -664,12 +673,7 @@ impl Sim {
                 .get(&service)
                 .map_or(0, |(n, _)| *n);
             let mode = if wait { Mode::Wait } else { Mode::Tell };
-            let via = self.names[at].clone();
-            self.nodes[node]
-                .ledgers
-                .entry(service)
-                .or_default()
-                .note(from, seq, &via);
+            self.note_sent(node, service, (from, seq), at);
             if at == node {
                 // Stale directory: the service just left; its tombstone hands it on.
                 self.not_here(node, service, msg, mode);
