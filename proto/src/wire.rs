@@ -293,15 +293,10 @@ pub enum Frame<'a> {
         epoch: u64,
     },
     /// Snapshot stream, after the header and before the state: part of the service's receive
-    /// windows and send counters, as many frames as the header's `tables` says (see
-    /// [`crate::snapshot`]). They travel apart from the header so that a service with many
-    /// senders fits any frame bound.
-    SnapTables {
-        /// Receive windows; one window's early messages may continue in the next entry.
-        windows: Vec<WindowWire>,
-        /// Per receiver, the last number the service used as a sender.
-        send_seqs: Vec<(ServiceId, u64)>,
-    },
+    /// windows, send counters, address book and timers, as many frames as the header's
+    /// `tables` says (see [`crate::snapshot`]). They travel apart from the header so that a
+    /// service with many senders, a large book or many timers fits any frame bound.
+    SnapTables(crate::snapshot::Tables),
 }
 
 impl Frame<'_> {
@@ -328,7 +323,7 @@ impl Frame<'_> {
             Frame::SnapLeftovers { .. } => "snap-leftovers",
             Frame::SnapEnd => "snap-end",
             Frame::Fence { .. } => "fence",
-            Frame::SnapTables { .. } => "snap-tables",
+            Frame::SnapTables(_) => "snap-tables",
             Frame::Members { .. } => "members",
             Frame::Handled { .. } => "handled",
             Frame::Gap { .. } => "gap",
@@ -392,7 +387,7 @@ pub struct SnapHeader {
     pub state_bytes: u64,
     /// Queued messages, sent in `SnapCarried` frames after the state.
     pub carried: u64,
-    /// Pending timers.
+    /// Pending timers (on the wire: empty, they follow in `SnapTables` frames).
     pub timers: Vec<TimerWire>,
     /// Per receiver, the last number the service used as a sender (on the wire: empty, they
     /// follow in `SnapTables` frames).
@@ -401,7 +396,7 @@ pub struct SnapHeader {
     pub windows: Vec<WindowWire>,
     /// `SnapTables` frames that follow this header, before the state.
     pub tables: u32,
-    /// Its address book.
+    /// Its address book (on the wire: empty, it follows in `SnapTables` frames).
     pub book: Vec<(String, ServiceAddr)>,
 }
 

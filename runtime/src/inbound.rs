@@ -146,7 +146,7 @@ fn handle_frame(
             if snap.is_some()
                 && !matches!(
                     f,
-                    Frame::SnapTables { .. }
+                    Frame::SnapTables(_)
                         | Frame::SnapState { .. }
                         | Frame::SnapCarried { .. }
                         | Frame::SnapLeftovers { .. }
@@ -161,7 +161,7 @@ fn handle_frame(
         (
             StreamKind::Data,
             f @ (Frame::SnapBegin(_)
-            | Frame::SnapTables { .. }
+            | Frame::SnapTables(_)
             | Frame::SnapState { .. }
             | Frame::SnapCarried { .. }
             | Frame::SnapLeftovers { .. }

@@ -1217,11 +1217,16 @@ async fn write_snapshot(
         let mut header = out.header.clone();
         header.mig = mig.n;
         header.epoch = snap.epoch;
-        // The windows and send counters follow the header in frames of their own, so that a
-        // service with many senders fits any frame bound.
+        // The windows, send counters, book and timers follow the header in frames of their
+        // own, so that a service with many senders, a large book or many timers fits any
+        // frame bound.
         let tables = tern_proto::snapshot::tables_frames(
-            std::mem::take(&mut header.windows),
-            std::mem::take(&mut header.send_seqs),
+            tern_proto::snapshot::Tables {
+                windows: std::mem::take(&mut header.windows),
+                send_seqs: std::mem::take(&mut header.send_seqs),
+                book: std::mem::take(&mut header.book),
+                timers: std::mem::take(&mut header.timers),
+            },
             frame_max / 2,
         );
         header.tables =
@@ -1230,8 +1235,8 @@ async fn write_snapshot(
         let mut written = 0u64;
         wire::encode_frame(&mut buf, &Frame::SnapBegin(Box::new(header)), frame_max)
             .map_err(|e| format!("snapshot header: {e}"))?;
-        for (windows, send_seqs) in tables {
-            let frame = Frame::SnapTables { windows, send_seqs };
+        for part in tables {
+            let frame = Frame::SnapTables(part);
             written += put_frame(&mut send, &mut buf, &frame, frame_max, "snapshot tables").await?;
         }
         for chunk in out
@@ -1501,7 +1506,8 @@ pub(crate) struct SnapRecv {
     n: u64,
     id: ServiceId,
     header: Option<SnapHeader>,
-    /// The windows and send counters, until every `SnapTables` frame announced has come.
+    /// The windows, send counters, book and timers, until every `SnapTables` frame announced
+    /// has come.
     tables: tern_proto::snapshot::TablesIn,
     state: Vec<u8>,
     state_bytes: usize,
@@ -1533,8 +1539,14 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
             h.state_bytes, limits.snapshot_bytes_max
         ));
     }
-    if !h.windows.is_empty() || !h.send_seqs.is_empty() {
-        return Err("malformed: windows and send counters travel in their own frames".into());
+    if !h.windows.is_empty()
+        || !h.send_seqs.is_empty()
+        || !h.book.is_empty()
+        || !h.timers.is_empty()
+    {
+        return Err(
+            "malformed: windows, send counters, book and timers travel in their own frames".into(),
+        );
     }
     if h.carried > limits.snapshot_carried_max as u64 {
         return Err(format!(
@@ -1562,7 +1574,8 @@ pub(crate) fn snapshot_frame(
                 return Err(malformed("a second snapshot header on one stream".into()));
             }
             let refusal = admit_snapshot(node, from, &h);
-            // Early messages share the snapshot's byte bound with the state.
+            // Early messages, the book and timers share the snapshot's byte bound with the
+            // state.
             let early_max = (node.limits.snapshot_bytes_max as u64).saturating_sub(h.state_bytes);
             let mut recv = SnapRecv {
                 n: h.mig,
@@ -1593,7 +1606,7 @@ pub(crate) fn snapshot_frame(
             *rx = Some(recv);
             state_complete(node, from, rx);
         }
-        Frame::SnapTables { windows, send_seqs } => {
+        Frame::SnapTables(part) => {
             let Some(recv) = rx.as_mut() else {
                 return Err(malformed("snapshot tables before the header".into()));
             };
@@ -1603,7 +1616,7 @@ pub(crate) fn snapshot_frame(
             if recv.header.is_none() || !recv.state.is_empty() {
                 return Err(malformed("snapshot tables after the state".into()));
             }
-            if let Err(e) = recv.tables.add(windows, send_seqs) {
+            if let Err(e) = recv.tables.add(part) {
                 recv.refused = true;
                 recv.header = None;
                 recv.state = Vec::new();
@@ -1713,8 +1726,11 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     let Some(mut header) = recv.header.take() else {
         return;
     };
-    header.windows = std::mem::take(&mut recv.tables.windows);
-    header.send_seqs = std::mem::take(&mut recv.tables.send_seqs);
+    let tables = std::mem::take(&mut recv.tables.tables);
+    header.windows = tables.windows;
+    header.send_seqs = tables.send_seqs;
+    header.book = tables.book;
+    header.timers = tables.timers;
     let state = std::mem::take(&mut recv.state);
     match node.restore_paused(from, header, state) {
         Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),

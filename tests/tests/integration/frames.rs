@@ -12,7 +12,7 @@ use tern_proto::wire::{
     self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
 };
 
-use crate::common::{connected, connected_with, Slow, SECS_10};
+use crate::common::{connected, connected_with, Slow, SlowMsg, SECS_10};
 
 const MAX: usize = 16 << 20;
 
@@ -540,11 +540,15 @@ fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
         node: tern::NodeName::new("b"),
     };
     let mut h = snap_header(11, slow.clone(), state.len() as u64, 0);
-    h.book = vec![("friend".to_string(), friend.clone())];
+    h.tables = 1;
     let id = h.id;
     block_on(async {
         let mut p = Probe::connect(&c, "a").await?;
         let mut s = begin(h);
+        s.extend(frame(&Frame::SnapTables(tern_proto::snapshot::Tables {
+            book: vec![("friend".to_string(), friend.clone())],
+            ..Default::default()
+        })));
         s.extend(frame(&Frame::SnapState { bytes: &state }));
         s.extend(frame(&Frame::SnapEnd));
         p.send_uni(&s).await?;
@@ -639,6 +643,40 @@ fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Re
         "received and next: the copy was dropped, the next number handled"
     );
     assert!(probe.missing.is_empty() && probe.duplicated == 0);
+    c.shutdown();
+    Ok(())
+}
+
+/// A service whose book is far larger than a frame still moves: the book follows the header
+/// in frames of its own (timers too), and arrives whole.
+#[test]
+fn a_service_with_a_book_larger_than_a_frame_moves_with_it() -> Result<()> {
+    const ENTRIES: usize = 2_000;
+    let c = connected_with(
+        &["a", "b"],
+        tern::Limits {
+            frame_bytes_max: 32 << 10,
+            ..tern::Limits::default()
+        },
+    )?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let svc = a.spawn(Slow::default())?;
+    let other = a.spawn(Slow::default())?;
+    for i in 0..ENTRIES {
+        a.book_insert(
+            svc.addr(),
+            &format!("a-rather-long-role-name-{i}"),
+            other.addr(),
+        )?;
+    }
+    let report = block_on(a.migrate(svc.id(), "b", Default::default()))?;
+    assert!(report.committed(), "moved: {report:?}");
+    assert_eq!(b.book(svc.id()).len(), ENTRIES);
+    // And it runs there.
+    let from_a = a.resolve::<Slow>(svc.addr())?;
+    block_on(from_a.tell_wait(SlowMsg::Item(1)))?;
+    let items = block_on(from_a.ask(SlowMsg::Items, SECS_10))?;
+    assert_eq!(items, vec![1]);
     c.shutdown();
     Ok(())
 }
