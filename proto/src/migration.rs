@@ -170,6 +170,9 @@ pub enum AbortReason {
     /// to freeze: a handler still running (blocked, slow), or a drain under steady inflow.
     /// It runs on here.
     FreezeDeadline,
+    /// The snapshot stream failed on the source's side while the connection stayed up (a
+    /// frame that could not be encoded or written). Says why.
+    Stream(String),
 }
 
 impl std::fmt::Display for AbortReason {
@@ -189,6 +192,7 @@ impl std::fmt::Display for AbortReason {
                 f,
                 "the service did not hand over its state in time (a handler still running, or a drain that never emptied)"
             ),
+            AbortReason::Stream(why) => write!(f, "the snapshot stream failed: {why}"),
         }
     }
 }
@@ -208,6 +212,7 @@ impl AbortReason {
             AbortReason::Group(_) => "group",
             AbortReason::FreezeDeadline => "freeze-deadline",
             AbortReason::Pinned => "pinned",
+            AbortReason::Stream(_) => "stream",
         }
     }
 }
@@ -770,6 +775,20 @@ impl<S: Clone, P: Clone> Core<S, P> {
             .collect();
         for service in lost {
             self.abort(service, AbortReason::LinkLost);
+        }
+        self.take()
+    }
+
+    /// The snapshot stream of attempt `mig` failed here while the connection stayed up: that
+    /// attempt alone aborts, if it is not decided yet (`AbortReason::Stream`). Others to the
+    /// same node go on; a lost connection is `link_lost`.
+    pub fn stream_failed(&mut self, mig: &MigrationId, why: String) -> Vec<Action<S, P>> {
+        let service = self.hosted.iter().find_map(|(s, h)| match &h.phase {
+            Phase::Sent { mig: m, .. } if m == mig => Some(*s),
+            _ => None,
+        });
+        if let Some(service) = service {
+            self.abort(service, AbortReason::Stream(why));
         }
         self.take()
     }
@@ -2168,5 +2187,42 @@ mod tests {
         core.learn(far(0), NodeName::new("c"), 2);
         assert_eq!(core.locate(far(0)), Some(&NodeName::new("c")));
         assert_eq!(core.directory_len(), 4);
+    }
+
+    #[test]
+    fn a_failed_stream_aborts_its_attempt_only() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        let (one, two) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(1, 2));
+        let mut migs = Vec::new();
+        for s in [one, two] {
+            src.host(s);
+            src.migrate(s, b.clone());
+            let Wire::Snapshot { mig, .. } = only_wire(src.frozen(s, vec![1], vec![])) else {
+                panic!("expected a snapshot");
+            };
+            migs.push(mig);
+        }
+        let acts = src.stream_failed(&migs[0], "frame too large".into());
+        let aborted: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Report {
+                    service,
+                    outcome: Outcome::Aborted(reason),
+                    ..
+                } => Some((*service, reason.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            aborted,
+            vec![(one, AbortReason::Stream("frame too large".into()))]
+        );
+        assert!(src.is_live(one), "the first runs on here");
+        assert!(!src.is_live(two), "the second is still on its way");
+        // Unknown or decided attempts: nothing happens.
+        assert!(src.stream_failed(&migs[0], "again".into()).is_empty());
     }
 }

@@ -1348,9 +1348,15 @@ async fn write_snapshot(
                 "snapshot-stream-failed",
                 format!("service {id} to {to}: {e}"),
             );
-            // Before commit this aborts the attempt; after it, the target runs without the
-            // rest of the queue: counted and reported, never hidden.
-            let actions = lock(&node.driver.core).link_lost(&to);
+            // Before commit this aborts the attempt: this one alone, with why, while the
+            // connection is up; every attempt to the target when it went down. After the
+            // commit, the target runs without the rest of the queue: counted and reported,
+            // never hidden.
+            let actions = if conn.close_reason().is_none() {
+                lock(&node.driver.core).stream_failed(&mig, e.clone())
+            } else {
+                lock(&node.driver.core).link_lost(&to)
+            };
             node.driver.run(&node, actions);
             node.driver.note_written(&node, id, &mig, 0);
             if let Some(Leftover {

@@ -166,8 +166,23 @@ pub struct Alarm {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AlarmMsg {
-    Set { after_ms: u64, tag: u32 },
-    Ring { tag: u32 },
+    Set {
+        after_ms: u64,
+        tag: u32,
+    },
+    /// Like `Set`, with a timer message carrying `pad_bytes` bytes.
+    SetPadded {
+        after_ms: u64,
+        tag: u32,
+        pad_bytes: usize,
+    },
+    Ring {
+        tag: u32,
+    },
+    RingPadded {
+        tag: u32,
+        pad: Vec<u8>,
+    },
     Fired(ReplyTo<Vec<(u32, NodeName, u64)>>),
 }
 
@@ -183,7 +198,20 @@ impl Service for Alarm {
                 ctx.schedule(Duration::from_millis(after_ms), AlarmMsg::Ring { tag })
                     .expect("one timer fits");
             }
-            AlarmMsg::Ring { tag } => {
+            AlarmMsg::SetPadded {
+                after_ms,
+                tag,
+                pad_bytes,
+            } => {
+                self.due_ms.push((tag, unix_ms() + after_ms));
+                let ring = AlarmMsg::RingPadded {
+                    tag,
+                    pad: vec![0; pad_bytes],
+                };
+                ctx.schedule(Duration::from_millis(after_ms), ring)
+                    .expect("one timer fits");
+            }
+            AlarmMsg::Ring { tag } | AlarmMsg::RingPadded { tag, .. } => {
                 let due = self
                     .due_ms
                     .iter()

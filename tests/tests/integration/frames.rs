@@ -680,3 +680,52 @@ fn a_service_with_a_book_larger_than_a_frame_moves_with_it() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// A timer too large for any frame cannot travel: the migration aborts with a reason that
+/// says so (not as a lost link), the service runs on where it was, and the timer still rings
+/// there.
+#[test]
+fn a_timer_larger_than_a_frame_aborts_the_move_with_its_reason() -> Result<()> {
+    let c = connected_with(
+        &["a", "b"],
+        tern::Limits {
+            frame_bytes_max: 32 << 10,
+            ..tern::Limits::default()
+        },
+    )?;
+    let a = c.node("a");
+    let alarm = a.spawn(crate::common::Alarm::default())?;
+    let report = block_on(async {
+        alarm
+            .tell_wait(crate::common::AlarmMsg::SetPadded {
+                after_ms: 300,
+                tag: 7,
+                pad_bytes: 48 << 10,
+            })
+            .await?;
+        // Answered after the timer is set (one sender's messages are handled in order).
+        alarm.ask(crate::common::AlarmMsg::Fired, SECS_10).await?;
+        Ok::<_, anyhow::Error>(a.migrate(alarm.id(), "b", Default::default()).await?)
+    })?;
+    match &report.aborted {
+        Some(tern::AbortReason::Stream(why)) => {
+            assert!(
+                why.contains("frame_bytes_max") || why.contains("too large"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a stream failure, got {other:?}: {report:?}"),
+    }
+    assert!(a.is_connected("b"), "the link stays up");
+    block_on(wait_until(SECS_10, "the timer to ring at a", || async {
+        alarm
+            .ask(crate::common::AlarmMsg::Fired, SECS_10)
+            .await
+            .is_ok_and(|f| {
+                f.iter()
+                    .any(|(tag, node, _)| *tag == 7 && node.as_str() == "a")
+            })
+    }))?;
+    c.shutdown();
+    Ok(())
+}
