@@ -189,7 +189,10 @@ impl<T: Numbered> Inbox<T> {
     pub fn restored(id: ServiceId, capacity: usize, windows: Vec<WindowExport<T>>) -> Self {
         let mut inbox = Self::new(id, capacity);
         for w in windows {
-            let mut win = Window::from_watermark(Watermark(w.next.max(1)), WINDOW_HELD_MAX);
+            // A sender named twice (a peer may send anything) adds to its first window.
+            let win = inbox.windows.entry(w.from).or_insert_with(|| {
+                Window::from_watermark(Watermark(w.next.max(1)), WINDOW_HELD_MAX)
+            });
             for item in w.early {
                 let seq = item.seq();
                 let _ = win.offer(seq, item);
@@ -197,9 +200,8 @@ impl<T: Numbered> Inbox<T> {
             for seq in w.skipped {
                 let _ = win.skip(seq);
             }
-            inbox.early += win.held();
-            inbox.windows.insert(w.from, win);
         }
+        inbox.early = inbox.windows.values().map(|w| w.held()).sum();
         inbox.parked = Some(Parked {
             msgs: VecDeque::new(),
             skips: Vec::new(),
@@ -943,5 +945,25 @@ mod tests {
         assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
         assert!(inbox.pop().0.is_some());
         assert_eq!(inbox.take_handled(), vec![(FROM, 1, None)]);
+    }
+
+    #[test]
+    fn a_restored_inbox_given_one_sender_twice_keeps_one_window_and_counts_right() {
+        let export = |next: u64, early: Vec<u64>| WindowExport {
+            from: FROM,
+            next,
+            early: early.into_iter().map(m).collect(),
+            skipped: vec![],
+        };
+        let mut inbox = Inbox::restored(ME, 8, vec![export(1, vec![3]), export(5, vec![4])]);
+        assert_eq!(inbox.senders(), 1);
+        assert_eq!(inbox.early(), 2, "3 and 4 wait for 1 and 2");
+        let (_, opened) = inbox.carried_done();
+        assert!(!opened);
+        inbox.start();
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(true));
+        assert_eq!(pop_seqs(&mut inbox), vec![1, 2, 3, 4]);
+        assert_eq!(inbox.early(), 0);
     }
 }
