@@ -573,18 +573,27 @@ fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
     Ok(())
 }
 
+/// Frames of at most this many bytes, far below a snapshot's tables in the tests below.
+const SMALL_FRAME: usize = 32 << 10;
+
+/// Nodes a and b with frames of at most [`SMALL_FRAME`] bytes.
+fn small_frames() -> Result<Cluster> {
+    connected_with(
+        &["a", "b"],
+        tern::Limits {
+            frame_bytes_max: SMALL_FRAME,
+            ..tern::Limits::default()
+        },
+    )
+}
+
 /// A service that heard from more senders than its windows fit in one frame still moves
 /// (the windows follow the header in frames of their own), and its windows arrive whole: a
 /// copy of a number it took is dropped at the new place, the next number is handled.
 #[test]
 fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Result<()> {
     const SENDERS: u64 = 6_000;
-    const FRAME_MAX: usize = 32 << 10;
-    let limits = tern::Limits {
-        frame_bytes_max: FRAME_MAX,
-        ..tern::Limits::default()
-    };
-    let c = connected_with(&["a", "b"], limits)?;
+    let c = small_frames()?;
     let a = c.node("a");
     let sink = a.spawn(SeqSink::default())?;
     let to = sink.id();
@@ -597,7 +606,11 @@ fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Re
     };
     let tell = |from: ServiceId, tern_seq: u64, body: &[u8]| -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        wire::start_batch(&mut out, (to, Some(from), tern_seq, true, body), FRAME_MAX)?;
+        wire::start_batch(
+            &mut out,
+            (to, Some(from), tern_seq, true, body),
+            SMALL_FRAME,
+        )?;
         Ok(out)
     };
     let report = block_on(async {
@@ -652,13 +665,7 @@ fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Re
 #[test]
 fn a_service_with_a_book_larger_than_a_frame_moves_with_it() -> Result<()> {
     const ENTRIES: usize = 2_000;
-    let c = connected_with(
-        &["a", "b"],
-        tern::Limits {
-            frame_bytes_max: 32 << 10,
-            ..tern::Limits::default()
-        },
-    )?;
+    let c = small_frames()?;
     let (a, b) = (c.node("a"), c.node("b"));
     let svc = a.spawn(Slow::default())?;
     let other = a.spawn(Slow::default())?;
@@ -686,13 +693,7 @@ fn a_service_with_a_book_larger_than_a_frame_moves_with_it() -> Result<()> {
 /// there.
 #[test]
 fn a_timer_larger_than_a_frame_aborts_the_move_with_its_reason() -> Result<()> {
-    let c = connected_with(
-        &["a", "b"],
-        tern::Limits {
-            frame_bytes_max: 32 << 10,
-            ..tern::Limits::default()
-        },
-    )?;
+    let c = small_frames()?;
     let a = c.node("a");
     let alarm = a.spawn(crate::common::Alarm::default())?;
     let report = block_on(async {
