@@ -677,37 +677,6 @@ impl<T: Numbered> Inbox<T> {
     }
 }
 
-/// Where a node sends the number it learned was refused (its own sender's), or a skip it
-/// received: the newest of what its channel and its directory say, as `(node, epoch)`.
-pub fn newest_location(
-    channel: Option<(NodeName, u64)>,
-    directory: Option<(NodeName, u64)>,
-) -> Option<NodeName> {
-    match (channel, directory) {
-        (Some(c), Some(d)) => Some(if d.1 > c.1 { d.0 } else { c.0 }),
-        (c, d) => c.or(d).map(|(n, _)| n),
-    }
-}
-
-/// Nodes a skip may be handed on by before it is dropped.
-pub const SKIP_HOPS_MAX: u8 = 8;
-
-/// Where a skip that the local inbox could not take (none here, or it moved) goes next, after
-/// `hops` nodes handed it on: the tombstone's node, else the directory's if it is not this
-/// one. A tombstone points to a newer epoch; a directory may be stale, and two stale ones may
-/// point at each other, hence the bound on hops. `None`: nowhere (dropped, with an event).
-pub fn skip_next_hop(
-    me: &NodeName,
-    tombstone: Option<NodeName>,
-    directory: Option<NodeName>,
-    hops: u8,
-) -> Option<NodeName> {
-    if hops >= SKIP_HOPS_MAX {
-        return None;
-    }
-    tombstone.or_else(|| directory.filter(|at| at != me))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,8 @@
 //! - [`error`]: why a delivery or an ask failed (these travel on the wire).
 //! - [`seq`]: one sender's receive window.
 //! - [`inbox`]: one service's inbox: admission, parking, freeze and hand-over, handled marks.
+//! - [`forward`]: tombstones (bounded, with their fences and notices) and the routing of
+//!   messages and skips for a service that is not here.
 //! - [`ledger`]: a channel's delivery ledger: sent, settled, declared lost with a node.
 //! - [`snapshot`]: a snapshot's windows and send counters, cut into frames and put back.
 //! - [`migration`]: one node's migration protocol, single and group, with tombstones and the
@@ -22,6 +24,7 @@
 
 pub mod directory;
 pub mod error;
+pub mod forward;
 pub mod ids;
 pub mod inbox;
 pub mod ledger;

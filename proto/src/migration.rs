@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::forward::{HandOn, Tombstones};
 use crate::ids::{NodeName, ServiceId};
 use crate::seq::{Offer, Watermark, Window};
 
@@ -399,11 +400,6 @@ struct Hosted<S, P> {
     arrived_by: Option<MigrationId>,
 }
 
-#[derive(Clone, Copy)]
-struct Tomb {
-    epoch: u64,
-}
-
 enum Decision {
     Committed { to: NodeName, last_sent: u64 },
     Aborted,
@@ -430,8 +426,7 @@ pub struct Core<S, P> {
     next_mig: u64,
     peers: Vec<NodeName>,
     hosted: BTreeMap<ServiceId, Hosted<S, P>>,
-    tombs: BTreeMap<ServiceId, Tomb>,
-    tomb_order: VecDeque<ServiceId>,
+    tombs: Tombstones,
     directory: BTreeMap<ServiceId, (NodeName, u64)>,
     /// Directory entries, oldest first, for forgetting (cleaned lazily).
     directory_order: VecDeque<ServiceId>,
@@ -454,6 +449,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
 
     /// A node named `me` whose `policy` may refuse snapshots.
     pub fn with_policy(me: NodeName, cfg: Config, policy: Policy<S, P>) -> Self {
+        let tombstones_max = cfg.tombstones_max;
         Core {
             me,
             next_mig: cfg.first_attempt.max(1),
@@ -461,8 +457,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             now: 0,
             peers: Vec::new(),
             hosted: BTreeMap::new(),
-            tombs: BTreeMap::new(),
-            tomb_order: VecDeque::new(),
+            tombs: Tombstones::new(tombstones_max),
             directory: BTreeMap::new(),
             directory_order: VecDeque::new(),
             decisions: BTreeMap::new(),
@@ -526,7 +521,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             let Some(old) = self.directory_order.pop_front() else {
                 break;
             };
-            if self.hosted.contains_key(&old) || self.tombs.contains_key(&old) {
+            if self.hosted.contains_key(&old) || self.tombs.epoch(old).is_some() {
                 // Needed while it is here or buried here: it goes to the back.
                 self.directory_order.push_back(old);
             } else {
@@ -571,7 +566,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
 
     /// Where a tombstone here forwards `service`'s messages, if there is one.
     pub fn tombstone(&self, service: ServiceId) -> Option<(NodeName, u64)> {
-        if self.tombs.contains_key(&service) && !self.hosted.contains_key(&service) {
+        if self.tombs.epoch(service).is_some() && !self.hosted.contains_key(&service) {
             self.directory.get(&service).cloned()
         } else {
             None
@@ -802,16 +797,35 @@ impl<S: Clone, P: Clone> Core<S, P> {
     /// it through this one (the driver knows, from fences on ordered streams). Returns true
     /// when there was one. The directory entry stays: a snapshot no newer than it is stale.
     pub fn unbury(&mut self, service: ServiceId, epoch: u64) -> bool {
-        if self.tombs.get(&service).map(|t| t.epoch) != Some(epoch) {
-            return false;
+        self.tombs.unbury(service, epoch)
+    }
+
+    /// The tombstone `service` left here at `epoch` waits for a fence from each of `peers`
+    /// (see [`Tombstones::await_fences`]).
+    pub fn await_fences(
+        &mut self,
+        service: ServiceId,
+        epoch: u64,
+        peers: impl IntoIterator<Item = NodeName>,
+    ) -> bool {
+        self.tombs.await_fences(service, epoch, peers)
+    }
+
+    /// Node `from` fenced `service` at `epoch`; true when that removed its tombstone (see
+    /// [`Tombstones::fenced`]).
+    pub fn fenced(&mut self, from: &NodeName, service: ServiceId, epoch: u64) -> bool {
+        self.tombs.fenced(from, service, epoch)
+    }
+
+    /// A message for `service`, from a sender on node `origin`, reached this node where the
+    /// service is not: where its tombstone hands it on, and whom to tell (see
+    /// [`Tombstones::hand_on`]). `None`: no tombstone, the message is refused.
+    pub fn hand_on(&mut self, service: ServiceId, origin: &NodeName) -> Option<HandOn> {
+        if self.hosted.contains_key(&service) {
+            return None;
         }
-        self.tombs.remove(&service);
-        // The order queue is cleaned lazily, so that it stays within twice the table.
-        if self.tomb_order.len() > 2 * self.tombs.len() + 64 {
-            let tombs = &self.tombs;
-            self.tomb_order.retain(|s| tombs.contains_key(s));
-        }
-        true
+        let located = self.directory.get(&service).cloned();
+        self.tombs.hand_on(&self.me, service, origin, located)
     }
 
     fn take(&mut self) -> Vec<Action<S, P>> {
@@ -840,11 +854,15 @@ impl<S: Clone, P: Clone> Core<S, P> {
             payload,
         };
         let me = self.me.clone();
-        self.route(data, me);
+        self.route(data, me, true);
         self.take()
     }
 
-    fn route(&mut self, data: Data<P>, origin: NodeName) {
+    /// A message for `data.to`: taken here, parked, handed on by a tombstone, or refused.
+    /// `sent_here` (a local sender's, or one a copy that went passes back): with neither the
+    /// service nor its tombstone here, it goes where the directory says, as the node's
+    /// channels and hand-backs do; from the network it is refused.
+    fn route(&mut self, data: Data<P>, origin: NodeName, sent_here: bool) {
         let service = data.to;
         let parked_max = self.cfg.frozen_held_max;
         if let Some(h) = self.hosted.get_mut(&service) {
@@ -860,34 +878,32 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 return;
             }
             self.accept(data);
-        } else if let Some(tomb) = self.tombs.get(&service).copied() {
-            let Some((node, epoch)) = self.directory.get(&service).cloned() else {
-                // A tombstone always has a directory entry; without one there is nowhere to go.
-                self.out.push(Action::Refuse {
-                    data,
-                    reason: "tombstone without a location",
-                });
-                return;
-            };
-            debug_assert!(epoch >= tomb.epoch);
-            if origin != self.me {
-                self.send(
-                    origin.clone(),
-                    Wire::Moved {
-                        service,
-                        node: node.clone(),
-                        epoch,
-                    },
-                );
-            }
-            self.send(node, Wire::Data { data, origin });
         } else {
-            match self.directory.get(&service).map(|(n, _)| n.clone()) {
-                Some(node) if node != self.me => self.send(node, Wire::Data { data, origin }),
-                _ => self.out.push(Action::Refuse {
-                    data,
-                    reason: "unknown service",
-                }),
+            // Not here: a tombstone hands it on, as the node's does (`Tombstones::hand_on`);
+            // without one it is refused to its sender.
+            match self.hand_on(service, &origin) {
+                Some(HandOn { at, epoch, notify }) => {
+                    if let Some(origin) = notify {
+                        self.send(
+                            origin,
+                            Wire::Moved {
+                                service,
+                                node: at.clone(),
+                                epoch,
+                            },
+                        );
+                    }
+                    self.send(at, Wire::Data { data, origin });
+                }
+                None => match self.directory.get(&service).map(|(n, _)| n.clone()) {
+                    Some(node) if sent_here && node != self.me => {
+                        self.send(node, Wire::Data { data, origin })
+                    }
+                    _ => self.out.push(Action::Refuse {
+                        data,
+                        reason: "not here and no tombstone",
+                    }),
+                },
             }
         }
     }
@@ -1298,23 +1314,13 @@ impl<S: Clone, P: Clone> Core<S, P> {
     }
 
     fn bury(&mut self, service: ServiceId, epoch: u64) {
-        if self.tombs.insert(service, Tomb { epoch }).is_none() {
-            self.tomb_order.push_back(service);
-        }
-        while self.tombs.len() > self.cfg.tombstones_max {
-            match self.tomb_order.pop_front() {
-                Some(old) => {
-                    self.tombs.remove(&old);
-                }
-                None => break,
-            }
-        }
+        self.tombs.bury(service, epoch);
     }
 
     /// A protocol message from node `from`.
     pub fn receive(&mut self, from: NodeName, msg: Wire<S, P>) -> Vec<Action<S, P>> {
         match msg {
-            Wire::Data { data, origin } => self.route(data, origin),
+            Wire::Data { data, origin } => self.route(data, origin, false),
             Wire::Moved {
                 service,
                 node,
@@ -1378,7 +1384,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         if let Some(h) = self.hosted.remove(&service) {
             self.send_seqs.retain(|(from, _), _| *from != service);
             for (data, origin) in h.parked {
-                self.route(data, origin);
+                self.route(data, origin, true);
             }
         }
         self.send(
@@ -1398,7 +1404,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             self.send_seqs.retain(|(from, _), _| *from != service);
             self.out.push(Action::Discard { service });
             for (data, origin) in h.parked {
-                self.route(data, origin);
+                self.route(data, origin, true);
             }
         }
     }
@@ -1419,7 +1425,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                     self.out.push(Action::Enqueue { service, data });
                 }
             }
-        } else if self.tombs.contains_key(&service) {
+        } else if self.tombs.epoch(service).is_some() {
             if let Some((node, _)) = self.directory.get(&service).cloned() {
                 self.send(
                     node,
@@ -1510,11 +1516,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 _ => return, // stale: the service is here with a newer (or the same) epoch
             }
         }
-        if self
-            .tombs
-            .get(&service)
-            .is_some_and(|t| t.epoch >= snap.epoch)
-        {
+        if self.tombs.epoch(service).is_some_and(|e| e >= snap.epoch) {
             return; // stale: it has been here and left since
         }
         if self
@@ -1551,7 +1553,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 "a skip ahead of the watermark releases nothing"
             );
         }
-        self.tombs.remove(&service);
+        // A tombstone left here by an earlier stay stays until this copy commits: if the
+        // attempt is aborted, messages that still come here go on to where the service runs.
         self.send_seqs.retain(|(from, _), _| *from != service);
         for (to, seq) in &snap.send_seqs {
             self.send_seqs.insert((service, *to), *seq);
@@ -1629,6 +1632,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             h.phase = Phase::Running;
             let epoch = h.epoch;
             let parked = std::mem::take(&mut h.parked);
+            self.tombs.remove(service);
             self.place(service, self.me.clone(), epoch);
             self.out.push(Action::Start { service });
             for (data, _) in parked {
@@ -2104,6 +2108,62 @@ mod tests {
             skipped: vec![],
             send_seqs: vec![],
         }
+    }
+
+    #[test]
+    fn a_tombstone_outlives_an_aborted_return_and_goes_at_a_committed_one() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.host(svc());
+        let _ = src.migrate(svc(), b.clone());
+        let Wire::Snapshot { mig, .. } = only_wire(src.frozen(svc(), vec![], vec![])) else {
+            panic!("expected a snapshot")
+        };
+        let _ = src.receive(b.clone(), Wire::Prepared { mig: mig.clone() });
+        let _ = src.receive(b.clone(), Wire::CommitAck { mig });
+        assert_eq!(src.tombstone(svc()), Some((b.clone(), 1)));
+        // `b` tries to bring it back and aborts: the copy here goes, the tombstone stays.
+        let back = MigrationId {
+            source: b.clone(),
+            n: 7,
+        };
+        let acts = src.receive(
+            b.clone(),
+            Wire::Snapshot {
+                mig: back.clone(),
+                snap: snapshot_at(2),
+            },
+        );
+        assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
+        assert_eq!(
+            src.tombstone(svc()),
+            None,
+            "a copy is here: nothing to hand on"
+        );
+        let acts = src.receive(b.clone(), Wire::Abort { mig: back });
+        assert!(acts.iter().any(|x| matches!(x, Action::Discard { .. })));
+        assert_eq!(src.tombstone(svc()), Some((b.clone(), 1)));
+        let c = NodeName::new("c");
+        let h = src
+            .hand_on(svc(), &c)
+            .expect("a message that still comes here goes on");
+        assert_eq!((h.at, h.notify), (b.clone(), Some(c)));
+        // A return that commits takes the tombstone away.
+        let again = MigrationId {
+            source: b.clone(),
+            n: 8,
+        };
+        let _ = src.receive(
+            b.clone(),
+            Wire::Snapshot {
+                mig: again.clone(),
+                snap: snapshot_at(2),
+            },
+        );
+        let acts = src.receive(b.clone(), Wire::Commit { mig: again });
+        assert!(acts.iter().any(|x| matches!(x, Action::Start { .. })));
+        assert_eq!(src.tombstones(), 0);
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub enum Frame<'a> {
         from: ServiceId,
         /// The refused number.
         seq: u64,
-        /// Nodes it has been handed on by (bounded by `inbox::SKIP_HOPS_MAX`).
+        /// Nodes it has been handed on by (bounded by `forward::SKIP_HOPS_MAX`).
         hops: u8,
     },
     /// A migration protocol message (control stream).

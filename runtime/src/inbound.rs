@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use crate::error::DeliveryError;
 use crate::mailbox::{Meta, Slot};
-use crate::migrate::{self, Hand, SnapRecv};
+use crate::migrate::{self, SnapRecv};
 use crate::node::{reply_from_wire, NodeShared};
 use crate::sync::lock;
 use crate::transport::{encode_scratch, Flow, PeerLink, StreamKind, StreamSink};
+use tern_proto::forward::Hand;
 use tern_proto::ids::ServiceId;
 use tern_proto::wire::{self, Frame, WireError};
 

@@ -408,7 +408,7 @@ pub(crate) trait Slot: Send + Sync + 'static {
         &self,
         msg: &CarriedMsg,
         origin: &NodeName,
-        hand: crate::migrate::Hand,
+        hand: tern_proto::forward::Hand,
     ) -> Result<(), DeliveryError>;
     /// Commit, source side: marks the mailbox moved and returns what must follow the snapshot,
     /// encoded: arrivals since the snapshot in order, early messages, skipped numbers.
@@ -533,7 +533,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         &self,
         msg: &CarriedMsg,
         origin: &NodeName,
-        hand: crate::migrate::Hand,
+        hand: tern_proto::forward::Hand,
     ) -> Result<(), DeliveryError> {
         let env = match decode_envelope::<M>(self.id, &self.kind, msg) {
             Ok(mut env) => {
@@ -547,13 +547,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                 return Err(e);
             }
         };
-        // A waiting sender's message waits like a direct one; one taken already is never
-        // refused for room; others may go past the capacity, up to twice it.
-        let mode = match hand {
-            crate::migrate::Hand::Wait => Admit::Wait,
-            crate::migrate::Hand::Accepted => Admit::Accepted,
-            crate::migrate::Hand::Tell => Admit::Forwarded,
-        };
+        let mode = hand.admit();
         self.with(|st| match st.admit(env, mode) {
             Ok(queued) => (Ok(()), queued),
             Err((e, _)) => (Err(e), false),

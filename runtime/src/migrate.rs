@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{DeliveryError, Error};
 use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
+use tern_proto::forward::{Hand, HandOn};
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::migration::{
     AbortReason, Action, Config, Core, MigrationId, Outcome, Snapshot, Wire,
@@ -239,16 +240,7 @@ pub(crate) struct Driver {
     outgoing: Mutex<HashMap<ServiceId, Outgoing>>,
     incoming: Mutex<HashMap<ServiceId, oneshot::Sender<Go>>>,
     counters: Mutex<Counters>,
-    /// `Moved` notices already sent, bounded by `NOTICES_MAX`.
-    told: Mutex<std::collections::HashSet<(ServiceId, NodeName, u64)>>,
-    /// Per tombstone here: its epoch and the peers whose fence it still waits for. Bounded
-    /// like the tombstones (entries whose tombstone the core let go are dropped).
-    fences: Mutex<HashMap<ServiceId, (u64, std::collections::HashSet<NodeName>)>>,
-    tombstones_max: usize,
 }
-
-/// `Moved` notices remembered; past this the set starts over (a repeat notice is harmless).
-const NOTICES_MAX: usize = 4096;
 
 /// Bytes of state per `SnapState` frame.
 const SNAP_STATE_CHUNK_BYTES: usize = 1 << 20;
@@ -267,7 +259,6 @@ const REPORT_WAIT: Duration = Duration::from_secs(30);
 impl Driver {
     /// The driver of node `me`; the core's clock ticks in milliseconds.
     pub fn new(me: NodeName, limits: &crate::Limits) -> Self {
-        let tombstones_max = limits.tombstones_max;
         let cfg = Config {
             orphan_ticks: limits.prepared_orphan_ms,
             // QUIC delivers what a live connection accepted; a lost connection aborts at once
@@ -281,7 +272,7 @@ impl Driver {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_micros() as u64),
             query_ticks: 500,
-            tombstones_max,
+            tombstones_max: limits.tombstones_max,
             ..Config::default()
         };
         Driver {
@@ -290,42 +281,14 @@ impl Driver {
             outgoing: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             counters: Mutex::new(Counters::default()),
-            told: Mutex::new(std::collections::HashSet::new()),
-            fences: Mutex::new(HashMap::new()),
-            tombstones_max,
-        }
-    }
-
-    /// `service` left this node at `epoch`: its tombstone stays until each of `peers` (every
-    /// node this one knows, connected or not) has fenced it.
-    fn await_fences(&self, service: ServiceId, epoch: u64, peers: Vec<NodeName>) {
-        let mut fences = lock(&self.fences);
-        fences.insert(service, (epoch, peers.into_iter().collect()));
-        if fences.len() > self.tombstones_max {
-            let core = lock(&self.core);
-            fences.retain(|s, (e, _)| core.tombstone(*s).is_some_and(|(_, te)| te == *e));
         }
     }
 
     /// Node `from` fenced `service` at `epoch` (see `Frame::Fence`). The last awaited fence
-    /// removes the tombstone.
+    /// removes the tombstone (`tern_proto::forward::Tombstones::fenced`).
     pub fn on_fence(&self, node: &NodeShared, from: &NodeName, service: ServiceId, epoch: u64) {
         lock(&self.counters).stats.fences_in += 1;
-        let done = {
-            let mut fences = lock(&self.fences);
-            match fences.get_mut(&service) {
-                Some((e, waiting)) if *e == epoch => {
-                    waiting.remove(from);
-                    let done = waiting.is_empty();
-                    if done {
-                        fences.remove(&service);
-                    }
-                    done
-                }
-                _ => false,
-            }
-        };
-        if done && lock(&self.core).unbury(service, epoch) {
+        if lock(&self.core).fenced(from, service, epoch) {
             lock(&self.counters).stats.tombstones_removed += 1;
             node.logs.event(
                 "tombstone-removed",
@@ -385,18 +348,14 @@ impl Driver {
         lock(&self.counters).stats.rebuilt += n as u64;
     }
 
-    /// True the first time this tombstone tells `origin` about `service` at `epoch` (one
-    /// `Moved` per sender node is enough; the rest of its in-flight messages just follow).
-    pub fn first_notice(&self, service: ServiceId, origin: &NodeName, epoch: u64) -> bool {
-        let mut told = lock(&self.told);
-        if told.len() >= NOTICES_MAX {
-            told.clear();
+    /// Where a tombstone here hands on a message for `service` from a sender on `origin`,
+    /// and whom to tell (`tern_proto::forward::Tombstones::hand_on`); counted.
+    pub fn hand_on(&self, service: ServiceId, origin: &NodeName) -> Option<HandOn> {
+        let h = lock(&self.core).hand_on(service, origin);
+        if h.is_some() {
+            lock(&self.counters).stats.tombstone_forwards += 1;
         }
-        told.insert((service, origin.clone(), epoch))
-    }
-
-    pub fn count_tombstone_forward(&self) {
-        lock(&self.counters).stats.tombstone_forwards += 1;
+        h
     }
 
     fn count_refused_in(&self, reason: &str) {
@@ -1021,14 +980,16 @@ impl Driver {
             node.forget_moved(service, copy);
         }
         let rebuilt = node.relocated(service, &to, epoch);
-        let peers = node
+        let peers: Vec<NodeName> = node
             .links
             .all()
             .iter()
             .map(|l| l.name.clone())
             .filter(|n| n != node.name())
             .collect();
-        self.await_fences(service, epoch, peers);
+        // The tombstone stays until each of them (every node this one knows, connected or not)
+        // has fenced it.
+        lock(&self.core).await_fences(service, epoch, peers);
         if let Some(o) = lock(&self.outgoing).get_mut(&service) {
             o.rebuilt = rebuilt as u64;
         }
@@ -1448,17 +1409,16 @@ pub(crate) fn forward_by_tombstone(
     msg: CarriedMsg,
     hand: Hand,
 ) -> Result<(), DeliveryError> {
-    let Some((at, epoch)) = node.driver.tombstone(to) else {
+    let Some(HandOn { at, epoch, notify }) = node.driver.hand_on(to, origin) else {
         return Err(DeliveryError::UnknownService {
             id: to,
             node: node.name().clone(),
         });
     };
-    node.driver.count_tombstone_forward();
-    if origin != node.name() && *origin != at && node.driver.first_notice(to, origin, epoch) {
+    if let Some(origin) = notify {
         send_mig(
             node,
-            origin,
+            &origin,
             MigMsg::Moved {
                 service: to,
                 node: at.clone(),
@@ -1467,17 +1427,6 @@ pub(crate) fn forward_by_tombstone(
         );
     }
     forward(node, &at, to, origin, msg, hand)
-}
-
-/// How a forwarded message is to be taken.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hand {
-    /// A sender that does not wait.
-    Tell,
-    /// A sender waiting for room.
-    Wait,
-    /// Taken once already: not refused for room.
-    Accepted,
 }
 
 /// Sends `msg` for `to` on to node `at`, keeping its numbering, asker and origin.

@@ -765,7 +765,14 @@ impl NodeShared {
         for env in msgs {
             let origin = env.origin.clone().unwrap_or_else(|| self.name.clone());
             let res = crate::mailbox::encode_envelope(&env).and_then(|m| {
-                crate::migrate::forward(self, to, id, &origin, m, crate::migrate::Hand::Accepted)
+                crate::migrate::forward(
+                    self,
+                    to,
+                    id,
+                    &origin,
+                    m,
+                    tern_proto::forward::Hand::Accepted,
+                )
             });
             if let Err(e) = res {
                 self.refuse_envelope(id, env.refusal(e));
@@ -821,7 +828,7 @@ impl NodeShared {
             c.refused(from, seq);
             c.location()
         });
-        let at = tern_proto::inbox::newest_location(chan, self.driver.location(to));
+        let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
         match at {
             Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)], 0),
             _ => self.apply_skip(to, from, seq, 0),
@@ -830,7 +837,7 @@ impl NodeShared {
 
     /// A skip for service `to`, handed on by `hops` nodes so far: applied to its window here,
     /// or handed on to where its tombstone, else the directory, says it went
-    /// (`tern_proto::inbox::skip_next_hop`).
+    /// (`tern_proto::forward::skip_next_hop`).
     pub fn apply_skip(&self, to: ServiceId, from: ServiceId, seq: u64, hops: u8) {
         if let Some(slot) = self.slot(to) {
             if slot.skip(from, seq).is_ok() {
@@ -839,7 +846,7 @@ impl NodeShared {
         }
         let tomb = self.driver.tombstone(to).map(|(at, _)| at);
         let known = self.driver.location(to).map(|(at, _)| at);
-        let next = tern_proto::inbox::skip_next_hop(&self.name, tomb, known, hops);
+        let next = tern_proto::forward::skip_next_hop(&self.name, tomb, known, hops);
         match next {
             Some(at) => self.send_skips(to, &at, &[(from, seq)], hops.saturating_add(1)),
             None => self.logs.event(
@@ -1348,9 +1355,9 @@ impl NodeShared {
                     msg: bytes.to_vec(),
                 };
                 let hand = if wait {
-                    crate::migrate::Hand::Wait
+                    tern_proto::forward::Hand::Wait
                 } else {
-                    crate::migrate::Hand::Tell
+                    tern_proto::forward::Hand::Tell
                 };
                 crate::migrate::forward_by_tombstone(self, to, origin, msg, hand)
             }

@@ -5,8 +5,11 @@
 //! every service while the services migrate at random: freeze and snapshot at the source
 //! (`take_for_snapshot`), a restored copy at the target that parks arrivals, commit with the
 //! leftovers (`retire`) or abort (`put_back` at the source, the parked arrivals sent back).
-//! Messages for a service that left go on by a bounded tombstone table (evicted at random);
-//! a node with neither refuses them. Every refusal goes back to the sender's node, which
+//! Messages for a service that left go on by the node's tombstones
+//! (`tern_proto::forward::Tombstones`, the node's code: bounded, oldest first), which tell the
+//! sender's node where the service went; a node that learns a new location fences the node it
+//! learned it from, on the ordered data path, and a tombstone every other node has fenced goes.
+//! A node with neither the service nor its tombstone refuses them. Every refusal goes back to the sender's node, which
 //! records it and sends a skip to where it believes the service is (`newest_location`,
 //! `skip_next_hop`: the same functions the node calls). The network delays and reorders
 //! everything (data is never lost: QUIC delivers it).
@@ -21,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::sim::Rng;
 use tern_proto::error::DeliveryError;
+use tern_proto::forward::{newest_location, skip_next_hop, Hand, HandOn, Tombstones};
 use tern_proto::ids::{NodeName, ServiceId};
-use tern_proto::inbox::{newest_location, skip_next_hop, Admit, Inbox, Numbered, WindowExport};
+use tern_proto::inbox::{Admit, Inbox, Numbered, WindowExport};
 use tern_proto::ledger::Ledger;
 
 /// The size and weather of one run.
@@ -81,6 +85,10 @@ pub struct DataPlaneReport {
     pub aborted: u64,
     /// Skips that found nowhere to go.
     pub skips_lost: u64,
+    /// Messages handed on by tombstones.
+    pub handed_on: u64,
+    /// Tombstones removed because every other node fenced them.
+    pub unburied: u64,
     /// Events processed.
     pub events: u64,
 }
@@ -109,10 +117,15 @@ impl Numbered for Msg {
 enum Mode {
     Tell,
     Wait,
-    /// Handed on by a tombstone.
-    Forwarded,
-    /// Accepted once already (leftovers, parked arrivals of an aborted copy).
-    Accepted,
+    /// Handed on by another node: by a tombstone, or accepted once already (leftovers,
+    /// parked arrivals of an aborted copy).
+    Handed(Hand),
+}
+
+impl Mode {
+    fn waits(self) -> bool {
+        matches!(self, Mode::Wait | Mode::Handed(Hand::Wait))
+    }
 }
 
 enum Net {
@@ -138,9 +151,16 @@ enum Net {
         seq: u64,
         hops: u8,
     },
+    /// Where a service is (from the source at a commit, or a tombstone's notice).
     Located {
         service: ServiceId,
         node: usize,
+        epoch: u64,
+    },
+    /// The sender no longer routes `service` through the receiver: behind every data
+    /// message it sent there.
+    Fence {
+        service: ServiceId,
         epoch: u64,
     },
     Snapshot {
@@ -208,7 +228,7 @@ struct Hosted {
 
 struct Node {
     hosted: BTreeMap<ServiceId, Hosted>,
-    tombs: VecDeque<(ServiceId, usize, u64)>,
+    tombs: Tombstones,
     directory: BTreeMap<ServiceId, (usize, u64)>,
     /// This node's sender: its id and next number per service.
     sender: ServiceId,
@@ -235,6 +255,9 @@ struct Sim {
     report: DataPlaneReport,
     migrating: bool,
     attempts: u64,
+    /// Per (from, to): the latest arrival time of a data message, which a fence never
+    /// overtakes (a node pair's data stream is ordered).
+    data_due: BTreeMap<(usize, usize), u64>,
 }
 
 impl Sim {
@@ -247,7 +270,13 @@ impl Sim {
     }
 
     fn net(&mut self, from: usize, to: usize, msg: Net) {
-        let d = 1 + self.rng.below(self.cfg.delay_max);
+        let mut d = 1 + self.rng.below(self.cfg.delay_max);
+        let due = self.data_due.entry((from, to)).or_default();
+        match msg {
+            Net::Deliver { .. } => *due = (*due).max(self.now + d),
+            Net::Fence { .. } => d = d.max(due.saturating_sub(self.now) + 1),
+            _ => {}
+        }
         self.at(d, Event::Net { to, from, msg });
     }
 
@@ -255,13 +284,14 @@ impl Sim {
         self.names.iter().position(|n| n == name).unwrap_or(0)
     }
 
+    /// Where the tombstone of `service` at `node` hands on (the node's `Core::tombstone`).
     fn tomb(&self, node: usize, service: ServiceId) -> Option<usize> {
-        self.nodes[node]
-            .tombs
-            .iter()
-            .rev()
-            .find(|(s, _, _)| *s == service)
-            .map(|(_, at, _)| *at)
+        let n = &self.nodes[node];
+        n.tombs.epoch(service)?;
+        if n.hosted.contains_key(&service) {
+            return None;
+        }
+        n.directory.get(&service).map(|(at, _)| *at)
     }
 
     /// A message for `to` could not be taken at `node`: its sender's node hears of it.
@@ -358,14 +388,13 @@ impl Sim {
         let admit = match mode {
             Mode::Tell => Admit::Tell,
             Mode::Wait => Admit::Wait,
-            Mode::Forwarded => Admit::Forwarded,
-            Mode::Accepted => Admit::Accepted,
+            Mode::Handed(hand) => hand.admit(),
         };
         match h.inbox.admit(msg, admit) {
             Ok(_) => {}
             Err((DeliveryError::Moved { .. }, msg)) => self.not_here(node, to, msg, mode),
             Err((DeliveryError::MailboxFull { .. } | DeliveryError::WindowFull { .. }, msg))
-                if mode == Mode::Wait =>
+                if mode.waits() =>
             {
                 // The stream holds it and tries again when there is room.
                 let d = 1 + self.rng.below(4);
@@ -382,27 +411,61 @@ impl Sim {
         }
     }
 
+    /// A message for `to`, which is not at `node`: its tombstone hands it on (telling the
+    /// sender's node the first time), else it is refused.
     fn not_here(&mut self, node: usize, to: ServiceId, msg: Msg, mode: Mode) {
-        match self.tomb(node, to) {
-            Some(at) => {
-                let mode = match mode {
-                    Mode::Tell => Mode::Forwarded,
-                    m => m,
+        let n = &mut self.nodes[node];
+        let located = match n.hosted.contains_key(&to) {
+            true => None,
+            false => n
+                .directory
+                .get(&to)
+                .map(|(at, e)| (self.names[*at].clone(), *e)),
+        };
+        let origin = self.names[msg.origin].clone();
+        match n.tombs.hand_on(&self.names[node], to, &origin, located) {
+            Some(HandOn { at, epoch, notify }) => {
+                self.report.handed_on += 1;
+                let at = self.node_of(&at);
+                if let Some(o) = notify {
+                    let o = self.node_of(&o);
+                    self.net(
+                        node,
+                        o,
+                        Net::Located {
+                            service: to,
+                            node: at,
+                            epoch,
+                        },
+                    );
+                }
+                let hand = match mode {
+                    Mode::Tell => Hand::Tell,
+                    Mode::Wait => Hand::Wait,
+                    Mode::Handed(h) => h,
                 };
+                let mode = Mode::Handed(hand);
                 self.net(node, at, Net::Deliver { to, msg, mode });
             }
             None => self.refuse(node, to, &msg),
         }
     }
 
-    fn bury(&mut self, node: usize, service: ServiceId, at: usize, epoch: u64) {
-        let n = &mut self.nodes[node];
-        n.tombs.push_back((service, at, epoch));
-        while n.tombs.len() > self.cfg.tombstones_max {
-            n.tombs.pop_front();
-        }
+    /// `service` left `node` at `epoch`: a tombstone stays until every other node fenced it.
+    fn bury(&mut self, node: usize, service: ServiceId, epoch: u64) {
+        let peers: Vec<NodeName> = (0..self.nodes.len())
+            .filter(|p| *p != node)
+            .map(|p| self.names[p].clone())
+            .collect();
+        let tombs = &mut self.nodes[node].tombs;
+        tombs.bury(service, epoch);
+        // False only when the bound is 0 (the tombstone went at once).
+        let awaited = tombs.await_fences(service, epoch, peers);
+        debug_assert!(awaited || self.cfg.tombstones_max == 0);
     }
 
+    /// `node` hears that `service` is at `at` since `epoch`; when it is news, it fences the
+    /// node that told it (`from`), as the node's `learned` does.
     fn learn(&mut self, node: usize, service: ServiceId, at: usize, epoch: u64) {
         let d = self.nodes[node]
             .directory
@@ -410,6 +473,20 @@ impl Sim {
             .or_insert((at, epoch));
         if epoch >= d.1 {
             *d = (at, epoch);
+        }
+    }
+
+    fn learned_from(
+        &mut self,
+        node: usize,
+        from: usize,
+        service: ServiceId,
+        at: usize,
+        epoch: u64,
+    ) {
+        self.learn(node, service, at, epoch);
+        if from != node {
+            self.net(node, from, Net::Fence { service, epoch });
         }
     }
 
@@ -432,7 +509,13 @@ impl Sim {
                 service,
                 node: at,
                 epoch,
-            } => self.learn(node, service, at, epoch),
+            } => self.learned_from(node, from, service, at, epoch),
+            Net::Fence { service, epoch } => {
+                let me = self.names[from].clone();
+                if self.nodes[node].tombs.fenced(&me, service, epoch) {
+                    self.report.unburied += 1;
+                }
+            }
             Net::Snapshot {
                 service,
                 attempt,
@@ -527,7 +610,7 @@ impl Sim {
                 Net::Deliver {
                     to: service,
                     msg: m,
-                    mode: Mode::Accepted,
+                    mode: Mode::Handed(Hand::Accepted),
                 },
             );
         }
@@ -569,7 +652,7 @@ impl Sim {
                 skipped: left.skipped,
             },
         );
-        self.bury(node, service, to, epoch);
+        self.bury(node, service, epoch);
         self.learn(node, service, to, epoch);
         for peer in 0..self.nodes.len() {
             if peer != node {
@@ -888,7 +971,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
     let mut nodes: Vec<Node> = (0..cfg.nodes)
         .map(|i| Node {
             hosted: BTreeMap::new(),
-            tombs: VecDeque::new(),
+            tombs: Tombstones::new(cfg.tombstones_max),
             directory: BTreeMap::new(),
             sender: ServiceId::from_parts(i as u64 + 1, 1),
             next_seq: BTreeMap::new(),
@@ -930,6 +1013,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
         },
         migrating: false,
         attempts: 0,
+        data_due: BTreeMap::new(),
     };
     let span = cfg.msgs_per_sender * 2;
     for node in 0..cfg.nodes {

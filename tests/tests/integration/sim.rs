@@ -160,7 +160,7 @@ fn groups_with_crashes_never_make_two_instances() {
 }
 
 /// The data plane the node runs (`tern_proto::inbox::Inbox`), under moves, aborts, tiny
-/// mailboxes, tombstone eviction and reordering: every message handled once in order or
+/// mailboxes, tombstone eviction and fences, and reordering: every message handled once in order or
 /// reported, and every sender's channel delivers again once the moves stop.
 #[test]
 fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
@@ -175,9 +175,14 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         wait: 0.3,
         ..DataPlaneConfig::default()
     };
-    let cfgs = [DataPlaneConfig::default(), harsh];
+    // And one where tombstones are plenty and go only when every other node has fenced them.
+    let fenced = DataPlaneConfig {
+        tombstones_max: 64,
+        ..DataPlaneConfig::default()
+    };
+    let cfgs = [DataPlaneConfig::default(), harsh, fenced];
     let one = |seed: u64| {
-        let cfg = &cfgs[(seed % 2) as usize];
+        let cfg = &cfgs[(seed % 3) as usize];
         run_dp(seed, cfg).unwrap_or_else(|e| {
             panic!("{e}\nreplay with TERN_SIM_SEED={seed} cargo test -p tern-harness --test integration sim")
         })
@@ -200,12 +205,16 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out",
         reports.len(),
-        total(|r| r.skips_lost)
+        total(|r| r.skips_lost),
+        total(|r| r.handed_on),
+        total(|r| r.unburied),
     );
     if reports.len() > 100 {
-        // The weather must have produced refusals, moves and aborts.
+        // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
+        // and tombstones that every other node fenced.
         assert!(reported > 0 && committed > 0 && aborted > 0);
+        assert!(total(|r| r.handed_on) > 0 && total(|r| r.unburied) > 0);
     }
 }
