@@ -21,6 +21,10 @@ use crate::forward::{HandOn, Tombstones};
 use crate::ids::{NodeName, ServiceId};
 use crate::seq::{Offer, Watermark, Window};
 
+/// Members of one group migration at most. Each holds a snapshot stream open until the group
+/// commits; a node's QUIC stream limit is set from this.
+pub const GROUP_MEMBERS_MAX: usize = 1024;
+
 /// Identifies one migration attempt: the source node and a counter there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MigrationId {

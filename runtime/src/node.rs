@@ -19,6 +19,7 @@ use crate::events::Logs;
 pub use crate::events::{LossReport, NodeEvent};
 use crate::handle::{AnyChannel, Channel};
 use crate::handle::{ReplyPayload, Route, ServiceRef};
+pub use crate::limits::Limits;
 use crate::mailbox::Refusal;
 use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
 use crate::members::{Member, Power};
@@ -32,7 +33,7 @@ use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
 use crate::transport::Links;
-use crate::transport::{self, PeerLink, PeerStatus};
+use crate::transport::{self, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
 use tern_proto::directory::{Associations, BookEdge};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
@@ -41,90 +42,6 @@ use tern_proto::placement::Policy;
 use tern_proto::traffic::EdgeRate;
 use tern_proto::traffic::TrafficSketch;
 use tern_proto::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
-
-/// Bounds on every table and queue of a node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Limits {
-    /// Messages a service's mailbox holds before senders get `MailboxFull`.
-    pub mailbox_capacity: usize,
-    /// Largest frame body accepted or sent, in bytes.
-    pub frame_bytes_max: usize,
-    /// Bytes queued per peer and stream kind before senders get `Backpressure`.
-    pub link_queue_bytes_max: usize,
-    /// Asks waiting for replies on this node.
-    pub asks_pending_max: usize,
-    /// Book edges known cluster-wide.
-    pub book_edges_max: usize,
-    /// Services running on this node.
-    pub services_max: usize,
-    /// Peers this node keeps links to.
-    pub peers_max: usize,
-    /// Entries kept in the node's event log.
-    pub events_max: usize,
-    /// Time allowed for a connection's TLS and Tern handshakes.
-    pub handshake_timeout_ms: u64,
-    /// Pending timers per service.
-    pub timers_per_service_max: usize,
-    /// Largest service state a migration may bring to this node, in bytes.
-    pub snapshot_bytes_max: usize,
-    /// Most queued messages a migration may carry to this node.
-    pub snapshot_carried_max: usize,
-    /// Time a source waits for the target's answer before it aborts, in milliseconds.
-    pub migration_deadline_ms: u64,
-    /// Time a service asked to freeze for a migration may take to hand over its state (finish
-    /// the message in hand; with `drain`, empty its queue), in milliseconds. Past it the
-    /// migration aborts with `freeze-deadline` and the service runs on.
-    pub freeze_deadline_ms: u64,
-    /// Tombstones kept (the oldest is forgotten first).
-    pub tombstones_max: usize,
-    /// Peers allowed to push migrations to this node; empty means every peer.
-    pub migration_peers: Vec<String>,
-    /// A connection that hears nothing for this long is closed and its peer counted lost:
-    /// asks only it could answer fail with `NodeLost`, and attempts waiting on it abort.
-    pub idle_timeout_ms: u64,
-    /// A quiet connection sends a keep-alive this often (well under `idle_timeout_ms`).
-    pub keep_alive_ms: u64,
-    /// Loss reports kept for [`NodeHandle::losses`] (the oldest goes first; the counters
-    /// `messages_lost_reported` and `loss_reports` keep the totals).
-    pub losses_max: usize,
-    /// A restored copy whose source has said neither commit nor abort for this long (the
-    /// source is gone, or cut off with its decision) is dropped and reported lost, in
-    /// milliseconds. Must be well over `migration_deadline_ms` plus `idle_timeout_ms`.
-    pub prepared_orphan_ms: u64,
-    /// Service-to-service edges whose traffic is observed (the heaviest are kept).
-    pub traffic_edges_max: usize,
-    /// On battery at or below this charge (percent), the node drains itself.
-    pub drain_below_percent: u8,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            mailbox_capacity: 4096,
-            frame_bytes_max: 16 << 20,
-            link_queue_bytes_max: 32 << 20,
-            asks_pending_max: 65_536,
-            book_edges_max: 1_000_000,
-            services_max: 1_000_000,
-            peers_max: 256,
-            events_max: 256,
-            handshake_timeout_ms: 5_000,
-            timers_per_service_max: 1024,
-            snapshot_bytes_max: 256 << 20,
-            snapshot_carried_max: 1_000_000,
-            migration_deadline_ms: 10_000,
-            freeze_deadline_ms: 10_000,
-            tombstones_max: 65_536,
-            migration_peers: Vec::new(),
-            idle_timeout_ms: 10_000,
-            keep_alive_ms: 2_000,
-            losses_max: 1024,
-            prepared_orphan_ms: 60_000,
-            traffic_edges_max: 4096,
-            drain_below_percent: 10,
-        }
-    }
-}
 
 /// A peer to connect to: its name (as in its certificate) and address.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -438,10 +355,6 @@ impl AskTable {
     }
 }
 
-/// Makes the sink for one incoming stream of a peer link.
-pub(crate) type OpenStream =
-    fn(&Arc<NodeShared>, &Arc<PeerLink>, transport::StreamKind) -> Box<dyn transport::StreamSink>;
-
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
@@ -461,9 +374,6 @@ pub(crate) struct NodeShared {
     pub(crate) books: Books,
     /// The peer links (the links subsystem).
     pub(crate) links: Links,
-    /// Makes the sink an incoming stream's frames go to (`inbound::open_stream`): the
-    /// transport reaches the node's handling of frames only through it.
-    pub(crate) open_stream: OpenStream,
     /// The event log and the loss log.
     pub(crate) logs: Logs,
     pub endpoint: quinn::Endpoint,
@@ -1627,7 +1537,6 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         registry: Registry::new(limits.services_max),
         books: Books::new(limits.book_edges_max),
         links: Links::new(limits.peers_max),
-        open_stream: crate::inbound::open_stream,
         logs: Logs::new(limits.events_max, limits.losses_max),
         endpoint: endpoint.clone(),
         arbiter: OnceLock::new(),

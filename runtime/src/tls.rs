@@ -59,7 +59,7 @@ fn transport(live: Liveness) -> Arc<quinn::TransportConfig> {
     // Every member of a group migration holds a snapshot stream open until the group
     // commits, so the peer must allow that many at once (plus the data stream).
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(
-        (crate::tree::GROUP_MEMBERS_MAX + UNI_STREAMS_SPARE) as u32,
+        (tern_proto::migration::GROUP_MEMBERS_MAX + UNI_STREAMS_SPARE) as u32,
     ));
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(16 << 20));

@@ -13,21 +13,57 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::error::{DeliveryError, Error};
-use crate::node::{Limits, NodeShared};
+use crate::events::Logs;
+use crate::limits::Limits;
+use crate::stats::Stats;
 use crate::sync::lock;
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::wire::{self, code, encode_frame, Frame, FrameReader, WireError};
 
 /// Bytes asked of quinn per read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Book edges per `BookSync` frame.
-const BOOK_SYNC_EDGES_PER_FRAME: usize = 1024;
 /// Bytes queued for a peer past which a waiting sender lets the writer run before going on.
 /// Keeps the link pipelined (encode, send and the peer's decode overlap) instead of filling the
 /// whole queue and then writing it in one burst.
 const LINK_FLUSH_BYTES: usize = 256 * 1024;
 /// Pause between two dials of the same peer.
 const REDIAL_MS: u64 = 500;
+
+/// What the transport needs of the node it serves: its name, limits, counters, event log and
+/// links, and what to do when a connection comes up or goes down, with each incoming stream,
+/// and with an admin connection. The node implements it (`host.rs`); the transport names
+/// nothing above itself.
+pub(crate) trait Host: 'static {
+    /// This node's name.
+    fn name(&self) -> &NodeName;
+    /// Its bounds.
+    fn limits(&self) -> &Limits;
+    /// Its counters.
+    fn stats(&self) -> &Stats;
+    /// Its event log.
+    fn logs(&self) -> &Logs;
+    /// Its peer links.
+    fn links(&self) -> &Links;
+    /// The QUIC endpoint it dials from and listens on.
+    fn endpoint(&self) -> &quinn::Endpoint;
+    /// True once the node is stopping: no more dials.
+    fn stopping(&self) -> bool;
+    /// The capabilities announced in `Hello` and `Welcome`.
+    fn capabilities(&self) -> Vec<String>;
+    /// A connection to `link` is up and its streams are about to start.
+    fn link_up(&self, link: &PeerLink);
+    /// The connection to `peer` went down (`left`: the peer said it was shutting down).
+    fn link_down(self: &Arc<Self>, peer: &NodeName, left: bool);
+    /// The sink an incoming stream's frames go to.
+    fn open_stream(self: &Arc<Self>, link: &Arc<PeerLink>, kind: StreamKind)
+        -> Box<dyn StreamSink>;
+    /// Serves a connection that negotiated the admin protocol (`wire::ADMIN_ALPN`).
+    fn serve_admin(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        name: NodeName,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+}
 
 /// A bounded byte queue of encoded frames waiting for a stream.
 pub(crate) struct OutQueue {
@@ -211,7 +247,7 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
 }
 
-/// The peer links of a node, by name (at most `peers_max`). One of `NodeShared`'s subsystems:
+/// The peer links of a node, by name (at most `peers_max`). One of the node's subsystems:
 /// its lock is a leaf (a link is cloned out, then used).
 pub(crate) struct Links {
     peers: RwLock<HashMap<NodeName, Arc<PeerLink>>>,
@@ -484,11 +520,11 @@ impl PeerLink {
 }
 
 /// Dials every peer with an address and no connection, at most once per `REDIAL_MS`.
-pub(crate) fn maintain_links(node: &Arc<NodeShared>) {
-    if node.stopping.load(Ordering::Relaxed) {
+pub(crate) fn maintain_links<H: Host>(node: &Arc<H>) {
+    if node.stopping() {
         return;
     }
-    for link in node.links.all() {
+    for link in node.links().all() {
         let addr = {
             let mut st = lock(&link.state);
             let due = st
@@ -508,7 +544,7 @@ pub(crate) fn maintain_links(node: &Arc<NodeShared>) {
     }
 }
 
-async fn dial(node: Arc<NodeShared>, link: Arc<PeerLink>, addr: SocketAddr) {
+async fn dial<H: Host>(node: Arc<H>, link: Arc<PeerLink>, addr: SocketAddr) {
     match dial_inner(&node, &link, addr).await {
         Ok(()) => {}
         Err(e) => {
@@ -522,14 +558,14 @@ fn conn_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Tls(format!("{what}: {e}"))
 }
 
-async fn dial_inner(
-    node: &Arc<NodeShared>,
+async fn dial_inner<H: Host>(
+    node: &Arc<H>,
     link: &Arc<PeerLink>,
     addr: SocketAddr,
 ) -> Result<(), Error> {
-    let handshake = Duration::from_millis(node.limits.handshake_timeout_ms);
+    let handshake = Duration::from_millis(node.limits().handshake_timeout_ms);
     let connecting = node
-        .endpoint
+        .endpoint()
         .connect(addr, link.name.as_str())
         .map_err(|e| conn_err("connect", e))?;
     let conn = tokio::time::timeout(handshake, connecting)
@@ -557,12 +593,12 @@ async fn dial_inner(
         &Frame::Hello {
             caps: node.capabilities(),
         },
-        node.limits.frame_bytes_max,
+        node.limits().frame_bytes_max,
     )?;
     send.write_all(&hello)
         .await
         .map_err(|e| conn_err("hello", e))?;
-    let mut reader = FrameReader::new(node.limits.frame_bytes_max);
+    let mut reader = FrameReader::new(node.limits().frame_bytes_max);
     let answer = tokio::time::timeout(handshake, read_handshake(&mut recv, &mut reader))
         .await
         .map_err(|_| conn_err("waiting for welcome", "timed out"))??;
@@ -629,7 +665,7 @@ async fn read_handshake(
 }
 
 /// Accepts connections until the endpoint closes.
-pub(crate) async fn accept_loop(node: Arc<NodeShared>, endpoint: quinn::Endpoint) {
+pub(crate) async fn accept_loop<H: Host>(node: Arc<H>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let span = tracing::info_span!("accept", node = %node.name(), %remote);
@@ -637,20 +673,20 @@ pub(crate) async fn accept_loop(node: Arc<NodeShared>, endpoint: quinn::Endpoint
     }
 }
 
-fn refuse(node: &NodeShared, what: String) {
+fn refuse<H: Host>(node: &H, what: String) {
     tracing::warn!(refusal = %what, "connection refused");
     // The event before the count: whoever sees the count finds the event.
-    node.logs.event("connection-refused", what);
-    node.stats.connections_refused.inc();
+    node.logs().event("connection-refused", what);
+    node.stats().connections_refused.inc();
 }
 
-async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
+async fn accept_one<H: Host>(node: Arc<H>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
-    let handshake = Duration::from_millis(node.limits.handshake_timeout_ms);
+    let handshake = Duration::from_millis(node.limits().handshake_timeout_ms);
     let conn = match tokio::time::timeout(handshake, incoming).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return refuse(&node, format!("from {remote}: {e}")),
-        Err(_) => return refuse(&node, format!("from {remote}: TLS handshake timed out")),
+        Ok(Err(e)) => return refuse(&*node, format!("from {remote}: {e}")),
+        Err(_) => return refuse(&*node, format!("from {remote}: TLS handshake timed out")),
     };
     let close = |why: &str| {
         conn.close(
@@ -662,17 +698,17 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
         Ok(n) => n,
         Err(e) => {
             close("bad certificate");
-            return refuse(&node, format!("from {remote}: {e}"));
+            return refuse(&*node, format!("from {remote}: {e}"));
         }
     };
     if crate::tls::negotiated_alpn(&conn).as_deref() == Some(tern_proto::wire::ADMIN_ALPN) {
         // The command line, not a peer: it joins no membership and carries no messages.
-        return crate::admin::serve(node, conn, name).await;
+        return node.serve_admin(conn, name).await;
     }
     if &name == node.name() {
         close("certificate names the accepting node");
         return refuse(
-            &node,
+            &*node,
             format!("from {remote}: certificate names this node ({name})"),
         );
     }
@@ -681,7 +717,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             .accept_bi()
             .await
             .map_err(|e| conn_err("control stream", e))?;
-        let mut reader = FrameReader::new(node.limits.frame_bytes_max);
+        let mut reader = FrameReader::new(node.limits().frame_bytes_max);
         let hs = read_handshake(&mut recv, &mut reader).await?;
         Ok::<_, Error>((send, recv, reader, hs))
     };
@@ -689,11 +725,11 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             close("bad handshake");
-            return refuse(&node, format!("from {name} at {remote}: {e}"));
+            return refuse(&*node, format!("from {name} at {remote}: {e}"));
         }
         Err(_) => {
             close("handshake timed out");
-            return refuse(&node, format!("from {name} at {remote}: no hello in time"));
+            return refuse(&*node, format!("from {name} at {remote}: no hello in time"));
         }
     };
     let caps = match hs {
@@ -701,16 +737,16 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
         _ => {
             close("expected hello");
             return refuse(
-                &node,
+                &*node,
                 format!("from {name} at {remote}: first frame was not hello"),
             );
         }
     };
-    let link = match node.links.get_or_insert(&name, None, &node.limits) {
+    let link = match node.links().get_or_insert(&name, None, node.limits()) {
         Ok(l) => l,
         Err(e) => {
             close("too many peers");
-            return refuse(&node, format!("from {name} at {remote}: {e}"));
+            return refuse(&*node, format!("from {name} at {remote}: {e}"));
         }
     };
     // A node dials from the one socket it also listens on, so a second connection under a
@@ -720,7 +756,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
     if let Some(there) = link.live_remote().filter(|there| *there != remote) {
         close("name collision");
         return refuse(
-            &node,
+            &*node,
             format!("from {remote}: name collision: {name} is connected from {there}"),
         );
     }
@@ -731,7 +767,7 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
             &Frame::Reject {
                 reason: "duplicate: this node's own connection to you is kept".into(),
             },
-            node.limits.frame_bytes_max,
+            node.limits().frame_bytes_max,
         );
         let _ = send.write_all(&out).await;
         let _ = send.finish();
@@ -743,13 +779,13 @@ async fn accept_one(node: Arc<NodeShared>, incoming: quinn::Incoming) {
         &Frame::Welcome {
             caps: node.capabilities(),
         },
-        node.limits.frame_bytes_max,
+        node.limits().frame_bytes_max,
     ) {
-        return refuse(&node, format!("encoding welcome: {e}"));
+        return refuse(&*node, format!("encoding welcome: {e}"));
     }
     if let Err(e) = send.write_all(&out).await {
         return refuse(
-            &node,
+            &*node,
             format!("from {name} at {remote}: writing welcome: {e}"),
         );
     }
@@ -772,8 +808,8 @@ impl StreamKind {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn register(
-    node: &Arc<NodeShared>,
+fn register<H: Host>(
+    node: &Arc<H>,
     link: &Arc<PeerLink>,
     conn: quinn::Connection,
     dialed_by_me: bool,
@@ -783,9 +819,9 @@ fn register(
     caps: Vec<String>,
 ) {
     let gen = link.install(conn.clone(), dialed_by_me, caps);
-    node.stats.connections_up.inc();
-    node.driver.add_peer(link.name.clone());
-    node.logs.event(
+    node.stats().connections_up.inc();
+    node.link_up(link);
+    node.logs().event(
         "peer-up",
         format!(
             "{} (dialed by {})",
@@ -799,19 +835,6 @@ fn register(
     );
     let span = tracing::info_span!("connection", node = %node.name(), peer = %link.name, gen);
     tracing::info!(parent: &span, "connection up");
-
-    for chunk in node
-        .books
-        .edges_held_on(node.name())
-        .chunks(BOOK_SYNC_EDGES_PER_FRAME)
-    {
-        if let Err(e) = link.push_ctrl(&Frame::BookSync {
-            edges: chunk.to_vec(),
-        }) {
-            node.logs
-                .event("book-sync-lost", format!("to {}: {e}", link.name));
-        }
-    }
 
     actix_rt::spawn(
         write_stream(
@@ -853,7 +876,7 @@ fn register(
             loop {
                 match conn.accept_uni().await {
                     Ok(recv) => {
-                        let reader = FrameReader::new(node.limits.frame_bytes_max);
+                        let reader = FrameReader::new(node.limits().frame_bytes_max);
                         actix_rt::spawn(
                             read_stream(
                                 node.clone(),
@@ -869,21 +892,11 @@ fn register(
                     Err(e) => {
                         if link.lost(gen, e.to_string()) {
                             tracing::info!(reason = %e, "connection down");
-                            node.logs.event("peer-down", format!("{}: {e}", link.name));
+                            node.logs()
+                                .event("peer-down", format!("{}: {e}", link.name));
                             let left = matches!(&e, quinn::ConnectionError::ApplicationClosed(c)
                                 if c.error_code == quinn::VarInt::from_u32(code::SHUTDOWN as u32));
-                            node.member_down(&link.name, left);
-                            node.driver.link_lost(&node, &link.name);
-                            node.declare_lost(&link.name);
-                            let failed = node.asks.fail_lost(&link.name, |id| {
-                                node.driver.location(id).map(|(at, _)| at)
-                            });
-                            if failed > 0 {
-                                node.logs.event(
-                                    "asks-failed",
-                                    format!("{failed} pending asks: {} was lost", link.name),
-                                );
-                            }
+                            node.link_down(&link.name, left);
                         }
                         break;
                     }
@@ -894,8 +907,8 @@ fn register(
     );
 }
 
-async fn write_stream(
-    node: Arc<NodeShared>,
+async fn write_stream<H: Host>(
+    node: Arc<H>,
     link: Arc<PeerLink>,
     kind: StreamKind,
     mut send: quinn::SendStream,
@@ -922,10 +935,10 @@ async fn write_stream(
             }
         }
         match send.write_all(&buf).await {
-            Ok(()) => node.stats.bytes_out.add(buf.len() as u64),
+            Ok(()) => node.stats().bytes_out.add(buf.len() as u64),
             Err(e) => {
-                node.stats.bytes_lost_on_link.add(buf.len() as u64);
-                node.logs.event(
+                node.stats().bytes_lost_on_link.add(buf.len() as u64);
+                node.logs().event(
                     "link-write-failed",
                     format!(
                         "{} bytes for {} on the {} stream: {e}",
@@ -941,21 +954,21 @@ async fn write_stream(
     }
 }
 
-async fn read_stream(
-    node: Arc<NodeShared>,
+async fn read_stream<H: Host>(
+    node: Arc<H>,
     link: Arc<PeerLink>,
     kind: StreamKind,
     mut recv: quinn::RecvStream,
     mut reader: FrameReader,
     conn: quinn::Connection,
 ) {
-    let mut sink = (node.open_stream)(&node, &link, kind);
+    let mut sink = node.open_stream(&link, kind);
     loop {
         // Frames already buffered (the handshake may have read ahead) come first.
         loop {
             match reader.next_frame() {
                 Ok(Some(body)) => {
-                    node.stats.frames_in.inc();
+                    node.stats().frames_in.inc();
                     // Messages of this frame already delivered, when a full mailbox held it.
                     let mut done = 0;
                     loop {
@@ -973,12 +986,12 @@ async fn read_stream(
                             }) => {
                                 // Go on from the message that did not fit.
                                 done = delivered;
-                                node.stats.deliveries_held.inc();
+                                node.stats().deliveries_held.inc();
                                 until.await;
                             }
                             Err(e) => {
                                 // The frame was well delimited: report it and read on.
-                                protocol_error(&node, &link, &e);
+                                protocol_error(&*node, &link, &e);
                                 break;
                             }
                         }
@@ -989,8 +1002,8 @@ async fn read_stream(
                     // Framing is lost on this stream: report, stop it, keep the connection
                     // (unless it is the control stream). A snapshot it carried ends here: a
                     // committed copy runs with what arrived rather than wait for the rest.
-                    protocol_error(&node, &link, &e);
-                    end_stream(&node, kind, &mut recv, &conn, &e);
+                    protocol_error(&*node, &link, &e);
+                    end_stream(kind, &mut recv, &conn, &e);
                     sink.ended();
                     return;
                 }
@@ -998,12 +1011,12 @@ async fn read_stream(
         }
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => {
-                node.stats.bytes_in.add(chunk.bytes.len() as u64);
+                node.stats().bytes_in.add(chunk.bytes.len() as u64);
                 reader.push(&chunk.bytes);
             }
             Ok(None) => {
                 if let Err(e) = reader.finish() {
-                    protocol_error(&node, &link, &e);
+                    protocol_error(&*node, &link, &e);
                 }
                 sink.ended();
                 return;
@@ -1018,7 +1031,6 @@ async fn read_stream(
 }
 
 fn end_stream(
-    node: &NodeShared,
     kind: StreamKind,
     recv: &mut quinn::RecvStream,
     conn: &quinn::Connection,
@@ -1031,7 +1043,6 @@ fn end_stream(
         // to leave, then close.
         let conn = conn.clone();
         let reason = e.to_string();
-        let _ = node;
         actix_rt::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             conn.close(code, reason.as_bytes());
@@ -1039,16 +1050,16 @@ fn end_stream(
     }
 }
 
-fn protocol_error(node: &NodeShared, link: &PeerLink, e: &WireError) {
-    node.stats.protocol_errors.inc();
+fn protocol_error<H: Host>(node: &H, link: &PeerLink, e: &WireError) {
+    node.stats().protocol_errors.inc();
     tracing::warn!(peer = %link.name, error = %e, "protocol error");
-    node.logs
+    node.logs()
         .event("protocol-error", format!("from {}: {e}", link.name));
     if let Err(qe) = link.push_ctrl(&Frame::ProtocolError {
         code: e.code(),
         detail: e.to_string(),
     }) {
-        node.logs.event(
+        node.logs().event(
             "protocol-error-unreported",
             format!("to {}: {qe}", link.name),
         );
@@ -1068,7 +1079,7 @@ pub(crate) enum Flow {
 }
 
 /// Where one incoming stream's frames go: the node makes one per stream
-/// (`NodeShared::open_stream`), and the transport hands it each frame's body, knowing
+/// (`Host::open_stream`), and the transport hands it each frame's body, knowing
 /// nothing of services.
 pub(crate) trait StreamSink {
     /// One frame's body; `done` of its messages were delivered before it was held.

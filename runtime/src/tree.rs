@@ -23,9 +23,7 @@ pub const CHILD_ROLE_PREFIX: &str = "child:";
 /// Members of one tree listed at most (a walk stops there with an error).
 pub const TREE_MEMBERS_MAX: usize = 4096;
 
-/// Members of one group migration at most. Each holds a snapshot stream open until the group
-/// commits; the QUIC stream limit is set from this.
-pub const GROUP_MEMBERS_MAX: usize = 1024;
+pub use tern_proto::migration::GROUP_MEMBERS_MAX;
 
 /// The book role under which a parent holds `child`.
 pub fn child_role(child: ServiceId) -> String {

@@ -1,0 +1,103 @@
+//! The node as the transport's host: `transport::Host` for `NodeShared`. It sits above both,
+//! so that the transport names nothing of the node (its limits, counters, links, the frames'
+//! handling, the admin connection) and the node layer nothing of the admin connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::events::Logs;
+use crate::limits::Limits;
+use crate::node::NodeShared;
+use crate::stats::Stats;
+use crate::transport::{Host, Links, PeerLink, StreamKind, StreamSink};
+use tern_proto::ids::NodeName;
+use tern_proto::wire::Frame;
+
+/// Book edges per `BookSync` frame.
+const BOOK_SYNC_EDGES_PER_FRAME: usize = 1024;
+
+impl Host for NodeShared {
+    fn name(&self) -> &NodeName {
+        NodeShared::name(self)
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn logs(&self) -> &Logs {
+        &self.logs
+    }
+
+    fn links(&self) -> &Links {
+        &self.links
+    }
+
+    fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        NodeShared::capabilities(self)
+    }
+
+    /// The migration driver learns the peer, and the peer gets every book edge held here.
+    fn link_up(&self, link: &PeerLink) {
+        self.driver.add_peer(link.name.clone());
+        for chunk in self
+            .books
+            .edges_held_on(NodeShared::name(self))
+            .chunks(BOOK_SYNC_EDGES_PER_FRAME)
+        {
+            if let Err(e) = link.push_ctrl(&Frame::BookSync {
+                edges: chunk.to_vec(),
+            }) {
+                self.logs
+                    .event("book-sync-lost", format!("to {}: {e}", link.name));
+            }
+        }
+    }
+
+    /// Membership, the migration driver, the delivery ledgers and the pending asks learn
+    /// that `peer` is gone.
+    fn link_down(self: &Arc<Self>, peer: &NodeName, left: bool) {
+        self.member_down(peer, left);
+        self.driver.link_lost(self, peer);
+        self.declare_lost(peer);
+        let failed = self
+            .asks
+            .fail_lost(peer, |id| self.driver.location(id).map(|(at, _)| at));
+        if failed > 0 {
+            self.logs.event(
+                "asks-failed",
+                format!("{failed} pending asks: {peer} was lost"),
+            );
+        }
+    }
+
+    fn open_stream(
+        self: &Arc<Self>,
+        link: &Arc<PeerLink>,
+        kind: StreamKind,
+    ) -> Box<dyn StreamSink> {
+        crate::inbound::open_stream(self, link, kind)
+    }
+
+    fn serve_admin(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        name: NodeName,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(crate::admin::serve(self, conn, name))
+    }
+}

@@ -1,0 +1,87 @@
+//! `Limits`: the bounds on every table and queue of a node (`docs/limits.md` lists each).
+
+use serde::{Deserialize, Serialize};
+
+/// Bounds on every table and queue of a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    /// Messages a service's mailbox holds before senders get `MailboxFull`.
+    pub mailbox_capacity: usize,
+    /// Largest frame body accepted or sent, in bytes.
+    pub frame_bytes_max: usize,
+    /// Bytes queued per peer and stream kind before senders get `Backpressure`.
+    pub link_queue_bytes_max: usize,
+    /// Asks waiting for replies on this node.
+    pub asks_pending_max: usize,
+    /// Book edges known cluster-wide.
+    pub book_edges_max: usize,
+    /// Services running on this node.
+    pub services_max: usize,
+    /// Peers this node keeps links to.
+    pub peers_max: usize,
+    /// Entries kept in the node's event log.
+    pub events_max: usize,
+    /// Time allowed for a connection's TLS and Tern handshakes.
+    pub handshake_timeout_ms: u64,
+    /// Pending timers per service.
+    pub timers_per_service_max: usize,
+    /// Largest service state a migration may bring to this node, in bytes.
+    pub snapshot_bytes_max: usize,
+    /// Most queued messages a migration may carry to this node.
+    pub snapshot_carried_max: usize,
+    /// Time a source waits for the target's answer before it aborts, in milliseconds.
+    pub migration_deadline_ms: u64,
+    /// Time a service asked to freeze for a migration may take to hand over its state (finish
+    /// the message in hand; with `drain`, empty its queue), in milliseconds. Past it the
+    /// migration aborts with `freeze-deadline` and the service runs on.
+    pub freeze_deadline_ms: u64,
+    /// Tombstones kept (the oldest is forgotten first).
+    pub tombstones_max: usize,
+    /// Peers allowed to push migrations to this node; empty means every peer.
+    pub migration_peers: Vec<String>,
+    /// A connection that hears nothing for this long is closed and its peer counted lost:
+    /// asks only it could answer fail with `NodeLost`, and attempts waiting on it abort.
+    pub idle_timeout_ms: u64,
+    /// A quiet connection sends a keep-alive this often (well under `idle_timeout_ms`).
+    pub keep_alive_ms: u64,
+    /// Loss reports kept for [`NodeHandle::losses`](crate::NodeHandle::losses) (the oldest goes first; the counters
+    /// `messages_lost_reported` and `loss_reports` keep the totals).
+    pub losses_max: usize,
+    /// A restored copy whose source has said neither commit nor abort for this long (the
+    /// source is gone, or cut off with its decision) is dropped and reported lost, in
+    /// milliseconds. Must be well over `migration_deadline_ms` plus `idle_timeout_ms`.
+    pub prepared_orphan_ms: u64,
+    /// Service-to-service edges whose traffic is observed (the heaviest are kept).
+    pub traffic_edges_max: usize,
+    /// On battery at or below this charge (percent), the node drains itself.
+    pub drain_below_percent: u8,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            mailbox_capacity: 4096,
+            frame_bytes_max: 16 << 20,
+            link_queue_bytes_max: 32 << 20,
+            asks_pending_max: 65_536,
+            book_edges_max: 1_000_000,
+            services_max: 1_000_000,
+            peers_max: 256,
+            events_max: 256,
+            handshake_timeout_ms: 5_000,
+            timers_per_service_max: 1024,
+            snapshot_bytes_max: 256 << 20,
+            snapshot_carried_max: 1_000_000,
+            migration_deadline_ms: 10_000,
+            freeze_deadline_ms: 10_000,
+            tombstones_max: 65_536,
+            migration_peers: Vec::new(),
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 2_000,
+            losses_max: 1024,
+            prepared_orphan_ms: 60_000,
+            traffic_edges_max: 4096,
+            drain_below_percent: 10,
+        }
+    }
+}
