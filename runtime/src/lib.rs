@@ -26,6 +26,7 @@ mod members;
 mod migrate;
 mod node;
 mod placement;
+mod placing;
 mod registry;
 mod service;
 mod stats;

@@ -25,9 +25,6 @@ use crate::mailbox::{lock, AskOrigin, Envelope, Mailbox, Meta, Slot};
 use crate::members::{Member, Power};
 use crate::members::{MemberInfo, Members};
 use crate::migrate::{Driver, Go, InCopy, MigrateOptions, MigrationReport, MigrationStats};
-use crate::placement::{
-    Association, DrainReport, PlaceReport, Plan, PlanOptions, RebalanceRound, RebalancerConfig,
-};
 use crate::registry::Registry;
 use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
@@ -38,7 +35,6 @@ use crate::tree::{GroupReport, TreeMember};
 use tern_proto::directory::{Associations, BookEdge};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use tern_proto::placement::Needs;
-use tern_proto::placement::Policy;
 use tern_proto::traffic::EdgeRate;
 use tern_proto::traffic::TrafficSketch;
 use tern_proto::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
@@ -398,7 +394,7 @@ pub(crate) struct NodeShared {
     /// What this node knows of every node, itself included.
     pub members: Mutex<Members>,
     /// Placement's state: policy, pins, rebalancer.
-    pub placement: crate::placement::PlacementState,
+    pub placement: crate::placing::PlacementState,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -1469,7 +1465,7 @@ impl Handler<Stop> for NodeActor {
 /// ```
 #[derive(Clone)]
 pub struct NodeHandle {
-    shared: Arc<NodeShared>,
+    pub(crate) shared: Arc<NodeShared>,
     actor: Addr<NodeActor>,
     local_addr: SocketAddr,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
@@ -1826,36 +1822,6 @@ impl NodeHandle {
         }
     }
 
-    /// Moves every movable service of this node to the best peers (trees whose root is here
-    /// as one unit each) and stops taking services; pinned services stay and are listed.
-    /// Returns once every move has ended. Call [`shutdown`](Self::shutdown) after it to
-    /// leave the cluster with nothing lost.
-    ///
-    /// ```no_run
-    /// # async fn demo(phone: tern::NodeHandle) {
-    /// let report = phone.drain().await;
-    /// println!("{} moved, pinned: {:?}, failed: {:?}", report.moved.len(), report.pinned, report.failed);
-    /// phone.shutdown();
-    /// # }
-    /// ```
-    pub async fn drain(&self) -> DrainReport {
-        let node = self.shared.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = self.shared.spawn_task(async move {
-            let _ = tx.send(node.drain().await);
-        });
-        if !spawned {
-            return DrainReport::default();
-        }
-        rx.await.unwrap_or_default()
-    }
-
-    /// What the last drain of this node did (whether [`drain`](Self::drain) or a low
-    /// battery started it), once it has ended.
-    pub fn last_drain(&self) -> Option<DrainReport> {
-        self.shared.last_drain()
-    }
-
     /// Pins (or unpins) local service `id`: placement, drain and the rebalancer never move
     /// it, and `migrate` refuses to.
     pub fn pin(&self, id: ServiceId, pinned: bool) {
@@ -1863,70 +1829,6 @@ impl NodeHandle {
         // The check itself is the protocol core's: it refuses whoever asks (this node, a
         // peer's request, a group or tree, the service's own `ctx.migrate`).
         self.shared.driver.pin(id, pinned);
-    }
-
-    /// Replaces the placement policy (the default is [`AffinityPolicy`]).
-    pub fn set_policy(&self, policy: Arc<dyn Policy>) {
-        self.shared.placement.set_policy(policy);
-    }
-
-    /// Where `ids` (with their trees when `opts.tree`) would go and why, moving nothing.
-    ///
-    /// ```no_run
-    /// # fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
-    /// let plan = phone.plan(&[player], &tern::PlanOptions { tree: true, ..Default::default() })?;
-    /// for m in &plan.moves {
-    ///     println!("{} {} -> {}: {}", m.kind, m.from, m.to, m.reasons.join("; "));
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn plan(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
-        self.shared.plan(ids, opts)
-    }
-
-    /// Plans `ids` and carries the plan out (one all-or-none group per source node). If any
-    /// service cannot be placed, nothing moves and the error says why.
-    pub async fn place(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<PlaceReport, Error> {
-        self.shared.place(ids, opts).await
-    }
-
-    /// Starts the periodic affinity rebalancer on this node (`None` stops it). Of the nodes
-    /// that run it, the one with the smallest name plans for the whole cluster.
-    pub fn set_rebalancer(&self, cfg: Option<RebalancerConfig>) {
-        self.shared.set_rebalancer(cfg);
-    }
-
-    /// Runs one rebalancer round now, planned here for the whole cluster, and waits for its
-    /// migrations.
-    pub async fn rebalance_now(&self, cfg: &RebalancerConfig) -> RebalanceRound {
-        let node = self.shared.clone();
-        let cfg = cfg.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = self.shared.spawn_task(async move {
-            let _ = tx.send(node.rebalance_round(&cfg).await);
-        });
-        let empty = RebalanceRound {
-            leader: self.name().clone(),
-            cross_node_fraction_before: 0.0,
-            cross_node_fraction_planned: 0.0,
-            moves: Vec::new(),
-        };
-        if !spawned {
-            return empty;
-        }
-        rx.await.unwrap_or(empty)
-    }
-
-    /// The rebalancer rounds this node led, oldest first.
-    pub fn rebalance_rounds(&self) -> Vec<RebalanceRound> {
-        self.shared.rebalance_rounds()
-    }
-
-    /// The services associated with `id`: in its book, holding it in theirs, or observed
-    /// exchanging messages with it (rates from the traffic tables of this node and its
-    /// peers), heaviest first.
-    pub fn associated(&self, id: ServiceId) -> Vec<Association> {
-        self.shared.associated(id)
     }
 
     /// Observed traffic of the edges touching this node's services, heaviest first.

@@ -3,206 +3,26 @@
 //! on the triggers: explicit calls (`plan`, `place`), drain, capability changes and the
 //! periodic rebalancer. Pinned services are never moved by any of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde::{Deserialize, Serialize};
 
 use crate::error::{DeliveryError, Error};
 use crate::mailbox::lock;
 use crate::members::MemberStatus;
-use crate::migrate::{MigrateOptions, MigrationReport};
-use crate::node::NodeShared;
-use crate::tree::GroupReport;
+use crate::migrate::MigrateOptions;
+use crate::node::{NodeHandle, NodeShared};
+pub use crate::placing::{
+    Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
+    RebalancerConfig,
+};
+use crate::placing::{RECENT_KEPT, ROUNDS_KEPT};
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
 use tern_proto::placement::{
-    choose, cross_node_fraction, rebalance, Affinity, AffinityPolicy, Link, NodeView, Policy,
-    RebalanceLimits, ServiceView,
+    choose, cross_node_fraction, rebalance, Affinity, Link, NodeView, Policy, RebalanceLimits,
+    ServiceView,
 };
-
-/// How long a move this node made is remembered for its view (a few gossip rounds).
-const RECENT_KEPT: Duration = Duration::from_secs(5);
-/// Moves remembered for the view at most.
-const RECENT_MAX: usize = 4096;
-
-/// Rounds kept in the rebalancer's log.
-const ROUNDS_KEPT: usize = 64;
-/// Cool-down entries kept (older ones are dropped first).
-const COOLDOWNS_MAX: usize = 65_536;
-
-/// The periodic affinity rebalancer's settings (it is off until started).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RebalancerConfig {
-    /// Time between rounds, in milliseconds.
-    pub interval_ms: u64,
-    /// Migrations per round at most.
-    pub max_moves_per_round: usize,
-    /// A service moved by the rebalancer is left alone this long, in milliseconds.
-    pub cooldown_ms: u64,
-    /// A node may hold at most `ceil(mean * (1 + load_tolerance))` services after a move.
-    pub load_tolerance: f64,
-    /// A move must cut at least this many cross-node messages per second.
-    pub min_gain_msgs_per_s: f64,
-}
-
-impl Default for RebalancerConfig {
-    fn default() -> Self {
-        RebalancerConfig {
-            interval_ms: 5_000,
-            max_moves_per_round: 8,
-            cooldown_ms: 30_000,
-            load_tolerance: 0.25,
-            min_gain_msgs_per_s: 1.0,
-        }
-    }
-}
-
-/// What to plan.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PlanOptions {
-    /// Only this node may be chosen.
-    pub to: Option<String>,
-    /// These nodes may not be chosen.
-    pub exclude: Vec<String>,
-    /// Plan each service's whole assembly tree with it (members may split across nodes).
-    pub tree: bool,
-}
-
-/// One service's placement decision.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlannedMove {
-    /// The service.
-    pub service: ServiceId,
-    /// Its kind.
-    pub kind: KindKey,
-    /// Where it runs.
-    pub from: NodeName,
-    /// Where it should run (equal to `from`: it stays).
-    pub to: NodeName,
-    /// The chosen node's score.
-    pub score: f64,
-    /// Why.
-    pub reasons: Vec<String>,
-}
-
-/// What would move where, without moving anything.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    /// The policy that scored the nodes.
-    pub policy: String,
-    /// Services that would move.
-    pub moves: Vec<PlannedMove>,
-    /// Services that would stay where they are, with the reasons.
-    pub stays: Vec<PlannedMove>,
-    /// Services no node can take (or that are pinned), with why. A plan with any is not
-    /// carried out at all.
-    pub refused: Vec<(ServiceId, String)>,
-}
-
-/// A plan and what carrying it out did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlaceReport {
-    /// The plan.
-    pub plan: Plan,
-    /// One group migration per source node (all or none within each).
-    pub groups: Vec<GroupReport>,
-}
-
-/// What a drain did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DrainReport {
-    /// Migrations that moved services away.
-    pub moved: Vec<MigrationReport>,
-    /// Pinned services, left in place.
-    pub pinned: Vec<ServiceId>,
-    /// Services that could not be moved, and why.
-    pub failed: Vec<(ServiceId, String)>,
-    /// The placement decisions behind the moves, with their reasons.
-    pub plans: Vec<PlannedMove>,
-}
-
-/// One rebalancer round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RebalanceRound {
-    /// The node that planned it.
-    pub leader: NodeName,
-    /// Cross-node share of observed traffic before the round.
-    pub cross_node_fraction_before: f64,
-    /// The same if every planned move succeeds.
-    pub cross_node_fraction_planned: f64,
-    /// The moves, with their outcomes (`None`: committed).
-    pub moves: Vec<(tern_proto::placement::Move, Option<String>)>,
-}
-
-/// One associated service of a service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Association {
-    /// The other service (or a handle's sender id).
-    pub peer: ServiceId,
-    /// Its kind, when known.
-    pub kind: Option<KindKey>,
-    /// Where it runs, when known.
-    pub node: Option<NodeName>,
-    /// Book entries linking the two: `holds <role>` (in the service's book) or
-    /// `held as <role>` (in the peer's).
-    pub declared: Vec<String>,
-    /// True when traffic between them was observed.
-    pub observed: bool,
-    /// Messages per second from the service to the peer.
-    pub out_msgs_per_s: f64,
-    /// Messages per second from the peer to the service.
-    pub in_msgs_per_s: f64,
-    /// Bytes per second, both directions (from sampled sizes).
-    pub bytes_per_s: f64,
-}
-
-impl Association {
-    /// `in`, `out`, `both` or `none` (declared only, no traffic seen).
-    pub fn direction(&self) -> &'static str {
-        match (self.in_msgs_per_s > 0.0, self.out_msgs_per_s > 0.0) {
-            (true, true) => "both",
-            (true, false) => "in",
-            (false, true) => "out",
-            (false, false) => "none",
-        }
-    }
-}
-
-/// The node's placement state.
-#[derive(Default)]
-pub(crate) struct PlacementState {
-    policy: RwLock<Option<Arc<dyn Policy>>>,
-    pins: Mutex<BTreeSet<ServiceId>>,
-    rebalancer: Mutex<Option<RebalancerConfig>>,
-    last_round: Mutex<Option<Instant>>,
-    moved_at: Mutex<HashMap<ServiceId, Instant>>,
-    /// Services this node moved lately, as they are now: gossip may not list them anywhere
-    /// for a moment (their old node has dropped them, their new one not yet sent its list).
-    recent: Mutex<VecDeque<(Instant, ServiceView)>>,
-    rounds: Mutex<VecDeque<RebalanceRound>>,
-    /// What the last drain did, whoever started it.
-    last_drain: Mutex<Option<DrainReport>>,
-    /// A trigger's re-placement is running (one at a time).
-    replacing: AtomicBool,
-    /// A rebalancer round is running.
-    rebalancing: AtomicBool,
-}
-
-impl PlacementState {
-    pub fn pins(&self) -> BTreeSet<ServiceId> {
-        lock(&self.pins).clone()
-    }
-
-    fn policy(&self) -> Arc<dyn Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(|| Arc::new(AffinityPolicy::default()))
-    }
-}
 
 /// The cluster as one node sees it.
 pub(crate) struct View {
@@ -852,47 +672,99 @@ impl NodeShared {
     }
 }
 
-impl PlacementState {
-    pub(crate) fn set_policy(&self, policy: Arc<dyn Policy>) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+/// Placement's part of the public API.
+impl NodeHandle {
+    /// Moves every movable service of this node to the best peers (trees whose root is here
+    /// as one unit each) and stops taking services; pinned services stay and are listed.
+    /// Returns once every move has ended. Call [`shutdown`](Self::shutdown) after it to
+    /// leave the cluster with nothing lost.
+    ///
+    /// ```no_run
+    /// # async fn demo(phone: tern::NodeHandle) {
+    /// let report = phone.drain().await;
+    /// println!("{} moved, pinned: {:?}, failed: {:?}", report.moved.len(), report.pinned, report.failed);
+    /// phone.shutdown();
+    /// # }
+    /// ```
+    pub async fn drain(&self) -> DrainReport {
+        let node = self.shared.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = self.shared.spawn_task(async move {
+            let _ = tx.send(node.drain().await);
+        });
+        if !spawned {
+            return DrainReport::default();
+        }
+        rx.await.unwrap_or_default()
     }
 
-    pub(crate) fn pin(&self, id: ServiceId, pinned: bool) {
-        let mut pins = lock(&self.pins);
-        if pinned {
-            pins.insert(id);
-        } else {
-            pins.remove(&id);
-        }
+    /// What the last drain of this node did (whether [`drain`](Self::drain) or a low
+    /// battery started it), once it has ended.
+    pub fn last_drain(&self) -> Option<DrainReport> {
+        self.shared.last_drain()
     }
 
-    fn note_moved(&self, ids: &[ServiceId]) {
-        let mut m = lock(&self.moved_at);
-        if m.len() + ids.len() > COOLDOWNS_MAX {
-            // Oldest first.
-            let mut by_age: Vec<(ServiceId, Instant)> = m.iter().map(|(k, v)| (*k, *v)).collect();
-            by_age.sort_by_key(|(_, t)| *t);
-            for (k, _) in by_age.into_iter().take(ids.len().max(COOLDOWNS_MAX / 4)) {
-                m.remove(&k);
-            }
-        }
-        let now = Instant::now();
-        for id in ids {
-            m.insert(*id, now);
-        }
+    /// Replaces the placement policy (the default is [`AffinityPolicy`](crate::AffinityPolicy)).
+    pub fn set_policy(&self, policy: Arc<dyn Policy>) {
+        self.shared.placement.set_policy(policy);
     }
 
-    fn remember(&self, svc: ServiceView) {
-        let mut r = lock(&self.recent);
-        while r.len() >= RECENT_MAX || r.front().is_some_and(|(t, _)| t.elapsed() >= RECENT_KEPT) {
-            r.pop_front();
-        }
-        r.push_back((Instant::now(), svc));
+    /// Where `ids` (with their trees when `opts.tree`) would go and why, moving nothing.
+    ///
+    /// ```no_run
+    /// # fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
+    /// let plan = phone.plan(&[player], &tern::PlanOptions { tree: true, ..Default::default() })?;
+    /// for m in &plan.moves {
+    ///     println!("{} {} -> {}: {}", m.kind, m.from, m.to, m.reasons.join("; "));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn plan(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
+        self.shared.plan(ids, opts)
     }
 
-    fn cooling(&self, id: ServiceId, cooldown: Duration) -> bool {
-        lock(&self.moved_at)
-            .get(&id)
-            .is_some_and(|t| t.elapsed() < cooldown)
+    /// Plans `ids` and carries the plan out (one all-or-none group per source node). If any
+    /// service cannot be placed, nothing moves and the error says why.
+    pub async fn place(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<PlaceReport, Error> {
+        self.shared.place(ids, opts).await
+    }
+
+    /// Starts the periodic affinity rebalancer on this node (`None` stops it). Of the nodes
+    /// that run it, the one with the smallest name plans for the whole cluster.
+    pub fn set_rebalancer(&self, cfg: Option<RebalancerConfig>) {
+        self.shared.set_rebalancer(cfg);
+    }
+
+    /// Runs one rebalancer round now, planned here for the whole cluster, and waits for its
+    /// migrations.
+    pub async fn rebalance_now(&self, cfg: &RebalancerConfig) -> RebalanceRound {
+        let node = self.shared.clone();
+        let cfg = cfg.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = self.shared.spawn_task(async move {
+            let _ = tx.send(node.rebalance_round(&cfg).await);
+        });
+        let empty = RebalanceRound {
+            leader: self.name().clone(),
+            cross_node_fraction_before: 0.0,
+            cross_node_fraction_planned: 0.0,
+            moves: Vec::new(),
+        };
+        if !spawned {
+            return empty;
+        }
+        rx.await.unwrap_or(empty)
+    }
+
+    /// The rebalancer rounds this node led, oldest first.
+    pub fn rebalance_rounds(&self) -> Vec<RebalanceRound> {
+        self.shared.rebalance_rounds()
+    }
+
+    /// The services associated with `id`: in its book, holding it in theirs, or observed
+    /// exchanging messages with it (rates from the traffic tables of this node and its
+    /// peers), heaviest first.
+    pub fn associated(&self, id: ServiceId) -> Vec<Association> {
+        self.shared.associated(id)
     }
 }
