@@ -222,6 +222,7 @@ impl<T: Numbered> Inbox<T> {
     }
 
     /// Messages waiting: queued, handed over in an undecided snapshot, and parked.
+    #[inline]
     pub fn depth(&self) -> usize {
         self.queue.len() + self.handed_over + self.parked.as_ref().map_or(0, |p| p.msgs.len())
     }
@@ -289,6 +290,7 @@ impl<T: Numbered> Inbox<T> {
         }
     }
 
+    #[inline]
     fn is_full(&self, mode: Admit) -> bool {
         let depth = self.depth();
         match mode {
@@ -350,6 +352,7 @@ impl<T: Numbered> Inbox<T> {
 
     /// True when a refusal or a skip released held messages to the queue since the last call:
     /// the runner is to be woken although nothing was admitted.
+    #[inline]
     pub fn take_released(&mut self) -> bool {
         std::mem::take(&mut self.released)
     }
@@ -617,6 +620,7 @@ impl<T: Numbered> Inbox<T> {
 
     /// Takes the oldest message for handling and notes its sender's handled mark. Returns the
     /// message and the depth left.
+    #[inline]
     pub fn pop(&mut self) -> (Option<T>, usize) {
         let item = self.queue.pop_front();
         if let Some(it) = &item {

@@ -78,6 +78,7 @@ impl Ledger {
     /// Notes number `seq` of `sender` as sent to node `via`, where the channel points. The
     /// common case (the same sender again) is one comparison and one store: an entry learns
     /// its nodes when it is made and when the channel is repointed, not per message.
+    #[inline]
     pub fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
         if let Some((s, o)) = &mut self.hot {
             if *s == sender {
@@ -85,6 +86,10 @@ impl Ledger {
                 return;
             }
         }
+        self.note_cold(sender, seq, via);
+    }
+
+    fn note_cold(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
         let mut o = self.cold.remove(&sender).unwrap_or(Outstanding {
             sent: seq,
             // Numbers before the first one seen here were confirmed or belong to another node.

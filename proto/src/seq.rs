@@ -57,6 +57,7 @@ impl<T> Window<T> {
     }
 
     /// The next number expected.
+    #[inline]
     pub fn watermark(&self) -> Watermark {
         Watermark(self.next)
     }
@@ -92,6 +93,7 @@ impl<T> Window<T> {
 
     /// The common case without a move: `seq` is the next number and nothing waits early. Takes
     /// it (true) without touching the item; otherwise changes nothing (false).
+    #[inline]
     pub fn take_in_order(&mut self, seq: u64) -> bool {
         if seq == self.next && self.held.is_empty() {
             self.next += 1;
