@@ -128,13 +128,15 @@ pub struct Inbox<T> {
     queue: VecDeque<T>,
     closed: bool,
     /// Set when the service has moved away: pushes are handed back with its new place.
-    moved: Option<(NodeName, u64)>,
+    /// (Boxed, like `parked`: rare, and every idle service pays for the field.)
+    moved: Option<Box<(NodeName, u64)>>,
     /// Per numbered sender, the receive window: releases in order, holds early messages,
     /// drops copies. Keyed by ids peers choose, hence a tree rather than a fast hash map.
     windows: BTreeMap<ServiceId, Window<T>>,
     /// Some while a restored copy waits for the rest of its carried queue and its start:
     /// arrivals wait here, in arrival order, so none overtakes a carried message.
-    parked: Option<Parked<T>>,
+    /// Boxed: only a restored copy has one, and every idle service pays for the field.
+    parked: Option<Box<Parked<T>>>,
     /// Messages handed over in a snapshot not yet committed: they still count against the
     /// capacity, so a freeze does not let a second mailbox-full in behind them.
     handed_over: usize,
@@ -202,12 +204,12 @@ impl<T: Numbered> Inbox<T> {
             }
         }
         inbox.early = inbox.windows.values().map(|w| w.held()).sum();
-        inbox.parked = Some(Parked {
+        inbox.parked = Some(Box::new(Parked {
             msgs: VecDeque::new(),
             skips: Vec::new(),
             carried_done: false,
             started: false,
-        });
+        }));
         inbox
     }
 
@@ -368,7 +370,8 @@ impl<T: Numbered> Inbox<T> {
         if self.closed {
             return Err((DeliveryError::Stopped { id: self.id }, item));
         }
-        if let Some((node, epoch)) = &self.moved {
+        if let Some(moved) = &self.moved {
+            let (node, epoch) = &**moved;
             return Err((
                 DeliveryError::Moved {
                     id: self.id,
@@ -534,7 +537,7 @@ impl<T: Numbered> Inbox<T> {
     /// Commit, source side: from now on pushes are handed back with the new place; returns
     /// what must follow the snapshot to the target.
     pub fn retire(&mut self, node: NodeName, epoch: u64) -> Leftovers<T> {
-        self.moved = Some((node, epoch));
+        self.moved = Some(Box::new((node, epoch)));
         self.handed_over = 0;
         self.early = 0;
         self.frozen = false;

@@ -127,7 +127,7 @@ pub struct Restart<S> {
 }
 
 /// Restarts done recently, for a kind's [`Restart`] policy.
-struct RestartBudget(std::collections::VecDeque<std::time::Instant>);
+struct RestartBudget(Vec<std::time::Instant>);
 
 impl RestartBudget {
     /// The fresh state, if the policy allows one more restart now.
@@ -135,17 +135,12 @@ impl RestartBudget {
         let policy = S::RESTART?;
         let now = std::time::Instant::now();
         let window = Duration::from_millis(policy.within_ms);
-        while self
-            .0
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            self.0.pop_front();
-        }
+        // At most `max_restarts` entries, oldest first.
+        self.0.retain(|t| now.duration_since(*t) <= window);
         if self.0.len() >= policy.max_restarts as usize {
             return None;
         }
-        self.0.push_back(now);
+        self.0.push(now);
         Some((policy.fresh)())
     }
 }
@@ -705,26 +700,16 @@ async fn serve<S: Service>(
     mailbox: Arc<Mailbox<S::Msg>>,
     mut arrived: Option<Arrived>,
 ) {
-    let mut restarts = RestartBudget(std::collections::VecDeque::new());
-    let mut panic_in_hand: Option<Caught> = None;
+    // Nothing about panics is held across an await (each idle service's task keeps what
+    // is): a panic is dealt with where it is caught (`recover`).
+    let mut restarts = RestartBudget(Vec::new());
     if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
-        panic_in_hand = Some((panic, None));
+        if !recover(&mut state, &mut ctx, &mailbox, &mut restarts, (panic, None)) {
+            return;
+        }
     }
     let mut turn = 0u32;
     loop {
-        if let Some((panic, in_hand)) = panic_in_hand.take() {
-            match restarts.take::<S>() {
-                Some(fresh) => {
-                    restarted(&mut ctx, in_hand, &*panic);
-                    state = fresh;
-                    if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
-                        panic_in_hand = Some((panic, None));
-                    }
-                    continue;
-                }
-                None => return panicked(&ctx, &mailbox, in_hand, panic),
-            }
-        }
         if ctx.node.halted.is_set() {
             // A halted node handles nothing more; its system is ending.
             return std::future::pending().await;
@@ -803,8 +788,16 @@ async fn serve<S: Service>(
                     CatchPanic(fut).await
                 };
                 if let Err(panic) = handled {
-                    panic_in_hand = Some((panic, in_hand));
-                    continue;
+                    if recover(
+                        &mut state,
+                        &mut ctx,
+                        &mailbox,
+                        &mut restarts,
+                        (panic, in_hand),
+                    ) {
+                        continue;
+                    }
+                    return;
                 }
                 ctx.node.stats.processed.inc();
                 if ctx.stop {
@@ -848,6 +841,30 @@ async fn serve<S: Service>(
 
 /// A caught panic, and the message that was in hand when it happened (none in `started`).
 type Caught = (Box<dyn Any + Send>, Option<Envelope<()>>);
+
+/// A handler (or `started`) panicked: under the kind's [`Restart`] policy the state is
+/// replaced with a fresh one (whose `started` may panic too, and is dealt with the same way);
+/// past it, or without one, the service stops. True when the service runs on.
+fn recover<S: Service>(
+    state: &mut S,
+    ctx: &mut Ctx<S>,
+    mailbox: &Mailbox<S::Msg>,
+    restarts: &mut RestartBudget,
+    (mut panic, mut in_hand): Caught,
+) -> bool {
+    loop {
+        let Some(fresh) = restarts.take::<S>() else {
+            panicked(ctx, mailbox, in_hand, panic);
+            return false;
+        };
+        restarted(ctx, in_hand, &*panic);
+        *state = fresh;
+        match catch_panic(|| state.started(ctx)) {
+            Ok(()) => return true,
+            Err(again) => (panic, in_hand) = (again, None),
+        }
+    }
+}
 
 /// Runs a synchronous hook (`started`, `stopped`), catching a panic.
 /// A handler's future (pinned by the caller), polled so that a panic in it comes out as an
