@@ -14,6 +14,9 @@
 //! `skip_next_hop`: the same functions the node calls). The network delays and reorders
 //! everything (data is never lost: QUIC delivers it).
 //!
+//! Handlers panic now and then (`DataPlaneConfig::panic`): restarted, as under a kind's
+//! `Restart` policy, with the message in hand reported to its sender.
+//!
 //! Checked after every handled message: each is the next number from its sender that was not
 //! reported (FIFO, exactly once). Checked at the end, once every sender has sent a last message
 //! that waits for room (**liveness**): every sender's last message was handled, and every
@@ -50,6 +53,10 @@ pub struct DataPlaneConfig {
     pub delay_max: u64,
     /// Probability a tell is sent as a waiting one (kept when refused for room, tried again).
     pub wait: f64,
+    /// Probability a handler panics on the message in hand; the kind restarts it (the node's
+    /// `Restart` policy): the message is reported to its sender, never handled, and the
+    /// service takes the next one.
+    pub panic: f64,
 }
 
 impl Default for DataPlaneConfig {
@@ -64,6 +71,7 @@ impl Default for DataPlaneConfig {
             tombstones_max: 1,
             delay_max: 12,
             wait: 0.1,
+            panic: 0.0,
         }
     }
 }
@@ -89,6 +97,8 @@ pub struct DataPlaneReport {
     pub handed_on: u64,
     /// Tombstones removed because every other node fenced them.
     pub unburied: u64,
+    /// Handlers that panicked (their message reported, the service restarted).
+    pub panicked: u64,
     /// Events processed.
     pub events: u64,
 }
@@ -258,6 +268,8 @@ struct Sim {
     /// Per (from, to): the latest arrival time of a data message, which a fence never
     /// overtakes (a node pair's data stream is ordered).
     data_due: BTreeMap<(usize, usize), u64>,
+    /// Time after which no handler panics (the liveness probe follows).
+    faults_end: u64,
 }
 
 impl Sim {
@@ -792,7 +804,14 @@ impl Sim {
         let Some(msg) = msg else {
             return;
         };
-        h.log.push((msg.from, msg.seq));
+        // Faults stop before the liveness probe: a last message is never the one that panics.
+        let panics = self.now < self.faults_end && self.rng.chance(self.cfg.panic);
+        let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+            return;
+        };
+        if !panics {
+            h.log.push((msg.from, msg.seq));
+        }
         let more = !h.inbox.is_empty();
         // The marks go to the senders' nodes at once (the node sends them every 20 ms).
         for (from, seq, _) in h.inbox.take_handled() {
@@ -813,6 +832,16 @@ impl Sim {
                 ),
                 None => {}
             }
+        }
+        if panics {
+            // As the node's runner does: the message in hand fails to its sender
+            // (`ServicePanicked`), the state restarts, the next message is taken.
+            self.report.panicked += 1;
+            self.refuse(node, service, &msg);
+            if more {
+                self.at(1, Event::Handle { node, service });
+            }
+            return;
         }
         let key = (service, msg.from);
         // In order, once: a refused number may be skipped here before its report reaches the
@@ -1014,6 +1043,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
         migrating: false,
         attempts: 0,
         data_due: BTreeMap::new(),
+        faults_end: cfg.msgs_per_sender * 2,
     };
     let span = cfg.msgs_per_sender * 2;
     for node in 0..cfg.nodes {

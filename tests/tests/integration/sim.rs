@@ -175,9 +175,11 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         wait: 0.3,
         ..DataPlaneConfig::default()
     };
-    // And one where tombstones are plenty and go only when every other node has fenced them.
+    // And one where tombstones are plenty and go only when every other node has fenced them,
+    // and handlers panic now and then (restarted, their message reported).
     let fenced = DataPlaneConfig {
         tombstones_max: 64,
+        panic: 0.05,
         ..DataPlaneConfig::default()
     };
     let cfgs = [DataPlaneConfig::default(), harsh, fenced];
@@ -205,16 +207,18 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
         total(|r| r.unburied),
+        total(|r| r.panicked),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
         // and tombstones that every other node fenced.
         assert!(reported > 0 && committed > 0 && aborted > 0);
         assert!(total(|r| r.handed_on) > 0 && total(|r| r.unburied) > 0);
+        assert!(total(|r| r.panicked) > 0);
     }
 }
