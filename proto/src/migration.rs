@@ -2114,9 +2114,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_tombstone_outlives_an_aborted_return_and_goes_at_a_committed_one() {
-        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+    /// Node `a` hosted the service and moved it to `b` (committed, acknowledged): a tombstone
+    /// there forwards to `b`.
+    fn moved_away(a: &NodeName, b: &NodeName) -> C {
         let mut src: C = Core::new(a.clone(), Config::default());
         src.add_peer(b.clone());
         src.host(svc());
@@ -2127,18 +2127,31 @@ mod tests {
         let _ = src.receive(b.clone(), Wire::Prepared { mig: mig.clone() });
         let _ = src.receive(b.clone(), Wire::CommitAck { mig });
         assert_eq!(src.tombstone(svc()), Some((b.clone(), 1)));
-        // `b` tries to bring it back and aborts: the copy here goes, the tombstone stays.
-        let back = MigrationId {
-            source: b.clone(),
-            n: 7,
+        src
+    }
+
+    #[test]
+    fn a_tombstone_outlives_an_aborted_return_and_goes_at_a_committed_one() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src = moved_away(&a, &b);
+        // `b` brings it back: attempt `n`'s snapshot at epoch 2.
+        let bring_back = |src: &mut C, n: u64| {
+            let mig = MigrationId {
+                source: b.clone(),
+                n,
+            };
+            let snap = snapshot_at(2);
+            let acts = src.receive(
+                b.clone(),
+                Wire::Snapshot {
+                    mig: mig.clone(),
+                    snap,
+                },
+            );
+            (mig, acts)
         };
-        let acts = src.receive(
-            b.clone(),
-            Wire::Snapshot {
-                mig: back.clone(),
-                snap: snapshot_at(2),
-            },
-        );
+        // The first attempt aborts: the copy here goes, the tombstone stays.
+        let (back, acts) = bring_back(&mut src, 7);
         assert!(acts.iter().any(|x| matches!(x, Action::Install { .. })));
         assert_eq!(
             src.tombstone(svc()),
@@ -2154,17 +2167,7 @@ mod tests {
             .expect("a message that still comes here goes on");
         assert_eq!((h.at, h.notify), (b.clone(), Some(c)));
         // A return that commits takes the tombstone away.
-        let again = MigrationId {
-            source: b.clone(),
-            n: 8,
-        };
-        let _ = src.receive(
-            b.clone(),
-            Wire::Snapshot {
-                mig: again.clone(),
-                snap: snapshot_at(2),
-            },
-        );
+        let (again, _) = bring_back(&mut src, 8);
         let acts = src.receive(b.clone(), Wire::Commit { mig: again });
         assert!(acts.iter().any(|x| matches!(x, Action::Start { .. })));
         assert_eq!(src.tombstones(), 0);
@@ -2173,16 +2176,7 @@ mod tests {
     #[test]
     fn an_unburied_tombstone_stops_forwarding_and_old_snapshots_stay_stale() {
         let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
-        let mut src: C = Core::new(a.clone(), Config::default());
-        src.add_peer(b.clone());
-        src.host(svc());
-        let _ = src.migrate(svc(), b.clone());
-        let Wire::Snapshot { mig, .. } = only_wire(src.frozen(svc(), vec![], vec![])) else {
-            panic!("expected a snapshot")
-        };
-        let _ = src.receive(b.clone(), Wire::Prepared { mig: mig.clone() });
-        let _ = src.receive(b.clone(), Wire::CommitAck { mig });
-        assert_eq!(src.tombstone(svc()), Some((b.clone(), 1)));
+        let mut src = moved_away(&a, &b);
         assert!(
             !src.unbury(svc(), 0),
             "another epoch's fence removes nothing"
