@@ -104,6 +104,9 @@ pub struct Discarded<T> {
     pub skips: Vec<(ServiceId, u64)>,
 }
 
+/// A handled mark as told: `(sender, last number taken, its node)`.
+type Mark = (ServiceId, u64, Option<NodeName>);
+
 /// One sender's progress at a receiver, for its node's delivery ledger.
 #[derive(Debug)]
 struct Handled {
@@ -146,14 +149,19 @@ pub struct Inbox<T> {
     frozen: bool,
     /// Numbers consumed while frozen: the exported windows do not know them, so they go with
     /// the leftovers.
-    frozen_skips: VecDeque<(ServiceId, u64)>,
+    /// (Boxed when there are any: rare, and every idle service pays for the field: 8 bytes
+    /// instead of a `VecDeque`'s 32.)
+    #[allow(clippy::box_collection)]
+    frozen_skips: Option<Box<VecDeque<(ServiceId, u64)>>>,
     /// Per numbered sender whose progress its node has not been told yet, the last number
     /// taken for handling and the node it came from (`None`: this node). A mark leaves once
     /// told, so this holds only the senders served since the last [`Inbox::take_handled`].
     handled: BTreeMap<ServiceId, Handled>,
     /// Marks not yet told that a newer mark from another node replaced (the sender moved):
     /// each node settles only what it sent. Bounded by [`HANDLED_MOVED_MAX`].
-    handled_moved: VecDeque<(ServiceId, u64, Option<NodeName>)>,
+    /// (Boxed when there are any, like `frozen_skips`.)
+    #[allow(clippy::box_collection)]
+    handled_moved: Option<Box<VecDeque<Mark>>>,
     /// The last sender's mark, kept out of `handled` until another sender's message is taken.
     recent: Option<(ServiceId, Handled)>,
     /// Copies dropped by the windows.
@@ -177,9 +185,9 @@ impl<T: Numbered> Inbox<T> {
             handed_over: 0,
             early: 0,
             frozen: false,
-            frozen_skips: VecDeque::new(),
+            frozen_skips: None,
             handled: BTreeMap::new(),
-            handled_moved: VecDeque::new(),
+            handled_moved: None,
             recent: None,
             duplicates: 0,
             released: false,
@@ -318,10 +326,11 @@ impl<T: Numbered> Inbox<T> {
         }
         let released = w.skip(seq);
         if self.frozen {
-            if self.frozen_skips.len() >= FROZEN_SKIPS_MAX {
-                self.frozen_skips.pop_front();
+            let skips = self.frozen_skips.get_or_insert_with(Default::default);
+            if skips.len() >= FROZEN_SKIPS_MAX {
+                skips.pop_front();
             }
-            self.frozen_skips.push_back((from, seq));
+            skips.push_back((from, seq));
         }
         self.release(released)
     }
@@ -511,7 +520,7 @@ impl<T: Numbered> Inbox<T> {
         let queue = std::mem::take(&mut self.queue);
         self.handed_over = queue.len();
         self.frozen = true;
-        self.frozen_skips.clear();
+        self.frozen_skips = None;
         let windows = self
             .windows
             .iter()
@@ -529,7 +538,7 @@ impl<T: Numbered> Inbox<T> {
     pub fn put_back(&mut self, mut queue: VecDeque<T>) {
         self.handed_over = 0;
         self.frozen = false;
-        self.frozen_skips.clear();
+        self.frozen_skips = None;
         queue.append(&mut self.queue);
         self.queue = queue;
     }
@@ -543,7 +552,10 @@ impl<T: Numbered> Inbox<T> {
         self.frozen = false;
         let queue: Vec<T> = self.queue.drain(..).collect();
         let mut early = Vec::new();
-        let mut skipped: Vec<(ServiceId, u64)> = self.frozen_skips.drain(..).collect();
+        let mut skipped: Vec<(ServiceId, u64)> = self
+            .frozen_skips
+            .take()
+            .map_or_else(Vec::new, |q| q.into_iter().collect());
         for (from, w) in std::mem::take(&mut self.windows) {
             skipped.extend(w.skipped_ahead().map(|seq| (from, seq)));
             early.extend(w.into_held_items());
@@ -656,10 +668,11 @@ impl<T: Numbered> Inbox<T> {
             Some(h) => {
                 let old = std::mem::replace(h, mark);
                 if old.origin != h.origin {
-                    if self.handled_moved.len() >= HANDLED_MOVED_MAX {
-                        self.handled_moved.pop_front();
+                    let moved = self.handled_moved.get_or_insert_with(Default::default);
+                    if moved.len() >= HANDLED_MOVED_MAX {
+                        moved.pop_front();
                     }
-                    self.handled_moved.push_back((from, old.seq, old.origin));
+                    moved.push_back((from, old.seq, old.origin));
                 }
             }
             None => {
@@ -674,7 +687,10 @@ impl<T: Numbered> Inbox<T> {
         if let Some((f, h)) = self.recent.take() {
             self.store_mark(f, h);
         }
-        let mut out: Vec<_> = self.handled_moved.drain(..).collect();
+        let mut out: Vec<_> = self
+            .handled_moved
+            .take()
+            .map_or_else(Vec::new, |q| q.into_iter().collect());
         out.extend(
             std::mem::take(&mut self.handled)
                 .into_iter()
