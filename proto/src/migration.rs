@@ -804,21 +804,10 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.tombs.unbury(service, epoch)
     }
 
-    /// The tombstone `service` left here at `epoch` waits for a fence from each of `peers`
-    /// (see [`Tombstones::await_fences`]).
-    pub fn await_fences(
-        &mut self,
-        service: ServiceId,
-        epoch: u64,
-        peers: impl IntoIterator<Item = NodeName>,
-    ) -> bool {
-        self.tombs.await_fences(service, epoch, peers)
-    }
-
-    /// Node `from` fenced `service` at `epoch`; true when that removed its tombstone (see
-    /// [`Tombstones::fenced`]).
-    pub fn fenced(&mut self, from: &NodeName, service: ServiceId, epoch: u64) -> bool {
-        self.tombs.fenced(from, service, epoch)
+    /// The tombstone table, for the fences that come from peers
+    /// ([`Tombstones::await_fences`], [`Tombstones::fenced`]).
+    pub fn tombstones_mut(&mut self) -> &mut Tombstones {
+        &mut self.tombs
     }
 
     /// A message for `service`, from a sender on node `origin`, reached this node where the

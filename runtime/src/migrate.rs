@@ -288,7 +288,10 @@ impl Driver {
     /// removes the tombstone (`tern_proto::forward::Tombstones::fenced`).
     pub fn on_fence(&self, node: &NodeShared, from: &NodeName, service: ServiceId, epoch: u64) {
         lock(&self.counters).stats.fences_in += 1;
-        if lock(&self.core).fenced(from, service, epoch) {
+        if lock(&self.core)
+            .tombstones_mut()
+            .fenced(from, service, epoch)
+        {
             lock(&self.counters).stats.tombstones_removed += 1;
             node.logs.event(
                 "tombstone-removed",
@@ -989,7 +992,9 @@ impl Driver {
             .collect();
         // The tombstone stays until each of them (every node this one knows, connected or not)
         // has fenced it.
-        lock(&self.core).await_fences(service, epoch, peers);
+        lock(&self.core)
+            .tombstones_mut()
+            .await_fences(service, epoch, peers);
         if let Some(o) = lock(&self.outgoing).get_mut(&service) {
             o.rebuilt = rebuilt as u64;
         }
