@@ -522,26 +522,31 @@ fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
 }
 
 /// Runs a service until it stops, moves away or its node shuts down.
-pub(crate) async fn run_service<S: Service>(
+///
+/// (A plain function returning the runner's future, not an `async fn`: an `async fn` keeps
+/// its arguments in its future beside the locals they move into, and every idle service
+/// pays for that copy for as long as it lives.)
+pub(crate) fn run_service<S: Service>(
     state: S,
     me: ServiceRef<S>,
     mailbox: Arc<Mailbox<S::Msg>>,
     node: Arc<NodeShared>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
     let ctx = new_ctx(me, node);
-    serve(state, ctx, mailbox, None).instrument(span).await
+    serve(state, ctx, mailbox, None).instrument(span)
 }
 
 /// Runs a restored copy: paused until the source commits (or discarded if it aborts).
-pub(crate) async fn run_restored<S: Service>(
+/// (A plain function returning the future, for the reason given at [`run_service`].)
+pub(crate) fn run_restored<S: Service>(
     state: S,
     me: ServiceRef<S>,
     mailbox: Arc<Mailbox<S::Msg>>,
     node: Arc<NodeShared>,
     restored: Restored<S::Msg>,
     go: tokio::sync::oneshot::Receiver<Go>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let id = me.id();
     let span = tracing::debug_span!("service", id = %id, kind = S::KIND, node = %node.name());
     let mut ctx = new_ctx(me, node);
@@ -593,7 +598,6 @@ pub(crate) async fn run_restored<S: Service>(
         }
     }
     .instrument(span)
-    .await
 }
 
 /// A snapshot, and the queue it carries (taken back on abort).
@@ -667,11 +671,16 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
         .store(false, std::sync::atomic::Ordering::SeqCst);
     // The freeze is timed from here: taking the snapshot is part of it.
     let since = std::time::Instant::now();
-    let snap = snapshot(state, ctx, mailbox);
-    let carried = snap.as_ref().ok().map(|(_, c)| c.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    node.driver
-        .frozen(&node, id, since, snap.map(|(s, _)| s), tx);
+    // In a block: the snapshot is handed to the driver before the await, and a binding still
+    // in scope there would be kept in the runner's future, which every idle service pays for.
+    let (carried, rx) = {
+        let snap = snapshot(state, ctx, mailbox);
+        let carried = snap.as_ref().ok().map(|(_, c)| c.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        node.driver
+            .frozen(&node, id, since, snap.map(|(s, _)| s), tx);
+        (carried, rx)
+    };
     match rx.await {
         // The driver handed the leftovers on already, before any sender could be pointed at
         // the target: they go first on the link.
@@ -693,148 +702,152 @@ struct Arrived {
     at: std::time::Instant,
 }
 
-/// The message loop shared by new and restored services.
-async fn serve<S: Service>(
+/// The message loop shared by new and restored services. (A plain function returning an
+/// `async move` block, for the reason given at [`run_service`]; clippy's rewrite would undo it.)
+#[allow(clippy::manual_async_fn)]
+fn serve<S: Service>(
     mut state: S,
     mut ctx: Ctx<S>,
     mailbox: Arc<Mailbox<S::Msg>>,
     mut arrived: Option<Arrived>,
-) {
-    // Nothing about panics is held across an await (each idle service's task keeps what
-    // is): a panic is dealt with where it is caught (`recover`).
-    let mut restarts = RestartBudget(Vec::new());
-    if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
-        if !recover(&mut state, &mut ctx, &mailbox, &mut restarts, (panic, None)) {
-            return;
-        }
-    }
-    let mut turn = 0u32;
-    loop {
-        if ctx.node.halted.is_set() {
-            // A halted node handles nothing more; its system is ending.
-            return std::future::pending().await;
-        }
-        // A freeze waits for the message in hand, for the rest of a carried queue still
-        // streaming in (its parked arrivals are not in the queue yet), and when draining, for
-        // the queue to empty.
-        if mailbox.freeze.load(std::sync::atomic::Ordering::Relaxed)
-            && !mailbox.is_gated()
-            && !(mailbox.len() > 0 && ctx.node.driver.drains(ctx.id()))
-        {
-            if freeze(&state, &mut ctx, &mailbox).await {
-                // Moved away: the target runs it now. No `stopped`: it did not stop.
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        // Nothing about panics is held across an await (each idle service's task keeps what
+        // is): a panic is dealt with where it is caught (`recover`).
+        let mut restarts = RestartBudget(Vec::new());
+        if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
+            if !recover(&mut state, &mut ctx, &mailbox, &mut restarts, (panic, None)) {
                 return;
             }
-            continue;
         }
-        // A due timer goes before the next queued message.
-        // (The clock is read only when a timer is pending.)
-        let due = if ctx.timers.due.is_empty() {
-            None
-        } else {
-            ctx.timers.pop_due(tokio::time::Instant::now())
-        };
-        // Who sent the message in hand, so that a panic can fail it to its sender.
-        let mut in_hand: Option<Envelope<()>> = None;
-        let next = match due {
-            Some(msg) => Some(msg),
-            None => {
-                let (env, newly_dirty) = mailbox.pop_noting();
-                if newly_dirty {
-                    ctx.node.handled_pending(ctx.id());
-                }
-                match env {
-                    Some(env) => {
-                        ctx.received = ctx.received.wrapping_add(1);
-                        if ctx.received % SIZE_SAMPLE_EVERY == 1 {
-                            if let Some(from) = env.from {
-                                sample_size(&ctx.node, from, ctx.me.id(), &env.msg);
-                            }
-                        }
-                        let Envelope {
-                            from,
-                            seq,
-                            ask,
-                            origin,
-                            msg,
-                        } = env;
-                        in_hand = Some(Envelope {
-                            from,
-                            seq,
-                            ask,
-                            origin,
-                            msg: (),
-                        });
-                        Some(msg)
-                    }
-                    None => None,
-                }
+        let mut turn = 0u32;
+        loop {
+            if ctx.node.halted.is_set() {
+                // A halted node handles nothing more; its system is ending.
+                return std::future::pending().await;
             }
-        };
-        // The freeze ends when the copy handles its next message, or has nothing to handle
-        // with every carried message in: the source learns how long after the start that was.
-        if arrived.is_some() && (next.is_some() || !mailbox.is_gated()) {
-            if let Some(a) = arrived.take() {
-                let after_start_us = a.at.elapsed().as_micros() as u64;
-                ctx.node
-                    .driver
-                    .serving(&ctx.node, &a.source, a.mig, after_start_us);
-            }
-        }
-        match next {
-            Some(msg) => {
-                let handled = {
-                    let fut = std::pin::pin!(state.handle(msg, &mut ctx));
-                    CatchPanic(fut).await
-                };
-                if let Err(panic) = handled {
-                    if recover(
-                        &mut state,
-                        &mut ctx,
-                        &mailbox,
-                        &mut restarts,
-                        (panic, in_hand),
-                    ) {
-                        continue;
-                    }
+            // A freeze waits for the message in hand, for the rest of a carried queue still
+            // streaming in (its parked arrivals are not in the queue yet), and when draining, for
+            // the queue to empty.
+            if mailbox.freeze.load(std::sync::atomic::Ordering::Relaxed)
+                && !mailbox.is_gated()
+                && !(mailbox.len() > 0 && ctx.node.driver.drains(ctx.id()))
+            {
+                if freeze(&state, &mut ctx, &mailbox).await {
+                    // Moved away: the target runs it now. No `stopped`: it did not stop.
                     return;
                 }
-                ctx.node.stats.processed.inc();
-                if ctx.stop {
-                    break;
-                }
-                if let Some((to, opts)) = ctx.migrate_to.take() {
-                    ctx.node.migrate_detached(ctx.id(), to, opts);
-                }
-                turn += 1;
-                if turn >= MESSAGES_PER_TURN {
-                    turn = 0;
-                    tokio::task::yield_now().await;
-                }
+                continue;
             }
-            None if mailbox.is_closed() => break,
-            None => match ctx.timers.next_due() {
-                Some(at) => {
-                    tokio::select! {
-                        _ = mailbox.wait_ready() => {}
-                        _ = tokio::time::sleep_until(at) => {}
+            // A due timer goes before the next queued message.
+            // (The clock is read only when a timer is pending.)
+            let due = if ctx.timers.due.is_empty() {
+                None
+            } else {
+                ctx.timers.pop_due(tokio::time::Instant::now())
+            };
+            // Who sent the message in hand, so that a panic can fail it to its sender.
+            let mut in_hand: Option<Envelope<()>> = None;
+            let next = match due {
+                Some(msg) => Some(msg),
+                None => {
+                    let (env, newly_dirty) = mailbox.pop_noting();
+                    if newly_dirty {
+                        ctx.node.handled_pending(ctx.id());
+                    }
+                    match env {
+                        Some(env) => {
+                            ctx.received = ctx.received.wrapping_add(1);
+                            if ctx.received % SIZE_SAMPLE_EVERY == 1 {
+                                if let Some(from) = env.from {
+                                    sample_size(&ctx.node, from, ctx.me.id(), &env.msg);
+                                }
+                            }
+                            let Envelope {
+                                from,
+                                seq,
+                                ask,
+                                origin,
+                                msg,
+                            } = env;
+                            in_hand = Some(Envelope {
+                                from,
+                                seq,
+                                ask,
+                                origin,
+                                msg: (),
+                            });
+                            Some(msg)
+                        }
+                        None => None,
                     }
                 }
-                None => mailbox.wait_ready().await,
-            },
+            };
+            // The freeze ends when the copy handles its next message, or has nothing to handle
+            // with every carried message in: the source learns how long after the start that was.
+            if arrived.is_some() && (next.is_some() || !mailbox.is_gated()) {
+                if let Some(a) = arrived.take() {
+                    let after_start_us = a.at.elapsed().as_micros() as u64;
+                    ctx.node
+                        .driver
+                        .serving(&ctx.node, &a.source, a.mig, after_start_us);
+                }
+            }
+            match next {
+                Some(msg) => {
+                    let handled = {
+                        let fut = std::pin::pin!(state.handle(msg, &mut ctx));
+                        CatchPanic(fut).await
+                    };
+                    if let Err(panic) = handled {
+                        if recover(
+                            &mut state,
+                            &mut ctx,
+                            &mailbox,
+                            &mut restarts,
+                            (panic, in_hand),
+                        ) {
+                            continue;
+                        }
+                        return;
+                    }
+                    ctx.node.stats.processed.inc();
+                    if ctx.stop {
+                        break;
+                    }
+                    if let Some((to, opts)) = ctx.migrate_to.take() {
+                        ctx.node.migrate_detached(ctx.id(), to, opts);
+                    }
+                    turn += 1;
+                    if turn >= MESSAGES_PER_TURN {
+                        turn = 0;
+                        tokio::task::yield_now().await;
+                    }
+                }
+                None if mailbox.is_closed() => break,
+                None => match ctx.timers.next_due() {
+                    Some(at) => {
+                        tokio::select! {
+                            _ = mailbox.wait_ready() => {}
+                            _ = tokio::time::sleep_until(at) => {}
+                        }
+                    }
+                    None => mailbox.wait_ready().await,
+                },
+            }
         }
-    }
-    let stopped = catch_panic(|| state.stopped(&mut ctx));
-    let rest = mailbox.close();
-    match stopped {
-        Ok(()) => {
-            let id = ctx.id();
-            ctx.node
-                .service_stopped(id, rest, DeliveryError::Stopped { id });
-        }
-        Err(panic) => {
-            let detail = panic_message(&*panic);
-            report_panic(&ctx, &detail, rest, None);
+        let stopped = catch_panic(|| state.stopped(&mut ctx));
+        let rest = mailbox.close();
+        match stopped {
+            Ok(()) => {
+                let id = ctx.id();
+                ctx.node
+                    .service_stopped(id, rest, DeliveryError::Stopped { id });
+            }
+            Err(panic) => {
+                let detail = panic_message(&*panic);
+                report_panic(&ctx, &detail, rest, None);
+            }
         }
     }
 }
