@@ -25,11 +25,17 @@ pub const PARKED_MAX: usize = 65_536;
 /// keeps those messages outstanding until a later mark or a node loss declares them).
 pub const HANDLED_MOVED_MAX: usize = 1024;
 /// Senders a service keeps a receive window for. A window is what lets a message arrive
-/// exactly once and in order whatever way it comes, so it is never dropped while the service
-/// lives; past this bound a sender never seen before is refused
-/// ([`DeliveryError::TooManySenders`]), and so is every later message it sends here. Its
-/// skips and gaps are ignored: it has no window to wait in.
+/// exactly once and in order whatever way it comes, so it is dropped only when its sender has
+/// stopped and every number it sent was taken or skipped ([`Inbox::close_sender`]); past this
+/// bound a sender never seen before is refused ([`DeliveryError::TooManySenders`]), and so is
+/// every later message it sends here. Its skips and gaps are ignored: it has no window to wait
+/// in.
 pub const SENDERS_MAX: usize = 65_536;
+/// Stopped senders an inbox remembers after dropping their windows (see
+/// [`Inbox::close_sender`]). Each costs a sender id and a number instead of a window; they count
+/// against [`SENDERS_MAX`] with the windows, and when a new sender needs the room the oldest is
+/// forgotten first.
+pub const RETIRED_MAX: usize = 4096;
 /// Numbers skipped while frozen, kept for the leftovers. A freeze lasts one snapshot; past
 /// this bound the oldest goes, and the sender's own skip (sent when it hears of the refusal)
 /// closes that number at the target.
@@ -91,6 +97,9 @@ pub struct Leftovers<T> {
     pub early: Vec<T>,
     /// `(sender, seq)` the target must not wait for.
     pub skipped: Vec<(ServiceId, u64)>,
+    /// `(sender, last)` of stopped senders: pending closes and retired senders, whose windows
+    /// the snapshot carried. The target applies them again ([`Inbox::close_sender`]).
+    pub closing: Vec<(ServiceId, u64)>,
 }
 
 /// What a discarded copy held.
@@ -112,6 +121,18 @@ type Mark = (ServiceId, u64, Option<NodeName>);
 struct Handled {
     seq: u64,
     origin: Option<NodeName>,
+}
+
+/// Stopped senders: closes waiting for their windows to complete, and senders whose windows
+/// went.
+#[derive(Debug, Default)]
+struct Closing {
+    /// Per stopped sender, its last number here: its window goes once it has passed it.
+    pending: BTreeMap<ServiceId, u64>,
+    /// Senders whose windows went, with their last number, oldest first (bounded by
+    /// [`RETIRED_MAX`]). A window for one of them is made again at `last + 1`, never at 1: a
+    /// late copy or skip is then dropped as it would have been.
+    retired: VecDeque<(ServiceId, u64)>,
 }
 
 /// Arrivals at a restored copy before it may take them.
@@ -164,6 +185,8 @@ pub struct Inbox<T> {
     handled_moved: Option<Box<VecDeque<Mark>>>,
     /// The last sender's mark, kept out of `handled` until another sender's message is taken.
     recent: Option<(ServiceId, Handled)>,
+    /// Stopped senders (boxed: rare, and every idle service pays for the field).
+    closing: Option<Box<Closing>>,
     /// Copies dropped by the windows.
     duplicates: u64,
     /// Set when a skip released messages (see [`Inbox::take_released`]).
@@ -189,6 +212,7 @@ impl<T: Numbered> Inbox<T> {
             handled: BTreeMap::new(),
             handled_moved: None,
             recent: None,
+            closing: None,
             duplicates: 0,
             released: false,
         }
@@ -317,6 +341,10 @@ impl<T: Numbered> Inbox<T> {
             return false;
         };
         if seq < w.watermark().0 {
+            if self.closing.is_some() {
+                // A stopped sender's late skip may have made its window again.
+                self.settle_closing();
+            }
             return false;
         }
         if seq > w.watermark().0 && w.held() >= 2 * WINDOW_HELD_MAX {
@@ -332,24 +360,115 @@ impl<T: Numbered> Inbox<T> {
             }
             skips.push_back((from, seq));
         }
-        self.release(released)
+        let queued = self.release(released);
+        if self.closing.is_some() {
+            self.settle_closing();
+        }
+        queued
     }
 
-    /// `from`'s window, made if it is new and there is room for one more sender.
+    /// `from`'s window, made if it is new and there is room for one more sender. A retired
+    /// sender's window is made again just past its last number, never at 1, and its close
+    /// waits again: a late copy or skip is dropped as it would have been, and the window goes
+    /// again. A new sender takes the room of the oldest retired one when it must.
+    #[inline]
     fn window(&mut self, from: ServiceId) -> Option<&mut Window<T>> {
-        let room = self.windows.len() < SENDERS_MAX;
+        let count = self.windows.len();
         match self.windows.entry(from) {
             std::collections::btree_map::Entry::Occupied(e) => Some(e.into_mut()),
-            std::collections::btree_map::Entry::Vacant(e) if room => {
-                Some(e.insert(Window::new(WINDOW_HELD_MAX)))
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let mut start = 1;
+                if let Some(c) = self.closing.as_mut() {
+                    if let Some(i) = c.retired.iter().position(|(f, _)| *f == from) {
+                        if let Some((_, last)) = c.retired.remove(i) {
+                            start = last.saturating_add(1);
+                            c.pending.insert(from, last);
+                        }
+                    } else if count + c.retired.len() >= SENDERS_MAX {
+                        c.retired.pop_front();
+                    }
+                }
+                if count >= SENDERS_MAX {
+                    return None;
+                }
+                Some(e.insert(Window::from_watermark(Watermark(start), WINDOW_HELD_MAX)))
             }
-            std::collections::btree_map::Entry::Vacant(_) => None,
         }
+    }
+
+    /// The last number of `from` if it is a retired sender (its window went).
+    fn retired_last(&self, from: ServiceId) -> Option<u64> {
+        let c = self.closing.as_ref()?;
+        c.retired.iter().find(|(f, _)| *f == from).map(|(_, l)| *l)
     }
 
     /// Senders this inbox keeps a window for (at most [`SENDERS_MAX`]).
     pub fn senders(&self) -> usize {
         self.windows.len()
+    }
+
+    /// Stopped senders whose windows went and are remembered (at most [`RETIRED_MAX`]).
+    pub fn retired(&self) -> usize {
+        self.closing.as_ref().map_or(0, |c| c.retired.len())
+    }
+
+    /// Sender `from` has stopped, and `last` is the last number it sent here: it will send
+    /// nothing more. Its window goes once every number up to `last` was taken or skipped, and
+    /// nothing waits in it early; until then the close waits here. `Ok(true)` when the window
+    /// went now. Refused with [`NotNow`] while the windows are in a snapshot, parked or handed
+    /// over (frozen, moving, a copy not yet started); the node applies it again later, where
+    /// the service is then. A closed inbox takes it and forgets it.
+    pub fn close_sender(&mut self, from: ServiceId, last: u64) -> Result<bool, NotNow> {
+        if self.closed {
+            return Ok(false);
+        }
+        if self.frozen || self.moved.is_some() || self.parked.is_some() {
+            return Err(NotNow);
+        }
+        if self.retired_last(from).is_some() {
+            return Ok(false);
+        }
+        let c = self.closing.get_or_insert_with(Default::default);
+        if c.pending.len() >= RETIRED_MAX && !c.pending.contains_key(&from) {
+            // This many stopped senders with messages still on their way: the window stays
+            // (it counts against `SENDERS_MAX` like any other).
+            return Ok(false);
+        }
+        let l = c.pending.entry(from).or_insert(last);
+        *l = (*l).max(last);
+        Ok(self.settle_closing() > 0)
+    }
+
+    /// Drops the windows of stopped senders that have passed their last number; returns how
+    /// many went. Cheap when no sender has stopped.
+    fn settle_closing(&mut self) -> usize {
+        let Some(c) = self.closing.as_mut() else {
+            return 0;
+        };
+        if self.frozen || self.moved.is_some() || self.parked.is_some() {
+            return 0;
+        }
+        let windows = &mut self.windows;
+        let mut done = Vec::new();
+        for (from, last) in &c.pending {
+            if let Some(w) = windows.get(from) {
+                if w.watermark().0 > *last && w.held() == 0 {
+                    done.push((*from, *last));
+                }
+            }
+        }
+        for (from, last) in &done {
+            c.pending.remove(from);
+            windows.remove(from);
+            if c.retired.len() >= RETIRED_MAX {
+                c.retired.pop_front();
+            }
+            c.retired.push_back((*from, *last));
+        }
+        if c.pending.is_empty() && c.retired.is_empty() {
+            self.closing = None;
+        }
+        done.len()
     }
 
     /// Queues messages a window released after a gap closed or a number was skipped.
@@ -424,6 +543,10 @@ impl<T: Numbered> Inbox<T> {
         };
         if seq < w.watermark().0 {
             self.duplicates += 1;
+            if self.closing.is_some() {
+                // A stopped sender's late copy may have made its window again.
+                self.settle_closing();
+            }
             return Ok(false);
         }
         // Early messages are bounded by the window, not the capacity: they wait on a message
@@ -455,6 +578,9 @@ impl<T: Numbered> Inbox<T> {
             }
             Offer::Duplicate => {
                 self.duplicates += 1;
+                if self.closing.is_some() {
+                    self.settle_closing();
+                }
                 Ok(false)
             }
             Offer::Full(item) if mode == Admit::Wait => {
@@ -508,7 +634,11 @@ impl<T: Numbered> Inbox<T> {
             Some(w) => w.skip_through(through),
             None => Vec::new(),
         };
-        Ok(self.release(released))
+        let queued = self.release(released);
+        if self.closing.is_some() {
+            self.settle_closing();
+        }
+        Ok(queued)
     }
 
     /// Freeze, source side: takes the queue and exports the windows (early messages encoded by
@@ -521,7 +651,7 @@ impl<T: Numbered> Inbox<T> {
         self.handed_over = queue.len();
         self.frozen = true;
         self.frozen_skips = None;
-        let windows = self
+        let mut windows: Vec<WindowExport<U>> = self
             .windows
             .iter()
             .map(|(from, w)| WindowExport {
@@ -531,6 +661,16 @@ impl<T: Numbered> Inbox<T> {
                 skipped: w.skipped_ahead().collect(),
             })
             .collect();
+        // Retired senders travel as complete windows; their closes go with the leftovers, so
+        // the target lets them go again.
+        if let Some(c) = &self.closing {
+            windows.extend(c.retired.iter().map(|(from, last)| WindowExport {
+                from: *from,
+                next: last.saturating_add(1),
+                early: Vec::new(),
+                skipped: Vec::new(),
+            }));
+        }
         (queue, windows)
     }
 
@@ -560,10 +700,14 @@ impl<T: Numbered> Inbox<T> {
             skipped.extend(w.skipped_ahead().map(|seq| (from, seq)));
             early.extend(w.into_held_items());
         }
+        let closing = self.closing.take().map_or_else(Vec::new, |c| {
+            c.pending.into_iter().chain(c.retired).collect()
+        });
         Leftovers {
             queue,
             early,
             skipped,
+            closing,
         }
     }
 
@@ -686,6 +830,10 @@ impl<T: Numbered> Inbox<T> {
     pub fn take_handled(&mut self) -> Vec<(ServiceId, u64, Option<NodeName>)> {
         if let Some((f, h)) = self.recent.take() {
             self.store_mark(f, h);
+        }
+        if self.closing.is_some() {
+            // A stopped sender's last messages were taken: its window may go now.
+            self.settle_closing();
         }
         let mut out: Vec<_> = self
             .handled_moved
@@ -918,6 +1066,126 @@ mod tests {
             seq: 2,
         };
         assert_eq!(inbox.admit(known, Admit::Tell), Ok(true));
+    }
+
+    /// A stopped sender's window goes once every number it sent was taken or skipped, and not
+    /// before: its close may overtake its last messages.
+    #[test]
+    fn a_stopped_senders_window_goes_once_it_has_passed_its_last_number() {
+        let mut inbox = Inbox::new(ME, 8);
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        // Number 3 overtook 2, and the close overtook both.
+        assert_eq!(inbox.admit(m(3), Admit::Tell), Ok(false));
+        assert_eq!(inbox.close_sender(FROM, 4), Ok(false));
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(true));
+        assert_eq!(pop_seqs(&mut inbox), vec![1, 2, 3]);
+        inbox.take_handled();
+        assert_eq!(inbox.senders(), 1, "number 4 is still on its way");
+        // Number 4 was refused on its way: its skip completes the window.
+        assert_eq!(inbox.skip(FROM, 4), Ok(false));
+        assert_eq!((inbox.senders(), inbox.retired()), (0, 1));
+        // Late copies and skips are dropped as before, and the window goes again.
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(false));
+        assert_eq!(inbox.skip(FROM, 3), Ok(false));
+        assert_eq!(inbox.duplicates(), 1);
+        assert_eq!((inbox.senders(), inbox.retired()), (0, 1));
+        assert!(inbox.is_empty());
+        // Other senders go on.
+        let other = Msg {
+            from: Some(ServiceId::from_parts(9, 9)),
+            seq: 1,
+        };
+        assert_eq!(inbox.admit(other, Admit::Tell), Ok(true));
+    }
+
+    /// A close meeting a service mid-move waits; the retired senders travel with the snapshot
+    /// as complete windows and their closes with the leftovers, so the target lets them go.
+    #[test]
+    fn closes_wait_out_a_freeze_and_retired_senders_follow_a_move() {
+        let gone = ServiceId::from_parts(9, 1);
+        let mut src = Inbox::new(ME, 8);
+        for seq in 1..=2 {
+            let msg = Msg {
+                from: Some(gone),
+                seq,
+            };
+            assert_eq!(src.admit(msg, Admit::Tell), Ok(true));
+        }
+        pop_seqs(&mut src);
+        assert_eq!(src.close_sender(gone, 2), Ok(true));
+        assert_eq!(src.admit(m(1), Admit::Tell), Ok(true));
+        let (queue, windows) = src.take_for_snapshot(|x| Msg {
+            from: x.from,
+            seq: x.seq,
+        });
+        assert_eq!(src.close_sender(FROM, 1), Err(NotNow), "frozen");
+        let left = src.retire(NodeName::new("t"), 2);
+        assert_eq!(left.closing, vec![(gone, 2)]);
+        let retired = windows.iter().find(|w| w.from == gone).map(|w| w.next);
+        assert_eq!(
+            retired,
+            Some(3),
+            "a retired sender travels as a complete window"
+        );
+
+        let mut dst = Inbox::restored(ME, 8, windows);
+        for x in queue {
+            dst.push_carried(x);
+        }
+        assert_eq!(dst.close_sender(FROM, 1), Err(NotNow), "not started");
+        dst.carried_done();
+        dst.start();
+        for (from, last) in left.closing {
+            assert_eq!(dst.close_sender(from, last), Ok(true));
+        }
+        // Number 1 was taken (queued): the window has passed it.
+        assert_eq!(dst.close_sender(FROM, 1), Ok(true));
+        assert_eq!((dst.senders(), dst.retired()), (0, 2));
+        assert_eq!(pop_seqs(&mut dst), vec![1]);
+        // A late copy of a retired sender is dropped, not taken as a first message.
+        let late = Msg {
+            from: Some(gone),
+            seq: 1,
+        };
+        assert_eq!(dst.admit(late, Admit::Forwarded), Ok(false));
+        assert!(dst.is_empty());
+    }
+
+    /// Retired senders make room for new ones: windows and retired senders together stay
+    /// within `SENDERS_MAX`.
+    #[test]
+    fn retired_senders_give_their_room_to_new_ones() {
+        let mut inbox = Inbox::new(ME, 4);
+        let sender = |i: u64| ServiceId::from_parts(9, i);
+        for i in 0..SENDERS_MAX as u64 {
+            let msg = Msg {
+                from: Some(sender(i)),
+                seq: 1,
+            };
+            assert_eq!(inbox.admit(msg, Admit::Accepted), Ok(true));
+            assert!(inbox.pop().0.is_some());
+        }
+        for i in 0..10 {
+            assert_eq!(inbox.close_sender(sender(i), 1), Ok(true));
+        }
+        assert_eq!((inbox.senders(), inbox.retired()), (SENDERS_MAX - 10, 10));
+        for i in 0..11 {
+            let msg = Msg {
+                from: Some(ServiceId::from_parts(10, i)),
+                seq: 1,
+            };
+            let taken = inbox.admit(msg, Admit::Tell);
+            if i < 10 {
+                assert_eq!(taken, Ok(true));
+                assert!(inbox.pop().0.is_some());
+            } else {
+                assert!(matches!(
+                    taken,
+                    Err((DeliveryError::TooManySenders { .. }, _))
+                ));
+            }
+        }
+        assert_eq!((inbox.senders(), inbox.retired()), (SENDERS_MAX, 0));
     }
 
     #[test]

@@ -297,6 +297,20 @@ pub enum Frame<'a> {
     /// `tables` says (see [`crate::snapshot`]). They travel apart from the header so that a
     /// service with many senders, a large book or many timers fits any frame bound.
     SnapTables(crate::snapshot::Tables),
+    /// Data stream: sender `from` has stopped, and `last` is the last number it sent to `to`.
+    /// The receiver's window for it goes once it has passed `last`
+    /// ([`crate::inbox::Inbox::close_sender`]). Sent by the node where the sender stopped, to
+    /// where it believes `to` is; handed on like a skip.
+    Closed {
+        /// Target.
+        to: ServiceId,
+        /// The stopped sender.
+        from: ServiceId,
+        /// Its last number to `to`.
+        last: u64,
+        /// Nodes it has been handed on by (bounded by `forward::SKIP_HOPS_MAX`).
+        hops: u8,
+    },
 }
 
 impl Frame<'_> {
@@ -327,6 +341,7 @@ impl Frame<'_> {
             Frame::Members { .. } => "members",
             Frame::Handled { .. } => "handled",
             Frame::Gap { .. } => "gap",
+            Frame::Closed { .. } => "closed",
         }
     }
 }

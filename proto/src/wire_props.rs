@@ -231,6 +231,7 @@ enum Owned {
     Fence(ServiceId, u64),
     Handled(Vec<(ServiceId, ServiceId, u64)>),
     Gap(ServiceId, ServiceId, u64),
+    Closed(ServiceId, ServiceId, u64, u8),
     Mig(MigMsg),
     Begin(SnapHeader),
     State(Vec<u8>),
@@ -275,6 +276,12 @@ impl Owned {
                 from: *from,
                 through: *through,
             },
+            Owned::Closed(to, from, last, hops) => Frame::Closed {
+                to: *to,
+                from: *from,
+                last: *last,
+                hops: *hops,
+            },
             Owned::Mig(m) => Frame::Mig(m.clone()),
             Owned::Begin(h) => Frame::SnapBegin(Box::new(h.clone())),
             Owned::State(b) => Frame::SnapState { bytes: b },
@@ -309,6 +316,8 @@ fn owned() -> impl Strategy<Value = Owned> {
         proptest::collection::vec((service(), service(), any::<u64>()), 0..8)
             .prop_map(Owned::Handled),
         (service(), service(), any::<u64>()).prop_map(|(t, f, s)| Owned::Gap(t, f, s)),
+        (service(), service(), any::<u64>(), any::<u8>())
+            .prop_map(|(t, f, l, h)| Owned::Closed(t, f, l, h)),
         mig_msg().prop_map(Owned::Mig),
         header().prop_map(Owned::Begin),
         bytes(256).prop_map(Owned::State),

@@ -315,6 +315,17 @@ fn handle_frame(
         (StreamKind::Data, Frame::Gap { to, from, through }) => {
             node.apply_gap(to, from, through);
         }
+        (
+            StreamKind::Data,
+            Frame::Closed {
+                to,
+                from,
+                last,
+                hops,
+            },
+        ) => {
+            node.apply_closed(to, from, last, hops);
+        }
         (StreamKind::Control, Frame::Handled { marks }) => {
             {
                 // What local senders sent to services there: outgoing traffic.

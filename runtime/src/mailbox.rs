@@ -322,6 +322,12 @@ impl<M> Mailbox<M> {
         })
     }
 
+    /// Sender `from` stopped after sending `last` here: its window goes once passed
+    /// (`Inbox::close_sender`).
+    pub fn close_sender(&self, from: ServiceId, last: u64) -> Result<(), NotNow> {
+        lock(&self.state).close_sender(from, last).map(|_| ())
+    }
+
     /// Closes the mailbox and returns what was still queued, oldest first.
     pub fn close(&self) -> Vec<Envelope<M>> {
         let rest = lock(&self.state).close();
@@ -337,7 +343,13 @@ impl<M> Mailbox<M> {
 
 /// A commit's leftovers, encoded: each message, or why it could not be encoded; then the
 /// numbers refused since the snapshot, `(sender, seq)`.
-pub(crate) type EncodedLeftovers = (Vec<Result<CarriedMsg, Box<Refusal>>>, Vec<(ServiceId, u64)>);
+/// A commit's leftovers, encoded: the messages, the skipped numbers, and the closes of stopped
+/// senders (`(sender, last)`) that the target applies again.
+pub(crate) type EncodedLeftovers = (
+    Vec<Result<CarriedMsg, Box<Refusal>>>,
+    Vec<(ServiceId, u64)>,
+    Vec<(ServiceId, u64)>,
+);
 
 /// A message refused after it was accepted elsewhere (parked at a restored copy, forwarded),
 /// described without its type so the node can tell its sender.
@@ -440,6 +452,10 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn skip(&self, from: ServiceId, seq: u64) -> Result<(), NotHere>;
     /// See [`Mailbox::skip_through`].
     fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow>;
+    /// See [`Mailbox::close_sender`].
+    fn close_sender(&self, from: ServiceId, last: u64) -> Result<(), NotNow>;
+    /// Senders the mailbox keeps a receive window for.
+    fn senders(&self) -> usize;
     /// See [`Mailbox::take_handled`].
     fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)>;
     /// Asks the runner to freeze after the message in hand.
@@ -580,7 +596,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
             .chain(left.early)
             .map(|env| encode_envelope(&env).map_err(|e| Box::new(env.refusal(e))))
             .collect();
-        (msgs, left.skipped)
+        (msgs, left.skipped, left.closing)
     }
 
     fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError> {
@@ -601,6 +617,14 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn skip_through(&self, from: ServiceId, through: u64) -> Result<(), NotNow> {
         Mailbox::skip_through(self, from, through)
+    }
+
+    fn close_sender(&self, from: ServiceId, last: u64) -> Result<(), NotNow> {
+        Mailbox::close_sender(self, from, last)
+    }
+
+    fn senders(&self) -> usize {
+        lock(&self.state).senders()
     }
 
     fn take_handled(&self) -> Vec<(ServiceId, u64, Option<NodeName>)> {

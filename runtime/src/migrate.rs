@@ -950,7 +950,12 @@ impl Driver {
         let retiring = node.slot(service);
         let forwarded = match &retiring {
             Some(slot) => {
-                let (encoded, skipped) = slot.retire_encoded(to.clone(), epoch);
+                let (encoded, skipped, closing) = slot.retire_encoded(to.clone(), epoch);
+                // Stopped senders' closes follow the service (on the data link; a close waits
+                // at the target until it applies).
+                for (from, last) in closing {
+                    node.send_closed(&to, service, (from, last), 0);
+                }
                 let n = encoded.len();
                 let mut msgs = Vec::with_capacity(n);
                 for m in encoded {

@@ -130,6 +130,10 @@ pub struct ServiceInfo {
     pub mailbox_depth: usize,
     /// Mailbox bound.
     pub mailbox_capacity: usize,
+    /// Senders its mailbox keeps a receive window for (at most
+    /// `tern_proto::inbox::SENDERS_MAX`). A stopped sender's window goes once everything it
+    /// sent here was taken or refused.
+    pub sender_windows: usize,
     /// Its parent in an assembly tree.
     pub parent: Option<ServiceId>,
     /// Its epoch: how many times it has migrated.
@@ -384,7 +388,7 @@ pub(crate) struct NodeShared {
     channels: Mutex<IdMap<Arc<dyn AnyChannel>>>,
     /// Gaps that reached a service while its windows were busy (frozen, moving, a copy not
     /// yet started): `(to, from, through)`, tried again on every progress tick.
-    gaps_pending: Mutex<VecDeque<(ServiceId, ServiceId, u64)>>,
+    gaps_pending: Mutex<VecDeque<Pending>>,
     /// Services with confirmations to report on the next progress tick (each at most once
     /// per tick: a mailbox adds itself when its first unreported mark appears).
     handled_pending: Mutex<Vec<ServiceId>>,
@@ -412,6 +416,16 @@ impl Halted {
 /// Gaps kept waiting for a busy service; past this the oldest is dropped and logged (its
 /// sender's later messages then wait in the window and are refused when it fills).
 const GAPS_PENDING_MAX: usize = 4096;
+
+/// A gap or a stopped sender's close that a mailbox could not apply yet (frozen, moving, a
+/// copy not yet started): `(to, from, number)`, tried again on the next progress tick.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pending {
+    /// Numbers of `from` up to `through` will not come (see `apply_gap`).
+    Gap(ServiceId, ServiceId, u64),
+    /// `from` stopped after sending `last`, handed on by so many nodes (see `apply_closed`).
+    Closed(ServiceId, ServiceId, u64, u8),
+}
 /// Handled marks per frame.
 const HANDLED_MARKS_PER_FRAME: usize = 4096;
 
@@ -831,8 +845,11 @@ impl NodeShared {
             self.send_handled(&origin, marks);
         }
         let pending: Vec<_> = lock(&self.gaps_pending).drain(..).collect();
-        for (to, from, through) in pending {
-            self.apply_gap(to, from, through);
+        for p in pending {
+            match p {
+                Pending::Gap(to, from, through) => self.apply_gap(to, from, through),
+                Pending::Closed(to, from, last, hops) => self.apply_closed(to, from, last, hops),
+            }
         }
     }
 
@@ -979,15 +996,7 @@ impl NodeShared {
         match self.slot(to) {
             Some(slot) => {
                 if slot.skip_through(from, through).is_err() {
-                    let mut pending = lock(&self.gaps_pending);
-                    if pending.len() >= GAPS_PENDING_MAX {
-                        pending.pop_front();
-                        drop(pending);
-                        self.logs
-                            .event("gap-dropped", format!("for {to}: too many waiting"));
-                        pending = lock(&self.gaps_pending);
-                    }
-                    pending.push_back((to, from, through));
+                    self.wait_pending(Pending::Gap(to, from, through));
                 }
             }
             None => {
@@ -995,6 +1004,82 @@ impl NodeShared {
                     self.send_gap(&at, to, from, through);
                 }
             }
+        }
+    }
+
+    /// Keeps a gap or a close for the next progress tick (bounded: past
+    /// `GAPS_PENDING_MAX` the oldest goes, with an event).
+    fn wait_pending(&self, p: Pending) {
+        let mut pending = lock(&self.gaps_pending);
+        if pending.len() >= GAPS_PENDING_MAX {
+            let dropped = pending.pop_front();
+            drop(pending);
+            self.logs
+                .event("gap-dropped", format!("{dropped:?}: too many waiting"));
+            pending = lock(&self.gaps_pending);
+        }
+        pending.push_back(p);
+    }
+
+    /// Local service `from` stopped for good: every service it sent to hears its last number
+    /// there, so that the receiver's window for it can go (`Inbox::close_sender`). Sent where
+    /// this node believes each receiver is, as a refusal's skip is.
+    pub fn sender_stopped(self: &Arc<Self>, from: ServiceId, sent: &[(ServiceId, u64)]) {
+        for (to, last) in sent {
+            let chan = lock(&self.channels).get(to).map(|c| c.location());
+            let at = tern_proto::forward::newest_location(chan, self.driver.location(*to));
+            match at {
+                Some(at) => self.send_closed(&at, *to, (from, *last), 0),
+                None => self.apply_closed(*to, from, *last, 0),
+            }
+        }
+    }
+
+    /// Tells node `at` (perhaps this one) that sender `from` stopped after number `last` to
+    /// `to`; `hops` nodes handed the close on so far.
+    pub fn send_closed(
+        self: &Arc<Self>,
+        at: &NodeName,
+        to: ServiceId,
+        (from, last): (ServiceId, u64),
+        hops: u8,
+    ) {
+        if at == &self.name {
+            return self.apply_closed(to, from, last, hops);
+        }
+        let Some(link) = self.links.get(at) else {
+            return self.logs.event("close-lost", format!("to {at}: no link"));
+        };
+        let frame = Frame::Closed {
+            to,
+            from,
+            last,
+            hops,
+        };
+        if let Err(e) = link.data.push(&link.name, &frame) {
+            self.logs.event("close-lost", format!("to {at}: {e}"));
+        }
+    }
+
+    /// A stopped sender's close for service `to`: applied to its mailbox here, kept for the
+    /// next tick while it cannot be, or handed on as a skip is (the tombstone, else the
+    /// directory; `tern_proto::forward::skip_next_hop`). A close that finds nowhere to go only
+    /// leaves a window in place.
+    pub fn apply_closed(self: &Arc<Self>, to: ServiceId, from: ServiceId, last: u64, hops: u8) {
+        if let Some(slot) = self.slot(to) {
+            if slot.close_sender(from, last).is_err() {
+                self.wait_pending(Pending::Closed(to, from, last, hops));
+            }
+            return;
+        }
+        let tomb = self.driver.tombstone(to).map(|(at, _)| at);
+        let known = self.driver.location(to).map(|(at, _)| at);
+        match tern_proto::forward::skip_next_hop(&self.name, tomb, known, hops) {
+            Some(at) => self.send_closed(&at, to, (from, last), hops.saturating_add(1)),
+            None => self.logs.event(
+                "close-lost",
+                format!("of {from} to {to}: not here, no tombstone or location, or {hops} hops"),
+            ),
         }
     }
 
@@ -1092,21 +1177,25 @@ impl NodeShared {
 
     /// Every local service, with its mailbox, parent and epoch.
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
-        let local: Vec<(ServiceAddr, usize, usize)> = self.registry.with_all(|services| {
+        let local: Vec<(ServiceAddr, [usize; 3])> = self.registry.with_all(|services| {
             services
                 .values()
-                .map(|s| (s.addr.clone(), s.slot.depth(), s.slot.capacity()))
+                .map(|s| {
+                    let sizes = [s.slot.depth(), s.slot.capacity(), s.slot.senders()];
+                    (s.addr.clone(), sizes)
+                })
                 .collect()
         });
         // Parents and epochs are read outside the registry's lock (other subsystems).
         local
             .into_iter()
-            .map(|(addr, depth, capacity)| ServiceInfo {
+            .map(|(addr, [depth, capacity, senders])| ServiceInfo {
                 parent: self.parent_of(addr.id),
                 epoch: self.driver.epoch(addr.id).unwrap_or(0),
                 addr,
                 mailbox_depth: depth,
                 mailbox_capacity: capacity,
+                sender_windows: senders,
             })
             .collect()
     }

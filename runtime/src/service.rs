@@ -841,6 +841,7 @@ fn serve<S: Service>(
         match stopped {
             Ok(()) => {
                 let id = ctx.id();
+                sender_stopped(&ctx);
                 ctx.node
                     .service_stopped(id, rest, DeliveryError::Stopped { id });
             }
@@ -980,5 +981,20 @@ fn report_panic<S: Service, M>(
         ctx.node
             .refuse_envelope_quiet(id, env.refusal(reason.clone()));
     }
+    sender_stopped(ctx);
     ctx.node.service_stopped(id, rest, reason);
+}
+
+/// The service stopped for good: each service it sent to hears its last number there, so
+/// that its window for this one can go (`tern_proto::inbox::Inbox::close_sender`).
+fn sender_stopped<S: Service>(ctx: &Ctx<S>) {
+    let sent: Vec<(ServiceId, u64)> = ctx
+        .seqs
+        .iter()
+        .filter(|(_, last)| **last > 0)
+        .map(|(to, last)| (*to, *last))
+        .collect();
+    if !sent.is_empty() {
+        ctx.node.sender_stopped(ctx.id(), &sent);
+    }
 }

@@ -17,6 +17,12 @@
 //! Handlers panic now and then (`DataPlaneConfig::panic`): restarted, as under a kind's
 //! `Restart` policy, with the message in hand reported to its sender.
 //!
+//! Each node also has a second sender that tells half as many messages and then stops: its
+//! node sends each service it told a close with its last number (`Inbox::close_sender`),
+//! handed on by tombstones and tried again while the service is mid-move, as the node does.
+//! At the end the windows of stopped senders must be gone (except where a close found nowhere
+//! to go), and none of their late copies or skips may be taken as new.
+//!
 //! Checked after every handled message: each is the next number from its sender that was not
 //! reported (FIFO, exactly once). Checked at the end, once every sender has sent a last message
 //! that waits for room (**liveness**): every sender's last message was handled, and every
@@ -99,6 +105,12 @@ pub struct DataPlaneReport {
     pub unburied: u64,
     /// Handlers that panicked (their message reported, the service restarted).
     pub panicked: u64,
+    /// Closes sent by stopped senders' nodes.
+    pub closes: u64,
+    /// Closes that found neither the service nor its tombstone.
+    pub closes_lost: u64,
+    /// Stopped senders' windows gone by the end (summed over services).
+    pub windows_retired: u64,
     /// Events processed.
     pub events: u64,
 }
@@ -161,6 +173,13 @@ enum Net {
         seq: u64,
         hops: u8,
     },
+    /// Sender `from` stopped after sending number `last` to `to`.
+    Closed {
+        to: ServiceId,
+        from: ServiceId,
+        last: u64,
+        hops: u8,
+    },
     /// Where a service is (from the source at a commit, or a tombstone's notice).
     Located {
         service: ServiceId,
@@ -205,8 +224,14 @@ enum Event {
     },
     Send {
         node: usize,
+        /// Which of the node's senders (0 lasts, 1 stops).
+        who: usize,
         service: ServiceId,
         last: bool,
+    },
+    /// The node's second sender stops.
+    Stop {
+        node: usize,
     },
     Handle {
         node: usize,
@@ -240,9 +265,10 @@ struct Node {
     hosted: BTreeMap<ServiceId, Hosted>,
     tombs: Tombstones,
     directory: BTreeMap<ServiceId, (usize, u64)>,
-    /// This node's sender: its id and next number per service.
-    sender: ServiceId,
-    next_seq: BTreeMap<ServiceId, u64>,
+    /// This node's senders (the second one stops), and the last number per (sender,
+    /// service).
+    senders: [ServiceId; 2],
+    next_seq: BTreeMap<(ServiceId, ServiceId), u64>,
     /// Per service, the delivery ledger of this node's channel to it (the node's own).
     ledgers: BTreeMap<ServiceId, Ledger>,
 }
@@ -338,7 +364,12 @@ impl Sim {
             // Were this node lost now, no number reported refused would be reported again.
             let here = self.names[node].clone();
             let reported = &self.reported[&key];
-            for (_, first, last) in l.clone().declare_lost(&here, true) {
+            for (_, first, last) in l
+                .clone()
+                .declare_lost(&here, true)
+                .into_iter()
+                .filter(|(f, _, _)| *f == from)
+            {
                 assert!(
                     !(first..=last).any(|n| reported.contains(&n)),
                     "seed {}: {to}/{from}: {first}..={last} would be declared, some reported refused already",
@@ -390,6 +421,83 @@ impl Sim {
         match skip_next_hop(&self.names[node], tomb, known, hops) {
             Some(at) => self.send_skip(node, &at, (to, from, seq), hops + 1),
             None => self.report.skips_lost += 1,
+        }
+    }
+
+    /// A stopped sender's close, as the node's `apply_closed`: applied where the service is,
+    /// tried again while it cannot be, else handed on as a skip is (`skip_next_hop`) or lost.
+    fn apply_closed(
+        &mut self,
+        node: usize,
+        to: ServiceId,
+        (from, last): (ServiceId, u64),
+        hops: u8,
+    ) {
+        let closed = Net::Closed {
+            to,
+            from,
+            last,
+            hops,
+        };
+        if let Some(h) = self.nodes[node].hosted.get_mut(&to) {
+            if h.inbox.close_sender(from, last).is_ok() {
+                return;
+            }
+            // The node's next progress tick.
+            return self.at(
+                5,
+                Event::Net {
+                    to: node,
+                    from: node,
+                    msg: closed,
+                },
+            );
+        }
+        let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
+        let known = self.nodes[node]
+            .directory
+            .get(&to)
+            .map(|(n, _)| self.names[*n].clone());
+        match skip_next_hop(&self.names[node], tomb, known, hops) {
+            Some(at) => {
+                let at = self.node_of(&at);
+                let msg = Net::Closed {
+                    to,
+                    from,
+                    last,
+                    hops: hops + 1,
+                };
+                self.net(node, at, msg);
+            }
+            None => self.report.closes_lost += 1,
+        }
+    }
+
+    /// The node's second sender stops: every service it told hears its last number there,
+    /// sent where the node believes the service is (the node's `sender_stopped`).
+    fn stop_sender(&mut self, node: usize) {
+        let from = self.nodes[node].senders[1];
+        let told: Vec<(ServiceId, u64)> = self.nodes[node]
+            .next_seq
+            .iter()
+            .filter(|((f, _), _)| *f == from)
+            .map(|((_, to), last)| (*to, *last))
+            .collect();
+        for (to, last) in told {
+            self.report.closes += 1;
+            let at = self.nodes[node].directory.get(&to).map(|(n, _)| *n);
+            match at {
+                Some(at) if at != node => {
+                    let msg = Net::Closed {
+                        to,
+                        from,
+                        last,
+                        hops: 0,
+                    };
+                    self.net(node, at, msg);
+                }
+                _ => self.apply_closed(node, to, (from, last), 0),
+            }
         }
     }
 
@@ -517,6 +625,12 @@ impl Sim {
                 seq,
                 hops,
             } => self.apply_skip(node, to, from, seq, hops),
+            Net::Closed {
+                to,
+                from,
+                last,
+                hops,
+            } => self.apply_closed(node, to, (from, last), hops),
             Net::Located {
                 service,
                 node: at,
@@ -664,6 +778,19 @@ impl Sim {
                 skipped: left.skipped,
             },
         );
+        // Stopped senders' closes follow the service, as the node's `retire` sends them.
+        for (from, last) in left.closing {
+            self.net(
+                node,
+                to,
+                Net::Closed {
+                    to: service,
+                    from,
+                    last,
+                    hops: 0,
+                },
+            );
+        }
         self.bury(node, service, epoch);
         self.learn(node, service, to, epoch);
         for peer in 0..self.nodes.len() {
@@ -731,12 +858,12 @@ impl Sim {
             .note(from, seq, &via);
     }
 
-    fn send(&mut self, node: usize, service: ServiceId, last: bool) {
+    fn send(&mut self, node: usize, who: usize, service: ServiceId, last: bool) {
         let wait = last || self.rng.chance(self.cfg.wait);
-        let from = self.nodes[node].sender;
+        let from = self.nodes[node].senders[who];
         let seq = self.nodes[node]
             .next_seq
-            .get(&service)
+            .get(&(from, service))
             .copied()
             .unwrap_or(0)
             + 1;
@@ -755,6 +882,7 @@ impl Sim {
                         2,
                         Event::Send {
                             node,
+                            who,
                             service,
                             last,
                         },
@@ -784,7 +912,7 @@ impl Sim {
                 );
             }
         }
-        self.nodes[node].next_seq.insert(service, seq);
+        self.nodes[node].next_seq.insert((from, service), seq);
         self.sent.entry((service, from)).or_default().insert(seq);
         self.report.sent += 1;
         if last {
@@ -815,7 +943,7 @@ impl Sim {
         let more = !h.inbox.is_empty();
         // The marks go to the senders' nodes at once (the node sends them every 20 ms).
         for (from, seq, _) in h.inbox.take_handled() {
-            match self.nodes.iter().position(|n| n.sender == from) {
+            match self.nodes.iter().position(|n| n.senders.contains(&from)) {
                 Some(at) if at == node => {
                     if let Some(l) = self.nodes[node].ledgers.get_mut(&service) {
                         l.settle(from, seq);
@@ -897,10 +1025,11 @@ impl Sim {
                 }
                 Event::Send {
                     node,
+                    who,
                     service,
                     last,
                 } => {
-                    self.send(node, service, last);
+                    self.send(node, who, service, last);
                     let (d, host) = (1 + self.rng.below(3), self.host_of(service));
                     self.at(
                         d,
@@ -912,11 +1041,42 @@ impl Sim {
                 }
                 Event::Handle { node, service } => self.handle(node, service),
                 Event::Migrate => self.migrate(),
+                Event::Stop { node } => self.stop_sender(node),
             }
         }
         self.report.events = steps;
+        self.report.windows_retired = self.windows_retired()?;
         self.check()?;
         Ok(self.report)
+    }
+
+    /// Stopped senders' windows gone by the end: every stopped sender that told a service
+    /// must have no window left there, unless a close was lost (then at most that many stay).
+    fn windows_retired(&self) -> Result<u64, String> {
+        let seed = self.report.seed;
+        let (mut gone, mut left) = (0u64, Vec::new());
+        for n in &self.nodes {
+            let from = n.senders[1];
+            for ((f, to), _) in n.next_seq.iter().filter(|((f, _), _)| *f == from) {
+                let host = &self.nodes[self.host_of(*to)];
+                let Some(h) = host.hosted.get(to) else {
+                    continue;
+                };
+                // A window that passed any number expects more than 1; a retired one is gone.
+                if h.inbox.watermark(*f) == 1 {
+                    gone += 1;
+                } else {
+                    left.push((*to, *f, h.inbox.watermark(*f)));
+                }
+            }
+        }
+        if left.len() as u64 > self.report.closes_lost {
+            return Err(format!(
+                "seed {seed}: stopped senders' windows left (service, sender, watermark): {left:?}, with {} closes lost",
+                self.report.closes_lost
+            ));
+        }
+        Ok(gone)
     }
 
     fn host_of(&self, service: ServiceId) -> usize {
@@ -1002,7 +1162,10 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
             hosted: BTreeMap::new(),
             tombs: Tombstones::new(cfg.tombstones_max),
             directory: BTreeMap::new(),
-            sender: ServiceId::from_parts(i as u64 + 1, 1),
+            senders: [
+                ServiceId::from_parts(i as u64 + 1, 1),
+                ServiceId::from_parts(i as u64 + 1, 2),
+            ],
             next_seq: BTreeMap::new(),
             ledgers: BTreeMap::new(),
         })
@@ -1054,6 +1217,20 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
                     t,
                     Event::Send {
                         node,
+                        who: 0,
+                        service: *s,
+                        last: false,
+                    },
+                );
+            }
+            // The second sender: half as many, in the first half, then it stops.
+            for _ in 0..cfg.msgs_per_sender / 2 {
+                let t = sim.rng.below(span / 2);
+                sim.at(
+                    t,
+                    Event::Send {
+                        node,
+                        who: 1,
                         service: *s,
                         last: false,
                     },
@@ -1064,11 +1241,13 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
                 span + 4 * cfg.delay_max + 50,
                 Event::Send {
                     node,
+                    who: 0,
                     service: *s,
                     last: true,
                 },
             );
         }
+        sim.at(span / 2, Event::Stop { node });
     }
     for _ in 0..cfg.migrations {
         let t = sim.rng.below(span);

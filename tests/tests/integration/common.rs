@@ -144,7 +144,46 @@ pub fn register_test_kinds(node: &tern::NodeHandle) {
         .register::<Tally>()
         .register::<Relay>()
         .register::<SpeakerRelay>()
-        .register::<DisplayRelay>();
+        .register::<DisplayRelay>()
+        .register::<Burst>();
+}
+
+/// Tells the [`tern_actors::SeqSink`] in its book under `"sink"` a burst of numbered messages
+/// (as `name`), then stops for good.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Burst {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BurstMsg {
+    /// Tell `count` messages, waiting for room, then stop.
+    Go { count: u64 },
+}
+
+impl Service for Burst {
+    type Msg = BurstMsg;
+    const KIND: &'static str = "test-burst";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: BurstMsg, ctx: &mut Ctx<Self>) {
+        let BurstMsg::Go { count } = msg;
+        match ctx.book_ref::<tern_actors::SeqSink>("sink") {
+            Ok(sink) => {
+                for seq in 1..=count {
+                    let m = tern_actors::SinkMsg::Record {
+                        sender: self.name.clone(),
+                        seq,
+                    };
+                    if let Err(e) = ctx.tell_wait(&sink, m).await {
+                        tracing::warn!(error = %e, "burst tell failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "no sink in book"),
+        }
+        ctx.stop();
+    }
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);

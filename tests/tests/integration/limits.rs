@@ -1,13 +1,15 @@
 //! Node limits at their bounds: each has a defined behaviour, an error that says which limit,
 //! and the node goes on (docs/limits.md lists them all).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
-use tern::{AbortReason, Error, Limits, MigrateOptions};
+use tern::{AbortReason, Error, Limits, MigrateOptions, NodeHandle};
+use tern_actors::{SeqSink, SinkMsg};
 use tern_harness::{block_on, wait_for, Cluster};
 
-use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+use crate::common::{connected, register_test_kinds, Burst, BurstMsg, Slow, SlowMsg, SECS_10};
 
 #[test]
 fn a_full_service_table_refuses_spawns_and_migrations_and_the_service_stays_put() -> Result<()> {
@@ -102,6 +104,68 @@ fn the_tombstone_table_forgets_its_oldest_past_its_bound() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
     std::thread::sleep(Duration::from_millis(10));
+    c.shutdown();
+    Ok(())
+}
+
+/// A sender that stops leaves no receive window behind: its node tells each receiver its last
+/// number, and the window goes once everything it sent is in, also when the receiver moved
+/// while their messages were on their way. Every message arrives once, in order, and traffic
+/// flows on afterwards.
+#[test]
+fn stopped_senders_leave_no_window_behind_even_across_a_move() -> Result<()> {
+    let c = connected(&["a", "b", "c"])?;
+    let (a, b, cn) = (
+        c.node("a").clone(),
+        c.node("b").clone(),
+        c.node("c").clone(),
+    );
+    let sink = b.spawn(SeqSink::default())?;
+    let windows = |n: &NodeHandle| {
+        n.services()
+            .into_iter()
+            .find(|s| s.addr.id == sink.id())
+            .map(|s| s.sender_windows)
+    };
+    let mut sent = BTreeMap::new();
+    let mut burst = |n: &NodeHandle, name: String, count: u64| -> Result<()> {
+        let s = n.spawn(Burst { name: name.clone() })?;
+        n.book_insert(s.addr(), "sink", sink.addr())?;
+        s.tell(BurstMsg::Go { count })?;
+        sent.insert(name, count);
+        Ok(())
+    };
+    // Remote senders on a, local ones on b; the sink moves to c while they send.
+    for i in 0..8 {
+        burst(&a, format!("a{i}"), 300)?;
+    }
+    for i in 0..4 {
+        burst(&b, format!("b{i}"), 300)?;
+    }
+    block_on(async {
+        let r = b.migrate(sink.id(), "c", MigrateOptions::default()).await?;
+        assert!(r.committed(), "{r:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    wait_for(SECS_10, "every stopped sender's window at c to go", || {
+        windows(&cn) == Some(0)
+    })?;
+    // A sender that comes after is served, and its window goes too.
+    burst(&a, "late".into(), 50)?;
+    let total: u64 = sent.values().sum();
+    let report = |sink: &tern::ServiceRef<SeqSink>| block_on(sink.ask(SinkMsg::Report, SECS_10));
+    wait_for(SECS_10, "every message at the sink", || {
+        report(&sink).is_ok_and(|r| r.received() >= total)
+    })?;
+    let verdict = report(&sink)?.verdict(&sent);
+    assert!(
+        verdict.is_clean() && verdict.received == total,
+        "{verdict:?}"
+    );
+    // What stays is the window of the handle that asked for the reports: it has not stopped.
+    wait_for(SECS_10, "the late sender's window to go", || {
+        windows(&cn) == Some(1)
+    })?;
     c.shutdown();
     Ok(())
 }

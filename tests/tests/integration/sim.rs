@@ -161,7 +161,8 @@ fn groups_with_crashes_never_make_two_instances() {
 
 /// The data plane the node runs (`tern_proto::inbox::Inbox`), under moves, aborts, tiny
 /// mailboxes, tombstone eviction and fences, and reordering: every message handled once in order or
-/// reported, and every sender's channel delivers again once the moves stop.
+/// reported, and every sender's channel delivers again once the moves stop. Senders that stop
+/// leave no window behind (except where their close found nowhere to go).
 #[test]
 fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     use tern_harness::dataplane::{run as run_dp, DataPlaneConfig};
@@ -207,12 +208,15 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
         total(|r| r.unburied),
         total(|r| r.panicked),
+        total(|r| r.closes),
+        total(|r| r.closes_lost),
+        total(|r| r.windows_retired),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
@@ -220,5 +224,12 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         assert!(reported > 0 && committed > 0 && aborted > 0);
         assert!(total(|r| r.handed_on) > 0 && total(|r| r.unburied) > 0);
         assert!(total(|r| r.panicked) > 0);
+        // Stopped senders' windows went: all but where a close was lost.
+        let (closes, lost, gone) = (
+            total(|r| r.closes),
+            total(|r| r.closes_lost),
+            total(|r| r.windows_retired),
+        );
+        assert!(closes > 0 && gone + lost >= closes && gone > closes * 9 / 10);
     }
 }
