@@ -80,8 +80,9 @@ pub struct MemberInfo {
     pub rebalancing: bool,
     /// The prefix of the ids it makes (a handle's sender id made there starts with it).
     pub id_prefix: u64,
-    /// Services it hosts (at most [`GOSSIP_SERVICES_MAX`]): id, kind, pinned.
-    pub services: Vec<(ServiceId, KindKey, bool)>,
+    /// Services it hosts (at most [`GOSSIP_SERVICES_MAX`]): id, kind, pinned, and the epoch it
+    /// hosts it at (a channel follows gossip only to a place at least as new as its own).
+    pub services: Vec<(ServiceId, KindKey, bool, u64)>,
     /// Its heaviest observed traffic edges (at most [`GOSSIP_EDGES_MAX`]).
     pub edges: Vec<EdgeRate>,
     /// When this run of the node started (ms since the Unix epoch): a restarted node is a

@@ -73,6 +73,9 @@ impl Host for NodeShared {
     fn link_down(self: &Arc<Self>, peer: &NodeName, left: bool) {
         self.member_down(peer, left);
         self.driver.link_lost(self, peer);
+        // Channels pointing at it follow gossip first, so that the gaps the ledgers send go
+        // where the services are.
+        self.follow_gossip_away_from(peer);
         self.declare_lost(peer);
         let failed = self
             .asks

@@ -67,15 +67,17 @@ impl Members {
         }
     }
 
-    /// The first member up (by name) whose last list holds `id`.
-    fn hosting(&self, id: ServiceId) -> Option<NodeName> {
+    /// The member up whose last list holds `id` at the newest epoch (the first by name among
+    /// equals), with that epoch.
+    fn hosting(&self, id: ServiceId) -> Option<(NodeName, u64)> {
         self.others
             .iter()
-            .filter(|(_, (i, st, _))| {
-                *st == MemberStatus::Up && i.services.iter().any(|(s, _, _)| *s == id)
+            .filter(|(_, (_, st, _))| *st == MemberStatus::Up)
+            .filter_map(|(n, (i, _, _))| {
+                let found = i.services.iter().find(|(s, _, _, _)| *s == id);
+                found.map(|(_, _, _, e)| (n.clone(), *e))
             })
-            .map(|(n, _)| n.clone())
-            .min()
+            .min_by(|(na, ea), (nb, eb)| eb.cmp(ea).then_with(|| na.cmp(nb)))
     }
 
     /// What `name` offered when last heard of (without copying the rest of the table).
@@ -98,6 +100,15 @@ impl Members {
         self.others
             .get(name)
             .is_some_and(|(_, st, _)| matches!(st, MemberStatus::Lost | MemberStatus::Left))
+    }
+
+    /// The members that left or were lost and have not been heard from directly since.
+    fn gone(&self) -> Vec<NodeName> {
+        self.others
+            .iter()
+            .filter(|(_, (_, st, _))| matches!(st, MemberStatus::Lost | MemberStatus::Left))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub fn set_status(&mut self, name: &NodeName, status: MemberStatus) {
@@ -200,6 +211,7 @@ impl NodeShared {
         let mut changed = Vec::new();
         let mut new_peers = Vec::new();
         let mut restarted = Vec::new();
+        let mut hosts_changed = false;
         {
             let mut m = lock(&self.members);
             for mut info in nodes.into_iter().take(max + 1) {
@@ -216,6 +228,10 @@ impl NodeShared {
                 {
                     restarted.push(info.name.clone());
                 }
+                hosts_changed |= m
+                    .others
+                    .get(&info.name)
+                    .is_none_or(|(i, _, _)| i.services != info.services);
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {
                     if let Some(a) = addr {
@@ -243,6 +259,17 @@ impl NodeShared {
         for name in restarted {
             self.peer_restarted(&name);
         }
+        // Gossip may have just said where a service went whose channel points at a gone node.
+        if hosts_changed {
+            for gone in self.members_gone() {
+                self.follow_gossip_away_from(&gone);
+            }
+        }
+    }
+
+    /// The members that left or were lost (and have not spoken for themselves since).
+    pub fn members_gone(&self) -> Vec<NodeName> {
+        lock(&self.members).gone()
     }
 
     /// True when `name` left or was lost (and has not spoken for itself since).
@@ -264,8 +291,13 @@ impl NodeShared {
         );
     }
 
-    /// The member whose gossip lists `id` among its services.
+    /// The member whose gossip lists `id` among its services (at the newest epoch).
     pub fn hosting_member(&self, id: ServiceId) -> Option<NodeName> {
+        lock(&self.members).hosting(id).map(|(n, _)| n)
+    }
+
+    /// [`hosting_member`](Self::hosting_member), with the epoch its gossip gave.
+    pub fn hosting_member_at(&self, id: ServiceId) -> Option<(NodeName, u64)> {
         lock(&self.members).hosting(id)
     }
 

@@ -425,7 +425,16 @@ pub(crate) enum Pending {
     Gap(ServiceId, ServiceId, u64),
     /// `from` stopped after sending `last`, handed on by so many nodes (see `apply_closed`).
     Closed(ServiceId, ServiceId, u64, u8),
+    /// A declared gap whose service's place had no link: routed again, at most
+    /// `GAP_ROUTE_TRIES` times (see `route_gap`).
+    Route(ServiceId, ServiceId, u64, u16),
+    /// A refused number's skip whose service's place had no link (see `route_skip`).
+    Skip(ServiceId, ServiceId, u64, u16),
 }
+
+/// Progress ticks a declared gap waits for a place to send it to (about 12 s at 20 ms a tick):
+/// a channel pointing at a lost node follows gossip once gossip lists the service elsewhere.
+const GAP_ROUTE_TRIES: u16 = 600;
 /// Handled marks per frame.
 const HANDLED_MARKS_PER_FRAME: usize = 4096;
 
@@ -624,6 +633,39 @@ impl NodeShared {
         Ok(chan)
     }
 
+    /// Channels pointing at `gone`, a node that left or was lost, follow membership gossip
+    /// when another node lists the service: the `Located` a crashed node was sending when it
+    /// died never comes, and without this the channel's next message would be refused first.
+    /// Returns how many moved.
+    pub fn follow_gossip_away_from(&self, gone: &NodeName) -> usize {
+        let chans: Vec<(ServiceId, Arc<dyn AnyChannel>)> = lock(&self.channels)
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect();
+        let mut moved = 0;
+        for (id, chan) in chans {
+            let (points, epoch) = chan.location();
+            if points != *gone {
+                continue;
+            }
+            // Only to a place at least as new as the channel's: gossip may be older.
+            let Some((n, e)) = self
+                .hosting_member_at(id)
+                .filter(|(n, e)| n != gone && *e >= epoch)
+            else {
+                continue;
+            };
+            if chan.relocate(self, &n, e) {
+                moved += 1;
+                self.logs.event(
+                    "channel-followed",
+                    format!("service {id}: {gone} is gone; gossip says {n} hosts it"),
+                );
+            }
+        }
+        moved
+    }
+
     /// Node `at` said service `id` is not known there: if this node's channel points there
     /// and the directory or membership gossip knows another place, the channel goes there (a
     /// handle whose tombstone was evicted follows the service again). True if it moved.
@@ -635,12 +677,13 @@ impl NodeShared {
         if points != *at {
             return false;
         }
+        // Gossip only to a place at least as new as the channel's: a refusal may be about a
+        // message sent long ago, and gossip may be older than the channel.
         let elsewhere = match self.driver.location(id) {
             Some((n, e)) if n != *at => Some((n, e.max(epoch))),
             _ => self
-                .hosting_member(id)
-                .filter(|n| n != at)
-                .map(|n| (n, epoch)),
+                .hosting_member_at(id)
+                .filter(|(n, e)| n != at && *e >= epoch),
         };
         match elsewhere {
             Some((n, e)) => {
@@ -744,14 +787,32 @@ impl NodeShared {
     pub fn skip_refused(&self, to: ServiceId, from: ServiceId, seq: u64) {
         let chan = lock(&self.channels).get(&to).cloned();
         // Reported already: a node lost later does not report it again.
-        let chan = chan.map(|c| {
+        if let Some(c) = chan {
             c.refused(from, seq);
-            c.location()
-        });
+        }
+        self.route_skip(to, from, seq, 0);
+    }
+
+    /// Sends the skip of number `seq` of `from` to where this node believes service `to` is.
+    /// While that is a node with no link (a lost node, until gossip says where the service
+    /// went), it waits for the next tick, `GAP_ROUTE_TRIES` times at most: a skip dropped
+    /// there would leave its number a hole the live window waits on.
+    pub fn route_skip(&self, to: ServiceId, from: ServiceId, seq: u64, tries: u16) {
+        let chan = lock(&self.channels).get(&to).map(|c| c.location());
         let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
         match at {
-            Some(at) if at != self.name => self.send_skips(to, &at, &[(from, seq)], 0),
-            _ => self.apply_skip(to, from, seq, 0),
+            Some(at) if at == self.name => self.apply_skip(to, from, seq, 0),
+            Some(at) if self.links.get(&at).is_some() => {
+                self.send_skips(to, &at, &[(from, seq)], 0)
+            }
+            Some(_) if tries < GAP_ROUTE_TRIES => {
+                self.wait_pending(Pending::Skip(to, from, seq, tries + 1))
+            }
+            Some(at) => self.logs.event(
+                "skip-lost",
+                format!("number {seq} of {from} to {to}: no link to {at}"),
+            ),
+            None => self.apply_skip(to, from, seq, 0),
         }
     }
 
@@ -849,6 +910,10 @@ impl NodeShared {
             match p {
                 Pending::Gap(to, from, through) => self.apply_gap(to, from, through),
                 Pending::Closed(to, from, last, hops) => self.apply_closed(to, from, last, hops),
+                Pending::Route(to, from, through, tries) => {
+                    self.route_gap(to, from, through, tries)
+                }
+                Pending::Skip(to, from, seq, tries) => self.route_skip(to, from, seq, tries),
             }
         }
     }
@@ -950,7 +1015,7 @@ impl NodeShared {
                 });
                 tracing::warn!(service = %r.service, sender = %r.sender, first = r.first,
                     last = r.last, node = %lost, "messages declared lost");
-                self.send_gap(&r.now_at, r.service, r.sender, r.last);
+                self.route_gap(r.service, r.sender, r.last, 0);
             }
         }
         let dropped = self.forget_tree_edges_at(lost);
@@ -988,6 +1053,25 @@ impl NodeShared {
             .push(&link.name, &Frame::Gap { to, from, through })
         {
             self.logs.event("gap-lost", format!("to {at}: {e}"));
+        }
+    }
+
+    /// Sends a declared gap to where this node believes service `to` is (its channel or, when
+    /// newer, the directory). While that is a node with no link (the lost node itself, until
+    /// gossip says where the service went), it waits for the next tick, `tries` times at most.
+    pub fn route_gap(self: &Arc<Self>, to: ServiceId, from: ServiceId, through: u64, tries: u16) {
+        let chan = lock(&self.channels).get(&to).map(|c| c.location());
+        let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
+        match at {
+            Some(at) if at == self.name => self.apply_gap(to, from, through),
+            Some(at) if self.links.get(&at).is_some() => self.send_gap(&at, to, from, through),
+            _ if tries < GAP_ROUTE_TRIES => {
+                self.wait_pending(Pending::Route(to, from, through, tries + 1))
+            }
+            _ => self.logs.event(
+                "gap-dropped",
+                format!("numbers of {from} to {to} up to {through}: no place to send them"),
+            ),
         }
     }
 
@@ -1161,17 +1245,25 @@ impl NodeShared {
         })
     }
 
-    /// Up to `max` local services: id, kind, pinned.
-    pub fn hosted_list(&self, max: usize) -> Vec<(ServiceId, KindKey, bool)> {
+    /// Up to `max` local services: id, kind, pinned, epoch.
+    pub fn hosted_list(&self, max: usize) -> Vec<(ServiceId, KindKey, bool, u64)> {
         let pins = self.placement.pins();
-        let mut out: Vec<(ServiceId, KindKey, bool)> = self.registry.with_all(|services| {
+        let hosted: Vec<(ServiceId, KindKey)> = self.registry.with_all(|services| {
             services
                 .values()
                 .take(max)
-                .map(|s| (s.addr.id, s.addr.kind.clone(), pins.contains(&s.addr.id)))
+                .map(|s| (s.addr.id, s.addr.kind.clone()))
                 .collect()
         });
-        out.sort_by_key(|(id, _, _)| *id);
+        // Epochs are read outside the registry's lock (the core is another subsystem).
+        let mut out: Vec<(ServiceId, KindKey, bool, u64)> = hosted
+            .into_iter()
+            .map(|(id, kind)| {
+                let epoch = self.driver.epoch(id).unwrap_or(0);
+                (id, kind, pins.contains(&id), epoch)
+            })
+            .collect();
+        out.sort_by_key(|(id, _, _, _)| *id);
         out
     }
 

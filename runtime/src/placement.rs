@@ -96,7 +96,11 @@ impl NodeShared {
                     .map(|a| (a.id, a.kind, pins.contains(&a.id)))
                     .collect()
             } else if up {
-                m.info.services.clone()
+                m.info
+                    .services
+                    .iter()
+                    .map(|(id, kind, pinned, _)| (*id, kind.clone(), *pinned))
+                    .collect()
             } else {
                 Vec::new()
             };

@@ -23,10 +23,20 @@
 //! At the end the windows of stopped senders must be gone (except where a close found nowhere
 //! to go), and none of their late copies or skips may be taken as new.
 //!
+//! Nodes crash and restart (`DataPlaneConfig::crashes`; a node that hosts no service and is no
+//! migration's target, since services are not replicated): what was on its links is lost, its
+//! tombstones, directory, ledgers and senders with it. Every other node hears of the loss after
+//! a while, as the node's `link_down` does: a migration to it aborts, each ledger declares what
+//! went there unconfirmed (reported to its sender, and a gap sent to where the service is), and
+//! sends to it are refused at once until it is back. It comes back empty, with new senders, and
+//! learns the directory as gossip would tell it.
+//!
 //! Checked after every handled message: each is the next number from its sender that was not
 //! reported (FIFO, exactly once). Checked at the end, once every sender has sent a last message
 //! that waits for room (**liveness**): every sender's last message was handled, and every
-//! message sent was handled once or reported to its sender, never both.
+//! message sent was handled once or reported to its sender, never both refused and handled. A
+//! message declared lost with a node may have been handled too (the ledger over-reports, as
+//! `docs/failures.md` says); one from a sender that died with its node may be neither.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -63,6 +73,9 @@ pub struct DataPlaneConfig {
     /// `Restart` policy): the message is reported to its sender, never handled, and the
     /// service takes the next one.
     pub panic: f64,
+    /// Node crashes tried (each restarts after a while); one happens only on a node that hosts
+    /// no service and is no migration's target.
+    pub crashes: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -78,6 +91,7 @@ impl Default for DataPlaneConfig {
             delay_max: 12,
             wait: 0.1,
             panic: 0.0,
+            crashes: 0,
         }
     }
 }
@@ -111,6 +125,19 @@ pub struct DataPlaneReport {
     pub closes_lost: u64,
     /// Stopped senders' windows gone by the end (summed over services).
     pub windows_retired: u64,
+    /// Nodes that crashed (and restarted).
+    pub crashed: u64,
+    /// Messages declared lost with a crashed node (reported to their senders).
+    pub declared: u64,
+    /// Of those, messages that were handled all the same (the ledger's over-report).
+    pub declared_handled: u64,
+    /// Messages from senders that died with their node, neither handled nor reported.
+    pub lost_with_sender: u64,
+    /// Gaps that found nowhere to go.
+    pub gaps_lost: u64,
+    /// Messages refused whose refusal report was lost with a crashed node and that were
+    /// settled as taken: neither handled nor reported (docs/failures.md).
+    pub refusals_lost: u64,
     /// Events processed.
     pub events: u64,
 }
@@ -160,6 +187,12 @@ enum Net {
         to: ServiceId,
         from: ServiceId,
         seq: u64,
+        /// Refused because the service is not known at this node (no service, no tombstone).
+        unknown_at: Option<usize>,
+    },
+    /// Membership gossip: the services the sender hosts, with their epochs.
+    Hosts {
+        services: Vec<(ServiceId, u64)>,
     },
     /// Service `to` took `from`'s messages up to `seq` (for the sender's ledger).
     Handled {
@@ -172,6 +205,12 @@ enum Net {
         from: ServiceId,
         seq: u64,
         hops: u8,
+    },
+    /// The numbers of `from` to `to` up to `through` that have not arrived never will.
+    Gap {
+        to: ServiceId,
+        from: ServiceId,
+        through: u64,
     },
     /// Sender `from` stopped after sending number `last` to `to`.
     Closed {
@@ -221,6 +260,37 @@ enum Event {
         to: usize,
         from: usize,
         msg: Net,
+        /// The incarnations of `from` and `to` when it was sent: a crash of either loses it.
+        inc: (u64, u64),
+    },
+    /// A node crashes (if it hosts nothing and is no migration's target).
+    Crash {
+        node: usize,
+    },
+    /// Node `at` hears that `lost` is gone (its link went down).
+    Lost {
+        at: usize,
+        lost: usize,
+        /// `at`'s incarnation then (a restart since forgets it).
+        at_inc: u64,
+    },
+    /// A crashed node starts again.
+    Restart {
+        node: usize,
+    },
+    /// A node's membership gossip round.
+    Gossip {
+        node: usize,
+    },
+    /// A declared gap, or a refused number's skip (`skip`), waiting for a place to go (see
+    /// `route_gap`, `route_skip`).
+    Route {
+        node: usize,
+        gap: (ServiceId, ServiceId, u64),
+        tries: u16,
+        /// `node`'s incarnation then (a crash since loses it).
+        inc: u64,
+        skip: bool,
     },
     Send {
         node: usize,
@@ -248,9 +318,10 @@ enum Phase {
         attempt: u64,
         queue: VecDeque<Msg>,
     },
-    /// Target: restored, waiting for the decision of `attempt`.
+    /// Target: restored, waiting for the decision of `attempt` from `source`.
     Prepared {
         attempt: u64,
+        source: usize,
     },
 }
 
@@ -262,6 +333,14 @@ struct Hosted {
 }
 
 struct Node {
+    /// False between a crash and the restart.
+    up: bool,
+    /// Bumped at each crash.
+    inc: u64,
+    /// Nodes this one has heard are gone and not yet back: sends to them are refused at once.
+    down: BTreeSet<usize>,
+    /// Membership gossip: which node last said it hosts each service, at which epoch.
+    gossip: BTreeMap<ServiceId, (usize, u64)>,
     hosted: BTreeMap<ServiceId, Hosted>,
     tombs: Tombstones,
     directory: BTreeMap<ServiceId, (usize, u64)>,
@@ -287,6 +366,12 @@ struct Sim {
     sent: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
     handled: BTreeMap<(ServiceId, ServiceId), Vec<u64>>,
     reported: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
+    /// Per (service, sender): numbers declared lost with a node.
+    declared: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
+    /// Senders that died with their node.
+    dead: BTreeSet<ServiceId>,
+    /// Refusal reports lost with a crashed node's links: `(service, sender, seq)`.
+    refusals_lost: BTreeSet<(ServiceId, ServiceId, u64)>,
     last: BTreeMap<(ServiceId, ServiceId), u64>,
     report: DataPlaneReport,
     migrating: bool,
@@ -308,6 +393,22 @@ impl Sim {
     }
 
     fn net(&mut self, from: usize, to: usize, msg: Net) {
+        if from != to && self.nodes[from].down.contains(&to) {
+            // No link: a message is refused to its sender at once, anything else is dropped
+            // (the node's link-down handling covers what it carried).
+            match msg {
+                Net::Deliver {
+                    to: service, msg, ..
+                } => self.refuse(from, service, &msg),
+                // The node logs `close-lost` (the window stays), `skip-lost`, `gap-dropped`.
+                Net::Closed { .. } => self.report.closes_lost += 1,
+                Net::Skip { .. } => self.report.skips_lost += 1,
+                Net::Gap { .. } => self.report.gaps_lost += 1,
+                _ => {}
+            }
+            return;
+        }
+        let inc = (self.nodes[from].inc, self.nodes[to].inc);
         let mut d = 1 + self.rng.below(self.cfg.delay_max);
         let due = self.data_due.entry((from, to)).or_default();
         match msg {
@@ -315,7 +416,19 @@ impl Sim {
             Net::Fence { .. } => d = d.max(due.saturating_sub(self.now) + 1),
             _ => {}
         }
-        self.at(d, Event::Net { to, from, msg });
+        self.at(d, Event::Net { to, from, msg, inc });
+    }
+
+    /// An event for `node` itself (a stream's retry, the next progress tick).
+    fn local(&mut self, delay: u64, node: usize, msg: Net) {
+        let inc = (self.nodes[node].inc, self.nodes[node].inc);
+        let ev = Event::Net {
+            to: node,
+            from: node,
+            msg,
+            inc,
+        };
+        self.at(delay, ev);
     }
 
     fn node_of(&self, name: &NodeName) -> usize {
@@ -334,8 +447,13 @@ impl Sim {
 
     /// A message for `to` could not be taken at `node`: its sender's node hears of it.
     fn refuse(&mut self, node: usize, to: ServiceId, msg: &Msg) {
+        self.refuse_at(node, to, msg, None);
+    }
+
+    /// A refusal; `unknown_at` when `node` knows nothing of the service.
+    fn refuse_at(&mut self, node: usize, to: ServiceId, msg: &Msg, unknown_at: Option<usize>) {
         if msg.origin == node {
-            self.refused_here(node, to, msg.from, msg.seq);
+            self.refused_here(node, to, (msg.from, msg.seq), unknown_at);
         } else {
             self.net(
                 node,
@@ -344,13 +462,33 @@ impl Sim {
                     to,
                     from: msg.from,
                     seq: msg.seq,
+                    unknown_at,
                 },
             );
         }
     }
 
-    /// The sender's node records a refusal and closes the number where the service is.
-    fn refused_here(&mut self, node: usize, to: ServiceId, from: ServiceId, seq: u64) {
+    /// The sender's node records a refusal and closes the number where the service is. A
+    /// refusal from a node that does not know the service makes the directory follow
+    /// membership gossip, as the node's `not_known_at` repoints its channel.
+    fn refused_here(
+        &mut self,
+        node: usize,
+        to: ServiceId,
+        (from, seq): (ServiceId, u64),
+        unknown_at: Option<usize>,
+    ) {
+        if let Some(at) = unknown_at {
+            // Only to a place at least as new as the directory's (`not_known_at`).
+            let n = &self.nodes[node];
+            let points = n.directory.get(&to).copied();
+            let hosting = n.gossip.get(&to).copied().filter(|(g, _)| *g != at);
+            if let (Some((p, epoch)), Some((g, e))) = (points, hosting) {
+                if p == at && e >= epoch {
+                    self.learn(node, to, g, e);
+                }
+            }
+        }
         let key = (to, from);
         let fresh = self.reported.entry(key).or_default().insert(seq);
         assert!(
@@ -377,12 +515,41 @@ impl Sim {
                 );
             }
         }
+        self.route_skip(node, (to, from, seq), 0);
+    }
+
+    /// The skip of a refused number goes where `node` believes the service is, as the node's
+    /// `route_skip`: while that is a node known gone, it waits for the next tick (a bounded
+    /// number of times) for gossip to say where the service went.
+    fn route_skip(
+        &mut self,
+        node: usize,
+        (to, from, seq): (ServiceId, ServiceId, u64),
+        tries: u16,
+    ) {
         let dir = self.nodes[node]
             .directory
             .get(&to)
             .map(|(n, e)| (self.names[*n].clone(), *e));
         match newest_location(None, dir) {
-            Some(at) if at != self.names[node] => self.send_skip(node, &at, (to, from, seq), 0),
+            Some(at) if at != self.names[node] => {
+                let n = self.node_of(&at);
+                if !self.nodes[node].down.contains(&n) {
+                    self.send_skip(node, &at, (to, from, seq), 0);
+                } else if tries < 600 {
+                    let inc = self.nodes[node].inc;
+                    let ev = Event::Route {
+                        node,
+                        gap: (to, from, seq),
+                        tries: tries + 1,
+                        inc,
+                        skip: true,
+                    };
+                    self.at(5, ev);
+                } else {
+                    self.report.skips_lost += 1;
+                }
+            }
             _ => self.apply_skip(node, to, from, seq, 0),
         }
     }
@@ -444,14 +611,7 @@ impl Sim {
                 return;
             }
             // The node's next progress tick.
-            return self.at(
-                5,
-                Event::Net {
-                    to: node,
-                    from: node,
-                    msg: closed,
-                },
-            );
+            return self.local(5, node, closed);
         }
         let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
         let known = self.nodes[node]
@@ -476,6 +636,9 @@ impl Sim {
     /// The node's second sender stops: every service it told hears its last number there,
     /// sent where the node believes the service is (the node's `sender_stopped`).
     fn stop_sender(&mut self, node: usize) {
+        if !self.nodes[node].up {
+            return;
+        }
         let from = self.nodes[node].senders[1];
         let told: Vec<(ServiceId, u64)> = self.nodes[node]
             .next_seq
@@ -501,6 +664,169 @@ impl Sim {
         }
     }
 
+    /// A gap, as the node's `apply_gap`: applied where the service is, tried again while it
+    /// cannot be, handed on by a tombstone, else lost.
+    fn apply_gap(&mut self, node: usize, to: ServiceId, from: ServiceId, through: u64) {
+        if let Some(h) = self.nodes[node].hosted.get_mut(&to) {
+            match h.inbox.skip_through(from, through) {
+                Ok(_) => self.at(1, Event::Handle { node, service: to }),
+                Err(_) => self.local(5, node, Net::Gap { to, from, through }),
+            }
+            return;
+        }
+        match self.tomb(node, to) {
+            Some(at) => self.net(node, at, Net::Gap { to, from, through }),
+            None => self.report.gaps_lost += 1,
+        }
+    }
+
+    /// A declared gap goes where `node` believes the service is, as the node's `route_gap`:
+    /// while that is a node known gone, it waits for the next tick (a bounded number of times)
+    /// for gossip to say where the service went.
+    fn route_gap(
+        &mut self,
+        node: usize,
+        (to, from, through): (ServiceId, ServiceId, u64),
+        tries: u16,
+    ) {
+        let n = &self.nodes[node];
+        match n.directory.get(&to).map(|(at, _)| *at) {
+            Some(at) if at == node => self.apply_gap(node, to, from, through),
+            Some(at) if !n.down.contains(&at) => self.net(node, at, Net::Gap { to, from, through }),
+            _ if tries < 600 => {
+                let ev = Event::Route {
+                    node,
+                    gap: (to, from, through),
+                    tries: tries + 1,
+                    inc: n.inc,
+                    skip: false,
+                };
+                self.at(5, ev);
+            }
+            _ => self.report.gaps_lost += 1,
+        }
+    }
+
+    /// `node` crashes, if it hosts nothing and no migration is headed there or waits for its
+    /// decision (a copy whose source died after committing is lost with it: the
+    /// migration-core simulation covers that): its state and what is on its links are lost;
+    /// the others hear of it after a while; it restarts.
+    fn crash(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        let headed = self.nodes.iter().any(|o| {
+            o.hosted.values().any(|h| match h.phase {
+                Phase::Frozen { to, .. } => to == node,
+                Phase::Prepared { source, .. } => source == node,
+                Phase::Running => false,
+            })
+        });
+        if !n.up || !n.hosted.is_empty() || headed {
+            return;
+        }
+        self.report.crashed += 1;
+        let n = &mut self.nodes[node];
+        n.up = false;
+        n.inc += 1;
+        self.dead.extend(n.senders);
+        n.tombs = Tombstones::new(self.cfg.tombstones_max);
+        n.directory.clear();
+        n.gossip.clear();
+        n.next_seq.clear();
+        n.ledgers.clear();
+        n.down.clear();
+        for at in 0..self.nodes.len() {
+            if at != node {
+                let d = 1 + self.rng.below(2 * self.cfg.delay_max);
+                let at_inc = self.nodes[at].inc;
+                self.at(
+                    d,
+                    Event::Lost {
+                        at,
+                        lost: node,
+                        at_inc,
+                    },
+                );
+            }
+        }
+        let back = 3 * self.cfg.delay_max + 10 + self.rng.below(10);
+        self.at(back, Event::Restart { node });
+    }
+
+    /// `at` hears that `lost` is gone, as the node's `link_down`: a migration to it aborts,
+    /// each ledger declares what went there unconfirmed (reported, and a gap sent to where the
+    /// service is), and sends to it are refused until it is back.
+    fn lost(&mut self, at: usize, lost: usize) {
+        // Channels pointing at it follow gossip first, so that the gaps below go where the
+        // services are.
+        let follow: Vec<(ServiceId, usize, u64)> = self.nodes[at]
+            .directory
+            .iter()
+            .filter(|(_, (n, _))| *n == lost)
+            .filter_map(|(s, (_, e))| {
+                let g = self.nodes[at].gossip.get(s).copied();
+                g.filter(|(g, ge)| *g != lost && ge >= e)
+                    .map(|(g, ge)| (*s, g, ge))
+            })
+            .collect();
+        self.nodes[at].down.insert(lost);
+        for (service, g, epoch) in follow {
+            self.learn(at, service, g, epoch);
+        }
+        let frozen: Vec<ServiceId> = self.nodes[at]
+            .hosted
+            .iter()
+            .filter(|(_, h)| matches!(h.phase, Phase::Frozen { to, .. } if to == lost))
+            .map(|(s, _)| *s)
+            .collect();
+        for service in frozen {
+            let Some(h) = self.nodes[at].hosted.get_mut(&service) else {
+                continue;
+            };
+            if let Phase::Frozen { queue, .. } = std::mem::replace(&mut h.phase, Phase::Running) {
+                h.inbox.put_back(queue);
+                self.migrating = false;
+                self.report.aborted += 1;
+                self.at(1, Event::Handle { node: at, service });
+            }
+        }
+        let name = self.names[lost].clone();
+        let services: Vec<ServiceId> = self.nodes[at].ledgers.keys().copied().collect();
+        for service in services {
+            let where_now = self.nodes[at].directory.get(&service).map(|(n, _)| *n);
+            let here = where_now == Some(lost);
+            let Some(l) = self.nodes[at].ledgers.get_mut(&service) else {
+                continue;
+            };
+            for (from, first, last) in l.declare_lost(&name, here) {
+                let key = (service, from);
+                let set = self.declared.entry(key).or_default();
+                set.extend(first..=last);
+                self.report.declared += last - first + 1;
+                self.route_gap(at, (service, from, last), 0);
+            }
+        }
+    }
+
+    /// A crashed node starts again: empty, with new senders; it learns the directory as
+    /// gossip would tell it, and the others connect to it again.
+    fn restart(&mut self, node: usize) {
+        let source = (0..self.nodes.len()).find(|i| *i != node && self.nodes[*i].up);
+        let directory = source.map_or_else(BTreeMap::new, |i| self.nodes[i].directory.clone());
+        let gossip = source.map_or_else(BTreeMap::new, |i| self.nodes[i].gossip.clone());
+        let inc = self.nodes[node].inc;
+        let n = &mut self.nodes[node];
+        n.up = true;
+        n.directory = directory;
+        n.gossip = gossip;
+        n.senders = [
+            ServiceId::from_parts(((inc << 8) | node as u64) + 1, 1),
+            ServiceId::from_parts(((inc << 8) | node as u64) + 1, 2),
+        ];
+        for o in self.nodes.iter_mut() {
+            o.down.remove(&node);
+        }
+    }
+
     fn admit(&mut self, node: usize, to: ServiceId, msg: Msg, mode: Mode) {
         let Some(h) = self.nodes[node].hosted.get_mut(&to) else {
             return self.not_here(node, to, msg, mode);
@@ -518,14 +844,7 @@ impl Sim {
             {
                 // The stream holds it and tries again when there is room.
                 let d = 1 + self.rng.below(4);
-                self.at(
-                    d,
-                    Event::Net {
-                        to: node,
-                        from: msg.origin,
-                        msg: Net::Deliver { to, msg, mode },
-                    },
-                );
+                self.local(d, node, Net::Deliver { to, msg, mode });
             }
             Err((_, msg)) => self.refuse(node, to, &msg),
         }
@@ -567,7 +886,26 @@ impl Sim {
                 let mode = Mode::Handed(hand);
                 self.net(node, at, Net::Deliver { to, msg, mode });
             }
-            None => self.refuse(node, to, &msg),
+            None => self.refuse_at(node, to, &msg, Some(node)),
+        }
+    }
+
+    /// A gossip round from `node`: every other node hears which services it hosts.
+    fn gossip(&mut self, node: usize) {
+        if !self.nodes[node].up {
+            return;
+        }
+        let services: Vec<(ServiceId, u64)> = self.nodes[node]
+            .hosted
+            .iter()
+            .filter(|(_, h)| matches!(h.phase, Phase::Running))
+            .map(|(s, h)| (*s, h.epoch))
+            .collect();
+        for to in 0..self.nodes.len() {
+            if to != node {
+                let services = services.clone();
+                self.net(node, to, Net::Hosts { services });
+            }
         }
     }
 
@@ -593,6 +931,12 @@ impl Sim {
             .or_insert((at, epoch));
         if epoch >= d.1 {
             *d = (at, epoch);
+            // The channel points there now: what it sent may be there (the node's channel
+            // repoints its ledger).
+            let name = self.names[at].clone();
+            if let Some(l) = self.nodes[node].ledgers.get_mut(&service) {
+                l.repointed(&name);
+            }
         }
     }
 
@@ -613,7 +957,28 @@ impl Sim {
     fn on_net(&mut self, node: usize, from: usize, msg: Net) {
         match msg {
             Net::Deliver { to, msg, mode } => self.admit(node, to, msg, mode),
-            Net::Refused { to, from, seq } => self.refused_here(node, to, from, seq),
+            Net::Refused {
+                to,
+                from,
+                seq,
+                unknown_at,
+            } => self.refused_here(node, to, (from, seq), unknown_at),
+            Net::Hosts { services } => {
+                let g = &mut self.nodes[node].gossip;
+                g.retain(|_, (at, _)| *at != from);
+                g.extend(services.iter().map(|(s, e)| (*s, (from, *e))));
+                // Where a channel points at a node known gone, gossip says where to go, if
+                // at least as new (the node's `follow_gossip_away_from`).
+                for (s, e) in services {
+                    let n = &self.nodes[node];
+                    match n.directory.get(&s) {
+                        Some((at, epoch)) if n.down.contains(at) && *at != from && e >= *epoch => {
+                            self.learn(node, s, from, e);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             Net::Handled { to, from, seq } => {
                 if let Some(l) = self.nodes[node].ledgers.get_mut(&to) {
                     l.settle(from, seq);
@@ -631,6 +996,7 @@ impl Sim {
                 last,
                 hops,
             } => self.apply_closed(node, to, (from, last), hops),
+            Net::Gap { to, from, through } => self.apply_gap(node, to, from, through),
             Net::Located {
                 service,
                 node: at,
@@ -663,7 +1029,10 @@ impl Sim {
                         inbox,
                         log,
                         epoch,
-                        phase: Phase::Prepared { attempt },
+                        phase: Phase::Prepared {
+                            attempt,
+                            source: from,
+                        },
                     },
                 );
                 self.net(node, from, Net::Prepared { service, attempt });
@@ -678,7 +1047,7 @@ impl Sim {
                 let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
                     return;
                 };
-                if !matches!(h.phase, Phase::Prepared { attempt: a } if a == attempt) {
+                if !matches!(h.phase, Phase::Prepared { attempt: a, .. } if a == attempt) {
                     return;
                 }
                 h.phase = Phase::Running;
@@ -716,7 +1085,7 @@ impl Sim {
         attempt: Option<u64>,
     ) {
         let ours = self.nodes[node].hosted.get(&service).is_some_and(|h| {
-            matches!(h.phase, Phase::Prepared { attempt: a } if attempt.is_none_or(|want| want == a))
+            matches!(h.phase, Phase::Prepared { attempt: a, .. } if attempt.is_none_or(|want| want == a))
         });
         if !ours {
             return;
@@ -823,6 +1192,10 @@ impl Sim {
         };
         let to =
             (node + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize) % self.nodes.len();
+        if self.nodes[node].down.contains(&to) {
+            // No link: the node refuses the attempt at once.
+            return;
+        }
         let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
             return;
         };
@@ -859,6 +1232,10 @@ impl Sim {
     }
 
     fn send(&mut self, node: usize, who: usize, service: ServiceId, last: bool) {
+        if !self.nodes[node].up {
+            // Its senders died with it; the restarted node's senders send from then on.
+            return;
+        }
         let wait = last || self.rng.chance(self.cfg.wait);
         let from = self.nodes[node].senders[who];
         let seq = self.nodes[node]
@@ -1005,7 +1382,20 @@ impl Sim {
                 continue;
             };
             match ev {
-                Event::Net { to, from, msg } => {
+                Event::Net { to, from, msg, inc } => {
+                    let (f, t) = (&self.nodes[from], &self.nodes[to]);
+                    if !t.up || t.inc != inc.1 || f.inc != inc.0 {
+                        // Lost with a crashed node's links.
+                        match msg {
+                            Net::Refused { to, from, seq, .. } => {
+                                self.refusals_lost.insert((to, from, seq));
+                            }
+                            // The window stays (it counts against the senders' bound).
+                            Net::Closed { .. } => self.report.closes_lost += 1,
+                            _ => {}
+                        }
+                        continue;
+                    }
                     let service = match &msg {
                         Net::Deliver { to: s, .. }
                         | Net::Skip { to: s, .. }
@@ -1042,6 +1432,25 @@ impl Sim {
                 Event::Handle { node, service } => self.handle(node, service),
                 Event::Migrate => self.migrate(),
                 Event::Stop { node } => self.stop_sender(node),
+                Event::Crash { node } => self.crash(node),
+                Event::Lost { at, lost, at_inc } => {
+                    if self.nodes[at].inc == at_inc {
+                        self.lost(at, lost);
+                    }
+                }
+                Event::Restart { node } => self.restart(node),
+                Event::Gossip { node } => self.gossip(node),
+                Event::Route {
+                    node,
+                    gap,
+                    tries,
+                    inc,
+                    skip,
+                } => match (self.nodes[node].inc == inc, skip) {
+                    (true, false) => self.route_gap(node, gap, tries),
+                    (true, true) => self.route_skip(node, gap, tries),
+                    (false, _) => {}
+                },
             }
         }
         self.report.events = steps;
@@ -1085,7 +1494,7 @@ impl Sim {
             .unwrap_or(0)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&mut self) -> Result<(), String> {
         let seed = self.report.seed;
         for (key, sent) in &self.sent {
             let handled: BTreeSet<u64> = self
@@ -1095,13 +1504,29 @@ impl Sim {
                 .unwrap_or_default();
             let empty = BTreeSet::new();
             let reported = self.reported.get(key).unwrap_or(&empty);
+            let declared = self.declared.get(key).unwrap_or(&empty);
             if let Some(both) = handled.intersection(reported).next() {
                 return Err(format!("seed {seed}: {key:?} #{both} handled and reported"));
             }
-            if let Some(missing) = sent
+            self.report.declared_handled += handled.intersection(declared).count() as u64;
+            let accounted =
+                |s: &u64| handled.contains(s) || reported.contains(s) || declared.contains(s);
+            if self.dead.contains(&key.1) {
+                // Its sender died with its node: nobody is left to tell.
+                self.report.lost_with_sender +=
+                    sent.iter().filter(|s| !accounted(s)).count() as u64;
+                continue;
+            }
+            // A refusal report lost with a crashed node, for a number the receiver's window
+            // passed: its sender's ledger settled it with the next handled mark
+            // (docs/failures.md).
+            let unreported = |s: &&u64| self.refusals_lost.contains(&(key.0, key.1, **s));
+            self.report.refusals_lost += sent
                 .iter()
-                .find(|s| !handled.contains(s) && !reported.contains(s))
-            {
+                .filter(|s| !accounted(s))
+                .filter(unreported)
+                .count() as u64;
+            if let Some(missing) = sent.iter().find(|s| !accounted(s) && !unreported(s)) {
                 let held: Vec<_> = self
                     .nodes
                     .iter()
@@ -1159,6 +1584,10 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
         .collect();
     let mut nodes: Vec<Node> = (0..cfg.nodes)
         .map(|i| Node {
+            up: true,
+            inc: 0,
+            down: BTreeSet::new(),
+            gossip: BTreeMap::new(),
             hosted: BTreeMap::new(),
             tombs: Tombstones::new(cfg.tombstones_max),
             directory: BTreeMap::new(),
@@ -1198,6 +1627,9 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
         sent: BTreeMap::new(),
         handled: BTreeMap::new(),
         reported: BTreeMap::new(),
+        declared: BTreeMap::new(),
+        dead: BTreeSet::new(),
+        refusals_lost: BTreeSet::new(),
         last: BTreeMap::new(),
         report: DataPlaneReport {
             seed,
@@ -1252,6 +1684,19 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
     for _ in 0..cfg.migrations {
         let t = sim.rng.below(span);
         sim.at(t, Event::Migrate);
+    }
+    // Gossip rounds until the liveness probe (then the run goes quiet).
+    let probe = span + 4 * cfg.delay_max + 50;
+    for t in (5..probe).step_by(10) {
+        for node in 0..cfg.nodes {
+            sim.at(t, Event::Gossip { node });
+        }
+    }
+    // Crashes early enough that the restart is over before the liveness probe.
+    for _ in 0..cfg.crashes {
+        let t = sim.rng.below(span);
+        let node = sim.rng.below(cfg.nodes as u64) as usize;
+        sim.at(t, Event::Crash { node });
     }
     sim.run()
 }
