@@ -28,6 +28,27 @@ pub const LEDGER_VIA_MAX: usize = 4;
 /// Refused numbers an entry remembers (above its settled mark), so that a node lost later does
 /// not report them a second time; past this the lowest is forgotten (an over-report).
 pub const LEDGER_REFUSED_MAX: usize = 64;
+/// Skips and gaps a ledger remembers until a handled mark shows the live window passed them;
+/// past this the oldest is forgotten.
+pub const LEDGER_UNCONFIRMED_MAX: usize = 64;
+
+/// A number the sender's node told the live window not to wait for, not yet seen passed: sent
+/// again when a node is lost, since it may have been on its way through that node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// The skip of a refused number.
+    Skip(ServiceId, u64),
+    /// A gap through a number (declared lost).
+    Gap(ServiceId, u64),
+}
+
+impl Unconfirmed {
+    fn sender_and_number(self) -> (ServiceId, u64) {
+        match self {
+            Unconfirmed::Skip(s, n) | Unconfirmed::Gap(s, n) => (s, n),
+        }
+    }
+}
 
 /// One channel's ledger: the last sender's entry kept apart (a channel mostly carries one
 /// sender's run at a time), the others in a table. One entry per sender with messages
@@ -36,6 +57,8 @@ pub const LEDGER_REFUSED_MAX: usize = 64;
 pub struct Ledger {
     hot: Option<(ServiceId, Outstanding)>,
     cold: IdMap<Outstanding>,
+    /// Skips and gaps sent and not yet seen passed (bounded by [`LEDGER_UNCONFIRMED_MAX`]).
+    unconfirmed: Vec<Unconfirmed>,
 }
 
 /// One sender's messages to one service, sent and not yet confirmed taken for handling.
@@ -119,11 +142,38 @@ impl Ledger {
     /// left outstanding leaves.
     pub fn settle(&mut self, sender: ServiceId, seq: u64) {
         self.update(sender, |o| o.handled = o.handled.max(seq));
+        if !self.unconfirmed.is_empty() {
+            // The window took a later number: it passed these.
+            self.unconfirmed.retain(|u| {
+                let (s, n) = u.sender_and_number();
+                !(s == sender && n <= seq)
+            });
+        }
+    }
+
+    /// Remembers a skip or a gap this node sent, until a handled mark shows it passed.
+    pub fn sent_unconfirmed(&mut self, u: Unconfirmed) {
+        if self.unconfirmed.contains(&u) {
+            return;
+        }
+        if self.unconfirmed.len() >= LEDGER_UNCONFIRMED_MAX {
+            self.unconfirmed.remove(0);
+        }
+        self.unconfirmed.push(u);
+    }
+
+    /// The skips and gaps sent and not yet seen passed, oldest first: to send again when a
+    /// node is lost (they may have been on their way through it; the window ignores a second
+    /// copy).
+    pub fn unconfirmed(&self) -> &[Unconfirmed] {
+        &self.unconfirmed
     }
 
     /// Number `seq` of `sender` was refused, and the sender told: it is no longer outstanding
-    /// (a node lost later does not report it again).
+    /// (a node lost later does not report it again). Its skip, which the caller sends, is
+    /// remembered until seen passed ([`unconfirmed`](Self::unconfirmed)).
     pub fn refused(&mut self, sender: ServiceId, seq: u64) {
+        self.sent_unconfirmed(Unconfirmed::Skip(sender, seq));
         self.update(sender, |o| {
             if seq <= o.handled || seq > o.sent {
                 return;
@@ -186,6 +236,10 @@ impl Ledger {
             }
         }
         self.cold.retain(|s, o| take(s, o));
+        // The gaps the caller sends for them are remembered until seen passed.
+        for (sender, _, last) in &out {
+            self.sent_unconfirmed(Unconfirmed::Gap(*sender, *last));
+        }
         out
     }
 
@@ -242,6 +296,41 @@ mod tests {
         assert_eq!(l.declare_lost(&c, true), vec![(sender(3), 1, 1)]);
         assert!(l.is_empty());
         assert_eq!(l.outstanding(), 0);
+    }
+
+    /// Skips and gaps stay remembered until a handled mark shows the window passed them, so a
+    /// node lost later (perhaps one they went through) makes the sender's node send them again.
+    #[test]
+    fn skips_and_gaps_are_remembered_until_a_mark_passes_them() {
+        let b = NodeName::new("b");
+        let mut l = Ledger::default();
+        for seq in 1..=6 {
+            l.note(sender(1), seq, &b);
+        }
+        l.refused(sender(1), 2);
+        l.settle(sender(1), 1);
+        assert_eq!(l.unconfirmed(), &[Unconfirmed::Skip(sender(1), 2)]);
+        assert_eq!(l.declare_lost(&b, true), vec![(sender(1), 3, 6)]);
+        assert!(l.is_empty());
+        assert_eq!(
+            l.unconfirmed(),
+            &[
+                Unconfirmed::Skip(sender(1), 2),
+                Unconfirmed::Gap(sender(1), 6)
+            ]
+        );
+        // A later message taken past 2 but not 6: only the skip is passed.
+        l.note(sender(1), 7, &b);
+        l.settle(sender(1), 4);
+        assert_eq!(l.unconfirmed(), &[Unconfirmed::Gap(sender(1), 6)]);
+        l.settle(sender(1), 7);
+        assert!(l.unconfirmed().is_empty() && l.is_empty());
+        // Bounded: the oldest goes.
+        for seq in 0..(LEDGER_UNCONFIRMED_MAX as u64 + 5) {
+            l.sent_unconfirmed(Unconfirmed::Skip(sender(2), seq + 100));
+        }
+        assert_eq!(l.unconfirmed().len(), LEDGER_UNCONFIRMED_MAX);
+        assert_eq!(l.unconfirmed()[0], Unconfirmed::Skip(sender(2), 105));
     }
 
     #[test]

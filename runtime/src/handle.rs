@@ -76,6 +76,8 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     /// Node `lost` is gone: every outstanding message that went there, or that the service
     /// (now there) had not confirmed, is declared lost and leaves the ledger.
     fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange>;
+    /// The skips and gaps sent for this channel's service and not yet seen passed.
+    fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed>;
     /// Messages sent through this channel and not yet confirmed.
     fn outstanding(&self) -> u64;
 }
@@ -151,6 +153,10 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
 
     fn refused(&self, sender: ServiceId, seq: u64) {
         lock(&self.state).ledger.refused(sender, seq);
+    }
+
+    fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed> {
+        lock(&self.state).ledger.unconfirmed().to_vec()
     }
 
     fn declare_lost(&self, lost: &NodeName) -> Vec<LostRange> {

@@ -34,6 +34,7 @@ use crate::transport::{self, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
 use tern_proto::directory::{Associations, BookEdge};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
+use tern_proto::ledger::Unconfirmed;
 use tern_proto::placement::Needs;
 use tern_proto::traffic::EdgeRate;
 use tern_proto::traffic::TrafficSketch;
@@ -998,9 +999,20 @@ impl NodeShared {
         if self.stopping.load(Ordering::SeqCst) {
             return 0;
         }
-        let chans: Vec<Arc<dyn AnyChannel>> = lock(&self.channels).values().cloned().collect();
+        let chans: Vec<(ServiceId, Arc<dyn AnyChannel>)> = lock(&self.channels)
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect();
         let mut total = 0;
-        for chan in chans {
+        for (id, chan) in chans {
+            // Skips and gaps sent earlier may have been on their way through the lost node:
+            // sent again (a window ignores a second copy).
+            for u in chan.unconfirmed() {
+                match u {
+                    Unconfirmed::Skip(from, seq) => self.route_skip(id, from, seq, 0),
+                    Unconfirmed::Gap(from, through) => self.route_gap(id, from, through, 0),
+                }
+            }
             for r in chan.declare_lost(lost) {
                 let messages = r.last - r.first + 1;
                 total += messages;

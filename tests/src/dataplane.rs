@@ -46,7 +46,7 @@ use tern_proto::error::DeliveryError;
 use tern_proto::forward::{newest_location, skip_next_hop, Hand, HandOn, Tombstones};
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::inbox::{Admit, Inbox, Numbered, WindowExport};
-use tern_proto::ledger::Ledger;
+use tern_proto::ledger::{Ledger, Unconfirmed};
 
 /// The size and weather of one run.
 #[derive(Clone, Debug)]
@@ -791,6 +791,18 @@ impl Sim {
         }
         let name = self.names[lost].clone();
         let services: Vec<ServiceId> = self.nodes[at].ledgers.keys().copied().collect();
+        for service in &services {
+            // Skips and gaps sent earlier may have gone through the lost node: sent again.
+            let again = self.nodes[at].ledgers[service].unconfirmed().to_vec();
+            for u in again {
+                match u {
+                    Unconfirmed::Skip(from, seq) => self.route_skip(at, (*service, from, seq), 0),
+                    Unconfirmed::Gap(from, through) => {
+                        self.route_gap(at, (*service, from, through), 0)
+                    }
+                }
+            }
+        }
         for service in services {
             let where_now = self.nodes[at].directory.get(&service).map(|(n, _)| *n);
             let here = where_now == Some(lost);

@@ -187,7 +187,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     // lost, declared by the senders' ledgers, their senders dead.
     let crashy = DataPlaneConfig {
         nodes: 4,
-        crashes: 1,
+        crashes: 3,
         tombstones_max: 8,
         ..DataPlaneConfig::default()
     };
