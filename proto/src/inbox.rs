@@ -771,10 +771,17 @@ impl<T: Numbered> Inbox<T> {
         }
     }
 
-    /// Closes the inbox and returns what was still queued, oldest first.
+    /// Closes the inbox and returns what was still queued, oldest first, then what the
+    /// windows held early (per sender, in number order): the caller refuses them all to their
+    /// senders.
     pub fn close(&mut self) -> Vec<T> {
         self.closed = true;
-        self.queue.drain(..).collect()
+        let mut rest: Vec<T> = self.queue.drain(..).collect();
+        for (_, w) in std::mem::take(&mut self.windows) {
+            rest.extend(w.into_held_items());
+        }
+        self.early = 0;
+        rest
     }
 
     /// Takes the oldest message for handling and notes its sender's handled mark. Returns the
@@ -1066,6 +1073,23 @@ mod tests {
             seq: 2,
         };
         assert_eq!(inbox.admit(known, Admit::Tell), Ok(true));
+    }
+
+    /// Closing gives back the queue and what waited early, so that every one is refused to
+    /// its sender: none is left neither handled nor reported.
+    #[test]
+    fn closing_gives_back_what_waited_early_too() {
+        let mut inbox = Inbox::new(ME, 8);
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(m(3), Admit::Tell), Ok(false));
+        assert_eq!(inbox.admit(m(4), Admit::Tell), Ok(false));
+        let rest: Vec<u64> = inbox.close().into_iter().map(|x| x.seq).collect();
+        assert_eq!(rest, vec![1, 3, 4]);
+        assert_eq!((inbox.early(), inbox.senders()), (0, 0));
+        assert!(matches!(
+            inbox.admit(m(2), Admit::Tell),
+            Err((DeliveryError::Stopped { .. }, _))
+        ));
     }
 
     /// A stopped sender's window goes once every number it sent was taken or skipped, and not

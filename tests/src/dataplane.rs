@@ -23,6 +23,10 @@
 //! At the end the windows of stopped senders must be gone (except where a close found nowhere
 //! to go), and none of their late copies or skips may be taken as new.
 //!
+//! A service asked to freeze may stop for good instead (`DataPlaneConfig::stop`: its handler
+//! stopped it with the message in hand): its queue and what its windows held early are refused
+//! to their senders, and what comes later is refused as addressed to a service not there.
+//!
 //! Nodes crash and restart (`DataPlaneConfig::crashes`; a node that hosts no service and is no
 //! migration's target, since services are not replicated): what was on its links is lost, its
 //! tombstones, directory, ledgers and senders with it. Every other node hears of the loss after
@@ -76,6 +80,10 @@ pub struct DataPlaneConfig {
     /// Node crashes tried (each restarts after a while); one happens only on a node that hosts
     /// no service and is no migration's target.
     pub crashes: usize,
+    /// Probability that a service asked to freeze for a migration stops for good instead (its
+    /// handler stopped it with the message in hand): the attempt ends, its queue is refused
+    /// to its senders, and what comes later is refused as addressed to a service not there.
+    pub stop: f64,
 }
 
 impl Default for DataPlaneConfig {
@@ -92,6 +100,7 @@ impl Default for DataPlaneConfig {
             wait: 0.1,
             panic: 0.0,
             crashes: 0,
+            stop: 0.0,
         }
     }
 }
@@ -135,6 +144,10 @@ pub struct DataPlaneReport {
     pub lost_with_sender: u64,
     /// Gaps that found nowhere to go.
     pub gaps_lost: u64,
+    /// Services that stopped for good when asked to freeze.
+    pub stopped: u64,
+    /// Skips that found no window because their service had stopped (nothing waits).
+    pub skips_to_stopped: u64,
     /// Messages refused whose refusal report was lost with a crashed node and that were
     /// settled as taken: neither handled nor reported (docs/failures.md).
     pub refusals_lost: u64,
@@ -370,6 +383,8 @@ struct Sim {
     declared: BTreeMap<(ServiceId, ServiceId), BTreeSet<u64>>,
     /// Senders that died with their node.
     dead: BTreeSet<ServiceId>,
+    /// Services that stopped for good.
+    stopped: BTreeSet<ServiceId>,
     /// Refusal reports lost with a crashed node's links: `(service, sender, seq)`.
     refusals_lost: BTreeSet<(ServiceId, ServiceId, u64)>,
     last: BTreeMap<(ServiceId, ServiceId), u64>,
@@ -587,6 +602,8 @@ impl Sim {
             .map(|(n, _)| self.names[*n].clone());
         match skip_next_hop(&self.names[node], tomb, known, hops) {
             Some(at) => self.send_skip(node, &at, (to, from, seq), hops + 1),
+            // A stopped service has no window left to wait.
+            None if self.stopped.contains(&to) => self.report.skips_to_stopped += 1,
             None => self.report.skips_lost += 1,
         }
     }
@@ -1189,6 +1206,20 @@ impl Sim {
         }
     }
 
+    /// `service` stops for good on `node` (its handler stopped it while a freeze was asked
+    /// for: the node's runner breaks out before the snapshot, and the attempt ends at its
+    /// deadline). Its queue and what its windows held early are refused to their senders.
+    fn stop_service(&mut self, node: usize, service: ServiceId) {
+        let Some(mut h) = self.nodes[node].hosted.remove(&service) else {
+            return;
+        };
+        self.report.stopped += 1;
+        self.stopped.insert(service);
+        for m in h.inbox.close() {
+            self.refuse(node, service, &m);
+        }
+    }
+
     fn migrate(&mut self) {
         if self.migrating {
             return;
@@ -1207,6 +1238,9 @@ impl Sim {
         if self.nodes[node].down.contains(&to) {
             // No link: the node refuses the attempt at once.
             return;
+        }
+        if self.rng.chance(self.cfg.stop) {
+            return self.stop_service(node, service);
         }
         let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
             return;
@@ -1556,7 +1590,11 @@ impl Sim {
                     sent.len(), handled.len(), reported.len(), self.report.skips_lost
                 ));
             }
-            if let Some(last) = self.last.get(key) {
+            if let Some(last) = self
+                .last
+                .get(key)
+                .filter(|_| !self.stopped.contains(&key.0))
+            {
                 if !handled.contains(last) {
                     return Err(format!("seed {seed}: {key:?} last message #{last} not handled: the channel is dead"));
                 }
@@ -1578,7 +1616,7 @@ impl Sim {
             .iter()
             .filter(|s| self.nodes.iter().any(|n| n.hosted.contains_key(s)))
             .count();
-        if live != self.services.len() {
+        if live + self.stopped.len() != self.services.len() {
             return Err(format!("seed {seed}: a service runs nowhere"));
         }
         Ok(())
@@ -1641,6 +1679,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
         reported: BTreeMap::new(),
         declared: BTreeMap::new(),
         dead: BTreeSet::new(),
+        stopped: BTreeSet::new(),
         refusals_lost: BTreeSet::new(),
         last: BTreeMap::new(),
         report: DataPlaneReport {

@@ -181,6 +181,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     let fenced = DataPlaneConfig {
         tombstones_max: 64,
         panic: 0.05,
+        stop: 0.05,
         ..DataPlaneConfig::default()
     };
     // And one where nodes crash and restart (those hosting no service): their links' traffic
@@ -216,7 +217,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone)",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
@@ -231,6 +232,8 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         total(|r| r.lost_with_sender),
         total(|r| r.gaps_lost),
         total(|r| r.refusals_lost),
+        total(|r| r.stopped),
+        total(|r| r.skips_to_stopped),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
@@ -250,5 +253,6 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
             "{closes} closes, {lost} lost, {gone} gone"
         );
         assert!(total(|r| r.crashed) > 0 && total(|r| r.declared) > 0);
+        assert!(total(|r| r.stopped) > 0);
     }
 }
