@@ -58,7 +58,9 @@ pub struct Ledger {
     hot: Option<(ServiceId, Outstanding)>,
     cold: IdMap<Outstanding>,
     /// Skips and gaps sent and not yet seen passed (bounded by [`LEDGER_UNCONFIRMED_MAX`]).
-    unconfirmed: Vec<Unconfirmed>,
+    /// Boxed when there are any: rare, and every channel pays for the field.
+    #[allow(clippy::box_collection)]
+    unconfirmed: Option<Box<Vec<Unconfirmed>>>,
 }
 
 /// One sender's messages to one service, sent and not yet confirmed taken for handling.
@@ -142,31 +144,35 @@ impl Ledger {
     /// left outstanding leaves.
     pub fn settle(&mut self, sender: ServiceId, seq: u64) {
         self.update(sender, |o| o.handled = o.handled.max(seq));
-        if !self.unconfirmed.is_empty() {
+        if let Some(u) = self.unconfirmed.as_mut() {
             // The window took a later number: it passed these.
-            self.unconfirmed.retain(|u| {
+            u.retain(|u| {
                 let (s, n) = u.sender_and_number();
                 !(s == sender && n <= seq)
             });
+            if u.is_empty() {
+                self.unconfirmed = None;
+            }
         }
     }
 
     /// Remembers a skip or a gap this node sent, until a handled mark shows it passed.
     pub fn sent_unconfirmed(&mut self, u: Unconfirmed) {
-        if self.unconfirmed.contains(&u) {
+        let all = self.unconfirmed.get_or_insert_with(Default::default);
+        if all.contains(&u) {
             return;
         }
-        if self.unconfirmed.len() >= LEDGER_UNCONFIRMED_MAX {
-            self.unconfirmed.remove(0);
+        if all.len() >= LEDGER_UNCONFIRMED_MAX {
+            all.remove(0);
         }
-        self.unconfirmed.push(u);
+        all.push(u);
     }
 
     /// The skips and gaps sent and not yet seen passed, oldest first: to send again when a
     /// node is lost (they may have been on their way through it; the window ignores a second
     /// copy).
     pub fn unconfirmed(&self) -> &[Unconfirmed] {
-        &self.unconfirmed
+        self.unconfirmed.as_deref().map_or(&[], |u| u.as_slice())
     }
 
     /// Number `seq` of `sender` was refused, and the sender told: it is no longer outstanding
