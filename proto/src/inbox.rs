@@ -1033,18 +1033,24 @@ mod tests {
         assert_eq!(inbox.windows[&FROM].held(), 2 * WINDOW_HELD_MAX);
     }
 
-    #[test]
-    fn past_the_senders_bound_a_new_sender_is_refused_and_known_ones_go_on() {
+    /// An inbox with a window for each of `SENDERS_MAX` senders `(9, i)`, each past its 1.
+    fn full_of_senders() -> Inbox<Msg> {
         let mut inbox = Inbox::new(ME, 4);
-        let sender = |i: u64| ServiceId::from_parts(9, i);
         for i in 0..SENDERS_MAX as u64 {
             let msg = Msg {
-                from: Some(sender(i)),
+                from: Some(ServiceId::from_parts(9, i)),
                 seq: 1,
             };
             assert_eq!(inbox.admit(msg, Admit::Accepted), Ok(true));
             assert!(inbox.pop().0.is_some());
         }
+        inbox
+    }
+
+    #[test]
+    fn past_the_senders_bound_a_new_sender_is_refused_and_known_ones_go_on() {
+        let sender = |i: u64| ServiceId::from_parts(9, i);
+        let mut inbox = full_of_senders();
         let late = sender(SENDERS_MAX as u64);
         let refused = inbox.admit(
             Msg {
@@ -1179,16 +1185,8 @@ mod tests {
     /// within `SENDERS_MAX`.
     #[test]
     fn retired_senders_give_their_room_to_new_ones() {
-        let mut inbox = Inbox::new(ME, 4);
         let sender = |i: u64| ServiceId::from_parts(9, i);
-        for i in 0..SENDERS_MAX as u64 {
-            let msg = Msg {
-                from: Some(sender(i)),
-                seq: 1,
-            };
-            assert_eq!(inbox.admit(msg, Admit::Accepted), Ok(true));
-            assert!(inbox.pop().0.is_some());
-        }
+        let mut inbox = full_of_senders();
         for i in 0..10 {
             assert_eq!(inbox.close_sender(sender(i), 1), Ok(true));
         }

@@ -634,15 +634,20 @@ impl NodeShared {
         Ok(chan)
     }
 
+    /// Every channel of this node, with its service (copied out of the table's lock).
+    fn all_channels(&self) -> Vec<(ServiceId, Arc<dyn AnyChannel>)> {
+        lock(&self.channels)
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect()
+    }
+
     /// Channels pointing at `gone`, a node that left or was lost, follow membership gossip
     /// when another node lists the service: the `Located` a crashed node was sending when it
     /// died never comes, and without this the channel's next message would be refused first.
     /// Returns how many moved.
     pub fn follow_gossip_away_from(&self, gone: &NodeName) -> usize {
-        let chans: Vec<(ServiceId, Arc<dyn AnyChannel>)> = lock(&self.channels)
-            .iter()
-            .map(|(id, c)| (*id, c.clone()))
-            .collect();
+        let chans = self.all_channels();
         let mut moved = 0;
         for (id, chan) in chans {
             let (points, epoch) = chan.location();
@@ -999,10 +1004,7 @@ impl NodeShared {
         if self.stopping.load(Ordering::SeqCst) {
             return 0;
         }
-        let chans: Vec<(ServiceId, Arc<dyn AnyChannel>)> = lock(&self.channels)
-            .iter()
-            .map(|(id, c)| (*id, c.clone()))
-            .collect();
+        let chans = self.all_channels();
         let mut total = 0;
         for (id, chan) in chans {
             // Skips and gaps sent earlier may have been on their way through the lost node:

@@ -589,18 +589,24 @@ impl Sim {
         );
     }
 
+    /// Where a skip or close for `to` that `node` cannot apply goes next, after `hops` nodes
+    /// (the node's `skip_next_hop`: the tombstone, else the directory).
+    fn next_hop(&self, node: usize, to: ServiceId, hops: u8) -> Option<NodeName> {
+        let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
+        let known = self.nodes[node]
+            .directory
+            .get(&to)
+            .map(|(n, _)| self.names[*n].clone());
+        skip_next_hop(&self.names[node], tomb, known, hops)
+    }
+
     fn apply_skip(&mut self, node: usize, to: ServiceId, from: ServiceId, seq: u64, hops: u8) {
         if let Some(h) = self.nodes[node].hosted.get_mut(&to) {
             if h.inbox.skip(from, seq).is_ok() {
                 return;
             }
         }
-        let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
-        let known = self.nodes[node]
-            .directory
-            .get(&to)
-            .map(|(n, _)| self.names[*n].clone());
-        match skip_next_hop(&self.names[node], tomb, known, hops) {
+        match self.next_hop(node, to, hops) {
             Some(at) => self.send_skip(node, &at, (to, from, seq), hops + 1),
             // A stopped service has no window left to wait.
             None if self.stopped.contains(&to) => self.report.skips_to_stopped += 1,
@@ -630,12 +636,7 @@ impl Sim {
             // The node's next progress tick.
             return self.local(5, node, closed);
         }
-        let tomb = self.tomb(node, to).map(|n| self.names[n].clone());
-        let known = self.nodes[node]
-            .directory
-            .get(&to)
-            .map(|(n, _)| self.names[*n].clone());
-        match skip_next_hop(&self.names[node], tomb, known, hops) {
+        match self.next_hop(node, to, hops) {
             Some(at) => {
                 let at = self.node_of(&at);
                 let msg = Net::Closed {
