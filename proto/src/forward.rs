@@ -248,6 +248,77 @@ pub fn newest_location(
     }
 }
 
+/// Times a skip or a gap waits (one progress tick each) for a link to where its service is
+/// before it is dropped (about 12 s at the node's 20 ms tick).
+pub const ROUTE_TRIES_MAX: u16 = 600;
+
+/// What to do with a skip or a gap this node sends for a service (see [`route_notice`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Apply it here (the service is here, or nothing says where it is: the tombstone, if
+    /// any, hands it on).
+    Here,
+    /// Send it to this node.
+    Send(NodeName),
+    /// Wait for the next tick: the place it would go has no link (a lost node, until gossip
+    /// says where the service went).
+    Wait,
+    /// Give up after [`ROUTE_TRIES_MAX`] waits (the node logs it).
+    Drop,
+}
+
+/// Where a skip of a refused number or a gap of numbers declared lost goes: `at`, the newest
+/// place the node knows ([`newest_location`]), if it has a link there (`linked`); while it has
+/// none, it waits, `tries` times so far. A notice dropped at a node with no link would leave
+/// its number a hole the live window waits on.
+///
+/// ```
+/// use tern_proto::forward::{route_notice, Route, ROUTE_TRIES_MAX};
+/// use tern_proto::ids::NodeName;
+///
+/// let (me, b) = (NodeName::new("a"), NodeName::new("b"));
+/// assert_eq!(route_notice(&me, Some(b.clone()), |_| true, 0), Route::Send(b.clone()));
+/// assert_eq!(route_notice(&me, Some(b.clone()), |_| false, 3), Route::Wait);
+/// assert_eq!(route_notice(&me, Some(b), |_| false, ROUTE_TRIES_MAX), Route::Drop);
+/// assert_eq!(route_notice(&me, None, |_| false, 0), Route::Here);
+/// ```
+pub fn route_notice(
+    me: &NodeName,
+    at: Option<NodeName>,
+    linked: impl Fn(&NodeName) -> bool,
+    tries: u16,
+) -> Route {
+    match at {
+        None => Route::Here,
+        Some(at) if at == *me => Route::Here,
+        Some(at) if linked(&at) => Route::Send(at),
+        Some(_) if tries < ROUTE_TRIES_MAX => Route::Wait,
+        Some(_) => Route::Drop,
+    }
+}
+
+/// Whether a channel pointing at `points` (`(node, epoch)`), a node that is gone or that said
+/// it does not know the service, follows membership gossip, which last listed the service at
+/// `gossip`: only to another node, and only to a place at least as new as its own (a refusal
+/// may be about a message sent long ago, and gossip may be older than the channel). Returns
+/// where to point.
+///
+/// ```
+/// use tern_proto::forward::follow_gossip;
+/// use tern_proto::ids::NodeName;
+///
+/// let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+/// assert_eq!(follow_gossip((a.clone(), 2), Some((b.clone(), 3))), Some((b.clone(), 3)));
+/// assert_eq!(follow_gossip((a.clone(), 3), Some((b, 2))), None, "gossip is older");
+/// assert_eq!(follow_gossip((a.clone(), 1), Some((a, 4))), None, "the same node");
+/// ```
+pub fn follow_gossip(
+    points: (NodeName, u64),
+    gossip: Option<(NodeName, u64)>,
+) -> Option<(NodeName, u64)> {
+    gossip.filter(|(n, e)| *n != points.0 && *e >= points.1)
+}
+
 /// Nodes a skip may be handed on by before it is dropped.
 pub const SKIP_HOPS_MAX: u8 = 8;
 

@@ -33,6 +33,7 @@ use crate::transport::Links;
 use crate::transport::{self, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
 use tern_proto::directory::{Associations, BookEdge};
+use tern_proto::forward::{follow_gossip, Route as NoticeRoute};
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use tern_proto::ledger::Unconfirmed;
 use tern_proto::placement::Needs;
@@ -427,15 +428,12 @@ pub(crate) enum Pending {
     /// `from` stopped after sending `last`, handed on by so many nodes (see `apply_closed`).
     Closed(ServiceId, ServiceId, u64, u8),
     /// A declared gap whose service's place had no link: routed again, at most
-    /// `GAP_ROUTE_TRIES` times (see `route_gap`).
+    /// `tern_proto::forward::ROUTE_TRIES_MAX` times (see `route_gap`).
     Route(ServiceId, ServiceId, u64, u16),
     /// A refused number's skip whose service's place had no link (see `route_skip`).
     Skip(ServiceId, ServiceId, u64, u16),
 }
 
-/// Progress ticks a declared gap waits for a place to send it to (about 12 s at 20 ms a tick):
-/// a channel pointing at a lost node follows gossip once gossip lists the service elsewhere.
-const GAP_ROUTE_TRIES: u16 = 600;
 /// Handled marks per frame.
 const HANDLED_MARKS_PER_FRAME: usize = 4096;
 
@@ -654,11 +652,7 @@ impl NodeShared {
             if points != *gone {
                 continue;
             }
-            // Only to a place at least as new as the channel's: gossip may be older.
-            let Some((n, e)) = self
-                .hosting_member_at(id)
-                .filter(|(n, e)| n != gone && *e >= epoch)
-            else {
+            let Some((n, e)) = follow_gossip((points, epoch), self.hosting_member_at(id)) else {
                 continue;
             };
             if chan.relocate(self, &n, e) {
@@ -683,13 +677,9 @@ impl NodeShared {
         if points != *at {
             return false;
         }
-        // Gossip only to a place at least as new as the channel's: a refusal may be about a
-        // message sent long ago, and gossip may be older than the channel.
         let elsewhere = match self.driver.location(id) {
             Some((n, e)) if n != *at => Some((n, e.max(epoch))),
-            _ => self
-                .hosting_member_at(id)
-                .filter(|(n, e)| n != at && *e >= epoch),
+            _ => follow_gossip((points, epoch), self.hosting_member_at(id)),
         };
         match elsewhere {
             Some((n, e)) => {
@@ -800,25 +790,18 @@ impl NodeShared {
     }
 
     /// Sends the skip of number `seq` of `from` to where this node believes service `to` is.
-    /// While that is a node with no link (a lost node, until gossip says where the service
-    /// went), it waits for the next tick, `GAP_ROUTE_TRIES` times at most: a skip dropped
-    /// there would leave its number a hole the live window waits on.
+    /// While that node has no link (a lost node, until gossip says where the service went), it
+    /// waits for the next tick, as a gap does: a skip dropped there would leave its number a
+    /// hole the live window waits on.
     pub fn route_skip(&self, to: ServiceId, from: ServiceId, seq: u64, tries: u16) {
-        let chan = lock(&self.channels).get(&to).map(|c| c.location());
-        let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
-        match at {
-            Some(at) if at == self.name => self.apply_skip(to, from, seq, 0),
-            Some(at) if self.links.get(&at).is_some() => {
-                self.send_skips(to, &at, &[(from, seq)], 0)
-            }
-            Some(_) if tries < GAP_ROUTE_TRIES => {
-                self.wait_pending(Pending::Skip(to, from, seq, tries + 1))
-            }
-            Some(at) => self.logs.event(
+        match self.route_notice(to, tries) {
+            NoticeRoute::Here => self.apply_skip(to, from, seq, 0),
+            NoticeRoute::Send(at) => self.send_skips(to, &at, &[(from, seq)], 0),
+            NoticeRoute::Wait => self.wait_pending(Pending::Skip(to, from, seq, tries + 1)),
+            NoticeRoute::Drop => self.logs.event(
                 "skip-lost",
-                format!("number {seq} of {from} to {to}: no link to {at}"),
+                format!("number {seq} of {from} to {to}: no link to where it is"),
             ),
-            None => self.apply_skip(to, from, seq, 0),
         }
     }
 
@@ -1071,22 +1054,26 @@ impl NodeShared {
     }
 
     /// Sends a declared gap to where this node believes service `to` is (its channel or, when
-    /// newer, the directory). While that is a node with no link (the lost node itself, until
-    /// gossip says where the service went), it waits for the next tick, `tries` times at most.
+    /// newer, the directory). While that node has no link (the lost node itself, until gossip
+    /// says where the service went), it waits for the next tick
+    /// (`tern_proto::forward::route_notice`).
     pub fn route_gap(self: &Arc<Self>, to: ServiceId, from: ServiceId, through: u64, tries: u16) {
-        let chan = lock(&self.channels).get(&to).map(|c| c.location());
-        let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
-        match at {
-            Some(at) if at == self.name => self.apply_gap(to, from, through),
-            Some(at) if self.links.get(&at).is_some() => self.send_gap(&at, to, from, through),
-            _ if tries < GAP_ROUTE_TRIES => {
-                self.wait_pending(Pending::Route(to, from, through, tries + 1))
-            }
-            _ => self.logs.event(
+        match self.route_notice(to, tries) {
+            NoticeRoute::Here => self.apply_gap(to, from, through),
+            NoticeRoute::Send(at) => self.send_gap(&at, to, from, through),
+            NoticeRoute::Wait => self.wait_pending(Pending::Route(to, from, through, tries + 1)),
+            NoticeRoute::Drop => self.logs.event(
                 "gap-dropped",
                 format!("numbers of {from} to {to} up to {through}: no place to send them"),
             ),
         }
+    }
+
+    /// Where a skip or gap for `to` goes now (`tern_proto::forward::route_notice`).
+    fn route_notice(&self, to: ServiceId, tries: u16) -> NoticeRoute {
+        let chan = lock(&self.channels).get(&to).map(|c| c.location());
+        let at = tern_proto::forward::newest_location(chan, self.driver.location(to));
+        tern_proto::forward::route_notice(&self.name, at, |n| self.links.get(n).is_some(), tries)
     }
 
     /// A gap for local service `to` (or one that was here: the tombstone passes it on).

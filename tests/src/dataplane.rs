@@ -47,7 +47,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::sim::Rng;
 use tern_proto::error::DeliveryError;
-use tern_proto::forward::{newest_location, skip_next_hop, Hand, HandOn, Tombstones};
+use tern_proto::forward::{
+    follow_gossip, route_notice, skip_next_hop, Hand, HandOn, Route, Tombstones,
+};
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::inbox::{Admit, Inbox, Numbered, WindowExport};
 use tern_proto::ledger::{Ledger, Unconfirmed};
@@ -494,14 +496,10 @@ impl Sim {
         unknown_at: Option<usize>,
     ) {
         if let Some(at) = unknown_at {
-            // Only to a place at least as new as the directory's (`not_known_at`).
-            let n = &self.nodes[node];
-            let points = n.directory.get(&to).copied();
-            let hosting = n.gossip.get(&to).copied().filter(|(g, _)| *g != at);
-            if let (Some((p, epoch)), Some((g, e))) = (points, hosting) {
-                if p == at && e >= epoch {
-                    self.learn(node, to, g, e);
-                }
+            // The channel follows gossip if it points there (`not_known_at`).
+            match self.nodes[node].directory.get(&to).copied() {
+                Some((p, epoch)) if p == at => self.follow_gossip(node, to, (p, epoch)),
+                _ => {}
             }
         }
         let key = (to, from);
@@ -542,30 +540,20 @@ impl Sim {
         (to, from, seq): (ServiceId, ServiceId, u64),
         tries: u16,
     ) {
-        let dir = self.nodes[node]
-            .directory
-            .get(&to)
-            .map(|(n, e)| (self.names[*n].clone(), *e));
-        match newest_location(None, dir) {
-            Some(at) if at != self.names[node] => {
-                let n = self.node_of(&at);
-                if !self.nodes[node].down.contains(&n) {
-                    self.send_skip(node, &at, (to, from, seq), 0);
-                } else if tries < 600 {
-                    let inc = self.nodes[node].inc;
-                    let ev = Event::Route {
-                        node,
-                        gap: (to, from, seq),
-                        tries: tries + 1,
-                        inc,
-                        skip: true,
-                    };
-                    self.at(5, ev);
-                } else {
-                    self.report.skips_lost += 1;
-                }
+        match self.route_notice(node, to, tries) {
+            Route::Here => self.apply_skip(node, to, from, seq, 0),
+            Route::Send(at) => self.send_skip(node, &at, (to, from, seq), 0),
+            Route::Wait => {
+                let ev = Event::Route {
+                    node,
+                    gap: (to, from, seq),
+                    tries: tries + 1,
+                    inc: self.nodes[node].inc,
+                    skip: true,
+                };
+                self.at(5, ev);
             }
-            _ => self.apply_skip(node, to, from, seq, 0),
+            Route::Drop => self.report.skips_lost += 1,
         }
     }
 
@@ -698,6 +686,30 @@ impl Sim {
         }
     }
 
+    /// `node`'s channel to `service`, pointing at `points` (a node gone, or one that said it
+    /// does not know the service), follows gossip by the node's rule
+    /// (`tern_proto::forward::follow_gossip`).
+    fn follow_gossip(&mut self, node: usize, service: ServiceId, (at, epoch): (usize, u64)) {
+        let gossip = self.nodes[node]
+            .gossip
+            .get(&service)
+            .map(|(g, e)| (self.names[*g].clone(), *e));
+        let points = (self.names[at].clone(), epoch);
+        if let Some((g, e)) = follow_gossip(points, gossip) {
+            let g = self.node_of(&g);
+            self.learn(node, service, g, e);
+        }
+    }
+
+    /// Where a skip or gap from `node` for `to` goes now (`tern_proto::forward::route_notice`:
+    /// the directory's node, if `node` has a link there).
+    fn route_notice(&self, node: usize, to: ServiceId, tries: u16) -> Route {
+        let n = &self.nodes[node];
+        let at = n.directory.get(&to).map(|(at, _)| self.names[*at].clone());
+        let linked = |name: &NodeName| !n.down.contains(&self.node_of(name));
+        route_notice(&self.names[node], at, linked, tries)
+    }
+
     /// A declared gap goes where `node` believes the service is, as the node's `route_gap`:
     /// while that is a node known gone, it waits for the next tick (a bounded number of times)
     /// for gossip to say where the service went.
@@ -707,21 +719,23 @@ impl Sim {
         (to, from, through): (ServiceId, ServiceId, u64),
         tries: u16,
     ) {
-        let n = &self.nodes[node];
-        match n.directory.get(&to).map(|(at, _)| *at) {
-            Some(at) if at == node => self.apply_gap(node, to, from, through),
-            Some(at) if !n.down.contains(&at) => self.net(node, at, Net::Gap { to, from, through }),
-            _ if tries < 600 => {
+        match self.route_notice(node, to, tries) {
+            Route::Here => self.apply_gap(node, to, from, through),
+            Route::Send(at) => {
+                let at = self.node_of(&at);
+                self.net(node, at, Net::Gap { to, from, through })
+            }
+            Route::Wait => {
                 let ev = Event::Route {
                     node,
                     gap: (to, from, through),
                     tries: tries + 1,
-                    inc: n.inc,
+                    inc: self.nodes[node].inc,
                     skip: false,
                 };
                 self.at(5, ev);
             }
-            _ => self.report.gaps_lost += 1,
+            Route::Drop => self.report.gaps_lost += 1,
         }
     }
 
@@ -776,19 +790,15 @@ impl Sim {
     fn lost(&mut self, at: usize, lost: usize) {
         // Channels pointing at it follow gossip first, so that the gaps below go where the
         // services are.
-        let follow: Vec<(ServiceId, usize, u64)> = self.nodes[at]
+        let follow: Vec<(ServiceId, u64)> = self.nodes[at]
             .directory
             .iter()
             .filter(|(_, (n, _))| *n == lost)
-            .filter_map(|(s, (_, e))| {
-                let g = self.nodes[at].gossip.get(s).copied();
-                g.filter(|(g, ge)| *g != lost && ge >= e)
-                    .map(|(g, ge)| (*s, g, ge))
-            })
+            .map(|(s, (_, e))| (*s, *e))
             .collect();
         self.nodes[at].down.insert(lost);
-        for (service, g, epoch) in follow {
-            self.learn(at, service, g, epoch);
+        for (service, epoch) in follow {
+            self.follow_gossip(at, service, (lost, epoch));
         }
         let frozen: Vec<ServiceId> = self.nodes[at]
             .hosted
@@ -999,11 +1009,11 @@ impl Sim {
                 g.extend(services.iter().map(|(s, e)| (*s, (from, *e))));
                 // Where a channel points at a node known gone, gossip says where to go, if
                 // at least as new (the node's `follow_gossip_away_from`).
-                for (s, e) in services {
+                for (s, _) in services {
                     let n = &self.nodes[node];
-                    match n.directory.get(&s) {
-                        Some((at, epoch)) if n.down.contains(at) && *at != from && e >= *epoch => {
-                            self.learn(node, s, from, e);
+                    match n.directory.get(&s).copied() {
+                        Some(points) if n.down.contains(&points.0) => {
+                            self.follow_gossip(node, s, points)
                         }
                         _ => {}
                     }
