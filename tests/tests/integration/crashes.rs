@@ -249,9 +249,13 @@ fn tally_on_a_fed_from_c(
         for i in 1..=n {
             from_c.tell(SlowMsg::Item(i))?;
         }
-        // Until a has them all queued behind the hold.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         Ok::<_, anyhow::Error>(())
+    })?;
+    let a = c.node("a");
+    wait_for(SECS_10, "a has every item queued behind the hold", || {
+        a.services()
+            .iter()
+            .any(|s| s.addr.id == svc.id() && s.mailbox_depth as u64 == n)
     })?;
     Ok((svc, from_c))
 }

@@ -2,7 +2,6 @@
 //! and the node goes on (docs/limits.md lists them all).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::Result;
 use tern::{AbortReason, Error, Limits, MigrateOptions, NodeHandle};
@@ -103,7 +102,6 @@ fn the_tombstone_table_forgets_its_oldest_past_its_bound() -> Result<()> {
         }
         Ok::<_, anyhow::Error>(())
     })?;
-    std::thread::sleep(Duration::from_millis(10));
     c.shutdown();
     Ok(())
 }
