@@ -263,7 +263,12 @@ pub(crate) type RefusedNumber = (ServiceId, ServiceId, u64);
 pub(crate) struct AskTable {
     /// Per ask, what it waits on.
     pending: Mutex<HashMap<u64, PendingAsk>>,
+    /// Counts asks; an ask's id is this count under a keyed hash.
     next: AtomicU64,
+    /// The hash's random keys (SipHash keyed from the operating system's randomness at
+    /// start): an ask id cannot be guessed from others, so a peer cannot answer an ask it
+    /// never saw.
+    key: std::collections::hash_map::RandomState,
     max: usize,
 }
 
@@ -272,7 +277,20 @@ impl AskTable {
         AskTable {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            key: std::collections::hash_map::RandomState::new(),
             max,
+        }
+    }
+
+    /// A fresh ask id, not in `pending`.
+    fn fresh_id(&self, pending: &HashMap<u64, PendingAsk>) -> u64 {
+        use std::hash::BuildHasher;
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let id = self.key.hash_one(n);
+            if !pending.contains_key(&id) {
+                return id;
+            }
         }
     }
 
@@ -288,7 +306,7 @@ impl AskTable {
         if p.len() >= self.max {
             return Err(AskError::TooManyPending { max: self.max });
         }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = self.fresh_id(&p);
         p.insert(
             id,
             PendingAsk {

@@ -730,3 +730,45 @@ fn a_timer_larger_than_a_frame_aborts_the_move_with_its_reason() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// A peer cannot answer an ask it never saw. Ask ids come from a keyed hash of a counter, so a
+/// probe that sends forged replies for the first 10,000 ids (where counted ids would be) while
+/// a's ask to a busy service on b waits completes nothing: the ask gets the service's own
+/// answer, and a keeps serving.
+#[test]
+fn a_peer_cannot_answer_an_ask_it_never_saw() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let slow = c.node("b").spawn(Slow::default())?;
+    let from_a = c.node("a").resolve::<Slow>(slow.addr())?;
+    let forged = rmp_serde::to_vec(&vec![666u64])?;
+    let answer = block_on(async {
+        from_a.tell_wait(SlowMsg::Hold { ms: 1_000 }).await?;
+        from_a.tell_wait(SlowMsg::Item(7)).await?;
+        let mut p = Probe::connect(&c, "a").await?;
+        let forge = async {
+            let mut frames = Vec::new();
+            for ask in 0..10_000u64 {
+                let reply = Frame::Reply {
+                    ask,
+                    result: ReplyBody::Value(&forged),
+                };
+                encode_frame(&mut frames, &reply, MAX)?;
+            }
+            p.ctrl_send.write_all(&frames).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        let (asked, forged) = tokio::join!(from_a.ask(SlowMsg::Items, SECS_10), forge);
+        forged?;
+        Ok::<_, anyhow::Error>(asked?)
+    })?;
+    assert_eq!(
+        answer,
+        vec![7],
+        "the service's own answer, not the forged one"
+    );
+    // a still answers.
+    let again = block_on(from_a.ask(SlowMsg::Items, SECS_10))?;
+    assert_eq!(again, vec![7]);
+    c.shutdown();
+    Ok(())
+}
