@@ -11,6 +11,26 @@ use tern_proto::ids::{NodeName, ServiceId};
 use crate::stats::Stats;
 use crate::sync::lock;
 
+/// Bytes of an event's detail or a loss report's reason kept: past this the text is cut (at a
+/// character boundary) and says how much was cut. Much of it can come from peers (their
+/// refusal reasons, protocol errors, names), and each log keeps thousands of entries.
+pub const EVENT_TEXT_BYTES_MAX: usize = 1024;
+
+/// `text` cut to [`EVENT_TEXT_BYTES_MAX`] bytes, saying how much was cut.
+fn capped(mut text: String) -> String {
+    if text.len() <= EVENT_TEXT_BYTES_MAX {
+        return text;
+    }
+    let mut end = EVENT_TEXT_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("... ({cut} bytes cut)"));
+    text
+}
+
 /// Something a node noticed that an operator may want to see: refusals, protocol errors,
 /// peers coming and going. Kept in a bounded log (`events_max`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +112,7 @@ impl Logs {
         ev.1.push_back(NodeEvent {
             n,
             kind: kind.to_owned(),
-            detail,
+            detail: capped(detail),
         });
     }
 
@@ -103,8 +123,9 @@ impl Logs {
 
     /// Keeps a loss report, counted in `stats` (after it is kept: whoever sees the count finds
     /// the report).
-    pub fn record_loss(&self, r: LossReport, stats: &Stats) {
+    pub fn record_loss(&self, mut r: LossReport, stats: &Stats) {
         let messages = r.messages;
+        r.reason = capped(std::mem::take(&mut r.reason));
         {
             let mut log = lock(&self.losses);
             if log.len() >= self.losses_max {
@@ -125,6 +146,27 @@ impl Logs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's megabyte of text (a refusal reason, a protocol error) is kept as a kilobyte
+    /// that says how much was cut; multi-byte characters are never split.
+    #[test]
+    fn event_texts_are_capped_at_a_character_boundary() {
+        let logs = Logs::new(4, 4);
+        logs.event("refused-by-peer", "é".repeat(512 * 1024));
+        let detail = &logs.events()[0].detail;
+        assert!(
+            detail.len() <= EVENT_TEXT_BYTES_MAX + 32,
+            "{}",
+            detail.len()
+        );
+        assert!(
+            detail.ends_with("... (1047552 bytes cut)"),
+            "{}",
+            &detail[1000..]
+        );
+        logs.event("short", "as is".into());
+        assert_eq!(logs.events()[1].detail, "as is");
+    }
 
     #[test]
     fn both_logs_keep_their_newest_entries_within_their_bounds() {
