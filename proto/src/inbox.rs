@@ -453,7 +453,9 @@ impl<T: Numbered> Inbox<T> {
         for (from, last) in &c.pending {
             if let Some(w) = windows.get(from) {
                 if w.watermark().0 > *last && w.held() == 0 {
-                    done.push((*from, *last));
+                    // Retired where the window is, not at `last`: a sender that sends past its
+                    // close (a lying close) finds its window again where it left it.
+                    done.push((*from, w.watermark().0 - 1));
                 }
             }
         }
@@ -1179,6 +1181,24 @@ mod tests {
         };
         assert_eq!(dst.admit(late, Admit::Forwarded), Ok(false));
         assert!(dst.is_empty());
+    }
+
+    /// A close that comes too early, or lies, costs nothing but a window made again: numbers
+    /// past `last` are still taken, once and in order.
+    #[test]
+    fn a_sender_that_sends_past_its_close_goes_on_in_order() {
+        let mut inbox = Inbox::new(ME, 8);
+        assert_eq!(inbox.admit(m(1), Admit::Tell), Ok(true));
+        assert_eq!(inbox.close_sender(FROM, 1), Ok(true));
+        for seq in 2..=4 {
+            assert_eq!(inbox.admit(m(seq), Admit::Tell), Ok(true), "number {seq}");
+        }
+        assert_eq!(inbox.admit(m(3), Admit::Tell), Ok(false), "a copy");
+        assert_eq!(pop_seqs(&mut inbox), vec![1, 2, 3, 4]);
+        assert_eq!((inbox.senders(), inbox.retired()), (0, 1));
+        assert_eq!(inbox.admit(m(5), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(false), "a late copy");
+        assert_eq!(pop_seqs(&mut inbox), vec![5]);
     }
 
     /// Retired senders make room for new ones: windows and retired senders together stay
