@@ -543,18 +543,28 @@ impl Sim {
         match self.route_notice(node, to, tries) {
             Route::Here => self.apply_skip(node, to, from, seq, 0),
             Route::Send(at) => self.send_skip(node, &at, (to, from, seq), 0),
-            Route::Wait => {
-                let ev = Event::Route {
-                    node,
-                    gap: (to, from, seq),
-                    tries: tries + 1,
-                    inc: self.nodes[node].inc,
-                    skip: true,
-                };
-                self.at(5, ev);
-            }
+            Route::Wait => self.route_later(node, (to, from, seq), tries, true),
             Route::Drop => self.report.skips_lost += 1,
         }
+    }
+
+    /// A skip (`skip`) or a gap from `node` waits for the next tick, as the node's pending
+    /// queue keeps it, and is routed again then.
+    fn route_later(
+        &mut self,
+        node: usize,
+        notice: (ServiceId, ServiceId, u64),
+        tries: u16,
+        skip: bool,
+    ) {
+        let ev = Event::Route {
+            node,
+            gap: notice,
+            tries: tries + 1,
+            inc: self.nodes[node].inc,
+            skip,
+        };
+        self.at(5, ev);
     }
 
     fn send_skip(
@@ -725,16 +735,7 @@ impl Sim {
                 let at = self.node_of(&at);
                 self.net(node, at, Net::Gap { to, from, through })
             }
-            Route::Wait => {
-                let ev = Event::Route {
-                    node,
-                    gap: (to, from, through),
-                    tries: tries + 1,
-                    inc: self.nodes[node].inc,
-                    skip: false,
-                };
-                self.at(5, ev);
-            }
+            Route::Wait => self.route_later(node, (to, from, through), tries, false),
             Route::Drop => self.report.gaps_lost += 1,
         }
     }
