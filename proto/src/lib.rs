@@ -5,6 +5,7 @@
 //! over QUIC; the deterministic simulation in `tern-harness` drives the same code under seeded
 //! faults. Inputs are events, outputs are actions.
 //!
+//! - [`claims`]: who may claim what; every frame is a claim by the node at the other end.
 //! - [`ids`]: `ServiceId`, `NodeName`, `KindKey`, `ServiceAddr`.
 //! - [`wire`]: frames and their codec (length-checked before anything is allocated).
 //! - [`error`]: why a delivery or an ask failed (these travel on the wire).
@@ -22,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod claims;
 pub mod directory;
 pub mod error;
 pub mod forward;

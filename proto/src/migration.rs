@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::claims::{self, ClaimRefused, Known, Location, Role};
 use crate::forward::{HandOn, Tombstones};
 use crate::ids::{NodeName, ServiceId};
 use crate::seq::{Offer, Watermark, Window};
@@ -295,6 +296,14 @@ pub enum Action<S, P> {
         service: ServiceId,
         /// The attempt.
         mig: MigrationId,
+    },
+    /// A peer's claim was not believed (see [`crate::claims`]): log it, count it, tell the
+    /// peer. Nothing changed.
+    ClaimRefused {
+        /// Who claimed it.
+        peer: NodeName,
+        /// What and why.
+        refusal: ClaimRefused,
     },
     /// `data` was not accepted; its sender must be told.
     Refuse {
@@ -1323,28 +1332,51 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 service,
                 node,
                 epoch,
-            } => self.learn(service, node, epoch),
+            } => {
+                if let Err(refusal) = self.located(&from, service, (&node, epoch), None, false) {
+                    self.refuse_claim(from, refusal);
+                }
+            }
             Wire::Skipped {
                 to,
                 from: sender,
                 seq,
             } => self.on_skipped(to, sender, seq),
             Wire::Snapshot { mig, snap } => self.on_snapshot(from, mig, snap),
-            Wire::Prepared { mig } | Wire::Query { mig } => self.on_prepared(from, mig),
+            Wire::Prepared { mig } | Wire::Query { mig } => {
+                if let Err(r) = self.check_target("prepared", &from, &mig) {
+                    return self.refused_claim(from, r);
+                }
+                self.on_prepared(from, mig)
+            }
             Wire::Refused { mig, reason } => {
+                if let Err(r) = self.check_target("refused", &from, &mig) {
+                    return self.refused_claim(from, r);
+                }
                 let service = self.sent_service(&mig);
                 if let Some(service) = service {
                     self.abort(service, AbortReason::Refused(reason));
                 }
             }
-            Wire::Commit { mig } => self.on_commit(from, mig),
+            Wire::Commit { mig } => {
+                if let Err(r) = claims::role("commit", Role::Source, &from, &mig.source, None) {
+                    return self.refused_claim(from, r);
+                }
+                self.on_commit(from, mig)
+            }
             Wire::CommitAck { mig } => {
+                if let Err(r) = self.check_target("commit-ack", &from, &mig) {
+                    return self.refused_claim(from, r);
+                }
                 if matches!(self.decisions.get(&mig), Some(Decision::Committed { .. })) {
                     self.decisions.remove(&mig);
                     self.decision_order.retain(|m| m != &mig);
                 }
             }
             Wire::Abort { mig } => {
+                if let Err(r) = claims::role("abort", Role::Source, &from, &mig.source, None) {
+                    return self.refused_claim(from, r);
+                }
                 let discard = self.hosted.iter().find_map(|(s, h)| match &h.phase {
                     Phase::Prepared { mig: m, .. } if *m == mig => Some(*s),
                     _ => None,
@@ -1388,6 +1420,88 @@ impl<S: Clone, P: Clone> Core<S, P> {
             },
         );
         (Some(mig), self.take())
+    }
+
+    /// Checks `from`'s word about a location (see [`claims::location`]) against what this node
+    /// knows, and what the caller knows besides: a channel's location, say, and whether the
+    /// service runs here though it never moved (a service is known to the core from its first
+    /// migration on). Learns the location when it is believed. An `Err` changed nothing.
+    pub fn located(
+        &mut self,
+        from: &NodeName,
+        service: ServiceId,
+        (at, epoch): (&NodeName, u64),
+        also: Option<(&NodeName, u64)>,
+        runs_here: bool,
+    ) -> Result<Location, ClaimRefused> {
+        let hosted_epoch = match self.hosted.get(&service) {
+            Some(h) if matches!(h.phase, Phase::Prepared { .. }) => None,
+            Some(h) => Some(h.epoch),
+            None => runs_here.then_some(0),
+        };
+        let dir = self.directory.get(&service).map(|(n, e)| (n, *e));
+        let known_at = match (dir, also) {
+            (Some(d), Some(a)) if a.1 > d.1 => Some(a),
+            (Some(d), _) => Some(d),
+            (None, a) => a,
+        };
+        let known = Known {
+            me: &self.me,
+            hosted_epoch,
+            at: known_at,
+        };
+        let verdict = claims::location(known, from, service, at, epoch)?;
+        if verdict == Location::Take {
+            self.place(service, at.clone(), epoch);
+        }
+        Ok(verdict)
+    }
+
+    /// A migration message that only the attempt's target may send: the target this node sent
+    /// the attempt to, as its source.
+    fn check_target(
+        &self,
+        claim: &'static str,
+        from: &NodeName,
+        mig: &MigrationId,
+    ) -> Result<(), ClaimRefused> {
+        let target = self
+            .hosted
+            .values()
+            .find_map(|h| match &h.phase {
+                Phase::Freezing { mig: m, to, .. } | Phase::Sent { mig: m, to, .. } if m == mig => {
+                    Some(to)
+                }
+                _ => None,
+            })
+            .or_else(|| match self.decisions.get(mig) {
+                Some(Decision::Committed { to, .. }) => Some(to),
+                _ => None,
+            });
+        match target {
+            Some(t) => claims::role(claim, Role::Target, from, &mig.source, Some(t)),
+            // An attempt this node no longer knows (aborted and forgotten, or never its own):
+            // the answer is an `Abort` to whoever asks, which changes nothing here, as long as
+            // the attempt is this node's.
+            None => claims::role(claim, Role::Source, &self.me, &mig.source, None).map_err(|_| {
+                ClaimRefused {
+                    claim,
+                    detail: format!(
+                        "{from} sent {claim} to {} for a migration of {}'s",
+                        self.me, mig.source
+                    ),
+                }
+            }),
+        }
+    }
+
+    fn refuse_claim(&mut self, peer: NodeName, refusal: ClaimRefused) {
+        self.out.push(Action::ClaimRefused { peer, refusal });
+    }
+
+    fn refused_claim(&mut self, peer: NodeName, refusal: ClaimRefused) -> Vec<Action<S, P>> {
+        self.refuse_claim(peer, refusal);
+        self.take()
     }
 
     /// Drops a prepared copy; what was parked at it goes on to where the service runs.

@@ -49,6 +49,9 @@ pub mod code {
     pub const SHUTDOWN: u16 = 7;
     /// The handshake was refused.
     pub const REFUSED: u16 = 8;
+    /// A well-formed frame claimed something the sender may not claim (see
+    /// [`crate::claims`]); it changed nothing.
+    pub const CLAIM_REFUSED: u16 = 9;
 }
 
 /// Why bytes from a peer are not an acceptable frame.

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{DeliveryError, Error};
 use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
+use tern_proto::claims::Location;
 use tern_proto::forward::{Hand, HandOn};
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::migration::{
@@ -99,6 +100,8 @@ pub struct MigrationStats {
     pub tombstones_removed: u64,
     /// Fences received: a peer's word that it no longer sends through a tombstone here.
     pub fences_in: u64,
+    /// Attempts from this node not yet ended: service, attempt number, target.
+    pub in_flight: Vec<(ServiceId, u64, NodeName)>,
 }
 
 /// What follows the snapshot on its stream after commit.
@@ -343,7 +346,13 @@ impl Driver {
             .filter(|(_, n)| **n > 0)
             .map(|(i, n)| (1u64 << i, *n))
             .collect();
+        drop(c);
         s.tombstones = lock(&self.core).tombstones() as u64;
+        s.in_flight = lock(&self.outgoing)
+            .iter()
+            .map(|(id, o)| (*id, o.mig.n, o.to.clone()))
+            .collect();
+        s.in_flight.sort();
         s
     }
 
@@ -634,25 +643,24 @@ impl Driver {
                 service,
                 node: at,
                 epoch,
-            } => {
-                learned(node, from, service, &at, epoch);
-                Wire::Located {
-                    service,
-                    node: at,
-                    epoch,
-                }
             }
-            MigMsg::Moved {
+            | MigMsg::Moved {
                 service,
                 node: at,
                 epoch,
             } => {
-                learned(node, from, service, &at, epoch);
-                Wire::Moved {
-                    service,
-                    node: at,
-                    epoch,
+                // Checked against the core's directory and this node's channel, which may know
+                // the service when the directory does not.
+                let chan = node.channel_location(service);
+                let also = chan.as_ref().map(|(n, e)| (n, *e));
+                let here = node.slot(service).is_some();
+                let verdict = lock(&self.core).located(from, service, (&at, epoch), also, here);
+                match verdict {
+                    Ok(Location::Take) => learned(node, from, service, &at, epoch),
+                    Ok(Location::Ignore) => {}
+                    Err(refusal) => node.refuse_claim(from, &refusal),
                 }
+                return;
             }
             MigMsg::Serving {
                 source,
@@ -897,6 +905,7 @@ impl Driver {
                     );
                     node.stats.copies_orphaned.inc();
                 }
+                Action::ClaimRefused { peer, refusal } => node.refuse_claim(&peer, &refusal),
                 Action::Enqueue { .. } | Action::Refuse { .. } => {
                     // The node's data plane is the mailbox; no data goes through the core.
                     debug_assert!(false, "data action from a core that carries no data");

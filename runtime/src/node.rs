@@ -579,9 +579,9 @@ impl NodeShared {
         Ok(())
     }
 
-    /// Where this node's channel to `id` points.
-    pub fn channel_location(&self, id: ServiceId) -> Option<NodeName> {
-        lock(&self.channels).get(&id).map(|c| c.location().0)
+    /// Where this node's channel to `id` points, and since which epoch.
+    pub fn channel_location(&self, id: ServiceId) -> Option<(NodeName, u64)> {
+        lock(&self.channels).get(&id).map(|c| c.location())
     }
 
     /// The local service `id`'s address.
@@ -770,6 +770,25 @@ impl NodeShared {
             // The tombstone stays; the bounded table lets it go in time.
             self.logs.event("fence-lost", format!("to {to}: {e}"));
         }
+    }
+
+    /// `peer` claimed something this node does not believe: logged, counted, and answered
+    /// with a protocol error. The caller changes nothing.
+    pub fn refuse_claim(&self, peer: &NodeName, refusal: &tern_proto::claims::ClaimRefused) {
+        tracing::warn!(%peer, claim = refusal.claim, detail = %refusal.detail, "claim refused");
+        self.logs
+            .event("claim-refused", format!("from {peer}: {refusal}"));
+        if let Some(link) = self.links.get(peer) {
+            if let Err(e) = link.push_ctrl(&Frame::ProtocolError {
+                code: tern_proto::wire::code::CLAIM_REFUSED,
+                detail: refusal.to_string(),
+            }) {
+                self.logs
+                    .event("protocol-error-unreported", format!("to {peer}: {e}"));
+            }
+        }
+        // Counted last: whoever sees the count finds the event.
+        self.stats.claims_refused.inc();
     }
 
     /// Tells node `to` which numbers for `id` were refused here, so its windows go on. On the

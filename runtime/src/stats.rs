@@ -86,6 +86,10 @@ counters! {
     protocol_errors,
     /// Protocol errors peers reported about frames of ours.
     protocol_errors_reported,
+    /// Claims from peers this node did not believe (see `tern_proto::claims`): each was
+    /// logged as a `claim-refused` event and answered with a `CLAIM_REFUSED` protocol error,
+    /// and changed nothing.
+    claims_refused,
     /// Bytes queued for a peer and lost when its connection failed.
     bytes_lost_on_link,
     /// Messages sent from this node reported not handled: declared lost with a node, or

@@ -209,7 +209,7 @@ impl NodeShared {
         self.driver
             .location(id)
             .map(|(n, _)| n)
-            .or_else(|| self.channel_location(id))
+            .or_else(|| self.channel_location(id).map(|(n, _)| n))
             .or_else(|| self.books.addr_of(id).map(|a| a.node))
             .or_else(|| self.hosting_member(id))
             .unwrap_or_else(|| fallback.clone())

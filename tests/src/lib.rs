@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 pub mod dataplane;
 pub mod faults;
+pub mod rogue;
 pub mod sim;
 
 use anyhow::{bail, Context as _, Result};

@@ -53,6 +53,12 @@ pub struct SimConfig {
     /// to its own random target (a split tree). Without crashes the run checks that a group
     /// commits all or none.
     pub groups: f64,
+    /// Probability that, as a protocol message is sent to a node, a lying peer (a node with a
+    /// valid certificate that hosts nothing) sends the same node a forgery of it: the message
+    /// in its own name, and for a location, naming itself at epoch `u64::MAX` or the next. The
+    /// run checks that every forgery is refused or ignored, changes nothing, and that every
+    /// other promise still holds.
+    pub liar: f64,
 }
 
 impl Default for SimConfig {
@@ -69,6 +75,7 @@ impl Default for SimConfig {
             chatter: 0.3,
             crashes: 0,
             groups: 0.0,
+            liar: 0.0,
         }
     }
 }
@@ -96,6 +103,11 @@ pub struct SimReport {
     pub orphaned: u64,
     /// Group migrations asked, committed whole, aborted whole.
     pub groups: (u64, u64, u64),
+    /// Claims a node refused, by claim: honest nodes refuse only stale words (a location from
+    /// a node that no longer hosts the service, when this node missed a move).
+    pub claims_refused: BTreeMap<&'static str, u64>,
+    /// Forgeries the lying peer sent, and those refused (the rest were ignored), by claim.
+    pub forged: (u64, BTreeMap<&'static str, u64>),
 }
 
 /// splitmix64: small, seedable, good enough to pick delays and dice. Shared by the simulations.
@@ -121,6 +133,11 @@ enum Event {
     Net {
         to: usize,
         from: usize,
+        msg: Msg,
+    },
+    /// From the lying peer.
+    Forged {
+        to: usize,
         msg: Msg,
     },
     Process {
@@ -201,20 +218,70 @@ impl Sim {
             .push(Reverse((self.now + delay, self.order, idx)));
     }
 
-    fn node_of(&self, name: &NodeName) -> usize {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .expect("the simulation only names its own nodes")
+    fn node_of(&self, name: &NodeName) -> Option<usize> {
+        let i = self.names.iter().position(|n| n == name);
+        assert!(
+            i.is_some() || *name == liar(),
+            "the simulation only names its own nodes"
+        );
+        i
+    }
+
+    /// A forgery of `msg` (on its way to `to`) in the lying peer's name, if it has one.
+    fn forge(&mut self, to: usize, msg: &Msg) {
+        if self.cfg.liar == 0.0 || !self.rng.chance(self.cfg.liar) {
+            return;
+        }
+        let forged = match msg {
+            Wire::Located { service, epoch, .. } | Wire::Moved { service, epoch, .. } => {
+                let epoch = if self.rng.chance(0.5) {
+                    u64::MAX
+                } else {
+                    epoch.saturating_add(1)
+                };
+                Wire::Located {
+                    service: *service,
+                    node: liar(),
+                    epoch,
+                }
+            }
+            Wire::Prepared { .. }
+            | Wire::Query { .. }
+            | Wire::Refused { .. }
+            | Wire::Commit { .. }
+            | Wire::CommitAck { .. }
+            | Wire::Abort { .. } => msg.clone(),
+            Wire::Data { .. } | Wire::Skipped { .. } | Wire::Snapshot { .. } => return,
+        };
+        let d = 1 + self.rng.below(self.cfg.delay_max);
+        self.at(d, Event::Forged { to, msg: forged });
     }
 
     fn carry_out(&mut self, node: usize, actions: Vec<Action<Log, ()>>) -> Result<(), String> {
         for action in actions {
             match action {
+                Action::ClaimRefused { refusal, peer } if peer == liar() => {
+                    *self.report.forged.1.entry(refusal.claim).or_default() += 1;
+                }
+                Action::ClaimRefused { refusal, peer } => {
+                    // Every other node is honest: only a stale location may be refused.
+                    if refusal.claim != "location" {
+                        return Err(format!(
+                            "t={}: {} refused an honest claim from {peer}: {refusal}",
+                            self.now, self.names[node]
+                        ));
+                    }
+                    *self.report.claims_refused.entry(refusal.claim).or_default() += 1;
+                }
                 Action::Send { to, msg } => {
-                    let to = self.node_of(&to);
+                    let Some(to) = self.node_of(&to) else {
+                        continue; // To the lying peer: nobody listens.
+                    };
                     if self.dead[to] {
                         continue;
+                    }
+                    if is_control(&msg) {
+                        self.forge(to, &msg);
                     }
                     if is_control(&msg) && self.rng.chance(self.cfg.loss) {
                         self.report.lost += 1;
@@ -395,7 +462,7 @@ impl Sim {
 
     fn step(&mut self, ev: Event) -> Result<(), String> {
         let on = match &ev {
-            Event::Net { to, .. } => Some(*to),
+            Event::Net { to, .. } | Event::Forged { to, .. } => Some(*to),
             Event::Process { node, .. }
             | Event::Send { node, .. }
             | Event::Frozen { node, .. }
@@ -435,6 +502,27 @@ impl Sim {
             }
             Event::Net { to, from, msg } => {
                 let actions = self.nodes[to].core.receive(self.names[from].clone(), msg);
+                self.carry_out(to, actions)?;
+            }
+            Event::Forged { to, msg } => {
+                self.report.forged.0 += 1;
+                let what = format!("{msg:?}");
+                let actions = self.nodes[to].core.receive(liar(), msg);
+                // A forgery changes nothing: the node refuses it, ignores it, or at most
+                // answers the liar.
+                let changes = actions.iter().any(|a| match a {
+                    Action::ClaimRefused { .. } => false,
+                    Action::Send { to, .. } => *to != liar(),
+                    _ => true,
+                });
+                if changes {
+                    return Err(format!(
+                        "t={}: a forgery changed {}: {what} -> {} actions",
+                        self.now,
+                        self.names[to],
+                        actions.len()
+                    ));
+                }
                 self.carry_out(to, actions)?;
             }
             Event::Process { node, service } => {
@@ -566,8 +654,14 @@ impl Sim {
     }
 }
 
+/// The lying peer's name.
+fn liar() -> NodeName {
+    NodeName::new("liar")
+}
+
 fn describe(ev: &Event) -> String {
     match ev {
+        Event::Forged { to, msg } => format!("forged to {to}: {msg:?}"),
         Event::Net { to, from, msg } => match msg {
             Wire::Data { data, origin } => format!(
                 "net {from}->{to} data {}#{} for {} (origin {origin})",

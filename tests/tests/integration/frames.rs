@@ -7,146 +7,13 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tern::{DeliveryError, KindKey, ServiceId};
 use tern_actors::{SeqSink, SinkMsg};
+use tern_harness::rogue::{frame, Answer, Rogue};
 use tern_harness::{block_on, wait_until, Cluster};
-use tern_proto::wire::{
-    self, code, encode_frame, Frame, FrameReader, MigMsg, ReplyBody, SnapHeader,
-};
+use tern_proto::wire::{self, code, encode_frame, Frame, MigMsg, ReplyBody, SnapHeader};
 
 use crate::common::{connected, connected_with, Slow, SlowMsg, SECS_10};
 
 const MAX: usize = 16 << 20;
-
-/// A hand-driven peer: a real member of the cluster speaking raw frames.
-struct Probe {
-    conn: quinn::Connection,
-    ctrl_send: quinn::SendStream,
-    ctrl_recv: quinn::RecvStream,
-    reader: FrameReader,
-    _endpoint: quinn::Endpoint,
-}
-
-/// What the node said back, owned.
-#[derive(Debug)]
-enum Answer {
-    ProtocolError(u16, String),
-    RefusedTell,
-    Refused(u64, DeliveryError),
-    Failed(u64, String),
-    Value(#[allow(dead_code)] u64),
-}
-
-impl Probe {
-    async fn connect(c: &Cluster, to: &str) -> Result<Probe> {
-        let id = c.ca.issue("probe")?;
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(tern::tls::client_config(&id)?);
-        let conn = endpoint.connect(c.node(to).local_addr(), to)?.await?;
-        let (mut ctrl_send, ctrl_recv) = conn.open_bi().await?;
-        let mut hello = Vec::new();
-        encode_frame(&mut hello, &Frame::Hello { caps: vec![] }, MAX)?;
-        ctrl_send.write_all(&hello).await?;
-        let mut probe = Probe {
-            conn,
-            ctrl_send,
-            ctrl_recv,
-            reader: FrameReader::new(MAX),
-            _endpoint: endpoint,
-        };
-        match probe.next_ctrl().await? {
-            Some(ProbeFrame::Welcome) => Ok(probe),
-            other => bail!("expected welcome, got {other:?}"),
-        }
-    }
-
-    async fn next_ctrl(&mut self) -> Result<Option<ProbeFrame>> {
-        loop {
-            if let Some(body) = self.reader.next_frame()? {
-                let f = wire::decode(body)?;
-                return Ok(Some(match f {
-                    Frame::Welcome { .. } => ProbeFrame::Welcome,
-                    Frame::ProtocolError { code, detail } => {
-                        ProbeFrame::Answer(Answer::ProtocolError(code, detail))
-                    }
-                    Frame::Reply { ask, result } => ProbeFrame::Answer(match result {
-                        ReplyBody::Refused(e) => Answer::Refused(ask, e),
-                        ReplyBody::Failed(s) => Answer::Failed(ask, s),
-                        ReplyBody::Value(_) => Answer::Value(ask),
-                    }),
-                    Frame::Refused { .. } => ProbeFrame::Answer(Answer::RefusedTell),
-                    Frame::Mig(m) => ProbeFrame::Mig(m),
-                    other => ProbeFrame::Other(other.kind()),
-                }));
-            }
-            match self.ctrl_recv.read_chunk(65536, true).await? {
-                Some(chunk) => self.reader.push(&chunk.bytes),
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// The next frame on the control stream that `pick` takes, skipping anything else.
-    async fn next_picked<T>(
-        &mut self,
-        what: &str,
-        pick: impl Fn(ProbeFrame) -> Option<T>,
-    ) -> Result<T> {
-        let wait = async {
-            loop {
-                match self.next_ctrl().await? {
-                    Some(f) => {
-                        if let Some(t) = pick(f) {
-                            return Ok(t);
-                        }
-                    }
-                    None => bail!("control stream ended"),
-                }
-            }
-        };
-        tokio::time::timeout(SECS_10, wait)
-            .await
-            .with_context(|| format!("no {what} in time"))?
-    }
-
-    /// The next answer on the control stream.
-    async fn answer(&mut self) -> Result<Answer> {
-        self.next_picked("answer", |f| match f {
-            ProbeFrame::Answer(a) => Some(a),
-            _ => None,
-        })
-        .await
-    }
-
-    /// The next migration message on the control stream.
-    async fn mig(&mut self) -> Result<MigMsg> {
-        self.next_picked("migration message", |f| match f {
-            ProbeFrame::Mig(m) => Some(m),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
-        let mut s = self.conn.open_uni().await?;
-        s.write_all(bytes).await?;
-        s.finish()?;
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-enum ProbeFrame {
-    Welcome,
-    Answer(Answer),
-    Mig(MigMsg),
-    #[allow(dead_code)]
-    Other(&'static str),
-}
-
-fn frame(f: &Frame<'_>) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_frame(&mut out, f, MAX).expect("test frames encode");
-    out
-}
 
 /// A body that is valid MessagePack but names a frame kind no node knows.
 fn unknown_kind() -> Vec<u8> {
@@ -190,7 +57,7 @@ fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
     let from_b = c.node("b").resolve::<SeqSink>(sink.addr())?;
 
     block_on(async {
-        let mut p = Probe::connect(&c, "a").await?;
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
 
         // Valid length, body not a frame.
         p.send_uni(&[0, 0, 0, 3, wire::WIRE_VERSION, 0xc1, 0xc1, 0xc1])
@@ -355,7 +222,7 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
     let valid_state = rmp_serde::to_vec(&Slow::default())?;
 
     block_on(async {
-        let mut p = Probe::connect(&c, "a").await?;
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
 
         // State before any header.
         p.send_uni(&frame(&Frame::SnapState { bytes: &[1, 2, 3] }))
@@ -482,7 +349,7 @@ fn a_snapshot_stream_whose_framing_breaks_leaves_no_copy_gated() -> Result<()> {
     let slow = KindKey::new("test-slow", 1);
     let state = rmp_serde::to_vec(&Slow::default())?;
     block_on(async {
-        let mut p = Probe::connect(&c, "a").await?;
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
         let h = snap_header(10, slow.clone(), state.len() as u64, 2);
         let addr = tern::ServiceAddr {
             id: h.id,
@@ -543,7 +410,7 @@ fn a_snapshot_brings_its_book_to_a_target_that_missed_it() -> Result<()> {
     h.tables = 1;
     let id = h.id;
     block_on(async {
-        let mut p = Probe::connect(&c, "a").await?;
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
         let mut s = begin(h);
         s.extend(frame(&Frame::SnapTables(tern_proto::snapshot::Tables {
             book: vec![("friend".to_string(), friend.clone())],
@@ -614,7 +481,7 @@ fn a_service_with_more_senders_than_a_frame_holds_moves_with_its_windows() -> Re
         Ok(out)
     };
     let report = block_on(async {
-        let p = Probe::connect(&c, "a").await?;
+        let p = Rogue::connect(&c, "probe", "a").await?;
         // One message from each of many senders: one window each at the sink.
         let mut stream = Vec::new();
         for i in 0..SENDERS {
@@ -744,7 +611,7 @@ fn a_peer_cannot_answer_an_ask_it_never_saw() -> Result<()> {
     let answer = block_on(async {
         from_a.tell_wait(SlowMsg::Hold { ms: 1_000 }).await?;
         from_a.tell_wait(SlowMsg::Item(7)).await?;
-        let mut p = Probe::connect(&c, "a").await?;
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
         let forge = async {
             let mut frames = Vec::new();
             for ask in 0..10_000u64 {

@@ -8,6 +8,7 @@ mod crashes;
 mod demo;
 mod faults;
 mod frames;
+mod hostile;
 mod layers;
 mod limits;
 mod liveness;

@@ -51,8 +51,9 @@ fn summary(reports: &[SimReport]) -> (u64, BTreeMap<String, u64>, u64, u64) {
 fn migrations_under_loss_reorder_and_duplication_keep_every_promise() {
     let reports = sweep(0x7e57, 2_000, &SimConfig::default());
     let (committed, aborted, lost, handled) = summary(&reports);
+    let refused: u64 = reports.iter().flat_map(|r| r.claims_refused.values()).sum();
     eprintln!(
-        "sim: {} runs, {committed} migrations committed, aborted {aborted:?}, {lost} protocol messages lost, {handled} messages handled",
+        "sim: {} runs, {committed} migrations committed, aborted {aborted:?}, {lost} protocol messages lost, {handled} messages handled, {refused} stale locations refused",
         reports.len()
     );
     // The weather must actually have exercised the protocol.
@@ -254,5 +255,46 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         );
         assert!(total(|r| r.crashed) > 0 && total(|r| r.declared) > 0);
         assert!(total(|r| r.stopped) > 0);
+    }
+}
+
+#[test]
+fn a_lying_peer_changes_nothing() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 3,
+        migrations: 12,
+        liar: 0.3,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0x11a2, 1_000, &cfg);
+    let mut refused: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut forged = 0;
+    for r in &reports {
+        // Every promise holds, lies or not: everything sent is handled, once, in order.
+        assert_eq!(r.handled, r.sent, "seed {}", r.seed);
+        forged += r.forged.0;
+        for (k, v) in &r.forged.1 {
+            *refused.entry(k).or_default() += v;
+        }
+    }
+    eprintln!(
+        "sim with a liar: {} runs, {forged} forgeries, refused {refused:?}",
+        reports.len()
+    );
+    if reports.len() > 100 {
+        for claim in [
+            "location",
+            "commit",
+            "abort",
+            "prepared",
+            "refused",
+            "commit-ack",
+        ] {
+            assert!(
+                refused.get(claim).is_some_and(|n| *n > 0),
+                "{claim}: {refused:?}"
+            );
+        }
     }
 }

@@ -1,0 +1,204 @@
+//! Who may claim what. Every peer holds a certificate from the cluster's CA, and a peer may
+//! still lie: a frame is a claim made by the node at the other end of an authenticated link,
+//! and it is believed only when that node is the one that can know. The checks here are pure;
+//! the node answers a refused claim (logged, counted, a protocol error back to the peer) and
+//! changes nothing, and the simulation drives the same checks.
+//!
+//! The rules:
+//! - a service's location (`Located`, `Moved`) is told only by the node this node believes
+//!   hosts it (the committing source, or the tombstone it sent to), and only forwards: a
+//!   claim at an epoch this node already passed is stale and ignored; a claim about a service
+//!   this node hosts, or from any other node, is refused; a claim about a service nothing
+//!   here points at is ignored (there is no one to check it against, and nothing needs it);
+//! - a migration's messages come from the attempt's source (`Commit`, `Abort`) or its target
+//!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`].
+
+use std::fmt;
+
+use crate::ids::{NodeName, ServiceId};
+
+/// A claim a peer made that this node does not believe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRefused {
+    /// What was claimed (the frame or message kind).
+    pub claim: &'static str,
+    /// Why it is not believed.
+    pub detail: String,
+}
+
+impl fmt::Display for ClaimRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} refused: {}", self.claim, self.detail)
+    }
+}
+
+/// What to do with a location claim that is not refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// Believe it: the service is where the claim says.
+    Take,
+    /// Nothing to learn: already known, older than what is known, about this node itself, or
+    /// about a service nothing here points at.
+    Ignore,
+}
+
+/// What this node knows of a service when a location claim about it arrives.
+#[derive(Debug, Clone, Copy)]
+pub struct Known<'a> {
+    /// This node's name.
+    pub me: &'a NodeName,
+    /// The epoch of the copy this node hosts and runs (or is freezing or sending), if any.
+    /// A copy that is only prepared here does not count: its source is still the host.
+    pub hosted_epoch: Option<u64>,
+    /// Where this node believes the service runs, and since which epoch.
+    pub at: Option<(&'a NodeName, u64)>,
+}
+
+/// Checks `from`'s claim that `service` runs on `at` since `epoch`.
+///
+/// ```
+/// use tern_proto::claims::{location, Known, Location};
+/// use tern_proto::ids::{NodeName, ServiceId};
+/// let (me, a, b, liar) = (NodeName::new("me"), NodeName::new("a"), NodeName::new("b"),
+///     NodeName::new("liar"));
+/// let s = ServiceId::from_parts(1, 1);
+/// let known = Known { me: &me, hosted_epoch: None, at: Some((&a, 3)) };
+/// // The host tells where the service went: believed.
+/// assert_eq!(location(known, &a, s, &b, 4), Ok(Location::Take));
+/// // Anyone else, at any epoch: refused.
+/// assert!(location(known, &liar, s, &liar, u64::MAX).is_err());
+/// // An old word: ignored.
+/// assert_eq!(location(known, &a, s, &b, 2), Ok(Location::Ignore));
+/// ```
+pub fn location(
+    known: Known<'_>,
+    from: &NodeName,
+    service: ServiceId,
+    at: &NodeName,
+    epoch: u64,
+) -> Result<Location, ClaimRefused> {
+    let refuse = |detail: String| ClaimRefused {
+        claim: "location",
+        detail,
+    };
+    if at == known.me {
+        // This node learns that it hosts something only from its own commit.
+        return Ok(Location::Ignore);
+    }
+    if let Some(here) = known.hosted_epoch {
+        if epoch <= here {
+            return Ok(Location::Ignore);
+        }
+        return Err(refuse(format!(
+            "{from} says service {service} runs on {at} since epoch {epoch}, \
+             but it runs here since epoch {here}"
+        )));
+    }
+    match known.at {
+        None => Ok(Location::Ignore),
+        Some((_, k)) if epoch <= k => Ok(Location::Ignore),
+        Some((host, _)) if host == from => Ok(Location::Take),
+        Some((host, k)) => Err(refuse(format!(
+            "{from} says service {service} runs on {at} since epoch {epoch}, \
+             but only its host {host} (epoch {k}) may say where it goes"
+        ))),
+    }
+}
+
+/// Which side of a migration attempt may send a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The node that ran the service and decides the attempt.
+    Source,
+    /// The node the service was sent to.
+    Target,
+}
+
+/// Checks that `from` plays `role` in the attempt whose `source` and (when the node knows it)
+/// `target` are given. An attempt this node does not know as source or target is checked
+/// against its id alone: `Commit` and `Abort` must still come from the source it names.
+///
+/// ```
+/// use tern_proto::claims::{role, Role};
+/// use tern_proto::ids::NodeName;
+/// let (a, b, liar) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("liar"));
+/// assert!(role("commit", Role::Source, &a, &a, Some(&b)).is_ok());
+/// assert!(role("commit", Role::Source, &liar, &a, Some(&b)).is_err());
+/// assert!(role("prepared", Role::Target, &b, &a, Some(&b)).is_ok());
+/// assert!(role("prepared", Role::Target, &liar, &a, Some(&b)).is_err());
+/// ```
+pub fn role(
+    claim: &'static str,
+    role: Role,
+    from: &NodeName,
+    source: &NodeName,
+    target: Option<&NodeName>,
+) -> Result<(), ClaimRefused> {
+    let (ok, who) = match role {
+        Role::Source => (from == source, format!("its source {source}")),
+        Role::Target => match target {
+            Some(t) => (from == t, format!("its target {t}")),
+            None => (false, "its target (unknown here)".to_string()),
+        },
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ClaimRefused {
+            claim,
+            detail: format!("{from} sent {claim} for a migration of {source}'s; only {who} may"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeName {
+        NodeName::new(s)
+    }
+
+    #[test]
+    fn a_hosted_service_is_moved_only_by_this_node() {
+        let (me, liar) = (n("me"), n("liar"));
+        let s = ServiceId::from_parts(1, 1);
+        let known = Known {
+            me: &me,
+            hosted_epoch: Some(5),
+            at: Some((&me, 5)),
+        };
+        assert!(location(known, &liar, s, &liar, 6).is_err());
+        assert!(location(known, &liar, s, &liar, u64::MAX).is_err());
+        assert_eq!(location(known, &liar, s, &liar, 5), Ok(Location::Ignore));
+        assert_eq!(location(known, &liar, s, &me, 9), Ok(Location::Ignore));
+    }
+
+    #[test]
+    fn the_host_may_skip_epochs_but_no_one_else_may_speak() {
+        let (me, a, b) = (n("me"), n("a"), n("b"));
+        let s = ServiceId::from_parts(1, 1);
+        let known = Known {
+            me: &me,
+            hosted_epoch: None,
+            at: Some((&a, 1)),
+        };
+        // Moves this node missed (a -> b -> a) bring the host back: its word still counts.
+        assert_eq!(location(known, &a, s, &b, 4), Ok(Location::Take));
+        assert!(location(known, &b, s, &b, 2).is_err());
+        let unknown = Known {
+            me: &me,
+            hosted_epoch: None,
+            at: None,
+        };
+        assert_eq!(location(unknown, &b, s, &b, 2), Ok(Location::Ignore));
+    }
+
+    #[test]
+    fn a_target_unknown_here_plays_no_role() {
+        let (a, b) = (n("a"), n("b"));
+        assert!(role("refused", Role::Target, &b, &a, None).is_err());
+        assert!(role("abort", Role::Source, &b, &a, None).is_err());
+        assert!(role("abort", Role::Source, &a, &a, None).is_ok());
+    }
+}

@@ -1,0 +1,186 @@
+//! A rogue node: a member of the cluster with a valid certificate from its CA that speaks raw
+//! frames, so a test can send a node anything at all, lies included, and read what it answers.
+//!
+//! ```no_run
+//! use tern_harness::rogue::{Answer, Rogue};
+//! use tern_proto::wire::{code, Frame, MigMsg};
+//! # fn main() -> anyhow::Result<()> {
+//! let cluster = tern_harness::Cluster::builder().node("a", &[]).start()?;
+//! tern_harness::block_on(async {
+//!     let mut rogue = Rogue::connect(&cluster, "mallory", "a").await?;
+//!     let abort = MigMsg::Abort { source: "a".into(), n: 1 };
+//!     rogue.send_ctrl(&Frame::Mig(abort)).await?;
+//!     match rogue.answer().await? {
+//!         Answer::ProtocolError(c, _) => assert_eq!(c, code::CLAIM_REFUSED),
+//!         other => anyhow::bail!("{other:?}"),
+//!     }
+//!     Ok::<_, anyhow::Error>(())
+//! })?;
+//! # Ok(()) }
+//! ```
+
+use anyhow::{bail, Context, Result};
+use tern::DeliveryError;
+use tern_proto::wire::{self, encode_frame, Frame, FrameReader, MigMsg, ReplyBody};
+
+use crate::Cluster;
+
+/// Largest frame a rogue sends or reads.
+pub const ROGUE_FRAME_BYTES_MAX: usize = 16 << 20;
+
+/// How long a rogue waits for an answer.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A hand-driven peer on one connection to one node.
+pub struct Rogue {
+    /// The connection (open streams of its own on it).
+    pub conn: quinn::Connection,
+    /// The control stream, after the handshake.
+    pub ctrl_send: quinn::SendStream,
+    ctrl_recv: quinn::RecvStream,
+    reader: FrameReader,
+    _endpoint: quinn::Endpoint,
+}
+
+/// What the node said back, owned.
+#[derive(Debug)]
+pub enum Answer {
+    /// A protocol error: code and detail.
+    ProtocolError(u16, String),
+    /// A `Refused` tell.
+    RefusedTell,
+    /// An ask answered with a delivery error.
+    Refused(u64, DeliveryError),
+    /// An ask that failed.
+    Failed(u64, String),
+    /// An ask answered with a value.
+    Value(u64),
+}
+
+/// A frame on the control stream, owned.
+#[derive(Debug)]
+pub enum RogueFrame {
+    /// The handshake's answer.
+    Welcome,
+    /// An answer.
+    Answer(Answer),
+    /// A migration message.
+    Mig(MigMsg),
+    /// Anything else, by kind.
+    Other(&'static str),
+}
+
+/// `f`, framed.
+pub fn frame(f: &Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(&mut out, f, ROGUE_FRAME_BYTES_MAX).expect("test frames encode");
+    out
+}
+
+impl Rogue {
+    /// Connects to node `to` with a certificate for `name` from the cluster's CA, and shakes
+    /// hands.
+    pub async fn connect(c: &Cluster, name: &str, to: &str) -> Result<Rogue> {
+        let id = c.ca.issue(name)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(tern::tls::client_config(&id)?);
+        let conn = endpoint.connect(c.node(to).local_addr(), to)?.await?;
+        let (mut ctrl_send, ctrl_recv) = conn.open_bi().await?;
+        ctrl_send
+            .write_all(&frame(&Frame::Hello { caps: vec![] }))
+            .await?;
+        let mut rogue = Rogue {
+            conn,
+            ctrl_send,
+            ctrl_recv,
+            reader: FrameReader::new(ROGUE_FRAME_BYTES_MAX),
+            _endpoint: endpoint,
+        };
+        match rogue.next_ctrl().await? {
+            Some(RogueFrame::Welcome) => Ok(rogue),
+            other => bail!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// The next frame on the control stream; None when it ended.
+    pub async fn next_ctrl(&mut self) -> Result<Option<RogueFrame>> {
+        loop {
+            if let Some(body) = self.reader.next_frame()? {
+                let f = wire::decode(body)?;
+                return Ok(Some(match f {
+                    Frame::Welcome { .. } => RogueFrame::Welcome,
+                    Frame::ProtocolError { code, detail } => {
+                        RogueFrame::Answer(Answer::ProtocolError(code, detail))
+                    }
+                    Frame::Reply { ask, result } => RogueFrame::Answer(match result {
+                        ReplyBody::Refused(e) => Answer::Refused(ask, e),
+                        ReplyBody::Failed(s) => Answer::Failed(ask, s),
+                        ReplyBody::Value(_) => Answer::Value(ask),
+                    }),
+                    Frame::Refused { .. } => RogueFrame::Answer(Answer::RefusedTell),
+                    Frame::Mig(m) => RogueFrame::Mig(m),
+                    other => RogueFrame::Other(other.kind()),
+                }));
+            }
+            match self.ctrl_recv.read_chunk(65536, true).await? {
+                Some(chunk) => self.reader.push(&chunk.bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next frame on the control stream that `pick` takes, skipping anything else.
+    pub async fn next_picked<T>(
+        &mut self,
+        what: &str,
+        pick: impl Fn(RogueFrame) -> Option<T>,
+    ) -> Result<T> {
+        let wait = async {
+            loop {
+                match self.next_ctrl().await? {
+                    Some(f) => {
+                        if let Some(t) = pick(f) {
+                            return Ok(t);
+                        }
+                    }
+                    None => bail!("control stream ended"),
+                }
+            }
+        };
+        tokio::time::timeout(ANSWER_WAIT, wait)
+            .await
+            .with_context(|| format!("no {what} in time"))?
+    }
+
+    /// The next answer on the control stream.
+    pub async fn answer(&mut self) -> Result<Answer> {
+        self.next_picked("answer", |f| match f {
+            RogueFrame::Answer(a) => Some(a),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next migration message on the control stream.
+    pub async fn mig(&mut self) -> Result<MigMsg> {
+        self.next_picked("migration message", |f| match f {
+            RogueFrame::Mig(m) => Some(m),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends `f` on the control stream.
+    pub async fn send_ctrl(&mut self, f: &Frame<'_>) -> Result<()> {
+        self.ctrl_send.write_all(&frame(f)).await?;
+        Ok(())
+    }
+
+    /// Sends `bytes` on a unidirectional stream of their own (a data or snapshot stream).
+    pub async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
+        let mut s = self.conn.open_uni().await?;
+        s.write_all(bytes).await?;
+        s.finish()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! A peer with a valid certificate that lies. Each test has a rogue node claim something it may
+//! not, and shows that the claim is refused (answered with `CLAIM_REFUSED`, logged as a
+//! `claim-refused` event, counted in `claims_refused`), that it changed nothing, and that honest
+//! traffic still flows afterwards.
+
+use anyhow::{Context, Result};
+use tern::{KindKey, MigrateOptions, NodeHandle, NodeName};
+use tern_harness::rogue::{Answer, Rogue};
+use tern_harness::{block_on, wait_for, wait_until};
+use tern_proto::wire::{code, Frame, MigMsg};
+
+use crate::common::{connected, Slow, SlowMsg, SECS_10};
+
+/// The rogue's answer is a refused claim that names what was claimed.
+fn expect_claim_refused(a: Answer, mentions: &str) {
+    match a {
+        Answer::ProtocolError(c, detail) => {
+            assert_eq!(c, code::CLAIM_REFUSED, "{detail}");
+            assert!(
+                detail.contains(mentions),
+                "{detail:?} should mention {mentions:?}"
+            );
+        }
+        other => panic!("expected a refused claim, got {other:?}"),
+    }
+}
+
+/// `node` logged and counted `n` refused claims from `peer`.
+fn refused_on(node: &NodeHandle, peer: &str, n: usize) {
+    let logged = node
+        .events()
+        .iter()
+        .filter(|e| e.kind == "claim-refused" && e.detail.contains(peer))
+        .count();
+    assert_eq!(logged, n, "{:?}", node.events());
+    assert_eq!(node.stats().claims_refused, n as u64);
+}
+
+#[test]
+fn a_lie_about_where_a_service_runs_is_refused_and_the_truth_still_wins() -> Result<()> {
+    let c = connected(&["a", "b", "c"])?;
+    let slow = c.node("b").spawn(Slow::default())?;
+    let id = slow.id();
+    let from_a = c.node("a").resolve::<Slow>(slow.addr())?;
+    let mallory = NodeName::new("mallory");
+    block_on(async {
+        from_a.tell_wait(SlowMsg::Item(1)).await?;
+        // To a node that sends to the service: it runs on mallory now, for good.
+        let mut to_a = Rogue::connect(&c, "mallory", "a").await?;
+        for lie in [
+            MigMsg::Located {
+                service: id,
+                node: mallory.clone(),
+                epoch: u64::MAX,
+            },
+            MigMsg::Moved {
+                service: id,
+                node: mallory.clone(),
+                epoch: 1,
+            },
+        ] {
+            to_a.send_ctrl(&Frame::Mig(lie)).await?;
+        }
+        // A request a answers whatever it made of the lies: once answered, they were read.
+        to_a.send_ctrl(&Frame::Spawn {
+            req: 5,
+            kind: KindKey::new("no-such-kind", 1),
+            state: &[0xc0],
+        })
+        .await?;
+        let mut answers = Vec::new();
+        loop {
+            match to_a.answer().await? {
+                Answer::Failed(5, _) => break,
+                other => answers.push(other),
+            }
+        }
+        // Traffic still goes where the service runs.
+        from_a.tell_wait(SlowMsg::Item(2)).await?;
+        let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, vec![1, 2]);
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        for a in answers {
+            expect_claim_refused(a, "mallory");
+        }
+        // To the node that runs it.
+        let mut to_b = Rogue::connect(&c, "mallory", "b").await?;
+        to_b.send_ctrl(&Frame::Mig(MigMsg::Located {
+            service: id,
+            node: mallory.clone(),
+            epoch: 7,
+        }))
+        .await?;
+        expect_claim_refused(to_b.answer().await?, "runs here");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    refused_on(c.node("a"), "mallory", 2);
+    refused_on(c.node("b"), "mallory", 1);
+    assert_ne!(c.node("a").location(id), Some(mallory.clone()));
+    assert_eq!(c.node("b").location(id), Some(NodeName::new("b")));
+
+    // The truth still wins: the host moves it, and a's traffic follows.
+    let report = block_on(c.node("b").migrate(id, "c", MigrateOptions::default()))?;
+    assert!(report.aborted.is_none(), "{report:?}");
+    wait_for(SECS_10, "a to learn the service is on c", || {
+        c.node("a").location(id) == Some(NodeName::new("c"))
+    })?;
+    let handled = block_on(async {
+        from_a.tell_wait(SlowMsg::Item(3)).await?;
+        Ok::<_, anyhow::Error>(from_a.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, vec![1, 2, 3]);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn migration_messages_from_a_node_outside_the_attempt_are_refused() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let slow = c.node("a").spawn(Slow::default())?;
+    let id = slow.id();
+    let from_b = c.node("b").resolve::<Slow>(slow.addr())?;
+    // While an attempt a -> b waits for the service to finish its message in hand, a rogue
+    // plays each part of it in turn.
+    let a = NodeName::new("a");
+    let lies = |n: u64| {
+        [
+            (
+                "a",
+                MigMsg::Prepared {
+                    source: a.clone(),
+                    n,
+                },
+            ),
+            (
+                "a",
+                MigMsg::Query {
+                    source: a.clone(),
+                    n,
+                },
+            ),
+            (
+                "a",
+                MigMsg::Refused {
+                    source: a.clone(),
+                    n,
+                    reason: "no".into(),
+                },
+            ),
+            (
+                "a",
+                MigMsg::CommitAck {
+                    source: a.clone(),
+                    n,
+                },
+            ),
+            (
+                "b",
+                MigMsg::Commit {
+                    source: a.clone(),
+                    n,
+                },
+            ),
+            (
+                "b",
+                MigMsg::Abort {
+                    source: a.clone(),
+                    n,
+                },
+            ),
+        ]
+    };
+    let report = block_on(async {
+        from_b.tell_wait(SlowMsg::Hold { ms: 4_000 }).await?;
+        from_b.tell_wait(SlowMsg::Item(1)).await?;
+        let mut to_a = Rogue::connect(&c, "mallory", "a").await?;
+        let mut to_b = Rogue::connect(&c, "mallory", "b").await?;
+        let lie = async {
+            wait_until(SECS_10, "the attempt to start", || async {
+                !c.node("a").migration_stats().in_flight.is_empty()
+            })
+            .await?;
+            let n = c.node("a").migration_stats().in_flight[0].1;
+            for (at, lie) in lies(n) {
+                let rogue = if at == "a" { &mut to_a } else { &mut to_b };
+                let what = format!("{lie:?} to {at}");
+                rogue.send_ctrl(&Frame::Mig(lie)).await?;
+                expect_claim_refused(rogue.answer().await.context(what)?, "mallory");
+            }
+            // Still waiting for the hold: nothing the rogue said ended it.
+            assert_eq!(c.node("a").migration_stats().committed, 0);
+            assert!(c.node("a").migration_stats().aborted.is_empty());
+            Ok::<_, anyhow::Error>(())
+        };
+        let (report, lied) =
+            tokio::join!(c.node("a").migrate(id, "b", MigrateOptions::default()), lie);
+        lied?;
+        Ok::<_, anyhow::Error>(report?)
+    })?;
+    assert!(report.aborted.is_none(), "{report:?}");
+    refused_on(c.node("a"), "mallory", 4);
+    refused_on(c.node("b"), "mallory", 2);
+    // The service moved once, with its queue, and takes messages.
+    assert_eq!(c.node("b").location(id), Some(NodeName::new("b")));
+    let handled = block_on(async {
+        from_b.tell_wait(SlowMsg::Item(2)).await?;
+        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, vec![1, 2]);
+    c.shutdown();
+    Ok(())
+}
