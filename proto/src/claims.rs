@@ -11,7 +11,9 @@
 //!   this node hosts, or from any other node, is refused; a claim about a service nothing
 //!   here points at is ignored (there is no one to check it against, and nothing needs it);
 //! - a migration's messages come from the attempt's source (`Commit`, `Abort`) or its target
-//!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`].
+//!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`];
+//! - requests to move services hosted here, and to start services here, come only from the
+//!   peers the node's policy lists ([`allowed`]).
 
 use std::fmt;
 
@@ -147,6 +149,26 @@ pub fn role(
         Err(ClaimRefused {
             claim,
             detail: format!("{from} sent {claim} for a migration of {source}'s; only {who} may"),
+        })
+    }
+}
+
+/// Checks that `peer` is on a node's list for `what` (an empty list lets every peer).
+///
+/// ```
+/// use tern_proto::claims::allowed;
+/// use tern_proto::ids::NodeName;
+/// let tv = NodeName::new("tv");
+/// assert!(allowed("move request", &[], &tv).is_ok());
+/// assert!(allowed("move request", &["phone".to_string()], &tv).is_err());
+/// ```
+pub fn allowed(what: &'static str, list: &[String], peer: &NodeName) -> Result<(), ClaimRefused> {
+    if list.is_empty() || list.iter().any(|p| p == peer.as_str()) {
+        Ok(())
+    } else {
+        Err(ClaimRefused {
+            claim: what,
+            detail: format!("policy: {peer} may not send a {what} to this node"),
         })
     }
 }

@@ -398,7 +398,16 @@ fn handle_frame(
                 .map_err(|detail| WireError::Malformed { detail })?;
         }
         (StreamKind::Control, Frame::Spawn { req, kind, state }) => {
-            let result = match node.restore(&kind, state) {
+            // A spawn brings a state of the peer's choosing, as a migration does.
+            let policy = &node.limits.migration_peers;
+            let allowed = tern_proto::claims::allowed("spawn", policy, &link.name);
+            if let Err(refusal) = &allowed {
+                node.refuse_claim(&link.name, refusal);
+            }
+            let result = match allowed
+                .map_err(|r| r.detail)
+                .and_then(|()| node.restore(&kind, state).map_err(|e| e.to_string()))
+            {
                 Ok(addr) => encode_scratch(&addr, |bytes| {
                     link.push_ctrl(&Frame::Reply {
                         ask: req,
@@ -410,7 +419,7 @@ fn handle_frame(
                         .event("spawn-refused", format!("from {}: {e}", link.name));
                     link.push_ctrl(&Frame::Reply {
                         ask: req,
-                        result: wire::ReplyBody::Failed(e.to_string()),
+                        result: wire::ReplyBody::Failed(e),
                     })
                 }
             };

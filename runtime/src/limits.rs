@@ -37,8 +37,13 @@ pub struct Limits {
     pub freeze_deadline_ms: u64,
     /// Tombstones kept (the oldest is forgotten first).
     pub tombstones_max: usize,
-    /// Peers allowed to push migrations to this node; empty means every peer.
+    /// Peers allowed to push migrations to this node, and to start services here with a state
+    /// of their choosing (`spawn_on`); empty means every peer.
     pub migration_peers: Vec<String>,
+    /// Peers whose requests to move services hosted here (`migrate`, `migrate_group`,
+    /// `migrate_tree` called on another node) this node follows; empty means every peer. A
+    /// request from any other peer is refused as a claim (see `tern_proto::claims`).
+    pub move_requests_from: Vec<String>,
     /// A connection that hears nothing for this long is closed and its peer counted lost:
     /// asks only it could answer fail with `NodeLost`, and attempts waiting on it abort.
     pub idle_timeout_ms: u64,
@@ -76,6 +81,7 @@ impl Default for Limits {
             freeze_deadline_ms: 10_000,
             tombstones_max: 65_536,
             migration_peers: Vec::new(),
+            move_requests_from: Vec::new(),
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
             losses_max: 1024,

@@ -1495,9 +1495,7 @@ pub(crate) struct SnapRecv {
 /// Checks a snapshot header against this node's rules; the reason when it is refused.
 fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<(), String> {
     let limits = &node.limits;
-    if !limits.migration_peers.is_empty()
-        && !limits.migration_peers.iter().any(|p| p == from.as_str())
-    {
+    if tern_proto::claims::allowed("migration", &limits.migration_peers, from).is_err() {
         return Err(format!("policy: node {from} may not push migrations here"));
     }
     if !node.has_kind(&h.kind) {
@@ -1791,6 +1789,24 @@ pub(crate) fn on_control(
     link: &Arc<crate::transport::PeerLink>,
     msg: MigMsg,
 ) {
+    if let MigMsg::Request { req, .. }
+    | MigMsg::GroupRequest { req, .. }
+    | MigMsg::TreeRequest { req, .. } = &msg
+    {
+        let policy = &node.limits.move_requests_from;
+        if let Err(refusal) = tern_proto::claims::allowed("move request", policy, &link.name) {
+            node.refuse_claim(&link.name, &refusal);
+            let answer = Frame::Reply {
+                ask: *req,
+                result: wire::ReplyBody::Failed(refusal.detail),
+            };
+            if let Err(e) = link.push_ctrl(&answer) {
+                node.logs
+                    .event("migration-report-lost", format!("to {}: {e}", link.name));
+            }
+            return;
+        }
+    }
     match msg {
         MigMsg::Request {
             req,

@@ -210,3 +210,94 @@ fn migration_messages_from_a_node_outside_the_attempt_are_refused() -> Result<()
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn requests_to_move_or_start_services_follow_the_nodes_policy_and_pins() -> Result<()> {
+    let policy = tern::Limits {
+        move_requests_from: vec!["a".into(), "b".into()],
+        migration_peers: vec!["a".into(), "b".into()],
+        ..tern::Limits::default()
+    };
+    let c = crate::common::connected_with(&["a", "b"], policy)?;
+    let slow = c.node("a").spawn(Slow::default())?;
+    let id = slow.id();
+    let from_b = c.node("b").resolve::<Slow>(slow.addr())?;
+    let mallory = NodeName::new("mallory");
+    let (answers, report) = block_on(async {
+        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+        // Move a's service to me (and so receive its whole state); start a service on a with
+        // a state of my choosing.
+        rogue
+            .send_ctrl(&Frame::Mig(MigMsg::Request {
+                req: 1,
+                service: id,
+                to: mallory.clone(),
+                drain: false,
+            }))
+            .await?;
+        rogue
+            .send_ctrl(&Frame::Mig(MigMsg::TreeRequest {
+                req: 2,
+                root: id,
+                to: mallory.clone(),
+                drain: false,
+            }))
+            .await?;
+        rogue
+            .send_ctrl(&Frame::Spawn {
+                req: 3,
+                kind: KindKey::new("test-slow", 1),
+                state: &[0x91, 0x90],
+            })
+            .await?;
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            answers.push(rogue.answer().await?);
+        }
+        // The peer the policy names is followed.
+        let report = c
+            .node("b")
+            .migrate(id, "b", MigrateOptions::default())
+            .await?;
+        Ok::<_, anyhow::Error>((answers, report))
+    })?;
+    let failed: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Failed(req, detail) => {
+                assert!(detail.contains("policy"), "{detail}");
+                Some(*req)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![1, 2, 3], "{answers:?}");
+    for a in answers
+        .into_iter()
+        .filter(|a| !matches!(a, Answer::Failed(..)))
+    {
+        expect_claim_refused(a, "mallory");
+    }
+    refused_on(c.node("a"), "mallory", 3);
+    assert_eq!(
+        c.node("a").stats().services_started,
+        1,
+        "a started nothing more"
+    );
+    assert!(report.aborted.is_none(), "{report:?}");
+    // A pinned service stays, whoever asks.
+    c.node("b").pin(id, true);
+    let pinned = block_on(c.node("a").migrate(id, "a", MigrateOptions::default()));
+    match pinned {
+        Err(e) => assert!(e.to_string().contains("pinned"), "{e}"),
+        Ok(r) => panic!("a pinned service moved on request: {r:?}"),
+    }
+    assert_eq!(c.node("b").location(id), Some(NodeName::new("b")));
+    let handled = block_on(async {
+        from_b.tell_wait(SlowMsg::Item(4)).await?;
+        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, vec![4]);
+    c.shutdown();
+    Ok(())
+}
