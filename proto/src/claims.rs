@@ -13,7 +13,8 @@
 //! - a migration's messages come from the attempt's source (`Commit`, `Abort`) or its target
 //!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`];
 //! - requests to move services hosted here, and to start services here, come only from the
-//!   peers the node's policy lists ([`allowed`]).
+//!   peers the node's policy lists ([`allowed`]);
+//! - a service's book is changed only by the node that hosts it ([`book_holder`]).
 
 use std::fmt;
 
@@ -151,6 +152,48 @@ pub fn role(
             detail: format!("{from} sent {claim} for a migration of {source}'s; only {who} may"),
         })
     }
+}
+
+/// What to do with a peer's change to a book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BookClaim {
+    /// The holder runs on the peer as far as this node knows: apply it.
+    Apply,
+    /// This node believes the holder runs elsewhere: keep the change aside until a location
+    /// this node believes says the holder moved to the peer (the move's `Located` may still be
+    /// on its way), and drop it if none does.
+    Wait,
+}
+
+/// Checks `peer`'s change to the book of service `holder`: only the node that hosts a service
+/// may change its book. `here` says the holder runs on this node; `known` is where this node
+/// believes it runs otherwise.
+///
+/// ```
+/// use tern_proto::claims::{book_holder, BookClaim};
+/// use tern_proto::ids::{NodeName, ServiceId};
+/// let (tv, phone) = (NodeName::new("tv"), NodeName::new("phone"));
+/// let s = ServiceId::from_parts(1, 1);
+/// assert_eq!(book_holder(&tv, s, false, Some(&tv)), Ok(BookClaim::Apply));
+/// assert_eq!(book_holder(&tv, s, false, Some(&phone)), Ok(BookClaim::Wait));
+/// assert!(book_holder(&tv, s, true, None).is_err());
+/// ```
+pub fn book_holder(
+    peer: &NodeName,
+    holder: ServiceId,
+    here: bool,
+    known: Option<&NodeName>,
+) -> Result<BookClaim, ClaimRefused> {
+    if here {
+        return Err(ClaimRefused {
+            claim: "book",
+            detail: format!("{peer} changed the book of service {holder}, which runs here"),
+        });
+    }
+    Ok(match known {
+        Some(at) if at != peer => BookClaim::Wait,
+        _ => BookClaim::Apply,
+    })
 }
 
 /// Checks that `peer` is on a node's list for `what` (an empty list lets every peer).

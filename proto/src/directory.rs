@@ -196,7 +196,13 @@ impl BookIndex {
         self.books.get(&holder).and_then(|(_, b)| b.get(role))
     }
 
-    /// The address of `id` as the books know it: as a holder, or as the target of an entry.
+    /// Where the books say `id` runs, and since which epoch (0 before any move was applied).
+    pub fn location(&self, id: ServiceId) -> Option<(&NodeName, u64)> {
+        let epoch = self.epochs.get(&id).copied().unwrap_or(0);
+        self.addr_of(id).map(|a| (&a.node, epoch))
+    }
+
+    /// `id`'s address as the books know it: its own (as a holder) or one naming it.
     pub fn addr_of(&self, id: ServiceId) -> Option<&ServiceAddr> {
         if let Some((addr, _)) = self.books.get(&id) {
             return Some(addr);

@@ -3,14 +3,27 @@
 //! subsystems: its lock is a leaf (nothing else is locked while it is held); telling the peers
 //! of a change is the node's part (`NodeShared::book_insert`, `book_remove`).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tern_proto::directory::{Associations, BookEdge, BookIndex, EdgesFull};
 use tern_proto::ids::{NodeName, ServiceAddr, ServiceId};
 
+/// Book changes kept aside because their holder was believed elsewhere (see
+/// `tern_proto::claims::BookClaim::Wait`); the oldest goes first.
+pub const BOOK_CHANGES_WAITING_MAX: usize = 1024;
+
+/// A peer's book change waiting for its holder's move to that peer to be known here.
+struct Waiting {
+    peer: NodeName,
+    edge: BookEdge,
+    added: bool,
+}
+
 /// The books (bounded by `book_edges_max`).
 pub(crate) struct Books {
     index: Mutex<BookIndex>,
+    waiting: Mutex<VecDeque<Waiting>>,
 }
 
 impl Books {
@@ -18,6 +31,7 @@ impl Books {
     pub fn new(edges_max: usize) -> Self {
         Books {
             index: Mutex::new(BookIndex::new(edges_max)),
+            waiting: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -43,6 +57,11 @@ impl Books {
     /// `id`'s address as the books know it.
     pub fn addr_of(&self, id: ServiceId) -> Option<ServiceAddr> {
         self.lock().addr_of(id).cloned()
+    }
+
+    /// Where the books say `id` runs, and since which epoch.
+    pub fn location(&self, id: ServiceId) -> Option<(NodeName, u64)> {
+        self.lock().location(id).map(|(n, e)| (n.clone(), e))
     }
 
     /// Edges known.
@@ -97,6 +116,39 @@ impl Books {
             index.insert(edge).map_err(|full| full.edges_max)?;
         }
         Ok(())
+    }
+
+    /// Keeps `peer`'s change aside until its holder is known to run there; returns the
+    /// change this pushed out, if the waiting list was full.
+    pub fn wait(&self, peer: &NodeName, edge: BookEdge, added: bool) -> Option<BookEdge> {
+        let mut waiting = crate::sync::lock(&self.waiting);
+        let out = if waiting.len() >= BOOK_CHANGES_WAITING_MAX {
+            waiting.pop_front().map(|w| w.edge)
+        } else {
+            None
+        };
+        waiting.push_back(Waiting {
+            peer: peer.clone(),
+            edge,
+            added,
+        });
+        out
+    }
+
+    /// `holder` is now known to run on `node`: the changes `node` made to its book while this
+    /// node believed it elsewhere, in the order they came.
+    pub fn take_waiting(&self, holder: ServiceId, node: &NodeName) -> Vec<(BookEdge, bool)> {
+        let mut waiting = crate::sync::lock(&self.waiting);
+        let mut out = Vec::new();
+        waiting.retain_mut(|w| {
+            if w.edge.holder.id == holder && w.peer == *node {
+                out.push((w.edge.clone(), w.added));
+                false
+            } else {
+                true
+            }
+        });
+        out
     }
 
     /// Peer `peer` announced (or withdrew) an entry of one of its services. An entry of a

@@ -387,14 +387,12 @@ fn handle_frame(
         }
         (StreamKind::Control, Frame::BookSync { edges }) => {
             for edge in edges {
-                node.books
-                    .peer_change(&link.name, edge, true)
+                node.peer_book_change(&link.name, edge, true)
                     .map_err(|detail| WireError::Malformed { detail })?;
             }
         }
         (StreamKind::Control, Frame::BookChange { edge, added }) => {
-            node.books
-                .peer_change(&link.name, edge, added)
+            node.peer_book_change(&link.name, edge, added)
                 .map_err(|detail| WireError::Malformed { detail })?;
         }
         (StreamKind::Control, Frame::Spawn { req, kind, state }) => {

@@ -649,15 +649,17 @@ impl Driver {
                 node: at,
                 epoch,
             } => {
-                // Checked against the core's directory and this node's channel, which may know
-                // the service when the directory does not.
-                let chan = node.channel_location(service);
-                let also = chan.as_ref().map(|(n, e)| (n, *e));
+                // Checked against the core's directory and this node's channel and books, which
+                // may know the service when the directory does not.
+                let besides = node.location_besides_directory(service);
+                let also = besides.as_ref().map(|(n, e)| (n, *e));
                 let here = node.slot(service).is_some();
                 let verdict = lock(&self.core).located(from, service, (&at, epoch), also, here);
                 match verdict {
                     Ok(Location::Take) => learned(node, from, service, &at, epoch),
-                    Ok(Location::Ignore) => {}
+                    // Nothing to learn, yet this node no longer sends through `from`'s
+                    // tombstone for that epoch (it runs the service, or knows a newer place).
+                    Ok(Location::Ignore) => node.send_fence(from, service, epoch),
                     Err(refusal) => node.refuse_claim(from, &refusal),
                 }
                 return;

@@ -579,6 +579,15 @@ impl NodeShared {
         Ok(())
     }
 
+    /// Where this node's channel or its books say `id` runs, the newer of the two.
+    pub fn location_besides_directory(&self, id: ServiceId) -> Option<(NodeName, u64)> {
+        match (self.channel_location(id), self.books.location(id)) {
+            (Some(c), Some(b)) if b.1 > c.1 => Some(b),
+            (Some(c), _) => Some(c),
+            (None, b) => b,
+        }
+    }
+
     /// Where this node's channel to `id` points, and since which epoch.
     pub fn channel_location(&self, id: ServiceId) -> Option<(NodeName, u64)> {
         lock(&self.channels).get(&id).map(|c| c.location())
@@ -723,6 +732,11 @@ impl NodeShared {
         }
         let n = self.books.relocate(id, node, epoch);
         self.driver.count_rebuilt(n);
+        for (edge, added) in self.books.take_waiting(id, node) {
+            if let Err(e) = self.books.peer_change(node, edge, added) {
+                self.logs.event("book-change-dropped", e);
+            }
+        }
         n
     }
 
@@ -769,6 +783,52 @@ impl NodeShared {
         {
             // The tombstone stays; the bounded table lets it go in time.
             self.logs.event("fence-lost", format!("to {to}: {e}"));
+        }
+    }
+
+    /// Peer `peer` changed an entry of a book it says is of one of its services: applied when
+    /// the holder runs there as far as this node knows (or nothing here knows it), kept aside
+    /// when it is believed elsewhere (until its move to `peer` is known), refused when it runs
+    /// here (`tern_proto::claims::book_holder`). `Err` for an entry whose holder's address names
+    /// another node (a malformed claim) or a full table.
+    pub fn peer_book_change(
+        &self,
+        peer: &NodeName,
+        edge: tern_proto::directory::BookEdge,
+        added: bool,
+    ) -> Result<(), String> {
+        use tern_proto::claims::{book_holder, BookClaim};
+        let id = edge.holder.id;
+        let here = self.slot(id).is_some();
+        let known: Vec<NodeName> = [
+            self.driver.location(id).map(|(n, _)| n),
+            self.channel_location(id).map(|(n, _)| n),
+            self.books.addr_of(id).map(|a| a.node),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        // Any of this node's sources naming the peer will do: they age differently.
+        let at = known.iter().find(|n| *n == peer).or(known.first());
+        match book_holder(peer, id, here, at) {
+            Err(refusal) => {
+                self.refuse_claim(peer, &refusal);
+                Ok(())
+            }
+            Ok(BookClaim::Wait) if edge.holder.node == *peer => {
+                if let Some(out) = self.books.wait(peer, edge, added) {
+                    self.logs.event(
+                        "book-change-dropped",
+                        format!(
+                            "service {}'s entry {:?}: its host was never known to be the \
+                             node that sent it",
+                            out.holder.id, out.role
+                        ),
+                    );
+                }
+                Ok(())
+            }
+            Ok(_) => self.books.peer_change(peer, edge, added),
         }
     }
 

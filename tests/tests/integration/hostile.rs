@@ -301,3 +301,67 @@ fn requests_to_move_or_start_services_follow_the_nodes_policy_and_pins() -> Resu
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn only_the_node_that_hosts_a_service_changes_its_book() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let x = a.spawn(Slow::default())?;
+    let v = b.spawn(Slow::default())?;
+    b.book_insert(v.addr(), "friend", x.addr())?;
+    wait_for(SECS_10, "a to learn v's book", || {
+        !a.book(v.id()).is_empty()
+    })?;
+    let before = a.book(v.id());
+    // The rogue says v runs on it and rewrites v's book: drops its friend, adds a spy.
+    let mut forged_holder = v.addr().clone();
+    forged_holder.node = NodeName::new("mallory");
+    let edge = |role: &str| tern_proto::directory::BookEdge {
+        holder: forged_holder.clone(),
+        role: role.into(),
+        target: x.addr().clone(),
+    };
+    block_on(async {
+        let mut to_a = Rogue::connect(&c, "mallory", "a").await?;
+        to_a.send_ctrl(&Frame::BookChange {
+            edge: edge("friend"),
+            added: false,
+        })
+        .await?;
+        to_a.send_ctrl(&Frame::BookSync {
+            edges: vec![edge("spy")],
+        })
+        .await?;
+        // Told to the node that runs v, the same lie is refused outright.
+        let mut to_b = Rogue::connect(&c, "mallory", "b").await?;
+        to_b.send_ctrl(&Frame::BookChange {
+            edge: edge("spy"),
+            added: true,
+        })
+        .await?;
+        expect_claim_refused(to_b.answer().await?, "runs here");
+        // Once a has answered a request sent after the lies, it has read them.
+        to_a.send_ctrl(&Frame::Spawn {
+            req: 9,
+            kind: KindKey::new("no-such-kind", 1),
+            state: &[0xc0],
+        })
+        .await?;
+        loop {
+            if let Answer::Failed(9, _) = to_a.answer().await? {
+                break;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(a.book(v.id()), before);
+    assert_eq!(b.book(v.id()), before);
+    refused_on(b, "mallory", 1);
+    // v's real host still changes it, and a follows.
+    b.book_insert(v.addr(), "second", x.addr())?;
+    wait_for(SECS_10, "a to learn v's new entry", || {
+        a.book(v.id()).len() == 2
+    })?;
+    c.shutdown();
+    Ok(())
+}
