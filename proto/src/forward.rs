@@ -46,6 +46,31 @@ impl Hand {
     }
 }
 
+/// How far past its capacity an inbox takes messages a peer says were accepted elsewhere, as
+/// a multiple of the capacity. What one source hands over honestly is at most its own queue
+/// (twice its capacity with forwarded messages) and the forwarded ones here at most twice
+/// this one's.
+pub const ACCEPTED_DEPTH_FACTOR: usize = 4;
+
+/// How a message a peer hands on is taken here. A peer's word that it was accepted elsewhere
+/// (`accepted`) is believed while the inbox holds fewer than [`ACCEPTED_DEPTH_FACTOR`] times
+/// its capacity; past that the message is taken as a plain handed-on tell (refused when full,
+/// its sender told), so no peer can make an inbox grow without bound.
+///
+/// ```
+/// use tern_proto::forward::{hand_from_peer, Hand};
+/// assert_eq!(hand_from_peer(true, false, 10, 100), Hand::Accepted);
+/// assert_eq!(hand_from_peer(true, false, 400, 100), Hand::Tell);
+/// assert_eq!(hand_from_peer(false, true, 0, 100), Hand::Wait);
+/// ```
+pub fn hand_from_peer(accepted: bool, wait: bool, depth: usize, capacity: usize) -> Hand {
+    match (accepted, wait) {
+        (true, _) if depth < ACCEPTED_DEPTH_FACTOR.saturating_mul(capacity) => Hand::Accepted,
+        (_, true) => Hand::Wait,
+        _ => Hand::Tell,
+    }
+}
+
 /// A tombstone's decision for one message: where it goes, and whom to tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandOn {

@@ -209,7 +209,8 @@ pub enum Frame<'a> {
         /// Its sender waits for room (see `Deliver`).
         wait: bool,
         /// Taken already by the service's former instance (a commit's leftovers, an aborted
-        /// copy's parked arrivals): never refused for room.
+        /// copy's parked arrivals): taken past the capacity, up to
+        /// [`crate::forward::ACCEPTED_DEPTH_FACTOR`] times it (`forward::hand_from_peer`).
         accepted: bool,
         /// The message.
         msg: CarriedMsg,

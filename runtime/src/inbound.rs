@@ -11,7 +11,6 @@ use crate::migrate::{self, SnapRecv};
 use crate::node::{reply_from_wire, NodeShared};
 use crate::sync::lock;
 use crate::transport::{encode_scratch, Flow, PeerLink, StreamKind, StreamSink};
-use tern_proto::forward::Hand;
 use tern_proto::ids::ServiceId;
 use tern_proto::wire::{self, Frame, WireError};
 
@@ -283,11 +282,10 @@ fn handle_frame(
                 msg,
             },
         ) => {
-            let hand = match (accepted, wait) {
-                (true, _) => Hand::Accepted,
-                (false, true) => Hand::Wait,
-                (false, false) => Hand::Tell,
-            };
+            let (depth, capacity) = node
+                .slot(to)
+                .map_or((0, usize::MAX), |s| (s.depth(), s.capacity()));
+            let hand = tern_proto::forward::hand_from_peer(accepted, wait, depth, capacity);
             if let Err(reason) = migrate::on_forward(node, to, &origin, hand, &msg) {
                 match wait
                     .then(|| wait_for(node, (to, msg.from), &reason, 0))

@@ -365,3 +365,68 @@ fn only_the_node_that_hosts_a_service_changes_its_book() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_without_bound(
+) -> Result<()> {
+    let capacity = 16;
+    let limits = tern::Limits {
+        mailbox_capacity: capacity,
+        ..tern::Limits::default()
+    };
+    let c = crate::common::connected_with(&["a"], limits)?;
+    let a = c.node("a");
+    let slow = a.spawn(Slow::default())?;
+    let ghost = tern::ServiceId::from_parts(9, 9);
+    let flood = 10 * capacity as u64;
+    let depth = block_on(async {
+        slow.tell_wait(SlowMsg::Hold { ms: 1_500 }).await?;
+        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+        let mut frames = Vec::new();
+        for i in 1..=flood {
+            let msg = rmp_serde::to_vec(&SlowMsg::Item(i))?;
+            frames.extend(tern_harness::rogue::frame(&Frame::Forward {
+                to: slow.id(),
+                origin: NodeName::new("mallory"),
+                wait: false,
+                accepted: true,
+                msg: tern_proto::wire::CarriedMsg {
+                    from: None,
+                    seq: 0,
+                    ask: None,
+                    origin: None,
+                    msg,
+                },
+            }));
+        }
+        // Behind the flood on the same stream: once answered, the flood was read.
+        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
+            to: ghost,
+            from: None,
+            seq: 1,
+            ask: Some(77),
+            wait: false,
+            msg: &[0xc0],
+        }));
+        rogue.send_uni(&frames).await?;
+        loop {
+            if let Answer::Refused(77, _) = rogue.answer().await? {
+                break;
+            }
+        }
+        Ok::<_, anyhow::Error>(a.services()[0].mailbox_depth)
+    })?;
+    let bound = tern_proto::forward::ACCEPTED_DEPTH_FACTOR * capacity;
+    assert!(depth <= bound, "{depth} queued, bound {bound}");
+    // The service goes on: it handles what it took, in order, then an honest message.
+    let handled = block_on(async {
+        slow.tell_wait(SlowMsg::Item(1_000)).await?;
+        Ok::<_, anyhow::Error>(slow.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    let taken = handled.len() - 1;
+    assert!(taken <= bound && taken > 0, "{taken}");
+    let want: Vec<u64> = (1..=taken as u64).chain([1_000]).collect();
+    assert_eq!(handled, want);
+    c.shutdown();
+    Ok(())
+}
