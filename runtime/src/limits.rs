@@ -27,6 +27,11 @@ pub struct Limits {
     pub timers_per_service_max: usize,
     /// Largest service state a migration may bring to this node, in bytes.
     pub snapshot_bytes_max: usize,
+    /// Bytes this node reserves, across every peer, for the states of snapshots still
+    /// arriving. A state's room grows as its bytes arrive (never on the header's word alone);
+    /// a snapshot whose next bytes would go past this is refused (`too large: ...`), and its
+    /// service resumes at its source.
+    pub snapshot_bytes_in_max: usize,
     /// Most queued messages a migration may carry to this node.
     pub snapshot_carried_max: usize,
     /// Time a source waits for the target's answer before it aborts, in milliseconds.
@@ -76,6 +81,7 @@ impl Default for Limits {
             handshake_timeout_ms: 5_000,
             timers_per_service_max: 1024,
             snapshot_bytes_max: 256 << 20,
+            snapshot_bytes_in_max: 512 << 20,
             snapshot_carried_max: 1_000_000,
             migration_deadline_ms: 10_000,
             freeze_deadline_ms: 10_000,

@@ -1487,11 +1487,77 @@ pub(crate) struct SnapRecv {
     tables: tern_proto::snapshot::TablesIn,
     state: Vec<u8>,
     state_bytes: usize,
+    /// `state`'s room, counted in the node's `snapshot_bytes_in` until the state is restored
+    /// or dropped.
+    room: Room,
     /// The installed copy carried messages go to; None when refused or stale.
     slot: Option<Arc<dyn Slot>>,
     refused: bool,
     ended: bool,
     carried_in: u64,
+}
+
+/// Room reserved for a snapshot's state, counted against the node's
+/// `Limits::snapshot_bytes_in_max`; given back when dropped.
+pub(crate) struct Room {
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    held: usize,
+}
+
+impl Room {
+    /// Takes `more` bytes more, if the node's total stays within `max`.
+    fn grow(&mut self, more: usize, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let took = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                t.checked_add(more).filter(|n| *n <= max)
+            })
+            .is_ok();
+        if took {
+            self.held += more;
+        }
+        took
+    }
+
+    fn release(&mut self) {
+        self.total.fetch_sub(
+            std::mem::take(&mut self.held),
+            std::sync::atomic::Ordering::AcqRel,
+        );
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Makes room in `state` for `more` bytes, growing its allocation by doubling up to the
+/// `announced` size, within the node's budget. False when the budget is spent.
+fn make_room(
+    state: &mut Vec<u8>,
+    room: &mut Room,
+    more: usize,
+    (announced, max): (usize, usize),
+) -> bool {
+    let need = state.len() + more;
+    if need <= state.capacity() {
+        return true;
+    }
+    let want = need
+        .max(state.capacity().saturating_mul(2))
+        .max(64 << 10)
+        .min(announced);
+    let grow = want
+        .saturating_sub(state.capacity())
+        .max(need - state.capacity());
+    if !room.grow(grow, max) {
+        return false;
+    }
+    state.reserve_exact(want.max(need) - state.len());
+    true
 }
 
 /// Checks a snapshot header against this node's rules; the reason when it is refused.
@@ -1560,6 +1626,10 @@ pub(crate) fn snapshot_frame(
                 ),
                 state: Vec::new(),
                 state_bytes: h.state_bytes as usize,
+                room: Room {
+                    total: node.snapshot_bytes_in.clone(),
+                    held: 0,
+                },
                 header: None,
                 slot: None,
                 refused: false,
@@ -1572,8 +1642,7 @@ pub(crate) fn snapshot_frame(
                     node.driver.refuse_snapshot(node, from, h.mig, reason);
                 }
                 Ok(()) => {
-                    // Bounded by `snapshot_bytes_max`, checked above.
-                    recv.state = Vec::with_capacity(recv.state_bytes);
+                    // Room for the state is made as its bytes arrive (`make_room`).
                     recv.header = Some(*h);
                 }
             }
@@ -1615,6 +1684,26 @@ pub(crate) fn snapshot_frame(
             }
             if !recv.tables.is_complete() {
                 return Err(malformed("snapshot state before its tables".into()));
+            }
+            let bounds = (recv.state_bytes, node.limits.snapshot_bytes_in_max);
+            if !make_room(&mut recv.state, &mut recv.room, bytes.len(), bounds) {
+                recv.refused = true;
+                recv.header = None;
+                recv.state = Vec::new();
+                recv.room.release();
+                node.driver.refuse_snapshot(
+                    node,
+                    from,
+                    recv.n,
+                    format!(
+                        "too large: snapshots arriving here already hold {} bytes \
+                         (snapshot_bytes_in_max {})",
+                        node.snapshot_bytes_in
+                            .load(std::sync::atomic::Ordering::Acquire),
+                        node.limits.snapshot_bytes_in_max
+                    ),
+                );
+                return Ok(());
             }
             recv.state.extend_from_slice(bytes);
             state_complete(node, from, rx);
@@ -1706,6 +1795,8 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     header.book = tables.book;
     header.timers = tables.timers;
     let state = std::mem::take(&mut recv.state);
+    // The state becomes the service's: no longer a snapshot arriving.
+    recv.room.release();
     match node.restore_paused(from, header, state) {
         Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),
         Err(e) => {

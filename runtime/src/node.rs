@@ -383,6 +383,9 @@ pub(crate) struct NodeShared {
     pub admins: Option<Vec<String>>,
     /// Admin connections open now (at most `admin::ADMIN_CONNECTIONS_MAX`).
     pub admin_connections: AtomicUsize,
+    /// Bytes reserved for the states of snapshots still arriving, from every peer (at most
+    /// `Limits::snapshot_bytes_in_max`).
+    pub snapshot_bytes_in: Arc<AtomicUsize>,
     pub stats: Stats,
     pub asks: AskTable,
     id_prefix: u64,
@@ -1842,6 +1845,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         placement: Default::default(),
         admins: config.admins.clone(),
         admin_connections: AtomicUsize::new(0),
+        snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tern::{DeliveryError, KindKey, ServiceId};
+use tern::{DeliveryError, KindKey, MigrateOptions, ServiceId};
 use tern_actors::{SeqSink, SinkMsg};
 use tern_harness::rogue::{frame, Answer, Rogue};
 use tern_harness::{block_on, wait_until, Cluster};
@@ -334,6 +334,58 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
     assert_eq!(m.arrived, 0, "{m:?}");
     assert!(m.refused_in.values().sum::<u64>() >= 4, "{m:?}");
     assert!(a.stats().protocol_errors >= 4);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> Result<()> {
+    let budget = 1 << 20;
+    let limits = tern::Limits {
+        snapshot_bytes_in_max: budget,
+        ..tern::Limits::default()
+    };
+    let c = connected_with(&["a", "b"], limits)?;
+    let slow = KindKey::new("test-slow", 1);
+    let chunk = vec![0u8; 700 << 10];
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        // Two snapshots that each announce 200 MiB and send 700 KiB: no room is made on the
+        // header's word, and the second no longer fits the budget.
+        let mut first = p.conn.open_uni().await?;
+        let mut s = begin(snap_header(1, slow.clone(), 200 << 20, 0));
+        s.extend(frame(&Frame::SnapState { bytes: &chunk }));
+        first.write_all(&s).await?;
+        let mut s = begin(snap_header(2, slow.clone(), 200 << 20, 0));
+        s.extend(frame(&Frame::SnapState { bytes: &chunk }));
+        p.send_uni(&s).await?;
+        // The streams are read side by side: whichever comes second is refused.
+        match p.mig().await? {
+            MigMsg::Refused {
+                n: 1 | 2, reason, ..
+            } => {
+                assert!(reason.contains("snapshot_bytes_in_max"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The open stream gives up: its room is given back.
+        first.reset(quinn::VarInt::from_u32(0))?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Real migrations still find room (an 800 KiB state fits once the first room is back).
+    let big = c.node("b").spawn(Slow {
+        handled: (0..100_000).collect(),
+    })?;
+    tern_harness::wait_for(SECS_10, "the budget to be given back", || {
+        let report = block_on(
+            c.node("b")
+                .migrate(big.id(), "a", MigrateOptions::default()),
+        );
+        matches!(report, Ok(r) if r.aborted.is_none())
+    })?;
+    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
+    let items = block_on(from_b.ask(SlowMsg::Items, SECS_10))?;
+    assert_eq!(items.len(), 100_000);
     c.shutdown();
     Ok(())
 }
