@@ -17,8 +17,12 @@ pub struct Limits {
     pub book_edges_max: usize,
     /// Services running on this node.
     pub services_max: usize,
-    /// Peers this node keeps links to.
+    /// Peers this node keeps links to, and members it knows. A member speaking for itself
+    /// takes the place of one only heard of when the table is full.
     pub peers_max: usize,
+    /// A member heard of only second hand (another peer's gossip) that has not spoken for
+    /// itself within this time is forgotten, with the link made to dial it, in milliseconds.
+    pub members_second_hand_ttl_ms: u64,
     /// Entries kept in the node's event log.
     pub events_max: usize,
     /// Time allowed for a connection's TLS and Tern handshakes.
@@ -77,6 +81,7 @@ impl Default for Limits {
             book_edges_max: 1_000_000,
             services_max: 1_000_000,
             peers_max: 256,
+            members_second_hand_ttl_ms: 30_000,
             events_max: 256,
             handshake_timeout_ms: 5_000,
             timers_per_service_max: 1024,

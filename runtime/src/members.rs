@@ -15,10 +15,21 @@ pub use tern_proto::members::{
 };
 use tern_proto::wire::Frame;
 
+/// What a node keeps of another member.
+struct Known {
+    info: MemberInfo,
+    status: MemberStatus,
+    /// When newer figures last came.
+    heard: Instant,
+    /// True once the member spoke for itself (its own gossip, on a link to it). Only such
+    /// members are passed on in gossip, and only the others expire.
+    first_hand: bool,
+}
+
 /// The table of members a node keeps (bounded by `peers_max` + itself).
 pub(crate) struct Members {
     me: MemberInfo,
-    others: std::collections::HashMap<NodeName, (MemberInfo, MemberStatus, Instant)>,
+    others: std::collections::HashMap<NodeName, Known>,
 }
 
 impl Members {
@@ -44,27 +55,64 @@ impl Members {
         if info.name == self.me.name {
             return false;
         }
-        let room = self.others.len() < max;
-        match self.others.get_mut(&info.name) {
-            Some((known, status, heard)) => {
-                let newer = (info.incarnation, info.version) > (known.incarnation, known.version);
-                // A node's own word is always taken: it may have restarted.
-                if newer || direct {
-                    *known = info;
-                    *heard = Instant::now();
-                    if direct {
-                        *status = MemberStatus::Up;
-                    }
+        if let Some(k) = self.others.get_mut(&info.name) {
+            let newer = (info.incarnation, info.version) > (k.info.incarnation, k.info.version);
+            // A node's own word is always taken: it may have restarted.
+            if newer || direct {
+                k.info = info;
+                k.heard = Instant::now();
+                if direct {
+                    k.status = MemberStatus::Up;
+                    k.first_hand = true;
                 }
-                false
             }
-            None if room => {
-                self.others
-                    .insert(info.name.clone(), (info, MemberStatus::Up, Instant::now()));
-                true
-            }
-            None => false,
+            return false;
         }
+        if self.others.len() >= max {
+            // A member speaking for itself takes the place of the longest-unconfirmed one
+            // heard of second hand: names a peer made up cannot keep real ones out.
+            let unconfirmed = self
+                .others
+                .iter()
+                .filter(|(_, k)| !k.first_hand)
+                .min_by_key(|(_, k)| k.heard)
+                .map(|(n, _)| n.clone());
+            match unconfirmed {
+                Some(out) if direct => {
+                    self.others.remove(&out);
+                }
+                _ => return false,
+            }
+        }
+        self.others.insert(
+            info.name.clone(),
+            Known {
+                info,
+                status: MemberStatus::Up,
+                heard: Instant::now(),
+                first_hand: direct,
+            },
+        );
+        true
+    }
+
+    /// The names of the members known (besides this node).
+    fn names(&self) -> std::collections::HashSet<NodeName> {
+        self.others.keys().cloned().collect()
+    }
+
+    /// Forgets the members heard of only second hand, longer than `ttl` ago; returns them.
+    pub fn expire_second_hand(&mut self, ttl: std::time::Duration) -> Vec<NodeName> {
+        let old: Vec<NodeName> = self
+            .others
+            .iter()
+            .filter(|(_, k)| !k.first_hand && k.heard.elapsed() > ttl)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &old {
+            self.others.remove(n);
+        }
+        old
     }
 
     /// The member up whose last list holds `id` at the newest epoch (the first by name among
@@ -72,9 +120,9 @@ impl Members {
     fn hosting(&self, id: ServiceId) -> Option<(NodeName, u64)> {
         self.others
             .iter()
-            .filter(|(_, (_, st, _))| *st == MemberStatus::Up)
-            .filter_map(|(n, (i, _, _))| {
-                let found = i.services.iter().find(|(s, _, _, _)| *s == id);
+            .filter(|(_, k)| k.status == MemberStatus::Up)
+            .filter_map(|(n, k)| {
+                let found = k.info.services.iter().find(|(s, _, _, _)| *s == id);
                 found.map(|(_, _, _, e)| (n.clone(), *e))
             })
             .min_by(|(na, ea), (nb, eb)| eb.cmp(ea).then_with(|| na.cmp(nb)))
@@ -85,35 +133,33 @@ impl Members {
         if *name == self.me.name {
             return Some(self.me.capabilities.clone());
         }
-        self.others
-            .get(name)
-            .map(|(i, _, _)| i.capabilities.clone())
+        self.others.get(name).map(|k| k.info.capabilities.clone())
     }
 
     /// The incarnation `name` last said it runs.
     fn incarnation_of(&self, name: &NodeName) -> Option<u64> {
-        self.others.get(name).map(|(i, _, _)| i.incarnation)
+        self.others.get(name).map(|k| k.info.incarnation)
     }
 
     /// True when `name` left or was lost and has not been heard from directly since.
     fn is_gone(&self, name: &NodeName) -> bool {
         self.others
             .get(name)
-            .is_some_and(|(_, st, _)| matches!(st, MemberStatus::Lost | MemberStatus::Left))
+            .is_some_and(|k| matches!(k.status, MemberStatus::Lost | MemberStatus::Left))
     }
 
     /// The members that left or were lost and have not been heard from directly since.
     fn gone(&self) -> Vec<NodeName> {
         self.others
             .iter()
-            .filter(|(_, (_, st, _))| matches!(st, MemberStatus::Lost | MemberStatus::Left))
+            .filter(|(_, k)| matches!(k.status, MemberStatus::Lost | MemberStatus::Left))
             .map(|(n, _)| n.clone())
             .collect()
     }
 
     pub fn set_status(&mut self, name: &NodeName, status: MemberStatus) {
-        if let Some(m) = self.others.get_mut(name) {
-            m.1 = status;
+        if let Some(k) = self.others.get_mut(name) {
+            k.status = status;
         }
     }
 
@@ -126,9 +172,9 @@ impl Members {
         let mut others: Vec<Member> = self
             .others
             .values()
-            .map(|(info, status, _)| Member {
-                info: info.clone(),
-                status: *status,
+            .map(|k| Member {
+                info: k.info.clone(),
+                status: k.status,
                 local: false,
             })
             .collect();
@@ -137,14 +183,16 @@ impl Members {
         out
     }
 
-    /// What goes in a gossip frame: this node, then every member believed up.
+    /// What goes in a gossip frame: this node, then every member believed up that spoke for
+    /// itself here (what was only heard of is not passed on, so a made-up member reaches only
+    /// the nodes its inventor talks to, and is forgotten there in time).
     fn gossip(&self) -> Vec<MemberInfo> {
         std::iter::once(self.me.clone())
             .chain(
                 self.others
                     .values()
-                    .filter(|(_, s, _)| *s == MemberStatus::Up)
-                    .map(|(i, _, _)| i.clone()),
+                    .filter(|k| k.status == MemberStatus::Up && k.first_hand)
+                    .map(|k| k.info.clone()),
             )
             .collect()
     }
@@ -212,9 +260,15 @@ impl NodeShared {
         let mut new_peers = Vec::new();
         let mut restarted = Vec::new();
         let mut hosts_changed = false;
+        let mut bad_names = Vec::new();
         {
             let mut m = lock(&self.members);
             for mut info in nodes.into_iter().take(max + 1) {
+                // A name no certificate can carry is no member's.
+                if crate::certs::check_node_name(info.name.as_str()).is_err() {
+                    bad_names.push(info.name);
+                    continue;
+                }
                 // Whatever a peer claims is kept within the same bounds this node gossips with.
                 info.services.truncate(GOSSIP_SERVICES_MAX);
                 info.edges.truncate(GOSSIP_EDGES_MAX);
@@ -231,7 +285,7 @@ impl NodeShared {
                 hosts_changed |= m
                     .others
                     .get(&info.name)
-                    .is_none_or(|(i, _, _)| i.services != info.services);
+                    .is_none_or(|k| k.info.services != info.services);
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {
                     if let Some(a) = addr {
@@ -243,9 +297,19 @@ impl NodeShared {
                 }
             }
         }
+        for name in bad_names {
+            let refusal = tern_proto::claims::ClaimRefused {
+                claim: "member",
+                detail: format!(
+                    "{from} gossiped a member named {:?}, which is not a node name",
+                    name.as_str().chars().take(64).collect::<String>()
+                ),
+            };
+            self.refuse_claim(from, &refusal);
+        }
         for (name, addr) in new_peers {
             if name != *self.name() && self.links.get(&name).is_none() {
-                match self.links.get_or_insert(&name, Some(addr), &self.limits) {
+                match self.links.insert_heard(&name, addr, &self.limits) {
                     Ok(_) => self
                         .logs
                         .event("member-joined", format!("{name} at {addr} (via {from})")),
@@ -265,6 +329,24 @@ impl NodeShared {
                 self.follow_gossip_away_from(&gone);
             }
         }
+    }
+
+    /// Forgets the members heard of only second hand for longer than
+    /// `members_second_hand_ttl_ms`, and the links made to dial them that never connected.
+    pub fn expire_second_hand_members(&self) {
+        let ttl = std::time::Duration::from_millis(self.limits.members_second_hand_ttl_ms);
+        let gone = lock(&self.members).expire_second_hand(ttl);
+        for name in gone {
+            self.logs.event(
+                "member-forgotten",
+                format!("{name}: heard of only second hand, never itself"),
+            );
+        }
+        // Links made to dial members that are no longer known (forgotten, or pushed out of a
+        // full table by a member speaking for itself) go too.
+        let members = lock(&self.members).names();
+        self.links
+            .drop_heard_only(|n| members.contains(n) || n == self.name());
     }
 
     /// The members that left or were lost (and have not spoken for themselves since).

@@ -1676,6 +1676,7 @@ impl Actor for NodeActor {
             Duration::from_millis(crate::members::GOSSIP_MS),
             |act, _| {
                 act.shared.gossip();
+                act.shared.expire_second_hand_members();
                 act.shared.rebalancer_tick();
             },
         );

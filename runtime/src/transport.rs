@@ -230,6 +230,9 @@ struct LinkState {
     caps: Vec<String>,
     last_error: Option<String>,
     gen: u64,
+    /// Made because another peer's gossip named it, and never connected since: the first
+    /// to go when the table is full.
+    heard_only: bool,
 }
 
 /// The state of a link, as shown to users.
@@ -297,12 +300,64 @@ impl Links {
             return Ok(link.clone());
         }
         if peers.len() >= self.peers_max {
+            // A peer that is configured or connecting takes the place of one only heard of.
+            let heard_only = peers
+                .iter()
+                .find(|(_, l)| l.is_heard_only())
+                .map(|(n, _)| n.clone());
+            match heard_only {
+                Some(out) => {
+                    peers.remove(&out);
+                }
+                None => {
+                    return Err(Error::Limit {
+                        what: "peers",
+                        max: self.peers_max,
+                    })
+                }
+            }
+        }
+        let link = Arc::new(PeerLink::new(name.clone(), addr, limits));
+        peers.insert(name.clone(), link.clone());
+        Ok(link)
+    }
+
+    /// Removes the links made from gossip that never connected and whose member `known`
+    /// no longer names; returns them.
+    pub fn drop_heard_only(&self, known: impl Fn(&NodeName) -> bool) -> Vec<NodeName> {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let out: Vec<NodeName> = peers
+            .iter()
+            .filter(|(n, l)| l.is_heard_only() && !known(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &out {
+            peers.remove(n);
+        }
+        out
+    }
+
+    /// The link to a member another peer's gossip named: made only while there is room, and
+    /// the first to go for a peer that is configured or connecting.
+    pub fn insert_heard(
+        &self,
+        name: &NodeName,
+        addr: SocketAddr,
+        limits: &Limits,
+    ) -> Result<Arc<PeerLink>, Error> {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = peers.get(name) {
+            link.set_addr(Some(addr));
+            return Ok(link.clone());
+        }
+        if peers.len() >= self.peers_max {
             return Err(Error::Limit {
                 what: "peers",
                 max: self.peers_max,
             });
         }
-        let link = Arc::new(PeerLink::new(name.clone(), addr, limits));
+        let link = Arc::new(PeerLink::new(name.clone(), Some(addr), limits));
+        lock(&link.state).heard_only = true;
         peers.insert(name.clone(), link.clone());
         Ok(link)
     }
@@ -352,6 +407,7 @@ impl PeerLink {
                 caps: Vec::new(),
                 last_error: None,
                 gen: 0,
+                heard_only: false,
             }),
         }
     }
@@ -367,6 +423,12 @@ impl PeerLink {
 
     pub fn is_connected(&self) -> bool {
         lock(&self.state).live.is_some()
+    }
+
+    /// Made from gossip and never connected.
+    fn is_heard_only(&self) -> bool {
+        let st = lock(&self.state);
+        st.heard_only && st.live.is_none()
     }
 
     pub fn status(&self) -> PeerStatus {
@@ -476,6 +538,7 @@ impl PeerLink {
         let mut st = lock(&self.state);
         st.gen += 1;
         let gen = st.gen;
+        st.heard_only = false;
         if let Some(old) = st.live.replace(LiveConn {
             conn,
             dialed_by_me,

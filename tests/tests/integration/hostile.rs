@@ -430,3 +430,84 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
     c.shutdown();
     Ok(())
 }
+
+/// What `name` says of itself in gossip, as a rogue makes it up.
+fn member(name: &str) -> tern_proto::members::MemberInfo {
+    tern_proto::members::MemberInfo {
+        name: NodeName::new(name),
+        addr: Some("127.0.0.1:9".parse().expect("an address")),
+        capabilities: vec![],
+        load: Default::default(),
+        power: Default::default(),
+        draining: false,
+        rebalancing: false,
+        id_prefix: 0,
+        services: vec![],
+        edges: vec![],
+        incarnation: 1,
+        version: 1,
+    }
+}
+
+#[test]
+fn made_up_members_are_not_passed_on_cannot_keep_real_ones_out_and_are_forgotten() -> Result<()> {
+    let peers_max = 6;
+    let limits = tern::Limits {
+        peers_max,
+        members_second_hand_ttl_ms: 1_500,
+        ..tern::Limits::default()
+    };
+    let c = crate::common::connected_with(&["a", "b"], limits)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let fake = |m: &tern::Member| m.info.name.as_str().starts_with("fake-");
+    block_on(async {
+        let mut mallory = Rogue::connect(&c, "mallory", "a").await?;
+        let mut nodes = vec![member("mallory"), member("Not A Name")];
+        nodes.extend((0..20).map(|i| member(&format!("fake-{i}"))));
+        mallory.send_ctrl(&Frame::Members { nodes }).await?;
+        expect_claim_refused(mallory.answer().await?, "not a node name");
+        // a's table is full of made-up members...
+        assert!(a.members().iter().any(fake));
+        assert!(a.members().len() <= peers_max + 1);
+        // ... yet a real member speaking for itself still gets in.
+        let mut carol = Rogue::connect(&c, "carol", "a").await?;
+        carol
+            .send_ctrl(&Frame::Members {
+                nodes: vec![member("carol")],
+            })
+            .await?;
+        wait_until(SECS_10, "a to take carol", || async {
+            a.members().iter().any(|m| m.info.name.as_str() == "carol")
+        })
+        .await?;
+        // a passes on mallory (it spoke for itself) but none of what mallory made up.
+        wait_until(SECS_10, "b to hear of mallory from a", || async {
+            b.members()
+                .iter()
+                .any(|m| m.info.name.as_str() == "mallory")
+        })
+        .await?;
+        assert!(!b.members().iter().any(fake), "{:?}", b.members());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Never heard from themselves, the made-up members are forgotten with their links.
+    wait_for(SECS_10, "a to forget the made-up members", || {
+        !a.members().iter().any(fake)
+    })?;
+    assert!(a.events().iter().any(|e| e.kind == "member-forgotten"));
+    assert!(a
+        .peers()
+        .iter()
+        .all(|p| !p.name.as_str().starts_with("fake-")));
+    refused_on(a, "mallory", 1);
+    // The real members are still there, and a and b still talk.
+    let slow = a.spawn(Slow::default())?;
+    let from_b = b.resolve::<Slow>(slow.addr())?;
+    let handled = block_on(async {
+        from_b.tell_wait(SlowMsg::Item(1)).await?;
+        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, vec![1]);
+    c.shutdown();
+    Ok(())
+}
