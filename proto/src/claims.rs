@@ -7,9 +7,10 @@
 //! The rules:
 //! - a service's location (`Located`, `Moved`) is told only by the node this node believes
 //!   hosts it (the committing source, or the tombstone it sent to), and only forwards: a
-//!   claim at an epoch this node already passed is stale and ignored; a claim about a service
-//!   this node hosts, or from any other node, is refused; a claim about a service nothing
-//!   here points at is ignored (there is no one to check it against, and nothing needs it);
+//!   claim at an epoch this node already passed is stale and ignored; a claim that a service
+//!   this node runs is elsewhere, or a claim from any other node, is refused; a claim about a
+//!   service nothing here points at is ignored (there is no one to check it against, and
+//!   nothing needs it);
 //! - a migration's messages come from the attempt's source (`Commit`, `Abort`) or its target
 //!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`];
 //! - requests to move services hosted here, and to start services here, come only from the
@@ -84,12 +85,8 @@ pub fn location(
         claim: "location",
         detail,
     };
-    if at == known.me {
-        // This node learns that it hosts something only from its own commit.
-        return Ok(Location::Ignore);
-    }
     if let Some(here) = known.hosted_epoch {
-        if epoch <= here {
+        if epoch <= here || at == known.me {
             return Ok(Location::Ignore);
         }
         return Err(refuse(format!(
