@@ -60,6 +60,12 @@ pub fn check_node_name(name: &str) -> Result<(), Error> {
     }
 }
 
+/// Days a certificate from [`ClusterCa::issue`] (and `tern ca issue`) is valid by default.
+pub const CERT_DAYS_DEFAULT: u64 = 365;
+
+/// The longest a certificate may live, in days (ten years).
+pub const CERT_DAYS_MAX: u64 = 3650;
+
 /// The cluster's certificate authority: only nodes holding a certificate it issued can join.
 pub struct ClusterCa {
     cert_der: Vec<u8>,
@@ -99,10 +105,33 @@ impl ClusterCa {
         &self.cert_der
     }
 
-    /// Issues a certificate for node `name`, valid as server and client, without an expiry
-    /// that matters (rcgen's default span, to the year 4096).
+    /// Issues a certificate for node `name`, valid as server and client for
+    /// [`CERT_DAYS_DEFAULT`] days (from an hour ago, for clocks that differ a little): a lost
+    /// device's certificate stops working in time.
     pub fn issue(&self, name: &str) -> Result<NodeIdentity, Error> {
-        self.issue_with(name, None)
+        self.issue_for_days(name, CERT_DAYS_DEFAULT)
+    }
+
+    /// Issues a certificate for node `name` valid for `days` days (1 to [`CERT_DAYS_MAX`]),
+    /// from an hour ago.
+    ///
+    /// ```
+    /// # fn demo(ca: &tern::certs::ClusterCa) -> Result<(), tern::Error> {
+    /// let watch = ca.issue_for_days("watch", 30)?;
+    /// assert!(ca.issue_for_days("watch", 0).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn issue_for_days(&self, name: &str, days: u64) -> Result<NodeIdentity, Error> {
+        use std::time::{Duration, SystemTime};
+        if !(1..=CERT_DAYS_MAX).contains(&days) {
+            return Err(Error::Cert(format!(
+                "certificate for {name}: {days} days; a certificate lives 1 to {CERT_DAYS_MAX} days"
+            )));
+        }
+        let now = SystemTime::now();
+        let start = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
+        let end = now + Duration::from_secs(days * 24 * 3600);
+        self.issue_with(name, Some(start..end))
     }
 
     /// Issues a certificate for node `name` valid only from `valid.start` to `valid.end`.
@@ -300,6 +329,30 @@ mod tests {
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn certificates_live_a_year_unless_told_otherwise() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let ca = ClusterCa::new().unwrap();
+        let not_after = |id: &NodeIdentity| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&id.cert_der).unwrap();
+            cert.validity().not_after.timestamp() as u64
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let day = Duration::from_secs(24 * 3600).as_secs();
+        let year = not_after(&ca.issue("tv").unwrap());
+        assert!(
+            year.abs_diff(now + CERT_DAYS_DEFAULT * day) < 60,
+            "{year} vs {now}"
+        );
+        let month = not_after(&ca.issue_for_days("watch", 30).unwrap());
+        assert!(month.abs_diff(now + 30 * day) < 60);
+        assert!(ca.issue_for_days("watch", 0).is_err());
+        assert!(ca.issue_for_days("watch", CERT_DAYS_MAX + 1).is_err());
     }
 
     #[test]

@@ -275,3 +275,23 @@ fn tern_errors_name_the_problem_and_what_to_do() {
     assert!(json(&certs, entry, &["--json", "ps"]).is_array());
     phone.shutdown();
 }
+
+#[test]
+fn certificates_are_issued_for_a_number_of_days() {
+    let certs = scratch("days");
+    ca(&certs, &["init"]);
+    assert!(ca(&certs, &["issue", "watch", "--days", "30"]).contains("valid for 30 days"));
+    assert!(ca(&certs, &["issue", "tv"]).contains("valid for 365 days"));
+    let never = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["ca", "issue", "car", "--days", "0", "--dir"])
+        .arg(&certs)
+        .output()
+        .expect("the tern binary runs");
+    assert_eq!(never.status.code(), Some(2));
+    assert!(
+        text(&never.stderr).contains("1 to 3650 days"),
+        "{}",
+        text(&never.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+}

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! tern ca init [--dir certs]              a cluster CA (ca.pem, ca.key owner-only)
-//! tern ca issue NAME [--dir certs]        a certificate for node (or admin) NAME
+//! tern ca issue NAME [--dir certs] [--days 365]  a certificate for node (or admin) NAME
 //! tern ps                                 services, where they run, epochs, mailbox depth
 //! tern nodes                              nodes: capabilities, load, power
 //! tern tree SERVICE                       an assembly tree
@@ -119,6 +119,9 @@ enum CaCmd {
         /// Where the CA is and the certificate goes.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// Days the certificate is valid (1 to 3650).
+        #[arg(long, default_value_t = tern::certs::CERT_DAYS_DEFAULT)]
+        days: u64,
     },
 }
 
@@ -193,7 +196,7 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                 dir.display()
             );
         }
-        CaCmd::Issue { name, dir } => {
+        CaCmd::Issue { name, dir, days } => {
             let ca = ClusterCa::load(dir).with_context(|| {
                 format!(
                     "no CA in {} (run `tern ca init --dir {}` first)",
@@ -201,10 +204,10 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                     dir.display()
                 )
             })?;
-            ca.issue(name)?.write(dir)?;
+            ca.issue_for_days(name, *days)?.write(dir)?;
             let (cert, key, _) = NodeIdentity::paths(dir, name);
             println!(
-                "certificate for {name}: {} and {} (owner-only)",
+                "certificate for {name}: {} and {} (owner-only), valid for {days} days",
                 cert.display(),
                 key.display()
             );
