@@ -7,13 +7,19 @@
 //! - `POST /api/migrate` `{"service": ID, "to": NODE}` moves a service (its whole tree if it
 //!   has children) and answers with the report;
 //! - `POST /api/drain` `{"node": NODE}` drains a device and answers with the report.
+//!
+//! Every request must carry the token made at start (`?token=` or the `X-Tern-Token` header;
+//! [`serve`] hands the whole URL to its caller, which prints it), must name the dashboard by an
+//! address or `localhost` in its `Host` header (a page elsewhere cannot reach it through a DNS
+//! name it controls), and, when it has an `Origin`, come from the dashboard's own page.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::http::header;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tern::admin::{AdminClient, AdminReply, AdminRequest};
@@ -506,17 +512,113 @@ struct DrainBody {
     node: String,
 }
 
-async fn page() -> HttpResponse {
+/// Who may use the dashboard: the holder of the token made at start, through the
+/// dashboard's own address.
+struct Access {
+    token: String,
+    /// The port the dashboard listens on (known once bound).
+    port: std::sync::atomic::AtomicU16,
+}
+
+/// 128 bits from the OS's randomness (through the standard library's keyed hasher, whose keys
+/// are drawn from it).
+fn new_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    (0..2u64)
+        .map(|i| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(i);
+            format!("{:016x}", h.finish())
+        })
+        .collect()
+}
+
+/// `host` (a `Host` header, or an origin without its scheme) names this dashboard: an IP
+/// address or `localhost`, with the dashboard's port.
+fn host_allowed(host: &str, port: u16) -> bool {
+    let Some((name, p)) = host.rsplit_once(':') else {
+        return false;
+    };
+    let literal = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    p.parse::<u16>().ok() == Some(port)
+        && (name == "localhost" || literal.parse::<IpAddr>().is_ok())
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Why `req` may not use the dashboard, as the answer to give, if it may not.
+fn refused(req: &HttpRequest, access: &Access) -> Option<HttpResponse> {
+    let text = |h: header::HeaderName| req.headers().get(h).and_then(|v| v.to_str().ok());
+    let port = access.port.load(std::sync::atomic::Ordering::Acquire);
+    if !text(header::HOST).is_some_and(|h| host_allowed(h, port)) {
+        return Some(
+            HttpResponse::Forbidden().body("the dashboard answers only to its own address"),
+        );
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let own = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|h| host_allowed(h, port));
+        if !own {
+            return Some(HttpResponse::Forbidden().body("requests from other pages are refused"));
+        }
+    }
+    let token = text(header::HeaderName::from_static("x-tern-token"))
+        .map(str::to_owned)
+        .or_else(|| {
+            web::Query::<TokenQuery>::from_query(req.query_string())
+                .ok()
+                .and_then(|q| q.into_inner().token)
+        });
+    if !token.is_some_and(|t| same(&t, &access.token)) {
+        return Some(HttpResponse::Unauthorized().body(
+            "open the dashboard with the URL it printed when it started (it carries a token)",
+        ));
+    }
+    None
+}
+
+async fn page(req: HttpRequest, access: web::Data<Access>) -> HttpResponse {
+    if let Some(no) = refused(&req, &access) {
+        return no;
+    }
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(PAGE)
 }
 
-async fn state(d: web::Data<Dashboard>) -> HttpResponse {
+async fn state(
+    req: HttpRequest,
+    access: web::Data<Access>,
+    d: web::Data<Dashboard>,
+) -> HttpResponse {
+    if let Some(no) = refused(&req, &access) {
+        return no;
+    }
     HttpResponse::Ok().json(d.snapshot())
 }
 
-async fn events(d: web::Data<Dashboard>) -> HttpResponse {
+async fn events(
+    req: HttpRequest,
+    access: web::Data<Access>,
+    d: web::Data<Dashboard>,
+) -> HttpResponse {
+    if let Some(no) = refused(&req, &access) {
+        return no;
+    }
     let d = d.into_inner();
     let ticks = futures_util::stream::unfold(
         (d, tokio::time::interval(Duration::from_millis(PUSH_MS))),
@@ -534,7 +636,15 @@ async fn events(d: web::Data<Dashboard>) -> HttpResponse {
         .streaming(ticks)
 }
 
-async fn migrate(d: web::Data<Dashboard>, body: web::Json<MigrateBody>) -> HttpResponse {
+async fn migrate(
+    req: HttpRequest,
+    access: web::Data<Access>,
+    d: web::Data<Dashboard>,
+    body: web::Json<MigrateBody>,
+) -> HttpResponse {
+    if let Some(no) = refused(&req, &access) {
+        return no;
+    }
     let Ok(id) = body.service.parse::<ServiceId>() else {
         return HttpResponse::BadRequest().body(format!("{:?} is not a service id", body.service));
     };
@@ -544,7 +654,15 @@ async fn migrate(d: web::Data<Dashboard>, body: web::Json<MigrateBody>) -> HttpR
     }
 }
 
-async fn drain(d: web::Data<Dashboard>, body: web::Json<DrainBody>) -> HttpResponse {
+async fn drain(
+    req: HttpRequest,
+    access: web::Data<Access>,
+    d: web::Data<Dashboard>,
+    body: web::Json<DrainBody>,
+) -> HttpResponse {
+    if let Some(no) = refused(&req, &access) {
+        return no;
+    }
     match d.drain(&body.node).await {
         Ok(report) => HttpResponse::Ok().json(report),
         Err(e) => HttpResponse::Conflict().body(e),
@@ -552,23 +670,32 @@ async fn drain(d: web::Data<Dashboard>, body: web::Json<DrainBody>) -> HttpRespo
 }
 
 /// Serves the dashboard on `addr` until the process is stopped (or `stop` resolves).
-/// Calls `on_listening` with the bound address (port 0 picks a free one).
+/// Calls `on_listening` with the bound address (port 0 picks a free one) and the URL to open,
+/// which carries the token every request needs.
 pub async fn serve(
     dashboard: Arc<Dashboard>,
     addr: SocketAddr,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, &str),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let data = web::Data::from(dashboard.clone());
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .app_data(web::JsonConfig::default().limit(BODY_BYTES_MAX))
-            .route("/", web::get().to(page))
-            .route("/api/state", web::get().to(state))
-            .route("/events", web::get().to(events))
-            .route("/api/migrate", web::post().to(migrate))
-            .route("/api/drain", web::post().to(drain))
+    let access = web::Data::new(Access {
+        token: new_token(),
+        port: std::sync::atomic::AtomicU16::new(addr.port()),
+    });
+    let server = HttpServer::new({
+        let access = access.clone();
+        move || {
+            App::new()
+                .app_data(access.clone())
+                .app_data(data.clone())
+                .app_data(web::JsonConfig::default().limit(BODY_BYTES_MAX))
+                .route("/", web::get().to(page))
+                .route("/api/state", web::get().to(state))
+                .route("/events", web::get().to(events))
+                .route("/api/migrate", web::post().to(migrate))
+                .route("/api/drain", web::post().to(drain))
+        }
     })
     .workers(1)
     .disable_signals()
@@ -576,7 +703,10 @@ pub async fn serve(
     .bind(addr)
     .with_context(|| format!("binding the dashboard to {addr}"))?;
     let bound = server.addrs().first().copied().unwrap_or(addr);
-    on_listening(bound);
+    access
+        .port
+        .store(bound.port(), std::sync::atomic::Ordering::Release);
+    on_listening(bound, &format!("http://{bound}/?token={}", access.token));
     let server = server.run();
     let handle = server.handle();
     let poller = dashboard.clone();

@@ -3,7 +3,7 @@
 //! ```text
 //! tern-demo                         the whole scenario in one process; prints the timeline
 //! tern-demo --json                  the same, one JSON object on stdout
-//! tern-demo --serve 127.0.0.1:8080  the scenario, then keeps the cluster up with the dashboard
+//! tern-demo --serve 8080            the scenario, then keeps the cluster up with the dashboard
 //! tern-demo node --config demo-apps/devices/tv.toml    one device as its own process
 //! ```
 //!
@@ -30,14 +30,24 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// After the scenario, keep the cluster running (the music playing) and serve the live
-    /// dashboard on this address until Ctrl-C.
-    #[arg(long, value_name = "ADDR")]
+    /// dashboard until Ctrl-C: on PORT of 127.0.0.1, or on ADDR:PORT.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = dashboard_addr)]
     serve: Option<std::net::SocketAddr>,
     /// Milliseconds between two steps of the scenario.
     #[arg(long, default_value_t = 1_500)]
     step_gap_ms: u64,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+/// Where the dashboard listens: a port alone is on the loopback address, so nothing beyond
+/// this device reaches it unless asked for.
+fn dashboard_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither a port nor an address with a port"))
 }
 
 #[derive(Subcommand)]
@@ -47,9 +57,9 @@ enum Cmd {
         /// The device's configuration.
         #[arg(long)]
         config: PathBuf,
-        /// Also serve the live dashboard on this address (it sees the whole cluster through
-        /// this device).
-        #[arg(long, value_name = "ADDR")]
+        /// Also serve the live dashboard (it sees the whole cluster through this device): on
+        /// PORT of 127.0.0.1, or on ADDR:PORT.
+        #[arg(long, value_name = "[ADDR:]PORT", value_parser = dashboard_addr)]
         serve: Option<std::net::SocketAddr>,
     },
 }
@@ -115,8 +125,8 @@ fn embedded(args: &Args) -> Result<bool> {
         actix_web::rt::System::new().block_on(dashboard::serve(
             dash,
             addr,
-            |bound| {
-                eprintln!("\nDashboard: http://{bound}/  (Ctrl-C stops the cluster)");
+            |_, url| {
+                eprintln!("\nDashboard: {url}  (Ctrl-C stops the cluster)");
             },
             stop_signal(),
         ))?;
@@ -178,7 +188,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
                 dashboard::serve(
                     dash,
                     addr,
-                    |bound| println!("Dashboard: http://{bound}/"),
+                    |_, url| println!("Dashboard: {url}"),
                     stop_signal(),
                 )
                 .await

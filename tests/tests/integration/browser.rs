@@ -294,22 +294,18 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
         actix_web::rt::System::new().block_on(dashboard::serve(
             dash,
             "127.0.0.1:0".parse().expect("an address"),
-            move |a| {
-                let _ = addr_tx.send(a);
+            move |_, url| {
+                let _ = addr_tx.send(url.to_owned());
             },
             async move {
                 let _ = stop_rx.await;
             },
         ))
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(10))?;
+    let url = addr_rx.recv_timeout(Duration::from_secs(10))?;
 
     let browser = Browser::start(out.join(format!("profile-{}", std::process::id())))?;
-    browser.call(
-        "POST",
-        "/url",
-        Some(&json!({"url": format!("http://{addr}/")})),
-    )?;
+    browser.call("POST", "/url", Some(&json!({ "url": url })))?;
     // Four device columns, five service boxes, everything on the phone.
     browser.wait(
         "the devices and services",
@@ -388,6 +384,120 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     // The final word: nothing lost, duplicated or reordered over the whole run.
     let audit = tern_harness::block_on(app.finish(cluster.node("car"), Duration::from_secs(10)))?;
     assert!(audit.is_clean(), "{audit:?}");
+    cluster.shutdown();
+    Ok(())
+}
+
+/// The status of one raw HTTP/1.1 request to `addr` with `headers` (the Host header included).
+fn status_of(
+    addr: SocketAddr,
+    request_line: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<u16> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{request_line} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    s.write_all(req.as_bytes())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    let line = String::from_utf8_lossy(&head).into_owned();
+    line.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {line:?}"))
+}
+
+#[test]
+fn the_dashboard_answers_only_its_token_through_its_own_address() -> Result<()> {
+    let cluster = crate::common::connected(&["a", "b"])?;
+    let dash = Dashboard::new(
+        cluster.node("a").clone(),
+        cluster.ca.issue("dashboard")?,
+        None,
+    );
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(dashboard::serve(
+            dash,
+            "127.0.0.1:0".parse().expect("an address"),
+            move |addr, url| {
+                let _ = url_tx.send((addr, url.to_owned()));
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ))
+    });
+    let (addr, url) = url_rx.recv_timeout(Duration::from_secs(10))?;
+    let token = url
+        .split_once("token=")
+        .map(|(_, t)| t.to_owned())
+        .context("a token")?;
+    let host = addr.to_string();
+    let own = [("Host", host.as_str())];
+    let with_token = format!("/api/state?token={token}");
+    // The URL it printed works; the same without the token, or with another, does not.
+    assert_eq!(
+        status_of(addr, &format!("GET {with_token}"), &own, "")?,
+        200
+    );
+    assert_eq!(status_of(addr, "GET /", &own, "")?, 401);
+    assert_eq!(status_of(addr, "GET /events?token=0000", &own, "")?, 401);
+    assert_eq!(
+        status_of(
+            addr,
+            "GET /api/state",
+            &[("Host", &host), ("X-Tern-Token", &token)],
+            ""
+        )?,
+        200
+    );
+    // A page on another site that points its own DNS name at this address (DNS rebinding)
+    // sends its own name as the Host: refused, token or not.
+    let rebound = format!("evil.example:{}", addr.port());
+    assert_eq!(
+        status_of(
+            addr,
+            &format!("GET {with_token}"),
+            &[("Host", &rebound)],
+            ""
+        )?,
+        403
+    );
+    // A page on another site posting to the dashboard carries its own Origin: refused.
+    let move_it = r#"{"service":"0000000000000001-0000000000000001","to":"b"}"#;
+    assert_eq!(
+        status_of(
+            addr,
+            &format!("POST /api/migrate?token={token}"),
+            &[("Host", &host), ("Origin", "http://evil.example")],
+            move_it
+        )?,
+        403
+    );
+    // From its own page it is heard (the service is unknown: a conflict, not a refusal).
+    let origin = format!("http://{host}");
+    assert_eq!(
+        status_of(
+            addr,
+            &format!("POST /api/migrate?token={token}"),
+            &[("Host", &host), ("Origin", &origin)],
+            move_it
+        )?,
+        409
+    );
+    let _ = stop_tx.send(());
+    server
+        .join()
+        .map_err(|_| anyhow!("the dashboard's thread panicked"))??;
     cluster.shutdown();
     Ok(())
 }
