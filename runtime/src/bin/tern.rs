@@ -125,6 +125,29 @@ enum CaCmd {
     },
 }
 
+/// Prints a line with [`printable`]: names, reasons and event details can come from other
+/// devices, and must not drive the terminal.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        println!("{}", printable(&format!($($arg)*)))
+    };
+}
+
+/// `text` with every control character but newlines and tabs, and every character that
+/// reorders text on screen, written as an escape (`\u{1b}`).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let reorders = matches!(c, '\u{200e}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n' && c != '\t') || reorders {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -191,7 +214,7 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                 );
             }
             ClusterCa::new()?.write(dir)?;
-            println!(
+            out!(
                 "cluster CA written to {} (ca.pem, ca.key owner-only)",
                 dir.display()
             );
@@ -206,7 +229,7 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
             })?;
             ca.issue_for_days(name, *days)?.write(dir)?;
             let (cert, key, _) = NodeIdentity::paths(dir, name);
-            println!(
+            out!(
                 "certificate for {name}: {} and {} (owner-only), valid for {days} days",
                 cert.display(),
                 key.display()
@@ -263,13 +286,18 @@ async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<AdminClien
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    std::println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
 fn warn_unreachable(s: &Survey) {
     for (node, why) in &s.unreachable {
-        eprintln!("tern: warning: node {node} did not answer ({why}); its services are not listed");
+        eprintln!(
+            "{}",
+            printable(&format!(
+                "tern: warning: node {node} did not answer ({why}); its services are not listed"
+            ))
+        );
     }
 }
 
@@ -283,13 +311,17 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
             if args.json {
                 print_json(&s.services)?;
             } else {
-                println!(
+                out!(
                     "{:<12} {:<33} {:<8} {:>5} {:>9}  PARENT",
-                    "KIND", "ID", "NODE", "EPOCH", "MAILBOX"
+                    "KIND",
+                    "ID",
+                    "NODE",
+                    "EPOCH",
+                    "MAILBOX"
                 );
                 for e in &s.services {
                     let i = &e.info;
-                    println!(
+                    out!(
                         "{:<12} {:<33} {:<8} {:>5} {:>9}  {}",
                         i.addr.kind.to_string(),
                         i.addr.id.to_string(),
@@ -312,13 +344,19 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
             if args.json {
                 print_json(&nodes)?;
             } else {
-                println!(
+                out!(
                     "{:<8} {:<22} {:<6} {:>8} {:>7} {:>9} {:<10} CAPABILITIES",
-                    "NODE", "ADDRESS", "STATUS", "SERVICES", "BACKLOG", "MEMORY", "POWER"
+                    "NODE",
+                    "ADDRESS",
+                    "STATUS",
+                    "SERVICES",
+                    "BACKLOG",
+                    "MEMORY",
+                    "POWER"
                 );
                 for m in &nodes {
                     let i = &m.info;
-                    println!(
+                    out!(
                         "{:<8} {:<22} {:<6} {:>8} {:>7} {:>8}M {:<10} {}{}",
                         i.name.to_string(),
                         i.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
@@ -353,7 +391,7 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                 print_json(&tree)?;
             } else {
                 for m in &tree {
-                    println!(
+                    out!(
                         "{}{} {} on {}",
                         "  ".repeat(m.depth as usize),
                         m.addr.kind,
@@ -382,16 +420,23 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
             if args.json {
                 print_json(&assoc)?;
             } else {
-                println!(
+                out!(
                     "{} {} on {}",
-                    found.info.addr.kind, found.info.addr.id, found.node
+                    found.info.addr.kind,
+                    found.info.addr.id,
+                    found.node
                 );
-                println!(
+                out!(
                     "  {:<12} {:<33} {:<8} {:<5} {:>8} {:>8}  DECLARED",
-                    "KIND", "PEER", "NODE", "DIR", "OUT/s", "IN/s"
+                    "KIND",
+                    "PEER",
+                    "NODE",
+                    "DIR",
+                    "OUT/s",
+                    "IN/s"
                 );
                 for a in &assoc {
-                    println!(
+                    out!(
                         "  {:<12} {:<33} {:<8} {:<5} {:>8.1} {:>8.1}  {}",
                         a.kind
                             .as_ref()
@@ -425,18 +470,22 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
             if args.json {
                 print_json(&plan)?;
             } else {
-                println!("policy: {}", plan.policy);
+                out!("policy: {}", plan.policy);
                 for (verb, list) in [("move", &plan.moves), ("stay", &plan.stays)] {
                     for m in list {
-                        println!(
+                        out!(
                             "{verb:<5} {} {}: {} -> {} (score {:.2})",
-                            m.kind, m.service, m.from, m.to, m.score
+                            m.kind,
+                            m.service,
+                            m.from,
+                            m.to,
+                            m.score
                         );
-                        println!("      why: {}", m.reasons.join("; "));
+                        out!("      why: {}", m.reasons.join("; "));
                     }
                 }
                 for (id, why) in &plan.refused {
-                    println!("refused {id}: {why}");
+                    out!("refused {id}: {why}");
                 }
             }
             plan.refused.is_empty()
@@ -452,9 +501,10 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                         "already_on": to,
                     }))?;
                 } else {
-                    println!(
+                    out!(
                         "{} {} already runs on {to}: nothing to do",
-                        found.info.addr.kind, found.info.addr.id
+                        found.info.addr.kind,
+                        found.info.addr.id
                     );
                 }
                 entry.close().await;
@@ -502,7 +552,7 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                 print_json(&report)?;
             } else {
                 for r in &report.moved {
-                    println!(
+                    out!(
                         "moved  {} {} -> {}  freeze {} us  carried {}  forwarded {}  rebuilt {}",
                         kind_of(&s, r.service),
                         r.service,
@@ -514,12 +564,12 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                     );
                 }
                 for id in &report.pinned {
-                    println!("pinned {} {id} stays", kind_of(&s, *id));
+                    out!("pinned {} {id} stays", kind_of(&s, *id));
                 }
                 for (id, why) in &report.failed {
-                    println!("FAILED {} {id}: {why}", kind_of(&s, *id));
+                    out!("FAILED {} {id}: {why}", kind_of(&s, *id));
                 }
-                println!(
+                out!(
                     "{node}: {} moved, {} pinned, {} failed",
                     report.moved.len(),
                     report.pinned.len(),
@@ -581,7 +631,7 @@ fn kind_of(s: &Survey, id: tern::ServiceId) -> String {
 fn print_group(report: &GroupReport, s: &Survey) {
     for r in &report.members {
         match &r.aborted {
-            None => println!(
+            None => out!(
                 "moved {} {}: {} -> {}  epoch {}  freeze {} us  total {} us  snapshot {} bytes  carried {}  forwarded {}  rebuilt {}",
                 kind_of(s, r.service),
                 r.service,
@@ -595,7 +645,7 @@ fn print_group(report: &GroupReport, s: &Survey) {
                 r.forwarded,
                 r.rebuilt
             ),
-            Some(why) => println!(
+            Some(why) => out!(
                 "NOT moved {} {}: stays on {} ({why})",
                 kind_of(s, r.service),
                 r.service,
@@ -604,7 +654,7 @@ fn print_group(report: &GroupReport, s: &Survey) {
         }
     }
     if report.members.len() > 1 {
-        println!(
+        out!(
             "{} services {}; group freeze window {} us, total {} us",
             report.members.len(),
             if report.committed {
@@ -615,5 +665,19 @@ fn print_group(report: &GroupReport, s: &Survey) {
             report.freeze_us,
             report.total_us
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn text_from_other_devices_cannot_drive_the_terminal() {
+        assert_eq!(printable("tv: moved"), "tv: moved");
+        assert_eq!(printable("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\r\u{7}y"), "x\\u{d}\\u{7}y");
+        assert_eq!(printable("evil\u{202e}gpj.exe"), "evil\\u{202e}gpj.exe");
+        assert_eq!(printable("two\nlines\tok"), "two\nlines\tok");
     }
 }
