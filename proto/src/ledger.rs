@@ -140,6 +140,29 @@ impl Ledger {
         }
     }
 
+    /// True when node `node` may confirm `sender`'s messages: they were sent there, or the
+    /// channel pointed there since, or nothing of `sender`'s is outstanding. A confirmation
+    /// from any other node would hide a loss (see [`Ledger::declare_lost`]): the caller keeps
+    /// it aside until the channel points at that node.
+    ///
+    /// ```
+    /// use tern_proto::ids::{NodeName, ServiceId};
+    /// use tern_proto::ledger::Ledger;
+    /// let (tv, liar) = (NodeName::new("tv"), NodeName::new("liar"));
+    /// let me = ServiceId::from_parts(1, 1);
+    /// let mut l = Ledger::default();
+    /// l.note(me, 1, &tv);
+    /// assert!(l.may_settle(me, &tv));
+    /// assert!(!l.may_settle(me, &liar));
+    /// ```
+    pub fn may_settle(&self, sender: ServiceId, node: &NodeName) -> bool {
+        let o = match &self.hot {
+            Some((s, o)) if *s == sender => Some(o),
+            _ => self.cold.get(&sender),
+        };
+        o.is_none_or(|o| o.via_any || o.via.contains(node))
+    }
+
     /// The service confirmed taking `sender`'s messages up to `seq`; an entry with nothing
     /// left outstanding leaves.
     pub fn settle(&mut self, sender: ServiceId, seq: u64) {

@@ -71,6 +71,9 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn location(&self) -> (NodeName, u64);
     /// The service confirmed taking `sender`'s messages up to `seq`.
     fn settle(&self, sender: ServiceId, seq: u64);
+    /// Node `node` says the service took `sender`'s messages up to `seq`: settled if `node`
+    /// may say so (`Ledger::may_settle`); false, changing nothing, if not.
+    fn settle_from(&self, node: &NodeName, sender: ServiceId, seq: u64) -> bool;
     /// Number `seq` of `sender` was refused and its sender told: no longer outstanding.
     fn refused(&self, sender: ServiceId, seq: u64);
     /// Node `lost` is gone: every outstanding message that went there, or that the service
@@ -149,6 +152,15 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
 
     fn settle(&self, sender: ServiceId, seq: u64) {
         lock(&self.state).ledger.settle(sender, seq);
+    }
+
+    fn settle_from(&self, node: &NodeName, sender: ServiceId, seq: u64) -> bool {
+        let mut st = lock(&self.state);
+        let may = st.node == *node || st.ledger.may_settle(sender, node);
+        if may {
+            st.ledger.settle(sender, seq);
+        }
+        may
     }
 
     fn refused(&self, sender: ServiceId, seq: u64) {

@@ -325,15 +325,15 @@ fn handle_frame(
             node.apply_closed(to, from, last, hops);
         }
         (StreamKind::Control, Frame::Handled { marks }) => {
-            {
-                // What local senders sent to services there: outgoing traffic.
-                let mut traffic = lock(&node.traffic);
-                for (to, from, seq) in &marks {
-                    traffic.observe(*from, *to, *seq);
-                }
-            }
-            for (to, from, seq) in marks {
-                node.settle(to, from, seq);
+            // Only the marks the peer may give count, as traffic too.
+            let taken: Vec<_> = marks
+                .into_iter()
+                .filter(|m| node.settle_from(&link.name, *m))
+                .collect();
+            // What local senders sent to services there: outgoing traffic.
+            let mut traffic = lock(&node.traffic);
+            for (to, from, seq) in taken {
+                traffic.observe(from, to, seq);
             }
         }
         (StreamKind::Control, Frame::Members { nodes }) => {

@@ -375,6 +375,9 @@ impl AskTable {
     }
 }
 
+/// Handled marks kept aside until their channel points at the node that sent them.
+pub const HANDLED_WAITING_MAX: usize = 4096;
+
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
@@ -386,6 +389,9 @@ pub(crate) struct NodeShared {
     /// Bytes reserved for the states of snapshots still arriving, from every peer (at most
     /// `Limits::snapshot_bytes_in_max`).
     pub snapshot_bytes_in: Arc<AtomicUsize>,
+    /// Handled marks from peers the channel does not point at yet: peer, service, sender,
+    /// number (see `settle_from`).
+    handled_waiting: Mutex<std::collections::VecDeque<(NodeName, ServiceId, ServiceId, u64)>>,
     pub stats: Stats,
     pub asks: AskTable,
     id_prefix: u64,
@@ -735,6 +741,21 @@ impl NodeShared {
         }
         let n = self.books.relocate(id, node, epoch);
         self.driver.count_rebuilt(n);
+        let marks: Vec<(ServiceId, u64)> = {
+            let mut waiting = lock(&self.handled_waiting);
+            let mut out = Vec::new();
+            waiting.retain(|(peer, to, from, seq)| {
+                let now = *to == id && peer == node;
+                if now {
+                    out.push((*from, *seq));
+                }
+                !now
+            });
+            out
+        };
+        for (from, seq) in marks {
+            self.settle(id, from, seq);
+        }
         for (edge, added) in self.books.take_waiting(id, node) {
             if let Err(e) = self.books.peer_change(node, edge, added) {
                 self.logs.event("book-change-dropped", e);
@@ -1076,6 +1097,31 @@ impl NodeShared {
         if let Some(c) = chan {
             c.settle(from, seq);
         }
+    }
+
+    /// Peer `peer` says service `to` took local sender `from`'s messages up to `seq`. Believed
+    /// from a node the messages went to (or the channel points at); from any other node the
+    /// mark is kept aside (bounded by `HANDLED_WAITING_MAX`) until the channel points there
+    /// (the service moved there and the news is on its way), so a lying peer cannot hide a
+    /// loss. True when it was applied.
+    pub fn settle_from(
+        &self,
+        peer: &NodeName,
+        (to, from, seq): (ServiceId, ServiceId, u64),
+    ) -> bool {
+        let chan = lock(&self.channels).get(&to).cloned();
+        let Some(c) = chan else {
+            return false;
+        };
+        if c.settle_from(peer, from, seq) {
+            return true;
+        }
+        let mut waiting = lock(&self.handled_waiting);
+        if waiting.len() >= HANDLED_WAITING_MAX {
+            waiting.pop_front();
+        }
+        waiting.push_back((peer.clone(), to, from, seq));
+        false
     }
 
     /// Node `lost`'s connection is gone: every message this node sent that went there, or
@@ -1847,6 +1893,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         admins: config.admins.clone(),
         admin_connections: AtomicUsize::new(0),
         snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
+        handled_waiting: Mutex::new(std::collections::VecDeque::new()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

@@ -511,3 +511,53 @@ fn made_up_members_are_not_passed_on_cannot_keep_real_ones_out_and_are_forgotten
     c.shutdown();
     Ok(())
 }
+
+#[test]
+fn only_the_node_a_message_went_to_confirms_it() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let slow = c.node("b").spawn(Slow::default())?;
+    let from_a = c.node("a").resolve::<Slow>(slow.addr())?;
+    let n = 50;
+    block_on(async {
+        // Busy at b, with the items queued behind the hold: not yet confirmed to a.
+        from_a.tell_wait(SlowMsg::Hold { ms: 2_000 }).await?;
+        for i in 1..=n {
+            from_a.tell(SlowMsg::Item(i))?;
+        }
+        wait_until(SECS_10, "b to hold the items unconfirmed", || async {
+            from_a.unconfirmed() == n
+        })
+        .await?;
+        // The rogue confirms them all: a node that believed it would report none of them if
+        // b died now.
+        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+        rogue
+            .send_ctrl(&Frame::Handled {
+                marks: vec![(slow.id(), from_a.sender_id(), n + 1)],
+            })
+            .await?;
+        rogue
+            .send_ctrl(&Frame::Spawn {
+                req: 3,
+                kind: KindKey::new("no-such-kind", 1),
+                state: &[0xc0],
+            })
+            .await?;
+        loop {
+            if let Answer::Failed(3, _) = rogue.answer().await? {
+                break;
+            }
+        }
+        assert_eq!(from_a.unconfirmed(), n, "a lie settled the ledger");
+        // b's own confirmations still count.
+        let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, (1..=n).collect::<Vec<_>>());
+        wait_until(SECS_10, "b to confirm everything", || async {
+            from_a.unconfirmed() == 0
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    c.shutdown();
+    Ok(())
+}
