@@ -32,6 +32,52 @@ pub const LEDGER_REFUSED_MAX: usize = 64;
 /// past this the oldest is forgotten.
 pub const LEDGER_UNCONFIRMED_MAX: usize = 64;
 
+/// Handled marks kept aside by [`WaitingMarks`].
+pub const HANDLED_WAITING_MAX: usize = 4096;
+
+/// Handled marks from a node that a channel's messages did not go to (see
+/// [`Ledger::may_settle`]): kept, oldest first and at most [`HANDLED_WAITING_MAX`], until the
+/// channel points at that node (the service moved there and the news is on its way).
+#[derive(Debug, Default)]
+pub struct WaitingMarks {
+    /// Node, service, sender, number.
+    marks: std::collections::VecDeque<(NodeName, ServiceId, ServiceId, u64)>,
+}
+
+impl WaitingMarks {
+    /// Keeps `node`'s mark that service `to` took `from`'s messages up to `seq`; the oldest
+    /// goes when full (its messages stay unconfirmed, and are reported if their node is lost).
+    pub fn keep(&mut self, node: &NodeName, (to, from, seq): (ServiceId, ServiceId, u64)) {
+        if self.marks.len() >= HANDLED_WAITING_MAX {
+            self.marks.pop_front();
+        }
+        self.marks.push_back((node.clone(), to, from, seq));
+    }
+
+    /// The channel to `to` now points at `node`: the marks `node` gave for it, oldest first.
+    pub fn take(&mut self, to: ServiceId, node: &NodeName) -> Vec<(ServiceId, u64)> {
+        let mut out = Vec::new();
+        self.marks.retain(|(n, t, from, seq)| {
+            let now = *t == to && n == node;
+            if now {
+                out.push((*from, *seq));
+            }
+            !now
+        });
+        out
+    }
+
+    /// Marks kept.
+    pub fn len(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// True when none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+}
+
 /// A number the sender's node told the live window not to wait for, not yet seen passed: sent
 /// again when a node is lost, since it may have been on its way through that node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

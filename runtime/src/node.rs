@@ -375,9 +375,6 @@ impl AskTable {
     }
 }
 
-/// Handled marks kept aside until their channel points at the node that sent them.
-pub const HANDLED_WAITING_MAX: usize = 4096;
-
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
@@ -391,7 +388,7 @@ pub(crate) struct NodeShared {
     pub snapshot_bytes_in: Arc<AtomicUsize>,
     /// Handled marks from peers the channel does not point at yet: peer, service, sender,
     /// number (see `settle_from`).
-    handled_waiting: Mutex<std::collections::VecDeque<(NodeName, ServiceId, ServiceId, u64)>>,
+    handled_waiting: Mutex<tern_proto::ledger::WaitingMarks>,
     pub stats: Stats,
     pub asks: AskTable,
     id_prefix: u64,
@@ -741,18 +738,7 @@ impl NodeShared {
         }
         let n = self.books.relocate(id, node, epoch);
         self.driver.count_rebuilt(n);
-        let marks: Vec<(ServiceId, u64)> = {
-            let mut waiting = lock(&self.handled_waiting);
-            let mut out = Vec::new();
-            waiting.retain(|(peer, to, from, seq)| {
-                let now = *to == id && peer == node;
-                if now {
-                    out.push((*from, *seq));
-                }
-                !now
-            });
-            out
-        };
+        let marks = lock(&self.handled_waiting).take(id, node);
         for (from, seq) in marks {
             self.settle(id, from, seq);
         }
@@ -1101,7 +1087,7 @@ impl NodeShared {
 
     /// Peer `peer` says service `to` took local sender `from`'s messages up to `seq`. Believed
     /// from a node the messages went to (or the channel points at); from any other node the
-    /// mark is kept aside (bounded by `HANDLED_WAITING_MAX`) until the channel points there
+    /// mark is kept aside (`tern_proto::ledger::WaitingMarks`) until the channel points there
     /// (the service moved there and the news is on its way), so a lying peer cannot hide a
     /// loss. True when it was applied.
     pub fn settle_from(
@@ -1116,11 +1102,7 @@ impl NodeShared {
         if c.settle_from(peer, from, seq) {
             return true;
         }
-        let mut waiting = lock(&self.handled_waiting);
-        if waiting.len() >= HANDLED_WAITING_MAX {
-            waiting.pop_front();
-        }
-        waiting.push_back((peer.clone(), to, from, seq));
+        lock(&self.handled_waiting).keep(peer, (to, from, seq));
         false
     }
 
@@ -1893,7 +1875,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         admins: config.admins.clone(),
         admin_connections: AtomicUsize::new(0),
         snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
-        handled_waiting: Mutex::new(std::collections::VecDeque::new()),
+        handled_waiting: Mutex::new(Default::default()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

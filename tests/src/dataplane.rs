@@ -112,6 +112,9 @@ impl Default for DataPlaneConfig {
 pub struct DataPlaneReport {
     /// The seed.
     pub seed: u64,
+    /// Handled marks from a node the messages had not gone to, kept until the channel
+    /// pointed there.
+    pub marks_waited: u64,
     /// Messages sent (taken by a sender's channel).
     pub sent: u64,
     /// Messages handled.
@@ -365,6 +368,8 @@ struct Node {
     next_seq: BTreeMap<(ServiceId, ServiceId), u64>,
     /// Per service, the delivery ledger of this node's channel to it (the node's own).
     ledgers: BTreeMap<ServiceId, Ledger>,
+    /// Handled marks from nodes the channel did not send to, until it points there.
+    marks_waiting: tern_proto::ledger::WaitingMarks,
 }
 
 struct Sim {
@@ -975,8 +980,12 @@ impl Sim {
             // The channel points there now: what it sent may be there (the node's channel
             // repoints its ledger).
             let name = self.names[at].clone();
-            if let Some(l) = self.nodes[node].ledgers.get_mut(&service) {
+            let n = &mut self.nodes[node];
+            if let Some(l) = n.ledgers.get_mut(&service) {
                 l.repointed(&name);
+                for (sender, seq) in n.marks_waiting.take(service, &name) {
+                    l.settle(sender, seq);
+                }
             }
         }
     }
@@ -1020,9 +1029,23 @@ impl Sim {
                     }
                 }
             }
-            Net::Handled { to, from, seq } => {
-                if let Some(l) = self.nodes[node].ledgers.get_mut(&to) {
-                    l.settle(from, seq);
+            Net::Handled {
+                to,
+                from: sender,
+                seq,
+            } => {
+                // Believed from a node the messages went to or the channel points at; kept
+                // until the channel points there otherwise (the node's `settle_from`).
+                let by = self.names[from].clone();
+                let n = &mut self.nodes[node];
+                let points = n.directory.get(&to).is_some_and(|(at, _)| *at == from);
+                if let Some(l) = n.ledgers.get_mut(&to) {
+                    if points || l.may_settle(sender, &by) {
+                        l.settle(sender, seq);
+                    } else {
+                        n.marks_waiting.keep(&by, (to, sender, seq));
+                        self.report.marks_waited += 1;
+                    }
                 }
             }
             Net::Skip {
@@ -1659,6 +1682,7 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
             ],
             next_seq: BTreeMap::new(),
             ledgers: BTreeMap::new(),
+            marks_waiting: Default::default(),
         })
         .collect();
     for (k, s) in services.iter().enumerate() {

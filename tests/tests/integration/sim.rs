@@ -218,7 +218,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone)",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone), {} handled marks waited for their channel to point at their node",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
@@ -235,6 +235,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         total(|r| r.refusals_lost),
         total(|r| r.stopped),
         total(|r| r.skips_to_stopped),
+        total(|r| r.marks_waited),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
