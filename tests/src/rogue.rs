@@ -170,6 +170,26 @@ impl Rogue {
         .await
     }
 
+    /// Sends a request the node answers whatever it made of what this rogue sent before on
+    /// the control stream (a `Spawn` of a kind no node registers), and waits for its answer:
+    /// once it came, everything sent before was read. Returns the answers that came first.
+    pub async fn barrier(&mut self) -> Result<Vec<Answer>> {
+        const BARRIER_REQ: u64 = u64::MAX;
+        self.send_ctrl(&Frame::Spawn {
+            req: BARRIER_REQ,
+            kind: tern::KindKey::new("no-such-kind", 1),
+            state: &[0xc0],
+        })
+        .await?;
+        let mut before = Vec::new();
+        loop {
+            match self.answer().await? {
+                Answer::Failed(BARRIER_REQ, _) => return Ok(before),
+                other => before.push(other),
+            }
+        }
+    }
+
     /// Sends `f` on the control stream.
     pub async fn send_ctrl(&mut self, f: &Frame<'_>) -> Result<()> {
         self.ctrl_send.write_all(&frame(f)).await?;

@@ -61,20 +61,8 @@ fn a_lie_about_where_a_service_runs_is_refused_and_the_truth_still_wins() -> Res
         ] {
             to_a.send_ctrl(&Frame::Mig(lie)).await?;
         }
-        // A request a answers whatever it made of the lies: once answered, they were read.
-        to_a.send_ctrl(&Frame::Spawn {
-            req: 5,
-            kind: KindKey::new("no-such-kind", 1),
-            state: &[0xc0],
-        })
-        .await?;
-        let mut answers = Vec::new();
-        loop {
-            match to_a.answer().await? {
-                Answer::Failed(5, _) => break,
-                other => answers.push(other),
-            }
-        }
+        // Once a has answered a request sent after the lies, it has read them.
+        let answers = to_a.barrier().await?;
         // Traffic still goes where the service runs.
         from_a.tell_wait(SlowMsg::Item(2)).await?;
         let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
@@ -341,17 +329,7 @@ fn only_the_node_that_hosts_a_service_changes_its_book() -> Result<()> {
         .await?;
         expect_claim_refused(to_b.answer().await?, "runs here");
         // Once a has answered a request sent after the lies, it has read them.
-        to_a.send_ctrl(&Frame::Spawn {
-            req: 9,
-            kind: KindKey::new("no-such-kind", 1),
-            state: &[0xc0],
-        })
-        .await?;
-        loop {
-            if let Answer::Failed(9, _) = to_a.answer().await? {
-                break;
-            }
-        }
+        to_a.barrier().await?;
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(a.book(v.id()), before);
@@ -536,18 +514,7 @@ fn only_the_node_a_message_went_to_confirms_it() -> Result<()> {
                 marks: vec![(slow.id(), from_a.sender_id(), n + 1)],
             })
             .await?;
-        rogue
-            .send_ctrl(&Frame::Spawn {
-                req: 3,
-                kind: KindKey::new("no-such-kind", 1),
-                state: &[0xc0],
-            })
-            .await?;
-        loop {
-            if let Answer::Failed(3, _) = rogue.answer().await? {
-                break;
-            }
-        }
+        rogue.barrier().await?;
         assert_eq!(from_a.unconfirmed(), n, "a lie settled the ledger");
         // b's own confirmations still count.
         let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
