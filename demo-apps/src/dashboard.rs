@@ -18,7 +18,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -591,34 +594,32 @@ fn refused(req: &HttpRequest, access: &Access) -> Option<HttpResponse> {
     None
 }
 
-async fn page(req: HttpRequest, access: web::Data<Access>) -> HttpResponse {
-    if let Some(no) = refused(&req, &access) {
-        return no;
+/// Every request goes through [`refused`] first.
+async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let no = match req.app_data::<web::Data<Access>>() {
+        Some(access) => refused(req.request(), access),
+        None => Some(HttpResponse::InternalServerError().finish()),
+    };
+    match no {
+        Some(answer) => Ok(req.into_response(answer).map_into_right_body()),
+        None => next.call(req).await.map(|r| r.map_into_left_body()),
     }
+}
+
+async fn page() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(PAGE)
 }
 
-async fn state(
-    req: HttpRequest,
-    access: web::Data<Access>,
-    d: web::Data<Dashboard>,
-) -> HttpResponse {
-    if let Some(no) = refused(&req, &access) {
-        return no;
-    }
+async fn state(d: web::Data<Dashboard>) -> HttpResponse {
     HttpResponse::Ok().json(d.snapshot())
 }
 
-async fn events(
-    req: HttpRequest,
-    access: web::Data<Access>,
-    d: web::Data<Dashboard>,
-) -> HttpResponse {
-    if let Some(no) = refused(&req, &access) {
-        return no;
-    }
+async fn events(d: web::Data<Dashboard>) -> HttpResponse {
     let d = d.into_inner();
     let ticks = futures_util::stream::unfold(
         (d, tokio::time::interval(Duration::from_millis(PUSH_MS))),
@@ -636,15 +637,7 @@ async fn events(
         .streaming(ticks)
 }
 
-async fn migrate(
-    req: HttpRequest,
-    access: web::Data<Access>,
-    d: web::Data<Dashboard>,
-    body: web::Json<MigrateBody>,
-) -> HttpResponse {
-    if let Some(no) = refused(&req, &access) {
-        return no;
-    }
+async fn migrate(d: web::Data<Dashboard>, body: web::Json<MigrateBody>) -> HttpResponse {
     let Ok(id) = body.service.parse::<ServiceId>() else {
         return HttpResponse::BadRequest().body(format!("{:?} is not a service id", body.service));
     };
@@ -654,15 +647,7 @@ async fn migrate(
     }
 }
 
-async fn drain(
-    req: HttpRequest,
-    access: web::Data<Access>,
-    d: web::Data<Dashboard>,
-    body: web::Json<DrainBody>,
-) -> HttpResponse {
-    if let Some(no) = refused(&req, &access) {
-        return no;
-    }
+async fn drain(d: web::Data<Dashboard>, body: web::Json<DrainBody>) -> HttpResponse {
     match d.drain(&body.node).await {
         Ok(report) => HttpResponse::Ok().json(report),
         Err(e) => HttpResponse::Conflict().body(e),
@@ -687,6 +672,7 @@ pub async fn serve(
         let access = access.clone();
         move || {
             App::new()
+                .wrap(from_fn(guard))
                 .app_data(access.clone())
                 .app_data(data.clone())
                 .app_data(web::JsonConfig::default().limit(BODY_BYTES_MAX))
