@@ -190,6 +190,13 @@ impl Rogue {
         }
     }
 
+    /// Closes the connection and waits until the node was told (the rogue's runtime may end
+    /// right after; without this the node would wait for its idle timeout).
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"rogue done");
+        self._endpoint.wait_idle().await;
+    }
+
     /// Sends `f` on the control stream.
     pub async fn send_ctrl(&mut self, f: &Frame<'_>) -> Result<()> {
         self.ctrl_send.write_all(&frame(f)).await?;
