@@ -56,6 +56,14 @@ impl StreamSink for Frames {
         self.snap.is_some()
     }
 
+    fn due_by(&self) -> Option<std::time::Instant> {
+        self.snap.as_ref().and_then(|r| r.state_due_by())
+    }
+
+    fn overdue(&mut self) {
+        migrate::snapshot_overdue(&self.node, &self.link.name, &mut self.snap);
+    }
+
     fn ended(&mut self) {
         migrate::snapshot_stream_ended(&self.node, &self.link.name, &mut self.snap);
     }

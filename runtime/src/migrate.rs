@@ -1490,6 +1490,10 @@ pub(crate) struct SnapRecv {
     /// `state`'s room, counted in the node's `snapshot_bytes_in` until the state is restored
     /// or dropped.
     room: Room,
+    /// When the state (and the tables before it) must have come: `migration_deadline_ms`
+    /// after the header, the time the source waits for the target's answer anyway. None once
+    /// it came, or the snapshot was refused.
+    state_due: Option<Instant>,
     /// The installed copy carried messages go to; None when refused or stale.
     slot: Option<Arc<dyn Slot>>,
     refused: bool,
@@ -1630,6 +1634,7 @@ pub(crate) fn snapshot_frame(
                     total: node.snapshot_bytes_in.clone(),
                     held: 0,
                 },
+                state_due: None,
                 header: None,
                 slot: None,
                 refused: false,
@@ -1644,6 +1649,8 @@ pub(crate) fn snapshot_frame(
                 Ok(()) => {
                     // Room for the state is made as its bytes arrive (`make_room`).
                     recv.header = Some(*h);
+                    let deadline = Duration::from_millis(node.limits.migration_deadline_ms);
+                    recv.state_due = Some(Instant::now() + deadline);
                 }
             }
             *rx = Some(recv);
@@ -1658,6 +1665,10 @@ pub(crate) fn snapshot_frame(
             }
             if recv.header.is_none() || !recv.state.is_empty() {
                 return Err(malformed("snapshot tables after the state".into()));
+            }
+            if recv.state_due.is_some_and(|due| Instant::now() >= due) {
+                snapshot_overdue(node, from, rx);
+                return Ok(());
             }
             if let Err(e) = recv.tables.add(part) {
                 recv.refused = true;
@@ -1686,23 +1697,20 @@ pub(crate) fn snapshot_frame(
                 return Err(malformed("snapshot state before its tables".into()));
             }
             let bounds = (recv.state_bytes, node.limits.snapshot_bytes_in_max);
+            if recv.state_due.is_some_and(|due| Instant::now() >= due) {
+                // Trickled: each frame in time for the stream, the whole too late.
+                snapshot_overdue(node, from, rx);
+                return Ok(());
+            }
             if !make_room(&mut recv.state, &mut recv.room, bytes.len(), bounds) {
-                recv.refused = true;
-                recv.header = None;
-                recv.state = Vec::new();
-                recv.room.release();
-                node.driver.refuse_snapshot(
-                    node,
-                    from,
-                    recv.n,
-                    format!(
-                        "too large: snapshots arriving here already hold {} bytes \
-                         (snapshot_bytes_in_max {})",
-                        node.snapshot_bytes_in
-                            .load(std::sync::atomic::Ordering::Acquire),
-                        node.limits.snapshot_bytes_in_max
-                    ),
+                let reason = format!(
+                    "too large: snapshots arriving here already hold {} bytes \
+                     (snapshot_bytes_in_max {})",
+                    node.snapshot_bytes_in
+                        .load(std::sync::atomic::Ordering::Acquire),
+                    node.limits.snapshot_bytes_in_max
                 );
+                recv.give_up(node, from, reason);
                 return Ok(());
             }
             recv.state.extend_from_slice(bytes);
@@ -1797,6 +1805,7 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     let state = std::mem::take(&mut recv.state);
     // The state becomes the service's: no longer a snapshot arriving.
     recv.room.release();
+    recv.state_due = None;
     match node.restore_paused(from, header, state) {
         Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),
         Err(e) => {
@@ -1804,6 +1813,36 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
             node.driver
                 .refuse_snapshot(node, from, recv.n, format!("restore failed: {e}"));
         }
+    }
+}
+
+impl SnapRecv {
+    /// When the state must have come, while it has not.
+    pub(crate) fn state_due_by(&self) -> Option<Instant> {
+        self.state_due.filter(|_| !self.refused)
+    }
+
+    /// Gives the snapshot up: refused to its source, its room given back; what still comes on
+    /// its stream is read and dropped.
+    fn give_up(&mut self, node: &Arc<NodeShared>, from: &NodeName, reason: String) {
+        self.refused = true;
+        self.header = None;
+        self.state = Vec::new();
+        self.state_due = None;
+        self.room.release();
+        node.driver.refuse_snapshot(node, from, self.n, reason);
+    }
+}
+
+/// A snapshot's state did not come by its due time: refused, its room given back.
+pub(crate) fn snapshot_overdue(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapRecv>) {
+    if let Some(recv) = rx.as_mut().filter(|r| r.state_due_by().is_some()) {
+        let (have, want) = (recv.state.len(), recv.state_bytes);
+        let reason = format!(
+            "too slow: {have} of {want} bytes of state within migration_deadline_ms {}",
+            node.limits.migration_deadline_ms
+        );
+        recv.give_up(node, from, reason);
     }
 }
 

@@ -1072,7 +1072,22 @@ async fn read_stream<H: Host>(
                 }
             }
         }
-        match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+        let read = recv.read_chunk(READ_CHUNK_BYTES, true);
+        let read = match sink.due_by() {
+            Some(due) => {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(due), read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // A peer that stops sending (or trickles) must not keep what the
+                        // stream holds for ever.
+                        sink.overdue();
+                        continue;
+                    }
+                }
+            }
+            None => read.await,
+        };
+        match read {
             Ok(Some(chunk)) => {
                 node.stats().bytes_in.add(chunk.bytes.len() as u64);
                 reader.push(&chunk.bytes);
@@ -1150,6 +1165,12 @@ pub(crate) trait StreamSink {
     /// True once the stream turned out to carry a snapshot (its frames are then let through
     /// one at a time, with the node's other work between them).
     fn carries_snapshot(&self) -> bool;
+    /// When what the stream still owes must have come (a snapshot's state), if anything.
+    fn due_by(&self) -> Option<Instant> {
+        None
+    }
+    /// [`due_by`](Self::due_by) passed with nothing more read: give up what waits for it.
+    fn overdue(&mut self) {}
     /// The stream ended, cleanly or not.
     fn ended(&mut self);
 }

@@ -391,6 +391,49 @@ fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> R
     Ok(())
 }
 
+#[test]
+fn a_snapshot_whose_state_does_not_come_in_time_is_refused_and_gives_its_room_back() -> Result<()> {
+    let limits = tern::Limits {
+        snapshot_bytes_in_max: 1 << 20,
+        migration_deadline_ms: 600,
+        ..tern::Limits::default()
+    };
+    let c = connected_with(&["a", "b"], limits)?;
+    let slow = KindKey::new("test-slow", 1);
+    let big = c.node("b").spawn(Slow {
+        handled: (0..100_000).collect(),
+    })?;
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        // 700 KiB of a 1 MiB state, then nothing, on a stream left open.
+        let mut stalled = p.conn.open_uni().await?;
+        let mut s = begin(snap_header(1, slow.clone(), 1 << 20, 0));
+        s.extend(frame(&Frame::SnapState {
+            bytes: &vec![0u8; 700 << 10],
+        }));
+        stalled.write_all(&s).await?;
+        let why = refusal(p.mig().await?, 1);
+        assert!(why.contains("too slow"), "{why}");
+        // The rogue is still there, its stream still open, and the room is back: a real
+        // migration of an 800 KiB state fits at once.
+        let report = c
+            .node("b")
+            .migrate(big.id(), "a", MigrateOptions::default())
+            .await?;
+        assert!(report.aborted.is_none(), "{report:?}");
+        drop(stalled);
+        p.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
+    assert_eq!(
+        block_on(from_b.ask(SlowMsg::Items, SECS_10))?.len(),
+        100_000
+    );
+    c.shutdown();
+    Ok(())
+}
+
 /// A snapshot stream whose framing breaks after the state and part of the carried queue: the
 /// copy runs once its source commits, with what arrived, instead of waiting for the rest of
 /// its queue for ever (before, a framing error left it gated: nothing it held, and nothing
