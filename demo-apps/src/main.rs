@@ -232,3 +232,22 @@ async fn stop_signal() {
     }
     let _ = tokio::signal::ctrl_c().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dashboard_addr;
+
+    #[test]
+    fn a_port_alone_serves_on_the_loopback_address_and_nonsense_says_why() {
+        assert_eq!(
+            dashboard_addr("8080"),
+            Ok("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            dashboard_addr("0.0.0.0:9"),
+            Ok("0.0.0.0:9".parse().unwrap())
+        );
+        let bad = dashboard_addr("tv:80").unwrap_err();
+        assert!(bad.contains("neither a port nor an address"), "{bad}");
+    }
+}

@@ -290,11 +290,7 @@ fn handle_frame(
                 msg,
             },
         ) => {
-            let (depth, capacity) = node
-                .slot(to)
-                .map_or((0, usize::MAX), |s| (s.depth(), s.capacity()));
-            let hand = tern_proto::forward::hand_from_peer(accepted, wait, depth, capacity);
-            if let Err(reason) = migrate::on_forward(node, to, &origin, hand, &msg) {
+            if let Err(reason) = migrate::on_forward(node, to, &origin, (accepted, wait), &msg) {
                 match wait
                     .then(|| wait_for(node, (to, msg.from), &reason, 0))
                     .flatten()

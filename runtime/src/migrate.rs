@@ -1550,17 +1550,16 @@ fn make_room(
     if need <= state.capacity() {
         return true;
     }
+    // The caller refused more bytes than announced: the room wanted covers what is needed.
+    debug_assert!(need <= announced);
     let want = need
         .max(state.capacity().saturating_mul(2))
         .max(64 << 10)
         .min(announced);
-    let grow = want
-        .saturating_sub(state.capacity())
-        .max(need - state.capacity());
-    if !room.grow(grow, max) {
+    if !room.grow(want - state.capacity(), max) {
         return false;
     }
-    state.reserve_exact(want.max(need) - state.len());
+    state.reserve_exact(want - state.len());
     true
 }
 
@@ -1868,15 +1867,22 @@ pub(crate) fn snapshot_stream_ended(node: &NodeShared, from: &NodeName, rx: &mut
     }
 }
 
-/// A message handed on by another node: delivered here, or forwarded again by a tombstone.
+/// A message handed on by another node, `accepted` elsewhere as it says, its sender waiting
+/// or not: delivered here (the peer's word within `forward::hand_from_peer`'s bound), or
+/// forwarded again by a tombstone with that word (the next node bounds it in turn).
 pub(crate) fn on_forward(
     node: &Arc<NodeShared>,
     to: ServiceId,
     origin: &NodeName,
-    hand: Hand,
+    (accepted, wait): (bool, bool),
     msg: &CarriedMsg,
 ) -> Result<(), DeliveryError> {
-    let res = match node.slot(to) {
+    let slot = node.slot(to);
+    let (depth, capacity) = slot
+        .as_ref()
+        .map_or((0, usize::MAX), |s| (s.depth(), s.capacity()));
+    let hand = tern_proto::forward::hand_from_peer(accepted, wait, depth, capacity);
+    let res = match slot {
         Some(slot) => slot.deliver_forwarded(msg, origin, hand),
         None => Err(DeliveryError::UnknownService {
             id: to,

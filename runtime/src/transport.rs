@@ -285,41 +285,15 @@ impl Links {
             .collect()
     }
 
-    /// The link to `name`, made (with `limits`) if new. `addr` updates where to dial it.
+    /// The link to `name`, made (with `limits`) if new. `addr` updates where to dial it. A
+    /// link made only because gossip named a member goes first when the table is full.
     pub fn get_or_insert(
         &self,
         name: &NodeName,
         addr: Option<SocketAddr>,
         limits: &Limits,
     ) -> Result<Arc<PeerLink>, Error> {
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = peers.get(name) {
-            if addr.is_some() {
-                link.set_addr(addr);
-            }
-            return Ok(link.clone());
-        }
-        if peers.len() >= self.peers_max {
-            // A peer that is configured or connecting takes the place of one only heard of.
-            let heard_only = peers
-                .iter()
-                .find(|(_, l)| l.is_heard_only())
-                .map(|(n, _)| n.clone());
-            match heard_only {
-                Some(out) => {
-                    peers.remove(&out);
-                }
-                None => {
-                    return Err(Error::Limit {
-                        what: "peers",
-                        max: self.peers_max,
-                    })
-                }
-            }
-        }
-        let link = Arc::new(PeerLink::new(name.clone(), addr, limits));
-        peers.insert(name.clone(), link.clone());
-        Ok(link)
+        self.insert(name, addr, limits, false)
     }
 
     /// Removes the links made from gossip that never connected and whose member `known`
@@ -345,19 +319,43 @@ impl Links {
         addr: SocketAddr,
         limits: &Limits,
     ) -> Result<Arc<PeerLink>, Error> {
+        self.insert(name, Some(addr), limits, true)
+    }
+
+    fn insert(
+        &self,
+        name: &NodeName,
+        addr: Option<SocketAddr>,
+        limits: &Limits,
+        heard_only: bool,
+    ) -> Result<Arc<PeerLink>, Error> {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(link) = peers.get(name) {
-            link.set_addr(Some(addr));
+            if addr.is_some() {
+                link.set_addr(addr);
+            }
             return Ok(link.clone());
         }
         if peers.len() >= self.peers_max {
-            return Err(Error::Limit {
-                what: "peers",
-                max: self.peers_max,
-            });
+            // A peer that is configured or connecting takes the place of one only heard of.
+            let out = peers
+                .iter()
+                .find(|(_, l)| !heard_only && l.is_heard_only())
+                .map(|(n, _)| n.clone());
+            match out {
+                Some(out) => {
+                    peers.remove(&out);
+                }
+                None => {
+                    return Err(Error::Limit {
+                        what: "peers",
+                        max: self.peers_max,
+                    })
+                }
+            }
         }
-        let link = Arc::new(PeerLink::new(name.clone(), Some(addr), limits));
-        lock(&link.state).heard_only = true;
+        let link = Arc::new(PeerLink::new(name.clone(), addr, limits));
+        lock(&link.state).heard_only = heard_only;
         peers.insert(name.clone(), link.clone());
         Ok(link)
     }

@@ -4,7 +4,7 @@
 //! traffic still flows afterwards.
 
 use anyhow::{Context, Result};
-use tern::{KindKey, MigrateOptions, NodeHandle, NodeName};
+use tern::{KindKey, MigrateOptions, NodeHandle, NodeName, ServiceRef};
 use tern_harness::rogue::{Answer, Rogue};
 use tern_harness::{block_on, wait_for, wait_until};
 use tern_proto::wire::{code, Frame, MigMsg};
@@ -23,6 +23,17 @@ fn expect_claim_refused(a: Answer, mentions: &str) {
         }
         other => panic!("expected a refused claim, got {other:?}"),
     }
+}
+
+/// Honest traffic still flows: `handle`'s service takes item `item` after everything before
+/// it, and has handled exactly `want`, in that order.
+fn takes_in_order(handle: &ServiceRef<Slow>, item: u64, want: &[u64]) -> Result<()> {
+    let handled = block_on(async {
+        handle.tell_wait(SlowMsg::Item(item)).await?;
+        Ok::<_, anyhow::Error>(handle.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, want);
+    Ok(())
 }
 
 /// `node` logged and counted `n` refused claims from `peer`.
@@ -93,11 +104,7 @@ fn a_lie_about_where_a_service_runs_is_refused_and_the_truth_still_wins() -> Res
     wait_for(SECS_10, "a to learn the service is on c", || {
         c.node("a").location(id) == Some(NodeName::new("c"))
     })?;
-    let handled = block_on(async {
-        from_a.tell_wait(SlowMsg::Item(3)).await?;
-        Ok::<_, anyhow::Error>(from_a.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, vec![1, 2, 3]);
+    takes_in_order(&from_a, 3, &[1, 2, 3])?;
     c.shutdown();
     Ok(())
 }
@@ -190,11 +197,7 @@ fn migration_messages_from_a_node_outside_the_attempt_are_refused() -> Result<()
     refused_on(c.node("b"), "mallory", 2);
     // The service moved once, with its queue, and takes messages.
     assert_eq!(c.node("b").location(id), Some(NodeName::new("b")));
-    let handled = block_on(async {
-        from_b.tell_wait(SlowMsg::Item(2)).await?;
-        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, vec![1, 2]);
+    takes_in_order(&from_b, 2, &[1, 2])?;
     c.shutdown();
     Ok(())
 }
@@ -281,11 +284,7 @@ fn requests_to_move_or_start_services_follow_the_nodes_policy_and_pins() -> Resu
         Ok(r) => panic!("a pinned service moved on request: {r:?}"),
     }
     assert_eq!(c.node("b").location(id), Some(NodeName::new("b")));
-    let handled = block_on(async {
-        from_b.tell_wait(SlowMsg::Item(4)).await?;
-        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, vec![4]);
+    takes_in_order(&from_b, 4, &[4])?;
     c.shutdown();
     Ok(())
 }
@@ -481,11 +480,7 @@ fn made_up_members_are_not_passed_on_cannot_keep_real_ones_out_and_are_forgotten
     // The real members are still there, and a and b still talk.
     let slow = a.spawn(Slow::default())?;
     let from_b = b.resolve::<Slow>(slow.addr())?;
-    let handled = block_on(async {
-        from_b.tell_wait(SlowMsg::Item(1)).await?;
-        Ok::<_, anyhow::Error>(from_b.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, vec![1]);
+    takes_in_order(&from_b, 1, &[1])?;
     c.shutdown();
     Ok(())
 }
