@@ -165,7 +165,7 @@ pub struct Snapshot {
 /// moves through the entry (which routes them to wherever the service runs).
 pub struct Dashboard {
     entry: NodeHandle,
-    identity: NodeIdentity,
+    identity: Option<NodeIdentity>,
     app: Mutex<Option<MediaApp>>,
     started: Instant,
     migrations: Mutex<(u64, VecDeque<MigrationView>)>,
@@ -180,9 +180,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Dashboard {
     /// A dashboard entering the cluster at `entry`, asking the other devices with
-    /// `identity` (a certificate from the cluster CA: the entry's own, or an admin's). When
-    /// `app` is `None`, the app is found by its services' kinds.
-    pub fn new(entry: NodeHandle, identity: NodeIdentity, app: Option<MediaApp>) -> Arc<Dashboard> {
+    /// `identity` (an admin's or an observer's certificate from the cluster CA, which the
+    /// devices list in their admins; without one, only the entry's own services are shown).
+    /// When `app` is `None`, the app is found by its services' kinds.
+    pub fn new(
+        entry: NodeHandle,
+        identity: Option<NodeIdentity>,
+        app: Option<MediaApp>,
+    ) -> Arc<Dashboard> {
         Arc::new(Dashboard {
             entry,
             identity,
@@ -278,6 +283,15 @@ impl Dashboard {
         s
     }
 
+    /// The certificate for admin connections to the other devices.
+    fn admin_identity(&self) -> Result<&NodeIdentity, String> {
+        self.identity.as_ref().ok_or_else(|| {
+            "the dashboard has no admin certificate to ask other devices with \
+             (dashboard_cert in the device file)"
+                .to_owned()
+        })
+    }
+
     /// The services of member `m`: the entry's own directly, the others' over a (cached)
     /// admin connection.
     async fn services_of(&self, m: &tern::Member) -> Result<Vec<tern::ServiceInfo>, String> {
@@ -288,7 +302,7 @@ impl Dashboard {
         let addr = m.info.addr.ok_or("no address known")?;
         let mut clients = self.clients.lock().await;
         if !clients.contains_key(&name) {
-            let c = AdminClient::connect(addr, &self.identity)
+            let c = AdminClient::connect_to(addr, self.admin_identity()?, &m.info.name)
                 .await
                 .map_err(|e| e.to_string())?;
             clients.insert(name.clone(), c);
@@ -484,7 +498,7 @@ impl Dashboard {
             self.entry.drain().await
         } else {
             let addr = member.info.addr.ok_or("no address known")?;
-            let client = AdminClient::connect(addr, &self.identity)
+            let client = AdminClient::connect_to(addr, self.admin_identity()?, &member.info.name)
                 .await
                 .map_err(|e| e.to_string())?;
             let reply = client.request(&AdminRequest::Drain, |_| {}).await;

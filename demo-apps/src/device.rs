@@ -9,7 +9,9 @@
 //! key = "certs/tv.key"
 //! # battery_percent = 80            # a device on battery (none: plugged in)
 //! # start_app = true                # spawn Tern Media here and start playing
-//! # admins = ["admin"]              # who may use `tern` on it (none: any cluster certificate)
+//! admins = ["admin"]                # admin certificates that may use `tern` on it (none: closed)
+//! dashboard_cert = "certs/admin.pem" # the admin certificate `--serve` reads other devices with
+//! dashboard_key = "certs/admin.key"
 //!
 //! [[peers]]
 //! name = "phone"
@@ -62,9 +64,17 @@ pub struct DeviceConfig {
     /// Spawn Tern Media here and start playing.
     #[serde(default)]
     pub start_app: bool,
-    /// Names that may open admin connections (none: any certificate of the cluster).
+    /// Admin and observer certificates that may open admin connections (empty: none may;
+    /// `"*"`: every one the cluster CA issued).
     #[serde(default)]
-    pub admins: Option<Vec<String>>,
+    pub admins: Vec<String>,
+    /// The admin (or observer) certificate a dashboard served by this device (`--serve`)
+    /// reads the other devices with; without it, the dashboard shows this device only.
+    #[serde(default)]
+    pub dashboard_cert: Option<PathBuf>,
+    /// That certificate's key.
+    #[serde(default)]
+    pub dashboard_key: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -113,6 +123,33 @@ impl DeviceConfig {
             .collect();
         cfg.admins = self.admins.clone();
         Ok(cfg)
+    }
+
+    /// The admin certificate a dashboard on this device uses, if the file names one.
+    pub fn dashboard_identity(&self) -> Result<Option<NodeIdentity>> {
+        let (cert, key) = match (&self.dashboard_cert, &self.dashboard_key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            _ => bail!(
+                "{}: dashboard_cert and dashboard_key go together",
+                self.name
+            ),
+        };
+        let id = NodeIdentity::load(cert, key, &self.ca).with_context(|| {
+            format!(
+                "loading the dashboard's certificate {}; make it with `tern ca issue NAME \
+                 --role admin`",
+                cert.display()
+            )
+        })?;
+        let role = id.role()?;
+        if !role.may_administer() {
+            bail!(
+                "{} is a {role}'s certificate; the dashboard needs an admin's or an observer's",
+                cert.display()
+            );
+        }
+        Ok(Some(id))
     }
 }
 

@@ -120,7 +120,10 @@ fn embedded(args: &Args) -> Result<bool> {
         let at = cluster.node("car");
         app.play(at, opts.pace)?;
         // The dashboard enters at the car and reads the other devices over admin connections.
-        let dash = Dashboard::new(at.clone(), cluster.ca.issue("dashboard")?, Some(app));
+        let admin = cluster
+            .ca
+            .issue_role(scenario::DASHBOARD, tern::certs::Role::Admin)?;
+        let dash = Dashboard::new(at.clone(), Some(admin), Some(app));
         dash.record_steps(&outcome.steps);
         actix_web::rt::System::new().block_on(dashboard::serve(
             dash,
@@ -183,8 +186,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
         let printing = actix_web::rt::spawn(printer);
         let served = match serve {
             Some(addr) => {
-                let identity = cfg.node_config()?.identity;
-                let dash = Dashboard::new(node.clone(), identity, app);
+                let dash = Dashboard::new(node.clone(), cfg.dashboard_identity()?, app);
                 dashboard::serve(
                     dash,
                     addr,

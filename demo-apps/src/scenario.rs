@@ -131,8 +131,12 @@ pub fn devices() -> ClusterBuilder {
     DEVICES
         .iter()
         .fold(Cluster::builder(), |b, (name, caps)| b.node(name, caps))
+        .admins(&[DASHBOARD])
         .setup(crate::media::register)
 }
+
+/// The admin certificate's name the in-process demo's dashboard uses; every device lists it.
+pub const DASHBOARD: &str = "dashboard";
 
 /// Waits until every node knows every other node's capabilities (placement needs them).
 pub fn wait_for_members(cluster: &Cluster, timeout: Duration) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tern::admin::{survey, AdminClient, AdminReply, AdminRequest};
-use tern::certs::ClusterCa;
+use tern::certs::{ClusterCa, Role};
 use tern::{Ctx, Node, NodeConfig, Service};
 
 /// A service that counts what it is told.
@@ -29,8 +29,14 @@ impl Service for Counter {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = ClusterCa::new()?;
-    let phone = Node::start(NodeConfig::new(ca.issue("phone")?, "127.0.0.1:0".parse()?))?;
-    let tv = Node::start(NodeConfig::new(ca.issue("tv")?, "127.0.0.1:0".parse()?))?;
+    // Admin access is closed by default: each node names the admin certificates it lets in.
+    let start = |name: &str| -> Result<tern::NodeHandle, tern::Error> {
+        let mut cfg = NodeConfig::new(ca.issue(name)?, "127.0.0.1:0".parse().expect("an address"));
+        cfg.admins = vec!["admin".into()];
+        Node::start(cfg)
+    };
+    let phone = start("phone")?;
+    let tv = start("tv")?;
     for node in [&phone, &tv] {
         node.register::<Counter>();
     }
@@ -38,9 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let counter = phone.spawn(Counter::default())?;
     counter.tell(42)?;
 
-    // An admin is anyone holding a certificate from the cluster CA (unless a node lists its
-    // admins in `NodeConfig::admins`).
-    let admin = ca.issue("admin")?;
+    // An admin holds an admin certificate from the cluster CA, under a name the nodes list.
+    let admin = ca.issue_role("admin", Role::Admin)?;
     let phone_addr = phone.local_addr();
     actix_rt::System::new().block_on(async {
         let client = AdminClient::connect(phone_addr, &admin).await?;

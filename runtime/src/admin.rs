@@ -1,9 +1,11 @@
 //! The admin connection: what the `tern` command line asks a node, and how.
 //!
-//! A client dials a node over QUIC with ALPN `tern-admin/1`, presenting a certificate from
-//! the cluster CA (`tern ca issue admin`); the node accepts it when the CA issued it and, if
-//! the node was given a list of admins ([`NodeConfig::admins`](crate::NodeConfig::admins)),
-//! its name is on it. Each request goes on its own bidirectional stream: one
+//! A client dials a node over QUIC with ALPN `tern-admin/1`, presenting an admin's or an
+//! observer's certificate from the cluster CA (`tern ca issue ops --role admin`); the node
+//! accepts it when the CA issued it and its name is in the node's admins
+//! ([`NodeConfig::admins`](crate::NodeConfig::admins), empty by default: closed). An observer
+//! may only read ([`AdminRequest::reads_only`]). The client accepts only a node's
+//! certificate, and with [`AdminClient::connect_to`] only the node it meant. Each request goes on its own bidirectional stream: one
 //! [`AdminRequest`], then zero or more [`AdminReply::Progress`] lines while the node works,
 //! then one final reply. Messages are a 4-byte big-endian length and MessagePack; a request
 //! is at most [`ADMIN_REQUEST_BYTES_MAX`] and a reply [`ADMIN_REPLY_BYTES_MAX`].
@@ -49,6 +51,10 @@ pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// Requests a node serves on one admin connection before closing it.
 pub const ADMIN_REQUESTS_PER_CONNECTION_MAX: u64 = 100_000;
 
+/// In [`NodeConfig::admins`](crate::NodeConfig::admins): every admin and observer
+/// certificate of the cluster.
+pub const ADMINS_ANY: &str = "*";
+
 /// What the command line can ask a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminRequest {
@@ -86,6 +92,21 @@ pub enum AdminRequest {
     },
     /// Drains this node: moves every movable service to the best peers.
     Drain,
+}
+
+impl AdminRequest {
+    /// Whether the request only reads (what an observer may ask): it moves, spawns and
+    /// stops nothing.
+    pub fn reads_only(&self) -> bool {
+        match self {
+            AdminRequest::Ps
+            | AdminRequest::Nodes
+            | AdminRequest::Tree { .. }
+            | AdminRequest::Assoc { .. }
+            | AdminRequest::Plan { .. } => true,
+            AdminRequest::Migrate { .. } | AdminRequest::Drain => false,
+        }
+    }
 }
 
 /// A node's answer.
@@ -175,15 +196,22 @@ fn refuse(node: &NodeShared, conn: &quinn::Connection, reason: &str, detail: Str
 }
 
 /// Serves one admin connection until the client closes it.
-pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: NodeName) {
-    if let Some(admins) = &node.admins {
-        if !admins.iter().any(|a| a.as_str() == who.as_str()) {
-            let why = format!(
-                "admin {who} at {}: not in this node's admins",
-                conn.remote_address()
-            );
-            return refuse(&node, &conn, "not an admin of this node", why);
-        }
+pub(crate) async fn serve(
+    node: Arc<NodeShared>,
+    conn: quinn::Connection,
+    who: NodeName,
+    role: crate::certs::Role,
+) {
+    if !node
+        .admins
+        .iter()
+        .any(|a| a == ADMINS_ANY || a.as_str() == who.as_str())
+    {
+        let why = format!(
+            "{role} {who} at {}: not in this node's admins",
+            conn.remote_address()
+        );
+        return refuse(&node, &conn, "not an admin of this node", why);
     }
     let open = node.admin_connections.fetch_add(1, Ordering::AcqRel);
     let _open = OpenAdmin(&node.admin_connections);
@@ -200,6 +228,11 @@ pub(crate) async fn serve(node: Arc<NodeShared>, conn: quinn::Connection, who: N
             return;
         };
         let reply = match read_msg::<AdminRequest>(&mut recv, ADMIN_REQUEST_BYTES_MAX).await {
+            Ok(Some(req)) if role == crate::certs::Role::Observer && !req.reads_only() => {
+                let what = format!("observer {who} asked {req:?}: an observer may only read");
+                node.logs.event("admin-refused", what.clone());
+                AdminReply::Error(what)
+            }
             Ok(Some(req)) => {
                 let span = tracing::info_span!("admin", node = %node.name(), admin = %who, ?req);
                 answer(&node, req, &mut send).instrument(span).await
@@ -328,6 +361,33 @@ impl AdminClient {
         addr: SocketAddr,
         identity: &crate::certs::NodeIdentity,
     ) -> Result<AdminClient, Error> {
+        Self::dial(addr, identity, None).await
+    }
+
+    /// Like [`connect`](Self::connect), but the node answering must be `node`: a device that
+    /// took over another's address (or a gossiped address that lied) is refused during the
+    /// handshake.
+    pub async fn connect_to(
+        addr: SocketAddr,
+        identity: &crate::certs::NodeIdentity,
+        node: &NodeName,
+    ) -> Result<AdminClient, Error> {
+        Self::dial(addr, identity, Some(node)).await
+    }
+
+    async fn dial(
+        addr: SocketAddr,
+        identity: &crate::certs::NodeIdentity,
+        expect: Option<&NodeName>,
+    ) -> Result<AdminClient, Error> {
+        let role = identity.role()?;
+        if !role.may_administer() {
+            let name = identity.name()?;
+            return Err(Error::Admin(format!(
+                "{name}'s certificate is a {role}'s; admin connections need an admin's or an \
+                 observer's certificate (`tern ca issue NAME --role admin`)"
+            )));
+        }
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
                 .parse()
@@ -339,7 +399,7 @@ impl AdminClient {
         };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| Error::io("opening a UDP socket", e))?;
-        endpoint.set_default_client_config(crate::tls::admin_client_config(identity)?);
+        endpoint.set_default_client_config(crate::tls::admin_client_config(identity, expect)?);
         // The node's name is read from its certificate; this one only fills the handshake.
         let connecting = endpoint
             .connect(addr, "tern-node")
@@ -509,7 +569,7 @@ pub async fn survey(
         } else if m.status != crate::MemberStatus::Up {
             Err(Error::Admin(format!("{:?}", m.status).to_lowercase()))
         } else if let Some(addr) = m.info.addr {
-            match AdminClient::connect(addr, identity).await {
+            match AdminClient::connect_to(addr, identity, &m.info.name).await {
                 Ok(c) => {
                     let r = c.request(&AdminRequest::Ps, |_| {}).await;
                     c.close().await;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -57,6 +57,74 @@ pub fn check_node_name(name: &str) -> Result<(), Error> {
         Err(Error::Config(format!(
             "node name {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
         )))
+    }
+}
+
+/// What a certificate lets its holder do, read from the certificate by every node it meets.
+///
+/// A certificate names its role in a URI subject alternative name, `urn:tern:role:ROLE`,
+/// which the cluster CA signs with the rest. A certificate without one (issued before roles
+/// existed) is a node's.
+///
+/// ```
+/// use tern::certs::{ClusterCa, Role};
+/// let ca = ClusterCa::new().unwrap();
+/// assert_eq!(ca.issue("tv").unwrap().role().unwrap(), Role::Node);
+/// let ops = ca.issue_role("ops", Role::Admin).unwrap();
+/// assert_eq!(ops.role().unwrap(), Role::Admin);
+/// assert_eq!("observer".parse::<Role>().unwrap(), Role::Observer);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A device of the cluster: joins it, hosts services and carries their messages. It
+    /// cannot open an admin connection.
+    Node,
+    /// A person or tool that runs the cluster (`tern`, a dashboard): may open admin
+    /// connections to the nodes that list it, and ask anything of them. It cannot join as a
+    /// node.
+    Admin,
+    /// Like an admin, but may only read (services, members, trees, plans, events, stats):
+    /// never move, spawn, drain or stop anything.
+    Observer,
+}
+
+/// The URI prefix of a role's subject alternative name.
+const ROLE_URI_PREFIX: &str = "urn:tern:role:";
+
+impl Role {
+    /// The role's name, as in its certificate and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Admin => "admin",
+            Role::Observer => "observer",
+        }
+    }
+
+    /// Whether this role may open an admin connection at all.
+    pub fn may_administer(self) -> bool {
+        matches!(self, Role::Admin | Role::Observer)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "node" => Ok(Role::Node),
+            "admin" => Ok(Role::Admin),
+            "observer" => Ok(Role::Observer),
+            other => Err(Error::Config(format!(
+                "role {other:?}: a certificate's role is node, admin or observer"
+            ))),
+        }
     }
 }
 
@@ -112,6 +180,21 @@ impl ClusterCa {
         self.issue_for_days(name, CERT_DAYS_DEFAULT)
     }
 
+    /// Issues a certificate for `name` in `role`, valid for [`CERT_DAYS_DEFAULT`] days: an
+    /// admin's or an observer's for the command line and dashboards, which no node accepts as
+    /// a peer.
+    ///
+    /// ```
+    /// # fn demo(ca: &tern::certs::ClusterCa) -> Result<(), tern::Error> {
+    /// use tern::certs::Role;
+    /// let ops = ca.issue_role("ops", Role::Admin)?;
+    /// let wall = ca.issue_role("wall", Role::Observer)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn issue_role(&self, name: &str, role: Role) -> Result<NodeIdentity, Error> {
+        self.issue_role_for_days(name, role, CERT_DAYS_DEFAULT)
+    }
+
     /// Issues a certificate for node `name` valid for `days` days (1 to [`CERT_DAYS_MAX`]),
     /// from an hour ago.
     ///
@@ -122,6 +205,17 @@ impl ClusterCa {
     /// # Ok(()) }
     /// ```
     pub fn issue_for_days(&self, name: &str, days: u64) -> Result<NodeIdentity, Error> {
+        self.issue_role_for_days(name, Role::Node, days)
+    }
+
+    /// Issues a certificate for `name` in `role`, valid for `days` days (1 to
+    /// [`CERT_DAYS_MAX`]) from an hour ago.
+    pub fn issue_role_for_days(
+        &self,
+        name: &str,
+        role: Role,
+        days: u64,
+    ) -> Result<NodeIdentity, Error> {
         use std::time::{Duration, SystemTime};
         if !(1..=CERT_DAYS_MAX).contains(&days) {
             return Err(Error::Cert(format!(
@@ -131,7 +225,7 @@ impl ClusterCa {
         let now = SystemTime::now();
         let start = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
         let end = now + Duration::from_secs(days * 24 * 3600);
-        self.issue_with(name, Some(start..end))
+        self.issue_with(name, role, Some(start..end))
     }
 
     /// Issues a certificate for node `name` valid only from `valid.start` to `valid.end`.
@@ -154,17 +248,22 @@ impl ClusterCa {
                 "certificate for {name}: its validity ends before it starts"
             )));
         }
-        self.issue_with(name, Some(valid))
+        self.issue_with(name, Role::Node, Some(valid))
     }
 
     fn issue_with(
         &self,
         name: &str,
+        role: Role,
         valid: Option<std::ops::Range<std::time::SystemTime>>,
     ) -> Result<NodeIdentity, Error> {
         check_node_name(name)?;
         let key = KeyPair::generate().map_err(cert_err)?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err)?;
+        let role_uri = format!("{ROLE_URI_PREFIX}{role}");
+        params.subject_alt_names.push(SanType::URI(
+            role_uri.as_str().try_into().map_err(cert_err)?,
+        ));
         if let Some(valid) = valid {
             params.not_before = valid.start.into();
             params.not_after = valid.end.into();
@@ -218,6 +317,11 @@ impl NodeIdentity {
     /// The node name, read from the certificate.
     pub fn name(&self) -> Result<NodeName, Error> {
         crate::tls::name_from_cert(&self.cert_der)
+    }
+
+    /// The certificate's role.
+    pub fn role(&self) -> Result<Role, Error> {
+        role_from_cert(&self.cert_der)
     }
 
     pub(crate) fn cert(&self) -> CertificateDer<'static> {
@@ -277,6 +381,31 @@ impl NodeIdentity {
             key_der,
             ca_der,
         })
+    }
+}
+
+/// The role a certificate names (`urn:tern:role:ROLE`); a certificate that names none is a
+/// node's, one that names two or an unknown role is refused.
+pub fn role_from_cert(der: &[u8]) -> Result<Role, Error> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| Error::Cert(format!("bad subject alternative names: {e}")))?;
+    let mut roles = san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix(ROLE_URI_PREFIX),
+            _ => None,
+        });
+    match (roles.next(), roles.next()) {
+        (None, _) => Ok(Role::Node),
+        (Some(one), None) => one
+            .parse()
+            .map_err(|_| Error::Cert(format!("certificate names an unknown role {one:?}"))),
+        (Some(_), Some(_)) => Err(Error::Cert("certificate names more than one role".into())),
     }
 }
 
@@ -353,6 +482,32 @@ mod tests {
         assert!(month.abs_diff(now + 30 * day) < 60);
         assert!(ca.issue_for_days("watch", 0).is_err());
         assert!(ca.issue_for_days("watch", CERT_DAYS_MAX + 1).is_err());
+    }
+
+    #[test]
+    fn roles_are_read_back_from_the_certificate() {
+        let ca = ClusterCa::new().unwrap();
+        for role in [Role::Node, Role::Admin, Role::Observer] {
+            let id = ca.issue_role("x", role).unwrap();
+            assert_eq!(id.role().unwrap(), role);
+            assert_eq!(id.name().unwrap().as_str(), "x");
+        }
+        assert!("root".parse::<Role>().is_err());
+        // A certificate that names two roles, or one nobody knows, is refused.
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::new(ca_params(), &ca.key);
+        for uris in [
+            &["urn:tern:role:node", "urn:tern:role:admin"][..],
+            &["urn:tern:role:root"][..],
+        ] {
+            let mut p = CertificateParams::new(vec!["x".to_owned()]).unwrap();
+            for u in uris {
+                p.subject_alt_names
+                    .push(SanType::URI((*u).try_into().unwrap()));
+            }
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            assert!(role_from_cert(cert.der()).is_err(), "{uris:?}");
+        }
     }
 
     #[test]

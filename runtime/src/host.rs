@@ -100,7 +100,8 @@ impl Host for NodeShared {
         self: Arc<Self>,
         conn: quinn::Connection,
         name: NodeName,
+        role: crate::certs::Role,
     ) -> Pin<Box<dyn Future<Output = ()>>> {
-        Box::pin(crate::admin::serve(self, conn, name))
+        Box::pin(crate::admin::serve(self, conn, name, role))
     }
 }

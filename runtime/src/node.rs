@@ -66,9 +66,19 @@ pub struct NodeConfig {
     /// Wraps the node's UDP socket before QUIC runs on it: a test harness injects faults here
     /// (drops, delays, cut links). `None` in production.
     pub socket_wrap: Option<SocketWrap>,
-    /// Names (from their certificates) that may open admin connections (the `tern` command
-    /// line). `None`: any certificate the cluster CA issued.
-    pub admins: Option<Vec<String>>,
+    /// Who may open admin connections (the `tern` command line, a dashboard): names from
+    /// admin or observer certificates ([`Role`](crate::certs::Role)); `"*"` lets in every
+    /// admin and observer certificate the cluster CA issued. Empty (the default): nobody, so
+    /// admin access is closed until a node says who may. A node's certificate never opens an
+    /// admin connection, listed or not.
+    ///
+    /// ```
+    /// # fn demo(identity: tern::certs::NodeIdentity) {
+    /// let mut cfg = tern::NodeConfig::new(identity, "127.0.0.1:7101".parse().unwrap());
+    /// cfg.admins = vec!["ops".into(), "wall".into()];
+    /// # }
+    /// ```
+    pub admins: Vec<String>,
 }
 
 /// A function given the node's UDP socket (as quinn sees it) that returns the socket QUIC
@@ -96,7 +106,7 @@ impl NodeConfig {
             peers: Vec::new(),
             limits: Limits::default(),
             socket_wrap: None,
-            admins: None,
+            admins: Vec::new(),
         }
     }
 }
@@ -380,7 +390,7 @@ pub(crate) struct NodeShared {
     name: NodeName,
     pub limits: Limits,
     /// Who may open admin connections (`None`: any certificate of the cluster).
-    pub admins: Option<Vec<String>>,
+    pub admins: Vec<String>,
     /// Admin connections open now (at most `admin::ADMIN_CONNECTIONS_MAX`).
     pub admin_connections: AtomicUsize,
     /// Bytes reserved for the states of snapshots still arriving, from every peer (at most
@@ -1789,6 +1799,13 @@ impl Node {
     /// Starts a node on a new thread with its own actix system, and returns once it listens.
     pub fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         let name = config.identity.name()?;
+        let role = config.identity.role()?;
+        if role != crate::certs::Role::Node {
+            return Err(Error::Cert(format!(
+                "{name}'s certificate is an {role}'s: a node needs a node certificate \
+                 (`tern ca issue {name}`)"
+            )));
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("tern-{name}"))

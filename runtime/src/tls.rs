@@ -9,7 +9,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
-use crate::certs::NodeIdentity;
+use crate::certs::{NodeIdentity, Role};
 use crate::error::Error;
 use tern_proto::ids::NodeName;
 use tern_proto::wire::{ADMIN_ALPN, ALPN};
@@ -134,6 +134,11 @@ pub fn name_from_cert(der: &[u8]) -> Result<NodeName, Error> {
 
 /// The name of the node at the other end of an authenticated connection.
 pub fn peer_name(conn: &quinn::Connection) -> Result<NodeName, Error> {
+    peer_name_and_role(conn).map(|(name, _)| name)
+}
+
+/// The name and role in the certificate at the other end of an authenticated connection.
+pub fn peer_name_and_role(conn: &quinn::Connection) -> Result<(NodeName, Role), Error> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| Error::Cert("peer presented no certificate".into()))?;
@@ -143,18 +148,20 @@ pub fn peer_name(conn: &quinn::Connection) -> Result<NodeName, Error> {
     let leaf = certs
         .first()
         .ok_or_else(|| Error::Cert("peer certificate chain is empty".into()))?;
-    name_from_cert(leaf)
+    Ok((name_from_cert(leaf)?, crate::certs::role_from_cert(leaf)?))
 }
 
-/// Accepts a server certificate issued by the cluster CA whatever node it names (checking
-/// the chain, validity and signatures as for that name): the command line dials an address
-/// and learns which node answered from the certificate.
+/// Accepts a node's certificate issued by the cluster CA (checking the chain, validity and
+/// signatures as for the name it carries), naming `expect` when the client knows which node
+/// it meant, any node otherwise (the command line dialing an address learns which node
+/// answered from the certificate). An admin's or observer's certificate is not a node's.
 #[derive(Debug)]
-struct AnyNodeOfTheCluster {
+struct NodeOfTheCluster {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expect: Option<NodeName>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for AnyNodeOfTheCluster {
+impl rustls::client::danger::ServerCertVerifier for NodeOfTheCluster {
     fn verify_server_cert(
         &self,
         end_entity: &rustls::pki_types::CertificateDer<'_>,
@@ -165,6 +172,22 @@ impl rustls::client::danger::ServerCertVerifier for AnyNodeOfTheCluster {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let name = name_from_cert(end_entity)
             .map_err(|e| rustls::Error::General(format!("node certificate: {e}")))?;
+        if let Some(expect) = &self.expect {
+            if *expect != name {
+                return Err(rustls::Error::General(format!(
+                    "expected node {expect}, but the certificate names {name}"
+                )));
+            }
+        }
+        match crate::certs::role_from_cert(end_entity) {
+            Ok(Role::Node) => {}
+            Ok(role) => {
+                return Err(rustls::Error::General(format!(
+                    "{name} answered with an {role} certificate, not a node's"
+                )))
+            }
+            Err(e) => return Err(rustls::Error::General(format!("node certificate: {e}"))),
+        }
         let as_server = rustls::pki_types::ServerName::try_from(name.to_string())
             .map_err(|e| rustls::Error::General(format!("node name {name}: {e}")))?;
         self.inner
@@ -195,8 +218,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyNodeOfTheCluster {
 }
 
 /// The QUIC client side of an admin connection (ALPN `tern-admin/1`): presents `id`'s
-/// certificate and accepts any node whose certificate the cluster CA issued.
-pub fn admin_client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
+/// certificate and accepts a node certificate the cluster CA issued, naming `expect` when
+/// given.
+pub fn admin_client_config(
+    id: &NodeIdentity,
+    expect: Option<&NodeName>,
+) -> Result<quinn::ClientConfig, Error> {
     let provider = provider();
     let inner =
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
@@ -206,7 +233,10 @@ pub fn admin_client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Err
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyNodeOfTheCluster { inner }))
+        .with_custom_certificate_verifier(Arc::new(NodeOfTheCluster {
+            inner,
+            expect: expect.cloned(),
+        }))
         .with_client_auth_cert(vec![id.cert()], id.key())
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![ADMIN_ALPN.to_vec()];

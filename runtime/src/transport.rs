@@ -62,6 +62,7 @@ pub(crate) trait Host: 'static {
         self: Arc<Self>,
         conn: quinn::Connection,
         name: NodeName,
+        role: crate::certs::Role,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 }
 
@@ -633,7 +634,17 @@ async fn dial_inner<H: Host>(
         .await
         .map_err(|_| conn_err("handshake", "timed out"))?
         .map_err(|e| conn_err("handshake", e))?;
-    let name = crate::tls::peer_name(&conn)?;
+    let (name, role) = crate::tls::peer_name_and_role(&conn)?;
+    if role != crate::certs::Role::Node {
+        conn.close(
+            quinn::VarInt::from_u32(code::REFUSED as u32),
+            b"not a node certificate",
+        );
+        return Err(Error::Cert(format!(
+            "dialed {} but it answered with an {role} certificate, not a node's",
+            link.name
+        )));
+    }
     if name != link.name {
         conn.close(
             quinn::VarInt::from_u32(code::REFUSED as u32),
@@ -755,16 +766,27 @@ async fn accept_one<H: Host>(node: Arc<H>, incoming: quinn::Incoming) {
             why.as_bytes(),
         );
     };
-    let name = match crate::tls::peer_name(&conn) {
+    let (name, role) = match crate::tls::peer_name_and_role(&conn) {
         Ok(n) => n,
         Err(e) => {
             close("bad certificate");
             return refuse(&*node, format!("from {remote}: {e}"));
         }
     };
-    if crate::tls::negotiated_alpn(&conn).as_deref() == Some(tern_proto::wire::ADMIN_ALPN) {
+    let admin = crate::tls::negotiated_alpn(&conn).as_deref() == Some(tern_proto::wire::ADMIN_ALPN);
+    // A certificate opens only the connections its role allows: a stolen device's cannot
+    // administer the cluster, and an admin's cannot join it and host services.
+    if admin != role.may_administer() {
+        let why = format!(
+            "a certificate of role {role} cannot open {} connection",
+            if admin { "an admin" } else { "a node" }
+        );
+        close(&why);
+        return refuse(&*node, format!("from {name} at {remote}: {why}"));
+    }
+    if admin {
         // The command line, not a peer: it joins no membership and carries no messages.
-        return node.serve_admin(conn, name).await;
+        return node.serve_admin(conn, name, role).await;
     }
     if &name == node.name() {
         close("certificate names the accepting node");

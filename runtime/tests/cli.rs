@@ -39,9 +39,14 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs `tern ARGS` with the certificates in `certs` and the entry node `node`.
 fn tern(certs: &Path, node: SocketAddr, args: &[&str]) -> Output {
+    tern_as(certs, "admin", &node.to_string(), args)
+}
+
+/// Runs `tern ARGS` as admin `who`, entering at `node` (`ADDR` or `NAME@ADDR`).
+fn tern_as(certs: &Path, who: &str, node: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["--certs", &certs.display().to_string()])
-        .args(["--node", &node.to_string()])
+        .args(["--node", node, "--as", who])
         .args(args)
         .env_remove("TERN_NODE")
         .env_remove("TERN_CERTS")
@@ -68,7 +73,21 @@ fn json(certs: &Path, node: SocketAddr, args: &[&str]) -> Value {
 
 /// Runs a command that must fail with status 2; returns its standard error.
 fn fails(certs: &Path, node: SocketAddr, args: &[&str]) -> String {
-    let out = tern(certs, node, args);
+    failed(tern(certs, node, args), args)
+}
+
+/// [`fails`], as admin `who`.
+fn fails_as(certs: &Path, who: &str, node: SocketAddr, args: &[&str]) -> String {
+    failed(tern_as(certs, who, &node.to_string(), args), args)
+}
+
+/// [`fails`], entering at `node` given as `NAME@ADDR`.
+fn fails_at(certs: &Path, node: &str, args: &[&str]) -> String {
+    failed(tern_as(certs, "admin", node, args), args)
+}
+
+/// `out` must be a failure with status 2; returns its standard error.
+fn failed(out: Output, args: &[&str]) -> String {
     let err = text(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -98,11 +117,10 @@ fn ca(dir: &Path, args: &[&str]) -> String {
 fn start(certs: &Path, name: &str) -> NodeHandle {
     let (cert, key, ca) = NodeIdentity::paths(certs, name);
     let identity = NodeIdentity::load(&cert, &key, &ca).expect("the certificate tern issued");
-    let node = Node::start(NodeConfig::new(
-        identity,
-        "127.0.0.1:0".parse().expect("an address"),
-    ))
-    .expect("a node");
+    let mut cfg = NodeConfig::new(identity, "127.0.0.1:0".parse().expect("an address"));
+    // Admin access is closed by default: these nodes let in the admin certificate `admin`.
+    cfg.admins = vec!["admin".into()];
+    let node = Node::start(cfg).expect("a node");
     node.register::<Counter>();
     node
 }
@@ -127,9 +145,12 @@ fn counter_node(certs: &Path, entry: SocketAddr) -> String {
 fn tern_drives_a_cluster_made_from_its_own_certificates() {
     let certs = scratch("drive");
     assert!(ca(&certs, &["init"]).contains("cluster CA written"));
-    for name in ["phone", "tv", "admin"] {
-        assert!(ca(&certs, &["issue", name]).contains(&format!("certificate for {name}")));
+    for name in ["phone", "tv"] {
+        assert!(ca(&certs, &["issue", name]).contains(&format!("node certificate for {name}")));
     }
+    assert!(
+        ca(&certs, &["issue", "admin", "--role", "admin"]).contains("admin certificate for admin")
+    );
     // A second CA over the first would orphan every certificate: refused.
     let again = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["ca", "init", "--dir", &certs.display().to_string()])
@@ -249,7 +270,7 @@ fn tern_errors_name_the_problem_and_what_to_do() {
     let stranger = scratch("stranger");
     ClusterCa::new()
         .and_then(|ca| ca.write(&stranger).map(|()| ca))
-        .and_then(|ca| ca.issue("admin"))
+        .and_then(|ca| ca.issue_role("admin", tern::certs::Role::Admin))
         .and_then(|id| id.write(&stranger))
         .expect("a second CA");
     let err = fails(&stranger, entry, &["ps"]);
@@ -260,8 +281,30 @@ fn tern_errors_name_the_problem_and_what_to_do() {
         "{err}"
     );
 
-    // Nothing listening there: say so and how to point elsewhere.
+    // A node's certificate in the admin's place: it cannot drive the cluster.
     ca(&certs, &["issue", "admin"]);
+    let err = fails(&certs, entry, &["ps"]);
+    assert!(err.contains("is a node's"), "{err}");
+    assert!(
+        err.contains("hint: a node's certificate cannot drive the cluster"),
+        "{err}"
+    );
+
+    // An admin certificate the node does not list: say how to let it in.
+    ca(&certs, &["issue", "ops", "--role", "admin"]);
+    let err = fails_as(&certs, "ops", entry, &["ps"]);
+    assert!(
+        err.contains("hint: the node lets in only the names in its admins list"),
+        "{err}"
+    );
+
+    // An entry named for another node: the node answering there is refused.
+    ca(&certs, &["issue", "admin", "--role", "admin"]);
+    let err = fails_at(&certs, &format!("tv@{entry}"), &["ps"]);
+    assert!(err.contains("expected node tv"), "{err}");
+    assert!(err.contains("hint: another node answers at"), "{err}");
+
+    // Nothing listening there: say so and how to point elsewhere.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("a port");
     let nowhere = silent.local_addr().expect("its address");
     let err = fails(&certs, nowhere, &["ps"]);

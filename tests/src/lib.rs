@@ -52,6 +52,7 @@ pub struct ClusterBuilder {
     node_limits: Vec<(String, Limits)>,
     unconnected: bool,
     faults_seed: Option<u64>,
+    admins: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -90,6 +91,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Every node lets these admin and observer certificates in
+    /// ([`NodeConfig::admins`]; none by default). Issue them with
+    /// `cluster.ca.issue_role(name, Role::Admin)`.
+    pub fn admins(mut self, names: &[&str]) -> Self {
+        self.admins = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
     /// Runs on every node once it is up (register kinds here).
     pub fn setup(mut self, f: impl Fn(&NodeHandle) + 'static) -> Self {
         self.setup = Some(Box::new(f));
@@ -114,6 +123,7 @@ impl ClusterBuilder {
             let mut cfg = NodeConfig::new(ca.issue(&spec.name)?, "127.0.0.1:0".parse()?);
             cfg.capabilities = spec.capabilities;
             cfg.limits = spec.limits;
+            cfg.admins = self.admins.clone();
             if let Some(seed) = self.faults_seed {
                 let f = Faults::new(seed.wrapping_add(i as u64));
                 cfg.socket_wrap = Some(f.wrap());
@@ -132,6 +142,7 @@ impl ClusterBuilder {
             specs,
             setup: self.setup,
             faults_seed: self.faults_seed,
+            admins: self.admins,
         };
         if !self.unconnected {
             cluster.connect_all()?;
@@ -149,6 +160,7 @@ pub struct Cluster {
     specs: Vec<NodeSpec>,
     setup: Option<Setup>,
     faults_seed: Option<u64>,
+    admins: Vec<String>,
 }
 
 impl Cluster {
@@ -225,6 +237,7 @@ impl Cluster {
         let mut cfg = NodeConfig::new(self.ca.issue(name)?, addr);
         cfg.capabilities = spec.capabilities;
         cfg.limits = spec.limits;
+        cfg.admins = self.admins.clone();
         if let Some(seed) = self.faults_seed {
             let f = Faults::new(seed.wrapping_add(i as u64).wrapping_add(0x1000));
             cfg.socket_wrap = Some(f.wrap());

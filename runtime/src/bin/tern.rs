@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! tern ca init [--dir certs]              a cluster CA (ca.pem, ca.key owner-only)
-//! tern ca issue NAME [--dir certs] [--days 365]  a certificate for node (or admin) NAME
+//! tern ca issue NAME [--dir certs] [--days 365] [--role node|admin|observer]
+//!                                         a certificate for node (or admin) NAME
 //! tern ps                                 services, where they run, epochs, mailbox depth
 //! tern nodes                              nodes: capabilities, load, power
 //! tern tree SERVICE                       an assembly tree
@@ -13,9 +14,10 @@
 //! ```
 //!
 //! Every command but `ca` talks to a node over an admin connection (QUIC, mutual TLS,
-//! ALPN `tern-admin/1`) as `--as NAME` (default `admin`, certificate in `--certs`), entering
-//! the cluster at `--node ADDR` (or `TERN_NODE`). SERVICE is an id, the start of one, or a
-//! kind with one service.
+//! ALPN `tern-admin/1`) as `--as NAME` (default `admin`: an admin or observer certificate in
+//! `--certs`), entering the cluster at `--node [NAME@]ADDR` (or `TERN_NODE`; with a name, the
+//! node answering must be that one). Nodes reached through the entry must be the ones the
+//! entry named. SERVICE is an id, the start of one, or a kind with one service.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -25,8 +27,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tern::admin::{survey, AdminClient, AdminReply, AdminRequest, Survey};
-use tern::certs::{ClusterCa, NodeIdentity};
+use tern::certs::{ClusterCa, NodeIdentity, Role};
 use tern::GroupReport;
+use tern::NodeName;
 
 #[derive(Parser)]
 #[command(
@@ -34,14 +37,15 @@ use tern::GroupReport;
     about = "Drive a Tern cluster: certificates, services, placement, migration"
 )]
 struct Args {
-    /// A node to enter the cluster through.
+    /// A node to enter the cluster through: ADDR, or NAME@ADDR to refuse any other node
+    /// answering there.
     #[arg(
         long,
         global = true,
         env = "TERN_NODE",
         default_value = "127.0.0.1:7101"
     )]
-    node: SocketAddr,
+    node: Entry,
     /// The folder with the cluster CA and the admin certificate.
     #[arg(long, global = true, env = "TERN_CERTS", default_value = "certs")]
     certs: PathBuf,
@@ -122,7 +126,44 @@ enum CaCmd {
         /// Days the certificate is valid (1 to 3650).
         #[arg(long, default_value_t = tern::certs::CERT_DAYS_DEFAULT)]
         days: u64,
+        /// What it may do: `node` joins the cluster; `admin` drives it with `tern`;
+        /// `observer` may only read.
+        #[arg(long, default_value = "node")]
+        role: Role,
     },
+}
+
+/// Where `tern` enters the cluster: an address, and the node expected there if named.
+#[derive(Clone)]
+struct Entry {
+    name: Option<NodeName>,
+    addr: SocketAddr,
+}
+
+impl std::str::FromStr for Entry {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = match s.split_once('@') {
+            Some((name, addr)) => {
+                tern::certs::check_node_name(name).map_err(|e| e.to_string())?;
+                (Some(NodeName::new(name)), addr)
+            }
+            None => (None, s),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:7101: {e}"))?;
+        Ok(Entry { name, addr })
+    }
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{n}@{}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
 }
 
 /// Prints a line with [`printable`]: names, reasons and event details can come from other
@@ -178,14 +219,29 @@ fn hint(error: &str, args: &Args) -> Option<String> {
              --node ADDR (or set TERN_NODE)",
             args.node
         ))
-    } else if e.contains("certificate") || e.contains("alert") || e.contains("not an admin") {
+    } else if e.contains("is a node's") {
+        Some(format!(
+            "a node's certificate cannot drive the cluster: issue an admin certificate with \
+             `tern ca issue admin --role admin --dir {}` and use it (`--as admin`, the default)",
+            args.certs.display()
+        ))
+    } else if e.contains("expected node") {
+        Some(format!(
+            "another node answers at {}: check the address, or the name before the @",
+            args.node.addr
+        ))
+    } else if e.contains("not an admin") {
+        Some(format!(
+            "the node lets in only the names in its admins list (none by default): add \
+             {:?} to it",
+            args.admin
+        ))
+    } else if e.contains("certificate") || e.contains("alert") {
         Some(format!(
             "the node and this admin certificate must come from the same cluster CA: run \
-             `tern ca issue {} --dir {}` with that CA (and if the node has an admins list, \
-             add {} to it)",
+             `tern ca issue {} --role admin --dir {}` with that CA",
             args.admin,
             args.certs.display(),
-            args.admin
         ))
     } else {
         None
@@ -219,7 +275,12 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                 dir.display()
             );
         }
-        CaCmd::Issue { name, dir, days } => {
+        CaCmd::Issue {
+            name,
+            dir,
+            days,
+            role,
+        } => {
             let ca = ClusterCa::load(dir).with_context(|| {
                 format!(
                     "no CA in {} (run `tern ca init --dir {}` first)",
@@ -227,10 +288,10 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                     dir.display()
                 )
             })?;
-            ca.issue_for_days(name, *days)?.write(dir)?;
+            ca.issue_role_for_days(name, *role, *days)?.write(dir)?;
             let (cert, key, _) = NodeIdentity::paths(dir, name);
             out!(
-                "certificate for {name}: {} and {} (owner-only), valid for {days} days",
+                "{role} certificate for {name}: {} and {} (owner-only), valid for {days} days",
                 cert.display(),
                 key.display()
             );
@@ -279,10 +340,20 @@ async fn with_progress(
     reply
 }
 
-async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<AdminClient> {
-    AdminClient::connect(addr, identity)
-        .await
-        .with_context(|| format!("connecting to the node at {addr}"))
+/// An admin connection to `addr`; with `expect`, only the node of that name may answer.
+async fn connect(
+    addr: SocketAddr,
+    expect: Option<&NodeName>,
+    identity: &NodeIdentity,
+) -> Result<AdminClient> {
+    match expect {
+        Some(name) => AdminClient::connect_to(addr, identity, name)
+            .await
+            .with_context(|| format!("connecting to node {name} at {addr}")),
+        None => AdminClient::connect(addr, identity)
+            .await
+            .with_context(|| format!("connecting to the node at {addr}")),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -302,7 +373,7 @@ fn warn_unreachable(s: &Survey) {
 }
 
 async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
-    let entry = connect(args.node, identity).await?;
+    let entry = connect(args.node.addr, args.node.name.as_ref(), identity).await?;
     let outcome = match &args.command {
         Cmd::Ca(_) => unreachable!("handled before connecting"),
         Cmd::Ps => {
@@ -601,7 +672,8 @@ async fn client_for<'a>(
             known.join(", ")
         )
     })?;
-    Ok(ClientRef::Own(connect(addr, identity).await?))
+    let name = NodeName::new(name);
+    Ok(ClientRef::Own(connect(addr, Some(&name), identity).await?))
 }
 
 /// A borrowed or owned admin connection.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tern::admin::{survey, AdminClient, AdminReply, AdminRequest};
-use tern::certs::{ClusterCa, NodeIdentity};
+use tern::certs::{ClusterCa, NodeIdentity, Role};
 use tern::NodeHandle;
 use tern_demo::app::{MediaApp, Pace};
 use tern_demo::device::{self, DeviceConfig};
@@ -68,10 +68,17 @@ fn devices(phone_extra: &str) -> Result<Devices> {
     let dir = scratch("admin")?;
     let ca = ClusterCa::new()?;
     ca.write(&dir)?;
-    for name in ["phone", "tv", "admin"] {
+    for name in ["phone", "tv"] {
         ca.issue(name)?.write(&dir)?;
     }
-    let extra = format!("start_app = true\nbattery_percent = 70\n{phone_extra}");
+    ca.issue_role("admin", Role::Admin)?.write(&dir)?;
+    // Admin access is closed by default; the devices let `admin` in unless told otherwise.
+    let admins = if phone_extra.contains("admins") {
+        ""
+    } else {
+        "admins = [\"admin\"]"
+    };
+    let extra = format!("start_app = true\nbattery_percent = 70\n{admins}\n{phone_extra}");
     let phone_cfg = device_file(&dir, "phone", &["display", "speaker", "input"], &[], &extra)?;
     let (phone, app) = device::start(&phone_cfg, Pace::default())?;
     let tv_cfg = device_file(
@@ -79,7 +86,7 @@ fn devices(phone_extra: &str) -> Result<Devices> {
         "tv",
         &["display", "speaker"],
         &[("phone", phone.local_addr())],
-        "",
+        "admins = [\"admin\"]",
     )?;
     let (tv, none) = device::start(&tv_cfg, Pace::default())?;
     assert!(none.is_none());
@@ -297,7 +304,7 @@ fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
         let other = ClusterCa::new()?;
         let stranger = NodeIdentity {
             ca_der: d.admin.ca_der.clone(),
-            ..other.issue("admin")?
+            ..other.issue_role("admin", Role::Admin)?
         };
         let refused = match AdminClient::connect(tv_addr, &stranger).await {
             Ok(c) => c.request(&AdminRequest::Ps, |_| {}).await.map(|_| ()),
@@ -325,7 +332,7 @@ fn admin_connections_refuse_strangers_and_bad_requests() -> Result<()> {
         // Malformed and oversize requests on a raw admin stream: a clear error back, and the
         // node answers the next request on the same connection.
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(tern::tls::admin_client_config(&d.admin)?);
+        endpoint.set_default_client_config(tern::tls::admin_client_config(&d.admin, None)?);
         let conn = endpoint.connect(tv_addr, "tern-node")?.await?;
         for (bytes, expect) in [
             (vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1], "malformed"),
@@ -480,5 +487,145 @@ fn bad_device_files_get_clear_errors() -> Result<()> {
     let err = format!("{:#}", car.node_config().expect_err("no certificate"));
     assert!(err.contains("tern ca issue car"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The error from dialing `addr` raw (ALPN and certificate of the caller's choice), or from
+/// the first stream on it: the node closes a connection its role does not allow.
+async fn raw_refusal(cfg: quinn::ClientConfig, addr: std::net::SocketAddr, sni: &str) -> String {
+    let mut endpoint = match quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")) {
+        Ok(e) => e,
+        Err(e) => return format!("no endpoint: {e}"),
+    };
+    endpoint.set_default_client_config(cfg);
+    let conn = match endpoint.connect(addr, sni) {
+        Ok(c) => match c.await {
+            Ok(c) => c,
+            Err(e) => return e.to_string(),
+        },
+        Err(e) => return e.to_string(),
+    };
+    // The node closes the connection once it reads the certificate's role.
+    let why = conn.closed().await.to_string();
+    endpoint.wait_idle().await;
+    why
+}
+
+/// A certificate's role decides which connections it opens: a node's never an admin
+/// connection, an admin's never a node's, an observer's only reads; admin access is closed
+/// unless a node lists the name; and a client that names the node it means refuses any other.
+/// Each refusal is logged, and the devices keep working.
+#[test]
+fn roles_decide_what_a_certificate_may_open() -> Result<()> {
+    let d = devices("admins = [\"admin\", \"wall\"]")?;
+    let ca = ClusterCa::load(&d.dir)?;
+    let (cert, key, ca_path) = NodeIdentity::paths(&d.dir, "tv");
+    let tv_node = NodeIdentity::load(&cert, &key, &ca_path)?;
+    let wall = ca.issue_role("wall", Role::Observer)?;
+    let ops = ca.issue_role("ops", Role::Admin)?;
+    let (phone_addr, tv_addr) = (d.phone.local_addr(), d.tv.local_addr());
+    let services_before = d.phone.services().len();
+
+    // An admin's certificate cannot start a node.
+    let err = match tern::Node::start(tern::NodeConfig::new(ops.clone(), "127.0.0.1:0".parse()?)) {
+        Ok(_) => panic!("an admin certificate ran a node"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("a node needs a node certificate"), "{err}");
+
+    block_on(async {
+        // A device's stolen certificate cannot drive the cluster: the client says so before
+        // dialing, and a client that does not check is closed by the node.
+        let err = match AdminClient::connect(phone_addr, &tv_node).await {
+            Ok(_) => panic!("a node certificate opened an admin connection"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("is a node's"), "{err}");
+        let why = raw_refusal(
+            tern::tls::admin_client_config(&tv_node, None)?,
+            phone_addr,
+            "phone",
+        )
+        .await;
+        assert!(why.contains("cannot open an admin connection"), "{why}");
+
+        // An admin's certificate cannot join as a node and host services.
+        let why = raw_refusal(tern::tls::client_config(&ops)?, phone_addr, "phone").await;
+        assert!(why.contains("cannot open a node connection"), "{why}");
+
+        // An observer reads, and is refused anything that moves.
+        let observer = AdminClient::connect_to(phone_addr, &wall, d.phone.name()).await?;
+        assert!(matches!(
+            observer.request(&AdminRequest::Ps, |_| {}).await?,
+            AdminReply::Ps { .. }
+        ));
+        for req in [
+            AdminRequest::Migrate {
+                service: d.app.player.id,
+                to: "tv".into(),
+                tree: true,
+            },
+            AdminRequest::Drain,
+        ] {
+            match observer.request(&req, |_| {}).await {
+                Err(e) => assert!(e.to_string().contains("an observer may only read"), "{e}"),
+                Ok(other) => panic!("an observer's {req:?} was answered {other:?}"),
+            }
+        }
+        observer.close().await;
+
+        // Names a node does not list stay out: the tv lists only `admin`, and a node that
+        // lists nobody (the default) lets nobody in.
+        for (addr, who) in [(tv_addr, &wall), (tv_addr, &ops), (phone_addr, &ops)] {
+            let refused = match AdminClient::connect(addr, who).await {
+                Ok(c) => c.request(&AdminRequest::Ps, |_| {}).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            let why = refused.expect_err("an unlisted admin got in").to_string();
+            assert!(why.contains("not an admin"), "{why}");
+        }
+        let closed = tern::Node::start(tern::NodeConfig::new(
+            ca.issue("fridge")?,
+            "127.0.0.1:0".parse()?,
+        ))?;
+        let refused = match AdminClient::connect(closed.local_addr(), &d.admin).await {
+            Ok(c) => c.request(&AdminRequest::Ps, |_| {}).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        closed.shutdown();
+        let why = refused
+            .expect_err("a node with no admins let one in")
+            .to_string();
+        assert!(why.contains("not an admin"), "{why}");
+
+        // A client that names the node it means refuses another answering at that address.
+        let err = match AdminClient::connect_to(phone_addr, &d.admin, d.tv.name()).await {
+            Ok(_) => panic!("the phone passed for the tv"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("expected node tv"), "{err}");
+
+        // The listed admin still drives the phone.
+        let admin = AdminClient::connect_to(phone_addr, &d.admin, d.phone.name()).await?;
+        assert!(matches!(
+            admin.request(&AdminRequest::Nodes, |_| {}).await?,
+            AdminReply::Nodes(_)
+        ));
+        admin.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    wait_for(SECS_10, "the refusals to be logged", || {
+        let events = d.phone.events();
+        let logged = |what: &str| events.iter().any(|e| e.detail.contains(what));
+        logged("a certificate of role node cannot open an admin connection")
+            && logged("a certificate of role admin cannot open a node connection")
+            && logged("an observer may only read")
+    })?;
+    // Nothing moved, and the app's traffic kept flowing: every stream checks out.
+    assert_eq!(d.phone.services().len(), services_before);
+    assert!(d.phone.is_connected("tv"));
+    let audit = block_on(d.app.finish(&d.phone, SECS_10))?;
+    assert!(audit.total().is_clean(), "{audit:?}");
+    d.stop();
     Ok(())
 }

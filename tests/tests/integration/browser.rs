@@ -285,7 +285,11 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     // it does in one process per device.
     let dash = Dashboard::new(
         cluster.node("car").clone(),
-        cluster.ca.issue("dashboard")?,
+        Some(
+            cluster
+                .ca
+                .issue_role(scenario::DASHBOARD, tern::certs::Role::Admin)?,
+        ),
         Some(app.clone()),
     );
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -417,11 +421,7 @@ fn status_of(
 #[test]
 fn the_dashboard_answers_only_its_token_through_its_own_address() -> Result<()> {
     let cluster = crate::common::connected(&["a", "b"])?;
-    let dash = Dashboard::new(
-        cluster.node("a").clone(),
-        cluster.ca.issue("dashboard")?,
-        None,
-    );
+    let dash = Dashboard::new(cluster.node("a").clone(), None, None);
     let (url_tx, url_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {
