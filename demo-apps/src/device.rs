@@ -12,6 +12,8 @@
 //! admins = ["admin"]                # admin certificates that may use `tern` on it (none: closed)
 //! dashboard_cert = "certs/admin.pem" # the admin certificate `--serve` reads other devices with
 //! dashboard_key = "certs/admin.key"
+//! crl = "certs/crl.pem"             # the CA's revocation list, read at start and on SIGHUP
+//!                                   # with the certificate (none yet: no file)
 //!
 //! [[peers]]
 //! name = "phone"
@@ -75,6 +77,10 @@ pub struct DeviceConfig {
     /// That certificate's key.
     #[serde(default)]
     pub dashboard_key: Option<PathBuf>,
+    /// The cluster CA's revocation list (`tern ca revoke` writes it), read at start and on
+    /// SIGHUP when the file exists.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -122,7 +128,37 @@ impl DeviceConfig {
             })
             .collect();
         cfg.admins = self.admins.clone();
+        cfg.revocations = self.revocation_list()?;
         Ok(cfg)
+    }
+
+    /// The revocation list the file names, when that file exists.
+    fn revocation_list(&self) -> Result<Option<Vec<u8>>> {
+        match &self.crl {
+            Some(path) if path.exists() => Ok(Some(tern::certs::load_crl(path)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads the certificate and the revocation list again and gives them to the running
+    /// `node` (what SIGHUP does): a renewed certificate takes effect for new connections,
+    /// and a newer list disconnects the devices it revokes. Says what changed.
+    pub fn reload(&self, node: &NodeHandle) -> Result<String> {
+        let identity = self.node_config()?.identity;
+        let mut said = Vec::new();
+        if identity.cert_der != node.identity().cert_der {
+            node.reload_identity(identity)?;
+            said.push(format!("certificate {} reloaded", self.cert.display()));
+        }
+        if let Some(crl) = self.revocation_list()? {
+            if node.install_revocations(&crl)? == tern::trust::Installed::Newer {
+                said.push("a newer revocation list installed".to_owned());
+            }
+        }
+        if said.is_empty() {
+            said.push("nothing new".to_owned());
+        }
+        Ok(said.join("; "))
     }
 
     /// The admin certificate a dashboard on this device uses, if the file names one.

@@ -167,6 +167,24 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             cfg.name
         );
     }
+    let reloader = {
+        let (node, cfg) = (node.clone(), cfg.clone());
+        async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match cfg.reload(&node) {
+                        Ok(what) => println!("[{}] reload: {what}", node.name()),
+                        Err(e) => eprintln!("[{}] reload failed: {e:#}", node.name()),
+                    }
+                }
+            }
+        }
+    };
     let printer = {
         let node = node.clone();
         async move {
@@ -184,6 +202,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
     };
     let verdict = actix_web::rt::System::new().block_on(async {
         let printing = actix_web::rt::spawn(printer);
+        let reloading = actix_web::rt::spawn(reloader);
         let served = match serve {
             Some(addr) => {
                 let dash = Dashboard::new(node.clone(), cfg.dashboard_identity()?, app);
@@ -201,6 +220,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             }
         };
         printing.abort();
+        reloading.abort();
         served?;
         let Some(app) = &started_here else {
             return Ok(true);

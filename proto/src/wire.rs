@@ -52,6 +52,8 @@ pub mod code {
     /// A well-formed frame claimed something the sender may not claim (see
     /// [`crate::claims`]); it changed nothing.
     pub const CLAIM_REFUSED: u16 = 9;
+    /// The peer's certificate is revoked by the cluster CA's revocation list.
+    pub const REVOKED: u16 = 10;
 }
 
 /// Why bytes from a peer are not an acceptable frame.
@@ -315,6 +317,14 @@ pub enum Frame<'a> {
         /// Nodes it has been handed on by (bounded by `forward::SKIP_HOPS_MAX`).
         hops: u8,
     },
+    /// Control stream: the cluster CA's revocation list (a DER X.509 CRL). Self-authenticating:
+    /// a node installs it only when the CA signed it and its number is higher than the one it
+    /// holds, then passes it to its other peers; anyone may relay it.
+    Revocations {
+        /// The CRL, DER.
+        #[serde(borrow, with = "serde_bytes")]
+        crl: &'a [u8],
+    },
 }
 
 impl Frame<'_> {
@@ -346,6 +356,7 @@ impl Frame<'_> {
             Frame::Handled { .. } => "handled",
             Frame::Gap { .. } => "gap",
             Frame::Closed { .. } => "closed",
+            Frame::Revocations { .. } => "revocations",
         }
     }
 }

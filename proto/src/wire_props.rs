@@ -232,6 +232,7 @@ enum Owned {
     Handled(Vec<(ServiceId, ServiceId, u64)>),
     Gap(ServiceId, ServiceId, u64),
     Closed(ServiceId, ServiceId, u64, u8),
+    Revocations(Vec<u8>),
     Mig(MigMsg),
     Begin(SnapHeader),
     State(Vec<u8>),
@@ -291,6 +292,7 @@ impl Owned {
                 skipped: skipped.clone(),
             },
             Owned::End => Frame::SnapEnd,
+            Owned::Revocations(b) => Frame::Revocations { crl: b },
         }
     }
 }
@@ -321,6 +323,7 @@ fn owned() -> impl Strategy<Value = Owned> {
         mig_msg().prop_map(Owned::Mig),
         header().prop_map(Owned::Begin),
         bytes(256).prop_map(Owned::State),
+        bytes(256).prop_map(Owned::Revocations),
         proptest::collection::vec(carried(), 0..4).prop_map(Owned::Carried),
         (
             proptest::collection::vec(carried(), 0..3),

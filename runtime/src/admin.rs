@@ -92,6 +92,13 @@ pub enum AdminRequest {
     },
     /// Drains this node: moves every movable service to the best peers.
     Drain,
+    /// Offers the cluster CA's revocation list (DER, as `tern ca revoke` writes it); the
+    /// node installs it if it is the CA's and newer, and it spreads to every node.
+    Revoke {
+        /// The list.
+        #[serde(with = "serde_bytes")]
+        crl: Vec<u8>,
+    },
 }
 
 impl AdminRequest {
@@ -104,7 +111,9 @@ impl AdminRequest {
             | AdminRequest::Tree { .. }
             | AdminRequest::Assoc { .. }
             | AdminRequest::Plan { .. } => true,
-            AdminRequest::Migrate { .. } | AdminRequest::Drain => false,
+            AdminRequest::Migrate { .. } | AdminRequest::Drain | AdminRequest::Revoke { .. } => {
+                false
+            }
         }
     }
 }
@@ -133,6 +142,15 @@ pub enum AdminReply {
     Migrated(GroupReport),
     /// What a drain did.
     Drained(DrainReport),
+    /// The revocation list the node holds after a `Revoke`.
+    Revocations {
+        /// Its number.
+        number: u64,
+        /// How many certificates it revokes.
+        revoked: usize,
+        /// Whether the list offered was newer than the one held (and is now in force).
+        newer: bool,
+    },
     /// The request failed; why, in words.
     Error(String),
 }
@@ -227,6 +245,14 @@ pub(crate) async fn serve(
         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
             return;
         };
+        // A certificate revoked while its connection was open asks nothing more.
+        let cert = crate::tls::peer_cert(&conn);
+        if let (Some(list), Some(cert)) = (node.trust.revocations(), cert) {
+            if list.revokes_cert(&cert) {
+                let why = format!("{role} {who}: certificate revoked");
+                return refuse(&node, &conn, "certificate revoked", why);
+            }
+        }
         let reply = match read_msg::<AdminRequest>(&mut recv, ADMIN_REQUEST_BYTES_MAX).await {
             Ok(Some(req)) if role == crate::certs::Role::Observer && !req.reads_only() => {
                 let what = format!("observer {who} asked {req:?}: an observer may only read");
@@ -341,6 +367,20 @@ async fn answer(
                 )
             };
             Ok(AdminReply::Drained(with_progress(send, drain, line).await))
+        }
+        AdminRequest::Revoke { crl } => {
+            node.install_revocations(&crl, "an admin")
+                .and_then(|installed| {
+                    let list = node
+                        .trust
+                        .revocations()
+                        .ok_or_else(|| Error::Admin("no list after installing one".into()))?;
+                    Ok(AdminReply::Revocations {
+                        number: list.number(),
+                        revoked: list.len(),
+                        newer: installed == crate::trust::Installed::Newer,
+                    })
+                })
         }
     };
     result.unwrap_or_else(|e| AdminReply::Error(e.to_string()))

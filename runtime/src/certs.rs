@@ -284,6 +284,108 @@ impl ClusterCa {
         })
     }
 
+    /// A revocation list signed by this CA (DER), numbered `number`, revoking the
+    /// certificates with the given serial numbers ([`NodeIdentity::serial`], [`serial_of`]).
+    /// A node installs a list only when its number is higher than the one it holds, so each
+    /// new list must carry every revocation still wanted and a higher number.
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), tern::Error> {
+    /// let ca = tern::certs::ClusterCa::new()?;
+    /// let lost = ca.issue("phone")?;
+    /// let crl = ca.revocation_list(&[lost.serial()?], 1)?;
+    /// let list = tern::trust::Revocations::verify(&crl, ca.cert_der())?;
+    /// assert!(list.revokes(&lost.serial()?));
+    /// # Ok(()) }
+    /// ```
+    pub fn revocation_list(&self, serials: &[Vec<u8>], number: u64) -> Result<Vec<u8>, Error> {
+        use std::time::{Duration, SystemTime};
+        let now = SystemTime::now();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now.into(),
+            // Nodes keep a list until a newer one comes; the date is informative.
+            next_update: (now + Duration::from_secs(CERT_DAYS_DEFAULT * 24 * 3600)).into(),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: now.into(),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::new(ca_params(), &self.key);
+        Ok(params.signed_by(&issuer).map_err(cert_err)?.der().to_vec())
+    }
+
+    /// Notes in `dir`'s [`ISSUED_FILE`] that `id` was issued, so that
+    /// [`revoke_in`](Self::revoke_in) can find every certificate a name ever had.
+    pub fn record_issued(dir: &Path, id: &NodeIdentity) -> Result<(), Error> {
+        let line = format!("{} {} {}\n", hex(&id.serial()?), id.name()?, id.role()?);
+        let path = dir.join(ISSUED_FILE);
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Revokes every certificate issued to `name` that `dir` knows of (its [`ISSUED_FILE`]
+    /// and `NAME.pem`), on top of what `dir`'s [`CRL_FILE`] revoked already, and writes the
+    /// new list there with the next number. Returns the list (DER) and what it revokes.
+    pub fn revoke_in(
+        &self,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(Vec<u8>, crate::trust::Revocations), Error> {
+        check_node_name(name)?;
+        let mut serials: Vec<Vec<u8>> = Vec::new();
+        let issued = dir.join(ISSUED_FILE);
+        if issued.exists() {
+            for line in read(&issued)?.lines() {
+                let mut words = line.split_whitespace();
+                if let (Some(serial), Some(n)) = (words.next(), words.next()) {
+                    if n == name {
+                        serials.push(unhex(serial).ok_or_else(|| {
+                            Error::Cert(format!("{}: bad serial {serial:?}", issued.display()))
+                        })?);
+                    }
+                }
+            }
+        }
+        let (cert, _, _) = NodeIdentity::paths(dir, name);
+        if cert.exists() {
+            let der = CertificateDer::from_pem_slice(read(&cert)?.as_bytes())
+                .map_err(|e| cert_err(format!("{}: {e}", cert.display())))?;
+            serials.push(serial_of(&der)?);
+        }
+        if serials.is_empty() {
+            return Err(Error::Cert(format!(
+                "no certificate for {name} is on record in {}",
+                dir.display()
+            )));
+        }
+        let crl_path = dir.join(CRL_FILE);
+        let mut number = 1;
+        if crl_path.exists() {
+            let held = crate::trust::Revocations::verify(&load_crl(&crl_path)?, &self.cert_der)?;
+            number = held.number() + 1;
+            serials.extend(held.serials().cloned());
+        }
+        serials.sort();
+        serials.dedup();
+        let crl = self.revocation_list(&serials, number)?;
+        let list = crate::trust::Revocations::verify(&crl, &self.cert_der)?;
+        write_file(&crl_path, to_pem("X509 CRL", &crl).as_bytes(), false)?;
+        Ok((crl, list))
+    }
+
     /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), Error> {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -322,6 +424,12 @@ impl NodeIdentity {
     /// The certificate's role.
     pub fn role(&self) -> Result<Role, Error> {
         role_from_cert(&self.cert_der)
+    }
+
+    /// The certificate's serial number (big-endian, without leading zeros): what a
+    /// revocation list names.
+    pub fn serial(&self) -> Result<Vec<u8>, Error> {
+        serial_of(&self.cert_der)
     }
 
     pub(crate) fn cert(&self) -> CertificateDer<'static> {
@@ -382,6 +490,48 @@ impl NodeIdentity {
             ca_der,
         })
     }
+}
+
+/// The file in a CA folder where `tern ca issue` notes each certificate: serial (hex), name,
+/// role, one per line.
+pub const ISSUED_FILE: &str = "issued.txt";
+
+/// The file in a CA folder holding the CA's latest revocation list (PEM).
+pub const CRL_FILE: &str = "crl.pem";
+
+/// Reads a revocation list written by [`ClusterCa::revoke_in`] (PEM), as DER.
+pub fn load_crl(path: &Path) -> Result<Vec<u8>, Error> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    CertificateRevocationListDer::from_pem_slice(read(path)?.as_bytes())
+        .map(|d| d.to_vec())
+        .map_err(|e| cert_err(format!("{}: {e}", path.display())))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A certificate's serial number (big-endian, without leading zeros).
+pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    Ok(trim_serial(cert.raw_serial()))
+}
+
+/// `raw` without its leading zero bytes, so that one number has one spelling.
+pub(crate) fn trim_serial(raw: &[u8]) -> Vec<u8> {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    raw[start..].to_vec()
 }
 
 /// The role a certificate names (`urn:tern:role:ROLE`); a certificate that names none is a

@@ -43,6 +43,10 @@ impl Host for NodeShared {
         &self.endpoint
     }
 
+    fn dial_config(&self) -> quinn::ClientConfig {
+        self.trust.client_config()
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
@@ -54,6 +58,13 @@ impl Host for NodeShared {
     /// The migration driver learns the peer, and the peer gets every book edge held here.
     fn link_up(&self, link: &PeerLink) {
         self.driver.add_peer(link.name.clone());
+        // A peer that was away when the CA revoked a certificate learns it here.
+        if let Some(list) = self.trust.revocations() {
+            if let Err(e) = link.push_ctrl(&Frame::Revocations { crl: list.der() }) {
+                self.logs
+                    .event("revocations-unsent", format!("to {}: {e}", link.name));
+            }
+        }
         for chunk in self
             .books
             .edges_held_on(NodeShared::name(self))

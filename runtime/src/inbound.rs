@@ -340,6 +340,17 @@ fn handle_frame(
                 traffic.observe(from, to, seq);
             }
         }
+        (StreamKind::Control, Frame::Revocations { crl }) => {
+            if let Err(e) = node.install_revocations(crl, link.name.as_str()) {
+                node.refuse_claim(
+                    &link.name,
+                    &tern_proto::claims::ClaimRefused {
+                        claim: "revocations",
+                        detail: e.to_string(),
+                    },
+                );
+            }
+        }
         (StreamKind::Control, Frame::Members { nodes }) => {
             node.on_members(&link.name, nodes);
         }

@@ -34,6 +34,7 @@ mod sync;
 pub mod tls;
 mod transport;
 mod tree;
+pub mod trust;
 
 pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     /// # }
     /// ```
     pub admins: Vec<String>,
+    /// The cluster CA's revocation list (DER) to hold from the start, as `tern ca revoke`
+    /// writes it; a newer one can come later from a peer or an admin. `None`: none yet.
+    pub revocations: Option<Vec<u8>>,
 }
 
 /// A function given the node's UDP socket (as quinn sees it) that returns the socket QUIC
@@ -107,6 +110,7 @@ impl NodeConfig {
             limits: Limits::default(),
             socket_wrap: None,
             admins: Vec::new(),
+            revocations: None,
         }
     }
 }
@@ -391,6 +395,8 @@ pub(crate) struct NodeShared {
     pub limits: Limits,
     /// Who may open admin connections (`None`: any certificate of the cluster).
     pub admins: Vec<String>,
+    /// The node's certificate, the CA's revocation list, and the TLS checks built on them.
+    pub trust: crate::trust::Trust,
     /// Admin connections open now (at most `admin::ADMIN_CONNECTIONS_MAX`).
     pub admin_connections: AtomicUsize,
     /// Bytes reserved for the states of snapshots still arriving, from every peer (at most
@@ -854,6 +860,54 @@ impl NodeShared {
 
     /// `peer` claimed something this node does not believe: logged, counted, and answered
     /// with a protocol error. The caller changes nothing.
+    /// Offers the cluster CA's revocation list `crl`, from `from` (a peer, an admin, the
+    /// node's owner). When it is newer than the list held, every handshake checks it from now
+    /// on, every connection whose certificate it revokes is closed (the peer is lost: its
+    /// services' senders get loss reports), and the list goes on to every other peer.
+    pub fn install_revocations(
+        &self,
+        crl: &[u8],
+        from: &str,
+    ) -> Result<crate::trust::Installed, Error> {
+        use crate::trust::Installed;
+        let (installed, list) = self.trust.install(crl)?;
+        if installed == Installed::NotNewer {
+            return Ok(installed);
+        }
+        let _span =
+            tracing::info_span!("revocations", node = %self.name, number = list.number()).entered();
+        self.logs.event(
+            "revocations",
+            format!(
+                "list #{} from {from}: {} certificates revoked",
+                list.number(),
+                list.len()
+            ),
+        );
+        for link in self.links.all() {
+            let Some(conn) = link.connection() else {
+                continue;
+            };
+            if crate::tls::peer_cert(&conn).is_some_and(|der| list.revokes_cert(&der)) {
+                tracing::warn!(peer = %link.name, "certificate revoked: disconnecting");
+                conn.close(
+                    quinn::VarInt::from_u32(tern_proto::wire::code::REVOKED as u32),
+                    b"certificate revoked",
+                );
+                self.logs.event(
+                    "peer-revoked",
+                    format!("{}: its certificate is revoked; disconnected", link.name),
+                );
+            } else if link.name.as_str() != from {
+                if let Err(e) = link.push_ctrl(&Frame::Revocations { crl }) {
+                    self.logs
+                        .event("revocations-unsent", format!("to {}: {e}", link.name));
+                }
+            }
+        }
+        Ok(installed)
+    }
+
     pub fn refuse_claim(&self, peer: &NodeName, refusal: &tern_proto::claims::ClaimRefused) {
         tracing::warn!(%peer, claim = refusal.claim, detail = %refusal.detail, "claim refused");
         self.logs
@@ -1840,12 +1894,15 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         idle_timeout_ms: config.limits.idle_timeout_ms,
         keep_alive_ms: config.limits.keep_alive_ms,
     };
-    let mut endpoint = endpoint(
-        crate::tls::server_config_with(&config.identity, live)?,
+    let trust = crate::trust::Trust::new(config.identity.clone(), live)?;
+    if let Some(crl) = &config.revocations {
+        trust.install(crl)?;
+    }
+    let endpoint = endpoint(
+        trust.server_config()?,
         config.listen,
         config.socket_wrap.as_ref(),
     )?;
-    endpoint.set_default_client_config(crate::tls::client_config_with(&config.identity, live)?);
     let local_addr = endpoint
         .local_addr()
         .map_err(|e| Error::io("reading local address", e))?;
@@ -1890,6 +1947,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         })),
         placement: Default::default(),
         admins: config.admins.clone(),
+        trust,
         admin_connections: AtomicUsize::new(0),
         snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
         handled_waiting: Mutex::new(Default::default()),
@@ -2208,6 +2266,59 @@ impl NodeHandle {
     /// The node's recent events, oldest first.
     pub fn events(&self) -> Vec<NodeEvent> {
         self.shared.logs.events()
+    }
+
+    /// Offers the cluster CA's revocation list (`tern ca revoke` writes it as `crl.pem`;
+    /// [`ClusterCa::revocation_list`](crate::certs::ClusterCa::revocation_list) makes one).
+    /// When it is newer than the list this node holds, every handshake checks it from now on,
+    /// connections whose certificates it revokes are closed at once (their services' senders
+    /// get loss reports), and it spreads to every other node. A list the CA did not sign is
+    /// refused with the reason.
+    ///
+    /// ```no_run
+    /// # fn demo(node: &tern::NodeHandle, ca: &tern::certs::ClusterCa,
+    /// #         stolen: &tern::certs::NodeIdentity) -> Result<(), tern::Error> {
+    /// let crl = ca.revocation_list(&[stolen.serial()?], 1)?;
+    /// node.install_revocations(&crl)?;
+    /// assert!(node.revocations().is_some_and(|r| r.revokes(&stolen.serial().unwrap())));
+    /// # Ok(()) }
+    /// ```
+    pub fn install_revocations(&self, crl: &[u8]) -> Result<crate::trust::Installed, Error> {
+        self.shared
+            .install_revocations(crl, &format!("{} itself", self.shared.name))
+    }
+
+    /// The revocation list this node holds, if any.
+    pub fn revocations(&self) -> Option<Arc<crate::trust::Revocations>> {
+        self.shared.trust.revocations()
+    }
+
+    /// Replaces this node's certificate without restarting (a renewed one before the old
+    /// expires, or a new key after a leak): connections made from now on present it; those
+    /// already open keep the one they were made with until they close. It must be a node's
+    /// certificate for this node's name from the same CA, and not revoked.
+    ///
+    /// ```no_run
+    /// # fn demo(node: &tern::NodeHandle, ca: &tern::certs::ClusterCa) -> Result<(), tern::Error> {
+    /// node.reload_identity(ca.issue(node.name().as_str())?)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn reload_identity(&self, identity: crate::certs::NodeIdentity) -> Result<(), Error> {
+        let server = self.shared.trust.reload(identity)?;
+        self.shared.endpoint.set_server_config(Some(server));
+        self.shared.logs.event(
+            "certificate-reloaded",
+            format!(
+                "serial {}",
+                crate::certs::hex(&self.shared.trust.identity().serial()?)
+            ),
+        );
+        Ok(())
+    }
+
+    /// The certificate this node presents now.
+    pub fn identity(&self) -> crate::certs::NodeIdentity {
+        self.shared.trust.identity()
     }
 
     /// Adds (or re-addresses) a peer; the node connects to it.

@@ -67,6 +67,180 @@ fn transport(live: Liveness) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The certificate checks of every handshake a node takes part in: chain to the cluster CA,
+/// validity, signatures, and the CA's revocation list once the node holds one (rustls' CRL
+/// support, end-entity certificates only). A newer list replaces the checks in place, so
+/// the configurations built on them need not change.
+pub(crate) struct Verifiers {
+    roots: Arc<RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The CA's subject, which a server names when it asks for a client certificate.
+    hints: Vec<rustls::DistinguishedName>,
+    current: std::sync::RwLock<CurrentChecks>,
+}
+
+struct CurrentChecks {
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    servers: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl Verifiers {
+    /// Checks against `id`'s CA, with no revocation list yet.
+    pub(crate) fn new(id: &NodeIdentity) -> Result<Arc<Verifiers>, Error> {
+        let roots = roots(id)?;
+        let provider = provider();
+        let current = Self::build(&roots, &provider, None)?;
+        let hints = roots.subjects();
+        Ok(Arc::new(Verifiers {
+            roots,
+            provider,
+            hints,
+            current: std::sync::RwLock::new(current),
+        }))
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+        crl: Option<&[u8]>,
+    ) -> Result<CurrentChecks, Error> {
+        let crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>> =
+            crl.map(|der| vec![der.to_vec().into()]).unwrap_or_default();
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .with_crls(crls.clone())
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(tls_err)?;
+        let servers = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(tls_err)?;
+        Ok(CurrentChecks { clients, servers })
+    }
+
+    /// From now on, handshakes also check `crl` (DER, already verified as the CA's).
+    pub(crate) fn use_crl(&self, crl: &[u8]) -> Result<(), Error> {
+        let next = Self::build(&self.roots, &self.provider, Some(crl))?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    fn clients(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clients
+            .clone()
+    }
+
+    fn servers(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .servers
+            .clone()
+    }
+}
+
+/// A node's client-certificate checks, as they stand at each handshake.
+#[derive(Debug)]
+struct CurrentClients(Arc<Verifiers>);
+
+impl std::fmt::Debug for Verifiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifiers")
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for CurrentClients {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.0.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.0
+            .clients()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.clients().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.clients().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.clients().supported_verify_schemes()
+    }
+}
+
+/// A node's server-certificate checks (when it dials a peer), as they stand at each
+/// handshake.
+#[derive(Debug)]
+struct CurrentServers(Arc<Verifiers>);
+
+impl rustls::client::danger::ServerCertVerifier for CurrentServers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0.servers().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.servers().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.servers().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.servers().supported_verify_schemes()
+    }
+}
+
 /// The QUIC server side of a node: requires a client certificate issued by the cluster CA.
 pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, Error> {
     server_config_with(id, Liveness::default())
@@ -74,18 +248,27 @@ pub fn server_config(id: &NodeIdentity) -> Result<quinn::ServerConfig, Error> {
 
 /// [`server_config`] with the given liveness.
 pub fn server_config_with(id: &NodeIdentity, live: Liveness) -> Result<quinn::ServerConfig, Error> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(id)?, provider.clone())
-        .build()
-        .map_err(tls_err)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    node_server_config(id, live, &Verifiers::new(id)?)
+}
+
+/// A node's server side, checking client certificates with `checks`.
+pub(crate) fn node_server_config(
+    id: &NodeIdentity,
+    live: Liveness,
+    checks: &Arc<Verifiers>,
+) -> Result<quinn::ServerConfig, Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(checks.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(CurrentClients(checks.clone())))
         .with_single_cert(vec![id.cert()], id.key())
         .map_err(tls_err)?;
     // Nodes speak `tern/1`; the command line's admin connections `tern-admin/1`.
     tls.alpn_protocols = vec![ALPN.to_vec(), ADMIN_ALPN.to_vec()];
+    // No resumption: a resumed session skips the certificate checks, so a certificate
+    // revoked since would get back in.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport(live));
@@ -99,13 +282,26 @@ pub fn client_config(id: &NodeIdentity) -> Result<quinn::ClientConfig, Error> {
 
 /// [`client_config`] with the given liveness.
 pub fn client_config_with(id: &NodeIdentity, live: Liveness) -> Result<quinn::ClientConfig, Error> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    node_client_config(id, live, &Verifiers::new(id)?)
+}
+
+/// A node's client side (dialing peers), checking server certificates with `checks`.
+pub(crate) fn node_client_config(
+    id: &NodeIdentity,
+    live: Liveness,
+    checks: &Arc<Verifiers>,
+) -> Result<quinn::ClientConfig, Error> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(checks.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_root_certificates(roots(id)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CurrentServers(checks.clone())))
         .with_client_auth_cert(vec![id.cert()], id.key())
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: every handshake checks the peer's certificate against the current
+    // revocation list.
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport(live));
@@ -135,6 +331,15 @@ pub fn name_from_cert(der: &[u8]) -> Result<NodeName, Error> {
 /// The name of the node at the other end of an authenticated connection.
 pub fn peer_name(conn: &quinn::Connection) -> Result<NodeName, Error> {
     peer_name_and_role(conn).map(|(name, _)| name)
+}
+
+/// The certificate (DER) at the other end of an authenticated connection.
+pub(crate) fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
 }
 
 /// The name and role in the certificate at the other end of an authenticated connection.
@@ -240,6 +445,7 @@ pub fn admin_client_config(
         .with_client_auth_cert(vec![id.cert()], id.key())
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![ADMIN_ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport(Liveness::default()));

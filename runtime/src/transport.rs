@@ -46,6 +46,8 @@ pub(crate) trait Host: 'static {
     fn links(&self) -> &Links;
     /// The QUIC endpoint it dials from and listens on.
     fn endpoint(&self) -> &quinn::Endpoint;
+    /// The client side to dial a peer with (the node's current certificate and checks).
+    fn dial_config(&self) -> quinn::ClientConfig;
     /// True once the node is stopping: no more dials.
     fn stopping(&self) -> bool;
     /// The capabilities announced in `Hello` and `Welcome`.
@@ -628,7 +630,7 @@ async fn dial_inner<H: Host>(
     let handshake = Duration::from_millis(node.limits().handshake_timeout_ms);
     let connecting = node
         .endpoint()
-        .connect(addr, link.name.as_str())
+        .connect_with(node.dial_config(), addr, link.name.as_str())
         .map_err(|e| conn_err("connect", e))?;
     let conn = tokio::time::timeout(handshake, connecting)
         .await

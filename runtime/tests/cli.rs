@@ -338,3 +338,101 @@ fn certificates_are_issued_for_a_number_of_days() {
     );
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// Waits up to 20 s for `cond`.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tern_ca_revoke_cuts_a_device_off_and_keeps_earlier_revocations() {
+    let certs = scratch("revoke");
+    ca(&certs, &["init"]);
+    for name in ["phone", "tv", "watch"] {
+        ca(&certs, &["issue", name]);
+    }
+    ca(&certs, &["issue", "admin", "--role", "admin"]);
+    // The tv's first certificate, then a second one: revoking the name revokes both.
+    let first_tv = {
+        let (cert, key, ca_path) = NodeIdentity::paths(&certs, "tv");
+        NodeIdentity::load(&cert, &key, &ca_path).expect("the tv's certificate")
+    };
+    ca(&certs, &["issue", "tv"]);
+    let phone = start(&certs, "phone");
+    let tv = start(&certs, "tv");
+    let watch = start(&certs, "watch");
+    for other in [&tv, &watch] {
+        phone
+            .add_peer(other.name().as_str(), other.local_addr())
+            .expect("a peer");
+    }
+    eventually("the devices to connect", || {
+        phone.is_connected("tv") && phone.is_connected("watch")
+    });
+    let entry = phone.local_addr();
+
+    let out = tern(
+        &certs,
+        entry,
+        &["ca", "revoke", "tv", "--dir", &certs.display().to_string()],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("revocation list #1 written"), "{said}");
+    assert!(said.contains("2 certificates revoked"), "{said}");
+    assert!(said.contains("phone holds list #1 now"), "{said}");
+    eventually("the phone to drop the tv", || !phone.is_connected("tv"));
+    let held = phone.revocations().expect("a list");
+    assert!(held.revokes(&first_tv.serial().expect("a serial")));
+    assert!(held.revokes(&tv.identity().serial().expect("a serial")));
+
+    // The next revocation keeps the first: list #2 revokes the tv's two and the watch's one.
+    let out = tern(
+        &certs,
+        entry,
+        &[
+            "ca",
+            "revoke",
+            "watch",
+            "--offline",
+            "--dir",
+            &certs.display().to_string(),
+        ],
+    );
+    let said = text(&out.stdout);
+    assert!(said.contains("revocation list #2 written"), "{said}");
+    assert!(said.contains("3 certificates revoked"), "{said}");
+    assert!(
+        !said.contains("holds"),
+        "--offline hands it to nobody: {said}"
+    );
+    assert!(phone.is_connected("watch"));
+    let crl = tern::certs::load_crl(&certs.join(tern::certs::CRL_FILE)).expect("crl.pem");
+    phone.install_revocations(&crl).expect("the CA's list");
+    eventually("the phone to drop the watch", || {
+        !phone.is_connected("watch")
+    });
+
+    // A name never issued: say so, write nothing.
+    let out = tern(
+        &certs,
+        entry,
+        &[
+            "ca",
+            "revoke",
+            "fridge",
+            "--dir",
+            &certs.display().to_string(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no certificate for fridge is on record"));
+    for n in [phone, tv, watch] {
+        n.shutdown();
+    }
+    let _ = std::fs::remove_dir_all(&certs);
+}

@@ -4,6 +4,9 @@
 //! tern ca init [--dir certs]              a cluster CA (ca.pem, ca.key owner-only)
 //! tern ca issue NAME [--dir certs] [--days 365] [--role node|admin|observer]
 //!                                         a certificate for node (or admin) NAME
+//! tern ca revoke NAME [--dir certs] [--offline]
+//!                                         revoke NAME's certificates (certs/crl.pem) and
+//!                                         hand the list to --node, which spreads it
 //! tern ps                                 services, where they run, epochs, mailbox depth
 //! tern nodes                              nodes: capabilities, load, power
 //! tern tree SERVICE                       an assembly tree
@@ -131,6 +134,20 @@ enum CaCmd {
         #[arg(long, default_value = "node")]
         role: Role,
     },
+    /// Revokes every certificate issued to NAME: writes the CA's new revocation list
+    /// (crl.pem in DIR) and hands it to the entry node (--node), which passes it to every
+    /// node; they disconnect NAME within seconds and refuse it from then on.
+    Revoke {
+        /// The node's (or admin's) name.
+        name: String,
+        /// Where the CA is and the list goes.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Only write the list (hand it to a node later: its device file's `crl`, or run
+        /// this again while one is reachable).
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 /// Where `tern` enters the cluster: an address, and the node expected there if named.
@@ -249,6 +266,9 @@ fn hint(error: &str, args: &Args) -> Option<String> {
 }
 
 fn run(args: &Args) -> Result<bool> {
+    if let Cmd::Ca(CaCmd::Revoke { name, dir, offline }) = &args.command {
+        return revoke(args, name, dir, *offline);
+    }
     if let Cmd::Ca(ca) = &args.command {
         return ca_command(ca).map(|()| true);
     }
@@ -262,6 +282,7 @@ fn run(args: &Args) -> Result<bool> {
 
 fn ca_command(cmd: &CaCmd) -> Result<()> {
     match cmd {
+        CaCmd::Revoke { .. } => unreachable!("handled with a connection, in `revoke`"),
         CaCmd::Init { dir } => {
             if dir.join("ca.key").exists() {
                 bail!(
@@ -288,7 +309,9 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
                     dir.display()
                 )
             })?;
-            ca.issue_role_for_days(name, *role, *days)?.write(dir)?;
+            let id = ca.issue_role_for_days(name, *role, *days)?;
+            id.write(dir)?;
+            ClusterCa::record_issued(dir, &id)?;
             let (cert, key, _) = NodeIdentity::paths(dir, name);
             out!(
                 "{role} certificate for {name}: {} and {} (owner-only), valid for {days} days",
@@ -298,6 +321,58 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tern ca revoke`: writes the new list, then hands it to the entry node. False when the
+/// list was written but no node took it.
+fn revoke(args: &Args, name: &str, dir: &Path, offline: bool) -> Result<bool> {
+    let ca = ClusterCa::load(dir)
+        .with_context(|| format!("no CA in {} (revocation needs the CA's key)", dir.display()))?;
+    let (crl, list) = ca.revoke_in(dir, name)?;
+    let path = dir.join(tern::certs::CRL_FILE);
+    out!(
+        "revocation list #{} written to {}: {} certificates revoked ({name}'s among them)",
+        list.number(),
+        path.display(),
+        list.len()
+    );
+    if offline {
+        return Ok(true);
+    }
+    let identity = load_identity(&args.certs, &args.admin)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let sent = rt.block_on(async {
+        let entry = connect(args.node.addr, args.node.name.as_ref(), &identity).await?;
+        let reply = entry.request(&AdminRequest::Revoke { crl }, |_| {}).await;
+        let node = entry.node().clone();
+        entry.close().await;
+        Ok::<_, anyhow::Error>((node, reply?))
+    });
+    match sent {
+        Ok((node, AdminReply::Revocations { number, newer, .. })) => {
+            if newer {
+                out!("{node} holds list #{number} now and passes it to every node");
+            } else {
+                out!("{node} already held list #{number} or a newer one");
+            }
+            Ok(true)
+        }
+        Ok((node, other)) => bail!("{node} answered the revocation with {other:?}"),
+        Err(e) => {
+            eprintln!(
+                "{}",
+                printable(&format!(
+                    "tern: warning: the list is written, but no node took it: {e:#}\n\
+                     hint: run `tern ca revoke {name}` again with --node pointing at a running \
+                     node, or give the file to a device (`crl` in its device file)"
+                ))
+            );
+            Ok(false)
+        }
+    }
 }
 
 fn load_identity(dir: &Path, name: &str) -> Result<NodeIdentity> {

@@ -138,7 +138,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "base",
         &[
-            "error", "stats", "certs", "tls", "sync", "events", "books", "limits",
+            "error", "stats", "certs", "tls", "trust", "sync", "events", "books", "limits",
         ],
     ),
     ("net", &["transport"]),

@@ -17,6 +17,7 @@ mod messaging;
 mod migration;
 mod panics;
 mod placement;
+mod revocation;
 mod sim;
 mod timers;
 mod tls;
