@@ -257,8 +257,46 @@ impl ClusterCa {
         role: Role,
         valid: Option<std::ops::Range<std::time::SystemTime>>,
     ) -> Result<NodeIdentity, Error> {
-        check_node_name(name)?;
         let key = KeyPair::generate().map_err(cert_err)?;
+        Ok(NodeIdentity {
+            cert_der: self.sign(name, role, valid, &key)?,
+            key_der: key.serialize_der(),
+            ca_der: self.cert_der.clone(),
+        })
+    }
+
+    /// Issues a certificate for `name` in `role`, valid for `days` days, for the key in a
+    /// certificate signing request (DER) that the key signed: the key never leaves the device
+    /// that made it (pairing, `tern join`). Whatever else the request asks for is ignored.
+    pub fn issue_for_request(
+        &self,
+        name: &str,
+        role: Role,
+        days: u64,
+        csr_der: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        use std::time::{Duration, SystemTime};
+        if !(1..=CERT_DAYS_MAX).contains(&days) {
+            return Err(Error::Cert(format!(
+                "certificate for {name}: {days} days; a certificate lives 1 to {CERT_DAYS_MAX} days"
+            )));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| cert_err(format!("certificate request: {e}")))?;
+        let now = SystemTime::now();
+        let start = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
+        let end = now + Duration::from_secs(days * 24 * 3600);
+        self.sign(name, role, Some(start..end), &csr.public_key)
+    }
+
+    fn sign(
+        &self,
+        name: &str,
+        role: Role,
+        valid: Option<std::ops::Range<std::time::SystemTime>>,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<u8>, Error> {
+        check_node_name(name)?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err)?;
         let role_uri = format!("{ROLE_URI_PREFIX}{role}");
         params.subject_alt_names.push(SanType::URI(
@@ -276,12 +314,8 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::new(ca_params(), &self.key);
-        let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
-        Ok(NodeIdentity {
-            cert_der: cert.der().to_vec(),
-            key_der: key.serialize_der(),
-            ca_der: self.cert_der.clone(),
-        })
+        let cert = params.signed_by(key, &issuer).map_err(cert_err)?;
+        Ok(cert.der().to_vec())
     }
 
     /// A revocation list signed by this CA (DER), numbered `number`, revoking the
@@ -322,10 +356,15 @@ impl ClusterCa {
         Ok(params.signed_by(&issuer).map_err(cert_err)?.der().to_vec())
     }
 
-    /// Notes in `dir`'s [`ISSUED_FILE`] that `id` was issued, so that
+    /// Notes in `dir`'s [`ISSUED_FILE`] that the certificate `cert_der` was issued, so that
     /// [`revoke_in`](Self::revoke_in) can find every certificate a name ever had.
-    pub fn record_issued(dir: &Path, id: &NodeIdentity) -> Result<(), Error> {
-        let line = format!("{} {} {}\n", hex(&id.serial()?), id.name()?, id.role()?);
+    pub fn record_issued(dir: &Path, cert_der: &[u8]) -> Result<(), Error> {
+        let line = format!(
+            "{} {} {}\n",
+            hex(&serial_of(cert_der)?),
+            crate::tls::name_from_cert(cert_der)?,
+            role_from_cert(cert_der)?
+        );
         let path = dir.join(ISSUED_FILE);
         let mut f = fs::OpenOptions::new()
             .create(true)

@@ -84,6 +84,10 @@ pub enum Error {
     /// An admin connection failed, or the node refused the request; why, in words.
     #[error("admin: {0}")]
     Admin(String),
+    /// Pairing a device by code failed (wrong, used or expired code, or a broken exchange);
+    /// why, in words.
+    #[error("pairing: {0}")]
+    Pairing(String),
 }
 
 impl Error {

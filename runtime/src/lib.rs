@@ -25,6 +25,7 @@ mod mailbox;
 mod members;
 mod migrate;
 mod node;
+pub mod pairing;
 mod placement;
 mod placing;
 mod registry;

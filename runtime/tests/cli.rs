@@ -436,3 +436,83 @@ fn tern_ca_revoke_cuts_a_device_off_and_keeps_earlier_revocations() {
     }
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+#[test]
+fn tern_pair_and_join_make_a_certificate_without_copying_keys() {
+    use std::io::{BufRead, BufReader};
+    let holder = scratch("pair-holder");
+    let device = scratch("pair-device");
+    ca(&holder, &["init"]);
+    let mut pair = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["pair", "watch", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(&holder)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern pair runs");
+    let mut lines = BufReader::new(pair.stdout.take().expect("its output")).lines();
+    let mut next = || {
+        lines
+            .next()
+            .expect("a line from tern pair")
+            .expect("readable output")
+    };
+    let offer = next();
+    let code = offer
+        .split("code ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the code")
+        .to_owned();
+    let at = next()
+        .strip_prefix("listening on ")
+        .expect("the address")
+        .to_owned();
+    assert!(next().contains(&format!("tern join watch --code {code}")));
+
+    // A wrong code first: refused, logged by the holder, nothing written.
+    let wrong: String = code
+        .chars()
+        .map(|c| {
+            if c == 'A' {
+                'B'
+            } else if c == '-' {
+                c
+            } else {
+                'A'
+            }
+        })
+        .collect();
+    let join = |code: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["join", "watch", "--code", code, "--at", &at, "--dir"])
+            .arg(&device)
+            .output()
+            .expect("tern join runs")
+    };
+    let refused = join(&wrong);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("wrong code"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(next().contains("wrong code (2 wrong tries left)"));
+    assert!(!device.join("watch.pem").exists());
+
+    let joined = join(&code);
+    assert!(joined.status.success(), "{}", text(&joined.stderr));
+    assert!(text(&joined.stdout).contains("node certificate for watch"));
+    assert!(next().contains("paired"));
+    assert!(pair.wait().expect("tern pair ends").success());
+    let (cert, key, ca_path) = NodeIdentity::paths(&device, "watch");
+    let watch = NodeIdentity::load(&cert, &key, &ca_path).expect("the paired certificate");
+    assert_eq!(watch.name().expect("a name").as_str(), "watch");
+    // The holder noted it, so it can be revoked by name.
+    let issued =
+        std::fs::read_to_string(holder.join(tern::certs::ISSUED_FILE)).expect("issued.txt");
+    assert!(issued.contains(" watch node"), "{issued}");
+    // The holder's key stayed home; the device's key never left it.
+    assert!(!holder.join("watch.key").exists());
+    let _ = std::fs::remove_dir_all(&holder);
+    let _ = std::fs::remove_dir_all(&device);
+}

@@ -7,6 +7,10 @@
 //! tern ca revoke NAME [--dir certs] [--offline]
 //!                                         revoke NAME's certificates (certs/crl.pem) and
 //!                                         hand the list to --node, which spreads it
+//! tern pair NAME [--role node] [--listen 0.0.0.0:7190] [--minutes 5] [--dir certs]
+//!                                         offer NAME a certificate for a one-time code
+//! tern join NAME --code CODE --at ADDR [--dir certs]
+//!                                         on the new device: get it with the code
 //! tern ps                                 services, where they run, epochs, mailbox depth
 //! tern nodes                              nodes: capabilities, load, power
 //! tern tree SERVICE                       an assembly tree
@@ -108,6 +112,42 @@ enum Cmd {
         /// The node.
         #[arg(value_name = "NODE")]
         target: String,
+    },
+    /// On the device that holds the CA: shows a one-time code for which NAME's new device
+    /// gets its certificate (`tern join`), without copying key files.
+    Pair {
+        /// The new device's name.
+        name: String,
+        /// Its certificate's role.
+        #[arg(long, default_value = "node")]
+        role: Role,
+        /// Days its certificate is valid.
+        #[arg(long, default_value_t = tern::certs::CERT_DAYS_DEFAULT)]
+        days: u64,
+        /// Where to wait for the new device (TCP).
+        #[arg(long, default_value = "0.0.0.0:7190")]
+        listen: SocketAddr,
+        /// Minutes the code is good for.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// Where the CA is.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// On the new device: gets NAME's certificate from `tern pair` with its code; the key is
+    /// made here and never leaves.
+    Join {
+        /// This device's name (as `tern pair` was told).
+        name: String,
+        /// The code `tern pair` shows.
+        #[arg(long)]
+        code: String,
+        /// Where `tern pair` waits.
+        #[arg(long)]
+        at: SocketAddr,
+        /// Where to write the certificate, its key and the CA's certificate.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
     },
 }
 
@@ -272,11 +312,43 @@ fn run(args: &Args) -> Result<bool> {
     if let Cmd::Ca(ca) = &args.command {
         return ca_command(ca).map(|()| true);
     }
+    if let Cmd::Pair {
+        name,
+        role,
+        days,
+        listen,
+        minutes,
+        dir,
+    } = &args.command
+    {
+        let offer = tern::pairing::PairingOffer {
+            name: name.clone(),
+            role: *role,
+            days: *days,
+            ttl: std::time::Duration::from_secs(minutes.saturating_mul(60)),
+        };
+        return runtime()?.block_on(pair(offer, *listen, dir));
+    }
+    if let Cmd::Join {
+        name,
+        code,
+        at,
+        dir,
+    } = &args.command
+    {
+        let id = runtime()?.block_on(tern::pairing::join(*at, name, code))?;
+        id.write(dir)?;
+        let (cert, key, _) = NodeIdentity::paths(dir, name);
+        out!(
+            "{} certificate for {name}: {} and {} (owner-only; the key was made here)",
+            id.role()?,
+            cert.display(),
+            key.display()
+        );
+        return Ok(true);
+    }
     let identity = load_identity(&args.certs, &args.admin)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime()?;
     rt.block_on(cluster_command(args, &identity))
 }
 
@@ -311,7 +383,7 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
             })?;
             let id = ca.issue_role_for_days(name, *role, *days)?;
             id.write(dir)?;
-            ClusterCa::record_issued(dir, &id)?;
+            ClusterCa::record_issued(dir, &id.cert_der)?;
             let (cert, key, _) = NodeIdentity::paths(dir, name);
             out!(
                 "{role} certificate for {name}: {} and {} (owner-only), valid for {days} days",
@@ -321,6 +393,61 @@ fn ca_command(cmd: &CaCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `tern pair`: shows the code, answers tries until a device pairs or the code is over.
+/// True when a device paired.
+async fn pair(offer: tern::pairing::PairingOffer, listen: SocketAddr, dir: &Path) -> Result<bool> {
+    use tern::pairing::{PairOutcome, PairingServer};
+    let ca = ClusterCa::load(dir)
+        .with_context(|| format!("no CA in {} (pairing needs the CA's key)", dir.display()))?;
+    let (name, role, minutes) = (offer.name.clone(), offer.role, offer.ttl.as_secs() / 60);
+    let mut server = PairingServer::bind(listen, std::sync::Arc::new(ca), offer).await?;
+    let code = server.code().to_string();
+    out!("pairing {name} ({role}): code {code}, good for {minutes} minutes, one device");
+    out!("listening on {}", server.local_addr());
+    out!(
+        "on the new device: tern join {name} --code {code} --at ADDRESS:{}",
+        server.local_addr().port()
+    );
+    let _ = std::io::stdout().flush();
+    loop {
+        let left = server
+            .deadline()
+            .saturating_duration_since(std::time::Instant::now());
+        let Ok(attempt) = tokio::time::timeout(left, server.answer_one()).await else {
+            out!("the code expired; no device paired");
+            return Ok(false);
+        };
+        let attempt = attempt?;
+        out!("try from {attempt}");
+        let _ = std::io::stdout().flush();
+        match attempt.outcome {
+            PairOutcome::Paired { .. } => {
+                if let Some(cert) = server.issued() {
+                    ClusterCa::record_issued(dir, cert)?;
+                }
+                out!(
+                    "{name} paired; its certificate is noted in {}",
+                    dir.display()
+                );
+                return Ok(true);
+            }
+            PairOutcome::Spent => return Ok(false),
+            PairOutcome::WrongCode { tries_left: 0 } => {
+                out!("too many wrong tries: the code is spent");
+                return Ok(false);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `tern ca revoke`: writes the new list, then hands it to the entry node. False when the
@@ -340,10 +467,7 @@ fn revoke(args: &Args, name: &str, dir: &Path, offline: bool) -> Result<bool> {
         return Ok(true);
     }
     let identity = load_identity(&args.certs, &args.admin)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime()?;
     let sent = rt.block_on(async {
         let entry = connect(args.node.addr, args.node.name.as_ref(), &identity).await?;
         let reply = entry.request(&AdminRequest::Revoke { crl }, |_| {}).await;
@@ -450,7 +574,9 @@ fn warn_unreachable(s: &Survey) {
 async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
     let entry = connect(args.node.addr, args.node.name.as_ref(), identity).await?;
     let outcome = match &args.command {
-        Cmd::Ca(_) => unreachable!("handled before connecting"),
+        Cmd::Ca(_) | Cmd::Pair { .. } | Cmd::Join { .. } => {
+            unreachable!("handled before connecting")
+        }
         Cmd::Ps => {
             let s = survey(&entry, identity).await?;
             warn_unreachable(&s);

@@ -149,7 +149,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inbound", "placing",
         ],
     ),
-    ("features", &["placement", "admin", "host"]),
+    ("features", &["placement", "admin", "host", "pairing"]),
     ("api", &["lib"]),
 ];
 

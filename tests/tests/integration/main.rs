@@ -15,6 +15,7 @@ mod liveness;
 mod mailbox;
 mod messaging;
 mod migration;
+mod pairing;
 mod panics;
 mod placement;
 mod revocation;
