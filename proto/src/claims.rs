@@ -213,6 +213,66 @@ pub fn allowed(what: &'static str, list: &[String], peer: &NodeName) -> Result<(
     }
 }
 
+/// Which peers may move the services of one kind (named without its version): push them to
+/// this node (a migration or a spawn), and ask this node to move them away. Matter's access
+/// control lists are the model. With no rule for a kind, the node's general lists apply
+/// alone; with one, a peer must be on both. In a rule's lists, `"*"` is every peer and an
+/// empty list is none: `KindRule { kind: "wallet".into(), ..Default::default() }` keeps
+/// wallets where they are and lets none in.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct KindRule {
+    /// The kind's name (`KindKey::name`).
+    pub kind: String,
+    /// Peers that may push services of this kind here.
+    pub push_from: Vec<String>,
+    /// Peers that may ask this node to move its services of this kind away.
+    pub pull_by: Vec<String>,
+}
+
+/// What a peer asks of a kind: to bring its services here, or to take them away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindRight {
+    /// A migration to this node, or a spawn here.
+    Push,
+    /// A request that this node move a service away.
+    Pull,
+}
+
+/// Whether `peer` may `right` services of `kind` under `rules` (see [`KindRule`]).
+///
+/// ```
+/// use tern_proto::claims::{kind_allowed, KindRight, KindRule};
+/// use tern_proto::ids::NodeName;
+/// let rules = [KindRule { kind: "wallet".into(), push_from: vec!["phone".into()], pull_by: vec![] }];
+/// let (phone, tv) = (NodeName::new("phone"), NodeName::new("tv"));
+/// assert!(kind_allowed(&rules, "wallet", KindRight::Push, &phone).is_ok());
+/// assert!(kind_allowed(&rules, "wallet", KindRight::Push, &tv).is_err());
+/// assert!(kind_allowed(&rules, "wallet", KindRight::Pull, &phone).is_err());
+/// assert!(kind_allowed(&rules, "player", KindRight::Pull, &tv).is_ok());
+/// ```
+pub fn kind_allowed(
+    rules: &[KindRule],
+    kind: &str,
+    right: KindRight,
+    peer: &NodeName,
+) -> Result<(), ClaimRefused> {
+    let Some(rule) = rules.iter().find(|r| r.kind == kind) else {
+        return Ok(());
+    };
+    let (list, what, verb) = match right {
+        KindRight::Push => (&rule.push_from, "migration", "push"),
+        KindRight::Pull => (&rule.pull_by, "move request", "move away"),
+    };
+    if list.iter().any(|p| p == "*" || p == peer.as_str()) {
+        Ok(())
+    } else {
+        Err(ClaimRefused {
+            claim: what,
+            detail: format!("policy: {peer} may not {verb} services of kind {kind} on this node"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -411,7 +411,14 @@ fn handle_frame(
         (StreamKind::Control, Frame::Spawn { req, kind, state }) => {
             // A spawn brings a state of the peer's choosing, as a migration does.
             let policy = &node.limits.migration_peers;
-            let allowed = tern_proto::claims::allowed("spawn", policy, &link.name);
+            let allowed = tern_proto::claims::allowed("spawn", policy, &link.name).and_then(|()| {
+                tern_proto::claims::kind_allowed(
+                    &node.limits.kind_rules,
+                    &kind.name,
+                    tern_proto::claims::KindRight::Push,
+                    &link.name,
+                )
+            });
             if let Err(refusal) = &allowed {
                 node.refuse_claim(&link.name, refusal);
             }

@@ -53,6 +53,10 @@ pub struct Limits {
     /// `migrate_tree` called on another node) this node follows; empty means every peer. A
     /// request from any other peer is refused as a claim (see `tern_proto::claims`).
     pub move_requests_from: Vec<String>,
+    /// Per kind, which peers may push its services here and ask for them to move away, on
+    /// top of `migration_peers` and `move_requests_from` (see
+    /// [`KindRule`](tern_proto::claims::KindRule)); a kind with no rule follows those alone.
+    pub kind_rules: Vec<tern_proto::claims::KindRule>,
     /// A connection that hears nothing for this long is closed and its peer counted lost:
     /// asks only it could answer fail with `NodeLost`, and attempts waiting on it abort.
     pub idle_timeout_ms: u64,
@@ -93,6 +97,7 @@ impl Default for Limits {
             tombstones_max: 65_536,
             migration_peers: Vec::new(),
             move_requests_from: Vec::new(),
+            kind_rules: Vec::new(),
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
             losses_max: 1024,

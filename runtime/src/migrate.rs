@@ -1569,6 +1569,9 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
     if tern_proto::claims::allowed("migration", &limits.migration_peers, from).is_err() {
         return Err(format!("policy: node {from} may not push migrations here"));
     }
+    use tern_proto::claims::{kind_allowed, KindRight};
+    kind_allowed(&limits.kind_rules, &h.kind.name, KindRight::Push, from)
+        .map_err(|refusal| refusal.detail)?;
     if !node.has_kind(&h.kind) {
         return Err(format!(
             "unknown kind: {} is not registered on {}",
@@ -1921,6 +1924,37 @@ pub(crate) fn on_skipped(
     node.apply_skip(to, from, seq, hops);
 }
 
+impl NodeShared {
+    /// Whether `peer` may ask this node to move the services a move request names (and, for
+    /// a tree, every member): the kind rules' `pull_by` ([`tern_proto::claims::KindRule`]).
+    pub(crate) fn may_pull(
+        &self,
+        msg: &MigMsg,
+        peer: &NodeName,
+    ) -> Result<(), tern_proto::claims::ClaimRefused> {
+        use tern_proto::claims::{kind_allowed, KindRight};
+        let rules = &self.limits.kind_rules;
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<ServiceId> = match msg {
+            MigMsg::Request { service, .. } => vec![*service],
+            MigMsg::GroupRequest { moves, .. } => moves.iter().map(|(id, _)| *id).collect(),
+            MigMsg::TreeRequest { root, .. } => match self.tree(*root) {
+                Ok(members) => members.iter().map(|m| m.addr.id).collect(),
+                Err(_) => vec![*root],
+            },
+            _ => Vec::new(),
+        };
+        for id in ids {
+            if let Some(addr) = self.addr_known(id) {
+                kind_allowed(rules, &addr.kind.name, KindRight::Pull, peer)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A migration message on the control stream.
 pub(crate) fn on_control(
     node: &Arc<NodeShared>,
@@ -1932,7 +1966,9 @@ pub(crate) fn on_control(
     | MigMsg::TreeRequest { req, .. } = &msg
     {
         let policy = &node.limits.move_requests_from;
-        if let Err(refusal) = tern_proto::claims::allowed("move request", policy, &link.name) {
+        let allowed = tern_proto::claims::allowed("move request", policy, &link.name)
+            .and_then(|()| node.may_pull(&msg, &link.name));
+        if let Err(refusal) = allowed {
             node.refuse_claim(&link.name, &refusal);
             let answer = Frame::Reply {
                 ask: *req,

@@ -297,7 +297,7 @@ impl NodeShared {
     }
 
     /// An address for `id` from the local table or the books.
-    fn addr_known(&self, id: ServiceId) -> Option<ServiceAddr> {
+    pub(crate) fn addr_known(&self, id: ServiceId) -> Option<ServiceAddr> {
         self.local_addr_of(id).or_else(|| self.books.addr_of(id))
     }
 

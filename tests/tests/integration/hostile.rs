@@ -523,3 +523,69 @@ fn only_the_node_a_message_went_to_confirms_it() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// Per-kind rules (Matter's access control lists as the model): b lets only a push its
+/// `test-slow` services there or ask for them to move away; c, with a valid certificate and
+/// the node-wide policy open, can do neither. Refusals change nothing and traffic goes on.
+#[test]
+fn kind_rules_say_which_peers_may_push_and_pull_each_kind() -> Result<()> {
+    let only_a = tern::Limits {
+        kind_rules: vec![tern_proto::claims::KindRule {
+            kind: "test-slow".into(),
+            push_from: vec!["a".into()],
+            pull_by: vec!["a".into()],
+        }],
+        ..tern::Limits::default()
+    };
+    let c = ["a", "b", "c"]
+        .iter()
+        .fold(tern_harness::Cluster::builder(), |b, n| b.node(n, &[]))
+        .node_limits("b", only_a)
+        .setup(crate::common::register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
+    let on_c = cc.spawn(Slow::default())?;
+    let on_a = a.spawn(Slow::default())?;
+    let (pushed_by_c, pushed_by_a) = block_on(async {
+        let by_c = cc
+            .migrate(on_c.id(), "b", MigrateOptions::default())
+            .await?;
+        let by_a = a.migrate(on_a.id(), "b", MigrateOptions::default()).await?;
+        Ok::<_, anyhow::Error>((by_c, by_a))
+    })?;
+    let why = format!("{:?}", pushed_by_c.aborted);
+    assert!(why.contains("policy"), "c pushed to b: {pushed_by_c:?}");
+    assert_eq!(cc.location(on_c.id()), Some(NodeName::new("c")));
+    assert!(pushed_by_a.aborted.is_none(), "{pushed_by_a:?}");
+    wait_for(SECS_10, "b to run a's service", || {
+        b.location(on_a.id()) == Some(NodeName::new("b"))
+    })?;
+
+    // c asks b to hand it the service, and to start one there: refused, logged, nothing moves.
+    let pulled_by_c = block_on(cc.migrate(on_a.id(), "c", MigrateOptions::default()));
+    match pulled_by_c {
+        Err(e) => assert!(e.to_string().contains("policy"), "{e}"),
+        Ok(r) => panic!("c moved b's service away: {r:?}"),
+    }
+    let spawned = block_on(cc.spawn_on(&NodeName::new("b"), &Slow::default(), SECS_10));
+    match spawned {
+        Err(e) => assert!(e.to_string().contains("policy"), "{e}"),
+        Ok(s) => panic!("c started {s:?} on b"),
+    }
+    assert!(b
+        .events()
+        .iter()
+        .any(|e| e.kind == "claim-refused" && e.detail.contains("from c")));
+    assert_eq!(b.location(on_a.id()), Some(NodeName::new("b")));
+
+    // a may take it back; honest traffic reaches both services in order.
+    let back = block_on(a.migrate(on_a.id(), "a", MigrateOptions::default()))?;
+    assert!(back.aborted.is_none(), "{back:?}");
+    let to_a = cc.resolve::<Slow>(on_a.addr())?;
+    takes_in_order(&to_a, 1, &[1])?;
+    let to_c = a.resolve::<Slow>(on_c.addr())?;
+    takes_in_order(&to_c, 2, &[2])?;
+    c.shutdown();
+    Ok(())
+}
