@@ -134,6 +134,10 @@ pub const CERT_DAYS_DEFAULT: u64 = 365;
 /// The longest a certificate may live, in days (ten years).
 pub const CERT_DAYS_MAX: u64 = 3650;
 
+/// Days a cluster CA's own certificate lives (twenty years): past it, no certificate it
+/// issued is accepted, and the cluster needs a new CA.
+pub const CA_DAYS: u64 = 2 * CERT_DAYS_MAX;
+
 /// The cluster's certificate authority: only nodes holding a certificate it issued can join.
 pub struct ClusterCa {
     cert_der: Vec<u8>,
@@ -144,8 +148,16 @@ pub struct ClusterCa {
 impl ClusterCa {
     /// Creates a new CA with a fresh key.
     pub fn new() -> Result<Self, Error> {
+        use std::time::{Duration, SystemTime};
         let key = KeyPair::generate().map_err(cert_err)?;
-        let cert = ca_params().self_signed(&key).map_err(cert_err)?;
+        let mut params = ca_params();
+        let now = SystemTime::now();
+        params.not_before = now
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or(now)
+            .into();
+        params.not_after = (now + Duration::from_secs(CA_DAYS * 24 * 3600)).into();
+        let cert = params.self_signed(&key).map_err(cert_err)?;
         Ok(ClusterCa {
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
@@ -668,6 +680,14 @@ mod tests {
             "{year} vs {now}"
         );
         let month = not_after(&ca.issue_for_days("watch", 30).unwrap());
+        let ca_life = {
+            let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+            cert.validity().not_after.timestamp() as u64
+        };
+        assert!(
+            ca_life.abs_diff(now + CA_DAYS * day) < 60,
+            "{ca_life} vs {now}"
+        );
         assert!(month.abs_diff(now + 30 * day) < 60);
         assert!(ca.issue_for_days("watch", 0).is_err());
         assert!(ca.issue_for_days("watch", CERT_DAYS_MAX + 1).is_err());

@@ -36,6 +36,9 @@ pub struct Limits {
     /// a snapshot whose next bytes would go past this is refused (`too large: ...`), and its
     /// service resumes at its source.
     pub snapshot_bytes_in_max: usize,
+    /// The share of `snapshot_bytes_in_max` one peer's snapshots may hold at once: a peer
+    /// cannot take the whole budget and keep every other peer's migrations out.
+    pub snapshot_bytes_in_per_peer_max: usize,
     /// Most queued messages a migration may carry to this node.
     pub snapshot_carried_max: usize,
     /// Time a source waits for the target's answer before it aborts, in milliseconds.
@@ -91,6 +94,7 @@ impl Default for Limits {
             timers_per_service_max: 1024,
             snapshot_bytes_max: 256 << 20,
             snapshot_bytes_in_max: 512 << 20,
+            snapshot_bytes_in_per_peer_max: 256 << 20,
             snapshot_carried_max: 1_000_000,
             migration_deadline_ms: 10_000,
             freeze_deadline_ms: 10_000,

@@ -1502,33 +1502,52 @@ pub(crate) struct SnapRecv {
 }
 
 /// Room reserved for a snapshot's state, counted against the node's
-/// `Limits::snapshot_bytes_in_max`; given back when dropped.
+/// `Limits::snapshot_bytes_in_max` and its peer's `snapshot_bytes_in_per_peer_max`; given
+/// back when dropped.
 pub(crate) struct Room {
     total: Arc<std::sync::atomic::AtomicUsize>,
+    peer: Arc<std::sync::atomic::AtomicUsize>,
     held: usize,
 }
 
+/// Which budget a snapshot's room did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spent {
+    Node,
+    Peer,
+}
+
+/// Adds `more` to `counter` if it stays within `max`.
+fn take(counter: &std::sync::atomic::AtomicUsize, more: usize, max: usize) -> bool {
+    use std::sync::atomic::Ordering;
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+            t.checked_add(more).filter(|n| *n <= max)
+        })
+        .is_ok()
+}
+
 impl Room {
-    /// Takes `more` bytes more, if the node's total stays within `max`.
-    fn grow(&mut self, more: usize, max: usize) -> bool {
+    /// Takes `more` bytes more, if the peer's share stays within `peer_max` and the node's
+    /// total within `max`.
+    fn grow(&mut self, more: usize, (max, peer_max): (usize, usize)) -> Result<(), Spent> {
         use std::sync::atomic::Ordering;
-        let took = self
-            .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                t.checked_add(more).filter(|n| *n <= max)
-            })
-            .is_ok();
-        if took {
-            self.held += more;
+        if !take(&self.peer, more, peer_max) {
+            return Err(Spent::Peer);
         }
-        took
+        if !take(&self.total, more, max) {
+            self.peer.fetch_sub(more, Ordering::AcqRel);
+            return Err(Spent::Node);
+        }
+        self.held += more;
+        Ok(())
     }
 
     fn release(&mut self) {
-        self.total.fetch_sub(
-            std::mem::take(&mut self.held),
-            std::sync::atomic::Ordering::AcqRel,
-        );
+        use std::sync::atomic::Ordering;
+        let held = std::mem::take(&mut self.held);
+        self.total.fetch_sub(held, Ordering::AcqRel);
+        self.peer.fetch_sub(held, Ordering::AcqRel);
     }
 }
 
@@ -1539,16 +1558,16 @@ impl Drop for Room {
 }
 
 /// Makes room in `state` for `more` bytes, growing its allocation by doubling up to the
-/// `announced` size, within the node's budget. False when the budget is spent.
+/// `announced` size, within the node's and the peer's budgets; which one is spent, if any.
 fn make_room(
     state: &mut Vec<u8>,
     room: &mut Room,
     more: usize,
-    (announced, max): (usize, usize),
-) -> bool {
+    (announced, max, peer_max): (usize, usize, usize),
+) -> Result<(), Spent> {
     let need = state.len() + more;
     if need <= state.capacity() {
-        return true;
+        return Ok(());
     }
     // The caller refused more bytes than announced: the room wanted covers what is needed.
     debug_assert!(need <= announced);
@@ -1556,11 +1575,9 @@ fn make_room(
         .max(state.capacity().saturating_mul(2))
         .max(64 << 10)
         .min(announced);
-    if !room.grow(want - state.capacity(), max) {
-        return false;
-    }
+    room.grow(want - state.capacity(), (max, peer_max))?;
     state.reserve_exact(want - state.len());
-    true
+    Ok(())
 }
 
 /// Checks a snapshot header against this node's rules; the reason when it is refused.
@@ -1634,6 +1651,12 @@ pub(crate) fn snapshot_frame(
                 state_bytes: h.state_bytes as usize,
                 room: Room {
                     total: node.snapshot_bytes_in.clone(),
+                    // A peer with no link (it just went) shares a counter of its own.
+                    peer: node
+                        .links
+                        .get(from)
+                        .map(|l| l.snapshot_bytes_in.clone())
+                        .unwrap_or_default(),
                     held: 0,
                 },
                 state_due: None,
@@ -1698,20 +1721,32 @@ pub(crate) fn snapshot_frame(
             if !recv.tables.is_complete() {
                 return Err(malformed("snapshot state before its tables".into()));
             }
-            let bounds = (recv.state_bytes, node.limits.snapshot_bytes_in_max);
+            let bounds = (
+                recv.state_bytes,
+                node.limits.snapshot_bytes_in_max,
+                node.limits.snapshot_bytes_in_per_peer_max,
+            );
             if recv.state_due.is_some_and(|due| Instant::now() >= due) {
                 // Trickled: each frame in time for the stream, the whole too late.
                 snapshot_overdue(node, from, rx);
                 return Ok(());
             }
-            if !make_room(&mut recv.state, &mut recv.room, bytes.len(), bounds) {
-                let reason = format!(
-                    "too large: snapshots arriving here already hold {} bytes \
-                     (snapshot_bytes_in_max {})",
-                    node.snapshot_bytes_in
-                        .load(std::sync::atomic::Ordering::Acquire),
-                    node.limits.snapshot_bytes_in_max
-                );
+            if let Err(spent) = make_room(&mut recv.state, &mut recv.room, bytes.len(), bounds) {
+                use std::sync::atomic::Ordering;
+                let reason = match spent {
+                    Spent::Node => format!(
+                        "too large: snapshots arriving here already hold {} bytes \
+                         (snapshot_bytes_in_max {})",
+                        node.snapshot_bytes_in.load(Ordering::Acquire),
+                        node.limits.snapshot_bytes_in_max
+                    ),
+                    Spent::Peer => format!(
+                        "too large: snapshots from {from} arriving here already hold {} bytes \
+                         (snapshot_bytes_in_per_peer_max {})",
+                        recv.room.peer.load(Ordering::Acquire),
+                        node.limits.snapshot_bytes_in_per_peer_max
+                    ),
+                };
                 recv.give_up(node, from, reason);
                 return Ok(());
             }

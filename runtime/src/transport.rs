@@ -371,6 +371,9 @@ pub(crate) struct PeerLink {
     pub(crate) data: OutQueue,
     ctrl: OutQueue,
     state: Mutex<LinkState>,
+    /// Bytes reserved for the states of this peer's snapshots still arriving (its share of
+    /// the node's, within `Limits::snapshot_bytes_in_per_peer_max`).
+    pub(crate) snapshot_bytes_in: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 thread_local! {
@@ -410,6 +413,7 @@ impl PeerLink {
                 gen: 0,
                 heard_only: false,
             }),
+            snapshot_bytes_in: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 

@@ -391,6 +391,57 @@ fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> R
     Ok(())
 }
 
+/// One peer's snapshots hold at most its share of the node's room: a rogue that fills its
+/// share is refused more, while an honest peer's migration still finds room at once.
+#[test]
+fn one_peer_cannot_take_the_whole_snapshot_budget() -> Result<()> {
+    let limits = tern::Limits {
+        snapshot_bytes_in_max: 4 << 20,
+        snapshot_bytes_in_per_peer_max: 1 << 20,
+        ..tern::Limits::default()
+    };
+    let c = connected_with(&["a", "b"], limits)?;
+    let slow = KindKey::new("test-slow", 1);
+    let big = c.node("b").spawn(Slow {
+        handled: (0..100_000).collect(),
+    })?;
+    let chunk = vec![0u8; 700 << 10];
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        let mut first = p.conn.open_uni().await?;
+        let mut s = begin(snap_header(1, slow.clone(), 200 << 20, 0));
+        s.extend(frame(&Frame::SnapState { bytes: &chunk }));
+        first.write_all(&s).await?;
+        let mut s = begin(snap_header(2, slow.clone(), 200 << 20, 0));
+        s.extend(frame(&Frame::SnapState { bytes: &chunk }));
+        p.send_uni(&s).await?;
+        let why = match p.mig().await? {
+            MigMsg::Refused {
+                n: 1 | 2, reason, ..
+            } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert!(why.contains("snapshot_bytes_in_per_peer_max"), "{why}");
+        assert!(why.contains("from probe"), "{why}");
+        // The rogue still holds its share on an open stream; b's 800 KiB state fits at once.
+        let report = c
+            .node("b")
+            .migrate(big.id(), "a", MigrateOptions::default())
+            .await?;
+        assert!(report.aborted.is_none(), "{report:?}");
+        first.reset(quinn::VarInt::from_u32(0))?;
+        p.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
+    assert_eq!(
+        block_on(from_b.ask(SlowMsg::Items, SECS_10))?.len(),
+        100_000
+    );
+    c.shutdown();
+    Ok(())
+}
+
 #[test]
 fn a_snapshot_whose_state_does_not_come_in_time_is_refused_and_gives_its_room_back() -> Result<()> {
     let limits = tern::Limits {
