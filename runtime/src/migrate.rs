@@ -1499,6 +1499,8 @@ pub(crate) struct SnapRecv {
     refused: bool,
     ended: bool,
     carried_in: u64,
+    /// Carried messages the header announced: more is a protocol error.
+    carried_announced: u64,
 }
 
 /// Room reserved for a snapshot's state, counted against the node's
@@ -1665,6 +1667,7 @@ pub(crate) fn snapshot_frame(
                 refused: false,
                 ended: false,
                 carried_in: 0,
+                carried_announced: h.carried,
             };
             match refusal {
                 Err(reason) => {
@@ -1763,6 +1766,13 @@ pub(crate) fn snapshot_frame(
                 // Refused or stale: the source still has these messages.
                 return Ok(());
             };
+            let after = recv.carried_in.saturating_add(msgs.len() as u64);
+            if after > recv.carried_announced {
+                return Err(malformed(format!(
+                    "{after} carried messages, more than the {} the header announced",
+                    recv.carried_announced
+                )));
+            }
             for m in msgs {
                 recv.carried_in += 1;
                 if let Err(reason) = slot.deliver_carried(&m) {

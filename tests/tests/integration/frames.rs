@@ -485,6 +485,57 @@ fn a_snapshot_whose_state_does_not_come_in_time_is_refused_and_gives_its_room_ba
     Ok(())
 }
 
+/// A snapshot may carry only as many queued messages as its header announced: one more is a
+/// protocol error, nothing it carried past the count is held, and the node keeps serving.
+#[test]
+fn a_snapshot_carrying_more_than_it_announced_is_cut_off() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let slow = KindKey::new("test-slow", 1);
+    let state = rmp_serde::to_vec(&Slow::default())?;
+    let errors_before = c.node("a").stats().protocol_errors;
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        let carried = |seq| -> Result<wire::CarriedMsg> {
+            Ok(wire::CarriedMsg {
+                from: Some(ServiceId::from_parts(0x5eed, 99)),
+                seq,
+                ask: None,
+                origin: Some(tern::NodeName::new("probe")),
+                msg: rmp_serde::to_vec(&crate::common::SlowMsg::Item(seq))?,
+            })
+        };
+        let mut s = begin(snap_header(11, slow.clone(), state.len() as u64, 1));
+        s.extend(frame(&Frame::SnapState { bytes: &state }));
+        s.extend(frame(&Frame::SnapCarried {
+            msgs: (1..=3).map(carried).collect::<Result<Vec<_>>>()?,
+        }));
+        p.send_uni(&s).await?;
+        p.barrier().await?;
+        p.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    tern_harness::wait_for(SECS_10, "the protocol error", || {
+        c.node("a").stats().protocol_errors > errors_before
+    })?;
+    assert!(c
+        .node("a")
+        .events()
+        .iter()
+        .any(|e| e.detail.contains("more than the 1 the header announced")));
+    // An honest migration still goes through and its service still takes messages.
+    let moved = c.node("b").spawn(Slow::default())?;
+    let report = block_on(
+        c.node("b")
+            .migrate(moved.id(), "a", MigrateOptions::default()),
+    )?;
+    assert!(report.aborted.is_none(), "{report:?}");
+    let from_b = c.node("b").resolve::<Slow>(moved.addr())?;
+    block_on(from_b.tell_wait(SlowMsg::Item(5)))?;
+    assert_eq!(block_on(from_b.ask(SlowMsg::Items, SECS_10))?, vec![5]);
+    c.shutdown();
+    Ok(())
+}
+
 /// A snapshot stream whose framing breaks after the state and part of the carried queue: the
 /// copy runs once its source commits, with what arrived, instead of waiting for the rest of
 /// its queue for ever (before, a framing error left it gated: nothing it held, and nothing
