@@ -146,6 +146,38 @@ impl Verifiers {
     }
 }
 
+/// The handshake-signature checks every verifier here shares: by the crypto provider's
+/// algorithms (`self.<path>`), whatever the certificate checks are.
+macro_rules! handshake_signatures {
+    ($($provider:tt)+) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.$($provider)+.signature_verification_algorithms;
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.$($provider)+.signature_verification_algorithms;
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$($provider)+
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
 /// A node's client-certificate checks, as they stand at each handshake.
 #[derive(Debug)]
 struct CurrentClients(Arc<Verifiers>);
@@ -172,27 +204,7 @@ impl rustls::server::danger::ClientCertVerifier for CurrentClients {
             .verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.clients().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.clients().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.clients().supported_verify_schemes()
-    }
+    handshake_signatures!(0.provider);
 }
 
 /// A node's server-certificate checks (when it dials a peer), as they stand at each
@@ -218,27 +230,7 @@ impl rustls::client::danger::ServerCertVerifier for CurrentServers {
         )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.servers().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.servers().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.servers().supported_verify_schemes()
-    }
+    handshake_signatures!(0.provider);
 }
 
 /// The QUIC server side of a node: requires a client certificate issued by the cluster CA.
@@ -363,6 +355,7 @@ pub fn peer_name_and_role(conn: &quinn::Connection) -> Result<(NodeName, Role), 
 #[derive(Debug)]
 struct NodeOfTheCluster {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     expect: Option<NodeName>,
 }
 
@@ -399,27 +392,7 @@ impl rustls::client::danger::ServerCertVerifier for NodeOfTheCluster {
             .verify_server_cert(end_entity, intermediates, &as_server, ocsp_response, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    handshake_signatures!(provider);
 }
 
 /// The QUIC client side of an admin connection (ALPN `tern-admin/1`): presents `id`'s
@@ -434,12 +407,13 @@ pub fn admin_client_config(
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider.clone())
             .build()
             .map_err(tls_err)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NodeOfTheCluster {
             inner,
+            provider: provider.clone(),
             expect: expect.cloned(),
         }))
         .with_client_auth_cert(vec![id.cert()], id.key())

@@ -356,6 +356,21 @@ impl Service for DisplayRelay {
     }
 }
 
+/// `handle`'s service takes `item` and has then handled exactly `want`: honest traffic
+/// still flows, in order.
+pub fn takes_in_order(
+    handle: &tern::ServiceRef<Slow>,
+    item: u64,
+    want: &[u64],
+) -> anyhow::Result<()> {
+    let handled = tern_harness::block_on(async {
+        handle.tell_wait(SlowMsg::Item(item)).await?;
+        Ok::<_, anyhow::Error>(handle.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(handled, want);
+    Ok(())
+}
+
 /// The usual cluster: nodes `names` with the test kinds, every pair connected.
 pub fn connected(names: &[&str]) -> anyhow::Result<tern_harness::Cluster> {
     connected_with(names, tern::Limits::default())

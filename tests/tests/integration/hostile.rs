@@ -4,12 +4,12 @@
 //! traffic still flows afterwards.
 
 use anyhow::{Context, Result};
-use tern::{KindKey, MigrateOptions, NodeHandle, NodeName, ServiceRef};
+use tern::{KindKey, MigrateOptions, NodeHandle, NodeName};
 use tern_harness::rogue::{Answer, Rogue};
 use tern_harness::{block_on, wait_for, wait_until};
 use tern_proto::wire::{code, Frame, MigMsg};
 
-use crate::common::{connected, Slow, SlowMsg, SECS_10};
+use crate::common::{connected, takes_in_order, Slow, SlowMsg, SECS_10};
 
 /// The rogue's answer is a refused claim that names what was claimed.
 fn expect_claim_refused(a: Answer, mentions: &str) {
@@ -23,17 +23,6 @@ fn expect_claim_refused(a: Answer, mentions: &str) {
         }
         other => panic!("expected a refused claim, got {other:?}"),
     }
-}
-
-/// Honest traffic still flows: `handle`'s service takes item `item` after everything before
-/// it, and has handled exactly `want`, in that order.
-fn takes_in_order(handle: &ServiceRef<Slow>, item: u64, want: &[u64]) -> Result<()> {
-    let handled = block_on(async {
-        handle.tell_wait(SlowMsg::Item(item)).await?;
-        Ok::<_, anyhow::Error>(handle.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, want);
-    Ok(())
 }
 
 /// `node` logged and counted `n` refused claims from `peer`.

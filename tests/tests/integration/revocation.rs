@@ -8,12 +8,11 @@ use anyhow::Result;
 use tern::admin::{AdminClient, AdminReply, AdminRequest};
 use tern::certs::Role;
 use tern::trust::Installed;
-use tern::ServiceRef;
 use tern_harness::rogue::Rogue;
 use tern_harness::{block_on, wait_for, Cluster};
 use tern_proto::wire::Frame;
 
-use crate::common::{register_test_kinds, Slow, SlowMsg, SECS_10};
+use crate::common::{register_test_kinds, takes_in_order, Slow, SlowMsg, SECS_10};
 
 /// Nodes `names` with the test kinds, every pair connected, letting admin `ops` in.
 fn cluster(names: &[&str]) -> Result<Cluster> {
@@ -25,16 +24,6 @@ fn cluster(names: &[&str]) -> Result<Cluster> {
         .start()?;
     c.wait_connected(SECS_10)?;
     Ok(c)
-}
-
-/// `handle`'s service takes `item` and has then handled exactly `want`.
-fn takes_in_order(handle: &ServiceRef<Slow>, item: u64, want: &[u64]) -> Result<()> {
-    let handled = block_on(async {
-        handle.tell_wait(SlowMsg::Item(item)).await?;
-        Ok::<_, anyhow::Error>(handle.ask(SlowMsg::Items, SECS_10).await?)
-    })?;
-    assert_eq!(handled, want);
-    Ok(())
 }
 
 /// The certificate a node presents to a new connection, read by dialing it.
