@@ -230,3 +230,59 @@ impl Trust {
         Ok((Installed::Newer, list))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::ClusterCa;
+
+    #[test]
+    fn a_list_is_believed_for_its_signature_number_and_size_only() {
+        let ca = ClusterCa::new().expect("a CA");
+        let other = ClusterCa::new().expect("another CA");
+        let phone = ca.issue("phone").expect("a certificate");
+        let serial = phone.serial().expect("a serial");
+        let crl = ca
+            .revocation_list(std::slice::from_ref(&serial), 3)
+            .expect("a list");
+        let list = Revocations::verify(&crl, ca.cert_der()).expect("the CA's list");
+        assert_eq!((list.number(), list.len()), (3, 1));
+        assert!(list.revokes(&serial) && list.revokes_cert(&phone.cert_der));
+        assert!(!list.revokes_cert(&ca.issue("tv").expect("a certificate").cert_der));
+        // Another CA's list; junk; a list over the bound; a list with bytes after it.
+        let forged = other.revocation_list(&[serial], 4).expect("a list");
+        let err = |bytes: &[u8]| {
+            Revocations::verify(bytes, ca.cert_der())
+                .expect_err("believed")
+                .to_string()
+        };
+        assert!(err(&forged).contains("not the cluster CA's"));
+        assert!(err(b"junk").contains("unreadable"));
+        assert!(err(&vec![0u8; CRL_BYTES_MAX + 1]).contains("bound"));
+        let mut trailing = crl.clone();
+        trailing.push(0);
+        assert!(err(&trailing).contains("after its end"));
+    }
+
+    #[test]
+    fn a_node_keeps_the_newest_list() {
+        let ca = ClusterCa::new().expect("a CA");
+        let trust =
+            Trust::new(ca.issue("a").expect("a certificate"), Liveness::default()).expect("checks");
+        let list = |n| ca.revocation_list(&[], n).expect("a list");
+        assert_eq!(
+            trust.install(&list(2)).expect("installed").0,
+            Installed::Newer
+        );
+        assert_eq!(
+            trust.install(&list(2)).expect("same").0,
+            Installed::NotNewer
+        );
+        assert_eq!(
+            trust.install(&list(1)).expect("older").0,
+            Installed::NotNewer
+        );
+        assert_eq!(trust.install(&list(5)).expect("newer").0, Installed::Newer);
+        assert_eq!(trust.revocations().map(|r| r.number()), Some(5));
+    }
+}
