@@ -4,8 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// A monotonic counter.
+/// A monotonic counter, alone on its cache line: counters bumped on every message by
+/// different threads (a sender's `sent_local`, a handler's `processed`) must not share one,
+/// nor share one with the fields every send reads.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
