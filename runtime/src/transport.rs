@@ -641,25 +641,18 @@ async fn dial_inner<H: Host>(
         .map_err(|_| conn_err("handshake", "timed out"))?
         .map_err(|e| conn_err("handshake", e))?;
     let (name, role) = crate::tls::peer_name_and_role(&conn)?;
+    let refuse = |reason: &[u8], why: String| {
+        conn.close(quinn::VarInt::from_u32(code::REFUSED as u32), reason);
+        Err(Error::Cert(format!("dialed {}, but {why}", link.name)))
+    };
     if role != crate::certs::Role::Node {
-        conn.close(
-            quinn::VarInt::from_u32(code::REFUSED as u32),
+        return refuse(
             b"not a node certificate",
+            format!("it answered with an {role} certificate, not a node's"),
         );
-        return Err(Error::Cert(format!(
-            "dialed {} but it answered with an {role} certificate, not a node's",
-            link.name
-        )));
     }
     if name != link.name {
-        conn.close(
-            quinn::VarInt::from_u32(code::REFUSED as u32),
-            b"unexpected name",
-        );
-        return Err(Error::Cert(format!(
-            "dialed {} but the certificate names {name}",
-            link.name
-        )));
+        return refuse(b"unexpected name", format!("the certificate names {name}"));
     }
     let (mut send, mut recv) = conn
         .open_bi()
