@@ -552,6 +552,38 @@ mod tests {
         assert_eq!(format!("{code:?}"), "PairingCode(..)");
     }
 
+    /// A message announced longer than the bound is refused from its length, before any
+    /// room is made for it; the server reports the try as broken and keeps its code.
+    #[test]
+    fn an_oversize_message_is_refused_from_its_length() {
+        let ca = std::sync::Arc::new(ClusterCa::new().expect("a CA"));
+        let (attempt, still_good) = run(async {
+            let mut server = PairingServer::bind(
+                "127.0.0.1:0".parse().expect("an address"),
+                ca,
+                PairingOffer::node("watch"),
+            )
+            .await
+            .expect("a server");
+            let at = server.local_addr();
+            let client = async {
+                let mut s = TcpStream::connect(at).await.expect("connected");
+                let len = (PAIR_MESSAGE_BYTES_MAX as u32 + 1).to_be_bytes();
+                s.write_all(&len).await.expect("sent");
+                // Wait for the server to close its side.
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            };
+            let (attempt, ()) = tokio::join!(server.answer_one(), client);
+            (attempt.expect("a try"), !server.is_paired())
+        });
+        match attempt.outcome {
+            PairOutcome::Broken(why) => assert!(why.contains("bound"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(still_good);
+    }
+
     /// A holder that does not know the code answers with a certificate anyway: the device
     /// refuses it, since the holder cannot prove the key.
     #[test]
