@@ -338,6 +338,23 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
     Ok(())
 }
 
+/// A service on b with an 800 KiB state: a real migration that needs room at a.
+fn big_on_b(c: &Cluster) -> Result<tern::ServiceRef<Slow>> {
+    Ok(c.node("b").spawn(Slow {
+        handled: (0..100_000).collect(),
+    })?)
+}
+
+/// `big` (from [`big_on_b`]), wherever it went, still has every item it had.
+fn kept_every_item(c: &Cluster, big: &tern::ServiceRef<Slow>) -> Result<()> {
+    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
+    assert_eq!(
+        block_on(from_b.ask(SlowMsg::Items, SECS_10))?.len(),
+        100_000
+    );
+    Ok(())
+}
+
 #[test]
 fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> Result<()> {
     let budget = 1 << 20;
@@ -374,9 +391,7 @@ fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> R
         Ok::<_, anyhow::Error>(())
     })?;
     // Real migrations still find room (an 800 KiB state fits once the first room is back).
-    let big = c.node("b").spawn(Slow {
-        handled: (0..100_000).collect(),
-    })?;
+    let big = big_on_b(&c)?;
     tern_harness::wait_for(SECS_10, "the budget to be given back", || {
         let report = block_on(
             c.node("b")
@@ -384,9 +399,7 @@ fn snapshot_states_get_room_as_their_bytes_arrive_within_the_nodes_budget() -> R
         );
         matches!(report, Ok(r) if r.aborted.is_none())
     })?;
-    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
-    let items = block_on(from_b.ask(SlowMsg::Items, SECS_10))?;
-    assert_eq!(items.len(), 100_000);
+    kept_every_item(&c, &big)?;
     c.shutdown();
     Ok(())
 }
@@ -402,9 +415,7 @@ fn one_peer_cannot_take_the_whole_snapshot_budget() -> Result<()> {
     };
     let c = connected_with(&["a", "b"], limits)?;
     let slow = KindKey::new("test-slow", 1);
-    let big = c.node("b").spawn(Slow {
-        handled: (0..100_000).collect(),
-    })?;
+    let big = big_on_b(&c)?;
     let chunk = vec![0u8; 700 << 10];
     block_on(async {
         let mut p = Rogue::connect(&c, "probe", "a").await?;
@@ -433,11 +444,7 @@ fn one_peer_cannot_take_the_whole_snapshot_budget() -> Result<()> {
         p.close().await;
         Ok::<_, anyhow::Error>(())
     })?;
-    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
-    assert_eq!(
-        block_on(from_b.ask(SlowMsg::Items, SECS_10))?.len(),
-        100_000
-    );
+    kept_every_item(&c, &big)?;
     c.shutdown();
     Ok(())
 }
@@ -451,9 +458,7 @@ fn a_snapshot_whose_state_does_not_come_in_time_is_refused_and_gives_its_room_ba
     };
     let c = connected_with(&["a", "b"], limits)?;
     let slow = KindKey::new("test-slow", 1);
-    let big = c.node("b").spawn(Slow {
-        handled: (0..100_000).collect(),
-    })?;
+    let big = big_on_b(&c)?;
     block_on(async {
         let mut p = Rogue::connect(&c, "probe", "a").await?;
         // 700 KiB of a 1 MiB state, then nothing, on a stream left open.
@@ -476,11 +481,7 @@ fn a_snapshot_whose_state_does_not_come_in_time_is_refused_and_gives_its_room_ba
         p.close().await;
         Ok::<_, anyhow::Error>(())
     })?;
-    let from_b = c.node("b").resolve::<Slow>(big.addr())?;
-    assert_eq!(
-        block_on(from_b.ask(SlowMsg::Items, SECS_10))?.len(),
-        100_000
-    );
+    kept_every_item(&c, &big)?;
     c.shutdown();
     Ok(())
 }
