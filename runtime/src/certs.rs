@@ -579,6 +579,14 @@ pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(trim_serial(cert.raw_serial()))
 }
 
+/// A certificate's public key (its DER `SubjectPublicKeyInfo`): what binds a name to one
+/// device. A renewed certificate for the same key has the same one.
+pub fn key_of(der: &[u8]) -> Result<Vec<u8>, Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
 /// `raw` without its leading zero bytes, so that one number has one spelling.
 pub(crate) fn trim_serial(raw: &[u8]) -> Vec<u8> {
     let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());

@@ -518,13 +518,36 @@ impl PeerLink {
         .map(drop)
     }
 
-    /// Where this peer's live connection comes from, if one is up.
-    fn live_remote(&self) -> Option<SocketAddr> {
-        lock(&self.state)
+    /// Why a new connection `conn` under this peer's name cannot be the peer itself while its
+    /// live connection is up: it holds another key (a second certificate for the name), or the
+    /// same key from another address (a copy of the certificate). A node dials from the one
+    /// socket it also listens on, so the node itself, restarted, comes from the same address
+    /// with the same key. `None`: no live connection, or the same node. A connection this node
+    /// dialed is checked by key only: the address dialed need not be the one the peer's own
+    /// connection comes from.
+    fn collision(&self, conn: &quinn::Connection, dialed: bool) -> Option<String> {
+        let live = lock(&self.state)
             .live
             .as_ref()
             .filter(|l| l.conn.close_reason().is_none())
-            .map(|l| l.conn.remote_address())
+            .map(|l| l.conn.clone())?;
+        if live.stable_id() == conn.stable_id() {
+            return None;
+        }
+        let key = |c: &quinn::Connection| {
+            crate::tls::peer_cert(c).and_then(|der| crate::certs::key_of(&der).ok())
+        };
+        let (there, here) = (live.remote_address(), conn.remote_address());
+        if key(&live) != key(conn) {
+            Some(format!(
+                "{} is connected from {there} with another key",
+                self.name
+            ))
+        } else if there != here && !dialed {
+            Some(format!("{} is connected from {there}", self.name))
+        } else {
+            None
+        }
     }
 
     /// Whether to keep a connection this peer dialed to us. Of two connections between the
@@ -653,6 +676,9 @@ async fn dial_inner<H: Host>(
     }
     if name != link.name {
         return refuse(b"unexpected name", format!("the certificate names {name}"));
+    }
+    if let Some(why) = link.collision(&conn, true) {
+        return refuse(b"name collision", format!("name collision: {why}"));
     }
     let (mut send, mut recv) = conn
         .open_bi()
@@ -831,16 +857,14 @@ async fn accept_one<H: Host>(node: Arc<H>, incoming: quinn::Incoming) {
             return refuse(&*node, format!("from {name} at {remote}: {e}"));
         }
     };
-    // A node dials from the one socket it also listens on, so a second connection under a
-    // name that is connected already, from elsewhere, is another holder of that name (a
-    // copied or re-issued certificate), not the node itself: refused, and the first stays.
-    // (A node restarted on another port gets in once its old connection has timed out.)
-    if let Some(there) = link.live_remote().filter(|there| *there != remote) {
+    // A name is bound to one key while it is connected: a second connection under a name
+    // that is connected already, with another key or from elsewhere, is another holder of
+    // that name (a re-issued or copied certificate), not the node itself: refused, and the
+    // first stays. (A node restarted on another port, or with a new certificate, gets in once
+    // its old connection has timed out or its old certificate was revoked.)
+    if let Some(why) = link.collision(&conn, false) {
         close("name collision");
-        return refuse(
-            &*node,
-            format!("from {remote}: name collision: {name} is connected from {there}"),
-        );
+        return refuse(&*node, format!("from {remote}: name collision: {why}"));
     }
     let mut out = Vec::new();
     if !link.accept_incoming(node.name()) {

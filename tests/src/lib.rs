@@ -217,11 +217,23 @@ impl Cluster {
         self.node(name).halt();
     }
 
-    /// Starts node `name` again after [`kill`](Self::kill), on the same address, with a
-    /// fresh certificate for the same name, the same limits and setup, and a clean
-    /// fault-injecting socket. It has no services; its peers redial it. Handles the caller
-    /// made on the old node must be dropped first (they keep its socket bound).
+    /// Starts node `name` again after [`kill`](Self::kill), on the same address, with the
+    /// same certificate, the same limits and setup, and a clean fault-injecting socket, as a
+    /// device that rebooted. It has no services; its peers redial it. Handles the caller made
+    /// on the old node must be dropped first (they keep its socket bound).
     pub fn restart(&mut self, name: &str) -> Result<()> {
+        let identity = self.node(name).identity();
+        self.restart_with(name, identity)
+    }
+
+    /// As [`restart`](Self::restart), with a fresh certificate (a new key) for the same name:
+    /// a device that was given a new certificate, or another holder of the name.
+    pub fn restart_with_new_certificate(&mut self, name: &str) -> Result<()> {
+        let identity = self.ca.issue(name)?;
+        self.restart_with(name, identity)
+    }
+
+    fn restart_with(&mut self, name: &str, identity: tern::certs::NodeIdentity) -> Result<()> {
         let i = self
             .nodes
             .iter()
@@ -234,7 +246,7 @@ impl Cluster {
         let addr = old.local_addr();
         old.shutdown();
         drop(old);
-        let mut cfg = NodeConfig::new(self.ca.issue(name)?, addr);
+        let mut cfg = NodeConfig::new(identity, addr);
         cfg.capabilities = spec.capabilities;
         cfg.limits = spec.limits;
         cfg.admins = self.admins.clone();

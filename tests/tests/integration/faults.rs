@@ -276,3 +276,65 @@ fn a_killed_node_is_noticed_its_asks_fail_and_once_restarted_it_takes_migrations
     c.shutdown();
     Ok(())
 }
+
+/// A name is bound to one key while it is connected. The same device rebooting (same
+/// certificate, same address) is taken back at once, before its old connection has even timed
+/// out; a new key under the same name is refused while the old connection lives, and gets in
+/// only once that connection is gone. Traffic flows after each.
+#[test]
+fn a_connected_name_keeps_its_key_until_its_connection_is_gone() -> Result<()> {
+    // Long enough that the old connection is still up when the restarted node dials.
+    let mut c = two_faulty_nodes(Limits {
+        idle_timeout_ms: 5_000,
+        keep_alive_ms: 500,
+        ..Limits::default()
+    })?;
+    let ups = |c: &Cluster| c.node("a").stats().connections_up;
+
+    // The same device reboots: back at once, the old connection replaced.
+    let before = ups(&c);
+    c.kill("b");
+    c.restart("b")?;
+    tern_harness::wait_for(SECS_10, "a to take the rebooted b", || ups(&c) > before)?;
+    let on_b = c.node("b").spawn(Slow::default())?;
+    let from_a = c.node("a").resolve::<Slow>(on_b.addr())?;
+    block_on(async {
+        from_a.tell(SlowMsg::Item(1))?;
+        assert_eq!(from_a.ask(SlowMsg::Items, SECS_10).await?, vec![1]);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop((on_b, from_a));
+
+    // Another key under b's name while the old connection lives: refused, with a reason.
+    let refused = c.node("a").stats().connections_refused;
+    let before = ups(&c);
+    c.kill("b");
+    c.restart_with_new_certificate("b")?;
+    let collision = || {
+        c.node("a")
+            .events()
+            .into_iter()
+            .rev()
+            .find(|e| e.kind == "connection-refused" && e.detail.contains("name collision"))
+            .map(|e| e.detail)
+    };
+    tern_harness::wait_for(SECS_10, "a to refuse the new key", || {
+        c.node("a").stats().connections_refused > refused && collision().is_some()
+    })?;
+    let detail = collision().unwrap_or_default();
+    assert!(detail.contains("another key"), "{detail}");
+    // Once the old connection has timed out, the new key is b's.
+    tern_harness::wait_for(Duration::from_secs(30), "the new b to get in", || {
+        ups(&c) > before && c.node("b").is_connected("a")
+    })?;
+    let on_b = c.node("b").spawn(Slow::default())?;
+    let from_a = c.node("a").resolve::<Slow>(on_b.addr())?;
+    block_on(async {
+        from_a.tell(SlowMsg::Item(2))?;
+        assert_eq!(from_a.ask(SlowMsg::Items, SECS_10).await?, vec![2]);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop((on_b, from_a));
+    c.shutdown();
+    Ok(())
+}

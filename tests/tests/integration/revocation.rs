@@ -125,7 +125,7 @@ fn a_revoked_device_is_cut_off_within_seconds_and_cannot_rejoin() -> Result<()> 
     takes_in_order(&to_b, 1, &[1])?;
 
     // The real device, with a new certificate, joins again and learns the list.
-    c.restart("c")?;
+    c.restart_with_new_certificate("c")?;
     wait_for(SECS_10, "the new c to join", || {
         a.is_connected("c") && b.is_connected("c")
     })?;
