@@ -253,6 +253,18 @@ impl Tombstones {
         Some(HandOn { at, epoch, notify })
     }
 
+    /// Node `node` is gone (its link went down): it may come back as a new run that knows
+    /// nothing, so the notices it was sent are forgotten and it is told again.
+    pub fn forget_notices_to(&mut self, node: &NodeName) {
+        self.told.retain(|(_, n, _)| n != node);
+    }
+
+    /// The notice `hand_on` asked for could not be sent (no link to `origin` now): it is not
+    /// counted as told, so the next hand-on tries again.
+    pub fn notice_unsent(&mut self, service: ServiceId, origin: &NodeName, epoch: u64) {
+        self.told.remove(&(service, origin.clone(), epoch));
+    }
+
     fn first_notice(&mut self, service: ServiceId, origin: &NodeName, epoch: u64) -> bool {
         if self.told.len() >= NOTICES_MAX {
             self.told.clear();
@@ -373,6 +385,33 @@ mod tests {
 
     fn s(i: u8) -> ServiceId {
         ServiceId::from_parts(1, u64::from(i))
+    }
+
+    #[test]
+    fn a_node_that_was_lost_is_told_again() {
+        let mut t = Tombstones::new(4);
+        t.bury(s(1), 2);
+        let here = Some((n("b"), 2));
+        let first = t.hand_on(&n("a"), s(1), &n("c"), here.clone());
+        assert_eq!(first.and_then(|h| h.notify), Some(n("c")));
+        assert_eq!(
+            t.hand_on(&n("a"), s(1), &n("c"), here.clone())
+                .and_then(|h| h.notify),
+            None
+        );
+        t.forget_notices_to(&n("c"));
+        assert_eq!(
+            t.hand_on(&n("a"), s(1), &n("c"), here.clone())
+                .and_then(|h| h.notify),
+            Some(n("c"))
+        );
+        // A notice that could not be sent is not counted as told.
+        t.notice_unsent(s(1), &n("c"), 2);
+        assert_eq!(
+            t.hand_on(&n("a"), s(1), &n("c"), here)
+                .and_then(|h| h.notify),
+            Some(n("c"))
+        );
     }
 
     #[test]

@@ -771,8 +771,10 @@ impl<S: Clone, P: Clone> Core<S, P> {
     }
 
     /// The connection to `node` went down: attempts waiting for its answer abort now rather
-    /// than at their deadline. (Safe: the source has not committed them.)
+    /// than at their deadline (safe: the source has not committed them), and the tombstones
+    /// will tell it again where services went (it may come back as a new run).
     pub fn link_lost(&mut self, node: &NodeName) -> Vec<Action<S, P>> {
+        self.tombs.forget_notices_to(node);
         let lost: Vec<ServiceId> = self
             .hosted
             .iter()
@@ -828,6 +830,11 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
         let located = self.directory.get(&service).cloned();
         self.tombs.hand_on(&self.me, service, origin, located)
+    }
+
+    /// The notice a hand-on asked for could not be sent ([`Tombstones::notice_unsent`]).
+    pub fn notice_unsent(&mut self, service: ServiceId, origin: &NodeName, epoch: u64) {
+        self.tombs.notice_unsent(service, origin, epoch);
     }
 
     fn take(&mut self) -> Vec<Action<S, P>> {

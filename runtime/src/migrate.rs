@@ -360,6 +360,11 @@ impl Driver {
         lock(&self.counters).stats.rebuilt += n as u64;
     }
 
+    /// See `tern_proto::migration::Core::notice_unsent`.
+    pub fn notice_unsent(&self, service: ServiceId, origin: &NodeName, epoch: u64) {
+        lock(&self.core).notice_unsent(service, origin, epoch);
+    }
+
     /// Where a tombstone here hands on a message for `service` from a sender on `origin`,
     /// and whom to tell (`tern_proto::forward::Tombstones::hand_on`); counted.
     pub fn hand_on(&self, service: ServiceId, origin: &NodeName) -> Option<HandOn> {
@@ -1437,15 +1442,20 @@ pub(crate) fn forward_by_tombstone(
         });
     };
     if let Some(origin) = notify {
-        send_mig(
-            node,
-            &origin,
-            MigMsg::Moved {
-                service: to,
-                node: at.clone(),
-                epoch,
-            },
-        );
+        if node.links.get(&origin).is_some_and(|l| l.is_connected()) {
+            send_mig(
+                node,
+                &origin,
+                MigMsg::Moved {
+                    service: to,
+                    node: at.clone(),
+                    epoch,
+                },
+            );
+        } else {
+            // Gone for now; its next run is told when it sends here again.
+            node.driver.notice_unsent(to, &origin, epoch);
+        }
     }
     forward(node, &at, to, origin, msg, hand)
 }
