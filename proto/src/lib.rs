@@ -35,6 +35,7 @@ pub mod migration;
 pub mod placement;
 pub mod seq;
 pub mod snapshot;
+pub mod speakers;
 pub mod traffic;
 pub mod wire;
 #[cfg(test)]

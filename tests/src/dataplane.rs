@@ -53,6 +53,7 @@ use tern_proto::forward::{
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::inbox::{Admit, Inbox, Numbered, WindowExport};
 use tern_proto::ledger::{Ledger, Unconfirmed};
+use tern_proto::speakers::{prefix_for, Custody, SpeakerAnswer, Speakers, Verdict};
 
 /// The size and weather of one run.
 #[derive(Clone, Debug)]
@@ -86,6 +87,10 @@ pub struct DataPlaneConfig {
     /// handler stopped it with the message in hand): the attempt ends, its queue is refused
     /// to its senders, and what comes later is refused as addressed to a service not there.
     pub stop: f64,
+    /// Lies a rogue member tells: messages, skips, gaps and closes in the name of honest
+    /// senders, sent as their own or as handed on. Each must be refused
+    /// (`tern_proto::speakers`), and none may change what the honest senders' messages do.
+    pub lies: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -103,6 +108,7 @@ impl Default for DataPlaneConfig {
             panic: 0.0,
             crashes: 0,
             stop: 0.0,
+            lies: 0,
         }
     }
 }
@@ -156,6 +162,12 @@ pub struct DataPlaneReport {
     /// Messages refused whose refusal report was lost with a crashed node and that were
     /// settled as taken: neither handled nor reported (docs/failures.md).
     pub refusals_lost: u64,
+    /// Lies the rogue told that reached a node.
+    pub lies: u64,
+    /// Lies refused (every one must be).
+    pub lies_refused: u64,
+    /// Honest claims refused by the speaker and custody checks (must be none).
+    pub honest_refused: u64,
     /// Events processed.
     pub events: u64,
 }
@@ -165,6 +177,8 @@ struct Msg {
     from: ServiceId,
     seq: u64,
     origin: usize,
+    /// Made up by the rogue: never to be handled.
+    forged: bool,
 }
 
 impl Numbered for Msg {
@@ -256,6 +270,8 @@ enum Net {
         log: Vec<(ServiceId, u64)>,
         queue: Vec<Msg>,
         windows: Vec<WindowExport<Msg>>,
+        /// The nodes that had custody of the service before the source.
+        custody: Vec<NodeName>,
     },
     Prepared {
         service: ServiceId,
@@ -326,6 +342,8 @@ enum Event {
         service: ServiceId,
     },
     Migrate,
+    /// The rogue tells a lie.
+    Lie,
 }
 
 enum Phase {
@@ -370,6 +388,10 @@ struct Node {
     ledgers: BTreeMap<ServiceId, Ledger>,
     /// Handled marks from nodes the channel did not send to, until it points there.
     marks_waiting: tern_proto::ledger::WaitingMarks,
+    /// Who speaks for which sender, and who had custody of which service (the node's
+    /// tables).
+    speakers: Speakers,
+    custody: Custody,
 }
 
 struct Sim {
@@ -415,6 +437,10 @@ impl Sim {
     }
 
     fn net(&mut self, from: usize, to: usize, msg: Net) {
+        if to == self.nodes.len() {
+            // To the rogue, which ignores what it is told.
+            return;
+        }
         if from != to && self.nodes[from].down.contains(&to) {
             // No link: a message is refused to its sender at once, anything else is dropped
             // (the node's link-down handling covers what it carried).
@@ -772,6 +798,8 @@ impl Sim {
         n.next_seq.clear();
         n.ledgers.clear();
         n.down.clear();
+        n.speakers = Speakers::new(self.names[node].clone());
+        n.custody = Custody::new();
         for at in 0..self.nodes.len() {
             if at != node {
                 let d = 1 + self.rng.below(2 * self.cfg.delay_max);
@@ -803,6 +831,9 @@ impl Sim {
             .map(|(s, (_, e))| (*s, *e))
             .collect();
         self.nodes[at].down.insert(lost);
+        // Its next run is told again where services went (the node's `link_lost`).
+        let name = self.names[lost].clone();
+        self.nodes[at].tombs.forget_notices_to(&name);
         for (service, epoch) in follow {
             self.follow_gossip(at, service, (lost, epoch));
         }
@@ -860,13 +891,14 @@ impl Sim {
         let directory = source.map_or_else(BTreeMap::new, |i| self.nodes[i].directory.clone());
         let gossip = source.map_or_else(BTreeMap::new, |i| self.nodes[i].gossip.clone());
         let inc = self.nodes[node].inc;
+        let prefix = prefix_for(&self.names[node], inc as u32);
         let n = &mut self.nodes[node];
         n.up = true;
         n.directory = directory;
         n.gossip = gossip;
         n.senders = [
-            ServiceId::from_parts(((inc << 8) | node as u64) + 1, 1),
-            ServiceId::from_parts(((inc << 8) | node as u64) + 1, 2),
+            ServiceId::from_parts(prefix, 1),
+            ServiceId::from_parts(prefix, 2),
         ];
         for o in self.nodes.iter_mut() {
             o.down.remove(&node);
@@ -914,6 +946,12 @@ impl Sim {
                 let at = self.node_of(&at);
                 if let Some(o) = notify {
                     let o = self.node_of(&o);
+                    if self.nodes[node].down.contains(&o) {
+                        // No link: not counted as told (the node's `notice_unsent`).
+                        self.nodes[node]
+                            .tombs
+                            .notice_unsent(to, &self.names[o], epoch);
+                    }
                     self.net(
                         node,
                         o,
@@ -934,6 +972,127 @@ impl Sim {
             }
             None => self.refuse_at(node, to, &msg, Some(node)),
         }
+    }
+
+    /// Whether `node` believes what `from` claims about a sender in `msg` (the node's
+    /// `speaker` and `custody` checks): a node that had custody of the service hands on
+    /// anything for it; otherwise only the node that speaks for the sender may claim
+    /// something in its name, and never as handed on. A question to the node that knows is
+    /// answered at once here (the node holds the claim's stream until the answer).
+    fn believed(&mut self, node: usize, from: usize, msg: &Net) -> bool {
+        if from == node {
+            return true;
+        }
+        let (service, sender, handed) = match msg {
+            Net::Deliver { to, msg, mode } => (*to, msg.from, matches!(mode, Mode::Handed(_))),
+            Net::Skip { to, from, hops, .. } | Net::Closed { to, from, hops, .. } => {
+                (*to, *from, *hops > 0)
+            }
+            Net::Gap { to, from, .. } => (*to, *from, false),
+            _ => return true,
+        };
+        let peer = self.names[from].clone();
+        if self.nodes[node].custody.had(service, &peer) {
+            return true;
+        }
+        if handed {
+            return false;
+        }
+        let names = &self.names;
+        let birth = || {
+            names[..names.len() - 1]
+                .iter()
+                .find(|n| tern_proto::speakers::born_at(sender, n))
+                .cloned()
+        };
+        match self.nodes[node].speakers.check(sender, &peer, birth) {
+            Verdict::Speaks => true,
+            Verdict::Refused(_) => false,
+            Verdict::Wait => unreachable!("questions are answered at once here"),
+            Verdict::Ask(at) => {
+                let at = self.node_of(&at);
+                let answer = self.nodes[at].up.then(|| {
+                    if self.nodes[at].senders.contains(&sender) {
+                        SpeakerAnswer::Here
+                    } else {
+                        SpeakerAnswer::Unknown
+                    }
+                });
+                let asked = self.names[at].clone();
+                let n = &mut self.nodes[node];
+                match answer {
+                    Some(a) => {
+                        let _ = n.speakers.answered(sender, &asked, a);
+                    }
+                    None => n.speakers.give_up(sender),
+                }
+                matches!(n.speakers.check(sender, &peer, || None), Verdict::Speaks)
+            }
+        }
+    }
+
+    /// The rogue tells a lie to the node hosting a random service: a message, a skip, a gap
+    /// or a close in the name of a live honest sender, as its own or as handed on.
+    fn lie(&mut self) {
+        let rogue = self.nodes.len();
+        let service = self.services[self.rng.below(self.services.len() as u64) as usize];
+        let node = self.host_of(service);
+        let victim = self.rng.below(self.nodes.len() as u64) as usize;
+        if !self.nodes[victim].up || !self.nodes[node].up {
+            return;
+        }
+        let from = self.nodes[victim].senders[self.rng.below(2) as usize];
+        let next = self.nodes[victim]
+            .next_seq
+            .get(&(from, service))
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let hops = self.rng.below(2) as u8;
+        let msg = match self.rng.below(5) {
+            0 | 1 => Net::Deliver {
+                to: service,
+                msg: Msg {
+                    from,
+                    seq: next,
+                    origin: rogue,
+                    forged: true,
+                },
+                mode: if self.rng.chance(0.5) {
+                    Mode::Tell
+                } else {
+                    Mode::Handed(Hand::Accepted)
+                },
+            },
+            2 => Net::Skip {
+                to: service,
+                from,
+                seq: next,
+                hops,
+            },
+            3 => Net::Gap {
+                to: service,
+                from,
+                through: next + 5,
+            },
+            _ => Net::Closed {
+                to: service,
+                from,
+                last: next,
+                hops,
+            },
+        };
+        let inc = (0, self.nodes[node].inc);
+        let d = 1 + self.rng.below(self.cfg.delay_max);
+        self.at(
+            d,
+            Event::Net {
+                to: node,
+                from: rogue,
+                msg,
+                inc,
+            },
+        );
     }
 
     /// A gossip round from `node`: every other node hears which services it hosts.
@@ -1079,10 +1238,15 @@ impl Sim {
                 log,
                 queue,
                 windows,
+                custody,
             } => {
                 // A copy of an earlier attempt whose abort is still on its way goes, as an
                 // abort would take it.
                 self.discard_copy(node, from, service, None);
+                let source = self.names[from].clone();
+                self.nodes[node]
+                    .custody
+                    .add(service, custody.into_iter().chain([source]));
                 let mut inbox = Inbox::restored(service, self.cfg.capacity, windows);
                 for m in queue {
                     inbox.push_carried(m);
@@ -1290,8 +1454,15 @@ impl Sim {
             log: h.log.clone(),
             queue: queue.iter().cloned().collect(),
             windows,
+            custody: self.nodes[node].custody.of(service),
+        };
+        let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
+            return;
         };
         h.phase = Phase::Frozen { to, attempt, queue };
+        // The target holds a copy from now on: what it hands back is believed.
+        let target = self.names[to].clone();
+        self.nodes[node].custody.add(service, [target]);
         self.migrating = true;
         self.net(node, to, snap);
     }
@@ -1329,6 +1500,7 @@ impl Sim {
             from,
             seq,
             origin: node,
+            forged: false,
         };
         let here = self.nodes[node].hosted.get_mut(&service);
         if let Some(h) = here.filter(|h| !h.inbox.has_moved()) {
@@ -1395,6 +1567,11 @@ impl Sim {
         let Some(h) = self.nodes[node].hosted.get_mut(&service) else {
             return;
         };
+        assert!(
+            !msg.forged,
+            "seed {seed}: {service} handled a message the rogue made up in {}'s name",
+            msg.from
+        );
         if !panics {
             h.log.push((msg.from, msg.seq));
         }
@@ -1463,6 +1640,20 @@ impl Sim {
                 continue;
             };
             match ev {
+                Event::Net { to, from, msg, inc } if from == self.nodes.len() => {
+                    // From the rogue.
+                    let t = &self.nodes[to];
+                    if !t.up || t.inc != inc.1 {
+                        continue;
+                    }
+                    self.report.lies += 1;
+                    if self.believed(to, from, &msg) {
+                        // Taken: the checks below show the harm.
+                        self.on_net(to, from, msg);
+                    } else {
+                        self.report.lies_refused += 1;
+                    }
+                }
                 Event::Net { to, from, msg, inc } => {
                     let (f, t) = (&self.nodes[from], &self.nodes[to]);
                     if !t.up || t.inc != inc.1 || f.inc != inc.0 {
@@ -1483,6 +1674,10 @@ impl Sim {
                         | Net::Commit { service: s, .. } => Some(*s),
                         _ => None,
                     };
+                    if !self.believed(to, from, &msg) {
+                        self.report.honest_refused += 1;
+                        continue;
+                    }
                     self.on_net(to, from, msg);
                     if let Some(s) = service {
                         self.at(
@@ -1512,6 +1707,7 @@ impl Sim {
                 }
                 Event::Handle { node, service } => self.handle(node, service),
                 Event::Migrate => self.migrate(),
+                Event::Lie => self.lie(),
                 Event::Stop { node } => self.stop_sender(node),
                 Event::Crash { node } => self.crash(node),
                 Event::Lost { at, lost, at_inc } => {
@@ -1577,6 +1773,7 @@ impl Sim {
 
     fn check(&mut self) -> Result<(), String> {
         let seed = self.report.seed;
+
         for (key, sent) in &self.sent {
             let handled: BTreeSet<u64> = self
                 .handled
@@ -1654,6 +1851,19 @@ impl Sim {
         if live + self.stopped.len() != self.services.len() {
             return Err(format!("seed {seed}: a service runs nowhere"));
         }
+        if self.report.honest_refused > 0 {
+            return Err(format!(
+                "seed {seed}: {} honest claims refused by the speaker and custody checks",
+                self.report.honest_refused
+            ));
+        }
+        if self.report.lies_refused != self.report.lies {
+            return Err(format!(
+                "seed {seed}: {} of {} lies believed",
+                self.report.lies - self.report.lies_refused,
+                self.report.lies
+            ));
+        }
         Ok(())
     }
 }
@@ -1677,12 +1887,14 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
             tombs: Tombstones::new(cfg.tombstones_max),
             directory: BTreeMap::new(),
             senders: [
-                ServiceId::from_parts(i as u64 + 1, 1),
-                ServiceId::from_parts(i as u64 + 1, 2),
+                ServiceId::from_parts(prefix_for(&names[i], 0), 1),
+                ServiceId::from_parts(prefix_for(&names[i], 0), 2),
             ],
             next_seq: BTreeMap::new(),
             ledgers: BTreeMap::new(),
             marks_waiting: Default::default(),
+            speakers: Speakers::new(names[i].clone()),
+            custody: Custody::new(),
         })
         .collect();
     for (k, s) in services.iter().enumerate() {
@@ -1700,6 +1912,9 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
             n.directory.insert(*s, (home, 0));
         }
     }
+    // The rogue: a member with a name and a certificate, no services and no senders.
+    let mut names = names;
+    names.push(NodeName::new("rogue"));
     let mut sim = Sim {
         cfg: cfg.clone(),
         rng: Rng(seed),
@@ -1771,6 +1986,10 @@ pub fn run(seed: u64, cfg: &DataPlaneConfig) -> Result<DataPlaneReport, String> 
     for _ in 0..cfg.migrations {
         let t = sim.rng.below(span);
         sim.at(t, Event::Migrate);
+    }
+    for _ in 0..cfg.lies {
+        let t = sim.rng.below(span);
+        sim.at(t, Event::Lie);
     }
     // Gossip rounds until the liveness probe (then the run goes quiet).
     let probe = span + 4 * cfg.delay_max + 50;

@@ -193,9 +193,19 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         tombstones_max: 8,
         ..DataPlaneConfig::default()
     };
-    let cfgs = [DataPlaneConfig::default(), harsh, fenced, crashy];
+    // And one with a rogue member that sends messages, skips, gaps and closes in honest
+    // senders' names, as their own or as handed on: every lie refused, nothing changed.
+    let lying = DataPlaneConfig {
+        nodes: 4,
+        services: 3,
+        tombstones_max: 2,
+        crashes: 1,
+        lies: 40,
+        ..DataPlaneConfig::default()
+    };
+    let cfgs = [DataPlaneConfig::default(), harsh, fenced, crashy, lying];
     let one = |seed: u64| {
-        let cfg = &cfgs[(seed % 4) as usize];
+        let cfg = &cfgs[(seed % 5) as usize];
         run_dp(seed, cfg).unwrap_or_else(|e| {
             panic!("{e}\nreplay with TERN_SIM_SEED={seed} cargo test -p tern-harness --test integration sim")
         })
@@ -218,7 +228,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone), {} handled marks waited for their channel to point at their node",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone), {} handled marks waited for their channel to point at their node, {} lies told ({} refused)",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
@@ -236,6 +246,8 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         total(|r| r.stopped),
         total(|r| r.skips_to_stopped),
         total(|r| r.marks_waited),
+        total(|r| r.lies),
+        total(|r| r.lies_refused),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
@@ -256,6 +268,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         );
         assert!(total(|r| r.crashed) > 0 && total(|r| r.declared) > 0);
         assert!(total(|r| r.stopped) > 0);
+        assert!(total(|r| r.lies) > 0);
     }
 }
 
