@@ -145,6 +145,18 @@ pub enum DeliveryError {
         /// The bound.
         senders_max: usize,
     },
+    /// The receiving node does not believe that the node the message came from speaks for
+    /// its sender ([`crate::speakers`]): the node that knows said otherwise, or did not answer
+    /// in time.
+    #[error("node {node} does not speak for sender {sender} as far as service {id}'s node knows")]
+    NotSpeaker {
+        /// The target.
+        id: ServiceId,
+        /// The sender named.
+        sender: ServiceId,
+        /// The node that sent the message.
+        node: NodeName,
+    },
 }
 
 /// Why an ask did not produce a reply.

@@ -15,10 +15,12 @@
 //! for it (first its birth node), which answers from its own records ([`SpeakerAnswer`]):
 //! here, moved to another node (then that node is asked in turn, a bounded number of times),
 //! gone, or unknown. Until the answer, the claims wait (the node holds the stream they came
-//! on). Former speakers stay believed (bounded by [`PAST_SPEAKERS_MAX`]), so what a sender sent
-//! before it moved is still taken when it arrives late. A sender whose speaker nobody can
-//! vouch for (its node left, or restarted and forgot) is taken from the first node that
-//! speaks for it.
+//! on). Former speakers stay believed (the last [`PAST_SPEAKERS_MAX`], and the birth node
+//! always), so what a sender sent before it moved is still taken when it arrives late. A node
+//! that knows and says otherwise, or does not answer in time, has the claim refused. When
+//! nobody can vouch (the node that knows is away, restarted and forgot, or was never heard
+//! of), the first node that speaks for the sender is believed: a sender must not go silent
+//! because the device it was born on left. That is the one opening left (docs/security.md).
 //!
 //! **Custody.** Messages, skips, gaps and closes for a service that moved are handed on by
 //! the nodes it left (their tombstones) and by the target of an attempt that was aborted.
@@ -28,7 +30,7 @@
 //! Everything here is pure: the node holds the streams and sends the questions; the
 //! data-plane simulation drives the same tables.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -156,7 +158,7 @@ pub struct Speakers {
     asking: IdMap<Asking>,
     /// Candidates an answer did not vouch for, each refused once when its held claim is
     /// checked again.
-    denied: HashMap<(ServiceId, NodeName), ()>,
+    denied: HashSet<(ServiceId, NodeName)>,
 }
 
 impl Speakers {
@@ -167,7 +169,7 @@ impl Speakers {
             entries: IdMap::default(),
             order: VecDeque::new(),
             asking: IdMap::default(),
-            denied: HashMap::new(),
+            denied: HashSet::new(),
         }
     }
 
@@ -217,17 +219,21 @@ impl Speakers {
         peer: &NodeName,
         birth: impl FnOnce() -> Option<NodeName>,
     ) -> Verdict {
-        if self.denied.remove(&(from, peer.clone())).is_some() {
+        if !self.denied.is_empty() && self.denied.remove(&(from, peer.clone())) {
             return Verdict::Refused(refusal(
                 from,
                 peer,
                 "the node that speaks for it does not vouch for this one",
             ));
         }
+        if born_at(from, peer) {
+            // Its birth node: always a speaker for it (first or former), and the common
+            // case, checked without the table.
+            return Verdict::Speaks;
+        }
         let ask = match self.entries.get(&from) {
             Some(e) if e.speaks(peer) => return Verdict::Speaks,
             Some(e) => e.now.clone(),
-            None if born_at(from, peer) => return Verdict::Speaks,
             None => match birth() {
                 Some(b) => b,
                 None => {
@@ -290,8 +296,9 @@ impl Speakers {
                     None
                 }
             }
-            // Nobody left who knows: no candidate is vouched for (see `give_up`).
-            SpeakerAnswer::Unknown => None,
+            // The node asked knows nothing of it (it restarted and forgot): nobody can vouch,
+            // and the first node that spoke for it is believed (see `give_up`).
+            SpeakerAnswer::Unknown => a.candidates.first().cloned(),
         };
         let candidates = self
             .asking
@@ -305,30 +312,42 @@ impl Speakers {
         }
         for c in candidates {
             if Some(&c) != vouched.as_ref() {
-                self.denied.insert((from, c), ());
+                self.deny(from, c);
             }
         }
         Ok(Settled::Done)
     }
 
-    /// No answer about `from` came in time, or the node asked cannot answer (no link to it):
-    /// every candidate is refused. A sender is never handed to whoever claims it first while
-    /// the node that knows is away; once that node is forgotten altogether (it left the
-    /// cluster), [`check`](Self::check) believes the first node that speaks for the sender.
-    pub fn give_up(&mut self, from: ServiceId) {
+    /// The node asked about `from` cannot answer: when it is `lost` (no link to it), nobody
+    /// can vouch, and the first node that spoke for the sender is believed (a sender must not
+    /// go silent because the node it was born on left); when it is there and did not answer
+    /// in time, every candidate is refused.
+    pub fn give_up(&mut self, from: ServiceId, lost: bool) {
         let Some(a) = self.asking.remove(&from) else {
             return;
         };
-        for c in a.candidates {
-            self.denied.insert((from, c), ());
+        let mut candidates = a.candidates.into_iter();
+        if lost {
+            if let Some(first) = candidates.next() {
+                self.entry(from, first.clone()).move_to(first);
+            }
         }
-        while self.denied.len() > ASKING_MAX * CANDIDATES_MAX {
-            // Only a flood of liars fills this; the oldest refusals are not kept apart.
-            let Some(k) = self.denied.keys().next().cloned() else {
+        for c in candidates {
+            self.deny(from, c);
+        }
+    }
+
+    /// `peer`'s held claim about `from` is to be refused when checked again. Bounded: a held
+    /// claim whose stream went before it was checked again leaves its refusal behind, and past
+    /// `ASKING_MAX * CANDIDATES_MAX` such refusals some go (their claims are asked about anew).
+    fn deny(&mut self, from: ServiceId, peer: NodeName) {
+        while self.denied.len() >= ASKING_MAX * CANDIDATES_MAX {
+            let Some(k) = self.denied.iter().next().cloned() else {
                 break;
             };
             self.denied.remove(&k);
         }
+        self.denied.insert((from, peer));
     }
 
     /// Node `by` says, unasked, where sender `from` speaks from now: the source of a
@@ -524,23 +543,25 @@ mod tests {
             .is_err());
         assert_eq!(s.check(x, &n("b"), || Some(n("a"))), Verdict::Ask(n("a")));
         assert_eq!(s.asked_of(&n("a")), vec![x]);
-        // a is away: nobody vouches, and the claim is refused, not taken on first use.
-        s.give_up(x);
-        assert!(matches!(
-            s.check(x, &n("b"), || Some(n("a"))),
-            Verdict::Refused(_)
-        ));
-        // An answer that knows nothing vouches for nobody either.
+        // a is away: nobody can vouch, and the first node that spoke for x is believed.
+        s.give_up(x, true);
+        assert_eq!(s.check(x, &n("b"), || Some(n("a"))), Verdict::Speaks);
+        // Silence from a node still there refuses the claim instead.
         let y = born("a", 2);
         assert_eq!(s.check(y, &n("m"), || Some(n("a"))), Verdict::Ask(n("a")));
-        assert_eq!(
-            s.answered(y, &n("a"), SpeakerAnswer::Unknown),
-            Ok(Settled::Done)
-        );
+        s.give_up(y, false);
         assert!(matches!(
             s.check(y, &n("m"), || Some(n("a"))),
             Verdict::Refused(_)
         ));
+        // An answer that knows nothing: the first to speak for it is believed.
+        let w = born("a", 3);
+        assert_eq!(s.check(w, &n("b"), || Some(n("a"))), Verdict::Ask(n("a")));
+        assert_eq!(
+            s.answered(w, &n("a"), SpeakerAnswer::Unknown),
+            Ok(Settled::Done)
+        );
+        assert_eq!(s.check(w, &n("b"), || None), Verdict::Speaks);
         // Unknown to everyone: the first to speak for it is believed.
         let z = born("gone", 1);
         assert_eq!(s.check(z, &n("b"), || None), Verdict::Speaks);

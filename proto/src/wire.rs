@@ -317,6 +317,23 @@ pub enum Frame<'a> {
         /// Nodes it has been handed on by (bounded by `forward::SKIP_HOPS_MAX`).
         hops: u8,
     },
+    /// Control stream: which node speaks for sender `sender` now, as far as the receiver
+    /// knows ([`crate::speakers`])? Answered with a `Speaker` frame.
+    WhoSpeaks {
+        /// The sender.
+        sender: ServiceId,
+    },
+    /// Control stream: where sender `sender` speaks from now. `asked`: the answer to a
+    /// `WhoSpeaks`; otherwise told unasked by the source of the sender's migration, at its
+    /// commit, to every peer.
+    Speaker {
+        /// The sender.
+        sender: ServiceId,
+        /// What the sending node knows.
+        answer: crate::speakers::SpeakerAnswer,
+        /// An answer to a question (else a notice of a move).
+        asked: bool,
+    },
     /// Control stream: the cluster CA's revocation list (a DER X.509 CRL). Self-authenticating:
     /// a node installs it only when the CA signed it and its number is higher than the one it
     /// holds, then passes it to its other peers; anyone may relay it.
@@ -357,6 +374,8 @@ impl Frame<'_> {
             Frame::Gap { .. } => "gap",
             Frame::Closed { .. } => "closed",
             Frame::Revocations { .. } => "revocations",
+            Frame::WhoSpeaks { .. } => "who-speaks",
+            Frame::Speaker { .. } => "speaker",
         }
     }
 }
@@ -428,6 +447,10 @@ pub struct SnapHeader {
     pub tables: u32,
     /// Its address book (on the wire: empty, it follows in `SnapTables` frames).
     pub book: Vec<(String, ServiceAddr)>,
+    /// The nodes that had custody of the service before the source, most recent last
+    /// ([`crate::speakers::Custody`]); the target adds the source.
+    #[serde(default)]
+    pub custody: Vec<NodeName>,
 }
 
 /// Migration protocol messages between nodes (see `core::migration::Wire`).

@@ -170,6 +170,7 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                             )
                         })
                         .collect(),
+                    custody: vec![NodeName::new("a"), NodeName::new("b")],
                 }
             },
         )
@@ -233,6 +234,8 @@ enum Owned {
     Gap(ServiceId, ServiceId, u64),
     Closed(ServiceId, ServiceId, u64, u8),
     Revocations(Vec<u8>),
+    WhoSpeaks(ServiceId),
+    Speaker(ServiceId, crate::speakers::SpeakerAnswer, bool),
     Mig(MigMsg),
     Begin(SnapHeader),
     State(Vec<u8>),
@@ -293,6 +296,12 @@ impl Owned {
             },
             Owned::End => Frame::SnapEnd,
             Owned::Revocations(b) => Frame::Revocations { crl: b },
+            Owned::WhoSpeaks(sender) => Frame::WhoSpeaks { sender: *sender },
+            Owned::Speaker(sender, answer, asked) => Frame::Speaker {
+                sender: *sender,
+                answer: answer.clone(),
+                asked: *asked,
+            },
         }
     }
 }
@@ -324,6 +333,18 @@ fn owned() -> impl Strategy<Value = Owned> {
         header().prop_map(Owned::Begin),
         bytes(256).prop_map(Owned::State),
         bytes(256).prop_map(Owned::Revocations),
+        service().prop_map(Owned::WhoSpeaks),
+        (
+            service(),
+            prop_oneof![
+                Just(crate::speakers::SpeakerAnswer::Here),
+                Just(crate::speakers::SpeakerAnswer::Gone),
+                Just(crate::speakers::SpeakerAnswer::Unknown),
+                name().prop_map(crate::speakers::SpeakerAnswer::Moved),
+            ],
+            any::<bool>()
+        )
+            .prop_map(|(s, a, k)| Owned::Speaker(s, a, k)),
         proptest::collection::vec(carried(), 0..4).prop_map(Owned::Carried),
         (
             proptest::collection::vec(carried(), 0..3),

@@ -84,6 +84,7 @@ impl Host for NodeShared {
     fn link_down(self: &Arc<Self>, peer: &NodeName, left: bool) {
         self.member_down(peer, left);
         self.driver.link_lost(self, peer);
+        self.speakers_link_lost(peer);
         // Channels pointing at it follow gossip first, so that the gaps the ledgers send go
         // where the services are.
         self.follow_gossip_away_from(peer);

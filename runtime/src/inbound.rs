@@ -9,6 +9,7 @@ use crate::error::DeliveryError;
 use crate::mailbox::{Meta, Slot};
 use crate::migrate::{self, SnapRecv};
 use crate::node::{reply_from_wire, NodeShared};
+use crate::senders::Claim;
 use crate::sync::lock;
 use crate::transport::{encode_scratch, Flow, PeerLink, StreamKind, StreamSink};
 use tern_proto::ids::ServiceId;
@@ -93,6 +94,26 @@ fn refuse_message(
     if let Err(e) = link.push_ctrl(&answer) {
         node.logs
             .event("refusal-lost", format!("to {}: {e}", link.name));
+    }
+}
+
+/// Checks a claim about sender `from` in a frame for `to` (`crate::senders`): `None` to go
+/// on, `Some(flow)` to hold the stream for an answer, or the refusal (already logged and
+/// counted).
+fn claim(
+    node: &Arc<NodeShared>,
+    link: &PeerLink,
+    (to, from): (ServiceId, ServiceId),
+    handed: bool,
+    done: usize,
+) -> Result<Option<Flow>, ()> {
+    match node.sender_claim(&link.name, (to, from), handed, done) {
+        Claim::Take => Ok(None),
+        Claim::Hold(flow) => Ok(Some(flow)),
+        Claim::Refuse(r) => {
+            node.refuse_claim(&link.name, &r);
+            Err(())
+        }
     }
 }
 
@@ -188,6 +209,21 @@ fn handle_frame(
                 msg,
             },
         ) => {
+            if let Some(sender) = from {
+                match claim(node, link, (to, sender), false, 0) {
+                    Ok(None) => {}
+                    Ok(Some(flow)) => return Ok(flow),
+                    Err(()) => {
+                        let reason = DeliveryError::NotSpeaker {
+                            id: to,
+                            sender,
+                            node: link.name.clone(),
+                        };
+                        refuse_message(node, link, (to, from, seq, ask), reason);
+                        return Ok(Flow::Done);
+                    }
+                }
+            }
             match node.deliver_remote(target, &link.name, to, (Meta { from, seq, ask }, wait), msg)
             {
                 Ok(()) => node.stats.received_remote.inc(),
@@ -214,6 +250,24 @@ fn handle_frame(
                 return Err(WireError::Malformed {
                     detail: format!("batch numbers run past {}", u64::MAX),
                 });
+            }
+            if let Some(sender) = from {
+                match claim(node, link, (to, sender), false, done) {
+                    Ok(None) => {}
+                    Ok(Some(flow)) => return Ok(flow),
+                    Err(()) => {
+                        for i in done..msgs.len() {
+                            let reason = DeliveryError::NotSpeaker {
+                                id: to,
+                                sender,
+                                node: link.name.clone(),
+                            };
+                            let seq = first_seq + i as u64;
+                            refuse_message(node, link, (to, from, seq, None), reason);
+                        }
+                        return Ok(Flow::Done);
+                    }
+                }
             }
             let seq_of = |i: usize| {
                 if from.is_some() {
@@ -290,6 +344,12 @@ fn handle_frame(
                 msg,
             },
         ) => {
+            // Only a node that had the service hands on what reached it there.
+            match claim(node, link, (to, msg.from.unwrap_or(to)), true, 0) {
+                Ok(None) => {}
+                Ok(Some(flow)) => return Ok(flow),
+                Err(()) => return Ok(Flow::Done),
+            }
             if let Err(reason) = migrate::on_forward(node, to, &origin, (accepted, wait), &msg) {
                 match wait
                     .then(|| wait_for(node, (to, msg.from), &reason, 0))
@@ -308,14 +368,20 @@ fn handle_frame(
                 seq,
                 hops,
             },
-        ) => {
-            migrate::on_skipped(node, to, from, (seq, hops));
-        }
+        ) => match claim(node, link, (to, from), hops > 0, 0) {
+            Ok(None) => migrate::on_skipped(node, to, from, (seq, hops)),
+            Ok(Some(flow)) => return Ok(flow),
+            Err(()) => {}
+        },
         (StreamKind::Data, Frame::Fence { service, epoch }) => {
             node.driver.on_fence(node, &link.name, service, epoch);
         }
         (StreamKind::Data, Frame::Gap { to, from, through }) => {
-            node.apply_gap(to, from, through);
+            match claim(node, link, (to, from), false, 0) {
+                Ok(None) => node.apply_gap(to, from, through),
+                Ok(Some(flow)) => return Ok(flow),
+                Err(()) => {}
+            }
         }
         (
             StreamKind::Data,
@@ -325,9 +391,11 @@ fn handle_frame(
                 last,
                 hops,
             },
-        ) => {
-            node.apply_closed(to, from, last, hops);
-        }
+        ) => match claim(node, link, (to, from), hops > 0, 0) {
+            Ok(None) => node.apply_closed(to, from, last, hops),
+            Ok(Some(flow)) => return Ok(flow),
+            Err(()) => {}
+        },
         (StreamKind::Control, Frame::Handled { marks }) => {
             // Only the marks the peer may give count, as traffic too.
             let taken: Vec<_> = marks
@@ -349,6 +417,35 @@ fn handle_frame(
                         detail: e.to_string(),
                     },
                 );
+            }
+        }
+        (StreamKind::Control, Frame::WhoSpeaks { sender }) => {
+            let answer = node.speaker_answer(sender);
+            let reply = Frame::Speaker {
+                sender,
+                answer,
+                asked: true,
+            };
+            if let Err(e) = link.push_ctrl(&reply) {
+                node.logs
+                    .event("speaker-answer-lost", format!("to {}: {e}", link.name));
+            }
+        }
+        (
+            StreamKind::Control,
+            Frame::Speaker {
+                sender,
+                answer,
+                asked,
+            },
+        ) => {
+            let taken = if asked {
+                node.speaker_answered(sender, &link.name, answer)
+            } else {
+                node.speaker_told(sender, &link.name, answer)
+            };
+            if let Err(r) = taken {
+                node.refuse_claim(&link.name, &r);
             }
         }
         (StreamKind::Control, Frame::Members { nodes }) => {

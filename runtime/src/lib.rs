@@ -29,6 +29,7 @@ pub mod pairing;
 mod placement;
 mod placing;
 mod registry;
+mod senders;
 mod service;
 mod stats;
 mod sync;

@@ -478,7 +478,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     }
 
     fn depth(&self) -> usize {
-        self.len()
+        // Queued, handed over in an undecided snapshot, and parked at a copy not started: all
+        // of it is held here (a parked arrival counts against the capacity like a queued one).
+        lock(&self.state).depth()
     }
 
     fn capacity(&self) -> usize {

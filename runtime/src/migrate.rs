@@ -882,6 +882,7 @@ impl Driver {
                     }
                 }
                 Action::Start { service } => {
+                    node.service_arrived(service, true);
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Start);
                     }
@@ -890,11 +891,13 @@ impl Driver {
                     node.relocated(service, node.name(), epoch);
                 }
                 Action::Discard { service } => {
+                    node.service_arrived(service, false);
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Discard);
                     }
                 }
                 Action::Orphan { service, mig } => {
+                    node.service_arrived(service, false);
                     if let Some(go) = lock(&self.incoming).remove(&service) {
                         let _ = go.send(Go::Orphan);
                     }
@@ -960,6 +963,9 @@ impl Driver {
             Some(loc) => loc,
             None => return,
         };
+        // Before the target hears the commit (and the service speaks from there): this node
+        // answers where it went, and every peer is told.
+        node.sender_moved_away(service, &to);
         // Leftovers first: what arrived during the freeze goes onto the link to the target
         // before any channel on this node points there, so a local sender's next message
         // queues behind its earlier ones.
@@ -1204,6 +1210,7 @@ async fn write_snapshot(
         let mut header = out.header.clone();
         header.mig = mig.n;
         header.epoch = snap.epoch;
+        header.custody = node.custody_for_snapshot(header.id, &to);
         // The windows, send counters, book and timers follow the header in frames of their
         // own, so that a service with many senders, a large book or many timers fits any
         // frame bound.

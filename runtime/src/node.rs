@@ -441,6 +441,9 @@ pub(crate) struct NodeShared {
     pub members: Mutex<Members>,
     /// Placement's state: policy, pins, rebalancer.
     pub placement: crate::placing::PlacementState,
+    /// Who speaks for which sender, who had custody of which service
+    /// (`tern_proto::speakers`).
+    pub(crate) senders: crate::senders::SenderTables,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -490,6 +493,11 @@ fn random_prefix() -> Result<u64, Error> {
 impl NodeShared {
     pub fn name(&self) -> &NodeName {
         &self.name
+    }
+
+    /// The prefix of the ids this run of the node mints.
+    pub(crate) fn id_prefix(&self) -> u64 {
+        self.id_prefix
     }
 
     fn on_node_thread(&self) -> bool {
@@ -1376,7 +1384,7 @@ impl NodeShared {
     pub fn restore_paused(
         self: &Arc<Self>,
         source: &NodeName,
-        header: SnapHeader,
+        mut header: SnapHeader,
         state: Vec<u8>,
     ) -> Result<InCopy, Error> {
         let f = self
@@ -1395,7 +1403,9 @@ impl NodeShared {
             node: source.clone(),
         };
         let book = header.book.clone();
+        let custody = std::mem::take(&mut header.custody);
         let copy = f(self, source, header, state)?;
+        self.service_arriving(holder.id, source, custody);
         self.learn_book(holder, book);
         Ok(copy)
     }
@@ -1907,7 +1917,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         .local_addr()
         .map_err(|e| Error::io("reading local address", e))?;
     let limits = config.limits.clone();
-    let id_prefix = random_prefix()?;
+    // The top half names this node (so a peer can tell where an id was born), the bottom
+    // half is drawn at each start (so a restarted node mints new ids).
+    let id_prefix = tern_proto::speakers::prefix_for(&name, random_prefix()? as u32);
     let shared = Arc::new(NodeShared {
         name: name.clone(),
         stats: Stats::default(),
@@ -1951,6 +1963,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         admin_connections: AtomicUsize::new(0),
         snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
         handled_waiting: Mutex::new(Default::default()),
+        senders: crate::senders::SenderTables::new(name.clone()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

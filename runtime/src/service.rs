@@ -649,6 +649,8 @@ fn snapshot<S: Service>(
         // Set by the stream's writer, which cuts the windows and counters into frames.
         tables: 0,
         book: ctx.node.books.book(ctx.id()),
+        // Set by the stream's writer, from the node's custody table.
+        custody: Vec::new(),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((

@@ -35,6 +35,16 @@
 //! sends to it are refused at once until it is back. It comes back empty, with new senders, and
 //! learns the directory as gossip would tell it.
 //!
+//! Every claim between nodes goes through the node's checks (`tern_proto::speakers`): a
+//! message, skip, gap or close in a sender's name is believed from the node that speaks for
+//! the sender (here, where it was born: senders do not move), and anything handed on for a
+//! service from a node that had custody of it (the snapshot carries the list). No honest
+//! claim may be refused. A rogue member (`DataPlaneConfig::lies`) sends messages, skips, gaps
+//! and closes in live senders' names, as their own or as handed on; every lie must be refused
+//! (the question to the sender's node is answered at once here; the node holds the stream
+//! meanwhile), and no made-up message may be handled. A lie about a sender whose node crashed
+//! meanwhile may be believed (nobody can vouch): nothing of that sender is left to silence.
+//!
 //! Checked after every handled message: each is the next number from its sender that was not
 //! reported (FIFO, exactly once). Checked at the end, once every sender has sent a last message
 //! that waits for room (**liveness**): every sender's last message was handled, and every
@@ -164,8 +174,11 @@ pub struct DataPlaneReport {
     pub refusals_lost: u64,
     /// Lies the rogue told that reached a node.
     pub lies: u64,
-    /// Lies refused (every one must be).
+    /// Lies refused (every one about a live sender must be).
     pub lies_refused: u64,
+    /// Lies believed about a sender whose node crashed after the lie was told: nobody could
+    /// vouch for it, and nothing of it was left to silence.
+    pub lies_about_the_dead: u64,
     /// Honest claims refused by the speaker and custody checks (must be none).
     pub honest_refused: u64,
     /// Events processed.
@@ -1024,7 +1037,7 @@ impl Sim {
                     Some(a) => {
                         let _ = n.speakers.answered(sender, &asked, a);
                     }
-                    None => n.speakers.give_up(sender),
+                    None => n.speakers.give_up(sender, true),
                 }
                 matches!(n.speakers.check(sender, &peer, || None), Verdict::Speaks)
             }
@@ -1568,7 +1581,7 @@ impl Sim {
             return;
         };
         assert!(
-            !msg.forged,
+            !msg.forged || self.dead.contains(&msg.from),
             "seed {seed}: {service} handled a message the rogue made up in {}'s name",
             msg.from
         );
@@ -1648,6 +1661,12 @@ impl Sim {
                     }
                     self.report.lies += 1;
                     if self.believed(to, from, &msg) {
+                        if lie_about(&msg).is_some_and(|s| self.dead.contains(&s)) {
+                            // Its node crashed since: nobody could vouch, and the first to
+                            // speak for a sender nobody knows is believed. Its sender is dead
+                            // (nothing of it is left to silence).
+                            self.report.lies_about_the_dead += 1;
+                        }
                         // Taken: the checks below show the harm.
                         self.on_net(to, from, msg);
                     } else {
@@ -1857,14 +1876,23 @@ impl Sim {
                 self.report.honest_refused
             ));
         }
-        if self.report.lies_refused != self.report.lies {
+        if self.report.lies_refused + self.report.lies_about_the_dead != self.report.lies {
             return Err(format!(
-                "seed {seed}: {} of {} lies believed",
-                self.report.lies - self.report.lies_refused,
+                "seed {seed}: {} of {} lies about live senders believed",
+                self.report.lies - self.report.lies_refused - self.report.lies_about_the_dead,
                 self.report.lies
             ));
         }
         Ok(())
+    }
+}
+
+/// The sender a lie names.
+fn lie_about(msg: &Net) -> Option<ServiceId> {
+    match msg {
+        Net::Deliver { msg, .. } => Some(msg.from),
+        Net::Skip { from, .. } | Net::Closed { from, .. } | Net::Gap { from, .. } => Some(*from),
+        _ => None,
     }
 }
 

@@ -39,6 +39,7 @@ pub struct Rogue {
     pub ctrl_send: quinn::SendStream,
     ctrl_recv: quinn::RecvStream,
     reader: FrameReader,
+    name: String,
     _endpoint: quinn::Endpoint,
 }
 
@@ -81,10 +82,22 @@ impl Rogue {
     /// Connects to node `to` with a certificate for `name` from the cluster's CA, and shakes
     /// hands.
     pub async fn connect(c: &Cluster, name: &str, to: &str) -> Result<Rogue> {
-        let id = c.ca.issue(name)?;
+        Rogue::connect_to(&c.ca, name, c.node(to)).await
+    }
+
+    /// As [`connect`](Self::connect), to any node of the CA's cluster (one started outside
+    /// the [`Cluster`] too).
+    pub async fn connect_to(
+        ca: &tern::certs::ClusterCa,
+        name: &str,
+        to: &tern::NodeHandle,
+    ) -> Result<Rogue> {
+        let id = ca.issue(name)?;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(tern::tls::client_config(&id)?);
-        let conn = endpoint.connect(c.node(to).local_addr(), to)?.await?;
+        let conn = endpoint
+            .connect(to.local_addr(), to.name().as_str())?
+            .await?;
         let (mut ctrl_send, ctrl_recv) = conn.open_bi().await?;
         ctrl_send
             .write_all(&frame(&Frame::Hello { caps: vec![] }))
@@ -94,12 +107,57 @@ impl Rogue {
             ctrl_send,
             ctrl_recv,
             reader: FrameReader::new(ROGUE_FRAME_BYTES_MAX),
+            name: name.to_string(),
             _endpoint: endpoint,
         };
         match rogue.next_ctrl().await? {
             Some(RogueFrame::Welcome) => Ok(rogue),
             other => bail!("expected welcome, got {other:?}"),
         }
+    }
+
+    /// Moves a service of `kind` with `state` (MessagePack) to the node, as a migration the
+    /// rogue decides (attempt `n`): the rogue is then a node that had custody of it. Returns
+    /// its id once the node has prepared the copy (paused: arrivals wait for the start); it
+    /// runs once [`commit`](Self::commit) is read.
+    pub async fn prepare_service(
+        &mut self,
+        n: u64,
+        kind: tern::KindKey,
+        state: &[u8],
+    ) -> Result<tern::ServiceId> {
+        let id = tern::ServiceId::from_parts(0x5eed_0000, n);
+        let header = wire::SnapHeader {
+            mig: n,
+            id,
+            kind,
+            epoch: 1,
+            parent: None,
+            state_bytes: state.len() as u64,
+            carried: 0,
+            timers: vec![],
+            send_seqs: vec![],
+            windows: vec![],
+            tables: 0,
+            book: vec![],
+            custody: vec![],
+        };
+        let mut s = frame(&Frame::SnapBegin(Box::new(header)));
+        s.extend(frame(&Frame::SnapState { bytes: state }));
+        s.extend(frame(&Frame::SnapEnd));
+        self.send_uni(&s).await?;
+        match self.mig().await? {
+            MigMsg::Prepared { n: m, .. } if m == n => {}
+            other => bail!("expected Prepared for attempt {n}, got {other:?}"),
+        }
+        Ok(id)
+    }
+
+    /// Commits attempt `n` (see [`prepare_service`](Self::prepare_service)).
+    pub async fn commit(&mut self, n: u64) -> Result<()> {
+        let source = tern::NodeName::new(&self.name);
+        self.send_ctrl(&Frame::Mig(MigMsg::Commit { source, n }))
+            .await
     }
 
     /// The next frame on the control stream; None when it ended.

@@ -197,6 +197,7 @@ fn snap_header(n: u64, kind: KindKey, state_bytes: u64, carried: u64) -> SnapHea
         windows: vec![],
         tables: 0,
         book: vec![],
+        custody: vec![],
     }
 }
 

@@ -332,6 +332,10 @@ fn only_the_node_that_hosts_a_service_changes_its_book() -> Result<()> {
     Ok(())
 }
 
+/// A peer hands on messages for a service only if it had the service (it hosted it, or held
+/// a copy): from any other peer a `Forward` is refused as a claim and nothing is queued. And a
+/// former host that says its messages were accepted there cannot grow the mailbox past
+/// `ACCEPTED_DEPTH_FACTOR` times its capacity. The service goes on with honest traffic.
 #[test]
 fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_without_bound(
 ) -> Result<()> {
@@ -342,17 +346,14 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
     };
     let c = crate::common::connected_with(&["a"], limits)?;
     let a = c.node("a");
-    let slow = a.spawn(Slow::default())?;
     let ghost = tern::ServiceId::from_parts(9, 9);
     let flood = 10 * capacity as u64;
-    let depth = block_on(async {
-        slow.tell_wait(SlowMsg::Hold { ms: 1_500 }).await?;
-        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+    let forwards = |to: tern::ServiceId, n: u64| -> Result<Vec<u8>> {
         let mut frames = Vec::new();
-        for i in 1..=flood {
+        for i in 1..=n {
             let msg = rmp_serde::to_vec(&SlowMsg::Item(i))?;
             frames.extend(tern_harness::rogue::frame(&Frame::Forward {
-                to: slow.id(),
+                to,
                 origin: NodeName::new("mallory"),
                 wait: false,
                 accepted: true,
@@ -374,27 +375,69 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
             wait: false,
             msg: &[0xc0],
         }));
-        rogue.send_uni(&frames).await?;
-        loop {
-            if let Answer::Refused(77, _) = rogue.answer().await? {
-                break;
-            }
-        }
-        Ok::<_, anyhow::Error>(a.services()[0].mailbox_depth)
+        Ok(frames)
+    };
+    // A service mallory never had: every forward is refused.
+    let local = a.spawn(Slow::default())?;
+    let refused_before = a.stats().claims_refused;
+    let (pushed, depth) = block_on(async {
+        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+        rogue.send_uni(&forwards(local.id(), 5)?).await?;
+        read_to_77(&mut rogue).await?;
+        // One it had: mallory moves a service to a, so it is that service's former host, and
+        // floods it while the copy waits for its start (arrivals park), then commits.
+        let state = rmp_serde::to_vec(&Slow::default())?;
+        let kind = KindKey::new("test-slow", 1);
+        let pushed = rogue.prepare_service(1, kind.clone(), &state).await?;
+        rogue.send_uni(&forwards(pushed, flood)?).await?;
+        read_to_77(&mut rogue).await?;
+        let depth = a
+            .services()
+            .iter()
+            .find(|s| s.addr.id == pushed)
+            .map_or(0, |s| s.mailbox_depth);
+        rogue.commit(1).await?;
+        let addr = tern::ServiceAddr {
+            id: pushed,
+            kind,
+            node: a.name().clone(),
+        };
+        let h = a.resolve::<Slow>(&addr)?;
+        // It runs (the commit was read) before mallory goes.
+        h.ask(SlowMsg::Items, SECS_10).await?;
+        Ok::<_, anyhow::Error>((h, depth))
     })?;
+    assert!(
+        a.stats().claims_refused >= refused_before + 5,
+        "the forwards for a service mallory never had are refused as claims"
+    );
     let bound = tern_proto::forward::ACCEPTED_DEPTH_FACTOR * capacity;
     assert!(depth <= bound, "{depth} queued, bound {bound}");
-    // The service goes on: it handles what it took, in order, then an honest message.
-    let handled = block_on(async {
-        slow.tell_wait(SlowMsg::Item(1_000)).await?;
-        Ok::<_, anyhow::Error>(slow.ask(SlowMsg::Items, SECS_10).await?)
+    // Both services go on: each handles what it took, in order, then an honest message.
+    let (untouched, handled) = block_on(async {
+        local.tell_wait(SlowMsg::Item(1_000)).await?;
+        pushed.tell_wait(SlowMsg::Item(1_000)).await?;
+        Ok::<_, anyhow::Error>((
+            local.ask(SlowMsg::Items, SECS_10).await?,
+            pushed.ask(SlowMsg::Items, SECS_10).await?,
+        ))
     })?;
+    assert_eq!(untouched, vec![1_000], "nothing of mallory's reached it");
     let taken = handled.len() - 1;
     assert!(taken <= bound && taken > 0, "{taken}");
     let want: Vec<u64> = (1..=taken as u64).chain([1_000]).collect();
     assert_eq!(handled, want);
     c.shutdown();
     Ok(())
+}
+
+/// Reads the rogue's answers up to the refusal of ask 77 (sent behind a flood).
+async fn read_to_77(rogue: &mut Rogue) -> Result<()> {
+    loop {
+        if let Answer::Refused(77, _) = rogue.answer().await? {
+            return Ok(());
+        }
+    }
 }
 
 /// What `name` says of itself in gossip, as a rogue makes it up.
@@ -575,6 +618,204 @@ fn kind_rules_say_which_peers_may_push_and_pull_each_kind() -> Result<()> {
     takes_in_order(&to_a, 1, &[1])?;
     let to_c = a.resolve::<Slow>(on_c.addr())?;
     takes_in_order(&to_c, 2, &[2])?;
+    c.shutdown();
+    Ok(())
+}
+
+/// A peer cannot make claims in the name of another node's sender (the attack that silences
+/// a sender): a gap, a skip or a close naming a sender on a (as its own, or as handed on by a
+/// node on the service's way), and messages numbered as that sender's, are refused as claims
+/// at b, each after b has asked a, the node that speaks for the sender. Nothing changes: every
+/// message a sends arrives once and in order, before and after, and the made-up ones never.
+#[test]
+fn claims_in_another_nodes_senders_name_are_refused_and_the_sender_is_not_silenced() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let slow = b.spawn(Slow::default())?;
+    let from_a = a.resolve::<Slow>(slow.addr())?;
+    let victim = from_a.sender_id();
+    let n = 20;
+    let ghost = tern::ServiceId::from_parts(9, 9);
+    let lies = block_on(async {
+        for i in 1..=n / 2 {
+            from_a.tell_wait(SlowMsg::Item(i)).await?;
+        }
+        let mut frames = Vec::new();
+        let mut lies = 0;
+        let mut lie = |f: &Frame<'_>| {
+            frames.extend(tern_harness::rogue::frame(f));
+            lies += 1;
+        };
+        // Every number a could use next, as a's own message...
+        let made_up = rmp_serde::to_vec(&SlowMsg::Item(666))?;
+        for seq in 1..=2 * n {
+            lie(&Frame::Deliver {
+                to: slow.id(),
+                from: Some(victim),
+                seq,
+                ask: None,
+                wait: false,
+                msg: &made_up,
+            });
+        }
+        // ...a gap past all of them, skips, and closes, as a's node or as handed on.
+        lie(&Frame::Gap {
+            to: slow.id(),
+            from: victim,
+            through: u64::MAX - 1,
+        });
+        for (seq, hops) in [(n / 2 + 1, 0), (n / 2 + 2, 1)] {
+            lie(&Frame::Skipped {
+                to: slow.id(),
+                from: victim,
+                seq,
+                hops,
+            });
+            lie(&Frame::Closed {
+                to: slow.id(),
+                from: victim,
+                last: 0,
+                hops,
+            });
+        }
+        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
+            to: ghost,
+            from: None,
+            seq: 1,
+            ask: Some(77),
+            wait: false,
+            msg: &[0xc0],
+        }));
+        let refused = b.stats().claims_refused;
+        let mut rogue = Rogue::connect(&c, "mallory", "b").await?;
+        rogue.send_uni(&frames).await?;
+        // The stream is read in order: once ask 77 is answered, every lie was judged.
+        read_to_77(&mut rogue).await?;
+        for i in n / 2 + 1..=n {
+            from_a.tell_wait(SlowMsg::Item(i)).await?;
+        }
+        let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
+        assert_eq!(handled, (1..=n).collect::<Vec<_>>());
+        wait_until(SECS_10, "every lie refused", || async {
+            b.stats().claims_refused >= refused + lies
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(lies)
+    })?;
+    let events = b.events();
+    let logged = events
+        .iter()
+        .filter(|e| e.kind == "claim-refused" && e.detail.contains("mallory"))
+        .count() as u64;
+    assert!(logged >= lies, "{logged} of {lies} lies logged");
+    c.shutdown();
+    Ok(())
+}
+
+/// Tells `count` more through sender `s` and waits until it has numbered `total` in all.
+async fn send_through(
+    s: &tern::ServiceRef<tern_actors::SeqSender>,
+    count: u64,
+    total: u64,
+) -> Result<()> {
+    use tern_actors::SeqSenderMsg;
+    s.tell(SeqSenderMsg::Tell { count })?;
+    wait_until(SECS_10, "the sender to number its messages", || async {
+        s.ask(SeqSenderMsg::Progress, SECS_10)
+            .await
+            .is_ok_and(|p| p == (total, 0))
+    })
+    .await
+}
+
+/// Waits until `sink` has received `want` messages from sender `name`, all once and in order.
+async fn sink_has(
+    sink: &tern::ServiceRef<tern_actors::SeqSink>,
+    name: &str,
+    want: u64,
+) -> Result<()> {
+    let sent = std::collections::BTreeMap::from([(name.to_string(), want)]);
+    let verdict = || async {
+        let r = sink.ask(tern_actors::SinkMsg::Report, SECS_10).await?;
+        Ok::<_, anyhow::Error>(r.verdict(&sent))
+    };
+    wait_until(SECS_10, "the sink to take every message", || async {
+        verdict().await.is_ok_and(|v| v.received == want)
+    })
+    .await?;
+    let v = verdict().await?;
+    assert!(v.is_clean() && v.received == want, "{v:?}");
+    Ok(())
+}
+
+/// The other side of the rule above: a sender that moves is heard from where it runs. c hears
+/// from a, x's source, that x moved to b (and back); d, which joins after the move and never
+/// heard of it, asks a, x's birth node, which answers that x went to b. No honest claim is
+/// refused, and every message arrives once and in order. A made-up claim about x from mallory
+/// is still refused after the moves.
+#[test]
+fn a_sender_that_moves_is_heard_where_it_runs_even_by_a_node_that_missed_the_move() -> Result<()> {
+    let c = connected(&["a", "b", "c"])?;
+    let (a, cc) = (c.node("a"), c.node("c"));
+    let sink = cc.spawn(tern_actors::SeqSink::default())?;
+    let x = a.spawn(tern_actors::SeqSender::new("x"))?;
+    a.book_insert(x.addr(), "sink", sink.addr())?;
+    block_on(async {
+        send_through(&x, 50, 50).await?;
+        for (to, total) in [("b", 100), ("a", 150), ("b", 200)] {
+            let report = x.migrate(to, MigrateOptions::default()).await?;
+            assert!(report.committed(), "{report:?}");
+            send_through(&x, 50, total).await?;
+        }
+        sink_has(&sink, "x", 200).await
+    })?;
+    assert_eq!(cc.stats().claims_refused, 0);
+    // d joins now: it never heard that x left a.
+    let d = tern::Node::start(tern::NodeConfig::new(
+        c.ca.issue("d")?,
+        "127.0.0.1:0".parse()?,
+    ))?;
+    crate::common::register_test_kinds(&d);
+    for n in c.nodes() {
+        d.add_peer(n.name().as_str(), n.local_addr())?;
+    }
+    wait_for(SECS_10, "d to join", || {
+        c.nodes().iter().all(|n| d.is_connected(n.name().as_str()))
+    })?;
+    let sink_d = d.spawn(tern_actors::SeqSink::default())?;
+    let b = c.node("b");
+    let x_at_b = tern::ServiceAddr {
+        node: b.name().clone(),
+        ..x.addr().clone()
+    };
+    b.book_insert(&x_at_b, "sink", sink_d.addr())?;
+    block_on(async {
+        send_through(&x, 50, 250).await?;
+        sink_has(&sink_d, "x", 50).await?;
+        // A lie about x, now that it runs on b.
+        let rogue = Rogue::connect_to(&c.ca, "mallory", &d).await?;
+        let refused = d.stats().claims_refused;
+        rogue
+            .send_uni(&tern_harness::rogue::frame(&Frame::Gap {
+                to: sink_d.id(),
+                from: x.id(),
+                through: u64::MAX - 1,
+            }))
+            .await?;
+        wait_until(SECS_10, "the lie refused", || async {
+            d.stats().claims_refused > refused
+        })
+        .await?;
+        send_through(&x, 50, 300).await?;
+        sink_has(&sink_d, "x", 100).await
+    })?;
+    assert_eq!(
+        d.stats().claims_refused,
+        1,
+        "only the lie: {:?}",
+        d.events()
+    );
+    d.shutdown();
     c.shutdown();
     Ok(())
 }

@@ -146,7 +146,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "node",
         &[
             "mailbox", "registry", "handle", "service", "node", "members", "migrate", "tree",
-            "inbound", "placing",
+            "inbound", "placing", "senders",
         ],
     ),
     ("features", &["placement", "admin", "host", "pairing"]),

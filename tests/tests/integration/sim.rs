@@ -228,7 +228,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
     );
     let (committed, aborted) = (total(|r| r.committed), total(|r| r.aborted));
     eprintln!(
-        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone), {} handled marks waited for their channel to point at their node, {} lies told ({} refused)",
+        "data plane sim: {} runs, {sent} sent, {handled} handled, {reported} reported, {committed} moves committed, {aborted} aborted, {} skips lost, {} handed on by tombstones, {} tombstones fenced out, {} handlers panicked, {} closes of stopped senders ({} lost), {} of their windows gone, {} nodes crashed, {} messages declared lost ({} of them handled), {} lost with their sender, {} gaps lost, {} refused with the report lost in a crash, {} services stopped when asked to freeze ({} skips found them gone), {} handled marks waited for their channel to point at their node, {} lies told ({} refused, {} about senders whose node crashed meanwhile)",
         reports.len(),
         total(|r| r.skips_lost),
         total(|r| r.handed_on),
@@ -248,6 +248,7 @@ fn the_inbox_under_moves_and_refusals_keeps_every_channel_alive() {
         total(|r| r.marks_waited),
         total(|r| r.lies),
         total(|r| r.lies_refused),
+        total(|r| r.lies_about_the_dead),
     );
     if reports.len() > 100 {
         // The weather must have produced refusals, moves, aborts, forwarding by tombstones,
