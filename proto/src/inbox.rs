@@ -302,9 +302,17 @@ impl<T: Numbered> Inbox<T> {
     }
 
     /// True when a sender waiting for room should try again: there is room, or it never will
-    /// come here (closed, moved).
+    /// come here (closed, moved). A copy not started whose parking is full ([`PARKED_MAX`])
+    /// has none, whatever its capacity: a waiting sender told otherwise would try again at
+    /// once, be refused again, and spin.
     pub fn has_room(&self) -> bool {
-        self.closed || self.moved.is_some() || self.depth() < self.capacity
+        self.closed
+            || self.moved.is_some()
+            || (self.depth() < self.capacity
+                && self
+                    .parked
+                    .as_ref()
+                    .is_none_or(|p| p.msgs.len() < PARKED_MAX))
     }
 
     /// True when a sender waiting on `from`'s window should try again.
@@ -905,6 +913,22 @@ mod tests {
 
     fn pop_seqs(inbox: &mut Inbox<Msg>) -> Vec<u64> {
         std::iter::from_fn(|| inbox.pop().0.map(|m| m.seq)).collect()
+    }
+
+    #[test]
+    fn a_copy_whose_parking_is_full_has_no_room_whatever_its_capacity() {
+        let mut copy = restored_at(1, PARKED_MAX + 10);
+        for seq in 1..=PARKED_MAX as u64 {
+            assert_eq!(copy.admit(m(seq), Admit::Wait), Ok(false));
+        }
+        // A waiting sender told there is room would be refused at once, again and again.
+        assert!(!copy.has_room());
+        assert!(copy.admit(m(PARKED_MAX as u64 + 1), Admit::Wait).is_err());
+        let _ = copy.carried_done();
+        let _ = copy.start();
+        // Started: the parked messages are queued, within the capacity.
+        assert!(copy.has_room());
+        assert_eq!(pop_seqs(&mut copy).len(), PARKED_MAX);
     }
 
     #[test]

@@ -819,3 +819,164 @@ fn a_sender_that_moves_is_heard_where_it_runs_even_by_a_node_that_missed_the_mov
     c.shutdown();
     Ok(())
 }
+
+/// What one peer can make a node keep from its gossip and its book changes is bounded: a
+/// member's own entry is cut to `GOSSIP_SERVICES_MAX` services, `GOSSIP_EDGES_MAX` traffic
+/// edges and `CAPABILITIES_MAX` capabilities, and book changes kept aside (their holder is
+/// believed elsewhere) to `BOOK_CHANGES_WAITING_MAX`, the oldest dropped with an event. The
+/// real books still change, and traffic flows.
+#[test]
+fn a_peers_gossip_and_waiting_book_changes_are_bounded() -> Result<()> {
+    use tern_proto::members::{CAPABILITIES_MAX, GOSSIP_EDGES_MAX, GOSSIP_SERVICES_MAX};
+    let c = connected(&["a", "b"])?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let x = a.spawn(Slow::default())?;
+    let v = b.spawn(Slow::default())?;
+    let over = 100;
+    let waiting_max = 1024; // runtime/src/books.rs: BOOK_CHANGES_WAITING_MAX
+                            // a knows v runs on b (from v's book).
+    b.book_insert(v.addr(), "friend", x.addr())?;
+    wait_for(SECS_10, "a to learn v's book", || a.book(v.id()).len() == 1)?;
+    block_on(async {
+        let mut mallory = Rogue::connect(&c, "mallory", "a").await?;
+        let mut me = member("mallory");
+        me.services = (0..(GOSSIP_SERVICES_MAX + over) as u64)
+            .map(|i| {
+                let id = tern::ServiceId::from_parts(0x6d61, i);
+                (id, KindKey::new("test-slow", 1), false, 1)
+            })
+            .collect();
+        me.edges = (0..(GOSSIP_EDGES_MAX + over) as u64)
+            .map(|i| tern_proto::traffic::EdgeRate {
+                from: tern::ServiceId::from_parts(0x6d61, i),
+                to: x.id(),
+                msgs_per_s: 1.0,
+                bytes_per_s: 1.0,
+                total_msgs: 1,
+            })
+            .collect();
+        me.capabilities = (0..CAPABILITIES_MAX + over)
+            .map(|i| format!("c{i}"))
+            .collect();
+        mallory
+            .send_ctrl(&Frame::Members { nodes: vec![me] })
+            .await?;
+        // Changes to v's book, saying v runs on mallory: a believes it on b, so each waits.
+        let mut forged_holder = v.addr().clone();
+        forged_holder.node = NodeName::new("mallory");
+        for i in 0..waiting_max + over {
+            mallory
+                .send_ctrl(&Frame::BookChange {
+                    edge: tern_proto::directory::BookEdge {
+                        holder: forged_holder.clone(),
+                        role: format!("r{i}"),
+                        target: x.addr().clone(),
+                    },
+                    added: true,
+                })
+                .await?;
+        }
+        mallory.barrier().await?;
+        wait_until(SECS_10, "a to take mallory's own entry", || async {
+            a.members()
+                .iter()
+                .any(|m| m.info.name.as_str() == "mallory")
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let members = a.members();
+    let m = members
+        .iter()
+        .find(|m| m.info.name.as_str() == "mallory")
+        .context("mallory's entry")?;
+    assert_eq!(m.info.services.len(), GOSSIP_SERVICES_MAX);
+    assert_eq!(m.info.edges.len(), GOSSIP_EDGES_MAX);
+    assert_eq!(m.info.capabilities.len(), CAPABILITIES_MAX);
+    let dropped = a
+        .events()
+        .iter()
+        .filter(|e| e.kind == "book-change-dropped")
+        .count();
+    assert_eq!(
+        dropped, over,
+        "the oldest waiting changes go past the bound"
+    );
+    assert_eq!(a.book(v.id()).len(), 1, "none of mallory's changes applied");
+    // v's real host still changes its book, a follows, and a and b still talk.
+    b.book_insert(v.addr(), "second", x.addr())?;
+    wait_for(SECS_10, "a to learn v's entry", || {
+        a.book(v.id()).len() == 2
+    })?;
+    let from_b = b.resolve::<Slow>(x.addr())?;
+    takes_in_order(&from_b, 1, &[1])?;
+    c.shutdown();
+    Ok(())
+}
+
+/// Arrivals parked at a copy that waits for its start are bounded by `PARKED_MAX` even when
+/// the mailbox's capacity is larger: past it each is refused (its sender told). A sender that
+/// waits for room meanwhile waits (before, it was told there was room, refused again at once,
+/// and spun, starving its thread), and the copy, once committed, handles what it parked, in
+/// order, then the waiting sender's message.
+#[test]
+fn arrivals_parked_at_a_copy_not_yet_started_are_bounded_and_a_waiting_sender_waits() -> Result<()>
+{
+    use tern_proto::inbox::PARKED_MAX;
+    let over = 100;
+    let limits = tern::Limits {
+        mailbox_capacity: PARKED_MAX + 2 * over,
+        ..tern::Limits::default()
+    };
+    let c = crate::common::connected_with(&["a"], limits)?;
+    let a = c.node("a");
+    let ghost = tern::ServiceId::from_parts(9, 9);
+    let refused_before = a.stats().refused_from_peers;
+    let handled = block_on(async {
+        let mut mallory = Rogue::connect(&c, "mallory", "a").await?;
+        let state = rmp_serde::to_vec(&Slow::default())?;
+        let kind = KindKey::new("test-slow", 1);
+        let copy = mallory.prepare_service(1, kind.clone(), &state).await?;
+        let mut frames = Vec::new();
+        for i in 1..=(PARKED_MAX + over) as u64 {
+            let msg = rmp_serde::to_vec(&SlowMsg::Item(i))?;
+            frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
+                to: copy,
+                from: None,
+                seq: 0,
+                ask: None,
+                wait: false,
+                msg: &msg,
+            }));
+        }
+        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
+            to: ghost,
+            from: None,
+            seq: 1,
+            ask: Some(77),
+            wait: false,
+            msg: &[0xc0],
+        }));
+        mallory.send_uni(&frames).await?;
+        read_to_77(&mut mallory).await?;
+        let h = a.resolve::<Slow>(&tern::ServiceAddr {
+            id: copy,
+            kind,
+            node: a.name().clone(),
+        })?;
+        // A waiting sender while the parking is full, and the commit sent meanwhile.
+        let (waited, committed) = tokio::join!(h.tell_wait(SlowMsg::Item(0)), mallory.commit(1));
+        waited?;
+        committed?;
+        Ok::<_, anyhow::Error>(h.ask(SlowMsg::Items, SECS_10).await?)
+    })?;
+    assert_eq!(
+        a.stats().refused_from_peers - refused_before,
+        over as u64 + 1,
+        "the arrivals past the bound, and the ask to nobody"
+    );
+    let want: Vec<u64> = (1..=PARKED_MAX as u64).chain([0]).collect();
+    assert!(handled == want, "{} handled", handled.len());
+    c.shutdown();
+    Ok(())
+}

@@ -257,3 +257,48 @@ fn a_second_holder_of_a_connected_nodes_name_is_refused_and_the_first_stays() ->
     c.shutdown();
     Ok(())
 }
+
+/// A peer that completes TLS and then says nothing holds a connection slot only for
+/// `handshake_timeout_ms`: then the node closes it with a reason, and keeps serving.
+#[test]
+fn a_peer_that_never_says_hello_is_closed_at_the_handshake_timeout() -> Result<()> {
+    let limits = tern::Limits {
+        handshake_timeout_ms: 1_000,
+        ..tern::Limits::default()
+    };
+    let c = crate::common::connected_with(&["a", "b"], limits)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let before = a.stats().connections_refused;
+    let id = c.ca.issue("mute")?;
+    let closed = block_on(async {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(tern::tls::client_config(&id)?);
+        let conn = endpoint.connect(a.local_addr(), "a")?.await?;
+        // No stream, no hello: the node gives up on its own.
+        let why = tokio::time::timeout(SECS_10, conn.closed()).await;
+        endpoint.close(0u32.into(), b"done");
+        anyhow::Ok(why.is_ok())
+    })?;
+    assert!(closed, "the node closes the connection");
+    let detail = refusal_on(a, before)?;
+    assert!(detail.contains("no hello in time"), "{detail}");
+    assert!(!a.is_connected("mute"));
+    // The node still serves its peers.
+    let sink = a.spawn(SeqSink::default())?;
+    let from_b = b.resolve::<SeqSink>(sink.addr())?;
+    block_on(async {
+        from_b
+            .tell_wait(SinkMsg::Record {
+                sender: "b".into(),
+                seq: 1,
+            })
+            .await?;
+        let r = from_b.ask(SinkMsg::Report, SECS_10).await?;
+        assert!(r
+            .verdict(&BTreeMap::from([("b".to_string(), 1)]))
+            .is_clean());
+        anyhow::Ok(())
+    })?;
+    c.shutdown();
+    Ok(())
+}
