@@ -620,6 +620,22 @@ mod tests {
     }
 
     #[test]
+    fn records_are_bounded_and_the_oldest_goes() {
+        let mut s = Speakers::new(n("r"));
+        // A node may tell where its own senders went: as many as it likes.
+        for c in 0..(SPEAKERS_MAX as u64 + 10) {
+            let x = born("m", c);
+            assert_eq!(s.told(x, &n("m"), SpeakerAnswer::Moved(n("z"))), Ok(()));
+        }
+        assert_eq!(s.len(), SPEAKERS_MAX);
+        assert_eq!(s.recorded(born("m", 0)), None, "the oldest went");
+        assert_eq!(
+            s.recorded(born("m", SPEAKERS_MAX as u64 + 9)),
+            Some(&n("z"))
+        );
+    }
+
+    #[test]
     fn custody_lists_keep_the_most_recent_nodes() {
         let mut c = Custody::new();
         let t = born("a", 1);

@@ -28,6 +28,9 @@ use crate::Cluster;
 /// Largest frame a rogue sends or reads.
 pub const ROGUE_FRAME_BYTES_MAX: usize = 16 << 20;
 
+/// The ask id of [`Rogue::send_data_and_wait`]'s barrier.
+pub const BARRIER_ASK: u64 = 0xba77;
+
 /// How long a rogue waits for an answer.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -69,6 +72,31 @@ pub enum RogueFrame {
     Mig(MigMsg),
     /// Anything else, by kind.
     Other(&'static str),
+}
+
+/// A snapshot header for attempt `n` of a made-up service of `kind` (id `0x5eed-n`), with
+/// `state_bytes` of state and `carried` queued messages to follow, and nothing else.
+pub fn snap_header(
+    n: u64,
+    kind: tern::KindKey,
+    state_bytes: u64,
+    carried: u64,
+) -> wire::SnapHeader {
+    wire::SnapHeader {
+        mig: n,
+        id: tern::ServiceId::from_parts(0x5eed, n),
+        kind,
+        epoch: 1,
+        parent: None,
+        state_bytes,
+        carried,
+        timers: vec![],
+        send_seqs: vec![],
+        windows: vec![],
+        tables: 0,
+        book: vec![],
+        custody: vec![],
+    }
 }
 
 /// `f`, framed.
@@ -116,6 +144,27 @@ impl Rogue {
         }
     }
 
+    /// Sends `frames` on a data stream of their own, followed by an ask (id [`BARRIER_ASK`])
+    /// to a service that does not exist, and waits for its refusal: a stream is read in
+    /// order, so by then the node has dealt with every frame before it.
+    pub async fn send_data_and_wait(&mut self, frames: &[u8]) -> Result<()> {
+        let mut all = frames.to_vec();
+        all.extend(frame(&Frame::Deliver {
+            to: tern::ServiceId::from_parts(9, 9),
+            from: None,
+            seq: 1,
+            ask: Some(BARRIER_ASK),
+            wait: false,
+            msg: &[0xc0],
+        }));
+        self.send_uni(&all).await?;
+        loop {
+            if let Answer::Refused(BARRIER_ASK, _) = self.answer().await? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Moves a service of `kind` with `state` (MessagePack) to the node, as a migration the
     /// rogue decides (attempt `n`): the rogue is then a node that had custody of it. Returns
     /// its id once the node has prepared the copy (paused: arrivals wait for the start); it
@@ -126,22 +175,9 @@ impl Rogue {
         kind: tern::KindKey,
         state: &[u8],
     ) -> Result<tern::ServiceId> {
-        let id = tern::ServiceId::from_parts(0x5eed_0000, n);
-        let header = wire::SnapHeader {
-            mig: n,
-            id,
-            kind,
-            epoch: 1,
-            parent: None,
-            state_bytes: state.len() as u64,
-            carried: 0,
-            timers: vec![],
-            send_seqs: vec![],
-            windows: vec![],
-            tables: 0,
-            book: vec![],
-            custody: vec![],
-        };
+        let mut header = snap_header(n, kind, state.len() as u64, 0);
+        header.id = tern::ServiceId::from_parts(0x5eed_0000, n);
+        let id = header.id;
         let mut s = frame(&Frame::SnapBegin(Box::new(header)));
         s.extend(frame(&Frame::SnapState { bytes: state }));
         s.extend(frame(&Frame::SnapEnd));

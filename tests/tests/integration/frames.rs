@@ -184,21 +184,7 @@ fn hostile_frames_get_errors_and_the_node_keeps_serving() -> Result<()> {
 }
 
 fn snap_header(n: u64, kind: KindKey, state_bytes: u64, carried: u64) -> SnapHeader {
-    SnapHeader {
-        mig: n,
-        id: ServiceId::from_parts(0x5eed, n),
-        kind,
-        epoch: 1,
-        parent: None,
-        state_bytes,
-        carried,
-        timers: vec![],
-        send_seqs: vec![],
-        windows: vec![],
-        tables: 0,
-        book: vec![],
-        custody: vec![],
-    }
+    tern_harness::rogue::snap_header(n, kind, state_bytes, carried)
 }
 
 fn begin(h: SnapHeader) -> Vec<u8> {

@@ -346,7 +346,6 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
     };
     let c = crate::common::connected_with(&["a"], limits)?;
     let a = c.node("a");
-    let ghost = tern::ServiceId::from_parts(9, 9);
     let flood = 10 * capacity as u64;
     let forwards = |to: tern::ServiceId, n: u64| -> Result<Vec<u8>> {
         let mut frames = Vec::new();
@@ -366,15 +365,6 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
                 },
             }));
         }
-        // Behind the flood on the same stream: once answered, the flood was read.
-        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
-            to: ghost,
-            from: None,
-            seq: 1,
-            ask: Some(77),
-            wait: false,
-            msg: &[0xc0],
-        }));
         Ok(frames)
     };
     // A service mallory never had: every forward is refused.
@@ -382,15 +372,13 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
     let refused_before = a.stats().claims_refused;
     let (pushed, depth) = block_on(async {
         let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
-        rogue.send_uni(&forwards(local.id(), 5)?).await?;
-        read_to_77(&mut rogue).await?;
+        rogue.send_data_and_wait(&forwards(local.id(), 5)?).await?;
         // One it had: mallory moves a service to a, so it is that service's former host, and
         // floods it while the copy waits for its start (arrivals park), then commits.
         let state = rmp_serde::to_vec(&Slow::default())?;
         let kind = KindKey::new("test-slow", 1);
         let pushed = rogue.prepare_service(1, kind.clone(), &state).await?;
-        rogue.send_uni(&forwards(pushed, flood)?).await?;
-        read_to_77(&mut rogue).await?;
+        rogue.send_data_and_wait(&forwards(pushed, flood)?).await?;
         let depth = a
             .services()
             .iter()
@@ -429,15 +417,6 @@ fn a_peer_that_says_its_messages_were_accepted_elsewhere_cannot_grow_a_mailbox_w
     assert_eq!(handled, want);
     c.shutdown();
     Ok(())
-}
-
-/// Reads the rogue's answers up to the refusal of ask 77 (sent behind a flood).
-async fn read_to_77(rogue: &mut Rogue) -> Result<()> {
-    loop {
-        if let Answer::Refused(77, _) = rogue.answer().await? {
-            return Ok(());
-        }
-    }
 }
 
 /// What `name` says of itself in gossip, as a rogue makes it up.
@@ -635,7 +614,6 @@ fn claims_in_another_nodes_senders_name_are_refused_and_the_sender_is_not_silenc
     let from_a = a.resolve::<Slow>(slow.addr())?;
     let victim = from_a.sender_id();
     let n = 20;
-    let ghost = tern::ServiceId::from_parts(9, 9);
     let lies = block_on(async {
         for i in 1..=n / 2 {
             from_a.tell_wait(SlowMsg::Item(i)).await?;
@@ -678,19 +656,10 @@ fn claims_in_another_nodes_senders_name_are_refused_and_the_sender_is_not_silenc
                 hops,
             });
         }
-        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
-            to: ghost,
-            from: None,
-            seq: 1,
-            ask: Some(77),
-            wait: false,
-            msg: &[0xc0],
-        }));
         let refused = b.stats().claims_refused;
         let mut rogue = Rogue::connect(&c, "mallory", "b").await?;
-        rogue.send_uni(&frames).await?;
-        // The stream is read in order: once ask 77 is answered, every lie was judged.
-        read_to_77(&mut rogue).await?;
+        // The stream is read in order: once the barrier is answered, every lie was judged.
+        rogue.send_data_and_wait(&frames).await?;
         for i in n / 2 + 1..=n {
             from_a.tell_wait(SlowMsg::Item(i)).await?;
         }
@@ -930,7 +899,6 @@ fn arrivals_parked_at_a_copy_not_yet_started_are_bounded_and_a_waiting_sender_wa
     };
     let c = crate::common::connected_with(&["a"], limits)?;
     let a = c.node("a");
-    let ghost = tern::ServiceId::from_parts(9, 9);
     let refused_before = a.stats().refused_from_peers;
     let handled = block_on(async {
         let mut mallory = Rogue::connect(&c, "mallory", "a").await?;
@@ -949,16 +917,7 @@ fn arrivals_parked_at_a_copy_not_yet_started_are_bounded_and_a_waiting_sender_wa
                 msg: &msg,
             }));
         }
-        frames.extend(tern_harness::rogue::frame(&Frame::Deliver {
-            to: ghost,
-            from: None,
-            seq: 1,
-            ask: Some(77),
-            wait: false,
-            msg: &[0xc0],
-        }));
-        mallory.send_uni(&frames).await?;
-        read_to_77(&mut mallory).await?;
+        mallory.send_data_and_wait(&frames).await?;
         let h = a.resolve::<Slow>(&tern::ServiceAddr {
             id: copy,
             kind,
