@@ -439,12 +439,9 @@ fn handle_frame(
                 asked,
             },
         ) => {
-            let taken = if asked {
-                node.speaker_answered(sender, &link.name, answer)
-            } else {
-                node.speaker_told(sender, &link.name, answer)
-            };
-            if let Err(r) = taken {
+            if !asked {
+                node.speaker_told(sender, &link.name, answer);
+            } else if let Err(r) = node.speaker_answered(sender, &link.name, answer) {
                 node.refuse_claim(&link.name, &r);
             }
         }

@@ -1041,6 +1041,7 @@ impl Driver {
                 None
             }
             Err(e) => {
+                node.service_arrived(snap.service, false);
                 let reason = format!("install failed: {e}");
                 self.count_refused_in(&reason);
                 node.logs.event(

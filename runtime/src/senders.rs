@@ -65,9 +65,12 @@ impl NodeShared {
         handed: bool,
         done: usize,
     ) -> Claim {
-        if !handed && born_at(from, peer) {
-            // The common case: a sender on the node it was born on. No lock.
-            return Claim::Take;
+        if !handed {
+            // The common cases: a sender on the node it was born on (no lock), or where this
+            // node knows it runs (one lookup).
+            if born_at(from, peer) || lock(&self.senders.speakers).speaks(from, peer) {
+                return Claim::Take;
+            }
         }
         if lock(&self.senders.custody).had(to, peer) {
             return Claim::Take;
@@ -78,6 +81,7 @@ impl NodeShared {
                 detail: format!("{peer} never had service {to}, so hands on nothing for it"),
             });
         }
+        // Only now the peer list: for a sender this node must trace.
         let birth = self.birth_of(from);
         let (verdict, seen) = {
             let mut s = lock(&self.senders.speakers);
@@ -192,16 +196,14 @@ impl NodeShared {
         Ok(())
     }
 
-    /// Node `by` told, unasked, where sender `from` went.
-    pub(crate) fn speaker_told(
-        &self,
-        from: ServiceId,
-        by: &NodeName,
-        answer: SpeakerAnswer,
-    ) -> Result<(), ClaimRefused> {
-        lock(&self.senders.speakers).told(from, by, answer)?;
-        self.changed();
-        Ok(())
+    /// Node `by` told, unasked, where sender `from` went (taken only from the node that
+    /// speaks for it; otherwise ignored, see `Speakers::told`).
+    pub(crate) fn speaker_told(&self, from: ServiceId, by: &NodeName, answer: SpeakerAnswer) {
+        if lock(&self.senders.speakers).told(from, by, answer) {
+            self.changed();
+        } else {
+            tracing::debug!(%from, %by, "move notice from a node not known to speak for the sender: ignored");
+        }
     }
 
     /// The link to `peer` went down: the questions out to it are given up (nobody can vouch).

@@ -3,7 +3,7 @@
 //! `claim-refused` event, counted in `claims_refused`), that it changed nothing, and that honest
 //! traffic still flows afterwards.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tern::{KindKey, MigrateOptions, NodeHandle, NodeName};
 use tern_harness::rogue::{Answer, Rogue};
 use tern_harness::{block_on, wait_for, wait_until};
@@ -660,6 +660,37 @@ fn claims_in_another_nodes_senders_name_are_refused_and_the_sender_is_not_silenc
         let mut rogue = Rogue::connect(&c, "mallory", "b").await?;
         // The stream is read in order: once the barrier is answered, every lie was judged.
         rogue.send_data_and_wait(&frames).await?;
+        // Where the sender went: an answer nobody asked for is refused, a notice from a node
+        // that does not speak for it changes nothing, and a question on a data stream is a
+        // protocol error.
+        let elsewhere = tern_proto::speakers::SpeakerAnswer::Moved(NodeName::new("mallory"));
+        rogue
+            .send_ctrl(&Frame::Speaker {
+                sender: victim,
+                answer: elsewhere.clone(),
+                asked: true,
+            })
+            .await?;
+        expect_claim_refused(rogue.answer().await?, "not asked");
+        rogue
+            .send_ctrl(&Frame::Speaker {
+                sender: victim,
+                answer: elsewhere,
+                asked: false,
+            })
+            .await?;
+        rogue
+            .send_uni(&tern_harness::rogue::frame(&Frame::WhoSpeaks {
+                sender: victim,
+            }))
+            .await?;
+        match rogue.answer().await? {
+            Answer::ProtocolError(c, d) => {
+                assert_eq!(c, code::UNEXPECTED, "{d}");
+                assert!(d.contains("who-speaks"), "{d}");
+            }
+            other => bail!("expected a protocol error, got {other:?}"),
+        }
         for i in n / 2 + 1..=n {
             from_a.tell_wait(SlowMsg::Item(i)).await?;
         }
