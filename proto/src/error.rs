@@ -18,6 +18,14 @@ pub enum DeliveryError {
         /// The node that looked for it.
         node: NodeName,
     },
+    /// The sender's address book has no entry under this role.
+    #[error("service {holder} has no entry {role:?} in its book")]
+    UnknownRole {
+        /// The service whose book was read.
+        holder: ServiceId,
+        /// The role asked for.
+        role: String,
+    },
     /// The service's mailbox holds `capacity` messages already.
     #[error("mailbox of service {id} is full ({capacity} messages)")]
     MailboxFull {

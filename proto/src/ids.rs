@@ -14,8 +14,45 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// let id = tern_proto::ids::ServiceId::from_parts(7, 42);
 /// assert_eq!(id.to_string(), "0000000000000007-000000000000002a");
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// In human-readable formats (JSON, TOML) it is written as its display form, the same hex a
+/// table prints; on the wire (MessagePack) as its two halves.
+///
+/// ```
+/// let id = tern_proto::ids::ServiceId::from_parts(7, 42);
+/// let json = serde_json::to_string(&id).unwrap();
+/// assert_eq!(json, "\"0000000000000007-000000000000002a\"");
+/// assert_eq!(serde_json::from_str::<tern_proto::ids::ServiceId>(&json).unwrap(), id);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceId(u64, u64);
+
+/// The wire form of a [`ServiceId`]: its two halves.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "ServiceId")]
+struct IdHalves(u64, u64);
+
+impl Serialize for ServiceId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            IdHalves(self.0, self.1).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            let IdHalves(hi, lo) = IdHalves::deserialize(d)?;
+            Ok(ServiceId(hi, lo))
+        }
+    }
+}
 
 impl ServiceId {
     /// Builds an id from its prefix and counter halves.
@@ -64,6 +101,12 @@ impl std::str::FromStr for ServiceId {
     }
 }
 
+impl From<&ServiceAddr> for ServiceId {
+    fn from(a: &ServiceAddr) -> Self {
+        a.id
+    }
+}
+
 impl fmt::Debug for ServiceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ServiceId({self})")
@@ -100,6 +143,24 @@ impl fmt::Debug for NodeName {
 impl From<&str> for NodeName {
     fn from(s: &str) -> Self {
         NodeName::new(s)
+    }
+}
+
+impl From<&String> for NodeName {
+    fn from(s: &String) -> Self {
+        NodeName::new(s)
+    }
+}
+
+impl From<String> for NodeName {
+    fn from(s: String) -> Self {
+        NodeName::new(&s)
+    }
+}
+
+impl From<&NodeName> for NodeName {
+    fn from(n: &NodeName) -> Self {
+        n.clone()
     }
 }
 

@@ -32,6 +32,7 @@ pub mod inbox;
 pub mod ledger;
 pub mod members;
 pub mod migration;
+pub mod names;
 pub mod placement;
 pub mod seq;
 pub mod snapshot;

@@ -16,6 +16,22 @@ pub const GOSSIP_SERVICES_MAX: usize = 1024;
 pub const GOSSIP_EDGES_MAX: usize = 256;
 /// Capabilities kept per member.
 pub const CAPABILITIES_MAX: usize = 64;
+/// Registered kinds kept per member.
+pub const KINDS_MAX: usize = 256;
+/// Registered names kept per member (one service may hold several).
+pub const NAMES_MAX: usize = 1024;
+/// Bytes of one registered name at most.
+pub const NAME_BYTES_MAX: usize = 128;
+
+/// A kind a node has registered, with what it needs from a node: any node can then plan
+/// for services of kinds it does not run itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindInfo {
+    /// The kind and its version.
+    pub kind: KindKey,
+    /// Its required and preferred capabilities.
+    pub needs: crate::placement::Needs,
+}
 
 /// A device's power, as the device sets it (`NodeHandle::set_power` in crate `tern`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -85,6 +101,16 @@ pub struct MemberInfo {
     pub services: Vec<(ServiceId, KindKey, bool, u64)>,
     /// Its heaviest observed traffic edges (at most [`GOSSIP_EDGES_MAX`]).
     pub edges: Vec<EdgeRate>,
+    /// The kinds registered there (at most [`KINDS_MAX`]): it can host only these.
+    #[serde(default)]
+    pub kinds: Vec<KindInfo>,
+    /// Services it hosts that a user's explicit move or placement holds there (at most
+    /// [`GOSSIP_SERVICES_MAX`]): automatic placement leaves them alone.
+    #[serde(default)]
+    pub held: Vec<ServiceId>,
+    /// Registered names of services it hosts (at most [`NAMES_MAX`]), each with its service.
+    #[serde(default)]
+    pub names: Vec<(String, ServiceId)>,
     /// When this run of the node started (ms since the Unix epoch): a restarted node is a
     /// new incarnation, whose word replaces everything its earlier run said.
     pub incarnation: u64,

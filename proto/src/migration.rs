@@ -179,6 +179,12 @@ pub enum AbortReason {
     /// The snapshot stream failed on the source's side while the connection stayed up (a
     /// frame that could not be encoded or written). Says why.
     Stream(String),
+    /// The target cannot take the service (draining, lacks the kind or a required capability):
+    /// refused before anything froze. A forced move skips this check.
+    Unfit(crate::placement::Unfit),
+    /// Automatic placement (the rebalancer) asked, and the service is held where a user's
+    /// explicit move put it: it stays until the user releases it.
+    Held,
 }
 
 impl std::fmt::Display for AbortReason {
@@ -199,6 +205,8 @@ impl std::fmt::Display for AbortReason {
                 "the service did not hand over its state in time (a handler still running, or a drain that never emptied)"
             ),
             AbortReason::Stream(why) => write!(f, "the snapshot stream failed: {why}"),
+            AbortReason::Unfit(why) => write!(f, "{why}"),
+            AbortReason::Held => write!(f, "the service is held where a user's move put it"),
         }
     }
 }
@@ -219,6 +227,8 @@ impl AbortReason {
             AbortReason::FreezeDeadline => "freeze-deadline",
             AbortReason::Pinned => "pinned",
             AbortReason::Stream(_) => "stream",
+            AbortReason::Unfit(_) => "unfit",
+            AbortReason::Held => "held",
         }
     }
 }

@@ -40,11 +40,86 @@ pub struct NodeView {
     pub up: bool,
     /// Moving its services away: takes none.
     pub draining: bool,
+    /// The kinds (with their versions) registered there: it can host only these.
+    pub kinds: Vec<KindKey>,
 }
 
 impl NodeView {
     fn has(&self, cap: &str) -> bool {
         self.capabilities.iter().any(|c| c == cap)
+    }
+
+    /// Why this node cannot take a service of `kind` needing `needs`, whoever asks; `None`
+    /// when it can. Reachability and exclusions are the caller's to check.
+    pub fn unfit(&self, kind: &KindKey, needs: &Needs) -> Option<Unfit> {
+        if self.draining {
+            return Some(Unfit::Draining {
+                node: self.name.clone(),
+            });
+        }
+        if !self.kinds.contains(kind) {
+            return Some(Unfit::LacksKind {
+                node: self.name.clone(),
+                kind: kind.clone(),
+            });
+        }
+        let missing: Vec<String> = needs
+            .required
+            .iter()
+            .filter(|c| !self.has(c))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Some(Unfit::LacksCapability {
+                node: self.name.clone(),
+                missing,
+            });
+        }
+        None
+    }
+
+    /// How many of `needs`' preferred capabilities this node has.
+    pub fn preferred_met(&self, needs: &Needs) -> usize {
+        needs.preferred.iter().filter(|c| self.has(c)).count()
+    }
+}
+
+/// Why a node cannot take a service: the same reasons rule a node out of a plan and refuse an
+/// explicit move to it before anything freezes (unless the caller forces the move).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Unfit {
+    /// The node is draining: it takes no more services.
+    Draining {
+        /// The node.
+        node: NodeName,
+    },
+    /// The node has not registered the kind (or not this version of it).
+    LacksKind {
+        /// The node.
+        node: NodeName,
+        /// The kind it lacks.
+        kind: KindKey,
+    },
+    /// The node lacks capabilities the kind requires.
+    LacksCapability {
+        /// The node.
+        node: NodeName,
+        /// The required capabilities it lacks.
+        missing: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfit::Draining { node } => write!(f, "node {node} is draining"),
+            Unfit::LacksKind { node, kind } => {
+                write!(f, "node {node} has not registered kind {kind}")
+            }
+            Unfit::LacksCapability { node, missing } => {
+                write!(f, "node {node} lacks required {}", missing.join(", "))
+            }
+        }
     }
 }
 
@@ -61,6 +136,9 @@ pub struct ServiceView {
     pub needs: Needs,
     /// Pinned services are never moved by placement.
     pub pinned: bool,
+    /// Held where a user's explicit move or placement put it: only another explicit move, a
+    /// drain, or its node losing a required capability moves it.
+    pub held: bool,
 }
 
 /// Traffic between the service being placed and the nodes its peers run on: messages per
@@ -233,21 +311,8 @@ pub fn choose(
             ruled_out.push(format!("{}: not reachable", node.name));
             continue;
         }
-        if node.draining {
-            ruled_out.push(format!("{}: draining", node.name));
-            continue;
-        }
-        let missing: Vec<&String> = svc.needs.required.iter().filter(|c| !node.has(c)).collect();
-        if !missing.is_empty() {
-            ruled_out.push(format!(
-                "{}: lacks required {}",
-                node.name,
-                missing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+        if let Some(why) = node.unfit(&svc.kind, &svc.needs) {
+            ruled_out.push(ruled_out_as(&why));
             continue;
         }
         let score = policy.score(svc, node, &cx);
@@ -284,6 +349,17 @@ pub fn choose(
             })
         }
         None => Err(ruled_out),
+    }
+}
+
+/// How a plan's reasons say why a node was ruled out.
+fn ruled_out_as(why: &Unfit) -> String {
+    match why {
+        Unfit::Draining { node } => format!("{node}: draining"),
+        Unfit::LacksKind { node, kind } => format!("{node}: has not registered kind {kind}"),
+        Unfit::LacksCapability { node, missing } => {
+            format!("{node}: lacks required {}", missing.join(", "))
+        }
     }
 }
 
@@ -379,10 +455,55 @@ pub fn rebalance(
     }
     let mut moved: BTreeSet<ServiceId> = BTreeSet::new();
     let mut out = Vec::new();
+    let node_of = |name: &NodeName| nodes.iter().find(|n| n.name == *name);
+    // First, services on a node that lacks some of their preferred capabilities go to a node
+    // that has more of them (the most, then the fewest services, then the smallest name).
+    for s in services {
+        if out.len() >= limits.max_moves {
+            return out;
+        }
+        if s.pinned || s.held || frozen.contains(&s.id) || s.needs.preferred.is_empty() {
+            continue;
+        }
+        let here = at[&s.id].clone();
+        let met_here = node_of(&here).map_or(0, |n| n.preferred_met(&s.needs));
+        let best = usable
+            .iter()
+            .filter(|n| n.name != here && n.unfit(&s.kind, &s.needs).is_none())
+            .filter(|n| count.get(&n.name).copied().unwrap_or(0) < cap)
+            .filter(|n| n.preferred_met(&s.needs) > met_here)
+            .max_by(|a, b| {
+                let key = |n: &NodeView| {
+                    (
+                        n.preferred_met(&s.needs),
+                        std::cmp::Reverse(count.get(&n.name).copied().unwrap_or(0)),
+                    )
+                };
+                key(a).cmp(&key(b)).then_with(|| b.name.cmp(&a.name))
+            });
+        let Some(to) = best else {
+            continue;
+        };
+        let to = to.name.clone();
+        *count.entry(here.clone()).or_default() -= 1;
+        *count.entry(to.clone()).or_default() += 1;
+        at.insert(s.id, to.clone());
+        moved.insert(s.id);
+        out.push(Move {
+            service: s.id,
+            from: here.clone(),
+            to: to.clone(),
+            gain: 0.0,
+            reasons: vec![format!(
+                "{to} has more of its preferred capabilities ({}) than {here}",
+                s.needs.preferred.join(", ")
+            )],
+        });
+    }
     while out.len() < limits.max_moves {
         let mut best: Option<(f64, usize, NodeName)> = None;
         for (i, s) in services.iter().enumerate() {
-            if s.pinned || frozen.contains(&s.id) || moved.contains(&s.id) {
+            if s.pinned || s.held || frozen.contains(&s.id) || moved.contains(&s.id) {
                 continue;
             }
             let Some(neigh) = adj.get(&s.id) else {
@@ -400,7 +521,12 @@ pub fn rebalance(
                 if node.name == here || count.get(&node.name).copied().unwrap_or(0) + 1 > cap {
                     continue;
                 }
-                if s.needs.required.iter().any(|c| !node.has(c)) {
+                // Never to a node with fewer of its preferred capabilities: the round
+                // above would move it back (preferences met only grow, then traffic falls).
+                let met_here = node_of(&here).map_or(0, |n| n.preferred_met(&s.needs));
+                if node.unfit(&s.kind, &s.needs).is_some()
+                    || node.preferred_met(&s.needs) < met_here
+                {
                     continue;
                 }
                 let gain = with.get(&node.name).copied().unwrap_or(0.0) - local;
@@ -444,6 +570,7 @@ mod tests {
             power_percent: 100,
             up: true,
             draining: false,
+            kinds: vec![KindKey::new("k", 1)],
         }
     }
 
@@ -457,6 +584,7 @@ mod tests {
                 preferred: preferred.iter().map(|c| c.to_string()).collect(),
             },
             pinned: false,
+            held: false,
         }
     }
 
@@ -531,5 +659,90 @@ mod tests {
             })
             .collect();
         assert!(rebalance(&settled, &nodes, &links, &BTreeSet::new(), &limits).is_empty());
+    }
+
+    #[test]
+    fn a_node_without_the_kind_or_draining_is_never_chosen_and_says_why() {
+        let mut lacks_kind = node("tv", &["display"], 0);
+        lacks_kind.kinds = vec![KindKey::new("k", 2)];
+        let mut draining = node("laptop", &["display"], 0);
+        draining.draining = true;
+        let nodes = [node("phone", &[], 3), lacks_kind, draining];
+        let s = svc(1, "phone", &[], &["display"]);
+        let c = choose(
+            &AffinityPolicy::default(),
+            &s,
+            &nodes,
+            &Affinity::default(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(c.node.as_str(), "phone", "{c:?}");
+        assert!(c
+            .reasons
+            .iter()
+            .any(|r| r == "tv: has not registered kind k@1"));
+        assert!(c.reasons.iter().any(|r| r == "laptop: draining"));
+        assert_eq!(
+            nodes[1].unfit(&s.kind, &s.needs),
+            Some(Unfit::LacksKind {
+                node: NodeName::new("tv"),
+                kind: KindKey::new("k", 1)
+            })
+        );
+        let needs_camera = Needs {
+            required: vec!["camera".into()],
+            preferred: vec![],
+        };
+        assert_eq!(
+            nodes[0]
+                .unfit(&s.kind, &needs_camera)
+                .map(|u| u.to_string()),
+            Some("node phone lacks required camera".into())
+        );
+    }
+
+    #[test]
+    fn the_rebalancer_brings_a_service_to_its_preferred_capabilities_and_never_back() {
+        let nodes = [node("phone", &[], 1), node("tv", &["big-screen"], 0)];
+        let limits = RebalanceLimits {
+            max_moves: 10,
+            load_tolerance: 1.0,
+            min_gain: 1.0,
+        };
+        let lyrics = svc(1, "phone", &[], &["big-screen"]);
+        let moves = rebalance(
+            std::slice::from_ref(&lyrics),
+            &nodes,
+            &[],
+            &BTreeSet::new(),
+            &limits,
+        );
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(moves[0].to.as_str(), "tv");
+        // Held where the user put it: left alone.
+        let held = ServiceView {
+            held: true,
+            ..lyrics.clone()
+        };
+        assert!(rebalance(&[held], &nodes, &[], &BTreeSet::new(), &limits).is_empty());
+        // On the tv, its chatty peer on the phone does not pull it back to fewer of its
+        // preferred capabilities; the peer comes to it instead.
+        let on_tv = ServiceView {
+            at: NodeName::new("tv"),
+            ..lyrics
+        };
+        let peer = svc(2, "phone", &[], &[]);
+        let links = [Link {
+            a: on_tv.id,
+            b: peer.id,
+            msgs_per_s: 50.0,
+        }];
+        let moves = rebalance(&[on_tv, peer], &nodes, &links, &BTreeSet::new(), &limits);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(
+            (moves[0].service, moves[0].to.as_str()),
+            (ServiceId::from_parts(1, 2), "tv")
+        );
     }
 }

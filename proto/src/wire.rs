@@ -451,6 +451,17 @@ pub struct SnapHeader {
     /// ([`crate::speakers::Custody`]); the target adds the source.
     #[serde(default)]
     pub custody: Vec<NodeName>,
+    /// A user's explicit move put it there: the target holds it (automatic placement leaves
+    /// it alone).
+    #[serde(default)]
+    pub held: bool,
+    /// The caller forced the move: the target takes it even while draining or lacking a
+    /// capability the kind requires.
+    #[serde(default)]
+    pub forced: bool,
+    /// The names it is registered under; they move with it.
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 /// Migration protocol messages between nodes (see `core::migration::Wire`).
@@ -529,6 +540,16 @@ pub enum MigMsg {
         to: NodeName,
         /// Handle the queue at the source first.
         drain: bool,
+        /// Move even where the target is draining or lacks a required capability.
+        #[serde(default)]
+        force: bool,
+        /// Hold the services where they land (an explicit move); automatic placement
+        /// leaves held services alone.
+        #[serde(default)]
+        hold: bool,
+        /// Asked by automatic placement (the rebalancer): a held service is not moved.
+        #[serde(default)]
+        spare_held: bool,
     },
     /// Ask the receiver to migrate a group of its services as one unit (all or none), each
     /// to its node; answered by a `Reply` to `req` carrying the reports, in order.
@@ -539,6 +560,13 @@ pub enum MigMsg {
         moves: Vec<(ServiceId, NodeName)>,
         /// Handle the queues at the source first.
         drain: bool,
+        /// Move even where the target is draining or lacks a required capability.
+        #[serde(default)]
+        force: bool,
+        /// Hold the services where they land (an explicit move); automatic placement
+        /// leaves held services alone.
+        #[serde(default)]
+        hold: bool,
     },
     /// Ask the receiver to migrate the whole tree of its service `root` to `to`. The tree is
     /// read there, from the books its members hold; answered like `GroupRequest`.
@@ -551,6 +579,24 @@ pub enum MigMsg {
         to: NodeName,
         /// Handle the queues at the source first.
         drain: bool,
+        /// Move even where the target is draining or lacks a required capability.
+        #[serde(default)]
+        force: bool,
+        /// Hold the services where they land (an explicit move); automatic placement
+        /// leaves held services alone.
+        #[serde(default)]
+        hold: bool,
+    },
+    /// Source to target, before anything freezes, when gossip says the target cannot take a
+    /// service of `kind` (it may be stale): can it? Answered by a `Reply` to `req` carrying
+    /// `Option<placement::Unfit>` (`None`: it can).
+    CanTake {
+        /// Request id on the sender.
+        req: u64,
+        /// The service's kind.
+        kind: KindKey,
+        /// The caller forces the move (draining and missing capabilities do not count).
+        forced: bool,
     },
     /// Target to source: the copy handled its first message (or had none to handle with the
     /// whole carried queue in) `after_start_us` after it started; this ends the freeze.

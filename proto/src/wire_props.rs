@@ -171,6 +171,9 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                         })
                         .collect(),
                     custody: vec![NodeName::new("a"), NodeName::new("b")],
+                    held: true,
+                    forced: false,
+                    names: vec!["board".into()],
                 }
             },
         )
@@ -198,14 +201,17 @@ fn mig_msg() -> impl Strategy<Value = MigMsg> {
             node,
             epoch
         }),
-        (any::<u64>(), service(), name(), any::<bool>()).prop_map(|(req, service, to, drain)| {
-            MigMsg::Request {
+        (any::<u64>(), service(), name(), any::<[bool; 3]>()).prop_map(
+            |(req, service, to, [drain, force, hold])| MigMsg::Request {
                 req,
                 service,
                 to,
                 drain,
+                force,
+                hold,
+                spare_held: !hold,
             }
-        }),
+        ),
         (name(), any::<u64>(), any::<u64>()).prop_map(|(source, n, after_start_us)| {
             MigMsg::Serving {
                 source,

@@ -84,10 +84,25 @@ pub enum Error {
     /// An admin connection failed, or the node refused the request; why, in words.
     #[error("admin: {0}")]
     Admin(String),
+    /// A registered name could not be taken or found (taken by another service, not
+    /// acceptable, unknown, or the service does not run on the node asked).
+    #[error(transparent)]
+    Name(#[from] tern_proto::names::NameError),
+    /// A call that moves services did not do what was asked: which services did not move,
+    /// from where to where, and why ([`NotMoved`](crate::NotMoved)). Services the report does not list as
+    /// moved are where they were.
+    #[error("{0}")]
+    NotMoved(Box<crate::reports::NotMoved>),
     /// Pairing a device by code failed (wrong, used or expired code, or a broken exchange);
     /// why, in words.
     #[error("pairing: {0}")]
     Pairing(String),
+}
+
+impl From<crate::reports::NotMoved> for Error {
+    fn from(n: crate::reports::NotMoved) -> Self {
+        Error::NotMoved(Box::new(n))
+    }
 }
 
 impl Error {

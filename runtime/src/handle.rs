@@ -238,6 +238,12 @@ enum Attempt<M> {
     Full(DeliveryError, Route<M>, M),
 }
 
+impl<S: Service> From<&ServiceRef<S>> for ServiceId {
+    fn from(r: &ServiceRef<S>) -> Self {
+        r.id()
+    }
+}
+
 impl<S: Service> ServiceRef<S> {
     pub(crate) fn new(
         addr: ServiceAddr,
@@ -266,8 +272,9 @@ impl<S: Service> ServiceRef<S> {
     }
 
     /// Moves the service to node `to` while it runs, wherever it is now (the handle's node
-    /// asks the node that hosts it), and reports how it went. The handle keeps working: it
-    /// follows the service.
+    /// asks the node that hosts it), as [`NodeHandle::migrate`](crate::NodeHandle::migrate)
+    /// does: `Ok` only when it moved, [`Error::NotMoved`](crate::Error::NotMoved) with the
+    /// report otherwise. The handle keeps working: it follows the service.
     ///
     /// ```no_run
     /// # use tern::{MigrateOptions, Service, ServiceRef};
@@ -278,12 +285,10 @@ impl<S: Service> ServiceRef<S> {
     /// ```
     pub async fn migrate(
         &self,
-        to: &str,
+        to: impl Into<NodeName>,
         opts: crate::MigrateOptions,
     ) -> Result<crate::MigrationReport, crate::Error> {
-        self.node
-            .migrate(self.addr.id, NodeName::new(to), opts)
-            .await
+        crate::node::moved(self.node.migrate(self.addr.id, to.into(), opts).await?)
     }
 
     /// The sender id this node's handles to the service put on messages sent from outside any
@@ -306,23 +311,55 @@ impl<S: Service> ServiceRef<S> {
     /// Sends `msg`. Fails at once when a local mailbox is full, the service stopped, or the link
     /// to a remote node has no room; a remote refusal comes back asynchronously (counted in
     /// `refused_by_peers` and logged in the node's events).
+    ///
+    /// Inside a service's handler this is [`Ctx::tell`](crate::Ctx::tell): the message is
+    /// numbered in the sending service's channel, so its order holds when that service moves.
+    /// Outside any service it is numbered as this node's client.
     pub fn tell(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send(Meta::default(), msg)
+        match crate::service::numbered_here(self.addr.id) {
+            None => self.send(Meta::default(), msg),
+            Some(n) => {
+                let res = self.send(n.meta, msg);
+                if res.is_err() {
+                    n.give_back();
+                }
+                res
+            }
+        }
     }
 
     /// Like [`tell`](Self::tell), but waits while the mailbox or the link is full.
     pub async fn tell_wait(&self, msg: S::Msg) -> Result<(), DeliveryError> {
-        self.send_wait(Meta::default(), msg, None).await
+        match crate::service::numbered_here(self.addr.id) {
+            None => self.send_wait(Meta::default(), msg, None).await,
+            Some(n) => {
+                let res = self.send_wait(n.meta, msg, None).await;
+                if res.is_err() {
+                    n.give_back();
+                }
+                res
+            }
+        }
     }
 
     /// Sends a request made by `make` around a reply handle, and waits up to `timeout` for the
-    /// answer. A full mailbox makes the request wait for room within the same timeout.
+    /// answer. A full mailbox makes the request wait for room within the same timeout. Inside
+    /// a service's handler it is numbered as the service, as [`tell`](Self::tell) is.
     pub async fn ask<R: DeserializeOwned + Send + 'static>(
         &self,
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        self.ask_from(Meta::default(), make, timeout).await
+        match crate::service::numbered_here(self.addr.id) {
+            None => self.ask_from(Meta::default(), make, timeout).await,
+            Some(n) => {
+                let (res, sent) = self.ask_sent(n.meta, make, timeout).await;
+                if !sent {
+                    n.give_back();
+                }
+                res
+            }
+        }
     }
 
     fn count(&self, res: &Result<(), DeliveryError>, local: bool) {

@@ -24,11 +24,13 @@ mod limits;
 mod mailbox;
 mod members;
 mod migrate;
+mod names;
 mod node;
 pub mod pairing;
 mod placement;
 mod placing;
 mod registry;
+mod reports;
 mod senders;
 mod service;
 mod stats;
@@ -50,11 +52,13 @@ pub use placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
     RebalancerConfig,
 };
-pub use service::{Ctx, ReplyTo, Restart, Service, TimerId};
+pub use reports::NotMoved;
+pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;
 pub use tern_proto::directory::{Associations, BookEdge};
 pub use tern_proto::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 pub use tern_proto::migration::AbortReason;
+pub use tern_proto::names::NameError;
 pub use tern_proto::placement::{AffinityPolicy, Needs, Policy};
 pub use tern_proto::traffic::EdgeRate;
 pub use transport::PeerStatus;

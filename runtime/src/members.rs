@@ -13,6 +13,7 @@ pub use tern_proto::members::{
     Member, MemberInfo, MemberStatus, NodeLoad, Power, CAPABILITIES_MAX, GOSSIP_EDGES_MAX,
     GOSSIP_MS, GOSSIP_SERVICES_MAX,
 };
+use tern_proto::members::{KINDS_MAX, NAMES_MAX, NAME_BYTES_MAX};
 use tern_proto::wire::Frame;
 
 /// What a node keeps of another member.
@@ -229,14 +230,31 @@ impl NodeShared {
         let services = self.hosted_list(GOSSIP_SERVICES_MAX);
         let mut edges = lock(&self.traffic).all();
         edges.truncate(GOSSIP_EDGES_MAX);
+        let kinds = self.kind_infos();
+        let held: Vec<ServiceId> = self
+            .placement
+            .held()
+            .into_iter()
+            .take(GOSSIP_SERVICES_MAX)
+            .collect();
+        let names = self.local_names();
         let nodes = {
             let mut m = lock(&self.members);
             let me = m.me();
-            if me.load != load || me.services != services || me.edges != edges {
+            if me.load != load
+                || me.services != services
+                || me.edges != edges
+                || me.kinds != kinds
+                || me.held != held
+                || me.names != names
+            {
                 m.update_me(|me| {
                     me.load = load;
                     me.services = services;
                     me.edges = edges;
+                    me.kinds = kinds;
+                    me.held = held;
+                    me.names = names;
                 });
             }
             m.gossip()
@@ -261,6 +279,7 @@ impl NodeShared {
         let mut restarted = Vec::new();
         let mut hosts_changed = false;
         let mut bad_names = Vec::new();
+        let mut heard_names = Vec::new();
         {
             let mut m = lock(&self.members);
             for mut info in nodes.into_iter().take(max + 1) {
@@ -273,6 +292,10 @@ impl NodeShared {
                 info.services.truncate(GOSSIP_SERVICES_MAX);
                 info.edges.truncate(GOSSIP_EDGES_MAX);
                 info.capabilities.truncate(CAPABILITIES_MAX);
+                info.kinds.truncate(KINDS_MAX);
+                info.held.truncate(GOSSIP_SERVICES_MAX);
+                info.names.truncate(NAMES_MAX);
+                info.names.retain(|(n, _)| n.len() <= NAME_BYTES_MAX);
                 let direct = info.name == *from;
                 let before = m.capabilities_of(&info.name);
                 // Only a node's own word says it restarted (a peer may lie about another).
@@ -286,6 +309,13 @@ impl NodeShared {
                     .others
                     .get(&info.name)
                     .is_none_or(|k| k.info.services != info.services);
+                if direct {
+                    // Names are taken from the member's own word only, and only for services
+                    // it lists as its own.
+                    let hosted: std::collections::HashSet<ServiceId> =
+                        info.services.iter().map(|(id, _, _, _)| *id).collect();
+                    heard_names.push((info.name.clone(), info.names.clone(), hosted));
+                }
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {
                     if let Some(a) = addr {
@@ -296,6 +326,9 @@ impl NodeShared {
                     changed.push(name);
                 }
             }
+        }
+        for (member, names, hosted) in heard_names {
+            self.names_heard(&member, &names, |id| hosted.contains(&id));
         }
         for name in bad_names {
             let refusal = tern_proto::claims::ClaimRefused {
@@ -367,6 +400,7 @@ impl NodeShared {
             MemberStatus::Lost
         };
         lock(&self.members).set_status(peer, status);
+        self.names_forget_node(peer);
         self.logs.event(
             if left { "member-left" } else { "member-lost" },
             peer.to_string(),

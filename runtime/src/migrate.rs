@@ -25,55 +25,54 @@ use tern_proto::migration::{
 use tern_proto::wire::{self, CarriedMsg, Frame, MigMsg, SnapHeader};
 
 /// How to migrate.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+///
+/// ```
+/// // Carry the queue (the default), hold the service where it lands, and refuse a target
+/// // that is draining or lacks a capability the kind requires.
+/// let opts = tern::MigrateOptions::default();
+/// assert!(opts.hold && !opts.force && !opts.drain);
+/// // Move it even so, and let placement move it again later.
+/// let opts = tern::MigrateOptions { force: true, hold: false, ..Default::default() };
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct MigrateOptions {
     /// Handle every queued message at the source before freezing, instead of carrying the
     /// queue to the target.
     pub drain: bool,
+    /// Move even to a node that is draining or lacks a capability the kind requires (a node
+    /// that has not registered the kind cannot run it: that is refused whatever this says).
+    /// Without it such a move is refused before anything freezes
+    /// ([`AbortReason::Unfit`](crate::AbortReason::Unfit)).
+    pub force: bool,
+    /// Hold the service where it lands (the default): automatic placement (capability
+    /// changes, the rebalancer) leaves it alone until [`NodeHandle::release`](crate::NodeHandle::release),
+    /// another explicit move, a drain, or its node losing a capability the kind requires.
+    pub hold: bool,
 }
 
-/// What became of one migration, as the source saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationReport {
-    /// `source#n`: the attempt's id.
-    pub migration: String,
-    /// The service.
-    pub service: ServiceId,
-    /// The node it ran on.
-    pub from: NodeName,
-    /// The node asked to take it.
-    pub to: NodeName,
-    /// Why it did not move; `None` when it did.
-    pub aborted: Option<AbortReason>,
-    /// Its epoch after the migration (unchanged when aborted).
-    pub epoch: u64,
-    /// From the freeze at the source (the message in hand finished, the snapshot not yet
-    /// taken) until the target handled its next message, or had none to handle with the whole
-    /// carried queue in, in microseconds. Summed from the two nodes' own clocks, so it is an
-    /// upper bound by one one-way trip. For an abort: until the service resumed at the source.
-    pub freeze_us: u64,
-    /// From the call until the target runs and has every carried message, in microseconds.
-    pub total_us: u64,
-    /// From the call until the service froze at the source, in microseconds (0 when it never
-    /// froze). With `freeze_us` it places the freeze in time, e.g. to measure the window
-    /// in which a group of services was frozen.
-    pub frozen_after_us: u64,
-    /// Bytes written on the snapshot stream: header, state and carried queue.
-    pub snapshot_bytes: u64,
-    /// Queued messages carried in the snapshot.
-    pub carried: u64,
-    /// Messages that arrived during the freeze and were forwarded after commit.
-    pub forwarded: u64,
-    /// Address-book entries rewritten on the source node at commit.
-    pub rebuilt: u64,
-}
-
-impl MigrationReport {
-    /// True when the service now runs on `to`.
-    pub fn committed(&self) -> bool {
-        self.aborted.is_none()
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            drain: false,
+            force: false,
+            hold: true,
+        }
     }
 }
+
+impl MigrateOptions {
+    /// What automatic placement (drain, capability changes, the rebalancer) moves with: no
+    /// hold, no force.
+    pub(crate) fn automatic() -> Self {
+        MigrateOptions {
+            hold: false,
+            ..MigrateOptions::default()
+        }
+    }
+}
+
+pub use crate::reports::MigrationReport;
 
 /// Counters of this node's migrations.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +226,10 @@ struct Outgoing {
     /// Hands the commit's leftovers to the snapshot stream's writer.
     leftovers: Option<oneshot::Sender<Leftover>>,
     drain: bool,
+    /// The target holds the service (an explicit move).
+    hold: bool,
+    /// The target takes it even while draining or lacking a required capability.
+    force: bool,
     span: tracing::Span,
 }
 
@@ -391,6 +394,7 @@ impl Driver {
         id: ServiceId,
         to: NodeName,
         opts: MigrateOptions,
+        refuse: Option<AbortReason>,
     ) -> oneshot::Receiver<MigrationReport> {
         let (tx, rx) = oneshot::channel();
         let actions = {
@@ -398,8 +402,23 @@ impl Driver {
             if core.epoch(id).is_none() && node.slot(id).is_some() {
                 core.host(id);
             }
-            let (mig, actions) = core.migrate(id, to.clone());
+            let (mig, actions) = match &refuse {
+                // Refused before anything freezes: the core is not asked.
+                Some(_) => (
+                    MigrationId {
+                        source: node.name().clone(),
+                        n: 0,
+                    },
+                    Vec::new(),
+                ),
+                None => core.migrate(id, to.clone()),
+            };
             let entry = self.outgoing_entry(node, &core, id, mig, to, opts, tx, None);
+            if let Some(why) = refuse {
+                drop(core);
+                self.refuse_busy(node, id, entry, why);
+                return rx;
+            }
             let mut out = lock(&self.outgoing);
             // A second request while one runs is answered by the core (`Busy`) through the
             // report of this new attempt; keep the running entry.
@@ -424,6 +443,7 @@ impl Driver {
         node: &Arc<NodeShared>,
         members: &[(ServiceId, NodeName)],
         opts: MigrateOptions,
+        refuse: Option<(ServiceId, AbortReason)>,
     ) -> Vec<oneshot::Receiver<MigrationReport>> {
         let mut rxs = Vec::with_capacity(members.len());
         let mut txs = Vec::with_capacity(members.len());
@@ -447,8 +467,11 @@ impl Driver {
                         out.get(id)
                             .is_some_and(|o| o.aborted.is_none() && !o.committed)
                     })
-                    .map(|(id, _)| *id)
+                    .map(|(id, _)| (*id, AbortReason::Busy))
             };
+            // A member whose target cannot take it refuses the group before anything
+            // freezes, as a busy one does.
+            let busy = busy.or(refuse);
             let (migs, actions) = match busy {
                 // A member whose earlier attempt has not ended: its entry must stay, so the
                 // group is refused here, before the core freezes anything.
@@ -463,12 +486,12 @@ impl Driver {
                 });
                 let entry =
                     self.outgoing_entry(node, &core, *id, mig, to.clone(), opts, tx, Some(&group));
-                match busy {
-                    Some(b) => {
-                        let reason = if b == *id {
-                            AbortReason::Busy
+                match &busy {
+                    Some((b, why)) => {
+                        let reason = if b == id {
+                            why.clone()
                         } else {
-                            AbortReason::Group(format!("{b}: {}", AbortReason::Busy))
+                            AbortReason::Group(format!("{b}: {why}"))
                         };
                         self.refuse_busy(node, *id, entry, reason);
                     }
@@ -525,6 +548,8 @@ impl Driver {
             decide: None,
             leftovers: None,
             drain: opts.drain,
+            hold: opts.hold,
+            force: opts.force,
             span,
         }
     }
@@ -548,6 +573,13 @@ impl Driver {
         for w in busy.waiters {
             let _ = w.send(report.clone());
         }
+    }
+
+    /// Whether the running migration of `id` holds it at its target, and forces it there.
+    pub fn hold_and_force(&self, id: ServiceId) -> (bool, bool) {
+        lock(&self.outgoing)
+            .get(&id)
+            .map_or((false, false), |o| (o.hold, o.force))
     }
 
     /// True when the runner should handle its queue before freezing.
@@ -679,9 +711,10 @@ impl Driver {
                 }
                 return;
             }
-            MigMsg::Request { .. } | MigMsg::GroupRequest { .. } | MigMsg::TreeRequest { .. } => {
-                return
-            }
+            MigMsg::Request { .. }
+            | MigMsg::GroupRequest { .. }
+            | MigMsg::TreeRequest { .. }
+            | MigMsg::CanTake { .. } => return,
         };
         let actions = lock(&self.core).receive(from.clone(), wire);
         self.run(node, actions);
@@ -966,6 +999,8 @@ impl Driver {
         // Before the target hears the commit (and the service speaks from there): this node
         // answers where it went, and every peer is told.
         node.sender_moved_away(service, &to);
+        // Its hold and names went with the snapshot.
+        node.service_left(service);
         // Leftovers first: what arrived during the freeze goes onto the link to the target
         // before any channel on this node points there, so a local sender's next message
         // queues behind its earlier ones.
@@ -1212,6 +1247,8 @@ async fn write_snapshot(
         header.mig = mig.n;
         header.epoch = snap.epoch;
         header.custody = node.custody_for_snapshot(header.id, &to);
+        (header.held, header.forced) = node.driver.hold_and_force(header.id);
+        header.names = node.names_of(header.id);
         // The windows, send counters, book and timers follow the header in frames of their
         // own, so that a service with many senders, a large book or many timers fits any
         // frame bound.
@@ -1640,6 +1677,11 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
     if node.stopping.load(std::sync::atomic::Ordering::Relaxed) {
         return Err("stopping: the node is shutting down".into());
     }
+    // The source checked this before freezing; this node has the last word (a drain begun
+    // since, a capability just lost).
+    if let Some(why) = node.unfit_here(&h.kind, h.forced) {
+        return Err(format!("unfit: {why}"));
+    }
     Ok(())
 }
 
@@ -2050,13 +2092,22 @@ pub(crate) fn on_control(
             service,
             to,
             drain,
+            force,
+            hold,
+            spare_held,
         } => {
+            let opts = MigrateOptions { drain, force, hold };
             let (node, link) = (node.clone(), link.clone());
             actix_rt::spawn(async move {
                 let res = if node.slot(service).is_some() {
-                    let rx = node
-                        .driver
-                        .migrate(&node, service, to, MigrateOptions { drain });
+                    let refuse = if spare_held && node.placement.is_held(service) {
+                        Some(AbortReason::Held)
+                    } else {
+                        node.preflight(&[(service, to.clone())], &opts)
+                            .await
+                            .map(|(_, why)| why)
+                    };
+                    let rx = node.driver.migrate(&node, service, to, opts, refuse);
                     rx.await.map_err(|_| "the node stopped".to_string())
                 } else {
                     Err(format!(
@@ -2087,16 +2138,42 @@ pub(crate) fn on_control(
                 }
             });
         }
-        MigMsg::GroupRequest { req, moves, drain } => {
-            crate::tree::on_group_request(node, link, req, moves, drain);
+        MigMsg::GroupRequest {
+            req,
+            moves,
+            drain,
+            force,
+            hold,
+        } => {
+            let opts = MigrateOptions { drain, force, hold };
+            crate::tree::on_group_request(node, link, req, moves, opts);
         }
         MigMsg::TreeRequest {
             req,
             root,
             to,
             drain,
+            force,
+            hold,
         } => {
-            crate::tree::on_tree_request(node, link, req, root, to, drain);
+            let opts = MigrateOptions { drain, force, hold };
+            crate::tree::on_tree_request(node, link, req, root, to, opts);
+        }
+        MigMsg::CanTake { req, kind, forced } => {
+            let answer = node.unfit_here(&kind, forced);
+            let sent = match rmp_serde::to_vec(&answer) {
+                Ok(bytes) => link.push_ctrl(&Frame::Reply {
+                    ask: req,
+                    result: wire::ReplyBody::Value(&bytes),
+                }),
+                Err(e) => link.push_ctrl(&Frame::Reply {
+                    ask: req,
+                    result: wire::ReplyBody::Failed(e.to_string()),
+                }),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(peer = %link.name, error = %e, "can-take answer not queued");
+            }
         }
         other => node.driver.on_msg(node, &link.name, other),
     }

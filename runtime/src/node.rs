@@ -444,6 +444,9 @@ pub(crate) struct NodeShared {
     /// Who speaks for which sender, who had custody of which service
     /// (`tern_proto::speakers`).
     pub(crate) senders: crate::senders::SenderTables,
+    /// Registered names of local services, those heard from peers, and what arriving copies
+    /// carry besides their state (`names.rs`).
+    pub(crate) names: crate::names::NameTables,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -1369,13 +1372,29 @@ impl NodeShared {
     }
 
     /// Migrates `id` in the background (asked by the service itself); the outcome goes to the
-    /// event log.
-    pub fn migrate_detached(self: &Arc<Self>, id: ServiceId, to: NodeName, opts: MigrateOptions) {
-        let rx = self.driver.migrate(self, id, to, opts);
+    /// event log and to `done`.
+    pub fn migrate_detached(
+        self: &Arc<Self>,
+        id: ServiceId,
+        to: NodeName,
+        opts: MigrateOptions,
+        done: crate::service::MigrationDone,
+    ) {
         let node = self.clone();
         actix_rt::spawn(async move {
+            let refuse = node.preflight(&[(id, to.clone())], &opts).await;
+            let rx = node
+                .driver
+                .migrate(&node, id, to, opts, refuse.map(|(_, why)| why));
             if let Ok(report) = rx.await {
                 node.logs.event("migration", describe(&report));
+                done(match report.aborted {
+                    None => Ok(report),
+                    Some(_) => Err(crate::reports::NotMoved {
+                        reports: vec![report],
+                        refused: Vec::new(),
+                    }),
+                });
             }
         });
     }
@@ -1404,8 +1423,10 @@ impl NodeShared {
         };
         let book = header.book.clone();
         let custody = std::mem::take(&mut header.custody);
+        let (held, names) = (header.held, std::mem::take(&mut header.names));
         let copy = f(self, source, header, state)?;
         self.service_arriving(holder.id, source, custody);
+        self.carried_arriving(holder.id, held, names);
         self.learn_book(holder, book);
         Ok(copy)
     }
@@ -1425,7 +1446,23 @@ impl NodeShared {
         }
     }
 
-    /// True when kind `kind` is registered here.
+    /// The kinds registered here, with what each needs (at most `KINDS_MAX`, for gossip).
+    pub fn kind_infos(&self) -> Vec<tern_proto::members::KindInfo> {
+        let mut kinds: Vec<tern_proto::members::KindInfo> = self
+            .kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .take(tern_proto::members::KINDS_MAX)
+            .map(|(kind, k)| tern_proto::members::KindInfo {
+                kind: kind.clone(),
+                needs: k.needs.clone(),
+            })
+            .collect();
+        kinds.sort_by(|a, b| a.kind.cmp(&b.kind));
+        kinds
+    }
+
     /// What kind `kind` needs from a node (`None` if it is not registered here).
     pub fn needs_of(&self, kind: &KindKey) -> Option<Needs> {
         self.kinds
@@ -1583,6 +1620,7 @@ impl NodeShared {
     /// messages is refused to its sender or asker with `reason`.
     pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>, reason: DeliveryError) {
         self.flush_handled(id);
+        self.service_left(id);
         self.forget_service(id);
         lock(&self.channels).remove(&id);
         self.driver.unhost(id);
@@ -1952,6 +1990,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
             id_prefix,
             services: Vec::new(),
             edges: Vec::new(),
+            kinds: Vec::new(),
+            held: Vec::new(),
+            names: Vec::new(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -1964,6 +2005,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         snapshot_bytes_in: Arc::new(AtomicUsize::new(0)),
         handled_waiting: Mutex::new(Default::default()),
         senders: crate::senders::SenderTables::new(name.clone()),
+        names: Default::default(),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -2006,6 +2048,8 @@ impl NodeHandle {
     /// Registers service kind `S` so this node can run and restore it.
     pub fn register<S: Service>(&self) -> &Self {
         self.shared.register::<S>();
+        // Peers plan only for nodes that have a kind: tell them now, not at the next round.
+        self.shared.gossip();
         self
     }
 
@@ -2093,23 +2137,34 @@ impl NodeHandle {
         self.shared.reply(to, value)
     }
 
-    /// Adds or replaces entry `role` in the book of local service `holder`.
+    /// Adds or replaces entry `role` in the book of local service `holder` (an id, an
+    /// address or a handle). The book is kept where the holder runs: a holder that does not
+    /// run here is refused, naming where it was looked for.
     pub fn book_insert(
         &self,
-        holder: &ServiceAddr,
+        holder: impl Into<ServiceId>,
         role: &str,
         target: &ServiceAddr,
     ) -> Result<(), Error> {
-        self.shared.book_insert(holder, role, target.clone())
+        let id = holder.into();
+        let addr = self
+            .shared
+            .local_addr_of(id)
+            .ok_or_else(|| DeliveryError::UnknownService {
+                id,
+                node: self.name().clone(),
+            })?;
+        self.shared.book_insert(&addr, role, target.clone())
     }
 
     /// Removes entry `role` from the book of `holder`.
-    pub fn book_remove(&self, holder: ServiceId, role: &str) -> bool {
-        self.shared.book_remove(holder, role)
+    pub fn book_remove(&self, holder: impl Into<ServiceId>, role: &str) -> bool {
+        self.shared.book_remove(holder.into(), role)
     }
 
     /// The book of `holder`, as this node knows it.
-    pub fn book(&self, holder: ServiceId) -> Vec<(String, ServiceAddr)> {
+    pub fn book(&self, holder: impl Into<ServiceId>) -> Vec<(String, ServiceAddr)> {
+        let holder = holder.into();
         self.shared.books.book(holder)
     }
 
@@ -2118,26 +2173,102 @@ impl NodeHandle {
         self.shared.books.associations(id)
     }
 
-    /// Moves service `id` to node `to` while it runs, and reports how it went. The service may
-    /// be on this node or on a peer (the request then goes to the node hosting it).
+    /// Moves service `id` to node `to` while it runs. The service may be on this node or on a
+    /// peer (the request then goes to the node hosting it).
+    ///
+    /// `Ok` only when it moved; otherwise [`Error::NotMoved`] carries the report (which
+    /// service, from where, to where, and why: [`AbortReason`](crate::AbortReason)), and the
+    /// service runs on where it was. A target that is draining, lacks a capability the kind
+    /// requires or has not registered the kind is refused before anything freezes
+    /// ([`AbortReason::Unfit`](crate::AbortReason::Unfit)) unless `opts.force` (which cannot
+    /// give a node a kind it lacks). The service is then held where it landed (`opts.hold`,
+    /// the default): automatic placement leaves it alone until [`release`](Self::release).
     ///
     /// ```no_run
-    /// # async fn demo(phone: tern::NodeHandle, id: tern::ServiceId) -> Result<(), tern::Error> {
-    /// let report = phone.migrate(id, "tv", tern::MigrateOptions::default()).await?;
-    /// if report.committed() {
-    ///     println!("moved in {} us of freeze, {} messages carried", report.freeze_us, report.carried);
-    /// } else {
-    ///     println!("still here: {:?}", report.aborted);
+    /// # async fn demo(phone: tern::NodeHandle, id: tern::ServiceId) {
+    /// match phone.migrate(id, "tv", tern::MigrateOptions::default()).await {
+    ///     Ok(report) => println!("moved in {} us of freeze, {} messages carried", report.freeze_us, report.carried),
+    ///     Err(tern::Error::NotMoved(why)) => println!("still where it was: {why}"),
+    ///     Err(e) => println!("could not ask: {e}"),
     /// }
-    /// # Ok(()) }
+    /// # }
     /// ```
     pub async fn migrate(
         &self,
         id: ServiceId,
-        to: &str,
+        to: impl Into<NodeName>,
         opts: MigrateOptions,
     ) -> Result<MigrationReport, Error> {
-        self.shared.migrate(id, NodeName::new(to), opts).await
+        moved(self.shared.migrate(id, to.into(), opts).await?)
+    }
+
+    /// Lets automatic placement move `id` again (an explicit move held it where it put it).
+    /// `false` when it was not held. Works on the node that runs the service.
+    pub fn release(&self, id: ServiceId) -> Result<bool, Error> {
+        if self.shared.slot(id).is_none() {
+            return Err(DeliveryError::UnknownService {
+                id,
+                node: self.name().clone(),
+            }
+            .into());
+        }
+        let was = self.shared.placement.is_held(id);
+        self.shared.placement.hold(id, false);
+        self.shared.gossip();
+        Ok(was)
+    }
+
+    /// Whether local service `id` is held where an explicit move put it.
+    pub fn is_held(&self, id: ServiceId) -> bool {
+        self.shared.placement.is_held(id)
+    }
+
+    /// Registers `name` for local service `id`, cluster-wide: any node finds it with
+    /// [`lookup`](Self::lookup). The name moves with the service and goes when it stops. A name
+    /// another service holds is refused ([`NameError::Taken`](crate::NameError::Taken)).
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct Board;
+    /// # #[derive(Serialize, Deserialize)] enum BoardMsg { Stroke(u32) }
+    /// # impl tern::Service for Board {
+    /// #     type Msg = BoardMsg;
+    /// #     const KIND: &'static str = "board";
+    /// #     const VERSION: u32 = 1;
+    /// #     async fn handle(&mut self, _m: BoardMsg, _c: &mut tern::Ctx<Self>) {}
+    /// # }
+    /// # fn demo(phone: tern::NodeHandle, tv: tern::NodeHandle) -> Result<(), tern::Error> {
+    /// let board = phone.spawn(Board)?;
+    /// phone.register_name("board", board.id())?;
+    /// // On any node, once gossip has reached it (within a second):
+    /// let found = tv.lookup::<Board>("board")?;
+    /// found.tell(BoardMsg::Stroke(1))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn register_name(&self, name: &str, id: ServiceId) -> Result<(), Error> {
+        self.shared.register_name(name, id)
+    }
+
+    /// Removes `name` if local service `id` holds it; `true` if it did.
+    pub fn unregister_name(&self, name: &str, id: ServiceId) -> bool {
+        self.shared.unregister_name(name, id)
+    }
+
+    /// A handle to the service registered as `name`, wherever it runs; it follows the
+    /// service when it moves. [`NameError::Unknown`](crate::NameError::Unknown) when no node
+    /// this one hears from has it; a kind other than `S` is
+    /// [`DeliveryError::KindMismatch`](crate::DeliveryError::KindMismatch).
+    pub fn lookup<S: Service>(&self, name: &str) -> Result<ServiceRef<S>, Error> {
+        let addr = self
+            .shared
+            .lookup_name(name)
+            .ok_or_else(|| tern_proto::names::NameError::Unknown { name: name.into() })?;
+        Ok(self.shared.resolve(&addr)?)
+    }
+
+    /// Every registered name this node knows of, with its service, sorted by name.
+    pub fn names(&self) -> Vec<(String, ServiceId)> {
+        self.shared.all_names()
     }
 
     /// The assembly tree rooted at `root`: root first, then breadth first, each member with
@@ -2159,33 +2290,31 @@ impl NodeHandle {
     /// ```no_run
     /// # async fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
     /// let report = phone.migrate_tree(player, "tv", tern::MigrateOptions::default()).await?;
-    /// println!("{} services moved: {}, frozen for {} us",
-    ///     report.members.len(), report.committed, report.freeze_us);
+    /// println!("{} services moved, frozen for {} us", report.members.len(), report.freeze_us);
     /// # Ok(()) }
     /// ```
     pub async fn migrate_tree(
         &self,
         root: ServiceId,
-        to: &str,
+        to: impl Into<NodeName>,
         opts: MigrateOptions,
     ) -> Result<GroupReport, Error> {
-        self.shared
-            .migrate_tree(root, NodeName::new(to), opts)
-            .await
+        group_moved(self.shared.migrate_tree(root, to.into(), opts).await?)
     }
 
     /// Moves services that run on one node as one unit, each to its own node (a split
-    /// tree): all or none, frozen together.
-    pub async fn migrate_group(
+    /// tree): all or none, frozen together. `Ok` only when all moved; otherwise
+    /// [`Error::NotMoved`] with every member's report.
+    pub async fn migrate_group<N: Into<NodeName> + Clone>(
         &self,
-        moves: &[(ServiceId, &str)],
+        moves: &[(ServiceId, N)],
         opts: MigrateOptions,
     ) -> Result<GroupReport, Error> {
         let moves = moves
             .iter()
-            .map(|(id, to)| (*id, NodeName::new(to)))
+            .map(|(id, to)| (*id, to.clone().into()))
             .collect();
-        self.shared.migrate_group(moves, opts).await
+        group_moved(self.shared.migrate_group(moves, opts).await?)
     }
 
     /// Every node this one knows, itself first: capabilities, load, power, status.
@@ -2406,16 +2535,30 @@ impl NodeShared {
         to: NodeName,
         opts: MigrateOptions,
     ) -> Result<MigrationReport, Error> {
-        let pinned = |r: MigrationReport| match r.aborted {
-            Some(tern_proto::migration::AbortReason::Pinned) => Err(Error::Placement(format!(
-                "service {id} is pinned to {}",
-                r.from
-            ))),
-            _ => Ok(r),
-        };
+        self.migrate_as(id, to, opts, false).await
+    }
+
+    /// [`migrate`](Self::migrate), for automatic placement when `spare_held`: the node that
+    /// runs the service refuses to move it if a user's move holds it there
+    /// ([`AbortReason::Held`](tern_proto::migration::AbortReason::Held)); only that node
+    /// knows for sure (gossip of holds may be a second old).
+    pub async fn migrate_as(
+        self: &Arc<Self>,
+        id: ServiceId,
+        to: NodeName,
+        opts: MigrateOptions,
+        spare_held: bool,
+    ) -> Result<MigrationReport, Error> {
         if self.slot(id).is_some() {
-            let rx = self.driver.migrate(self, id, to, opts);
-            return rx.await.map_err(|_| Error::Stopped).and_then(pinned);
+            let refuse = if spare_held && self.placement.is_held(id) {
+                Some(tern_proto::migration::AbortReason::Held)
+            } else {
+                self.preflight(&[(id, to.clone())], &opts)
+                    .await
+                    .map(|(_, why)| why)
+            };
+            let rx = self.driver.migrate(self, id, to, opts, refuse);
+            return rx.await.map_err(|_| Error::Stopped);
         }
         let unknown = || -> Error {
             DeliveryError::UnknownService {
@@ -2430,6 +2573,9 @@ impl NodeShared {
                 service: id,
                 to,
                 drain: opts.drain,
+                force: opts.force,
+                hold: opts.hold,
+                spare_held,
             })
         };
         let known = self
@@ -2444,7 +2590,7 @@ impl NodeShared {
             for link in self.links.all().into_iter().filter(|l| l.is_connected()) {
                 match ask(link.name.clone(), to.clone()).await {
                     Err(Error::Remote { detail, .. }) if detail.contains(NOT_HERE) => continue,
-                    other => return other.and_then(pinned),
+                    other => return other,
                 }
             }
             return Err(unknown());
@@ -2463,7 +2609,6 @@ impl NodeShared {
             }
             other => other,
         }
-        .and_then(pinned)
     }
 
     /// Sends a migration request made by `make` (given its request id) to `at` and waits for
@@ -2476,6 +2621,27 @@ impl NodeShared {
         slack: Duration,
         make: impl FnOnce(u64) -> MigMsg,
     ) -> Result<T, Error> {
+        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + slack;
+        self.ask_control(at, target, wait, make).await
+    }
+
+    /// Sends a control request made by `make` to `at` and waits up to `wait` for the answer.
+    pub async fn request_control<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        at: NodeName,
+        wait: Duration,
+        make: impl FnOnce(u64) -> MigMsg,
+    ) -> Result<T, Error> {
+        self.ask_control(at, None, wait, make).await
+    }
+
+    async fn ask_control<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        at: NodeName,
+        target: Option<ServiceId>,
+        wait: Duration,
+        make: impl FnOnce(u64) -> MigMsg,
+    ) -> Result<T, Error> {
         let link = self
             .links
             .get(&at)
@@ -2485,7 +2651,6 @@ impl NodeShared {
             self.asks.cancel(req);
             return Err(e.into());
         }
-        let wait = Duration::from_millis(self.limits.migration_deadline_ms) + slack;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(ReplyPayload::Failed(detail))) => Err(Error::Remote { node: at, detail }),
             Ok(Ok(p)) => Ok(p.into_typed()?),
@@ -2498,6 +2663,32 @@ impl NodeShared {
                 .into())
             }
         }
+    }
+}
+
+/// A migration's report as the public calls give it: `Ok` only when it moved.
+pub(crate) fn moved(r: MigrationReport) -> Result<MigrationReport, Error> {
+    if r.committed() {
+        Ok(r)
+    } else {
+        Err(crate::reports::NotMoved {
+            reports: vec![r],
+            refused: Vec::new(),
+        }
+        .into())
+    }
+}
+
+/// A group's report as the public calls give it: `Ok` only when every member moved.
+pub(crate) fn group_moved(g: GroupReport) -> Result<GroupReport, Error> {
+    if g.committed {
+        Ok(g)
+    } else {
+        Err(crate::reports::NotMoved {
+            reports: g.members,
+            refused: Vec::new(),
+        }
+        .into())
     }
 }
 

@@ -18,6 +18,8 @@ pub use crate::placing::{
     RebalancerConfig,
 };
 use crate::placing::{RECENT_KEPT, ROUNDS_KEPT};
+use crate::reports::NotMoved;
+use crate::tree::GroupReport;
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
 use tern_proto::placement::{
     choose, cross_node_fraction, rebalance, Affinity, Link, NodeView, Policy, RebalanceLimits,
@@ -69,6 +71,17 @@ impl NodeShared {
     pub(crate) fn view(&self) -> View {
         let members = self.members();
         let pins = self.placement.pins();
+        let held = self.placement.held();
+        // What each kind needs: this node's registry first, then what members gossip.
+        let needs_known = |kind: &KindKey| {
+            self.needs_of(kind).or_else(|| {
+                members
+                    .iter()
+                    .flat_map(|m| &m.info.kinds)
+                    .find(|k| k.kind == *kind)
+                    .map(|k| k.needs.clone())
+            })
+        };
         let mut nodes = Vec::new();
         let mut services = Vec::new();
         let mut at = BTreeMap::new();
@@ -90,16 +103,18 @@ impl NodeShared {
                         .get(&m.info.name)
                         .is_some_and(|l| l.is_connected()));
             prefixes.insert(m.info.id_prefix, m.info.name.clone());
-            let hosted: Vec<(ServiceId, KindKey, bool)> = if m.local {
+            let hosted: Vec<(ServiceId, KindKey, bool, bool)> = if m.local {
                 self.local_services()
                     .into_iter()
-                    .map(|a| (a.id, a.kind, pins.contains(&a.id)))
+                    .map(|a| (a.id, a.kind, pins.contains(&a.id), held.contains(&a.id)))
                     .collect()
             } else if up {
                 m.info
                     .services
                     .iter()
-                    .map(|(id, kind, pinned, _)| (*id, kind.clone(), *pinned))
+                    .map(|(id, kind, pinned, _)| {
+                        (*id, kind.clone(), *pinned, m.info.held.contains(id))
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -109,22 +124,14 @@ impl NodeShared {
                     merge(e);
                 }
             }
-            nodes.push(NodeView {
-                name: m.info.name.clone(),
-                capabilities: m.info.capabilities.clone(),
-                services: hosted.len() as u64,
-                backlog: m.info.load.backlog,
-                power_percent: m.info.power.percent(),
-                up,
-                draining: m.info.draining,
-            });
-            for (id, kind, pinned) in hosted {
+            nodes.push(self.node_view(m, up, hosted.len() as u64));
+            for (id, kind, pinned, held) in hosted {
                 // A service listed by two nodes (mid-move gossip): the local table wins.
                 if at.contains_key(&id) && !m.local {
                     continue;
                 }
                 at.insert(id, m.info.name.clone());
-                let needs = self.needs_of(&kind).unwrap_or_default();
+                let needs = needs_known(&kind).unwrap_or_default();
                 services.retain(|s: &ServiceView| s.id != id);
                 services.push(ServiceView {
                     id,
@@ -132,6 +139,7 @@ impl NodeShared {
                     at: m.info.name.clone(),
                     needs,
                     pinned,
+                    held,
                 });
             }
         }
@@ -226,11 +234,11 @@ impl NodeShared {
                     .push((id, format!("not running on any node {} knows", self.name())));
                 continue;
             };
-            if self.needs_of(&svc.kind).is_none() {
+            if self.needs_known(&svc.kind).is_none() {
                 plan.refused.push((
                     id,
                     format!(
-                        "kind {} is not registered on {}, so its needs are unknown here",
+                        "kind {} is registered on no node {} knows",
                         svc.kind,
                         self.name()
                     ),
@@ -275,18 +283,23 @@ impl NodeShared {
         opts: &PlanOptions,
     ) -> Result<PlaceReport, Error> {
         let plan = self.plan(ids, opts)?;
-        self.carry_out(plan).await
+        self.carry_out(plan, MigrateOptions::default()).await
     }
 
-    async fn carry_out(self: &Arc<Self>, plan: Plan) -> Result<PlaceReport, Error> {
+    /// Carries `plan` out, one all-or-none group per source node. A plan with a refused
+    /// service moves nothing and fails with [`Error::NotMoved`] listing every refusal; the
+    /// groups' outcomes are in the report (the caller decides what a partial outcome is).
+    async fn carry_out(
+        self: &Arc<Self>,
+        plan: Plan,
+        opts: MigrateOptions,
+    ) -> Result<PlaceReport, Error> {
         if !plan.refused.is_empty() {
-            return Err(Error::Placement(
-                plan.refused
-                    .iter()
-                    .map(|(id, why)| format!("{id}: {why}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ));
+            return Err(NotMoved {
+                reports: Vec::new(),
+                refused: plan.refused,
+            }
+            .into());
         }
         let mut by_source: BTreeMap<NodeName, Vec<(ServiceId, NodeName)>> = BTreeMap::new();
         for m in &plan.moves {
@@ -298,17 +311,25 @@ impl NodeShared {
         let mut groups = Vec::new();
         for (_, moves) in by_source {
             let ids: Vec<ServiceId> = moves.iter().map(|(id, _)| *id).collect();
-            let report = self.migrate_group(moves, MigrateOptions::default()).await?;
+            let report = match self.migrate_group(moves, opts).await {
+                Ok(r) => r,
+                // A group that was tried and did not move: its reports say why.
+                Err(Error::NotMoved(n)) if !n.reports.is_empty() => {
+                    GroupReport::from_reports(n.reports)
+                }
+                Err(e) => return Err(e),
+            };
             if report.committed {
                 self.placement.note_moved(&ids);
                 for m in plan.moves.iter().filter(|m| ids.contains(&m.service)) {
-                    let needs = self.needs_of(&m.kind).unwrap_or_default();
+                    let needs = self.needs_known(&m.kind).unwrap_or_default();
                     self.placement.remember(ServiceView {
                         id: m.service,
                         kind: m.kind.clone(),
                         at: m.to.clone(),
                         needs,
                         pinned: false,
+                        held: opts.hold,
                     });
                 }
             }
@@ -359,7 +380,7 @@ impl NodeShared {
             let outcome = match self.plan_in(&view, &members, &opts) {
                 Ok(plan) => {
                     report.plans.extend(plan.moves.iter().cloned());
-                    self.carry_out(plan).await
+                    self.carry_out(plan, MigrateOptions::automatic()).await
                 }
                 Err(e) => Err(e),
             };
@@ -402,17 +423,32 @@ impl NodeShared {
     }
 
     /// Nodes' capabilities changed (or nodes joined): services here that require a
-    /// capability this node lost move now; services that would fit better elsewhere (a
-    /// preferred capability) move too. Runs in the background, one at a time.
+    /// capability this node lost move now, held or not (their hold ends: the user's choice
+    /// can no longer stand). Runs in the background, one at a time.
     pub fn capabilities_changed(self: &Arc<Self>, nodes: &[NodeName]) {
         tracing::debug!(?nodes, "capabilities changed");
+        // A change while a round runs is not lost: that round runs once more.
+        self.placement.replace_again.store(true, Ordering::Release);
         if self.placement.replacing.swap(true, Ordering::AcqRel) {
             return;
         }
         let node = self.clone();
         let spawned = self.spawn_task(async move {
-            node.replace_misfits().await;
-            node.placement.replacing.store(false, Ordering::Release);
+            loop {
+                node.placement.replace_again.store(false, Ordering::Release);
+                node.replace_misfits().await;
+                node.stats.replacement_rounds.inc();
+                if node.placement.replace_again.load(Ordering::Acquire) {
+                    continue;
+                }
+                node.placement.replacing.store(false, Ordering::Release);
+                // Asked again between the check and the release: run again if nobody else did.
+                if !node.placement.replace_again.load(Ordering::Acquire)
+                    || node.placement.replacing.swap(true, Ordering::AcqRel)
+                {
+                    break;
+                }
+            }
         });
         if !spawned {
             self.placement.replacing.store(false, Ordering::Release);
@@ -428,27 +464,17 @@ impl NodeShared {
         let Some(here) = view.nodes.iter().find(|n| n.name == me).cloned() else {
             return;
         };
-        let cooldown = Duration::from_millis(
-            lock(&self.placement.rebalancer)
-                .as_ref()
-                .map_or(RebalancerConfig::default().cooldown_ms, |c| c.cooldown_ms),
-        );
+        // Only a required capability lost moves a service by itself, held or not: a
+        // preferred one is the rebalancer's to weigh (off by default).
         let candidates: Vec<ServiceId> = view
             .services
             .iter()
             .filter(|s| s.at == me && !s.pinned)
             .filter(|s| {
-                let lacks_required = s
-                    .needs
+                s.needs
                     .required
                     .iter()
-                    .any(|c| !here.capabilities.contains(c));
-                let lacks_preferred = s
-                    .needs
-                    .preferred
-                    .iter()
-                    .any(|c| !here.capabilities.contains(c));
-                lacks_required || (lacks_preferred && !self.placement.cooling(s.id, cooldown))
+                    .any(|c| !here.capabilities.contains(c))
             })
             .map(|s| s.id)
             .collect();
@@ -465,7 +491,7 @@ impl NodeShared {
             }
             let why = plan.moves[0].reasons.join("; ");
             let to = plan.moves[0].to.clone();
-            match self.carry_out(plan).await {
+            match self.carry_out(plan, MigrateOptions::automatic()).await {
                 Ok(r) if r.groups.iter().all(|g| g.committed) => {
                     self.logs.event("re-placed", format!("{id} to {to}: {why}"));
                 }
@@ -490,7 +516,9 @@ impl NodeShared {
         let frozen: BTreeSet<ServiceId> = view
             .services
             .iter()
-            .filter(|s| self.placement.cooling(s.id, cooldown) || self.needs_of(&s.kind).is_none())
+            .filter(|s| {
+                self.placement.cooling(s.id, cooldown) || self.needs_known(&s.kind).is_none()
+            })
             .map(|s| s.id)
             .collect();
         let limits = RebalanceLimits {
@@ -508,7 +536,7 @@ impl NodeShared {
         let mut done = Vec::new();
         for m in moves {
             let res = self
-                .migrate(m.service, m.to.clone(), MigrateOptions::default())
+                .migrate_as(m.service, m.to.clone(), MigrateOptions::automatic(), true)
                 .await;
             // Moved or not, the service cools down: a failed move is not retried at once.
             self.placement.note_moved(&[m.service]);
@@ -727,10 +755,21 @@ impl NodeHandle {
         self.shared.plan(ids, opts)
     }
 
-    /// Plans `ids` and carries the plan out (one all-or-none group per source node). If any
-    /// service cannot be placed, nothing moves and the error says why.
+    /// Plans `ids` and carries the plan out (one all-or-none group per source node), holding
+    /// each service where it lands (as an explicit [`migrate`](Self::migrate) does). `Ok` only
+    /// when every planned move happened. If any service cannot be placed, nothing moves and
+    /// [`Error::NotMoved`] lists every refusal; if a group did not move, it carries every
+    /// report (groups from other source nodes may have moved: their reports say so).
     pub async fn place(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<PlaceReport, Error> {
-        self.shared.place(ids, opts).await
+        let report = self.shared.place(ids, opts).await?;
+        if report.groups.iter().all(|g| g.committed) {
+            return Ok(report);
+        }
+        Err(NotMoved {
+            reports: report.groups.into_iter().flat_map(|g| g.members).collect(),
+            refused: Vec::new(),
+        }
+        .into())
     }
 
     /// Starts the periodic affinity rebalancer on this node (`None` stops it). Of the nodes

@@ -9,11 +9,20 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::migrate::MigrationReport;
+use crate::migrate::{MigrateOptions, MigrationReport};
+use crate::node::NodeShared;
 use crate::sync::lock;
 use crate::tree::GroupReport;
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
+use tern_proto::members::Member;
+use tern_proto::migration::AbortReason;
 use tern_proto::placement::{AffinityPolicy, Policy, ServiceView};
+use tern_proto::placement::{Needs, NodeView, Unfit};
+use tern_proto::wire::MigMsg;
+
+/// How long a source waits for a target's answer to whether it can take a service, when
+/// gossip says it cannot.
+pub(crate) const CAN_TAKE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a move this node made is remembered for its view (a few gossip rounds).
 pub(crate) const RECENT_KEPT: Duration = Duration::from_secs(5);
@@ -179,8 +188,12 @@ pub(crate) struct PlacementState {
     pub(crate) last_drain: Mutex<Option<DrainReport>>,
     /// A trigger's re-placement is running (one at a time).
     pub(crate) replacing: AtomicBool,
+    /// A trigger came while one ran: it runs again.
+    pub(crate) replace_again: AtomicBool,
     /// A rebalancer round is running.
     pub(crate) rebalancing: AtomicBool,
+    /// Services here that a user's explicit move or placement holds where they are.
+    pub(crate) held: Mutex<BTreeSet<ServiceId>>,
 }
 
 impl PlacementState {
@@ -211,6 +224,26 @@ impl PlacementState {
         }
     }
 
+    /// Holds service `id` here (a user's explicit move put it here), or releases it.
+    pub(crate) fn hold(&self, id: ServiceId, held: bool) {
+        let mut h = lock(&self.held);
+        if held {
+            h.insert(id);
+        } else {
+            h.remove(&id);
+        }
+    }
+
+    /// Whether service `id` is held here.
+    pub(crate) fn is_held(&self, id: ServiceId) -> bool {
+        lock(&self.held).contains(&id)
+    }
+
+    /// The services held here.
+    pub(crate) fn held(&self) -> BTreeSet<ServiceId> {
+        lock(&self.held).clone()
+    }
+
     pub(crate) fn note_moved(&self, ids: &[ServiceId]) {
         let mut m = lock(&self.moved_at);
         if m.len() + ids.len() > COOLDOWNS_MAX {
@@ -239,5 +272,110 @@ impl PlacementState {
         lock(&self.moved_at)
             .get(&id)
             .is_some_and(|t| t.elapsed() < cooldown)
+    }
+}
+
+impl NodeShared {
+    /// How placement sees member `m`: `up` when reachable, hosting `services`.
+    pub(crate) fn node_view(&self, m: &Member, up: bool, services: u64) -> NodeView {
+        let kinds = if m.local {
+            self.kind_infos().into_iter().map(|k| k.kind).collect()
+        } else {
+            m.info.kinds.iter().map(|k| k.kind.clone()).collect()
+        };
+        NodeView {
+            name: m.info.name.clone(),
+            capabilities: m.info.capabilities.clone(),
+            services,
+            backlog: m.info.load.backlog,
+            power_percent: m.info.power.percent(),
+            up,
+            draining: m.info.draining,
+            kinds,
+        }
+    }
+
+    /// What `kind` needs: from this node's registry, or else from a member that gossiped it.
+    pub(crate) fn needs_known(&self, kind: &KindKey) -> Option<Needs> {
+        self.needs_of(kind).or_else(|| {
+            self.members()
+                .into_iter()
+                .flat_map(|m| m.info.kinds)
+                .find(|k| k.kind == *kind)
+                .map(|k| k.needs)
+        })
+    }
+
+    /// Why this node cannot take a service of `kind` now (its own, authoritative word):
+    /// draining or lacking a required capability (not counted when `forced`), or lacking the
+    /// kind (always).
+    pub(crate) fn unfit_here(&self, kind: &KindKey, forced: bool) -> Option<Unfit> {
+        let me = self.members().into_iter().find(|m| m.local)?;
+        let needs = self.needs_of(kind).unwrap_or_default();
+        match self.node_view(&me, true, 0).unfit(kind, &needs)? {
+            u @ Unfit::LacksKind { .. } => Some(u),
+            _ if forced => None,
+            u => Some(u),
+        }
+    }
+
+    /// Checks each `(service, target)` before anything freezes: the first service whose
+    /// target cannot take it, and why. Gossip is read first; when it says a target cannot,
+    /// the target itself is asked (gossip may be a second old: a kind registered, a drain
+    /// ended), and its answer counts. No answer within [`CAN_TAKE_WAIT`]: the move goes ahead
+    /// and the target checks the snapshot itself.
+    pub(crate) async fn preflight(
+        self: &Arc<Self>,
+        moves: &[(ServiceId, NodeName)],
+        opts: &MigrateOptions,
+    ) -> Option<(ServiceId, AbortReason)> {
+        for (id, to) in moves {
+            if self.target_unfit(*id, to, opts).is_none() {
+                continue;
+            }
+            let Some(kind) = self.local_addr_of(*id).map(|a| a.kind) else {
+                continue;
+            };
+            let asked = self
+                .request_control::<Option<Unfit>>(to.clone(), CAN_TAKE_WAIT, |req| {
+                    MigMsg::CanTake {
+                        req,
+                        kind,
+                        forced: opts.force,
+                    }
+                })
+                .await;
+            match asked {
+                Ok(Some(why)) => return Some((*id, AbortReason::Unfit(why))),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "no answer to can-take; the target checks the snapshot")
+                }
+            }
+        }
+        None
+    }
+
+    /// Why node `to` cannot take the local service `id`, checked before anything freezes:
+    /// draining or lacking a required capability (skipped when `opts.force`), or lacking the
+    /// kind (always). `None` when it can, or when this node has not heard from `to` yet (the
+    /// target then checks the snapshot itself).
+    pub(crate) fn target_unfit(
+        &self,
+        id: ServiceId,
+        to: &NodeName,
+        opts: &MigrateOptions,
+    ) -> Option<Unfit> {
+        if to == self.name() {
+            return None;
+        }
+        let kind = self.local_addr_of(id)?.kind;
+        let needs = self.needs_of(&kind).unwrap_or_default();
+        let member = self.members().into_iter().find(|m| m.info.name == *to)?;
+        match self.node_view(&member, true, 0).unfit(&kind, &needs)? {
+            u @ Unfit::LacksKind { .. } => Some(u),
+            _ if opts.force => None,
+            u => Some(u),
+        }
     }
 }

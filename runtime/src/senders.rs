@@ -252,7 +252,8 @@ impl NodeShared {
     }
 
     /// The copy of `id` restored here runs now (`started`) or was dropped.
-    pub(crate) fn service_arrived(&self, id: ServiceId, started: bool) {
+    pub(crate) fn service_arrived(self: &Arc<Self>, id: ServiceId, started: bool) {
+        self.carried_arrived(id, started);
         let Some(source) = lock(&self.senders.arriving).remove(&id) else {
             return;
         };

@@ -18,6 +18,7 @@ use crate::handle::ServiceRef;
 use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
+use crate::reports::{MigrationReport, NotMoved};
 use tern_proto::directory::Associations;
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use tern_proto::traffic::SIZE_SAMPLE_EVERY;
@@ -239,10 +240,12 @@ impl<M> Timers<M> {
 pub struct Ctx<S: Service> {
     me: ServiceRef<S>,
     node: Arc<NodeShared>,
-    seqs: IdMap<u64>,
+    /// Per receiver, the last number this service used as a sender; shared with the
+    /// service's task ([`SENDING`]) so handles used inside its handlers number the same way.
+    seqs: Seqs,
     timers: Timers<S::Msg>,
     stop: bool,
-    migrate_to: Option<(NodeName, MigrateOptions)>,
+    migrate_to: Option<(NodeName, MigrateOptions, MigrationDone)>,
     /// Messages sent and received, for sampling their sizes.
     sent: u64,
     received: u64,
@@ -313,21 +316,13 @@ impl<S: Service> Ctx<S> {
 
     /// The metadata of this service's next message to `to`.
     fn next_meta(&mut self, to: ServiceId) -> Meta {
-        let seq = self.seqs.entry(to).or_insert(0);
-        *seq += 1;
-        Meta {
-            from: Some(self.me.id()),
-            seq: *seq,
-            ask: None,
-        }
+        next_meta(&self.seqs, self.me.id(), to)
     }
 
     /// Gives back the number of a message that was not queued, so its receiver does not
     /// wait for it.
     fn unnumber(&mut self, to: ServiceId) {
-        if let Some(seq) = self.seqs.get_mut(&to) {
-            *seq -= 1;
-        }
+        unnumber(&self.seqs, to)
     }
 
     /// Sends `msg` to `to`, numbered in this service's channel to it.
@@ -392,13 +387,14 @@ impl<S: Service> Ctx<S> {
         self.node.books.get(self.id(), role)
     }
 
-    /// A typed handle to the service in this service's book under `role`.
+    /// A typed handle to the service in this service's book under `role`
+    /// ([`DeliveryError::UnknownRole`] when there is no such entry).
     pub fn book_ref<T: Service>(&self, role: &str) -> Result<ServiceRef<T>, DeliveryError> {
         let addr = self
             .book_get(role)
-            .ok_or_else(|| DeliveryError::UnknownService {
-                id: self.id(),
-                node: self.node.name().clone(),
+            .ok_or_else(|| DeliveryError::UnknownRole {
+                holder: self.id(),
+                role: role.into(),
             })?;
         self.node.resolve(&addr)
     }
@@ -407,6 +403,49 @@ impl<S: Service> Ctx<S> {
     pub fn tell_role<T: Service>(&mut self, role: &str, msg: T::Msg) -> Result<(), DeliveryError> {
         let to = self.book_ref::<T>(role)?;
         self.tell(&to, msg)
+    }
+
+    /// Like [`tell_role`](Self::tell_role), but waits for room when the target's mailbox or
+    /// link is full.
+    pub async fn tell_wait_role<T: Service>(
+        &mut self,
+        role: &str,
+        msg: T::Msg,
+    ) -> Result<(), DeliveryError> {
+        let to = self.book_ref::<T>(role)?;
+        self.tell_wait(&to, msg).await
+    }
+
+    /// Asks the service in this service's book under `role` (see [`ask`](Self::ask)).
+    pub async fn ask_role<T: Service, R: DeserializeOwned + Send + 'static>(
+        &mut self,
+        role: &str,
+        make: impl FnOnce(ReplyTo<R>) -> T::Msg,
+        timeout: Duration,
+    ) -> Result<R, AskError> {
+        let to = self.book_ref::<T>(role).map_err(AskError::from)?;
+        self.ask(&to, make, timeout).await
+    }
+
+    /// Registers `name` for this service, cluster-wide (see
+    /// [`NodeHandle::register_name`](crate::NodeHandle::register_name)).
+    pub fn register_name(&self, name: &str) -> Result<(), Error> {
+        self.node.register_name(name, self.id())
+    }
+
+    /// Removes `name` if this service holds it; `true` if it did.
+    pub fn unregister_name(&self, name: &str) -> bool {
+        self.node.unregister_name(name, self.id())
+    }
+
+    /// A handle to the service registered as `name`, wherever it runs (see
+    /// [`NodeHandle::lookup`](crate::NodeHandle::lookup)).
+    pub fn lookup<T: Service>(&self, name: &str) -> Result<ServiceRef<T>, Error> {
+        let addr = self
+            .node
+            .lookup_name(name)
+            .ok_or_else(|| tern_proto::names::NameError::Unknown { name: name.into() })?;
+        Ok(self.node.resolve(&addr)?)
     }
 
     /// This service's whole book.
@@ -482,16 +521,155 @@ impl<S: Service> Ctx<S> {
         self.timers.due.len()
     }
 
-    /// Moves this service to node `to` after the current message. The outcome is logged in the
-    /// node's events (`migration`); the service keeps running here if it aborts.
-    pub fn migrate(&mut self, to: &str, opts: MigrateOptions) {
-        self.migrate_to = Some((NodeName::new(to), opts));
+    /// Moves this service to node `to` after the current message, as
+    /// [`NodeHandle::migrate`](crate::NodeHandle::migrate) does (held where it lands unless
+    /// `opts.hold` is off). The returned [`Migration`] resolves to the outcome, the same way:
+    /// `Ok(report)` when it moved, [`Error::NotMoved`] otherwise. Give it to a task that can
+    /// wait (not this handler: the move starts only after it returns), or drop it; the outcome
+    /// is also logged (`migration` event). To have the outcome come back to the service
+    /// itself, use [`migrate_then`](Self::migrate_then).
+    pub fn migrate(&mut self, to: impl Into<NodeName>, opts: MigrateOptions) -> Migration {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.migrate_to = Some((
+            to.into(),
+            opts,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        ));
+        Migration(rx)
+    }
+
+    /// Like [`migrate`](Self::migrate), and the outcome comes back to this service as the
+    /// message `outcome` makes, wherever it runs then (on the target when it moved).
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tern::{Ctx, MigrateOptions, MigrationReport, NotMoved, Service};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Board { moves_failed: u32 }
+    /// #[derive(Serialize, Deserialize)]
+    /// enum BoardMsg { GoTo(String), Moved(Result<MigrationReport, NotMoved>) }
+    /// impl Service for Board {
+    ///     type Msg = BoardMsg;
+    ///     const KIND: &'static str = "board";
+    ///     const VERSION: u32 = 1;
+    ///     async fn handle(&mut self, msg: BoardMsg, ctx: &mut Ctx<Self>) {
+    ///         match msg {
+    ///             BoardMsg::GoTo(node) => ctx.migrate_then(node, MigrateOptions::default(), BoardMsg::Moved),
+    ///             BoardMsg::Moved(Ok(_)) => {}
+    ///             BoardMsg::Moved(Err(_why)) => self.moves_failed += 1,
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    pub fn migrate_then(
+        &mut self,
+        to: impl Into<NodeName>,
+        opts: MigrateOptions,
+        outcome: impl FnOnce(Result<MigrationReport, NotMoved>) -> S::Msg + Send + 'static,
+    ) {
+        let me = self.me.clone();
+        self.migrate_to = Some((
+            to.into(),
+            opts,
+            Box::new(move |result| {
+                if let Err(e) = me.tell(outcome(result)) {
+                    tracing::warn!(service = %me.id(), error = %e, "migration outcome not delivered");
+                }
+            }),
+        ));
     }
 
     /// Stops this service after the current message. Messages still queued are refused and
     /// their senders told.
     pub fn stop(&mut self) {
         self.stop = true;
+    }
+}
+
+/// A service's send counters: per receiver, the last number it used.
+type Seqs = std::rc::Rc<std::cell::RefCell<IdMap<u64>>>;
+
+/// The service whose task is running, and its send counters.
+struct Sending {
+    from: ServiceId,
+    seqs: Seqs,
+}
+
+tokio::task_local! {
+    /// Set for the whole task of each service: a handle used inside one of its handlers
+    /// sends as the service (numbered in its channel, kept in order when it moves), not as
+    /// an anonymous client of the node.
+    static SENDING: Sending;
+}
+
+fn next_meta(seqs: &Seqs, from: ServiceId, to: ServiceId) -> Meta {
+    let mut seqs = seqs.borrow_mut();
+    let seq = seqs.entry(to).or_insert(0);
+    *seq += 1;
+    Meta {
+        from: Some(from),
+        seq: *seq,
+        ask: None,
+    }
+}
+
+fn unnumber(seqs: &Seqs, to: ServiceId) {
+    if let Some(seq) = seqs.borrow_mut().get_mut(&to) {
+        *seq -= 1;
+    }
+}
+
+/// A number taken in the running service's channel to a receiver, for a message sent
+/// through a handle inside one of its handlers.
+pub(crate) struct Numbered {
+    seqs: Seqs,
+    to: ServiceId,
+    /// The message's metadata: the service as sender, its next number.
+    pub meta: Meta,
+}
+
+impl Numbered {
+    /// The message was not queued: the number goes back, so its receiver does not wait.
+    pub fn give_back(self) {
+        unnumber(&self.seqs, self.to)
+    }
+}
+
+/// The next number in the running service's channel to `to`, when called from inside a
+/// service's task; `None` elsewhere (a handle then sends as the node's client).
+pub(crate) fn numbered_here(to: ServiceId) -> Option<Numbered> {
+    SENDING
+        .try_with(|s| Numbered {
+            meta: next_meta(&s.seqs, s.from, to),
+            seqs: s.seqs.clone(),
+            to,
+        })
+        .ok()
+}
+
+/// What becomes of a migration a service asked for: called once with its outcome.
+pub(crate) type MigrationDone = Box<dyn FnOnce(Result<MigrationReport, NotMoved>) + Send>;
+
+/// The outcome of [`Ctx::migrate`], for whoever can wait for it: `Ok(report)` when the service
+/// moved, [`Error::NotMoved`] when it did not (it runs on where it was), [`Error::Stopped`] when
+/// the node stopped first.
+#[must_use = "drop it if the outcome does not matter (it is also logged)"]
+pub struct Migration(tokio::sync::oneshot::Receiver<Result<MigrationReport, NotMoved>>);
+
+impl Future for Migration {
+    type Output = Result<MigrationReport, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(not)) => Err(not.into()),
+            Err(_) => Err(Error::Stopped),
+        })
     }
 }
 
@@ -512,7 +690,7 @@ fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
     Ctx {
         me,
         node,
-        seqs: IdMap::default(),
+        seqs: Seqs::default(),
         timers: Timers::new(timers_max),
         stop: false,
         migrate_to: None,
@@ -562,7 +740,7 @@ pub(crate) fn run_restored<S: Service>(
                     // Bounded on the source by the same limit.
                     let _ = ctx.timers.add(now + after, msg);
                 }
-                ctx.seqs.extend(restored.seqs);
+                ctx.seqs.borrow_mut().extend(restored.seqs);
                 let arrived = Arrived {
                     source: restored.source,
                     mig: restored.mig,
@@ -644,13 +822,17 @@ fn snapshot<S: Service>(
         state_bytes: bytes.len() as u64,
         carried: queue.len() as u64,
         timers,
-        send_seqs: ctx.seqs.iter().map(|(k, v)| (*k, *v)).collect(),
+        send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
         windows: wins,
         // Set by the stream's writer, which cuts the windows and counters into frames.
         tables: 0,
         book: ctx.node.books.book(ctx.id()),
-        // Set by the stream's writer, from the node's custody table.
+        // Set by the stream's writer, from the node's custody table, the migration's
+        // options and the node's names.
         custody: Vec::new(),
+        held: false,
+        forced: false,
+        names: Vec::new(),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((
@@ -713,7 +895,13 @@ fn serve<S: Service>(
     mailbox: Arc<Mailbox<S::Msg>>,
     mut arrived: Option<Arrived>,
 ) -> impl std::future::Future<Output = ()> {
-    async move {
+    // Inside this service's task, a handle numbers its messages in the service's channels
+    // (`numbered_here`), as `ctx.tell` does.
+    let sending = Sending {
+        from: ctx.id(),
+        seqs: ctx.seqs.clone(),
+    };
+    SENDING.scope(sending, async move {
         // Nothing about panics is held across an await (each idle service's task keeps what
         // is): a panic is dealt with where it is caught (`recover`).
         let mut restarts = RestartBudget(Vec::new());
@@ -817,8 +1005,8 @@ fn serve<S: Service>(
                     if ctx.stop {
                         break;
                     }
-                    if let Some((to, opts)) = ctx.migrate_to.take() {
-                        ctx.node.migrate_detached(ctx.id(), to, opts);
+                    if let Some((to, opts, done)) = ctx.migrate_to.take() {
+                        ctx.node.migrate_detached(ctx.id(), to, opts, done);
                     }
                     turn += 1;
                     if turn >= MESSAGES_PER_TURN {
@@ -852,7 +1040,7 @@ fn serve<S: Service>(
                 report_panic(&ctx, &detail, rest, None);
             }
         }
-    }
+    })
 }
 
 /// A caught panic, and the message that was in hand when it happened (none in `started`).
@@ -951,7 +1139,15 @@ fn restarted<S: Service>(
     ctx.node.stats.services_restarted.inc();
     ctx.timers.clear();
     ctx.stop = false;
-    ctx.migrate_to = None;
+    if let Some((to, _, done)) = ctx.migrate_to.take() {
+        done(Err(NotMoved {
+            reports: Vec::new(),
+            refused: vec![(
+                id,
+                format!("its handler panicked before it could move to {to}"),
+            )],
+        }));
+    }
     if let Some(env) = in_hand {
         let reason = DeliveryError::ServicePanicked { id, detail };
         ctx.node.refuse_envelope_quiet(id, env.refusal(reason));
@@ -992,6 +1188,7 @@ fn report_panic<S: Service, M>(
 fn sender_stopped<S: Service>(ctx: &Ctx<S>) {
     let sent: Vec<(ServiceId, u64)> = ctx
         .seqs
+        .borrow()
         .iter()
         .filter(|(_, last)| **last > 0)
         .map(|(to, last)| (*to, *last))

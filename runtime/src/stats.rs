@@ -114,4 +114,7 @@ counters! {
     services_panicked,
     /// Services restarted in place with a fresh state after a panic (their kind's `RESTART`).
     services_restarted,
+    /// Re-placement rounds run after a capability change (each checks every local service
+    /// against the capabilities its kind requires).
+    replacement_rounds,
 }

@@ -58,7 +58,9 @@ pub struct GroupReport {
 }
 
 impl GroupReport {
-    fn of(members: Vec<MigrationReport>) -> Self {
+    /// The group's report from its members' (as [`NotMoved`](crate::NotMoved) carries them
+    /// when a group did not move).
+    pub fn from_reports(members: Vec<MigrationReport>) -> Self {
         let committed = !members.is_empty() && members.iter().all(|r| r.committed());
         debug_assert!(
             committed || members.iter().all(|r| !r.committed()),
@@ -358,12 +360,13 @@ impl NodeShared {
                 }
                 .into());
             }
-            let rxs = self.driver.migrate_group(self, &moves, opts);
+            let refuse = self.preflight(&moves, &opts).await;
+            let rxs = self.driver.migrate_group(self, &moves, opts, refuse);
             let mut reports = Vec::with_capacity(rxs.len());
             for rx in rxs {
                 reports.push(rx.await.map_err(|_| Error::Stopped)?);
             }
-            return Ok(GroupReport::of(reports));
+            return Ok(GroupReport::from_reports(reports));
         }
         let ask = |at: NodeName, moves: Vec<(ServiceId, NodeName)>| {
             self.request_migration::<Vec<MigrationReport>>(at, None, GROUP_SLACK, move |req| {
@@ -371,6 +374,8 @@ impl NodeShared {
                     req,
                     moves,
                     drain: opts.drain,
+                    force: opts.force,
+                    hold: opts.hold,
                 }
             })
         };
@@ -385,7 +390,7 @@ impl NodeShared {
             }
             other => other?,
         };
-        Ok(GroupReport::of(reports))
+        Ok(GroupReport::from_reports(reports))
     }
 
     /// Moves the whole tree of `root` to `to`. The tree is read on the root's node, whose
@@ -417,6 +422,8 @@ impl NodeShared {
                     root,
                     to,
                     drain: opts.drain,
+                    force: opts.force,
+                    hold: opts.hold,
                 },
             )
         };
@@ -430,7 +437,7 @@ impl NodeShared {
             }
             other => other?,
         };
-        Ok(GroupReport::of(reports))
+        Ok(GroupReport::from_reports(reports))
     }
 }
 
@@ -443,7 +450,7 @@ pub(crate) fn on_group_request(
     link: &Arc<crate::transport::PeerLink>,
     req: u64,
     moves: Vec<(ServiceId, NodeName)>,
-    drain: bool,
+    opts: MigrateOptions,
 ) {
     let (node, link) = (node.clone(), link.clone());
     actix_rt::spawn(async move {
@@ -459,9 +466,8 @@ pub(crate) fn on_group_request(
                 node.name()
             )),
             None => {
-                let rxs = node
-                    .driver
-                    .migrate_group(&node, &moves, MigrateOptions { drain });
+                let refuse = node.preflight(&moves, &opts).await;
+                let rxs = node.driver.migrate_group(&node, &moves, opts, refuse);
                 let mut reports = Vec::with_capacity(rxs.len());
                 let mut stopped = false;
                 for rx in rxs {
@@ -488,7 +494,7 @@ pub(crate) fn on_tree_request(
     req: u64,
     root: ServiceId,
     to: NodeName,
-    drain: bool,
+    opts: MigrateOptions,
 ) {
     let (node, link) = (node.clone(), link.clone());
     actix_rt::spawn(async move {
@@ -499,10 +505,12 @@ pub(crate) fn on_tree_request(
                 node.name()
             ))
         } else {
-            node.migrate_tree(root, to, MigrateOptions { drain })
-                .await
-                .map(|r| r.members)
-                .map_err(|e| e.to_string())
+            match node.migrate_tree(root, to, opts).await {
+                Ok(r) => Ok(r.members),
+                // The asker reads the reports and fails the same way.
+                Err(Error::NotMoved(n)) if !n.reports.is_empty() => Ok(n.reports),
+                Err(e) => Err(e.to_string()),
+            }
         };
         answer_reports(&node, &link, req, res);
     });

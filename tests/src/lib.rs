@@ -48,6 +48,7 @@ type Setup = Box<dyn Fn(&NodeHandle)>;
 pub struct ClusterBuilder {
     specs: Vec<NodeSpec>,
     setup: Option<Setup>,
+    node_setups: Vec<(String, Setup)>,
     limits: Option<Limits>,
     node_limits: Vec<(String, Limits)>,
     unconnected: bool,
@@ -105,6 +106,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs on node `name` once it is up, after [`setup`](Self::setup): the kinds only this
+    /// device has, say. Runs again when the node restarts.
+    pub fn node_setup(mut self, name: &str, f: impl Fn(&NodeHandle) + 'static) -> Self {
+        self.node_setups.push((name.to_owned(), Box::new(f)));
+        self
+    }
+
     /// Starts every node and introduces each to all the others.
     pub fn start(self) -> Result<Cluster> {
         init_tracing();
@@ -130,9 +138,7 @@ impl ClusterBuilder {
                 faults.push((spec.name.clone(), f));
             }
             let node = Node::start(cfg).with_context(|| format!("starting node {}", spec.name))?;
-            if let Some(setup) = &self.setup {
-                setup(&node);
-            }
+            run_setups(&node, &self.setup, &self.node_setups);
             nodes.push(node);
         }
         let cluster = Cluster {
@@ -141,6 +147,7 @@ impl ClusterBuilder {
             faults,
             specs,
             setup: self.setup,
+            node_setups: self.node_setups,
             faults_seed: self.faults_seed,
             admins: self.admins,
         };
@@ -159,8 +166,19 @@ pub struct Cluster {
     faults: Vec<(String, Faults)>,
     specs: Vec<NodeSpec>,
     setup: Option<Setup>,
+    node_setups: Vec<(String, Setup)>,
     faults_seed: Option<u64>,
     admins: Vec<String>,
+}
+
+/// The setup for every node, then node `node`'s own.
+fn run_setups(node: &NodeHandle, all: &Option<Setup>, own: &[(String, Setup)]) {
+    if let Some(setup) = all {
+        setup(node);
+    }
+    for (_, setup) in own.iter().filter(|(n, _)| n == node.name().as_str()) {
+        setup(node);
+    }
 }
 
 impl Cluster {
@@ -258,14 +276,90 @@ impl Cluster {
             }
         }
         let node = Node::start(cfg).with_context(|| format!("restarting node {name}"))?;
-        if let Some(setup) = &self.setup {
-            setup(&node);
-        }
+        run_setups(&node, &self.setup, &self.node_setups);
         for other in &self.nodes {
             node.add_peer(other.name().as_str(), other.local_addr())?;
         }
         self.nodes.insert(i, node);
         Ok(())
+    }
+
+    /// Starts node `name` with `capabilities` in the running cluster: the cluster's limits
+    /// (those of its first node), the setup every node runs, then `setup`; it is introduced
+    /// to every node (its peers learn of it as of any new member) and, on a cluster built
+    /// with [`ClusterBuilder::faults`], runs on a fault-injecting socket too. Wait for it with
+    /// [`wait_connected`](Self::wait_connected) or [`wait_members`](Self::wait_members).
+    ///
+    /// ```no_run
+    /// # fn demo(mut cluster: tern_harness::Cluster) -> anyhow::Result<()> {
+    /// let laptop = cluster.add_node("laptop", &["display", "keyboard"], |n| {
+    ///     tern_actors::register_all(n);
+    /// })?;
+    /// # let _ = laptop;
+    /// cluster.wait_members(std::time::Duration::from_secs(10))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn add_node(
+        &mut self,
+        name: &str,
+        capabilities: &[&str],
+        setup: impl Fn(&NodeHandle) + 'static,
+    ) -> Result<&NodeHandle> {
+        if self.nodes.iter().any(|n| n.name().as_str() == name) {
+            bail!("node {name} is already in this cluster");
+        }
+        let spec = NodeSpec {
+            name: name.to_owned(),
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            limits: self
+                .specs
+                .first()
+                .map_or_else(Limits::default, |s| s.limits.clone()),
+        };
+        let i = self.specs.len();
+        let mut cfg = NodeConfig::new(self.ca.issue(name)?, "127.0.0.1:0".parse()?);
+        cfg.capabilities = spec.capabilities.clone();
+        cfg.limits = spec.limits.clone();
+        cfg.admins = self.admins.clone();
+        if let Some(seed) = self.faults_seed {
+            let f = Faults::new(seed.wrapping_add(i as u64));
+            cfg.socket_wrap = Some(f.wrap());
+            self.faults.push((name.to_owned(), f));
+        }
+        let node = Node::start(cfg).with_context(|| format!("starting node {name}"))?;
+        self.node_setups.push((name.to_owned(), Box::new(setup)));
+        run_setups(&node, &self.setup, &self.node_setups);
+        for other in &self.nodes {
+            node.add_peer(other.name().as_str(), other.local_addr())?;
+        }
+        self.specs.push(spec);
+        self.nodes.push(node);
+        Ok(&self.nodes[i])
+    }
+
+    /// Waits until membership has converged: every node sees every other one up, with the
+    /// capabilities, registered kinds and drain state that node gives of itself. From then
+    /// on placement and the checks before a move work from what each node is now (a
+    /// connection alone does not say that: membership comes with gossip).
+    pub fn wait_members(&self, timeout: Duration) -> Result<()> {
+        self.wait_connected(timeout)?;
+        let own = |n: &NodeHandle| n.members().into_iter().find(|m| m.local).map(|m| m.info);
+        wait_for(timeout, "every node to see every other as it is", || {
+            let selves: Vec<_> = self.nodes.iter().map(own).collect();
+            self.nodes.iter().all(|a| {
+                let seen = a.members();
+                selves.iter().flatten().all(|me| {
+                    me.name == *a.name()
+                        || seen.iter().any(|m| {
+                            m.info.name == me.name
+                                && m.status == tern::MemberStatus::Up
+                                && m.info.capabilities == me.capabilities
+                                && m.info.kinds == me.kinds
+                                && m.info.draining == me.draining
+                        })
+                })
+            })
+        })
     }
 
     /// Every node.

@@ -96,6 +96,9 @@ pub fn snap_header(
         tables: 0,
         book: vec![],
         custody: vec![],
+        held: false,
+        forced: false,
+        names: vec![],
     }
 }
 

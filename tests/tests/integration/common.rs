@@ -421,3 +421,26 @@ pub fn killable_cluster(names: &[&str]) -> anyhow::Result<tern_harness::Cluster>
     c.wait_connected(SECS_10)?;
     Ok(c)
 }
+
+/// The report of a move that was to fail: the test fails if it moved, or if the call failed
+/// some other way than with the report ([`tern::Error::NotMoved`]).
+pub fn not_moved(
+    res: Result<tern::MigrationReport, tern::Error>,
+) -> anyhow::Result<tern::MigrationReport> {
+    match res {
+        Err(tern::Error::NotMoved(n)) if n.reports.len() == 1 => Ok(n.reports[0].clone()),
+        Ok(r) => anyhow::bail!("expected the move to fail, it moved: {r:?}"),
+        Err(e) => anyhow::bail!("expected the report of a move that did not happen, got: {e}"),
+    }
+}
+
+/// The member reports of a group move that was to fail (as [`not_moved`]).
+pub fn group_not_moved(
+    res: Result<tern::GroupReport, tern::Error>,
+) -> anyhow::Result<Vec<tern::MigrationReport>> {
+    match res {
+        Err(tern::Error::NotMoved(n)) if !n.reports.is_empty() => Ok(n.reports),
+        Ok(r) => anyhow::bail!("expected the group not to move, it moved: {r:?}"),
+        Err(e) => anyhow::bail!("expected the reports of a group that did not move, got: {e}"),
+    }
+}

@@ -139,6 +139,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "base",
         &[
             "error", "stats", "certs", "tls", "trust", "sync", "events", "books", "limits",
+            "reports",
         ],
     ),
     ("net", &["transport"]),
@@ -146,7 +147,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "node",
         &[
             "mailbox", "registry", "handle", "service", "node", "members", "migrate", "tree",
-            "inbound", "placing", "senders",
+            "inbound", "placing", "senders", "names",
         ],
     ),
     ("features", &["placement", "admin", "host", "pairing"]),

@@ -5,6 +5,7 @@ mod books;
 mod browser;
 mod common;
 mod crashes;
+mod decisions;
 mod demo;
 mod faults;
 mod frames;

@@ -177,18 +177,18 @@ fn a_tree_of_twenty_moves_as_one_under_load_and_talks_locally_after() -> Result<
 
 #[test]
 fn a_tree_whose_member_is_refused_does_not_move_at_all() -> Result<()> {
-    // c cannot host relays: one member sent there sinks the whole group.
+    // c refuses every snapshot (none fits its snapshot_bytes_max), which nothing can tell
+    // before the members freeze: one member sent there sinks the whole group.
+    let tiny = tern::Limits {
+        snapshot_bytes_max: 1,
+        ..tern::Limits::default()
+    };
     let c = Cluster::builder()
         .node("a", &[])
         .node("b", &[])
         .node("c", &[])
-        .setup(|n: &NodeHandle| {
-            if n.name().as_str() == "c" {
-                tern_actors::register_all(n);
-            } else {
-                register_test_kinds(n);
-            }
-        })
+        .node_limits("c", tiny)
+        .setup(register_test_kinds)
         .start()?;
     c.wait_connected(SECS_10)?;
     let a = c.node("a");
@@ -213,12 +213,15 @@ fn a_tree_whose_member_is_refused_does_not_move_at_all() -> Result<()> {
         .enumerate()
         .map(|(i, s)| (s.id(), if i == 3 { "c" } else { "b" }))
         .collect();
-    let report = block_on(a.migrate_group(&moves, MigrateOptions::default()))?;
+    let members = crate::common::group_not_moved(block_on(
+        a.migrate_group(&moves, MigrateOptions::default()),
+    ))?;
+    let report = tern::GroupReport::from_reports(members);
     assert!(!report.committed, "{report:?}");
     assert!(report.members.iter().all(|m| !m.committed()));
     let why = report.aborted().unwrap_or_default();
     assert!(
-        why.contains("kind"),
+        why.contains("snapshot_bytes_max"),
         "the first reason is the refusal: {why}"
     );
     assert!(
