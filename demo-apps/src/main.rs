@@ -149,7 +149,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
         "{} listening on {}  capabilities: {}",
         node.name(),
         node.local_addr(),
-        cfg.capabilities.join(", ")
+        cfg.node.capabilities.join(", ")
     );
     if let Some(app) = &app {
         for (name, addr) in app.services() {
@@ -164,7 +164,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
     } else {
         println!(
             "Ctrl-C stops this device (drain it first with `tern drain {}`).",
-            cfg.name
+            cfg.node.name
         );
     }
     let reloader = {
@@ -226,7 +226,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
             return Ok(true);
         };
         // Wherever the services run now, they answer through this node.
-        println!("{}: stopping Tern Media and reading its checks", cfg.name);
+        println!("{}: stopping Tern Media and reading its checks", cfg.node.name);
         let audit = app
             .finish(&node, std::time::Duration::from_secs(10))
             .await
@@ -234,7 +234,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
         print!("{}", timeline::audit_verdict(&audit));
         Ok::<bool, anyhow::Error>(audit.is_clean())
     });
-    println!("{}: stopping", cfg.name);
+    println!("{}: stopping", cfg.node.name);
     node.shutdown();
     verdict
 }

@@ -31,6 +31,7 @@ mod placement;
 mod placing;
 mod registry;
 mod reports;
+pub mod runner;
 mod senders;
 mod service;
 mod stats;

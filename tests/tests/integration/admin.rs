@@ -629,3 +629,69 @@ fn roles_decide_what_a_certificate_may_open() -> Result<()> {
     d.stop();
     Ok(())
 }
+
+#[test]
+fn the_node_runner_runs_an_apps_own_kinds_and_tern_drives_them() -> Result<()> {
+    let dir = scratch("runner")?;
+    let ca = ClusterCa::new()?;
+    ca.write(&dir)?;
+    for name in ["desk", "tablet"] {
+        ca.issue(name)?.write(&dir)?;
+    }
+    ca.issue_role("admin", Role::Admin)?.write(&dir)?;
+    // The app's own kind, in node files a user writes, run by the library's runner.
+    let register = |n: &NodeHandle| {
+        n.register::<Slow>();
+    };
+    let desk = device_file(&dir, "desk", &["display"], &[], "admins = [\"admin\"]")?
+        .node
+        .start(register)?;
+    let tablet_file = device_file(
+        &dir,
+        "tablet",
+        &["display"],
+        &[("desk", desk.local_addr())],
+        "admins = [\"admin\"]",
+    )?;
+    let tablet = tablet_file.node.start(register)?;
+    wait_for(SECS_10, "desk and tablet to know each other", || {
+        desk.members().len() == 2 && tablet.members().len() == 2
+    })?;
+    let notes = desk.spawn(Slow::default())?;
+    let (cert, key, ca_path) = NodeIdentity::paths(&dir, "admin");
+    let admin = NodeIdentity::load(&cert, &key, &ca_path)?;
+    block_on(async {
+        notes.tell_wait(SlowMsg::Item(1)).await?;
+        // What `tern migrate ID --to tablet` sends.
+        let client = AdminClient::connect(desk.local_addr(), &admin).await?;
+        let req = AdminRequest::Migrate {
+            service: notes.id(),
+            to: "tablet".into(),
+            tree: false,
+        };
+        let AdminReply::Migrated(report) = client.request(&req, |_| {}).await? else {
+            panic!("migrate")
+        };
+        assert!(report.committed, "{report:?}");
+        client.close().await;
+        notes.tell_wait(SlowMsg::Item(2)).await?;
+        assert_eq!(notes.ask(SlowMsg::Items, SECS_10).await?, vec![1, 2]);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(
+        tablet.location(notes.id()),
+        Some(tern::NodeName::new("tablet"))
+    );
+    // `run` refuses keys it does not know (an app with settings reads them itself).
+    let path = dir.join("tablet.toml");
+    std::fs::write(
+        &path,
+        "start_ap = true\n".to_owned() + &std::fs::read_to_string(&path)?,
+    )?;
+    let err = tern::runner::run(&path, register).expect_err("a misspelt key");
+    assert!(err.to_string().contains("unknown keys start_ap"), "{err}");
+    desk.shutdown();
+    tablet.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -150,7 +150,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inbound", "placing", "senders", "names",
         ],
     ),
-    ("features", &["placement", "admin", "host", "pairing"]),
+    (
+        "features",
+        &["placement", "admin", "host", "pairing", "runner"],
+    ),
     ("api", &["lib"]),
 ];
 
