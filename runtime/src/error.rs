@@ -70,9 +70,6 @@ pub enum Error {
     /// on several nodes).
     #[error("assembly tree: {0}")]
     Tree(String),
-    /// No placement satisfies what the services need; nothing was moved.
-    #[error("placement: {0}")]
-    Placement(String),
     /// A remote node reported an error.
     #[error("node {node} answered: {detail}")]
     Remote {

@@ -19,6 +19,11 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+/// The guide `docs/harness.md`: its examples run as doc tests, so the page stays true.
+#[doc = include_str!("../../docs/harness.md")]
+#[cfg(doctest)]
+pub struct HarnessGuide;
+
 pub mod dataplane;
 pub mod faults;
 pub mod rogue;
