@@ -241,18 +241,7 @@ fn device(path: &std::path::Path, serve: Option<std::net::SocketAddr>) -> Result
 
 /// Ctrl-C, or SIGTERM on Unix.
 async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    tern::runner::stop_signal().await
 }
 
 #[cfg(test)]

@@ -419,6 +419,20 @@ pub fn cross_node_fraction(links: &[Link], at: &BTreeMap<ServiceId, NodeName>) -
     }
 }
 
+/// Counts a planned move of `id` from `from` to `to` in a round's running view.
+fn book_move(
+    count: &mut BTreeMap<NodeName, u64>,
+    at: &mut BTreeMap<ServiceId, NodeName>,
+    moved: &mut BTreeSet<ServiceId>,
+    id: ServiceId,
+    (from, to): (&NodeName, &NodeName),
+) {
+    *count.entry(from.clone()).or_default() -= 1;
+    *count.entry(to.clone()).or_default() += 1;
+    at.insert(id, to.clone());
+    moved.insert(id);
+}
+
 /// The rebalancer's round: greedily, the move that cuts the most cross-node traffic, while
 /// it cuts at least `min_gain`, keeps every node within the load tolerance and honours
 /// required capabilities, pins and `frozen` (services in their cool-down). Each move is
@@ -485,10 +499,7 @@ pub fn rebalance(
             continue;
         };
         let to = to.name.clone();
-        *count.entry(here.clone()).or_default() -= 1;
-        *count.entry(to.clone()).or_default() += 1;
-        at.insert(s.id, to.clone());
-        moved.insert(s.id);
+        book_move(&mut count, &mut at, &mut moved, s.id, (&here, &to));
         out.push(Move {
             service: s.id,
             from: here.clone(),
@@ -540,10 +551,7 @@ pub fn rebalance(
         };
         let s = &services[i];
         let from = at[&s.id].clone();
-        *count.entry(from.clone()).or_default() -= 1;
-        *count.entry(to.clone()).or_default() += 1;
-        at.insert(s.id, to.clone());
-        moved.insert(s.id);
+        book_move(&mut count, &mut at, &mut moved, s.id, (&from, &to));
         out.push(Move {
             service: s.id,
             from: from.clone(),

@@ -212,6 +212,13 @@ fn mig_msg() -> impl Strategy<Value = MigMsg> {
                 spare_held: !hold,
             }
         ),
+        (any::<u64>(), "[a-z-]{1,12}", any::<u32>(), any::<bool>()).prop_map(
+            |(req, kind, version, forced)| MigMsg::CanTake {
+                req,
+                kind: KindKey::new(&kind, version),
+                forced,
+            }
+        ),
         (name(), any::<u64>(), any::<u64>()).prop_map(|(source, n, after_start_us)| {
             MigMsg::Serving {
                 source,

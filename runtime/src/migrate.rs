@@ -2060,6 +2060,24 @@ impl NodeShared {
     }
 }
 
+/// Answers a peer's control request `req` with `res` (its value, or why it failed).
+pub(crate) fn answer_request<T: Serialize>(
+    node: &NodeShared,
+    link: &crate::transport::PeerLink,
+    req: u64,
+    res: Result<T, String>,
+) {
+    let bytes = res.and_then(|r| rmp_serde::to_vec(&r).map_err(|e| e.to_string()));
+    let result = match &bytes {
+        Ok(b) => wire::ReplyBody::Value(b),
+        Err(detail) => wire::ReplyBody::Failed(detail.clone()),
+    };
+    if let Err(e) = link.push_ctrl(&Frame::Reply { ask: req, result }) {
+        node.logs
+            .event("migration-report-lost", format!("to {}: {e}", link.name));
+    }
+}
+
 /// A migration message on the control stream.
 pub(crate) fn on_control(
     node: &Arc<NodeShared>,
@@ -2116,26 +2134,7 @@ pub(crate) fn on_control(
                         node.name()
                     ))
                 };
-                let sent = match res {
-                    Ok(report) => match rmp_serde::to_vec(&report) {
-                        Ok(bytes) => link.push_ctrl(&Frame::Reply {
-                            ask: req,
-                            result: wire::ReplyBody::Value(&bytes),
-                        }),
-                        Err(e) => link.push_ctrl(&Frame::Reply {
-                            ask: req,
-                            result: wire::ReplyBody::Failed(e.to_string()),
-                        }),
-                    },
-                    Err(detail) => link.push_ctrl(&Frame::Reply {
-                        ask: req,
-                        result: wire::ReplyBody::Failed(detail),
-                    }),
-                };
-                if let Err(e) = sent {
-                    node.logs
-                        .event("migration-report-lost", format!("to {}: {e}", link.name));
-                }
+                answer_request(&node, &link, req, res);
             });
         }
         MigMsg::GroupRequest {
@@ -2160,20 +2159,7 @@ pub(crate) fn on_control(
             crate::tree::on_tree_request(node, link, req, root, to, opts);
         }
         MigMsg::CanTake { req, kind, forced } => {
-            let answer = node.unfit_here(&kind, forced);
-            let sent = match rmp_serde::to_vec(&answer) {
-                Ok(bytes) => link.push_ctrl(&Frame::Reply {
-                    ask: req,
-                    result: wire::ReplyBody::Value(&bytes),
-                }),
-                Err(e) => link.push_ctrl(&Frame::Reply {
-                    ask: req,
-                    result: wire::ReplyBody::Failed(e.to_string()),
-                }),
-            };
-            if let Err(e) = sent {
-                tracing::debug!(peer = %link.name, error = %e, "can-take answer not queued");
-            }
+            answer_request(node, link, req, Ok(node.unfit_here(&kind, forced)));
         }
         other => node.driver.on_msg(node, &link.name, other),
     }

@@ -169,6 +169,17 @@ impl NodeShared {
         Some(ServiceAddr { id, kind, node })
     }
 
+    /// A typed handle to the service registered as `name`.
+    pub(crate) fn lookup<S: crate::service::Service>(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<crate::handle::ServiceRef<S>, Error> {
+        let addr = self
+            .lookup_name(name)
+            .ok_or_else(|| NameError::Unknown { name: name.into() })?;
+        Ok(self.resolve(&addr)?)
+    }
+
     /// Every name this node knows of, with its service.
     pub(crate) fn all_names(&self) -> Vec<(String, ServiceId)> {
         let now = self.names.now_ms();

@@ -2259,11 +2259,7 @@ impl NodeHandle {
     /// this one hears from has it; a kind other than `S` is
     /// [`DeliveryError::KindMismatch`](crate::DeliveryError::KindMismatch).
     pub fn lookup<S: Service>(&self, name: &str) -> Result<ServiceRef<S>, Error> {
-        let addr = self
-            .shared
-            .lookup_name(name)
-            .ok_or_else(|| tern_proto::names::NameError::Unknown { name: name.into() })?;
-        Ok(self.shared.resolve(&addr)?)
+        self.shared.lookup(name)
     }
 
     /// Every registered name this node knows of, with its service, sorted by name.

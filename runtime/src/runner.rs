@@ -258,8 +258,8 @@ pub fn run(path: &Path, register: impl FnOnce(&NodeHandle)) -> Result<(), Error>
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn stop_signal() {
+/// Completes on Ctrl-C, or SIGTERM on Unix: what a device's process stops on.
+pub async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

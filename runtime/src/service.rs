@@ -441,11 +441,7 @@ impl<S: Service> Ctx<S> {
     /// A handle to the service registered as `name`, wherever it runs (see
     /// [`NodeHandle::lookup`](crate::NodeHandle::lookup)).
     pub fn lookup<T: Service>(&self, name: &str) -> Result<ServiceRef<T>, Error> {
-        let addr = self
-            .node
-            .lookup_name(name)
-            .ok_or_else(|| tern_proto::names::NameError::Unknown { name: name.into() })?;
-        Ok(self.node.resolve(&addr)?)
+        self.node.lookup(name)
     }
 
     /// This service's whole book.

@@ -15,7 +15,7 @@ use crate::error::{DeliveryError, Error};
 use crate::migrate::{MigrateOptions, MigrationReport};
 use crate::node::NodeShared;
 use tern_proto::ids::{NodeName, ServiceAddr, ServiceId};
-use tern_proto::wire::{Frame, MigMsg, ReplyBody};
+use tern_proto::wire::MigMsg;
 
 /// Book roles naming a child start with this.
 pub const CHILD_ROLE_PREFIX: &str = "child:";
@@ -483,7 +483,7 @@ pub(crate) fn on_group_request(
                 }
             }
         };
-        answer_reports(&node, &link, req, res);
+        crate::migrate::answer_request(&node, &link, req, res);
     });
 }
 
@@ -512,30 +512,6 @@ pub(crate) fn on_tree_request(
                 Err(e) => Err(e.to_string()),
             }
         };
-        answer_reports(&node, &link, req, res);
+        crate::migrate::answer_request(&node, &link, req, res);
     });
-}
-
-/// Answers request `req` with the reports, or the error.
-fn answer_reports(
-    node: &NodeShared,
-    link: &crate::transport::PeerLink,
-    req: u64,
-    res: Result<Vec<MigrationReport>, String>,
-) {
-    let bytes = res.and_then(|r| rmp_serde::to_vec(&r).map_err(|e| e.to_string()));
-    let sent = match &bytes {
-        Ok(b) => link.push_ctrl(&Frame::Reply {
-            ask: req,
-            result: ReplyBody::Value(b),
-        }),
-        Err(detail) => link.push_ctrl(&Frame::Reply {
-            ask: req,
-            result: ReplyBody::Failed(detail.clone()),
-        }),
-    };
-    if let Err(e) = sent {
-        node.logs
-            .event("migration-report-lost", format!("to {}: {e}", link.name));
-    }
 }
