@@ -78,6 +78,17 @@ impl NodeView {
         None
     }
 
+    /// Why this node refuses an explicit move of a service of `kind` needing `needs`: as
+    /// [`unfit`](Self::unfit), except that a `forced` move ignores draining and missing
+    /// capabilities (never a missing kind: the node could not run it).
+    pub fn refuses(&self, kind: &KindKey, needs: &Needs, forced: bool) -> Option<Unfit> {
+        match self.unfit(kind, needs)? {
+            u @ Unfit::LacksKind { .. } => Some(u),
+            _ if forced => None,
+            u => Some(u),
+        }
+    }
+
     /// How many of `needs`' preferred capabilities this node has.
     pub fn preferred_met(&self, needs: &Needs) -> usize {
         needs.preferred.iter().filter(|c| self.has(c)).count()
@@ -698,6 +709,12 @@ mod tests {
                 kind: KindKey::new("k", 1)
             })
         );
+        let forced = nodes[2].refuses(&s.kind, &s.needs, true);
+        assert_eq!(forced, None, "a forced move ignores draining");
+        assert!(matches!(
+            nodes[1].refuses(&s.kind, &s.needs, true),
+            Some(Unfit::LacksKind { .. })
+        ));
         let needs_camera = Needs {
             required: vec!["camera".into()],
             preferred: vec![],

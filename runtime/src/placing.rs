@@ -312,11 +312,7 @@ impl NodeShared {
     pub(crate) fn unfit_here(&self, kind: &KindKey, forced: bool) -> Option<Unfit> {
         let me = self.members().into_iter().find(|m| m.local)?;
         let needs = self.needs_of(kind).unwrap_or_default();
-        match self.node_view(&me, true, 0).unfit(kind, &needs)? {
-            u @ Unfit::LacksKind { .. } => Some(u),
-            _ if forced => None,
-            u => Some(u),
-        }
+        self.node_view(&me, true, 0).refuses(kind, &needs, forced)
     }
 
     /// Checks each `(service, target)` before anything freezes: the first service whose
@@ -372,10 +368,7 @@ impl NodeShared {
         let kind = self.local_addr_of(id)?.kind;
         let needs = self.needs_of(&kind).unwrap_or_default();
         let member = self.members().into_iter().find(|m| m.info.name == *to)?;
-        match self.node_view(&member, true, 0).unfit(&kind, &needs)? {
-            u @ Unfit::LacksKind { .. } => Some(u),
-            _ if opts.force => None,
-            u => Some(u),
-        }
+        self.node_view(&member, true, 0)
+            .refuses(&kind, &needs, opts.force)
     }
 }
