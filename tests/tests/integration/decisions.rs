@@ -33,6 +33,10 @@ enum LyricsMsg {
     /// Asks the book entry `role` (which may not exist) and reports the error.
     AskRole(String, tern::ReplyTo<String>),
     Stop,
+    /// Moves with `ctx.migrate` and hands the returned future to a task that waits for it.
+    GoAndWait(String),
+    /// What that task saw.
+    Waited(String),
 }
 
 impl Service for Lyrics {
@@ -73,6 +77,18 @@ impl Service for Lyrics {
                 let _ = ctx.reply(r, said);
             }
             LyricsMsg::Stop => ctx.stop(),
+            LyricsMsg::GoAndWait(node) => {
+                let moving = ctx.migrate(node, MigrateOptions::default());
+                let me = ctx.myself();
+                actix_rt::spawn(async move {
+                    let seen = match moving.await {
+                        Ok(r) => format!("waited: moved to {}", r.to),
+                        Err(e) => format!("waited: {e}"),
+                    };
+                    let _ = me.tell(LyricsMsg::Waited(seen));
+                });
+            }
+            LyricsMsg::Waited(seen) => self.outcomes.push(seen),
         }
     }
 }
@@ -331,7 +347,19 @@ fn migrate_place_and_ctx_migrate_fail_the_same_way_with_the_report() -> Result<(
             .await
             .is_ok_and(|(o, _)| o.len() == 3)
     }))?;
+    // And the future `ctx.migrate` returns, waited for by a task of the service's.
+    block_on(lyrics.tell_wait(LyricsMsg::GoAndWait("speaker".into())))?;
+    block_on(wait_until(SECS_10, "the waited outcome", || async {
+        lyrics
+            .ask(LyricsMsg::Report, SECS_10)
+            .await
+            .is_ok_and(|(o, _)| o.len() == 4)
+    }))?;
     let (outcomes, _) = report(&lyrics)?;
+    assert!(
+        outcomes[3].starts_with("waited: ") && outcomes[3].contains("lacks required display"),
+        "{outcomes:?}"
+    );
     assert!(outcomes[0].contains("not a known peer"), "{outcomes:?}");
     assert!(
         outcomes[1].contains("node speaker lacks required display"),
