@@ -572,11 +572,18 @@ fn run() -> Result<(String, bool)> {
             let others: Vec<&String> = up.iter().filter(|n| n.as_str() != here.as_str()).collect();
             let to = others[rng.below(others.len())];
             if whole_tree {
-                match c
+                let moved = match c
                     .node("a")
                     .migrate_tree(sink.id(), to, MigrateOptions::default())
                     .await
                 {
+                    // A tree that did not move: every member's report says why.
+                    Err(tern::Error::NotMoved(n)) if !n.reports.is_empty() => {
+                        Ok(tern::GroupReport::from_reports(n.reports))
+                    }
+                    other => other,
+                };
+                match moved {
                     Ok(r) if r.committed => {
                         trees_committed += 1;
                         tree_freeze.push(r.freeze_us);
@@ -621,7 +628,12 @@ fn run() -> Result<(String, bool)> {
                 }
                 return Ok::<_, anyhow::Error>(());
             }
-            let report = sink.migrate(to, MigrateOptions::default()).await?;
+            let report = match sink.migrate(to, MigrateOptions::default()).await {
+                Ok(r) => r,
+                // Did not move: the report says why (counted below).
+                Err(tern::Error::NotMoved(n)) if n.reports.len() == 1 => n.reports[0].clone(),
+                Err(e) => return Err(e.into()),
+            };
             match &report.aborted {
                 None => {
                     committed += 1;
