@@ -314,7 +314,9 @@ impl<S: Service> ServiceRef<S> {
     ///
     /// Inside a service's handler this is [`Ctx::tell`](crate::Ctx::tell): the message is
     /// numbered in the sending service's channel, so its order holds when that service moves.
-    /// Outside any service it is numbered as this node's client.
+    /// Outside any service it is numbered as this node's client, and so is it in a task a
+    /// handler spawned (such a task can outlive a move of its service and keep running here:
+    /// numbers from the service's counters would clash with those it uses where it went).
     pub fn tell(&self, msg: S::Msg) -> Result<(), DeliveryError> {
         match crate::service::numbered_here(self.addr.id) {
             None => self.send(Meta::default(), msg),

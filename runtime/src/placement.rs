@@ -427,6 +427,7 @@ impl NodeShared {
     /// can no longer stand). Runs in the background, one at a time.
     pub fn capabilities_changed(self: &Arc<Self>, nodes: &[NodeName]) {
         tracing::debug!(?nodes, "capabilities changed");
+        self.stats.capability_changes.inc();
         // A change while a round runs is not lost: that round runs once more.
         self.placement.replace_again.store(true, Ordering::Release);
         if self.placement.replacing.swap(true, Ordering::AcqRel) {
@@ -436,8 +437,11 @@ impl NodeShared {
         let spawned = self.spawn_task(async move {
             loop {
                 node.placement.replace_again.store(false, Ordering::Release);
+                let seen = node.stats.capability_changes.get();
                 node.replace_misfits().await;
-                node.stats.replacement_rounds.inc();
+                // Only this task writes it, one round at a time: it only grows.
+                let handled = &node.stats.capability_changes_handled;
+                handled.add(seen.saturating_sub(handled.get()));
                 if node.placement.replace_again.load(Ordering::Acquire) {
                     continue;
                 }

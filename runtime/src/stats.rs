@@ -114,7 +114,11 @@ counters! {
     services_panicked,
     /// Services restarted in place with a fresh state after a panic (their kind's `RESTART`).
     services_restarted,
-    /// Re-placement rounds run after a capability change (each checks every local service
-    /// against the capabilities its kind requires).
-    replacement_rounds,
+    /// Capability changes this node has heard of (its own, or in a peer's gossip, a new
+    /// member included): each asks for a re-placement round.
+    capability_changes,
+    /// Of those, the changes a completed re-placement round had heard of when it started: every
+    /// local service has been checked against them (`capability_changes_handled >=` a value
+    /// of `capability_changes` read earlier says the round for that change has run).
+    capability_changes_handled,
 }
