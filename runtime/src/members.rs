@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::mailbox::lock;
 use crate::node::NodeShared;
-use tern_proto::ids::{NodeName, ServiceId};
+use tern_proto::ids::{KindKey, NodeName, ServiceId};
 pub use tern_proto::members::{
     Member, MemberInfo, MemberStatus, NodeLoad, Power, CAPABILITIES_MAX, GOSSIP_EDGES_MAX,
     GOSSIP_MS, GOSSIP_SERVICES_MAX,
@@ -130,6 +130,18 @@ impl Members {
     }
 
     /// What `name` offered when last heard of (without copying the rest of the table).
+    /// What placement needs to know of `name` to tell whether it can take a service of
+    /// `kind`: its capabilities, whether it drains, and whether it has the kind.
+    pub fn fitness_of(&self, name: &NodeName, kind: &KindKey) -> Option<(Vec<String>, bool, bool)> {
+        let info = if *name == self.me.name {
+            &self.me
+        } else {
+            &self.others.get(name)?.info
+        };
+        let has = info.kinds.iter().any(|k| k.kind == *kind);
+        Some((info.capabilities.clone(), info.draining, has))
+    }
+
     fn capabilities_of(&self, name: &NodeName) -> Option<Vec<String>> {
         if *name == self.me.name {
             return Some(self.me.capabilities.clone());
@@ -268,6 +280,27 @@ impl NodeShared {
             }) {
                 tracing::debug!(peer = %link.name, error = %e, "gossip not queued");
             }
+        }
+    }
+
+    /// A gossip round soon, on the node's thread, out of the caller's way (a service arriving
+    /// inside a freeze, a name registered): a burst of calls makes one round.
+    pub fn gossip_soon(self: &Arc<Self>) {
+        if self
+            .gossip_pending
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let node = self.clone();
+        let spawned = self.spawn_task(async move {
+            node.gossip_pending
+                .store(false, std::sync::atomic::Ordering::Release);
+            node.gossip();
+        });
+        if !spawned {
+            self.gossip_pending
+                .store(false, std::sync::atomic::Ordering::Release);
         }
     }
 

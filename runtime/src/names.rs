@@ -65,11 +65,10 @@ impl NodeShared {
             let conflicts = lock(&self.names.registry).install(id, c.names, now);
             self.name_conflicts(conflicts);
         }
-        if c.held || !self.names_of(id).is_empty() {
-            // Lookups and planners elsewhere see the names and the hold here from now on:
-            // say so at once.
-            self.gossip();
-        }
+        // Not gossiped from here: this runs before the copy starts, inside the freeze. The next
+        // round says it (a second at most): the old host refuses nothing meanwhile (a hold is
+        // checked where the service runs), and names heard stay `NAME_GRACE_MS` (3 s) after
+        // the old host stops listing them, so lookups elsewhere keep finding them.
     }
 
     /// Service `id` left this node (moved away or stopped): its hold and names go.
@@ -106,7 +105,7 @@ impl NodeShared {
             .register(name, id, now)
             .map_err(Error::Name)?;
         self.logs.event("name-registered", format!("{name}: {id}"));
-        self.gossip();
+        self.gossip_soon();
         Ok(())
     }
 
@@ -114,7 +113,7 @@ impl NodeShared {
     pub(crate) fn unregister_name(self: &Arc<Self>, name: &str, id: ServiceId) -> bool {
         let removed = lock(&self.names.registry).unregister(name, id);
         if removed {
-            self.gossip();
+            self.gossip_soon();
         }
         removed
     }

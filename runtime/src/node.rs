@@ -447,6 +447,8 @@ pub(crate) struct NodeShared {
     /// Registered names of local services, those heard from peers, and what arriving copies
     /// carry besides their state (`names.rs`).
     pub(crate) names: crate::names::NameTables,
+    /// A gossip round is asked for and not yet run (`gossip_soon`).
+    pub(crate) gossip_pending: AtomicBool,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -2006,6 +2008,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         handled_waiting: Mutex::new(Default::default()),
         senders: crate::senders::SenderTables::new(name.clone()),
         names: Default::default(),
+        gossip_pending: AtomicBool::new(false),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());

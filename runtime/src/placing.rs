@@ -310,9 +310,38 @@ impl NodeShared {
     /// draining or lacking a required capability (not counted when `forced`), or lacking the
     /// kind (always).
     pub(crate) fn unfit_here(&self, kind: &KindKey, forced: bool) -> Option<Unfit> {
-        let me = self.members().into_iter().find(|m| m.local)?;
-        let needs = self.needs_of(kind).unwrap_or_default();
-        self.node_view(&me, true, 0).refuses(kind, &needs, forced)
+        // On every snapshot a target admits, inside the freeze: only what the check reads.
+        let (capabilities, draining) = {
+            let m = lock(&self.members);
+            (m.me().capabilities.clone(), m.me().draining)
+        };
+        let needs = self.needs_of(kind);
+        let view = self.fitness_view(capabilities, draining, needs.is_some(), kind);
+        view.refuses(kind, &needs.unwrap_or_default(), forced)
+    }
+
+    /// A view of a node, for [`NodeView::refuses`], from what that check reads.
+    fn fitness_view(
+        &self,
+        capabilities: Vec<String>,
+        draining: bool,
+        has_kind: bool,
+        kind: &KindKey,
+    ) -> NodeView {
+        NodeView {
+            name: self.name().clone(),
+            capabilities,
+            services: 0,
+            backlog: 0,
+            power_percent: 100,
+            up: true,
+            draining,
+            kinds: if has_kind {
+                vec![kind.clone()]
+            } else {
+                Vec::new()
+            },
+        }
     }
 
     /// Checks each `(service, target)` before anything freezes: the first service whose
@@ -367,8 +396,9 @@ impl NodeShared {
         }
         let kind = self.local_addr_of(id)?.kind;
         let needs = self.needs_of(&kind).unwrap_or_default();
-        let member = self.members().into_iter().find(|m| m.info.name == *to)?;
-        self.node_view(&member, true, 0)
-            .refuses(&kind, &needs, opts.force)
+        let (capabilities, draining, has_kind) = lock(&self.members).fitness_of(to, &kind)?;
+        let mut view = self.fitness_view(capabilities, draining, has_kind, &kind);
+        view.name = to.clone();
+        view.refuses(&kind, &needs, opts.force)
     }
 }
