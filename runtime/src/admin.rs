@@ -92,6 +92,14 @@ pub enum AdminRequest {
     },
     /// Drains this node: moves every movable service to the best peers.
     Drain,
+    /// Every registered name this node knows of, with its service.
+    Names,
+    /// Hands a service that runs on this node back to automatic placement (an explicit move
+    /// held it where it put it).
+    Release {
+        /// The service.
+        service: ServiceId,
+    },
     /// Offers the cluster CA's revocation list (DER, as `tern ca revoke` writes it); the
     /// node installs it if it is the CA's and newer, and it spreads to every node.
     Revoke {
@@ -110,10 +118,12 @@ impl AdminRequest {
             | AdminRequest::Nodes
             | AdminRequest::Tree { .. }
             | AdminRequest::Assoc { .. }
-            | AdminRequest::Plan { .. } => true,
-            AdminRequest::Migrate { .. } | AdminRequest::Drain | AdminRequest::Revoke { .. } => {
-                false
-            }
+            | AdminRequest::Plan { .. }
+            | AdminRequest::Names => true,
+            AdminRequest::Migrate { .. }
+            | AdminRequest::Drain
+            | AdminRequest::Revoke { .. }
+            | AdminRequest::Release { .. } => false,
         }
     }
 }
@@ -142,6 +152,13 @@ pub enum AdminReply {
     Migrated(GroupReport),
     /// What a drain did.
     Drained(DrainReport),
+    /// Registered names, sorted, each with its service.
+    Names(Vec<(String, ServiceId)>),
+    /// A release: whether the service was held.
+    Released {
+        /// It was held (and is not any more).
+        was_held: bool,
+    },
     /// The revocation list the node holds after a `Revoke`.
     Revocations {
         /// Its number.
@@ -326,6 +343,10 @@ async fn answer(
         }),
         AdminRequest::Nodes => Ok(AdminReply::Nodes(node.members())),
         AdminRequest::Tree { service } => node.tree(service).map(AdminReply::Tree),
+        AdminRequest::Names => Ok(AdminReply::Names(node.all_names())),
+        AdminRequest::Release { service } => node
+            .release(service)
+            .map(|was_held| AdminReply::Released { was_held }),
         AdminRequest::Assoc { service } => Ok(AdminReply::Assoc(node.associated(service))),
         AdminRequest::Plan { service, to, tree } => {
             let opts = PlanOptions {

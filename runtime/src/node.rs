@@ -2208,17 +2208,7 @@ impl NodeHandle {
     /// Lets automatic placement move `id` again (an explicit move held it where it put it).
     /// `false` when it was not held. Works on the node that runs the service.
     pub fn release(&self, id: ServiceId) -> Result<bool, Error> {
-        if self.shared.slot(id).is_none() {
-            return Err(DeliveryError::UnknownService {
-                id,
-                node: self.name().clone(),
-            }
-            .into());
-        }
-        let was = self.shared.placement.is_held(id);
-        self.shared.placement.hold(id, false);
-        self.shared.gossip();
-        Ok(was)
+        self.shared.release(id)
     }
 
     /// Whether local service `id` is held where an explicit move put it.

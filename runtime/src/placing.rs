@@ -306,6 +306,21 @@ impl NodeShared {
         })
     }
 
+    /// Hands local service `id` back to automatic placement; whether it was held.
+    pub(crate) fn release(self: &Arc<Self>, id: ServiceId) -> Result<bool, crate::error::Error> {
+        if self.slot(id).is_none() {
+            return Err(crate::error::DeliveryError::UnknownService {
+                id,
+                node: self.name().clone(),
+            }
+            .into());
+        }
+        let was = self.placement.is_held(id);
+        self.placement.hold(id, false);
+        self.gossip_soon();
+        Ok(was)
+    }
+
     /// Why this node cannot take a service of `kind` now (its own, authoritative word):
     /// draining or lacking a required capability (not counted when `forced`), or lacking the
     /// kind (always).

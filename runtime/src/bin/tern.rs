@@ -107,6 +107,13 @@ enum Cmd {
         #[arg(long)]
         tree: bool,
     },
+    /// Lists every registered name the entry node knows of, with its service.
+    Names,
+    /// Hands SERVICE back to automatic placement (a `migrate` held it where it put it).
+    Release {
+        /// Id, start of an id, or kind.
+        service: String,
+    },
     /// Moves every movable service off NODE, then NODE takes no more.
     Drain {
         /// The node.
@@ -812,6 +819,58 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
                 print_group(&report, &s);
             }
             report.committed
+        }
+        Cmd::Names => {
+            let AdminReply::Names(names) = entry.request(&AdminRequest::Names, |_| {}).await?
+            else {
+                bail!("unexpected answer to names");
+            };
+            if args.json {
+                print_json(&names)?;
+            } else {
+                for (name, id) in &names {
+                    out!("{name:<24} {id}");
+                }
+            }
+            true
+        }
+        Cmd::Release { service } => {
+            let s = survey(&entry, identity).await?;
+            let found = s.find(service)?;
+            let client = client_for(&s, &found.node, &entry, identity).await?;
+            let reply = client
+                .request(
+                    &AdminRequest::Release {
+                        service: found.info.addr.id,
+                    },
+                    |_| {},
+                )
+                .await?;
+            let AdminReply::Released { was_held } = reply else {
+                bail!("unexpected answer to release");
+            };
+            if args.json {
+                print_json(&serde_json::json!({
+                    "service": found.info.addr.id,
+                    "node": found.node,
+                    "was_held": was_held,
+                }))?;
+            } else if was_held {
+                out!(
+                    "{} {} on {}: released to placement",
+                    found.info.addr.kind,
+                    found.info.addr.id,
+                    found.node
+                );
+            } else {
+                out!(
+                    "{} {} on {}: was not held",
+                    found.info.addr.kind,
+                    found.info.addr.id,
+                    found.node
+                );
+            }
+            true
         }
         Cmd::Drain { target: node } => {
             let s = survey(&entry, identity).await?;

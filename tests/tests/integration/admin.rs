@@ -10,7 +10,7 @@ use tern::certs::{ClusterCa, NodeIdentity, Role};
 use tern::NodeHandle;
 use tern_demo::app::{MediaApp, Pace};
 use tern_demo::device::{self, DeviceConfig};
-use tern_harness::{block_on, wait_for};
+use tern_harness::{block_on, wait_for, wait_until};
 
 use crate::common::{Slow, SlowMsg, SECS_10};
 
@@ -676,6 +676,28 @@ fn the_node_runner_runs_an_apps_own_kinds_and_tern_drives_them() -> Result<()> {
         client.close().await;
         notes.tell_wait(SlowMsg::Item(2)).await?;
         assert_eq!(notes.ask(SlowMsg::Items, SECS_10).await?, vec![1, 2]);
+        // `tern release` on the node it runs on: the move held it there; once released, no
+        // longer.
+        let on_tablet = AdminClient::connect(tablet.local_addr(), &admin).await?;
+        let release = AdminRequest::Release {
+            service: notes.id(),
+        };
+        let first = on_tablet.request(&release, |_| {}).await?;
+        assert_eq!(first, AdminReply::Released { was_held: true });
+        let again = on_tablet.request(&release, |_| {}).await?;
+        assert_eq!(again, AdminReply::Released { was_held: false });
+        // `tern names` at the desk lists a name registered on the tablet.
+        tablet.register_name("notes", notes.id())?;
+        let client = AdminClient::connect(desk.local_addr(), &admin).await?;
+        wait_until(SECS_10, "the desk to list the tablet's name", || async {
+            matches!(
+                client.request(&AdminRequest::Names, |_| {}).await,
+                Ok(AdminReply::Names(names)) if names == vec![("notes".to_string(), notes.id())]
+            )
+        })
+        .await?;
+        client.close().await;
+        on_tablet.close().await;
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(
