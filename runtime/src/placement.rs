@@ -22,8 +22,8 @@ use crate::reports::NotMoved;
 use crate::tree::GroupReport;
 use tern_proto::ids::{KindKey, NodeName, ServiceId};
 use tern_proto::placement::{
-    choose, cross_node_fraction, rebalance, Affinity, Link, NodeView, Policy, RebalanceLimits,
-    ServiceView,
+    choose, cross_node_fraction, rebalance, Affinity, Link, Needs, NodeView, Policy,
+    RebalanceLimits, ServiceView,
 };
 
 /// The cluster as one node sees it.
@@ -36,6 +36,8 @@ pub(crate) struct View {
     prefixes: HashMap<u64, NodeName>,
     /// Directed edges: (from, to) -> (msgs/s, bytes/s).
     directed: HashMap<(ServiceId, ServiceId), (f64, f64)>,
+    /// Kinds whose needs some node this one hears from has registered.
+    known_kinds: BTreeSet<KindKey>,
 }
 
 impl View {
@@ -72,20 +74,11 @@ impl NodeShared {
         let members = self.members();
         let pins = self.placement.pins();
         let held = self.placement.held();
-        // What each kind needs: this node's registry first, then what members gossip.
-        let needs_known = |kind: &KindKey| {
-            self.needs_of(kind).or_else(|| {
-                members
-                    .iter()
-                    .flat_map(|m| &m.info.kinds)
-                    .find(|k| k.kind == *kind)
-                    .map(|k| k.needs.clone())
-            })
-        };
         let mut nodes = Vec::new();
         let mut services = Vec::new();
         let mut at = BTreeMap::new();
         let mut prefixes = HashMap::new();
+        let mut known_kinds = BTreeSet::new();
         let mut directed: HashMap<(ServiceId, ServiceId), (f64, f64)> = HashMap::new();
         let mut merge = |e: &tern_proto::traffic::EdgeRate| {
             let d = directed.entry((e.from, e.to)).or_insert((0.0, 0.0));
@@ -131,7 +124,14 @@ impl NodeShared {
                     continue;
                 }
                 at.insert(id, m.info.name.clone());
-                let needs = needs_known(&kind).unwrap_or_default();
+                // What the kind needs: this node's registry first, then what members gossip.
+                let needs = match self.needs_in(&members, &kind) {
+                    Some(n) => {
+                        known_kinds.insert(kind.clone());
+                        n
+                    }
+                    None => Needs::default(),
+                };
                 services.retain(|s: &ServiceView| s.id != id);
                 services.push(ServiceView {
                     id,
@@ -149,6 +149,9 @@ impl NodeShared {
                 at.insert(svc.id, svc.at.clone());
                 if let Some(n) = nodes.iter_mut().find(|n| n.name == svc.at) {
                     n.services += 1;
+                }
+                if self.needs_in(&members, &svc.kind).is_some() {
+                    known_kinds.insert(svc.kind.clone());
                 }
                 services.push(svc.clone());
             }
@@ -183,6 +186,7 @@ impl NodeShared {
             at,
             prefixes,
             directed,
+            known_kinds,
         }
     }
 
@@ -234,7 +238,7 @@ impl NodeShared {
                     .push((id, format!("not running on any node {} knows", self.name())));
                 continue;
             };
-            if self.needs_known(&svc.kind).is_none() {
+            if !view.known_kinds.contains(&svc.kind) {
                 plan.refused.push((
                     id,
                     format!(
@@ -521,7 +525,7 @@ impl NodeShared {
             .services
             .iter()
             .filter(|s| {
-                self.placement.cooling(s.id, cooldown) || self.needs_known(&s.kind).is_none()
+                self.placement.cooling(s.id, cooldown) || !view.known_kinds.contains(&s.kind)
             })
             .map(|s| s.id)
             .collect();

@@ -297,12 +297,17 @@ impl NodeShared {
 
     /// What `kind` needs: from this node's registry, or else from a member that gossiped it.
     pub(crate) fn needs_known(&self, kind: &KindKey) -> Option<Needs> {
+        self.needs_in(&self.members(), kind)
+    }
+
+    /// [`needs_known`](Self::needs_known), from a copy of the members the caller holds.
+    pub(crate) fn needs_in(&self, members: &[Member], kind: &KindKey) -> Option<Needs> {
         self.needs_of(kind).or_else(|| {
-            self.members()
-                .into_iter()
-                .flat_map(|m| m.info.kinds)
+            members
+                .iter()
+                .flat_map(|m| &m.info.kinds)
                 .find(|k| k.kind == *kind)
-                .map(|k| k.needs)
+                .map(|k| k.needs.clone())
         })
     }
 
