@@ -20,6 +20,7 @@
 //! - [`directory`]: address books and their reverse index.
 //! - [`members`]: what a node says of itself in gossip.
 //! - [`traffic`], [`placement`]: observed traffic and pure placement decisions.
+//! - [`replica`]: standby copies: checkpoint cadence, leases, ballots, retained copies.
 
 #![warn(missing_docs)]
 
@@ -34,6 +35,7 @@ pub mod members;
 pub mod migration;
 pub mod names;
 pub mod placement;
+pub mod replica;
 pub mod seq;
 pub mod snapshot;
 pub mod speakers;

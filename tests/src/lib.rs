@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 pub struct HarnessGuide;
 
 pub mod dataplane;
+pub mod failover;
 pub mod faults;
 pub mod rogue;
 pub mod sim;

@@ -313,3 +313,102 @@ fn a_lying_peer_changes_nothing() {
         }
     }
 }
+
+mod failover {
+    //! Standby copies, leases and ballots (`tern_harness::failover`): crashes at any moment,
+    //! one-way and two-way cuts between the voters, clocks at different rates.
+
+    use tern_harness::failover::{run_failover, FailoverConfig, FailoverReport, Outputs};
+
+    fn sweep(base: u64, default_runs: u64, cfg: &FailoverConfig) -> Vec<FailoverReport> {
+        if let Some(seed) = std::env::var("TERN_SIM_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            return vec![run_failover(seed, cfg)];
+        }
+        (0..super::runs(default_runs))
+            .map(|i| run_failover(base.wrapping_add(i), cfg))
+            .collect()
+    }
+
+    fn total(reports: &[FailoverReport], f: impl Fn(&FailoverReport) -> u64) -> u64 {
+        reports.iter().map(f).sum()
+    }
+
+    #[test]
+    fn a_crash_at_any_moment_loses_duplicates_and_reorders_nothing() {
+        let cfg = FailoverConfig {
+            cuts: 0,
+            crash: true,
+            liveness: true,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0xfa11, 300, &cfg);
+        let takeovers = total(&reports, |r| r.takeovers);
+        let continued = total(&reports, |r| r.continued);
+        let reexecuted = total(&reports, |r| r.reexecuted);
+        eprintln!(
+            "failover sim (crashes): {} runs, {takeovers} takeovers, {continued} primaries went on, {reexecuted} messages handled again, {} resent, {} checkpoints",
+            reports.len(),
+            total(&reports, |r| r.resent),
+            total(&reports, |r| r.checkpoints)
+        );
+        if reports.len() > 50 {
+            // The weather must have put both paths to work.
+            assert!(takeovers > 0 && continued > 0 && reexecuted > 0);
+        }
+    }
+
+    #[test]
+    fn one_way_and_two_way_cuts_never_leave_two_live_copies() {
+        let cfg = FailoverConfig {
+            cuts: 3,
+            crash: false,
+            liveness: true,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0xc07, 300, &cfg);
+        let suspended = total(&reports, |r| r.suspended);
+        eprintln!(
+            "failover sim (cuts): {} runs, {} takeovers, {} went on, {suspended} lease losses",
+            reports.len(),
+            total(&reports, |r| r.takeovers),
+            total(&reports, |r| r.continued)
+        );
+        if reports.len() > 50 {
+            assert!(suspended > 0 && total(&reports, |r| r.takeovers) > 0);
+        }
+    }
+
+    #[test]
+    fn cuts_and_a_crash_together_keep_safety() {
+        let cfg = FailoverConfig::default();
+        let reports = sweep(0xbad, 300, &cfg);
+        eprintln!(
+            "failover sim (cuts and a crash): {} runs, {} takeovers",
+            reports.len(),
+            total(&reports, |r| r.takeovers)
+        );
+    }
+
+    #[test]
+    fn outputs_sent_at_once_are_deduplicated_for_one_sender() {
+        let cfg = FailoverConfig {
+            senders: 1,
+            cuts: 1,
+            outputs: Outputs::Immediate,
+            liveness: false,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0x0e7, 300, &cfg);
+        eprintln!(
+            "failover sim (outputs at once): {} runs, {} output copies dropped",
+            reports.len(),
+            total(&reports, |r| r.outputs_dropped)
+        );
+        if reports.len() > 50 {
+            assert!(total(&reports, |r| r.outputs_dropped) > 0);
+        }
+    }
+}
