@@ -575,6 +575,11 @@ impl<B> Standbys<B> {
         Some(h)
     }
 
+    /// Every service held, with what is held.
+    pub fn iter(&self) -> impl Iterator<Item = (ServiceId, &Held<B>)> {
+        self.held.iter().map(|(s, h)| (*s, h))
+    }
+
     /// The services whose checkpoints came from `primary`.
     pub fn of_primary(&self, primary: &NodeName) -> Vec<ServiceId> {
         let mut out: Vec<ServiceId> = self
@@ -891,6 +896,72 @@ impl<T> Retained<T> {
     }
 }
 
+/// What a checkpoint carries besides its identity: enough to restore the service where its
+/// last acknowledged handling left it. Its queue is not in it: the senders keep every message
+/// a checkpoint does not cover, and send it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointBody {
+    /// The state, MessagePack.
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    /// Pending timers.
+    pub timers: Vec<crate::wire::TimerWire>,
+    /// The service's send counters: per receiver, the last number it used.
+    pub send_seqs: Vec<(ServiceId, u64)>,
+    /// Per sender, the last number handled (what the senders' confirmations say).
+    pub taken: Vec<(ServiceId, u64)>,
+    /// Its address book.
+    pub book: Vec<(String, crate::ids::ServiceAddr)>,
+}
+
+/// Replication messages between a primary's node and its standby's (control stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaMsg {
+    /// A checkpoint of `service`, to be held by the receiver.
+    Checkpoint {
+        /// The service.
+        service: ServiceId,
+        /// Its kind.
+        kind: crate::ids::KindKey,
+        /// Its epoch at the sender.
+        epoch: u64,
+        /// The checkpoint's number at the sender.
+        no: CheckpointNo,
+        /// Who votes on who continues it.
+        voters: Vec<NodeName>,
+        /// A [`CheckpointBody`], MessagePack.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// Checkpoint `no` of `service` at `epoch` is held, under the standby's `term`.
+    Ack {
+        /// The service.
+        service: ServiceId,
+        /// Its epoch.
+        epoch: u64,
+        /// The checkpoint.
+        no: CheckpointNo,
+        /// The standby's term for the sender.
+        term: u64,
+    },
+    /// Checkpoint `no` of `service` was refused.
+    Refused {
+        /// The service.
+        service: ServiceId,
+        /// The checkpoint.
+        no: CheckpointNo,
+        /// Why.
+        reason: String,
+    },
+    /// The sender no longer runs `service` (it stopped or moved): what is held goes.
+    Release {
+        /// The service.
+        service: ServiceId,
+        /// The epoch it ran at.
+        epoch: u64,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1080,6 +1151,31 @@ mod tests {
             "two voters: both needed"
         );
         assert_eq!(t2.unheard(), vec![p.clone()]);
+    }
+
+    #[test]
+    fn replica_frames_round_trip_and_a_truncated_one_is_a_clear_error() {
+        use crate::wire::{decode, encode_frame, Frame, FRAME_HEADER_BYTES};
+        let msg = ReplicaMsg::Checkpoint {
+            service: ServiceId::from_parts(1, 2),
+            kind: crate::ids::KindKey::new("k", 1),
+            epoch: 3,
+            no: 4,
+            voters: vec![n("a"), n("b")],
+            body: vec![7; 100],
+        };
+        let mut out = Vec::new();
+        encode_frame(&mut out, &Frame::Replica(msg.clone()), 1 << 20).unwrap();
+        match decode(&out[FRAME_HEADER_BYTES..]).unwrap() {
+            Frame::Replica(back) => assert_eq!(back, msg),
+            other => panic!("decoded {other:?}"),
+        }
+        let cut = &out[FRAME_HEADER_BYTES..out.len() - 10];
+        assert!(decode(cut).is_err());
+        // Too large for the frame bound: refused before it is sent.
+        let mut small = Vec::new();
+        assert!(encode_frame(&mut small, &Frame::Replica(msg), 50).is_err());
+        assert!(small.is_empty());
     }
 
     #[test]

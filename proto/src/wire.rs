@@ -342,6 +342,9 @@ pub enum Frame<'a> {
         #[serde(borrow, with = "serde_bytes")]
         crl: &'a [u8],
     },
+    /// Control stream: replication between a primary's node and its standby's
+    /// ([`crate::replica`]).
+    Replica(crate::replica::ReplicaMsg),
 }
 
 impl Frame<'_> {
@@ -376,6 +379,7 @@ impl Frame<'_> {
             Frame::Revocations { .. } => "revocations",
             Frame::WhoSpeaks { .. } => "who-speaks",
             Frame::Speaker { .. } => "speaker",
+            Frame::Replica(_) => "replica",
         }
     }
 }

@@ -445,6 +445,9 @@ fn handle_frame(
                 node.refuse_claim(&link.name, &r);
             }
         }
+        (StreamKind::Control, Frame::Replica(msg)) => {
+            node.on_replica(&link.name, msg);
+        }
         (StreamKind::Control, Frame::Members { nodes }) => {
             node.on_members(&link.name, nodes);
         }

@@ -30,6 +30,7 @@ pub mod pairing;
 mod placement;
 mod placing;
 mod registry;
+mod replicas;
 mod reports;
 pub mod runner;
 mod senders;
@@ -53,6 +54,7 @@ pub use placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
     RebalancerConfig,
 };
+pub use replicas::{ReplicaInfo, StandbyInfo};
 pub use reports::NotMoved;
 pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;

@@ -449,6 +449,8 @@ pub(crate) struct NodeShared {
     pub(crate) names: crate::names::NameTables,
     /// A gossip round is asked for and not yet run (`gossip_soon`).
     pub(crate) gossip_pending: AtomicBool,
+    /// Replicated services run here and checkpoints held for others (`replicas.rs`).
+    pub(crate) replicas: crate::replicas::Replicas,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -564,6 +566,9 @@ impl NodeShared {
             }
         }
         self.stats.services_started.inc();
+        if S::REPLICAS > 0 {
+            self.replicas.start(id, S::kind_key(), 0);
+        }
         let chan = self.channel::<S::Msg>(&addr)?;
         let me = ServiceRef::new(addr, self.clone(), chan);
         let runner = {
@@ -1111,6 +1116,10 @@ impl NodeShared {
                 traffic.observe(*from, id, *seq);
             }
         }
+        if self.replicas.is_protected(id) {
+            // A replicated service's senders are confirmed by its acknowledged checkpoints.
+            return;
+        }
         for (from, seq, origin) in marks {
             match origin {
                 Some(o) if o != self.name => remote.entry(o).or_default().push((id, from, seq)),
@@ -1119,7 +1128,7 @@ impl NodeShared {
         }
     }
 
-    fn send_handled(&self, origin: &NodeName, marks: Vec<(ServiceId, ServiceId, u64)>) {
+    pub(crate) fn send_handled(&self, origin: &NodeName, marks: Vec<(ServiceId, ServiceId, u64)>) {
         let Some(link) = self.links.get(origin) else {
             return;
         };
@@ -1621,6 +1630,7 @@ impl NodeShared {
     /// Called by a service's runner when it stops, with what was still queued: each of those
     /// messages is refused to its sender or asker with `reason`.
     pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>, reason: DeliveryError) {
+        self.replica_left(id);
         self.flush_handled(id);
         self.service_left(id);
         self.forget_service(id);
@@ -2009,6 +2019,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         senders: crate::senders::SenderTables::new(name.clone()),
         names: Default::default(),
         gossip_pending: AtomicBool::new(false),
+        replicas: crate::replicas::Replicas::new(tern_proto::replica::Settings::default()),
         limits,
     });
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
@@ -2381,6 +2392,26 @@ impl NodeHandle {
     /// Services running on this node.
     pub fn services(&self) -> Vec<ServiceInfo> {
         self.shared.service_infos()
+    }
+
+    /// Where a replicated service this node runs stands: its standby, its voters, the
+    /// checkpoints acknowledged (`None` for a service not run here or not replicated; see
+    /// [`Service::REPLICAS`](crate::Service::REPLICAS)).
+    ///
+    /// ```no_run
+    /// # fn demo(node: &tern::NodeHandle, id: tern::ServiceId) {
+    /// if let Some(r) = node.replica(id) {
+    ///     println!("standby {:?}, {} checkpoints acknowledged", r.standby, r.acked);
+    /// }
+    /// # }
+    /// ```
+    pub fn replica(&self, id: impl Into<ServiceId>) -> Option<crate::ReplicaInfo> {
+        self.shared.replicas.info(id.into())
+    }
+
+    /// The checkpoints this node holds as the standby of other nodes' services, by service.
+    pub fn standby_checkpoints(&self) -> Vec<crate::StandbyInfo> {
+        self.shared.replicas.held()
     }
 
     /// A snapshot of the node's counters.

@@ -64,6 +64,12 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     const REQUIRES: &'static [&'static str] = &[];
     /// Capabilities this kind is better off with (placement weighs them).
     const PREFERS: &'static [&'static str] = &[];
+    /// Standby copies the runtime keeps of each service of this kind on other nodes (0: none;
+    /// 1: one standby). A replicated service checkpoints its state to its standby, and its
+    /// senders' messages are confirmed only once a checkpoint that covers them is
+    /// acknowledged (docs/failures.md, "Replicated services"). Failover from the standby is
+    /// not built yet.
+    const REPLICAS: u8 = 0;
 
     /// Handles one message.
     fn handle(&mut self, msg: Self::Msg, ctx: &mut Ctx<Self>) -> impl Future<Output = ()>;
@@ -737,6 +743,10 @@ pub(crate) fn run_restored<S: Service>(
                     let _ = ctx.timers.add(now + after, msg);
                 }
                 ctx.seqs.borrow_mut().extend(restored.seqs);
+                if S::REPLICAS > 0 {
+                    let epoch = ctx.node.driver.location(id).map_or(0, |(_, e)| e);
+                    ctx.node.replicas.start(id, S::kind_key(), epoch);
+                }
                 let arrived = Arrived {
                     source: restored.source,
                     mig: restored.mig,
@@ -784,14 +794,7 @@ fn snapshot<S: Service>(
     mailbox: &Mailbox<S::Msg>,
 ) -> Result<Taken<S::Msg>, String> {
     let bytes = rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?;
-    let now = tokio::time::Instant::now();
-    let mut timers = Vec::with_capacity(ctx.timers.due.len());
-    for ((at, _), msg) in &ctx.timers.due {
-        timers.push(TimerWire {
-            after_us: at.saturating_duration_since(now).as_micros() as u64,
-            msg: rmp_serde::to_vec(msg).map_err(|e| format!("timer: {e}"))?,
-        });
-    }
+    let timers = timer_wires(ctx)?;
     let (queue, windows) = mailbox.take_for_snapshot(encode_envelope);
     let mut wins = Vec::with_capacity(windows.len());
     for w in windows {
@@ -839,6 +842,35 @@ fn snapshot<S: Service>(
         },
         carried,
     ))
+}
+
+/// Cuts a checkpoint of a replicated service and sends it to its standby, if one is due:
+/// state, timers, send counters, what it handled of each sender, book. Taken between messages,
+/// while nothing else touches the state.
+fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
+    ctx.node.replica_checkpoint(ctx.id(), |taken| {
+        let body = tern_proto::replica::CheckpointBody {
+            state: rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?,
+            timers: timer_wires(ctx)?,
+            send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
+            taken,
+            book: ctx.node.books.book(ctx.id()),
+        };
+        rmp_serde::to_vec(&body).map_err(|e| format!("checkpoint: {e}"))
+    });
+}
+
+/// A service's pending timers as they travel: due so long from now.
+fn timer_wires<S: Service>(ctx: &Ctx<S>) -> Result<Vec<TimerWire>, String> {
+    let now = tokio::time::Instant::now();
+    let mut timers = Vec::with_capacity(ctx.timers.due.len());
+    for ((at, _), msg) in &ctx.timers.due {
+        timers.push(TimerWire {
+            after_us: at.saturating_duration_since(now).as_micros() as u64,
+            msg: rmp_serde::to_vec(msg).map_err(|e| format!("timer: {e}"))?,
+        });
+    }
+    Ok(timers)
 }
 
 /// Freezes the service for a migration; true if it moved away.
@@ -921,6 +953,9 @@ fn serve<S: Service>(
             {
                 if freeze(&state, &mut ctx, &mailbox).await {
                     // Moved away: the target runs it now. No `stopped`: it did not stop.
+                    if S::REPLICAS > 0 {
+                        ctx.node.replica_left(ctx.id());
+                    }
                     return;
                 }
                 continue;
@@ -998,6 +1033,14 @@ fn serve<S: Service>(
                         return;
                     }
                     ctx.node.stats.processed.inc();
+                    if S::REPLICAS > 0 {
+                        let from = in_hand
+                            .as_ref()
+                            .and_then(|e| e.from.map(|f| (f, e.seq, e.origin.clone())));
+                        if ctx.node.replicas.handled(ctx.id(), from) {
+                            checkpoint(&state, &ctx);
+                        }
+                    }
                     if ctx.stop {
                         break;
                     }
@@ -1011,15 +1054,31 @@ fn serve<S: Service>(
                     }
                 }
                 None if mailbox.is_closed() => break,
-                None => match ctx.timers.next_due() {
-                    Some(at) => {
-                        tokio::select! {
-                            _ = mailbox.wait_ready() => {}
-                            _ = tokio::time::sleep_until(at) => {}
+                None => {
+                    // A replicated service's checkpoint may fall due while it waits.
+                    let replica_at = if S::REPLICAS > 0 {
+                        checkpoint(&state, &ctx);
+                        ctx.node
+                            .replicas
+                            .due_at(ctx.id())
+                            .map(|d| tokio::time::Instant::now() + d)
+                    } else {
+                        None
+                    };
+                    let at = match (ctx.timers.next_due(), replica_at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    match at {
+                        Some(at) => {
+                            tokio::select! {
+                                _ = mailbox.wait_ready() => {}
+                                _ = tokio::time::sleep_until(at) => {}
+                            }
                         }
+                        None => mailbox.wait_ready().await,
                     }
-                    None => mailbox.wait_ready().await,
-                },
+                }
             }
         }
         let stopped = catch_panic(|| state.stopped(&mut ctx));

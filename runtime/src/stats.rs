@@ -121,4 +121,12 @@ counters! {
     /// local service has been checked against them (`capability_changes_handled >=` a value
     /// of `capability_changes` read earlier says the round for that change has run).
     capability_changes_handled,
+    /// Checkpoints of replicated services sent to their standbys.
+    checkpoints_sent,
+    /// Bytes of those checkpoints.
+    checkpoint_bytes,
+    /// Checkpoints of replicated services acknowledged by their standbys.
+    checkpoints_acked,
+    /// Checkpoints this node took as a standby.
+    checkpoints_held,
 }

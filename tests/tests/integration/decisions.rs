@@ -367,12 +367,16 @@ fn migrate_place_and_ctx_migrate_fail_the_same_way_with_the_report() -> Result<(
         outcomes[3].starts_with("waited: ") && outcomes[3].contains("lacks required display"),
         "{outcomes:?}"
     );
-    assert!(outcomes[0].contains("not a known peer"), "{outcomes:?}");
+    // The three moves run as their own tasks: their outcomes come back in whatever order they
+    // end.
+    let first_three = &outcomes[..3];
+    let one = |what: &dyn Fn(&String) -> bool| first_three.iter().filter(|o| what(o)).count() == 1;
+    assert!(one(&|o| o.contains("not a known peer")), "{outcomes:?}");
     assert!(
-        outcomes[1].contains("node speaker lacks required display"),
+        one(&|o| o.contains("node speaker lacks required display")),
         "{outcomes:?}"
     );
-    assert_eq!(outcomes[2], "moved to watch", "{outcomes:?}");
+    assert!(one(&|o| o == "moved to watch"), "{outcomes:?}");
     assert_eq!(
         c.node("watch").location(lyrics.id()),
         Some(NodeName::new("watch"))

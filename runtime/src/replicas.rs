@@ -1,0 +1,551 @@
+//! (node layer) Replicated services on this node: for each one it runs, its standby, its
+//! checkpoint cadence and the senders' marks waiting for an acknowledgement
+//! (`tern_proto::replica::Cadence`); the checkpoints it holds for other nodes' services
+//! (`tern_proto::replica::Standbys`) and its side of their leases (`Grantor`).
+//!
+//! A replicated service's senders are confirmed only by an acknowledged checkpoint: until then
+//! its mailbox's handled marks are not sent (`NodeShared::note_handled` leaves them out).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceId};
+use tern_proto::replica::{
+    Cadence, CheckpointNo, Grantor, Held, HoldRefused, ReplicaMsg, Settings, Standbys, VOTERS_MAX,
+};
+use tern_proto::wire::Frame;
+
+use crate::node::NodeShared;
+use crate::sync::lock;
+
+/// Checkpoints a node holds for other nodes' services.
+pub const STANDBY_SERVICES_MAX: usize = 4_096;
+/// Bytes of checkpoints a node holds for other nodes' services.
+pub const STANDBY_BYTES_MAX: u64 = 256 << 20;
+
+/// Microseconds on this process's monotonic clock.
+pub(crate) fn now_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
+/// One replicated service this node runs.
+struct Primary {
+    kind: KindKey,
+    epoch: u64,
+    standby: Option<NodeName>,
+    voters: Vec<NodeName>,
+    cadence: Cadence,
+    /// Per sender, the last number handled and the node it came from (`None`: here).
+    taken: BTreeMap<ServiceId, (u64, Option<NodeName>)>,
+    /// Checkpoints acknowledged.
+    acked: u64,
+    /// The standby's term when it last acknowledged.
+    term: Option<u64>,
+    /// After a checkpoint could not go (no standby, too large, refused), none is tried before
+    /// this time (the runner would otherwise try again at once, for ever).
+    retry_at_us: u64,
+}
+
+/// What a replicated service's runner needs to cut a checkpoint.
+pub(crate) struct CheckpointPlan {
+    pub standby: NodeName,
+    pub taken: Vec<(ServiceId, u64)>,
+}
+
+/// What [`NodeHandle::replica`](crate::NodeHandle::replica) tells of a replicated service this
+/// node runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaInfo {
+    /// Its standby's node, once one is chosen.
+    pub standby: Option<NodeName>,
+    /// Who votes on who continues it.
+    pub voters: Vec<NodeName>,
+    /// Checkpoints its standby acknowledged.
+    pub acked: u64,
+    /// True while a checkpoint waits for its acknowledgement.
+    pub in_flight: bool,
+}
+
+/// What [`NodeHandle::standby_checkpoints`](crate::NodeHandle::standby_checkpoints) tells of a
+/// checkpoint this node holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StandbyInfo {
+    /// The service.
+    pub service: ServiceId,
+    /// The node that sent it.
+    pub primary: NodeName,
+    /// The service's epoch there.
+    pub epoch: u64,
+    /// The checkpoint's number.
+    pub no: CheckpointNo,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// A checkpoint held, with its kind.
+type Body = (KindKey, Vec<u8>);
+
+/// The replication subsystem of a node.
+pub(crate) struct Replicas {
+    pub settings: Settings,
+    primaries: Mutex<IdMap<Primary>>,
+    standbys: Mutex<Standbys<Body>>,
+    grantors: Mutex<BTreeMap<NodeName, Grantor>>,
+}
+
+impl Replicas {
+    pub fn new(settings: Settings) -> Self {
+        Replicas {
+            settings,
+            primaries: Mutex::new(IdMap::default()),
+            standbys: Mutex::new(Standbys::new(STANDBY_SERVICES_MAX, STANDBY_BYTES_MAX)),
+            grantors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// True when `id` is a replicated service this node runs with a standby: its senders are
+    /// confirmed by acknowledged checkpoints. Without a standby nothing could take it over, and
+    /// its mailbox's marks confirm them as for any service.
+    pub fn is_protected(&self, id: ServiceId) -> bool {
+        lock(&self.primaries)
+            .get(&id)
+            .is_some_and(|p| p.standby.is_some())
+    }
+
+    /// `id` (of `kind`, at `epoch`) starts here as a replicated service.
+    pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64) {
+        let mut cadence = Cadence::default();
+        cadence.urgent();
+        lock(&self.primaries).insert(
+            id,
+            Primary {
+                kind,
+                epoch,
+                standby: None,
+                voters: Vec::new(),
+                cadence,
+                taken: BTreeMap::new(),
+                acked: 0,
+                term: None,
+                retry_at_us: 0,
+            },
+        );
+    }
+
+    /// `id` no longer runs here (stopped or moved).
+    fn stop(&self, id: ServiceId) -> Option<Primary> {
+        lock(&self.primaries).remove(&id)
+    }
+
+    /// The runner handled a message of `id` from `from` (its number and node); true when a
+    /// checkpoint is due.
+    pub fn handled(&self, id: ServiceId, from: Option<(ServiceId, u64, Option<NodeName>)>) -> bool {
+        let now = now_us();
+        let mut all = lock(&self.primaries);
+        let Some(p) = all.get_mut(&id) else {
+            return false;
+        };
+        p.cadence.handled(now);
+        if let Some((sender, seq, origin)) = from {
+            p.taken.insert(sender, (seq, origin));
+        }
+        now >= p.retry_at_us
+            && (p.cadence.overdue(now, &self.settings) || p.cadence.due(now, &self.settings))
+    }
+
+    /// When a checkpoint of `id` falls due by time alone (or an overdue one is to be replaced).
+    pub fn due_at(&self, id: ServiceId) -> Option<std::time::Duration> {
+        let all = lock(&self.primaries);
+        let p = all.get(&id)?;
+        let now = now_us();
+        if p.cadence.due(now, &self.settings) || p.cadence.overdue(now, &self.settings) {
+            return Some(std::time::Duration::from_micros(
+                p.retry_at_us.saturating_sub(now),
+            ));
+        }
+        let at = if p.cadence.in_flight() {
+            // Look again once it could be overdue.
+            now + self.settings.lease_ms * 1_000
+        } else {
+            p.cadence.due_at_us(&self.settings)?
+        };
+        Some(std::time::Duration::from_micros(at.saturating_sub(now)))
+    }
+
+    /// The plan for a checkpoint of `id` now, if one is due and a standby is known.
+    fn plan(&self, id: ServiceId) -> Option<CheckpointPlan> {
+        let now = now_us();
+        let mut all = lock(&self.primaries);
+        let p = all.get_mut(&id)?;
+        if now < p.retry_at_us {
+            return None;
+        }
+        if p.cadence.overdue(now, &self.settings) {
+            p.cadence.failed();
+        }
+        if !p.cadence.due(now, &self.settings) {
+            return None;
+        }
+        Some(CheckpointPlan {
+            standby: p.standby.clone()?,
+            taken: p.taken.iter().map(|(s, (n, _))| (*s, *n)).collect(),
+        })
+    }
+
+    fn standby_missing(&self, id: ServiceId) -> Option<KindKey> {
+        let all = lock(&self.primaries);
+        let p = all.get(&id)?;
+        p.standby.is_none().then(|| p.kind.clone())
+    }
+
+    fn set_standby(&self, id: ServiceId, standby: NodeName, voters: Vec<NodeName>) {
+        if let Some(p) = lock(&self.primaries).get_mut(&id) {
+            p.standby = Some(standby);
+            p.voters = voters;
+            drop(p.cadence.restart());
+        }
+    }
+
+    /// The checkpoint was sent: its number.
+    fn sent(
+        &self,
+        id: ServiceId,
+        taken: Vec<(ServiceId, u64)>,
+    ) -> Option<(CheckpointNo, u64, Vec<NodeName>, KindKey)> {
+        let mut all = lock(&self.primaries);
+        let p = all.get_mut(&id)?;
+        let no = p.cadence.cut(taken, now_us());
+        Some((no, p.epoch, p.voters.clone(), p.kind.clone()))
+    }
+
+    /// No checkpoint could go now: the next is tried after `renew_ms`.
+    fn failed(&self, id: ServiceId) {
+        if let Some(p) = lock(&self.primaries).get_mut(&id) {
+            p.cadence.failed();
+            p.retry_at_us = now_us() + self.settings.renew_ms * 1_000;
+        }
+    }
+
+    /// What a replicated service this node runs stands at.
+    pub fn info(&self, id: ServiceId) -> Option<ReplicaInfo> {
+        let all = lock(&self.primaries);
+        let p = all.get(&id)?;
+        Some(ReplicaInfo {
+            standby: p.standby.clone(),
+            voters: p.voters.clone(),
+            acked: p.acked,
+            in_flight: p.cadence.in_flight(),
+        })
+    }
+
+    /// The checkpoints this node holds for others.
+    pub fn held(&self) -> Vec<StandbyInfo> {
+        let t = lock(&self.standbys);
+        let mut out = Vec::new();
+        for (id, h) in t.iter() {
+            out.push(StandbyInfo {
+                service: id,
+                primary: h.primary.clone(),
+                epoch: h.epoch,
+                no: h.no,
+                bytes: h.bytes,
+            });
+        }
+        out.sort_by_key(|i| i.service);
+        out
+    }
+}
+
+impl NodeShared {
+    /// A standby for a replicated service of `kind`: the first member up (by name) that has
+    /// registered the kind and is not this node; with it, the voters: this node, the standby
+    /// and up to `VOTERS_MAX - 2` other members up.
+    fn choose_standby(&self, kind: &KindKey) -> Option<(NodeName, Vec<NodeName>)> {
+        let members = lock(&self.members).list();
+        let up: Vec<&crate::members::Member> = members
+            .iter()
+            .filter(|m| !m.local && m.status == crate::members::MemberStatus::Up)
+            .filter(|m| self.links.get(&m.info.name).is_some())
+            .collect();
+        let standby = up
+            .iter()
+            .find(|m| m.info.kinds.iter().any(|k| k.kind == *kind))?
+            .info
+            .name
+            .clone();
+        let mut voters = vec![self.name().clone(), standby.clone()];
+        for m in &up {
+            if voters.len() >= VOTERS_MAX {
+                break;
+            }
+            if !voters.contains(&m.info.name) {
+                voters.push(m.info.name.clone());
+            }
+        }
+        Some((standby, voters))
+    }
+
+    /// Sends a checkpoint of replicated service `id` if one is due: `capture` builds its body
+    /// from the marks it covers (MessagePack of a `CheckpointBody`). Called by the runner
+    /// between messages.
+    pub(crate) fn replica_checkpoint(
+        &self,
+        id: ServiceId,
+        capture: impl FnOnce(Vec<(ServiceId, u64)>) -> Result<Vec<u8>, String>,
+    ) {
+        if let Some(kind) = self.replicas.standby_missing(id) {
+            match self.choose_standby(&kind) {
+                Some((standby, voters)) => {
+                    self.logs.event(
+                        "standby-chosen",
+                        format!("{id}: {standby}, voters {voters:?}"),
+                    );
+                    self.replicas.set_standby(id, standby, voters);
+                }
+                None => {
+                    self.replicas.failed(id);
+                    return;
+                }
+            }
+        }
+        let Some(plan) = self.replicas.plan(id) else {
+            return;
+        };
+        let body = match capture(plan.taken.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                self.logs.event("checkpoint-failed", format!("{id}: {e}"));
+                self.replicas.failed(id);
+                return;
+            }
+        };
+        if body.len() as u64 > self.replicas.settings.checkpoint_bytes_max {
+            self.logs.event(
+                "checkpoint-too-large",
+                format!(
+                    "{id}: {} bytes, checkpoint_bytes_max {}",
+                    body.len(),
+                    self.replicas.settings.checkpoint_bytes_max
+                ),
+            );
+            self.replicas.failed(id);
+            return;
+        }
+        let Some(link) = self.links.get(&plan.standby) else {
+            self.replicas.failed(id);
+            return;
+        };
+        let bytes = body.len() as u64;
+        let Some((no, epoch, voters, kind)) = self.replicas.sent(id, plan.taken) else {
+            return;
+        };
+        let frame = Frame::Replica(ReplicaMsg::Checkpoint {
+            service: id,
+            kind,
+            epoch,
+            no,
+            voters,
+            body,
+        });
+        match link.push_ctrl(&frame) {
+            Ok(()) => {
+                self.stats.checkpoints_sent.inc();
+                self.stats.checkpoint_bytes.add(bytes);
+            }
+            Err(e) => {
+                self.logs.event(
+                    "checkpoint-unsent",
+                    format!("{id} to {}: {e}", plan.standby),
+                );
+                self.replicas.failed(id);
+            }
+        }
+    }
+
+    /// A replicated service left this node (stopped, or moved with no crash on the way): its
+    /// standby lets it go, and what it handled is confirmed to its senders now.
+    pub(crate) fn replica_left(&self, id: ServiceId) {
+        let Some(p) = self.replicas.stop(id) else {
+            return;
+        };
+        if let Some(standby) = &p.standby {
+            if let Some(link) = self.links.get(standby) {
+                let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Release {
+                    service: id,
+                    epoch: p.epoch,
+                }));
+            }
+        }
+        let marks = p
+            .taken
+            .iter()
+            .map(|(s, (n, o))| (*s, *n, o.clone()))
+            .collect();
+        self.confirm(id, marks);
+    }
+
+    /// Tells senders that `service` took their messages up to the marks given.
+    fn confirm(&self, service: ServiceId, marks: Vec<(ServiceId, u64, Option<NodeName>)>) {
+        let mut remote: std::collections::HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>> =
+            std::collections::HashMap::new();
+        for (sender, seq, origin) in marks {
+            match origin {
+                Some(o) if o != *self.name() => {
+                    remote.entry(o).or_default().push((service, sender, seq))
+                }
+                _ => self.settle(service, sender, seq),
+            }
+        }
+        for (origin, marks) in remote {
+            self.send_handled(&origin, marks);
+        }
+    }
+
+    /// A peer's replication message.
+    pub(crate) fn on_replica(&self, from: &NodeName, msg: ReplicaMsg) {
+        match msg {
+            ReplicaMsg::Checkpoint {
+                service,
+                kind,
+                epoch,
+                no,
+                voters,
+                body,
+            } => {
+                let answer = self.hold_checkpoint(from, service, kind, epoch, no, voters, body);
+                if let Some(link) = self.links.get(from) {
+                    let _ = link.push_ctrl(&Frame::Replica(answer));
+                }
+            }
+            ReplicaMsg::Ack {
+                service,
+                epoch,
+                no,
+                term,
+            } => self.checkpoint_acked(from, service, epoch, no, term),
+            ReplicaMsg::Refused {
+                service,
+                no,
+                reason,
+            } => {
+                self.logs.event(
+                    "checkpoint-refused",
+                    format!("{service} checkpoint {no} by {from}: {reason}"),
+                );
+                // Another standby is chosen for the next one.
+                let mut all = lock(&self.replicas.primaries);
+                if let Some(p) = all.get_mut(&service) {
+                    if p.standby.as_ref() == Some(from) {
+                        p.standby = None;
+                        drop(p.cadence.restart());
+                        p.retry_at_us = now_us() + self.replicas.settings.renew_ms * 1_000;
+                    }
+                }
+            }
+            ReplicaMsg::Release { service, epoch } => {
+                let mut t = lock(&self.replicas.standbys);
+                if t.get(service)
+                    .is_some_and(|h| h.primary == *from && h.epoch <= epoch)
+                {
+                    t.drop_service(service);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn hold_checkpoint(
+        &self,
+        from: &NodeName,
+        service: ServiceId,
+        kind: KindKey,
+        epoch: u64,
+        no: CheckpointNo,
+        voters: Vec<NodeName>,
+        body: Vec<u8>,
+    ) -> ReplicaMsg {
+        let refuse = |reason: String| ReplicaMsg::Refused {
+            service,
+            no,
+            reason,
+        };
+        if !self.has_kind(&kind) {
+            return refuse(format!("kind {kind} is not registered here"));
+        }
+        // Only the node that runs a service checkpoints it (as far as this node knows).
+        if let Some((host, _)) = self.driver.location(service) {
+            if host != *from {
+                return refuse(format!("{service} runs on {host}, not {from}"));
+            }
+        }
+        let now = now_us();
+        let term = {
+            let mut g = lock(&self.replicas.grantors);
+            match g
+                .entry(from.clone())
+                .or_default()
+                .heard(now, &self.replicas.settings)
+            {
+                Some(grant) => grant.term,
+                None => return refuse("the standby's wait for this primary ran out".into()),
+            }
+        };
+        let bytes = body.len() as u64;
+        let held = Held {
+            primary: from.clone(),
+            epoch,
+            no,
+            voters,
+            body: (kind, body),
+            bytes,
+        };
+        match lock(&self.replicas.standbys).offer(self.name(), service, held) {
+            Ok(()) => {
+                self.stats.checkpoints_held.inc();
+                ReplicaMsg::Ack {
+                    service,
+                    epoch,
+                    no,
+                    term,
+                }
+            }
+            Err(e @ HoldRefused::Stale { .. }) => refuse(e.to_string()),
+            Err(e) => refuse(e.to_string()),
+        }
+    }
+
+    /// The standby holds checkpoint `no`: the senders' messages it covers are confirmed.
+    fn checkpoint_acked(
+        &self,
+        from: &NodeName,
+        service: ServiceId,
+        epoch: u64,
+        no: u64,
+        term: u64,
+    ) {
+        let marks = {
+            let mut all = lock(&self.replicas.primaries);
+            let Some(p) = all.get_mut(&service) else {
+                return;
+            };
+            if p.epoch != epoch || p.standby.as_ref() != Some(from) {
+                return;
+            }
+            let Some(marks) = p.cadence.acked(no) else {
+                return;
+            };
+            p.acked += 1;
+            p.term = Some(term);
+            marks
+                .into_iter()
+                .map(|(s, n)| (s, n, p.taken.get(&s).and_then(|(_, o)| o.clone())))
+                .collect::<Vec<_>>()
+        };
+        self.stats.checkpoints_acked.inc();
+        self.confirm(service, marks);
+    }
+}
