@@ -580,6 +580,14 @@ impl<B> Standbys<B> {
         self.held.iter().map(|(s, h)| (*s, h))
     }
 
+    /// How many services, and how many bytes, `primary` has held here.
+    pub fn held_for(&self, primary: &NodeName) -> (usize, u64) {
+        self.held
+            .values()
+            .filter(|h| h.primary == *primary)
+            .fold((0, 0), |(n, b), h| (n + 1, b + h.bytes))
+    }
+
     /// The services whose checkpoints came from `primary`.
     pub fn of_primary(&self, primary: &NodeName) -> Vec<ServiceId> {
         let mut out: Vec<ServiceId> = self

@@ -54,7 +54,10 @@ pub use placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,
     RebalancerConfig,
 };
-pub use replicas::{ReplicaInfo, StandbyInfo};
+pub use replicas::{
+    ReplicaInfo, StandbyInfo, STANDBY_BYTES_MAX, STANDBY_BYTES_PER_PEER_MAX, STANDBY_SERVICES_MAX,
+    STANDBY_SERVICES_PER_PEER_MAX,
+};
 pub use reports::NotMoved;
 pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;

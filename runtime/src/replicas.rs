@@ -22,6 +22,11 @@ use crate::sync::lock;
 pub const STANDBY_SERVICES_MAX: usize = 4_096;
 /// Bytes of checkpoints a node holds for other nodes' services.
 pub const STANDBY_BYTES_MAX: u64 = 256 << 20;
+/// Of those, what one peer may make a node hold: a lying peer cannot take the whole table
+/// from honest ones.
+pub const STANDBY_SERVICES_PER_PEER_MAX: usize = 1_024;
+/// Bytes one peer may make a node hold as its standby.
+pub const STANDBY_BYTES_PER_PEER_MAX: u64 = 64 << 20;
 
 /// Microseconds on this process's monotonic clock.
 pub(crate) fn now_us() -> u64 {
@@ -476,10 +481,23 @@ impl NodeShared {
         if !self.has_kind(&kind) {
             return refuse(format!("kind {kind} is not registered here"));
         }
-        // Only the node that runs a service checkpoints it (as far as this node knows).
-        if let Some((host, _)) = self.driver.location(service) {
-            if host != *from {
+        // Only the node that runs a service checkpoints it: the one this node's directory
+        // names, or, when it names none, the node it holds the service's checkpoints from (a
+        // new primary after a move waits until the old one has let them go).
+        match self.driver.location(service) {
+            Some((host, _)) if host != *from => {
                 return refuse(format!("{service} runs on {host}, not {from}"));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(h) = lock(&self.replicas.standbys).get(service) {
+                    if h.primary != *from {
+                        return refuse(format!(
+                            "checkpoints of {service} come from {}, not {from}",
+                            h.primary
+                        ));
+                    }
+                }
             }
         }
         let now = now_us();
@@ -503,7 +521,22 @@ impl NodeShared {
             body: (kind, body),
             bytes,
         };
-        match lock(&self.replicas.standbys).offer(self.name(), service, held) {
+        let mut table = lock(&self.replicas.standbys);
+        let (services, held_bytes) = table.held_for(from);
+        let replaced = table
+            .get(service)
+            .filter(|h| h.primary == *from)
+            .map_or(0, |h| h.bytes);
+        let new_service = table.get(service).is_none_or(|h| h.primary != *from);
+        if (new_service && services >= STANDBY_SERVICES_PER_PEER_MAX)
+            || held_bytes - replaced + bytes > STANDBY_BYTES_PER_PEER_MAX
+        {
+            return refuse(format!(
+                "{from} holds {services} services and {held_bytes} bytes here already \
+                 (at most {STANDBY_SERVICES_PER_PEER_MAX} and {STANDBY_BYTES_PER_PEER_MAX})"
+            ));
+        }
+        match table.offer(self.name(), service, held) {
             Ok(()) => {
                 self.stats.checkpoints_held.inc();
                 ReplicaMsg::Ack {

@@ -6,8 +6,13 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use tern::{Ctx, MigrateOptions, ReplyTo, Service};
+use tern::{
+    Ctx, MigrateOptions, NodeName, ReplyTo, Service, ServiceId, STANDBY_SERVICES_PER_PEER_MAX,
+};
+use tern_harness::rogue::Rogue;
 use tern_harness::{block_on, wait_for};
+use tern_proto::replica::ReplicaMsg;
+use tern_proto::wire::Frame;
 
 use crate::common::{killable_cluster, SlowMsg, Tally, SECS_10};
 
@@ -165,6 +170,74 @@ fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_ac
     wait_for(SECS_10, "confirmed after the move", || {
         from.unconfirmed() == 0
     })?;
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() -> Result<()> {
+    let c = killable_cluster(&["a", "b", "c"])?;
+    for n in c.nodes() {
+        n.register::<Kept>();
+    }
+    c.wait_members(SECS_10)?;
+    let honest = c.node("a").spawn(Kept::default())?;
+    let id = honest.id();
+    wait_for(SECS_10, "the first checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    })?;
+    let standby = c
+        .node("a")
+        .replica(id)
+        .and_then(|r| r.standby)
+        .expect("a standby");
+    let mallory = NodeName::new("mallory");
+    let checkpoint = |service: ServiceId, epoch: u64| {
+        Frame::Replica(ReplicaMsg::Checkpoint {
+            service,
+            kind: Kept::kind_key(),
+            epoch,
+            no: 1,
+            voters: vec![mallory.clone(), standby.clone()],
+            body: vec![0xc0],
+        })
+    };
+    block_on(async {
+        let mut rogue = Rogue::connect(&c, "mallory", standby.as_str()).await?;
+        // The honest service's checkpoint, in mallory's name, at a newer epoch.
+        rogue.send_ctrl(&checkpoint(id, 99)).await?;
+        // Made-up services, past what one peer may make a standby hold.
+        for i in 0..(STANDBY_SERVICES_PER_PEER_MAX as u64 + 50) {
+            rogue
+                .send_ctrl(&checkpoint(ServiceId::from_parts(0xbad, i), 1))
+                .await?;
+        }
+        rogue.barrier().await?;
+        anyhow::Ok(())
+    })?;
+    let held = c.node(standby.as_str()).standby_checkpoints();
+    let by_mallory = held
+        .iter()
+        .filter(|h| h.primary.as_str() == "mallory")
+        .count();
+    ensure!(
+        by_mallory == STANDBY_SERVICES_PER_PEER_MAX,
+        "mallory holds {by_mallory}"
+    );
+    ensure!(
+        held.iter()
+            .any(|h| h.service == id && h.primary.as_str() == "a" && h.epoch == 0),
+        "the honest checkpoint stays"
+    );
+    // The honest service still checkpoints there, and its senders are confirmed.
+    let acked = c.node("a").stats().checkpoints_acked;
+    for i in 1..=20 {
+        block_on(honest.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed", || honest.unconfirmed() == 0)?;
+    ensure!(c.node("a").stats().checkpoints_acked > acked);
+    let seen = block_on(honest.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=20).collect::<Vec<_>>(), "handled {seen:?}");
     c.shutdown();
     Ok(())
 }
