@@ -6,6 +6,7 @@ mod local;
 mod migration;
 mod placement;
 mod remote;
+mod replicas;
 mod util;
 
 use anyhow::Result;
@@ -33,6 +34,7 @@ fn main() -> Result<()> {
     let remote = remote::run(&scale)?;
     let migration = migration::run(&scale)?;
     let (tree, placement) = placement::run(&scale)?;
+    let replicas = replicas::run(&scale)?;
 
     let out = json!({
         "local": local,
@@ -40,6 +42,7 @@ fn main() -> Result<()> {
         "migration": migration,
         "tree": tree,
         "placement": placement,
+        "replicas": replicas,
         "run": {
             "quick": quick,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
