@@ -20,13 +20,39 @@ const RAW_FRAME_BYTES: usize = 4 + PAYLOAD_BYTES;
 
 static REMOTE_DONE: Latch = Latch::new();
 
-/// Counts payload messages; signals at `target`.
+/// Counts payload messages and signals `done` at its target (the state of the benchmark's
+/// sinks).
 #[derive(Default, Serialize, Deserialize)]
-pub struct PayloadSink {
+pub struct PayloadCount {
     bytes: u64,
     count: u64,
     target: u64,
 }
+
+impl PayloadCount {
+    /// Takes a target or a payload; gives back any other message.
+    pub fn take(&mut self, msg: PayloadMsg, done: &Latch) -> Option<PayloadMsg> {
+        match msg {
+            PayloadMsg::Target(t) => {
+                self.count = 0;
+                self.target = t;
+            }
+            PayloadMsg::Payload(p) => {
+                self.bytes += p.len() as u64;
+                self.count += 1;
+                if self.count == self.target {
+                    done.signal();
+                }
+            }
+            other => return Some(other),
+        }
+        None
+    }
+}
+
+/// Counts payload messages; signals at `target`; answers echoes.
+#[derive(Default, Serialize, Deserialize)]
+pub struct PayloadSink(PayloadCount);
 
 #[derive(Serialize, Deserialize)]
 pub enum PayloadMsg {
@@ -44,21 +70,8 @@ impl Service for PayloadSink {
     const KIND: &'static str = "bench-payload-sink";
     const VERSION: u32 = 1;
     async fn handle(&mut self, msg: PayloadMsg, ctx: &mut Ctx<Self>) {
-        match msg {
-            PayloadMsg::Target(t) => {
-                self.count = 0;
-                self.target = t;
-            }
-            PayloadMsg::Payload(p) => {
-                self.bytes += p.len() as u64;
-                self.count += 1;
-                if self.count == self.target {
-                    REMOTE_DONE.signal();
-                }
-            }
-            PayloadMsg::Echo { payload, reply } => {
-                let _ = ctx.reply(reply, serde_bytes::ByteBuf::from(payload));
-            }
+        if let Some(PayloadMsg::Echo { payload, reply }) = self.0.take(msg, &REMOTE_DONE) {
+            let _ = ctx.reply(reply, serde_bytes::ByteBuf::from(payload));
         }
     }
 }

@@ -12,54 +12,27 @@ use serde_json::{json, Value};
 use tern::{Ctx, Service, ServiceAddr};
 use tern_harness::{wait_for, Cluster};
 
-use crate::remote::{PayloadMsg, PAYLOAD_BYTES};
+use crate::remote::{PayloadCount, PayloadMsg, PAYLOAD_BYTES};
 use crate::util::{median, progress, round2, Latch, Scale};
 
 static DONE: Latch = Latch::new();
 
-/// Counts payloads; signals at its target. Its state is what a checkpoint carries.
-#[derive(Default, Serialize, Deserialize)]
-struct Counted {
-    bytes: u64,
-    count: u64,
-    target: u64,
-}
-
-impl Counted {
-    fn take(&mut self, msg: PayloadMsg) {
-        match msg {
-            PayloadMsg::Target(t) => {
-                self.count = 0;
-                self.target = t;
-            }
-            PayloadMsg::Payload(p) => {
-                self.bytes += p.len() as u64;
-                self.count += 1;
-                if self.count == self.target {
-                    DONE.signal();
-                }
-            }
-            PayloadMsg::Echo { .. } => {}
-        }
-    }
-}
-
 /// The plain sink.
 #[derive(Default, Serialize, Deserialize)]
-struct PlainSink(Counted);
+struct PlainSink(PayloadCount);
 
 impl Service for PlainSink {
     type Msg = PayloadMsg;
     const KIND: &'static str = "bench-plain-sink";
     const VERSION: u32 = 1;
     async fn handle(&mut self, msg: PayloadMsg, _ctx: &mut Ctx<Self>) {
-        self.0.take(msg);
+        self.0.take(msg, &DONE);
     }
 }
 
 /// The same sink, replicated.
 #[derive(Default, Serialize, Deserialize)]
-struct ReplicatedSink(Counted);
+struct ReplicatedSink(PayloadCount);
 
 impl Service for ReplicatedSink {
     type Msg = PayloadMsg;
@@ -67,7 +40,7 @@ impl Service for ReplicatedSink {
     const VERSION: u32 = 1;
     const REPLICAS: u8 = 1;
     async fn handle(&mut self, msg: PayloadMsg, _ctx: &mut Ctx<Self>) {
-        self.0.take(msg);
+        self.0.take(msg, &DONE);
     }
 }
 
