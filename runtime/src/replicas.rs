@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceId};
 use tern_proto::replica::{
-    Cadence, CheckpointNo, Grantor, Held, HoldRefused, ReplicaMsg, Settings, Standbys, VOTERS_MAX,
+    Cadence, CheckpointNo, Grantor, Held, ReplicaMsg, Settings, Standbys, VOTERS_MAX,
 };
 use tern_proto::wire::Frame;
 
@@ -97,6 +97,9 @@ type Body = (KindKey, Vec<u8>);
 /// The replication subsystem of a node.
 pub(crate) struct Replicas {
     pub settings: Settings,
+    /// Replicated services run here: every service's confirmation round and stop asks
+    /// whether it is one, and most nodes run none, so they need not take the lock.
+    running: std::sync::atomic::AtomicUsize,
     primaries: Mutex<IdMap<Primary>>,
     standbys: Mutex<Standbys<Body>>,
     grantors: Mutex<BTreeMap<NodeName, Grantor>>,
@@ -106,6 +109,7 @@ impl Replicas {
     pub fn new(settings: Settings) -> Self {
         Replicas {
             settings,
+            running: std::sync::atomic::AtomicUsize::new(0),
             primaries: Mutex::new(IdMap::default()),
             standbys: Mutex::new(Standbys::new(STANDBY_SERVICES_MAX, STANDBY_BYTES_MAX)),
             grantors: Mutex::new(BTreeMap::new()),
@@ -116,6 +120,9 @@ impl Replicas {
     /// confirmed by acknowledged checkpoints. Without a standby nothing could take it over, and
     /// its mailbox's marks confirm them as for any service.
     pub fn is_protected(&self, id: ServiceId) -> bool {
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return false;
+        }
         lock(&self.primaries)
             .get(&id)
             .is_some_and(|p| p.standby.is_some())
@@ -125,7 +132,8 @@ impl Replicas {
     pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64) {
         let mut cadence = Cadence::default();
         cadence.urgent();
-        lock(&self.primaries).insert(
+        let mut all = lock(&self.primaries);
+        all.insert(
             id,
             Primary {
                 kind,
@@ -139,11 +147,20 @@ impl Replicas {
                 retry_at_us: 0,
             },
         );
+        self.running
+            .store(all.len(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// `id` no longer runs here (stopped or moved).
     fn stop(&self, id: ServiceId) -> Option<Primary> {
-        lock(&self.primaries).remove(&id)
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let mut all = lock(&self.primaries);
+        let p = all.remove(&id);
+        self.running
+            .store(all.len(), std::sync::atomic::Ordering::SeqCst);
+        p
     }
 
     /// The runner handled a message of `id` from `from` (its number and node); true when a
@@ -546,7 +563,6 @@ impl NodeShared {
                     term,
                 }
             }
-            Err(e @ HoldRefused::Stale { .. }) => refuse(e.to_string()),
             Err(e) => refuse(e.to_string()),
         }
     }
