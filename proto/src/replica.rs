@@ -968,6 +968,28 @@ pub enum ReplicaMsg {
         /// The epoch it ran at.
         epoch: u64,
     },
+    /// A primary's node renews its lease from the receiver (one lease per pair of nodes: it
+    /// covers every service whose standby the receiver is).
+    Renew {
+        /// The renewal's number, echoed in the grant.
+        no: u64,
+    },
+    /// The standby grants renewal `no`, under its `term` for the primary.
+    Granted {
+        /// The renewal.
+        no: u64,
+        /// The standby's term.
+        term: u64,
+    },
+    /// A claim to continue a service at a new epoch, to a voter.
+    Claim(Claim),
+    /// A voter's answer to a claim.
+    Vote {
+        /// The claim answered.
+        claim: Claim,
+        /// The answer.
+        vote: Vote,
+    },
 }
 
 #[cfg(test)]

@@ -58,6 +58,7 @@ impl Host for NodeShared {
     /// The migration driver learns the peer, and the peer gets every book edge held here.
     fn link_up(&self, link: &PeerLink) {
         self.driver.add_peer(link.name.clone());
+        self.replicas_link_up(link);
         // A peer that was away when the CA revoked a certificate learns it here.
         if let Some(list) = self.trust.revocations() {
             if let Err(e) = link.push_ctrl(&Frame::Revocations { crl: list.der() }) {
@@ -85,6 +86,7 @@ impl Host for NodeShared {
         self.member_down(peer, left);
         self.driver.link_lost(self, peer);
         self.speakers_link_lost(peer);
+        self.replicas_link_lost(peer);
         // Channels pointing at it follow gossip first, so that the gaps the ledgers send go
         // where the services are.
         self.follow_gossip_away_from(peer);

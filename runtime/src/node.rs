@@ -1837,6 +1837,11 @@ impl Actor for NodeActor {
         ctx.run_interval(Duration::from_millis(1000), move |act, _| {
             lock(&act.shared.traffic).roll(clock.elapsed().as_millis() as u64)
         });
+        // Leases of replicated services, and the waits of their standbys.
+        ctx.run_interval(
+            Duration::from_millis(crate::replicas::REPLICA_TICK_MS),
+            |act, _| act.shared.replicas_tick(),
+        );
         // The delivery ledger's confirmations, batched.
         ctx.run_interval(Duration::from_millis(PROGRESS_MS), |act, _| {
             act.shared.report_progress()

@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceId};
 use tern_proto::replica::{
-    Cadence, CheckpointNo, Grantor, Held, ReplicaMsg, Settings, Standbys, VOTERS_MAX,
+    Cadence, CheckpointNo, Grant, Grantor, Held, Lease, LeaseError, ReplicaMsg, Settings, Standbys,
+    VOTERS_MAX,
 };
 use tern_proto::wire::Frame;
 
@@ -46,9 +47,12 @@ struct Primary {
     cadence: Cadence,
     /// Per sender, the last number handled and the node it came from (`None`: here).
     taken: BTreeMap<ServiceId, (u64, Option<NodeName>)>,
-    /// Checkpoints acknowledged.
+    /// Checkpoints acknowledged (by any standby, at this epoch): once one is, a standby may
+    /// take the service over, and the copy here serves only under its current standby's lease.
     acked: u64,
-    /// The standby's term when it last acknowledged.
+    /// The current standby's term when it acknowledged a checkpoint: the copy serves only
+    /// under a lease of that term (a newer one means the standby may have taken it over).
+    /// `None` until the current standby holds a checkpoint.
     term: Option<u64>,
     /// After a checkpoint could not go (no standby, too large, refused), none is tried before
     /// this time (the runner would otherwise try again at once, for ever).
@@ -73,6 +77,9 @@ pub struct ReplicaInfo {
     pub acked: u64,
     /// True while a checkpoint waits for its acknowledgement.
     pub in_flight: bool,
+    /// True when the copy may handle messages now: no standby holds a checkpoint of it yet,
+    /// or its standby's lease is valid in the term it acknowledged in.
+    pub serving: bool,
 }
 
 /// What [`NodeHandle::standby_checkpoints`](crate::NodeHandle::standby_checkpoints) tells of a
@@ -103,6 +110,14 @@ pub(crate) struct Replicas {
     primaries: Mutex<IdMap<Primary>>,
     standbys: Mutex<Standbys<Body>>,
     grantors: Mutex<BTreeMap<NodeName, Grantor>>,
+    /// The leases this node holds, one per standby node its services use.
+    leases: Mutex<BTreeMap<NodeName, Lease>>,
+    /// Standbys given up while their link was down, per node: the services (and epochs) whose
+    /// checkpoints they are told to let go when the link is back. At most
+    /// [`STANDBY_SERVICES_PER_PEER_MAX`] per node (past that the oldest is forgotten).
+    to_release: Mutex<BTreeMap<NodeName, std::collections::VecDeque<(ServiceId, u64)>>>,
+    /// Woken when a lease is granted or a checkpoint acknowledged: a paused runner looks again.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Replicas {
@@ -113,7 +128,34 @@ impl Replicas {
             primaries: Mutex::new(IdMap::default()),
             standbys: Mutex::new(Standbys::new(STANDBY_SERVICES_MAX, STANDBY_BYTES_MAX)),
             grantors: Mutex::new(BTreeMap::new()),
+            leases: Mutex::new(BTreeMap::new()),
+            to_release: Mutex::new(BTreeMap::new()),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// True when replicated service `id` may handle a message now (see
+    /// [`ReplicaInfo::serving`]); true for any other service.
+    pub fn may_serve(&self, id: ServiceId) -> bool {
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return true;
+        }
+        let (standby, term) = {
+            let all = lock(&self.primaries);
+            let Some(p) = all.get(&id) else {
+                return true;
+            };
+            if p.acked == 0 {
+                return true;
+            }
+            match (&p.standby, p.term) {
+                (Some(s), Some(t)) => (s.clone(), t),
+                _ => return false,
+            }
+        };
+        lock(&self.leases)
+            .get(&standby)
+            .is_some_and(|l| l.valid(now_us()) && l.term() == Some(term))
     }
 
     /// True when `id` is a replicated service this node runs with a standby: its senders are
@@ -226,10 +268,22 @@ impl Replicas {
 
     fn set_standby(&self, id: ServiceId, standby: NodeName, voters: Vec<NodeName>) {
         if let Some(p) = lock(&self.primaries).get_mut(&id) {
+            lock(&self.leases)
+                .entry(standby.clone())
+                .or_insert_with(|| Lease::new(&self.settings));
             p.standby = Some(standby);
+            p.term = None;
             p.voters = voters;
             drop(p.cadence.restart());
         }
+    }
+
+    /// The standby of `p` can no longer be used: another is chosen for the next checkpoint.
+    fn drop_standby(&self, p: &mut Primary) {
+        p.standby = None;
+        p.term = None;
+        drop(p.cadence.restart());
+        p.retry_at_us = now_us() + self.settings.renew_ms * 1_000;
     }
 
     /// The checkpoint was sent: its number.
@@ -261,6 +315,10 @@ impl Replicas {
             voters: p.voters.clone(),
             acked: p.acked,
             in_flight: p.cadence.in_flight(),
+            serving: {
+                drop(all);
+                self.may_serve(id)
+            },
         })
     }
 
@@ -373,6 +431,19 @@ impl NodeShared {
             voters,
             body,
         });
+        // A lease not valid now is renewed ahead of the checkpoint, on the same stream: its
+        // grant comes back before the acknowledgement, and the copy need not pause between
+        // the two.
+        let renew = {
+            let mut leases = lock(&self.replicas.leases);
+            leases
+                .get_mut(&plan.standby)
+                .filter(|l| !l.valid(now_us()))
+                .map(|l| l.renew(now_us()))
+        };
+        if let Some(no) = renew {
+            let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Renew { no }));
+        }
         match link.push_ctrl(&frame) {
             Ok(()) => {
                 self.stats.checkpoints_sent.inc();
@@ -462,12 +533,22 @@ impl NodeShared {
                 let mut all = lock(&self.replicas.primaries);
                 if let Some(p) = all.get_mut(&service) {
                     if p.standby.as_ref() == Some(from) {
-                        p.standby = None;
-                        drop(p.cadence.restart());
-                        p.retry_at_us = now_us() + self.replicas.settings.renew_ms * 1_000;
+                        self.replicas.drop_standby(p);
                     }
                 }
             }
+            ReplicaMsg::Renew { no } => {
+                let grant = lock(&self.replicas.grantors)
+                    .entry(from.clone())
+                    .or_default()
+                    .heard(now_us(), &self.replicas.settings);
+                // Past the wait, silence: the primary's lease lapses, whatever it asks.
+                if let (Some(Grant { term }), Some(link)) = (grant, self.links.get(from)) {
+                    let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Granted { no, term }));
+                }
+            }
+            ReplicaMsg::Granted { no, term } => self.lease_granted(from, no, term),
+            ReplicaMsg::Claim(_) | ReplicaMsg::Vote { .. } => {}
             ReplicaMsg::Release { service, epoch } => {
                 let mut t = lock(&self.replicas.standbys);
                 if t.get(service)
@@ -589,6 +670,7 @@ impl NodeShared {
             };
             p.acked += 1;
             p.term = Some(term);
+            self.replicas.changed.notify_waiters();
             marks
                 .into_iter()
                 .map(|(s, n)| (s, n, p.taken.get(&s).and_then(|(_, o)| o.clone())))
@@ -596,5 +678,141 @@ impl NodeShared {
         };
         self.stats.checkpoints_acked.inc();
         self.confirm(service, marks);
+    }
+}
+
+impl NodeShared {
+    /// Standby `from` granted renewal `no` of this node's lease, in `term`.
+    fn lease_granted(&self, from: &NodeName, no: u64, term: u64) {
+        let mut leases = lock(&self.replicas.leases);
+        let Some(lease) = leases.get_mut(from) else {
+            return;
+        };
+        match lease.granted(no, Grant { term }) {
+            Ok(()) => {
+                drop(leases);
+                self.replicas.changed.notify_waiters();
+            }
+            Err(LeaseError::Unknown) => {}
+            Err(LeaseError::Superseded { held, now }) => {
+                // The standby's wait for this node ran out: the copies here that it held
+                // checkpoints of must not serve under the old term. A new lease starts, and
+                // each of them serves again only once the standby acknowledges a checkpoint in
+                // the new term.
+                *lease = Lease::new(&self.replicas.settings);
+                drop(leases);
+                self.logs.event(
+                    "lease-superseded",
+                    format!("{from}: term {held} is over, now {now}"),
+                );
+                for p in lock(&self.replicas.primaries).values_mut() {
+                    if p.standby.as_ref() == Some(from) {
+                        p.term = None;
+                        drop(p.cadence.restart());
+                        p.cadence.urgent();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The replication clock, every [`REPLICA_TICK_MS`]: the leases this node holds are
+    /// renewed, leases no service uses any more are let go, and the waits this node keeps as a
+    /// standby are checked.
+    pub(crate) fn replicas_tick(&self) {
+        let now = now_us();
+        // The standby's side: a primary silent for a whole wait. Nothing of it is taken over
+        // here (yet), so its next renewal is granted in the same term.
+        {
+            let mut grantors = lock(&self.replicas.grantors);
+            for g in grantors.values_mut() {
+                if g.expired(now, &self.replicas.settings) {
+                    g.forget();
+                }
+            }
+        }
+        if self
+            .replicas
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+            && lock(&self.replicas.leases).is_empty()
+        {
+            return;
+        }
+        let used: std::collections::BTreeSet<NodeName> = lock(&self.replicas.primaries)
+            .values()
+            .filter_map(|p| p.standby.clone())
+            .collect();
+        let mut renew = Vec::new();
+        {
+            let mut leases = lock(&self.replicas.leases);
+            leases.retain(|standby, _| used.contains(standby));
+            for (standby, lease) in leases.iter_mut() {
+                if lease.renew_due(now) {
+                    renew.push((standby.clone(), lease.renew(now)));
+                }
+            }
+        }
+        for (standby, no) in renew {
+            if let Some(link) = self.links.get(&standby) {
+                let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Renew { no }));
+            }
+        }
+    }
+
+    /// The link to `peer` is lost: the services whose standby it was choose another.
+    pub(crate) fn replicas_link_lost(&self, peer: &NodeName) {
+        if self
+            .replicas
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            return;
+        }
+        let mut all = lock(&self.replicas.primaries);
+        let mut dropped = 0;
+        for (id, p) in all.iter_mut() {
+            if p.standby.as_ref() == Some(peer) {
+                self.replicas.drop_standby(p);
+                let mut later = lock(&self.replicas.to_release);
+                let q = later.entry(peer.clone()).or_default();
+                if q.len() >= STANDBY_SERVICES_PER_PEER_MAX {
+                    q.pop_front();
+                }
+                q.push_back((*id, p.epoch));
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            self.logs.event(
+                "standby-lost",
+                format!("{peer}: {dropped} replicated services choose another standby"),
+            );
+        }
+    }
+}
+
+/// How often the replication clock runs.
+pub(crate) const REPLICA_TICK_MS: u64 = 50;
+
+impl NodeShared {
+    /// The link to `peer` is up: the checkpoints it was left holding while it was away are let
+    /// go.
+    pub(crate) fn replicas_link_up(&self, link: &crate::transport::PeerLink) {
+        let peer = &link.name;
+        let Some(q) = lock(&self.replicas.to_release).remove(peer) else {
+            return;
+        };
+        for (service, epoch) in q {
+            // Not if the service chose it again meanwhile.
+            let current = lock(&self.replicas.primaries)
+                .get(&service)
+                .is_some_and(|p| p.standby.as_ref() == Some(peer));
+            if !current {
+                let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Release { service, epoch }));
+            }
+        }
     }
 }

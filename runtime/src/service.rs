@@ -907,6 +907,10 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
     }
 }
 
+/// How often a paused replicated service looks again even if nothing woke it (a freeze
+/// request, a checkpoint to retry).
+const PAUSED_LOOK: Duration = Duration::from_millis(20);
+
 /// A copy that has just started on its target: the end of its freeze is measured from `at`.
 struct Arrived {
     source: NodeName,
@@ -939,6 +943,7 @@ fn serve<S: Service>(
             }
         }
         let mut turn = 0u32;
+        let mut paused = false;
         loop {
             if ctx.node.halted.is_set() {
                 // A halted node handles nothing more; its system is ending.
@@ -960,6 +965,25 @@ fn serve<S: Service>(
                 }
                 continue;
             }
+            // A replicated service that a standby holds checkpoints of handles nothing without
+            // its standby's lease: the standby may be about to take it over. It still sends
+            // checkpoints (the first to a new standby), and looks again when a lease is granted
+            // or a checkpoint acknowledged.
+            if S::REPLICAS > 0 && !mailbox.is_closed() && !ctx.node.replicas.may_serve(ctx.id()) {
+                let woken = ctx.node.replicas.changed.notified();
+                if !paused {
+                    paused = true;
+                    ctx.node.stats.replica_pauses.inc();
+                    tracing::info!(service = %ctx.id(), "replica paused: no lease");
+                }
+                checkpoint(&state, &ctx);
+                tokio::select! {
+                    _ = woken => {}
+                    _ = tokio::time::sleep(PAUSED_LOOK) => {}
+                }
+                continue;
+            }
+            paused = false;
             // A due timer goes before the next queued message.
             // (The clock is read only when a timer is pending.)
             let due = if ctx.timers.due.is_empty() {

@@ -129,4 +129,7 @@ counters! {
     checkpoints_acked,
     /// Checkpoints this node took as a standby.
     checkpoints_held,
+    /// Times a replicated service here stopped handling messages because its standby's lease
+    /// lapsed (it was cut off from its standby, or the standby changed).
+    replica_pauses,
 }
