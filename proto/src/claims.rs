@@ -105,6 +105,64 @@ pub fn location(
     }
 }
 
+/// Checks `from`'s claim that it took `service` over at `epoch`, after [`location`] refused
+/// it: believed only from the standby that the service's host named for the epoch this node
+/// knows (`standby`: that standby and the epoch, from the host's own gossip), and only for the
+/// next epoch. A voters' majority granted that epoch to one claimer at most; the standby
+/// claims only once it has won it. A copy this node runs learns here that it was taken over.
+///
+/// ```
+/// use tern_proto::claims::{takeover, Known, Location};
+/// use tern_proto::ids::{NodeName, ServiceId};
+/// let (me, a, b, liar) = (NodeName::new("me"), NodeName::new("a"), NodeName::new("b"),
+///     NodeName::new("liar"));
+/// let s = ServiceId::from_parts(1, 1);
+/// let known = Known { me: &me, hosted_epoch: None, at: Some((&a, 3)) };
+/// // a named b its standby at epoch 3: b may say it runs the service at epoch 4.
+/// assert_eq!(takeover(known, Some((&b, 3)), &b, s, &b, 4), Ok(Location::Take));
+/// // Not at another epoch, not for another node, and nobody else may.
+/// assert!(takeover(known, Some((&b, 3)), &b, s, &b, 5).is_err());
+/// assert!(takeover(known, Some((&b, 3)), &b, s, &liar, 4).is_err());
+/// assert!(takeover(known, Some((&b, 3)), &liar, s, &liar, 4).is_err());
+/// // A standby named for an older epoch: refused.
+/// assert!(takeover(known, Some((&b, 2)), &b, s, &b, 4).is_err());
+/// ```
+pub fn takeover(
+    known: Known<'_>,
+    standby: Option<(&NodeName, u64)>,
+    from: &NodeName,
+    service: ServiceId,
+    at: &NodeName,
+    epoch: u64,
+) -> Result<Location, ClaimRefused> {
+    let refuse = |detail: String| ClaimRefused {
+        claim: "takeover",
+        detail,
+    };
+    let base = match (known.hosted_epoch, known.at) {
+        (Some(here), _) => here,
+        (None, Some((_, k))) => k,
+        (None, None) => return Ok(Location::Ignore),
+    };
+    if epoch <= base {
+        return Ok(Location::Ignore);
+    }
+    match standby {
+        Some((s, e)) if s == from && at == from && e == base && epoch == base + 1 => {
+            Ok(Location::Take)
+        }
+        Some((s, e)) => Err(refuse(format!(
+            "{from} says it runs service {service} since epoch {epoch}; its standby at epoch \
+             {e} is {s}, and only it may take over, at epoch {}",
+            e + 1
+        ))),
+        None => Err(refuse(format!(
+            "{from} says it runs service {service} since epoch {epoch}; no standby of it is \
+             known here"
+        ))),
+    }
+}
+
 /// Which side of a migration attempt may send a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -59,6 +59,16 @@ pub enum DeliveryError {
         /// The node it was handed on to.
         node: NodeName,
     },
+    /// A replicated service has not yet confirmed `max` messages sent to it from this node:
+    /// the node keeps a copy of each until a checkpoint covers it, to send it again if the
+    /// service is taken over.
+    #[error("service {id} has {max} messages from this node not yet covered by a checkpoint")]
+    Unsettled {
+        /// The target.
+        id: ServiceId,
+        /// Copies kept per channel.
+        max: usize,
+    },
     /// The service has stopped and takes no more messages.
     #[error("service {id} has stopped")]
     Stopped {

@@ -111,6 +111,11 @@ pub struct MemberInfo {
     /// Registered names of services it hosts (at most [`NAMES_MAX`]), each with its service.
     #[serde(default)]
     pub names: Vec<(String, ServiceId)>,
+    /// Replicated services it hosts (at most [`GOSSIP_SERVICES_MAX`]): id, epoch, and the
+    /// standby that holds a checkpoint of that epoch. Only that standby may later say it took
+    /// the service over, at the next epoch (`claims::takeover`).
+    #[serde(default)]
+    pub standbys: Vec<(ServiceId, u64, NodeName)>,
     /// When this run of the node started (ms since the Unix epoch): a restarted node is a
     /// new incarnation, whose word replaces everything its earlier run said.
     pub incarnation: u64,

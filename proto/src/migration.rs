@@ -522,6 +522,21 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.place(service, self.me.clone(), 0);
     }
 
+    /// A service taken over here from a checkpoint (or going on here after a ballot), at
+    /// `epoch`.
+    pub fn host_at(&mut self, service: ServiceId, epoch: u64) {
+        let h = self.hosted.entry(service).or_insert(Hosted {
+            epoch,
+            windows: BTreeMap::new(),
+            held: Vec::new(),
+            parked: Vec::new(),
+            phase: Phase::Running,
+            arrived_by: None,
+        });
+        h.epoch = epoch;
+        self.place(service, self.me.clone(), epoch);
+    }
+
     /// Records that `service` is at `node` since `epoch` (if newer than what is known).
     pub fn learn(&mut self, service: ServiceId, node: NodeName, epoch: u64) {
         let newer = self
@@ -1350,7 +1365,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 node,
                 epoch,
             } => {
-                if let Err(refusal) = self.located(&from, service, (&node, epoch), None, false) {
+                if let Err(refusal) =
+                    self.located(&from, service, (&node, epoch), None, false, None)
+                {
                     self.refuse_claim(from, refusal);
                 }
             }
@@ -1443,6 +1460,8 @@ impl<S: Clone, P: Clone> Core<S, P> {
     /// knows, and what the caller knows besides: a channel's location, say, and whether the
     /// service runs here though it never moved (a service is known to the core from its first
     /// migration on). Learns the location when it is believed. An `Err` changed nothing.
+    /// `standby`: the standby the service's host named, and for which epoch: a claim its
+    /// host did not make may still be that standby's takeover ([`claims::takeover`]).
     pub fn located(
         &mut self,
         from: &NodeName,
@@ -1450,6 +1469,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         (at, epoch): (&NodeName, u64),
         also: Option<(&NodeName, u64)>,
         runs_here: bool,
+        standby: Option<(&NodeName, u64)>,
     ) -> Result<Location, ClaimRefused> {
         let hosted_epoch = match self.hosted.get(&service) {
             Some(h) if matches!(h.phase, Phase::Prepared { .. }) => None,
@@ -1467,7 +1487,11 @@ impl<S: Clone, P: Clone> Core<S, P> {
             hosted_epoch,
             at: known_at,
         };
-        let verdict = claims::location(known, from, service, at, epoch)?;
+        let verdict = match claims::location(known, from, service, at, epoch) {
+            Ok(v) => v,
+            Err(refused) if standby.is_none() => return Err(refused),
+            Err(_) => claims::takeover(known, standby, from, service, at, epoch)?,
+        };
         if verdict == Location::Take {
             self.place(service, at.clone(), epoch);
         }

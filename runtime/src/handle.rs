@@ -15,6 +15,7 @@ use crate::service::{ReplyTo, Service};
 use crate::transport::PeerLink;
 use tern_proto::ids::{NodeName, ServiceAddr, ServiceId};
 use tern_proto::ledger::Ledger;
+use tern_proto::replica::Retained;
 
 pub(crate) enum Route<M> {
     Local(Arc<Mailbox<M>>),
@@ -40,6 +41,10 @@ struct ChanState<M> {
     /// The delivery ledger: per sender on this node, what it sent that the service has not yet
     /// been seen to take. One entry per sender with messages outstanding.
     ledger: Ledger,
+    /// For a replicated service: a copy of each message sent to another node and not yet
+    /// confirmed (its ask, and its encoding), sent again when the service is found elsewhere
+    /// (taken over by its standby); its window there drops the copies it already took.
+    retained: Option<Retained<(Option<u64>, Vec<u8>)>>,
 }
 
 /// Messages declared lost with a node: `first..=last` of `sender` to `service`.
@@ -60,6 +65,8 @@ pub(crate) struct Channel<M> {
     /// The sender id of messages sent from outside any service through this channel.
     client: ServiceId,
     state: Mutex<ChanState<M>>,
+    /// Woken when kept copies are let go: a sender waiting for room looks again.
+    room: tokio::sync::Notify,
 }
 
 /// A channel seen without its message type, for the node's table.
@@ -83,6 +90,8 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed>;
     /// Messages sent through this channel and not yet confirmed.
     fn outstanding(&self) -> u64;
+    /// True when the channel keeps copies of what it sends (its service is replicated).
+    fn retains(&self) -> bool;
 }
 
 impl<M: Send + 'static> Channel<M> {
@@ -102,7 +111,9 @@ impl<M: Send + 'static> Channel<M> {
                 epoch,
                 client_seq: 0,
                 ledger: Ledger::default(),
+                retained: None,
             }),
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -125,6 +136,45 @@ impl<M: Send + 'static> Channel<M> {
         st.node = node.clone();
         st.epoch = st.epoch.max(epoch);
         st.ledger.repointed(node);
+        // A replicated service's unconfirmed messages go again to where it is now.
+        if let (Some(kept), Route::Remote(link)) = (&st.retained, &st.route) {
+            let mut again = 0u64;
+            for (sender, seq, (ask, bytes)) in kept.all() {
+                let meta = Meta {
+                    from: Some(sender),
+                    seq,
+                    ask: *ask,
+                };
+                if link.deliver_encoded(self.id, meta, false, bytes).is_ok() {
+                    again += 1;
+                }
+            }
+            if again > 0 {
+                shared.stats.resent_to_replicas.add(again);
+            }
+        }
+    }
+
+    /// Keeps copies of what is sent to another node until it is confirmed: the service is
+    /// replicated.
+    pub(crate) fn retain(&self, max: usize) {
+        let mut st = lock(&self.state);
+        if st.retained.is_none() {
+            st.retained = Some(Retained::new(max));
+        }
+    }
+
+    /// True when this channel keeps copies (its service is replicated).
+    fn retains(&self) -> bool {
+        lock(&self.state).retained.is_some()
+    }
+
+    /// True unless the kept copies are at their bound.
+    fn retains_room(&self) -> bool {
+        lock(&self.state)
+            .retained
+            .as_ref()
+            .is_none_or(|k| k.has_room())
     }
 }
 
@@ -151,20 +201,38 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
     }
 
     fn settle(&self, sender: ServiceId, seq: u64) {
-        lock(&self.state).ledger.settle(sender, seq);
+        let mut st = lock(&self.state);
+        st.ledger.settle(sender, seq);
+        if let Some(kept) = &mut st.retained {
+            if kept.settle(sender, seq) > 0 {
+                self.room.notify_waiters();
+            }
+        }
     }
 
     fn settle_from(&self, node: &NodeName, sender: ServiceId, seq: u64) -> bool {
-        let mut st = lock(&self.state);
-        let may = st.node == *node || st.ledger.may_settle(sender, node);
+        let may = {
+            let st = lock(&self.state);
+            st.node == *node || st.ledger.may_settle(sender, node)
+        };
         if may {
-            st.ledger.settle(sender, seq);
+            AnyChannel::settle(self, sender, seq);
         }
         may
     }
 
     fn refused(&self, sender: ServiceId, seq: u64) {
-        lock(&self.state).ledger.refused(sender, seq);
+        let mut st = lock(&self.state);
+        st.ledger.refused(sender, seq);
+        if let Some(kept) = &mut st.retained {
+            if kept.forget(sender, seq) {
+                self.room.notify_waiters();
+            }
+        }
+    }
+
+    fn retains(&self) -> bool {
+        Channel::retains(self)
     }
 
     fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed> {
@@ -250,6 +318,9 @@ impl<S: Service> ServiceRef<S> {
         node: Arc<NodeShared>,
         chan: Arc<Channel<S::Msg>>,
     ) -> Self {
+        if S::REPLICAS > 0 {
+            chan.retain(node.replicas.settings.retained_per_channel_max);
+        }
         ServiceRef { addr, node, chan }
     }
 
@@ -398,9 +469,37 @@ impl<S: Service> ServiceRef<S> {
         for _ in 0..8 {
             let (e, back): (DeliveryError, Option<S::Msg>) = match &st.route {
                 Route::Local(mb) => {
+                    // A replicated service here keeps copies too: if another node takes it
+                    // over while this one lives on (a cut), they go there.
+                    let copy = match self.copy_to_keep(&st, meta, &msg) {
+                        Ok(c) => c,
+                        Err(e @ DeliveryError::Unsettled { .. }) => {
+                            if client {
+                                st.client_seq -= 1;
+                            }
+                            return if wait {
+                                Ok(Attempt::Full(e, st.route.clone(), msg))
+                            } else {
+                                Err(e)
+                            };
+                        }
+                        Err(e) => {
+                            if client {
+                                st.client_seq -= 1;
+                            }
+                            return Err(e);
+                        }
+                    };
+                    let mb = mb.clone();
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
                         Ok(()) => {
+                            if let (Some(bytes), Some(kept)) = (copy, st.retained.as_mut()) {
+                                let from = meta.from.unwrap_or(self.chan.client);
+                                if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
+                                    debug_assert!(false, "retained copies over their bound");
+                                }
+                            }
                             self.note_sent(&mut st, meta);
                             return Ok(Attempt::Sent(0, true));
                         }
@@ -415,6 +514,18 @@ impl<S: Service> ServiceRef<S> {
                             env,
                         )) => (e, Some(env.msg)),
                         Err((e, _)) => (e, None),
+                    }
+                }
+                Route::Remote(link) if st.retained.is_some() && meta.from.is_some() => {
+                    let link = link.clone();
+                    match self.deliver_kept(&mut st, link, meta, wait, &msg) {
+                        Ok(queued) => {
+                            self.note_sent(&mut st, meta);
+                            return Ok(Attempt::Sent(queued, false));
+                        }
+                        Err(e @ DeliveryError::Backpressure { .. }) => (e, Some(msg)),
+                        Err(e @ DeliveryError::Unsettled { .. }) => (e, Some(msg)),
+                        Err(e) => (e, None),
                     }
                 }
                 Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
@@ -441,6 +552,51 @@ impl<S: Service> ServiceRef<S> {
             id: self.addr.id,
             node: st.node.clone(),
         })
+    }
+
+    /// The encoded copy to keep of a message to a replicated service (`None` for any other),
+    /// or why none can be kept.
+    fn copy_to_keep(
+        &self,
+        st: &ChanState<S::Msg>,
+        meta: Meta,
+        msg: &S::Msg,
+    ) -> Result<Option<Vec<u8>>, DeliveryError> {
+        let Some(kept) = st.retained.as_ref().filter(|_| meta.from.is_some()) else {
+            return Ok(None);
+        };
+        if !kept.has_room() {
+            return Err(DeliveryError::Unsettled {
+                id: self.addr.id,
+                max: self.node.replicas.settings.retained_per_channel_max,
+            });
+        }
+        rmp_serde::to_vec(msg)
+            .map(Some)
+            .map_err(|e| DeliveryError::Encode(e.to_string()))
+    }
+
+    /// Sends to a replicated service on another node, keeping a copy until it is confirmed.
+    fn deliver_kept(
+        &self,
+        st: &mut ChanState<S::Msg>,
+        link: Arc<crate::transport::PeerLink>,
+        meta: Meta,
+        wait: bool,
+        msg: &S::Msg,
+    ) -> Result<usize, DeliveryError> {
+        let Some(bytes) = self.copy_to_keep(st, meta, msg)? else {
+            return link.deliver(self.addr.id, meta, wait, msg);
+        };
+        let queued = link.deliver_encoded(self.addr.id, meta, wait, &bytes)?;
+        if let Some(kept) = st.retained.as_mut() {
+            let from = meta.from.unwrap_or(self.chan.client);
+            if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
+                // Checked by `copy_to_keep`, under the same lock.
+                debug_assert!(false, "retained copies over their bound");
+            }
+        }
+        Ok(queued)
     }
 
     /// A message was queued: the delivery ledger notes its number, and an ask its request's
@@ -494,6 +650,12 @@ impl<S: Service> ServiceRef<S> {
                 Ok(Attempt::Full(e, route, back)) => {
                     msg = back;
                     match (route, e) {
+                        (_, DeliveryError::Unsettled { .. }) => {
+                            let woken = self.chan.room.notified();
+                            if !self.chan.retains_room() {
+                                woken.await;
+                            }
+                        }
                         (Route::Local(mb), DeliveryError::WindowFull { .. }) => {
                             let from = meta.from.unwrap_or(self.chan.client);
                             mb.wait_window(from).await

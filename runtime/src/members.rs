@@ -250,6 +250,7 @@ impl NodeShared {
             .take(GOSSIP_SERVICES_MAX)
             .collect();
         let names = self.local_names();
+        let standbys = self.standbys_named(GOSSIP_SERVICES_MAX);
         let nodes = {
             let mut m = lock(&self.members);
             let me = m.me();
@@ -259,6 +260,7 @@ impl NodeShared {
                 || me.kinds != kinds
                 || me.held != held
                 || me.names != names
+                || me.standbys != standbys
             {
                 m.update_me(|me| {
                     me.load = load;
@@ -267,6 +269,7 @@ impl NodeShared {
                     me.kinds = kinds;
                     me.held = held;
                     me.names = names;
+                    me.standbys = standbys;
                 });
             }
             m.gossip()
@@ -448,6 +451,22 @@ impl NodeShared {
     /// [`hosting_member`](Self::hosting_member), with the epoch its gossip gave.
     pub fn hosting_member_at(&self, id: ServiceId) -> Option<(NodeName, u64)> {
         lock(&self.members).hosting(id)
+    }
+
+    /// The standby that `host` named for `id` in its gossip (kept once `host` is lost), with
+    /// the epoch it named it for. Only the host's word counts: another member listing a
+    /// standby for the service changes nothing.
+    pub fn standby_named(&self, id: ServiceId, host: &NodeName) -> Option<(NodeName, u64)> {
+        let m = lock(&self.members);
+        let info = if *host == m.me.name {
+            &m.me
+        } else {
+            &m.others.get(host)?.info
+        };
+        info.standbys
+            .iter()
+            .find(|(s, _, _)| *s == id)
+            .map(|(_, e, n)| (n.clone(), *e))
     }
 
     /// Every member this node knows, itself first.

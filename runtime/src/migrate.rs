@@ -334,6 +334,12 @@ impl Driver {
         lock(&self.core).add_peer(peer);
     }
 
+    /// A replicated service runs here from now on at `epoch` (taken over, or going on after a
+    /// ballot).
+    pub fn host_at(&self, service: ServiceId, epoch: u64) {
+        lock(&self.core).host_at(service, epoch);
+    }
+
     /// A service hosted here stopped for good.
     pub fn unhost(&self, service: ServiceId) {
         lock(&self.core).unhost(service);
@@ -691,9 +697,23 @@ impl Driver {
                 let besides = node.location_besides_directory(service);
                 let also = besides.as_ref().map(|(n, e)| (n, *e));
                 let here = node.slot(service).is_some();
-                let verdict = lock(&self.core).located(from, service, (&at, epoch), also, here);
+                // The host as the core will judge it: the newer of the directory's word and
+                // the channel's.
+                let host = match (self.location(service), besides.clone()) {
+                    (Some(d), Some(b)) if b.1 > d.1 => Some(b.0),
+                    (Some(d), _) => Some(d.0),
+                    (None, b) => b.map(|(n, _)| n),
+                };
+                let standby = host.and_then(|h| node.standby_named(service, &h));
+                let standby = standby.as_ref().map(|(n, e)| (n, *e));
+                let verdict =
+                    lock(&self.core).located(from, service, (&at, epoch), also, here, standby);
                 match verdict {
-                    Ok(Location::Take) => learned(node, from, service, &at, epoch),
+                    Ok(Location::Take) => {
+                        // A copy here that was taken over retires.
+                        node.retire_older(service, &at, epoch);
+                        learned(node, from, service, &at, epoch)
+                    }
                     // Nothing to learn, yet this node no longer sends through `from`'s
                     // tombstone for that epoch (it runs the service, or knows a newer place).
                     Ok(Location::Ignore) => node.send_fence(from, service, epoch),

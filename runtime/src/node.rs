@@ -1212,6 +1212,71 @@ impl NodeShared {
                     Unconfirmed::Gap(from, through) => self.route_gap(id, from, through, 0),
                 }
             }
+            // A replicated service's channel keeps copies: pointing elsewhere already, they
+            // went there again; pointing at the lost node with a standby named, its standby
+            // may take it over, and the copies go there. Declared only if nothing took it
+            // over within the failover wait.
+            if chan.retains() {
+                if chan.location().0 != *lost {
+                    continue;
+                }
+                if self.standby_named(id, lost).is_some() {
+                    self.declare_lost_later(id, lost.clone());
+                    continue;
+                }
+            }
+            total += self.declare_channel_lost(&chan, lost);
+        }
+        let dropped = self.forget_tree_edges_at(lost);
+        if dropped > 0 {
+            self.logs.event(
+                "tree-edges-dropped",
+                format!("{dropped} assembly-tree edges held by services of {lost} forgotten"),
+            );
+        }
+        if total > 0 {
+            self.logs.event(
+                "messages-lost",
+                format!("{total} messages sent from here were not confirmed by {lost}'s services when it was lost"),
+            );
+        }
+        total
+    }
+
+    /// A replicated service's channel still points at `lost` once a failover could have
+    /// happened: what it kept is declared lost as for any service.
+    fn declare_lost_later(self: &Arc<Self>, id: ServiceId, lost: NodeName) {
+        let node = self.clone();
+        let wait = Duration::from_micros(self.replicas.settings.standby_wait_us())
+            + Duration::from_millis(crate::replicas::FAILOVER_SLACK_MS);
+        let spawned = self.spawn_task(async move {
+            tokio::time::sleep(wait).await;
+            let chan = lock(&node.channels).get(&id).cloned();
+            if let Some(chan) = chan {
+                if chan.location().0 == lost {
+                    let n = node.declare_channel_lost(&chan, &lost);
+                    if n > 0 {
+                        node.logs.event(
+                            "messages-lost",
+                            format!(
+                                "{n} messages to replicated service {id}: {lost} was lost \
+                                 and nothing took it over"
+                            ),
+                        );
+                    }
+                }
+            }
+        });
+        if !spawned {
+            self.logs
+                .event("failover-wait-lost", format!("{id}: the node is stopping"));
+        }
+    }
+
+    /// Declares lost what channel `chan` (to `id`) sent through `lost` and was not confirmed.
+    fn declare_channel_lost(self: &Arc<Self>, chan: &Arc<dyn AnyChannel>, lost: &NodeName) -> u64 {
+        let mut total = 0;
+        {
             for r in chan.declare_lost(lost) {
                 let messages = r.last - r.first + 1;
                 total += messages;
@@ -1228,19 +1293,6 @@ impl NodeShared {
                     last = r.last, node = %lost, "messages declared lost");
                 self.route_gap(r.service, r.sender, r.last, 0);
             }
-        }
-        let dropped = self.forget_tree_edges_at(lost);
-        if dropped > 0 {
-            self.logs.event(
-                "tree-edges-dropped",
-                format!("{dropped} assembly-tree edges held by services of {lost} forgotten"),
-            );
-        }
-        if total > 0 {
-            self.logs.event(
-                "messages-lost",
-                format!("{total} messages sent from here were not confirmed by {lost}'s services when it was lost"),
-            );
         }
         total
     }
@@ -2006,6 +2058,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
             rebalancing: false,
             id_prefix,
             services: Vec::new(),
+            standbys: Vec::new(),
             edges: Vec::new(),
             kinds: Vec::new(),
             held: Vec::new(),

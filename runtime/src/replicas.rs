@@ -11,10 +11,11 @@ use std::sync::Mutex;
 
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceId};
 use tern_proto::replica::{
-    Cadence, CheckpointNo, Grant, Grantor, Held, Lease, LeaseError, ReplicaMsg, Settings, Standbys,
-    VOTERS_MAX,
+    Ballots, Cadence, CheckpointBody, CheckpointNo, Claim, Grant, Grantor, Held, Lease, LeaseError,
+    Outcome, ReplicaMsg, Settings, Standbys, Tally, Vote,
 };
 use tern_proto::wire::Frame;
+use tern_proto::wire::{SnapHeader, WindowWire};
 
 use crate::node::NodeShared;
 use crate::sync::lock;
@@ -57,6 +58,20 @@ struct Primary {
     /// After a checkpoint could not go (no standby, too large, refused), none is tried before
     /// this time (the runner would otherwise try again at once, for ever).
     retry_at_us: u64,
+    /// Another node continues the service at a newer epoch (it took it over, or won the
+    /// ballot this copy lost): this copy hands what it holds on to it and ends.
+    retired: Option<(NodeName, u64)>,
+    /// No ballot to go on at the next epoch before this time.
+    ballot_at_us: u64,
+}
+
+/// A ballot this node runs as the claimer.
+struct Claiming {
+    tally: Tally,
+    /// When the unheard voters were last asked.
+    asked_us: u64,
+    /// The checkpoint it would take over from (`None`: the primary going on).
+    from: Option<Held<Body>>,
 }
 
 /// What a replicated service's runner needs to cut a checkpoint.
@@ -116,6 +131,10 @@ pub(crate) struct Replicas {
     /// checkpoints they are told to let go when the link is back. At most
     /// [`STANDBY_SERVICES_PER_PEER_MAX`] per node (past that the oldest is forgotten).
     to_release: Mutex<BTreeMap<NodeName, std::collections::VecDeque<(ServiceId, u64)>>>,
+    /// This node's votes, as a voter.
+    ballots: Mutex<Ballots>,
+    /// The ballots this node runs, per service.
+    claiming: Mutex<IdMap<Claiming>>,
     /// Woken when a lease is granted or a checkpoint acknowledged: a paused runner looks again.
     pub changed: tokio::sync::Notify,
 }
@@ -130,6 +149,8 @@ impl Replicas {
             grantors: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
             to_release: Mutex::new(BTreeMap::new()),
+            ballots: Mutex::new(Ballots::default()),
+            claiming: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -145,6 +166,9 @@ impl Replicas {
             let Some(p) = all.get(&id) else {
                 return true;
             };
+            if p.retired.is_some() {
+                return false;
+            }
             if p.acked == 0 {
                 return true;
             }
@@ -167,7 +191,7 @@ impl Replicas {
         }
         lock(&self.primaries)
             .get(&id)
-            .is_some_and(|p| p.standby.is_some())
+            .is_some_and(|p| p.standby.is_some() || p.acked > 0 || p.retired.is_some())
     }
 
     /// `id` (of `kind`, at `epoch`) starts here as a replicated service.
@@ -187,6 +211,8 @@ impl Replicas {
                 acked: 0,
                 term: None,
                 retry_at_us: 0,
+                retired: None,
+                ballot_at_us: 0,
             },
         );
         self.running
@@ -343,7 +369,11 @@ impl Replicas {
 impl NodeShared {
     /// A standby for a replicated service of `kind`: the first member up (by name) that has
     /// registered the kind and is not this node; with it, the voters: this node, the standby
-    /// and up to `VOTERS_MAX - 2` other members up.
+    /// and a witness, the first other member up. Exactly three: two claimers (the standby
+    /// taking over, this node going on) each vote for itself, so the witness decides and a
+    /// ballot never splits. With no witness there is no standby: two nodes alone could never
+    /// fail over (a claim needs two of three), and the service runs unprotected instead of
+    /// stopping whenever the other node leaves.
     fn choose_standby(&self, kind: &KindKey) -> Option<(NodeName, Vec<NodeName>)> {
         let members = lock(&self.members).list();
         let up: Vec<&crate::members::Member> = members
@@ -357,16 +387,13 @@ impl NodeShared {
             .info
             .name
             .clone();
-        let mut voters = vec![self.name().clone(), standby.clone()];
-        for m in &up {
-            if voters.len() >= VOTERS_MAX {
-                break;
-            }
-            if !voters.contains(&m.info.name) {
-                voters.push(m.info.name.clone());
-            }
-        }
-        Some((standby, voters))
+        let witness = up
+            .iter()
+            .find(|m| m.info.name != standby)?
+            .info
+            .name
+            .clone();
+        Some((standby.clone(), vec![self.name().clone(), standby, witness]))
     }
 
     /// Sends a checkpoint of replicated service `id` if one is due: `capture` builds its body
@@ -499,7 +526,7 @@ impl NodeShared {
     }
 
     /// A peer's replication message.
-    pub(crate) fn on_replica(&self, from: &NodeName, msg: ReplicaMsg) {
+    pub(crate) fn on_replica(self: &std::sync::Arc<Self>, from: &NodeName, msg: ReplicaMsg) {
         match msg {
             ReplicaMsg::Checkpoint {
                 service,
@@ -548,7 +575,8 @@ impl NodeShared {
                 }
             }
             ReplicaMsg::Granted { no, term } => self.lease_granted(from, no, term),
-            ReplicaMsg::Claim(_) | ReplicaMsg::Vote { .. } => {}
+            ReplicaMsg::Claim(claim) => self.on_claim(from, claim),
+            ReplicaMsg::Vote { claim, vote } => self.on_vote(from, claim, vote),
             ReplicaMsg::Release { service, epoch } => {
                 let mut t = lock(&self.replicas.standbys);
                 if t.get(service)
@@ -650,7 +678,7 @@ impl NodeShared {
 
     /// The standby holds checkpoint `no`: the senders' messages it covers are confirmed.
     fn checkpoint_acked(
-        &self,
+        self: &std::sync::Arc<Self>,
         from: &NodeName,
         service: ServiceId,
         epoch: u64,
@@ -669,6 +697,10 @@ impl NodeShared {
                 return;
             };
             p.acked += 1;
+            // Peers learn the standby soon: only it may take the service over.
+            if p.term.is_none() {
+                self.gossip_soon();
+            }
             p.term = Some(term);
             self.replicas.changed.notify_waiters();
             marks
@@ -683,7 +715,7 @@ impl NodeShared {
 
 impl NodeShared {
     /// Standby `from` granted renewal `no` of this node's lease, in `term`.
-    fn lease_granted(&self, from: &NodeName, no: u64, term: u64) {
+    fn lease_granted(self: &std::sync::Arc<Self>, from: &NodeName, no: u64, term: u64) {
         let mut leases = lock(&self.replicas.leases);
         let Some(lease) = leases.get_mut(from) else {
             return;
@@ -719,18 +751,48 @@ impl NodeShared {
     /// The replication clock, every [`REPLICA_TICK_MS`]: the leases this node holds are
     /// renewed, leases no service uses any more are let go, and the waits this node keeps as a
     /// standby are checked.
-    pub(crate) fn replicas_tick(&self) {
+    pub(crate) fn replicas_tick(self: &std::sync::Arc<Self>) {
         let now = now_us();
-        // The standby's side: a primary silent for a whole wait. Nothing of it is taken over
-        // here (yet), so its next renewal is granted in the same term.
+        // The standby's side: a primary silent for a whole wait. With nothing of it held here,
+        // its next renewal is granted in the same term; with checkpoints of its services, the
+        // standby moves to a new term (no grant from now on lets that primary serve again) and
+        // claims each of them at the next epoch.
+        let mut claims = Vec::new();
         {
             let mut grantors = lock(&self.replicas.grantors);
-            for g in grantors.values_mut() {
-                if g.expired(now, &self.replicas.settings) {
+            let mut table = lock(&self.replicas.standbys);
+            for (primary, g) in grantors.iter_mut() {
+                if !g.expired(now, &self.replicas.settings) {
+                    continue;
+                }
+                let held = table.of_primary(primary);
+                if held.is_empty() {
                     g.forget();
+                    continue;
+                }
+                g.supersede();
+                for service in held {
+                    let Some(epoch) = table.get(service).map(|h| h.epoch + 1) else {
+                        continue;
+                    };
+                    if let Some(h) = table.take_over(service, epoch) {
+                        claims.push(h_claim(self.name(), service, epoch, h));
+                    }
                 }
             }
         }
+        for (claim, h) in claims {
+            self.logs.event(
+                "takeover-claimed",
+                format!(
+                    "{} at epoch {}: {} went silent",
+                    claim.service, claim.epoch, h.primary
+                ),
+            );
+            let voters = h.voters.clone();
+            self.start_ballot(claim, &voters, Some(h));
+        }
+        self.ballots_tick(now);
         if self
             .replicas
             .running
@@ -794,6 +856,10 @@ impl NodeShared {
     }
 }
 
+/// How long, past a standby's wait, a sender's node waits for a replicated service on a lost
+/// node to be taken over before it declares the messages it kept lost.
+pub(crate) const FAILOVER_SLACK_MS: u64 = 5_000;
+
 /// How often the replication clock runs.
 pub(crate) const REPLICA_TICK_MS: u64 = 50;
 
@@ -814,5 +880,424 @@ impl NodeShared {
                 let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Release { service, epoch }));
             }
         }
+    }
+}
+
+/// The claim a standby makes to take `service` over at `epoch` from checkpoint `h`.
+fn h_claim(me: &NodeName, service: ServiceId, epoch: u64, h: Held<Body>) -> (Claim, Held<Body>) {
+    (
+        Claim {
+            service,
+            epoch,
+            holder: me.clone(),
+        },
+        h,
+    )
+}
+
+impl NodeShared {
+    /// Starts a ballot for `claim` among `voters`: this node's own vote first, then a `Claim`
+    /// to each of the others. `from`: the checkpoint a standby would take over from.
+    fn start_ballot(
+        self: &std::sync::Arc<Self>,
+        claim: Claim,
+        voters: &[NodeName],
+        from: Option<Held<Body>>,
+    ) {
+        let mut tally = Tally::new(claim.clone(), voters);
+        let own = lock(&self.replicas.ballots).vote(&claim);
+        let outcome = tally.answer(self.name(), own);
+        for v in tally.unheard() {
+            if let Some(link) = self.links.get(&v) {
+                let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Claim(claim.clone())));
+            }
+        }
+        lock(&self.replicas.claiming).insert(
+            claim.service,
+            Claiming {
+                tally,
+                asked_us: now_us(),
+                from,
+            },
+        );
+        if outcome != Outcome::Open {
+            self.decided(claim.service, outcome);
+        }
+    }
+
+    /// The primary's side of the replication clock: a copy that a standby held checkpoints of,
+    /// and that has no lease (its standby is gone, or cut off), asks the voters whether it may
+    /// go on at the next epoch with another standby. Unheard voters are asked again every
+    /// `renew_ms`.
+    fn ballots_tick(self: &std::sync::Arc<Self>, now: u64) {
+        let settings = &self.replicas.settings;
+        let mut asks = Vec::new();
+        if self
+            .replicas
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            let claiming: Vec<ServiceId> = lock(&self.replicas.claiming).keys().copied().collect();
+            let leases = lock(&self.replicas.leases);
+            let mut all = lock(&self.replicas.primaries);
+            for (id, p) in all.iter_mut() {
+                if p.retired.is_some() || p.acked == 0 || claiming.contains(id) {
+                    continue;
+                }
+                if now < p.ballot_at_us {
+                    continue;
+                }
+                let leased = p
+                    .standby
+                    .as_ref()
+                    .and_then(|s| leases.get(s))
+                    .is_some_and(|l| l.valid(now) && p.term.is_some() && l.term() == p.term);
+                // Granted once and lapsed, or no standby at all any more.
+                let lapsed = p.standby.is_none()
+                    || p.standby
+                        .as_ref()
+                        .and_then(|s| leases.get(s))
+                        .is_some_and(|l| l.term().is_some() && !l.valid(now));
+                if !leased && lapsed {
+                    p.ballot_at_us = now + settings.renew_ms * 1_000;
+                    asks.push((
+                        Claim {
+                            service: *id,
+                            epoch: p.epoch + 1,
+                            holder: self.name().clone(),
+                        },
+                        p.voters.clone(),
+                    ));
+                }
+            }
+        }
+        for (claim, voters) in asks {
+            self.logs.event(
+                "continue-claimed",
+                format!("{} at epoch {}: no lease", claim.service, claim.epoch),
+            );
+            self.start_ballot(claim, &voters, None);
+        }
+        let mut again = Vec::new();
+        for (_, c) in lock(&self.replicas.claiming).iter_mut() {
+            if now.saturating_sub(c.asked_us) >= settings.renew_ms * 1_000 {
+                c.asked_us = now;
+                again.push((c.tally.claim().clone(), c.tally.unheard()));
+            }
+        }
+        for (claim, unheard) in again {
+            for v in unheard {
+                if let Some(link) = self.links.get(&v) {
+                    let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Claim(claim.clone())));
+                }
+            }
+        }
+    }
+
+    /// A voter's side: `from` claims `claim`. A node claims only for itself; an epoch this
+    /// node already knows the service at (a move, say) is not granted again; otherwise each
+    /// (service, epoch) is granted once (`Ballots`). A copy this node runs at an older epoch
+    /// retires once another node is granted a newer one.
+    fn on_claim(self: &std::sync::Arc<Self>, from: &NodeName, claim: Claim) {
+        if claim.holder != *from {
+            let refusal = tern_proto::claims::ClaimRefused {
+                claim: "replica claim",
+                detail: format!("{from} claims {} for {}", claim.service, claim.holder),
+            };
+            self.refuse_claim(from, &refusal);
+            return;
+        }
+        let vote = match self.driver.location(claim.service) {
+            Some((at, e)) if e >= claim.epoch && at != *from => Vote::No {
+                epoch: e,
+                holder: at,
+            },
+            _ => lock(&self.replicas.ballots).vote(&claim),
+        };
+        if vote == Vote::Yes {
+            self.retire_older(claim.service, &claim.holder, claim.epoch);
+        }
+        if let Some(link) = self.links.get(from) {
+            let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Vote { claim, vote }));
+        }
+    }
+
+    /// The claimer's side: voter `from` answered.
+    fn on_vote(self: &std::sync::Arc<Self>, from: &NodeName, claim: Claim, vote: Vote) {
+        let outcome = {
+            let mut all = lock(&self.replicas.claiming);
+            let Some(c) = all.get_mut(&claim.service) else {
+                return;
+            };
+            if *c.tally.claim() != claim {
+                return;
+            }
+            c.tally.answer(from, vote)
+        };
+        if outcome != Outcome::Open {
+            self.decided(claim.service, outcome);
+        }
+    }
+
+    /// A ballot this node ran for `service` is decided.
+    fn decided(self: &std::sync::Arc<Self>, service: ServiceId, outcome: Outcome) {
+        let Some(c) = lock(&self.replicas.claiming).remove(&service) else {
+            return;
+        };
+        let claim = c.tally.claim().clone();
+        match (outcome, c.from) {
+            (Outcome::Open, from) => {
+                // Not decided: put back.
+                lock(&self.replicas.claiming).insert(
+                    service,
+                    Claiming {
+                        tally: c.tally,
+                        asked_us: c.asked_us,
+                        from,
+                    },
+                );
+            }
+            (Outcome::Won, Some(h)) => self.take_over(claim, h),
+            (Outcome::Won, None) => self.go_on(claim),
+            (Outcome::Lost(winner), from) => {
+                self.logs.event(
+                    "ballot-lost",
+                    format!("{service} at epoch {}: granted to {winner:?}", claim.epoch),
+                );
+                if let Some(h) = from {
+                    let mut table = lock(&self.replicas.standbys);
+                    table.untake(service);
+                    let superseded = winner.as_ref().is_some_and(|(e, _)| *e >= claim.epoch);
+                    if !superseded {
+                        // Undecided (voters unreachable): kept, and claimed again after
+                        // another wait.
+                        let primary = h.primary.clone();
+                        let _ = table.offer(self.name(), service, h);
+                        drop(table);
+                        let mut g = lock(&self.replicas.grantors);
+                        let g = g.entry(primary).or_default();
+                        g.forget();
+                        let _ = g.heard(now_us(), &self.replicas.settings);
+                    }
+                }
+                if let Some((epoch, holder)) = winner {
+                    if holder != *self.name() {
+                        self.retire_older(service, &holder, epoch);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A copy of `service` this node runs at an epoch older than `epoch` retires: `holder`
+    /// continues it.
+    pub(crate) fn retire_older(&self, service: ServiceId, holder: &NodeName, epoch: u64) {
+        if holder == self.name() {
+            return;
+        }
+        let mut all = lock(&self.replicas.primaries);
+        if let Some(p) = all.get_mut(&service) {
+            if p.epoch < epoch && p.retired.is_none() {
+                p.retired = Some((holder.clone(), epoch));
+                drop(all);
+                self.logs.event(
+                    "replica-retired",
+                    format!("{service}: {holder} continues it at epoch {epoch}"),
+                );
+                self.replicas.changed.notify_waiters();
+                // Senders here follow it, sending again what they kept.
+                self.relocated(service, holder, epoch);
+            }
+        }
+    }
+
+    /// A retired copy ended: forgotten, with nothing confirmed and no standby released (the
+    /// node that continues it confirms what it handles).
+    pub(crate) fn replica_retired(&self, id: ServiceId) {
+        drop(self.replicas.stop(id));
+        self.driver.unhost(id);
+    }
+
+    /// Where a retired copy's messages go: the node that continues it.
+    pub(crate) fn retired_to(&self, service: ServiceId) -> Option<NodeName> {
+        if self
+            .replicas
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            return None;
+        }
+        lock(&self.replicas.primaries)
+            .get(&service)
+            .and_then(|p| p.retired.as_ref().map(|(n, _)| n.clone()))
+    }
+
+    /// The primary won the next epoch: it goes on there with another standby (it serves
+    /// at once: no standby holds a checkpoint of the new epoch, and the old one can no longer
+    /// win it).
+    fn go_on(self: &std::sync::Arc<Self>, claim: Claim) {
+        let id = claim.service;
+        let confirm;
+        {
+            let mut all = lock(&self.replicas.primaries);
+            let Some(p) = all.get_mut(&id) else {
+                return;
+            };
+            if p.retired.is_some() || p.epoch + 1 != claim.epoch {
+                return;
+            }
+            p.epoch = claim.epoch;
+            p.acked = 0;
+            // The only copy now: what it handled is confirmed.
+            confirm = p
+                .taken
+                .iter()
+                .map(|(s, (n, o))| (*s, *n, o.clone()))
+                .collect();
+            if let Some(old) = p.standby.clone() {
+                let mut later = lock(&self.replicas.to_release);
+                later
+                    .entry(old)
+                    .or_default()
+                    .push_back((id, claim.epoch - 1));
+            }
+            self.replicas.drop_standby(p);
+            p.retry_at_us = 0;
+        }
+        self.driver.host_at(id, claim.epoch);
+        self.confirm(id, confirm);
+        self.stats.replica_continued.inc();
+        self.logs.event(
+            "replica-continued",
+            format!("{id} goes on here at epoch {}", claim.epoch),
+        );
+        self.announce_location(id, claim.epoch);
+        self.replicas.changed.notify_waiters();
+    }
+
+    /// Tells every peer that `id` runs here since `epoch`.
+    fn announce_location(&self, id: ServiceId, epoch: u64) {
+        for link in self.links.all() {
+            let _ = link.push_ctrl(&Frame::Mig(tern_proto::wire::MigMsg::Located {
+                service: id,
+                node: self.name().clone(),
+                epoch,
+            }));
+        }
+    }
+
+    /// The standby won: the service runs here from its checkpoint, at the claimed epoch.
+    fn take_over(self: &std::sync::Arc<Self>, claim: Claim, h: Held<Body>) {
+        let id = claim.service;
+        let (kind, bytes) = h.body;
+        let body: CheckpointBody = match rmp_serde::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                self.logs.event(
+                    "takeover-failed",
+                    format!("{id}: the checkpoint does not decode: {e}"),
+                );
+                return;
+            }
+        };
+        let header = SnapHeader {
+            mig: 0,
+            id,
+            kind: kind.clone(),
+            epoch: claim.epoch,
+            parent: None,
+            state_bytes: body.state.len() as u64,
+            carried: 0,
+            timers: body.timers,
+            send_seqs: body.send_seqs,
+            windows: body
+                .taken
+                .iter()
+                .map(|(from, last)| WindowWire {
+                    from: *from,
+                    next: last + 1,
+                    early: Vec::new(),
+                    skipped: Vec::new(),
+                })
+                .collect(),
+            tables: 0,
+            book: body.book,
+            custody: Vec::new(),
+            held: false,
+            forced: false,
+            names: Vec::new(),
+        };
+        self.driver.host_at(id, claim.epoch);
+        let started = self.start_taken_over(&h.primary, header, body.state);
+        match started {
+            Ok(()) => {
+                self.stats.takeovers.inc();
+                self.logs.event(
+                    "took-over",
+                    format!(
+                        "{id} runs here at epoch {} from checkpoint {} of {}",
+                        claim.epoch, h.no, h.primary
+                    ),
+                );
+                tracing::info!(service = %id, epoch = claim.epoch, from = %h.primary,
+                    "replica took over");
+                self.relocated(id, self.name(), claim.epoch);
+                self.announce_location(id, claim.epoch);
+            }
+            Err(e) => {
+                self.driver.unhost(id);
+                self.logs.event("takeover-failed", format!("{id}: {e}"));
+            }
+        }
+    }
+
+    /// The replicated services this node runs whose current standby holds a checkpoint of
+    /// their epoch: id, epoch, standby (for gossip).
+    pub(crate) fn standbys_named(&self, max: usize) -> Vec<(ServiceId, u64, NodeName)> {
+        if self
+            .replicas
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            return Vec::new();
+        }
+        let mut out: Vec<(ServiceId, u64, NodeName)> = lock(&self.replicas.primaries)
+            .iter()
+            .filter(|(_, p)| p.retired.is_none() && p.term.is_some())
+            .filter_map(|(id, p)| p.standby.clone().map(|s| (*id, p.epoch, s)))
+            .collect();
+        out.sort_by_key(|(id, _, _)| *id);
+        out.truncate(max);
+        out
+    }
+}
+
+impl NodeShared {
+    /// Restores a service taken over from a checkpoint and starts it at once (the node it
+    /// came from, `primary`, had custody of it: messages it hands on are believed).
+    fn start_taken_over(
+        self: &std::sync::Arc<Self>,
+        primary: &NodeName,
+        header: SnapHeader,
+        state: Vec<u8>,
+    ) -> Result<(), crate::Error> {
+        let id = header.id;
+        let copy = self.restore_paused(primary, header, state)?;
+        let install = lock(&copy.install).take();
+        let Some(install) = install else {
+            return Ok(());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        install(rx)?;
+        // Nothing is carried: the senders send again what the checkpoint does not cover.
+        for r in copy.slot.carried_complete() {
+            self.refuse_envelope(id, r);
+        }
+        let _ = tx.send(crate::migrate::Go::Start);
+        self.service_arrived(id, true);
+        Ok(())
     }
 }

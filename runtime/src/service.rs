@@ -965,6 +965,20 @@ fn serve<S: Service>(
                 }
                 continue;
             }
+            // A replicated copy that another node continues at a newer epoch hands what it holds
+            // on to that node and ends, with nothing confirmed: that node confirms what it
+            // handles.
+            if S::REPLICAS > 0 {
+                if let Some(to) = ctx.node.retired_to(ctx.id()) {
+                    let id = ctx.id();
+                    let rest = mailbox.close();
+                    ctx.node.hand_on(id, &to, rest);
+                    let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
+                    ctx.node.forget_moved(id, &copy);
+                    ctx.node.replica_retired(id);
+                    return;
+                }
+            }
             // A replicated service that a standby holds checkpoints of handles nothing without
             // its standby's lease: the standby may be about to take it over. It still sends
             // checkpoints (the first to a new standby), and looks again when a lease is granted

@@ -132,4 +132,12 @@ counters! {
     /// Times a replicated service here stopped handling messages because its standby's lease
     /// lapsed (it was cut off from its standby, or the standby changed).
     replica_pauses,
+    /// Replicated services this node took over as their standby, from a checkpoint.
+    takeovers,
+    /// Replicated services this node went on running at a new epoch after losing their
+    /// standby's lease (it won the ballot).
+    replica_continued,
+    /// Messages to replicated services sent again from their kept copies when the service
+    /// was found elsewhere.
+    resent_to_replicas,
 }

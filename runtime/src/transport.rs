@@ -486,6 +486,32 @@ impl PeerLink {
         })
     }
 
+    /// [`deliver`](Self::deliver) for a message already encoded (a replicated service's kept
+    /// copy).
+    pub(crate) fn deliver_encoded(
+        &self,
+        to: ServiceId,
+        meta: Meta,
+        wait: bool,
+        bytes: &[u8],
+    ) -> Result<usize, DeliveryError> {
+        self.check_up()?;
+        match meta.ask {
+            None => self.data.push_message(&self.name, (to, meta, wait, bytes)),
+            Some(_) => self.data.push(
+                &self.name,
+                &Frame::Deliver {
+                    to,
+                    from: meta.from,
+                    seq: meta.seq,
+                    ask: meta.ask,
+                    wait,
+                    msg: bytes,
+                },
+            ),
+        }
+    }
+
     /// After a waiting sender queued `queued` bytes: lets the stream drain when it is long.
     pub(crate) async fn settle(&self, queued: usize) {
         if queued > LINK_FLUSH_BYTES && self.is_connected() {

@@ -440,6 +440,7 @@ fn member(name: &str) -> tern_proto::members::MemberInfo {
         kinds: vec![],
         held: vec![],
         names: vec![],
+        standbys: vec![],
         incarnation: 1,
         version: 1,
     }
