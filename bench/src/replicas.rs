@@ -1,8 +1,9 @@
 //! Replicated services: the same remote tells to a replicated sink (`REPLICAS = 1`, its
 //! standby on a third node) and to a plain one, interleaved in the same run, and the bytes of
-//! checkpoint sent per message. What is measured is what the node runs today: checkpoints to
-//! the standby and confirmations held until they are acknowledged. The senders' retained
-//! copies and leases are not built yet; they will cost more.
+//! checkpoint sent per message (with everything the node runs for it: checkpoints,
+//! confirmations held until acknowledged, the senders' kept copies, leases). Then failover:
+//! the time from the abrupt death of the primary's node to the first message the standby's
+//! promoted copy handles, and what the lease costs an idle node in bytes.
 
 use std::time::{Duration, Instant};
 
@@ -176,5 +177,134 @@ pub fn run(scale: &Scale) -> Result<Value> {
         "messages_per_run": total,
     });
     cluster.shutdown();
+    let failover = failover(scale)?;
+    let mut out = out;
+    out["failover"] = failover;
     Ok(out)
+}
+
+/// When the promoted copy first handled a message (set by [`Watched`] on the standby).
+static FIRST_ON_STANDBY: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// A replicated service that notes when a copy on `fo-b` first handles something.
+#[derive(Default, Serialize, Deserialize)]
+struct Watched {
+    handled: u64,
+}
+
+impl Service for Watched {
+    type Msg = u64;
+    const KIND: &'static str = "bench-watched";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+    async fn handle(&mut self, _msg: u64, ctx: &mut Ctx<Self>) {
+        self.handled += 1;
+        if ctx.node_name().as_str() == "fo-b" {
+            let mut first = FIRST_ON_STANDBY.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+/// Kills the primary's node while a sender on a third node tells it every millisecond, and
+/// times the first message handled by the standby's promoted copy; `scale.repeats` runs, each
+/// on a fresh cluster. Also the bytes a node sends in 3 s with one idle replicated service
+/// against none (the lease's renewals and grants, and the standby in gossip).
+fn failover(scale: &Scale) -> Result<Value> {
+    let settings = tern_proto::replica::Settings::default();
+    let mut times_ms = Vec::new();
+    let mut idle_extra = Vec::new();
+    for run in 0..scale.repeats.max(1) {
+        let cluster = Cluster::builder()
+            .node("fo-a", &[])
+            .node("fo-b", &[])
+            .node("fo-c", &[])
+            .faults(0xfa11 + run as u64)
+            .setup(|n| {
+                n.register::<Watched>();
+            })
+            .start()?;
+        cluster.wait_members(Duration::from_secs(10))?;
+        let a = cluster.node("fo-a");
+        // What the primary's node sends in a quiet window, without and with the service.
+        let window = Duration::from_secs(3);
+        let quiet = |n: &tern::NodeHandle| {
+            let before = n.stats().bytes_out;
+            std::thread::sleep(window);
+            n.stats().bytes_out - before
+        };
+        let without = quiet(a);
+        let svc = a.spawn(Watched::default())?;
+        let id = svc.id();
+        wait_for(
+            Duration::from_secs(10),
+            "the standby on fo-b, known to fo-c",
+            || {
+                a.replica(id).is_some_and(|r| {
+                    r.acked >= 1 && r.standby.as_ref().is_some_and(|s| s.as_str() == "fo-b")
+                }) && cluster
+                    .node("fo-c")
+                    .members()
+                    .iter()
+                    .any(|m| m.info.standbys.iter().any(|(s, _, _)| *s == id))
+            },
+        )?;
+        let with = quiet(a);
+        idle_extra.push(with as f64 - without as f64);
+        let from = cluster.node("fo-c").resolve::<Watched>(svc.addr())?;
+        for i in 0..100 {
+            block_on(from.tell_wait(i))?;
+        }
+        *FIRST_ON_STANDBY.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let teller = {
+            let (from, stop) = (from.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 1_000u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if from.tell(i).is_ok() {
+                        i += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let killed = Instant::now();
+        cluster.kill("fo-a");
+        let first = wait_for(Duration::from_secs(30), "the promoted copy handles", || {
+            FIRST_ON_STANDBY
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = teller.join();
+        first?;
+        let at = FIRST_ON_STANDBY
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(Instant::now);
+        let ms = (at - killed).as_secs_f64() * 1_000.0;
+        progress(&format!("failover run {run}: {ms:.1} ms"));
+        times_ms.push(ms);
+        cluster.shutdown();
+    }
+    let max = times_ms.iter().copied().fold(0.0f64, f64::max);
+    let detector_ms = settings.standby_wait_us() as f64 / 1_000.0;
+    Ok(json!({
+        "runs": times_ms.len(),
+        "kill_to_first_handled_ms_p50": round2(median(times_ms.clone())),
+        "kill_to_first_handled_ms_max": round2(max),
+        "detector_wait_ms": round2(detector_ms),
+        "lease_ms": settings.lease_ms,
+        "renew_ms": settings.renew_ms,
+        "goal_ms": round2(detector_ms + 100.0),
+        "idle_bytes_per_s_one_replicated_service": round2(median(idle_extra) / 3.0),
+    }))
+}
+
+/// Runs a future to completion on a fresh runtime (the harness's helper).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tern_harness::block_on(f)
 }

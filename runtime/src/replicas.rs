@@ -939,8 +939,8 @@ impl NodeShared {
             > 0
         {
             let claiming: Vec<ServiceId> = lock(&self.replicas.claiming).keys().copied().collect();
-            let leases = lock(&self.replicas.leases);
             let mut all = lock(&self.replicas.primaries);
+            let leases = lock(&self.replicas.leases);
             for (id, p) in all.iter_mut() {
                 if p.retired.is_some() || p.acked == 0 || claiming.contains(id) {
                     continue;
