@@ -91,9 +91,13 @@ impl Host for NodeShared {
         // where the services are.
         self.follow_gossip_away_from(peer);
         self.declare_lost(peer);
-        let failed = self
-            .asks
-            .fail_lost(peer, |id| self.driver.location(id).map(|(at, _)| at));
+        // An ask to a replicated service whose standby may take it over keeps waiting: its
+        // request is among the copies sent again, and the new copy answers.
+        let failed = self.asks.fail_lost(peer, |id| {
+            self.standby_named(id, peer)
+                .map(|(standby, _)| standby)
+                .or_else(|| self.driver.location(id).map(|(at, _)| at))
+        });
         if failed > 0 {
             self.logs.event(
                 "asks-failed",

@@ -470,20 +470,7 @@ impl PeerLink {
         msg: &M,
     ) -> Result<usize, DeliveryError> {
         self.check_up()?;
-        encode_scratch(msg, |bytes| match meta.ask {
-            None => self.data.push_message(&self.name, (to, meta, wait, bytes)),
-            Some(_) => self.data.push(
-                &self.name,
-                &Frame::Deliver {
-                    to,
-                    from: meta.from,
-                    seq: meta.seq,
-                    ask: meta.ask,
-                    wait,
-                    msg: bytes,
-                },
-            ),
-        })
+        encode_scratch(msg, |bytes| self.deliver_encoded(to, meta, wait, bytes))
     }
 
     /// [`deliver`](Self::deliver) for a message already encoded (a replicated service's kept

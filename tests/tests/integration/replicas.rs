@@ -44,6 +44,27 @@ impl Service for Kept {
     }
 }
 
+/// Three killable nodes with [`Kept`], one spawned on `a`, and its standby once it holds
+/// the first checkpoint.
+fn kept_on_a() -> Result<(tern_harness::Cluster, tern::ServiceRef<Kept>, NodeName)> {
+    let c = killable_cluster(&["a", "b", "c"])?;
+    for n in c.nodes() {
+        n.register::<Kept>();
+    }
+    c.wait_members(SECS_10)?;
+    let svc = c.node("a").spawn(Kept::default())?;
+    let id = svc.id();
+    wait_for(SECS_10, "a standby holds the first checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    })?;
+    let standby = c
+        .node("a")
+        .replica(id)
+        .and_then(|r| r.standby)
+        .expect("a standby");
+    Ok((c, svc, standby))
+}
+
 #[test]
 fn a_replicated_service_with_no_node_to_stand_by_runs_and_confirms_as_any_other() -> Result<()> {
     let c = killable_cluster(&["solo"])?;
@@ -468,21 +489,8 @@ fn a_primary_that_hears_nothing_stops_and_goes_on_after_the_heal() -> Result<()>
 
 #[test]
 fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() -> Result<()> {
-    let c = killable_cluster(&["a", "b", "c"])?;
-    for n in c.nodes() {
-        n.register::<Kept>();
-    }
-    c.wait_members(SECS_10)?;
-    let honest = c.node("a").spawn(Kept::default())?;
+    let (c, honest, standby) = kept_on_a()?;
     let id = honest.id();
-    wait_for(SECS_10, "the first checkpoint", || {
-        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
-    })?;
-    let standby = c
-        .node("a")
-        .replica(id)
-        .and_then(|r| r.standby)
-        .expect("a standby");
     let mallory = NodeName::new("mallory");
     let checkpoint = |service: ServiceId, epoch: u64| {
         Frame::Replica(ReplicaMsg::Checkpoint {
@@ -537,25 +545,12 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
 /// The primary's node dies without a word: the standby waits out the lease, wins the next
 /// epoch from the voters (itself and the third node), and runs the service from its last
 /// checkpoint; the sender's node sends again what was not confirmed, and the service's
-/// history has every message once, in order. Traffic goes on afterwards, and nothing is
-/// reported lost.
+/// history has every message once, in order. An ask the primary never got is answered by the
+/// new copy. Traffic goes on afterwards, and nothing is reported lost.
 #[test]
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
-    let c = killable_cluster(&["a", "b", "c"])?;
-    for n in c.nodes() {
-        n.register::<Kept>();
-    }
-    c.wait_members(SECS_10)?;
-    let svc = c.node("a").spawn(Kept::default())?;
+    let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
-    wait_for(SECS_10, "a standby holds the first checkpoint", || {
-        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
-    })?;
-    let standby = c
-        .node("a")
-        .replica(id)
-        .and_then(|r| r.standby)
-        .expect("a standby");
     let other = if standby.as_str() == "b" { "c" } else { "b" };
     // The sender's node must know the standby (from the primary's gossip) before the death.
     wait_for(SECS_10, "the standby is known to the sender's node", || {
@@ -570,6 +565,13 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     for i in 1..=100 {
         block_on(from.tell_wait(KeptMsg::Item(i)))?;
     }
+    // An ask that cannot reach the primary before it dies: it waits, and the new copy
+    // answers it.
+    c.faults(other).cut(c.node("a").local_addr());
+    let asker = {
+        let from = from.clone();
+        std::thread::spawn(move || block_on(from.ask(KeptMsg::Seen, Duration::from_secs(30))))
+    };
     // Some handled and covered by an acknowledged checkpoint, perhaps some not yet: killed
     // now, whatever the primary was doing.
     c.kill("a");
@@ -581,17 +583,14 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     wait_for(SECS_10, "the sender follows it", || {
         from.location() == standby
     })?;
-    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10));
-    if seen.is_err() {
-        for n in ["b", "c"] {
-            for e in c.node(n).events() {
-                eprintln!("{n}: {} {}", e.kind, e.detail);
-            }
-            eprintln!("{n}: {:?}", c.node(n).stats());
-            eprintln!("{n}: {:?}", c.node(n).services());
-        }
-    }
-    let seen = seen?;
+    let answered = asker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the asking thread panicked"))??;
+    ensure!(
+        answered == (1..=100).collect::<Vec<_>>(),
+        "the ask pending across the takeover was answered with {answered:?}"
+    );
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(
         seen == (1..=100).collect::<Vec<_>>(),
         "history after the takeover: {seen:?}"
