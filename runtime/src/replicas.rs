@@ -58,11 +58,23 @@ struct Primary {
     /// After a checkpoint could not go (no standby, too large, refused), none is tried before
     /// this time (the runner would otherwise try again at once, for ever).
     retry_at_us: u64,
+    /// A checkpoint of this epoch was sent: a standby may hold one, so from now on the copy
+    /// serves only under its lease, once its current standby acknowledged one. Before, no
+    /// standby can take this epoch over, and the copy serves at once (the simulation found a
+    /// copy that served until the first acknowledgement while its standby, holding the
+    /// checkpoint whose acknowledgement was lost, took it over).
+    sent: bool,
     /// Another node continues the service at a newer epoch (it took it over, or won the
     /// ballot this copy lost): this copy hands what it holds on to it and ends.
     retired: Option<(NodeName, u64)>,
     /// No ballot to go on at the next epoch before this time.
     ballot_at_us: u64,
+    /// When the current standby was chosen: one that never granted a lease in `lease_ms` is
+    /// given up (its grants may all be lost).
+    standby_since_us: u64,
+    /// The standby given up when the copy went on at this epoch: another is chosen if there
+    /// is one.
+    avoid: Option<NodeName>,
 }
 
 /// A ballot this node runs as the claimer.
@@ -92,8 +104,8 @@ pub struct ReplicaInfo {
     pub acked: u64,
     /// True while a checkpoint waits for its acknowledgement.
     pub in_flight: bool,
-    /// True when the copy may handle messages now: no standby holds a checkpoint of it yet,
-    /// or its standby's lease is valid in the term it acknowledged in.
+    /// True when the copy may handle messages now: no checkpoint of its epoch was sent yet, or
+    /// its standby acknowledged one and its lease is valid in the term it acknowledged in.
     pub serving: bool,
 }
 
@@ -169,7 +181,7 @@ impl Replicas {
             if p.retired.is_some() {
                 return false;
             }
-            if p.acked == 0 {
+            if !p.sent {
                 return true;
             }
             match (&p.standby, p.term) {
@@ -191,7 +203,7 @@ impl Replicas {
         }
         lock(&self.primaries)
             .get(&id)
-            .is_some_and(|p| p.standby.is_some() || p.acked > 0 || p.retired.is_some())
+            .is_some_and(|p| p.standby.is_some() || p.sent || p.retired.is_some())
     }
 
     /// `id` (of `kind`, at `epoch`) starts here as a replicated service.
@@ -211,8 +223,11 @@ impl Replicas {
                 acked: 0,
                 term: None,
                 retry_at_us: 0,
+                sent: false,
                 retired: None,
                 ballot_at_us: 0,
+                standby_since_us: 0,
+                avoid: None,
             },
         );
         self.running
@@ -286,10 +301,12 @@ impl Replicas {
         })
     }
 
-    fn standby_missing(&self, id: ServiceId) -> Option<KindKey> {
+    fn standby_missing(&self, id: ServiceId) -> Option<(KindKey, Option<NodeName>)> {
         let all = lock(&self.primaries);
         let p = all.get(&id)?;
-        p.standby.is_none().then(|| p.kind.clone())
+        p.standby
+            .is_none()
+            .then(|| (p.kind.clone(), p.avoid.clone()))
     }
 
     fn set_standby(&self, id: ServiceId, standby: NodeName, voters: Vec<NodeName>) {
@@ -298,6 +315,7 @@ impl Replicas {
                 .entry(standby.clone())
                 .or_insert_with(|| Lease::new(&self.settings));
             p.standby = Some(standby);
+            p.standby_since_us = now_us();
             p.term = None;
             p.voters = voters;
             drop(p.cadence.restart());
@@ -321,6 +339,7 @@ impl Replicas {
         let mut all = lock(&self.primaries);
         let p = all.get_mut(&id)?;
         let no = p.cadence.cut(taken, now_us());
+        p.sent = true;
         Some((no, p.epoch, p.voters.clone(), p.kind.clone()))
     }
 
@@ -374,16 +393,26 @@ impl NodeShared {
     /// ballot never splits. With no witness there is no standby: two nodes alone could never
     /// fail over (a claim needs two of three), and the service runs unprotected instead of
     /// stopping whenever the other node leaves.
-    fn choose_standby(&self, kind: &KindKey) -> Option<(NodeName, Vec<NodeName>)> {
+    /// `avoid`: a standby just given up, chosen again only if no other node can stand by.
+    fn choose_standby(
+        &self,
+        kind: &KindKey,
+        avoid: Option<&NodeName>,
+    ) -> Option<(NodeName, Vec<NodeName>)> {
         let members = lock(&self.members).list();
         let up: Vec<&crate::members::Member> = members
             .iter()
             .filter(|m| !m.local && m.status == crate::members::MemberStatus::Up)
             .filter(|m| self.links.get(&m.info.name).is_some())
             .collect();
-        let standby = up
+        let able: Vec<&&crate::members::Member> = up
             .iter()
-            .find(|m| m.info.kinds.iter().any(|k| k.kind == *kind))?
+            .filter(|m| m.info.kinds.iter().any(|k| k.kind == *kind))
+            .collect();
+        let standby = able
+            .iter()
+            .find(|m| Some(&m.info.name) != avoid)
+            .or(able.first())?
             .info
             .name
             .clone();
@@ -404,8 +433,8 @@ impl NodeShared {
         id: ServiceId,
         capture: impl FnOnce(Vec<(ServiceId, u64)>) -> Result<Vec<u8>, String>,
     ) {
-        if let Some(kind) = self.replicas.standby_missing(id) {
-            match self.choose_standby(&kind) {
+        if let Some((kind, avoid)) = self.replicas.standby_missing(id) {
+            match self.choose_standby(&kind, avoid.as_ref()) {
                 Some((standby, voters)) => {
                     self.logs.event(
                         "standby-chosen",
@@ -942,7 +971,7 @@ impl NodeShared {
             let mut all = lock(&self.replicas.primaries);
             let leases = lock(&self.replicas.leases);
             for (id, p) in all.iter_mut() {
-                if p.retired.is_some() || p.acked == 0 || claiming.contains(id) {
+                if p.retired.is_some() || !p.sent || claiming.contains(id) {
                     continue;
                 }
                 if now < p.ballot_at_us {
@@ -953,12 +982,19 @@ impl NodeShared {
                     .as_ref()
                     .and_then(|s| leases.get(s))
                     .is_some_and(|l| l.valid(now) && p.term.is_some() && l.term() == p.term);
-                // Granted once and lapsed, or no standby at all any more.
+                // Granted once and lapsed, never granted in a whole lease since the standby
+                // was chosen (its grants may be lost on the way), or no standby any more.
                 let lapsed = p.standby.is_none()
                     || p.standby
                         .as_ref()
                         .and_then(|s| leases.get(s))
-                        .is_some_and(|l| l.term().is_some() && !l.valid(now));
+                        .is_some_and(|l| {
+                            if l.term().is_some() {
+                                !l.valid(now)
+                            } else {
+                                now.saturating_sub(p.standby_since_us) >= settings.lease_ms * 1_000
+                            }
+                        });
                 if !leased && lapsed {
                     p.ballot_at_us = now + settings.renew_ms * 1_000;
                     asks.push((
@@ -1150,6 +1186,8 @@ impl NodeShared {
             }
             p.epoch = claim.epoch;
             p.acked = 0;
+            p.sent = false;
+            p.avoid = p.standby.clone();
             // The only copy now: what it handled is confirmed.
             confirm = p
                 .taken

@@ -152,6 +152,10 @@ struct Copy {
     /// The standby holds a checkpoint of this epoch (a spawn is protected from the start:
     /// it returns once the standby holds the first).
     protected: bool,
+    /// A checkpoint of this epoch was sent (a standby may hold one): from then on the copy
+    /// serves only once protected and under its lease. Before, no standby can take this epoch
+    /// over, and the copy serves at once (the node's rule after a won ballot).
+    sent: bool,
     /// Outputs waiting for the checkpoint that covers them (held mode): (checkpoint, seq,
     /// content).
     held_out: VecDeque<(u64, u64, (ServiceId, u64))>,
@@ -166,11 +170,11 @@ impl Copy {
     /// lease of the term its standby acknowledged this epoch's checkpoints in.
     fn may_serve(&self, now_l: u64) -> bool {
         !self.retired
-            && self.protected
-            && self
-                .standby
-                .as_ref()
-                .is_some_and(|(_, l)| l.valid(now_l) && l.term() == Some(self.standby_term))
+            && (!self.sent
+                || (self.protected
+                    && self.standby.as_ref().is_some_and(|(_, l)| {
+                        l.valid(now_l) && l.term() == Some(self.standby_term)
+                    })))
     }
 
     fn marks(&self) -> Vec<(ServiceId, u64)> {
@@ -373,7 +377,8 @@ impl World {
             || now_l.saturating_sub(copy.standby_since) >= s.lease_ms * 1_000;
         // A primary serves only under its lease, and once its standby holds a checkpoint of
         // this epoch (so that a takeover always has one).
-        let serving = leased && copy.protected && lease.term() == Some(copy.standby_term);
+        let serving =
+            !copy.sent || (copy.protected && leased && lease.term() == Some(copy.standby_term));
         if serving {
             for _ in 0..4 {
                 let Some((from, seq)) = copy.queue.pop_front() else {
@@ -411,6 +416,7 @@ impl World {
                 outputs: copy.held_out.iter().map(|(_, n, c)| (*n, *c)).collect(),
             };
             let no = copy.cadence.cut(copy.marks(), now_l);
+            copy.sent = true;
             out.push((
                 sb,
                 Net::Checkpoint {
@@ -550,6 +556,7 @@ impl World {
                     copy.standby = standby.map(|sb| (sb, Lease::new(&s)));
                     copy.standby_since = now_l;
                     copy.protected = false;
+                    copy.sent = false;
                     self.report.continued += 1;
                 } else if let Some(h) = self.voters[n].pending.take() {
                     // The standby takes over from its checkpoint.
@@ -568,6 +575,7 @@ impl World {
                         standby_since: now_l,
                         standby_term: 0,
                         protected: false,
+                        sent: false,
                         held_out: VecDeque::new(),
                         retired: false,
                         replay_until: self.high_water,
@@ -838,6 +846,7 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
         standby_since: 0,
         standby_term: 0,
         protected: true,
+        sent: true,
         held_out: VecDeque::new(),
         retired: false,
         replay_until: 0,
