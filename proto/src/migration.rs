@@ -537,6 +537,16 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.place(service, self.me.clone(), epoch);
     }
 
+    /// A replicated service's copy here retired: `node` continues it at `epoch`. A tombstone
+    /// stays, so what still arrives here follows it there.
+    pub fn retired(&mut self, service: ServiceId, node: NodeName, epoch: u64) {
+        self.hosted.remove(&service);
+        self.pinned.remove(&service);
+        self.send_seqs.retain(|(from, _), _| *from != service);
+        self.bury(service, epoch);
+        self.place(service, node, epoch);
+    }
+
     /// Records that `service` is at `node` since `epoch` (if newer than what is known).
     pub fn learn(&mut self, service: ServiceId, node: NodeName, epoch: u64) {
         let newer = self

@@ -340,6 +340,12 @@ impl Driver {
         lock(&self.core).host_at(service, epoch);
     }
 
+    /// A replicated copy here retired: `node` continues the service at `epoch` (a tombstone
+    /// stays).
+    pub fn retired(&self, service: ServiceId, node: NodeName, epoch: u64) {
+        lock(&self.core).retired(service, node, epoch);
+    }
+
     /// A service hosted here stopped for good.
     pub fn unhost(&self, service: ServiceId) {
         lock(&self.core).unhost(service);

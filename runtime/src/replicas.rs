@@ -143,6 +143,10 @@ pub(crate) struct Replicas {
     /// checkpoints they are told to let go when the link is back. At most
     /// [`STANDBY_SERVICES_PER_PEER_MAX`] per node (past that the oldest is forgotten).
     to_release: Mutex<BTreeMap<NodeName, std::collections::VecDeque<(ServiceId, u64)>>>,
+    /// Services taken over here and not started yet: the node they were taken from, not to be
+    /// chosen as their standby while another can be (it went silent; its links may look up
+    /// for a while yet).
+    taken_from: Mutex<IdMap<NodeName>>,
     /// This node's votes, as a voter.
     ballots: Mutex<Ballots>,
     /// The ballots this node runs, per service.
@@ -161,6 +165,7 @@ impl Replicas {
             grantors: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
             to_release: Mutex::new(BTreeMap::new()),
+            taken_from: Mutex::new(IdMap::default()),
             ballots: Mutex::new(Ballots::default()),
             claiming: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
@@ -210,6 +215,7 @@ impl Replicas {
     pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64) {
         let mut cadence = Cadence::default();
         cadence.urgent();
+        let avoid = lock(&self.taken_from).remove(&id);
         let mut all = lock(&self.primaries);
         all.insert(
             id,
@@ -227,7 +233,7 @@ impl Replicas {
                 retired: None,
                 ballot_at_us: 0,
                 standby_since_us: 0,
-                avoid: None,
+                avoid,
             },
         );
         self.running
@@ -1149,14 +1155,15 @@ impl NodeShared {
     }
 
     /// A retired copy ended: forgotten, with nothing confirmed and no standby released (the
-    /// node that continues it confirms what it handles).
-    pub(crate) fn replica_retired(&self, id: ServiceId) {
+    /// node that continues it confirms what it handles); a tombstone sends what still arrives
+    /// to `to`, which runs it since `epoch`.
+    pub(crate) fn replica_retired(&self, id: ServiceId, to: &NodeName, epoch: u64) {
         drop(self.replicas.stop(id));
-        self.driver.unhost(id);
+        self.driver.retired(id, to.clone(), epoch);
     }
 
     /// Where a retired copy's messages go: the node that continues it.
-    pub(crate) fn retired_to(&self, service: ServiceId) -> Option<NodeName> {
+    pub(crate) fn retired_to(&self, service: ServiceId) -> Option<(NodeName, u64)> {
         if self
             .replicas
             .running
@@ -1167,7 +1174,7 @@ impl NodeShared {
         }
         lock(&self.replicas.primaries)
             .get(&service)
-            .and_then(|p| p.retired.as_ref().map(|(n, _)| n.clone()))
+            .and_then(|p| p.retired.clone())
     }
 
     /// The primary won the next epoch: it goes on there with another standby (it serves
@@ -1268,6 +1275,7 @@ impl NodeShared {
             names: Vec::new(),
         };
         self.driver.host_at(id, claim.epoch);
+        lock(&self.replicas.taken_from).insert(id, h.primary.clone());
         let started = self.start_taken_over(&h.primary, header, body.state);
         match started {
             Ok(()) => {
@@ -1286,6 +1294,7 @@ impl NodeShared {
             }
             Err(e) => {
                 self.driver.unhost(id);
+                lock(&self.replicas.taken_from).remove(&id);
                 self.logs.event("takeover-failed", format!("{id}: {e}"));
             }
         }

@@ -969,13 +969,17 @@ fn serve<S: Service>(
             // on to that node and ends, with nothing confirmed: that node confirms what it
             // handles.
             if S::REPLICAS > 0 {
-                if let Some(to) = ctx.node.retired_to(ctx.id()) {
+                if let Some((to, epoch)) = ctx.node.retired_to(ctx.id()) {
+                    // As a move's source at its commit: from now on what arrives is handed
+                    // back with the new place, and a tombstone stays.
                     let id = ctx.id();
-                    let rest = mailbox.close();
-                    ctx.node.hand_on(id, &to, rest);
+                    let left = mailbox.retire(to.clone(), epoch);
+                    ctx.node.replica_retired(id, &to, epoch);
+                    ctx.node
+                        .hand_on(id, &to, left.queue.into_iter().chain(left.early).collect());
+                    ctx.node.send_skips(id, &to, &left.skipped, 0);
                     let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
                     ctx.node.forget_moved(id, &copy);
-                    ctx.node.replica_retired(id);
                     return;
                 }
             }
