@@ -86,22 +86,49 @@ fn a_replicated_service_with_no_node_to_stand_by_runs_and_confirms_as_any_other(
     Ok(())
 }
 
+/// Two nodes: the other one has the kind, but with no third node to witness, a standby
+/// could never take over (a claim needs two of three votes), so none is chosen and the service
+/// runs as any other; it does not stop when the other node goes.
 #[test]
-fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_acknowledgement(
-) -> Result<()> {
-    let c = killable_cluster(&["a", "b", "c"])?;
+fn with_two_nodes_a_replicated_service_has_no_standby_and_runs_on_when_the_other_goes() -> Result<()>
+{
+    let c = killable_cluster(&["a", "b"])?;
     for n in c.nodes() {
         n.register::<Kept>();
     }
     c.wait_members(SECS_10)?;
     let svc = c.node("a").spawn(Kept::default())?;
-    let id = svc.id();
-    // The first checkpoint goes as soon as a standby that has the kind is known.
-    wait_for(SECS_10, "a standby holds the first checkpoint", || {
-        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    let from = c.node("b").resolve::<Kept>(svc.addr())?;
+    for i in 1..=10 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed without a standby", || {
+        from.unconfirmed() == 0
     })?;
+    let info = c.node("a").replica(svc.id()).expect("replicated");
+    ensure!(info.standby.is_none() && info.serving, "{info:?}");
+    ensure!(
+        c.node("a").stats().checkpoints_sent == 0,
+        "a checkpoint went"
+    );
+    c.kill("b");
+    for i in 11..=20 {
+        block_on(svc.tell_wait(KeptMsg::Item(i)))?;
+    }
+    let seen = block_on(svc.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=20).collect::<Vec<_>>(), "handled {seen:?}");
+    ensure!(c.node("a").stats().replica_pauses == 0, "it paused");
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_acknowledgement(
+) -> Result<()> {
+    // The first checkpoint goes as soon as a standby that has the kind is known.
+    let (c, svc, standby) = kept_on_a()?;
+    let id = svc.id();
     let info = c.node("a").replica(id).expect("replicated");
-    let standby = info.standby.clone().expect("a standby");
     ensure!(standby.as_str() != "a", "the standby is another node");
     ensure!(info.voters.len() == 3, "voters: {:?}", info.voters);
     let held = c.node(standby.as_str()).standby_checkpoints();
