@@ -645,3 +645,50 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// The primary's node and its standby's die together: nothing can take the service over, and
+/// once the failover wait has run out the sender's node reports what it kept as lost (nothing
+/// is dropped silently).
+#[test]
+fn when_the_primary_and_its_standby_die_together_the_sender_is_told_of_the_loss() -> Result<()> {
+    let (c, svc, standby) = kept_on_a()?;
+    let id = svc.id();
+    let other = if standby.as_str() == "b" { "c" } else { "b" };
+    wait_for(SECS_10, "the standby is known to the sender's node", || {
+        c.node(other).members().iter().any(|m| {
+            m.info
+                .standbys
+                .iter()
+                .any(|(s, _, n)| *s == id && *n == standby)
+        })
+    })?;
+    let from = c.node(other).resolve::<Kept>(svc.addr())?;
+    // Cut off first, so that none of these is confirmed.
+    c.faults(other).cut(c.node("a").local_addr());
+    for i in 1..=10 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    ensure!(
+        from.unconfirmed() == 10,
+        "{} unconfirmed",
+        from.unconfirmed()
+    );
+    c.kill("a");
+    c.kill(standby.as_str());
+    wait_for(Duration::from_secs(20), "the ten reported lost", || {
+        c.node(other)
+            .losses()
+            .iter()
+            .filter(|l| l.service == id)
+            .map(|l| l.messages)
+            .sum::<u64>()
+            == 10
+    })?;
+    ensure!(
+        from.unconfirmed() == 0,
+        "{} unconfirmed",
+        from.unconfirmed()
+    );
+    c.shutdown();
+    Ok(())
+}
