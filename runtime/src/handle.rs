@@ -490,7 +490,6 @@ impl<S: Service> ServiceRef<S> {
                             return Err(e);
                         }
                     };
-                    let mb = mb.clone();
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
                         Ok(()) => {

@@ -109,6 +109,16 @@ pub struct ReplicaInfo {
     pub serving: bool,
 }
 
+/// What the runner of a replicated service does before its next message.
+pub(crate) enum Gate {
+    /// Handle it.
+    Serve,
+    /// Wait: a standby may hold a checkpoint of this epoch, and there is no lease.
+    Wait,
+    /// Another node continues the service at this epoch: hand everything on and end.
+    Retire(NodeName, u64),
+}
+
 /// What [`NodeHandle::standby_checkpoints`](crate::NodeHandle::standby_checkpoints) tells of a
 /// checkpoint this node holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -175,28 +185,37 @@ impl Replicas {
     /// True when replicated service `id` may handle a message now (see
     /// [`ReplicaInfo::serving`]); true for any other service.
     pub fn may_serve(&self, id: ServiceId) -> bool {
+        matches!(self.gate(id), Gate::Serve)
+    }
+
+    /// What the runner of replicated service `id` does before its next message: one look at
+    /// the tables (the primaries' lock, then the leases', in the lock order; nothing cloned
+    /// unless it retires).
+    pub fn gate(&self, id: ServiceId) -> Gate {
         if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            return true;
+            return Gate::Serve;
         }
-        let (standby, term) = {
-            let all = lock(&self.primaries);
-            let Some(p) = all.get(&id) else {
-                return true;
-            };
-            if p.retired.is_some() {
-                return false;
-            }
-            if !p.sent {
-                return true;
-            }
-            match (&p.standby, p.term) {
-                (Some(s), Some(t)) => (s.clone(), t),
-                _ => return false,
-            }
+        let all = lock(&self.primaries);
+        let Some(p) = all.get(&id) else {
+            return Gate::Serve;
         };
-        lock(&self.leases)
-            .get(&standby)
-            .is_some_and(|l| l.valid(now_us()) && l.term() == Some(term))
+        if let Some((to, epoch)) = &p.retired {
+            return Gate::Retire(to.clone(), *epoch);
+        }
+        if !p.sent {
+            return Gate::Serve;
+        }
+        let (Some(standby), Some(term)) = (&p.standby, p.term) else {
+            return Gate::Wait;
+        };
+        let leased = lock(&self.leases)
+            .get(standby)
+            .is_some_and(|l| l.valid(now_us()) && l.term() == Some(term));
+        if leased {
+            Gate::Serve
+        } else {
+            Gate::Wait
+        }
     }
 
     /// True when `id` is a replicated service this node runs with a standby: its senders are
@@ -1160,21 +1179,6 @@ impl NodeShared {
     pub(crate) fn replica_retired(&self, id: ServiceId, to: &NodeName, epoch: u64) {
         drop(self.replicas.stop(id));
         self.driver.retired(id, to.clone(), epoch);
-    }
-
-    /// Where a retired copy's messages go: the node that continues it.
-    pub(crate) fn retired_to(&self, service: ServiceId) -> Option<(NodeName, u64)> {
-        if self
-            .replicas
-            .running
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 0
-        {
-            return None;
-        }
-        lock(&self.replicas.primaries)
-            .get(&service)
-            .and_then(|p| p.retired.clone())
     }
 
     /// The primary won the next epoch: it goes on there with another standby (it serves

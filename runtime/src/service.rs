@@ -18,6 +18,7 @@ use crate::handle::ServiceRef;
 use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
+use crate::replicas::Gate;
 use crate::reports::{MigrationReport, NotMoved};
 use tern_proto::directory::Associations;
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
@@ -967,39 +968,45 @@ fn serve<S: Service>(
             }
             // A replicated copy that another node continues at a newer epoch hands what it holds
             // on to that node and ends, with nothing confirmed: that node confirms what it
-            // handles.
-            if S::REPLICAS > 0 {
-                if let Some((to, epoch)) = ctx.node.retired_to(ctx.id()) {
-                    // As a move's source at its commit: from now on what arrives is handed
-                    // back with the new place, and a tombstone stays.
-                    let id = ctx.id();
-                    let left = mailbox.retire(to.clone(), epoch);
-                    ctx.node.replica_retired(id, &to, epoch);
-                    ctx.node
-                        .hand_on(id, &to, left.queue.into_iter().chain(left.early).collect());
-                    ctx.node.send_skips(id, &to, &left.skipped, 0);
-                    let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
-                    ctx.node.forget_moved(id, &copy);
-                    return;
-                }
-            }
-            // A replicated service that a standby holds checkpoints of handles nothing without
-            // its standby's lease: the standby may be about to take it over. It still sends
+            // handles. One that a standby may hold a checkpoint of handles nothing without its
+            // standby's lease (the standby may be about to take it over): it still sends
             // checkpoints (the first to a new standby), and looks again when a lease is granted
             // or a checkpoint acknowledged.
-            if S::REPLICAS > 0 && !mailbox.is_closed() && !ctx.node.replicas.may_serve(ctx.id()) {
-                let woken = ctx.node.replicas.changed.notified();
-                if !paused {
-                    paused = true;
-                    ctx.node.stats.replica_pauses.inc();
-                    tracing::info!(service = %ctx.id(), "replica paused: no lease");
+            if S::REPLICAS > 0 {
+                match ctx.node.replicas.gate(ctx.id()) {
+                    Gate::Serve => {}
+                    Gate::Retire(to, epoch) => {
+                        // As a move's source at its commit: from now on what arrives is handed
+                        // back with the new place, and a tombstone stays.
+                        let id = ctx.id();
+                        let left = mailbox.retire(to.clone(), epoch);
+                        ctx.node.replica_retired(id, &to, epoch);
+                        ctx.node.hand_on(
+                            id,
+                            &to,
+                            left.queue.into_iter().chain(left.early).collect(),
+                        );
+                        ctx.node.send_skips(id, &to, &left.skipped, 0);
+                        let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
+                        ctx.node.forget_moved(id, &copy);
+                        return;
+                    }
+                    Gate::Wait if mailbox.is_closed() => {}
+                    Gate::Wait => {
+                        let woken = ctx.node.replicas.changed.notified();
+                        if !paused {
+                            paused = true;
+                            ctx.node.stats.replica_pauses.inc();
+                            tracing::info!(service = %ctx.id(), "replica paused: no lease");
+                        }
+                        checkpoint(&state, &ctx);
+                        tokio::select! {
+                            _ = woken => {}
+                            _ = tokio::time::sleep(PAUSED_LOOK) => {}
+                        }
+                        continue;
+                    }
                 }
-                checkpoint(&state, &ctx);
-                tokio::select! {
-                    _ = woken => {}
-                    _ = tokio::time::sleep(PAUSED_LOOK) => {}
-                }
-                continue;
             }
             paused = false;
             // A due timer goes before the next queued message.

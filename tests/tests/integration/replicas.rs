@@ -65,6 +65,27 @@ fn kept_on_a() -> Result<(tern_harness::Cluster, tern::ServiceRef<Kept>, NodeNam
     Ok((c, svc, standby))
 }
 
+/// The node of the three that is neither `a` nor the standby, once it knows the standby from
+/// the primary's gossip (only the standby it knows of may take the service over), and a handle
+/// there.
+fn sender_knowing_standby(
+    c: &tern_harness::Cluster,
+    svc: &tern::ServiceRef<Kept>,
+    standby: &NodeName,
+) -> Result<(&'static str, tern::ServiceRef<Kept>)> {
+    let id = svc.id();
+    let other = if standby.as_str() == "b" { "c" } else { "b" };
+    wait_for(SECS_10, "the standby is known to the sender's node", || {
+        c.node(other).members().iter().any(|m| {
+            m.info
+                .standbys
+                .iter()
+                .any(|(s, _, n)| *s == id && n == standby)
+        })
+    })?;
+    Ok((other, c.node(other).resolve::<Kept>(svc.addr())?))
+}
+
 #[test]
 fn a_replicated_service_with_no_node_to_stand_by_runs_and_confirms_as_any_other() -> Result<()> {
     let c = killable_cluster(&["solo"])?;
@@ -578,17 +599,7 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
-    let other = if standby.as_str() == "b" { "c" } else { "b" };
-    // The sender's node must know the standby (from the primary's gossip) before the death.
-    wait_for(SECS_10, "the standby is known to the sender's node", || {
-        c.node(other).members().iter().any(|m| {
-            m.info
-                .standbys
-                .iter()
-                .any(|(s, _, n)| *s == id && *n == standby)
-        })
-    })?;
-    let from = c.node(other).resolve::<Kept>(svc.addr())?;
+    let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
     for i in 1..=100 {
         block_on(from.tell_wait(KeptMsg::Item(i)))?;
     }
@@ -653,16 +664,7 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
 fn when_the_primary_and_its_standby_die_together_the_sender_is_told_of_the_loss() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
-    let other = if standby.as_str() == "b" { "c" } else { "b" };
-    wait_for(SECS_10, "the standby is known to the sender's node", || {
-        c.node(other).members().iter().any(|m| {
-            m.info
-                .standbys
-                .iter()
-                .any(|(s, _, n)| *s == id && *n == standby)
-        })
-    })?;
-    let from = c.node(other).resolve::<Kept>(svc.addr())?;
+    let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
     // Cut off first, so that none of these is confirmed.
     c.faults(other).cut(c.node("a").local_addr());
     for i in 1..=10 {
