@@ -85,6 +85,9 @@ pub struct WindowExport<T> {
     pub early: Vec<T>,
     /// Numbers ahead of `next` already skipped.
     pub skipped: Vec<u64>,
+    /// The last number taken from this sender (handed to the service): below `next` by the
+    /// messages queued from it.
+    pub taken: u64,
 }
 
 /// What a commit hands on from the source: the arrivals since the snapshot, in order, then
@@ -661,14 +664,28 @@ impl<T: Numbered> Inbox<T> {
         self.handed_over = queue.len();
         self.frozen = true;
         self.frozen_skips = None;
+        // Per sender, the first number still queued: everything below it was taken.
+        let mut first_queued: BTreeMap<ServiceId, u64> = BTreeMap::new();
+        for item in &queue {
+            if let Some(from) = item.sender() {
+                first_queued.entry(from).or_insert(item.seq());
+            }
+        }
         let mut windows: Vec<WindowExport<U>> = self
             .windows
             .iter()
-            .map(|(from, w)| WindowExport {
-                from: *from,
-                next: w.watermark().0,
-                early: w.held_items().map(&encode).collect(),
-                skipped: w.skipped_ahead().collect(),
+            .map(|(from, w)| {
+                let next = w.watermark().0;
+                WindowExport {
+                    from: *from,
+                    next,
+                    early: w.held_items().map(&encode).collect(),
+                    skipped: w.skipped_ahead().collect(),
+                    taken: first_queued
+                        .get(from)
+                        .map_or(next, |q| (*q).min(next))
+                        .saturating_sub(1),
+                }
             })
             .collect();
         // Retired senders travel as complete windows; their closes go with the leftovers, so
@@ -679,6 +696,7 @@ impl<T: Numbered> Inbox<T> {
                 next: last.saturating_add(1),
                 early: Vec::new(),
                 skipped: Vec::new(),
+                taken: *last,
             }));
         }
         (queue, windows)
@@ -907,12 +925,42 @@ mod tests {
                 next,
                 early: vec![],
                 skipped: vec![],
+                taken: next - 1,
             }],
         )
     }
 
     fn pop_seqs(inbox: &mut Inbox<Msg>) -> Vec<u64> {
         std::iter::from_fn(|| inbox.pop().0.map(|m| m.seq)).collect()
+    }
+
+    #[test]
+    fn a_snapshot_names_the_last_number_taken_from_each_sender() {
+        let mut copy = restored_at(51, 100);
+        let _ = copy.carried_done();
+        let _ = copy.start();
+        for seq in [51, 52, 54] {
+            let _ = copy.admit(m(seq), Admit::Tell);
+        }
+        assert_eq!(pop_seqs_n(&mut copy, 1), vec![51]);
+        // 52 queued and 54 early: neither was taken; 51 was.
+        let (queue, windows) = copy.take_for_snapshot(|x| x.seq);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(windows.len(), 1);
+        assert_eq!((windows[0].next, windows[0].taken), (53, 51));
+        assert_eq!(windows[0].early, vec![54]);
+        // Nothing queued: everything below `next` was taken.
+        let mut idle = restored_at(9, 100);
+        let _ = idle.carried_done();
+        let _ = idle.start();
+        let (_, windows) = idle.take_for_snapshot(|x| x.seq);
+        assert_eq!(windows[0].taken, 8);
+    }
+
+    fn pop_seqs_n(inbox: &mut Inbox<Msg>, n: usize) -> Vec<u64> {
+        (0..n)
+            .filter_map(|_| inbox.pop().0.map(|m| m.seq))
+            .collect()
     }
 
     #[test]
@@ -1280,6 +1328,7 @@ mod tests {
             next,
             early: early.into_iter().map(m).collect(),
             skipped: vec![],
+            taken: next - 1,
         };
         let mut inbox = Inbox::restored(ME, 8, vec![export(1, vec![3]), export(5, vec![4])]);
         assert_eq!(inbox.senders(), 1);

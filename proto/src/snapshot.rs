@@ -96,6 +96,7 @@ pub fn tables_frames(all: Tables, budget_bytes: usize) -> Vec<Tables> {
             next: w.next,
             early: Vec::new(),
             skipped: w.skipped,
+            taken: w.taken,
         };
         for m in w.early {
             let b = carried_bytes(&m);
@@ -108,6 +109,7 @@ pub fn tables_frames(all: Tables, budget_bytes: usize) -> Vec<Tables> {
                         next: w.next,
                         early: Vec::new(),
                         skipped: Vec::new(),
+                        taken: w.taken,
                     },
                 ));
                 flush(&mut cur, &mut used, &mut frames);
@@ -326,6 +328,7 @@ mod tests {
                 } else {
                     vec![]
                 },
+                taken: i,
             });
         }
         Tables {
@@ -397,6 +400,7 @@ mod tests {
                 next: 1,
                 early: vec![msg(from, 2, 2000)],
                 skipped: vec![],
+                taken: 0,
             }],
             ..Tables::default()
         };
@@ -424,6 +428,7 @@ mod tests {
                     next: 1,
                     early: vec![],
                     skipped: vec![],
+                    taken: 0,
                 })
                 .collect(),
             ..Tables::default()

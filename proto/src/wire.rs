@@ -421,6 +421,12 @@ pub struct WindowWire {
     pub early: Vec<CarriedMsg>,
     /// Numbers ahead of `next` already refused.
     pub skipped: Vec<u64>,
+    /// The last number the service handled from this sender (below `next` by the messages
+    /// carried with it, queued or early): a replicated service's checkpoints at the target
+    /// start from it, so a copy taken over from one neither waits for numbers long handled
+    /// nor skips what was carried and not yet handled.
+    #[serde(default)]
+    pub taken: u64,
 }
 
 /// The head of a snapshot stream.

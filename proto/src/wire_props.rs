@@ -155,6 +155,7 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                             next,
                             early,
                             skipped: vec![next.wrapping_add(1)],
+                            taken: next.wrapping_sub(1),
                         })
                         .collect(),
                     book: book

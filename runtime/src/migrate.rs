@@ -718,7 +718,9 @@ impl Driver {
                     Ok(Location::Take) => {
                         // A copy here that was taken over retires.
                         node.retire_older(service, &at, epoch);
-                        learned(node, from, service, &at, epoch)
+                        learned(node, from, service, &at, epoch);
+                        // A checkpoint the new host sent ahead of this word can be held now.
+                        node.replica_parked_recheck(Some(service));
                     }
                     // Nothing to learn, yet this node no longer sends through `from`'s
                     // tombstone for that epoch (it runs the service, or knows a newer place).

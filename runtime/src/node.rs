@@ -199,6 +199,7 @@ fn restore_paused<S: Service>(
             next: w.next,
             early,
             skipped: w.skipped.clone(),
+            taken: w.taken,
         });
     }
     let capacity = node.limits.mailbox_capacity;
@@ -214,6 +215,12 @@ fn restore_paused<S: Service>(
         seqs: header.send_seqs.clone(),
         source: source.clone(),
         mig: header.mig,
+        marks: header
+            .windows
+            .iter()
+            .filter(|w| w.taken > 0)
+            .map(|w| (w.from, w.taken))
+            .collect(),
     };
     let install = {
         let node = node.clone();
@@ -567,7 +574,7 @@ impl NodeShared {
         }
         self.stats.services_started.inc();
         if S::REPLICAS > 0 {
-            self.replicas.start(id, S::kind_key(), 0);
+            self.replicas.start(id, S::kind_key(), 0, Vec::new());
         }
         let chan = self.channel::<S::Msg>(&addr)?;
         let me = ServiceRef::new(addr, self.clone(), chan);

@@ -64,6 +64,12 @@ struct Primary {
     /// copy that served until the first acknowledgement while its standby, holding the
     /// checkpoint whose acknowledgement was lost, took it over).
     sent: bool,
+    /// Per standby sent a checkpoint of this epoch, the first it was sent. One that refused
+    /// that first one holds nothing of the epoch; when no other was sent any, `sent` is
+    /// cleared again (a standby whose directory missed a move refuses the new host's first
+    /// checkpoint: the copy serves on while another standby is tried, instead of claiming a
+    /// new epoch that no standby could have taken).
+    first_to: BTreeMap<NodeName, CheckpointNo>,
     /// Another node continues the service at a newer epoch (it took it over, or won the
     /// ballot this copy lost): this copy hands what it holds on to it and ends.
     retired: Option<(NodeName, u64)>,
@@ -138,6 +144,24 @@ pub struct StandbyInfo {
 /// A checkpoint held, with its kind.
 type Body = (KindKey, Vec<u8>);
 
+/// A checkpoint from a node this node's directory does not yet know as the service's host,
+/// at an epoch newer than the directory's: the new host after a move, whose first checkpoint
+/// can arrive before the old host's `Located`. Answered once the directory names the sender
+/// (at that `Located`, or at the next replication tick), refused after `lease_ms`.
+struct Parked {
+    service: ServiceId,
+    from: NodeName,
+    kind: KindKey,
+    epoch: u64,
+    no: CheckpointNo,
+    voters: Vec<NodeName>,
+    body: Vec<u8>,
+    at_us: u64,
+}
+
+/// At most this many checkpoints parked per sending node; past it, they are refused.
+pub const PARKED_PER_PEER_MAX: usize = 64;
+
 /// The replication subsystem of a node.
 pub(crate) struct Replicas {
     pub settings: Settings,
@@ -161,6 +185,8 @@ pub(crate) struct Replicas {
     ballots: Mutex<Ballots>,
     /// The ballots this node runs, per service.
     claiming: Mutex<IdMap<Claiming>>,
+    /// Checkpoints waiting for this node's directory to name their sender (see [`Parked`]).
+    parked: Mutex<IdMap<Parked>>,
     /// Woken when a lease is granted or a checkpoint acknowledged: a paused runner looks again.
     pub changed: tokio::sync::Notify,
 }
@@ -178,6 +204,7 @@ impl Replicas {
             taken_from: Mutex::new(IdMap::default()),
             ballots: Mutex::new(Ballots::default()),
             claiming: Mutex::new(IdMap::default()),
+            parked: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -230,8 +257,9 @@ impl Replicas {
             .is_some_and(|p| p.standby.is_some() || p.sent || p.retired.is_some())
     }
 
-    /// `id` (of `kind`, at `epoch`) starts here as a replicated service.
-    pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64) {
+    /// `id` (of `kind`, at `epoch`) starts here as a replicated service, its senders' windows
+    /// at `marks` (the last number each took: restored from a snapshot or a checkpoint).
+    pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64, marks: Vec<(ServiceId, u64)>) {
         let mut cadence = Cadence::default();
         cadence.urgent();
         let avoid = lock(&self.taken_from).remove(&id);
@@ -244,11 +272,12 @@ impl Replicas {
                 standby: None,
                 voters: Vec::new(),
                 cadence,
-                taken: BTreeMap::new(),
+                taken: marks.into_iter().map(|(s, n)| (s, (n, None))).collect(),
                 acked: 0,
                 term: None,
                 retry_at_us: 0,
                 sent: false,
+                first_to: BTreeMap::new(),
                 retired: None,
                 ballot_at_us: 0,
                 standby_since_us: 0,
@@ -359,12 +388,14 @@ impl Replicas {
     fn sent(
         &self,
         id: ServiceId,
+        standby: &NodeName,
         taken: Vec<(ServiceId, u64)>,
     ) -> Option<(CheckpointNo, u64, Vec<NodeName>, KindKey)> {
         let mut all = lock(&self.primaries);
         let p = all.get_mut(&id)?;
         let no = p.cadence.cut(taken, now_us());
         p.sent = true;
+        p.first_to.entry(standby.clone()).or_insert(no);
         Some((no, p.epoch, p.voters.clone(), p.kind.clone()))
     }
 
@@ -501,7 +532,8 @@ impl NodeShared {
             return;
         };
         let bytes = body.len() as u64;
-        let Some((no, epoch, voters, kind)) = self.replicas.sent(id, plan.taken) else {
+        let Some((no, epoch, voters, kind)) = self.replicas.sent(id, &plan.standby, plan.taken)
+        else {
             return;
         };
         let frame = Frame::Replica(ReplicaMsg::Checkpoint {
@@ -590,9 +622,20 @@ impl NodeShared {
                 voters,
                 body,
             } => {
-                let answer = self.hold_checkpoint(from, service, kind, epoch, no, voters, body);
-                if let Some(link) = self.links.get(from) {
-                    let _ = link.push_ctrl(&Frame::Replica(answer));
+                let c = Parked {
+                    service,
+                    from: from.clone(),
+                    kind,
+                    epoch,
+                    no,
+                    voters,
+                    body,
+                    at_us: now_us(),
+                };
+                if let Some(answer) = self.hold_checkpoint(c, true) {
+                    if let Some(link) = self.links.get(from) {
+                        let _ = link.push_ctrl(&Frame::Replica(answer));
+                    }
                 }
             }
             ReplicaMsg::Ack {
@@ -610,11 +653,18 @@ impl NodeShared {
                     "checkpoint-refused",
                     format!("{service} checkpoint {no} by {from}: {reason}"),
                 );
-                // Another standby is chosen for the next one.
+                // Another standby is chosen for the next one, another node if there is one.
                 let mut all = lock(&self.replicas.primaries);
                 if let Some(p) = all.get_mut(&service) {
                     if p.standby.as_ref() == Some(from) {
                         self.replicas.drop_standby(p);
+                        p.avoid = Some(from.clone());
+                    }
+                    if p.first_to.get(from) == Some(&no) {
+                        p.first_to.remove(from);
+                        if p.first_to.is_empty() && p.acked == 0 {
+                            p.sent = false;
+                        }
                     }
                 }
             }
@@ -642,30 +692,31 @@ impl NodeShared {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn hold_checkpoint(
-        &self,
-        from: &NodeName,
-        service: ServiceId,
-        kind: KindKey,
-        epoch: u64,
-        no: CheckpointNo,
-        voters: Vec<NodeName>,
-        body: Vec<u8>,
-    ) -> ReplicaMsg {
-        let refuse = |reason: String| ReplicaMsg::Refused {
-            service,
-            no,
-            reason,
+    /// Takes checkpoint `c` as a standby: the answer to send, or `None` when it is parked
+    /// (`may_park`) until this node's directory names its sender.
+    fn hold_checkpoint(&self, c: Parked, may_park: bool) -> Option<ReplicaMsg> {
+        let (service, no) = (c.service, c.no);
+        let refuse = |reason: String| {
+            Some(ReplicaMsg::Refused {
+                service,
+                no,
+                reason,
+            })
         };
-        if !self.has_kind(&kind) {
-            return refuse(format!("kind {kind} is not registered here"));
+        let from = &c.from;
+        if !self.has_kind(&c.kind) {
+            return refuse(format!("kind {} is not registered here", c.kind));
         }
         // Only the node that runs a service checkpoints it: the one this node's directory
         // names, or, when it names none, the node it holds the service's checkpoints from (a
-        // new primary after a move waits until the old one has let them go).
+        // new primary after a move waits until the old one has let them go). A directory
+        // that knows only an older epoch may not have heard of the move yet: the checkpoint
+        // waits for it.
         match self.driver.location(service) {
-            Some((host, _)) if host != *from => {
+            Some((host, known)) if host != *from => {
+                if may_park && known < c.epoch {
+                    return self.park(c);
+                }
                 return refuse(format!("{service} runs on {host}, not {from}"));
             }
             Some(_) => {}
@@ -692,13 +743,13 @@ impl NodeShared {
                 None => return refuse("the standby's wait for this primary ran out".into()),
             }
         };
-        let bytes = body.len() as u64;
+        let bytes = c.body.len() as u64;
         let held = Held {
             primary: from.clone(),
-            epoch,
+            epoch: c.epoch,
             no,
-            voters,
-            body: (kind, body),
+            voters: c.voters,
+            body: (c.kind, c.body),
             bytes,
         };
         let mut table = lock(&self.replicas.standbys);
@@ -719,14 +770,71 @@ impl NodeShared {
         match table.offer(self.name(), service, held) {
             Ok(()) => {
                 self.stats.checkpoints_held.inc();
-                ReplicaMsg::Ack {
+                Some(ReplicaMsg::Ack {
                     service,
-                    epoch,
+                    epoch: c.epoch,
                     no,
                     term,
-                }
+                })
             }
             Err(e) => refuse(e.to_string()),
+        }
+    }
+
+    /// Parks checkpoint `c` (see [`Parked`]): a newer one of the same service replaces it
+    /// (the one replaced is never answered; its primary counts it overdue). Refused past
+    /// [`PARKED_PER_PEER_MAX`] per sender.
+    fn park(&self, c: Parked) -> Option<ReplicaMsg> {
+        let mut parked = lock(&self.replicas.parked);
+        let same = parked.get(&c.service).is_some_and(|p| p.from == c.from);
+        let of_sender = parked.values().filter(|p| p.from == c.from).count();
+        if !same && of_sender >= PARKED_PER_PEER_MAX {
+            return Some(ReplicaMsg::Refused {
+                service: c.service,
+                no: c.no,
+                reason: format!(
+                    "{} has {of_sender} checkpoints waiting here for its moves to be heard of \
+                     (at most {PARKED_PER_PEER_MAX})",
+                    c.from
+                ),
+            });
+        }
+        parked.insert(c.service, c);
+        self.stats.checkpoints_parked.inc();
+        None
+    }
+
+    /// Answers the parked checkpoints whose sender this node's directory now names (of
+    /// `only`, or all), and refuses those parked for `lease_ms`.
+    pub(crate) fn replica_parked_recheck(&self, only: Option<ServiceId>) {
+        let ready: Vec<Parked> = {
+            let mut parked = lock(&self.replicas.parked);
+            if parked.is_empty() {
+                return;
+            }
+            let now = now_us();
+            let wait_us = self.replicas.settings.lease_ms * 1_000;
+            let ids: Vec<ServiceId> = parked
+                .iter()
+                .filter(|(id, _)| only.is_none_or(|o| o == **id))
+                .filter(|(id, p)| {
+                    now.saturating_sub(p.at_us) >= wait_us
+                        || self
+                            .driver
+                            .location(**id)
+                            .is_none_or(|(host, known)| host == p.from || known >= p.epoch)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| parked.remove(id)).collect()
+        };
+        for c in ready {
+            let from = c.from.clone();
+            if let Some(answer) = self.hold_checkpoint(c, false) {
+                if let Some(link) = self.links.get(&from) {
+                    let _ = link.push_ctrl(&Frame::Replica(answer));
+                }
+            }
         }
     }
 
@@ -847,6 +955,7 @@ impl NodeShared {
             self.start_ballot(claim, &voters, Some(h));
         }
         self.ballots_tick(now);
+        self.replica_parked_recheck(None);
         if self
             .replicas
             .running
@@ -1198,6 +1307,7 @@ impl NodeShared {
             p.epoch = claim.epoch;
             p.acked = 0;
             p.sent = false;
+            p.first_to.clear();
             p.avoid = p.standby.clone();
             // The only copy now: what it handled is confirmed.
             confirm = p
@@ -1269,6 +1379,7 @@ impl NodeShared {
                     next: last + 1,
                     early: Vec::new(),
                     skipped: Vec::new(),
+                    taken: *last,
                 })
                 .collect(),
             tables: 0,

@@ -686,6 +686,9 @@ pub(crate) struct Restored<M> {
     pub source: NodeName,
     /// The attempt that brought it, numbered at `source`.
     pub mig: u64,
+    /// Per sender, the last number the service handled before it came (see
+    /// [`WindowWire::taken`]): a replicated service's first checkpoints here carry them.
+    pub marks: Vec<(ServiceId, u64)>,
 }
 
 fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
@@ -746,7 +749,9 @@ pub(crate) fn run_restored<S: Service>(
                 ctx.seqs.borrow_mut().extend(restored.seqs);
                 if S::REPLICAS > 0 {
                     let epoch = ctx.node.driver.location(id).map_or(0, |(_, e)| e);
-                    ctx.node.replicas.start(id, S::kind_key(), epoch);
+                    ctx.node
+                        .replicas
+                        .start(id, S::kind_key(), epoch, restored.marks);
                 }
                 let arrived = Arrived {
                     source: restored.source,
@@ -806,6 +811,7 @@ fn snapshot<S: Service>(
                 next: w.next,
                 early,
                 skipped: w.skipped,
+                taken: w.taken,
             }),
             Err(e) => {
                 mailbox.put_back(queue);

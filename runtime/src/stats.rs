@@ -129,6 +129,9 @@ counters! {
     checkpoints_acked,
     /// Checkpoints this node took as a standby.
     checkpoints_held,
+    /// Checkpoints this node parked as a standby, from a node its directory did not name yet
+    /// at a newer epoch (answered once it names it, refused after a lease).
+    checkpoints_parked,
     /// Times a replicated service here stopped handling messages because its standby's lease
     /// lapsed (it was cut off from its standby, or the standby changed).
     replica_pauses,

@@ -70,6 +70,8 @@ pub enum RogueFrame {
     Answer(Answer),
     /// A migration message.
     Mig(MigMsg),
+    /// A replication message.
+    Replica(tern_proto::replica::ReplicaMsg),
     /// Anything else, by kind.
     Other(&'static str),
 }
@@ -216,6 +218,7 @@ impl Rogue {
                     }),
                     Frame::Refused { .. } => RogueFrame::Answer(Answer::RefusedTell),
                     Frame::Mig(m) => RogueFrame::Mig(m),
+                    Frame::Replica(r) => RogueFrame::Replica(r),
                     other => RogueFrame::Other(other.kind()),
                 }));
             }

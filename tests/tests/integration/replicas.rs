@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tern::{
     Ctx, MigrateOptions, NodeName, ReplyTo, Service, ServiceId, STANDBY_SERVICES_PER_PEER_MAX,
 };
-use tern_harness::rogue::Rogue;
+use tern_harness::rogue::{Rogue, RogueFrame};
 use tern_harness::{block_on, wait_for};
 use tern_proto::replica::ReplicaMsg;
 use tern_proto::wire::Frame;
@@ -552,8 +552,19 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
     };
     block_on(async {
         let mut rogue = Rogue::connect(&c, "mallory", standby.as_str()).await?;
-        // The honest service's checkpoint, in mallory's name, at a newer epoch.
+        // The honest service's checkpoint, in mallory's name, at a newer epoch: refused (if
+        // the standby's directory knows an older epoch, after waiting a lease for the word of
+        // a move, as the new host of a move may checkpoint before the old one's word comes).
         rogue.send_ctrl(&checkpoint(id, 99)).await?;
+        let refused = rogue
+            .next_picked("the refusal of the newer epoch's checkpoint", |f| match f {
+                RogueFrame::Replica(ReplicaMsg::Refused {
+                    service, reason, ..
+                }) if service == id => Some(reason),
+                _ => None,
+            })
+            .await?;
+        ensure!(refused.contains("not mallory"), "{refused}");
         // Made-up services, past what one peer may make a standby hold.
         for i in 0..(STANDBY_SERVICES_PER_PEER_MAX as u64 + 50) {
             rogue
@@ -595,6 +606,74 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
 /// checkpoint; the sender's node sends again what was not confirmed, and the service's
 /// history has every message once, in order. An ask the primary never got is answered by the
 /// new copy. Traffic goes on afterwards, and nothing is reported lost.
+/// A checkpoint from a node that a standby's directory does not name, at a newer epoch than
+/// the one it knows, waits there for the word of a move (a move's new host may checkpoint
+/// before the old host's `Located` arrives); from a peer that never becomes the host it is
+/// refused after a lease, never held, and the service checkpoints there as before.
+#[test]
+fn a_checkpoint_ahead_of_the_standbys_directory_waits_a_lease_and_is_refused() -> Result<()> {
+    let (c, svc, standby) = kept_on_a()?;
+    let id = svc.id();
+    // Moved once: every node's directory knows it at epoch 1 on `to`.
+    let to = if standby.as_str() == "b" { "c" } else { "b" };
+    block_on(svc.migrate(to, MigrateOptions::default()))?;
+    let judge = if standby.as_str() == "a" { "b" } else { "a" };
+    let judge = if judge == to { standby.as_str() } else { judge };
+    wait_for(SECS_10, "the judge's directory knows the move", || {
+        c.node(judge).location(id).is_some_and(|n| n.as_str() == to)
+    })?;
+    let parked = c.node(judge).stats().checkpoints_parked;
+    block_on(async {
+        let mut rogue = Rogue::connect(&c, "mallory", judge).await?;
+        rogue
+            .send_ctrl(&Frame::Replica(ReplicaMsg::Checkpoint {
+                service: id,
+                kind: Kept::kind_key(),
+                epoch: 99,
+                no: 1,
+                voters: vec![NodeName::new("mallory"), NodeName::new(judge)],
+                body: vec![0xc0],
+            }))
+            .await?;
+        let refused = rogue
+            .next_picked(
+                "the refusal of a checkpoint ahead of the directory",
+                |f| match f {
+                    RogueFrame::Replica(ReplicaMsg::Refused {
+                        service, reason, ..
+                    }) if service == id => Some(reason),
+                    _ => None,
+                },
+            )
+            .await?;
+        ensure!(
+            refused.contains(&format!("runs on {to}, not mallory")),
+            "{refused}"
+        );
+        anyhow::Ok(())
+    })?;
+    ensure!(
+        c.node(judge).stats().checkpoints_parked == parked + 1,
+        "it was refused without waiting"
+    );
+    ensure!(
+        !c.node(judge)
+            .standby_checkpoints()
+            .iter()
+            .any(|h| h.primary.as_str() == "mallory"),
+        "mallory's checkpoint is held"
+    );
+    // The service goes on, checkpointed and confirmed.
+    for i in 1..=10 {
+        block_on(svc.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed", || svc.unconfirmed() == 0)?;
+    let seen = block_on(svc.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=10).collect::<Vec<_>>(), "handled {seen:?}");
+    c.shutdown();
+    Ok(())
+}
+
 #[test]
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
@@ -645,6 +724,70 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     }
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=120).collect::<Vec<_>>(), "history: {seen:?}");
+    wait_for(Duration::from_secs(20), "every message confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node(other).losses().is_empty(),
+        "losses reported: {:?}",
+        c.node(other).losses()
+    );
+    c.shutdown();
+    Ok(())
+}
+
+/// Moved, then killed before it handles anything at its new node: the copy taken over from
+/// the new node's first checkpoint goes on with each sender where it was (that checkpoint
+/// carries the windows the move brought, not only what the copy handled since), and nothing
+/// is lost.
+#[test]
+fn a_replicated_service_killed_right_after_a_move_goes_on_where_its_senders_were() -> Result<()> {
+    let (c, svc, standby) = kept_on_a()?;
+    let id = svc.id();
+    let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
+    for i in 1..=50 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed before the move", || {
+        from.unconfirmed() == 0
+    })?;
+    // Moved to its standby's node: a new standby there, known to the sender's node.
+    let host = standby;
+    block_on(svc.migrate(host.clone(), MigrateOptions::default()))?;
+    let mut next_standby = None;
+    wait_for(SECS_10, "a checkpoint at the new node acknowledged", || {
+        next_standby = c
+            .node(host.as_str())
+            .replica(id)
+            .filter(|r| r.acked >= 1)
+            .and_then(|r| r.standby);
+        next_standby.is_some()
+    })?;
+    let next_standby = next_standby.expect("waited for");
+    wait_for(
+        SECS_10,
+        "the new standby is known to the sender's node",
+        || {
+            c.node(other).members().iter().any(|m| {
+                m.info.name == host
+                    && m.info
+                        .standbys
+                        .iter()
+                        .any(|(s, _, n)| *s == id && *n == next_standby)
+            })
+        },
+    )?;
+    c.kill(host.as_str());
+    wait_for(
+        Duration::from_secs(20),
+        "the new standby runs the service",
+        || c.node(next_standby.as_str()).replica(id).is_some(),
+    )?;
+    for i in 51..=60 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=60).collect::<Vec<_>>(), "history: {seen:?}");
     wait_for(Duration::from_secs(20), "every message confirmed", || {
         from.unconfirmed() == 0
     })?;
