@@ -20,6 +20,12 @@
 //! message lost that its living sender's node did not report (`NodeHandle::losses`). Without
 //! kills nothing may be lost at all and no sender may fail. Messages whose sender died with its
 //! node are counted apart (`lost_with_sender`): there is nobody left to tell.
+//!
+//! With `--replicas 1` every sink's kind has a standby copy (`Service::REPLICAS`): a sink does
+//! not die with its node, its standby takes it over. Such a run is judged by what each sink's
+//! own state says it handled (a copy taken over from a checkpoint handles again what came after
+//! it; the records kept outside count those as `reexecuted`), and nothing may be lost at all,
+//! kills or not: every sink must answer at the end (`unanswered_sinks` 0) and `lost` must be 0.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::ExitCode;
@@ -79,11 +85,18 @@ fn locked<T>(m: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
 
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
-/// A sink counting each sender's numbers; every running instance has its own token.
+/// A sink counting each sender's numbers; every running instance has its own token. `R` is
+/// its kind's `REPLICAS`: with `--replicas 1` every sink has a standby copy.
+///
+/// It also keeps what it handled in its own state (`reports`), which a replicated sink's
+/// checkpoints carry: a promoted copy handles again what came after its checkpoint (its
+/// handler's effects outside its state happen twice, the records above count that as
+/// re-execution), and its state must still show every message exactly once, in order.
 #[derive(Default, Serialize, Deserialize)]
-struct Sink {
+struct Sink<const R: u8> {
     #[serde(skip)]
     instance: u64,
+    reports: BTreeMap<String, SenderReport>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -97,9 +110,11 @@ enum SinkMsg {
         seq: u64,
         reply: ReplyTo<u64>,
     },
+    /// What the sink's state says it handled, per sender.
+    Reports(ReplyTo<BTreeMap<String, SenderReport>>),
 }
 
-impl Sink {
+impl<const R: u8> Sink<R> {
     fn handled_by_me(&self, id: ServiceId) {
         let mut all = locked(live());
         let l = all.entry(id).or_default();
@@ -118,20 +133,26 @@ impl Sink {
         l.max_live = l.max_live.max(1);
     }
 
-    fn record(id: ServiceId, sender: String, seq: u64) {
+    fn record(&mut self, id: ServiceId, sender: String, seq: u64) {
         locked(records())
             .entry(id)
             .or_default()
-            .entry(sender)
+            .entry(sender.clone())
             .or_default()
             .record(seq);
+        self.reports.entry(sender).or_default().record(seq);
     }
 }
 
-impl Service for Sink {
+impl<const R: u8> Service for Sink<R> {
     type Msg = SinkMsg;
-    const KIND: &'static str = "chaos-sink";
+    const KIND: &'static str = if R == 0 {
+        "chaos-sink"
+    } else {
+        "chaos-replicated-sink"
+    };
     const VERSION: u32 = 1;
+    const REPLICAS: u8 = R;
 
     fn started(&mut self, _ctx: &mut Ctx<Self>) {
         self.instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
@@ -140,10 +161,13 @@ impl Service for Sink {
     async fn handle(&mut self, msg: SinkMsg, ctx: &mut Ctx<Self>) {
         self.handled_by_me(ctx.id());
         match msg {
-            SinkMsg::Record { sender, seq } => Sink::record(ctx.id(), sender, seq),
+            SinkMsg::Record { sender, seq } => self.record(ctx.id(), sender, seq),
             SinkMsg::RecordAsk { sender, seq, reply } => {
-                Sink::record(ctx.id(), sender, seq);
+                self.record(ctx.id(), sender, seq);
                 let _ = ctx.reply(reply, seq);
+            }
+            SinkMsg::Reports(reply) => {
+                let _ = ctx.reply(reply, self.reports.clone());
             }
         }
     }
@@ -153,7 +177,7 @@ impl Service for Sink {
 /// a tell that fails was never queued and gives its number back; so does an ask that was not
 /// sent; any other ask used its number, whatever its outcome.
 #[derive(Serialize, Deserialize)]
-struct Sender {
+struct Sender<const R: u8> {
     name: String,
     next: u64,
     failed: u64,
@@ -165,7 +189,16 @@ enum SenderMsg {
     Send { tells: u64, asks: u64 },
 }
 
-impl Sender {
+impl<const R: u8> Sender<R> {
+    fn new(name: String) -> Self {
+        Sender {
+            name,
+            next: 0,
+            failed: 0,
+            asks_failed: 0,
+        }
+    }
+
     fn publish(&self) {
         let s = Sent {
             used: self.next,
@@ -176,14 +209,18 @@ impl Sender {
     }
 }
 
-impl Service for Sender {
+impl<const R: u8> Service for Sender<R> {
     type Msg = SenderMsg;
-    const KIND: &'static str = "chaos-sender";
+    const KIND: &'static str = if R == 0 {
+        "chaos-sender"
+    } else {
+        "chaos-replicated-sender"
+    };
     const VERSION: u32 = 1;
 
     async fn handle(&mut self, msg: SenderMsg, ctx: &mut Ctx<Self>) {
         let SenderMsg::Send { tells, asks } = msg;
-        let Ok(sink) = ctx.book_ref::<Sink>("sink") else {
+        let Ok(sink) = ctx.book_ref::<Sink<R>>("sink") else {
             self.failed += tells + asks;
             return self.publish();
         };
@@ -230,6 +267,7 @@ struct Args {
     json: bool,
     faults: bool,
     kills: usize,
+    replicas: u8,
 }
 
 fn args() -> Result<Args> {
@@ -243,6 +281,7 @@ fn args() -> Result<Args> {
         json: false,
         faults: true,
         kills: 0,
+        replicas: 0,
     };
     let mut it = std::env::args().skip(1);
     fn num(it: &mut impl Iterator<Item = String>, name: &str) -> Result<u64> {
@@ -257,13 +296,20 @@ fn args() -> Result<Args> {
             "--json" => a.json = true,
             "--no-faults" => a.faults = false,
             "--kills" => a.kills = num(&mut it, "--kills")? as usize,
+            "--replicas" => a.replicas = num(&mut it, "--replicas")? as u8,
             other => bail!(
-                "unknown argument {other:?}; usage: tern-chaos [--nodes N] [--migrations N] [--seed N] [--kills K] [--json] [--no-faults]"
+                "unknown argument {other:?}; usage: tern-chaos [--nodes N] [--migrations N] [--seed N] [--kills K] [--replicas 0|1] [--json] [--no-faults]"
             ),
         }
     }
     if !(2..=26).contains(&a.nodes) {
         bail!("--nodes must be 2 to 26");
+    }
+    if a.replicas > 1 {
+        bail!("--replicas must be 0 or 1 (a replicated service has one standby)");
+    }
+    if a.replicas > 0 && a.nodes < 3 {
+        bail!("--replicas needs at least 3 nodes (a standby and a witness besides the primary)");
     }
     if a.kills > 0 && a.nodes < 3 {
         bail!("--kills needs at least 3 nodes (a is never killed, and a migration needs two live ones)");
@@ -320,44 +366,45 @@ fn main() -> ExitCode {
 }
 
 /// One sender: its name, the node it runs on, its sink, and its handle on node `a`.
-struct SenderAt {
+struct SenderAt<const R: u8> {
     name: String,
     node: String,
     sink: ServiceId,
     id: ServiceId,
-    handle: ServiceRef<Sender>,
+    handle: ServiceRef<Sender<R>>,
 }
 
 /// The run's sinks and senders, all handled from node `a`.
 #[derive(Default)]
-struct Fleet {
-    sinks: Vec<ServiceRef<Sink>>,
+struct Fleet<const R: u8> {
+    sinks: Vec<ServiceRef<Sink<R>>>,
     /// Lone sinks, migrated one at a time.
-    lone: Vec<ServiceRef<Sink>>,
+    lone: Vec<ServiceRef<Sink<R>>>,
     /// Roots of trees, migrated whole.
-    trees: Vec<ServiceRef<Sink>>,
-    senders: Vec<SenderAt>,
+    trees: Vec<ServiceRef<Sink<R>>>,
+    senders: Vec<SenderAt<R>>,
     dead_sinks: BTreeSet<ServiceId>,
     dead_senders: BTreeSet<String>,
 }
 
-impl Fleet {
+impl<const R: u8> Fleet<R> {
     /// A sink on `node`, and senders to it from every live node (and from `node` to every
     /// live sink).
     fn add_node(&mut self, c: &Cluster, node: &str, live: &[String]) -> Result<()> {
         let a = c.node("a");
         let host = c.node(node);
-        let lone = a.resolve::<Sink>(host.spawn(Sink::default())?.addr())?;
-        let root = host.spawn(Sink::default())?;
-        let mut new = vec![lone.clone(), a.resolve::<Sink>(root.addr())?];
+        let lone = a.resolve::<Sink<R>>(host.spawn(Sink::<R>::default())?.addr())?;
+        let root = host.spawn(Sink::<R>::default())?;
+        let mut new = vec![lone.clone(), a.resolve::<Sink<R>>(root.addr())?];
         for _ in 0..2 {
-            let child = host.spawn(Sink::default())?;
-            host.adopt(root.id(), child.addr())?;
-            new.push(a.resolve::<Sink>(child.addr())?);
+            let child = host.spawn(Sink::<R>::default())?;
+            host.adopt(root.id(), child.addr())
+                .context("adopting a child sink")?;
+            new.push(a.resolve::<Sink<R>>(child.addr())?);
         }
         self.lone.push(lone);
         self.trees.push(new[1].clone());
-        let mut pairs: Vec<(String, ServiceRef<Sink>)> = Vec::new();
+        let mut pairs: Vec<(String, ServiceRef<Sink<R>>)> = Vec::new();
         for sink in &new {
             self.sinks.push(sink.clone());
             pairs.extend(
@@ -374,14 +421,10 @@ impl Fleet {
         for (from, sink) in pairs {
             let n = c.node(&from);
             let name = format!("{from}->{}", sink.id());
-            let s = n.spawn(Sender {
-                name: name.clone(),
-                next: 0,
-                failed: 0,
-                asks_failed: 0,
-            })?;
-            n.book_insert(s.addr(), "sink", sink.addr())?;
-            let handle = a.resolve::<Sender>(s.addr())?;
+            let s = n.spawn(Sender::<R>::new(name.clone()))?;
+            n.book_insert(s.addr(), "sink", sink.addr())
+                .with_context(|| format!("the book of sender {name} on {from}"))?;
+            let handle = a.resolve::<Sender<R>>(s.addr())?;
             self.senders.push(SenderAt {
                 name,
                 node: from,
@@ -396,6 +439,15 @@ impl Fleet {
 
 fn run() -> Result<(String, bool)> {
     let a = args()?;
+    if a.replicas > 0 {
+        run_with::<1>(a)
+    } else {
+        run_with::<0>(a)
+    }
+}
+
+/// The run, with sinks whose kind has `R` standby copies.
+fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
     // Logs go to stderr: stdout carries the one JSON object. (Set before the harness's own
     // subscriber, which writes where tests capture it.)
     let _ = tracing_subscriber::fmt()
@@ -419,13 +471,15 @@ fn run() -> Result<(String, bool)> {
         idle_timeout_ms: 2_000,
         keep_alive_ms: 500,
         losses_max: 1_000_000,
+        // Kept whole, for the account of a failed run.
+        events_max: 200_000,
         ..Limits::default()
     };
     let mut c = builder
         .limits(limits)
         .faults(a.seed)
         .setup(|n| {
-            n.register::<Sink>().register::<Sender>();
+            n.register::<Sink<R>>().register::<Sender<R>>();
         })
         .start()?;
     c.wait_connected(Duration::from_secs(20))?;
@@ -434,7 +488,7 @@ fn run() -> Result<(String, bool)> {
         a.seed, a.nodes, a.kills
     );
 
-    let mut fleet = Fleet::default();
+    let mut fleet = Fleet::<R>::default();
     let mut up: Vec<String> = Vec::new();
     for n in &names {
         up.push(n.clone());
@@ -449,6 +503,11 @@ fn run() -> Result<(String, bool)> {
     let mut trees_aborted: BTreeMap<String, u64> = BTreeMap::new();
     let kill_every = a.migrations / (a.kills + 1);
     let mut kills = 0usize;
+    // Replicated services taken over by a standby: counted on each node before it is killed,
+    // and on the living ones at the end.
+    let mut takeovers = 0u64;
+    // What the killed nodes had logged, for the account of a failed run.
+    let mut killed_events: Vec<(String, tern::NodeEvent)> = Vec::new();
     // A killed node, and when it died: restarted once its peers have surely noticed.
     let mut down: Option<(String, Instant)> = None;
     for step in 0..a.migrations {
@@ -482,8 +541,9 @@ fn run() -> Result<(String, bool)> {
                 .iter()
                 .map(|s| s.addr.id)
                 .collect();
+            // A replicated sink does not die with its node: its standby takes it over.
             for s in &fleet.sinks {
-                if hosted.contains(&s.id()) {
+                if R == 0 && hosted.contains(&s.id()) {
                     fleet.dead_sinks.insert(s.id());
                 }
             }
@@ -491,6 +551,10 @@ fn run() -> Result<(String, bool)> {
                 if s.node == victim {
                     fleet.dead_senders.insert(s.name.clone());
                 }
+            }
+            takeovers += c.node(&victim).stats().takeovers;
+            for e in c.node(&victim).events() {
+                killed_events.push((victim.clone(), e));
             }
             c.kill(&victim);
             up.retain(|n| *n != victim);
@@ -547,7 +611,7 @@ fn run() -> Result<(String, bool)> {
                     _ => {}
                 }
             }
-            let live = |pool: &Vec<ServiceRef<Sink>>| -> Vec<ServiceRef<Sink>> {
+            let live = |pool: &Vec<ServiceRef<Sink<R>>>| -> Vec<ServiceRef<Sink<R>>> {
                 pool.iter()
                     .filter(|s| !fleet.dead_sinks.contains(&s.id()))
                     .cloned()
@@ -556,7 +620,7 @@ fn run() -> Result<(String, bool)> {
             let (trees, lone) = (live(&fleet.trees), live(&fleet.lone));
             // Kills can leave one pool empty for a while: then the other is used.
             let whole_tree = (rng.below(3) == 0 && !trees.is_empty()) || lone.is_empty();
-            let alive: Vec<&ServiceRef<Sink>> = if whole_tree {
+            let alive: Vec<&ServiceRef<Sink<R>>> = if whole_tree {
                 trees.iter()
             } else {
                 lone.iter()
@@ -632,6 +696,14 @@ fn run() -> Result<(String, bool)> {
                 Ok(r) => r,
                 // Did not move: the report says why (counted below).
                 Err(tern::Error::NotMoved(n)) if n.reports.len() == 1 => n.reports[0].clone(),
+                // A replicated sink whose node was just killed: the request cannot reach it
+                // until its standby has taken it over. Counted like any abort.
+                Err(e) if R > 0 => {
+                    *aborted
+                        .entry(format!("request: {}", short(&e.to_string())))
+                        .or_default() += 1;
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             };
             match &report.aborted {
@@ -671,11 +743,42 @@ fn run() -> Result<(String, bool)> {
     // And for confirmations and loss reports to settle.
     std::thread::sleep(Duration::from_millis(500));
 
+    // A replicated sink is judged by what its state says it handled: a copy promoted from a
+    // checkpoint handles again what came after it, so the records kept outside (the handler's
+    // side effects) count those twice; that is re-execution, reported apart.
+    let mut reexecuted = 0u64;
+    let mut unanswered_sinks = 0u64;
+    let records = if R == 0 {
+        locked(records()).clone()
+    } else {
+        let outside = locked(records()).clone();
+        let mut kept = HashMap::new();
+        for sink in &fleet.sinks {
+            let res = block_on(sink.ask(SinkMsg::Reports, Duration::from_secs(30)));
+            match res {
+                Ok(r) => {
+                    for (name, o) in outside.get(&sink.id()).into_iter().flatten() {
+                        let k = r.get(name).map_or(0, |k| k.received);
+                        reexecuted += o.received.saturating_sub(k);
+                    }
+                    kept.insert(sink.id(), r);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "tern-chaos: replicated sink {} did not answer: {e}",
+                        sink.id()
+                    );
+                    unanswered_sinks += 1;
+                }
+            }
+        }
+        kept
+    };
     let (mut total_sent, mut processed, mut duplicated, mut reordered) = (0u64, 0u64, 0u64, 0u64);
     let (mut lost, mut lost_reported, mut lost_unreported, mut lost_with_sender) =
         (0u64, 0u64, 0u64, 0u64);
     let mut failed_senders = 0u64;
-    let records = locked(records()).clone();
+    let mut dumped = BTreeSet::new();
     for s in &fleet.senders {
         let Sent {
             used,
@@ -706,10 +809,51 @@ fn run() -> Result<(String, bool)> {
             .map(|l| l.messages)
             .sum::<u64>()
             + asks_failed;
+        if missing > 0 {
+            let sink = fleet.sinks.iter().find(|x| x.id() == s.sink);
+            let seen_from = sink
+                .and_then(|x| c.node(&s.node).resolve::<Sink<R>>(x.addr()).ok())
+                .map(|h| h.location());
+            let runs_on: Vec<&String> = up
+                .iter()
+                .filter(|n| c.node(n).services().iter().any(|x| x.addr.id == s.sink))
+                .collect();
+            eprintln!(
+                "tern-chaos: its sink runs on {runs_on:?}, the sender's node sends to {seen_from:?}"
+            );
+            if dumped.insert(s.sink) {
+                let key = s.sink.to_string();
+                let living = up
+                    .iter()
+                    .flat_map(|n| c.node(n).events().into_iter().map(move |e| (n.clone(), e)));
+                // Repeated kinds: the first three of each per node.
+                let mut seen: BTreeMap<(String, String), u32> = BTreeMap::new();
+                for (n, e) in killed_events.iter().cloned().chain(living) {
+                    if !e.detail.contains(&key) {
+                        continue;
+                    }
+                    let k = seen.entry((n.clone(), e.kind.clone())).or_default();
+                    *k += 1;
+                    if *k <= 3 || !e.kind.ends_with("-lost") && !e.kind.starts_with("refused") {
+                        eprintln!("tern-chaos:   {n} #{} {}: {}", e.n, e.kind, e.detail);
+                    }
+                }
+            }
+            eprintln!(
+                "tern-chaos: sender {} (on {}) used {used} numbers, {failed} failed, its sink \
+                 handled {handled} (next {}, {} missing: {:?}), its node reported {reported}",
+                s.name,
+                s.node,
+                r.next,
+                r.missing.len(),
+                r.missing.iter().take(8).collect::<Vec<_>>(),
+            );
+        }
         lost += missing;
         lost_reported += reported;
         lost_unreported += missing.saturating_sub(reported);
     }
+    takeovers += up.iter().map(|n| c.node(n).stats().takeovers).sum::<u64>();
     let max_live = locked(live())
         .values()
         .map(|l| l.max_live)
@@ -723,7 +867,9 @@ fn run() -> Result<(String, bool)> {
         && duplicated == 0
         && reordered == 0
         && max_live <= 1
-        && (kills > 0 || (lost == 0 && failed_senders == 0 && processed == total_sent));
+        && (kills > 0 || (lost == 0 && failed_senders == 0 && processed == total_sent))
+        // Replicated sinks lose nothing even to kills; every one of them still answers.
+        && (R == 0 || (lost == 0 && unanswered_sinks == 0));
     let out = json!({
         "seed": a.seed,
         "nodes": a.nodes,
@@ -732,6 +878,10 @@ fn run() -> Result<(String, bool)> {
         "migrations_aborted": aborted,
         "faults_injected": faults,
         "node_kills": kills,
+        "replicas": R,
+        "takeovers": takeovers,
+        "reexecuted": reexecuted,
+        "unanswered_sinks": unanswered_sinks,
         "messages_sent": total_sent,
         "messages_processed": processed,
         "sender_failures": failed_senders,
