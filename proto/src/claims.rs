@@ -163,6 +163,43 @@ pub fn takeover(
     }
 }
 
+/// Checks `from`'s claim to run `service` at `epoch`, made to the node that runs it at
+/// `running` and that sent checkpoints of that epoch to the standbys in `may_hold`: granted
+/// only for the next epoch and only to one of them (the only nodes that can take the service
+/// over from a checkpoint). Granting any other claimer would retire the running copy and hand
+/// its queue to a node that holds nothing of it.
+///
+/// ```
+/// use tern_proto::claims::replica_claim;
+/// use tern_proto::ids::{NodeName, ServiceId};
+/// let (b, liar) = (NodeName::new("b"), NodeName::new("liar"));
+/// let s = ServiceId::from_parts(1, 1);
+/// assert!(replica_claim(3, &[b.clone()], &b, s, 4).is_ok());
+/// assert!(replica_claim(3, &[b.clone()], &liar, s, 4).is_err());
+/// assert!(replica_claim(3, &[b.clone()], &b, s, 5).is_err());
+/// // No checkpoint of the epoch sent: nobody can take it over.
+/// assert!(replica_claim(3, &[], &b, s, 4).is_err());
+/// ```
+pub fn replica_claim(
+    running: u64,
+    may_hold: &[NodeName],
+    from: &NodeName,
+    service: ServiceId,
+    epoch: u64,
+) -> Result<(), ClaimRefused> {
+    if epoch == running + 1 && may_hold.contains(from) {
+        return Ok(());
+    }
+    Err(ClaimRefused {
+        claim: "replica claim",
+        detail: format!(
+            "{from} claims service {service} at epoch {epoch}; it runs here at epoch {running}, \
+             and only a standby sent its checkpoints ({may_hold:?}) may claim epoch {}",
+            running + 1
+        ),
+    })
+}
+
 /// Which side of a migration attempt may send a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -257,6 +257,18 @@ impl Replicas {
             .is_some_and(|p| p.standby.is_some() || p.sent || p.retired.is_some())
     }
 
+    /// For a replicated service this node runs (and has not retired): its epoch and the
+    /// standbys it sent checkpoints of that epoch to (the only nodes that may claim the next).
+    pub fn running(&self, id: ServiceId) -> Option<(u64, Vec<NodeName>)> {
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return None;
+        }
+        lock(&self.primaries)
+            .get(&id)
+            .filter(|p| p.retired.is_none())
+            .map(|p| (p.epoch, p.first_to.keys().cloned().collect()))
+    }
+
     /// `id` (of `kind`, at `epoch`) starts here as a replicated service, its senders' windows
     /// at `marks` (the last number each took: restored from a snapshot or a checkpoint).
     pub fn start(&self, id: ServiceId, kind: KindKey, epoch: u64, marks: Vec<(ServiceId, u64)>) {
@@ -1177,6 +1189,27 @@ impl NodeShared {
             };
             self.refuse_claim(from, &refusal);
             return;
+        }
+        // The node that runs the service grants its next epoch only to a standby that may hold
+        // a checkpoint of it.
+        if let Some((epoch, may_hold)) = self.replicas.running(claim.service) {
+            if let Err(refusal) = tern_proto::claims::replica_claim(
+                epoch,
+                &may_hold,
+                from,
+                claim.service,
+                claim.epoch,
+            ) {
+                self.refuse_claim(from, &refusal);
+                let vote = Vote::No {
+                    epoch,
+                    holder: self.name().clone(),
+                };
+                if let Some(link) = self.links.get(from) {
+                    let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Vote { claim, vote }));
+                }
+                return;
+            }
         }
         let vote = match self.driver.location(claim.service) {
             Some((at, e)) if e >= claim.epoch && at != *from => Vote::No {

@@ -674,6 +674,54 @@ fn a_checkpoint_ahead_of_the_standbys_directory_waits_a_lease_and_is_refused() -
     Ok(())
 }
 
+/// A peer that never held a checkpoint of a service claims its next epoch from the node that
+/// runs it: refused (that node grants the next epoch only to a standby it sent checkpoints of
+/// this epoch to), and the copy goes on; granting it would retire the copy and hand its queue
+/// to the claimer.
+#[test]
+fn a_peer_cannot_take_a_replicated_service_by_claiming_its_next_epoch() -> Result<()> {
+    let (c, svc, _standby) = kept_on_a()?;
+    let id = svc.id();
+    block_on(async {
+        let mut rogue = Rogue::connect(&c, "mallory", "a").await?;
+        let claim = tern_proto::replica::Claim {
+            service: id,
+            epoch: 1,
+            holder: NodeName::new("mallory"),
+        };
+        rogue
+            .send_ctrl(&Frame::Replica(ReplicaMsg::Claim(claim.clone())))
+            .await?;
+        let vote = rogue
+            .next_picked("the vote on mallory's claim", |f| match f {
+                RogueFrame::Replica(ReplicaMsg::Vote { claim: c, vote }) if c == claim => {
+                    Some(vote)
+                }
+                _ => None,
+            })
+            .await?;
+        ensure!(
+            matches!(vote, tern_proto::replica::Vote::No { .. }),
+            "a voted {vote:?}"
+        );
+        anyhow::Ok(())
+    })?;
+    let info = c.node("a").replica(id).expect("a still runs it");
+    ensure!(info.serving, "{info:?}");
+    for i in 1..=10 {
+        block_on(svc.tell_wait(KeptMsg::Item(i)))?;
+    }
+    let seen = block_on(svc.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=10).collect::<Vec<_>>(), "handled {seen:?}");
+    ensure!(
+        svc.location().as_str() == "a",
+        "it went to {}",
+        svc.location()
+    );
+    c.shutdown();
+    Ok(())
+}
+
 #[test]
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
