@@ -722,6 +722,112 @@ fn a_peer_cannot_take_a_replicated_service_by_claiming_its_next_epoch() -> Resul
     Ok(())
 }
 
+/// Held inside its handler until the test lets it go: what it is sent meanwhile stays
+/// unconfirmed.
+static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(0);
+
+/// A replicated service whose `Hold` waits at [`GATE`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Gated {
+    pub seen: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum GatedMsg {
+    Hold,
+    Item(u64),
+    Seen(ReplyTo<Vec<u64>>),
+}
+
+impl Service for Gated {
+    type Msg = GatedMsg;
+    const KIND: &'static str = "test-gated";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+
+    async fn handle(&mut self, msg: GatedMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            GatedMsg::Hold => {
+                if let Ok(p) = GATE.acquire().await {
+                    p.forget();
+                }
+            }
+            GatedMsg::Item(i) => self.seen.push(i),
+            GatedMsg::Seen(r) => {
+                let _ = ctx.reply(r, self.seen.clone());
+            }
+        }
+    }
+}
+
+/// A handle keeps a copy of every message to a replicated service until a checkpoint covers
+/// it, at most `retained_per_channel_max` (4,096): past that `tell` fails with `Unsettled` and
+/// `tell_wait` waits, and both go on once the service has caught up.
+#[test]
+fn a_sender_keeps_at_most_4096_unconfirmed_messages_then_tell_fails_and_tell_wait_waits(
+) -> Result<()> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    // Mailboxes larger than the bound: the bound on kept copies is what stops the sender.
+    let limits = tern::Limits {
+        mailbox_capacity: 10_000,
+        ..crate::common::quick_to_notice()
+    };
+    let c = ["a", "b", "c"]
+        .iter()
+        .fold(tern_harness::Cluster::builder(), |b, n| b.node(n, &[]))
+        .limits(limits)
+        .faults(seed)
+        .setup(|n| {
+            n.register::<Gated>();
+        })
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    c.wait_members(SECS_10)?;
+    let svc = c.node("a").spawn(Gated::default())?;
+    let id = svc.id();
+    wait_for(SECS_10, "a standby holds the first checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    })?;
+    let from = c.node("b").resolve::<Gated>(svc.addr())?;
+    from.tell(GatedMsg::Hold)?;
+    let mut told = 0u64;
+    let refused = loop {
+        match from.tell(GatedMsg::Item(told + 1)) {
+            Ok(()) => told += 1,
+            Err(e) => break e,
+        }
+        ensure!(told <= 4_096, "more than the bound kept");
+    };
+    ensure!(
+        matches!(refused, tern::DeliveryError::Unsettled { max: 4_096, .. }),
+        "refused with {refused:?}"
+    );
+    ensure!(told == 4_095, "{told} tells kept besides the hold");
+    ensure!(from.unconfirmed() == 4_096, "{} kept", from.unconfirmed());
+    let waiter = {
+        let from = from.clone();
+        std::thread::spawn(move || block_on(from.tell_wait(GatedMsg::Item(4_096))))
+    };
+    GATE.add_permits(1);
+    waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiting sender panicked"))??;
+    let seen = block_on(from.ask(GatedMsg::Seen, SECS_10))?;
+    ensure!(
+        seen == (1..=4_096).collect::<Vec<_>>(),
+        "{} handled",
+        seen.len()
+    );
+    wait_for(SECS_10, "every message confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    c.shutdown();
+    Ok(())
+}
+
 #[test]
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
