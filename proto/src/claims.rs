@@ -163,22 +163,39 @@ pub fn takeover(
     }
 }
 
-/// Checks `from`'s claim to run `service` at `epoch`, made to the node that runs it at
-/// `running` and that sent checkpoints of that epoch to the standbys in `may_hold`: granted
-/// only for the next epoch and only to one of them (the only nodes that can take the service
-/// over from a checkpoint). Granting any other claimer would retire the running copy and hand
-/// its queue to a node that holds nothing of it.
+/// What the node running a replicated service makes of a claim to one of its next epochs
+/// that [`replica_claim`] does not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaClaim {
+    /// The next epoch, from a standby this copy sent checkpoints of its epoch to: the voter
+    /// votes, and a copy that grants it retires.
+    Next,
+    /// An epoch past the next: this copy is behind (others went on since it last heard), and
+    /// cannot tell a real successor from a liar. It votes (as a witness, its vote may decide
+    /// between two real claimers) and does not retire on it: it learns of a successor from
+    /// that successor's location, or by losing a ballot of its own.
+    Beyond,
+}
+
+/// Checks `from`'s claim to run `service` at `epoch`, made to the node that runs it at epoch
+/// `running` and that sent checkpoints of that epoch to the standbys in `may_hold`. The next
+/// epoch may be claimed only by one of them (the only nodes that can take the service over
+/// from a checkpoint of it); granting it to anyone else would retire the running copy and
+/// hand its queue to a node that holds nothing of it. Refused, too: an epoch not past
+/// `running`.
 ///
 /// ```
-/// use tern_proto::claims::replica_claim;
+/// use tern_proto::claims::{replica_claim, ReplicaClaim};
 /// use tern_proto::ids::{NodeName, ServiceId};
 /// let (b, liar) = (NodeName::new("b"), NodeName::new("liar"));
 /// let s = ServiceId::from_parts(1, 1);
-/// assert!(replica_claim(3, &[b.clone()], &b, s, 4).is_ok());
+/// assert_eq!(replica_claim(3, &[b.clone()], &b, s, 4), Ok(ReplicaClaim::Next));
 /// assert!(replica_claim(3, &[b.clone()], &liar, s, 4).is_err());
-/// assert!(replica_claim(3, &[b.clone()], &b, s, 5).is_err());
+/// assert!(replica_claim(3, &[b.clone()], &b, s, 3).is_err());
 /// // No checkpoint of the epoch sent: nobody can take it over.
 /// assert!(replica_claim(3, &[], &b, s, 4).is_err());
+/// // Past the next epoch: voted on, never a reason to retire.
+/// assert_eq!(replica_claim(3, &[], &liar, s, 9), Ok(ReplicaClaim::Beyond));
 /// ```
 pub fn replica_claim(
     running: u64,
@@ -186,9 +203,12 @@ pub fn replica_claim(
     from: &NodeName,
     service: ServiceId,
     epoch: u64,
-) -> Result<(), ClaimRefused> {
+) -> Result<ReplicaClaim, ClaimRefused> {
+    if epoch > running.saturating_add(1) {
+        return Ok(ReplicaClaim::Beyond);
+    }
     if epoch == running + 1 && may_hold.contains(from) {
-        return Ok(());
+        return Ok(ReplicaClaim::Next);
     }
     Err(ClaimRefused {
         claim: "replica claim",

@@ -1191,24 +1191,29 @@ impl NodeShared {
             return;
         }
         // The node that runs the service grants its next epoch only to a standby that may hold
-        // a checkpoint of it.
+        // a checkpoint of it, and retires only for such a claim.
+        let mut may_retire = true;
         if let Some((epoch, may_hold)) = self.replicas.running(claim.service) {
-            if let Err(refusal) = tern_proto::claims::replica_claim(
+            match tern_proto::claims::replica_claim(
                 epoch,
                 &may_hold,
                 from,
                 claim.service,
                 claim.epoch,
             ) {
-                self.refuse_claim(from, &refusal);
-                let vote = Vote::No {
-                    epoch,
-                    holder: self.name().clone(),
-                };
-                if let Some(link) = self.links.get(from) {
-                    let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Vote { claim, vote }));
+                Ok(tern_proto::claims::ReplicaClaim::Next) => {}
+                Ok(tern_proto::claims::ReplicaClaim::Beyond) => may_retire = false,
+                Err(refusal) => {
+                    self.refuse_claim(from, &refusal);
+                    let vote = Vote::No {
+                        epoch,
+                        holder: self.name().clone(),
+                    };
+                    if let Some(link) = self.links.get(from) {
+                        let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Vote { claim, vote }));
+                    }
+                    return;
                 }
-                return;
             }
         }
         let vote = match self.driver.location(claim.service) {
@@ -1218,7 +1223,7 @@ impl NodeShared {
             },
             _ => lock(&self.replicas.ballots).vote(&claim),
         };
-        if vote == Vote::Yes {
+        if vote == Vote::Yes && may_retire {
             self.retire_older(claim.service, &claim.holder, claim.epoch);
         }
         if let Some(link) = self.links.get(from) {

@@ -109,6 +109,8 @@ pub struct FailoverReport {
     pub reexecuted: u64,
     /// Messages sent again by senders.
     pub resent: u64,
+    /// Claims the running copy refused (from a node it sent no checkpoint of its epoch to).
+    pub claims_refused: u64,
     /// Outputs the sink dropped as copies.
     pub outputs_dropped: u64,
     /// Stretches in which the primary could not serve for want of a lease.
@@ -156,6 +158,9 @@ struct Copy {
     /// serves only once protected and under its lease. Before, no standby can take this epoch
     /// over, and the copy serves at once (the node's rule after a won ballot).
     sent: bool,
+    /// The standbys sent a checkpoint of this epoch: the only nodes this copy grants its next
+    /// epoch to (`claims::replica_claim`, as the node does).
+    sent_to: Vec<usize>,
     /// Outputs waiting for the checkpoint that covers them (held mode): (checkpoint, seq,
     /// content).
     held_out: VecDeque<(u64, u64, (ServiceId, u64))>,
@@ -417,6 +422,9 @@ impl World {
             };
             let no = copy.cadence.cut(copy.marks(), now_l);
             copy.sent = true;
+            if !copy.sent_to.contains(&sb) {
+                copy.sent_to.push(sb);
+            }
             out.push((
                 sb,
                 Net::Checkpoint {
@@ -557,6 +565,7 @@ impl World {
                     copy.standby_since = now_l;
                     copy.protected = false;
                     copy.sent = false;
+                    copy.sent_to.clear();
                     self.report.continued += 1;
                 } else if let Some(h) = self.voters[n].pending.take() {
                     // The standby takes over from its checkpoint.
@@ -576,6 +585,7 @@ impl World {
                         standby_term: 0,
                         protected: false,
                         sent: false,
+                        sent_to: Vec::new(),
                         held_out: VecDeque::new(),
                         retired: false,
                         replay_until: self.high_water,
@@ -723,7 +733,36 @@ impl World {
                 }
             }
             Net::Claim(claim) => {
-                let vote = self.voters[to].ballots.vote(&claim);
+                // A copy running here grants its next epoch only to a standby it checkpointed
+                // to, as the node does.
+                let names: Vec<NodeName> = self.voters.iter().map(|v| v.name.clone()).collect();
+                let refused = self.voters[to]
+                    .copy
+                    .as_ref()
+                    .filter(|c| !c.retired)
+                    .and_then(|c| {
+                        let may_hold: Vec<NodeName> =
+                            c.sent_to.iter().map(|i| names[*i].clone()).collect();
+                        tern_proto::claims::replica_claim(
+                            c.epoch,
+                            &may_hold,
+                            &names[from],
+                            claim.service,
+                            claim.epoch,
+                        )
+                        .err()
+                        .map(|_| c.epoch)
+                    });
+                let vote = match refused {
+                    Some(epoch) => {
+                        self.report.claims_refused += 1;
+                        Vote::No {
+                            epoch,
+                            holder: names[to].clone(),
+                        }
+                    }
+                    None => self.voters[to].ballots.vote(&claim),
+                };
                 self.send(to, from, Net::Voted(claim, vote));
             }
             Net::Voted(claim, vote) => {
@@ -847,6 +886,7 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
         standby_term: 0,
         protected: true,
         sent: true,
+        sent_to: vec![B],
         held_out: VecDeque::new(),
         retired: false,
         replay_until: 0,

@@ -677,7 +677,7 @@ fn a_checkpoint_ahead_of_the_standbys_directory_waits_a_lease_and_is_refused() -
 /// A peer that never held a checkpoint of a service claims its next epoch from the node that
 /// runs it: refused (that node grants the next epoch only to a standby it sent checkpoints of
 /// this epoch to), and the copy goes on; granting it would retire the copy and hand its queue
-/// to the claimer.
+/// to the claimer. A claim far past the next epoch is voted on but retires nothing.
 #[test]
 fn a_peer_cannot_take_a_replicated_service_by_claiming_its_next_epoch() -> Result<()> {
     let (c, svc, _standby) = kept_on_a()?;
@@ -704,6 +704,19 @@ fn a_peer_cannot_take_a_replicated_service_by_claiming_its_next_epoch() -> Resul
             matches!(vote, tern_proto::replica::Vote::No { .. }),
             "a voted {vote:?}"
         );
+        // An epoch far past the next: a copy that is behind cannot tell a real successor from
+        // a liar, so it votes (it may be the witness two real claimers need) but does not
+        // retire on its vote.
+        let far = tern_proto::replica::Claim { epoch: 50, ..claim };
+        rogue
+            .send_ctrl(&Frame::Replica(ReplicaMsg::Claim(far.clone())))
+            .await?;
+        rogue
+            .next_picked("the vote on mallory's far claim", |f| match f {
+                RogueFrame::Replica(ReplicaMsg::Vote { claim: c, vote }) if c == far => Some(vote),
+                _ => None,
+            })
+            .await?;
         anyhow::Ok(())
     })?;
     let info = c.node("a").replica(id).expect("a still runs it");

@@ -386,9 +386,10 @@ mod failover {
         let cfg = FailoverConfig::default();
         let reports = sweep(0xbad, 300, &cfg);
         eprintln!(
-            "failover sim (cuts and a crash): {} runs, {} takeovers",
+            "failover sim (cuts and a crash): {} runs, {} takeovers, {} claims the running copy refused",
             reports.len(),
-            total(&reports, |r| r.takeovers)
+            total(&reports, |r| r.takeovers),
+            total(&reports, |r| r.claims_refused)
         );
     }
 
