@@ -73,17 +73,54 @@ fn sender_knowing_standby(
     svc: &tern::ServiceRef<Kept>,
     standby: &NodeName,
 ) -> Result<(&'static str, tern::ServiceRef<Kept>)> {
-    let id = svc.id();
     let other = if standby.as_str() == "b" { "c" } else { "b" };
-    wait_for(SECS_10, "the standby is known to the sender's node", || {
-        c.node(other).members().iter().any(|m| {
-            m.info
-                .standbys
-                .iter()
-                .any(|(s, _, n)| *s == id && n == standby)
-        })
-    })?;
+    standby_known(c, other, "a", svc.id(), standby)?;
     Ok((other, c.node(other).resolve::<Kept>(svc.addr())?))
+}
+
+/// Waits until node `observer` knows, from `host`'s own gossip, that `standby` stands by for
+/// service `id` (only that standby's takeover is believed there).
+fn standby_known(
+    c: &tern_harness::Cluster,
+    observer: &str,
+    host: &str,
+    id: ServiceId,
+    standby: &NodeName,
+) -> Result<()> {
+    wait_for(SECS_10, "the standby is known to the sender's node", || {
+        c.node(observer).members().iter().any(|m| {
+            m.info.name.as_str() == host
+                && m.info
+                    .standbys
+                    .iter()
+                    .any(|(s, _, n)| *s == id && n == standby)
+        })
+    })
+}
+
+/// Tells `items` from `from` (on node `sender`) after a takeover: the whole history is 1 to
+/// the last of them, in order, everything is confirmed, and no loss was reported.
+fn goes_on_whole(
+    c: &tern_harness::Cluster,
+    sender: &str,
+    from: &tern::ServiceRef<Kept>,
+    items: std::ops::RangeInclusive<u64>,
+) -> Result<()> {
+    let last = *items.end();
+    for i in items {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=last).collect::<Vec<_>>(), "history: {seen:?}");
+    wait_for(Duration::from_secs(20), "every message confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node(sender).losses().is_empty(),
+        "losses reported: {:?}",
+        c.node(sender).losses()
+    );
+    Ok(())
 }
 
 #[test]
@@ -601,11 +638,6 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
     Ok(())
 }
 
-/// The primary's node dies without a word: the standby waits out the lease, wins the next
-/// epoch from the voters (itself and the third node), and runs the service from its last
-/// checkpoint; the sender's node sends again what was not confirmed, and the service's
-/// history has every message once, in order. An ask the primary never got is answered by the
-/// new copy. Traffic goes on afterwards, and nothing is reported lost.
 /// A checkpoint from a node that a standby's directory does not name, at a newer epoch than
 /// the one it knows, waits there for the word of a move (a move's new host may checkpoint
 /// before the old host's `Located` arrives); from a peer that never becomes the host it is
@@ -841,6 +873,11 @@ fn a_sender_keeps_at_most_4096_unconfirmed_messages_then_tell_fails_and_tell_wai
     Ok(())
 }
 
+/// The primary's node dies without a word: the standby waits out the lease, wins the next
+/// epoch from the voters (itself and the third node), and runs the service from its last
+/// checkpoint; the sender's node sends again what was not confirmed, and the service's
+/// history has every message once, in order. An ask the primary never got is answered by the
+/// new copy. Traffic goes on afterwards, and nothing is reported lost.
 #[test]
 fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
@@ -886,19 +923,7 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     );
     // Traffic goes on, and everything is confirmed (by the new primary's checkpoints to a new
     // standby: the sender's node is the only other node left).
-    for i in 101..=120 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
-    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
-    ensure!(seen == (1..=120).collect::<Vec<_>>(), "history: {seen:?}");
-    wait_for(Duration::from_secs(20), "every message confirmed", || {
-        from.unconfirmed() == 0
-    })?;
-    ensure!(
-        c.node(other).losses().is_empty(),
-        "losses reported: {:?}",
-        c.node(other).losses()
-    );
+    goes_on_whole(&c, other, &from, 101..=120)?;
     c.shutdown();
     Ok(())
 }
@@ -931,38 +956,14 @@ fn a_replicated_service_killed_right_after_a_move_goes_on_where_its_senders_were
         next_standby.is_some()
     })?;
     let next_standby = next_standby.expect("waited for");
-    wait_for(
-        SECS_10,
-        "the new standby is known to the sender's node",
-        || {
-            c.node(other).members().iter().any(|m| {
-                m.info.name == host
-                    && m.info
-                        .standbys
-                        .iter()
-                        .any(|(s, _, n)| *s == id && *n == next_standby)
-            })
-        },
-    )?;
+    standby_known(&c, other, host.as_str(), id, &next_standby)?;
     c.kill(host.as_str());
     wait_for(
         Duration::from_secs(20),
         "the new standby runs the service",
         || c.node(next_standby.as_str()).replica(id).is_some(),
     )?;
-    for i in 51..=60 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
-    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
-    ensure!(seen == (1..=60).collect::<Vec<_>>(), "history: {seen:?}");
-    wait_for(Duration::from_secs(20), "every message confirmed", || {
-        from.unconfirmed() == 0
-    })?;
-    ensure!(
-        c.node(other).losses().is_empty(),
-        "losses reported: {:?}",
-        c.node(other).losses()
-    );
+    goes_on_whole(&c, other, &from, 51..=60)?;
     c.shutdown();
     Ok(())
 }
