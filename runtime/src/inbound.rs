@@ -476,7 +476,13 @@ fn handle_frame(
                 "refused-by-peer",
                 format!("{}: message {seq} to {to}: {reason}", link.name),
             );
-            if let Some(from) = from {
+            let waits = match (&reason, from) {
+                (DeliveryError::UnknownService { node: at, .. }, Some(from)) => {
+                    node.refusal_waits(to, from, seq, at, &reason, None)
+                }
+                _ => false,
+            };
+            if let (Some(from), false) = (from, waits) {
                 node.record_loss(crate::LossReport {
                     service: to,
                     sender: from,

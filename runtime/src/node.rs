@@ -391,6 +391,13 @@ impl AskTable {
         lock(&self.pending).remove(&ask);
     }
 
+    /// The number ask `ask`'s request was sent under: `(service, sender, seq)`.
+    pub fn numbering(&self, ask: u64) -> Option<RefusedNumber> {
+        let p = lock(&self.pending);
+        let a = p.get(&ask)?;
+        Some((a.target?, a.numbered?.0, a.numbered?.1))
+    }
+
     fn len(&self) -> usize {
         lock(&self.pending).len()
     }
@@ -478,7 +485,7 @@ const GAPS_PENDING_MAX: usize = 4096;
 
 /// A gap or a stopped sender's close that a mailbox could not apply yet (frozen, moving, a
 /// copy not yet started): `(to, from, number)`, tried again on the next progress tick.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Pending {
     /// Numbers of `from` up to `through` will not come (see `apply_gap`).
     Gap(ServiceId, ServiceId, u64),
@@ -489,6 +496,23 @@ pub(crate) enum Pending {
     Route(ServiceId, ServiceId, u64, u16),
     /// A refused number's skip whose service's place had no link (see `route_skip`).
     Skip(ServiceId, ServiceId, u64, u16),
+    /// A message to a replicated service refused as unknown where its handle pointed, the
+    /// handle not knowing yet where else to look (see `refusal_waits`).
+    Refused(RefusedLater),
+}
+
+/// A refusal that waits for the handle to follow its service (see `refusal_waits`).
+#[derive(Clone, Debug)]
+pub(crate) struct RefusedLater {
+    to: ServiceId,
+    from: ServiceId,
+    seq: u64,
+    /// The node that refused it.
+    at: NodeName,
+    reason: DeliveryError,
+    /// The ask it carried, still waiting.
+    ask: Option<u64>,
+    tries: u16,
 }
 
 /// Handled marks per frame.
@@ -738,6 +762,81 @@ impl NodeShared {
             }
         }
         moved
+    }
+
+    /// True when this node's channel to `id` keeps copies (the service is replicated) and,
+    /// after trying to follow it away from `at`, points elsewhere: it sent its kept copies
+    /// there. `None` when it keeps no copies.
+    fn followed_away(&self, id: ServiceId, at: &NodeName) -> Option<bool> {
+        let chan = lock(&self.channels).get(&id).cloned()?;
+        if !chan.retains() {
+            return None;
+        }
+        self.not_known_at(id, at);
+        Some(chan.location().0 != *at)
+    }
+
+    /// Number `seq` of `from` to service `to` was refused by `at` as unknown there (a tell, or
+    /// the request of ask `ask`). True when the refusal is no loss, or not yet: this node's
+    /// channel keeps copies (the service is replicated) and has followed the service elsewhere
+    /// (here, or at an earlier such refusal), sending its kept copies there, this one among
+    /// them; or it waits, while the copy is kept, for the directory or gossip to say where the
+    /// service went (a node that joined after it moved may hear of that only from gossip,
+    /// within a second or so). Given up after `ROUTE_TRIES_MAX` progress ticks: then the
+    /// refusal is reported and skipped as any other.
+    pub fn refusal_waits(
+        &self,
+        to: ServiceId,
+        from: ServiceId,
+        seq: u64,
+        at: &NodeName,
+        reason: &DeliveryError,
+        ask: Option<u64>,
+    ) -> bool {
+        match self.followed_away(to, at) {
+            None => false,
+            Some(true) => true,
+            Some(false) => {
+                self.wait_pending(Pending::Refused(RefusedLater {
+                    to,
+                    from,
+                    seq,
+                    at: at.clone(),
+                    reason: reason.clone(),
+                    ask,
+                    tries: 1,
+                }));
+                true
+            }
+        }
+    }
+
+    /// A refusal that waited: done once the channel followed the service, else given up
+    /// after `ROUTE_TRIES_MAX` ticks (reported, or the ask failed, and the number skipped).
+    fn refused_later(&self, mut r: RefusedLater) {
+        if self.followed_away(r.to, &r.at) != Some(false) {
+            return;
+        }
+        if r.tries < tern_proto::forward::ROUTE_TRIES_MAX {
+            r.tries += 1;
+            self.wait_pending(Pending::Refused(r));
+            return;
+        }
+        match r.ask {
+            Some(ask) => {
+                let _ = self.asks.complete(ask, ReplyPayload::Refused(r.reason));
+            }
+            None => self.record_loss(LossReport {
+                service: r.to,
+                sender: r.from,
+                first_seq: r.seq,
+                last_seq: r.seq,
+                messages: 1,
+                node: r.at,
+                reason: r.reason.to_string(),
+            }),
+        }
+        self.skip_refused(r.to, r.from, r.seq);
     }
 
     /// Node `at` said service `id` is not known there: if this node's channel points there
@@ -1025,7 +1124,15 @@ impl NodeShared {
     /// Completes ask `ask` with `payload`; a refused request's number is skipped where the
     /// service is. False if no such ask was waiting.
     pub fn complete_ask(&self, ask: u64, payload: ReplyPayload) -> bool {
-        if let ReplyPayload::Refused(DeliveryError::UnknownService { id, node }) = &payload {
+        if let ReplyPayload::Refused(reason @ DeliveryError::UnknownService { id, node }) = &payload
+        {
+            if let Some((to, from, seq)) = self.asks.numbering(ask) {
+                if self.refusal_waits(to, from, seq, node, reason, Some(ask)) {
+                    // The request goes again, from its kept copy, to where the service is:
+                    // its answer comes from there.
+                    return true;
+                }
+            }
             self.not_known_at(*id, node);
         }
         let (waiting, refused) = self.asks.complete(ask, payload);
@@ -1099,6 +1206,7 @@ impl NodeShared {
                     self.route_gap(to, from, through, tries)
                 }
                 Pending::Skip(to, from, seq, tries) => self.route_skip(to, from, seq, tries),
+                Pending::Refused(r) => self.refused_later(r),
             }
         }
     }

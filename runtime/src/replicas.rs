@@ -147,7 +147,10 @@ type Body = (KindKey, Vec<u8>);
 /// A checkpoint from a node this node's directory does not yet know as the service's host,
 /// at an epoch newer than the directory's: the new host after a move, whose first checkpoint
 /// can arrive before the old host's `Located`. Answered once the directory names the sender
-/// (at that `Located`, or at the next replication tick), refused after `lease_ms`.
+/// (at that `Located`, or at the next replication tick), refused `renew_ms` after the first
+/// one of that service from that sender was parked (a newer one replaces it and keeps that
+/// time: the primary sends a fresh checkpoint each lease, and a wait started again each time
+/// would never end; the copy waits, paused, for the answer).
 struct Parked {
     service: ServiceId,
     from: NodeName,
@@ -793,12 +796,15 @@ impl NodeShared {
         }
     }
 
-    /// Parks checkpoint `c` (see [`Parked`]): a newer one of the same service replaces it
-    /// (the one replaced is never answered; its primary counts it overdue). Refused past
-    /// [`PARKED_PER_PEER_MAX`] per sender.
-    fn park(&self, c: Parked) -> Option<ReplicaMsg> {
+    /// Parks checkpoint `c` (see [`Parked`]): a newer one of the same service replaces it,
+    /// keeping the time the first was parked (the one replaced is never answered; its primary
+    /// counts it overdue). Refused past [`PARKED_PER_PEER_MAX`] per sender.
+    fn park(&self, mut c: Parked) -> Option<ReplicaMsg> {
         let mut parked = lock(&self.replicas.parked);
         let same = parked.get(&c.service).is_some_and(|p| p.from == c.from);
+        if let Some(first) = parked.get(&c.service).filter(|p| p.from == c.from) {
+            c.at_us = first.at_us;
+        }
         let of_sender = parked.values().filter(|p| p.from == c.from).count();
         if !same && of_sender >= PARKED_PER_PEER_MAX {
             return Some(ReplicaMsg::Refused {
@@ -817,7 +823,7 @@ impl NodeShared {
     }
 
     /// Answers the parked checkpoints whose sender this node's directory now names (of
-    /// `only`, or all), and refuses those parked for `lease_ms`.
+    /// `only`, or all), and refuses those parked for `renew_ms`.
     pub(crate) fn replica_parked_recheck(&self, only: Option<ServiceId>) {
         let ready: Vec<Parked> = {
             let mut parked = lock(&self.replicas.parked);
@@ -825,7 +831,7 @@ impl NodeShared {
                 return;
             }
             let now = now_us();
-            let wait_us = self.replicas.settings.lease_ms * 1_000;
+            let wait_us = self.replicas.settings.renew_ms * 1_000;
             let ids: Vec<ServiceId> = parked
                 .iter()
                 .filter(|(id, _)| only.is_none_or(|o| o == **id))

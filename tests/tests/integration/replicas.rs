@@ -641,9 +641,9 @@ fn a_peer_can_neither_fill_a_standby_nor_checkpoint_a_service_it_does_not_run() 
 /// A checkpoint from a node that a standby's directory does not name, at a newer epoch than
 /// the one it knows, waits there for the word of a move (a move's new host may checkpoint
 /// before the old host's `Located` arrives); from a peer that never becomes the host it is
-/// refused after a lease, never held, and the service checkpoints there as before.
+/// refused after `renew_ms`, never held, and the service checkpoints there as before.
 #[test]
-fn a_checkpoint_ahead_of_the_standbys_directory_waits_a_lease_and_is_refused() -> Result<()> {
+fn a_checkpoint_ahead_of_the_standbys_directory_waits_and_is_refused() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
     // Moved once: every node's directory knows it at epoch 1 on `to`.
@@ -869,6 +869,47 @@ fn a_sender_keeps_at_most_4096_unconfirmed_messages_then_tell_fails_and_tell_wai
     wait_for(SECS_10, "every message confirmed", || {
         from.unconfirmed() == 0
     })?;
+    c.shutdown();
+    Ok(())
+}
+
+/// A handle made from an address naming a node that never ran the service (as a node that
+/// joined late holds an address from before a move, once the tombstone is gone), before its
+/// node has heard from gossip where the service runs: what it sends is refused there as
+/// unknown. For a replicated service that loses nothing: the handle keeps its copies, waits
+/// for gossip to say where the service is, and sends them there; nothing is reported lost.
+#[test]
+fn tells_refused_where_a_replicated_service_never_was_go_again_once_gossip_says_where() -> Result<()>
+{
+    let (c, _svc, _standby) = kept_on_a()?;
+    // A fresh service each try, resolved on c at once: c must not have heard of it yet (its
+    // gossip comes about once a second), so the handle points where the address says.
+    let mut found = None;
+    for _ in 0..5 {
+        let svc = c.node("a").spawn(Kept::default())?;
+        let wrong = tern::ServiceAddr {
+            node: NodeName::new("b"),
+            ..svc.addr().clone()
+        };
+        let from = c.node("c").resolve::<Kept>(&wrong)?;
+        if from.location().as_str() == "b" {
+            found = Some((svc, from));
+            break;
+        }
+    }
+    let (svc, from) = found.ok_or_else(|| anyhow::anyhow!("c heard of every try at once"))?;
+    let refused_before = c.node("c").stats().refused_by_peers;
+    goes_on_whole(&c, "c", &from, 1..=20)?;
+    ensure!(
+        from.location().as_str() == "a",
+        "sent to {}",
+        from.location()
+    );
+    ensure!(
+        c.node("c").stats().refused_by_peers > refused_before,
+        "nothing was refused: the case was not exercised"
+    );
+    let _ = svc;
     c.shutdown();
     Ok(())
 }
