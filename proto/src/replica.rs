@@ -861,6 +861,13 @@ impl<T> Retained<T> {
         n
     }
 
+    /// True when `sender`'s copy of `seq` is kept.
+    pub fn holds(&self, sender: ServiceId, seq: u64) -> bool {
+        self.by_sender
+            .get(&sender)
+            .is_some_and(|q| q.binary_search_by_key(&seq, |(n, _)| *n).is_ok())
+    }
+
     /// Drops `sender`'s copy of `seq` (refused, and its sender told).
     pub fn forget(&mut self, sender: ServiceId, seq: u64) -> bool {
         let Some(q) = self.by_sender.get_mut(&sender) else {
@@ -1218,6 +1225,8 @@ mod tests {
         assert_eq!(r.keep(a, 3, "a3"), Err(RetainedFull { max: 3 }));
         assert_eq!(r.settle(a, 1), 1);
         assert!(r.has_room());
+        assert!(r.holds(a, 2) && r.holds(b, 7));
+        assert!(!r.holds(a, 1) && !r.holds(b, 8));
         let all: Vec<_> = r.all().map(|(s, n, m)| (s, n, *m)).collect();
         assert_eq!(all, vec![(a, 2, "a2"), (b, 7, "b7")]);
         assert!(r.forget(b, 7));

@@ -92,6 +92,8 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn outstanding(&self) -> u64;
     /// True when the channel keeps copies of what it sends (its service is replicated).
     fn retains(&self) -> bool;
+    /// True when the channel keeps a copy of `sender`'s message `seq`.
+    fn keeps(&self, sender: ServiceId, seq: u64) -> bool;
 }
 
 impl<M: Send + 'static> Channel<M> {
@@ -233,6 +235,13 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
 
     fn retains(&self) -> bool {
         Channel::retains(self)
+    }
+
+    fn keeps(&self, sender: ServiceId, seq: u64) -> bool {
+        lock(&self.state)
+            .retained
+            .as_ref()
+            .is_some_and(|k| k.holds(sender, seq))
     }
 
     fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed> {

@@ -764,12 +764,20 @@ impl NodeShared {
         moved
     }
 
-    /// True when this node's channel to `id` keeps copies (the service is replicated) and,
-    /// after trying to follow it away from `at`, points elsewhere: it sent its kept copies
-    /// there. `None` when it keeps no copies.
-    fn followed_away(&self, id: ServiceId, at: &NodeName) -> Option<bool> {
+    /// True when this node's channel to `id` keeps its copy of `from`'s message `seq` (the
+    /// service is replicated) and, after trying to follow the service away from `at`, points
+    /// elsewhere: it sent its kept copies there. `None` when it keeps no such copy (not
+    /// replicated, already confirmed, or a refusal of a number it never sent: a peer's word
+    /// alone holds nothing here).
+    fn followed_away(
+        &self,
+        id: ServiceId,
+        at: &NodeName,
+        from: ServiceId,
+        seq: u64,
+    ) -> Option<bool> {
         let chan = lock(&self.channels).get(&id).cloned()?;
-        if !chan.retains() {
+        if !chan.keeps(from, seq) {
             return None;
         }
         self.not_known_at(id, at);
@@ -793,7 +801,7 @@ impl NodeShared {
         reason: &DeliveryError,
         ask: Option<u64>,
     ) -> bool {
-        match self.followed_away(to, at) {
+        match self.followed_away(to, at, from, seq) {
             None => false,
             Some(true) => true,
             Some(false) => {
@@ -814,7 +822,7 @@ impl NodeShared {
     /// A refusal that waited: done once the channel followed the service, else given up
     /// after `ROUTE_TRIES_MAX` ticks (reported, or the ask failed, and the number skipped).
     fn refused_later(&self, mut r: RefusedLater) {
-        if self.followed_away(r.to, &r.at) != Some(false) {
+        if self.followed_away(r.to, &r.at, r.from, r.seq) != Some(false) {
             return;
         }
         if r.tries < tern_proto::forward::ROUTE_TRIES_MAX {

@@ -801,10 +801,12 @@ impl NodeShared {
     /// counts it overdue). Refused past [`PARKED_PER_PEER_MAX`] per sender.
     fn park(&self, mut c: Parked) -> Option<ReplicaMsg> {
         let mut parked = lock(&self.replicas.parked);
-        let same = parked.get(&c.service).is_some_and(|p| p.from == c.from);
-        if let Some(first) = parked.get(&c.service).filter(|p| p.from == c.from) {
-            c.at_us = first.at_us;
-        }
+        let first = parked
+            .get(&c.service)
+            .filter(|p| p.from == c.from)
+            .map(|p| p.at_us);
+        let same = first.is_some();
+        c.at_us = first.unwrap_or(c.at_us);
         let of_sender = parked.values().filter(|p| p.from == c.from).count();
         if !same && of_sender >= PARKED_PER_PEER_MAX {
             return Some(ReplicaMsg::Refused {
