@@ -8,9 +8,12 @@
 //! - a service's location (`Located`, `Moved`) is told only by the node this node believes
 //!   hosts it (the committing source, or the tombstone it sent to), and only forwards: a
 //!   claim at an epoch this node already passed is stale and ignored; a claim that a service
-//!   this node runs is elsewhere, or a claim from any other node, is refused; a claim about a
-//!   service nothing here points at is ignored (there is no one to check it against, and
-//!   nothing needs it);
+//!   this node runs is elsewhere, or a claim from any other node for the next epoch, is
+//!   refused; a claim from another node for an epoch past the next is held back
+//!   ([`Location::Ahead`]): the service may have moved to that node in between, and the word
+//!   of it travels on another connection, so it may come second; a claim about a service
+//!   nothing here points at is ignored (there is no one to check it against, and nothing
+//!   needs it);
 //! - a migration's messages come from the attempt's source (`Commit`, `Abort`) or its target
 //!   (`Prepared`, `Query`, `Refused`, `CommitAck`): see [`Role`];
 //! - requests to move services hosted here, and to start services here, come only from the
@@ -44,6 +47,12 @@ pub enum Location {
     /// Nothing to learn: already known, older than what is known, about this node itself, or
     /// about a service nothing here points at.
     Ignore,
+    /// Not believed yet, not refused yet: the claim comes from a node other than the host this
+    /// node knows, for an epoch past the next. That node may have hosted the service in
+    /// between (the host's word of the move to it travels on another connection and may come
+    /// second), or it may lie. The caller holds the claim back and judges it again once it
+    /// learns a newer location, and refuses it if none comes in time.
+    Ahead,
 }
 
 /// What this node knows of a service when a location claim about it arrives.
@@ -58,6 +67,28 @@ pub struct Known<'a> {
     pub at: Option<(&'a NodeName, u64)>,
 }
 
+/// The newer of two words of where a service runs (the one at the later epoch; `first` when
+/// they are level).
+///
+/// ```
+/// use tern_proto::claims::newer;
+/// use tern_proto::ids::NodeName;
+/// let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+/// assert_eq!(newer(Some((&a, 1)), Some((&b, 2))), Some((&b, 2)));
+/// assert_eq!(newer(Some((&a, 2)), Some((&b, 2))), Some((&a, 2)));
+/// assert_eq!(newer(None, Some((&b, 0))), Some((&b, 0)));
+/// ```
+pub fn newer<'a>(
+    first: Option<(&'a NodeName, u64)>,
+    second: Option<(&'a NodeName, u64)>,
+) -> Option<(&'a NodeName, u64)> {
+    match (first, second) {
+        (Some(f), Some(s)) if s.1 > f.1 => Some(s),
+        (Some(f), _) => Some(f),
+        (None, s) => s,
+    }
+}
+
 /// Checks `from`'s claim that `service` runs on `at` since `epoch`.
 ///
 /// ```
@@ -69,8 +100,10 @@ pub struct Known<'a> {
 /// let known = Known { me: &me, hosted_epoch: None, at: Some((&a, 3)) };
 /// // The host tells where the service went: believed.
 /// assert_eq!(location(known, &a, s, &b, 4), Ok(Location::Take));
-/// // Anyone else, at any epoch: refused.
-/// assert!(location(known, &liar, s, &liar, u64::MAX).is_err());
+/// // Anyone else, for the next epoch: refused.
+/// assert!(location(known, &liar, s, &liar, 4).is_err());
+/// // Anyone else, past the next epoch: held back until a newer word says who hosts it.
+/// assert_eq!(location(known, &liar, s, &liar, u64::MAX), Ok(Location::Ahead));
 /// // An old word: ignored.
 /// assert_eq!(location(known, &a, s, &b, 2), Ok(Location::Ignore));
 /// ```
@@ -98,6 +131,7 @@ pub fn location(
         None => Ok(Location::Ignore),
         Some((_, k)) if epoch <= k => Ok(Location::Ignore),
         Some((host, _)) if host == from => Ok(Location::Take),
+        Some((_, k)) if epoch > k.saturating_add(1) => Ok(Location::Ahead),
         Some((host, k)) => Err(refuse(format!(
             "{from} says service {service} runs on {at} since epoch {epoch}, \
              but only its host {host} (epoch {k}) may say where it goes"
@@ -412,7 +446,7 @@ mod tests {
     }
 
     #[test]
-    fn the_host_may_skip_epochs_but_no_one_else_may_speak() {
+    fn the_host_may_skip_epochs_and_another_node_is_heard_only_past_the_next() {
         let (me, a, b) = (n("me"), n("a"), n("b"));
         let s = ServiceId::from_parts(1, 1);
         let known = Known {
@@ -423,6 +457,10 @@ mod tests {
         // Moves this node missed (a -> b -> a) bring the host back: its word still counts.
         assert_eq!(location(known, &a, s, &b, 4), Ok(Location::Take));
         assert!(location(known, &b, s, &b, 2).is_err());
+        assert!(location(known, &b, s, &a, 2).is_err());
+        // b may have hosted it at epoch 2 (a's word of that may come second): held back.
+        assert_eq!(location(known, &b, s, &a, 3), Ok(Location::Ahead));
+        assert_eq!(location(known, &b, s, &b, u64::MAX), Ok(Location::Ahead));
         let unknown = Known {
             me: &me,
             hosted_epoch: None,

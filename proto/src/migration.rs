@@ -364,6 +364,11 @@ pub struct Config {
     /// number its attempts as it did before (a target may still hold a copy from an attempt
     /// of its former life): the node takes it from the clock.
     pub first_attempt: u64,
+    /// Ticks a location claim held back ([`Location::Ahead`]) waits for this node to learn of
+    /// a host between the one it knows and the claimer; then it is refused.
+    pub ahead_ticks: u64,
+    /// Location claims held back per peer; one more is refused at once.
+    pub ahead_per_peer_max: usize,
 }
 
 impl Default for Config {
@@ -380,6 +385,8 @@ impl Default for Config {
             orphan_ticks: 6_000,
             freeze_ticks: 1_000,
             first_attempt: 1,
+            ahead_ticks: 500,
+            ahead_per_peer_max: 64,
         }
     }
 }
@@ -438,6 +445,31 @@ struct Group {
     failed: Option<(ServiceId, AbortReason)>,
 }
 
+/// A location claim held back ([`Location::Ahead`]): judged again when this node learns where
+/// the service is, refused when it waited [`Config::ahead_ticks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldClaim {
+    /// Who claimed it.
+    pub from: NodeName,
+    /// The service.
+    pub service: ServiceId,
+    /// Where `from` says it runs.
+    pub at: NodeName,
+    /// Since which epoch.
+    pub epoch: u64,
+}
+
+struct Held {
+    claim: HeldClaim,
+    /// When it was first held back.
+    since: u64,
+    /// What the directory said of the service when the claim was last judged.
+    known: Option<(NodeName, u64)>,
+    /// Where the service was believed to run when the claim was last judged (the directory's
+    /// word or the caller's, the newer): what it is refused against if nothing newer comes.
+    basis: Option<(NodeName, u64)>,
+}
+
 /// Decides whether a snapshot may be installed here.
 pub type Policy<S, P> = Box<dyn FnMut(&Snapshot<S, P>) -> Result<(), String> + Send>;
 
@@ -462,6 +494,9 @@ pub struct Core<S, P> {
     pinned: BTreeSet<ServiceId>,
     policy: Policy<S, P>,
     out: Vec<Action<S, P>>,
+    /// Location claims held back, oldest first (at most [`Config::ahead_per_peer_max`] per
+    /// peer).
+    held: Vec<Held>,
 }
 
 impl<S: Clone, P: Clone> Core<S, P> {
@@ -491,6 +526,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             pinned: BTreeSet::new(),
             policy,
             out: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -1203,6 +1239,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
         for (to, msg) in commits {
             self.send(to, msg);
         }
+        self.expire_held();
         self.take()
     }
 
@@ -1375,10 +1412,22 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 node,
                 epoch,
             } => {
-                if let Err(refusal) =
-                    self.located(&from, service, (&node, epoch), None, false, None)
-                {
-                    self.refuse_claim(from, refusal);
+                let mut claims = vec![HeldClaim {
+                    from,
+                    service,
+                    at: node,
+                    epoch,
+                }];
+                // Each location learned may settle claims held back before it.
+                while !claims.is_empty() {
+                    for c in claims {
+                        if let Err(refusal) =
+                            self.located(&c.from, c.service, (&c.at, c.epoch), None, false, None)
+                        {
+                            self.refuse_claim(c.from, refusal);
+                        }
+                    }
+                    claims = self.held_due();
                 }
             }
             Wire::Skipped {
@@ -1487,25 +1536,144 @@ impl<S: Clone, P: Clone> Core<S, P> {
             None => runs_here.then_some(0),
         };
         let dir = self.directory.get(&service).map(|(n, e)| (n, *e));
-        let known_at = match (dir, also) {
-            (Some(d), Some(a)) if a.1 > d.1 => Some(a),
-            (Some(d), _) => Some(d),
-            (None, a) => a,
-        };
+        let known_at = claims::newer(dir, also);
         let known = Known {
             me: &self.me,
             hosted_epoch,
             at: known_at,
         };
         let verdict = match claims::location(known, from, service, at, epoch) {
-            Ok(v) => v,
-            Err(refused) if standby.is_none() => return Err(refused),
-            Err(_) => claims::takeover(known, standby, from, service, at, epoch)?,
+            Ok(v) => Ok(v),
+            Err(refused) if standby.is_none() => Err(refused),
+            Err(_) => claims::takeover(known, standby, from, service, at, epoch),
         };
-        if verdict == Location::Take {
-            self.place(service, at.clone(), epoch);
+        let claim = HeldClaim {
+            from: from.clone(),
+            service,
+            at: at.clone(),
+            epoch,
+        };
+        let held = self.held.iter().position(|h| h.claim == claim);
+        match (verdict, held) {
+            (Ok(Location::Ahead), Some(i)) => {
+                let waited = self.now.saturating_sub(self.held[i].since);
+                if waited < self.cfg.ahead_ticks {
+                    self.held[i].known = self.directory.get(&service).cloned();
+                    self.held[i].basis = known_at.map(|(n, e)| (n.clone(), e));
+                    return Ok(Location::Ahead);
+                }
+                self.held.remove(i);
+                Err(Self::waited_too_long(&claim, waited))
+            }
+            (Ok(Location::Ahead), None) => {
+                let from_peer = self.held.iter().filter(|h| h.claim.from == *from).count();
+                if from_peer >= self.cfg.ahead_per_peer_max {
+                    return Err(ClaimRefused {
+                        claim: "location",
+                        detail: format!(
+                            "{from} says service {service} runs on {at} since epoch {epoch}, \
+                             past what this node knows, with {from_peer} such claims already \
+                             held back"
+                        ),
+                    });
+                }
+                let basis = known_at.map(|(n, e)| (n.clone(), e));
+                self.held.push(Held {
+                    claim,
+                    since: self.now,
+                    known: self.directory.get(&service).cloned(),
+                    basis,
+                });
+                Ok(Location::Ahead)
+            }
+            (verdict, held) => {
+                if let Some(i) = held {
+                    self.held.remove(i);
+                }
+                if verdict == Ok(Location::Take) {
+                    self.place(service, at.clone(), epoch);
+                }
+                verdict
+            }
         }
-        Ok(verdict)
+    }
+
+    fn waited_too_long(claim: &HeldClaim, waited: u64) -> ClaimRefused {
+        ClaimRefused {
+            claim: "location",
+            detail: format!(
+                "{} says service {} runs on {} since epoch {}; held back for {waited} ticks, \
+                 no node told this node of a host in between",
+                claim.from, claim.service, claim.at, claim.epoch
+            ),
+        }
+    }
+
+    /// The held-back location claims about services whose location this node learned since
+    /// they were last judged: the caller judges each again, as it judged it when it came
+    /// ([`Self::located`]).
+    pub fn held_due(&mut self) -> Vec<HeldClaim> {
+        let mut due = Vec::new();
+        for h in &mut self.held {
+            let now = self.directory.get(&h.claim.service);
+            if now != h.known.as_ref() {
+                h.known = now.cloned();
+                due.push(h.claim.clone());
+            }
+        }
+        due
+    }
+
+    /// Location claims held back now.
+    pub fn held_claims(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Refuses the held-back claims that waited [`Config::ahead_ticks`] and are still past
+    /// what this node knows. A claim that became old news is dropped; one that this node
+    /// could now believe is dropped too, unapplied (the caller judges claims again as soon
+    /// as it learns where a service is, so this happens only for what it learned otherwise,
+    /// and a service is found without the word).
+    fn expire_held(&mut self) {
+        let (now, wait) = (self.now, self.cfg.ahead_ticks);
+        let mut expired = Vec::new();
+        self.held.retain(|h| {
+            let keep = now.saturating_sub(h.since) < wait;
+            if !keep {
+                expired.push((
+                    h.claim.clone(),
+                    h.basis.clone(),
+                    now.saturating_sub(h.since),
+                ));
+            }
+            keep
+        });
+        for (claim, basis, waited) in expired {
+            let hosted_epoch = match self.hosted.get(&claim.service) {
+                Some(h) if matches!(h.phase, Phase::Prepared { .. }) => None,
+                Some(h) => Some(h.epoch),
+                None => None,
+            };
+            let dir = self.directory.get(&claim.service).map(|(n, e)| (n, *e));
+            let basis = basis.as_ref().map(|(n, e)| (n, *e));
+            let at = claims::newer(dir, basis);
+            let known = Known {
+                me: &self.me,
+                hosted_epoch,
+                at,
+            };
+            let verdict =
+                claims::location(known, &claim.from, claim.service, &claim.at, claim.epoch);
+            let refusal = match verdict {
+                Ok(Location::Ahead) => Self::waited_too_long(&claim, waited),
+                Err(r) => r,
+                Ok(Location::Take | Location::Ignore) => continue,
+            };
+            self.out.push(Action::ClaimRefused {
+                peer: claim.from,
+                refusal,
+            });
+        }
     }
 
     /// A migration message that only the attempt's target may send: the target this node sent
@@ -2436,5 +2604,77 @@ mod tests {
         assert!(!src.is_live(two), "the second is still on its way");
         // Unknown or decided attempts: nothing happens.
         assert!(src.stream_failed(&migs[0], "again".into()).is_empty());
+    }
+
+    fn refusals(actions: &[Action<Vec<u64>, u64>]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ClaimRefused { peer, refusal } => Some(format!("{peer}: {refusal}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn located(service: ServiceId, node: &NodeName, epoch: u64) -> Wire<Vec<u64>, u64> {
+        Wire::Located {
+            service,
+            node: node.clone(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn a_location_ahead_of_the_directory_waits_for_the_move_before_it() {
+        let n = NodeName::new;
+        let (p, q, r, liar) = (n("p"), n("q"), n("r"), n("liar"));
+        let cfg = Config {
+            ahead_ticks: 100,
+            ahead_per_peer_max: 2,
+            ..Config::default()
+        };
+        let mut core: C = Core::new(n("c"), cfg);
+        let s = svc();
+        core.learn(s, p.clone(), 0);
+        // q, which p moved s to at epoch 1, says s went on to r at epoch 2, before p's word.
+        let acts = core.receive(q.clone(), located(s, &r, 2));
+        assert!(refusals(&acts).is_empty(), "{:?}", refusals(&acts));
+        assert_eq!(core.location(s), Some((p.clone(), 0)));
+        assert_eq!(core.held_claims(), 1);
+        // p's word comes: both are believed, in order.
+        let acts = core.receive(p.clone(), located(s, &q, 1));
+        assert!(refusals(&acts).is_empty(), "{:?}", refusals(&acts));
+        assert_eq!(core.location(s), Some((r.clone(), 2)));
+        assert_eq!(core.held_claims(), 0);
+
+        // Nobody backs the liar's word up: refused once it waited, and s stays on r.
+        let acts = core.receive(liar.clone(), located(s, &liar, 9));
+        assert!(refusals(&acts).is_empty());
+        // The same word again is held once.
+        core.receive(liar.clone(), located(s, &liar, 9));
+        assert_eq!(core.held_claims(), 1);
+        assert!(refusals(&core.tick(99)).is_empty());
+        let refused = refusals(&core.tick(100));
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("held back for 100 ticks"),
+            "{refused:?}"
+        );
+        assert_eq!(core.location(s), Some((r.clone(), 2)));
+        assert_eq!(core.held_claims(), 0);
+
+        // At most two held per peer: the third is refused at once.
+        for e in [20, 21] {
+            assert!(refusals(&core.receive(liar.clone(), located(s, &liar, e))).is_empty());
+        }
+        let refused = refusals(&core.receive(liar.clone(), located(s, &liar, 22)));
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].contains("already held back"), "{refused:?}");
+        assert_eq!(core.held_claims(), 2);
+        // A held word that became old news is dropped without a refusal.
+        core.receive(r.clone(), located(s, &q, 30));
+        assert_eq!(core.location(s), Some((q.clone(), 30)));
+        assert_eq!(core.held_claims(), 0);
+        assert!(refusals(&core.tick(1_000)).is_empty());
     }
 }

@@ -72,6 +72,11 @@ pub struct Limits {
     /// source is gone, or cut off with its decision) is dropped and reported lost, in
     /// milliseconds. Must be well over `migration_deadline_ms` plus `idle_timeout_ms`.
     pub prepared_orphan_ms: u64,
+    /// A peer's word that a service moved to a place past what this node knows (from a node
+    /// other than the host it knows, which may have hosted the service in between: the word
+    /// of that move travels on another connection) is held back this long for that word to
+    /// come, in milliseconds; then it is refused as a lie. At most 64 per peer are held.
+    pub location_hold_ms: u64,
     /// Service-to-service edges whose traffic is observed (the heaviest are kept).
     pub traffic_edges_max: usize,
     /// On battery at or below this charge (percent), the node drains itself.
@@ -106,6 +111,7 @@ impl Default for Limits {
             keep_alive_ms: 2_000,
             losses_max: 1024,
             prepared_orphan_ms: 60_000,
+            location_hold_ms: 2_000,
             traffic_edges_max: 4096,
             drain_below_percent: 10,
         }

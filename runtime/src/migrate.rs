@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{DeliveryError, Error};
 use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
-use tern_proto::claims::Location;
+use tern_proto::claims::{self, Location};
 use tern_proto::forward::{Hand, HandOn};
 use tern_proto::ids::{NodeName, ServiceId};
 use tern_proto::migration::{
@@ -279,6 +279,7 @@ impl Driver {
                 .map_or(1, |d| d.as_micros() as u64),
             query_ticks: 500,
             tombstones_max: limits.tombstones_max,
+            ahead_ticks: limits.location_hold_ms,
             ..Config::default()
         };
         Driver {
@@ -644,6 +645,8 @@ impl Driver {
         let now = self.now_ticks();
         let actions = lock(&self.core).tick(now);
         self.run(node, actions);
+        // Locations learned from gossip may settle claims held back.
+        self.judge_held(node);
         let stale: Vec<ServiceId> = lock(&self.outgoing)
             .iter()
             .filter(|(_, o)| o.committed && o.called.elapsed() > REPORT_WAIT)
@@ -698,35 +701,8 @@ impl Driver {
                 node: at,
                 epoch,
             } => {
-                // Checked against the core's directory and this node's channel and books, which
-                // may know the service when the directory does not.
-                let besides = node.location_besides_directory(service);
-                let also = besides.as_ref().map(|(n, e)| (n, *e));
-                let here = node.slot(service).is_some();
-                // The host as the core will judge it: the newer of the directory's word and
-                // the channel's.
-                let host = match (self.location(service), besides.clone()) {
-                    (Some(d), Some(b)) if b.1 > d.1 => Some(b.0),
-                    (Some(d), _) => Some(d.0),
-                    (None, b) => b.map(|(n, _)| n),
-                };
-                let standby = host.and_then(|h| node.standby_named(service, &h));
-                let standby = standby.as_ref().map(|(n, e)| (n, *e));
-                let verdict =
-                    lock(&self.core).located(from, service, (&at, epoch), also, here, standby);
-                match verdict {
-                    Ok(Location::Take) => {
-                        // A copy here that was taken over retires.
-                        node.retire_older(service, &at, epoch);
-                        learned(node, from, service, &at, epoch);
-                        // A checkpoint the new host sent ahead of this word can be held now.
-                        node.replica_parked_recheck(Some(service));
-                    }
-                    // Nothing to learn, yet this node no longer sends through `from`'s
-                    // tombstone for that epoch (it runs the service, or knows a newer place).
-                    Ok(Location::Ignore) => node.send_fence(from, service, epoch),
-                    Err(refusal) => node.refuse_claim(from, &refusal),
-                }
+                self.on_location(node, from, service, &at, epoch);
+                self.judge_held(node);
                 return;
             }
             MigMsg::Serving {
@@ -746,6 +722,65 @@ impl Driver {
         };
         let actions = lock(&self.core).receive(from.clone(), wire);
         self.run(node, actions);
+    }
+
+    /// `from`'s word that `service` runs on `at` since `epoch` (`Located` or `Moved`), judged
+    /// by the core ([`claims::location`]) against its directory
+    /// and this node's channel and books, which may know the service when the directory does
+    /// not.
+    fn on_location(
+        &self,
+        node: &Arc<NodeShared>,
+        from: &NodeName,
+        service: ServiceId,
+        at: &NodeName,
+        epoch: u64,
+    ) {
+        let besides = node.location_besides_directory(service);
+        let also = besides.as_ref().map(|(n, e)| (n, *e));
+        let here = node.slot(service).is_some();
+        // The host as the core will judge it: the newer of the directory's word and the
+        // channel's.
+        let dir = self.location(service);
+        let host = claims::newer(dir.as_ref().map(|(n, e)| (n, *e)), also).map(|(n, _)| n);
+        let standby = host.and_then(|h| node.standby_named(service, h));
+        let standby = standby.as_ref().map(|(n, e)| (n, *e));
+        let verdict = lock(&self.core).located(from, service, (at, epoch), also, here, standby);
+        match verdict {
+            Ok(Location::Take) => {
+                // A copy here that was taken over retires.
+                node.retire_older(service, at, epoch);
+                learned(node, from, service, at, epoch);
+                // A checkpoint the new host sent ahead of this word can be held now.
+                node.replica_parked_recheck(Some(service));
+            }
+            // Nothing to learn, yet this node no longer sends through `from`'s tombstone for
+            // that epoch (it runs the service, or knows a newer place).
+            Ok(Location::Ignore) => node.send_fence(from, service, epoch),
+            // Past what this node knows, from a node that may have hosted the service since:
+            // judged again when this node learns more (`judge_held`), refused if it does not.
+            Ok(Location::Ahead) => node.logs.event(
+                "claim-held",
+                format!(
+                    "{from} says service {service} runs on {at} since epoch {epoch}: \
+                     held back until this node hears of a host in between"
+                ),
+            ),
+            Err(refusal) => node.refuse_claim(from, &refusal),
+        }
+    }
+
+    /// Judges again the location claims held back about services this node learned more of.
+    fn judge_held(&self, node: &Arc<NodeShared>) {
+        loop {
+            let due = lock(&self.core).held_due();
+            if due.is_empty() {
+                return;
+            }
+            for c in due {
+                self.on_location(node, &c.from, c.service, &c.at, c.epoch);
+            }
+        }
     }
 
     /// A whole snapshot arrived from `from` (state complete; the carried queue may follow).

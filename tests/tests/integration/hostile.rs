@@ -9,7 +9,7 @@ use tern_harness::rogue::{Answer, Rogue};
 use tern_harness::{block_on, wait_for, wait_until};
 use tern_proto::wire::{code, Frame, MigMsg};
 
-use crate::common::{connected, takes_in_order, Slow, SlowMsg, SECS_10};
+use crate::common::{connected, connected_with, takes_in_order, Slow, SlowMsg, SECS_10};
 
 /// The rogue's answer is a refused claim that names what was claimed.
 fn expect_claim_refused(a: Answer, mentions: &str) {
@@ -61,16 +61,19 @@ fn a_lie_about_where_a_service_runs_is_refused_and_the_truth_still_wins() -> Res
         ] {
             to_a.send_ctrl(&Frame::Mig(lie)).await?;
         }
-        // Once a has answered a request sent after the lies, it has read them.
+        // Once a has answered a request sent after the lies, it has read them. The claim for
+        // the next epoch is refused at once; the one far ahead is held back (mallory might have
+        // hosted the service in between) and refused when no word of that comes.
         let answers = to_a.barrier().await?;
         // Traffic still goes where the service runs.
         from_a.tell_wait(SlowMsg::Item(2)).await?;
         let handled = from_a.ask(SlowMsg::Items, SECS_10).await?;
         assert_eq!(handled, vec![1, 2]);
-        assert_eq!(answers.len(), 2, "{answers:?}");
+        assert_eq!(answers.len(), 1, "{answers:?}");
         for a in answers {
             expect_claim_refused(a, "mallory");
         }
+        expect_claim_refused(to_a.answer().await?, "held back");
         // To the node that runs it.
         let mut to_b = Rogue::connect(&c, "mallory", "b").await?;
         to_b.send_ctrl(&Frame::Mig(MigMsg::Located {
@@ -824,6 +827,83 @@ fn a_sender_that_moves_is_heard_where_it_runs_even_by_a_node_that_missed_the_mov
         d.events()
     );
     d.shutdown();
+    c.shutdown();
+    Ok(())
+}
+
+/// The word of where a service went can come before the word of the move before it: the two
+/// come from different nodes, on different connections. c knows s runs on p. p moved it to q
+/// (epoch 1) and q moved it on to r (epoch 2), and q's word comes first: c holds it back, and
+/// believes it when p's word comes, refusing nothing. A word past what c knows that no host
+/// backs up is refused once `location_hold_ms` has passed, and one peer gets at most 64 held.
+#[test]
+fn a_location_that_comes_before_the_move_before_it_waits_for_it() -> Result<()> {
+    let hold_ms = 300;
+    let c = connected_with(
+        &["c"],
+        tern::Limits {
+            location_hold_ms: hold_ms,
+            ..tern::Limits::default()
+        },
+    )?;
+    let cc = c.node("c");
+    let (p, q, r) = (NodeName::new("p"), NodeName::new("q"), NodeName::new("r"));
+    let s = tern::ServiceId::from_parts(0x70, 1);
+    let at_p = tern::ServiceAddr {
+        id: s,
+        kind: KindKey::new("test-slow", 1),
+        node: p.clone(),
+    };
+    block_on(async {
+        let mut from_p = Rogue::connect(&c, "p", "c").await?;
+        let mut from_q = Rogue::connect(&c, "q", "c").await?;
+        // c sends to s, so c knows where s runs: on p.
+        let _to_s = cc.resolve::<Slow>(&at_p)?;
+        let located = |node: &NodeName, epoch| {
+            Frame::Mig(MigMsg::Located {
+                service: s,
+                node: node.clone(),
+                epoch,
+            })
+        };
+        from_q.send_ctrl(&located(&r, 2)).await?;
+        assert!(from_q.barrier().await?.is_empty(), "q's word refused");
+        assert_ne!(cc.location(s), Some(r.clone()), "q's word believed early");
+        assert!(
+            cc.events().iter().any(|e| e.kind == "claim-held"),
+            "{:?}",
+            cc.events()
+        );
+        from_p.send_ctrl(&located(&q, 1)).await?;
+        assert!(from_p.barrier().await?.is_empty(), "p's word refused");
+        // Both believed, in order: s is on r.
+        assert_eq!(cc.location(s), Some(r.clone()));
+        assert_eq!(cc.stats().claims_refused, 0, "{:?}", cc.events());
+
+        // q says s went on to q at epoch 9: nobody backs that up.
+        from_q.send_ctrl(&located(&q, 9)).await?;
+        assert!(from_q.barrier().await?.is_empty());
+        expect_claim_refused(from_q.answer().await?, "held back");
+        assert_eq!(cc.location(s), Some(r.clone()));
+        assert_eq!(cc.stats().claims_refused, 1);
+
+        // At most 64 held from one peer: the 65th is refused at once.
+        for e in 0..65u64 {
+            from_q.send_ctrl(&located(&q, 100 + e)).await?;
+        }
+        let answers = from_q.barrier().await?;
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        for a in answers {
+            expect_claim_refused(a, "already held back");
+        }
+        // The 64 held are refused when their time is up; s stays where it is.
+        for _ in 0..64 {
+            expect_claim_refused(from_q.answer().await?, "held back");
+        }
+        assert_eq!(cc.location(s), Some(r.clone()));
+        assert_eq!(cc.stats().claims_refused, 1 + 65);
+        Ok::<_, anyhow::Error>(())
+    })?;
     c.shutdown();
     Ok(())
 }
