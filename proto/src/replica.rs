@@ -27,6 +27,15 @@
 //!    ([`Ballots`], [`Tally`]). A voter grants each (service, epoch) once; two majorities
 //!    share a voter, so at most one side wins. With two voters, the survivor of a pair can
 //!    never win alone: failover needs a third device.
+//! 5. A node with a data directory also keeps on disk the latest checkpoint of each
+//!    replicated service it runs ([`Stored`]), and its votes. Restarted, it resumes such a
+//!    service only by winning the ballot for the epoch after the stored one among the stored
+//!    checkpoint's voters ([`Stored::resume`]), as a standby would: a copy promoted elsewhere
+//!    meanwhile holds that epoch, or a newer one, and wins. A checkpoint cut while no standby
+//!    could hold one of its epoch names no voters: nothing else can have taken that epoch
+//!    over, and the node's own vote decides. Its own votes count from the start: a stored
+//!    checkpoint is a vote for its own epoch ([`Ballots::restore`]), so no claim to an epoch
+//!    this node already ran the service at is granted.
 //!
 //! ```
 //! use tern_proto::replica::{Grantor, Lease, Settings};
@@ -692,6 +701,25 @@ impl Ballots {
         }
     }
 
+    /// Takes back a grant this node made before it restarted (kept on disk), or the epoch a
+    /// stored checkpoint of its own ran at: claims to that epoch by others, or to older ones,
+    /// are refused from now on. The newer grant is kept; past [`BALLOTS_MAX`] nothing is
+    /// taken (false), and the caller must not answer claims for that service.
+    pub fn restore(&mut self, service: ServiceId, epoch: u64, holder: NodeName) -> bool {
+        match self.granted.get(&service) {
+            Some((e, _)) if *e >= epoch => true,
+            Some(_) => {
+                self.granted.insert(service, (epoch, holder));
+                true
+            }
+            None if self.granted.len() >= BALLOTS_MAX => false,
+            None => {
+                self.granted.insert(service, (epoch, holder));
+                true
+            }
+        }
+    }
+
     /// The newest grant for `service`.
     pub fn granted(&self, service: ServiceId) -> Option<&(u64, NodeName)> {
         self.granted.get(&service)
@@ -929,6 +957,114 @@ pub struct CheckpointBody {
     pub book: Vec<(String, crate::ids::ServiceAddr)>,
 }
 
+/// The latest checkpoint of a replicated service a node runs, as it keeps it on disk: what a
+/// standby would hold, and the voters of its epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    /// The record's format; a record of another format is refused, never guessed at.
+    pub format: u8,
+    /// The service's kind.
+    pub kind: crate::ids::KindKey,
+    /// The epoch the service ran at here.
+    pub epoch: u64,
+    /// The checkpoint's number.
+    pub no: CheckpointNo,
+    /// The voters of that epoch; empty when no standby could hold a checkpoint of it.
+    pub voters: Vec<NodeName>,
+    /// The checkpoint (MessagePack of a [`CheckpointBody`]).
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Why a stored record cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoredError {
+    /// Not a record at all (cut short, or damaged).
+    #[error("the record does not decode: {0}")]
+    Undecodable(String),
+    /// A record of a format this build does not read.
+    #[error(
+        "the record has format {found}; this build reads format {}",
+        Stored::FORMAT
+    )]
+    Format {
+        /// The format found.
+        found: u8,
+    },
+    /// The body is not a checkpoint.
+    #[error("the checkpoint in the record does not decode: {0}")]
+    Body(String),
+}
+
+impl Stored {
+    /// The format written now.
+    pub const FORMAT: u8 = 1;
+
+    /// The record's bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        rmp_serde::to_vec(self).map_err(|e| e.to_string())
+    }
+
+    /// Reads a record, and checks that its body is a checkpoint: a record that does not
+    /// read whole is an error, never a service.
+    ///
+    /// ```
+    /// use tern_proto::ids::{KindKey, NodeName};
+    /// use tern_proto::replica::{CheckpointBody, Stored, StoredError};
+    /// let body = CheckpointBody { state: vec![1, 2], timers: vec![], send_seqs: vec![],
+    ///     taken: vec![], book: vec![] };
+    /// let s = Stored { format: Stored::FORMAT, kind: KindKey::new("player", 1), epoch: 3,
+    ///     no: 9, voters: vec![NodeName::new("a")], body: rmp_serde::to_vec(&body).unwrap() };
+    /// let bytes = s.encode().unwrap();
+    /// assert_eq!(Stored::decode(&bytes), Ok(s));
+    /// assert!(matches!(Stored::decode(&bytes[..bytes.len() / 2]),
+    ///     Err(StoredError::Undecodable(_))));
+    /// ```
+    pub fn decode(bytes: &[u8]) -> Result<Stored, StoredError> {
+        let s: Stored =
+            rmp_serde::from_slice(bytes).map_err(|e| StoredError::Undecodable(e.to_string()))?;
+        if s.format != Self::FORMAT {
+            return Err(StoredError::Format { found: s.format });
+        }
+        rmp_serde::from_slice::<CheckpointBody>(&s.body)
+            .map_err(|e| StoredError::Body(e.to_string()))?;
+        Ok(s)
+    }
+
+    /// The claim node `me` makes to resume the service from this record after a restart,
+    /// and the voters it asks: the epoch after the stored one, among the stored voters, or
+    /// `me` alone when the record names none (no standby could hold a checkpoint of its
+    /// epoch, so no one else can have taken it over).
+    ///
+    /// ```
+    /// use tern_proto::ids::{KindKey, NodeName, ServiceId};
+    /// use tern_proto::replica::Stored;
+    /// let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+    /// let s = ServiceId::from_parts(1, 1);
+    /// let mut r = Stored { format: Stored::FORMAT, kind: KindKey::new("player", 1),
+    ///     epoch: 3, no: 9, voters: vec![a.clone(), b.clone(), c.clone()], body: vec![] };
+    /// let (claim, voters) = r.resume(&a, s);
+    /// assert_eq!((claim.epoch, claim.holder, voters.len()), (4, a.clone(), 3));
+    /// r.voters.clear();
+    /// assert_eq!(r.resume(&a, s).1, vec![a.clone()]);
+    /// ```
+    pub fn resume(&self, me: &NodeName, service: ServiceId) -> (Claim, Vec<NodeName>) {
+        let voters = if self.voters.is_empty() {
+            vec![me.clone()]
+        } else {
+            self.voters.clone()
+        };
+        (
+            Claim {
+                service,
+                epoch: self.epoch.saturating_add(1),
+                holder: me.clone(),
+            },
+            voters,
+        )
+    }
+}
+
 /// Replication messages between a primary's node and its standby's (control stream).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicaMsg {
@@ -1001,6 +1137,30 @@ pub enum ReplicaMsg {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_restored_grant_refuses_that_epoch_to_others_and_older_ones_to_all() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let s = ServiceId::from_parts(1, 1);
+        let claim = |epoch, holder: &NodeName| Claim {
+            service: s,
+            epoch,
+            holder: holder.clone(),
+        };
+        let mut ballots = Ballots::default();
+        // What the disk said: a ran the service at epoch 3.
+        assert!(ballots.restore(s, 3, a.clone()));
+        assert!(matches!(
+            ballots.vote(&claim(3, &b)),
+            Vote::No { epoch: 3, .. }
+        ));
+        assert!(matches!(ballots.vote(&claim(2, &a)), Vote::No { .. }));
+        assert_eq!(ballots.vote(&claim(4, &b)), Vote::Yes);
+        // An older grant restored later changes nothing.
+        assert!(ballots.restore(s, 1, a.clone()));
+        assert_eq!(ballots.granted(s), Some(&(4, b.clone())));
+        assert!(matches!(ballots.vote(&claim(4, &a)), Vote::No { .. }));
+    }
     use super::*;
 
     fn n(s: &str) -> NodeName {

@@ -55,6 +55,15 @@ pub enum Error {
         /// The error.
         cause: std::io::Error,
     },
+    /// The data directory's store cannot be opened or read (damaged, cut short, of another
+    /// format, or not a store at all): nothing in it is resumed.
+    #[error("data directory store {path}: {detail}")]
+    Store {
+        /// The store's file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// A too-large table or queue.
     #[error("{what} is at its limit of {max}")]
     Limit {

@@ -36,6 +36,7 @@ pub mod runner;
 mod senders;
 mod service;
 mod stats;
+mod store;
 mod sync;
 pub mod tls;
 mod transport;
@@ -55,8 +56,8 @@ pub use placement::{
     RebalancerConfig,
 };
 pub use replicas::{
-    ReplicaInfo, StandbyInfo, STANDBY_BYTES_MAX, STANDBY_BYTES_PER_PEER_MAX, STANDBY_SERVICES_MAX,
-    STANDBY_SERVICES_PER_PEER_MAX,
+    ReplicaInfo, StandbyInfo, StoredInfo, STANDBY_BYTES_MAX, STANDBY_BYTES_PER_PEER_MAX,
+    STANDBY_SERVICES_MAX, STANDBY_SERVICES_PER_PEER_MAX,
 };
 pub use reports::NotMoved;
 pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};

@@ -82,6 +82,19 @@ pub struct NodeConfig {
     /// The cluster CA's revocation list (DER) to hold from the start, as `tern ca revoke`
     /// writes it; a newer one can come later from a peer or an admin. `None`: none yet.
     pub revocations: Option<Vec<u8>>,
+    /// Where the node keeps what must outlive it (`tern.redb`, created if missing): the
+    /// latest checkpoint of each replicated service it runs, and its votes. A node started
+    /// again on the same directory resumes those services, unless a copy promoted elsewhere
+    /// meanwhile holds them (docs/failures.md, "Local durability"). `None` (the default):
+    /// nothing is written, and a restarted node starts empty.
+    ///
+    /// ```
+    /// # fn demo(identity: tern::certs::NodeIdentity) {
+    /// let mut cfg = tern::NodeConfig::new(identity, "127.0.0.1:7101".parse().unwrap());
+    /// cfg.data_dir = Some("/var/lib/tern/phone".into());
+    /// # }
+    /// ```
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// A function given the node's UDP socket (as quinn sees it) that returns the socket QUIC
@@ -111,6 +124,7 @@ impl NodeConfig {
             socket_wrap: None,
             admins: Vec::new(),
             revocations: None,
+            data_dir: None,
         }
     }
 }
@@ -465,6 +479,8 @@ pub(crate) struct NodeShared {
     pub(crate) gossip_pending: AtomicBool,
     /// Replicated services run here and checkpoints held for others (`replicas.rs`).
     pub(crate) replicas: crate::replicas::Replicas,
+    /// The data directory's store, when one is set ([`NodeConfig::data_dir`]).
+    pub(crate) store: Option<crate::store::Store>,
 }
 
 /// The halt flag, read by every service before each message: on a cache line of its own, so
@@ -2147,6 +2163,13 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         .local_addr()
         .map_err(|e| Error::io("reading local address", e))?;
     let limits = config.limits.clone();
+    let (store, loaded) = match &config.data_dir {
+        Some(dir) => {
+            let (store, loaded) = crate::store::Store::open(dir)?;
+            (Some(store), Some(loaded))
+        }
+        None => (None, None),
+    };
     // The top half names this node (so a peer can tell where an id was born), the bottom
     // half is drawn at each start (so a restarted node mints new ids).
     let id_prefix = tern_proto::speakers::prefix_for(&name, random_prefix()? as u32);
@@ -2201,8 +2224,19 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         names: Default::default(),
         gossip_pending: AtomicBool::new(false),
         replicas: crate::replicas::Replicas::new(tern_proto::replica::Settings::default()),
+        store,
         limits,
     });
+    if let Some(loaded) = loaded {
+        let held = loaded.checkpoints.len();
+        for problem in shared.replicas.load(&name, loaded) {
+            shared.logs.event("store-unreadable", problem);
+        }
+        if let Some(store) = &shared.store {
+            tracing::info!(node = %name, path = %store.path().display(), checkpoints = held,
+                "data directory opened");
+        }
+    }
     let _ = shared.arbiter.set(actix_rt::Arbiter::current());
     let _ = shared.thread.set(std::thread::current().id());
     for p in &config.peers {
@@ -2595,6 +2629,39 @@ impl NodeHandle {
         self.shared.replicas.held()
     }
 
+    /// The checkpoints in this node's data directory ([`NodeConfig::data_dir`]), by service,
+    /// once every checkpoint cut before the call is written (it waits for the disk). Empty
+    /// without a data directory.
+    ///
+    /// ```no_run
+    /// # fn demo(node: tern::NodeHandle) -> Result<(), tern::Error> {
+    /// for c in node.stored_checkpoints()? {
+    ///     println!("{} at epoch {}: checkpoint {}", c.service, c.epoch, c.no);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn stored_checkpoints(&self) -> Result<Vec<crate::StoredInfo>, Error> {
+        let Some(store) = &self.shared.store else {
+            return Ok(Vec::new());
+        };
+        store.flush();
+        let rows = store.stored().map_err(|detail| Error::Store {
+            path: store.path().display().to_string(),
+            detail,
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(service, epoch, no)| crate::StoredInfo { service, epoch, no })
+            .collect())
+    }
+
+    /// Services whose checkpoints this node found in its data directory when it started and
+    /// has not resumed or given up yet (it claims each once its kind is registered): service,
+    /// kind, stored epoch.
+    pub fn resuming(&self) -> Vec<(ServiceId, KindKey, u64)> {
+        self.shared.replicas.dormant()
+    }
+
     /// A snapshot of the node's counters.
     pub fn stats(&self) -> NodeStats {
         self.shared.snapshot_stats()
@@ -2698,6 +2765,10 @@ impl NodeHandle {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.actor.do_send(Halt);
         self.join();
+        // As a device losing power: what was not written yet is not written.
+        if let Some(store) = &self.shared.store {
+            store.close(false);
+        }
     }
 
     fn join(&self) {
@@ -2714,6 +2785,9 @@ impl NodeHandle {
     pub fn shutdown(&self) {
         self.actor.do_send(Stop);
         self.join();
+        if let Some(store) = &self.shared.store {
+            store.close(true);
+        }
     }
 }
 

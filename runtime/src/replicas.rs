@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceId};
 use tern_proto::replica::{
     Ballots, Cadence, CheckpointBody, CheckpointNo, Claim, Grant, Grantor, Held, Lease, LeaseError,
-    Outcome, ReplicaMsg, Settings, Standbys, Tally, Vote,
+    Outcome, ReplicaMsg, Settings, Standbys, Stored, Tally, Vote,
 };
 use tern_proto::wire::Frame;
 use tern_proto::wire::{SnapHeader, WindowWire};
@@ -141,6 +141,18 @@ pub struct StandbyInfo {
     pub bytes: u64,
 }
 
+/// What [`NodeHandle::stored_checkpoints`](crate::NodeHandle::stored_checkpoints) tells of a
+/// checkpoint in the node's data directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredInfo {
+    /// The service.
+    pub service: ServiceId,
+    /// The epoch it ran at here.
+    pub epoch: u64,
+    /// The checkpoint's number.
+    pub no: CheckpointNo,
+}
+
 /// A checkpoint held, with its kind.
 type Body = (KindKey, Vec<u8>);
 
@@ -164,6 +176,27 @@ struct Parked {
 
 /// At most this many checkpoints parked per sending node; past it, they are refused.
 pub const PARKED_PER_PEER_MAX: usize = 64;
+
+/// A checkpoint from the data directory of a service this node ran before it restarted: resumed
+/// by winning the ballot for the epoch after it ([`Stored::resume`]), once its kind is
+/// registered here.
+struct Dormant {
+    record: Stored,
+    /// No ballot for it before this time (one was not decided).
+    retry_at_us: u64,
+}
+
+/// A checkpoint's number and the marks it confirms: per sender, the last number handled and
+/// the node it came from.
+type Pending = (CheckpointNo, Vec<(ServiceId, u64, Option<NodeName>)>);
+
+/// Checkpoints per service whose marks wait for the disk; past it the oldest goes (the marks
+/// of a newer checkpoint cover it).
+const UNDURABLE_PER_SERVICE_MAX: usize = 4;
+
+/// How long a resumed checkpoint whose ballot was not decided waits before it is claimed
+/// again.
+const RESUME_RETRY_MS: u64 = 1_000;
 
 /// The replication subsystem of a node.
 pub(crate) struct Replicas {
@@ -190,6 +223,15 @@ pub(crate) struct Replicas {
     claiming: Mutex<IdMap<Claiming>>,
     /// Checkpoints waiting for this node's directory to name their sender (see [`Parked`]).
     parked: Mutex<IdMap<Parked>>,
+    /// Checkpoints from the data directory not resumed yet (see [`Dormant`]).
+    dormant: Mutex<IdMap<Dormant>>,
+    /// The node has a data directory: every replicated service it runs confirms its senders
+    /// only once a checkpoint covering them is written there (a restart resumes from it), and
+    /// acknowledged by its standby when it has one.
+    durable: std::sync::atomic::AtomicBool,
+    /// Per service, checkpoints whose marks wait for the disk (at most
+    /// [`UNDURABLE_PER_SERVICE_MAX`]; a newer one's marks cover an older one's).
+    undurable: Mutex<IdMap<std::collections::VecDeque<Pending>>>,
     /// Woken when a lease is granted or a checkpoint acknowledged: a paused runner looks again.
     pub changed: tokio::sync::Notify,
 }
@@ -208,6 +250,9 @@ impl Replicas {
             ballots: Mutex::new(Ballots::default()),
             claiming: Mutex::new(IdMap::default()),
             parked: Mutex::new(IdMap::default()),
+            dormant: Mutex::new(IdMap::default()),
+            durable: std::sync::atomic::AtomicBool::new(false),
+            undurable: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -255,9 +300,10 @@ impl Replicas {
         if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             return false;
         }
+        let durable = self.durable.load(std::sync::atomic::Ordering::Relaxed);
         lock(&self.primaries)
             .get(&id)
-            .is_some_and(|p| p.standby.is_some() || p.sent || p.retired.is_some())
+            .is_some_and(|p| durable || p.standby.is_some() || p.sent || p.retired.is_some())
     }
 
     /// For a replicated service this node runs (and has not retired): its epoch and the
@@ -308,6 +354,7 @@ impl Replicas {
         if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             return None;
         }
+        lock(&self.undurable).remove(&id);
         let mut all = lock(&self.primaries);
         let p = all.remove(&id);
         self.running
@@ -405,13 +452,105 @@ impl Replicas {
         id: ServiceId,
         standby: &NodeName,
         taken: Vec<(ServiceId, u64)>,
-    ) -> Option<(CheckpointNo, u64, Vec<NodeName>, KindKey)> {
+    ) -> Option<(CheckpointNo, u64, Vec<NodeName>, KindKey, bool)> {
         let mut all = lock(&self.primaries);
         let p = all.get_mut(&id)?;
         let no = p.cadence.cut(taken, now_us());
+        let first_of_epoch = !p.sent;
         p.sent = true;
         p.first_to.entry(standby.clone()).or_insert(no);
-        Some((no, p.epoch, p.voters.clone(), p.kind.clone()))
+        Some((
+            no,
+            p.epoch,
+            p.voters.clone(),
+            p.kind.clone(),
+            first_of_epoch,
+        ))
+    }
+
+    /// The marks a checkpoint of `id` kept only on disk would cover, if one is due (a service
+    /// with no standby, on a node with a data directory).
+    fn plan_disk(&self, id: ServiceId) -> Option<Vec<(ServiceId, u64)>> {
+        let now = now_us();
+        let all = lock(&self.primaries);
+        let p = all.get(&id)?;
+        (now >= p.retry_at_us && p.cadence.due(now, &self.settings))
+            .then(|| p.taken.iter().map(|(s, (n, _))| (*s, *n)).collect())
+    }
+
+    /// A checkpoint kept only on disk was cut: its number, the epoch, the voters a restart
+    /// must win (none unless a standby may hold a checkpoint of this epoch) and the kind.
+    fn disk_cut(
+        &self,
+        id: ServiceId,
+        taken: Vec<(ServiceId, u64)>,
+    ) -> Option<(CheckpointNo, u64, Vec<NodeName>, KindKey, Pending)> {
+        let mut all = lock(&self.primaries);
+        let p = all.get_mut(&id)?;
+        let no = p.cadence.cut(taken, now_us());
+        // Nobody acknowledges it: the disk holds it once written, and its marks are released
+        // then.
+        let marks = p
+            .cadence
+            .acked(no)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, n)| (s, n, p.taken.get(&s).and_then(|(_, o)| o.clone())))
+            .collect();
+        let voters = if p.sent { p.voters.clone() } else { Vec::new() };
+        Some((no, p.epoch, voters, p.kind.clone(), (no, marks)))
+    }
+
+    /// A checkpoint of `id` is wanted soon (its record on disk was removed for a move that
+    /// did not happen).
+    pub fn urgent(&self, id: ServiceId) {
+        if let Some(p) = lock(&self.primaries).get_mut(&id) {
+            p.cadence.urgent();
+        }
+    }
+
+    /// What the data directory held when the node started: its votes, and the checkpoints of
+    /// services it ran, each a vote for its own epoch (no claim to an epoch this node ran the
+    /// service at is granted to another).
+    pub fn load(&self, me: &NodeName, loaded: crate::store::Loaded) -> Vec<String> {
+        self.durable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut problems = loaded.unreadable;
+        let mut ballots = lock(&self.ballots);
+        for (service, epoch, holder) in loaded.ballots {
+            if !ballots.restore(service, epoch, holder) {
+                problems.push(format!(
+                    "vote on {service} not restored: the ballot table is full"
+                ));
+            }
+        }
+        let mut dormant = lock(&self.dormant);
+        for (service, record) in loaded.checkpoints {
+            if !ballots.restore(service, record.epoch, me.clone()) {
+                problems.push(format!(
+                    "checkpoint of {service} not resumed: the ballot table is full"
+                ));
+                continue;
+            }
+            dormant.insert(
+                service,
+                Dormant {
+                    record,
+                    retry_at_us: 0,
+                },
+            );
+        }
+        problems
+    }
+
+    /// Checkpoints from the data directory not resumed yet: service, kind, epoch.
+    pub fn dormant(&self) -> Vec<(ServiceId, KindKey, u64)> {
+        let mut out: Vec<_> = lock(&self.dormant)
+            .iter()
+            .map(|(id, d)| (*id, d.record.kind.clone(), d.record.epoch))
+            .collect();
+        out.sort_by_key(|(id, _, _)| *id);
+        out
     }
 
     /// No checkpoint could go now: the next is tried after `renew_ms`.
@@ -513,6 +652,10 @@ impl NodeShared {
                     );
                     self.replicas.set_standby(id, standby, voters);
                 }
+                None if self.store.is_some() => {
+                    self.replica_disk_checkpoint(id, capture);
+                    return;
+                }
                 None => {
                     self.replicas.failed(id);
                     return;
@@ -522,35 +665,38 @@ impl NodeShared {
         let Some(plan) = self.replicas.plan(id) else {
             return;
         };
-        let body = match capture(plan.taken.clone()) {
-            Ok(b) => b,
-            Err(e) => {
-                self.logs.event("checkpoint-failed", format!("{id}: {e}"));
-                self.replicas.failed(id);
-                return;
-            }
-        };
-        if body.len() as u64 > self.replicas.settings.checkpoint_bytes_max {
-            self.logs.event(
-                "checkpoint-too-large",
-                format!(
-                    "{id}: {} bytes, checkpoint_bytes_max {}",
-                    body.len(),
-                    self.replicas.settings.checkpoint_bytes_max
-                ),
-            );
-            self.replicas.failed(id);
+        let Some(body) = self.checkpoint_body(id, capture, plan.taken.clone()) else {
             return;
-        }
+        };
         let Some(link) = self.links.get(&plan.standby) else {
             self.replicas.failed(id);
             return;
         };
         let bytes = body.len() as u64;
-        let Some((no, epoch, voters, kind)) = self.replicas.sent(id, &plan.standby, plan.taken)
+        let Some((no, epoch, voters, kind, first_of_epoch)) =
+            self.replicas.sent(id, &plan.standby, plan.taken)
         else {
             return;
         };
+        if let Some(store) = &self.store {
+            store.put(
+                id,
+                &Stored {
+                    format: Stored::FORMAT,
+                    kind: kind.clone(),
+                    epoch,
+                    no,
+                    voters: voters.clone(),
+                    body: body.clone(),
+                },
+            );
+            // The first checkpoint of the epoch a standby may hold: the record on disk must
+            // name the voters before it goes (one that names none is resumed by this node
+            // alone, which is right only while no standby can take the epoch over).
+            if first_of_epoch {
+                store.flush();
+            }
+        }
         let frame = Frame::Replica(ReplicaMsg::Checkpoint {
             service: id,
             kind,
@@ -587,12 +733,110 @@ impl NodeShared {
         }
     }
 
+    /// A checkpoint's body from `capture`, if it can be made and is not too large (else the
+    /// next one is tried after `renew_ms`).
+    fn checkpoint_body(
+        &self,
+        id: ServiceId,
+        capture: impl FnOnce(Vec<(ServiceId, u64)>) -> Result<Vec<u8>, String>,
+        taken: Vec<(ServiceId, u64)>,
+    ) -> Option<Vec<u8>> {
+        let body = match capture(taken) {
+            Ok(b) => b,
+            Err(e) => {
+                self.logs.event("checkpoint-failed", format!("{id}: {e}"));
+                self.replicas.failed(id);
+                return None;
+            }
+        };
+        if body.len() as u64 > self.replicas.settings.checkpoint_bytes_max {
+            self.logs.event(
+                "checkpoint-too-large",
+                format!(
+                    "{id}: {} bytes, checkpoint_bytes_max {}",
+                    body.len(),
+                    self.replicas.settings.checkpoint_bytes_max
+                ),
+            );
+            self.replicas.failed(id);
+            return None;
+        }
+        Some(body)
+    }
+
+    /// A checkpoint of `id`, which has no standby, kept on disk only: after a restart the
+    /// node resumes the service from it.
+    fn replica_disk_checkpoint(
+        &self,
+        id: ServiceId,
+        capture: impl FnOnce(Vec<(ServiceId, u64)>) -> Result<Vec<u8>, String>,
+    ) {
+        let (Some(store), Some(taken)) = (&self.store, self.replicas.plan_disk(id)) else {
+            return;
+        };
+        let Some(body) = self.checkpoint_body(id, capture, taken.clone()) else {
+            return;
+        };
+        if let Some((no, epoch, voters, kind, pending)) = self.replicas.disk_cut(id, taken) {
+            store.put(
+                id,
+                &Stored {
+                    format: Stored::FORMAT,
+                    kind,
+                    epoch,
+                    no,
+                    voters,
+                    body,
+                },
+            );
+            self.stats.checkpoints_stored.inc();
+            self.confirm_when_durable(id, pending);
+        }
+    }
+
+    /// Removes `id`'s checkpoint from the data directory, durably, before it leaves this node
+    /// (a move, a stop, a copy retiring): a restart must not bring back a copy that goes on
+    /// elsewhere, or that was stopped.
+    pub(crate) fn store_forget(&self, id: ServiceId) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.forget(id) {
+                self.logs.event(
+                    "store-error",
+                    format!("checkpoint of {id} not removed: {e}"),
+                );
+            }
+        }
+    }
+
+    /// Records this node's vote for `claim` in the data directory before it is given: a node
+    /// that restarts must not grant the same epoch to another. False when it could not be
+    /// written (the vote is then not given).
+    fn store_grant(&self, claim: &Claim) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        match store.grant(claim.service, claim.epoch, &claim.holder) {
+            Ok(()) => true,
+            Err(e) => {
+                self.logs.event(
+                    "store-error",
+                    format!(
+                        "vote on {} at epoch {} not written: {e}",
+                        claim.service, claim.epoch
+                    ),
+                );
+                false
+            }
+        }
+    }
+
     /// A replicated service left this node (stopped, or moved with no crash on the way): its
     /// standby lets it go, and what it handled is confirmed to its senders now.
     pub(crate) fn replica_left(&self, id: ServiceId) {
         let Some(p) = self.replicas.stop(id) else {
             return;
         };
+        self.store_forget(id);
         if let Some(standby) = &p.standby {
             if let Some(link) = self.links.get(standby) {
                 let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Release {
@@ -891,7 +1135,54 @@ impl NodeShared {
                 .collect::<Vec<_>>()
         };
         self.stats.checkpoints_acked.inc();
-        self.confirm(service, marks);
+        self.confirm_when_durable(service, (no, marks));
+    }
+
+    /// Confirms the marks of checkpoint `no` of `service` once it is in the data directory
+    /// (at once without one); until then they wait (see [`Replicas::undurable`]).
+    fn confirm_when_durable(&self, service: ServiceId, (no, marks): Pending) {
+        let written = self
+            .store
+            .as_ref()
+            .is_none_or(|s| s.durable(service).is_some_and(|d| d >= no));
+        if written {
+            self.confirm(service, marks);
+            return;
+        }
+        let mut waiting = lock(&self.replicas.undurable);
+        let q = waiting.entry(service).or_default();
+        if q.len() >= UNDURABLE_PER_SERVICE_MAX {
+            q.pop_front();
+        }
+        q.push_back((no, marks));
+    }
+
+    /// Confirms the marks of the checkpoints written to the data directory since the last
+    /// look.
+    fn confirm_durable(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let ready: Vec<(ServiceId, Pending)> = {
+            let mut waiting = lock(&self.replicas.undurable);
+            if waiting.is_empty() {
+                return;
+            }
+            let mut ready = Vec::new();
+            for (id, q) in waiting.iter_mut() {
+                let d = store.durable(*id);
+                while q.front().is_some_and(|(no, _)| d.is_some_and(|d| d >= *no)) {
+                    if let Some(p) = q.pop_front() {
+                        ready.push((*id, p));
+                    }
+                }
+            }
+            waiting.retain(|_, q| !q.is_empty());
+            ready
+        };
+        for (id, (_, marks)) in ready {
+            self.confirm(id, marks);
+        }
     }
 }
 
@@ -975,6 +1266,8 @@ impl NodeShared {
             self.start_ballot(claim, &voters, Some(h));
         }
         self.ballots_tick(now);
+        self.resume_stored(now);
+        self.confirm_durable();
         self.replica_parked_recheck(None);
         if self
             .replicas
@@ -1004,6 +1297,72 @@ impl NodeShared {
                 let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Renew { no }));
             }
         }
+    }
+
+    /// Claims the services whose checkpoints came from the data directory, once their kind is
+    /// registered here: each is resumed if this node wins the epoch after the stored one (see
+    /// [`Stored::resume`]). Also reports the store's write errors.
+    fn resume_stored(self: &std::sync::Arc<Self>, now: u64) {
+        if let Some(store) = &self.store {
+            for e in store.take_errors() {
+                self.logs.event("store-error", e);
+            }
+        }
+        let ready: Vec<(ServiceId, Stored)> = {
+            let mut dormant = lock(&self.replicas.dormant);
+            if dormant.is_empty() {
+                return;
+            }
+            let ids: Vec<ServiceId> = dormant
+                .iter()
+                .filter(|(_, d)| now >= d.retry_at_us && self.has_kind(&d.record.kind))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| dormant.remove(id).map(|d| (*id, d.record)))
+                .collect()
+        };
+        for (service, record) in ready {
+            let (claim, voters) = record.resume(self.name(), service);
+            self.logs.event(
+                "resume-claimed",
+                format!(
+                    "{service} at epoch {} from the checkpoint {} of epoch {} in the data \
+                     directory, voters {voters:?}",
+                    claim.epoch, record.no, record.epoch
+                ),
+            );
+            let bytes = record.body.len() as u64;
+            let h = Held {
+                primary: self.name().clone(),
+                epoch: record.epoch,
+                no: record.no,
+                voters: record.voters,
+                body: (record.kind, record.body),
+                bytes,
+            };
+            self.start_ballot(claim, &voters, Some(h));
+        }
+    }
+
+    /// A checkpoint from the data directory whose ballot was not decided waits to be claimed
+    /// again.
+    fn redormant(&self, service: ServiceId, h: Held<Body>) {
+        let (kind, body) = h.body;
+        lock(&self.replicas.dormant).insert(
+            service,
+            Dormant {
+                record: Stored {
+                    format: Stored::FORMAT,
+                    kind,
+                    epoch: h.epoch,
+                    no: h.no,
+                    voters: h.voters,
+                    body,
+                },
+                retry_at_us: now_us() + RESUME_RETRY_MS * 1_000,
+            },
+        );
     }
 
     /// The link to `peer` is lost: the services whose standby it was choose another.
@@ -1088,7 +1447,7 @@ impl NodeShared {
         from: Option<Held<Body>>,
     ) {
         let mut tally = Tally::new(claim.clone(), voters);
-        let own = lock(&self.replicas.ballots).vote(&claim);
+        let own = self.vote_on(&claim);
         let outcome = tally.answer(self.name(), own);
         for v in tally.unheard() {
             if let Some(link) = self.links.get(&v) {
@@ -1229,7 +1588,7 @@ impl NodeShared {
                 epoch: e,
                 holder: at,
             },
-            _ => lock(&self.replicas.ballots).vote(&claim),
+            _ => self.vote_on(&claim),
         };
         if vote == Vote::Yes && may_retire {
             self.retire_older(claim.service, &claim.holder, claim.epoch);
@@ -1237,6 +1596,27 @@ impl NodeShared {
         if let Some(link) = self.links.get(from) {
             let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Vote { claim, vote }));
         }
+    }
+
+    /// This node's ballot on `claim` (`Ballots`), a yes written to the data directory before it
+    /// counts: one that cannot be written is taken back and counted as no room.
+    fn vote_on(&self, claim: &Claim) -> Vote {
+        let mut ballots = lock(&self.replicas.ballots);
+        let before = ballots.granted(claim.service).cloned();
+        let vote = ballots.vote(claim);
+        let new_grant = vote == Vote::Yes
+            && before.as_ref().map(|(e, h)| (*e, h)) != Some((claim.epoch, &claim.holder));
+        if new_grant && !self.store_grant(claim) {
+            match before {
+                Some((e, h)) => {
+                    ballots.forget(claim.service);
+                    ballots.restore(claim.service, e, h);
+                }
+                None => ballots.forget(claim.service),
+            }
+            return Vote::Full;
+        }
+        vote
     }
 
     /// The claimer's side: voter `from` answered.
@@ -1281,7 +1661,25 @@ impl NodeShared {
                     "ballot-lost",
                     format!("{service} at epoch {}: granted to {winner:?}", claim.epoch),
                 );
-                if let Some(h) = from {
+                if let Some(h) = from.as_ref().filter(|h| h.primary == *self.name()) {
+                    // A checkpoint from the data directory: a copy promoted elsewhere meanwhile
+                    // holds the epoch, or a newer one; this one is never resumed. Undecided:
+                    // claimed again later.
+                    let superseded = winner.as_ref().is_some_and(|(e, _)| *e >= claim.epoch);
+                    if superseded {
+                        self.store_forget(service);
+                        self.logs.event(
+                            "stored-copy-superseded",
+                            format!(
+                                "{service}: the checkpoint of epoch {} is not resumed, \
+                                 {winner:?} holds it",
+                                h.epoch
+                            ),
+                        );
+                    } else {
+                        self.redormant(service, h.clone());
+                    }
+                } else if let Some(h) = from {
                     let mut table = lock(&self.replicas.standbys);
                     table.untake(service);
                     let superseded = winner.as_ref().is_some_and(|(e, _)| *e >= claim.epoch);
@@ -1333,6 +1731,7 @@ impl NodeShared {
     /// to `to`, which runs it since `epoch`.
     pub(crate) fn replica_retired(&self, id: ServiceId, to: &NodeName, epoch: u64) {
         drop(self.replicas.stop(id));
+        self.store_forget(id);
         self.driver.retired(id, to.clone(), epoch);
     }
 
@@ -1439,6 +1838,20 @@ impl NodeShared {
         lock(&self.replicas.taken_from).insert(id, h.primary.clone());
         let started = self.start_taken_over(&h.primary, header, body.state);
         match started {
+            Ok(()) if h.primary == *self.name() => {
+                self.stats.resumed_from_disk.inc();
+                self.logs.event(
+                    "resumed-from-disk",
+                    format!(
+                        "{id} runs here again at epoch {} from checkpoint {} (epoch {}) in the \
+                         data directory",
+                        claim.epoch, h.no, h.epoch
+                    ),
+                );
+                tracing::info!(service = %id, epoch = claim.epoch, "resumed from the data directory");
+                self.relocated(id, self.name(), claim.epoch);
+                self.announce_location(id, claim.epoch);
+            }
             Ok(()) => {
                 self.stats.takeovers.inc();
                 self.logs.event(

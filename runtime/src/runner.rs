@@ -93,6 +93,10 @@ pub struct NodeFile {
     /// SIGHUP when the file exists.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// Where the node keeps its replicated services' checkpoints and its votes
+    /// ([`NodeConfig::data_dir`]); absent: nowhere, and a restart starts empty.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// Every other key of the file: the app's settings ([`app_settings`](Self::app_settings)).
     #[serde(flatten)]
     pub app: toml::Table,
@@ -159,6 +163,7 @@ impl NodeFile {
             .collect();
         cfg.admins = self.admins.clone();
         cfg.revocations = self.revocation_list()?;
+        cfg.data_dir = self.data_dir.clone();
         Ok(cfg)
     }
 

@@ -963,12 +963,21 @@ fn serve<S: Service>(
                 && !mailbox.is_gated()
                 && !(mailbox.len() > 0 && ctx.node.driver.drains(ctx.id()))
             {
+                // A checkpoint in the data directory goes before the service may: once the
+                // move commits, a restart here must not bring this copy back.
+                if S::REPLICAS > 0 {
+                    ctx.node.store_forget(ctx.id());
+                }
                 if freeze(&state, &mut ctx, &mailbox).await {
                     // Moved away: the target runs it now. No `stopped`: it did not stop.
                     if S::REPLICAS > 0 {
                         ctx.node.replica_left(ctx.id());
                     }
                     return;
+                }
+                if S::REPLICAS > 0 {
+                    // Still here: its checkpoint goes back on disk soon.
+                    ctx.node.replicas.urgent(ctx.id());
                 }
                 continue;
             }

@@ -132,6 +132,10 @@ counters! {
     /// Checkpoints this node parked as a standby, from a node its directory did not name yet
     /// at a newer epoch (answered once it names it, refused after a lease).
     checkpoints_parked,
+    /// Checkpoints of replicated services with no standby, kept only in the data directory.
+    checkpoints_stored,
+    /// Replicated services resumed from the data directory after the node restarted.
+    resumed_from_disk,
     /// Times a replicated service here stopped handling messages because its standby's lease
     /// lapsed (it was cut off from its standby, or the standby changed).
     replica_pauses,

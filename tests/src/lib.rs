@@ -45,6 +45,8 @@ pub struct NodeSpec {
     pub capabilities: Vec<String>,
     /// Limits.
     pub limits: Limits,
+    /// Data directory ([`NodeConfig::data_dir`]); kept across [`Cluster::restart`].
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 type Setup = Box<dyn Fn(&NodeHandle)>;
@@ -69,7 +71,18 @@ impl ClusterBuilder {
             name: name.to_owned(),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             limits: Limits::default(),
+            data_dir: None,
         });
+        self
+    }
+
+    /// Gives every node a data directory, `root/<name>` ([`NodeConfig::data_dir`]): a node
+    /// restarted with [`Cluster::restart`] finds what it wrote there. The caller removes
+    /// `root` when done.
+    pub fn data_dirs(mut self, root: &std::path::Path) -> Self {
+        for spec in &mut self.specs {
+            spec.data_dir = Some(root.join(&spec.name));
+        }
         self
     }
 
@@ -138,6 +151,7 @@ impl ClusterBuilder {
             cfg.capabilities = spec.capabilities;
             cfg.limits = spec.limits;
             cfg.admins = self.admins.clone();
+            cfg.data_dir = spec.data_dir;
             if let Some(seed) = self.faults_seed {
                 let f = Faults::new(seed.wrapping_add(i as u64));
                 cfg.socket_wrap = Some(f.wrap());
@@ -274,6 +288,7 @@ impl Cluster {
         cfg.capabilities = spec.capabilities;
         cfg.limits = spec.limits;
         cfg.admins = self.admins.clone();
+        cfg.data_dir = spec.data_dir;
         if let Some(seed) = self.faults_seed {
             let f = Faults::new(seed.wrapping_add(i as u64).wrapping_add(0x1000));
             cfg.socket_wrap = Some(f.wrap());
@@ -321,6 +336,7 @@ impl Cluster {
                 .specs
                 .first()
                 .map_or_else(Limits::default, |s| s.limits.clone()),
+            data_dir: None,
         };
         let i = self.specs.len();
         let mut cfg = NodeConfig::new(self.ca.issue(name)?, "127.0.0.1:0".parse()?);

@@ -407,17 +407,25 @@ pub fn quick_to_notice() -> tern::Limits {
 /// A connected cluster of `names` with the test kinds, on fault-injecting sockets (so nodes
 /// can be cut and killed) and [`quick_to_notice`] limits.
 pub fn killable_cluster(names: &[&str]) -> anyhow::Result<tern_harness::Cluster> {
+    killable_cluster_with(names, |b| b)
+}
+
+/// [`killable_cluster`], with more set on the builder.
+pub fn killable_cluster_with(
+    names: &[&str],
+    more: impl FnOnce(tern_harness::ClusterBuilder) -> tern_harness::ClusterBuilder,
+) -> anyhow::Result<tern_harness::Cluster> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
-    let c = names
+    let b = names
         .iter()
         .fold(tern_harness::Cluster::builder(), |b, n| b.node(n, &[]))
         .limits(quick_to_notice())
         .faults(seed)
-        .setup(register_test_kinds)
-        .start()?;
+        .setup(register_test_kinds);
+    let c = more(b).start()?;
     c.wait_connected(SECS_10)?;
     Ok(c)
 }

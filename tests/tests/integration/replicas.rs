@@ -1046,3 +1046,233 @@ fn when_the_primary_and_its_standby_die_together_the_sender_is_told_of_the_loss(
     c.shutdown();
     Ok(())
 }
+
+/// A data directory for each node of a test, removed when dropped.
+struct DataDirs(std::path::PathBuf);
+
+impl DataDirs {
+    fn new(test: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("tern-data-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        DataDirs(root)
+    }
+}
+
+impl Drop for DataDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cluster, the service (a handle on `a`), its standby, the sender's node and a handle
+/// there.
+type KeptWithData = (
+    tern_harness::Cluster,
+    tern::ServiceRef<Kept>,
+    NodeName,
+    &'static str,
+    tern::ServiceRef<Kept>,
+);
+
+/// [`kept_on_a`] with a data directory on every node: the standby holds a checkpoint, and
+/// the sender's node knows it.
+fn kept_on_a_with_data(dirs: &DataDirs) -> Result<KeptWithData> {
+    let c = crate::common::killable_cluster_with(&["a", "b", "c"], |b| b.data_dirs(&dirs.0))?;
+    for n in c.nodes() {
+        n.register::<Kept>();
+    }
+    c.wait_members(SECS_10)?;
+    let svc = c.node("a").spawn(Kept::default())?;
+    let id = svc.id();
+    wait_for(SECS_10, "a standby holds the first checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    })?;
+    let standby = c
+        .node("a")
+        .replica(id)
+        .and_then(|r| r.standby)
+        .expect("a standby");
+    let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
+    Ok((c, svc, standby, other, from))
+}
+
+/// The primary's node and its standby's die together (a household losing power, say), and
+/// the primary's node comes back on its data directory: it wins the epoch after its stored
+/// checkpoint from the voters still up, resumes the service from it, and the sender sends
+/// again what it kept. Nothing is lost, duplicated or reordered; the messages confirmed
+/// before the deaths were in the checkpoint on disk (a sender is confirmed only once its
+/// messages are written there).
+#[test]
+fn a_node_restarted_on_its_data_directory_resumes_its_replicated_service() -> Result<()> {
+    let dirs = DataDirs::new("resume");
+    let (mut c, svc, standby, other, from) = kept_on_a_with_data(&dirs)?;
+    let id = svc.id();
+    for i in 1..=50 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed: on a's disk and at the standby", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node("a")
+            .stored_checkpoints()?
+            .iter()
+            .any(|s| s.service == id && s.epoch == 0),
+        "{:?}",
+        c.node("a").stored_checkpoints()
+    );
+    // Kept by the sender, never handled: the sender's link to a is cut.
+    let a_addr = c.node("a").local_addr();
+    c.faults(other).cut(a_addr);
+    for i in 51..=60 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    drop(svc);
+    c.kill("a");
+    c.kill(standby.as_str());
+    c.faults(other).heal(a_addr);
+    c.restart("a")?;
+    let a = c.node("a");
+    ensure!(
+        a.resuming().iter().any(|(s, _, e)| *s == id && *e == 0),
+        "{:?}",
+        a.resuming()
+    );
+    // Claimed once its kind is registered.
+    a.register::<Kept>();
+    wait_for(Duration::from_secs(20), "a resumes the service", || {
+        a.stats().resumed_from_disk == 1
+    })?;
+    wait_for(SECS_10, "a runs it", || a.replica(id).is_some())?;
+    wait_for(SECS_10, "the sender follows it", || {
+        from.location().as_str() == "a"
+    })?;
+    goes_on_whole(&c, other, &from, 61..=70)?;
+    ensure!(a.resuming().is_empty(), "{:?}", a.resuming());
+    wait_for(SECS_10, "its checkpoint on disk at the new epoch", || {
+        a.stored_checkpoints()
+            .is_ok_and(|s| s.iter().any(|s| s.service == id && s.epoch == 1))
+    })?;
+    c.shutdown();
+    Ok(())
+}
+
+/// The primary's node dies and its standby takes the service over; the node comes back on its
+/// data directory. Its stored checkpoint is older than the epoch the standby won: the voters
+/// say so, the stored copy is dropped from the disk and never runs, and the service goes on
+/// where the standby runs it.
+#[test]
+fn a_restarted_node_does_not_bring_back_a_service_its_standby_took_over() -> Result<()> {
+    let dirs = DataDirs::new("superseded");
+    let (mut c, svc, standby, other, from) = kept_on_a_with_data(&dirs)?;
+    let id = svc.id();
+    for i in 1..=30 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    drop(svc);
+    c.kill("a");
+    wait_for(
+        Duration::from_secs(20),
+        "the standby runs the service",
+        || c.node(standby.as_str()).replica(id).is_some(),
+    )?;
+    c.restart("a")?;
+    let a = c.node("a");
+    a.register::<Kept>();
+    wait_for(
+        Duration::from_secs(20),
+        "a gives its stored copy up",
+        || {
+            a.events()
+                .iter()
+                .any(|e| e.kind == "stored-copy-superseded")
+        },
+    )?;
+    ensure!(a.resuming().is_empty(), "{:?}", a.resuming());
+    ensure!(
+        a.stored_checkpoints()?.iter().all(|s| s.service != id),
+        "{:?}",
+        a.stored_checkpoints()
+    );
+    ensure!(a.replica(id).is_none(), "a runs a second copy");
+    ensure!(a.stats().resumed_from_disk == 0, "{:?}", a.stats());
+    goes_on_whole(&c, other, &from, 31..=40)?;
+    ensure!(a.replica(id).is_none(), "a runs a second copy");
+    c.shutdown();
+    Ok(())
+}
+
+/// A data directory whose store is damaged stops the node from starting, with an error that
+/// names the file: nothing in it is resumed, and nothing is guessed.
+#[test]
+fn a_node_whose_data_directory_is_damaged_does_not_start_and_says_why() -> Result<()> {
+    let dirs = DataDirs::new("damaged");
+    std::fs::create_dir_all(&dirs.0)?;
+    std::fs::write(dirs.0.join("tern.redb"), vec![0x5au8; 8192])?;
+    let ca = tern::certs::ClusterCa::new()?;
+    let mut cfg = tern::NodeConfig::new(ca.issue("a")?, "127.0.0.1:0".parse()?);
+    cfg.data_dir = Some(dirs.0.clone());
+    match tern::Node::start(cfg) {
+        Ok(node) => {
+            node.shutdown();
+            anyhow::bail!("a node started on a damaged store");
+        }
+        Err(e) => {
+            let text = e.to_string();
+            ensure!(
+                text.contains("tern.redb") && text.contains("Not a redb database"),
+                "{text}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A household loses power: every node dies at once and starts again on its data directory.
+/// The primary's node resumes the service from its stored checkpoint (the voters, restarted
+/// too, remember nothing that says otherwise), with everything confirmed before the power went,
+/// and a sender from the restarted devices goes on with it.
+#[test]
+fn after_a_whole_household_restarts_the_service_goes_on_from_its_stored_checkpoint() -> Result<()> {
+    let dirs = DataDirs::new("household");
+    let (mut c, svc, _standby, other, from) = kept_on_a_with_data(&dirs)?;
+    let id = svc.id();
+    for i in 1..=40 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed", || from.unconfirmed() == 0)?;
+    drop((svc, from));
+    for n in ["a", "b", "c"] {
+        c.kill(n);
+    }
+    for n in ["a", "b", "c"] {
+        c.restart(n)?;
+    }
+    for n in c.nodes() {
+        n.register::<Kept>();
+    }
+    let a = c.node("a");
+    wait_for(Duration::from_secs(20), "a resumes the service", || {
+        a.stats().resumed_from_disk == 1
+    })?;
+    wait_for(SECS_10, "a runs it", || a.replica(id).is_some())?;
+    let copies: Vec<&str> = c
+        .nodes()
+        .iter()
+        .filter(|n| n.replica(id).is_some())
+        .map(|n| n.name().as_str())
+        .collect();
+    ensure!(copies == ["a"], "copies on {copies:?}");
+    let from = c.node(other).resolve::<Kept>(&tern::ServiceAddr {
+        id,
+        kind: <Kept as Service>::kind_key(),
+        node: NodeName::new("a"),
+    })?;
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=40).collect::<Vec<_>>(), "history: {seen:?}");
+    block_on(from.tell_wait(KeptMsg::Item(41)))?;
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=41).collect::<Vec<_>>(), "history: {seen:?}");
+    c.shutdown();
+    Ok(())
+}
