@@ -382,6 +382,24 @@ pub struct Grantor {
 }
 
 impl Grantor {
+    /// A grantor whose first term is `term`. A node numbers its terms from a base above every
+    /// term its former lives used (it forgets its grantors when it restarts): otherwise a
+    /// restarted standby would grant a primary it had superseded in a term that primary still
+    /// holds, and the primary's copies would serve again.
+    ///
+    /// ```
+    /// use tern_proto::replica::{Grantor, Settings};
+    /// let s = Settings::default();
+    /// let mut g = Grantor::starting_at(1 << 40);
+    /// assert_eq!(g.heard(0, &s).map(|grant| grant.term), Some(1 << 40));
+    /// ```
+    pub fn starting_at(term: u64) -> Self {
+        Grantor {
+            term,
+            last_granted_us: None,
+        }
+    }
+
     /// The primary asked at `now_us` (a renewal or a checkpoint): the grant, or `None` when
     /// the wait ran out and the standby has not yet moved to a new term
     /// ([`supersede`](Self::supersede)) or let the primary go on ([`forget`](Self::forget)):
@@ -718,6 +736,24 @@ impl Ballots {
                 true
             }
         }
+    }
+
+    /// The grant that makes a copy of `service` at `epoch` stale: one for a newer epoch. A
+    /// standby takes no checkpoint of such a copy (its primary was superseded; taking it would
+    /// let that primary serve again).
+    ///
+    /// ```
+    /// use tern_proto::ids::{NodeName, ServiceId};
+    /// use tern_proto::replica::{Ballots, Claim, Vote};
+    /// let s = ServiceId::from_parts(1, 1);
+    /// let mut b = Ballots::default();
+    /// let claim = Claim { service: s, epoch: 4, holder: NodeName::new("w") };
+    /// assert_eq!(b.vote(&claim), Vote::Yes);
+    /// assert!(b.supersedes(s, 3).is_some());
+    /// assert!(b.supersedes(s, 4).is_none());
+    /// ```
+    pub fn supersedes(&self, service: ServiceId, epoch: u64) -> Option<&(u64, NodeName)> {
+        self.granted.get(&service).filter(|(e, _)| *e > epoch)
     }
 
     /// The newest grant for `service`.

@@ -2227,6 +2227,22 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         store,
         limits,
     });
+    // Grantor terms start above any a former life used: from the data directory when there
+    // is one, else from the clock (microseconds since 1970; a life supersedes far fewer
+    // times than it lives microseconds).
+    let clock_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let term_base = match &shared.store {
+        Some(store) => store
+            .next_term_base(clock_us)
+            .map_err(|detail| Error::Store {
+                path: store.path().display().to_string(),
+                detail,
+            })?,
+        None => clock_us,
+    };
+    shared.replicas.set_term_base(term_base);
     if let Some(loaded) = loaded {
         let held = loaded.checkpoints.len();
         for problem in shared.replicas.load(&name, loaded) {

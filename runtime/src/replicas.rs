@@ -225,6 +225,9 @@ pub(crate) struct Replicas {
     parked: Mutex<IdMap<Parked>>,
     /// Checkpoints from the data directory not resumed yet (see [`Dormant`]).
     dormant: Mutex<IdMap<Dormant>>,
+    /// The first term of this node's grantors: above every term a former life used (see
+    /// `Grantor::starting_at`).
+    term_base: std::sync::atomic::AtomicU64,
     /// The node has a data directory: every replicated service it runs confirms its senders
     /// only once a checkpoint covering them is written there (a restart resumes from it), and
     /// acknowledged by its standby when it has one.
@@ -252,6 +255,7 @@ impl Replicas {
             parked: Mutex::new(IdMap::default()),
             dormant: Mutex::new(IdMap::default()),
             durable: std::sync::atomic::AtomicBool::new(false),
+            term_base: std::sync::atomic::AtomicU64::new(0),
             undurable: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
         }
@@ -551,6 +555,17 @@ impl Replicas {
             .collect();
         out.sort_by_key(|(id, _, _)| *id);
         out
+    }
+
+    /// Sets the first term of this node's grantors (at start).
+    pub fn set_term_base(&self, base: u64) {
+        self.term_base
+            .store(base, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A grantor for a primary this node hears from for the first time in this life.
+    fn new_grantor(&self) -> Grantor {
+        Grantor::starting_at(self.term_base.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// No checkpoint could go now: the next is tried after `renew_ms`.
@@ -930,7 +945,7 @@ impl NodeShared {
             ReplicaMsg::Renew { no } => {
                 let grant = lock(&self.replicas.grantors)
                     .entry(from.clone())
-                    .or_default()
+                    .or_insert_with(|| self.replicas.new_grantor())
                     .heard(now_us(), &self.replicas.settings);
                 // Past the wait, silence: the primary's lease lapses, whatever it asks.
                 if let (Some(Grant { term }), Some(link)) = (grant, self.links.get(from)) {
@@ -990,12 +1005,24 @@ impl NodeShared {
                 }
             }
         }
+        // Nor from a copy this node knows to be superseded: it granted a newer epoch (taking
+        // the checkpoint would let that copy's primary serve again).
+        if let Some((e, holder)) = lock(&self.replicas.ballots)
+            .supersedes(service, c.epoch)
+            .cloned()
+        {
+            return refuse(format!(
+                "{service}: this node granted epoch {e} to {holder}; a checkpoint of epoch {} \
+                 is of a superseded copy",
+                c.epoch
+            ));
+        }
         let now = now_us();
         let term = {
             let mut g = lock(&self.replicas.grantors);
             match g
                 .entry(from.clone())
-                .or_default()
+                .or_insert_with(|| self.replicas.new_grantor())
                 .heard(now, &self.replicas.settings)
             {
                 Some(grant) => grant.term,
@@ -1690,7 +1717,9 @@ impl NodeShared {
                         let _ = table.offer(self.name(), service, h);
                         drop(table);
                         let mut g = lock(&self.replicas.grantors);
-                        let g = g.entry(primary).or_default();
+                        let g = g
+                            .entry(primary)
+                            .or_insert_with(|| self.replicas.new_grantor());
                         g.forget();
                         let _ = g.heard(now_us(), &self.replicas.settings);
                     }

@@ -29,6 +29,8 @@ use crate::sync::lock;
 const CHECKPOINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("checkpoints");
 /// Votes: service id to the newest epoch granted and to whom (MessagePack).
 const BALLOTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ballots");
+/// The node's own numbers that must grow across its lives (`term_base`).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The file in the data directory.
 pub const STORE_FILE: &str = "tern.redb";
@@ -114,6 +116,7 @@ impl Store {
         txn.open_table(CHECKPOINTS)
             .map_err(|e| store_error(&path, e))?;
         txn.open_table(BALLOTS).map_err(|e| store_error(&path, e))?;
+        txn.open_table(META).map_err(|e| store_error(&path, e))?;
         txn.commit().map_err(|e| store_error(&path, e))?;
         let loaded = read_all(&db).map_err(|e| store_error(&path, e))?;
         let inner = Arc::new(Inner {
@@ -188,6 +191,27 @@ impl Store {
                 .insert(key(service), value.as_slice())?;
             Ok(())
         })
+    }
+
+    /// The first grantor term of this life: above every term a former life on this directory
+    /// used (`2^32` past the last base, which no life's supersedes reach), and at least
+    /// `at_least` (the clock's reading, for a directory new to a node that ran before).
+    pub fn next_term_base(&self, at_least: u64) -> Result<u64, String> {
+        let _order = lock(&self.inner.order);
+        let db = lock(&self.inner.db).clone().ok_or("the store is closed")?;
+        let last = (|| -> Result<Option<u64>, redb::Error> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(META)?;
+            let last = t.get("term_base")?.map(|v| v.value());
+            Ok(last)
+        })()
+        .map_err(|e| e.to_string())?;
+        let base = last.map_or(at_least, |l| at_least.max(l.saturating_add(1 << 32)));
+        self.inner.write(|txn| {
+            txn.open_table(META)?.insert("term_base", base)?;
+            Ok(())
+        })?;
+        Ok(base)
     }
 
     /// Waits until every checkpoint queued before the call is written (or failed, or
@@ -406,6 +430,22 @@ mod tests {
         assert_eq!(loaded.checkpoints, vec![(s1, record(0, 2))]);
         assert_eq!(loaded.ballots, vec![(s2, 4, NodeName::new("b"))]);
         assert!(loaded.unreadable.is_empty());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn each_life_numbers_its_terms_above_the_last_even_if_the_clock_went_back() {
+        let d = dir("terms");
+        let first = {
+            let (store, _) = Store::open(&d).expect("opens");
+            store.next_term_base(1_000_000).expect("base")
+        };
+        assert_eq!(first, 1_000_000);
+        let (store, _) = Store::open(&d).expect("opens again");
+        // The clock went back: the base still grows.
+        let second = store.next_term_base(5).expect("base");
+        assert_eq!(second, 1_000_000 + (1 << 32));
         drop(store);
         let _ = std::fs::remove_dir_all(&d);
     }

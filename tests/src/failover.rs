@@ -6,10 +6,15 @@
 //! primary serves only under its lease, cuts checkpoints after K messages or T, and releases
 //! the senders' marks (and, in the held mode, its outputs) when the standby acknowledges the
 //! checkpoint that covers them. Control links between the voters are cut, one way or both,
-//! and heal; one node crashes at a random moment (or none). A standby whose wait ran out, or a
+//! and heal; one node crashes at a random moment (or none), and may restart on its data
+//! directory (what it wrote there: its votes, and the latest checkpoint of the copy it ran,
+//! written before the checkpoint was sent). A standby whose wait ran out, or a
 //! primary whose lease did, asks the voters for the next epoch; the winner continues (the
 //! standby from its checkpoint, the primary as it is) with another standby; the loser retires.
 //! Senders keep what is not confirmed and send it again, in order, to where the service went.
+//! A restarted node claims the epoch after its stored checkpoint among that checkpoint's
+//! voters, its stored checkpoint and votes counting as its votes, and resumes the service from
+//! it if it wins (as the node does, `tern_proto::replica::Stored::resume`).
 //!
 //! Checked: no two copies ever handle messages in overlapping stretches of real time; the last
 //! copy has handled every sender's messages exactly once and in order; every output reached
@@ -53,6 +58,8 @@ pub struct FailoverConfig {
     pub cut_max_us: u64,
     /// Crash one voter at a random moment (the primary, the standby or the witness).
     pub crash: bool,
+    /// The crashed voter restarts on its data directory, up to `3 * lease_ms` later.
+    pub restart: bool,
     /// Output commit.
     pub outputs: Outputs,
     /// Check that the service survives and handles everything. Off for runs that combine a
@@ -73,6 +80,7 @@ impl Default for FailoverConfig {
             cuts: 2,
             cut_max_us: 400_000,
             crash: true,
+            restart: false,
             outputs: Outputs::Held,
             liveness: false,
             settings: Settings {
@@ -103,6 +111,10 @@ pub struct FailoverReport {
     pub takeovers: u64,
     /// Primaries that went on after losing their standby.
     pub continued: u64,
+    /// Copies resumed from a data directory after a restart.
+    pub resumed: u64,
+    /// Stored checkpoints given up after a restart (a newer copy held the epoch).
+    pub superseded: u64,
     /// Checkpoints acknowledged.
     pub checkpoints: u64,
     /// Messages handled again after a failover (re-executed from a checkpoint).
@@ -202,6 +214,14 @@ struct Voter {
     pending: Option<Held<Body>>,
     /// When this node last started a ballot (its own clock), to retry.
     tally_at: u64,
+    /// Its data directory: the newest vote it gave, and the latest checkpoint of the copy it
+    /// runs (written as it is cut, before it is sent; removed when the copy retires).
+    disk_vote: Option<(u64, NodeName)>,
+    disk_copy: Option<Held<Body>>,
+    /// After a restart: the stored checkpoint not resumed yet, and when (its clock) to claim.
+    dormant: Option<(Held<Body>, u64)>,
+    /// The first term of its grantors: above every term a former life used.
+    term_base: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +249,7 @@ enum Ev {
     Tick(usize),
     Send(usize),
     Crash(usize),
+    Restart(usize),
 }
 
 /// Node indexes: voters 0..3, then the senders' and sink's node.
@@ -315,6 +336,19 @@ impl World {
         }
         let now_l = self.local(n);
         let s = self.cfg.settings.clone();
+        // Restarted: the stored checkpoint is claimed at the epoch after it.
+        if self.voters[n].tally.is_none()
+            && self.voters[n]
+                .dormant
+                .as_ref()
+                .is_some_and(|(_, at)| now_l >= *at)
+        {
+            if let Some((h, _)) = self.voters[n].dormant.take() {
+                let (epoch, voters) = (h.epoch + 1, h.voters.clone());
+                self.voters[n].pending = Some(h);
+                self.start_ballot(n, epoch, &voters);
+            }
+        }
         // The standby's side: a primary whose wait ran out, with a checkpoint held here. The
         // grantor moves to a new term first, so that no grant it gives from now on lets that
         // primary serve again, then asks the voters for the next epoch.
@@ -363,6 +397,8 @@ impl World {
         }
         // The primary's side.
         let voters = voters_list(self);
+        let mut disk = None;
+        let name = self.voters[n].name.clone();
         let Some(copy) = self.voters[n].copy.as_mut().filter(|c| !c.retired) else {
             return;
         };
@@ -425,6 +461,14 @@ impl World {
             if !copy.sent_to.contains(&sb) {
                 copy.sent_to.push(sb);
             }
+            disk = Some(Held {
+                primary: name.clone(),
+                epoch,
+                no,
+                voters: voters.clone(),
+                body: body.clone(),
+                bytes: 1,
+            });
             out.push((
                 sb,
                 Net::Checkpoint {
@@ -436,6 +480,9 @@ impl World {
             ));
         }
         let log_len = copy.log.len();
+        if disk.is_some() {
+            self.voters[n].disk_copy = disk;
+        }
         // Without a lease it once had, the primary asks whether it may go on at the next epoch
         // with another standby (the standby may be gone, or may be taking the service over).
         let ask = ever_granted && !leased && self.voters[n].tally.is_none();
@@ -452,6 +499,42 @@ impl World {
         }
     }
 
+    /// Node `n`'s ballot on `claim`; a yes is written to its data directory before it is
+    /// given.
+    fn vote(&mut self, n: usize, claim: &Claim) -> Vote {
+        let v = &mut self.voters[n];
+        let vote = v.ballots.vote(claim);
+        if vote == Vote::Yes {
+            v.disk_vote = v.ballots.granted(claim.service).cloned();
+        }
+        vote
+    }
+
+    /// Node `n` starts again on its data directory: nothing of its memory, its votes and its
+    /// stored checkpoint from the disk; the checkpoint is claimed at its next tick.
+    fn restart(&mut self, n: usize) {
+        let service = self.service;
+        let s = self.cfg.settings.clone();
+        let v = &mut self.voters[n];
+        v.alive = true;
+        v.standbys = Standbys::new(16, 1 << 20);
+        v.grantors.clear();
+        // Its terms start above any its former life used.
+        v.term_base += 1 << 32;
+        v.copy = None;
+        v.tally = None;
+        v.pending = None;
+        v.ballots = Ballots::default();
+        if let Some((e, h)) = v.disk_vote.clone() {
+            v.ballots.restore(service, e, h);
+        }
+        if let Some(h) = v.disk_copy.clone() {
+            v.ballots.restore(service, h.epoch, v.name.clone());
+            v.dormant = Some((h, 0));
+        }
+        let _ = s;
+    }
+
     fn index(&self, name: &NodeName) -> usize {
         self.voters
             .iter()
@@ -466,7 +549,7 @@ impl World {
             holder: self.voters[n].name.clone(),
         };
         let mut tally = Tally::new(claim.clone(), voters);
-        let own = self.voters[n].ballots.vote(&claim);
+        let own = self.vote(n, &claim);
         let me = self.voters[n].name.clone();
         let outcome = tally.answer(&me, own);
         self.voters[n].tally = Some(tally);
@@ -490,7 +573,24 @@ impl World {
             Outcome::Open => {}
             Outcome::Lost(winner) => {
                 self.voters[n].tally = None;
-                if let Some(h) = self.voters[n].pending.take() {
+                let stored = self.voters[n]
+                    .pending
+                    .as_ref()
+                    .is_some_and(|h| h.primary == me);
+                if stored {
+                    // The checkpoint from the data directory: given up when a newer copy holds
+                    // the epoch, claimed again later when undecided.
+                    if let Some(h) = self.voters[n].pending.take() {
+                        let superseded = winner.as_ref().is_some_and(|(e, _)| *e > h.epoch);
+                        if superseded {
+                            self.voters[n].disk_copy = None;
+                            self.report.superseded += 1;
+                        } else {
+                            let at = self.local(n) + 5 * self.cfg.settings.renew_ms * 1_000;
+                            self.voters[n].dormant = Some((h, at));
+                        }
+                    }
+                } else if let Some(h) = self.voters[n].pending.take() {
                     self.voters[n].standbys.untake(self.service);
                     let superseded = winner.as_ref().is_some_and(|(e, _)| *e > h.epoch);
                     if !superseded {
@@ -500,7 +600,11 @@ impl World {
                         let _ = self.voters[n].standbys.offer(&me, self.service, h);
                         let now_l = self.local(n);
                         let s = self.cfg.settings.clone();
-                        let g = self.voters[n].grantors.entry(p).or_default();
+                        let base = self.voters[n].term_base;
+                        let g = self.voters[n]
+                            .grantors
+                            .entry(p)
+                            .or_insert_with(|| Grantor::starting_at(base));
                         g.forget();
                         let _ = g.heard(now_l, &s);
                     }
@@ -511,6 +615,7 @@ impl World {
                     if let Some(c) = self.voters[n].copy.as_mut() {
                         if c.epoch < epoch {
                             c.retired = true;
+                            self.voters[n].disk_copy = None;
                         }
                     }
                     if self.voters[n]
@@ -590,7 +695,11 @@ impl World {
                         retired: false,
                         replay_until: self.high_water,
                     });
-                    self.report.takeovers += 1;
+                    if h.primary == me {
+                        self.report.resumed += 1;
+                    } else {
+                        self.report.takeovers += 1;
+                    }
                     for (seq, content) in h.body.outputs {
                         self.send(n, C, Net::Output(seq, content));
                     }
@@ -650,7 +759,11 @@ impl World {
             }
             Net::Renew(no) => {
                 let now_l = self.local(to);
-                let g = self.voters[to].grantors.entry(from).or_default();
+                let base = self.voters[to].term_base;
+                let g = self.voters[to]
+                    .grantors
+                    .entry(from)
+                    .or_insert_with(|| Grantor::starting_at(base));
                 // A grantor whose wait ran out grants nothing until it has moved to a new
                 // term (its tick does that before anything else).
                 if let Some(grant) = g.heard(now_l, &s) {
@@ -689,6 +802,15 @@ impl World {
                 {
                     return;
                 }
+                // Nor from a copy this node knows to be superseded: it voted for a newer epoch
+                // (taking it would let that copy's primary serve again).
+                if self.voters[to]
+                    .ballots
+                    .supersedes(self.service, epoch)
+                    .is_some()
+                {
+                    return;
+                }
                 let held = Held {
                     primary,
                     epoch,
@@ -702,7 +824,12 @@ impl World {
                     .offer(&me, self.service, held)
                     .is_ok()
                 {
-                    let term = self.voters[to].grantors.entry(from).or_default().term();
+                    let base = self.voters[to].term_base;
+                    let term = self.voters[to]
+                        .grantors
+                        .entry(from)
+                        .or_insert_with(|| Grantor::starting_at(base))
+                        .term();
                     self.send(to, from, Net::CheckpointAck(epoch, no, term));
                 }
             }
@@ -761,7 +888,7 @@ impl World {
                             holder: names[to].clone(),
                         }
                     }
-                    None => self.voters[to].ballots.vote(&claim),
+                    None => self.vote(to, &claim),
                 };
                 self.send(to, from, Net::Voted(claim, vote));
             }
@@ -791,6 +918,7 @@ impl World {
                 } else if let Some(copy) = self.voters[to].copy.as_mut() {
                     if epoch > copy.epoch && from != to {
                         copy.retired = true;
+                        self.voters[to].disk_copy = None;
                     }
                 }
             }
@@ -864,6 +992,10 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
             tally: None,
             pending: None,
             tally_at: 0,
+            disk_vote: None,
+            disk_copy: None,
+            dormant: None,
+            term_base: 0,
         });
     }
     let service = ServiceId::from_parts(9, 1);
@@ -988,6 +1120,16 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
                 }
                 w.voters[n].alive = false;
                 w.report.crashed = Some(w.voters[n].name.to_string());
+                if w.cfg.restart {
+                    let t = w.now + 1 + w.rng.below(3 * w.cfg.settings.lease_ms * 1_000);
+                    w.at(t, Ev::Restart(n));
+                }
+            }
+            Ev::Restart(n) => {
+                if w.trace {
+                    eprintln!("{:>9} {n} restarts on its data directory", w.now);
+                }
+                w.restart(n);
             }
         }
     }

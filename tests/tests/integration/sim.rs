@@ -361,6 +361,45 @@ mod failover {
     }
 
     #[test]
+    fn a_node_that_crashes_and_restarts_on_its_data_directory_never_makes_a_second_copy() {
+        let cfg = FailoverConfig {
+            cuts: 0,
+            crash: true,
+            restart: true,
+            liveness: true,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0xd15c, 300, &cfg);
+        let resumed = total(&reports, |r| r.resumed);
+        let superseded = total(&reports, |r| r.superseded);
+        eprintln!(
+            "failover sim (crashes and restarts): {} runs, {resumed} copies resumed from disk, {superseded} stored checkpoints given up, {} takeovers, {} went on",
+            reports.len(),
+            total(&reports, |r| r.takeovers),
+            total(&reports, |r| r.continued)
+        );
+        if reports.len() > 50 {
+            // Both ends of a restart: the stored copy wins, or a newer one had the epoch.
+            assert!(resumed > 0 && superseded > 0);
+        }
+    }
+
+    #[test]
+    fn cuts_a_crash_and_a_restart_together_keep_safety() {
+        let cfg = FailoverConfig {
+            restart: true,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0xd15d, 300, &cfg);
+        eprintln!(
+            "failover sim (cuts, a crash and a restart): {} runs, {} resumed, {} given up",
+            reports.len(),
+            total(&reports, |r| r.resumed),
+            total(&reports, |r| r.superseded)
+        );
+    }
+
+    #[test]
     fn one_way_and_two_way_cuts_never_leave_two_live_copies() {
         let cfg = FailoverConfig {
             cuts: 3,
