@@ -1,5 +1,7 @@
 //! Replicated services: the same remote tells to a replicated sink (`REPLICAS = 1`, its
-//! standby on a third node) and to a plain one, interleaved in the same run, and the bytes of
+//! standby on a third node), to the same sink on a node with a data directory (each
+//! checkpoint also written to its redb file, senders confirmed once it is there) and to a
+//! plain one, interleaved in the same run, and the bytes of
 //! checkpoint sent per message (with everything the node runs for it: checkpoints,
 //! confirmations held until acknowledged, the senders' kept copies, leases). Then failover:
 //! the time from the abrupt death of the primary's node to the first message the standby's
@@ -55,6 +57,14 @@ enum SenderMsg {
     Replicated { to: ServiceAddr, total: u64 },
 }
 
+/// Which sink a run sends to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    Plain,
+    Replicated,
+    Durable,
+}
+
 async fn send_all<T: Service<Msg = PayloadMsg>>(
     ctx: &mut Ctx<Sender>,
     to: ServiceAddr,
@@ -93,10 +103,20 @@ impl Service for Sender {
 }
 
 pub fn run(scale: &Scale) -> Result<Value> {
+    let data_dir = std::env::temp_dir().join(format!("tern-bench-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let result = run_in(scale, &data_dir);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
     let cluster = Cluster::builder()
         .node("rep-a", &[])
         .node("rep-b", &[])
         .node("rep-c", &[])
+        .node("rep-d", &[])
+        .node_data_dir("rep-d", data_dir)
         .setup(|n| {
             n.register::<PlainSink>()
                 .register::<ReplicatedSink>()
@@ -104,36 +124,54 @@ pub fn run(scale: &Scale) -> Result<Value> {
         })
         .start()?;
     cluster.wait_members(Duration::from_secs(10))?;
-    let (a, b) = (cluster.node("rep-a"), cluster.node("rep-b"));
+    let (a, b, d) = (
+        cluster.node("rep-a"),
+        cluster.node("rep-b"),
+        cluster.node("rep-d"),
+    );
     let plain = b.spawn(PlainSink::default())?;
     let replicated = b.spawn(ReplicatedSink::default())?;
+    let durable = d.spawn(ReplicatedSink::default())?;
     wait_for(
         Duration::from_secs(10),
-        "the replicated sink's standby",
-        || b.replica(replicated.id()).is_some_and(|r| r.acked >= 1),
+        "the replicated sinks' standbys",
+        || {
+            b.replica(replicated.id()).is_some_and(|r| r.acked >= 1)
+                && d.replica(durable.id()).is_some_and(|r| r.acked >= 1)
+        },
     )?;
     let sender = a.spawn(Sender)?;
     let total = scale.remote_msgs / 4;
-    let (mut plain_runs, mut rep_runs) = (Vec::new(), Vec::new());
+    let (mut plain_runs, mut rep_runs, mut durable_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ckpt_bytes, mut ckpts, mut rep_msgs) = (0u64, 0u64, 0u64);
-    // A warm-up of each, then the two interleaved, run by run.
+    // A warm-up of each, then the three interleaved, run by run.
     for i in 0..=scale.repeats {
         let n = if i == 0 { total / 10 } else { total };
-        for replicated_run in [false, true] {
+        for sink in [Sink::Plain, Sink::Replicated, Sink::Durable] {
             DONE.reset();
             let before = b.stats();
             // The target lands before timing starts.
-            let ask = if replicated_run {
-                replicated.tell(PayloadMsg::Target(n))?;
-                SenderMsg::Replicated {
-                    to: replicated.addr().clone(),
-                    total: n,
+            let ask = match sink {
+                Sink::Plain => {
+                    plain.tell(PayloadMsg::Target(n))?;
+                    SenderMsg::Plain {
+                        to: plain.addr().clone(),
+                        total: n,
+                    }
                 }
-            } else {
-                plain.tell(PayloadMsg::Target(n))?;
-                SenderMsg::Plain {
-                    to: plain.addr().clone(),
-                    total: n,
+                Sink::Replicated => {
+                    replicated.tell(PayloadMsg::Target(n))?;
+                    SenderMsg::Replicated {
+                        to: replicated.addr().clone(),
+                        total: n,
+                    }
+                }
+                Sink::Durable => {
+                    durable.tell(PayloadMsg::Target(n))?;
+                    SenderMsg::Replicated {
+                        to: durable.addr().clone(),
+                        total: n,
+                    }
                 }
             };
             std::thread::sleep(Duration::from_millis(20));
@@ -144,19 +182,36 @@ pub fn run(scale: &Scale) -> Result<Value> {
             if i == 0 {
                 continue;
             }
-            if replicated_run {
-                let after = b.stats();
-                ckpt_bytes += after.checkpoint_bytes - before.checkpoint_bytes;
-                ckpts += after.checkpoints_sent - before.checkpoints_sent;
-                rep_msgs += n;
-                progress(&format!("replicated run {i}: {rate:.0} msgs/s"));
-                rep_runs.push(rate);
-            } else {
-                progress(&format!("plain run {i}: {rate:.0} msgs/s"));
-                plain_runs.push(rate);
+            match sink {
+                Sink::Replicated => {
+                    let after = b.stats();
+                    ckpt_bytes += after.checkpoint_bytes - before.checkpoint_bytes;
+                    ckpts += after.checkpoints_sent - before.checkpoints_sent;
+                    rep_msgs += n;
+                    progress(&format!("replicated run {i}: {rate:.0} msgs/s"));
+                    rep_runs.push(rate);
+                }
+                Sink::Durable => {
+                    progress(&format!(
+                        "replicated, data directory, run {i}: {rate:.0} msgs/s"
+                    ));
+                    durable_runs.push(rate);
+                }
+                Sink::Plain => {
+                    progress(&format!("plain run {i}: {rate:.0} msgs/s"));
+                    plain_runs.push(rate);
+                }
             }
         }
     }
+    let durable_ratio = median(
+        durable_runs
+            .iter()
+            .zip(&plain_runs)
+            .map(|(r, p)| r / p)
+            .collect(),
+    );
+    let stored = d.stored_checkpoints()?.len();
     if ckpts == 0 {
         bail!("the replicated sink sent no checkpoint");
     }
@@ -174,6 +229,9 @@ pub fn run(scale: &Scale) -> Result<Value> {
         "replicated_to_plain_ratio": round2(ratio),
         "checkpoints_per_1000_msgs": round2(ckpts as f64 * 1000.0 / rep_msgs as f64),
         "checkpoint_bytes_per_msg": round2(ckpt_bytes as f64 / rep_msgs as f64),
+        "durable_msgs_per_s": median(durable_runs).round(),
+        "durable_to_plain_ratio": round2(durable_ratio),
+        "durable_checkpoints_stored": stored,
         "messages_per_run": total,
     });
     cluster.shutdown();

@@ -2243,6 +2243,20 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         None => clock_us,
     };
     shared.replicas.set_term_base(term_base);
+    if let Some(store) = &shared.store {
+        // Senders wait for their checkpoints to be on disk: confirmed as soon as a batch is
+        // written, on the node's own thread.
+        let weak = Arc::downgrade(&shared);
+        let arbiter = actix_rt::Arbiter::current();
+        store.on_written(move || {
+            let weak = weak.clone();
+            arbiter.spawn(async move {
+                if let Some(node) = weak.upgrade() {
+                    node.confirm_durable();
+                }
+            });
+        });
+    }
     if let Some(loaded) = loaded {
         let held = loaded.checkpoints.len();
         for problem in shared.replicas.load(&name, loaded) {

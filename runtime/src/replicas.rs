@@ -1186,7 +1186,7 @@ impl NodeShared {
 
     /// Confirms the marks of the checkpoints written to the data directory since the last
     /// look.
-    fn confirm_durable(&self) {
+    pub(crate) fn confirm_durable(&self) {
         let Some(store) = &self.store else {
             return;
         };

@@ -72,8 +72,12 @@ struct Queue {
 /// Write errors kept for the node to report.
 const ERRORS_KEPT: usize = 16;
 
+/// Called by the writer after each batch it wrote.
+type OnWritten = Box<dyn Fn() + Send + Sync>;
+
 struct Inner {
     path: PathBuf,
+    on_written: Mutex<Option<OnWritten>>,
     db: Mutex<Option<Arc<redb::Database>>>,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -121,6 +125,7 @@ impl Store {
         let loaded = read_all(&db).map_err(|e| store_error(&path, e))?;
         let inner = Arc::new(Inner {
             path,
+            on_written: Mutex::new(None),
             db: Mutex::new(Some(Arc::new(db))),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -143,6 +148,12 @@ impl Store {
             },
             loaded,
         ))
+    }
+
+    /// Sets what the writer calls after each batch it wrote (the node confirms what waited
+    /// for it).
+    pub fn on_written(&self, f: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.inner.on_written) = Some(Box::new(f));
     }
 
     /// The store's file.
@@ -346,6 +357,10 @@ fn write_loop(inner: &Inner) {
         q.busy = false;
         q.written = q.taken;
         inner.wake.notify_all();
+        drop(q);
+        if let Some(f) = lock(&inner.on_written).as_ref() {
+            f();
+        }
     }
 }
 

@@ -76,6 +76,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Gives node `name` the data directory `dir` ([`NodeConfig::data_dir`]).
+    pub fn node_data_dir(mut self, name: &str, dir: &std::path::Path) -> Self {
+        for spec in self.specs.iter_mut().filter(|s| s.name == name) {
+            spec.data_dir = Some(dir.to_path_buf());
+        }
+        self
+    }
+
     /// Gives every node a data directory, `root/<name>` ([`NodeConfig::data_dir`]): a node
     /// restarted with [`Cluster::restart`] finds what it wrote there. The caller removes
     /// `root` when done.
