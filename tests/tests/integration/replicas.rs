@@ -1276,3 +1276,53 @@ fn after_a_whole_household_restarts_the_service_goes_on_from_its_stored_checkpoi
     c.shutdown();
     Ok(())
 }
+
+/// With two devices there is no standby (no third to witness), but a data directory still
+/// keeps the service: its checkpoints go to the disk alone, its senders are confirmed once
+/// they are written, and the device that restarts resumes it from the last one, its own vote
+/// deciding (no standby could hold a checkpoint of that epoch, so nothing else can have taken
+/// it over).
+#[test]
+fn with_two_devices_a_data_directory_alone_brings_a_service_back_after_a_restart() -> Result<()> {
+    let dirs = DataDirs::new("two");
+    let mut c = crate::common::killable_cluster_with(&["a", "b"], |b| b.data_dirs(&dirs.0))?;
+    for n in c.nodes() {
+        n.register::<Kept>();
+    }
+    c.wait_members(SECS_10)?;
+    let svc = c.node("a").spawn(Kept::default())?;
+    let id = svc.id();
+    let from = c.node("b").resolve::<Kept>(svc.addr())?;
+    for i in 1..=30 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    wait_for(SECS_10, "confirmed once on a's disk", || {
+        from.unconfirmed() == 0
+    })?;
+    let a = c.node("a");
+    ensure!(
+        a.replica(id).is_some_and(|r| r.standby.is_none()),
+        "no standby"
+    );
+    ensure!(a.stats().checkpoints_stored > 0, "{:?}", a.stats());
+    drop(svc);
+    c.kill("a");
+    c.restart("a")?;
+    let a = c.node("a");
+    a.register::<Kept>();
+    wait_for(Duration::from_secs(20), "a resumes the service", || {
+        a.stats().resumed_from_disk == 1
+    })?;
+    wait_for(SECS_10, "b's handle follows it", || {
+        from.location().as_str() == "a" && a.replica(id).is_some()
+    })?;
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=30).collect::<Vec<_>>(), "history: {seen:?}");
+    for i in 31..=40 {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=40).collect::<Vec<_>>(), "history: {seen:?}");
+    c.shutdown();
+    Ok(())
+}
