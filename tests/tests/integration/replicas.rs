@@ -47,7 +47,13 @@ impl Service for Kept {
 /// Three killable nodes with [`Kept`], one spawned on `a`, and its standby once it holds
 /// the first checkpoint.
 fn kept_on_a() -> Result<(tern_harness::Cluster, tern::ServiceRef<Kept>, NodeName)> {
-    let c = killable_cluster(&["a", "b", "c"])?;
+    kept_on_a_of(killable_cluster(&["a", "b", "c"])?)
+}
+
+/// [`kept_on_a`] on the cluster `c` (nodes `a`, `b` and `c`).
+fn kept_on_a_of(
+    c: tern_harness::Cluster,
+) -> Result<(tern_harness::Cluster, tern::ServiceRef<Kept>, NodeName)> {
     for n in c.nodes() {
         n.register::<Kept>();
     }
@@ -98,6 +104,14 @@ fn standby_known(
     })
 }
 
+/// Tells `items` from `from`, each once there is room.
+fn tell_items(from: &tern::ServiceRef<Kept>, items: std::ops::RangeInclusive<u64>) -> Result<()> {
+    for i in items {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    Ok(())
+}
+
 /// Tells `items` from `from` (on node `sender`) after a takeover: the whole history is 1 to
 /// the last of them, in order, everything is confirmed, and no loss was reported.
 fn goes_on_whole(
@@ -107,9 +121,7 @@ fn goes_on_whole(
     items: std::ops::RangeInclusive<u64>,
 ) -> Result<()> {
     let last = *items.end();
-    for i in items {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(from, items)?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=last).collect::<Vec<_>>(), "history: {seen:?}");
     wait_for(Duration::from_secs(20), "every message confirmed", || {
@@ -157,9 +169,7 @@ fn with_two_nodes_a_replicated_service_has_no_standby_and_runs_on_when_the_other
     c.wait_members(SECS_10)?;
     let svc = c.node("a").spawn(Kept::default())?;
     let from = c.node("b").resolve::<Kept>(svc.addr())?;
-    for i in 1..=10 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=10)?;
     wait_for(SECS_10, "confirmed without a standby", || {
         from.unconfirmed() == 0
     })?;
@@ -199,9 +209,7 @@ fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_ac
     // Messages from the node that is not the standby, confirmed once a checkpoint covers them.
     let other = if standby.as_str() == "b" { "c" } else { "b" };
     let from = c.node(other).resolve::<Kept>(svc.addr())?;
-    for i in 1..=100 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=100)?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=100).collect::<Vec<_>>(), "handled {seen:?}");
     wait_for(SECS_10, "every message confirmed", || {
@@ -222,9 +230,7 @@ fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_ac
     // goes on. With only two nodes up it has no standby (no witness for one), so it runs
     // unprotected and confirms its senders from its mailbox.
     c.cut("a", standby.as_str());
-    for i in 101..=110 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 101..=110)?;
     wait_for(
         Duration::from_secs(20),
         "gone on at the next epoch, and confirmed",
@@ -276,9 +282,7 @@ fn a_replicated_service_checkpoints_to_a_standby_and_its_senders_wait_for_the_ac
                 .any(|h| h.service == id && h.primary.as_str() == "a")
         })
     })?;
-    for i in 112..=120 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 112..=120)?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=120).collect::<Vec<_>>(), "handled {seen:?}");
     wait_for(SECS_10, "confirmed after the move", || {
@@ -924,9 +928,7 @@ fn a_replicated_service_survives_the_abrupt_death_of_its_node() -> Result<()> {
     let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
     let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
-    for i in 1..=100 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=100)?;
     // An ask that cannot reach the primary before it dies: it waits, and the new copy
     // answers it.
     c.faults(other).cut(c.node("a").local_addr());
@@ -978,9 +980,7 @@ fn a_replicated_service_killed_right_after_a_move_goes_on_where_its_senders_were
     let (c, svc, standby) = kept_on_a()?;
     let id = svc.id();
     let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
-    for i in 1..=50 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=50)?;
     wait_for(SECS_10, "confirmed before the move", || {
         from.unconfirmed() == 0
     })?;
@@ -1019,9 +1019,7 @@ fn when_the_primary_and_its_standby_die_together_the_sender_is_told_of_the_loss(
     let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
     // Cut off first, so that none of these is confirmed.
     c.faults(other).cut(c.node("a").local_addr());
-    for i in 1..=10 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=10)?;
     ensure!(
         from.unconfirmed() == 10,
         "{} unconfirmed",
@@ -1077,21 +1075,10 @@ type KeptWithData = (
 /// [`kept_on_a`] with a data directory on every node: the standby holds a checkpoint, and
 /// the sender's node knows it.
 fn kept_on_a_with_data(dirs: &DataDirs) -> Result<KeptWithData> {
-    let c = crate::common::killable_cluster_with(&["a", "b", "c"], |b| b.data_dirs(&dirs.0))?;
-    for n in c.nodes() {
-        n.register::<Kept>();
-    }
-    c.wait_members(SECS_10)?;
-    let svc = c.node("a").spawn(Kept::default())?;
-    let id = svc.id();
-    wait_for(SECS_10, "a standby holds the first checkpoint", || {
-        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
-    })?;
-    let standby = c
-        .node("a")
-        .replica(id)
-        .and_then(|r| r.standby)
-        .expect("a standby");
+    let (c, svc, standby) = kept_on_a_of(crate::common::killable_cluster_with(
+        &["a", "b", "c"],
+        |b| b.data_dirs(&dirs.0),
+    )?)?;
     let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
     Ok((c, svc, standby, other, from))
 }
@@ -1107,9 +1094,7 @@ fn a_node_restarted_on_its_data_directory_resumes_its_replicated_service() -> Re
     let dirs = DataDirs::new("resume");
     let (mut c, svc, standby, other, from) = kept_on_a_with_data(&dirs)?;
     let id = svc.id();
-    for i in 1..=50 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=50)?;
     wait_for(SECS_10, "confirmed: on a's disk and at the standby", || {
         from.unconfirmed() == 0
     })?;
@@ -1124,9 +1109,7 @@ fn a_node_restarted_on_its_data_directory_resumes_its_replicated_service() -> Re
     // Kept by the sender, never handled: the sender's link to a is cut.
     let a_addr = c.node("a").local_addr();
     c.faults(other).cut(a_addr);
-    for i in 51..=60 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 51..=60)?;
     drop(svc);
     c.kill("a");
     c.kill(standby.as_str());
@@ -1166,9 +1149,7 @@ fn a_restarted_node_does_not_bring_back_a_service_its_standby_took_over() -> Res
     let dirs = DataDirs::new("superseded");
     let (mut c, svc, standby, other, from) = kept_on_a_with_data(&dirs)?;
     let id = svc.id();
-    for i in 1..=30 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=30)?;
     drop(svc);
     c.kill("a");
     wait_for(
@@ -1237,9 +1218,7 @@ fn after_a_whole_household_restarts_the_service_goes_on_from_its_stored_checkpoi
     let dirs = DataDirs::new("household");
     let (mut c, svc, _standby, other, from) = kept_on_a_with_data(&dirs)?;
     let id = svc.id();
-    for i in 1..=40 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=40)?;
     wait_for(SECS_10, "confirmed", || from.unconfirmed() == 0)?;
     drop((svc, from));
     for n in ["a", "b", "c"] {
@@ -1293,9 +1272,7 @@ fn with_two_devices_a_data_directory_alone_brings_a_service_back_after_a_restart
     let svc = c.node("a").spawn(Kept::default())?;
     let id = svc.id();
     let from = c.node("b").resolve::<Kept>(svc.addr())?;
-    for i in 1..=30 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 1..=30)?;
     wait_for(SECS_10, "confirmed once on a's disk", || {
         from.unconfirmed() == 0
     })?;
@@ -1318,9 +1295,7 @@ fn with_two_devices_a_data_directory_alone_brings_a_service_back_after_a_restart
     })?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=30).collect::<Vec<_>>(), "history: {seen:?}");
-    for i in 31..=40 {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
-    }
+    tell_items(&from, 31..=40)?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=40).collect::<Vec<_>>(), "history: {seen:?}");
     c.shutdown();
