@@ -26,6 +26,11 @@
 //! own state says it handled (a copy taken over from a checkpoint handles again what came after
 //! it; the records kept outside count those as `reexecuted`), and nothing may be lost at all,
 //! kills or not: every sink must answer at the end (`unanswered_sinks` 0) and `lost` must be 0.
+//!
+//! With `--data-dirs` every node has a data directory (under the system's temporary directory,
+//! removed at the end): a killed node restarts on it, and claims the replicated sinks it had
+//! stored; their standbys took them over meanwhile, so the stored copies must be given up
+//! (`stored_given_up`), never run beside the ones that went on (`max_live_instances` 1).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::ExitCode;
@@ -268,6 +273,7 @@ struct Args {
     faults: bool,
     kills: usize,
     replicas: u8,
+    data_dirs: bool,
 }
 
 fn args() -> Result<Args> {
@@ -282,6 +288,7 @@ fn args() -> Result<Args> {
         faults: true,
         kills: 0,
         replicas: 0,
+        data_dirs: false,
     };
     let mut it = std::env::args().skip(1);
     fn num(it: &mut impl Iterator<Item = String>, name: &str) -> Result<u64> {
@@ -297,8 +304,9 @@ fn args() -> Result<Args> {
             "--no-faults" => a.faults = false,
             "--kills" => a.kills = num(&mut it, "--kills")? as usize,
             "--replicas" => a.replicas = num(&mut it, "--replicas")? as u8,
+            "--data-dirs" => a.data_dirs = true,
             other => bail!(
-                "unknown argument {other:?}; usage: tern-chaos [--nodes N] [--migrations N] [--seed N] [--kills K] [--replicas 0|1] [--json] [--no-faults]"
+                "unknown argument {other:?}; usage: tern-chaos [--nodes N] [--migrations N] [--seed N] [--kills K] [--replicas 0|1] [--data-dirs] [--json] [--no-faults]"
             ),
         }
     }
@@ -315,6 +323,14 @@ fn args() -> Result<Args> {
         bail!("--kills needs at least 3 nodes (a is never killed, and a migration needs two live ones)");
     }
     Ok(a)
+}
+
+/// Stored copies node `n` gave up after a restart: a newer copy held their epoch.
+fn superseded_events(n: &tern::NodeHandle) -> u64 {
+    n.events()
+        .iter()
+        .filter(|e| e.kind == "stored-copy-superseded")
+        .count() as u64
 }
 
 /// The run's own random choices (not the sockets'), from the seed.
@@ -475,6 +491,11 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         events_max: 200_000,
         ..Limits::default()
     };
+    let data_root = std::env::temp_dir().join(format!("tern-chaos-data-{}", std::process::id()));
+    if a.data_dirs {
+        let _ = std::fs::remove_dir_all(&data_root);
+        builder = builder.data_dirs(&data_root);
+    }
     let mut c = builder
         .limits(limits)
         .faults(a.seed)
@@ -506,6 +527,8 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
     // Replicated services taken over by a standby: counted on each node before it is killed,
     // and on the living ones at the end.
     let mut takeovers = 0u64;
+    // Stored copies resumed, and given up, by restarted nodes (`--data-dirs`).
+    let (mut resumed, mut given_up) = (0u64, 0u64);
     // How long kills waited for the victim's replicated services to be protected.
     let mut kill_wait_ms = 0u64;
     // What the killed nodes had logged, for the account of a failed run.
@@ -572,6 +595,8 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
                 }
             }
             takeovers += c.node(&victim).stats().takeovers;
+            resumed += c.node(&victim).stats().resumed_from_disk;
+            given_up += superseded_events(c.node(&victim));
             for e in c.node(&victim).events() {
                 killed_events.push((victim.clone(), e));
             }
@@ -917,6 +942,11 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         lost_unreported += missing.saturating_sub(reported);
     }
     takeovers += up.iter().map(|n| c.node(n).stats().takeovers).sum::<u64>();
+    resumed += up
+        .iter()
+        .map(|n| c.node(n).stats().resumed_from_disk)
+        .sum::<u64>();
+    given_up += up.iter().map(|n| superseded_events(c.node(n))).sum::<u64>();
     if R > 0 && (lost > 0 || unanswered_sinks > 0) {
         // The replication events that name no one sink: standbys lost, claims, ballots.
         let kinds = [
@@ -940,6 +970,9 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         .max()
         .unwrap_or(0);
     c.shutdown();
+    if a.data_dirs {
+        let _ = std::fs::remove_dir_all(&data_root);
+    }
 
     freeze.sort_unstable();
     tree_freeze.sort_unstable();
@@ -962,6 +995,9 @@ fn run_with<const R: u8>(a: Args) -> Result<(String, bool)> {
         "node_kills": kills,
         "replicas": R,
         "takeovers": takeovers,
+        "data_dirs": a.data_dirs,
+        "stored_resumed": resumed,
+        "stored_given_up": given_up,
         "kill_wait_ms": kill_wait_ms,
         "reexecuted": reexecuted,
         "unanswered_sinks": unanswered_sinks,
