@@ -14,6 +14,7 @@
 //! # battery_percent = 80            # a device on battery (none: plugged in)
 //! admins = ["admin"]                # admin certificates that may use `tern` on it (none: closed)
 //! # crl = "certs/crl.pem"           # the CA's revocation list, read at start and on SIGHUP
+//! # data_dir = "data/tv"            # replicated services' checkpoints, resumed after a restart
 //!
 //! [[peers]]
 //! name = "phone"
@@ -299,6 +300,11 @@ mod tests {
         "#;
         let f = NodeFile::parse(text, "tv.toml").unwrap();
         assert_eq!(f.peers[0].name, "phone");
+        assert_eq!(f.data_dir, None);
+        let with_data = format!("data_dir = \"data/tv\"\n{text}");
+        let f2 = NodeFile::parse(&with_data, "tv.toml").unwrap();
+        assert_eq!(f2.data_dir, Some(PathBuf::from("data/tv")));
+        assert!(f2.app.get("data_dir").is_none(), "not an app setting");
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct App {
