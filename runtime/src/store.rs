@@ -187,6 +187,11 @@ impl Store {
             q.puts.remove(&id);
             q.durable.remove(&id);
         }
+        // A move removes the record at its freeze, and the service's leaving asks again: no
+        // second durable commit (an fsync) for a record that is not there.
+        if !self.inner.holds(id)? {
+            return Ok(());
+        }
         self.inner.write(|txn| {
             txn.open_table(CHECKPOINTS)?.remove(key(id))?;
             Ok(())
@@ -292,6 +297,17 @@ impl Inner {
         if q.errors.len() < ERRORS_KEPT {
             q.errors.push(e);
         }
+    }
+
+    /// True when the file holds a checkpoint of `id` (a read: no commit).
+    fn holds(&self, id: ServiceId) -> Result<bool, String> {
+        let db = lock(&self.db).clone().ok_or("the store is closed")?;
+        let read = || -> Result<bool, redb::Error> {
+            let txn = db.begin_read()?;
+            let held = txn.open_table(CHECKPOINTS)?.get(key(id))?.is_some();
+            Ok(held)
+        };
+        read().map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     /// One durable write transaction (the caller holds `order`).
