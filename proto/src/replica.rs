@@ -36,6 +36,15 @@
 //!    over, and the node's own vote decides. Its own votes count from the start: a stored
 //!    checkpoint is a vote for its own epoch ([`Ballots::restore`]), so no claim to an epoch
 //!    this node already ran the service at is granted.
+//! 6. A move is the other way to a service's next epoch, and it runs no ballot: the target
+//!    simply runs the epoch after the source's. So before a replicated service's move may
+//!    commit, its source fences every standby it sent a checkpoint of the current epoch
+//!    ([`Standbys::fence`]): each drops what it holds of that epoch and refuses the older
+//!    checkpoints still on the way, or refuses the fence when it is already taking the service
+//!    over. The move commits only once each of them agreed, and the source runs no ballot of
+//!    its own while it moves: no node is left holding a checkpoint from which to claim the
+//!    epoch the move gives its target (the chaos runs found a standby and a move's target both
+//!    running the same epoch).
 //!
 //! ```
 //! use tern_proto::replica::{Grantor, Lease, Settings};
@@ -497,6 +506,15 @@ pub enum HoldRefused {
         /// The epoch it runs at since.
         epoch: u64,
     },
+    /// The primary fenced this node before moving the service: checkpoints up to this one
+    /// are from before the move.
+    #[error("fenced before a move: checkpoints up to {no} at epoch {epoch} are refused")]
+    Fenced {
+        /// The fenced epoch.
+        epoch: u64,
+        /// The last checkpoint sent before the fence.
+        no: CheckpointNo,
+    },
 }
 
 /// A standby node's checkpoints, one per service, bounded in count and bytes.
@@ -509,6 +527,31 @@ pub struct Standbys<B> {
     /// Services taken over here, with the epoch they took: a late checkpoint from the old
     /// primary is refused. Bounded like the table.
     taken: VecDeque<(ServiceId, u64)>,
+    /// Services whose primary fenced this node before a move, with that primary and the last
+    /// checkpoint it had sent (epoch, number): that one and older ones from it are refused.
+    /// Bounded like the table.
+    fenced: VecDeque<(ServiceId, NodeName, u64, CheckpointNo)>,
+}
+
+/// Why a standby refused a primary's fence before a move.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FenceRefused {
+    /// This node is taking the service over (its ballot is open), or took it over, at a newer
+    /// epoch than the fencing primary's.
+    #[error("this node claims the service at epoch {epoch}")]
+    Claiming {
+        /// The epoch it claims.
+        epoch: u64,
+    },
+    /// This node holds a checkpoint of a newer epoch, or of the same epoch from another node:
+    /// the fencing primary's copy is not the service's current one.
+    #[error("this node holds epoch {epoch} of the service, from {primary}")]
+    Newer {
+        /// The node that sent it.
+        primary: NodeName,
+        /// Its epoch.
+        epoch: u64,
+    },
 }
 
 impl<B> Standbys<B> {
@@ -520,6 +563,7 @@ impl<B> Standbys<B> {
             services_max,
             bytes_max,
             taken: VecDeque::new(),
+            fenced: VecDeque::new(),
         }
     }
 
@@ -535,6 +579,15 @@ impl<B> Standbys<B> {
         if let Some((_, e)) = self.taken.iter().find(|(s, _)| *s == service) {
             if held.epoch <= *e {
                 return Err(HoldRefused::TakenOver { epoch: *e });
+            }
+        }
+        if let Some((_, _, e, n)) = self
+            .fenced
+            .iter()
+            .find(|(s, p, _, _)| *s == service && *p == held.primary)
+        {
+            if (held.epoch, held.no) <= (*e, *n) {
+                return Err(HoldRefused::Fenced { epoch: *e, no: *n });
             }
         }
         if held.voters.is_empty()
@@ -636,6 +689,47 @@ impl<B> Standbys<B> {
         }
         self.taken.push_back((service, epoch));
         self.drop_service(service)
+    }
+
+    /// `from`, about to move `service` away from its `epoch`, fences this node: what is held
+    /// from `from` goes, and checkpoints from it up to number `no` of the epoch (the last it
+    /// sent) are refused from now on, so this node cannot claim the epoch the move gives its
+    /// target. Refused while this node claims the service at a newer epoch, or holds a newer
+    /// epoch (or the same one from another node). Returns what was dropped. A node that does
+    /// not run the service can drop only what it sent itself.
+    pub fn fence(
+        &mut self,
+        from: &NodeName,
+        service: ServiceId,
+        epoch: u64,
+        no: CheckpointNo,
+    ) -> Result<Option<Held<B>>, FenceRefused> {
+        if let Some((_, e)) = self.taken.iter().find(|(s, _)| *s == service) {
+            if *e > epoch {
+                return Err(FenceRefused::Claiming { epoch: *e });
+            }
+        }
+        let mine = match self.held.get(&service) {
+            Some(h) if h.epoch > epoch || (h.epoch == epoch && h.primary != *from) => {
+                return Err(FenceRefused::Newer {
+                    primary: h.primary.clone(),
+                    epoch: h.epoch,
+                });
+            }
+            Some(h) => h.primary == *from,
+            None => false,
+        };
+        self.fenced
+            .retain(|(s, p, _, _)| !(*s == service && p == from));
+        if self.fenced.len() >= self.services_max.max(1) {
+            self.fenced.pop_front();
+        }
+        self.fenced.push_back((service, from.clone(), epoch, no));
+        Ok(if mine {
+            self.drop_service(service)
+        } else {
+            None
+        })
     }
 
     /// A takeover of `service` was lost to another node or given up: checkpoints of it are
@@ -1169,6 +1263,26 @@ pub enum ReplicaMsg {
         /// The answer.
         vote: Vote,
     },
+    /// The sender is about to move `service` away from `epoch`: the receiver, its standby
+    /// now or earlier in the epoch, lets go of what it holds ([`Standbys::fence`]) and answers.
+    Fence {
+        /// The service.
+        service: ServiceId,
+        /// Its epoch at the sender.
+        epoch: u64,
+        /// The last checkpoint the sender cut in that epoch.
+        no: CheckpointNo,
+    },
+    /// The answer to a fence: `refused` is `None` when the receiver holds nothing of the
+    /// epoch any more and will take nothing older.
+    Fenced {
+        /// The service.
+        service: ServiceId,
+        /// The epoch fenced.
+        epoch: u64,
+        /// Why not, if not.
+        refused: Option<String>,
+    },
 }
 
 #[cfg(test)]
@@ -1333,6 +1447,60 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_before_a_move_empties_the_standby_unless_it_claims_the_service() {
+        let (me, p, q, w) = (n("b"), n("p"), n("q"), n("w"));
+        let s = ServiceId::from_parts(1, 1);
+        let held = |from: &NodeName, epoch, no| Held {
+            primary: from.clone(),
+            epoch,
+            no,
+            voters: vec![from.clone(), me.clone(), w.clone()],
+            body: (),
+            bytes: 10,
+        };
+        let mut t: Standbys<()> = Standbys::new(4, 100);
+        t.offer(&me, s, held(&p, 4, 6)).unwrap();
+        // A node that does not run the service drops nothing of it.
+        assert_eq!(t.fence(&w, s, 9, 100), Ok(None));
+        t.offer(&me, s, held(&p, 4, 7)).unwrap();
+        // p fences epoch 4 after checkpoint 8 (still on the way): the held one goes.
+        assert!(t.fence(&p, s, 4, 8).unwrap().is_some());
+        assert!(t.get(s).is_none());
+        assert_eq!(t.bytes(), 0);
+        // The late checkpoint 8 is refused; so is anything older.
+        assert_eq!(
+            t.offer(&me, s, held(&p, 4, 8)),
+            Err(HoldRefused::Fenced { epoch: 4, no: 8 })
+        );
+        assert!(t.offer(&me, s, held(&p, 3, 20)).is_err());
+        // The move aborted: p goes on at epoch 4 with newer checkpoints, which are held.
+        t.offer(&me, s, held(&p, 4, 9)).unwrap();
+        // The move committed instead: the target's epoch 5 is held too.
+        t.offer(&me, s, held(&q, 5, 1)).unwrap();
+        // A fence from a copy older than what is held is refused, and drops nothing.
+        assert_eq!(
+            t.fence(&p, s, 4, 9),
+            Err(FenceRefused::Newer {
+                primary: q.clone(),
+                epoch: 5
+            })
+        );
+        assert!(t.get(s).is_some());
+        // A standby that claims the service (its takeover ballot is open) refuses the fence.
+        assert!(t.take_over(s, 6).is_some());
+        assert_eq!(
+            t.fence(&q, s, 5, 1),
+            Err(FenceRefused::Claiming { epoch: 6 })
+        );
+        // Lost and given back: the fence is agreed.
+        t.untake(s);
+        t.offer(&me, s, held(&q, 5, 2)).unwrap();
+        assert!(t.fence(&q, s, 5, 2).unwrap().is_some());
+        // Nothing held: agreed all the same (a standby that refused or lost everything).
+        assert_eq!(t.fence(&q, s, 5, 2), Ok(None));
+    }
+
+    #[test]
     fn at_most_one_claim_wins_an_epoch_and_two_voters_cannot_fail_over_alone() {
         let (p, b, w) = (n("p"), n("b"), n("w"));
         let s = ServiceId::from_parts(1, 1);
@@ -1405,6 +1573,25 @@ mod tests {
         }
         let cut = &out[FRAME_HEADER_BYTES..out.len() - 10];
         assert!(decode(cut).is_err());
+        for msg in [
+            ReplicaMsg::Fence {
+                service: ServiceId::from_parts(1, 2),
+                epoch: 3,
+                no: 9,
+            },
+            ReplicaMsg::Fenced {
+                service: ServiceId::from_parts(1, 2),
+                epoch: 3,
+                refused: Some("this node claims the service at epoch 4".into()),
+            },
+        ] {
+            let mut out = Vec::new();
+            encode_frame(&mut out, &Frame::Replica(msg.clone()), 1 << 20).unwrap();
+            match decode(&out[FRAME_HEADER_BYTES..]).unwrap() {
+                Frame::Replica(back) => assert_eq!(back, msg),
+                other => panic!("decoded {other:?}"),
+            }
+        }
         // Too large for the frame bound: refused before it is sent.
         let mut small = Vec::new();
         assert!(encode_frame(&mut small, &Frame::Replica(msg), 50).is_err());

@@ -81,6 +81,19 @@ struct Primary {
     /// The standby given up when the copy went on at this epoch: another is chosen if there
     /// is one.
     avoid: Option<NodeName>,
+    /// A move of the service is under way (its standbys are fenced, or it is frozen): no
+    /// ballot to go on at the next epoch, which the move gives its target.
+    moving: bool,
+    /// A ballot to go on at the next epoch is open: no move until it is decided.
+    ballot_open: bool,
+}
+
+/// A moving primary's fence (`replica_fence`): the standbys that have not answered yet.
+struct Fencing {
+    epoch: u64,
+    waiting: std::collections::BTreeSet<NodeName>,
+    until_us: u64,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// A ballot this node runs as the claimer.
@@ -237,6 +250,8 @@ pub(crate) struct Replicas {
     undurable: Mutex<IdMap<std::collections::VecDeque<Pending>>>,
     /// Woken when a lease is granted or a checkpoint acknowledged: a paused runner looks again.
     pub changed: tokio::sync::Notify,
+    /// Moves waiting for their standbys' answers to the fence, per service.
+    fences: Mutex<IdMap<Fencing>>,
 }
 
 impl Replicas {
@@ -258,6 +273,7 @@ impl Replicas {
             term_base: std::sync::atomic::AtomicU64::new(0),
             undurable: Mutex::new(IdMap::default()),
             changed: tokio::sync::Notify::new(),
+            fences: Mutex::new(IdMap::default()),
         }
     }
 
@@ -347,6 +363,8 @@ impl Replicas {
                 ballot_at_us: 0,
                 standby_since_us: 0,
                 avoid,
+                moving: false,
+                ballot_open: false,
             },
         );
         self.running
@@ -505,10 +523,13 @@ impl Replicas {
         Some((no, p.epoch, voters, p.kind.clone(), (no, marks)))
     }
 
-    /// A checkpoint of `id` is wanted soon (its record on disk was removed for a move that
-    /// did not happen).
-    pub fn urgent(&self, id: ServiceId) {
+    /// A move of `id` did not happen (refused, aborted, or its fence refused): the copy here
+    /// goes on, may run a ballot again, and checkpoints at once (its record on disk was
+    /// removed for the move).
+    pub fn stayed(&self, id: ServiceId) {
+        lock(&self.fences).remove(&id);
         if let Some(p) = lock(&self.primaries).get_mut(&id) {
+            p.moving = false;
             p.cadence.urgent();
         }
     }
@@ -868,6 +889,129 @@ impl NodeShared {
         self.confirm(id, marks);
     }
 
+    /// Before a move of replicated service `id` may commit (called by its runner as it
+    /// freezes): every standby sent a checkpoint of its epoch must let it go
+    /// (`Standbys::fence`), or, left holding one, could claim the very epoch the move gives its
+    /// target. `Ok(None)`: none was sent one, the move may go. `Ok(Some(rx))`: `rx` says
+    /// whether all agreed (refused by one, or not all answered within `lease_ms`). `Err`: the
+    /// move may not go now (a ballot for the next epoch is open, or the copy retired).
+    pub(crate) fn replica_fence(
+        &self,
+        id: ServiceId,
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<(), String>>>, String> {
+        let claiming = lock(&self.replicas.claiming).contains_key(&id);
+        let (epoch, no, to) = {
+            let mut all = lock(&self.replicas.primaries);
+            let Some(p) = all.get_mut(&id) else {
+                return Ok(None);
+            };
+            if let Some((to, e)) = &p.retired {
+                return Err(format!("{to} continues it at epoch {e}"));
+            }
+            if p.ballot_open || claiming {
+                return Err(format!(
+                    "its ballot to go on at epoch {} is not decided",
+                    p.epoch + 1
+                ));
+            }
+            p.moving = true;
+            let mut to: std::collections::BTreeSet<NodeName> = p.first_to.keys().cloned().collect();
+            if p.sent {
+                to.extend(p.standby.clone());
+            }
+            if to.is_empty() {
+                return Ok(None);
+            }
+            (p.epoch, p.cadence.last_no(), to)
+        };
+        let mut links = Vec::with_capacity(to.len());
+        for n in &to {
+            match self.links.get(n) {
+                Some(link) => links.push(link),
+                None => {
+                    return Err(format!(
+                        "{n}, which holds a checkpoint of its epoch {epoch}, is out of reach"
+                    ))
+                }
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.replicas.fences).insert(
+            id,
+            Fencing {
+                epoch,
+                waiting: to,
+                until_us: now_us() + self.replicas.settings.lease_ms * 1_000,
+                done: tx,
+            },
+        );
+        for link in links {
+            let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Fence {
+                service: id,
+                epoch,
+                no,
+            }));
+        }
+        Ok(Some(rx))
+    }
+
+    /// A standby answered a fence of `service` at `epoch`. Once all agreed, no node holds a
+    /// checkpoint of the epoch: the copy here serves without a lease until it checkpoints to
+    /// a standby again (if the move does not go after all).
+    fn fenced(&self, from: &NodeName, service: ServiceId, epoch: u64, refused: Option<String>) {
+        let mut fences = lock(&self.replicas.fences);
+        let Some(f) = fences.get_mut(&service) else {
+            return;
+        };
+        if f.epoch != epoch || !f.waiting.remove(from) {
+            return;
+        }
+        if let Some(why) = refused {
+            if let Some(f) = fences.remove(&service) {
+                let _ = f
+                    .done
+                    .send(Err(format!("its standby {from} refused to let go: {why}")));
+            }
+            return;
+        }
+        if !f.waiting.is_empty() {
+            return;
+        }
+        let Some(f) = fences.remove(&service) else {
+            return;
+        };
+        drop(fences);
+        if let Some(p) = lock(&self.replicas.primaries).get_mut(&service) {
+            if p.epoch == epoch {
+                p.first_to.clear();
+                p.sent = false;
+                p.acked = 0;
+                self.replicas.drop_standby(p);
+            }
+        }
+        let _ = f.done.send(Ok(()));
+    }
+
+    /// Fences that waited too long, or wait on `lost` (a link that went down), fail.
+    fn fences_fail(&self, now: u64, lost: Option<&NodeName>) {
+        let mut fences = lock(&self.replicas.fences);
+        let failed: Vec<ServiceId> = fences
+            .iter()
+            .filter(|(_, f)| now >= f.until_us || lost.is_some_and(|n| f.waiting.contains(n)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            if let Some(f) = fences.remove(&id) {
+                let names: Vec<String> = f.waiting.iter().map(|n| n.to_string()).collect();
+                let _ = f.done.send(Err(format!(
+                    "{} did not let go of its checkpoints within {} ms",
+                    names.join(", "),
+                    self.replicas.settings.lease_ms
+                )));
+            }
+        }
+    }
+
     /// Tells senders that `service` took their messages up to the marks given.
     fn confirm(&self, service: ServiceId, marks: Vec<(ServiceId, u64, Option<NodeName>)>) {
         let mut remote: std::collections::HashMap<NodeName, Vec<(ServiceId, ServiceId, u64)>> =
@@ -963,6 +1107,38 @@ impl NodeShared {
                     t.drop_service(service);
                 }
             }
+            ReplicaMsg::Fence { service, epoch, no } => {
+                let answer = lock(&self.replicas.standbys).fence(from, service, epoch, no);
+                // A checkpoint from before the fence, parked until the directory names its
+                // sender, goes too.
+                {
+                    let mut parked = lock(&self.replicas.parked);
+                    if parked
+                        .get(&service)
+                        .is_some_and(|c| c.from == *from && c.epoch <= epoch)
+                    {
+                        parked.remove(&service);
+                    }
+                }
+                if let Err(why) = &answer {
+                    self.logs.event(
+                        "fence-refused",
+                        format!("{service} at epoch {epoch}, to {from}: {why}"),
+                    );
+                }
+                if let Some(link) = self.links.get(from) {
+                    let _ = link.push_ctrl(&Frame::Replica(ReplicaMsg::Fenced {
+                        service,
+                        epoch,
+                        refused: answer.err().map(|e| e.to_string()),
+                    }));
+                }
+            }
+            ReplicaMsg::Fenced {
+                service,
+                epoch,
+                refused,
+            } => self.fenced(from, service, epoch, refused),
         }
     }
 
@@ -1292,6 +1468,7 @@ impl NodeShared {
             let voters = h.voters.clone();
             self.start_ballot(claim, &voters, Some(h));
         }
+        self.fences_fail(now, None);
         self.ballots_tick(now);
         self.resume_stored(now);
         self.confirm_durable();
@@ -1402,6 +1579,7 @@ impl NodeShared {
         {
             return;
         }
+        self.fences_fail(0, Some(peer));
         let mut all = lock(&self.replicas.primaries);
         let mut dropped = 0;
         for (id, p) in all.iter_mut() {
@@ -1511,7 +1689,7 @@ impl NodeShared {
             let mut all = lock(&self.replicas.primaries);
             let leases = lock(&self.replicas.leases);
             for (id, p) in all.iter_mut() {
-                if p.retired.is_some() || !p.sent || claiming.contains(id) {
+                if p.retired.is_some() || !p.sent || p.moving || claiming.contains(id) {
                     continue;
                 }
                 if now < p.ballot_at_us {
@@ -1537,6 +1715,7 @@ impl NodeShared {
                         });
                 if !leased && lapsed {
                     p.ballot_at_us = now + settings.renew_ms * 1_000;
+                    p.ballot_open = true;
                     asks.push((
                         Claim {
                             service: *id,
@@ -1669,6 +1848,12 @@ impl NodeShared {
             return;
         };
         let claim = c.tally.claim().clone();
+        if c.from.is_none() && outcome != Outcome::Open {
+            // The copy here may move again.
+            if let Some(p) = lock(&self.replicas.primaries).get_mut(&service) {
+                p.ballot_open = false;
+            }
+        }
         match (outcome, c.from) {
             (Outcome::Open, from) => {
                 // Not decided: put back.

@@ -888,12 +888,31 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
     mailbox
         .freeze
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    // The freeze is timed from here: taking the snapshot is part of it.
+    // The freeze is timed from here: fencing the standbys and taking the snapshot are part
+    // of it.
     let since = std::time::Instant::now();
+    // A replicated service's standbys let go of its epoch first: the move gives its target
+    // the next epoch, which none of them may then claim.
+    let fence = if S::REPLICAS > 0 {
+        match node.replica_fence(id) {
+            Ok(Some(rx)) => rx
+                .await
+                .unwrap_or_else(|_| Err("the node is stopping".to_string())),
+            Ok(None) => Ok(()),
+            Err(why) => Err(why),
+        }
+    } else {
+        Ok(())
+    };
     // In a block: the snapshot is handed to the driver before the await, and a binding still
     // in scope there would be kept in the runner's future, which every idle service pays for.
     let (carried, rx) = {
-        let snap = snapshot(state, ctx, mailbox);
+        let snap = match fence {
+            Ok(()) => snapshot(state, ctx, mailbox),
+            Err(why) => Err(format!(
+                "a replicated service moves only with its standbys fenced: {why}"
+            )),
+        };
         let carried = snap.as_ref().ok().map(|(_, c)| c.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         node.driver
@@ -976,8 +995,8 @@ fn serve<S: Service>(
                     return;
                 }
                 if S::REPLICAS > 0 {
-                    // Still here: its checkpoint goes back on disk soon.
-                    ctx.node.replicas.urgent(ctx.id());
+                    // Still here: its checkpoint goes back on disk (and to a standby) soon.
+                    ctx.node.replicas.stayed(ctx.id());
                 }
                 continue;
             }

@@ -561,6 +561,100 @@ fn primary_cut_off(how: Cut) -> Result<()> {
     Ok(())
 }
 
+/// A move is the other way to a service's next epoch, and it runs no ballot: the household
+/// splits into {a, d} and {b, c} just as the service's primary `a` is asked to move it to `d`.
+/// The standby `b` and the witness `c` are a majority of its voters, so `b` takes the service
+/// over at the next epoch; a move that committed anyway would run that same epoch on `d`, two
+/// copies. The move must first fence `b` (the only node holding a checkpoint), cannot, and is
+/// aborted, saying why; the service runs on `b` alone, the sender on `d` follows it after the
+/// heal with nothing lost, duplicated or reordered, and it moves again once `b` can fence.
+#[test]
+fn a_move_that_cannot_fence_its_standby_is_aborted_and_never_runs_a_second_copy() -> Result<()> {
+    let c = partition_cluster()?;
+    let svc = c.node("a").spawn(Logged::default())?;
+    let id = svc.id();
+    wait_for(SECS_10, "the standby b holds a checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| {
+            r.acked >= 1 && r.serving && r.standby.as_ref().map(|s| s.as_str()) == Some("b")
+        })
+    })?;
+    let from = c.node("d").resolve::<Logged>(svc.addr())?;
+    let mut next = 1u64;
+    for _ in 0..20 {
+        block_on(from.tell_wait(KeptMsg::Item(next)))?;
+        next += 1;
+    }
+    // Handled on `a`, in a checkpoint `b` acknowledged.
+    wait_for(SECS_10, "the first twenty confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    let split = [("a", "b"), ("a", "c"), ("d", "b"), ("d", "c")];
+    for (x, y) in split {
+        c.cut(x, y);
+    }
+    let moved = block_on(
+        c.node("a")
+            .migrate(id, NodeName::new("d"), MigrateOptions::default()),
+    );
+    let tell = |next: &mut u64| {
+        if from.tell(KeptMsg::Item(*next)).is_ok() {
+            *next += 1;
+        }
+    };
+    wait_for(Duration::from_secs(20), "the standby takes over", || {
+        tell(&mut next);
+        c.node("b").replica(id).is_some()
+    })?;
+    ensure!(
+        c.node("d").replica(id).is_none() && handled_count(id, "d") == 0,
+        "two copies: b took the service over and the move ran it on d ({moved:?})"
+    );
+    let why = match moved {
+        Err(tern::Error::NotMoved(report)) => {
+            format!("{:?}", report.aborted().collect::<Vec<_>>())
+        }
+        other => anyhow::bail!("the move went, or failed otherwise: {other:?}"),
+    };
+    ensure!(
+        why.contains("fenced") && why.contains("b did not let go"),
+        "aborted for another reason: {why}"
+    );
+    for (x, y) in split {
+        c.heal(x, y);
+    }
+    wait_for(Duration::from_secs(20), "the old primary retires", || {
+        tell(&mut next);
+        c.node("a").replica(id).is_none()
+    })?;
+    wait_for(SECS_10, "the sender follows", || {
+        tell(&mut next);
+        from.location().as_str() == "b"
+    })?;
+    // Once the standby can be fenced, the service moves.
+    let moved = block_on(from.migrate("d", MigrateOptions::default()))?;
+    ensure!(moved.epoch > 0, "{moved:?}");
+    block_on(from.tell_wait(KeptMsg::Item(next)))?;
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(20), "the last message handled", || {
+        seen = block_on(from.ask(KeptMsg::Seen, SECS_10)).unwrap_or_default();
+        seen.contains(&next)
+    })?;
+    ensure!(seen == (1..=next).collect::<Vec<_>>(), "history {seen:?}");
+    let (_, a_last) = handled_span(id, "a").expect("a handled the first twenty");
+    let (b_first, _) = handled_span(id, "b").expect("b handled");
+    ensure!(a_last < b_first, "two copies: a handled after b's first");
+    wait_for(Duration::from_secs(20), "everything confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node("d").losses().is_empty(),
+        "{:?}",
+        c.node("d").losses()
+    );
+    c.shutdown();
+    Ok(())
+}
+
 #[test]
 fn a_primary_cut_off_both_ways_stops_before_its_standby_takes_over() -> Result<()> {
     primary_cut_off(Cut::Both)
