@@ -49,7 +49,16 @@ pub trait Numbered {
     fn seq(&self) -> u64;
     /// The node it came from (`None`: this node).
     fn origin(&self) -> Option<&NodeName>;
+    /// True for a request that waits for an answer: a copy of one the windows drop is kept
+    /// aside ([`Inbox::take_repeats`]) so that its asker can still be answered.
+    fn is_ask(&self) -> bool {
+        false
+    }
 }
+
+/// Copies of asks the windows dropped, kept for the runner to answer; past this many waiting,
+/// a copy is dropped as any other (its asker's wait runs out).
+pub const REPEATS_MAX: usize = 64;
 
 /// How a message comes to an inbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +203,10 @@ pub struct Inbox<T> {
     duplicates: u64,
     /// Set when a skip released messages (see [`Inbox::take_released`]).
     released: bool,
+    /// Copies of asks the windows dropped, each with whether its first copy is still queued
+    /// (see [`Inbox::take_repeats`]). Boxed: rare, and every idle service pays for the field.
+    #[allow(clippy::box_collection)]
+    repeats: Option<Box<Vec<(T, bool)>>>,
 }
 
 impl<T: Numbered> Inbox<T> {
@@ -218,6 +231,7 @@ impl<T: Numbered> Inbox<T> {
             closing: None,
             duplicates: 0,
             released: false,
+            repeats: None,
         }
     }
 
@@ -500,6 +514,19 @@ impl<T: Numbered> Inbox<T> {
         std::mem::take(&mut self.released)
     }
 
+    /// True when copies of asks wait to be answered ([`take_repeats`](Self::take_repeats)).
+    pub fn has_repeats(&self) -> bool {
+        self.repeats.is_some()
+    }
+
+    /// The copies of asks the windows dropped since the last call (a sender that sent one
+    /// again: a replicated service re-executing after a takeover, or a handle sending what a
+    /// lost copy had not confirmed), each with whether its first copy is still queued here.
+    /// The runner answers each from the answers it kept, or fails it.
+    pub fn take_repeats(&mut self) -> Vec<(T, bool)> {
+        self.repeats.take().map_or_else(Vec::new, |r| *r)
+    }
+
     /// The admission rules. `Ok(true)` when something was queued for the runner; on refusal
     /// the item comes back with the reason. A numbered message goes through its sender's
     /// window: a copy is dropped (and counts as taken), an early one is held. A refused number
@@ -559,6 +586,17 @@ impl<T: Numbered> Inbox<T> {
             if self.closing.is_some() {
                 // A stopped sender's late copy may have made its window again.
                 self.settle_closing();
+            }
+            if item.is_ask() {
+                let repeats = self.repeats.get_or_insert_with(Default::default);
+                if repeats.len() < REPEATS_MAX {
+                    let queued = self
+                        .queue
+                        .iter()
+                        .any(|q| q.sender() == Some(from) && q.seq() == seq);
+                    repeats.push((item, queued));
+                    return Ok(true);
+                }
             }
             return Ok(false);
         }
@@ -891,6 +929,7 @@ mod tests {
     struct Msg {
         from: Option<ServiceId>,
         seq: u64,
+        ask: bool,
     }
 
     impl Numbered for Msg {
@@ -903,6 +942,44 @@ mod tests {
         fn origin(&self) -> Option<&NodeName> {
             None
         }
+        fn is_ask(&self) -> bool {
+            self.ask
+        }
+    }
+
+    /// A copy of an ask the window drops is kept aside for the runner, marked by whether its
+    /// first copy is still queued; a copy of a tell is dropped as before; past `REPEATS_MAX`
+    /// waiting, copies of asks are dropped too.
+    #[test]
+    fn copies_of_asks_are_kept_aside_for_an_answer() {
+        let ask = |seq| Msg {
+            from: Some(FROM),
+            seq,
+            ask: true,
+        };
+        let mut inbox = Inbox::new(ME, 8);
+        assert_eq!(inbox.admit(ask(1), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(true));
+        assert_eq!(pop_seqs_n(&mut inbox, 1), vec![1]);
+        assert!(!inbox.has_repeats());
+        // 1 was taken, 2 is still queued.
+        assert_eq!(inbox.admit(ask(1), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(ask(2), Admit::Tell), Ok(true));
+        assert_eq!(inbox.admit(m(2), Admit::Tell), Ok(false));
+        assert!(inbox.has_repeats());
+        let r: Vec<(u64, bool)> = inbox
+            .take_repeats()
+            .into_iter()
+            .map(|(x, q)| (x.seq, q))
+            .collect();
+        assert_eq!(r, vec![(1, false), (2, true)]);
+        assert!(!inbox.has_repeats() && inbox.take_repeats().is_empty());
+        assert_eq!(inbox.duplicates(), 3);
+        for _ in 0..REPEATS_MAX {
+            assert_eq!(inbox.admit(ask(1), Admit::Tell), Ok(true));
+        }
+        assert_eq!(inbox.admit(ask(1), Admit::Tell), Ok(false));
+        assert_eq!(inbox.take_repeats().len(), REPEATS_MAX);
     }
 
     const ME: ServiceId = ServiceId::from_parts(0, 1);
@@ -912,6 +989,7 @@ mod tests {
         Msg {
             from: Some(FROM),
             seq,
+            ask: false,
         }
     }
 
@@ -1114,6 +1192,7 @@ mod tests {
             let msg = Msg {
                 from: Some(ServiceId::from_parts(9, i)),
                 seq: 1,
+                ask: false,
             };
             assert_eq!(inbox.admit(msg, Admit::Accepted), Ok(true));
             assert!(inbox.pop().0.is_some());
@@ -1130,6 +1209,7 @@ mod tests {
             Msg {
                 from: Some(late),
                 seq: 1,
+                ask: false,
             },
             Admit::Tell,
         );
@@ -1151,6 +1231,7 @@ mod tests {
         let known = Msg {
             from: Some(sender(3)),
             seq: 2,
+            ask: false,
         };
         assert_eq!(inbox.admit(known, Admit::Tell), Ok(true));
     }
@@ -1198,6 +1279,7 @@ mod tests {
         let other = Msg {
             from: Some(ServiceId::from_parts(9, 9)),
             seq: 1,
+            ask: false,
         };
         assert_eq!(inbox.admit(other, Admit::Tell), Ok(true));
     }
@@ -1212,6 +1294,7 @@ mod tests {
             let msg = Msg {
                 from: Some(gone),
                 seq,
+                ask: false,
             };
             assert_eq!(src.admit(msg, Admit::Tell), Ok(true));
         }
@@ -1221,6 +1304,7 @@ mod tests {
         let (queue, windows) = src.take_for_snapshot(|x| Msg {
             from: x.from,
             seq: x.seq,
+            ask: false,
         });
         assert_eq!(src.close_sender(FROM, 1), Err(NotNow), "frozen");
         let left = src.retire(NodeName::new("t"), 2);
@@ -1250,6 +1334,7 @@ mod tests {
         let late = Msg {
             from: Some(gone),
             seq: 1,
+            ask: false,
         };
         assert_eq!(dst.admit(late, Admit::Forwarded), Ok(false));
         assert!(dst.is_empty());
@@ -1287,6 +1372,7 @@ mod tests {
             let msg = Msg {
                 from: Some(ServiceId::from_parts(10, i)),
                 seq: 1,
+                ask: false,
             };
             let taken = inbox.admit(msg, Admit::Tell);
             if i < 10 {
@@ -1309,6 +1395,7 @@ mod tests {
             let msg = Msg {
                 from: Some(ServiceId::from_parts(9, i)),
                 seq: 1,
+                ask: false,
             };
             assert_eq!(inbox.admit(msg, Admit::Tell), Ok(true));
             assert!(inbox.pop().0.is_some());

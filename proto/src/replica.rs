@@ -1085,6 +1085,9 @@ pub struct CheckpointBody {
     pub taken: Vec<(ServiceId, u64)>,
     /// Its address book.
     pub book: Vec<(String, crate::ids::ServiceAddr)>,
+    /// The answers it kept to the asks it took last.
+    #[serde(default)]
+    pub replies: Vec<crate::wire::KeptReply>,
 }
 
 /// The latest checkpoint of a replicated service a node runs, as it keeps it on disk: what a
@@ -1142,7 +1145,7 @@ impl Stored {
     /// use tern_proto::ids::{KindKey, NodeName};
     /// use tern_proto::replica::{CheckpointBody, Stored, StoredError};
     /// let body = CheckpointBody { state: vec![1, 2], timers: vec![], send_seqs: vec![],
-    ///     taken: vec![], book: vec![] };
+    ///     taken: vec![], book: vec![], replies: vec![] };
     /// let s = Stored { format: Stored::FORMAT, kind: KindKey::new("player", 1), epoch: 3,
     ///     no: 9, voters: vec![NodeName::new("a")], body: rmp_serde::to_vec(&body).unwrap() };
     /// let bytes = s.encode().unwrap();

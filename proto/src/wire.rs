@@ -472,6 +472,23 @@ pub struct SnapHeader {
     /// The names it is registered under; they move with it.
     #[serde(default)]
     pub names: Vec<String>,
+    /// The answers it kept to the asks it took last (see [`KeptReply`]).
+    #[serde(default)]
+    pub replies: Vec<KeptReply>,
+}
+
+/// The answer a service gave to an ask it took, kept so that a copy of that ask (its asker
+/// re-executing after a takeover, or sending again what a lost copy had not confirmed) is
+/// answered the same way instead of being dropped unanswered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptReply {
+    /// The asker.
+    pub from: ServiceId,
+    /// The ask's number in the asker's channel.
+    pub seq: u64,
+    /// The answer, MessagePack.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 /// Migration protocol messages between nodes (see `core::migration::Wire`).

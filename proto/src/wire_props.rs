@@ -175,6 +175,11 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                     held: true,
                     forced: false,
                     names: vec!["board".into()],
+                    replies: vec![crate::wire::KeptReply {
+                        from: ServiceId::from_parts(3, 4),
+                        seq: state_bytes,
+                        value: vec![0x91, 0x07],
+                    }],
                 }
             },
         )

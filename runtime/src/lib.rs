@@ -31,6 +31,7 @@ mod placement;
 mod placing;
 mod registry;
 mod replicas;
+mod replies;
 mod reports;
 pub mod runner;
 mod senders;
@@ -59,6 +60,7 @@ pub use replicas::{
     ReplicaInfo, StandbyInfo, StoredInfo, STANDBY_BYTES_MAX, STANDBY_BYTES_PER_PEER_MAX,
     STANDBY_SERVICES_MAX, STANDBY_SERVICES_PER_PEER_MAX,
 };
+pub use replies::{REPEAT_ASKERS_MAX, REPLIES_KEPT_MAX, REPLY_BYTES_KEPT_MAX};
 pub use reports::NotMoved;
 pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;

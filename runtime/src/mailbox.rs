@@ -70,6 +70,9 @@ impl<M> Numbered for Envelope<M> {
     fn origin(&self) -> Option<&NodeName> {
         self.origin.as_ref()
     }
+    fn is_ask(&self) -> bool {
+        self.ask.is_some()
+    }
 }
 
 /// A bounded, runtime-owned queue for one service: the data plane's [`Inbox`] (admission,
@@ -87,6 +90,10 @@ pub(crate) struct Mailbox<M> {
     pub freeze: std::sync::atomic::AtomicBool,
     /// Set when a handled mark has not been reported to its sender's node yet.
     handled_dirty: AtomicBool,
+    /// Set when copies of asks wait for the runner to answer them ([`take_repeats`]).
+    ///
+    /// [`take_repeats`]: Self::take_repeats
+    repeats: AtomicBool,
 }
 
 impl<M> Mailbox<M> {
@@ -105,6 +112,7 @@ impl<M> Mailbox<M> {
             space_waiters: AtomicUsize::new(0),
             freeze: std::sync::atomic::AtomicBool::new(false),
             handled_dirty: AtomicBool::new(false),
+            repeats: AtomicBool::new(false),
         }
     }
 
@@ -152,6 +160,9 @@ impl<M> Mailbox<M> {
         match st.admit(env, mode) {
             Ok(queued) => {
                 let queued = queued | st.take_released();
+                if queued && st.has_repeats() {
+                    self.repeats.store(true, Ordering::Release);
+                }
                 drop(st);
                 if queued {
                     self.ready.notify_one();
@@ -167,6 +178,15 @@ impl<M> Mailbox<M> {
                 Err(refused)
             }
         }
+    }
+
+    /// Copies of asks the windows dropped, each with whether its first copy is still queued
+    /// (`Inbox::take_repeats`); empty at the cost of one atomic load when there are none.
+    pub fn take_repeats(&self) -> Vec<(Envelope<M>, bool)> {
+        if !self.repeats.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        lock(&self.state).take_repeats()
     }
 
     /// [`push_with`](Self::push_with) for a sender that does not wait.

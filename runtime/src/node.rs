@@ -235,6 +235,7 @@ fn restore_paused<S: Service>(
             .filter(|w| w.taken > 0)
             .map(|w| (w.from, w.taken))
             .collect(),
+        replies: header.replies.clone(),
     };
     let install = {
         let node = node.clone();
@@ -1799,6 +1800,36 @@ impl NodeShared {
         link.send_reply(to.ask, &value)?;
         self.stats.replies_remote.inc();
         Ok(())
+    }
+
+    /// Answers the ask behind `origin` with `value` (MessagePack, as kept by a service's
+    /// [`Replies`](crate::replies::Replies)), wherever the asker is.
+    pub(crate) fn answer_kept(&self, origin: &AskOrigin, value: &[u8]) {
+        if origin.node == self.name {
+            self.complete_ask(origin.ask, ReplyPayload::Bytes(value.to_vec()));
+        } else if let Some(link) = self.links.get(&origin.node) {
+            if link
+                .push_ctrl(&Frame::Reply {
+                    ask: origin.ask,
+                    result: wire::ReplyBody::Value(value),
+                })
+                .is_ok()
+            {
+                self.stats.replies_remote.inc();
+            }
+        }
+    }
+
+    /// Fails the ask behind `origin` (a copy of an ask whose answer is not kept), saying why.
+    pub(crate) fn fail_ask(&self, origin: &AskOrigin, why: String) {
+        if origin.node == self.name {
+            self.complete_ask(origin.ask, ReplyPayload::Failed(why));
+        } else if let Some(link) = self.links.get(&origin.node) {
+            let _ = link.push_ctrl(&Frame::Reply {
+                ask: origin.ask,
+                result: wire::ReplyBody::Failed(why),
+            });
+        }
     }
 
     /// Fails the ask behind `origin` with `reason`, wherever the asker is.

@@ -2047,6 +2047,7 @@ impl NodeShared {
             held: false,
             forced: false,
             names: Vec::new(),
+            replies: body.replies,
         };
         self.driver.host_at(id, claim.epoch);
         lock(&self.replicas.taken_from).insert(id, h.primary.clone());

@@ -256,6 +256,8 @@ pub struct Ctx<S: Service> {
     /// Messages sent and received, for sampling their sizes.
     sent: u64,
     received: u64,
+    /// The answers kept to the asks it took last (`replies.rs`); made at its first ask.
+    replies: std::cell::RefCell<Option<Box<crate::replies::Replies>>>,
 }
 
 /// Records `msg`'s encoded size on the edge `from -> to`. Out of line and marked cold, so the
@@ -386,7 +388,75 @@ impl<S: Service> Ctx<S> {
         to: ReplyTo<R>,
         value: R,
     ) -> Result<(), DeliveryError> {
+        self.keep_reply(&to, &value);
         self.node.reply(to, value)
+    }
+
+    /// If `value` answers an ask this service took (in hand, or kept in its state and answered
+    /// now), keeps it for copies of that ask, and gives it to those that wait already.
+    fn keep_reply<R: Serialize>(&self, to: &ReplyTo<R>, value: &R) {
+        let origin = crate::mailbox::AskOrigin {
+            node: to.node.clone(),
+            ask: to.ask,
+        };
+        let (bytes, also) = {
+            let mut book = self.replies.borrow_mut();
+            let Some(book) = book.as_mut() else {
+                return;
+            };
+            if !book.wants(&origin) {
+                return;
+            }
+            let Ok(bytes) = rmp_serde::to_vec(value) else {
+                return;
+            };
+            let also = book.answered(&origin, bytes.clone());
+            (bytes, also)
+        };
+        for o in also {
+            self.node.answer_kept(&o, &bytes);
+        }
+    }
+
+    /// The runner takes ask `seq` of `from`, whose answer goes to `origin`.
+    fn taking_ask(&self, from: ServiceId, seq: u64, origin: crate::mailbox::AskOrigin) {
+        self.replies
+            .borrow_mut()
+            .get_or_insert_with(Default::default)
+            .taking(from, seq, origin);
+    }
+
+    /// Answers the copies of asks the windows dropped: with the kept answer, later with the
+    /// answer still to come, or a failure saying why.
+    fn answer_repeats(&self, repeats: Vec<(Envelope<S::Msg>, bool)>) {
+        for (env, queued) in repeats {
+            let (Some(from), Some(origin)) = (env.from, env.ask) else {
+                continue;
+            };
+            let what = self
+                .replies
+                .borrow_mut()
+                .get_or_insert_with(Default::default)
+                .repeat(from, env.seq, origin.clone(), queued);
+            match what {
+                crate::replies::Repeat::Answer(v) => self.node.answer_kept(&origin, &v),
+                crate::replies::Repeat::Waits => {}
+                crate::replies::Repeat::Fail(why) => {
+                    self.node
+                        .logs
+                        .event("ask-repeat-failed", format!("{}: {why}", self.id()));
+                    self.node.fail_ask(&origin, format!("{}: {why}", self.id()));
+                }
+            }
+        }
+    }
+
+    /// The answers kept, for a snapshot or a checkpoint.
+    fn replies_kept(&self) -> Vec<tern_proto::wire::KeptReply> {
+        self.replies
+            .borrow()
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.export())
     }
 
     /// The address in this service's book under `role`.
@@ -689,6 +759,8 @@ pub(crate) struct Restored<M> {
     /// Per sender, the last number the service handled before it came (see
     /// [`WindowWire::taken`]): a replicated service's first checkpoints here carry them.
     pub marks: Vec<(ServiceId, u64)>,
+    /// The answers it kept to the asks it took last.
+    pub replies: Vec<tern_proto::wire::KeptReply>,
 }
 
 fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
@@ -702,6 +774,7 @@ fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
         migrate_to: None,
         sent: 0,
         received: 0,
+        replies: std::cell::RefCell::new(None),
     }
 }
 
@@ -747,6 +820,10 @@ pub(crate) fn run_restored<S: Service>(
                     let _ = ctx.timers.add(now + after, msg);
                 }
                 ctx.seqs.borrow_mut().extend(restored.seqs);
+                if !restored.replies.is_empty() {
+                    *ctx.replies.borrow_mut() =
+                        Some(Box::new(crate::replies::Replies::import(restored.replies)));
+                }
                 if S::REPLICAS > 0 {
                     let epoch = ctx.node.driver.location(id).map_or(0, |(_, e)| e);
                     ctx.node
@@ -839,6 +916,7 @@ fn snapshot<S: Service>(
         held: false,
         forced: false,
         names: Vec::new(),
+        replies: ctx.replies_kept(),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((
@@ -862,6 +940,7 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
             send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
             taken,
             book: ctx.node.books.book(ctx.id()),
+            replies: ctx.replies_kept(),
         };
         rmp_serde::to_vec(&body).map_err(|e| format!("checkpoint: {e}"))
     });
@@ -1052,6 +1131,10 @@ fn serve<S: Service>(
             };
             // Who sent the message in hand, so that a panic can fail it to its sender.
             let mut in_hand: Option<Envelope<()>> = None;
+            let repeats = mailbox.take_repeats();
+            if !repeats.is_empty() {
+                ctx.answer_repeats(repeats);
+            }
             let next = match due {
                 Some(msg) => Some(msg),
                 None => {
@@ -1074,6 +1157,9 @@ fn serve<S: Service>(
                                 origin,
                                 msg,
                             } = env;
+                            if let (Some(f), Some(a)) = (from, &ask) {
+                                ctx.taking_ask(f, seq, a.clone());
+                            }
                             in_hand = Some(Envelope {
                                 from,
                                 seq,

@@ -424,6 +424,7 @@ mod tests {
             send_seqs: Vec::new(),
             taken: vec![(ServiceId::from_parts(9, 9), no)],
             book: Vec::new(),
+            replies: Vec::new(),
         };
         Stored {
             format: Stored::FORMAT,

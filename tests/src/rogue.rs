@@ -101,6 +101,7 @@ pub fn snap_header(
         held: false,
         forced: false,
         names: vec![],
+        replies: vec![],
     }
 }
 

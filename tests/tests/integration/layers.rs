@@ -147,7 +147,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "node",
         &[
             "mailbox", "registry", "handle", "service", "node", "members", "migrate", "tree",
-            "inbound", "placing", "senders", "names", "replicas", "store",
+            "inbound", "placing", "senders", "names", "replicas", "store", "replies",
         ],
     ),
     (

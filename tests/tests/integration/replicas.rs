@@ -1395,3 +1395,188 @@ fn with_two_devices_a_data_directory_alone_brings_a_service_back_after_a_restart
     c.shutdown();
     Ok(())
 }
+
+/// A counter that answers each `Incr` with its new count (not replicated).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Counter {
+    pub count: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum CounterMsg {
+    Incr(ReplyTo<u64>),
+    Count(ReplyTo<u64>),
+}
+
+impl Service for Counter {
+    type Msg = CounterMsg;
+    const KIND: &'static str = "test-counter";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: CounterMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            CounterMsg::Incr(r) => {
+                self.count += 1;
+                let _ = ctx.reply(r, self.count);
+            }
+            CounterMsg::Count(r) => {
+                let _ = ctx.reply(r, self.count);
+            }
+        }
+    }
+}
+
+/// A gate that keeps the asks it takes in its state and answers them all at `Open`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Gate {
+    pub waiting: Vec<ReplyTo<u64>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum GateMsg {
+    Pass(ReplyTo<u64>),
+    Open(u64),
+    Waiting(ReplyTo<usize>),
+}
+
+impl Service for Gate {
+    type Msg = GateMsg;
+    const KIND: &'static str = "test-gate";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: GateMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            GateMsg::Pass(r) => self.waiting.push(r),
+            GateMsg::Open(v) => {
+                for r in std::mem::take(&mut self.waiting) {
+                    let _ = ctx.reply(r, v);
+                }
+            }
+            GateMsg::Waiting(r) => {
+                let _ = ctx.reply(r, self.waiting.len());
+            }
+        }
+    }
+}
+
+/// A replicated service whose handler asks two others: the counter, then the gate.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Asker {
+    /// Per `Go`: its number, the counter's answer, the gate's answer (0: no answer).
+    pub results: Vec<(u64, u64, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AskerMsg {
+    Go(u64),
+    Ping,
+    Results(ReplyTo<Vec<(u64, u64, u64)>>),
+}
+
+impl Service for Asker {
+    type Msg = AskerMsg;
+    const KIND: &'static str = "test-asker";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+
+    async fn handle(&mut self, msg: AskerMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            AskerMsg::Go(k) => {
+                let wait = Duration::from_secs(5);
+                let n = ctx
+                    .ask_role::<Counter, u64>("counter", CounterMsg::Incr, wait)
+                    .await
+                    .unwrap_or(0);
+                let g = ctx
+                    .ask_role::<Gate, u64>("gate", GateMsg::Pass, Duration::from_secs(30))
+                    .await
+                    .unwrap_or(0);
+                self.results.push((k, n, g));
+            }
+            AskerMsg::Ping => {}
+            AskerMsg::Results(r) => {
+                let _ = ctx.reply(r, self.results.clone());
+            }
+        }
+    }
+}
+
+/// A replicated service's node dies while a handler of it waits on its second ask, the first
+/// one answered. The standby re-executes the handler from its checkpoint: both asks go again
+/// with the same numbers, and the receivers' windows drop them as copies. The counter answers
+/// the copy with the answer it kept (it counts the ask once, not twice); the gate, which keeps
+/// the ask in its state, answers the copy too when it opens. The handler's record is the same
+/// as the first execution's would have been, and traffic goes on.
+#[test]
+fn asks_that_a_replicated_service_repeats_after_a_takeover_get_the_answers_first_given(
+) -> Result<()> {
+    let c = killable_cluster(&["a", "b", "c"])?;
+    for n in c.nodes() {
+        n.register::<Asker>();
+        n.register::<Counter>();
+        n.register::<Gate>();
+    }
+    c.wait_members(SECS_10)?;
+    let asker = c.node("a").spawn(Asker::default())?;
+    let id = asker.id();
+    wait_for(SECS_10, "a standby holds the first checkpoint", || {
+        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
+    })?;
+    let standby = c
+        .node("a")
+        .replica(id)
+        .and_then(|r| r.standby)
+        .expect("a standby");
+    let other = if standby.as_str() == "b" { "c" } else { "b" };
+    standby_known(&c, other, "a", id, &standby)?;
+    let counter = c.node(other).spawn(Counter::default())?;
+    let gate = c.node(other).spawn(Gate::default())?;
+    c.node("a").book_insert(id, "counter", counter.addr())?;
+    c.node("a").book_insert(id, "gate", gate.addr())?;
+    let from = c.node(other).resolve::<Asker>(asker.addr())?;
+    // A checkpoint with the book in it, acknowledged.
+    from.tell(AskerMsg::Ping)?;
+    wait_for(SECS_10, "the ping confirmed", || from.unconfirmed() == 0)?;
+    let waiting = || block_on(gate.ask(GateMsg::Waiting, SECS_10)).unwrap_or(0);
+    let count = || block_on(counter.ask(CounterMsg::Count, SECS_10)).unwrap_or(0);
+    from.tell(AskerMsg::Go(1))?;
+    wait_for(SECS_10, "the handler counted and waits at the gate", || {
+        count() == 1 && waiting() == 1
+    })?;
+    c.kill("a");
+    wait_for(
+        Duration::from_secs(20),
+        "the standby runs the service",
+        || c.node(standby.as_str()).replica(id).is_some(),
+    )?;
+    wait_for(SECS_10, "the sender follows", || from.location() == standby)?;
+    gate.tell(GateMsg::Open(7))?;
+    let mut results = Vec::new();
+    wait_for(Duration::from_secs(20), "the handler went through", || {
+        results = block_on(from.ask(AskerMsg::Results, SECS_10)).unwrap_or_default();
+        !results.is_empty()
+    })?;
+    ensure!(results == vec![(1, 1, 7)], "results {results:?}");
+    ensure!(count() == 1, "the counter took the ask {} times", count());
+    // Traffic goes on.
+    from.tell(AskerMsg::Go(2))?;
+    wait_for(SECS_10, "the second handler waits at the gate", || {
+        waiting() == 1
+    })?;
+    gate.tell(GateMsg::Open(8))?;
+    wait_for(SECS_10, "the second handler went through", || {
+        results = block_on(from.ask(AskerMsg::Results, SECS_10)).unwrap_or_default();
+        results.len() == 2
+    })?;
+    ensure!(results == vec![(1, 1, 7), (2, 2, 8)], "results {results:?}");
+    wait_for(Duration::from_secs(20), "everything confirmed", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node(other).losses().is_empty(),
+        "{:?}",
+        c.node(other).losses()
+    );
+    c.shutdown();
+    Ok(())
+}
