@@ -257,7 +257,7 @@ pub struct Ctx<S: Service> {
     sent: u64,
     received: u64,
     /// The answers kept to the asks it took last (`replies.rs`); made at its first ask.
-    replies: std::cell::RefCell<Option<Box<crate::replies::Replies>>>,
+    replies: Option<Box<std::cell::RefCell<crate::replies::Replies>>>,
 }
 
 /// Records `msg`'s encoded size on the edge `from -> to`. Out of line and marked cold, so the
@@ -400,10 +400,10 @@ impl<S: Service> Ctx<S> {
             ask: to.ask,
         };
         let (bytes, also) = {
-            let mut book = self.replies.borrow_mut();
-            let Some(book) = book.as_mut() else {
+            let Some(book) = self.replies.as_ref() else {
                 return;
             };
+            let mut book = book.borrow_mut();
             if !book.wants(&origin) {
                 return;
             }
@@ -419,24 +419,24 @@ impl<S: Service> Ctx<S> {
     }
 
     /// The runner takes ask `seq` of `from`, whose answer goes to `origin`.
-    fn taking_ask(&self, from: ServiceId, seq: u64, origin: crate::mailbox::AskOrigin) {
+    fn taking_ask(&mut self, from: ServiceId, seq: u64, origin: crate::mailbox::AskOrigin) {
         self.replies
-            .borrow_mut()
             .get_or_insert_with(Default::default)
+            .get_mut()
             .taking(from, seq, origin);
     }
 
     /// Answers the copies of asks the windows dropped: with the kept answer, later with the
     /// answer still to come, or a failure saying why.
-    fn answer_repeats(&self, repeats: Vec<(Envelope<S::Msg>, bool)>) {
+    fn answer_repeats(&mut self, repeats: Vec<(Envelope<S::Msg>, bool)>) {
         for (env, queued) in repeats {
             let (Some(from), Some(origin)) = (env.from, env.ask) else {
                 continue;
             };
             let what = self
                 .replies
-                .borrow_mut()
                 .get_or_insert_with(Default::default)
+                .get_mut()
                 .repeat(from, env.seq, origin.clone(), queued);
             match what {
                 crate::replies::Repeat::Answer(v) => self.node.answer_kept(&origin, &v),
@@ -454,9 +454,8 @@ impl<S: Service> Ctx<S> {
     /// The answers kept, for a snapshot or a checkpoint.
     fn replies_kept(&self) -> Vec<tern_proto::wire::KeptReply> {
         self.replies
-            .borrow()
             .as_ref()
-            .map_or_else(Vec::new, |r| r.export())
+            .map_or_else(Vec::new, |r| r.borrow().export())
     }
 
     /// The address in this service's book under `role`.
@@ -774,7 +773,7 @@ fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
         migrate_to: None,
         sent: 0,
         received: 0,
-        replies: std::cell::RefCell::new(None),
+        replies: None,
     }
 }
 
@@ -821,8 +820,9 @@ pub(crate) fn run_restored<S: Service>(
                 }
                 ctx.seqs.borrow_mut().extend(restored.seqs);
                 if !restored.replies.is_empty() {
-                    *ctx.replies.borrow_mut() =
-                        Some(Box::new(crate::replies::Replies::import(restored.replies)));
+                    ctx.replies = Some(Box::new(std::cell::RefCell::new(
+                        crate::replies::Replies::import(restored.replies),
+                    )));
                 }
                 if S::REPLICAS > 0 {
                     let epoch = ctx.node.driver.location(id).map_or(0, |(_, e)| e);
@@ -972,20 +972,15 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
     let since = std::time::Instant::now();
     // A replicated service's standbys let go of its epoch first: the move gives its target
     // the next epoch, which none of them may then claim.
-    let fence = if S::REPLICAS > 0 {
-        match node.replica_fence(id) {
-            Ok(Some(rx)) => rx
-                .await
-                .unwrap_or_else(|_| Err("the node is stopping".to_string())),
-            Ok(None) => Ok(()),
-            Err(why) => Err(why),
-        }
-    } else {
-        Ok(())
-    };
     // In a block: the snapshot is handed to the driver before the await, and a binding still
     // in scope there would be kept in the runner's future, which every idle service pays for.
     let (carried, rx) = {
+        let fence = if S::REPLICAS > 0 {
+            // Boxed: the wait's state is not part of every runner's future.
+            Box::pin(fence_standbys(node.clone(), id)).await
+        } else {
+            Ok(())
+        };
         let snap = match fence {
             Ok(()) => snapshot(state, ctx, mailbox),
             Err(why) => Err(format!(
@@ -1009,6 +1004,18 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
             }
             false
         }
+    }
+}
+
+/// Fences a moving replicated service's standbys (`NodeShared::replica_fence`) and waits for
+/// their answers.
+async fn fence_standbys(node: Arc<NodeShared>, id: ServiceId) -> Result<(), String> {
+    match node.replica_fence(id) {
+        Ok(Some(rx)) => rx
+            .await
+            .unwrap_or_else(|_| Err("the node is stopping".to_string())),
+        Ok(None) => Ok(()),
+        Err(why) => Err(why),
     }
 }
 
@@ -1131,9 +1138,12 @@ fn serve<S: Service>(
             };
             // Who sent the message in hand, so that a panic can fail it to its sender.
             let mut in_hand: Option<Envelope<()>> = None;
-            let repeats = mailbox.take_repeats();
-            if !repeats.is_empty() {
-                ctx.answer_repeats(repeats);
+            {
+                // In a block: nothing of it is kept across the awaits below.
+                let repeats = mailbox.take_repeats();
+                if !repeats.is_empty() {
+                    ctx.answer_repeats(repeats);
+                }
             }
             let next = match due {
                 Some(msg) => Some(msg),
