@@ -59,16 +59,19 @@ fn kept_on_a_of(
     }
     c.wait_members(SECS_10)?;
     let svc = c.node("a").spawn(Kept::default())?;
-    let id = svc.id();
+    let standby = standby_on_a(&c, svc.id())?;
+    Ok((c, svc, standby))
+}
+
+/// The standby of replicated service `id` on node `a`, once it holds the first checkpoint.
+fn standby_on_a(c: &tern_harness::Cluster, id: ServiceId) -> Result<NodeName> {
     wait_for(SECS_10, "a standby holds the first checkpoint", || {
         c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
     })?;
-    let standby = c
-        .node("a")
+    c.node("a")
         .replica(id)
         .and_then(|r| r.standby)
-        .expect("a standby");
-    Ok((c, svc, standby))
+        .ok_or_else(|| anyhow::anyhow!("no standby"))
 }
 
 /// The node of the three that is neither `a` nor the standby, once it knows the standby from
@@ -1519,14 +1522,7 @@ fn asks_that_a_replicated_service_repeats_after_a_takeover_get_the_answers_first
     c.wait_members(SECS_10)?;
     let asker = c.node("a").spawn(Asker::default())?;
     let id = asker.id();
-    wait_for(SECS_10, "a standby holds the first checkpoint", || {
-        c.node("a").replica(id).is_some_and(|r| r.acked >= 1)
-    })?;
-    let standby = c
-        .node("a")
-        .replica(id)
-        .and_then(|r| r.standby)
-        .expect("a standby");
+    let standby = standby_on_a(&c, id)?;
     let other = if standby.as_str() == "b" { "c" } else { "b" };
     standby_known(&c, other, "a", id, &standby)?;
     let counter = c.node(other).spawn(Counter::default())?;
