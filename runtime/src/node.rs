@@ -2611,19 +2611,54 @@ impl NodeHandle {
 
     /// Sets this device's power. At or below `Limits::drain_below_percent` on battery, the
     /// node drains: every movable service moves to the best peers (see
-    /// [`drain`](Self::drain)); the report lands in the event log (`drained`).
+    /// [`drain`](Self::drain)); the report lands in the event log (`drained`). Back on mains,
+    /// or above the threshold, a node that drained for its battery takes services again
+    /// (`power-restored`); a drain a user asked for stays.
+    ///
+    /// ```no_run
+    /// # fn demo(phone: &tern::NodeHandle) {
+    /// use tern::Power;
+    /// phone.set_power(Power::Battery { percent: 8 }); // drains
+    /// phone.set_power(Power::Plugged); // charging: placement may use the phone again
+    /// # }
+    /// ```
     pub fn set_power(&self, power: Power) {
         lock(&self.shared.members).update_me(|me| me.power = power);
-        self.shared.gossip();
         let low = matches!(power, Power::Battery { percent } if percent <= self.shared.limits.drain_below_percent);
         let draining = lock(&self.shared.members).me().draining;
+        if !low
+            && draining
+            && self
+                .shared
+                .placement
+                .power_drain
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            lock(&self.shared.members).update_me(|me| me.draining = false);
+            self.shared
+                .logs
+                .event("power-restored", format!("{power}: taking services again"));
+        }
+        self.shared.gossip();
         if low && !draining {
+            // Marked at once, so that power coming back before the drain starts ends it.
+            lock(&self.shared.members).update_me(|me| me.draining = true);
+            self.shared
+                .placement
+                .power_drain
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             self.shared
                 .logs
                 .event("power-low", format!("{power}: draining"));
             let node = self.shared.clone();
             self.shared.spawn_task(async move {
-                node.drain().await;
+                if node
+                    .placement
+                    .power_drain
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    node.drain().await;
+                }
             });
         }
     }

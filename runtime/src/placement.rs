@@ -727,6 +727,11 @@ impl NodeHandle {
     /// # }
     /// ```
     pub async fn drain(&self) -> DrainReport {
+        // Asked for: power coming back does not end it.
+        self.shared
+            .placement
+            .power_drain
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let node = self.shared.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = self.shared.spawn_task(async move {

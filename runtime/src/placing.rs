@@ -192,6 +192,9 @@ pub(crate) struct PlacementState {
     pub(crate) replace_again: AtomicBool,
     /// A rebalancer round is running.
     pub(crate) rebalancing: AtomicBool,
+    /// The node drains because its battery ran low (`set_power`), not at a user's request:
+    /// power back above the threshold ends the drain.
+    pub(crate) power_drain: AtomicBool,
     /// Services here that a user's explicit move or placement holds where they are.
     pub(crate) held: Mutex<BTreeSet<ServiceId>>,
 }

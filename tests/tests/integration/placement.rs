@@ -495,3 +495,65 @@ fn a_pin_holds_against_requests_from_peers() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// A battery at or below `drain_below_percent` drains the node; back on mains it takes
+/// services again (placement moves one there), while a drain a user asked for outlives the
+/// power coming back.
+#[test]
+fn a_node_drained_for_its_battery_takes_services_again_once_charged() -> Result<()> {
+    let c = connected(&["phone", "tv"])?;
+    let (phone, tv) = (c.node("phone"), c.node("tv"));
+    c.wait_members(SECS_10)?;
+    let draining_seen = |by: &NodeHandle, name: &str, want: bool| {
+        by.members()
+            .iter()
+            .any(|m| m.info.name.as_str() == name && m.info.draining == want)
+    };
+    let relay = phone.spawn(Relay {
+        name: "m.phone".into(),
+    })?;
+    phone.set_power(Power::Battery { percent: 8 });
+    wait_for(SECS_10, "the drain to move the service to the tv", || {
+        phone.last_drain().is_some() && relay.location().as_str() == "tv"
+    })?;
+    ensure!(
+        draining_seen(tv, "phone", true),
+        "the tv does not see the drain"
+    );
+    // A move to a draining node is refused.
+    ensure!(
+        block_on(relay.migrate("phone", tern::MigrateOptions::default())).is_err(),
+        "moved to a draining node"
+    );
+    phone.set_power(Power::Plugged);
+    wait_for(
+        SECS_10,
+        "the tv to see the phone take services again",
+        || draining_seen(tv, "phone", false),
+    )?;
+    ensure!(
+        phone.events().iter().any(|e| e.kind == "power-restored"),
+        "no power-restored event"
+    );
+    let moved = block_on(relay.migrate("phone", tern::MigrateOptions::default()))?;
+    ensure!(moved.to.as_str() == "phone", "{moved:?}");
+    block_on(relay.tell_wait(RelayMsg::Item(1)))?;
+    // A drain the user asks for stays, whatever the power does, even one asked for while
+    // the battery drained the node already.
+    phone.set_power(Power::Battery { percent: 5 });
+    wait_for(SECS_10, "the second drain to move the service", || {
+        relay.location().as_str() == "tv"
+    })?;
+    let _ = block_on(phone.drain());
+    // (The power's effect on the drain is made inside `set_power`: nothing to wait for.)
+    phone.set_power(Power::Plugged);
+    ensure!(
+        phone
+            .members()
+            .iter()
+            .any(|m| m.info.name.as_str() == "phone" && m.info.draining),
+        "power ended a drain the user asked for"
+    );
+    c.shutdown();
+    Ok(())
+}
