@@ -5,7 +5,8 @@
 //! checkpoint sent per message (with everything the node runs for it: checkpoints,
 //! confirmations held until acknowledged, the senders' kept copies, leases). Then failover:
 //! the time from the abrupt death of the primary's node to the first message the standby's
-//! promoted copy handles, and what the lease costs an idle node in bytes.
+//! promoted copy handles, and what the lease costs an idle node in bytes. And the freeze of a
+//! replicated service's move (its standby fenced first) against a plain one's.
 
 use std::time::{Duration, Instant};
 
@@ -234,11 +235,56 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
         "durable_checkpoints_stored": stored,
         "messages_per_run": total,
     });
+    let moves = move_freezes(&cluster, &plain, &replicated, scale)?;
+    let mut out = out;
+    out["moves"] = moves;
     cluster.shutdown();
     let failover = failover(scale)?;
-    let mut out = out;
     out["failover"] = failover;
     Ok(out)
+}
+
+/// The freeze of a move of the plain sink and of the replicated one, back and forth between
+/// `rep-b` and `rep-c`, interleaved. The replicated sink moves only once its standby holds a
+/// checkpoint, so each of its moves first fences that standby (one more round trip in the
+/// freeze) and its target then starts without a standby.
+fn move_freezes(
+    cluster: &Cluster,
+    plain: &tern::ServiceRef<PlainSink>,
+    replicated: &tern::ServiceRef<ReplicatedSink>,
+    scale: &Scale,
+) -> Result<Value> {
+    let (mut plain_us, mut rep_us) = (Vec::new(), Vec::new());
+    let runs = (scale.repeats * 4).max(4);
+    for i in 0..runs {
+        let to = if i % 2 == 0 { "rep-c" } else { "rep-b" };
+        let report = block_on(plain.migrate(to, tern::MigrateOptions::default()))?;
+        plain_us.push(report.freeze_us);
+        wait_for(
+            Duration::from_secs(10),
+            "a standby holds a checkpoint",
+            || {
+                let at = replicated.location();
+                cluster
+                    .node(at.as_str())
+                    .replica(replicated.id())
+                    .is_some_and(|r| r.acked >= 1)
+            },
+        )?;
+        let report = block_on(replicated.migrate(to, tern::MigrateOptions::default()))?;
+        rep_us.push(report.freeze_us);
+    }
+    progress(&format!(
+        "move freezes: plain {plain_us:?} us, replicated {rep_us:?} us"
+    ));
+    let (plain_p50, _) = crate::util::percentiles(plain_us.clone());
+    let (rep_p50, _) = crate::util::percentiles(rep_us.clone());
+    Ok(json!({
+        "runs": runs,
+        "plain_freeze_us_p50": plain_p50,
+        "replicated_freeze_us_p50": rep_p50,
+        "replicated_to_plain_freeze_p50_ratio": round2(rep_p50 as f64 / plain_p50.max(1) as f64),
+    }))
 }
 
 /// When the promoted copy first handled a message (set by [`Watched`] on the standby).
