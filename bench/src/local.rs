@@ -208,12 +208,7 @@ pub fn run(scale: &Scale) -> Result<Value> {
     }
     // Each tern run is paired with the actix run right after it; the ratio is the median of the
     // pairs' ratios, which cancels slow shifts of machine speed that a ratio of medians mixes.
-    let pair_ratios: Vec<f64> = tern_runs
-        .iter()
-        .zip(&actix_runs)
-        .map(|(t, a)| a / t)
-        .collect();
-    let overhead_ratio = median(pair_ratios);
+    let overhead_ratio = crate::util::median_ratio(&actix_runs, &tern_runs);
     let tern_rate = median(tern_runs);
     let actix_rate = median(actix_runs);
 

@@ -378,13 +378,7 @@ pub fn run(scale: &Scale) -> Result<Value> {
     // The nodes cannot run beside the raw endpoints without sharing the two cores, so the two
     // series run one after the other; run i of each is paired, and the ratio is the median of
     // the pairs' ratios.
-    let ratio = median(
-        tern_runs
-            .iter()
-            .zip(&raw_runs)
-            .map(|(t, r)| t / r)
-            .collect(),
-    );
+    let ratio = crate::util::median_ratio(&tern_runs, &raw_runs);
     let tern_rate = median(tern_runs);
     let raw_rate = median(raw_runs);
     let (echo_p50, echo_p99) = raw_echo(&ca, scale.rtt_samples)?;

@@ -17,7 +17,7 @@ use tern::{Ctx, Service, ServiceAddr};
 use tern_harness::{wait_for, Cluster};
 
 use crate::remote::{PayloadCount, PayloadMsg, PAYLOAD_BYTES};
-use crate::util::{median, progress, round2, Latch, Scale};
+use crate::util::{median, median_ratio, progress, round2, Latch, Scale};
 
 static DONE: Latch = Latch::new();
 
@@ -205,24 +205,12 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
             }
         }
     }
-    let durable_ratio = median(
-        durable_runs
-            .iter()
-            .zip(&plain_runs)
-            .map(|(r, p)| r / p)
-            .collect(),
-    );
+    let durable_ratio = median_ratio(&durable_runs, &plain_runs);
     let stored = d.stored_checkpoints()?.len();
     if ckpts == 0 {
         bail!("the replicated sink sent no checkpoint");
     }
-    let ratio = median(
-        rep_runs
-            .iter()
-            .zip(&plain_runs)
-            .map(|(r, p)| r / p)
-            .collect(),
-    );
+    let ratio = median_ratio(&rep_runs, &plain_runs);
     let out = json!({
         "payload_bytes": PAYLOAD_BYTES,
         "plain_msgs_per_s": median(plain_runs).round(),

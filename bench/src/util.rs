@@ -78,6 +78,11 @@ pub fn median(mut runs: Vec<f64>) -> f64 {
     runs[runs.len() / 2]
 }
 
+/// The median of the ratios of paired runs: run i of `a` over run i of `b`.
+pub fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a.iter().zip(b).map(|(x, y)| x / y).collect())
+}
+
 /// (p50, p99) of microsecond samples.
 pub fn percentiles(mut us: Vec<u64>) -> (u64, u64) {
     us.sort_unstable();

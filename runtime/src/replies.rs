@@ -12,6 +12,7 @@
 //! answered yet (still queued, or answered later from the state) gets the answer when it is
 //! given; a copy of an ask whose answer is no longer kept is failed at once, with the reason.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 
 use tern_proto::ids::ServiceId;
@@ -120,11 +121,6 @@ impl Replies {
         }
     }
 
-    /// True when an answer to `to` would be kept (it answers an ask taken and not answered).
-    pub fn wants(&self, to: &AskOrigin) -> bool {
-        self.find(to).is_some()
-    }
-
     fn find(&self, to: &AskOrigin) -> Option<Key> {
         // Most answers are to the ask in hand: the newest first.
         self.order.iter().rev().copied().find(|key| {
@@ -133,19 +129,30 @@ impl Replies {
         })
     }
 
-    /// The service answered `to` with `value` (MessagePack): kept if it answers a kept ask;
-    /// the other askers that wait for that answer.
-    pub fn answered(&mut self, to: &AskOrigin, value: Vec<u8>) -> Vec<AskOrigin> {
-        let Some(key) = self.find(to) else {
-            return Vec::new();
-        };
+    /// The service answered `to`: if that answers a kept ask, the answer (MessagePack, from
+    /// `encode`, called only then) is kept, and comes back with the other askers that wait
+    /// for it. `None` when `to` is not a kept ask (or the answer does not encode).
+    pub fn answered(
+        &mut self,
+        to: &AskOrigin,
+        encode: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Option<(Cow<'_, [u8]>, Vec<AskOrigin>)> {
+        let key = self.find(to)?;
+        let value = encode()?;
         let also = match self.kept.remove(&key) {
             Some(Kept::Waiting { also, .. }) => also,
             _ => Vec::new(),
         };
         self.order.retain(|k| *k != key);
+        if value.len() > REPLY_BYTES_KEPT_MAX {
+            // Too large to keep: the askers waiting now still get it; a later copy is failed.
+            return Some((Cow::Owned(value), also));
+        }
         self.insert(key, Kept::Answered(value));
-        also
+        match self.kept.get(&key) {
+            Some(Kept::Answered(v)) => Some((Cow::Borrowed(v.as_slice()), also)),
+            _ => None,
+        }
     }
 
     /// A copy of ask `seq` of `from`, to be answered at `origin`; `queued`: its first copy is
@@ -195,14 +202,15 @@ mod tests {
         let s = ServiceId::from_parts(1, 1);
         let mut r = Replies::default();
         r.taking(s, 1, at("a", 10));
-        assert!(r.wants(&at("a", 10)) && !r.wants(&at("a", 11)));
-        assert!(r.answered(&at("a", 10), vec![1]).is_empty());
+        assert!(r.answered(&at("a", 11), || Some(vec![9])).is_none());
+        let (v, also) = r.answered(&at("a", 10), || Some(vec![1])).expect("kept");
+        assert!(v.as_ref() == [1] && also.is_empty());
         // The asker re-executed elsewhere: same number, new asker.
         assert!(matches!(r.repeat(s, 1, at("b", 3), false), Repeat::Answer(v) if v == [1]));
         // A copy of an ask still queued waits for the answer, which goes to both.
         assert!(matches!(r.repeat(s, 2, at("b", 4), true), Repeat::Waits));
         r.taking(s, 2, at("a", 11));
-        let also = r.answered(&at("a", 11), vec![2]);
+        let (_, also) = r.answered(&at("a", 11), || Some(vec![2])).expect("kept");
         assert_eq!(also.len(), 1);
         assert_eq!((also[0].node.as_str(), also[0].ask), ("b", 4));
         // An ask answered later, from the state: copies wait, at most REPEAT_ASKERS_MAX.
@@ -237,12 +245,26 @@ mod tests {
         let mut r = Replies::default();
         for i in 0..(REPLIES_KEPT_MAX as u64 + 10) {
             r.taking(s, i, at("a", i));
-            r.answered(&at("a", i), vec![0; 8]);
+            r.answered(&at("a", i), || Some(vec![0; 8]));
         }
         assert_eq!(r.export().len(), REPLIES_KEPT_MAX);
         assert!(matches!(r.repeat(s, 0, at("b", 1), false), Repeat::Fail(_)));
         r.taking(s, 1_000, at("a", 1_000));
-        r.answered(&at("a", 1_000), vec![0; REPLY_BYTES_KEPT_MAX]);
+        r.answered(&at("a", 1_000), || Some(vec![0; REPLY_BYTES_KEPT_MAX]));
+        // Too large to keep: given to who waits, not kept.
+        r.taking(s, 2_000, at("a", 2_000));
+        assert!(matches!(
+            r.repeat(s, 2_000, at("b", 7), false),
+            Repeat::Waits
+        ));
+        let (v, also) = r
+            .answered(&at("a", 2_000), || Some(vec![0; REPLY_BYTES_KEPT_MAX + 1]))
+            .expect("given");
+        assert!(v.len() == REPLY_BYTES_KEPT_MAX + 1 && also.len() == 1);
+        assert!(matches!(
+            r.repeat(s, 2_000, at("b", 8), false),
+            Repeat::Fail(_)
+        ));
         assert!(r.bytes <= REPLY_BYTES_KEPT_MAX);
         assert_eq!(r.order.len(), r.kept.len());
     }

@@ -399,19 +399,13 @@ impl<S: Service> Ctx<S> {
             node: to.node.clone(),
             ask: to.ask,
         };
-        let (bytes, also) = {
-            let Some(book) = self.replies.as_ref() else {
-                return;
-            };
-            let mut book = book.borrow_mut();
-            if !book.wants(&origin) {
-                return;
-            }
-            let Ok(bytes) = rmp_serde::to_vec(value) else {
-                return;
-            };
-            let also = book.answered(&origin, bytes.clone());
-            (bytes, also)
+        let Some(book) = self.replies.as_ref() else {
+            return;
+        };
+        // Encoded only when it answers a kept ask; sent from the book, not copied.
+        let mut book = book.borrow_mut();
+        let Some((bytes, also)) = book.answered(&origin, || rmp_serde::to_vec(value).ok()) else {
+            return;
         };
         for o in also {
             self.node.answer_kept(&o, &bytes);
