@@ -207,6 +207,9 @@ pub struct Inbox<T> {
     /// (see [`Inbox::take_repeats`]). Boxed: rare, and every idle service pays for the field.
     #[allow(clippy::box_collection)]
     repeats: Option<Box<Vec<(T, bool)>>>,
+    /// Set when a copy from another node noted a mark for it (see
+    /// [`Inbox::take_marked_again`]).
+    marked_again: bool,
 }
 
 impl<T: Numbered> Inbox<T> {
@@ -232,6 +235,7 @@ impl<T: Numbered> Inbox<T> {
             duplicates: 0,
             released: false,
             repeats: None,
+            marked_again: false,
         }
     }
 
@@ -583,6 +587,7 @@ impl<T: Numbered> Inbox<T> {
         };
         if seq < w.watermark().0 {
             self.duplicates += 1;
+            self.came_again(from, seq, item.origin());
             if self.closing.is_some() {
                 // A stopped sender's late copy may have made its window again.
                 self.settle_closing();
@@ -628,6 +633,7 @@ impl<T: Numbered> Inbox<T> {
                 Ok(false)
             }
             Offer::Duplicate => {
+                // A copy of one held early: nothing of it is taken yet to mark.
                 self.duplicates += 1;
                 if self.closing.is_some() {
                     self.settle_closing();
@@ -878,6 +884,51 @@ impl<T: Numbered> Inbox<T> {
         (item, self.depth())
     }
 
+    /// A copy of `from`'s message `seq` came again from `origin` and was dropped. That node
+    /// may keep its copy until told the message was taken (the sender was taken over there
+    /// and sent the copies its checkpoint carried), and nothing it sends later need ever be
+    /// handled here to tell it. So a mark for that node is noted: through the last of `from`'s
+    /// numbers taken for handling, never past one still queued (a queued message is not
+    /// confirmed). Dropped copies are rare; the queue is looked through only for them.
+    fn came_again(&mut self, from: ServiceId, seq: u64, origin: Option<&NodeName>) {
+        let Some(origin) = origin else {
+            return;
+        };
+        let Some(next) = self.windows.get(&from).map(|w| w.watermark().0) else {
+            return;
+        };
+        let first_queued = self
+            .queue
+            .iter()
+            .filter(|q| q.sender() == Some(from))
+            .map(|q| q.seq())
+            .min();
+        let taken = first_queued.unwrap_or(next).saturating_sub(1).min(seq);
+        if taken == 0 {
+            return;
+        }
+        let moved = self.handled_moved.get_or_insert_with(Default::default);
+        // A run of copies from one node needs one mark, its highest.
+        if let Some(last) = moved.back_mut() {
+            if last.0 == from && last.2.as_ref() == Some(origin) {
+                last.1 = last.1.max(taken);
+                self.marked_again = true;
+                return;
+            }
+        }
+        if moved.len() >= HANDLED_MOVED_MAX {
+            moved.pop_front();
+        }
+        moved.push_back((from, taken, Some(origin.clone())));
+        self.marked_again = true;
+    }
+
+    /// True (once) when a copy that came again noted a mark since the last call: the node
+    /// should collect the marks ([`take_handled`](Self::take_handled)).
+    pub fn take_marked_again(&mut self) -> bool {
+        std::mem::take(&mut self.marked_again)
+    }
+
     /// Files `from`'s newest mark; an unreported older one from another node is kept for
     /// telling that node.
     fn store_mark(&mut self, from: ServiceId, mark: Handled) {
@@ -980,6 +1031,64 @@ mod tests {
         }
         assert_eq!(inbox.admit(ask(1), Admit::Tell), Ok(false));
         assert_eq!(inbox.take_repeats().len(), REPEATS_MAX);
+    }
+
+    /// A message with the node it came from.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Via(u64, Option<NodeName>);
+
+    impl Numbered for Via {
+        fn sender(&self) -> Option<ServiceId> {
+            Some(FROM)
+        }
+        fn seq(&self) -> u64 {
+            self.0
+        }
+        fn origin(&self) -> Option<&NodeName> {
+            self.1.as_ref()
+        }
+        fn is_ask(&self) -> bool {
+            false
+        }
+    }
+
+    /// A copy that comes again from another node (its sender taken over there, sending what
+    /// its checkpoint carried) notes a mark for that node, through the last number taken and
+    /// never past one still queued; a run of copies needs one mark.
+    #[test]
+    fn a_copy_from_another_node_notes_a_mark_for_that_node_up_to_what_was_taken() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut inbox = Inbox::new(ME, 8);
+        for seq in 1..=4 {
+            assert_eq!(
+                inbox.admit(Via(seq, Some(a.clone())), Admit::Tell),
+                Ok(true)
+            );
+        }
+        assert_eq!(inbox.pop().0.map(|v| v.0), Some(1));
+        assert_eq!(inbox.pop().0.map(|v| v.0), Some(2));
+        assert_eq!(inbox.take_handled(), vec![(FROM, 2, Some(a.clone()))]);
+        assert!(!inbox.take_marked_again());
+        // 1 to 4 again from b: 3 and 4 are queued, so b hears of 1 and 2 only, once.
+        for seq in 1..=4 {
+            assert_eq!(
+                inbox.admit(Via(seq, Some(b.clone())), Admit::Tell),
+                Ok(false)
+            );
+        }
+        assert!(inbox.take_marked_again());
+        assert!(!inbox.take_marked_again());
+        assert_eq!(inbox.take_handled(), vec![(FROM, 2, Some(b.clone()))]);
+        // A local copy (no node) notes nothing.
+        assert_eq!(inbox.admit(Via(1, None), Admit::Tell), Ok(false));
+        assert!(!inbox.take_marked_again());
+        assert_eq!(inbox.pop().0.map(|v| v.0), Some(3));
+        assert_eq!(inbox.admit(Via(3, Some(b.clone())), Admit::Tell), Ok(false));
+        assert!(inbox.take_marked_again());
+        assert_eq!(
+            inbox.take_handled(),
+            vec![(FROM, 3, Some(b)), (FROM, 3, Some(a))]
+        );
     }
 
     const ME: ServiceId = ServiceId::from_parts(0, 1);

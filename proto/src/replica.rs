@@ -1042,6 +1042,48 @@ impl<T> Retained<T> {
         true
     }
 
+    /// Keeps `sender`'s copy of `seq` in its place among the others (a copy carried by a
+    /// checkpoint, where this node may still hold copies of the same sender from an earlier
+    /// time). False, keeping nothing, when that copy is held already or there is no room.
+    pub fn adopt(&mut self, sender: ServiceId, seq: u64, msg: T) -> bool {
+        if self.len >= self.max {
+            return false;
+        }
+        let q = self.by_sender.entry(sender).or_default();
+        match q.binary_search_by_key(&seq, |(n, _)| *n) {
+            Ok(_) => false,
+            Err(at) => {
+                q.insert(at, (seq, msg));
+                self.len += 1;
+                true
+            }
+        }
+    }
+
+    /// `sender`'s copies, in order.
+    pub fn of(&self, sender: ServiceId) -> impl Iterator<Item = (u64, &T)> {
+        self.by_sender
+            .get(&sender)
+            .into_iter()
+            .flat_map(|q| q.iter().map(|(n, m)| (*n, m)))
+    }
+
+    /// Drops `sender`'s copies `first..=last` (declared lost, and their sender told). The
+    /// count dropped.
+    pub fn forget_range(&mut self, sender: ServiceId, first: u64, last: u64) -> usize {
+        let Some(q) = self.by_sender.get_mut(&sender) else {
+            return 0;
+        };
+        let before = q.len();
+        q.retain(|(n, _)| *n < first || *n > last);
+        let n = before - q.len();
+        if q.is_empty() {
+            self.by_sender.remove(&sender);
+        }
+        self.len -= n;
+        n
+    }
+
     /// Every copy, per sender in order, to send again (kept: only a confirmation drops them).
     pub fn all(&self) -> impl Iterator<Item = (ServiceId, u64, &T)> {
         self.by_sender
@@ -1088,6 +1130,10 @@ pub struct CheckpointBody {
     /// The answers it kept to the asks it took last.
     #[serde(default)]
     pub replies: Vec<crate::wire::KeptReply>,
+    /// The messages it sent and had not seen confirmed (bounded by the senders' kept copies,
+    /// `retained_per_channel_max` per receiver), sent again by the copy that takes it over.
+    #[serde(default)]
+    pub outputs: Vec<crate::wire::KeptOutput>,
 }
 
 /// The latest checkpoint of a replicated service a node runs, as it keeps it on disk: what a
@@ -1145,7 +1191,7 @@ impl Stored {
     /// use tern_proto::ids::{KindKey, NodeName};
     /// use tern_proto::replica::{CheckpointBody, Stored, StoredError};
     /// let body = CheckpointBody { state: vec![1, 2], timers: vec![], send_seqs: vec![],
-    ///     taken: vec![], book: vec![], replies: vec![] };
+    ///     taken: vec![], book: vec![], replies: vec![], outputs: vec![] };
     /// let s = Stored { format: Stored::FORMAT, kind: KindKey::new("player", 1), epoch: 3,
     ///     no: 9, voters: vec![NodeName::new("a")], body: rmp_serde::to_vec(&body).unwrap() };
     /// let bytes = s.encode().unwrap();
@@ -1599,6 +1645,29 @@ mod tests {
         let mut small = Vec::new();
         assert!(encode_frame(&mut small, &Frame::Replica(msg), 50).is_err());
         assert!(small.is_empty());
+    }
+
+    #[test]
+    fn carried_copies_are_adopted_in_their_place_once_and_bounded() {
+        let a = ServiceId::from_parts(1, 1);
+        let mut r = Retained::new(4);
+        r.keep(a, 2, "a2").unwrap();
+        r.keep(a, 5, "a5").unwrap();
+        // Carried by a checkpoint: 1 and 3 go in their places, 2 is held already.
+        assert!(r.adopt(a, 3, "a3"));
+        assert!(r.adopt(a, 1, "a1"));
+        assert!(!r.adopt(a, 2, "again"));
+        assert_eq!(
+            r.of(a).collect::<Vec<_>>(),
+            vec![(1, &"a1"), (2, &"a2"), (3, &"a3"), (5, &"a5")]
+        );
+        // Full: nothing more is adopted.
+        assert!(!r.adopt(a, 4, "a4"));
+        assert_eq!(r.forget_range(a, 2, 3), 2);
+        assert!(r.has_room());
+        assert_eq!(r.of(a).map(|(n, _)| n).collect::<Vec<_>>(), vec![1, 5]);
+        assert_eq!(r.settle(a, 5), 2);
+        assert_eq!(r.of(a).count(), 0);
     }
 
     #[test]

@@ -475,6 +475,10 @@ pub struct SnapHeader {
     /// The answers it kept to the asks it took last (see [`KeptReply`]).
     #[serde(default)]
     pub replies: Vec<KeptReply>,
+    /// A replicated service taken over from a checkpoint: the messages it had sent and not
+    /// seen confirmed, sent again before it runs (see [`KeptOutput`]). Empty for a move.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<KeptOutput>,
 }
 
 /// The answer a service gave to an ask it took, kept so that a copy of that ask (its asker
@@ -489,6 +493,21 @@ pub struct KeptReply {
     /// The answer, MessagePack.
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
+}
+
+/// A message a replicated service sent and had not seen confirmed when its checkpoint was
+/// cut: the checkpoint carries a copy, and the copy that takes the service over sends it
+/// again, under the same number, before it runs (its receiver drops it if it took it
+/// already). Only tells: an ask is sent again by the handler that asked, re-executed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptOutput {
+    /// The receiver.
+    pub to: ServiceId,
+    /// The message's number in the service's channel to `to`.
+    pub seq: u64,
+    /// The message, MessagePack.
+    #[serde(with = "serde_bytes")]
+    pub msg: Vec<u8>,
 }
 
 /// Migration protocol messages between nodes (see `core::migration::Wire`).

@@ -180,6 +180,11 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                         seq: state_bytes,
                         value: vec![0x91, 0x07],
                     }],
+                    outputs: vec![crate::wire::KeptOutput {
+                        to: ServiceId::from_parts(5, 6),
+                        seq: state_bytes + 1,
+                        msg: vec![0x92, 0x01, 0x02],
+                    }],
                 }
             },
         )

@@ -41,10 +41,14 @@ struct ChanState<M> {
     /// The delivery ledger: per sender on this node, what it sent that the service has not yet
     /// been seen to take. One entry per sender with messages outstanding.
     ledger: Ledger,
-    /// For a replicated service: a copy of each message sent to another node and not yet
-    /// confirmed (its ask, and its encoding), sent again when the service is found elsewhere
-    /// (taken over by its standby); its window there drops the copies it already took.
+    /// A copy of each message not yet confirmed (its ask, and its encoding): for a
+    /// replicated service, of every message, sent again when the service is found elsewhere
+    /// (taken over by its standby; its window there drops the copies it already took); for
+    /// any service, of the tells a replicated service here sent, which its checkpoints carry
+    /// (`KeptOutput`). Made at the first copy.
     retained: Option<Retained<(Option<u64>, Vec<u8>)>>,
+    /// The service is replicated.
+    replicated: bool,
 }
 
 /// Messages declared lost with a node: `first..=last` of `sender` to `service`.
@@ -92,8 +96,21 @@ pub(crate) trait AnyChannel: Send + Sync + 'static {
     fn outstanding(&self) -> u64;
     /// True when the channel keeps copies of what it sends (its service is replicated).
     fn retains(&self) -> bool;
-    /// True when the channel keeps a copy of `sender`'s message `seq`.
+    /// True when the channel keeps a copy of `sender`'s message `seq` (its service is
+    /// replicated).
     fn keeps(&self, sender: ServiceId, seq: u64) -> bool;
+    /// The copies kept of the tells replicated service `sender` sent, in order, for its
+    /// checkpoint.
+    fn outputs_of(&self, sender: ServiceId) -> Vec<tern_proto::wire::KeptOutput>;
+    /// Sends again, in order, the tells replicated service `sender` sent through another node
+    /// (carried by the checkpoint it was taken over from), keeping copies of them as of its own
+    /// messages. The count queued.
+    fn send_outputs(
+        &self,
+        shared: &NodeShared,
+        sender: ServiceId,
+        outputs: Vec<tern_proto::wire::KeptOutput>,
+    ) -> usize;
 }
 
 impl<M: Send + 'static> Channel<M> {
@@ -114,6 +131,7 @@ impl<M: Send + 'static> Channel<M> {
                 client_seq: 0,
                 ledger: Ledger::default(),
                 retained: None,
+                replicated: false,
             }),
             room: tokio::sync::Notify::new(),
         }
@@ -138,22 +156,38 @@ impl<M: Send + 'static> Channel<M> {
         st.node = node.clone();
         st.epoch = st.epoch.max(epoch);
         st.ledger.repointed(node);
-        // A replicated service's unconfirmed messages go again to where it is now.
-        if let (Some(kept), Route::Remote(link)) = (&st.retained, &st.route) {
-            let mut again = 0u64;
-            for (sender, seq, (ask, bytes)) in kept.all() {
-                let meta = Meta {
-                    from: Some(sender),
-                    seq,
-                    ask: *ask,
-                };
-                if link.deliver_encoded(self.id, meta, false, bytes).is_ok() {
-                    again += 1;
+        // A replicated service's unconfirmed messages go again to where it is now: another
+        // node, or this one (its standby here took it over).
+        let Some(kept) = st.retained.as_ref().filter(|_| st.replicated) else {
+            return;
+        };
+        let local = match &st.route {
+            Route::Local(_) => shared.slot(self.id),
+            Route::Remote(_) => None,
+        };
+        let mut again = 0u64;
+        for (sender, seq, (ask, bytes)) in kept.all() {
+            let meta = Meta {
+                from: Some(sender),
+                seq,
+                ask: *ask,
+                keep: false,
+            };
+            let sent = match (&st.route, &local) {
+                (Route::Remote(link), _) => {
+                    link.deliver_encoded(self.id, meta, false, bytes).is_ok()
                 }
+                (Route::Local(_), Some(slot)) => slot
+                    .deliver_bytes(meta, (shared.name(), shared.name()), false, bytes)
+                    .is_ok(),
+                (Route::Local(_), None) => false,
+            };
+            if sent {
+                again += 1;
             }
-            if again > 0 {
-                shared.stats.resent_to_replicas.add(again);
-            }
+        }
+        if again > 0 {
+            shared.stats.resent_to_replicas.add(again);
         }
     }
 
@@ -161,14 +195,15 @@ impl<M: Send + 'static> Channel<M> {
     /// replicated.
     pub(crate) fn retain(&self, max: usize) {
         let mut st = lock(&self.state);
+        st.replicated = true;
         if st.retained.is_none() {
             st.retained = Some(Retained::new(max));
         }
     }
 
-    /// True when this channel keeps copies (its service is replicated).
+    /// True when this channel keeps copies of everything sent (its service is replicated).
     fn retains(&self) -> bool {
-        lock(&self.state).retained.is_some()
+        lock(&self.state).replicated
     }
 
     /// True unless the kept copies are at their bound.
@@ -238,10 +273,76 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
     }
 
     fn keeps(&self, sender: ServiceId, seq: u64) -> bool {
-        lock(&self.state)
-            .retained
-            .as_ref()
-            .is_some_and(|k| k.holds(sender, seq))
+        let st = lock(&self.state);
+        st.replicated && st.retained.as_ref().is_some_and(|k| k.holds(sender, seq))
+    }
+
+    fn outputs_of(&self, sender: ServiceId) -> Vec<tern_proto::wire::KeptOutput> {
+        let st = lock(&self.state);
+        let Some(kept) = &st.retained else {
+            return Vec::new();
+        };
+        kept.of(sender)
+            .filter(|(_, (ask, _))| ask.is_none())
+            .map(|(seq, (_, bytes))| tern_proto::wire::KeptOutput {
+                to: self.id,
+                seq,
+                msg: bytes.clone(),
+            })
+            .collect()
+    }
+
+    fn send_outputs(
+        &self,
+        shared: &NodeShared,
+        sender: ServiceId,
+        outputs: Vec<tern_proto::wire::KeptOutput>,
+    ) -> usize {
+        let mut st = lock(&self.state);
+        let max = shared.replicas.settings.retained_per_channel_max;
+        let mut sent = 0;
+        for out in outputs {
+            let meta = Meta {
+                from: Some(sender),
+                seq: out.seq,
+                ask: None,
+                keep: false,
+            };
+            let res = match &st.route {
+                Route::Remote(link) => link
+                    .deliver_encoded(self.id, meta, false, &out.msg)
+                    .map(drop),
+                Route::Local(_) => match shared.slot(self.id) {
+                    Some(slot) => {
+                        slot.deliver_bytes(meta, (shared.name(), shared.name()), false, &out.msg)
+                    }
+                    None => Err(DeliveryError::UnknownService {
+                        id: self.id,
+                        node: shared.name().clone(),
+                    }),
+                },
+            };
+            if let Err(e) = res {
+                // Kept all the same: a replicated receiver found elsewhere gets it again, and
+                // a loss of its node reports it.
+                tracing::debug!(to = %self.id, from = %sender, seq = out.seq, %e, "carried output not delivered");
+            } else {
+                sent += 1;
+            }
+            let ChanState {
+                ledger,
+                node,
+                retained,
+                ..
+            } = &mut *st;
+            ledger.note(sender, out.seq, node);
+            retained.get_or_insert_with(|| Retained::new(max)).adopt(
+                sender,
+                out.seq,
+                (None, out.msg),
+            );
+        }
+        sent
     }
 
     fn unconfirmed(&self) -> Vec<tern_proto::ledger::Unconfirmed> {
@@ -252,8 +353,18 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
         let mut st = lock(&self.state);
         let here = st.node == *lost;
         let now_at = st.node.clone();
-        st.ledger
-            .declare_lost(lost, here)
+        let ranges = st.ledger.declare_lost(lost, here);
+        // Their senders are told: no copy is kept of them any longer.
+        if let Some(kept) = st.retained.as_mut() {
+            let mut dropped = 0;
+            for (sender, first, last) in &ranges {
+                dropped += kept.forget_range(*sender, *first, *last);
+            }
+            if dropped > 0 {
+                self.room.notify_waiters();
+            }
+        }
+        ranges
             .into_iter()
             .map(|(sender, first, last)| LostRange {
                 service: self.id,
@@ -336,6 +447,11 @@ impl<S: Service> ServiceRef<S> {
     /// The service's id.
     pub fn id(&self) -> ServiceId {
         self.addr.id
+    }
+
+    /// The channel this handle sends through, untyped.
+    pub(crate) fn any_channel(&self) -> Arc<dyn AnyChannel> {
+        self.chan.clone()
     }
 
     /// The service's address: id, kind and the node it ran on when this handle was made
@@ -502,11 +618,8 @@ impl<S: Service> ServiceRef<S> {
                     let env = Envelope::new(meta, self.node.name(), None, msg);
                     match mb.push_with(env, true) {
                         Ok(()) => {
-                            if let (Some(bytes), Some(kept)) = (copy, st.retained.as_mut()) {
-                                let from = meta.from.unwrap_or(self.chan.client);
-                                if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
-                                    debug_assert!(false, "retained copies over their bound");
-                                }
+                            if let Some(bytes) = copy {
+                                self.keep_copy(&mut st, meta, bytes);
                             }
                             self.note_sent(&mut st, meta);
                             return Ok(Attempt::Sent(0, true));
@@ -524,7 +637,7 @@ impl<S: Service> ServiceRef<S> {
                         Err((e, _)) => (e, None),
                     }
                 }
-                Route::Remote(link) if st.retained.is_some() && meta.from.is_some() => {
+                Route::Remote(link) if Self::copies(&st, meta) => {
                     let link = link.clone();
                     match self.deliver_kept(&mut st, link, meta, wait, &msg) {
                         Ok(queued) => {
@@ -570,10 +683,10 @@ impl<S: Service> ServiceRef<S> {
         meta: Meta,
         msg: &S::Msg,
     ) -> Result<Option<Vec<u8>>, DeliveryError> {
-        let Some(kept) = st.retained.as_ref().filter(|_| meta.from.is_some()) else {
+        if !Self::copies(st, meta) {
             return Ok(None);
-        };
-        if !kept.has_room() {
+        }
+        if !st.retained.as_ref().is_none_or(|k| k.has_room()) {
             return Err(DeliveryError::Unsettled {
                 id: self.addr.id,
                 max: self.node.replicas.settings.retained_per_channel_max,
@@ -597,14 +710,25 @@ impl<S: Service> ServiceRef<S> {
             return link.deliver(self.addr.id, meta, wait, msg);
         };
         let queued = link.deliver_encoded(self.addr.id, meta, wait, &bytes)?;
-        if let Some(kept) = st.retained.as_mut() {
-            let from = meta.from.unwrap_or(self.chan.client);
-            if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
-                // Checked by `copy_to_keep`, under the same lock.
-                debug_assert!(false, "retained copies over their bound");
-            }
-        }
+        self.keep_copy(st, meta, bytes);
         Ok(queued)
+    }
+
+    /// True when a copy of this message is kept until it is confirmed: to a replicated
+    /// service, any numbered message; from one, a tell (an ask is sent again by the handler
+    /// that asked, re-executed).
+    fn copies(st: &ChanState<S::Msg>, meta: Meta) -> bool {
+        meta.from.is_some() && (st.replicated || (meta.keep && meta.ask.is_none()))
+    }
+
+    /// Keeps the copy `copy_to_keep` made (room checked by it, under the same lock).
+    fn keep_copy(&self, st: &mut ChanState<S::Msg>, meta: Meta, bytes: Vec<u8>) {
+        let max = self.node.replicas.settings.retained_per_channel_max;
+        let from = meta.from.unwrap_or(self.chan.client);
+        let kept = st.retained.get_or_insert_with(|| Retained::new(max));
+        if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
+            debug_assert!(false, "retained copies over their bound");
+        }
     }
 
     /// A message was queued: the delivery ledger notes its number, and an ask its request's

@@ -224,8 +224,21 @@ fn handle_frame(
                     }
                 }
             }
-            match node.deliver_remote(target, &link.name, to, (Meta { from, seq, ask }, wait), msg)
-            {
+            match node.deliver_remote(
+                target,
+                &link.name,
+                to,
+                (
+                    Meta {
+                        from,
+                        seq,
+                        ask,
+                        keep: false,
+                    },
+                    wait,
+                ),
+                msg,
+            ) {
                 Ok(()) => node.stats.received_remote.inc(),
                 Err(reason) => match wait
                     .then(|| wait_for(node, (to, from), &reason, 0))
@@ -287,6 +300,7 @@ fn handle_frame(
                         from,
                         seq: seq_of(i),
                         ask: None,
+                        keep: false,
                     };
                     match node.deliver_remote(target, &link.name, to, (meta, wait), m) {
                         Ok(()) => node.stats.received_remote.inc(),

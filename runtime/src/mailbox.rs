@@ -133,7 +133,8 @@ impl<M> Mailbox<M> {
         let (r, queued) = {
             let mut st = lock(&self.state);
             let (r, queued) = f(&mut st);
-            (r, queued | st.take_released())
+            let marked = self.marked_again(&mut st);
+            (r, queued | st.take_released() | marked)
         };
         if queued {
             self.ready.notify_one();
@@ -159,7 +160,7 @@ impl<M> Mailbox<M> {
         let mut st = lock(&self.state);
         match st.admit(env, mode) {
             Ok(queued) => {
-                let queued = queued | st.take_released();
+                let queued = queued | st.take_released() | self.marked_again(&mut st);
                 if queued && st.has_repeats() {
                     self.repeats.store(true, Ordering::Release);
                 }
@@ -180,13 +181,25 @@ impl<M> Mailbox<M> {
         }
     }
 
-    /// Copies of asks the windows dropped, each with whether its first copy is still queued
-    /// (`Inbox::take_repeats`); empty at the cost of one atomic load when there are none.
-    pub fn take_repeats(&self) -> Vec<(Envelope<M>, bool)> {
-        if !self.repeats.swap(false, Ordering::AcqRel) {
-            return Vec::new();
+    /// A copy from another node noted a mark for it (`Inbox::take_marked_again`): the runner
+    /// is woken to have its node collect the marks. True when it was.
+    fn marked_again(&self, st: &mut Inbox<Envelope<M>>) -> bool {
+        if !st.take_marked_again() {
+            return false;
         }
-        lock(&self.state).take_repeats()
+        self.handled_dirty.store(true, Ordering::Relaxed);
+        self.repeats.store(true, Ordering::Release);
+        true
+    }
+
+    /// Copies of asks the windows dropped, each with whether its first copy is still queued
+    /// (`Inbox::take_repeats`), and whether marks wait to be collected (a copy came again
+    /// from another node); empty and false at the cost of one atomic load when there are none.
+    pub fn take_repeats(&self) -> (Vec<(Envelope<M>, bool)>, bool) {
+        if !self.repeats.swap(false, Ordering::AcqRel) {
+            return (Vec::new(), false);
+        }
+        (lock(&self.state).take_repeats(), true)
     }
 
     /// [`push_with`](Self::push_with) for a sender that does not wait.

@@ -174,10 +174,21 @@ type RestoreFn = fn(&Arc<NodeShared>, &[u8]) -> Result<ServiceAddr, Error>;
 type RestorePausedFn =
     fn(&Arc<NodeShared>, &NodeName, SnapHeader, Vec<u8>) -> Result<InCopy, Error>;
 
+type ChannelFn = fn(&Arc<NodeShared>, &ServiceAddr) -> Result<Arc<dyn AnyChannel>, DeliveryError>;
+
 struct KindEntry {
     restore: RestoreFn,
     restore_paused: RestorePausedFn,
+    /// This node's channel to a service of the kind, made if there is none.
+    channel: ChannelFn,
     needs: Needs,
+}
+
+fn open_channel<S: Service>(
+    node: &Arc<NodeShared>,
+    addr: &ServiceAddr,
+) -> Result<Arc<dyn AnyChannel>, DeliveryError> {
+    node.resolve::<S>(addr).map(|r| r.any_channel())
 }
 
 /// Builds a paused copy of a migrating service from its snapshot; the copy is registered and
@@ -236,6 +247,7 @@ fn restore_paused<S: Service>(
             .map(|w| (w.from, w.taken))
             .collect(),
         replies: header.replies.clone(),
+        outputs: header.outputs.clone(),
     };
     let install = {
         let node = node.clone();
@@ -567,6 +579,7 @@ impl NodeShared {
             .or_insert(KindEntry {
                 restore: restore_service::<S>,
                 restore_paused: restore_paused::<S>,
+                channel: open_channel::<S>,
                 needs: Needs {
                     required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
                     preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
@@ -1257,7 +1270,11 @@ impl NodeShared {
             }
         }
         if self.replicas.is_protected(id) {
-            // A replicated service's senders are confirmed by its acknowledged checkpoints.
+            // A replicated service's senders are confirmed by its acknowledged checkpoints
+            // (to a node that sent copies again too: `Replicas::also_tell`).
+            if !marks.is_empty() {
+                self.replicas.also_tell(id, &marks);
+            }
             return;
         }
         for (from, seq, origin) in marks {
@@ -1925,6 +1942,26 @@ impl NodeShared {
             }
             other => other,
         }
+    }
+
+    /// This node's channel to service `id`, if it has one.
+    pub(crate) fn channel_known(&self, id: ServiceId) -> Option<Arc<dyn AnyChannel>> {
+        lock(&self.channels).get(&id).cloned()
+    }
+
+    /// This node's channel to the service at `addr`, made (typed by its kind, if registered
+    /// here) if there is none.
+    pub(crate) fn channel_to(self: &Arc<Self>, addr: &ServiceAddr) -> Option<Arc<dyn AnyChannel>> {
+        if let Some(c) = lock(&self.channels).get(&addr.id) {
+            return Some(c.clone());
+        }
+        let open = self
+            .kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr.kind)
+            .map(|k| k.channel)?;
+        open(self, addr).ok()
     }
 
     /// The local service `id`, untyped.

@@ -86,6 +86,44 @@ struct Primary {
     moving: bool,
     /// A ballot to go on at the next epoch is open: no move until it is decided.
     ballot_open: bool,
+    /// Nodes other than the one its marks name that sent copies the service had taken
+    /// already (a sender taken over there sent again what its checkpoint carried): sender,
+    /// the number the copies reached, and the node, told too once a confirmation covers it
+    /// (at most [`ALSO_TELL_MAX`], the oldest going first).
+    also_tell: Vec<(ServiceId, u64, NodeName)>,
+}
+
+/// Nodes kept per replicated service to tell of confirmations besides its senders' current
+/// ones (see `Primary::also_tell`); past it the oldest is forgotten, and that node's copies
+/// wait for a confirmation of a later message.
+pub const ALSO_TELL_MAX: usize = 64;
+
+impl Primary {
+    /// Adds the nodes to tell besides the marks' own (`also_tell`) for the marks a
+    /// confirmation covers, and forgets them.
+    fn with_also_told(
+        &mut self,
+        mut marks: Vec<(ServiceId, u64, Option<NodeName>)>,
+    ) -> Vec<(ServiceId, u64, Option<NodeName>)> {
+        if self.also_tell.is_empty() {
+            return marks;
+        }
+        let mut extra = Vec::new();
+        self.also_tell.retain(|(s, seq, node)| {
+            let covered = marks.iter().find(|(m, n, _)| m == s && n >= seq);
+            match covered {
+                Some((_, n, origin)) => {
+                    if origin.as_ref() != Some(node) {
+                        extra.push((*s, *n, Some(node.clone())));
+                    }
+                    false
+                }
+                None => true,
+            }
+        });
+        marks.extend(extra);
+        marks
+    }
 }
 
 /// A moving primary's fence (`replica_fence`): the standbys that have not answered yet.
@@ -365,6 +403,7 @@ impl Replicas {
                 avoid,
                 moving: false,
                 ballot_open: false,
+                also_tell: Vec::new(),
             },
         );
         self.running
@@ -398,6 +437,40 @@ impl Replicas {
         }
         now >= p.retry_at_us
             && (p.cadence.overdue(now, &self.settings) || p.cadence.due(now, &self.settings))
+    }
+
+    /// The mailbox of `id` noted marks (`Inbox::take_handled`); a replicated service's
+    /// senders are confirmed by its checkpoints, so only a mark for a node other than the one
+    /// its own marks name is kept: that node sent copies of messages taken already, and is
+    /// told too once a confirmation covers them.
+    pub fn also_tell(&self, id: ServiceId, marks: &[(ServiceId, u64, Option<NodeName>)]) {
+        let mut all = lock(&self.primaries);
+        let Some(p) = all.get_mut(&id) else {
+            return;
+        };
+        for (sender, seq, origin) in marks {
+            let Some(node) = origin else {
+                continue;
+            };
+            if p.taken
+                .get(sender)
+                .is_some_and(|(_, o)| o.as_ref() == Some(node))
+            {
+                continue;
+            }
+            if let Some(e) = p
+                .also_tell
+                .iter_mut()
+                .find(|(s, _, n)| s == sender && n == node)
+            {
+                e.1 = e.1.max(*seq);
+                continue;
+            }
+            if p.also_tell.len() >= ALSO_TELL_MAX {
+                p.also_tell.remove(0);
+            }
+            p.also_tell.push((*sender, *seq, node.clone()));
+        }
     }
 
     /// When a checkpoint of `id` falls due by time alone (or an overdue one is to be replaced).
@@ -519,6 +592,7 @@ impl Replicas {
             .into_iter()
             .map(|(s, n)| (s, n, p.taken.get(&s).and_then(|(_, o)| o.clone())))
             .collect();
+        let marks = p.with_also_told(marks);
         let voters = if p.sent { p.voters.clone() } else { Vec::new() };
         Some((no, p.epoch, voters, p.kind.clone(), (no, marks)))
     }
@@ -869,7 +943,7 @@ impl NodeShared {
     /// A replicated service left this node (stopped, or moved with no crash on the way): its
     /// standby lets it go, and what it handled is confirmed to its senders now.
     pub(crate) fn replica_left(&self, id: ServiceId) {
-        let Some(p) = self.replicas.stop(id) else {
+        let Some(mut p) = self.replicas.stop(id) else {
             return;
         };
         self.store_forget(id);
@@ -886,6 +960,7 @@ impl NodeShared {
             .iter()
             .map(|(s, (n, o))| (*s, *n, o.clone()))
             .collect();
+        let marks = p.with_also_told(marks);
         self.confirm(id, marks);
     }
 
@@ -1009,6 +1084,62 @@ impl NodeShared {
                     self.replicas.settings.lease_ms
                 )));
             }
+        }
+    }
+
+    /// The copies kept here of the tells replicated service `id` sent to `receivers` and has
+    /// not seen confirmed, in order per receiver: its checkpoint carries them.
+    pub(crate) fn outputs_of(
+        &self,
+        id: ServiceId,
+        receivers: impl IntoIterator<Item = ServiceId>,
+    ) -> Vec<tern_proto::wire::KeptOutput> {
+        receivers
+            .into_iter()
+            .filter_map(|r| self.channel_known(r))
+            .flat_map(|c| c.outputs_of(id))
+            .collect()
+    }
+
+    /// Replicated service `id` runs here from a checkpoint (taken over, or resumed from the
+    /// data directory): what it had sent and not seen confirmed goes again, in order per
+    /// receiver, before it handles anything, under the same numbers. The receivers drop what
+    /// they took already, and tell this node so.
+    pub(crate) fn send_outputs(
+        self: &std::sync::Arc<Self>,
+        id: ServiceId,
+        outputs: Vec<tern_proto::wire::KeptOutput>,
+    ) {
+        let mut by_to: BTreeMap<ServiceId, Vec<tern_proto::wire::KeptOutput>> = BTreeMap::new();
+        for o in outputs {
+            by_to.entry(o.to).or_default().push(o);
+        }
+        let mut sent = 0u64;
+        let mut unrouted = 0usize;
+        for (to, mut outs) in by_to {
+            outs.sort_by_key(|o| o.seq);
+            // A handler that finds its receivers in its book by role has made no channel to
+            // them yet: the book names them, with their kinds.
+            let chan = self.channel_known(to).or_else(|| {
+                self.books
+                    .addr_of(to)
+                    .and_then(|addr| self.channel_to(&addr))
+            });
+            match chan {
+                Some(chan) => sent += chan.send_outputs(self, id, outs) as u64,
+                None => unrouted += outs.len(),
+            }
+        }
+        if sent > 0 {
+            self.stats.outputs_resent.add(sent);
+        }
+        if unrouted > 0 {
+            // A receiver that is in no book here and of a kind not registered here cannot be
+            // reached without its message type.
+            self.logs.event(
+                "outputs-unrouted",
+                format!("{id}: {unrouted} carried messages to receivers with no channel here were not sent again"),
+            );
         }
     }
 
@@ -1332,10 +1463,11 @@ impl NodeShared {
             }
             p.term = Some(term);
             self.replicas.changed.notify_waiters();
-            marks
+            let marks = marks
                 .into_iter()
                 .map(|(s, n)| (s, n, p.taken.get(&s).and_then(|(_, o)| o.clone())))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            p.with_also_told(marks)
         };
         self.stats.checkpoints_acked.inc();
         self.confirm_when_durable(service, (no, marks));
@@ -1969,11 +2101,12 @@ impl NodeShared {
             p.first_to.clear();
             p.avoid = p.standby.clone();
             // The only copy now: what it handled is confirmed.
-            confirm = p
-                .taken
-                .iter()
-                .map(|(s, (n, o))| (*s, *n, o.clone()))
-                .collect();
+            confirm = p.with_also_told(
+                p.taken
+                    .iter()
+                    .map(|(s, (n, o))| (*s, *n, o.clone()))
+                    .collect(),
+            );
             if let Some(old) = p.standby.clone() {
                 let mut later = lock(&self.replicas.to_release);
                 later
@@ -2048,6 +2181,7 @@ impl NodeShared {
             forced: false,
             names: Vec::new(),
             replies: body.replies,
+            outputs: body.outputs,
         };
         self.driver.host_at(id, claim.epoch);
         lock(&self.replicas.taken_from).insert(id, h.primary.clone());
@@ -2135,5 +2269,50 @@ impl NodeShared {
         let _ = tx.send(crate::migrate::Go::Start);
         self.service_arrived(id, true);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that sent copies of messages the service took already (its sender was taken
+    /// over there) is told too, once a confirmation covers them; the marks' own node is not
+    /// kept twice, and at most `ALSO_TELL_MAX` such nodes are kept per service.
+    #[test]
+    fn a_node_that_sent_copies_again_is_told_once_a_confirmation_covers_them() {
+        let r = Replicas::new(Settings::default());
+        let id = ServiceId::from_parts(1, 1);
+        let (s1, s2) = (ServiceId::from_parts(2, 1), ServiceId::from_parts(3, 1));
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        r.start(id, KindKey::new("k", 1), 1, vec![(s1, 5)]);
+        r.handled(id, Some((s1, 6, Some(a.clone()))));
+        r.also_tell(
+            id,
+            &[
+                (s1, 6, Some(a.clone())),
+                (s1, 4, Some(b.clone())),
+                (s1, 5, Some(b.clone())),
+                (s2, 3, None),
+            ],
+        );
+        let mut all = lock(&r.primaries);
+        let p = all.get_mut(&id).expect("started");
+        assert_eq!(p.also_tell, vec![(s1, 5, b.clone())]);
+        // A confirmation through 4 does not cover b's copies: b waits.
+        let marks = p.with_also_told(vec![(s1, 4, Some(a.clone()))]);
+        assert_eq!(marks, vec![(s1, 4, Some(a.clone()))]);
+        assert_eq!(p.also_tell.len(), 1);
+        let marks = p.with_also_told(vec![(s1, 6, Some(a.clone()))]);
+        assert_eq!(marks, vec![(s1, 6, Some(a.clone())), (s1, 6, Some(b))]);
+        assert!(p.also_tell.is_empty());
+        drop(all);
+        for i in 0..ALSO_TELL_MAX + 3 {
+            r.also_tell(id, &[(s2, 1, Some(NodeName::new(&format!("n{i}"))))]);
+        }
+        let all = lock(&r.primaries);
+        let p = all.get(&id).expect("started");
+        assert_eq!(p.also_tell.len(), ALSO_TELL_MAX);
+        assert_eq!(p.also_tell[0].2, NodeName::new("n3"));
     }
 }

@@ -325,7 +325,7 @@ impl<S: Service> Ctx<S> {
 
     /// The metadata of this service's next message to `to`.
     fn next_meta(&mut self, to: ServiceId) -> Meta {
-        next_meta(&self.seqs, self.me.id(), to)
+        next_meta(&self.seqs, self.me.id(), to, S::REPLICAS > 0)
     }
 
     /// Gives back the number of a message that was not queued, so its receiver does not
@@ -661,6 +661,8 @@ type Seqs = std::rc::Rc<std::cell::RefCell<IdMap<u64>>>;
 struct Sending {
     from: ServiceId,
     seqs: Seqs,
+    /// The service is replicated: its node keeps copies of what it sends (`Meta::keep`).
+    keep: bool,
 }
 
 tokio::task_local! {
@@ -670,7 +672,7 @@ tokio::task_local! {
     static SENDING: Sending;
 }
 
-fn next_meta(seqs: &Seqs, from: ServiceId, to: ServiceId) -> Meta {
+fn next_meta(seqs: &Seqs, from: ServiceId, to: ServiceId, keep: bool) -> Meta {
     let mut seqs = seqs.borrow_mut();
     let seq = seqs.entry(to).or_insert(0);
     *seq += 1;
@@ -678,6 +680,7 @@ fn next_meta(seqs: &Seqs, from: ServiceId, to: ServiceId) -> Meta {
         from: Some(from),
         seq: *seq,
         ask: None,
+        keep,
     }
 }
 
@@ -708,7 +711,7 @@ impl Numbered {
 pub(crate) fn numbered_here(to: ServiceId) -> Option<Numbered> {
     SENDING
         .try_with(|s| Numbered {
-            meta: next_meta(&s.seqs, s.from, to),
+            meta: next_meta(&s.seqs, s.from, to, s.keep),
             seqs: s.seqs.clone(),
             to,
         })
@@ -742,6 +745,12 @@ impl Future for Migration {
 /// How many messages a service handles before yielding its thread to the others.
 const MESSAGES_PER_TURN: u32 = 64;
 
+/// How many messages a busy service handles between reports of its handled marks, besides the
+/// node's confirmation round (`PROGRESS_MS`, 20 ms): a sender that keeps copies until they are confirmed
+/// (at most `retained_per_channel_max` per channel; a replicated service keeps its tells) would
+/// otherwise send at most that many per round.
+const MARKS_EVERY: u32 = 8 * MESSAGES_PER_TURN;
+
 /// What a restored copy brings besides its state.
 pub(crate) struct Restored<M> {
     pub timers: Vec<(Duration, M)>,
@@ -754,6 +763,9 @@ pub(crate) struct Restored<M> {
     pub marks: Vec<(ServiceId, u64)>,
     /// The answers it kept to the asks it took last.
     pub replies: Vec<tern_proto::wire::KeptReply>,
+    /// Taken over from a checkpoint: what it had sent and not seen confirmed, sent again
+    /// before it runs.
+    pub outputs: Vec<tern_proto::wire::KeptOutput>,
 }
 
 fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
@@ -813,6 +825,9 @@ pub(crate) fn run_restored<S: Service>(
                     let _ = ctx.timers.add(now + after, msg);
                 }
                 ctx.seqs.borrow_mut().extend(restored.seqs);
+                if !restored.outputs.is_empty() {
+                    ctx.node.send_outputs(id, restored.outputs);
+                }
                 if !restored.replies.is_empty() {
                     ctx.replies = Some(Box::new(std::cell::RefCell::new(
                         crate::replies::Replies::import(restored.replies),
@@ -911,6 +926,8 @@ fn snapshot<S: Service>(
         forced: false,
         names: Vec::new(),
         replies: ctx.replies_kept(),
+        // A move leaves the copies where they were sent from: that node still keeps them.
+        outputs: Vec::new(),
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((
@@ -935,6 +952,9 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
             taken,
             book: ctx.node.books.book(ctx.id()),
             replies: ctx.replies_kept(),
+            outputs: ctx
+                .node
+                .outputs_of(ctx.id(), ctx.seqs.borrow().keys().copied()),
         };
         rmp_serde::to_vec(&body).map_err(|e| format!("checkpoint: {e}"))
     });
@@ -1038,6 +1058,7 @@ fn serve<S: Service>(
     let sending = Sending {
         from: ctx.id(),
         seqs: ctx.seqs.clone(),
+        keep: S::REPLICAS > 0,
     };
     SENDING.scope(sending, async move {
         // Nothing about panics is held across an await (each idle service's task keeps what
@@ -1134,7 +1155,11 @@ fn serve<S: Service>(
             let mut in_hand: Option<Envelope<()>> = None;
             {
                 // In a block: nothing of it is kept across the awaits below.
-                let repeats = mailbox.take_repeats();
+                let (repeats, woke) = mailbox.take_repeats();
+                if woke {
+                    // Marks for a node that sent copies again may wait (`Mailbox::marked_again`).
+                    ctx.node.handled_pending(ctx.id());
+                }
                 if !repeats.is_empty() {
                     ctx.answer_repeats(repeats);
                 }
@@ -1221,8 +1246,11 @@ fn serve<S: Service>(
                         ctx.node.migrate_detached(ctx.id(), to, opts, done);
                     }
                     turn += 1;
-                    if turn >= MESSAGES_PER_TURN {
-                        turn = 0;
+                    if turn % MESSAGES_PER_TURN == 0 {
+                        if turn >= MARKS_EVERY {
+                            turn = 0;
+                            ctx.node.flush_handled(ctx.id());
+                        }
                         tokio::task::yield_now().await;
                     }
                 }

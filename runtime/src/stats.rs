@@ -147,4 +147,7 @@ counters! {
     /// Messages to replicated services sent again from their kept copies when the service
     /// was found elsewhere.
     resent_to_replicas,
+    /// Messages a replicated service taken over here had sent and not seen confirmed, sent
+    /// again from the copies its checkpoint carried (receivers drop what they took).
+    outputs_resent,
 }

@@ -425,6 +425,7 @@ mod tests {
             taken: vec![(ServiceId::from_parts(9, 9), no)],
             book: Vec::new(),
             replies: Vec::new(),
+            outputs: Vec::new(),
         };
         Stored {
             format: Stored::FORMAT,

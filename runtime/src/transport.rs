@@ -96,6 +96,10 @@ pub(crate) struct Meta {
     pub from: Option<ServiceId>,
     pub seq: u64,
     pub ask: Option<u64>,
+    /// The sender is a replicated service: its node keeps a copy of the message until the
+    /// receiver is seen to take it, for its checkpoints to carry (`KeptOutput`). Local only,
+    /// never on the wire.
+    pub keep: bool,
 }
 
 fn delivery_error(e: WireError) -> DeliveryError {
@@ -1244,6 +1248,7 @@ mod tests {
             from: Some(ServiceId::from_parts(2, 2)),
             seq,
             ask: None,
+            keep: false,
         };
         let first = q
             .push_message(&peer, (to, meta(1), false, &[0; 40]))

@@ -102,6 +102,7 @@ pub fn snap_header(
         forced: false,
         names: vec![],
         replies: vec![],
+        outputs: vec![],
     }
 }
 

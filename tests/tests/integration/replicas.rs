@@ -1576,3 +1576,309 @@ fn asks_that_a_replicated_service_repeats_after_a_takeover_get_the_answers_first
     c.shutdown();
     Ok(())
 }
+
+/// Records the items it handles; stalls for good in the first it handles on the node named
+/// in `stall_on`, as a handler that never finishes there would.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct OutSink {
+    pub seen: Vec<u64>,
+    pub stall_on: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum OutSinkMsg {
+    Item(u64),
+    Seen(ReplyTo<Vec<u64>>),
+}
+
+async fn out_sink_handle(s: &mut OutSink, msg: OutSinkMsg, node: &NodeName) -> Option<Vec<u64>> {
+    match msg {
+        OutSinkMsg::Item(i) => {
+            if s.stall_on.as_deref() == Some(node.as_str()) {
+                std::future::pending::<()>().await;
+            }
+            s.seen.push(i);
+            None
+        }
+        OutSinkMsg::Seen(_) => Some(s.seen.clone()),
+    }
+}
+
+impl Service for OutSink {
+    type Msg = OutSinkMsg;
+    const KIND: &'static str = "test-out-sink";
+    const VERSION: u32 = 1;
+
+    async fn handle(&mut self, msg: OutSinkMsg, ctx: &mut Ctx<Self>) {
+        let node = ctx.node_name().clone();
+        if let OutSinkMsg::Seen(r) = msg {
+            let _ = ctx.reply(r, self.seen.clone());
+        } else {
+            out_sink_handle(self, msg, &node).await;
+        }
+    }
+}
+
+/// [`OutSink`], replicated.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KeptSink(pub OutSink);
+
+impl Service for KeptSink {
+    type Msg = OutSinkMsg;
+    const KIND: &'static str = "test-kept-sink";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+
+    async fn handle(&mut self, msg: OutSinkMsg, ctx: &mut Ctx<Self>) {
+        let node = ctx.node_name().clone();
+        if let OutSinkMsg::Seen(r) = msg {
+            let _ = ctx.reply(r, self.0.seen.clone());
+        } else {
+            out_sink_handle(&mut self.0, msg, &node).await;
+        }
+    }
+}
+
+/// A replicated relay: it records each item it handles and tells it on to its book's
+/// `"sink"` (a [`KeptSink`] if `kept`, else an [`OutSink`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct OutRelay {
+    pub seen: Vec<u64>,
+    pub kept: bool,
+}
+
+impl Service for OutRelay {
+    type Msg = KeptMsg;
+    const KIND: &'static str = "test-out-relay";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+
+    async fn handle(&mut self, msg: KeptMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            KeptMsg::Item(i) => {
+                self.seen.push(i);
+                let sent = if self.kept {
+                    ctx.tell_wait_role::<KeptSink>("sink", OutSinkMsg::Item(i))
+                        .await
+                } else {
+                    ctx.tell_wait_role::<OutSink>("sink", OutSinkMsg::Item(i))
+                        .await
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(item = i, %e, "the relay could not tell the sink");
+                }
+            }
+            KeptMsg::Seen(r) => {
+                let _ = ctx.reply(r, self.seen.clone());
+            }
+        }
+    }
+}
+
+fn register_out_kinds(c: &tern_harness::Cluster) {
+    for n in c.nodes() {
+        n.register::<OutRelay>();
+        n.register::<OutSink>();
+        n.register::<KeptSink>();
+    }
+}
+
+/// Which way the link between the relay's node `a` and the sink's node `c` fails before `a`
+/// dies.
+#[derive(Debug, Clone, Copy)]
+enum OutCut {
+    /// What `a` sends to `c` is dropped: the sink never gets the items.
+    Sends,
+    /// What `c` sends to `a` is dropped: the sink takes the items, `a` never hears so.
+    Hears,
+}
+
+/// A replicated relay on `a` tells each item it handles to a plain sink on `c`; the sender is
+/// on `b`, the relay's standby. The link between `a` and `c` fails one way (`cut`), items 11
+/// to 20 are handled and confirmed by an acknowledged checkpoint, and `a` dies. The copy that
+/// takes the relay over on `b` sends again what the checkpoint carried of its unconfirmed
+/// messages: the sink ends with 1 to 20 exactly once, in order, the copies on `b` are
+/// confirmed before anything else is sent, and traffic goes on.
+fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
+    let c = killable_cluster(&["a", "b", "c"])?;
+    register_out_kinds(&c);
+    c.wait_members(SECS_10)?;
+    let sink = c.node("c").spawn(OutSink::default())?;
+    let relay = c.node("a").spawn(OutRelay::default())?;
+    let id = relay.id();
+    c.node("a").book_insert(id, "sink", sink.addr())?;
+    let standby = standby_on_a(&c, id)?;
+    ensure!(standby.as_str() == "b", "standby {standby}");
+    let from = c.node("b").resolve::<OutRelay>(relay.addr())?;
+    let sink_seen = || block_on(sink.ask(OutSinkMsg::Seen, SECS_10)).unwrap_or_default();
+    tell_items_to(&from, 1..=10)?;
+    wait_for(SECS_10, "the sink took 1 to 10", || {
+        sink_seen() == (1..=10).collect::<Vec<_>>()
+    })?;
+    let to_sink_on_a = c.node("a").resolve::<OutSink>(sink.addr())?;
+    wait_for(SECS_10, "the relay's node saw 1 to 10 confirmed", || {
+        to_sink_on_a.unconfirmed() == 0
+    })?;
+    match cut {
+        OutCut::Sends => c.faults("a").cut(c.node("c").local_addr()),
+        OutCut::Hears => c.faults("c").cut(c.node("a").local_addr()),
+    }
+    tell_items_to(&from, 11..=20)?;
+    wait_for(SECS_10, "11 to 20 confirmed to the sender", || {
+        from.unconfirmed() == 0
+    })?;
+    ensure!(
+        to_sink_on_a.unconfirmed() == 10,
+        "the relay's node has {} messages to the sink unconfirmed",
+        to_sink_on_a.unconfirmed()
+    );
+    if matches!(cut, OutCut::Hears) {
+        wait_for(SECS_10, "the sink took 11 to 20", || {
+            sink_seen() == (1..=20).collect::<Vec<_>>()
+        })?;
+    }
+    c.kill("a");
+    wait_for(
+        Duration::from_secs(20),
+        "the standby runs the relay",
+        || c.node("b").replica(id).is_some(),
+    )?;
+    // The copies the checkpoint carried went again from b; the sink took them (or dropped
+    // them as copies) and b heard so, with nothing else sent yet.
+    let to_sink_on_b = c.node("b").resolve::<OutSink>(sink.addr())?;
+    wait_for(SECS_10, "the sink took 1 to 20", || {
+        sink_seen() == (1..=20).collect::<Vec<_>>()
+    })?;
+    wait_for(SECS_10, "b saw its copies confirmed", || {
+        to_sink_on_b.unconfirmed() == 0
+    })?;
+    ensure!(
+        c.node("b").stats().outputs_resent >= 10,
+        "{:?}",
+        c.node("b").stats()
+    );
+    // Traffic goes on.
+    tell_items_to(&from, 21..=30)?;
+    wait_for(SECS_10, "the sink took 1 to 30", || {
+        sink_seen() == (1..=30).collect::<Vec<_>>()
+    })?;
+    let relayed = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(relayed == (1..=30).collect::<Vec<_>>(), "relay {relayed:?}");
+    wait_for(SECS_10, "everything confirmed", || {
+        from.unconfirmed() == 0 && to_sink_on_b.unconfirmed() == 0
+    })?;
+    for n in ["b", "c"] {
+        ensure!(
+            c.node(n).losses().is_empty(),
+            "{n}: {:?}",
+            c.node(n).losses()
+        );
+    }
+    c.shutdown();
+    Ok(())
+}
+
+/// Tells `items` to a relay, each once there is room.
+fn tell_items_to(
+    from: &tern::ServiceRef<OutRelay>,
+    items: std::ops::RangeInclusive<u64>,
+) -> Result<()> {
+    for i in items {
+        block_on(from.tell_wait(KeptMsg::Item(i)))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn messages_a_replicated_service_sent_that_never_arrived_go_again_from_the_copy_that_takes_over(
+) -> Result<()> {
+    outputs_survive_their_node(OutCut::Sends)
+}
+
+#[test]
+fn messages_a_replicated_service_sent_that_arrived_unconfirmed_are_confirmed_to_the_copy_that_takes_over(
+) -> Result<()> {
+    outputs_survive_their_node(OutCut::Hears)
+}
+
+/// A replicated relay and the replicated sink it tells run on the same node, each
+/// checkpointed on its own; the sink is stuck in its first item there, so its checkpoint holds
+/// none of what the relay sent it, while the relay's acknowledged checkpoint covers all ten.
+/// Both are taken over on `b` when `a` dies: the relay's new copy sends the ten again, and the
+/// sink's (not stuck on `b`) takes each once, in order. Before, they were in neither copy's
+/// future: the relay's counters said they were sent, and the sink waited for them for good.
+#[test]
+fn a_replicated_service_and_the_replicated_one_it_tells_on_the_same_node_lose_nothing_between_them(
+) -> Result<()> {
+    let c = killable_cluster(&["a", "b", "c"])?;
+    register_out_kinds(&c);
+    c.wait_members(SECS_10)?;
+    let sink = c.node("a").spawn(KeptSink(OutSink {
+        seen: Vec::new(),
+        stall_on: Some("a".into()),
+    }))?;
+    let relay = c.node("a").spawn(OutRelay {
+        seen: Vec::new(),
+        kept: true,
+    })?;
+    let id = relay.id();
+    c.node("a").book_insert(id, "sink", sink.addr())?;
+    ensure!(standby_on_a(&c, id)?.as_str() == "b");
+    ensure!(standby_on_a(&c, sink.id())?.as_str() == "b");
+    let from = c.node("b").resolve::<OutRelay>(relay.addr())?;
+    tell_items_to(&from, 1..=10)?;
+    wait_for(SECS_10, "1 to 10 confirmed to the sender", || {
+        from.unconfirmed() == 0
+    })?;
+    c.kill("a");
+    wait_for(Duration::from_secs(20), "b runs both", || {
+        c.node("b").replica(id).is_some() && c.node("b").replica(sink.id()).is_some()
+    })?;
+    let sink_on_b = c.node("b").resolve::<KeptSink>(sink.addr())?;
+    let sink_seen = || block_on(sink_on_b.ask(OutSinkMsg::Seen, SECS_10)).unwrap_or_default();
+    wait_for(SECS_10, "the sink took 1 to 10", || {
+        sink_seen() == (1..=10).collect::<Vec<_>>()
+    })?;
+    tell_items_to(&from, 11..=20)?;
+    wait_for(SECS_10, "the sink took 1 to 20", || {
+        sink_seen() == (1..=20).collect::<Vec<_>>()
+    })?;
+    let relayed = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(relayed == (1..=20).collect::<Vec<_>>(), "relay {relayed:?}");
+    wait_for(Duration::from_secs(20), "everything confirmed", || {
+        from.unconfirmed() == 0 && sink_on_b.unconfirmed() == 0
+    })?;
+    for n in ["b", "c"] {
+        ensure!(
+            c.node(n).losses().is_empty(),
+            "{n}: {:?}",
+            c.node(n).losses()
+        );
+    }
+    c.shutdown();
+    Ok(())
+}
+
+/// The sender is on the standby's own node, and the primary's node stops sending to it (so
+/// nothing it handles is covered by an acknowledged checkpoint) before it dies. When the
+/// standby takes the service over, the sender's channel points at a copy on its own node: the
+/// copies it kept go there, in order, as they go to another node (before, they went only to
+/// another node: the copy here waited for number 1 for good, checked 2026-12-06).
+#[test]
+fn a_sender_on_the_standbys_own_node_loses_nothing_when_the_standby_takes_the_service_over(
+) -> Result<()> {
+    let (c, svc, standby) = kept_on_a()?;
+    let id = svc.id();
+    let from = c.node(standby.as_str()).resolve::<Kept>(svc.addr())?;
+    c.faults("a").cut(c.node(standby.as_str()).local_addr());
+    tell_items(&from, 1..=50)?;
+    c.kill("a");
+    wait_for(
+        Duration::from_secs(20),
+        "the standby runs the service",
+        || c.node(standby.as_str()).replica(id).is_some(),
+    )?;
+    goes_on_whole(&c, standby.as_str(), &from, 51..=60)?;
+    c.shutdown();
+    Ok(())
+}
