@@ -103,7 +103,8 @@ pub struct PlayerTotals {
 }
 
 /// Plays music: keeps the track, the position and the volume, advances the position with a
-/// timer and tells its child, the lyrics, where it is. Needs a speaker.
+/// timer and tells its child, the lyrics, where it is. Needs a speaker. Replicated: its device
+/// can die and the music goes on from its standby's checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Player {
     track: Option<Track>,
@@ -165,6 +166,9 @@ impl Service for Player {
     const KIND: &'static str = "player";
     const VERSION: u32 = 1;
     const REQUIRES: &'static [&'static str] = &["speaker"];
+    /// A standby on another device holds its latest checkpoint: the music survives the
+    /// device it plays on.
+    const REPLICAS: u8 = 1;
 
     async fn handle(&mut self, msg: PlayerMsg, ctx: &mut Ctx<Self>) {
         match msg {

@@ -3,8 +3,10 @@
 //! Everything starts on the phone. The user walks into the living room: the player's tree
 //! moves to the tv. The user gets in the car: it moves to the car. The phone's battery runs
 //! low: the phone drains to the best devices. The user puts on the watch: it takes the remote.
-//! Commands and position updates flow the whole time; the audit at the end proves nothing
-//! was lost, duplicated or reordered.
+//! The phone is plugged in and the user plays on it: the player moves back to the phone, and
+//! checkpoints to its standby, the car. Then the phone dies without warning: the car takes the
+//! player over from its last checkpoint and the music goes on. Commands and position updates
+//! flow the whole time; the audit at the end proves nothing was lost, duplicated or reordered.
 
 use std::time::{Duration, Instant};
 
@@ -87,6 +89,21 @@ pub struct Moment {
     pub moves: Vec<Step>,
 }
 
+/// The phone's death, as the scenario saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failover {
+    /// The device that took the player over.
+    pub to: String,
+    /// The player's epoch there.
+    pub epoch: u64,
+    /// From the kill until that device was seen running the player (looked at every 10 ms),
+    /// in microseconds.
+    pub took_us: u64,
+    /// The remote's commands the player had taken when the new copy first answered a status
+    /// ask (the audit's count at the end is higher when traffic went on).
+    pub commands_at_takeover: u64,
+}
+
 /// The whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -112,6 +129,8 @@ pub struct Outcome {
     pub timeline: Vec<Moment>,
     /// Milliseconds from start to verdict.
     pub elapsed_ms: u64,
+    /// The phone's death and the player's takeover.
+    pub failover: Failover,
 }
 
 impl Outcome {
@@ -126,12 +145,15 @@ impl Outcome {
     }
 }
 
-/// A cluster builder with the demo's four devices, the Tern Media kinds registered.
+/// A cluster builder with the demo's four devices, the Tern Media kinds registered. Each
+/// device runs on a socket that can be killed (the phone dies in the scenario); nothing else is
+/// injected.
 pub fn devices() -> ClusterBuilder {
     DEVICES
         .iter()
         .fold(Cluster::builder(), |b, (name, caps)| b.node(name, caps))
         .admins(&[DASHBOARD])
+        .faults(1)
         .setup(crate::media::register)
 }
 
@@ -186,17 +208,17 @@ fn steps_of_place(app: &MediaApp, step: &str, report: &PlaceReport) -> Vec<Step>
         .collect()
 }
 
-/// Moves `id` (with its tree) to `to` through `via`, as step `step`.
+/// Moves `id` (with its tree, if `tree`) to `to` through `via`, as step `step`.
 async fn place_step(
     app: &MediaApp,
     via: &NodeHandle,
-    id: tern::ServiceId,
+    (id, tree): (tern::ServiceId, bool),
     to: &str,
     step: &str,
 ) -> Result<Vec<Step>> {
     let opts = PlanOptions {
         to: Some(to.to_owned()),
-        tree: true,
+        tree,
         ..PlanOptions::default()
     };
     let report = via
@@ -204,6 +226,19 @@ async fn place_step(
         .await
         .with_context(|| format!("step {step}: moving {id} to {to}"))?;
     Ok(steps_of_place(app, step, &report))
+}
+
+/// Waits, without blocking the runtime, until `ready` holds (looked at every 10 ms), or fails
+/// naming `what` after `timeout`.
+async fn until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 /// Where each of the app's services runs now, as `node` knows.
@@ -261,7 +296,7 @@ pub fn run(
 
     let outcome = tern_harness::block_on(async {
         tokio::time::sleep(gap).await;
-        let moved = place_step(&app, phone, app.player.id, "tv", "living-room").await?;
+        let moved = place_step(&app, phone, (app.player.id, true), "tv", "living-room").await?;
         record(
             "living-room",
             "The user walks into the living room and plays on the tv: the player's tree \
@@ -271,7 +306,7 @@ pub fn run(
         );
 
         tokio::time::sleep(gap).await;
-        let moved = place_step(&app, tv, app.player.id, "car", "car").await?;
+        let moved = place_step(&app, tv, (app.player.id, true), "car", "car").await?;
         record(
             "car",
             "The user gets in the car: the player's tree follows to the car.".to_owned(),
@@ -324,7 +359,7 @@ pub fn run(
         );
 
         tokio::time::sleep(gap).await;
-        let moved = place_step(&app, car, app.remote.id, "watch", "watch").await?;
+        let moved = place_step(&app, car, (app.remote.id, true), "watch", "watch").await?;
         record(
             "watch",
             "The user puts on the watch: the watch takes the remote.".to_owned(),
@@ -332,10 +367,108 @@ pub fn run(
         );
 
         tokio::time::sleep(gap).await;
+        phone.set_power(Power::Plugged);
+        until(
+            Duration::from_secs(10),
+            "the car to hear the phone takes services again",
+            || {
+                car.members()
+                    .iter()
+                    .any(|m| m.info.name.as_str() == "phone" && !m.info.draining)
+            },
+        )
+        .await?;
+        let moved = place_step(&app, car, (app.player.id, false), "phone", "phone-back").await?;
+        let player_id = app.player.id;
+        let mut standby = None;
+        until(
+            Duration::from_secs(10),
+            "a standby to hold the player's checkpoint",
+            || {
+                standby = phone
+                    .replica(player_id)
+                    .filter(|r| r.acked >= 1)
+                    .and_then(|r| r.standby);
+                standby.is_some()
+            },
+        )
+        .await?;
+        let standby = standby.map_or_else(String::new, |s| s.to_string());
+        record(
+            "phone-back",
+            format!(
+                "The phone is plugged in and charges: it takes services again. The user plays \
+                 on the phone: the player alone moves there (the lyrics stay on the car's \
+                 display). The player is replicated: on the phone it checkpoints its state, \
+                 timers, counters and unconfirmed messages to a standby on another device, \
+                 the {standby}."
+            ),
+            moved,
+        );
+
+        tokio::time::sleep(gap).await;
+        let killed = Instant::now();
+        cluster.kill("phone");
+        let mut took = None;
+        until(
+            Duration::from_secs(30),
+            "another device to take the player over",
+            || {
+                took = ["car", "tv", "watch"]
+                    .into_iter()
+                    .find_map(|n| cluster.node(n).replica(player_id).map(|r| (n, r.epoch)));
+                took.is_some()
+            },
+        )
+        .await?;
+        let took_us = killed.elapsed().as_micros() as u64;
+        let (at, epoch) = took.unwrap_or_default();
+        let status = cluster
+            .node(at)
+            .resolve::<crate::media::Player>(&app.player)?
+            .ask(crate::media::PlayerMsg::Status, crate::media::ASK_TIMEOUT)
+            .await
+            .context("asking the player that took over for its status")?;
+        let failover = Failover {
+            to: at.to_owned(),
+            epoch,
+            took_us,
+            commands_at_takeover: status.commands,
+        };
+        record(
+            "phone-dies",
+            format!(
+                "The phone dies without warning: no drain, no goodbye. The {at}, the player's \
+                 standby, waits out the phone's lease, wins the vote, and runs the player from \
+                 its last checkpoint at epoch {epoch}, {} ms after the phone died; it first \
+                 sends again what the phone had sent and not seen confirmed. The remote's \
+                 unconfirmed commands follow the player there, and the music goes on.",
+                took_us / 1_000
+            ),
+            vec![Step {
+                step: "phone-dies".to_owned(),
+                service: "player".to_owned(),
+                from: "phone".to_owned(),
+                to: at.to_owned(),
+                committed: true,
+                aborted: None,
+                freeze_us: took_us,
+                carried: 0,
+                forwarded: 0,
+                rebuilt: 0,
+                epoch,
+                reasons: vec![format!(
+                    "taken over by its standby from its last checkpoint; freeze_us is from \
+                     the phone's death until the {at} was seen running it"
+                )],
+            }],
+        );
+
+        tokio::time::sleep(gap).await;
         let audit = app.finish(car, Duration::from_secs(10)).await?;
-        Ok::<_, anyhow::Error>(audit)
+        Ok::<_, anyhow::Error>((audit, failover))
     });
-    let audit = outcome?;
+    let (audit, failover) = outcome?;
     let total = audit.total();
     let steps: Vec<Step> = timeline.iter().flat_map(|m| m.moves.clone()).collect();
     let outcome = Outcome {
@@ -350,6 +483,7 @@ pub fn run(
         audit,
         timeline,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        failover,
     };
     Ok((app, outcome))
 }

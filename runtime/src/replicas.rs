@@ -153,6 +153,8 @@ pub(crate) struct CheckpointPlan {
 /// node runs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaInfo {
+    /// The epoch it runs at here.
+    pub epoch: u64,
     /// Its standby's node, once one is chosen.
     pub standby: Option<NodeName>,
     /// Who votes on who continues it.
@@ -676,6 +678,7 @@ impl Replicas {
         let all = lock(&self.primaries);
         let p = all.get(&id)?;
         Some(ReplicaInfo {
+            epoch: p.epoch,
             standby: p.standby.clone(),
             voters: p.voters.clone(),
             acked: p.acked,

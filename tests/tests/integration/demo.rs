@@ -7,7 +7,8 @@ use tern_demo::media::Audit;
 use tern_demo::scenario::{self, ScenarioOptions};
 
 /// The whole scenario, with short gaps between steps: every move commits, the services end
-/// where the story says, and every stream arrives whole, once and in order.
+/// where the story says, the player survives the phone's death (its standby on the car takes
+/// it over and traffic goes on), and every stream arrives whole, once and in order.
 #[test]
 fn scenario_moves_everything_and_loses_nothing() -> anyhow::Result<()> {
     let cluster = scenario::devices().start()?;
@@ -37,6 +38,8 @@ fn scenario_moves_everything_and_loses_nothing() -> anyhow::Result<()> {
         ("living-room", "lyrics", "phone", "tv"),
         ("car", "player", "tv", "car"),
         ("car", "lyrics", "tv", "car"),
+        ("phone-back", "player", "car", "phone"),
+        ("phone-dies", "player", "phone", "car"),
     ] {
         assert!(moves.contains(&expected), "{expected:?} not in {moves:?}");
     }
@@ -57,6 +60,28 @@ fn scenario_moves_everything_and_loses_nothing() -> anyhow::Result<()> {
     assert_eq!(drained.len(), 3, "{moves:?}");
     assert!(drained.iter().all(|s| s.from == "phone" && s.to != "phone"));
     assert!(drained.iter().all(|s| !s.reasons.is_empty()));
+    // Back on the phone, the player moved alone: its child stayed on the car.
+    assert_eq!(
+        moves.iter().filter(|m| m.0 == "phone-back").count(),
+        1,
+        "{moves:?}"
+    );
+    // The phone died with the player on it: the car took it over at a newer epoch, and the
+    // remote's commands went on reaching it (the audit below finds none lost).
+    let back = outcome
+        .steps
+        .iter()
+        .find(|s| s.step == "phone-back")
+        .map(|s| s.epoch)
+        .unwrap_or_default();
+    assert_eq!(outcome.failover.to, "car");
+    assert!(outcome.failover.epoch > back, "{:?}", outcome.failover);
+    let commands = outcome.audit.streams["remote→player"].received;
+    assert!(
+        commands > outcome.failover.commands_at_takeover,
+        "{commands} commands in all, {} when the car took over",
+        outcome.failover.commands_at_takeover
+    );
     let ended: BTreeMap<_, _> = outcome.placement.iter().cloned().collect();
     assert_eq!(ended["player"], "car");
     assert_eq!(ended["lyrics"], "car");
