@@ -1,7 +1,8 @@
 //! Replicated services: the same remote tells to a replicated sink (`REPLICAS = 1`, its
 //! standby on a third node), to the same sink on a node with a data directory (each
 //! checkpoint also written to its redb file, senders confirmed once it is there) and to a
-//! plain one, interleaved in the same run, and the bytes of
+//! plain one, and from a replicated sender (its node keeping a copy of each tell until the
+//! sink takes it) to the plain sink, interleaved in the same run, and the bytes of
 //! checkpoint sent per message (with everything the node runs for it: checkpoints,
 //! confirmations held until acknowledged, the senders' kept copies, leases). Then failover:
 //! the time from the abrupt death of the primary's node to the first message the standby's
@@ -64,10 +65,12 @@ enum Sink {
     Plain,
     Replicated,
     Durable,
+    /// The plain sink, from the replicated sender.
+    FromReplicated,
 }
 
-async fn send_all<T: Service<Msg = PayloadMsg>>(
-    ctx: &mut Ctx<Sender>,
+async fn send_all<S: Service, T: Service<Msg = PayloadMsg>>(
+    ctx: &mut Ctx<S>,
     to: ServiceAddr,
     total: u64,
 ) {
@@ -97,8 +100,27 @@ impl Service for Sender {
     const VERSION: u32 = 1;
     async fn handle(&mut self, msg: SenderMsg, ctx: &mut Ctx<Self>) {
         match msg {
-            SenderMsg::Plain { to, total } => send_all::<PlainSink>(ctx, to, total).await,
-            SenderMsg::Replicated { to, total } => send_all::<ReplicatedSink>(ctx, to, total).await,
+            SenderMsg::Plain { to, total } => send_all::<Sender, PlainSink>(ctx, to, total).await,
+            SenderMsg::Replicated { to, total } => {
+                send_all::<Sender, ReplicatedSink>(ctx, to, total).await
+            }
+        }
+    }
+}
+
+/// The same sender, replicated: its node keeps a copy of each tell until the sink is seen to
+/// take it, for its checkpoints to carry.
+#[derive(Default, Serialize, Deserialize)]
+struct ReplicatedSender;
+
+impl Service for ReplicatedSender {
+    type Msg = SenderMsg;
+    const KIND: &'static str = "bench-replicated-sender";
+    const VERSION: u32 = 1;
+    const REPLICAS: u8 = 1;
+    async fn handle(&mut self, msg: SenderMsg, ctx: &mut Ctx<Self>) {
+        if let SenderMsg::Plain { to, total } = msg {
+            send_all::<ReplicatedSender, PlainSink>(ctx, to, total).await
         }
     }
 }
@@ -121,7 +143,8 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
         .setup(|n| {
             n.register::<PlainSink>()
                 .register::<ReplicatedSink>()
-                .register::<Sender>();
+                .register::<Sender>()
+                .register::<ReplicatedSender>();
         })
         .start()?;
     cluster.wait_members(Duration::from_secs(10))?;
@@ -142,13 +165,25 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
         },
     )?;
     let sender = a.spawn(Sender)?;
+    let rep_sender = a.spawn(ReplicatedSender)?;
+    wait_for(
+        Duration::from_secs(10),
+        "the replicated sender's standby",
+        || a.replica(rep_sender.id()).is_some_and(|r| r.acked >= 1),
+    )?;
     let total = scale.remote_msgs / 4;
     let (mut plain_runs, mut rep_runs, mut durable_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut from_rep_runs = Vec::new();
     let (mut ckpt_bytes, mut ckpts, mut rep_msgs) = (0u64, 0u64, 0u64);
     // A warm-up of each, then the three interleaved, run by run.
     for i in 0..=scale.repeats {
         let n = if i == 0 { total / 10 } else { total };
-        for sink in [Sink::Plain, Sink::Replicated, Sink::Durable] {
+        for sink in [
+            Sink::Plain,
+            Sink::Replicated,
+            Sink::Durable,
+            Sink::FromReplicated,
+        ] {
             DONE.reset();
             let before = b.stats();
             // The target lands before timing starts.
@@ -174,10 +209,21 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
                         total: n,
                     }
                 }
+                Sink::FromReplicated => {
+                    plain.tell(PayloadMsg::Target(n))?;
+                    SenderMsg::Plain {
+                        to: plain.addr().clone(),
+                        total: n,
+                    }
+                }
             };
             std::thread::sleep(Duration::from_millis(20));
             let t0 = Instant::now();
-            sender.tell(ask)?;
+            if sink == Sink::FromReplicated {
+                rep_sender.tell(ask)?;
+            } else {
+                sender.tell(ask)?;
+            }
             let end = DONE.wait(Duration::from_secs(120), "replicated bench tells")?;
             let rate = n as f64 / (end - t0).as_secs_f64();
             if i == 0 {
@@ -202,6 +248,12 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
                     progress(&format!("plain run {i}: {rate:.0} msgs/s"));
                     plain_runs.push(rate);
                 }
+                Sink::FromReplicated => {
+                    progress(&format!(
+                        "from a replicated sender, run {i}: {rate:.0} msgs/s"
+                    ));
+                    from_rep_runs.push(rate);
+                }
             }
         }
     }
@@ -211,6 +263,7 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
         bail!("the replicated sink sent no checkpoint");
     }
     let ratio = median_ratio(&rep_runs, &plain_runs);
+    let from_rep_ratio = median_ratio(&from_rep_runs, &plain_runs);
     let out = json!({
         "payload_bytes": PAYLOAD_BYTES,
         "plain_msgs_per_s": median(plain_runs).round(),
@@ -221,6 +274,8 @@ fn run_in(scale: &Scale, data_dir: &std::path::Path) -> Result<Value> {
         "durable_msgs_per_s": median(durable_runs).round(),
         "durable_to_plain_ratio": round2(durable_ratio),
         "durable_checkpoints_stored": stored,
+        "from_replicated_sender_msgs_per_s": median(from_rep_runs).round(),
+        "from_replicated_sender_to_plain_ratio": round2(from_rep_ratio),
         "messages_per_run": total,
     });
     let moves = move_freezes(&cluster, &plain, &replicated, scale)?;
