@@ -16,10 +16,16 @@
 //! voters, its stored checkpoint and votes counting as its votes, and resumes the service from
 //! it if it wins (as the node does, `tern_proto::replica::Stored::resume`).
 //!
+//! A crash ends a node's life: what it sent in that life and had not arrived is lost. A copy
+//! keeps the outputs it sent (at once, or released) until the sink confirms them; its
+//! checkpoints carry those and the held ones, and a copy that takes over sends them again, as
+//! the node does with a replicated service's kept tells.
+//!
 //! Checked: no two copies ever handle messages in overlapping stretches of real time; the last
 //! copy has handled every sender's messages exactly once and in order; every output reached
-//! the sink exactly once, in order, and says what the last copy's history says (in the held
-//! mode always; when outputs go at once, with one sender, whose order re-execution repeats).
+//! the sink exactly once, in order, and says what the newest surviving history says (in the
+//! held mode always; when outputs go at once, with one sender, whose order re-execution
+//! repeats); at a quiet end, none is missing.
 //!
 //! A run is a pure function of its seed and settings.
 
@@ -125,6 +131,11 @@ pub struct FailoverReport {
     pub claims_refused: u64,
     /// Outputs the sink dropped as copies.
     pub outputs_dropped: u64,
+    /// Messages lost on the way because their sender's node crashed before they arrived (a
+    /// connection's unacknowledged data dies with its node).
+    pub lost_in_flight: u64,
+    /// Outputs a copy sent again from the checkpoint it was taken over (or resumed) from.
+    pub outputs_resent: u64,
     /// Stretches in which the primary could not serve for want of a lease.
     pub suspended: u64,
     /// Events processed.
@@ -137,8 +148,10 @@ struct Body {
     log: Vec<(ServiceId, u64)>,
     next: BTreeMap<ServiceId, u64>,
     out_seq: u64,
-    /// Outputs held and not yet released (held mode): a standby that takes over releases them,
-    /// since the primary may have died before it learned the checkpoint was safe.
+    /// Outputs not yet confirmed by the sink: held and not yet released (held mode), or sent
+    /// and not yet seen taken (both modes). A copy that takes over sends them again, since
+    /// the primary may have died before it released them or before they arrived; the sink
+    /// drops what it took.
     outputs: Vec<(u64, (ServiceId, u64))>,
 }
 
@@ -176,6 +189,9 @@ struct Copy {
     /// Outputs waiting for the checkpoint that covers them (held mode): (checkpoint, seq,
     /// content).
     held_out: VecDeque<(u64, u64, (ServiceId, u64))>,
+    /// Outputs sent and not yet confirmed by the sink: (seq, content), as the node keeps its
+    /// copies of a replicated service's tells.
+    sent_out: VecDeque<(u64, (ServiceId, u64))>,
     retired: bool,
     /// Messages this copy handles before its log passes what an earlier copy reached
     /// (re-execution after a takeover).
@@ -241,11 +257,19 @@ enum Net {
     Voted(Claim, Vote),
     Located(u64),
     Output(u64, (ServiceId, u64)),
+    /// The sink took outputs up to this number.
+    OutMark(u64),
 }
 
 #[derive(Debug, Clone)]
 enum Ev {
-    Deliver { from: usize, to: usize, msg: Net },
+    /// `life`: the sender's life when it sent (a crash ends a life).
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Net,
+        life: u32,
+    },
     Tick(usize),
     Send(usize),
     Crash(usize),
@@ -273,6 +297,8 @@ struct World {
     retained: Retained<()>,
     /// Where the senders believe the service runs: (node, epoch).
     located: (usize, u64),
+    /// Per node, its life: a crash ends one (what it had in flight is lost).
+    lives: [u32; 4],
     /// Cuts: (from, to, start, until).
     cuts: Vec<(usize, usize, u64, u64)>,
     /// Per copy (node, epoch), the real times of its first and last message handled.
@@ -327,7 +353,16 @@ impl World {
         let last = self.link_last.get(&(from, to)).copied().unwrap_or(0);
         let t = (self.now + delay).max(last);
         self.link_last.insert((from, to), t);
-        self.at(t, Ev::Deliver { from, to, msg });
+        let life = self.lives[from];
+        self.at(
+            t,
+            Ev::Deliver {
+                from,
+                to,
+                msg,
+                life,
+            },
+        );
     }
 
     fn tick(&mut self, n: usize) {
@@ -438,7 +473,10 @@ impl World {
                         copy.held_out
                             .push_back((copy.cadence.last_no() + 1, copy.out_seq, content))
                     }
-                    Outputs::Immediate => out.push((C, Net::Output(copy.out_seq, content))),
+                    Outputs::Immediate => {
+                        copy.sent_out.push_back((copy.out_seq, content));
+                        out.push((C, Net::Output(copy.out_seq, content)))
+                    }
                 }
                 let now = self.now;
                 let span = self.spans.entry((n, epoch)).or_insert((now, now));
@@ -454,7 +492,12 @@ impl World {
                 log: copy.log.clone(),
                 next: copy.taken.iter().map(|(s, n)| (*s, n + 1)).collect(),
                 out_seq: copy.out_seq,
-                outputs: copy.held_out.iter().map(|(_, n, c)| (*n, *c)).collect(),
+                outputs: copy
+                    .sent_out
+                    .iter()
+                    .copied()
+                    .chain(copy.held_out.iter().map(|(_, n, c)| (*n, *c)))
+                    .collect(),
             };
             let no = copy.cadence.cut(copy.marks(), now_l);
             copy.sent = true;
@@ -692,6 +735,7 @@ impl World {
                         sent: false,
                         sent_to: Vec::new(),
                         held_out: VecDeque::new(),
+                        sent_out: VecDeque::new(),
                         retired: false,
                         replay_until: self.high_water,
                     });
@@ -700,7 +744,11 @@ impl World {
                     } else {
                         self.report.takeovers += 1;
                     }
+                    self.report.outputs_resent += h.body.outputs.len() as u64;
                     for (seq, content) in h.body.outputs {
+                        if let Some(c) = self.voters[n].copy.as_mut() {
+                            c.sent_out.push_back((seq, content));
+                        }
                         self.send(n, C, Net::Output(seq, content));
                     }
                 } else {
@@ -852,6 +900,7 @@ impl World {
                 }
                 while copy.held_out.front().is_some_and(|(k, _, _)| *k <= no) {
                     if let Some((_, seq, content)) = copy.held_out.pop_front() {
+                        copy.sent_out.push_back((seq, content));
                         out.push(Net::Output(seq, content));
                     }
                 }
@@ -922,27 +971,44 @@ impl World {
                     }
                 }
             }
-            Net::Output(seq, content) => {
-                if seq < self.sink_next || self.sink_early.contains_key(&seq) {
-                    self.report.outputs_dropped += 1;
-                    let seen = if seq < self.sink_next {
-                        self.sink_seen[seq as usize - 1]
-                    } else {
-                        self.sink_early[&seq]
-                    };
-                    assert_eq!(
-                        seen, content,
-                        "seed {}: output {seq} said {seen:?}, a copy of it {content:?}",
-                        self.report.seed
-                    );
-                    return;
-                }
-                self.sink_early.insert(seq, content);
-                while let Some(c) = self.sink_early.remove(&self.sink_next) {
-                    self.sink_seen.push(c);
-                    self.sink_next += 1;
+            Net::OutMark(seq) => {
+                if let Some(copy) = self.voters[to].copy.as_mut() {
+                    while copy.sent_out.front().is_some_and(|(n, _)| *n <= seq) {
+                        copy.sent_out.pop_front();
+                    }
                 }
             }
+            Net::Output(seq, content) => {
+                // The sink tells the node the output came from how far it took them (for a
+                // copy too: that node may be one that sent its kept copies again).
+                self.output(seq, content);
+                if self.sink_next > 1 {
+                    self.send(C, from, Net::OutMark(self.sink_next - 1));
+                }
+            }
+        }
+    }
+
+    /// The sink takes output `seq`, or drops it as a copy.
+    fn output(&mut self, seq: u64, content: (ServiceId, u64)) {
+        if seq < self.sink_next || self.sink_early.contains_key(&seq) {
+            self.report.outputs_dropped += 1;
+            let seen = if seq < self.sink_next {
+                self.sink_seen[seq as usize - 1]
+            } else {
+                self.sink_early[&seq]
+            };
+            assert_eq!(
+                seen, content,
+                "seed {}: output {seq} said {seen:?}, a copy of it {content:?}",
+                self.report.seed
+            );
+            return;
+        }
+        self.sink_early.insert(seq, content);
+        while let Some(c) = self.sink_early.remove(&self.sink_next) {
+            self.sink_seen.push(c);
+            self.sink_next += 1;
         }
     }
 
@@ -1020,6 +1086,7 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
         sent: true,
         sent_to: vec![B],
         held_out: VecDeque::new(),
+        sent_out: VecDeque::new(),
         retired: false,
         replay_until: 0,
     });
@@ -1064,6 +1131,7 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
         sink_next: 1,
         sink_early: BTreeMap::new(),
         sink_seen: Vec::new(),
+        lives: [0; 4],
         link_last: BTreeMap::new(),
         spans: BTreeMap::new(),
         report: FailoverReport {
@@ -1107,7 +1175,19 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
             continue;
         };
         match ev {
-            Ev::Deliver { from, to, msg } => w.deliver(from, to, msg),
+            Ev::Deliver {
+                from,
+                to,
+                msg,
+                life,
+            } => {
+                if life != w.lives[from] || !w.alive(from) {
+                    // Its node crashed: what it had in flight dies with it.
+                    w.report.lost_in_flight += 1;
+                    continue;
+                }
+                w.deliver(from, to, msg)
+            }
             Ev::Tick(n) => {
                 w.tick(n);
                 let t = w.now + TICK_US;
@@ -1119,6 +1199,7 @@ pub fn run_failover(seed: u64, cfg: &FailoverConfig) -> FailoverReport {
                     eprintln!("{:>9} {n} crashes", w.now);
                 }
                 w.voters[n].alive = false;
+                w.lives[n] += 1;
                 w.report.crashed = Some(w.voters[n].name.to_string());
                 if w.cfg.restart {
                     let t = w.now + 1 + w.rng.below(3 * w.cfg.settings.lease_ms * 1_000);
@@ -1202,23 +1283,46 @@ impl World {
                 self.report.seed, self.report
             );
         }
-        // Every output the sink took says what the surviving history says (after a double
-        // fault the survivor may be an older copy, suspended: then their common part agrees).
+        // Every output the sink took says what the newest surviving history says: the newest
+        // copy, or a newer checkpoint a live node holds (a standby that has not taken the
+        // service over yet, a restarted node's stored one). An older copy, suspended, may have
+        // handled past the checkpoint a newer epoch started from, and differently (it released
+        // nothing of that), so the outputs are checked against the newest history, up to its
+        // length (a double fault may have lost the newest copy).
         let outputs = &self.sink_seen;
         assert!(!complete || outputs.len() <= last.log.len());
-        let common = outputs.len().min(last.log.len());
+        let newest = self
+            .voters
+            .iter()
+            .filter(|v| v.alive)
+            .flat_map(|v| {
+                v.standbys
+                    .iter()
+                    .map(|(_, h)| h)
+                    .chain(v.pending.iter())
+                    .chain(v.dormant.iter().map(|(h, _)| h))
+                    .map(|h| (h.epoch, &h.body.log))
+            })
+            .chain(std::iter::once((last.epoch, &last.log)))
+            .max_by_key(|(e, log)| (*e, log.len()))
+            .map_or(&last.log, |(_, log)| log);
+        let common = outputs.len().min(newest.len());
         assert_eq!(
             outputs[..common],
-            last.log[..common],
+            newest[..common],
             "seed {}: the outputs disagree with the history",
             self.report.seed
         );
-        if complete && self.cfg.outputs == Outputs::Held {
-            // A quiet end: the last checkpoint released everything.
+        if complete {
+            // A quiet end: the last checkpoint released everything (held mode), and every
+            // output the last copy sent, or sent again from its checkpoint, arrived.
             assert!(
                 outputs.len() + last.held_out.len() == last.log.len(),
-                "seed {}: outputs missing",
-                self.report.seed
+                "seed {}: outputs missing: the sink took {}, the history has {}, {} held",
+                self.report.seed,
+                outputs.len(),
+                last.log.len(),
+                last.held_out.len()
             );
         }
         let mut copies: Vec<(u64, String, u64)> = self

@@ -432,6 +432,33 @@ mod failover {
         );
     }
 
+    /// Outputs sent at once by a primary that crashes: what it had in flight dies with it, and
+    /// the copy that takes over sends again what its checkpoint carried of the outputs not
+    /// yet confirmed by the sink. Every output reaches the sink, once, in order (the end is
+    /// quiet: no output missing).
+    #[test]
+    fn outputs_sent_at_once_survive_a_crash_that_loses_them_in_flight() {
+        let cfg = FailoverConfig {
+            senders: 1,
+            cuts: 0,
+            crash: true,
+            liveness: true,
+            outputs: Outputs::Immediate,
+            ..FailoverConfig::default()
+        };
+        let reports = sweep(0x0c7, 300, &cfg);
+        eprintln!(
+            "failover sim (outputs at once, a crash): {} runs, {} lost in flight, {} outputs sent again from checkpoints, {} dropped as copies",
+            reports.len(),
+            total(&reports, |r| r.lost_in_flight),
+            total(&reports, |r| r.outputs_resent),
+            total(&reports, |r| r.outputs_dropped)
+        );
+        if reports.len() > 50 {
+            assert!(total(&reports, |r| r.outputs_resent) > 0);
+        }
+    }
+
     #[test]
     fn outputs_sent_at_once_are_deduplicated_for_one_sender() {
         let cfg = FailoverConfig {
