@@ -108,7 +108,10 @@ fn standby_known(
 }
 
 /// Tells `items` from `from`, each once there is room.
-fn tell_items(from: &tern::ServiceRef<Kept>, items: std::ops::RangeInclusive<u64>) -> Result<()> {
+fn tell_items<S: Service<Msg = KeptMsg>>(
+    from: &tern::ServiceRef<S>,
+    items: std::ops::RangeInclusive<u64>,
+) -> Result<()> {
     for i in items {
         block_on(from.tell_wait(KeptMsg::Item(i)))?;
     }
@@ -1711,7 +1714,7 @@ fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
     ensure!(standby.as_str() == "b", "standby {standby}");
     let from = c.node("b").resolve::<OutRelay>(relay.addr())?;
     let sink_seen = || block_on(sink.ask(OutSinkMsg::Seen, SECS_10)).unwrap_or_default();
-    tell_items_to(&from, 1..=10)?;
+    tell_items(&from, 1..=10)?;
     wait_for(SECS_10, "the sink took 1 to 10", || {
         sink_seen() == (1..=10).collect::<Vec<_>>()
     })?;
@@ -1723,7 +1726,7 @@ fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
         OutCut::Sends => c.faults("a").cut(c.node("c").local_addr()),
         OutCut::Hears => c.faults("c").cut(c.node("a").local_addr()),
     }
-    tell_items_to(&from, 11..=20)?;
+    tell_items(&from, 11..=20)?;
     wait_for(SECS_10, "11 to 20 confirmed to the sender", || {
         from.unconfirmed() == 0
     })?;
@@ -1758,7 +1761,7 @@ fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
         c.node("b").stats()
     );
     // Traffic goes on.
-    tell_items_to(&from, 21..=30)?;
+    tell_items(&from, 21..=30)?;
     wait_for(SECS_10, "the sink took 1 to 30", || {
         sink_seen() == (1..=30).collect::<Vec<_>>()
     })?;
@@ -1767,24 +1770,19 @@ fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
     wait_for(SECS_10, "everything confirmed", || {
         from.unconfirmed() == 0 && to_sink_on_b.unconfirmed() == 0
     })?;
-    for n in ["b", "c"] {
+    no_losses(&c, &["b", "c"])?;
+    c.shutdown();
+    Ok(())
+}
+
+/// No node of `names` reported a loss.
+fn no_losses(c: &tern_harness::Cluster, names: &[&str]) -> Result<()> {
+    for n in names {
         ensure!(
             c.node(n).losses().is_empty(),
             "{n}: {:?}",
             c.node(n).losses()
         );
-    }
-    c.shutdown();
-    Ok(())
-}
-
-/// Tells `items` to a relay, each once there is room.
-fn tell_items_to(
-    from: &tern::ServiceRef<OutRelay>,
-    items: std::ops::RangeInclusive<u64>,
-) -> Result<()> {
-    for i in items {
-        block_on(from.tell_wait(KeptMsg::Item(i)))?;
     }
     Ok(())
 }
@@ -1826,7 +1824,7 @@ fn a_replicated_service_and_the_replicated_one_it_tells_on_the_same_node_lose_no
     ensure!(standby_on_a(&c, id)?.as_str() == "b");
     ensure!(standby_on_a(&c, sink.id())?.as_str() == "b");
     let from = c.node("b").resolve::<OutRelay>(relay.addr())?;
-    tell_items_to(&from, 1..=10)?;
+    tell_items(&from, 1..=10)?;
     wait_for(SECS_10, "1 to 10 confirmed to the sender", || {
         from.unconfirmed() == 0
     })?;
@@ -1839,7 +1837,7 @@ fn a_replicated_service_and_the_replicated_one_it_tells_on_the_same_node_lose_no
     wait_for(SECS_10, "the sink took 1 to 10", || {
         sink_seen() == (1..=10).collect::<Vec<_>>()
     })?;
-    tell_items_to(&from, 11..=20)?;
+    tell_items(&from, 11..=20)?;
     wait_for(SECS_10, "the sink took 1 to 20", || {
         sink_seen() == (1..=20).collect::<Vec<_>>()
     })?;
@@ -1848,13 +1846,7 @@ fn a_replicated_service_and_the_replicated_one_it_tells_on_the_same_node_lose_no
     wait_for(Duration::from_secs(20), "everything confirmed", || {
         from.unconfirmed() == 0 && sink_on_b.unconfirmed() == 0
     })?;
-    for n in ["b", "c"] {
-        ensure!(
-            c.node(n).losses().is_empty(),
-            "{n}: {:?}",
-            c.node(n).losses()
-        );
-    }
+    no_losses(&c, &["b", "c"])?;
     c.shutdown();
     Ok(())
 }
