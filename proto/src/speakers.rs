@@ -425,6 +425,17 @@ impl Speakers {
         e.move_to(me);
     }
 
+    /// This node believed that sender `from` runs on `at` now: a location that passed the
+    /// checks of who may say so (a move's, or the takeover of a replicated service by the
+    /// standby its host named, whose former node is gone and can answer nothing). `at` speaks
+    /// for it from now on; a question out about it is settled (a candidate that is not `at`
+    /// is checked again against the record).
+    pub fn runs_at(&mut self, from: ServiceId, at: &NodeName) {
+        let e = self.entry(from, at.clone());
+        e.move_to(at.clone());
+        self.asking.remove(&from);
+    }
+
     /// Sender `from`, which ran here, moved to `to`: this node answers so when asked.
     pub fn moved_away(&mut self, from: ServiceId, to: &NodeName) {
         let me = self.me.clone();
@@ -530,6 +541,22 @@ mod tests {
             Verdict::Refused(_)
         ));
         assert_eq!(s.check(x, &n("a"), || None), Verdict::Speaks);
+    }
+
+    /// A replicated sender taken over on `b` after `a` died: `a` can answer nothing, and the
+    /// takeover's location, once believed, makes `b` speak for it; the question out to `a`
+    /// is settled, and `a` still speaks for what it sent.
+    #[test]
+    fn a_sender_whose_location_was_believed_speaks_from_there() {
+        let mut s = Speakers::new(n("r"));
+        let x = born("a", 1);
+        assert_eq!(s.check(x, &n("b"), || Some(n("a"))), Verdict::Ask(n("a")));
+        s.runs_at(x, &n("b"));
+        assert_eq!(s.asking(), 0);
+        assert_eq!(s.check(x, &n("b"), || Some(n("a"))), Verdict::Speaks);
+        assert_eq!(s.check(x, &n("a"), || None), Verdict::Speaks);
+        // Anyone else is traced from b.
+        assert_eq!(s.check(x, &n("m"), || Some(n("a"))), Verdict::Ask(n("b")));
     }
 
     #[test]

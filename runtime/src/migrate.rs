@@ -751,6 +751,9 @@ impl Driver {
                 // A copy here that was taken over retires.
                 node.retire_older(service, at, epoch);
                 learned(node, from, service, at, epoch);
+                // What it sends from there is believed (a taken-over service's former node
+                // is gone and answers nothing about it).
+                node.sender_runs_at(service, at);
                 // A checkpoint the new host sent ahead of this word can be held now.
                 node.replica_parked_recheck(Some(service));
             }

@@ -219,6 +219,16 @@ impl NodeShared {
         }
     }
 
+    /// This node believed that service `id` runs on `at` (`Speakers::runs_at`): as a sender,
+    /// `at` speaks for it now, and streams held on a question about it look again.
+    pub(crate) fn sender_runs_at(&self, id: ServiceId, at: &NodeName) {
+        if at == self.name() {
+            return;
+        }
+        lock(&self.senders.speakers).runs_at(id, at);
+        self.changed();
+    }
+
     /// Service `id` committed to `to`: this node answers so from now on, and tells every
     /// other peer (each then believes `to` about it).
     pub(crate) fn sender_moved_away(&self, id: ServiceId, to: &NodeName) {

@@ -1703,7 +1703,15 @@ enum OutCut {
 /// messages: the sink ends with 1 to 20 exactly once, in order, the copies on `b` are
 /// confirmed before anything else is sent, and traffic goes on.
 fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
-    let c = killable_cluster(&["a", "b", "c"])?;
+    // Links kept up for 10 s: the cut one must not time out before `a` dies (its node would
+    // then report the sink's messages lost and send the sink a gap, as it should for a node
+    // it lost), however slowly a loaded machine runs the steps between.
+    let c = crate::common::killable_cluster_with(&["a", "b", "c"], |b| {
+        b.limits(tern::Limits {
+            idle_timeout_ms: 10_000,
+            ..crate::common::quick_to_notice()
+        })
+    })?;
     register_out_kinds(&c);
     c.wait_members(SECS_10)?;
     let sink = c.node("c").spawn(OutSink::default())?;
