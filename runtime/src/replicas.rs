@@ -709,8 +709,10 @@ impl Replicas {
 }
 
 impl NodeShared {
-    /// A standby for a replicated service of `kind`: the first member up (by name) that has
-    /// registered the kind and is not this node; with it, the voters: this node, the standby
+    /// A standby for a replicated service of `kind`: a member up, not this node, that
+    /// placement would let take the service (the kind registered, every capability its
+    /// `REQUIRES` names, not draining), the one with the most of its `PREFERS`, then the most
+    /// charge, then the first by name; with it, the voters: this node, the standby
     /// and a witness, the first other member up. Exactly three: two claimers (the standby
     /// taking over, this node going on) each vote for itself, so the witness decides and a
     /// ballot never splits. With no witness there is no standby: two nodes alone could never
@@ -728,15 +730,25 @@ impl NodeShared {
             .filter(|m| !m.local && m.status == crate::members::MemberStatus::Up)
             .filter(|m| self.links.get(&m.info.name).is_some())
             .collect();
-        let able: Vec<&&crate::members::Member> = up
+        // Placement's rule of who may take the service (`NodeView::unfit`: the kind
+        // registered, every required capability, not draining); the best first: the most
+        // preferred capabilities, then the most charge, then by name.
+        let needs = self.needs_in(&members, kind).unwrap_or_default();
+        let mut able: Vec<tern_proto::placement::NodeView> = up
             .iter()
-            .filter(|m| m.info.kinds.iter().any(|k| k.kind == *kind))
+            .map(|m| self.node_view(m, true, 0))
+            .filter(|v| v.unfit(kind, &needs).is_none())
             .collect();
+        able.sort_by_key(|v| {
+            (
+                std::cmp::Reverse(v.preferred_met(&needs)),
+                std::cmp::Reverse(v.power_percent),
+            )
+        });
         let standby = able
             .iter()
-            .find(|m| Some(&m.info.name) != avoid)
+            .find(|v| Some(&v.name) != avoid)
             .or(able.first())?
-            .info
             .name
             .clone();
         let witness = up

@@ -1882,3 +1882,73 @@ fn a_sender_on_the_standbys_own_node_loses_nothing_when_the_standby_takes_the_se
     c.shutdown();
     Ok(())
 }
+
+/// A replicated service that needs a speaker.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Loud {
+    pub seen: Vec<u64>,
+}
+
+impl Service for Loud {
+    type Msg = KeptMsg;
+    const KIND: &'static str = "test-loud";
+    const VERSION: u32 = 1;
+    const REQUIRES: &'static [&'static str] = &["speaker"];
+    const REPLICAS: u8 = 1;
+
+    async fn handle(&mut self, msg: KeptMsg, ctx: &mut Ctx<Self>) {
+        match msg {
+            KeptMsg::Item(i) => self.seen.push(i),
+            KeptMsg::Seen(r) => {
+                let _ = ctx.reply(r, self.seen.clone());
+            }
+        }
+    }
+}
+
+/// The standby is a node that could run the service if it took it over: one with every
+/// capability the kind requires, not draining. `b` comes first by name but has no speaker,
+/// and `c` drains; `d` stands by. (Before, the first node by name with the kind stood by:
+/// `b`, which would have run a service that needs a speaker on a device without one.)
+#[test]
+fn the_standby_is_a_node_placement_would_let_run_the_service() -> Result<()> {
+    let c = ["a", "b", "c", "d"]
+        .iter()
+        .fold(tern_harness::Cluster::builder(), |b, n| {
+            let caps: &[&str] = if *n == "b" { &[] } else { &["speaker"] };
+            b.node(n, caps)
+        })
+        .limits(crate::common::quick_to_notice())
+        .faults(0x10ad)
+        .setup(crate::common::register_test_kinds)
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    for n in c.nodes() {
+        n.register::<Loud>();
+    }
+    c.wait_members(SECS_10)?;
+    block_on(c.node("c").drain());
+    wait_for(SECS_10, "a hears that c drains", || {
+        c.node("a")
+            .members()
+            .iter()
+            .any(|m| m.info.name.as_str() == "c" && m.info.draining)
+    })?;
+    let svc = c.node("a").spawn(Loud::default())?;
+    let standby = standby_on_a(&c, svc.id())?;
+    ensure!(standby.as_str() == "d", "standby {standby}");
+    // It takes the service over when a dies, and traffic goes on there.
+    let from = c.node("b").resolve::<Loud>(svc.addr())?;
+    tell_items(&from, 1..=10)?;
+    wait_for(SECS_10, "1 to 10 confirmed", || from.unconfirmed() == 0)?;
+    c.kill("a");
+    wait_for(Duration::from_secs(20), "d runs the service", || {
+        c.node("d").replica(svc.id()).is_some()
+    })?;
+    tell_items(&from, 11..=20)?;
+    let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
+    ensure!(seen == (1..=20).collect::<Vec<_>>(), "history {seen:?}");
+    no_losses(&c, &["b", "d"])?;
+    c.shutdown();
+    Ok(())
+}
