@@ -709,7 +709,19 @@ impl<S: Service> ServiceRef<S> {
         let Some(bytes) = self.copy_to_keep(st, meta, msg)? else {
             return link.deliver(self.addr.id, meta, wait, msg);
         };
-        let queued = link.deliver_encoded(self.addr.id, meta, wait, &bytes)?;
+        let queued = match link.deliver_encoded(self.addr.id, meta, wait, &bytes) {
+            Ok(q) => q,
+            // The service's node was lost and the standby its host named may take it over:
+            // the copy is kept and goes there with the others once the service is found
+            // (declared lost, its sender told, if nothing takes it over within the failover
+            // wait), instead of failing a sender that could not know.
+            Err(DeliveryError::PeerLost { .. })
+                if st.replicated && self.node.standby_named(self.addr.id, &st.node).is_some() =>
+            {
+                0
+            }
+            Err(e) => return Err(e),
+        };
         self.keep_copy(st, meta, bytes);
         Ok(queued)
     }

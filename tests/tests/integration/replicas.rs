@@ -1769,6 +1769,9 @@ fn outputs_survive_their_node(cut: OutCut) -> Result<()> {
         c.node("b").stats()
     );
     // Traffic goes on.
+    wait_for(SECS_10, "the sender follows the relay", || {
+        from.location().as_str() == "b"
+    })?;
     tell_items(&from, 21..=30)?;
     wait_for(SECS_10, "the sink took 1 to 30", || {
         sink_seen() == (1..=30).collect::<Vec<_>>()
@@ -1840,6 +1843,9 @@ fn a_replicated_service_and_the_replicated_one_it_tells_on_the_same_node_lose_no
     wait_for(Duration::from_secs(20), "b runs both", || {
         c.node("b").replica(id).is_some() && c.node("b").replica(sink.id()).is_some()
     })?;
+    wait_for(SECS_10, "the sender follows the relay", || {
+        from.location().as_str() == "b"
+    })?;
     let sink_on_b = c.node("b").resolve::<KeptSink>(sink.addr())?;
     let sink_seen = || block_on(sink_on_b.ask(OutSinkMsg::Seen, SECS_10)).unwrap_or_default();
     wait_for(SECS_10, "the sink took 1 to 10", || {
@@ -1878,6 +1884,9 @@ fn a_sender_on_the_standbys_own_node_loses_nothing_when_the_standby_takes_the_se
         "the standby runs the service",
         || c.node(standby.as_str()).replica(id).is_some(),
     )?;
+    wait_for(SECS_10, "the sender follows it", || {
+        from.location() == standby
+    })?;
     goes_on_whole(&c, standby.as_str(), &from, 51..=60)?;
     c.shutdown();
     Ok(())
@@ -1945,10 +1954,46 @@ fn the_standby_is_a_node_placement_would_let_run_the_service() -> Result<()> {
     wait_for(Duration::from_secs(20), "d runs the service", || {
         c.node("d").replica(svc.id()).is_some()
     })?;
+    wait_for(SECS_10, "the sender follows it", || {
+        from.location().as_str() == "d"
+    })?;
     tell_items(&from, 11..=20)?;
     let seen = block_on(from.ask(KeptMsg::Seen, SECS_10))?;
     ensure!(seen == (1..=20).collect::<Vec<_>>(), "history {seen:?}");
     no_losses(&c, &["b", "d"])?;
+    c.shutdown();
+    Ok(())
+}
+
+/// A sender whose node has lost the primary's node before hearing of the takeover (the
+/// standby's word is cut off from it for a while) tells on: the messages are kept and go to
+/// the new copy once the sender's node finds it (before, each `tell_wait` failed at once with
+/// "node a was lost and is not connected", and a test that told right after a takeover failed
+/// now and then that way, 2026-12-06).
+#[test]
+fn a_sender_that_lost_the_primarys_node_before_hearing_of_the_takeover_loses_nothing() -> Result<()>
+{
+    let (c, svc, standby) = kept_on_a()?;
+    let (other, from) = sender_knowing_standby(&c, &svc, &standby)?;
+    tell_items(&from, 1..=10)?;
+    wait_for(SECS_10, "1 to 10 confirmed", || from.unconfirmed() == 0)?;
+    c.faults(standby.as_str()).cut(c.node(other).local_addr());
+    c.kill("a");
+    wait_for(SECS_10, "the sender's node loses a", || {
+        c.node(other)
+            .members()
+            .iter()
+            .any(|m| m.info.name.as_str() == "a" && m.status == tern::MemberStatus::Lost)
+    })?;
+    ensure!(from.location().as_str() == "a", "it followed already");
+    tell_items(&from, 11..=20)?;
+    c.faults(standby.as_str()).heal(c.node(other).local_addr());
+    wait_for(
+        Duration::from_secs(20),
+        "the sender follows the takeover",
+        || from.location() == standby,
+    )?;
+    goes_on_whole(&c, other, &from, 21..=30)?;
     c.shutdown();
     Ok(())
 }
