@@ -1,9 +1,10 @@
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
-use tern::{Ctx, ReplyTo, Service};
+use tern::{Ctx, Precopy, ReplyTo, Service, TrackedMap};
 
 /// A key-value store holding at most `bytes_max` bytes of keys and values.
+///
+/// Its entries are a [`TrackedMap`]: when it moves, they travel while it still serves, and
+/// its freeze carries only the entries written since they were sent ([`Precopy`]).
 ///
 /// ```
 /// let kv = tern_actors::KvStore::with_limit(1 << 20);
@@ -11,7 +12,7 @@ use tern::{Ctx, ReplyTo, Service};
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KvStore {
-    entries: BTreeMap<String, serde_bytes::ByteBuf>,
+    entries: TrackedMap<String, serde_bytes::ByteBuf>,
     bytes: usize,
     bytes_max: usize,
 }
@@ -26,7 +27,7 @@ impl KvStore {
     /// An empty store bounded to `bytes_max` bytes.
     pub fn with_limit(bytes_max: usize) -> Self {
         KvStore {
-            entries: BTreeMap::new(),
+            entries: TrackedMap::new(),
             bytes: 0,
             bytes_max,
         }
@@ -104,6 +105,11 @@ impl Service for KvStore {
     type Msg = KvMsg;
     const KIND: &'static str = "kv";
     const VERSION: u32 = 1;
+    const PRECOPY: Option<Precopy<Self>> = Some(Precopy {
+        part: |kv| &mut kv.entries,
+        empty: || Box::new(TrackedMap::<String, serde_bytes::ByteBuf>::new()),
+        min_bytes: tern::PRECOPY_MIN_BYTES,
+    });
 
     async fn handle(&mut self, msg: KvMsg, ctx: &mut Ctx<Self>) {
         let sent = match msg {

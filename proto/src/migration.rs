@@ -266,6 +266,25 @@ pub enum Action<S, P> {
         /// The message.
         data: Data<P>,
     },
+    /// Copy the service's large state to `to` while it runs (pre-copy rounds), then call
+    /// [`Core::precopied`] when what is left to send is small. Nothing is frozen yet: the
+    /// service handles its messages as before.
+    Precopy {
+        /// The service.
+        service: ServiceId,
+        /// The attempt.
+        mig: MigrationId,
+        /// The target.
+        to: NodeName,
+    },
+    /// The pre-copy of this attempt ended without a freeze (aborted): stop copying, and drop
+    /// what was sent of it. The service never stopped.
+    PrecopyEnded {
+        /// The service.
+        service: ServiceId,
+        /// The attempt.
+        mig: MigrationId,
+    },
     /// Stop taking messages after the one in hand, then call [`Core::frozen`].
     Freeze {
         /// The service.
@@ -369,6 +388,9 @@ pub struct Config {
     pub ahead_ticks: u64,
     /// Location claims held back per peer; one more is refused at once.
     pub ahead_per_peer_max: usize,
+    /// Ticks a pre-copy may run before the service is frozen anyway (what is still unsent
+    /// then goes in the freeze).
+    pub precopy_ticks: u64,
 }
 
 impl Default for Config {
@@ -387,12 +409,20 @@ impl Default for Config {
             first_attempt: 1,
             ahead_ticks: 500,
             ahead_per_peer_max: 64,
+            precopy_ticks: 10_000,
         }
     }
 }
 
 enum Phase<S, P> {
     Running,
+    /// Running while its state is copied ahead to `to` ([`Action::Precopy`]).
+    Precopying {
+        mig: MigrationId,
+        to: NodeName,
+        /// When the pre-copy began.
+        since: u64,
+    },
     Freezing {
         mig: MigrationId,
         to: NodeName,
@@ -416,6 +446,13 @@ enum Phase<S, P> {
         /// When it was prepared.
         since: u64,
     },
+}
+
+impl<S, P> Phase<S, P> {
+    /// The service handles messages here in this phase.
+    fn runs(&self) -> bool {
+        matches!(self, Phase::Running | Phase::Precopying { .. })
+    }
 }
 
 struct Hosted<S, P> {
@@ -633,9 +670,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
 
     /// True when `service` may handle messages here now.
     pub fn is_live(&self, service: ServiceId) -> bool {
-        self.hosted
-            .get(&service)
-            .is_some_and(|h| matches!(h.phase, Phase::Running))
+        self.hosted.get(&service).is_some_and(|h| h.phase.runs())
     }
 
     /// The epoch of `service` if it is hosted here.
@@ -679,7 +714,11 @@ impl<S: Clone, P: Clone> Core<S, P> {
     }
 
     /// A service hosted here stopped for good.
-    pub fn unhost(&mut self, service: ServiceId) {
+    ///
+    /// A pre-copy of it ends there ([`Action::PrecopyEnded`]), and its attempt is reported
+    /// aborted ([`AbortReason::NotHere`]).
+    pub fn unhost(&mut self, service: ServiceId) -> Vec<Action<S, P>> {
+        self.precopy_ended(service, AbortReason::NotHere);
         if self
             .hosted
             .get(&service)
@@ -690,6 +729,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             self.directory.remove(&service);
             self.send_seqs.retain(|(from, _), _| *from != service);
         }
+        self.take()
     }
 
     /// The frozen service could not hand over its state: it runs on, and the caller is told.
@@ -857,6 +897,17 @@ impl<S: Clone, P: Clone> Core<S, P> {
         for service in lost {
             self.abort(service, AbortReason::LinkLost);
         }
+        let copying: Vec<ServiceId> = self
+            .hosted
+            .iter()
+            .filter_map(|(s, h)| match &h.phase {
+                Phase::Precopying { to, .. } if to == node => Some(*s),
+                _ => None,
+            })
+            .collect();
+        for service in copying {
+            self.precopy_ended(service, AbortReason::LinkLost);
+        }
         self.take()
     }
 
@@ -870,6 +921,10 @@ impl<S: Clone, P: Clone> Core<S, P> {
         });
         if let Some(service) = service {
             self.abort(service, AbortReason::Stream(why));
+            return self.take();
+        }
+        if let Some(service) = self.precopying_service(mig) {
+            self.precopy_ended(service, AbortReason::Stream(why));
         }
         self.take()
     }
@@ -920,9 +975,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
     /// send only while it runs here (not frozen, not a paused copy).
     pub fn send_from(&mut self, from: ServiceId, to: ServiceId, payload: P) -> Vec<Action<S, P>> {
         debug_assert!(
-            self.hosted
-                .get(&from)
-                .is_none_or(|h| matches!(h.phase, Phase::Running)),
+            self.hosted.get(&from).is_none_or(|h| h.phase.runs()),
             "a service sends only while it runs"
         );
         let seq = self.send_seqs.entry((from, to)).or_insert(0);
@@ -1052,6 +1105,20 @@ impl<S: Clone, P: Clone> Core<S, P> {
         service: ServiceId,
         to: NodeName,
     ) -> (MigrationId, Vec<Action<S, P>>) {
+        self.migrate_with(service, to, false)
+    }
+
+    /// As [`Core::migrate`]; with `precopy`, the service first runs on while its state is
+    /// copied ahead ([`Action::Precopy`]) and freezes when the driver calls
+    /// [`Core::precopied`] (or after [`Config::precopy_ticks`]). An abort before the freeze
+    /// (link lost, stream failed, the service gone) leaves it running where it was, untouched
+    /// ([`Action::PrecopyEnded`]).
+    pub fn migrate_with(
+        &mut self,
+        service: ServiceId,
+        to: NodeName,
+        precopy: bool,
+    ) -> (MigrationId, Vec<Action<S, P>>) {
         let mig = MigrationId {
             source: self.me.clone(),
             n: self.next_mig,
@@ -1073,16 +1140,101 @@ impl<S: Clone, P: Clone> Core<S, P> {
             });
             return (mig, self.take());
         }
+        if precopy {
+            if let Some(h) = self.hosted.get_mut(&service) {
+                h.phase = Phase::Precopying {
+                    mig: mig.clone(),
+                    to: to.clone(),
+                    since: self.now,
+                };
+            }
+            self.out.push(Action::Precopy {
+                service,
+                mig: mig.clone(),
+                to,
+            });
+            return (mig, self.take());
+        }
+        self.start_freeze(service, mig.clone(), to);
+        (mig, self.take())
+    }
+
+    fn start_freeze(&mut self, service: ServiceId, mig: MigrationId, to: NodeName) {
         if let Some(h) = self.hosted.get_mut(&service) {
             h.phase = Phase::Freezing {
-                mig: mig.clone(),
+                mig,
                 to,
                 group: None,
                 since: self.now,
             };
         }
         self.out.push(Action::Freeze { service });
-        (mig, self.take())
+    }
+
+    /// What is left of `service`'s pre-copy is small enough to go in the freeze: freeze it
+    /// now. Nothing happens unless attempt `mig` is pre-copying.
+    pub fn precopied(&mut self, service: ServiceId, mig: &MigrationId) -> Vec<Action<S, P>> {
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return self.take();
+        };
+        if !matches!(&h.phase, Phase::Precopying { mig: m, .. } if m == mig) {
+            return self.take();
+        }
+        let Phase::Precopying { mig, to, .. } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            return self.take();
+        };
+        self.start_freeze(service, mig, to);
+        self.take()
+    }
+
+    /// The pre-copy of attempt `mig` failed (its state could not be encoded, its stream
+    /// broke): the attempt aborts and the service runs on where it is, untouched.
+    pub fn precopy_failed(
+        &mut self,
+        service: ServiceId,
+        mig: &MigrationId,
+        why: String,
+    ) -> Vec<Action<S, P>> {
+        if self
+            .hosted
+            .get(&service)
+            .is_some_and(|h| matches!(&h.phase, Phase::Precopying { mig: m, .. } if m == mig))
+        {
+            self.precopy_ended(service, AbortReason::Stream(why));
+        }
+        self.take()
+    }
+
+    /// The service attempt `mig` is copying ahead.
+    fn precopying_service(&self, mig: &MigrationId) -> Option<ServiceId> {
+        self.hosted.iter().find_map(|(s, h)| match &h.phase {
+            Phase::Precopying { mig: m, .. } if m == mig => Some(*s),
+            _ => None,
+        })
+    }
+
+    /// Ends `service`'s pre-copy, if it has one, as aborted with `reason`.
+    fn precopy_ended(&mut self, service: ServiceId, reason: AbortReason) {
+        let Some(h) = self.hosted.get_mut(&service) else {
+            return;
+        };
+        if !matches!(h.phase, Phase::Precopying { .. }) {
+            return;
+        }
+        let Phase::Precopying { mig, .. } = std::mem::replace(&mut h.phase, Phase::Running) else {
+            return;
+        };
+        self.out.push(Action::PrecopyEnded {
+            service,
+            mig: mig.clone(),
+        });
+        self.decide(mig.clone(), Decision::Aborted);
+        self.out.push(Action::Report {
+            mig,
+            service,
+            outcome: Outcome::Aborted(reason),
+        });
     }
 
     /// The frozen service handed over its state and queue.
@@ -1175,10 +1327,14 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let mut queries = Vec::new();
         let mut orphans = Vec::new();
         let mut stuck = Vec::new();
+        let mut long = Vec::new();
         for (service, h) in &mut self.hosted {
             match &mut h.phase {
                 Phase::Freezing { since, .. } if now - *since >= self.cfg.freeze_ticks => {
                     stuck.push(*service);
+                }
+                Phase::Precopying { since, mig, .. } if now - *since >= self.cfg.precopy_ticks => {
+                    long.push((*service, mig.clone()));
                 }
                 Phase::Sent {
                     deadline,
@@ -1222,6 +1378,12 @@ impl<S: Clone, P: Clone> Core<S, P> {
         }
         for service in stuck {
             self.freeze_ended(service, AbortReason::FreezeDeadline);
+        }
+        for (service, mig) in long {
+            // Copying ahead did not catch up with the service's writes in time: the rest goes
+            // in the freeze.
+            let mut more = self.precopied(service, &mig);
+            self.out.append(&mut more);
         }
         for (service, mig) in orphans {
             self.orphan(service, mig);
@@ -1449,6 +1611,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
                 let service = self.sent_service(&mig);
                 if let Some(service) = service {
                     self.abort(service, AbortReason::Refused(reason));
+                } else if let Some(service) = self.precopying_service(&mig) {
+                    // The target would not take what was copied ahead: nothing froze.
+                    self.precopy_ended(service, AbortReason::Refused(reason));
                 }
             }
             Wire::Commit { mig } => {
@@ -1688,7 +1853,11 @@ impl<S: Clone, P: Clone> Core<S, P> {
             .hosted
             .values()
             .find_map(|h| match &h.phase {
-                Phase::Freezing { mig: m, to, .. } | Phase::Sent { mig: m, to, .. } if m == mig => {
+                Phase::Freezing { mig: m, to, .. }
+                | Phase::Sent { mig: m, to, .. }
+                | Phase::Precopying { mig: m, to, .. }
+                    if m == mig =>
+                {
                     Some(to)
                 }
                 _ => None,
@@ -2060,6 +2229,128 @@ mod tests {
     /// A service whose handler never returns (or a drain that never empties) does not leave
     /// `migrate()` pending for ever: past `freeze_ticks` the attempt aborts and the service
     /// runs on; a snapshot handed over later is given straight back.
+    fn kinds(actions: &[Action<Vec<u64>, u64>]) -> Vec<&'static str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Precopy { .. } => "precopy",
+                Action::PrecopyEnded { .. } => "precopy-ended",
+                Action::Freeze { .. } => "freeze",
+                Action::Report { .. } => "report",
+                Action::Send { .. } => "send",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_precopy_runs_the_service_until_precopied_then_freezes_as_a_plain_move() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.host(svc());
+        let (mig, acts) = src.migrate_with(svc(), b.clone(), true);
+        assert_eq!(kinds(&acts), ["precopy"]);
+        assert!(
+            src.is_live(svc()),
+            "still handling messages while copied ahead"
+        );
+        // It sends and is sent to as it did.
+        assert!(!src.send_from(svc(), sender(), 1).is_empty());
+        // Another move of it meanwhile is refused: one attempt at a time.
+        let (_, again) = src.migrate(svc(), b.clone());
+        assert!(matches!(
+            &again[..],
+            [Action::Report {
+                outcome: Outcome::Aborted(AbortReason::Busy),
+                ..
+            }]
+        ));
+        // A word about another attempt changes nothing.
+        let other = MigrationId {
+            source: a.clone(),
+            n: mig.n + 7,
+        };
+        assert!(src.precopied(svc(), &other).is_empty());
+        assert!(src.is_live(svc()));
+        assert_eq!(kinds(&src.precopied(svc(), &mig)), ["freeze"]);
+        assert!(!src.is_live(svc()), "frozen now");
+        let wire = only_wire(src.frozen(svc(), vec![1], Vec::new()));
+        assert!(matches!(wire, Wire::Snapshot { mig: m, .. } if m == mig));
+    }
+
+    #[test]
+    fn a_precopy_aborted_by_a_lost_link_a_broken_stream_or_a_stop_leaves_the_service_running() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.add_peer(c.clone());
+        src.host(svc());
+        // A lost link to another node leaves it alone; to its target ends it.
+        let (mig, _) = src.migrate_with(svc(), b.clone(), true);
+        assert!(src.link_lost(&c).is_empty());
+        let acts = src.link_lost(&b);
+        assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
+        assert!(matches!(
+            &acts[1],
+            Action::Report { mig: m, outcome: Outcome::Aborted(AbortReason::LinkLost), .. } if *m == mig
+        ));
+        assert!(src.is_live(svc()));
+        // A late `precopied` for the aborted attempt freezes nothing.
+        assert!(src.precopied(svc(), &mig).is_empty());
+        assert!(src.is_live(svc()));
+        // A broken stream.
+        let (mig, _) = src.migrate_with(svc(), b.clone(), true);
+        let acts = src.stream_failed(&mig, "reset".into());
+        assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
+        assert!(src.is_live(svc()));
+        // The target refuses what was copied ahead; a refusal from another node is not
+        // believed.
+        let (mig, _) = src.migrate_with(svc(), b.clone(), true);
+        let refused = Wire::Refused {
+            mig: mig.clone(),
+            reason: "unknown kind".into(),
+        };
+        let acts = src.receive(c.clone(), refused.clone());
+        assert!(
+            matches!(&acts[..], [Action::ClaimRefused { .. }, ..]),
+            "{:?}",
+            kinds(&acts)
+        );
+        assert!(src.is_live(svc()));
+        let acts = src.receive(b.clone(), refused);
+        assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
+        let (mig, _) = src.migrate_with(svc(), b.clone(), true);
+        let acts = src.precopy_failed(svc(), &mig, "encode".into());
+        assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
+        // It moves normally afterwards.
+        let (_, acts) = src.migrate(svc(), b.clone());
+        assert_eq!(kinds(&acts), ["freeze"]);
+        let _ = src.freeze_failed(svc(), "test".into());
+        // Stopping for good during a pre-copy ends it and reports the attempt.
+        let (mig, _) = src.migrate_with(svc(), b.clone(), true);
+        let acts = src.unhost(svc());
+        assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
+        assert!(matches!(&acts[0], Action::PrecopyEnded { mig: m, .. } if *m == mig));
+        assert!(!src.is_live(svc()), "gone");
+    }
+
+    #[test]
+    fn a_precopy_that_does_not_catch_up_freezes_at_its_deadline() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let cfg = Config {
+            precopy_ticks: 100,
+            ..Config::default()
+        };
+        let mut src: C = Core::new(a.clone(), cfg);
+        src.add_peer(b.clone());
+        src.host(svc());
+        let (_, _) = src.migrate_with(svc(), b.clone(), true);
+        assert!(src.tick(99).is_empty());
+        assert_eq!(kinds(&src.tick(100)), ["freeze"]);
+        assert!(!src.is_live(svc()));
+    }
+
     #[test]
     fn a_freeze_that_takes_too_long_aborts_and_the_service_runs_on() {
         let (a, b) = (NodeName::new("a"), NodeName::new("b"));

@@ -345,6 +345,36 @@ pub enum Frame<'a> {
     /// Control stream: replication between a primary's node and its standby's
     /// ([`crate::replica`]).
     Replica(crate::replica::ReplicaMsg),
+    /// First frame of a snapshot stream that copies a service's state ahead while the service
+    /// still runs at the source (pre-copy). `PreState` frames follow, then, once the service
+    /// froze, the snapshot (`SnapBegin` with `precopied`). A stream that ends before its
+    /// `SnapBegin` was an attempt aborted during its pre-copy: what it carried is dropped.
+    PreBegin {
+        /// Attempt number on the source.
+        mig: u64,
+        /// The service.
+        id: ServiceId,
+        /// Its kind: the target must run it, and the kind must copy ahead.
+        kind: KindKey,
+    },
+    /// Entries of the pre-copied part of a service's state, changed or removed since the last
+    /// time they were sent, in the kind's own encoding; applied in order.
+    PreState {
+        /// The entries.
+        #[serde(borrow, with = "serde_bytes")]
+        bytes: &'a [u8],
+    },
+    /// Control stream, target to source: of attempt `mig`'s pre-copy of `id`, the `PreState`
+    /// bytes applied so far. The source asks for the freeze only once the target has caught
+    /// up, so that the freeze does not wait for a backlog.
+    PreApplied {
+        /// Attempt number on the source.
+        mig: u64,
+        /// The service.
+        id: ServiceId,
+        /// `PreState` bytes applied.
+        bytes: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -380,6 +410,9 @@ impl Frame<'_> {
             Frame::WhoSpeaks { .. } => "who-speaks",
             Frame::Speaker { .. } => "speaker",
             Frame::Replica(_) => "replica",
+            Frame::PreBegin { .. } => "pre-begin",
+            Frame::PreState { .. } => "pre-state",
+            Frame::PreApplied { .. } => "pre-applied",
         }
     }
 }
@@ -477,8 +510,15 @@ pub struct SnapHeader {
     pub replies: Vec<KeptReply>,
     /// A replicated service taken over from a checkpoint: the messages it had sent and not
     /// seen confirmed, sent again before it runs (see [`KeptOutput`]). Empty for a move.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// (Always written: a header is a MessagePack array, so a field left out would shift the
+    /// ones after it.)
+    #[serde(default)]
     pub outputs: Vec<KeptOutput>,
+    /// The state was copied ahead on this stream (`PreBegin`, `PreState`): the state's bytes
+    /// leave its pre-copied part out, and the target puts back what the `PreState` frames
+    /// built.
+    #[serde(default)]
+    pub precopied: bool,
 }
 
 /// The answer a service gave to an ask it took, kept so that a copy of that ask (its asker

@@ -185,6 +185,7 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                         seq: state_bytes + 1,
                         msg: vec![0x92, 0x01, 0x02],
                     }],
+                    precopied: n % 2 == 0,
                 }
             },
         )
@@ -266,6 +267,9 @@ enum Owned {
     Carried(Vec<CarriedMsg>),
     Leftovers(Vec<CarriedMsg>, Vec<(ServiceId, u64)>),
     End,
+    PreBegin(u64, ServiceId, KindKey),
+    PreState(Vec<u8>),
+    PreApplied(u64, ServiceId, u64),
 }
 
 impl Owned {
@@ -319,6 +323,17 @@ impl Owned {
                 skipped: skipped.clone(),
             },
             Owned::End => Frame::SnapEnd,
+            Owned::PreBegin(mig, id, kind) => Frame::PreBegin {
+                mig: *mig,
+                id: *id,
+                kind: kind.clone(),
+            },
+            Owned::PreState(b) => Frame::PreState { bytes: b },
+            Owned::PreApplied(mig, id, bytes) => Frame::PreApplied {
+                mig: *mig,
+                id: *id,
+                bytes: *bytes,
+            },
             Owned::Revocations(b) => Frame::Revocations { crl: b },
             Owned::WhoSpeaks(sender) => Frame::WhoSpeaks { sender: *sender },
             Owned::Speaker(sender, answer, asked) => Frame::Speaker {
@@ -376,6 +391,10 @@ fn owned() -> impl Strategy<Value = Owned> {
         )
             .prop_map(|(m, s)| Owned::Leftovers(m, s)),
         Just(Owned::End),
+        (any::<u64>(), service(), "[a-z-]{1,12}", any::<u32>())
+            .prop_map(|(m, s, k, v)| Owned::PreBegin(m, s, KindKey::new(&k, v))),
+        bytes(256).prop_map(Owned::PreState),
+        (any::<u64>(), service(), any::<u64>()).prop_map(|(m, s, b)| Owned::PreApplied(m, s, b)),
     ]
 }
 

@@ -9,6 +9,7 @@ use crate::error::DeliveryError;
 use crate::mailbox::{Meta, Slot};
 use crate::migrate::{self, SnapRecv};
 use crate::node::{reply_from_wire, NodeShared};
+use crate::precopy::PreIn;
 use crate::senders::Claim;
 use crate::sync::lock;
 use crate::transport::{encode_scratch, Flow, PeerLink, StreamKind, StreamSink};
@@ -24,6 +25,8 @@ pub(crate) struct Frames {
     kind: StreamKind,
     target: Option<(ServiceId, Arc<dyn Slot>)>,
     snap: Option<SnapRecv>,
+    /// What was copied ahead of a snapshot, once the stream turns out to carry it.
+    pre: Option<PreIn>,
 }
 
 /// A sink for a new stream from `link`.
@@ -38,6 +41,7 @@ pub(crate) fn open_stream(
         kind,
         target: None,
         snap: None,
+        pre: None,
     })
 }
 
@@ -48,20 +52,32 @@ impl StreamSink for Frames {
             &self.link,
             (self.kind, body),
             &mut self.target,
-            &mut self.snap,
+            (&mut self.snap, &mut self.pre),
             done,
         )
     }
 
     fn carries_snapshot(&self) -> bool {
-        self.snap.is_some()
+        self.snap.is_some() || self.pre.is_some()
     }
 
     fn due_by(&self) -> Option<std::time::Instant> {
-        self.snap.as_ref().and_then(|r| r.state_due_by())
+        match &self.snap {
+            Some(r) => r.state_due_by(),
+            None => self.pre.as_ref().and_then(|p| p.due_by()),
+        }
     }
 
     fn overdue(&mut self) {
+        if self.snap.is_none() {
+            if let Some(p) = self.pre.as_mut().filter(|p| p.due_by().is_some()) {
+                let reason = "too slow: no snapshot after its pre-copy within \
+                              precopy_deadline_ms and migration_deadline_ms"
+                    .to_string();
+                p.give_up(&self.node, &self.link.name, reason);
+            }
+            return;
+        }
         migrate::snapshot_overdue(&self.node, &self.link.name, &mut self.snap);
     }
 
@@ -166,11 +182,21 @@ fn handle_frame(
     link: &Arc<PeerLink>,
     (kind, body): (StreamKind, &[u8]),
     target: &mut Option<(ServiceId, Arc<dyn Slot>)>,
-    snap: &mut Option<SnapRecv>,
+    (snap, pre): (&mut Option<SnapRecv>, &mut Option<PreIn>),
     done: usize,
 ) -> Result<Flow, WireError> {
     let frame = wire::decode(body)?;
     match (kind, frame) {
+        (_, f)
+            if pre.is_some()
+                && snap.is_none()
+                && !matches!(f, Frame::PreState { .. } | Frame::SnapBegin(_)) =>
+        {
+            return Err(WireError::Unexpected {
+                kind: f.kind(),
+                stream: "pre-copy",
+            })
+        }
         (_, f)
             if snap.is_some()
                 && !matches!(
@@ -196,7 +222,11 @@ fn handle_frame(
             | Frame::SnapLeftovers { .. }
             | Frame::SnapEnd),
         ) => {
-            migrate::snapshot_frame(node, &link.name, snap, f)?;
+            migrate::snapshot_frame(node, &link.name, (snap, pre), f)?;
+        }
+        (StreamKind::Data, f @ (Frame::PreBegin { .. } | Frame::PreState { .. })) => {
+            let room = migrate::Room::from_peer(node, &link.name);
+            crate::precopy::pre_frame(node, &link.name, pre, room, f)?;
         }
         (
             StreamKind::Data,
@@ -410,6 +440,9 @@ fn handle_frame(
             Ok(Some(flow)) => return Ok(flow),
             Err(()) => {}
         },
+        (StreamKind::Control, Frame::PreApplied { mig, id, bytes }) => {
+            node.driver.pre_applied(&link.name, mig, id, bytes);
+        }
         (StreamKind::Control, Frame::Handled { marks }) => {
             // Only the marks the peer may give count, as traffic too.
             let taken: Vec<_> = marks

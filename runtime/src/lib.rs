@@ -29,6 +29,7 @@ mod node;
 pub mod pairing;
 mod placement;
 mod placing;
+mod precopy;
 mod registry;
 mod replicas;
 mod replies;
@@ -40,6 +41,7 @@ mod stats;
 mod store;
 mod sync;
 pub mod tls;
+mod tracked;
 mod transport;
 mod tree;
 pub mod trust;
@@ -70,6 +72,7 @@ pub use tern_proto::migration::AbortReason;
 pub use tern_proto::names::NameError;
 pub use tern_proto::placement::{AffinityPolicy, Needs, Policy};
 pub use tern_proto::traffic::EdgeRate;
+pub use tracked::{Precopy, Tracked, TrackedMap, PRECOPY_MIN_BYTES};
 pub use transport::PeerStatus;
 pub use tree::{
     child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, GROUP_MEMBERS_MAX, TREE_MEMBERS_MAX,

@@ -47,6 +47,11 @@ pub struct Limits {
     /// the message in hand; with `drain`, empty its queue), in milliseconds. Past it the
     /// migration aborts with `freeze-deadline` and the service runs on.
     pub freeze_deadline_ms: u64,
+    /// Time a service may copy its state ahead ([`Precopy`](crate::Precopy)) before it freezes
+    /// anyway (the changes still unsent then go in the freeze), in milliseconds. A target
+    /// drops a pre-copy whose snapshot has not begun within this plus
+    /// `migration_deadline_ms`.
+    pub precopy_deadline_ms: u64,
     /// Tombstones kept (the oldest is forgotten first).
     pub tombstones_max: usize,
     /// Peers allowed to push migrations to this node, and to start services here with a state
@@ -103,6 +108,7 @@ impl Default for Limits {
             snapshot_carried_max: 1_000_000,
             migration_deadline_ms: 10_000,
             freeze_deadline_ms: 10_000,
+            precopy_deadline_ms: 10_000,
             tombstones_max: 65_536,
             migration_peers: Vec::new(),
             move_requests_from: Vec::new(),

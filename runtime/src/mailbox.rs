@@ -88,6 +88,9 @@ pub(crate) struct Mailbox<M> {
     space_waiters: AtomicUsize,
     /// Set by the node to ask the runner to freeze after the message in hand.
     pub freeze: std::sync::atomic::AtomicBool,
+    /// Set by the node to ask the runner to copy its state ahead (`NodeShared::driver`
+    /// holds the attempt).
+    pub precopy: std::sync::atomic::AtomicBool,
     /// Set when a handled mark has not been reported to its sender's node yet.
     handled_dirty: AtomicBool,
     /// Set when copies of asks wait for the runner to answer them ([`take_repeats`]).
@@ -111,6 +114,7 @@ impl<M> Mailbox<M> {
             space: Notify::new(),
             space_waiters: AtomicUsize::new(0),
             freeze: std::sync::atomic::AtomicBool::new(false),
+            precopy: std::sync::atomic::AtomicBool::new(false),
             handled_dirty: AtomicBool::new(false),
             repeats: AtomicBool::new(false),
         }
@@ -495,6 +499,8 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn request_freeze(&self);
     /// Calls off a freeze asked for and not yet served.
     fn cancel_freeze(&self);
+    /// Asks the runner to copy its state ahead between messages.
+    fn request_precopy(&self);
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
@@ -673,6 +679,11 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn cancel_freeze(&self) {
         self.freeze.store(false, Ordering::SeqCst);
+    }
+
+    fn request_precopy(&self) {
+        self.precopy.store(true, Ordering::SeqCst);
+        self.ready.notify_one();
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

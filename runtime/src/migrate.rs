@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{DeliveryError, Error};
 use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
+use crate::precopy::{PreIn, PreOut, PreStream, PreTx};
 use tern_proto::claims::{self, Location};
 use tern_proto::forward::{Hand, HandOn};
 use tern_proto::ids::{NodeName, ServiceId};
@@ -214,6 +215,8 @@ struct Outgoing {
     /// From the target's start until its copy served (its `Serving` message).
     served_us: Option<u64>,
     snapshot_bytes: u64,
+    /// Bytes copied ahead before the freeze.
+    precopied_bytes: u64,
     carried: u64,
     forwarded: u64,
     rebuilt: u64,
@@ -246,6 +249,8 @@ pub(crate) struct Driver {
     outgoing: Mutex<HashMap<ServiceId, Outgoing>>,
     incoming: Mutex<HashMap<ServiceId, oneshot::Sender<Go>>>,
     counters: Mutex<Counters>,
+    /// Services copying their state ahead (`precopy.rs`), one attempt each.
+    precopies: Mutex<HashMap<ServiceId, PreOut>>,
 }
 
 /// Bytes of state per `SnapState` frame.
@@ -280,6 +285,7 @@ impl Driver {
             query_ticks: 500,
             tombstones_max: limits.tombstones_max,
             ahead_ticks: limits.location_hold_ms,
+            precopy_ticks: limits.precopy_deadline_ms,
             ..Config::default()
         };
         Driver {
@@ -288,6 +294,7 @@ impl Driver {
             outgoing: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             counters: Mutex::new(Counters::default()),
+            precopies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -347,9 +354,102 @@ impl Driver {
         lock(&self.core).retired(service, node, epoch);
     }
 
-    /// A service hosted here stopped for good.
-    pub fn unhost(&self, service: ServiceId) {
-        lock(&self.core).unhost(service);
+    /// A service hosted here stopped for good (a pre-copy of it ends there).
+    pub fn unhost(&self, node: &Arc<NodeShared>, service: ServiceId) {
+        let actions = lock(&self.core).unhost(service);
+        self.run(node, actions);
+    }
+
+    /// Target `from` applied `bytes` of attempt `n`'s pre-copy of `id`. From anyone but
+    /// that attempt's target it is not believed (it would only change when the freeze comes).
+    pub fn pre_applied(&self, from: &NodeName, n: u64, id: ServiceId, bytes: u64) {
+        if let Some(p) = lock(&self.precopies).get(&id) {
+            if p.mig.n == n && p.to == *from {
+                p.acked.set(bytes);
+            }
+        }
+    }
+
+    /// Whether attempt `mig` is `id`'s pre-copy now.
+    pub fn precopying(&self, id: ServiceId, mig: &MigrationId) -> bool {
+        lock(&self.precopies)
+            .get(&id)
+            .is_some_and(|p| p.mig == *mig)
+    }
+
+    /// The runner's end of `id`'s pre-copy, once.
+    pub fn take_precopy(&self, id: ServiceId) -> Option<PreTx> {
+        lock(&self.precopies).get_mut(&id).and_then(|p| p.tx.take())
+    }
+
+    /// `id`'s runner has copied its state ahead (`sent`), or found it too small to (then the
+    /// writer is called off and the snapshot goes on a stream of its own): freeze it.
+    pub fn precopied(&self, node: &Arc<NodeShared>, id: ServiceId, mig: &MigrationId, sent: bool) {
+        if !sent {
+            let mut pre = lock(&self.precopies);
+            if pre.get(&id).is_some_and(|p| p.mig == *mig) {
+                pre.remove(&id);
+            }
+        }
+        let actions = lock(&self.core).precopied(id, mig);
+        self.run(node, actions);
+    }
+
+    /// `id`'s pre-copy for attempt `mig` failed: the attempt aborts, the service runs on.
+    pub fn precopy_failed(
+        &self,
+        node: &Arc<NodeShared>,
+        id: ServiceId,
+        mig: &MigrationId,
+        why: String,
+    ) {
+        let actions = lock(&self.core).precopy_failed(id, mig, why);
+        self.run(node, actions);
+    }
+
+    /// The stream `id`'s pre-copy for attempt `mig` went on, for its snapshot to follow.
+    async fn pre_stream(&self, id: ServiceId, mig: &MigrationId) -> PreStream {
+        let out = {
+            let mut pre = lock(&self.precopies);
+            match pre.get(&id) {
+                Some(p) if p.mig == *mig => pre.remove(&id),
+                _ => None,
+            }
+        };
+        // Kept until the writer is done: dropping it would call the writer off.
+        let Some(mut out) = out else {
+            return Err("no pre-copy of this attempt".to_string());
+        };
+        match out.stream.take() {
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err("the pre-copy writer is gone".to_string())),
+            None => Err("no pre-copy stream".to_string()),
+        }
+    }
+
+    /// Starts copying `service`'s state ahead to `to`: the writer waits for the runner's
+    /// chunks; the runner is told to start.
+    fn start_precopy(
+        &self,
+        node: &Arc<NodeShared>,
+        service: ServiceId,
+        mig: MigrationId,
+        to: NodeName,
+    ) {
+        let Some(slot) = node.slot(service) else {
+            let actions =
+                lock(&self.core).precopy_failed(service, &mig, "the service is gone".into());
+            return self.run(node, actions);
+        };
+        let (out, writer) = PreOut::new(mig.clone(), to.clone());
+        lock(&self.precopies).insert(service, out);
+        let kind = slot.kind().clone();
+        let node2 = node.clone();
+        actix_rt::spawn(async move {
+            crate::precopy::write_precopy(node2, to, (mig, service, kind), writer).await;
+        });
+        slot.request_precopy();
     }
 
     pub fn stats(&self) -> MigrationStats {
@@ -424,7 +524,7 @@ impl Driver {
                     },
                     Vec::new(),
                 ),
-                None => core.migrate(id, to.clone()),
+                None => core.migrate_with(id, to.clone(), node.copies_ahead(id)),
             };
             let entry = self.outgoing_entry(node, &core, id, mig, to, opts, tx, None);
             if let Some(why) = refuse {
@@ -550,6 +650,7 @@ impl Driver {
             acked_us: None,
             served_us: None,
             snapshot_bytes: 0,
+            precopied_bytes: 0,
             carried: 0,
             forwarded: 0,
             rebuilt: 0,
@@ -833,6 +934,13 @@ impl Driver {
         );
     }
 
+    fn note_precopied(&self, id: ServiceId, mig: &MigrationId, bytes: u64) {
+        if let Some(o) = lock(&self.outgoing).get_mut(&id).filter(|o| o.mig == *mig) {
+            o.precopied_bytes = bytes;
+            tracing::info!(parent: &o.span, bytes, "copied ahead");
+        }
+    }
+
     fn note_written(&self, node: &Arc<NodeShared>, id: ServiceId, mig: &MigrationId, bytes: u64) {
         let done = {
             let mut out = lock(&self.outgoing);
@@ -975,6 +1083,14 @@ impl Driver {
                     }
                 }
                 Action::Retire { service } => self.retire(node, service),
+                Action::Precopy { service, mig, to } => self.start_precopy(node, service, mig, to),
+                Action::PrecopyEnded { service, mig } => {
+                    // Dropping it calls the writer off; the runner finds its queue closed.
+                    let mut pre = lock(&self.precopies);
+                    if pre.get(&service).is_some_and(|p| p.mig == mig) {
+                        pre.remove(&service);
+                    }
+                }
                 Action::Install { snap } => {
                     if let Some(mig) = self.install(node, snap) {
                         not_installed.push(mig);
@@ -1254,6 +1370,7 @@ fn report_of(me: &NodeName, id: ServiceId, o: &Outgoing) -> MigrationReport {
             t.saturating_duration_since(o.called).as_micros() as u64
         }),
         snapshot_bytes: o.snapshot_bytes,
+        precopied_bytes: o.precopied_bytes,
         carried: o.carried,
         forwarded: o.forwarded,
         rebuilt: o.rebuilt,
@@ -1304,10 +1421,20 @@ async fn write_snapshot(
     // not acknowledged to its end, their senders are told (see below).
     let mut committed_tail: Option<Leftover> = None;
     let result = async {
-        let mut send = conn
-            .open_uni()
-            .await
-            .map_err(|e| format!("opening the snapshot stream: {e}"))?;
+        let mut send = if out.header.precopied {
+            // The snapshot follows what was copied ahead, on its stream.
+            let (send, bytes) = node
+                .driver
+                .pre_stream(id, &mig)
+                .await
+                .map_err(|e| format!("the pre-copy stream: {e}"))?;
+            node.driver.note_precopied(id, &mig, bytes);
+            send
+        } else {
+            conn.open_uni()
+                .await
+                .map_err(|e| format!("opening the snapshot stream: {e}"))?
+        };
         let frame_max = node.limits.frame_bytes_max;
         let mut header = out.header.clone();
         header.mig = mig.n;
@@ -1472,7 +1599,7 @@ async fn write_snapshot(
 }
 
 /// Encodes `frame` into `buf` (left empty again) and writes it; returns the bytes written.
-async fn put_frame(
+pub(crate) async fn put_frame(
     send: &mut quinn::SendStream,
     buf: &mut Vec<u8>,
     frame: &Frame<'_>,
@@ -1622,6 +1749,8 @@ pub(crate) struct SnapRecv {
     carried_in: u64,
     /// Carried messages the header announced: more is a protocol error.
     carried_announced: u64,
+    /// What was copied ahead of the snapshot on its stream (its room held until restored).
+    pre: Option<PreIn>,
 }
 
 /// Room reserved for a snapshot's state, counted against the node's
@@ -1633,9 +1762,25 @@ pub(crate) struct Room {
     held: usize,
 }
 
+impl Room {
+    /// No room yet, in the budgets of snapshots from `from`.
+    pub(crate) fn from_peer(node: &NodeShared, from: &NodeName) -> Room {
+        Room {
+            total: node.snapshot_bytes_in.clone(),
+            // A peer with no link (it just went) shares a counter of its own.
+            peer: node
+                .links
+                .get(from)
+                .map(|l| l.snapshot_bytes_in.clone())
+                .unwrap_or_default(),
+            held: 0,
+        }
+    }
+}
+
 /// Which budget a snapshot's room did not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Spent {
+pub(crate) enum Spent {
     Node,
     Peer,
 }
@@ -1653,7 +1798,11 @@ fn take(counter: &std::sync::atomic::AtomicUsize, more: usize, max: usize) -> bo
 impl Room {
     /// Takes `more` bytes more, if the peer's share stays within `peer_max` and the node's
     /// total within `max`.
-    fn grow(&mut self, more: usize, (max, peer_max): (usize, usize)) -> Result<(), Spent> {
+    pub(crate) fn grow(
+        &mut self,
+        more: usize,
+        (max, peer_max): (usize, usize),
+    ) -> Result<(), Spent> {
         use std::sync::atomic::Ordering;
         if !take(&self.peer, more, peer_max) {
             return Err(Spent::Peer);
@@ -1666,7 +1815,7 @@ impl Room {
         Ok(())
     }
 
-    fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         use std::sync::atomic::Ordering;
         let held = std::mem::take(&mut self.held);
         self.total.fetch_sub(held, Ordering::AcqRel);
@@ -1755,7 +1904,7 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
 pub(crate) fn snapshot_frame(
     node: &Arc<NodeShared>,
     from: &NodeName,
-    rx: &mut Option<SnapRecv>,
+    (rx, pre): (&mut Option<SnapRecv>, &mut Option<PreIn>),
     frame: Frame<'_>,
 ) -> Result<(), wire::WireError> {
     let malformed = |detail: String| wire::WireError::Malformed { detail };
@@ -1764,7 +1913,27 @@ pub(crate) fn snapshot_frame(
             if rx.is_some() {
                 return Err(malformed("a second snapshot header on one stream".into()));
             }
-            let refusal = admit_snapshot(node, from, &h);
+            let pre = match (h.precopied, pre.take()) {
+                (true, Some(p)) if p.n == h.mig && p.id == h.id => Some(p),
+                (true, _) => {
+                    return Err(malformed(
+                        "a pre-copied snapshot without its pre-copy ahead of it".into(),
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(malformed(
+                        "a pre-copy followed by a snapshot that does not use it".into(),
+                    ))
+                }
+                (false, None) => None,
+            };
+            // A pre-copy refused already: its source heard why.
+            let refused_before = pre.as_ref().is_some_and(|p| p.part.is_none());
+            let refusal = if refused_before {
+                Ok(())
+            } else {
+                admit_snapshot(node, from, &h)
+            };
             // Early messages, the book and timers share the snapshot's byte bound with the
             // state.
             let early_max = (node.limits.snapshot_bytes_max as u64).saturating_sub(h.state_bytes);
@@ -1777,16 +1946,7 @@ pub(crate) fn snapshot_frame(
                 ),
                 state: Vec::new(),
                 state_bytes: h.state_bytes as usize,
-                room: Room {
-                    total: node.snapshot_bytes_in.clone(),
-                    // A peer with no link (it just went) shares a counter of its own.
-                    peer: node
-                        .links
-                        .get(from)
-                        .map(|l| l.snapshot_bytes_in.clone())
-                        .unwrap_or_default(),
-                    held: 0,
-                },
+                room: Room::from_peer(node, from),
                 state_due: None,
                 header: None,
                 slot: None,
@@ -1794,7 +1954,13 @@ pub(crate) fn snapshot_frame(
                 ended: false,
                 carried_in: 0,
                 carried_announced: h.carried,
+                pre,
             };
+            if refused_before {
+                recv.refused = true;
+                *rx = Some(recv);
+                return Ok(());
+            }
             match refusal {
                 Err(reason) => {
                     recv.refused = true;
@@ -1976,10 +2142,12 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     header.book = tables.book;
     header.timers = tables.timers;
     let state = std::mem::take(&mut recv.state);
-    // The state becomes the service's: no longer a snapshot arriving.
+    // The state becomes the service's: no longer a snapshot arriving (nor what was copied
+    // ahead of it).
     recv.room.release();
+    let part = recv.pre.take().and_then(|p| p.part);
     recv.state_due = None;
-    match node.restore_paused(from, header, state) {
+    match node.restore_paused(from, header, state, part) {
         Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),
         Err(e) => {
             recv.refused = true;

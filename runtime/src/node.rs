@@ -29,6 +29,7 @@ use crate::registry::Registry;
 use crate::service::{run_restored, Restored};
 use crate::service::{run_service, ReplyTo, Service};
 use crate::stats::{NodeStats, Stats};
+use crate::tracked::Tracked;
 use crate::transport::Links;
 use crate::transport::{self, PeerStatus};
 use crate::tree::{GroupReport, TreeMember};
@@ -171,8 +172,16 @@ pub struct ServiceInfo {
 }
 
 type RestoreFn = fn(&Arc<NodeShared>, &[u8]) -> Result<ServiceAddr, Error>;
-type RestorePausedFn =
-    fn(&Arc<NodeShared>, &NodeName, SnapHeader, Vec<u8>) -> Result<InCopy, Error>;
+type RestorePausedFn = fn(
+    &Arc<NodeShared>,
+    &NodeName,
+    SnapHeader,
+    Vec<u8>,
+    Option<Box<dyn Tracked>>,
+) -> Result<InCopy, Error>;
+
+/// Makes the empty part a kind's target fills as a pre-copy arrives ([`crate::Precopy`]).
+pub(crate) type EmptyPartFn = fn() -> Box<dyn Tracked>;
 
 type ChannelFn = fn(&Arc<NodeShared>, &ServiceAddr) -> Result<Arc<dyn AnyChannel>, DeliveryError>;
 
@@ -182,6 +191,8 @@ struct KindEntry {
     /// This node's channel to a service of the kind, made if there is none.
     channel: ChannelFn,
     needs: Needs,
+    /// The kind copies its state ahead when it moves ([`Service::PRECOPY`]).
+    precopy: Option<EmptyPartFn>,
 }
 
 fn open_channel<S: Service>(
@@ -198,13 +209,30 @@ fn restore_paused<S: Service>(
     source: &NodeName,
     header: SnapHeader,
     state: Vec<u8>,
+    part: Option<Box<dyn Tracked>>,
 ) -> Result<InCopy, Error> {
     let kind = S::kind_key();
     let bad = |what: &str, e: String| Error::State {
         kind: kind.clone(),
         detail: format!("{what}: {e}"),
     };
-    let value: S = rmp_serde::from_slice(&state).map_err(|e| bad("state", e.to_string()))?;
+    let mut value: S = rmp_serde::from_slice(&state).map_err(|e| bad("state", e.to_string()))?;
+    match (part, S::PRECOPY) {
+        // What was copied ahead takes the place of the part the state's bytes left out.
+        (Some(part), Some(p)) => (p.part)(&mut value)
+            .adopt(part)
+            .map_err(|e| bad("pre-copied part", e))?,
+        (Some(_), None) => {
+            return Err(bad(
+                "pre-copied part",
+                "the kind does not copy ahead".into(),
+            ))
+        }
+        (None, _) if header.precopied => {
+            return Err(bad("pre-copied part", "missing".into()));
+        }
+        (None, _) => {}
+    }
     let mut timers = Vec::with_capacity(header.timers.len());
     for t in &header.timers {
         let msg: S::Msg = rmp_serde::from_slice(&t.msg).map_err(|e| bad("timer", e.to_string()))?;
@@ -580,6 +608,7 @@ impl NodeShared {
                 restore: restore_service::<S>,
                 restore_paused: restore_paused::<S>,
                 channel: open_channel::<S>,
+                precopy: S::PRECOPY.map(|p| p.empty),
                 needs: Needs {
                     required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
                     preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
@@ -1625,6 +1654,7 @@ impl NodeShared {
         source: &NodeName,
         mut header: SnapHeader,
         state: Vec<u8>,
+        part: Option<Box<dyn Tracked>>,
     ) -> Result<InCopy, Error> {
         let f = self
             .kinds
@@ -1644,7 +1674,7 @@ impl NodeShared {
         let book = header.book.clone();
         let custody = std::mem::take(&mut header.custody);
         let (held, names) = (header.held, std::mem::take(&mut header.names));
-        let copy = f(self, source, header, state)?;
+        let copy = f(self, source, header, state, part)?;
         self.service_arriving(holder.id, source, custody);
         self.carried_arriving(holder.id, held, names);
         self.learn_book(holder, book);
@@ -1758,6 +1788,22 @@ impl NodeShared {
             .with_all(|services| services.values().map(|s| s.addr.clone()).collect())
     }
 
+    /// Whether `kind` is registered here (`Some`), and if so how to make the empty part its
+    /// pre-copies fill (`Some(None)`: it does not copy ahead).
+    pub fn precopy_part(&self, kind: &KindKey) -> Option<Option<EmptyPartFn>> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .map(|k| k.precopy)
+    }
+
+    /// Whether the service `id` run here copies its state ahead when it moves.
+    pub fn copies_ahead(&self, id: ServiceId) -> bool {
+        self.slot(id)
+            .is_some_and(|s| self.precopy_part(s.kind()).is_some_and(|p| p.is_some()))
+    }
+
     pub fn has_kind(&self, kind: &KindKey) -> bool {
         self.kinds
             .read()
@@ -1868,13 +1914,18 @@ impl NodeShared {
 
     /// Called by a service's runner when it stops, with what was still queued: each of those
     /// messages is refused to its sender or asker with `reason`.
-    pub fn service_stopped<M>(&self, id: ServiceId, rest: Vec<Envelope<M>>, reason: DeliveryError) {
+    pub fn service_stopped<M>(
+        self: &Arc<Self>,
+        id: ServiceId,
+        rest: Vec<Envelope<M>>,
+        reason: DeliveryError,
+    ) {
         self.replica_left(id);
         self.flush_handled(id);
         self.service_left(id);
         self.forget_service(id);
         lock(&self.channels).remove(&id);
-        self.driver.unhost(id);
+        self.driver.unhost(self, id);
         for edge in self.books.remove_holder(id) {
             self.broadcast_ctrl(&Frame::BookChange { edge, added: false });
         }

@@ -2197,6 +2197,7 @@ impl NodeShared {
             names: Vec::new(),
             replies: body.replies,
             outputs: body.outputs,
+            precopied: false,
         };
         self.driver.host_at(id, claim.epoch);
         lock(&self.replicas.taken_from).insert(id, h.primary.clone());
@@ -2231,7 +2232,7 @@ impl NodeShared {
                 self.announce_location(id, claim.epoch);
             }
             Err(e) => {
-                self.driver.unhost(id);
+                self.driver.unhost(self, id);
                 lock(&self.replicas.taken_from).remove(&id);
                 self.logs.event("takeover-failed", format!("{id}: {e}"));
             }
@@ -2270,7 +2271,7 @@ impl NodeShared {
         state: Vec<u8>,
     ) -> Result<(), crate::Error> {
         let id = header.id;
-        let copy = self.restore_paused(primary, header, state)?;
+        let copy = self.restore_paused(primary, header, state, None)?;
         let install = lock(&copy.install).take();
         let Some(install) = install else {
             return Ok(());

@@ -34,6 +34,10 @@ pub struct MigrationReport {
     pub frozen_after_us: u64,
     /// Bytes written on the snapshot stream: header, state and carried queue.
     pub snapshot_bytes: u64,
+    /// Bytes of state copied ahead while the service still ran, before the freeze
+    /// ([`Precopy`](crate::Precopy)); 0 when the whole state went in the freeze.
+    #[serde(default)]
+    pub precopied_bytes: u64,
     /// Queued messages carried in the snapshot.
     pub carried: u64,
     /// Messages that arrived during the freeze and were forwarded after commit.

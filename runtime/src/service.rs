@@ -18,8 +18,10 @@ use crate::handle::ServiceRef;
 use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
+use crate::precopy::Copying;
 use crate::replicas::Gate;
 use crate::reports::{MigrationReport, NotMoved};
+use crate::tracked::Precopy;
 use tern_proto::directory::Associations;
 use tern_proto::ids::{IdMap, KindKey, NodeName, ServiceAddr, ServiceId};
 use tern_proto::traffic::SIZE_SAMPLE_EVERY;
@@ -87,6 +89,12 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     /// restarted in place with a fresh state, as an OTP supervisor would, at most
     /// `max_restarts` times within `within_ms`; see [`Restart`].
     const RESTART: Option<Restart<Self>> = None;
+
+    /// Copy the state's large part ahead when the service moves ([`Precopy`]): the service
+    /// runs on while a [`TrackedMap`](crate::TrackedMap) in its state travels to the target,
+    /// and the freeze carries only what changed since. `None`, the default: the whole state
+    /// travels in the freeze.
+    const PRECOPY: Option<Precopy<Self>> = None;
 
     /// The kind key of this service type.
     fn kind_key() -> KindKey {
@@ -928,6 +936,8 @@ fn snapshot<S: Service>(
         replies: ctx.replies_kept(),
         // A move leaves the copies where they were sent from: that node still keeps them.
         outputs: Vec::new(),
+        // Set when the state was copied ahead (`Precopy::cut`).
+        precopied: false,
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((
@@ -973,8 +983,77 @@ fn timer_wires<S: Service>(ctx: &Ctx<S>) -> Result<Vec<TimerWire>, String> {
     Ok(timers)
 }
 
-/// Freezes the service for a migration; true if it moved away.
-async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S::Msg>>) -> bool {
+/// Starts copying the state ahead when the driver asks, and sends the next chunk when the
+/// writer has room (`precopy.rs`). Between two messages, while nothing else touches the state.
+fn precopy_turn<S: Service>(
+    state: &mut S,
+    ctx: &Ctx<S>,
+    mailbox: &Mailbox<S::Msg>,
+    copying: &mut Option<Box<Copying>>,
+) {
+    let Some(p) = S::PRECOPY else {
+        return;
+    };
+    if mailbox.precopy.load(std::sync::atomic::Ordering::Relaxed)
+        && mailbox
+            .precopy
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        if let Some(tx) = ctx.node.driver.take_precopy(ctx.id()) {
+            // One attempt at a time: an older one ended already.
+            *copying = Some(Copying::start((p.part)(state), tx, p.min_bytes));
+        }
+    }
+    if let Some(c) = copying {
+        if !c.step((p.part)(state), &ctx.node, ctx.id()) {
+            *copying = None;
+        }
+    }
+}
+
+/// Waits, while the state is being copied ahead, for a message, a due timer or room for the
+/// next chunk. (Boxed by the caller: an idle service's task does not carry it.)
+async fn idle_copying<M>(mailbox: &Mailbox<M>, c: &Copying, at: Option<tokio::time::Instant>) {
+    let due = async {
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = mailbox.wait_ready() => {}
+        _ = due => {}
+        _ = c.room() => {}
+    }
+}
+
+/// At the freeze, the changes not yet copied ahead go (`Copying::finish`); true when the
+/// snapshot may leave the part out (it travelled ahead).
+async fn finish_copying<S: Service>(
+    state: &mut S,
+    ctx: &Ctx<S>,
+    copying: Option<Box<Copying>>,
+) -> Result<bool, String> {
+    let (Some(c), Some(p)) = (copying, S::PRECOPY) else {
+        return Ok(false);
+    };
+    let part = (p.part)(state);
+    if !c.current(&ctx.node, ctx.id()) {
+        // Left from an attempt that ended: this freeze moves the whole state.
+        part.untrack();
+        return Ok(false);
+    }
+    c.finish(part).await.map(|()| true)
+}
+
+/// Freezes the service for a migration; true if it moved away. What was being copied ahead
+/// (`copying`) is finished first.
+async fn freeze<S: Service>(
+    state: &mut S,
+    ctx: &mut Ctx<S>,
+    mailbox: &Arc<Mailbox<S::Msg>>,
+    copying: Option<Box<Copying>>,
+) -> bool {
     let node = ctx.node.clone();
     let id = ctx.id();
     // This request is being served; one made while it runs is seen after it.
@@ -995,9 +1074,31 @@ async fn freeze<S: Service>(state: &S, ctx: &mut Ctx<S>, mailbox: &Arc<Mailbox<S
         } else {
             Ok(())
         };
-        let snap = match fence {
-            Ok(()) => snapshot(state, ctx, mailbox),
-            Err(why) => Err(format!(
+        // Boxed too, for the same reason.
+        let ahead = if copying.is_some() {
+            Box::pin(finish_copying(state, ctx, copying)).await
+        } else {
+            Ok(false)
+        };
+        let snap = match (fence, ahead) {
+            (Ok(()), Ok(false)) => snapshot(state, ctx, mailbox),
+            (Ok(()), Ok(true)) => {
+                // The part travelled ahead: the snapshot's state leaves it out.
+                let part = S::PRECOPY.map(|p| (p.part)(state));
+                if let Some(part) = part {
+                    part.leave_out(true);
+                }
+                let snap = snapshot(state, ctx, mailbox);
+                if let Some(p) = S::PRECOPY {
+                    (p.part)(state).leave_out(false);
+                }
+                snap.map(|(mut s, c)| {
+                    s.header.precopied = true;
+                    (s, c)
+                })
+            }
+            (Ok(()), Err(why)) => Err(format!("the pre-copy: {why}")),
+            (Err(why), _) => Err(format!(
                 "a replicated service moves only with its standbys fenced: {why}"
             )),
         };
@@ -1071,6 +1172,8 @@ fn serve<S: Service>(
         }
         let mut turn = 0u32;
         let mut paused = false;
+        // The state being copied ahead for a move (`Service::PRECOPY`).
+        let mut copying: Option<Box<Copying>> = None;
         loop {
             if ctx.node.halted.is_set() {
                 // A halted node handles nothing more; its system is ending.
@@ -1088,7 +1191,7 @@ fn serve<S: Service>(
                 if S::REPLICAS > 0 {
                     ctx.node.store_forget(ctx.id());
                 }
-                if freeze(&state, &mut ctx, &mailbox).await {
+                if freeze(&mut state, &mut ctx, &mailbox, copying.take()).await {
                     // Moved away: the target runs it now. No `stopped`: it did not stop.
                     if S::REPLICAS > 0 {
                         ctx.node.replica_left(ctx.id());
@@ -1100,6 +1203,11 @@ fn serve<S: Service>(
                     ctx.node.replicas.stayed(ctx.id());
                 }
                 continue;
+            }
+            // Copying ahead goes on between messages (after the freeze check: at the freeze,
+            // the last message's changes go in `finish`).
+            if S::PRECOPY.is_some() {
+                precopy_turn(&mut state, &ctx, &mailbox, &mut copying);
             }
             // A replicated copy that another node continues at a newer epoch hands what it holds
             // on to that node and ends, with nothing confirmed: that node confirms what it
@@ -1226,6 +1334,10 @@ fn serve<S: Service>(
                             &mut restarts,
                             (panic, in_hand),
                         ) {
+                            if let Some(c) = copying.take() {
+                                // The fresh state is not what was copied ahead.
+                                c.abandon(&ctx.node, ctx.id(), "the service restarted");
+                            }
                             continue;
                         }
                         return;
@@ -1270,14 +1382,15 @@ fn serve<S: Service>(
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
-                    match at {
-                        Some(at) => {
+                    match (at, copying.as_ref().filter(|c| c.wants_room())) {
+                        (at, Some(c)) => Box::pin(idle_copying(&mailbox, c, at)).await,
+                        (Some(at), None) => {
                             tokio::select! {
                                 _ = mailbox.wait_ready() => {}
                                 _ = tokio::time::sleep_until(at) => {}
                             }
                         }
-                        None => mailbox.wait_ready().await,
+                        (None, None) => mailbox.wait_ready().await,
                     }
                 }
             }

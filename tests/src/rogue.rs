@@ -103,6 +103,7 @@ pub fn snap_header(
         names: vec![],
         replies: vec![],
         outputs: vec![],
+        precopied: false,
     }
 }
 

@@ -15,8 +15,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
-use tern::{NodeName, ServiceId};
-use tern_proto::migration::{AbortReason, Action, Config, Core, Data, Outcome, Wire};
+use tern::{NodeName, ServiceId, Tracked, TrackedMap};
+use tern_proto::migration::{AbortReason, Action, Config, Core, Data, MigrationId, Outcome, Wire};
 
 /// A service's state in the simulation: what it handled, in order.
 pub type Log = Vec<(ServiceId, u64)>;
@@ -59,6 +59,15 @@ pub struct SimConfig {
     /// run checks that every forgery is refused or ignored, changes nothing, and that every
     /// other promise still holds.
     pub liar: f64,
+    /// Probability a single migration copies the service's state ahead first (pre-copy): the
+    /// service runs on while its log, kept in a [`tern::TrackedMap`] as a real service's is,
+    /// goes to the target in rounds; it freezes when little is left or at the pre-copy
+    /// deadline. The run checks that an attempt aborted during its rounds leaves the service
+    /// running where it was with nothing lost, and that every committed pre-copied state is
+    /// exactly the source's (what went ahead, then the changes at the freeze).
+    pub precopy: f64,
+    /// Probability a pre-copy round breaks its stream (the attempt aborts).
+    pub precopy_break: f64,
 }
 
 impl Default for SimConfig {
@@ -76,6 +85,8 @@ impl Default for SimConfig {
             crashes: 0,
             groups: 0.0,
             liar: 0.0,
+            precopy: 0.0,
+            precopy_break: 0.0,
         }
     }
 }
@@ -108,6 +119,9 @@ pub struct SimReport {
     pub claims_refused: BTreeMap<&'static str, u64>,
     /// Forgeries the lying peer sent, and those refused (the rest were ignored), by claim.
     pub forged: (u64, BTreeMap<&'static str, u64>),
+    /// Pre-copies started, ended by their freeze, aborted during their rounds; pre-copied
+    /// states installed and checked against their source's.
+    pub precopies: (u64, u64, u64, u64),
 }
 
 /// splitmix64: small, seedable, good enough to pick delays and dice. Shared by the simulations.
@@ -159,6 +173,12 @@ enum Event {
     Tick {
         node: usize,
     },
+    /// A round of `service`'s pre-copy for attempt `mig` on `node`.
+    Round {
+        node: usize,
+        service: ServiceId,
+        mig: MigrationId,
+    },
     Crash {
         node: usize,
     },
@@ -171,9 +191,46 @@ enum Event {
 
 struct Instance {
     log: Log,
+    /// What the log says of each sender (messages handled, last number), kept as a real
+    /// service keeps its large state: in a map the runtime can copy ahead, each entry
+    /// rewritten as messages come.
+    tracked: TrackedMap<ServiceId, (u64, u64)>,
     queue: VecDeque<Data<()>>,
     running: bool,
 }
+
+impl Instance {
+    fn new(log: Log, queue: VecDeque<Data<()>>, running: bool) -> Instance {
+        let tracked = per_sender(&log);
+        Instance {
+            log,
+            tracked,
+            queue,
+            running,
+        }
+    }
+}
+
+/// Per sender in `log`: messages handled and the last number.
+fn per_sender(log: &Log) -> TrackedMap<ServiceId, (u64, u64)> {
+    let mut m = TrackedMap::new();
+    for (from, seq) in log {
+        let (n, _) = m.get(from).copied().unwrap_or((0, 0));
+        m.insert(*from, (n + 1, *seq));
+    }
+    m
+}
+
+/// A pre-copy under way: its attempt, its target, and what the target has built.
+struct Copy {
+    mig: MigrationId,
+    to: usize,
+}
+
+/// Bytes of entries per simulated round (a few entries), and the bytes left at which the
+/// source asks to freeze.
+const ROUND_BYTES: usize = 24;
+const LAST_BYTES: usize = 16;
 
 struct Node {
     core: Core<Log, ()>,
@@ -201,6 +258,14 @@ struct Sim {
     group_of: BTreeMap<tern_proto::migration::MigrationId, usize>,
     /// Per group: members, committed, aborted.
     group_outcomes: Vec<(usize, usize, usize)>,
+    /// Pre-copies under way, by source node and service.
+    copies: BTreeMap<(usize, ServiceId), Copy>,
+    /// What each target built from pre-copy rounds, by node and attempt (lost with the node).
+    built: BTreeMap<(usize, MigrationId), TrackedMap<ServiceId, (u64, u64)>>,
+    /// Attempts whose freeze left the tracked part to what went ahead.
+    precopied: std::collections::BTreeSet<MigrationId>,
+    /// The attempt whose snapshot is being received now.
+    receiving: Option<MigrationId>,
 }
 
 const TICK_EVERY: u64 = 5;
@@ -329,7 +394,64 @@ impl Sim {
                         self.at(d, Event::Process { node, service });
                     }
                 }
+                Action::Precopy { service, mig, to } => {
+                    let inst = self.nodes[node]
+                        .instances
+                        .get_mut(&service)
+                        .ok_or("pre-copy of a missing instance")?;
+                    if !inst.running {
+                        return Err(format!(
+                            "pre-copy of {service} on {node}, which is not running"
+                        ));
+                    }
+                    inst.tracked.track();
+                    let to = self.node_of(&to).ok_or("pre-copy to the liar")?;
+                    self.report.precopies.0 += 1;
+                    self.copies.insert(
+                        (node, service),
+                        Copy {
+                            mig: mig.clone(),
+                            to,
+                        },
+                    );
+                    if !self.dead[to] {
+                        self.built.insert((to, mig.clone()), TrackedMap::new());
+                    }
+                    let d = 1 + self.rng.below(3);
+                    self.at(d, Event::Round { node, service, mig });
+                }
+                Action::PrecopyEnded { service, mig } => {
+                    let copy = self.copies.remove(&(node, service));
+                    if copy.as_ref().map(|c| &c.mig) != Some(&mig) {
+                        return Err(format!(
+                            "pre-copy {mig:?} of {service} on {node} ended, but it was not copying"
+                        ));
+                    }
+                    // Untouched: it runs where it was, with its state.
+                    let inst = self.nodes[node]
+                        .instances
+                        .get_mut(&service)
+                        .ok_or_else(|| {
+                            format!(
+                                "pre-copy of {service} on {node} aborted and the service is gone"
+                            )
+                        })?;
+                    if !inst.running {
+                        return Err(format!(
+                            "pre-copy of {service} on {node} aborted, leaving it stopped"
+                        ));
+                    }
+                    inst.tracked.untrack();
+                    if let Some(c) = copy {
+                        self.built.remove(&(c.to, mig));
+                    }
+                    self.report.precopies.2 += 1;
+                }
                 Action::Freeze { service } => {
+                    if let Some(c) = self.copies.remove(&(node, service)) {
+                        // The freeze sends what is left, then the snapshot, on one stream.
+                        self.finish_copy(node, service, c)?;
+                    }
                     let inst = self.nodes[node]
                         .instances
                         .get_mut(&service)
@@ -346,14 +468,23 @@ impl Sim {
                             "install of {service} over a live instance on {node}"
                         ));
                     }
-                    self.nodes[node].instances.insert(
-                        service,
-                        Instance {
-                            log: snap.state,
-                            queue: snap.queue.into(),
-                            running: false,
-                        },
-                    );
+                    let mig = self.receiving.clone().ok_or("install outside a snapshot")?;
+                    if self.precopied.contains(&mig) {
+                        // What went ahead plus the changes at the freeze is the source's state.
+                        let built = self.built.remove(&(node, mig.clone())).ok_or_else(|| {
+                            format!("pre-copied {service} installed on {node} with nothing built")
+                        })?;
+                        let want = per_sender(&snap.state);
+                        if built != want {
+                            return Err(format!(
+                                "pre-copied {service} on {node} holds {built:?}, its source {want:?}"
+                            ));
+                        }
+                        self.report.precopies.3 += 1;
+                    }
+                    self.nodes[node]
+                        .instances
+                        .insert(service, Instance::new(snap.state, snap.queue.into(), false));
                 }
                 Action::Start { service } | Action::Resume { service, .. } => {
                     let queue = match action {
@@ -442,6 +573,29 @@ impl Sim {
         Ok(())
     }
 
+    /// At the freeze: the changes left go to the target, ahead of the snapshot.
+    fn finish_copy(&mut self, node: usize, service: ServiceId, c: Copy) -> Result<(), String> {
+        let inst = self.nodes[node]
+            .instances
+            .get_mut(&service)
+            .ok_or("a freeze of a missing instance")?;
+        let mut rest = Vec::new();
+        while inst
+            .tracked
+            .take_changes(ROUND_BYTES, &mut rest)
+            .map_err(|e| format!("encoding the last changes: {e}"))?
+            > 0
+        {}
+        inst.tracked.untrack();
+        if let Some(b) = self.built.get_mut(&(c.to, c.mig.clone())) {
+            b.apply(&rest)
+                .map_err(|e| format!("applying the last changes: {e}"))?;
+        }
+        self.precopied.insert(c.mig);
+        self.report.precopies.1 += 1;
+        Ok(())
+    }
+
     fn check_one_live(&self) -> Result<(), String> {
         let mut live: BTreeMap<ServiceId, usize> = BTreeMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -467,6 +621,7 @@ impl Sim {
             | Event::Send { node, .. }
             | Event::Frozen { node, .. }
             | Event::Tick { node }
+            | Event::Round { node, .. }
             | Event::Crash { node }
             | Event::Detect { node, .. } => Some(*node),
             Event::Migrate { .. } => None,
@@ -479,6 +634,8 @@ impl Sim {
                 if self.dead.iter().filter(|d| !**d).count() > 1 {
                     self.dead[node] = true;
                     self.nodes[node].instances.clear();
+                    self.copies.retain(|(n, _), _| *n != node);
+                    self.built.retain(|(n, _), _| *n != node);
                     self.report.crashed += 1;
                     // The others notice only after their idle timeout.
                     for other in 0..self.nodes.len() {
@@ -501,8 +658,47 @@ impl Sim {
                 self.carry_out(node, actions)?;
             }
             Event::Net { to, from, msg } => {
+                self.receiving = match &msg {
+                    Wire::Snapshot { mig, .. } => Some(mig.clone()),
+                    _ => None,
+                };
                 let actions = self.nodes[to].core.receive(self.names[from].clone(), msg);
                 self.carry_out(to, actions)?;
+                self.receiving = None;
+            }
+            Event::Round { node, service, mig } => {
+                let Some(c) = self.copies.get(&(node, service)).filter(|c| c.mig == mig) else {
+                    return Ok(()); // Ended: frozen or aborted.
+                };
+                let to = c.to;
+                if self.rng.chance(self.cfg.precopy_break) {
+                    let actions =
+                        self.nodes[node]
+                            .core
+                            .precopy_failed(service, &mig, "stream broke".into());
+                    return self.carry_out(node, actions);
+                }
+                let inst = self.nodes[node]
+                    .instances
+                    .get_mut(&service)
+                    .ok_or("a pre-copy round of a missing instance")?;
+                let mut chunk = Vec::new();
+                inst.tracked
+                    .take_changes(ROUND_BYTES, &mut chunk)
+                    .map_err(|e| format!("encoding a round: {e}"))?;
+                let left = inst.tracked.unsent_bytes();
+                if let Some(b) = self.built.get_mut(&(to, mig.clone())) {
+                    b.apply(&chunk)
+                        .map_err(|e| format!("applying a round: {e}"))?;
+                }
+                if left.is_some_and(|b| b <= LAST_BYTES) {
+                    let actions = self.nodes[node].core.precopied(service, &mig);
+                    self.carry_out(node, actions)?;
+                } else {
+                    // A round takes about as long as a message to the target.
+                    let d = 1 + self.rng.below(self.cfg.delay_max);
+                    self.at(d, Event::Round { node, service, mig });
+                }
             }
             Event::Forged { to, msg } => {
                 self.report.forged.0 += 1;
@@ -551,6 +747,8 @@ impl Sim {
                             d.seq, d.from
                         ));
                     }
+                    let (n, _) = inst.tracked.get(&d.from).copied().unwrap_or((0, 0));
+                    inst.tracked.insert(d.from, (n + 1, d.seq));
                     inst.log.push((d.from, d.seq));
                     let more = !inst.queue.is_empty();
                     if std::env::var_os("TERN_SIM_TRACE").is_some() {
@@ -629,9 +827,12 @@ impl Sim {
                     } else {
                         to
                     };
-                    let (_, actions) = self.nodes[node]
-                        .core
-                        .migrate(service, self.names[to].clone());
+                    let precopy = self.rng.chance(self.cfg.precopy);
+                    let (_, actions) = self.nodes[node].core.migrate_with(
+                        service,
+                        self.names[to].clone(),
+                        precopy,
+                    );
                     self.carry_out(node, actions)?;
                 }
             }
@@ -690,6 +891,14 @@ fn describe(ev: &Event) -> String {
         Event::Migrate { service, to } => format!("migrate {} to {to}", service.counter()),
         Event::Frozen { node, service } => format!("frozen {} on {node}", service.counter()),
         Event::Tick { .. } => "tick".into(),
+        Event::Round { node, service, mig } => {
+            format!(
+                "pre-copy round {} on {node} ({}#{})",
+                service.counter(),
+                mig.source,
+                mig.n
+            )
+        }
         Event::Crash { node } => format!("crash {node}"),
         Event::Detect { node, dead } => format!("{node} notices {dead} is gone"),
     }
@@ -710,6 +919,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         // real transport retransmits, so a live source's answers can be lost many times in a
         // row: there the wait covers 40 query rounds (at 30% loss each way, all fail with a
         // chance of about 2e-12). With 10 rounds, seed 31077 of the storm sweep lost them all.
+        // Long enough for most pre-copies to catch up, short enough for some to freeze at it.
+        precopy_ticks: 8 * cfg.delay_max,
         orphan_ticks: if cfg.crashes == 0 {
             160 * cfg.delay_max
         } else {
@@ -747,14 +958,9 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
     for &s in &services {
         let home = rng.below(cfg.nodes as u64) as usize;
         nodes[home].core.host(s);
-        nodes[home].instances.insert(
-            s,
-            Instance {
-                log: Vec::new(),
-                queue: VecDeque::new(),
-                running: true,
-            },
-        );
+        nodes[home]
+            .instances
+            .insert(s, Instance::new(Vec::new(), VecDeque::new(), true));
         for n in nodes.iter_mut() {
             n.core.learn(s, names[home].clone(), 0);
         }
@@ -778,6 +984,10 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         },
         group_of: BTreeMap::new(),
         group_outcomes: Vec::new(),
+        copies: BTreeMap::new(),
+        built: BTreeMap::new(),
+        precopied: std::collections::BTreeSet::new(),
+        receiving: None,
     };
     let busy_until = cfg.msgs_per_sender * 8 + 50;
     for node in 0..cfg.nodes {

@@ -36,7 +36,7 @@ fn two_nil_batch(to: ServiceId, from: ServiceId, first_seq: u64) -> Result<Vec<u
     Ok(batch)
 }
 
-fn expect_protocol_error(a: Answer, want: u16, mentions: &str) {
+pub(crate) fn expect_protocol_error(a: Answer, want: u16, mentions: &str) {
     match a {
         Answer::ProtocolError(code, detail) => {
             assert_eq!(code, want, "{detail}");
@@ -192,7 +192,7 @@ fn begin(h: SnapHeader) -> Vec<u8> {
 }
 
 /// The node's refusal of attempt `n`, with its reason.
-fn refusal(m: MigMsg, want_n: u64) -> String {
+pub(crate) fn refusal(m: MigMsg, want_n: u64) -> String {
     match m {
         MigMsg::Refused { n, reason, .. } if n == want_n => reason,
         other => panic!("expected the refusal of attempt {want_n}, got {other:?}"),

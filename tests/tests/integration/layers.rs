@@ -139,7 +139,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "base",
         &[
             "error", "stats", "certs", "tls", "trust", "sync", "events", "books", "limits",
-            "reports",
+            "reports", "tracked",
         ],
     ),
     ("net", &["transport"]),
@@ -147,7 +147,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "node",
         &[
             "mailbox", "registry", "handle", "service", "node", "members", "migrate", "tree",
-            "inbound", "placing", "senders", "names", "replicas", "store", "replies",
+            "inbound", "placing", "senders", "names", "replicas", "store", "replies", "precopy",
         ],
     ),
     (

@@ -19,6 +19,7 @@ mod migration;
 mod pairing;
 mod panics;
 mod placement;
+mod precopy;
 mod replicas;
 mod revocation;
 mod sim;

@@ -118,6 +118,59 @@ fn crashes_never_make_two_instances_or_leave_a_copy_waiting() {
     }
 }
 
+/// Sums the pre-copy counts of `reports`: started, frozen, aborted in their rounds,
+/// installed and checked.
+fn precopies(reports: &[SimReport]) -> (u64, u64, u64, u64) {
+    reports.iter().fold((0, 0, 0, 0), |a, r| {
+        let p = r.precopies;
+        (a.0 + p.0, a.1 + p.1, a.2 + p.2, a.3 + p.3)
+    })
+}
+
+#[test]
+fn precopies_keep_every_promise_and_an_abort_in_their_rounds_leaves_the_service_running() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 3,
+        migrations: 12,
+        precopy: 0.7,
+        precopy_break: 0.02,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0x9ec0, 1_000, &cfg);
+    let (started, frozen, aborted_early, checked) = precopies(&reports);
+    let (committed, aborted, _, handled) = summary(&reports);
+    eprintln!(
+        "sim with pre-copy: {} runs, {started} pre-copies, {frozen} froze, {aborted_early} aborted in their rounds, {checked} pre-copied states installed and checked, {committed} migrations committed, aborted {aborted:?}, {handled} messages handled",
+        reports.len()
+    );
+    assert!(reports.iter().all(|r| r.handled == r.sent));
+    if reports.len() > 100 {
+        assert!(started > 0 && frozen > 0 && aborted_early > 0 && checked > 0);
+    }
+}
+
+#[test]
+fn precopies_with_crashes_never_make_two_instances() {
+    let cfg = SimConfig {
+        nodes: 4,
+        services: 3,
+        migrations: 12,
+        crashes: 1,
+        precopy: 0.7,
+        ..SimConfig::default()
+    };
+    let reports = sweep(0x9ec1, 500, &cfg);
+    let (started, _, aborted_early, checked) = precopies(&reports);
+    eprintln!(
+        "sim with pre-copy and crashes: {} runs, {started} pre-copies, {aborted_early} aborted in their rounds, {checked} checked",
+        reports.len()
+    );
+    if reports.len() > 100 {
+        assert!(started > 0 && aborted_early > 0);
+    }
+}
+
 #[test]
 fn groups_commit_all_or_none_under_loss_and_refusals() {
     let cfg = SimConfig {

@@ -1,0 +1,291 @@
+//! Pre-copy over real QUIC: a store written while it moves arrives with every write, its
+//! freeze leaves the bulk behind, an abort before the freeze leaves it running untouched, and
+//! hostile pre-copy streams get errors or refusals.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tern::{AbortReason, Ctx, KindKey, MigrateOptions, Service, ServiceRef};
+use tern_actors::{KvMsg, KvStore};
+use tern_harness::rogue::{frame, snap_header, Rogue};
+use tern_harness::{block_on, wait_until, Cluster};
+use tern_proto::wire::{code, Frame};
+
+use crate::frames::{expect_protocol_error, refusal};
+
+use crate::common::{connected, SECS_10};
+
+/// Entries of 16 KiB the stores start with: 4 MiB, over `PRECOPY_MIN_BYTES`.
+const ENTRIES: u64 = 256;
+
+fn key(i: u64) -> String {
+    format!("k{i:05}")
+}
+
+/// The value the `n`th write puts: 64 bytes naming `n`.
+fn value(n: u64) -> Vec<u8> {
+    n.to_le_bytes().repeat(8)
+}
+
+fn put(key: String, value: Vec<u8>) -> KvMsg {
+    KvMsg::Put {
+        key,
+        value,
+        reply: None,
+    }
+}
+
+/// Fills `kv` with [`ENTRIES`] entries of 16 KiB; returns what it holds.
+async fn fill(kv: &ServiceRef<KvStore>) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut held = BTreeMap::new();
+    for i in 0..ENTRIES {
+        let v = vec![i as u8; 16 << 10];
+        kv.tell_wait(put(key(i), v.clone())).await?;
+        held.insert(key(i), v);
+    }
+    // Handled, not only queued: the move copies them ahead instead of carrying the puts.
+    assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, held.len());
+    Ok(held)
+}
+
+/// One write of a stream of writes: mostly overwrites of existing keys, some new keys, every
+/// seventh a delete.
+async fn write(
+    kv: &ServiceRef<KvStore>,
+    n: u64,
+    held: &mut BTreeMap<String, Vec<u8>>,
+) -> Result<()> {
+    let k = key((n * 37) % (ENTRIES + 40));
+    if n % 7 == 0 {
+        kv.tell_wait(KvMsg::Delete {
+            key: k.clone(),
+            reply: None,
+        })
+        .await?;
+        held.remove(&k);
+    } else {
+        kv.tell_wait(put(k.clone(), value(n))).await?;
+        held.insert(k, value(n));
+    }
+    Ok(())
+}
+
+/// `kv` holds exactly `held`.
+async fn holds(kv: &ServiceRef<KvStore>, held: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+    assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, held.len());
+    for i in 0..ENTRIES + 40 {
+        let got = kv
+            .ask(|reply| KvMsg::Get { key: key(i), reply }, SECS_10)
+            .await?;
+        assert_eq!(got.as_ref(), held.get(&key(i)), "entry {}", key(i));
+    }
+    Ok(())
+}
+
+/// Migrates `kv` to `to` while writing to it without a pause; returns the report and how many
+/// writes went while the move ran.
+async fn move_while_writing(
+    c: &Cluster,
+    kv: &ServiceRef<KvStore>,
+    to: &str,
+    held: &mut BTreeMap<String, Vec<u8>>,
+    first: u64,
+) -> Result<(tern::MigrationReport, u64)> {
+    let done = Cell::new(false);
+    let moving = async {
+        let r = c
+            .node("a")
+            .migrate(kv.id(), to, MigrateOptions::default())
+            .await;
+        done.set(true);
+        r
+    };
+    let writing = async {
+        let mut n = first;
+        while !done.get() {
+            write(kv, n, held).await?;
+            n += 1;
+            // The move's own future gets its turns on this thread.
+            tokio::task::yield_now().await;
+        }
+        Ok::<u64, anyhow::Error>(n - first)
+    };
+    let (report, writes) = tokio::join!(moving, writing);
+    let report = match report {
+        Ok(r) => r,
+        Err(tern::Error::NotMoved(n)) if n.reports.len() == 1 => n.reports[0].clone(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((report, writes?))
+}
+
+#[test]
+fn a_store_written_while_it_moves_arrives_with_every_write_and_its_freeze_leaves_the_bulk_behind(
+) -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let kv = c.node("a").spawn(KvStore::default())?;
+    block_on(async {
+        let mut held = fill(&kv).await?;
+        let (report, writes) = move_while_writing(&c, &kv, "b", &mut held, 1).await?;
+        assert!(report.committed(), "{report:?}");
+        assert!(writes > 0, "writes went on while it moved");
+        // The entries went ahead (less those the writes removed or shrank first); the
+        // snapshot carried the changes since and the writes that came during the freeze, not
+        // the 4 MiB.
+        assert!(report.precopied_bytes > 3 << 20, "copied ahead: {report:?}");
+        assert!(
+            report.snapshot_bytes < 1 << 20,
+            "the freeze carries the changes only: {report:?}"
+        );
+        assert_eq!(kv.location().as_str(), "b");
+        holds(&kv, &held).await?;
+        // It serves on, and moves back the same way.
+        for n in 100_000..100_200 {
+            write(&kv, n, &mut held).await?;
+        }
+        holds(&kv, &held).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(c.node("b").migration_stats().arrived, 1);
+    c.shutdown();
+    Ok(())
+}
+
+/// A store of the same kind as [`KvStore`] that does not copy ahead: a node that registers it
+/// refuses pre-copies of `kv`.
+#[derive(Default, Serialize, Deserialize)]
+struct PlainKv {
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+impl Service for PlainKv {
+    type Msg = KvMsg;
+    const KIND: &'static str = "kv";
+    const VERSION: u32 = 1;
+    async fn handle(&mut self, _: KvMsg, _: &mut Ctx<Self>) {}
+}
+
+#[test]
+fn a_precopy_the_target_refuses_leaves_the_store_running_untouched_and_it_moves_elsewhere(
+) -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .node("c", &[])
+        .node_setup("a", tern_actors::register_all)
+        .node_setup("b", |n| {
+            n.register::<PlainKv>();
+        })
+        .node_setup("c", tern_actors::register_all)
+        .start()?;
+    c.wait_members(SECS_10)?;
+    let kv = c.node("a").spawn(KvStore::default())?;
+    block_on(async {
+        let mut held = fill(&kv).await?;
+        let (report, _) = move_while_writing(&c, &kv, "b", &mut held, 1).await?;
+        match &report.aborted {
+            Some(AbortReason::Refused(why)) => {
+                assert!(why.contains("does not copy ahead"), "{why}")
+            }
+            other => panic!("expected b's refusal, got {other:?}"),
+        }
+        assert_eq!(
+            report.frozen_after_us, 0,
+            "it never froze: the refusal came during the pre-copy: {report:?}"
+        );
+        assert_eq!(kv.location().as_str(), "a");
+        holds(&kv, &held).await?;
+        // Tracking ended with the attempt: another move copies everything again, to a node
+        // that takes it.
+        let (report, _) = move_while_writing(&c, &kv, "c", &mut held, 50_000).await?;
+        assert!(report.committed(), "{report:?}");
+        assert!(report.precopied_bytes > 3 << 20, "{report:?}");
+        holds(&kv, &held).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(
+        c.node("a").migration_stats().aborted.get("refused"),
+        Some(&1)
+    );
+    assert_eq!(c.node("b").migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn hostile_precopy_streams_get_errors_or_refusals_and_nothing_is_installed() -> Result<()> {
+    let c = connected(&["a", "b"])?;
+    let a = c.node("a");
+    let kv_kind = <KvStore as Service>::kind_key();
+    let id = |n: u64| tern::ServiceId::from_parts(0x5eed, n);
+    let begin = |n: u64, kind: KindKey| {
+        frame(&Frame::PreBegin {
+            mig: n,
+            id: id(n),
+            kind,
+        })
+    };
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+
+        // Entries before any header.
+        p.send_uni(&frame(&Frame::PreState { bytes: &[0x92] }))
+            .await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "before their header");
+
+        // A kind the node does not have, and one that does not copy ahead.
+        p.send_uni(&begin(1, KindKey::new("nope", 1))).await?;
+        assert!(refusal(p.mig().await?, 1).contains("nope"));
+        p.send_uni(&begin(2, KindKey::new("test-slow", 1))).await?;
+        assert!(refusal(p.mig().await?, 2).contains("does not copy ahead"));
+
+        // Entries that are not the kind's entries: refused, not a panic.
+        let mut s = begin(3, kv_kind.clone());
+        s.extend(frame(&Frame::PreState {
+            bytes: &[0x92, 0xc1, 0xc1],
+        }));
+        p.send_uni(&s).await?;
+        assert!(refusal(p.mig().await?, 3).contains("pre-copied entries"));
+
+        // A message frame inside a pre-copy stream.
+        let mut s = begin(4, kv_kind.clone());
+        s.extend(frame(&Frame::SnapEnd));
+        p.send_uni(&s).await?;
+        expect_protocol_error(p.answer().await?, code::UNEXPECTED, "snap-end");
+
+        // A snapshot that says it was copied ahead, with nothing ahead of it; and a pre-copy
+        // followed by a snapshot of another attempt.
+        let mut h = snap_header(5, kv_kind.clone(), 4, 0);
+        h.precopied = true;
+        p.send_uni(&frame(&Frame::SnapBegin(Box::new(h)))).await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "without its pre-copy");
+        let mut s = begin(6, kv_kind.clone());
+        let mut h = snap_header(7, kv_kind.clone(), 4, 0);
+        h.precopied = true;
+        s.extend(frame(&Frame::SnapBegin(Box::new(h))));
+        p.send_uni(&s).await?;
+        expect_protocol_error(p.answer().await?, code::MALFORMED, "without its pre-copy");
+
+        // Two pre-copy headers on one stream.
+        let mut s = begin(8, kv_kind.clone());
+        s.extend(begin(9, kv_kind.clone()));
+        p.send_uni(&s).await?;
+        expect_protocol_error(p.answer().await?, code::UNEXPECTED, "pre-begin");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The node serves on; nothing was installed.
+    let kv = a.spawn(KvStore::default())?;
+    block_on(async {
+        kv.tell_wait(put("x".into(), vec![1])).await?;
+        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
+        wait_until(SECS_10, "no probe copy", || async {
+            a.services().iter().all(|s| s.addr.id.prefix() != 0x5eed)
+        })
+        .await
+    })?;
+    assert_eq!(a.migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
