@@ -5,6 +5,7 @@
 mod local;
 mod migration;
 mod placement;
+mod precopy;
 mod remote;
 mod replicas;
 mod util;
@@ -12,13 +13,38 @@ mod util;
 use anyhow::Result;
 use serde_json::json;
 
+/// The sections, in the order they run.
+const SECTIONS: [&str; 6] = [
+    "local",
+    "remote",
+    "migration",
+    "precopy",
+    "placement",
+    "replicas",
+];
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let json_out = args.iter().any(|a| a == "--json");
-    let quick = args.iter().any(|a| a == "--quick");
-    if let Some(bad) = args.iter().find(|a| *a != "--json" && *a != "--quick") {
-        anyhow::bail!("unknown argument {bad:?}; usage: tern-bench [--json] [--quick]");
+    let mut json_out = false;
+    let mut quick = false;
+    let mut only: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => json_out = true,
+            "--quick" => quick = true,
+            "--only" => match it.next() {
+                Some(s) if SECTIONS.contains(&s.as_str()) => only = Some(s.clone()),
+                other => anyhow::bail!(
+                    "--only takes one of {SECTIONS:?}, not {other:?}; usage: tern-bench [--json] [--quick] [--only SECTION]"
+                ),
+            },
+            bad => anyhow::bail!(
+                "unknown argument {bad:?}; usage: tern-bench [--json] [--quick] [--only SECTION]"
+            ),
+        }
     }
+    let runs = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let scale = if quick {
         util::Scale::quick()
     } else {
@@ -30,25 +56,37 @@ fn main() -> Result<()> {
     let started = std::time::Instant::now();
     util::start_clock();
 
-    let local = local::run(&scale)?;
-    let remote = remote::run(&scale)?;
-    let migration = migration::run(&scale)?;
-    let (tree, placement) = placement::run(&scale)?;
-    let replicas = replicas::run(&scale)?;
-
-    let out = json!({
-        "local": local,
-        "remote": remote,
-        "migration": migration,
-        "tree": tree,
-        "placement": placement,
-        "replicas": replicas,
-        "run": {
+    let mut out = serde_json::Map::new();
+    if runs("local") {
+        out.insert("local".into(), local::run(&scale)?);
+    }
+    if runs("remote") {
+        out.insert("remote".into(), remote::run(&scale)?);
+    }
+    if runs("migration") {
+        out.insert("migration".into(), migration::run(&scale)?);
+    }
+    if runs("precopy") {
+        out.insert("precopy".into(), precopy::run(&scale)?);
+    }
+    if runs("placement") {
+        let (tree, placement) = placement::run(&scale)?;
+        out.insert("tree".into(), tree);
+        out.insert("placement".into(), placement);
+    }
+    if runs("replicas") {
+        out.insert("replicas".into(), replicas::run(&scale)?);
+    }
+    out.insert(
+        "run".into(),
+        json!({
             "quick": quick,
+            "only": only,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "seconds": started.elapsed().as_secs_f64(),
-        }
-    });
+        }),
+    );
+    let out = serde_json::Value::Object(out);
     if json_out {
         println!("{}", serde_json::to_string(&out)?);
     } else {
