@@ -477,15 +477,30 @@ pub fn init_tracing() {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_test_writer()
+            .with_writer(|| Eprint)
             .try_init();
     });
 }
 
+/// Writes logs with `eprint!`: a test's output capture takes them (as it takes `print!`), and
+/// outside tests they go to stderr, never to stdout, where a program's `--json` object goes.
+struct Eprint;
+
+impl std::io::Write for Eprint {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        eprint!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// For binaries: installs a tracing subscriber writing to stderr, filtered by `RUST_LOG`
 /// (default: warnings), so logs never mix with what a program prints on stdout. Call it before
-/// starting a cluster ([`init_tracing`], which tests use, writes where the test harness
-/// captures, and that is stdout outside tests).
+/// starting a cluster ([`init_tracing`], which a cluster calls, writes where the test harness
+/// captures, and that is stderr outside tests).
 pub fn init_tracing_stderr() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

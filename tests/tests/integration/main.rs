@@ -16,6 +16,7 @@ mod liveness;
 mod mailbox;
 mod messaging;
 mod migration;
+mod output;
 mod pairing;
 mod panics;
 mod placement;
