@@ -306,6 +306,49 @@ fn rebuild_case(c: &Cluster, holders: usize, runs: usize) -> Result<(Vec<u64>, V
     Ok((rebuild, freeze))
 }
 
+/// Drains node c holding `services` small services (a `Holder` each) to a and b: the drain's
+/// wall time, and the moves' freeze and total times as its report gives them.
+fn drain_case(services: usize) -> Result<Value> {
+    // A cluster of its own: c holds these services and nothing else.
+    let c = cluster()?;
+    // Placement sees the other nodes (and the kinds they run) through gossip.
+    c.wait_members(Duration::from_secs(10))?;
+    let c_node = c.node("c");
+    let mut refs: Vec<ServiceRef<Holder>> = Vec::with_capacity(services);
+    for _ in 0..services {
+        refs.push(c_node.spawn(Holder)?);
+    }
+    let t0 = Instant::now();
+    let report = block_on(c_node.drain());
+    let drain_us = t0.elapsed().as_micros() as u64;
+    if !report.failed.is_empty() || report.moved.len() != services {
+        bail!(
+            "the drain moved {} of {services} services; failed: {:?}",
+            report.moved.len(),
+            report.failed.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    let (freeze_p50, freeze_p99) = percentiles(report.moved.iter().map(|m| m.freeze_us).collect());
+    let (total_p50, _) = percentiles(report.moved.iter().map(|m| m.total_us).collect());
+    let sum_total_us: u64 = report.moved.iter().map(|m| m.total_us).sum();
+    let mut moved_to: std::collections::BTreeMap<String, u64> = Default::default();
+    for m in &report.moved {
+        *moved_to.entry(m.to.to_string()).or_default() += 1;
+    }
+    drop(refs);
+    c.shutdown();
+    Ok(json!({
+        "services": services,
+        "drain_ms": drain_us as f64 / 1000.0,
+        "per_service_us": drain_us / services as u64,
+        "moves_freeze_us_p50": freeze_p50,
+        "moves_freeze_us_p99": freeze_p99,
+        "moves_total_us_p50": total_p50,
+        "moves_total_us_sum_ms": sum_total_us as f64 / 1000.0,
+        "moved_to": moved_to,
+    }))
+}
+
 pub fn run(scale: &Scale) -> Result<Value> {
     let c = cluster()?;
     let quick = scale.repeats < 5 || scale.local_msgs < 10_000_000;
@@ -353,9 +396,12 @@ pub fn run(scale: &Scale) -> Result<Value> {
         }));
     }
     c.shutdown();
+    progress("migration: drain of a node holding 1,000 services");
+    let drain = drain_case(1000)?;
     Ok(json!({
         "cases": cases,
         "rebuild": rebuild,
+        "drain": drain,
         "lost": tally.sent.saturating_sub(tally.got - tally.dup),
         "duplicated": tally.dup,
         "reordered": tally.gaps,

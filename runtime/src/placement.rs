@@ -345,6 +345,9 @@ impl NodeShared {
     /// Moves every movable service away (each tree whose root is here as one unit), then
     /// stops taking services. Pinned services stay and are reported.
     pub async fn drain(self: &Arc<Self>) -> DrainReport {
+        /// How long a drain plans with one view of the cluster before it reads it again
+        /// (gossip changes it once a second).
+        const DRAIN_VIEW_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
         lock(&self.members).update_me(|me| me.draining = true);
         self.gossip();
         let pins = self.placement.pins();
@@ -366,7 +369,16 @@ impl NodeShared {
             }
         }
         let me = self.name().clone();
+        // One view for many roots (building it reads every service the cluster gossips, so a
+        // fresh one per root made a drain quadratic), kept current with the moves made here
+        // and built again at the pace gossip changes it.
+        let mut view = self.view();
+        let mut view_at = std::time::Instant::now();
         for root in roots {
+            if view_at.elapsed() >= DRAIN_VIEW_MAX_AGE {
+                view = self.view();
+                view_at = std::time::Instant::now();
+            }
             // The tree's members that run here and are not pinned move together.
             let members: Vec<ServiceId> = match self.tree(root) {
                 Ok(t) => t
@@ -376,7 +388,6 @@ impl NodeShared {
                     .collect(),
                 Err(_) => vec![root],
             };
-            let view = self.view();
             let opts = PlanOptions {
                 exclude: vec![me.to_string()],
                 ..PlanOptions::default()
@@ -392,6 +403,18 @@ impl NodeShared {
                 Ok(placed) => {
                     for g in placed.groups {
                         if g.committed {
+                            for m in &g.members {
+                                view.at.insert(m.service, m.to.clone());
+                                // Counted where they went, so the next roots spread (gossip
+                                // says it a second later).
+                                for n in view.nodes.iter_mut() {
+                                    if n.name == m.to {
+                                        n.services += 1;
+                                    } else if n.name == m.from {
+                                        n.services = n.services.saturating_sub(1);
+                                    }
+                                }
+                            }
                             report.moved.extend(g.members);
                         } else {
                             let why = g.aborted().unwrap_or_default();
