@@ -1011,6 +1011,14 @@ fn precopy_turn<S: Service>(
     }
 }
 
+/// Waits for a message or until `at` (a due timer or checkpoint). Boxed by the caller.
+async fn ready_or_due<M>(mailbox: &Mailbox<M>, at: tokio::time::Instant) {
+    tokio::select! {
+        _ = mailbox.wait_ready() => {}
+        _ = tokio::time::sleep_until(at) => {}
+    }
+}
+
 /// Waits, while the state is being copied ahead, for a message, a due timer or room for the
 /// next chunk. (Boxed by the caller: an idle service's task does not carry it.)
 async fn idle_copying<M>(mailbox: &Mailbox<M>, c: &Copying, at: Option<tokio::time::Instant>) {
@@ -1191,7 +1199,8 @@ fn serve<S: Service>(
                 if S::REPLICAS > 0 {
                     ctx.node.store_forget(ctx.id());
                 }
-                if freeze(&mut state, &mut ctx, &mailbox, copying.take()).await {
+                // Boxed: a freeze is rare, and every runner's future would make room for it.
+                if Box::pin(freeze(&mut state, &mut ctx, &mailbox, copying.take())).await {
                     // Moved away: the target runs it now. No `stopped`: it did not stop.
                     if S::REPLICAS > 0 {
                         ctx.node.replica_left(ctx.id());
@@ -1243,10 +1252,15 @@ fn serve<S: Service>(
                             tracing::info!(service = %ctx.id(), "replica paused: no lease");
                         }
                         checkpoint(&state, &ctx);
-                        tokio::select! {
-                            _ = woken => {}
-                            _ = tokio::time::sleep(PAUSED_LOOK) => {}
-                        }
+                        // Boxed: a `Sleep` is large, and every runner's future would make room
+                        // for it.
+                        Box::pin(async {
+                            tokio::select! {
+                                _ = woken => {}
+                                _ = tokio::time::sleep(PAUSED_LOOK) => {}
+                            }
+                        })
+                        .await;
                         continue;
                     }
                 }
@@ -1384,12 +1398,8 @@ fn serve<S: Service>(
                     };
                     match (at, copying.as_ref().filter(|c| c.wants_room())) {
                         (at, Some(c)) => Box::pin(idle_copying(&mailbox, c, at)).await,
-                        (Some(at), None) => {
-                            tokio::select! {
-                                _ = mailbox.wait_ready() => {}
-                                _ = tokio::time::sleep_until(at) => {}
-                            }
-                        }
+                        // Boxed, as above.
+                        (Some(at), None) => Box::pin(ready_or_due(&mailbox, at)).await,
                         (None, None) => mailbox.wait_ready().await,
                     }
                 }
