@@ -45,15 +45,14 @@ impl Service for Pages {
     });
 
     async fn handle(&mut self, msg: PageMsg, ctx: &mut Ctx<Self>) {
-        match msg {
-            PageMsg::Write { at, bytes } => {
-                self.pages.insert(at, bytes);
-                self.writes += 1;
-            }
-            PageMsg::Writes(r) => {
-                let _ = ctx.reply(r, self.writes);
-            }
-        }
+        self.writes = page_msg(
+            msg,
+            self.writes,
+            |at, b| {
+                self.pages.insert(at, b);
+            },
+            ctx,
+        );
     }
 }
 
@@ -70,14 +69,33 @@ impl Service for PlainPages {
     const VERSION: u32 = 1;
 
     async fn handle(&mut self, msg: PageMsg, ctx: &mut Ctx<Self>) {
-        match msg {
-            PageMsg::Write { at, bytes } => {
-                self.pages.insert(at, bytes);
-                self.writes += 1;
-            }
-            PageMsg::Writes(r) => {
-                let _ = ctx.reply(r, self.writes);
-            }
+        self.writes = page_msg(
+            msg,
+            self.writes,
+            |at, b| {
+                self.pages.insert(at, b);
+            },
+            ctx,
+        );
+    }
+}
+
+/// Handles `msg` for a store that has handled `writes` writes and puts entries with `put`;
+/// the writes handled after it.
+fn page_msg<S: Service>(
+    msg: PageMsg,
+    writes: u64,
+    put: impl FnOnce(u32, ByteBuf),
+    ctx: &mut Ctx<S>,
+) -> u64 {
+    match msg {
+        PageMsg::Write { at, bytes } => {
+            put(at, bytes);
+            writes + 1
+        }
+        PageMsg::Writes(r) => {
+            let _ = ctx.reply(r, writes);
+            writes
         }
     }
 }

@@ -886,27 +886,22 @@ impl<S: Clone, P: Clone> Core<S, P> {
     /// will tell it again where services went (it may come back as a new run).
     pub fn link_lost(&mut self, node: &NodeName) -> Vec<Action<S, P>> {
         self.tombs.forget_notices_to(node);
-        let lost: Vec<ServiceId> = self
+        // Sent to it (true), or copying ahead to it (false).
+        let lost: Vec<(ServiceId, bool)> = self
             .hosted
             .iter()
             .filter_map(|(s, h)| match &h.phase {
-                Phase::Sent { to, .. } if to == node => Some(*s),
+                Phase::Sent { to, .. } if to == node => Some((*s, true)),
+                Phase::Precopying { to, .. } if to == node => Some((*s, false)),
                 _ => None,
             })
             .collect();
-        for service in lost {
-            self.abort(service, AbortReason::LinkLost);
-        }
-        let copying: Vec<ServiceId> = self
-            .hosted
-            .iter()
-            .filter_map(|(s, h)| match &h.phase {
-                Phase::Precopying { to, .. } if to == node => Some(*s),
-                _ => None,
-            })
-            .collect();
-        for service in copying {
-            self.precopy_ended(service, AbortReason::LinkLost);
+        for (service, sent) in lost {
+            if sent {
+                self.abort(service, AbortReason::LinkLost);
+            } else {
+                self.precopy_ended(service, AbortReason::LinkLost);
+            }
         }
         self.take()
     }
