@@ -8,19 +8,21 @@ mod placement;
 mod precopy;
 mod remote;
 mod replicas;
+mod scale;
 mod util;
 
 use anyhow::Result;
 use serde_json::json;
 
 /// The sections, in the order they run.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "local",
     "remote",
     "migration",
     "precopy",
     "placement",
     "replicas",
+    "scale",
 ];
 
 fn main() -> Result<()> {
@@ -76,6 +78,9 @@ fn main() -> Result<()> {
     }
     if runs("replicas") {
         out.insert("replicas".into(), replicas::run(&scale)?);
+    }
+    if runs("scale") {
+        out.insert("scale".into(), scale::run(&scale)?);
     }
     out.insert(
         "run".into(),
