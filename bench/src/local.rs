@@ -191,21 +191,28 @@ pub fn run(scale: &Scale) -> Result<Value> {
 
     let mut tern_runs = Vec::new();
     let mut actix_runs = Vec::new();
-    // Warm both up once, then alternate so drift affects both alike.
+    let mut peer_runs: Vec<f64> = Vec::new();
+    // Warm all up once, then alternate so drift affects all alike.
     tern_once(&driver, &sum, scale.local_msgs / 10)?;
     actix_once(scale.local_msgs / 10)?;
+    kameo_once(scale.local_msgs / 10)?;
     for r in 0..scale.repeats {
         let t = tern_once(&driver, &sum, scale.local_msgs)?;
         let a = actix_once(scale.local_msgs)?;
+        let k = kameo_once(scale.local_msgs)?;
         progress(&format!(
-            "local run {}: tern {:.0} msgs/s, actix {:.0} msgs/s",
+            "local run {}: tern {:.0} msgs/s, actix {:.0} msgs/s{}",
             r + 1,
             t,
-            a
+            a,
+            k.map(|k| format!(", kameo {k:.0} msgs/s"))
+                .unwrap_or_default()
         ));
         tern_runs.push(t);
         actix_runs.push(a);
+        peer_runs.extend(k);
     }
+    let kameo = crate::util::peer_figures(&tern_runs, peer_runs);
     // Each tern run is paired with the actix run right after it; the ratio is the median of the
     // pairs' ratios, which cancels slow shifts of machine speed that a ratio of medians mixes.
     let overhead_ratio = crate::util::median_ratio(&actix_runs, &tern_runs);
@@ -233,7 +240,7 @@ pub fn run(scale: &Scale) -> Result<Value> {
     let live = node.stats().services_live;
     node.shutdown();
 
-    Ok(json!({
+    let mut out = json!({
         "tern_tell_msgs_per_s": tern_rate.round(),
         "actix_tell_msgs_per_s": actix_rate.round(),
         "overhead_ratio": round2(overhead_ratio),
@@ -242,5 +249,21 @@ pub fn run(scale: &Scale) -> Result<Value> {
         "services_live_at_measure": live,
         "messages_per_run": scale.local_msgs,
         "runs": scale.repeats,
-    }))
+    });
+    if let (Some(map), Some((rate, ratio))) = (out.as_object_mut(), kameo) {
+        map.insert("kameo_tell_msgs_per_s".into(), json!(rate.round()));
+        map.insert("tern_to_kameo_ratio".into(), json!(round2(ratio)));
+    }
+    Ok(out)
+}
+
+/// One kameo run, when the bench is built with the `peers` feature.
+fn kameo_once(total: u64) -> Result<Option<f64>> {
+    #[cfg(feature = "peers")]
+    return crate::peers::kameo_local(total).map(Some);
+    #[cfg(not(feature = "peers"))]
+    {
+        let _ = total;
+        Ok(None)
+    }
 }

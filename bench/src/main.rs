@@ -4,6 +4,8 @@
 
 mod local;
 mod migration;
+#[cfg(feature = "peers")]
+mod peers;
 mod placement;
 mod precopy;
 mod remote;
@@ -27,6 +29,13 @@ const SECTIONS: [&str; 7] = [
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    #[cfg(feature = "peers")]
+    if let [first, dir] = args.as_slice() {
+        if first == peers::RACTOR_SINK_ARG {
+            tern_harness::init_tracing_stderr();
+            return peers::ractor_sink_main(std::path::Path::new(dir));
+        }
+    }
     let mut json_out = false;
     let mut quick = false;
     let mut only: Option<String> = None;
@@ -89,6 +98,8 @@ fn main() -> Result<()> {
             "only": only,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "seconds": started.elapsed().as_secs_f64(),
+            // ractor_cluster and kameo are measured only in a build with `--features peers`.
+            "peers_built": cfg!(feature = "peers"),
         }),
     );
     let out = serde_json::Value::Object(out);

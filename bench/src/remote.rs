@@ -379,13 +379,14 @@ pub fn run(scale: &Scale) -> Result<Value> {
     // series run one after the other; run i of each is paired, and the ratio is the median of
     // the pairs' ratios.
     let ratio = crate::util::median_ratio(&tern_runs, &raw_runs);
-    let tern_rate = median(tern_runs);
+    let tern_rate = median(tern_runs.clone());
     let raw_rate = median(raw_runs);
     let (echo_p50, echo_p99) = raw_echo(&ca, scale.rtt_samples)?;
     progress(&format!(
         "raw quic echo rtt p50 {echo_p50} us, p99 {echo_p99} us"
     ));
-    Ok(json!({
+    let ractor = ractor_figures(scale)?;
+    let mut out = json!({
         "payload_bytes": PAYLOAD_BYTES,
         "tern_tell_msgs_per_s": tern_rate.round(),
         "quinn_raw_msgs_per_s": raw_rate.round(),
@@ -397,5 +398,43 @@ pub fn run(scale: &Scale) -> Result<Value> {
         "ask_to_echo_p50_ratio": round2(ask_p50 as f64 / echo_p50.max(1) as f64),
         "messages_per_run": scale.remote_msgs,
         "rtt_samples": scale.rtt_samples,
-    }))
+    });
+    if let (Some(map), Some(r)) = (out.as_object_mut(), ractor) {
+        if let Some((rate, ratio)) = crate::util::peer_figures(&tern_runs, r.runs) {
+            map.insert("ractor_cluster_tls_msgs_per_s".into(), json!(rate.round()));
+            map.insert("tern_to_ractor_ratio".into(), json!(round2(ratio)));
+        }
+        map.insert("ractor_call_rtt_us_p50".into(), json!(r.call_p50_us));
+        map.insert("ractor_call_rtt_us_p99".into(), json!(r.call_p99_us));
+        map.insert(
+            "ask_to_ractor_call_p50_ratio".into(),
+            json!(round2(ask_p50 as f64 / r.call_p50_us.max(1) as f64)),
+        );
+    }
+    Ok(out)
+}
+
+/// ractor_cluster's casts and calls, when the bench is built with the `peers` feature.
+#[cfg(feature = "peers")]
+fn ractor_figures(scale: &Scale) -> Result<Option<RactorFigures>> {
+    let r = crate::peers::ractor_remote(scale.remote_msgs, scale.repeats, scale.rtt_samples)?;
+    progress(&format!(
+        "ractor_cluster call rtt p50 {} us, p99 {} us",
+        r.call_p50_us, r.call_p99_us
+    ));
+    Ok(Some(r))
+}
+
+#[cfg(not(feature = "peers"))]
+fn ractor_figures(_scale: &Scale) -> Result<Option<RactorFigures>> {
+    Ok(None)
+}
+
+/// What the ractor_cluster runs measured.
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
+pub struct RactorFigures {
+    /// Casts per second, one figure per run.
+    pub runs: Vec<f64>,
+    pub call_p50_us: u64,
+    pub call_p99_us: u64,
 }

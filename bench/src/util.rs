@@ -83,6 +83,15 @@ pub fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
     median(a.iter().zip(b).map(|(x, y)| x / y).collect())
 }
 
+/// A peer's median rate and Tern's ratio to it (the median of paired runs), if it ran.
+pub fn peer_figures(tern_runs: &[f64], peer_runs: Vec<f64>) -> Option<(f64, f64)> {
+    if peer_runs.len() != tern_runs.len() || peer_runs.is_empty() {
+        return None;
+    }
+    let ratio = median_ratio(tern_runs, &peer_runs);
+    Some((median(peer_runs), ratio))
+}
+
 /// (p50, p99) of microsecond samples.
 pub fn percentiles(mut us: Vec<u64>) -> (u64, u64) {
     us.sort_unstable();
