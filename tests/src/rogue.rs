@@ -306,6 +306,11 @@ impl Rogue {
         Ok(())
     }
 
+    /// Opens a unidirectional stream and leaves it open, for frames sent over time.
+    pub async fn open_uni(&self) -> Result<quinn::SendStream> {
+        Ok(self.conn.open_uni().await?)
+    }
+
     /// Sends `bytes` on a unidirectional stream of their own (a data or snapshot stream).
     pub async fn send_uni(&self, bytes: &[u8]) -> Result<()> {
         let mut s = self.conn.open_uni().await?;

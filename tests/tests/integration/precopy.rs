@@ -1,6 +1,7 @@
 //! Pre-copy over real QUIC: a store written while it moves arrives with every write, its
 //! freeze leaves the bulk behind, an abort before the freeze leaves it running untouched, and
-//! hostile pre-copy streams get errors or refusals.
+//! hostile pre-copy streams get errors or refusals, and the target gives up a pre-copy that
+//! outlasts its deadline.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use tern_proto::wire::{code, Frame};
 
 use crate::frames::{expect_protocol_error, refusal};
 
-use crate::common::{connected, SECS_10};
+use crate::common::{connected, connected_with, SECS_10};
 
 /// Entries of 16 KiB the stores start with: 4 MiB, over `PRECOPY_MIN_BYTES`.
 const ENTRIES: u64 = 256;
@@ -284,6 +285,52 @@ fn hostile_precopy_streams_get_errors_or_refusals_and_nothing_is_installed() -> 
             a.services().iter().all(|s| s.addr.id.prefix() != 0x5eed)
         })
         .await
+    })?;
+    assert_eq!(a.migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
+
+/// A pre-copy whose snapshot does not follow within `precopy_deadline_ms` +
+/// `migration_deadline_ms` is given up by the target on its own (the stream's timer, not the
+/// next chunk), refused to the source, and the node serves on.
+#[test]
+fn a_precopy_that_outlasts_its_deadline_is_refused_by_the_target_which_serves_on() -> Result<()> {
+    let limits = tern::Limits {
+        precopy_deadline_ms: 150,
+        migration_deadline_ms: 150,
+        ..tern::Limits::default()
+    };
+    let c = connected_with(&["a", "b"], limits)?;
+    let a = c.node("a");
+    let kind = <KvStore as Service>::kind_key();
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        let mut s = p.open_uni().await?;
+        let mut first = frame(&Frame::PreBegin {
+            mig: 1,
+            id: tern::ServiceId::from_parts(0x5eed, 1),
+            kind,
+        });
+        first.extend(frame(&Frame::PreState { bytes: &[] }));
+        s.write_all(&first).await?;
+        // Applied: the pre-copy was admitted, and then it stalls, its stream left open.
+        p.next_picked("pre-applied", |f| {
+            matches!(f, tern_harness::rogue::RogueFrame::Other("pre-applied")).then_some(())
+        })
+        .await?;
+        let reason = refusal(p.mig().await?, 1);
+        assert!(reason.contains("too slow"), "{reason}");
+        // Chunks after the refusal are dropped, not applied.
+        s.write_all(&frame(&Frame::PreState { bytes: &[] })).await?;
+        assert!(p.barrier().await?.is_empty());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let kv = a.spawn(KvStore::default())?;
+    block_on(async {
+        kv.tell_wait(put("x".into(), vec![1])).await?;
+        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
+        Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(a.migration_stats().arrived, 0);
     c.shutdown();
