@@ -336,3 +336,42 @@ fn a_precopy_that_outlasts_its_deadline_is_refused_by_the_target_which_serves_on
     c.shutdown();
     Ok(())
 }
+
+/// A pre-copy that would pass `snapshot_bytes_max` is refused at the chunk that would pass
+/// it, before that chunk is decoded, and the node serves on.
+#[test]
+fn a_precopy_over_the_snapshot_bound_is_refused_before_its_chunk_is_read() -> Result<()> {
+    const MAX: usize = 64 << 10;
+    let limits = tern::Limits {
+        snapshot_bytes_max: MAX,
+        ..tern::Limits::default()
+    };
+    let c = connected_with(&["a", "b"], limits)?;
+    let a = c.node("a");
+    let kind = <KvStore as Service>::kind_key();
+    block_on(async {
+        let mut p = Rogue::connect(&c, "probe", "a").await?;
+        // Bytes that are no entries at all: read, they would be refused as malformed.
+        let junk = vec![0xc1u8; MAX + 1];
+        let mut s = frame(&Frame::PreBegin {
+            mig: 1,
+            id: tern::ServiceId::from_parts(0x5eed, 1),
+            kind,
+        });
+        s.extend(frame(&Frame::PreState { bytes: &junk }));
+        p.send_uni(&s).await?;
+        let reason = refusal(p.mig().await?, 1);
+        assert!(reason.contains("too large"), "{reason}");
+        assert!(reason.contains("snapshot_bytes_max"), "{reason}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let kv = a.spawn(KvStore::default())?;
+    block_on(async {
+        kv.tell_wait(put("x".into(), vec![1])).await?;
+        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(a.migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
