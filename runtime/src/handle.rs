@@ -420,6 +420,16 @@ impl<S: Service> fmt::Debug for ServiceRef<S> {
 }
 
 /// A message on its way: it keeps its number across re-routing.
+/// What [`ServiceRef::send_now`] left to do.
+pub(crate) enum SendNow<M> {
+    /// Queued; nothing to wait for.
+    Done,
+    /// Queued on a link now holding this many bytes: let it drain before going on.
+    Settle(Arc<crate::transport::PeerLink>, usize),
+    /// Not queued (no room yet): wait with [`ServiceRef::send_wait`].
+    Wait(M),
+}
+
 enum Attempt<M> {
     /// Queued: bytes now waiting on the link (0 for a local mailbox), and whether it was local.
     Sent(usize, bool),
@@ -761,6 +771,35 @@ impl<S: Service> ServiceRef<S> {
         let res = res.map(drop);
         self.count(&res, local);
         res
+    }
+
+    /// [`send_wait`](Self::send_wait)'s first attempt, without building its future: in the
+    /// usual case the message is queued at once and nothing is left to wait for. Counted
+    /// unless it gives the message back to wait with.
+    pub(crate) fn send_now(
+        &self,
+        meta: Meta,
+        msg: S::Msg,
+    ) -> Result<SendNow<S::Msg>, DeliveryError> {
+        match self.attempt(meta, true, msg) {
+            Ok(Attempt::Sent(queued, here)) => {
+                self.count(&Ok(()), here);
+                if !here && crate::transport::PeerLink::must_settle(queued) {
+                    // The guard must be gone before the caller awaits: other senders share
+                    // the channel.
+                    if let Route::Remote(link) = lock(&self.chan.state).route.clone() {
+                        return Ok(SendNow::Settle(link, queued));
+                    }
+                }
+                Ok(SendNow::Done)
+            }
+            Ok(Attempt::Full(_, _, back)) => Ok(SendNow::Wait(back)),
+            Err(e) => {
+                let res: Result<(), DeliveryError> = Err(e);
+                self.count(&res, false);
+                res.map(|()| SendNow::Done)
+            }
+        }
     }
 
     /// Sends, waiting for room. With `queued_flag`, sets it once the message is queued (before

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::error::{AskError, DeliveryError, Error};
-use crate::handle::ServiceRef;
+use crate::handle::{SendNow, ServiceRef};
 use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
@@ -365,7 +365,17 @@ impl<S: Service> Ctx<S> {
     ) -> Result<(), DeliveryError> {
         self.sample_send(to.id(), &msg);
         let meta = self.next_meta(to.id());
-        let res = to.send_wait(meta, msg, None).await;
+        // Most sends are queued at once: only a full mailbox, window or link builds the
+        // waiting future.
+        let res = match to.send_now(meta, msg) {
+            Ok(SendNow::Done) => Ok(()),
+            Ok(SendNow::Settle(link, queued)) => {
+                link.settle(queued).await;
+                Ok(())
+            }
+            Ok(SendNow::Wait(msg)) => to.send_wait(meta, msg, None).await,
+            Err(e) => Err(e),
+        };
         if res.is_err() {
             self.unnumber(to.id());
         }

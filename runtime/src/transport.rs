@@ -503,9 +503,15 @@ impl PeerLink {
         }
     }
 
+    /// Whether a waiting sender that left `queued` bytes on the link must let it drain
+    /// ([`settle`](Self::settle)) before it goes on.
+    pub(crate) fn must_settle(queued: usize) -> bool {
+        queued > LINK_FLUSH_BYTES
+    }
+
     /// After a waiting sender queued `queued` bytes: lets the stream drain when it is long.
     pub(crate) async fn settle(&self, queued: usize) {
-        if queued > LINK_FLUSH_BYTES && self.is_connected() {
+        if Self::must_settle(queued) && self.is_connected() {
             self.data.drained_to(LINK_FLUSH_BYTES).await;
         }
     }
