@@ -201,8 +201,7 @@ fn raw_limit(c: &Cluster, state_bytes: usize, queued: u64) -> Result<u64> {
     let (addr_tx, addr_rx) = mpsc::channel();
     let server = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
-            let ep =
-                quinn::Endpoint::server(tern::tls::server_config(&sid)?, "127.0.0.1:0".parse()?)?;
+            let ep = crate::util::raw_endpoint(Some(tern::tls::server_config(&sid)?))?;
             addr_tx.send(ep.local_addr()?)?;
             let conn = ep.accept().await.context("no connection")?.await?;
             let (mut send, mut recv) = conn.accept_bi().await?;
@@ -222,7 +221,7 @@ fn raw_limit(c: &Cluster, state_bytes: usize, queued: u64) -> Result<u64> {
     });
     let addr = addr_rx.recv_timeout(Duration::from_secs(10))?;
     let us = actix_rt::System::new().block_on(async move {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let mut ep = crate::util::raw_endpoint(None)?;
         ep.set_default_client_config(tern::tls::client_config(&cid)?);
         let conn = ep.connect(addr, "raw-server")?.await?;
         let state = Blob::new(state_bytes);

@@ -226,8 +226,7 @@ fn raw_throughput(ca: &ClusterCa, total: u64) -> Result<f64> {
     let (addr_tx, addr_rx) = mpsc::channel();
     let server = on_thread("raw-server", move || {
         Box::pin(async move {
-            let ep =
-                quinn::Endpoint::server(tern::tls::server_config(&sid)?, "127.0.0.1:0".parse()?)?;
+            let ep = crate::util::raw_endpoint(Some(tern::tls::server_config(&sid)?))?;
             addr_tx.send(ep.local_addr()?)?;
             let conn = ep.accept().await.context("no connection")?.await?;
             let mut recv = conn.accept_uni().await?;
@@ -276,7 +275,7 @@ fn raw_throughput(ca: &ClusterCa, total: u64) -> Result<f64> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let client = on_thread("raw-client", move || {
         Box::pin(async move {
-            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let mut ep = crate::util::raw_endpoint(None)?;
             ep.set_default_client_config(tern::tls::client_config(&cid)?);
             let conn = ep.connect(addr, "raw-server")?.await?;
             let mut send = conn.open_uni().await?;
@@ -319,8 +318,7 @@ fn raw_echo(ca: &ClusterCa, samples: usize) -> Result<(u64, u64)> {
     let (addr_tx, addr_rx) = mpsc::channel();
     let server = on_thread("echo-server", move || {
         Box::pin(async move {
-            let ep =
-                quinn::Endpoint::server(tern::tls::server_config(&sid)?, "127.0.0.1:0".parse()?)?;
+            let ep = crate::util::raw_endpoint(Some(tern::tls::server_config(&sid)?))?;
             addr_tx.send(ep.local_addr()?)?;
             let conn = ep.accept().await.context("no connection")?.await?;
             let (mut send, mut recv) = conn.accept_bi().await?;
@@ -336,7 +334,7 @@ fn raw_echo(ca: &ClusterCa, samples: usize) -> Result<(u64, u64)> {
     let addr = addr_rx.recv_timeout(Duration::from_secs(10))?;
     let client = on_thread("echo-client", move || {
         Box::pin(async move {
-            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let mut ep = crate::util::raw_endpoint(None)?;
             ep.set_default_client_config(tern::tls::client_config(&cid)?);
             let conn = ep.connect(addr, "raw-server")?.await?;
             let (mut send, mut recv) = conn.open_bi().await?;

@@ -125,3 +125,15 @@ pub fn progress(msg: &str) {
 pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
+
+/// A raw quinn endpoint on loopback, on the same kind of socket a node uses
+/// ([`tern::bind_udp`]), so that a baseline and Tern differ only in what runs above quinn.
+pub fn raw_endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+    let udp = tern::bind_udp("127.0.0.1:0".parse()?)?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        udp,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )?)
+}

@@ -51,8 +51,8 @@ pub use handle::ServiceRef;
 pub use members::{Member, MemberInfo, MemberStatus, NodeLoad, Power};
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
 pub use node::{
-    Limits, LossReport, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo,
-    SocketWrap,
+    bind_udp, Limits, LossReport, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo,
+    SocketWrap, UDP_BUFFER_BYTES,
 };
 pub use placement::{
     Association, DrainReport, PlaceReport, Plan, PlanOptions, PlannedMove, RebalanceRound,

@@ -130,6 +130,34 @@ impl NodeConfig {
     }
 }
 
+/// The UDP buffers a node asks the kernel for, each way. The kernel's defaults (about
+/// 208 KiB on Linux) overflowed when a node's thread was busy taking in a burst, such as a
+/// 1 MiB snapshot: 949 datagrams dropped in one run of the bench's migration section, and a
+/// drop at a burst's end costs a probe timeout (tens of milliseconds) before it is sent again.
+/// The kernel caps the request at its own maximum (`net.core.rmem_max`, `wmem_max`).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] asked for each way: the socket a
+/// node listens and dials on. For baselines that should run on the same sockets as nodes.
+///
+/// ```
+/// let udp = tern::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+/// assert!(udp.local_addr().unwrap().port() > 0);
+/// ```
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // A smaller buffer than asked for is not an error: the kernel's cap is the machine's
+    // choice, and the node works with what it gets.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The node's QUIC endpoint on `listen`, on a wrapped socket when `wrap` is given.
 fn endpoint(
     server: quinn::ServerConfig,
@@ -137,11 +165,12 @@ fn endpoint(
     wrap: Option<&SocketWrap>,
 ) -> Result<quinn::Endpoint, Error> {
     let listening = |e| Error::io(format!("listening on {listen}"), e);
-    let Some(wrap) = wrap else {
-        return quinn::Endpoint::server(server, listen).map_err(listening);
-    };
-    let udp = std::net::UdpSocket::bind(listen).map_err(listening)?;
+    let udp = bind_udp(listen).map_err(listening)?;
     let runtime = Arc::new(quinn::TokioRuntime);
+    let Some(wrap) = wrap else {
+        return quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)
+            .map_err(listening);
+    };
     let socket = quinn::Runtime::wrap_udp_socket(&*runtime, udp).map_err(listening)?;
     quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
