@@ -291,6 +291,33 @@ fn hostile_precopy_streams_get_errors_or_refusals_and_nothing_is_installed() -> 
     Ok(())
 }
 
+/// Runs `probe` against node "a" of a two-node cluster with `limits`, giving it a rogue
+/// connection and the framed header of pre-copy attempt 1 of a `KvStore`. Then checks that
+/// "a" serves a new store and installed nothing.
+fn after_the_probe_the_node_serves_on<F, Fut>(limits: tern::Limits, probe: F) -> Result<()>
+where
+    F: FnOnce(Rogue, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let c = connected_with(&["a", "b"], limits)?;
+    let a = c.node("a");
+    let begin = frame(&Frame::PreBegin {
+        mig: 1,
+        id: tern::ServiceId::from_parts(0x5eed, 1),
+        kind: <KvStore as Service>::kind_key(),
+    });
+    block_on(async { probe(Rogue::connect(&c, "probe", "a").await?, begin).await })?;
+    let kv = a.spawn(KvStore::default())?;
+    block_on(async {
+        kv.tell_wait(put("x".into(), vec![1])).await?;
+        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(a.migration_stats().arrived, 0);
+    c.shutdown();
+    Ok(())
+}
+
 /// A pre-copy whose snapshot does not follow within `precopy_deadline_ms` +
 /// `migration_deadline_ms` is given up by the target on its own (the stream's timer, not the
 /// next chunk), refused to the source, and the node serves on.
@@ -301,17 +328,8 @@ fn a_precopy_that_outlasts_its_deadline_is_refused_by_the_target_which_serves_on
         migration_deadline_ms: 150,
         ..tern::Limits::default()
     };
-    let c = connected_with(&["a", "b"], limits)?;
-    let a = c.node("a");
-    let kind = <KvStore as Service>::kind_key();
-    block_on(async {
-        let mut p = Rogue::connect(&c, "probe", "a").await?;
+    after_the_probe_the_node_serves_on(limits, |mut p, mut first| async move {
         let mut s = p.open_uni().await?;
-        let mut first = frame(&Frame::PreBegin {
-            mig: 1,
-            id: tern::ServiceId::from_parts(0x5eed, 1),
-            kind,
-        });
         first.extend(frame(&Frame::PreState { bytes: &[] }));
         s.write_all(&first).await?;
         // Applied: the pre-copy was admitted, and then it stalls, its stream left open.
@@ -324,17 +342,8 @@ fn a_precopy_that_outlasts_its_deadline_is_refused_by_the_target_which_serves_on
         // Chunks after the refusal are dropped, not applied.
         s.write_all(&frame(&Frame::PreState { bytes: &[] })).await?;
         assert!(p.barrier().await?.is_empty());
-        Ok::<_, anyhow::Error>(())
-    })?;
-    let kv = a.spawn(KvStore::default())?;
-    block_on(async {
-        kv.tell_wait(put("x".into(), vec![1])).await?;
-        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
-        Ok::<_, anyhow::Error>(())
-    })?;
-    assert_eq!(a.migration_stats().arrived, 0);
-    c.shutdown();
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A pre-copy that would pass `snapshot_bytes_max` is refused at the chunk that would pass
@@ -346,32 +355,14 @@ fn a_precopy_over_the_snapshot_bound_is_refused_before_its_chunk_is_read() -> Re
         snapshot_bytes_max: MAX,
         ..tern::Limits::default()
     };
-    let c = connected_with(&["a", "b"], limits)?;
-    let a = c.node("a");
-    let kind = <KvStore as Service>::kind_key();
-    block_on(async {
-        let mut p = Rogue::connect(&c, "probe", "a").await?;
+    after_the_probe_the_node_serves_on(limits, |mut p, mut s| async move {
         // Bytes that are no entries at all: read, they would be refused as malformed.
         let junk = vec![0xc1u8; MAX + 1];
-        let mut s = frame(&Frame::PreBegin {
-            mig: 1,
-            id: tern::ServiceId::from_parts(0x5eed, 1),
-            kind,
-        });
         s.extend(frame(&Frame::PreState { bytes: &junk }));
         p.send_uni(&s).await?;
         let reason = refusal(p.mig().await?, 1);
         assert!(reason.contains("too large"), "{reason}");
         assert!(reason.contains("snapshot_bytes_max"), "{reason}");
-        Ok::<_, anyhow::Error>(())
-    })?;
-    let kv = a.spawn(KvStore::default())?;
-    block_on(async {
-        kv.tell_wait(put("x".into(), vec![1])).await?;
-        assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, 1);
-        Ok::<_, anyhow::Error>(())
-    })?;
-    assert_eq!(a.migration_stats().arrived, 0);
-    c.shutdown();
-    Ok(())
+        Ok(())
+    })
 }
