@@ -419,17 +419,17 @@ impl<S: Service> fmt::Debug for ServiceRef<S> {
     }
 }
 
-/// A message on its way: it keeps its number across re-routing.
 /// What [`ServiceRef::send_now`] left to do.
 pub(crate) enum SendNow<M> {
     /// Queued; nothing to wait for.
     Done,
     /// Queued on a link now holding this many bytes: let it drain before going on.
-    Settle(Arc<crate::transport::PeerLink>, usize),
+    Settle(Arc<PeerLink>, usize),
     /// Not queued (no room yet): wait with [`ServiceRef::send_wait`].
     Wait(M),
 }
 
+/// A message on its way: it keeps its number across re-routing.
 enum Attempt<M> {
     /// Queued: bytes now waiting on the link (0 for a local mailbox), and whether it was local.
     Sent(usize, bool),
@@ -711,7 +711,7 @@ impl<S: Service> ServiceRef<S> {
     fn deliver_kept(
         &self,
         st: &mut ChanState<S::Msg>,
-        link: Arc<crate::transport::PeerLink>,
+        link: Arc<PeerLink>,
         meta: Meta,
         wait: bool,
         msg: &S::Msg,
@@ -773,6 +773,19 @@ impl<S: Service> ServiceRef<S> {
         res
     }
 
+    /// The link a waiting sender must let drain after it left `queued` bytes there, if any.
+    /// The channel's guard is gone when this returns, before the caller awaits: other
+    /// senders (some on the thread that drains the link) share the channel.
+    fn link_to_settle(&self, queued: usize, here: bool) -> Option<Arc<PeerLink>> {
+        if here || !PeerLink::must_settle(queued) {
+            return None;
+        }
+        match lock(&self.chan.state).route.clone() {
+            Route::Remote(link) => Some(link),
+            Route::Local(_) => None,
+        }
+    }
+
     /// [`send_wait`](Self::send_wait)'s first attempt, without building its future: in the
     /// usual case the message is queued at once and nothing is left to wait for. Counted
     /// unless it gives the message back to wait with.
@@ -784,14 +797,10 @@ impl<S: Service> ServiceRef<S> {
         match self.attempt(meta, true, msg) {
             Ok(Attempt::Sent(queued, here)) => {
                 self.count(&Ok(()), here);
-                if !here && crate::transport::PeerLink::must_settle(queued) {
-                    // The guard must be gone before the caller awaits: other senders share
-                    // the channel.
-                    if let Route::Remote(link) = lock(&self.chan.state).route.clone() {
-                        return Ok(SendNow::Settle(link, queued));
-                    }
-                }
-                Ok(SendNow::Done)
+                Ok(match self.link_to_settle(queued, here) {
+                    Some(link) => SendNow::Settle(link, queued),
+                    None => SendNow::Done,
+                })
             }
             Ok(Attempt::Full(_, _, back)) => Ok(SendNow::Wait(back)),
             Err(e) => {
@@ -820,13 +829,8 @@ impl<S: Service> ServiceRef<S> {
                         f.store(true, Ordering::Relaxed);
                     }
                     local = here;
-                    if queued > 0 {
-                        // The guard must be gone before the await: other senders (some on
-                        // the thread that drains this link) share the channel.
-                        let route = lock(&self.chan.state).route.clone();
-                        if let Route::Remote(link) = route {
-                            link.settle(queued).await;
-                        }
+                    if let Some(link) = self.link_to_settle(queued, here) {
+                        link.settle(queued).await;
                     }
                     break Ok(());
                 }

@@ -787,7 +787,7 @@ impl Driver {
             },
             MigMsg::CommitAck { source, n } => {
                 let mig = MigrationId { source, n };
-                self.acked(node, &mig);
+                self.acked(node, from, &mig);
                 Wire::CommitAck { mig }
             }
             MigMsg::Abort { source, n } => Wire::Abort {
@@ -816,7 +816,7 @@ impl Driver {
                 after_start_us,
             } => {
                 if source == *node.name() {
-                    self.served(node, &MigrationId { source, n }, after_start_us);
+                    self.served(node, from, &MigrationId { source, n }, after_start_us);
                 }
                 return;
             }
@@ -968,8 +968,8 @@ impl Driver {
         }
     }
 
-    fn acked(&self, node: &Arc<NodeShared>, mig: &MigrationId) {
-        self.note_answer(node, mig, |o| {
+    fn acked(&self, node: &Arc<NodeShared>, from: &NodeName, mig: &MigrationId) {
+        self.note_answer(node, from, mig, |o| {
             if let Some(runs) = o.target_runs.take() {
                 let _ = runs.send(());
             }
@@ -982,24 +982,33 @@ impl Driver {
     }
 
     /// The target's copy served its first message `after_start_us` after it started.
-    fn served(&self, node: &Arc<NodeShared>, mig: &MigrationId, after_start_us: u64) {
-        self.note_answer(node, mig, |o| {
+    fn served(
+        &self,
+        node: &Arc<NodeShared>,
+        from: &NodeName,
+        mig: &MigrationId,
+        after_start_us: u64,
+    ) {
+        self.note_answer(node, from, mig, |o| {
             o.served_us.get_or_insert(after_start_us);
             tracing::info!(parent: &o.span, after_start_us, "target serves");
         });
     }
 
-    /// Records one of the target's answers after commit on attempt `mig`; the report is given
-    /// once every part of it is in.
+    /// Records one of the target's answers after commit on attempt `mig`, if `from` is its
+    /// target (another node's word changes neither the report nor when the queue's rest
+    /// goes); the report is given once every part of it is in.
     fn note_answer(
         &self,
         node: &Arc<NodeShared>,
+        from: &NodeName,
         mig: &MigrationId,
         note: impl FnOnce(&mut Outgoing),
     ) {
         let done = {
             let mut out = lock(&self.outgoing);
-            let Some((id, o)) = out.iter_mut().find(|(_, o)| o.mig == *mig) else {
+            let found = out.iter_mut().find(|(_, o)| o.mig == *mig && o.to == *from);
+            let Some((id, o)) = found else {
                 return;
             };
             note(o);
