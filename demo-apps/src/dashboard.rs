@@ -358,7 +358,7 @@ impl Dashboard {
                 services.push(ServiceView {
                     id: s.addr.id.to_string(),
                     name: self.name_of(s.addr.id, &s.addr.kind.name),
-                    kind: s.addr.kind.name.clone(),
+                    kind: s.addr.kind.name.to_string(),
                     node: name.clone(),
                     epoch: s.epoch,
                     depth: s.mailbox_depth as u64,

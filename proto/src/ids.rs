@@ -177,12 +177,78 @@ impl<'de> Deserialize<'de> for NodeName {
     }
 }
 
+/// A kind's name, e.g. `"kv"`. Cheap to clone: every address of a kind shares one copy when
+/// it comes from the node's table of registered kinds.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KindName(Arc<str>);
+
+impl KindName {
+    /// Wraps a name.
+    pub fn new(name: &str) -> Self {
+        KindName(Arc::from(name))
+    }
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for KindName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for KindName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for KindName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl fmt::Display for KindName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KindName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl From<&str> for KindName {
+    fn from(s: &str) -> Self {
+        KindName::new(s)
+    }
+}
+
+impl Serialize for KindName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for KindName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(KindName::new(&s))
+    }
+}
+
 /// A registered service kind: name and version. Every node able to host a service must have
 /// its kind compiled in and registered.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct KindKey {
     /// The kind's name, e.g. `"kv"`.
-    pub name: String,
+    pub name: KindName,
     /// The kind's version; state and messages of another version are not accepted.
     pub version: u32,
 }
@@ -191,7 +257,7 @@ impl KindKey {
     /// Builds a key.
     pub fn new(name: &str, version: u32) -> Self {
         KindKey {
-            name: name.to_owned(),
+            name: KindName::new(name),
             version,
         }
     }

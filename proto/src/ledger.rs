@@ -101,7 +101,9 @@ impl Unconfirmed {
 /// outstanding.
 #[derive(Default, Debug, Clone)]
 pub struct Ledger {
-    hot: Option<(ServiceId, Outstanding)>,
+    /// The last sender noted, looked at first. Boxed: a channel with nothing outstanding
+    /// (every idle service's) pays a pointer for it.
+    hot: Option<Box<(ServiceId, Outstanding)>>,
     cold: IdMap<Outstanding>,
     /// Skips and gaps sent and not yet seen passed (bounded by [`LEDGER_UNCONFIRMED_MAX`]).
     /// Boxed when there are any: rare, and every channel pays for the field.
@@ -151,9 +153,9 @@ impl Ledger {
     /// its nodes when it is made and when the channel is repointed, not per message.
     #[inline]
     pub fn note(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
-        if let Some((s, o)) = &mut self.hot {
-            if *s == sender {
-                o.sent = o.sent.max(seq);
+        if let Some(h) = &mut self.hot {
+            if h.0 == sender {
+                h.1.sent = h.1.sent.max(seq);
                 return;
             }
         }
@@ -171,15 +173,19 @@ impl Ledger {
         });
         o.sent = o.sent.max(seq);
         o.went(via);
-        if let Some((s, old)) = self.hot.replace((sender, o)) {
-            self.cold.insert(s, old);
+        match &mut self.hot {
+            Some(h) => {
+                let (s, old) = std::mem::replace(&mut **h, (sender, o));
+                self.cold.insert(s, old);
+            }
+            None => self.hot = Some(Box::new((sender, o))),
         }
     }
 
     /// The channel now points at `node`: every outstanding entry may send there.
     pub fn repointed(&mut self, node: &NodeName) {
-        if let Some((_, o)) = &mut self.hot {
-            o.went(node);
+        if let Some(h) = &mut self.hot {
+            h.1.went(node);
         }
         for o in self.cold.values_mut() {
             o.went(node);
@@ -203,7 +209,7 @@ impl Ledger {
     /// ```
     pub fn may_settle(&self, sender: ServiceId, node: &NodeName) -> bool {
         let o = match &self.hot {
-            Some((s, o)) if *s == sender => Some(o),
+            Some(h) if h.0 == sender => Some(&h.1),
             _ => self.cold.get(&sender),
         };
         o.is_none_or(|o| o.via_any || o.via.contains(node))
@@ -265,9 +271,9 @@ impl Ledger {
     /// Applies `change` to `sender`'s entry, which leaves if nothing is outstanding after.
     fn update(&mut self, sender: ServiceId, change: impl FnOnce(&mut Outstanding)) {
         let done = match &mut self.hot {
-            Some((s, o)) if *s == sender => {
-                change(o);
-                o.tidy()
+            Some(h) if h.0 == sender => {
+                change(&mut h.1);
+                h.1.tidy()
             }
             _ => match self.cold.get_mut(&sender) {
                 Some(o) => {
@@ -278,7 +284,7 @@ impl Ledger {
             },
         };
         if done {
-            if matches!(&self.hot, Some((s, _)) if *s == sender) {
+            if matches!(&self.hot, Some(h) if h.0 == sender) {
                 self.hot = None;
             } else {
                 self.cold.remove(&sender);
@@ -305,8 +311,8 @@ impl Ledger {
             }
             false
         };
-        if let Some((s, o)) = &self.hot {
-            if !take(s, o) {
+        if let Some(h) = &self.hot {
+            if !take(&h.0, &h.1) {
                 self.hot = None;
             }
         }
@@ -322,7 +328,7 @@ impl Ledger {
     pub fn outstanding(&self) -> u64 {
         self.hot
             .iter()
-            .map(|(_, o)| o)
+            .map(|h| &h.1)
             .chain(self.cold.values())
             .map(|o| o.sent - o.handled - o.refused.len() as u64)
             .sum()

@@ -31,6 +31,9 @@ impl<M> Clone for Route<M> {
     }
 }
 
+/// The copies a channel keeps: per message, its ask (if one) and its encoding.
+type KeptCopies = Retained<(Option<u64>, Vec<u8>)>;
+
 /// Where a channel's messages go now.
 struct ChanState<M> {
     route: Route<M>,
@@ -46,7 +49,8 @@ struct ChanState<M> {
     /// (taken over by its standby; its window there drops the copies it already took); for
     /// any service, of the tells a replicated service here sent, which its checkpoints carry
     /// (`KeptOutput`). Made at the first copy.
-    retained: Option<Retained<(Option<u64>, Vec<u8>)>>,
+    /// (Boxed: most channels never keep a copy, and every one pays for the field.)
+    retained: Option<Box<KeptCopies>>,
     /// The service is replicated.
     replicated: bool,
 }
@@ -197,7 +201,7 @@ impl<M: Send + 'static> Channel<M> {
         let mut st = lock(&self.state);
         st.replicated = true;
         if st.retained.is_none() {
-            st.retained = Some(Retained::new(max));
+            st.retained = Some(Box::new(Retained::new(max)));
         }
     }
 
@@ -336,11 +340,9 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
                 ..
             } = &mut *st;
             ledger.note(sender, out.seq, node);
-            retained.get_or_insert_with(|| Retained::new(max)).adopt(
-                sender,
-                out.seq,
-                (None, out.msg),
-            );
+            retained
+                .get_or_insert_with(|| Box::new(Retained::new(max)))
+                .adopt(sender, out.seq, (None, out.msg));
         }
         sent
     }
@@ -747,7 +749,9 @@ impl<S: Service> ServiceRef<S> {
     fn keep_copy(&self, st: &mut ChanState<S::Msg>, meta: Meta, bytes: Vec<u8>) {
         let max = self.node.replicas.settings.retained_per_channel_max;
         let from = meta.from.unwrap_or(self.chan.client);
-        let kept = st.retained.get_or_insert_with(|| Retained::new(max));
+        let kept = st
+            .retained
+            .get_or_insert_with(|| Box::new(Retained::new(max)));
         if kept.keep(from, meta.seq, (meta.ask, bytes)).is_err() {
             debug_assert!(false, "retained copies over their bound");
         }

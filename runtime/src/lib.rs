@@ -67,7 +67,7 @@ pub use reports::NotMoved;
 pub use service::{Ctx, Migration, ReplyTo, Restart, Service, TimerId};
 pub use stats::NodeStats;
 pub use tern_proto::directory::{Associations, BookEdge};
-pub use tern_proto::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
+pub use tern_proto::ids::{KindKey, KindName, NodeName, ServiceAddr, ServiceId};
 pub use tern_proto::migration::AbortReason;
 pub use tern_proto::names::NameError;
 pub use tern_proto::placement::{AffinityPolicy, Needs, Policy};

@@ -240,7 +240,7 @@ fn restore_paused<S: Service>(
     state: Vec<u8>,
     part: Option<Box<dyn Tracked>>,
 ) -> Result<InCopy, Error> {
-    let kind = S::kind_key();
+    let kind = node.registered_kind::<S>().unwrap_or_else(S::kind_key);
     let bad = |what: &str, e: String| Error::State {
         kind: kind.clone(),
         detail: format!("{what}: {e}"),
@@ -312,11 +312,11 @@ fn restore_paused<S: Service>(
         move |go: oneshot::Receiver<Go>| -> Result<(), Error> {
             let addr = ServiceAddr {
                 id,
-                kind: S::kind_key(),
+                kind,
                 node: node.name.clone(),
             };
             let mailbox_slot: Arc<dyn Slot> = mailbox.clone();
-            node.register_local(id, mailbox_slot.clone(), addr.clone())?;
+            node.register_local(id, mailbox_slot.clone())?;
             let started = node
                 .channel::<S::Msg>(&addr)
                 .map_err(Error::from)
@@ -645,23 +645,27 @@ impl NodeShared {
             });
     }
 
+    /// `S`'s key as registered: the one copy of its name that every address of the kind on
+    /// this node shares. `None` if `S` is not registered.
+    pub fn registered_kind<S: Service>(&self) -> Option<KindKey> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_key_value(&S::kind_key())
+            .map(|(k, _)| k.clone())
+    }
+
     pub fn spawn<S: Service>(
         self: &Arc<Self>,
         state: S,
         parent: Option<ServiceId>,
     ) -> Result<ServiceRef<S>, Error> {
-        let kind = S::kind_key();
-        if !self
-            .kinds
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&kind)
-        {
+        let Some(kind) = self.registered_kind::<S>() else {
             return Err(Error::UnknownKind {
-                kind,
+                kind: S::kind_key(),
                 node: self.name.clone(),
             });
-        }
+        };
         if self.stopping.load(Ordering::Relaxed) {
             return Err(Error::Stopped);
         }
@@ -677,7 +681,7 @@ impl NodeShared {
             kind,
             self.limits.mailbox_capacity,
         ));
-        self.register_local(id, mailbox.clone(), addr.clone())?;
+        self.register_local(id, mailbox.clone())?;
         if let Some(p) = parent {
             if let Err(e) = self.record_child(p, &addr) {
                 self.forget_service(id);
@@ -702,13 +706,8 @@ impl NodeShared {
     }
 
     /// Adds a local service to the table (bounded by `services_max`).
-    pub fn register_local(
-        &self,
-        id: ServiceId,
-        slot: Arc<dyn Slot>,
-        addr: ServiceAddr,
-    ) -> Result<(), Error> {
-        self.registry.register(id, slot, addr)
+    pub fn register_local(&self, id: ServiceId, slot: Arc<dyn Slot>) -> Result<(), Error> {
+        self.registry.register(id, slot)
     }
 
     /// Runs `fut` as a task on the node's thread; false if the node has stopped.
@@ -1759,7 +1758,7 @@ impl NodeShared {
     /// Services hosted here and messages queued for them.
     pub fn local_depths(&self) -> (u64, u64) {
         self.registry.with_all(|services| {
-            let backlog = services.values().map(|s| s.slot.depth() as u64).sum();
+            let backlog = services.values().map(|s| s.depth() as u64).sum();
             (services.len() as u64, backlog)
         })
     }
@@ -1769,9 +1768,9 @@ impl NodeShared {
         let pins = self.placement.pins();
         let hosted: Vec<(ServiceId, KindKey)> = self.registry.with_all(|services| {
             services
-                .values()
+                .iter()
                 .take(max)
-                .map(|s| (s.addr.id, s.addr.kind.clone()))
+                .map(|(id, s)| (*id, s.kind().clone()))
                 .collect()
         });
         // Epochs are read outside the registry's lock (the core is another subsystem).
@@ -1790,10 +1789,10 @@ impl NodeShared {
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
         let local: Vec<(ServiceAddr, [usize; 3])> = self.registry.with_all(|services| {
             services
-                .values()
-                .map(|s| {
-                    let sizes = [s.slot.depth(), s.slot.capacity(), s.slot.senders()];
-                    (s.addr.clone(), sizes)
+                .iter()
+                .map(|(id, s)| {
+                    let sizes = [s.depth(), s.capacity(), s.senders()];
+                    (self.registry.addr_of(*id, &**s), sizes)
                 })
                 .collect()
         });
@@ -1813,8 +1812,12 @@ impl NodeShared {
 
     /// Every local service's address.
     pub fn local_services(&self) -> Vec<ServiceAddr> {
-        self.registry
-            .with_all(|services| services.values().map(|s| s.addr.clone()).collect())
+        self.registry.with_all(|services| {
+            services
+                .iter()
+                .map(|(id, s)| self.registry.addr_of(*id, &**s))
+                .collect()
+        })
     }
 
     /// Whether `kind` is registered here (`Some`), and if so how to make the empty part its
@@ -2328,7 +2331,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         id_prefix,
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
-        registry: Registry::new(limits.services_max),
+        registry: Registry::new(limits.services_max, name.clone()),
         books: Books::new(limits.book_edges_max),
         links: Links::new(limits.peers_max),
         logs: Logs::new(limits.events_max, limits.losses_max),

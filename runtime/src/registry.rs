@@ -1,26 +1,25 @@
-//! The registry: which services run on this node, as untyped slots with their addresses.
+//! The registry: which services run on this node, as untyped slots.
 //!
 //! One of `NodeShared`'s named subsystems. A service may leave and come back while an older
 //! copy of it is still being cleaned up (an aborted attempt's copy discards itself after the
 //! next attempt registered a new one), so removal by a copy names the copy: it never takes
 //! out a newer one.
+//!
+//! An entry is the slot alone (a service's address is its id, its slot's kind and this node),
+//! so each service costs the table a key and one pointer.
 
 use std::sync::{Arc, RwLock};
 
 use crate::error::Error;
 use crate::mailbox::Slot;
-use tern_proto::ids::{IdMap, ServiceAddr, ServiceId};
-
-/// One local service.
-pub(crate) struct LocalService {
-    pub slot: Arc<dyn Slot>,
-    pub addr: ServiceAddr,
-}
+use tern_proto::ids::{IdMap, NodeName, ServiceAddr, ServiceId};
 
 /// The local services, bounded by `services_max`.
 pub(crate) struct Registry {
-    services: RwLock<IdMap<LocalService>>,
+    services: RwLock<IdMap<Arc<dyn Slot>>>,
     services_max: usize,
+    /// This node: where every registered service is.
+    node: NodeName,
 }
 
 /// True when `a` and `b` are the same copy (the same mailbox).
@@ -29,28 +28,24 @@ fn same_copy(a: &Arc<dyn Slot>, b: &Arc<dyn Slot>) -> bool {
 }
 
 impl Registry {
-    pub fn new(services_max: usize) -> Self {
+    pub fn new(services_max: usize, node: NodeName) -> Self {
         Registry {
             services: RwLock::new(IdMap::default()),
             services_max,
+            node,
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, IdMap<LocalService>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, IdMap<Arc<dyn Slot>>> {
         self.services.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, IdMap<LocalService>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, IdMap<Arc<dyn Slot>>> {
         self.services.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds (or replaces) service `id`.
-    pub fn register(
-        &self,
-        id: ServiceId,
-        slot: Arc<dyn Slot>,
-        addr: ServiceAddr,
-    ) -> Result<(), Error> {
+    /// Registers `slot` as service `id` here (a newer copy replaces an older one).
+    pub fn register(&self, id: ServiceId, slot: Arc<dyn Slot>) -> Result<(), Error> {
         let mut services = self.write();
         if services.len() >= self.services_max && !services.contains_key(&id) {
             return Err(Error::Limit {
@@ -58,21 +53,19 @@ impl Registry {
                 max: self.services_max,
             });
         }
-        services.insert(id, LocalService { slot, addr });
+        services.insert(id, slot);
         Ok(())
     }
 
-    /// Service `id` stopped: whatever copy is registered goes.
     pub fn remove(&self, id: ServiceId) {
         self.write().remove(&id);
     }
 
-    /// The copy `slot` of service `id` leaves (moved away, discarded, orphaned): removed only
-    /// if it is the one registered. False when a newer copy is registered (it stays).
+    /// Removes `id` only if `slot` is the copy registered; true if it was.
     pub fn remove_copy(&self, id: ServiceId, slot: &Arc<dyn Slot>) -> bool {
         let mut services = self.write();
         match services.get(&id) {
-            Some(s) if same_copy(&s.slot, slot) => {
+            Some(s) if same_copy(s, slot) => {
                 services.remove(&id);
                 true
             }
@@ -81,15 +74,24 @@ impl Registry {
     }
 
     pub fn slot(&self, id: ServiceId) -> Option<Arc<dyn Slot>> {
-        self.read().get(&id).map(|s| s.slot.clone())
+        self.read().get(&id).cloned()
     }
 
+    /// A registered service's address.
     pub fn addr(&self, id: ServiceId) -> Option<ServiceAddr> {
-        self.read().get(&id).map(|s| s.addr.clone())
+        self.read().get(&id).map(|s| self.addr_of(id, &**s))
     }
 
-    /// Runs `f` over every local service, under the read lock (keep it short).
-    pub fn with_all<R>(&self, f: impl FnOnce(&IdMap<LocalService>) -> R) -> R {
+    /// The address of `slot`, registered as `id`.
+    pub fn addr_of(&self, id: ServiceId, slot: &dyn Slot) -> ServiceAddr {
+        ServiceAddr {
+            id,
+            kind: slot.kind().clone(),
+            node: self.node.clone(),
+        }
+    }
+
+    pub fn with_all<R>(&self, f: impl FnOnce(&IdMap<Arc<dyn Slot>>) -> R) -> R {
         f(&self.read())
     }
 }
@@ -109,16 +111,19 @@ mod tests {
     /// copy then ran unreachable.
     #[test]
     fn a_discarded_copy_leaves_without_taking_the_newer_one() {
-        let reg = Registry::new(8);
+        let reg = Registry::new(8, NodeName::new("b"));
         let id = ServiceId::from_parts(1, 1);
-        let addr = ServiceAddr {
-            id,
-            kind: KindKey::new("k", 1),
-            node: NodeName::new("b"),
-        };
         let (old, new) = (copy(id), copy(id));
-        reg.register(id, old.clone(), addr.clone()).unwrap();
-        reg.register(id, new.clone(), addr).unwrap();
+        reg.register(id, old.clone()).unwrap();
+        reg.register(id, new.clone()).unwrap();
+        assert_eq!(
+            reg.addr(id),
+            Some(ServiceAddr {
+                id,
+                kind: KindKey::new("k", 1),
+                node: NodeName::new("b"),
+            })
+        );
         assert!(
             !reg.remove_copy(id, &old),
             "the old copy is not the one registered"
@@ -131,18 +136,13 @@ mod tests {
 
     #[test]
     fn the_bound_counts_services_not_copies() {
-        let reg = Registry::new(1);
+        let reg = Registry::new(1, NodeName::new("b"));
         let (a, b) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(1, 2));
-        let addr = |id| ServiceAddr {
-            id,
-            kind: KindKey::new("k", 1),
-            node: NodeName::new("b"),
-        };
-        reg.register(a, copy(a), addr(a)).unwrap();
-        reg.register(a, copy(a), addr(a))
+        reg.register(a, copy(a)).unwrap();
+        reg.register(a, copy(a))
             .expect("a newer copy of the same service fits");
         assert!(matches!(
-            reg.register(b, copy(b), addr(b)),
+            reg.register(b, copy(b)),
             Err(Error::Limit { max: 1, .. })
         ));
     }

@@ -199,71 +199,95 @@ impl<R> fmt::Debug for ReplyTo<R> {
 pub struct TimerId(u64);
 
 /// A service's pending timers: messages to itself, due at an instant. Kept by the runtime as
-/// data (not as sleeping tasks), so they can be listed, bounded and moved.
-struct Timers<M> {
+/// data (not as sleeping tasks), so they can be listed, bounded and moved. Made at the first
+/// timer: a service that never schedules one pays a pointer for the field.
+struct Timers<M>(Option<Box<TimerSet<M>>>);
+
+struct TimerSet<M> {
     due: std::collections::BTreeMap<(tokio::time::Instant, TimerId), M>,
     by_id: std::collections::HashMap<TimerId, tokio::time::Instant>,
     next: u64,
-    max: usize,
 }
 
 impl<M> Timers<M> {
-    fn clear(&mut self) {
-        self.due.clear();
-        self.by_id.clear();
+    fn new() -> Self {
+        Timers(None)
     }
 
-    fn new(max: usize) -> Self {
-        Timers {
-            due: std::collections::BTreeMap::new(),
-            by_id: std::collections::HashMap::new(),
-            next: 1,
-            max,
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |t| t.due.len())
+    }
+
+    fn clear(&mut self) {
+        if let Some(t) = &mut self.0 {
+            t.due.clear();
+            t.by_id.clear();
         }
     }
 
-    fn add(&mut self, at: tokio::time::Instant, msg: M) -> Option<TimerId> {
-        if self.due.len() >= self.max {
+    /// Adds a timer unless `max` are pending already.
+    fn add(&mut self, at: tokio::time::Instant, msg: M, max: usize) -> Option<TimerId> {
+        if self.len() >= max {
             return None;
         }
-        let id = TimerId(self.next);
-        self.next += 1;
-        self.due.insert((at, id), msg);
-        self.by_id.insert(id, at);
+        let t = self.0.get_or_insert_with(|| {
+            Box::new(TimerSet {
+                due: std::collections::BTreeMap::new(),
+                by_id: std::collections::HashMap::new(),
+                next: 1,
+            })
+        });
+        let id = TimerId(t.next);
+        t.next += 1;
+        t.due.insert((at, id), msg);
+        t.by_id.insert(id, at);
         Some(id)
     }
 
     fn cancel(&mut self, id: TimerId) -> bool {
-        match self.by_id.remove(&id) {
-            Some(at) => self.due.remove(&(at, id)).is_some(),
+        let Some(t) = &mut self.0 else {
+            return false;
+        };
+        match t.by_id.remove(&id) {
+            Some(at) => t.due.remove(&(at, id)).is_some(),
             None => false,
         }
     }
 
     fn next_due(&self) -> Option<tokio::time::Instant> {
-        self.due.keys().next().map(|(at, _)| *at)
+        self.0.as_ref()?.due.keys().next().map(|(at, _)| *at)
     }
 
     fn pop_due(&mut self, now: tokio::time::Instant) -> Option<M> {
-        let key = *self.due.keys().next().filter(|(at, _)| *at <= now)?;
-        self.by_id.remove(&key.1);
-        self.due.remove(&key)
+        let t = self.0.as_mut()?;
+        let key = *t.due.keys().next().filter(|(at, _)| *at <= now)?;
+        t.by_id.remove(&key.1);
+        t.due.remove(&key)
+    }
+
+    /// The pending timers, soonest first.
+    fn iter(&self) -> impl Iterator<Item = (tokio::time::Instant, &M)> {
+        self.0
+            .iter()
+            .flat_map(|t| t.due.iter().map(|((at, _), m)| (*at, m)))
     }
 }
 
 /// What a handler can do besides changing its own state.
 pub struct Ctx<S: Service> {
+    /// Itself; its node is `me.node`.
     me: ServiceRef<S>,
-    node: Arc<NodeShared>,
     /// Per receiver, the last number this service used as a sender; shared with the
     /// service's task ([`SENDING`]) so handles used inside its handlers number the same way.
     seqs: Seqs,
     timers: Timers<S::Msg>,
     stop: bool,
-    migrate_to: Option<(NodeName, MigrateOptions, MigrationDone)>,
+    /// A move asked for by the handler in hand (boxed: rare, and every service pays for the
+    /// field).
+    migrate_to: Option<Box<(NodeName, MigrateOptions, MigrationDone)>>,
     /// Messages sent and received, for sampling their sizes.
-    sent: u64,
-    received: u64,
+    sent: u32,
+    received: u32,
     /// The answers kept to the asks it took last (`replies.rs`); made at its first ask.
     replies: Option<Box<std::cell::RefCell<crate::replies::Replies>>>,
 }
@@ -314,7 +338,7 @@ impl<S: Service> Ctx<S> {
 
     /// The node running this service now.
     pub fn node_name(&self) -> &NodeName {
-        self.node.name()
+        self.me.node.name()
     }
 
     /// A handle to this service, for giving to others.
@@ -326,8 +350,8 @@ impl<S: Service> Ctx<S> {
     #[inline(always)]
     fn sample_send<M: Serialize>(&mut self, to: ServiceId, msg: &M) {
         self.sent = self.sent.wrapping_add(1);
-        if self.sent % SIZE_SAMPLE_EVERY == 1 {
-            sample_size(&self.node, self.me.id(), to, msg);
+        if u64::from(self.sent) % SIZE_SAMPLE_EVERY == 1 {
+            sample_size(&self.me.node, self.me.id(), to, msg);
         }
     }
 
@@ -407,7 +431,7 @@ impl<S: Service> Ctx<S> {
         value: R,
     ) -> Result<(), DeliveryError> {
         self.keep_reply(&to, &value);
-        self.node.reply(to, value)
+        self.me.node.reply(to, value)
     }
 
     /// If `value` answers an ask this service took (in hand, or kept in its state and answered
@@ -426,7 +450,7 @@ impl<S: Service> Ctx<S> {
             return;
         };
         for o in also {
-            self.node.answer_kept(&o, &bytes);
+            self.me.node.answer_kept(&o, &bytes);
         }
     }
 
@@ -451,13 +475,16 @@ impl<S: Service> Ctx<S> {
                 .get_mut()
                 .repeat(from, env.seq, origin.clone(), queued);
             match what {
-                crate::replies::Repeat::Answer(v) => self.node.answer_kept(&origin, &v),
+                crate::replies::Repeat::Answer(v) => self.me.node.answer_kept(&origin, &v),
                 crate::replies::Repeat::Waits => {}
                 crate::replies::Repeat::Fail(why) => {
-                    self.node
+                    self.me
+                        .node
                         .logs
                         .event("ask-repeat-failed", format!("{}: {why}", self.id()));
-                    self.node.fail_ask(&origin, format!("{}: {why}", self.id()));
+                    self.me
+                        .node
+                        .fail_ask(&origin, format!("{}: {why}", self.id()));
                 }
             }
         }
@@ -472,7 +499,7 @@ impl<S: Service> Ctx<S> {
 
     /// The address in this service's book under `role`.
     pub fn book_get(&self, role: &str) -> Option<ServiceAddr> {
-        self.node.books.get(self.id(), role)
+        self.me.node.books.get(self.id(), role)
     }
 
     /// A typed handle to the service in this service's book under `role`
@@ -484,7 +511,7 @@ impl<S: Service> Ctx<S> {
                 holder: self.id(),
                 role: role.into(),
             })?;
-        self.node.resolve(&addr)
+        self.me.node.resolve(&addr)
     }
 
     /// Sends `msg` to the service in this service's book under `role`.
@@ -518,49 +545,49 @@ impl<S: Service> Ctx<S> {
     /// Registers `name` for this service, cluster-wide (see
     /// [`NodeHandle::register_name`](crate::NodeHandle::register_name)).
     pub fn register_name(&self, name: &str) -> Result<(), Error> {
-        self.node.register_name(name, self.id())
+        self.me.node.register_name(name, self.id())
     }
 
     /// Removes `name` if this service holds it; `true` if it did.
     pub fn unregister_name(&self, name: &str) -> bool {
-        self.node.unregister_name(name, self.id())
+        self.me.node.unregister_name(name, self.id())
     }
 
     /// A handle to the service registered as `name`, wherever it runs (see
     /// [`NodeHandle::lookup`](crate::NodeHandle::lookup)).
     pub fn lookup<T: Service>(&self, name: &str) -> Result<ServiceRef<T>, Error> {
-        self.node.lookup(name)
+        self.me.node.lookup(name)
     }
 
     /// This service's whole book.
     pub fn book(&self) -> Vec<(String, ServiceAddr)> {
-        self.node.books.book(self.id())
+        self.me.node.books.book(self.id())
     }
 
     /// Adds or replaces the entry `role` of this service's book.
     pub fn book_insert(&self, role: &str, target: ServiceAddr) -> Result<(), Error> {
-        self.node.book_insert(self.addr(), role, target)
+        self.me.node.book_insert(self.addr(), role, target)
     }
 
     /// Removes the entry `role` of this service's book; true if there was one.
     pub fn book_remove(&self, role: &str) -> bool {
-        self.node.book_remove(self.id(), role)
+        self.me.node.book_remove(self.id(), role)
     }
 
     /// Who this service holds and who holds it, across the cluster.
     pub fn associations(&self) -> Associations {
-        self.node.books.associations(self.id())
+        self.me.node.books.associations(self.id())
     }
 
     /// Starts a child service on this node, recorded as an assembly-tree edge.
     pub fn spawn_child<C: Service>(&self, state: C) -> Result<ServiceRef<C>, Error> {
-        self.node.spawn(state, Some(self.id()))
+        self.me.node.spawn(state, Some(self.id()))
     }
 
     /// Makes `child` a child of this service in its assembly tree (see
     /// [`NodeHandle::adopt`](crate::NodeHandle::adopt)).
     pub fn adopt(&self, child: &ServiceAddr) -> Result<(), Error> {
-        self.node.adopt(self.id(), child)
+        self.me.node.adopt(self.id(), child)
     }
 
     /// Sends `msg` to this service after `delay`. A due timer is handled before the next queued
@@ -589,9 +616,10 @@ impl<S: Service> Ctx<S> {
     /// ```
     pub fn schedule(&mut self, delay: Duration, msg: S::Msg) -> Result<TimerId, Error> {
         let at = tokio::time::Instant::now() + delay;
-        self.timers.add(at, msg).ok_or(Error::Limit {
+        let max = self.me.node.limits.timers_per_service_max;
+        self.timers.add(at, msg, max).ok_or(Error::Limit {
             what: "timers of this service",
-            max: self.timers.max,
+            max,
         })
     }
 
@@ -602,7 +630,7 @@ impl<S: Service> Ctx<S> {
 
     /// Number of pending timers.
     pub fn timers_pending(&self) -> usize {
-        self.timers.due.len()
+        self.timers.len()
     }
 
     /// Moves this service to node `to` after the current message, as
@@ -614,13 +642,13 @@ impl<S: Service> Ctx<S> {
     /// itself, use [`migrate_then`](Self::migrate_then).
     pub fn migrate(&mut self, to: impl Into<NodeName>, opts: MigrateOptions) -> Migration {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.migrate_to = Some((
+        self.migrate_to = Some(Box::new((
             to.into(),
             opts,
             Box::new(move |outcome| {
                 let _ = tx.send(outcome);
             }),
-        ));
+        )));
         Migration(rx)
     }
 
@@ -654,7 +682,7 @@ impl<S: Service> Ctx<S> {
         outcome: impl FnOnce(Result<MigrationReport, NotMoved>) -> S::Msg + Send + 'static,
     ) {
         let me = self.me.clone();
-        self.migrate_to = Some((
+        self.migrate_to = Some(Box::new((
             to.into(),
             opts,
             Box::new(move |result| {
@@ -662,7 +690,7 @@ impl<S: Service> Ctx<S> {
                     tracing::warn!(service = %me.id(), error = %e, "migration outcome not delivered");
                 }
             }),
-        ));
+        )));
     }
 
     /// Stops this service after the current message. Messages still queued are refused and
@@ -786,13 +814,11 @@ pub(crate) struct Restored<M> {
     pub outputs: Vec<tern_proto::wire::KeptOutput>,
 }
 
-fn new_ctx<S: Service>(me: ServiceRef<S>, node: Arc<NodeShared>) -> Ctx<S> {
-    let timers_max = node.limits.timers_per_service_max;
+fn new_ctx<S: Service>(me: ServiceRef<S>) -> Ctx<S> {
     Ctx {
         me,
-        node,
         seqs: Seqs::default(),
-        timers: Timers::new(timers_max),
+        timers: Timers::new(),
         stop: false,
         migrate_to: None,
         sent: 0,
@@ -813,7 +839,7 @@ pub(crate) fn run_service<S: Service>(
     node: Arc<NodeShared>,
 ) -> impl std::future::Future<Output = ()> {
     let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
-    let ctx = new_ctx(me, node);
+    let ctx = new_ctx(me);
     serve(state, ctx, mailbox, None).instrument(span)
 }
 
@@ -829,22 +855,23 @@ pub(crate) fn run_restored<S: Service>(
 ) -> impl std::future::Future<Output = ()> {
     let id = me.id();
     let span = tracing::debug_span!("service", id = %id, kind = S::KIND, node = %node.name());
-    let mut ctx = new_ctx(me, node);
+    let mut ctx = new_ctx(me);
     async move {
         match go.await {
             Ok(Go::Start) => {
                 for r in mailbox.start() {
                     let (reason, env) = r;
-                    ctx.node.refuse_envelope(id, env.refusal(reason));
+                    ctx.me.node.refuse_envelope(id, env.refusal(reason));
                 }
                 let now = tokio::time::Instant::now();
+                let max = ctx.me.node.limits.timers_per_service_max;
                 for (after, msg) in restored.timers {
                     // Bounded on the source by the same limit.
-                    let _ = ctx.timers.add(now + after, msg);
+                    let _ = ctx.timers.add(now + after, msg, max);
                 }
                 ctx.seqs.borrow_mut().extend(restored.seqs);
                 if !restored.outputs.is_empty() {
-                    ctx.node.send_outputs(id, restored.outputs);
+                    ctx.me.node.send_outputs(id, restored.outputs);
                 }
                 if !restored.replies.is_empty() {
                     ctx.replies = Some(Box::new(std::cell::RefCell::new(
@@ -852,8 +879,9 @@ pub(crate) fn run_restored<S: Service>(
                     )));
                 }
                 if S::REPLICAS > 0 {
-                    let epoch = ctx.node.driver.location(id).map_or(0, |(_, e)| e);
-                    ctx.node
+                    let epoch = ctx.me.node.driver.location(id).map_or(0, |(_, e)| e);
+                    ctx.me
+                        .node
                         .replicas
                         .start(id, S::kind_key(), epoch, restored.marks);
                 }
@@ -868,25 +896,25 @@ pub(crate) fn run_restored<S: Service>(
                 // The carried queue is still at the source; what arrived here goes there.
                 let gone = mailbox.discard_all();
                 let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
-                ctx.node.forget_moved(id, &copy);
-                ctx.node.hand_on(id, &restored.source, gone.parked);
-                ctx.node.send_skips(id, &restored.source, &gone.skips, 0);
+                ctx.me.node.forget_moved(id, &copy);
+                ctx.me.node.hand_on(id, &restored.source, gone.parked);
+                ctx.me.node.send_skips(id, &restored.source, &gone.skips, 0);
             }
             Ok(Go::Orphan) => {
                 // Nobody else holds what the copy carried if the source committed and died;
                 // if it lives and aborted, it has them too. Either way their senders are told.
                 let gone = mailbox.discard_all();
                 let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
-                ctx.node.forget_moved(id, &copy);
+                ctx.me.node.forget_moved(id, &copy);
                 let reason = DeliveryError::ServiceLost {
                     id,
                     node: restored.source.clone(),
                 };
                 for env in gone.carried.into_iter().chain(gone.parked) {
-                    ctx.node.refuse_envelope(id, env.refusal(reason.clone()));
+                    ctx.me.node.refuse_envelope(id, env.refusal(reason.clone()));
                 }
                 for (from, seq) in gone.skips {
-                    ctx.node.apply_skip(id, from, seq, 0);
+                    ctx.me.node.apply_skip(id, from, seq, 0);
                 }
             }
         }
@@ -928,7 +956,7 @@ fn snapshot<S: Service>(
         id: ctx.id(),
         kind: S::kind_key(),
         epoch: 0,
-        parent: ctx.node.parent_of(ctx.id()),
+        parent: ctx.me.node.parent_of(ctx.id()),
         state_bytes: bytes.len() as u64,
         carried: queue.len() as u64,
         timers,
@@ -936,7 +964,7 @@ fn snapshot<S: Service>(
         windows: wins,
         // Set by the stream's writer, which cuts the windows and counters into frames.
         tables: 0,
-        book: ctx.node.books.book(ctx.id()),
+        book: ctx.me.node.books.book(ctx.id()),
         // Set by the stream's writer, from the node's custody table, the migration's
         // options and the node's names.
         custody: Vec::new(),
@@ -964,15 +992,16 @@ fn snapshot<S: Service>(
 /// state, timers, send counters, what it handled of each sender, book. Taken between messages,
 /// while nothing else touches the state.
 fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
-    ctx.node.replica_checkpoint(ctx.id(), |taken| {
+    ctx.me.node.replica_checkpoint(ctx.id(), |taken| {
         let body = tern_proto::replica::CheckpointBody {
             state: rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?,
             timers: timer_wires(ctx)?,
             send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
             taken,
-            book: ctx.node.books.book(ctx.id()),
+            book: ctx.me.node.books.book(ctx.id()),
             replies: ctx.replies_kept(),
             outputs: ctx
+                .me
                 .node
                 .outputs_of(ctx.id(), ctx.seqs.borrow().keys().copied()),
         };
@@ -983,8 +1012,8 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
 /// A service's pending timers as they travel: due so long from now.
 fn timer_wires<S: Service>(ctx: &Ctx<S>) -> Result<Vec<TimerWire>, String> {
     let now = tokio::time::Instant::now();
-    let mut timers = Vec::with_capacity(ctx.timers.due.len());
-    for ((at, _), msg) in &ctx.timers.due {
+    let mut timers = Vec::with_capacity(ctx.timers.len());
+    for (at, msg) in ctx.timers.iter() {
         timers.push(TimerWire {
             after_us: at.saturating_duration_since(now).as_micros() as u64,
             msg: rmp_serde::to_vec(msg).map_err(|e| format!("timer: {e}"))?,
@@ -1009,13 +1038,13 @@ fn precopy_turn<S: Service>(
             .precopy
             .swap(false, std::sync::atomic::Ordering::SeqCst)
     {
-        if let Some(tx) = ctx.node.driver.take_precopy(ctx.id()) {
+        if let Some(tx) = ctx.me.node.driver.take_precopy(ctx.id()) {
             // One attempt at a time: an older one ended already.
             *copying = Some(Copying::start((p.part)(state), tx, p.min_bytes));
         }
     }
     if let Some(c) = copying {
-        if !c.step((p.part)(state), &ctx.node, ctx.id()) {
+        if !c.step((p.part)(state), &ctx.me.node, ctx.id()) {
             *copying = None;
         }
     }
@@ -1056,7 +1085,7 @@ async fn finish_copying<S: Service>(
         return Ok(false);
     };
     let part = (p.part)(state);
-    if !c.current(&ctx.node, ctx.id()) {
+    if !c.current(&ctx.me.node, ctx.id()) {
         // Left from an attempt that ended: this freeze moves the whole state.
         part.untrack();
         return Ok(false);
@@ -1072,7 +1101,7 @@ async fn freeze<S: Service>(
     mailbox: &Arc<Mailbox<S::Msg>>,
     copying: Option<Box<Copying>>,
 ) -> bool {
-    let node = ctx.node.clone();
+    let node = ctx.me.node.clone();
     let id = ctx.id();
     // This request is being served; one made while it runs is seen after it.
     mailbox
@@ -1193,7 +1222,7 @@ fn serve<S: Service>(
         // The state being copied ahead for a move (`Service::PRECOPY`).
         let mut copying: Option<Box<Copying>> = None;
         loop {
-            if ctx.node.halted.is_set() {
+            if ctx.me.node.halted.is_set() {
                 // A halted node handles nothing more; its system is ending.
                 return std::future::pending().await;
             }
@@ -1202,24 +1231,24 @@ fn serve<S: Service>(
             // the queue to empty.
             if mailbox.freeze.load(std::sync::atomic::Ordering::Relaxed)
                 && !mailbox.is_gated()
-                && !(mailbox.len() > 0 && ctx.node.driver.drains(ctx.id()))
+                && !(mailbox.len() > 0 && ctx.me.node.driver.drains(ctx.id()))
             {
                 // A checkpoint in the data directory goes before the service may: once the
                 // move commits, a restart here must not bring this copy back.
                 if S::REPLICAS > 0 {
-                    ctx.node.store_forget(ctx.id());
+                    ctx.me.node.store_forget(ctx.id());
                 }
                 // Boxed: a freeze is rare, and every runner's future would make room for it.
                 if Box::pin(freeze(&mut state, &mut ctx, &mailbox, copying.take())).await {
                     // Moved away: the target runs it now. No `stopped`: it did not stop.
                     if S::REPLICAS > 0 {
-                        ctx.node.replica_left(ctx.id());
+                        ctx.me.node.replica_left(ctx.id());
                     }
                     return;
                 }
                 if S::REPLICAS > 0 {
                     // Still here: its checkpoint goes back on disk (and to a standby) soon.
-                    ctx.node.replicas.stayed(ctx.id());
+                    ctx.me.node.replicas.stayed(ctx.id());
                 }
                 continue;
             }
@@ -1235,30 +1264,30 @@ fn serve<S: Service>(
             // checkpoints (the first to a new standby), and looks again when a lease is granted
             // or a checkpoint acknowledged.
             if S::REPLICAS > 0 {
-                match ctx.node.replicas.gate(ctx.id()) {
+                match ctx.me.node.replicas.gate(ctx.id()) {
                     Gate::Serve => {}
                     Gate::Retire(to, epoch) => {
                         // As a move's source at its commit: from now on what arrives is handed
                         // back with the new place, and a tombstone stays.
                         let id = ctx.id();
                         let left = mailbox.retire(to.clone(), epoch);
-                        ctx.node.replica_retired(id, &to, epoch);
-                        ctx.node.hand_on(
+                        ctx.me.node.replica_retired(id, &to, epoch);
+                        ctx.me.node.hand_on(
                             id,
                             &to,
                             left.queue.into_iter().chain(left.early).collect(),
                         );
-                        ctx.node.send_skips(id, &to, &left.skipped, 0);
+                        ctx.me.node.send_skips(id, &to, &left.skipped, 0);
                         let copy: Arc<dyn crate::mailbox::Slot> = mailbox.clone();
-                        ctx.node.forget_moved(id, &copy);
+                        ctx.me.node.forget_moved(id, &copy);
                         return;
                     }
                     Gate::Wait if mailbox.is_closed() => {}
                     Gate::Wait => {
-                        let woken = ctx.node.replicas.changed.notified();
+                        let woken = ctx.me.node.replicas.changed.notified();
                         if !paused {
                             paused = true;
-                            ctx.node.stats.replica_pauses.inc();
+                            ctx.me.node.stats.replica_pauses.inc();
                             tracing::info!(service = %ctx.id(), "replica paused: no lease");
                         }
                         checkpoint(&state, &ctx);
@@ -1278,7 +1307,7 @@ fn serve<S: Service>(
             paused = false;
             // A due timer goes before the next queued message.
             // (The clock is read only when a timer is pending.)
-            let due = if ctx.timers.due.is_empty() {
+            let due = if ctx.timers.0.is_none() {
                 None
             } else {
                 ctx.timers.pop_due(tokio::time::Instant::now())
@@ -1290,7 +1319,7 @@ fn serve<S: Service>(
                 let (repeats, woke) = mailbox.take_repeats();
                 if woke {
                     // Marks for a node that sent copies again may wait (`Mailbox::marked_again`).
-                    ctx.node.handled_pending(ctx.id());
+                    ctx.me.node.handled_pending(ctx.id());
                 }
                 if !repeats.is_empty() {
                     ctx.answer_repeats(repeats);
@@ -1301,14 +1330,14 @@ fn serve<S: Service>(
                 None => {
                     let (env, newly_dirty) = mailbox.pop_noting();
                     if newly_dirty {
-                        ctx.node.handled_pending(ctx.id());
+                        ctx.me.node.handled_pending(ctx.id());
                     }
                     match env {
                         Some(env) => {
                             ctx.received = ctx.received.wrapping_add(1);
-                            if ctx.received % SIZE_SAMPLE_EVERY == 1 {
+                            if u64::from(ctx.received) % SIZE_SAMPLE_EVERY == 1 {
                                 if let Some(from) = env.from {
-                                    sample_size(&ctx.node, from, ctx.me.id(), &env.msg);
+                                    sample_size(&ctx.me.node, from, ctx.me.id(), &env.msg);
                                 }
                             }
                             let Envelope {
@@ -1339,9 +1368,10 @@ fn serve<S: Service>(
             if arrived.is_some() && (next.is_some() || !mailbox.is_gated()) {
                 if let Some(a) = arrived.take() {
                     let after_start_us = a.at.elapsed().as_micros() as u64;
-                    ctx.node
+                    ctx.me
+                        .node
                         .driver
-                        .serving(&ctx.node, &a.source, a.mig, after_start_us);
+                        .serving(&ctx.me.node, &a.source, a.mig, after_start_us);
                 }
             }
             match next {
@@ -1360,32 +1390,33 @@ fn serve<S: Service>(
                         ) {
                             if let Some(c) = copying.take() {
                                 // The fresh state is not what was copied ahead.
-                                c.abandon(&ctx.node, ctx.id(), "the service restarted");
+                                c.abandon(&ctx.me.node, ctx.id(), "the service restarted");
                             }
                             continue;
                         }
                         return;
                     }
-                    ctx.node.stats.processed.inc();
+                    ctx.me.node.stats.processed.inc();
                     if S::REPLICAS > 0 {
                         let from = in_hand
                             .as_ref()
                             .and_then(|e| e.from.map(|f| (f, e.seq, e.origin.clone())));
-                        if ctx.node.replicas.handled(ctx.id(), from) {
+                        if ctx.me.node.replicas.handled(ctx.id(), from) {
                             checkpoint(&state, &ctx);
                         }
                     }
                     if ctx.stop {
                         break;
                     }
-                    if let Some((to, opts, done)) = ctx.migrate_to.take() {
-                        ctx.node.migrate_detached(ctx.id(), to, opts, done);
+                    if let Some(m) = ctx.migrate_to.take() {
+                        let (to, opts, done) = *m;
+                        ctx.me.node.migrate_detached(ctx.id(), to, opts, done);
                     }
                     turn += 1;
                     if turn % MESSAGES_PER_TURN == 0 {
                         if turn >= MARKS_EVERY {
                             turn = 0;
-                            ctx.node.flush_handled(ctx.id());
+                            ctx.me.node.flush_handled(ctx.id());
                         }
                         tokio::task::yield_now().await;
                     }
@@ -1395,7 +1426,8 @@ fn serve<S: Service>(
                     // A replicated service's checkpoint may fall due while it waits.
                     let replica_at = if S::REPLICAS > 0 {
                         checkpoint(&state, &ctx);
-                        ctx.node
+                        ctx.me
+                            .node
                             .replicas
                             .due_at(ctx.id())
                             .map(|d| tokio::time::Instant::now() + d)
@@ -1421,7 +1453,8 @@ fn serve<S: Service>(
             Ok(()) => {
                 let id = ctx.id();
                 sender_stopped(&ctx);
-                ctx.node
+                ctx.me
+                    .node
                     .service_stopped(id, rest, DeliveryError::Stopped { id });
             }
             Err(panic) => {
@@ -1518,17 +1551,18 @@ fn restarted<S: Service>(
     let id = ctx.id();
     let detail = panic_message(panic);
     tracing::warn!(service = %id, kind = S::KIND, panic = %detail, "handler panicked; service restarted");
-    ctx.node.logs.event(
+    ctx.me.node.logs.event(
         "restarted",
         format!(
             "service {id} ({}) restarted with a fresh state: its handler panicked: {detail}",
             S::kind_key()
         ),
     );
-    ctx.node.stats.services_restarted.inc();
+    ctx.me.node.stats.services_restarted.inc();
     ctx.timers.clear();
     ctx.stop = false;
-    if let Some((to, _, done)) = ctx.migrate_to.take() {
+    if let Some(m) = ctx.migrate_to.take() {
+        let (to, _, done) = *m;
         done(Err(NotMoved {
             reports: Vec::new(),
             refused: vec![(
@@ -1539,7 +1573,7 @@ fn restarted<S: Service>(
     }
     if let Some(env) = in_hand {
         let reason = DeliveryError::ServicePanicked { id, detail };
-        ctx.node.refuse_envelope_quiet(id, env.refusal(reason));
+        ctx.me.node.refuse_envelope_quiet(id, env.refusal(reason));
     }
 }
 
@@ -1551,7 +1585,7 @@ fn report_panic<S: Service, M>(
 ) {
     let id = ctx.id();
     tracing::error!(service = %id, kind = S::KIND, panic = detail, "handler panicked; service stopped");
-    ctx.node.logs.event(
+    ctx.me.node.logs.event(
         "panicked",
         format!(
             "service {id} ({}) stopped: its handler panicked: {detail}; {} queued messages failed to their senders",
@@ -1559,17 +1593,18 @@ fn report_panic<S: Service, M>(
             rest.len()
         ),
     );
-    ctx.node.stats.services_panicked.inc();
+    ctx.me.node.stats.services_panicked.inc();
     let reason = DeliveryError::ServicePanicked {
         id,
         detail: detail.to_string(),
     };
     if let Some(env) = in_hand {
-        ctx.node
+        ctx.me
+            .node
             .refuse_envelope_quiet(id, env.refusal(reason.clone()));
     }
     sender_stopped(ctx);
-    ctx.node.service_stopped(id, rest, reason);
+    ctx.me.node.service_stopped(id, rest, reason);
 }
 
 /// The service stopped for good: each service it sent to hears its last number there, so
@@ -1583,6 +1618,6 @@ fn sender_stopped<S: Service>(ctx: &Ctx<S>) {
         .map(|(to, last)| (*to, *last))
         .collect();
     if !sent.is_empty() {
-        ctx.node.sender_stopped(ctx.id(), &sent);
+        ctx.me.node.sender_stopped(ctx.id(), &sent);
     }
 }
