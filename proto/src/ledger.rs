@@ -104,7 +104,10 @@ pub struct Ledger {
     /// The last sender noted, looked at first. Boxed: a channel with nothing outstanding
     /// (every idle service's) pays a pointer for it.
     hot: Option<Box<(ServiceId, Outstanding)>>,
-    cold: IdMap<Outstanding>,
+    /// The other senders with messages outstanding (boxed when there are any: most channels
+    /// have one sender at a time, and every channel pays for the field).
+    #[allow(clippy::box_collection)]
+    cold: Option<Box<IdMap<Outstanding>>>,
     /// Skips and gaps sent and not yet seen passed (bounded by [`LEDGER_UNCONFIRMED_MAX`]).
     /// Boxed when there are any: rare, and every channel pays for the field.
     #[allow(clippy::box_collection)]
@@ -162,8 +165,18 @@ impl Ledger {
         self.note_cold(sender, seq, via);
     }
 
+    /// Takes `sender`'s entry out of the cold map (dropped when it empties).
+    fn cold_remove(&mut self, sender: &ServiceId) -> Option<Outstanding> {
+        let c = self.cold.as_mut()?;
+        let o = c.remove(sender);
+        if c.is_empty() {
+            self.cold = None;
+        }
+        o
+    }
+
     fn note_cold(&mut self, sender: ServiceId, seq: u64, via: &NodeName) {
-        let mut o = self.cold.remove(&sender).unwrap_or(Outstanding {
+        let mut o = self.cold_remove(&sender).unwrap_or(Outstanding {
             sent: seq,
             // Numbers before the first one seen here were confirmed or belong to another node.
             handled: seq.saturating_sub(1),
@@ -176,7 +189,9 @@ impl Ledger {
         match &mut self.hot {
             Some(h) => {
                 let (s, old) = std::mem::replace(&mut **h, (sender, o));
-                self.cold.insert(s, old);
+                self.cold
+                    .get_or_insert_with(Default::default)
+                    .insert(s, old);
             }
             None => self.hot = Some(Box::new((sender, o))),
         }
@@ -187,7 +202,7 @@ impl Ledger {
         if let Some(h) = &mut self.hot {
             h.1.went(node);
         }
-        for o in self.cold.values_mut() {
+        for o in self.cold.iter_mut().flat_map(|c| c.values_mut()) {
             o.went(node);
         }
     }
@@ -210,7 +225,7 @@ impl Ledger {
     pub fn may_settle(&self, sender: ServiceId, node: &NodeName) -> bool {
         let o = match &self.hot {
             Some(h) if h.0 == sender => Some(&h.1),
-            _ => self.cold.get(&sender),
+            _ => self.cold.as_ref().and_then(|c| c.get(&sender)),
         };
         o.is_none_or(|o| o.via_any || o.via.contains(node))
     }
@@ -275,7 +290,7 @@ impl Ledger {
                 change(&mut h.1);
                 h.1.tidy()
             }
-            _ => match self.cold.get_mut(&sender) {
+            _ => match self.cold.as_mut().and_then(|c| c.get_mut(&sender)) {
                 Some(o) => {
                     change(o);
                     o.tidy()
@@ -287,7 +302,7 @@ impl Ledger {
             if matches!(&self.hot, Some(h) if h.0 == sender) {
                 self.hot = None;
             } else {
-                self.cold.remove(&sender);
+                self.cold_remove(&sender);
             }
         }
     }
@@ -316,7 +331,12 @@ impl Ledger {
                 self.hot = None;
             }
         }
-        self.cold.retain(|s, o| take(s, o));
+        if let Some(c) = &mut self.cold {
+            c.retain(|s, o| take(s, o));
+            if c.is_empty() {
+                self.cold = None;
+            }
+        }
         // The gaps the caller sends for them are remembered until seen passed.
         for (sender, _, last) in &out {
             self.sent_unconfirmed(Unconfirmed::Gap(*sender, *last));
@@ -329,14 +349,14 @@ impl Ledger {
         self.hot
             .iter()
             .map(|h| &h.1)
-            .chain(self.cold.values())
+            .chain(self.cold.iter().flat_map(|c| c.values()))
             .map(|o| o.sent - o.handled - o.refused.len() as u64)
             .sum()
     }
 
     /// Senders with messages outstanding.
     pub fn len(&self) -> usize {
-        usize::from(self.hot.is_some()) + self.cold.len()
+        usize::from(self.hot.is_some()) + self.cold.as_ref().map_or(0, |c| c.len())
     }
 
     /// True when nothing is outstanding.

@@ -461,6 +461,12 @@ impl<S: Service> ServiceRef<S> {
         self.addr.id
     }
 
+    /// The handle's node and channel, for a sleeping service to keep without its address
+    /// (made again from its mailbox when it wakes).
+    pub(crate) fn into_parts(self) -> (Arc<NodeShared>, Arc<Channel<S::Msg>>) {
+        (self.node, self.chan)
+    }
+
     /// The channel this handle sends through, untyped.
     pub(crate) fn any_channel(&self) -> Arc<dyn AnyChannel> {
         self.chan.clone()

@@ -86,6 +86,11 @@ pub struct Limits {
     pub traffic_edges_max: usize,
     /// On battery at or below this charge (percent), the node drains itself.
     pub drain_below_percent: u8,
+    /// A service that has taken no message for between one and two of these (in
+    /// milliseconds), with no timer pending, no copy under way and no replicas, sleeps: its
+    /// runner's task ends and its state waits on the node's thread until a message, a move
+    /// or a stop wakes it, which costs a task start. 0: services never sleep.
+    pub sleep_after_idle_ms: u64,
 }
 
 impl Default for Limits {
@@ -120,6 +125,7 @@ impl Default for Limits {
             location_hold_ms: 2_000,
             traffic_edges_max: 4096,
             drain_below_percent: 10,
+            sleep_after_idle_ms: 1_000,
         }
     }
 }

@@ -79,9 +79,7 @@ impl<M> Numbered for Envelope<M> {
 /// windows, parking, hand-over, handled marks, all in `tern-proto`) behind a lock, with the
 /// wake-ups of its runner and of senders waiting for room.
 pub(crate) struct Mailbox<M> {
-    pub id: ServiceId,
     pub kind: KindKey,
-    pub capacity: usize,
     state: Mutex<Inbox<Envelope<M>>>,
     ready: Notify,
     space: Notify,
@@ -97,6 +95,40 @@ pub(crate) struct Mailbox<M> {
     ///
     /// [`take_repeats`]: Self::take_repeats
     repeats: AtomicBool,
+    /// Set while the service sleeps (see [`Bell`]): its runner's task has ended and its state
+    /// waits on the node's thread. Set and checked by the runner under the inbox's lock;
+    /// whoever clears it (`swap`) rings the bell, once.
+    asleep: AtomicBool,
+    /// Set by the node's sweep ([`idle_round`](Slot::idle_round)) to ask an idle runner to
+    /// sleep.
+    sleep_asked: AtomicBool,
+    /// Sweeps since the runner last took a message.
+    idle_rounds: std::sync::atomic::AtomicU8,
+    /// The node's bell, when the service may sleep (`None`: it never does).
+    bell: Option<Arc<Bell>>,
+}
+
+/// How a sleeping service is woken: the waker sends its mailbox's key to the node's thread,
+/// where the bell's task starts its runner again (`service::wake_sleeper`).
+///
+/// The queue holds at most one key per sleeping service (a key is sent only by whoever
+/// clears the mailbox's `asleep` flag), so it is bounded by `services_max`.
+pub(crate) struct Bell {
+    tx: tokio::sync::mpsc::UnboundedSender<usize>,
+}
+
+impl Bell {
+    /// A bell, and the keys it will ring with.
+    pub fn new() -> (Arc<Bell>, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(Bell { tx }), rx)
+    }
+}
+
+/// The key a sleeping service is found by on its node's thread: its mailbox's address (one
+/// per copy; the mailbox lives as long as the sleeping runner holds it).
+pub(crate) fn sleep_key<M>(mailbox: &Arc<Mailbox<M>>) -> usize {
+    Arc::as_ptr(mailbox) as usize
 }
 
 impl<M> Mailbox<M> {
@@ -104,11 +136,74 @@ impl<M> Mailbox<M> {
         Self::wrap(kind, Inbox::new(id, capacity))
     }
 
+    /// The service's id (kept by the inbox alone: every idle service pays for a copy).
+    pub fn id(&self) -> ServiceId {
+        lock(&self.state).id()
+    }
+
+    /// Lets the service sleep when idle, woken through `bell`.
+    pub fn sleeping_with(mut self, bell: Option<Arc<Bell>>) -> Self {
+        self.bell = bell;
+        self
+    }
+
+    /// Wakes the runner: its `ready` wait, or its sleep. Called after the change that gives
+    /// it work, once the inbox's lock is released: a runner that went to sleep before the
+    /// change (under the lock) is seen asleep here.
+    fn wake(&self) {
+        self.ready.notify_one();
+        if self.asleep.load(Ordering::Acquire) {
+            self.wake_sleeper();
+        }
+    }
+
+    #[cold]
+    fn wake_sleeper(&self) {
+        if self.asleep.swap(false, Ordering::AcqRel) {
+            if let Some(bell) = &self.bell {
+                // Fails only once the node's thread has ended: nothing runs there any more.
+                let _ = bell.tx.send(self as *const Self as usize);
+            }
+        }
+    }
+
+    /// The runner, idle, asks to sleep: true (and asleep) when it has nothing to do, under
+    /// the inbox's lock. The caller then hands its state to the bell's side and ends its task.
+    pub fn try_sleep(&self) -> bool {
+        if self.bell.is_none() {
+            return false;
+        }
+        let st = lock(&self.state);
+        if !st.is_empty()
+            || st.is_closed()
+            || st.is_gated()
+            || self.freeze.load(Ordering::SeqCst)
+            || self.precopy.load(Ordering::SeqCst)
+            || self.repeats.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        self.asleep.store(true, Ordering::Release);
+        true
+    }
+
+    /// True when the node's sweep asked this runner to sleep.
+    pub fn sleep_asked(&self) -> bool {
+        self.sleep_asked.load(Ordering::Relaxed)
+    }
+
+    /// The runner took a message, or woke: it is not idle.
+    #[inline]
+    pub fn active(&self) {
+        if self.idle_rounds.load(Ordering::Relaxed) != 0 {
+            self.idle_rounds.store(0, Ordering::Relaxed);
+            self.sleep_asked.store(false, Ordering::Relaxed);
+        }
+    }
+
     fn wrap(kind: KindKey, inbox: Inbox<Envelope<M>>) -> Self {
         Mailbox {
-            id: inbox.id(),
             kind,
-            capacity: inbox.capacity(),
             state: Mutex::new(inbox),
             ready: Notify::new(),
             space: Notify::new(),
@@ -117,6 +212,10 @@ impl<M> Mailbox<M> {
             precopy: std::sync::atomic::AtomicBool::new(false),
             handled_dirty: AtomicBool::new(false),
             repeats: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            sleep_asked: AtomicBool::new(false),
+            idle_rounds: std::sync::atomic::AtomicU8::new(0),
+            bell: None,
         }
     }
 
@@ -141,7 +240,7 @@ impl<M> Mailbox<M> {
             (r, queued | st.take_released() | marked)
         };
         if queued {
-            self.ready.notify_one();
+            self.wake();
         }
         r
     }
@@ -170,7 +269,7 @@ impl<M> Mailbox<M> {
                 }
                 drop(st);
                 if queued {
-                    self.ready.notify_one();
+                    self.wake();
                 }
                 Ok(())
             }
@@ -178,7 +277,7 @@ impl<M> Mailbox<M> {
                 let released = st.take_released();
                 drop(st);
                 if released {
-                    self.ready.notify_one();
+                    self.wake();
                 }
                 Err(refused)
             }
@@ -234,14 +333,14 @@ impl<M> Mailbox<M> {
     /// Abort, source side: the queue handed over goes back in front of what arrived meanwhile.
     pub fn put_back(&self, queue: VecDeque<Envelope<M>>) {
         lock(&self.state).put_back(queue);
-        self.ready.notify_one();
+        self.wake();
     }
 
     /// Commit, source side: from now on pushes are handed back with the new place; returns
     /// what must follow the snapshot to the target.
     pub fn retire(&self, node: NodeName, epoch: u64) -> Leftovers<Envelope<M>> {
         let left = lock(&self.state).retire(node, epoch);
-        self.ready.notify_one();
+        self.wake();
         self.space.notify_waiters();
         left
     }
@@ -249,7 +348,7 @@ impl<M> Mailbox<M> {
     /// Restored copy: a carried message, already released by the source's windows.
     pub fn push_carried(&self, env: Envelope<M>) {
         lock(&self.state).push_carried(env);
-        self.ready.notify_one();
+        self.wake();
     }
 
     /// Restored copy: the carried queue is complete. Returns parked arrivals the windows
@@ -272,7 +371,7 @@ impl<M> Mailbox<M> {
     /// arrivals and the skips that waited for its gate.
     pub fn discard_all(&self) -> Discarded<Envelope<M>> {
         let out = lock(&self.state).discard_all();
-        self.ready.notify_one();
+        self.wake();
         self.space.notify_waiters();
         out
     }
@@ -316,7 +415,11 @@ impl<M> Mailbox<M> {
     /// [`pop`](Self::pop), and whether this pop left a confirmation to report where there
     /// was none (so the node must visit this mailbox on its next progress tick).
     pub fn pop_noting(&self) -> (Option<Envelope<M>>, bool) {
-        let (env, left) = lock(&self.state).pop();
+        let (env, half_empty) = {
+            let mut st = lock(&self.state);
+            let (env, left) = st.pop();
+            (env, left <= st.capacity() / 2)
+        };
         let mut newly_dirty = false;
         if env.as_ref().is_some_and(|e| e.from.is_some())
             && !self.handled_dirty.load(Ordering::Relaxed)
@@ -324,10 +427,7 @@ impl<M> Mailbox<M> {
             self.handled_dirty.store(true, Ordering::Relaxed);
             newly_dirty = true;
         }
-        if env.is_some()
-            && left <= self.capacity / 2
-            && self.space_waiters.load(Ordering::SeqCst) > 0
-        {
+        if env.is_some() && half_empty && self.space_waiters.load(Ordering::SeqCst) > 0 {
             self.space.notify_waiters();
         }
         (env, newly_dirty)
@@ -368,7 +468,7 @@ impl<M> Mailbox<M> {
     /// Closes the mailbox and returns what was still queued, oldest first.
     pub fn close(&self) -> Vec<Envelope<M>> {
         let rest = lock(&self.state).close();
-        self.ready.notify_one();
+        self.wake();
         self.space.notify_waiters();
         rest
     }
@@ -501,6 +601,10 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn cancel_freeze(&self);
     /// Asks the runner to copy its state ahead between messages.
     fn request_precopy(&self);
+    /// One round of the node's idle sweep: a runner idle for two rounds is asked to sleep.
+    fn idle_round(&self);
+    /// True while the service sleeps.
+    fn is_asleep(&self) -> bool;
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
@@ -523,7 +627,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     }
 
     fn capacity(&self) -> usize {
-        self.capacity
+        lock(&self.state).capacity()
     }
 
     fn deliver_bytes(
@@ -542,7 +646,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                     let _ = self.skip_number(from, meta.seq);
                 }
                 return Err(DeliveryError::BadMessage {
-                    id: self.id,
+                    id: self.id(),
                     kind: self.kind.clone(),
                     detail: e.to_string(),
                 });
@@ -580,7 +684,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                             let _ = st.skip(from, seq);
                         }
                         break Some(DeliveryError::BadMessage {
-                            id: self.id,
+                            id: st.id(),
                             kind: self.kind.clone(),
                             detail: e.to_string(),
                         });
@@ -610,7 +714,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         origin: &NodeName,
         hand: tern_proto::forward::Hand,
     ) -> Result<(), DeliveryError> {
-        let env = match decode_envelope::<M>(self.id, &self.kind, msg) {
+        let env = match decode_envelope::<M>(self.id(), &self.kind, msg) {
             Ok(mut env) => {
                 env.origin.get_or_insert_with(|| origin.clone());
                 env
@@ -641,7 +745,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     }
 
     fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError> {
-        self.push_carried(decode_envelope(self.id, &self.kind, msg)?);
+        self.push_carried(decode_envelope(self.id(), &self.kind, msg)?);
         Ok(())
     }
 
@@ -674,7 +778,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn request_freeze(&self) {
         self.freeze.store(true, Ordering::SeqCst);
-        self.ready.notify_one();
+        // Through the lock: a runner going to sleep either sees the flag or is seen asleep.
+        drop(lock(&self.state));
+        self.wake();
     }
 
     fn cancel_freeze(&self) {
@@ -683,7 +789,23 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn request_precopy(&self) {
         self.precopy.store(true, Ordering::SeqCst);
-        self.ready.notify_one();
+        drop(lock(&self.state));
+        self.wake();
+    }
+
+    fn idle_round(&self) {
+        if self.bell.is_none() || self.asleep.load(Ordering::Relaxed) || self.sleep_asked() {
+            return;
+        }
+        // Two sweeps with no message in between: idle for at least one sweep interval.
+        if self.idle_rounds.fetch_add(1, Ordering::Relaxed) >= 1 {
+            self.sleep_asked.store(true, Ordering::Relaxed);
+            self.ready.notify_one();
+        }
+    }
+
+    fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::Relaxed)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
@@ -732,5 +854,58 @@ mod tests {
             mb.push(env(4)),
             Err((DeliveryError::Stopped { .. }, _))
         ));
+    }
+
+    /// The sleep handshake: a runner sleeps only with nothing to do, under the inbox's lock,
+    /// and the first change that gives it work rings the bell once with its key.
+    #[test]
+    fn a_sleeping_mailbox_rings_its_bell_once_per_sleep() {
+        let (bell, mut keys) = Bell::new();
+        let mb = Arc::new(
+            Mailbox::new(ServiceId::from_parts(0, 1), KindKey::new("k", 1), 4)
+                .sleeping_with(Some(bell)),
+        );
+        let key = sleep_key(&mb);
+        assert!(mb.try_sleep(), "empty: it may sleep");
+        assert!(mb.is_asleep());
+        assert!(keys.try_recv().is_err(), "nothing rang yet");
+        mb.push(env(1)).unwrap();
+        assert!(!mb.is_asleep());
+        assert_eq!(keys.try_recv().ok(), Some(key));
+        mb.push(env(2)).unwrap();
+        assert!(keys.try_recv().is_err(), "rung once per sleep");
+        assert!(!mb.try_sleep(), "messages queued: it may not sleep");
+        while mb.pop().is_some() {}
+        // A freeze asked for while it sleeps wakes it; one asked before keeps it awake.
+        assert!(mb.try_sleep());
+        mb.request_freeze();
+        assert_eq!(keys.try_recv().ok(), Some(key));
+        assert!(!mb.try_sleep(), "a freeze waits to be served");
+        mb.cancel_freeze();
+        // A close wakes it too, and a closed mailbox does not sleep.
+        assert!(mb.try_sleep());
+        let _ = mb.close();
+        assert_eq!(keys.try_recv().ok(), Some(key));
+        assert!(!mb.try_sleep());
+    }
+
+    #[test]
+    fn the_sweep_asks_a_runner_to_sleep_after_two_quiet_rounds() {
+        let (bell, _keys) = Bell::new();
+        let mb = Mailbox::<u32>::new(ServiceId::from_parts(0, 1), KindKey::new("k", 1), 4)
+            .sleeping_with(Some(bell));
+        mb.idle_round();
+        assert!(!mb.sleep_asked(), "one round is not idle enough");
+        mb.active();
+        mb.idle_round();
+        assert!(!mb.sleep_asked(), "a message taken starts the count again");
+        mb.idle_round();
+        assert!(mb.sleep_asked());
+        // Without a bell (sleeping off, or a replicated kind) nothing sleeps.
+        let never = Mailbox::<u32>::new(ServiceId::from_parts(0, 2), KindKey::new("k", 1), 4);
+        never.idle_round();
+        never.idle_round();
+        assert!(!never.sleep_asked());
+        assert!(!never.try_sleep());
     }
 }

@@ -285,12 +285,10 @@ fn restore_paused<S: Service>(
         });
     }
     let capacity = node.limits.mailbox_capacity;
-    let mailbox = Arc::new(Mailbox::<S::Msg>::restored(
-        header.id,
-        kind.clone(),
-        capacity,
-        windows,
-    ));
+    let mailbox = Arc::new(
+        Mailbox::<S::Msg>::restored(header.id, kind.clone(), capacity, windows)
+            .sleeping_with(node.bell_for::<S>()),
+    );
     let slot: Arc<dyn Slot> = mailbox.clone();
     let restored = Restored {
         timers,
@@ -510,6 +508,8 @@ pub(crate) struct NodeShared {
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
     /// The local services (the registry subsystem).
     pub(crate) registry: Registry,
+    /// Wakes sleeping services (`None` when `Limits::sleep_after_idle_ms` is 0).
+    bell: Option<Arc<crate::mailbox::Bell>>,
     /// The address books (the books subsystem).
     pub(crate) books: Books,
     /// The peer links (the links subsystem).
@@ -645,6 +645,13 @@ impl NodeShared {
             });
     }
 
+    /// The bell that wakes `S`'s services when they sleep; `None` when they never do
+    /// (replicated kinds, whose leases and checkpoints need a running task, or sleeping
+    /// turned off).
+    pub fn bell_for<S: Service>(&self) -> Option<Arc<crate::mailbox::Bell>> {
+        self.bell.clone().filter(|_| S::REPLICAS == 0)
+    }
+
     /// `S`'s key as registered: the one copy of its name that every address of the kind on
     /// this node shares. `None` if `S` is not registered.
     pub fn registered_kind<S: Service>(&self) -> Option<KindKey> {
@@ -676,11 +683,10 @@ impl NodeShared {
             kind: kind.clone(),
             node: self.name.clone(),
         };
-        let mailbox = Arc::new(Mailbox::<S::Msg>::new(
-            id,
-            kind,
-            self.limits.mailbox_capacity,
-        ));
+        let mailbox = Arc::new(
+            Mailbox::<S::Msg>::new(id, kind, self.limits.mailbox_capacity)
+                .sleeping_with(self.bell_for::<S>()),
+        );
         self.register_local(id, mailbox.clone())?;
         if let Some(p) = parent {
             if let Err(e) = self.record_child(p, &addr) {
@@ -2139,7 +2145,10 @@ impl NodeShared {
 
     fn snapshot_stats(&self) -> NodeStats {
         let mut s = self.stats.snapshot();
-        s.services_live = self.registry.with_all(|services| services.len()) as u64;
+        (s.services_live, s.services_asleep) = self.registry.with_all(|services| {
+            let asleep = services.values().filter(|s| s.is_asleep()).count();
+            (services.len() as u64, asleep as u64)
+        });
         s.peers_connected = self.links.all().iter().filter(|l| l.is_connected()).count() as u64;
         s.book_edges = self.books.len() as u64;
         s.asks_pending = self.asks.len() as u64;
@@ -2188,6 +2197,17 @@ impl Actor for NodeActor {
         ctx.run_interval(Duration::from_millis(PROGRESS_MS), |act, _| {
             act.shared.report_progress()
         });
+        // Idle services are asked to sleep.
+        let sleep_ms = self.shared.limits.sleep_after_idle_ms;
+        if sleep_ms > 0 {
+            ctx.run_interval(Duration::from_millis(sleep_ms), |act, _| {
+                act.shared.registry.with_all(|services| {
+                    for s in services.values() {
+                        s.idle_round();
+                    }
+                })
+            });
+        }
     }
 }
 
@@ -2324,6 +2344,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
     // The top half names this node (so a peer can tell where an id was born), the bottom
     // half is drawn at each start (so a restarted node mints new ids).
     let id_prefix = tern_proto::speakers::prefix_for(&name, random_prefix()? as u32);
+    let mut bell = (limits.sleep_after_idle_ms > 0).then(crate::mailbox::Bell::new);
     let shared = Arc::new(NodeShared {
         name: name.clone(),
         stats: Stats::default(),
@@ -2332,6 +2353,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
         registry: Registry::new(limits.services_max, name.clone()),
+        bell: bell.as_ref().map(|(b, _)| b.clone()),
         books: Books::new(limits.book_edges_max),
         links: Links::new(limits.peers_max),
         logs: Logs::new(limits.events_max, limits.losses_max),
@@ -2426,6 +2448,9 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
             .get_or_insert(&NodeName::new(&p.name), Some(p.addr), &shared.limits)?;
     }
     actix_rt::spawn(transport::accept_loop(shared.clone(), endpoint));
+    if let Some((_, keys)) = bell.take() {
+        actix_rt::spawn(crate::service::ring_sleepers(keys));
+    }
     let actor = NodeActor {
         shared: shared.clone(),
     }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{SendNow, ServiceRef};
-use crate::mailbox::{encode_envelope, lock, Envelope, Mailbox, Meta};
+use crate::mailbox::{encode_envelope, lock, sleep_key, Envelope, Mailbox, Meta};
 use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
 use crate::node::NodeShared;
 use crate::precopy::Copying;
@@ -143,7 +143,10 @@ pub struct Restart<S> {
 }
 
 /// Restarts done recently, for a kind's [`Restart`] policy.
-struct RestartBudget(Vec<std::time::Instant>);
+/// (Boxed when there is a restart to remember: most services never restart, and every
+/// runner's future and sleeping service pays for the field.)
+#[allow(clippy::box_collection)]
+struct RestartBudget(Option<Box<Vec<std::time::Instant>>>);
 
 impl RestartBudget {
     /// The fresh state, if the policy allows one more restart now.
@@ -152,11 +155,12 @@ impl RestartBudget {
         let now = std::time::Instant::now();
         let window = Duration::from_millis(policy.within_ms);
         // At most `max_restarts` entries, oldest first.
-        self.0.retain(|t| now.duration_since(*t) <= window);
-        if self.0.len() >= policy.max_restarts as usize {
+        let times = self.0.get_or_insert_with(Default::default);
+        times.retain(|t| now.duration_since(*t) <= window);
+        if times.len() >= policy.max_restarts as usize {
             return None;
         }
-        self.0.push(now);
+        times.push(now);
         Some((policy.fresh)())
     }
 }
@@ -1192,14 +1196,13 @@ struct Arrived {
     at: std::time::Instant,
 }
 
-/// The message loop shared by new and restored services. (A plain function returning an
-/// `async move` block, for the reason given at [`run_service`]; clippy's rewrite would undo it.)
-#[allow(clippy::manual_async_fn)]
+/// The message loop shared by new and restored services, run in the service's
+/// [`SENDING`] scope.
 fn serve<S: Service>(
-    mut state: S,
-    mut ctx: Ctx<S>,
+    state: S,
+    ctx: Ctx<S>,
     mailbox: Arc<Mailbox<S::Msg>>,
-    mut arrived: Option<Arrived>,
+    arrived: Option<Arrived>,
 ) -> impl std::future::Future<Output = ()> {
     // Inside this service's task, a handle numbers its messages in the service's channels
     // (`numbered_here`), as `ctx.tell` does.
@@ -1208,13 +1211,135 @@ fn serve<S: Service>(
         seqs: ctx.seqs.clone(),
         keep: S::REPLICAS > 0,
     };
-    SENDING.scope(sending, async move {
+    SENDING.scope(
+        sending,
+        serve_loop(state, ctx, mailbox, arrived, (RestartBudget(None), false)),
+    )
+}
+
+/// A service asleep: what its runner keeps between messages, waiting on its node's thread
+/// (in [`SLEEPING`]) for a message, a freeze or a close to wake it. Its task has ended. Its
+/// context is kept in parts: a sleeping service has no timer, no move asked for and no stop,
+/// and its own address is made again from its mailbox.
+struct Sleeper<S: Service> {
+    state: S,
+    node: Arc<NodeShared>,
+    chan: Arc<crate::handle::Channel<S::Msg>>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    seqs: Seqs,
+    replies: Option<Box<std::cell::RefCell<crate::replies::Replies>>>,
+    restarts: RestartBudget,
+    counted: (u32, u32),
+}
+
+impl<S: Service> Sleeper<S> {
+    /// What of `ctx` a sleeping service keeps (see [`Sleeper`]).
+    fn new(state: S, ctx: Ctx<S>, mailbox: Arc<Mailbox<S::Msg>>, restarts: RestartBudget) -> Self {
+        debug_assert!(ctx.timers.len() == 0 && ctx.migrate_to.is_none() && !ctx.stop);
+        let (node, chan) = ctx.me.into_parts();
+        Sleeper {
+            state,
+            node,
+            chan,
+            mailbox,
+            seqs: ctx.seqs,
+            replies: ctx.replies,
+            restarts,
+            counted: (ctx.sent, ctx.received),
+        }
+    }
+}
+
+/// A sleeping service seen without its type.
+trait Wake {
+    /// Starts the service's runner again, as a new task on this thread.
+    fn wake(self: Box<Self>);
+}
+
+impl<S: Service> Wake for Sleeper<S> {
+    fn wake(self: Box<Self>) {
+        let Sleeper {
+            state,
+            node,
+            chan,
+            mailbox,
+            seqs,
+            replies,
+            restarts,
+            counted: (sent, received),
+        } = *self;
+        node.stats.services_woken.inc();
+        mailbox.active();
+        let addr = ServiceAddr {
+            id: mailbox.id(),
+            kind: mailbox.kind.clone(),
+            node: node.name().clone(),
+        };
+        let span =
+            tracing::debug_span!("service", id = %addr.id, kind = S::KIND, node = %node.name());
+        let ctx = Ctx {
+            me: ServiceRef::new(addr, node, chan),
+            seqs,
+            timers: Timers::new(),
+            stop: false,
+            migrate_to: None,
+            sent,
+            received,
+            replies,
+        };
+        let sending = Sending {
+            from: ctx.id(),
+            seqs: ctx.seqs.clone(),
+            keep: S::REPLICAS > 0,
+        };
+        actix_rt::spawn(
+            SENDING
+                .scope(
+                    sending,
+                    serve_loop(state, ctx, mailbox, None, (restarts, true)),
+                )
+                .instrument(span),
+        );
+    }
+}
+
+thread_local! {
+    /// The services asleep on this thread (a node's thread), by their mailbox's key
+    /// ([`sleep_key`]). Only the runners and the bell's task of the node running on this
+    /// thread touch it.
+    static SLEEPING: std::cell::RefCell<std::collections::HashMap<usize, Box<dyn Wake>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The bell's task: wakes each sleeping service whose key comes (`Bell`). Runs on the
+/// node's thread until the node ends.
+pub(crate) async fn ring_sleepers(mut keys: tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    while let Some(key) = keys.recv().await {
+        if let Some(sleeper) = SLEEPING.with(|s| s.borrow_mut().remove(&key)) {
+            sleeper.wake();
+        }
+    }
+}
+
+/// The message loop: from `started`, or from a sleep (`resumed`, with the restart budget
+/// it kept). (A plain function returning an `async move` block, for the
+/// reason given at [`run_service`]; clippy's rewrite would undo it.)
+#[allow(clippy::manual_async_fn)]
+fn serve_loop<S: Service>(
+    mut state: S,
+    mut ctx: Ctx<S>,
+    mailbox: Arc<Mailbox<S::Msg>>,
+    mut arrived: Option<Arrived>,
+    (mut restarts, resumed): (RestartBudget, bool),
+) -> impl std::future::Future<Output = ()> {
+    async move {
         // Nothing about panics is held across an await (each idle service's task keeps what
         // is): a panic is dealt with where it is caught (`recover`).
-        let mut restarts = RestartBudget(Vec::new());
-        if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
-            if !recover(&mut state, &mut ctx, &mailbox, &mut restarts, (panic, None)) {
-                return;
+        if !resumed {
+            if let Err(panic) = catch_panic(|| state.started(&mut ctx)) {
+                if !recover(&mut state, &mut ctx, &mailbox, &mut restarts, (panic, None)) {
+                    return;
+                }
             }
         }
         let mut turn = 0u32;
@@ -1376,6 +1501,7 @@ fn serve<S: Service>(
             }
             match next {
                 Some(msg) => {
+                    mailbox.active();
                     let handled = {
                         let fut = std::pin::pin!(state.handle(msg, &mut ctx));
                         CatchPanic(fut).await
@@ -1442,7 +1568,26 @@ fn serve<S: Service>(
                         (at, Some(c)) => Box::pin(idle_copying(&mailbox, c, at)).await,
                         // Boxed, as above.
                         (Some(at), None) => Box::pin(ready_or_due(&mailbox, at)).await,
-                        (None, None) => mailbox.wait_ready().await,
+                        (None, None) => {
+                            // Idle for a while, with nothing that needs a task (no timer, no
+                            // copy, not replicated, its start seen): it sleeps.
+                            if mailbox.sleep_asked()
+                                && S::REPLICAS == 0
+                                && copying.is_none()
+                                && arrived.is_none()
+                                && ctx.migrate_to.is_none()
+                                && !ctx.stop
+                                && mailbox.try_sleep()
+                            {
+                                ctx.me.node.stats.services_slept.inc();
+                                let key = sleep_key(&mailbox);
+                                let sleeper: Box<dyn Wake> =
+                                    Box::new(Sleeper::new(state, ctx, mailbox, restarts));
+                                SLEEPING.with(|s| s.borrow_mut().insert(key, sleeper));
+                                return;
+                            }
+                            mailbox.wait_ready().await;
+                        }
                     }
                 }
             }
@@ -1462,7 +1607,7 @@ fn serve<S: Service>(
                 report_panic(&ctx, &detail, rest, None);
             }
         }
-    })
+    }
 }
 
 /// A caught panic, and the message that was in hand when it happened (none in `started`).

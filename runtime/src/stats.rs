@@ -34,6 +34,8 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: u64,)*
             /// Services running on the node.
             pub services_live: u64,
+            /// Of those, the services asleep (see `Limits::sleep_after_idle_ms`).
+            pub services_asleep: u64,
             /// Peers with an established connection.
             pub peers_connected: u64,
             /// Book edges known cluster-wide.
@@ -112,6 +114,11 @@ counters! {
     services_stopped,
     /// Services stopped because a handler panicked (also counted in `services_stopped`).
     services_panicked,
+    /// Times an idle service went to sleep: its runner's task ended, its state kept (see
+    /// `Limits::sleep_after_idle_ms`).
+    services_slept,
+    /// Times a sleeping service was woken (by a message, a move, a stop).
+    services_woken,
     /// Services restarted in place with a fresh state after a panic (their kind's `RESTART`).
     services_restarted,
     /// Capability changes this node has heard of (its own, or in a peer's gossip, a new

@@ -24,6 +24,7 @@ mod precopy;
 mod replicas;
 mod revocation;
 mod sim;
+mod sleep;
 mod timers;
 mod tls;
 mod trees;
