@@ -219,32 +219,29 @@ pub fn run(scale: &Scale) -> Result<Value> {
     let tern_rate = median(tern_runs);
     let actix_rate = median(actix_runs);
 
-    // Idle services: resident memory before and after spawning them, once every spawn has run.
-    progress(&format!("spawning {} idle services", scale.idle_services));
-    let before = resident_bytes()?;
-    let mut last = None;
-    for _ in 0..scale.idle_services {
-        last = Some(node.spawn(Idle::default())?);
-    }
-    if let Some(last) = last {
-        // The arbiter runs spawns in order: once the last one answers, all are running.
-        let sys = actix_rt::System::new();
-        sys.block_on(last.ask(IdleMsg::Ping, Duration::from_secs(60)))?;
-    }
-    let after = resident_bytes()?;
-    let idle_bytes = (after.saturating_sub(before)) / scale.idle_services;
-    progress(&format!(
-        "{} idle services: {} bytes resident each",
-        scale.idle_services, idle_bytes
-    ));
     let live = node.stats().services_live;
     node.shutdown();
+
+    // Idle services, each figure in a fresh process of this binary (`FOOTPRINT_ARG`): what
+    // the runs above freed and left in the allocator would otherwise be reused and hide.
+    let awake = footprint_child("awake", scale.idle_services)?;
+    let asleep = footprint_child("asleep", scale.idle_services)?;
+    let idle_bytes = awake.bytes_per_service;
+    progress(&format!(
+        "{} idle services: {} bytes resident each awake, {} asleep",
+        scale.idle_services, awake.bytes_per_service, asleep.bytes_per_service
+    ));
 
     let mut out = json!({
         "tern_tell_msgs_per_s": tern_rate.round(),
         "actix_tell_msgs_per_s": actix_rate.round(),
         "overhead_ratio": round2(overhead_ratio),
         "idle_service_bytes": idle_bytes,
+        "idle_service_heap_bytes": awake.heap_bytes_per_service,
+        "asleep_service_bytes": asleep.bytes_per_service,
+        "asleep_service_heap_bytes": asleep.heap_bytes_per_service,
+        "asleep_batch": SLEEP_BATCH,
+        "services_asleep_at_measure": asleep.asleep,
         "idle_services": scale.idle_services,
         "services_live_at_measure": live,
         "messages_per_run": scale.local_msgs,
@@ -266,4 +263,136 @@ fn kameo_once(total: u64) -> Result<Option<f64>> {
         let _ = total;
         Ok(None)
     }
+}
+
+/// The first argument that makes this binary measure the footprint of idle services and print
+/// it as one JSON object: `tern-bench --footprint-probe awake|asleep N`.
+pub const FOOTPRINT_ARG: &str = "--footprint-probe";
+
+/// Services spawned at a time when measuring sleeping ones: each batch is let fall asleep
+/// before the next, as on a node whose services went idle at different times. The last
+/// batch's ended tasks stay in the allocator and count in the figure.
+const SLEEP_BATCH: u64 = 1_000;
+
+/// What a footprint probe measured.
+#[derive(Deserialize)]
+struct Footprint {
+    /// Resident bytes: what the process holds, the allocator's free gaps included.
+    bytes_per_service: u64,
+    /// Bytes the allocator has handed out and not had back, its own headers included.
+    heap_bytes_per_service: Option<u64>,
+    asleep: u64,
+}
+
+/// Bytes the C allocator has handed out and not had back (`mallinfo2`'s ordinary and mmapped
+/// blocks in use), where the allocator is glibc's.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<u64> {
+    #[repr(C)]
+    struct Mallinfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> Mallinfo2;
+    }
+    // SAFETY: glibc's mallinfo2 takes nothing and returns a plain struct by value.
+    let m = unsafe { mallinfo2() };
+    Some((m.uordblks + m.hblkhd) as u64)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<u64> {
+    None
+}
+
+/// Runs a footprint probe in a fresh process of this binary.
+fn footprint_child(mode: &str, services: u64) -> Result<Footprint> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([FOOTPRINT_ARG, mode, &services.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the {mode} footprint probe failed: {}",
+        out.status
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The footprint probe: resident bytes per idle service, awake (their tasks waiting for a
+/// message) or asleep (`Limits::sleep_after_idle_ms`), printed as one JSON object.
+pub fn footprint_main(mode: &str, services: &str) -> Result<()> {
+    let services: u64 = services.parse()?;
+    anyhow::ensure!(services > 0, "the probe needs at least one service");
+    let asleep_mode = match mode {
+        "awake" => false,
+        "asleep" => true,
+        other => anyhow::bail!("the footprint probe measures awake or asleep, not {other:?}"),
+    };
+    let ca = ClusterCa::new()?;
+    let mut cfg = NodeConfig::new(ca.issue("bench-footprint")?, "127.0.0.1:0".parse()?);
+    cfg.limits = Limits {
+        services_max: services as usize + 16,
+        sleep_after_idle_ms: if asleep_mode { 10 } else { 0 },
+        ..Limits::default()
+    };
+    let node = Node::start(cfg)?;
+    node.register::<Idle>();
+    let sys = actix_rt::System::new();
+    // One service first, so the node's own first allocations are not counted.
+    let first = node.spawn(Idle::default())?;
+    sys.block_on(first.ask(IdleMsg::Ping, Duration::from_secs(60)))?;
+    let before = resident_bytes()?;
+    let heap_before = heap_in_use();
+    let batch = if asleep_mode { SLEEP_BATCH } else { services };
+    let mut spawned = 0;
+    while spawned < services {
+        let n = batch.min(services - spawned);
+        let mut last = None;
+        for _ in 0..n {
+            last = Some(node.spawn(Idle::default())?);
+        }
+        spawned += n;
+        if let Some(last) = last {
+            // The arbiter runs spawns in order: once the last one answers, all are running.
+            sys.block_on(last.ask(IdleMsg::Ping, Duration::from_secs(60)))?;
+        }
+        if asleep_mode {
+            // All of them, the first included, asleep before the next batch.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while node.stats().services_asleep < spawned + 1 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} of {} services fell asleep within 60 s",
+                    node.stats().services_asleep,
+                    spawned + 1
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    let after = resident_bytes()?;
+    let heap = heap_before
+        .zip(heap_in_use())
+        .map(|(b, a)| a.saturating_sub(b) / services);
+    let asleep = node.stats().services_asleep;
+    node.shutdown();
+    println!(
+        "{}",
+        json!({
+            "bytes_per_service": after.saturating_sub(before) / services,
+            "heap_bytes_per_service": heap,
+            "asleep": asleep,
+        })
+    );
+    Ok(())
 }

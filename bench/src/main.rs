@@ -36,6 +36,12 @@ fn main() -> Result<()> {
             return peers::ractor_sink_main(std::path::Path::new(dir));
         }
     }
+    if let [first, mode, n] = args.as_slice() {
+        if first == local::FOOTPRINT_ARG {
+            tern_harness::init_tracing_stderr();
+            return local::footprint_main(mode, n);
+        }
+    }
     let mut json_out = false;
     let mut quick = false;
     let mut only: Option<String> = None;
