@@ -113,37 +113,61 @@ impl fmt::Debug for ServiceId {
     }
 }
 
-/// A node's name, as read from its certificate. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeName(Arc<str>);
+/// A name shared by reference counting: cheap to clone, compared, hashed, shown and
+/// serialized as its string.
+macro_rules! shared_name {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
-impl NodeName {
-    /// Wraps a name.
-    pub fn new(name: &str) -> Self {
-        NodeName(Arc::from(name))
-    }
-    /// The name as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        impl $name {
+            /// Wraps a name.
+            pub fn new(name: &str) -> Self {
+                $name(Arc::from(name))
+            }
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name::new(s)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Ok($name::new(&s))
+            }
+        }
+    };
 }
 
-impl fmt::Display for NodeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for NodeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
-    }
-}
-
-impl From<&str> for NodeName {
-    fn from(s: &str) -> Self {
-        NodeName::new(s)
-    }
+shared_name! {
+    /// A node's name, as read from its certificate. Cheap to clone.
+    NodeName
 }
 
 impl From<&String> for NodeName {
@@ -164,33 +188,10 @@ impl From<&NodeName> for NodeName {
     }
 }
 
-impl Serialize for NodeName {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for NodeName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(NodeName::new(&s))
-    }
-}
-
-/// A kind's name, e.g. `"kv"`. Cheap to clone: every address of a kind shares one copy when
-/// it comes from the node's table of registered kinds.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KindName(Arc<str>);
-
-impl KindName {
-    /// Wraps a name.
-    pub fn new(name: &str) -> Self {
-        KindName(Arc::from(name))
-    }
-    /// The name as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+shared_name! {
+    /// A kind's name, e.g. `"kv"`. Cheap to clone: every address of a kind shares one copy
+    /// when it comes from the node's table of registered kinds.
+    KindName
 }
 
 impl std::ops::Deref for KindName {
@@ -209,37 +210,6 @@ impl PartialEq<str> for KindName {
 impl PartialEq<&str> for KindName {
     fn eq(&self, other: &&str) -> bool {
         &*self.0 == *other
-    }
-}
-
-impl fmt::Display for KindName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for KindName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
-    }
-}
-
-impl From<&str> for KindName {
-    fn from(s: &str) -> Self {
-        KindName::new(s)
-    }
-}
-
-impl Serialize for KindName {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for KindName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(KindName::new(&s))
     }
 }
 
