@@ -109,7 +109,7 @@ pub(crate) struct Mailbox<M> {
 }
 
 /// How a sleeping service is woken: the waker sends its mailbox's key to the node's thread,
-/// where the bell's task starts its runner again (`service::wake_sleeper`).
+/// where the bell's task starts its runner again (`service::ring_sleepers`).
 ///
 /// The queue holds at most one key per sleeping service (a key is sent only by whoever
 /// clears the mailbox's `asleep` flag), so it is bounded by `services_max`.
@@ -127,8 +127,8 @@ impl Bell {
 
 /// The key a sleeping service is found by on its node's thread: its mailbox's address (one
 /// per copy; the mailbox lives as long as the sleeping runner holds it).
-pub(crate) fn sleep_key<M>(mailbox: &Arc<Mailbox<M>>) -> usize {
-    Arc::as_ptr(mailbox) as usize
+pub(crate) fn sleep_key<M>(mailbox: &Mailbox<M>) -> usize {
+    mailbox as *const Mailbox<M> as usize
 }
 
 impl<M> Mailbox<M> {
@@ -162,7 +162,7 @@ impl<M> Mailbox<M> {
         if self.asleep.swap(false, Ordering::AcqRel) {
             if let Some(bell) = &self.bell {
                 // Fails only once the node's thread has ended: nothing runs there any more.
-                let _ = bell.tx.send(self as *const Self as usize);
+                let _ = bell.tx.send(sleep_key(self));
             }
         }
     }
@@ -185,6 +185,12 @@ impl<M> Mailbox<M> {
         }
         self.asleep.store(true, Ordering::Release);
         true
+    }
+
+    /// True while the service sleeps.
+    #[cfg(test)]
+    fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::Relaxed)
     }
 
     /// True when the node's sweep asked this runner to sleep.
@@ -524,12 +530,12 @@ pub(crate) fn encode_envelope<M: Serialize>(
 }
 
 pub(crate) fn decode_envelope<M: DeserializeOwned>(
-    id: ServiceId,
+    id: impl FnOnce() -> ServiceId,
     kind: &KindKey,
     c: &CarriedMsg,
 ) -> Result<Envelope<M>, DeliveryError> {
     let msg: M = rmp_serde::from_slice(&c.msg).map_err(|e| DeliveryError::BadMessage {
-        id,
+        id: id(),
         kind: kind.clone(),
         detail: e.to_string(),
     })?;
@@ -603,8 +609,6 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn request_precopy(&self);
     /// One round of the node's idle sweep: a runner idle for two rounds is asked to sleep.
     fn idle_round(&self);
-    /// True while the service sleeps.
-    fn is_asleep(&self) -> bool;
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// Resolves once the mailbox has room or is closed.
     fn room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
@@ -714,7 +718,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         origin: &NodeName,
         hand: tern_proto::forward::Hand,
     ) -> Result<(), DeliveryError> {
-        let env = match decode_envelope::<M>(self.id(), &self.kind, msg) {
+        let env = match decode_envelope::<M>(|| self.id(), &self.kind, msg) {
             Ok(mut env) => {
                 env.origin.get_or_insert_with(|| origin.clone());
                 env
@@ -745,7 +749,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     }
 
     fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError> {
-        self.push_carried(decode_envelope(self.id(), &self.kind, msg)?);
+        self.push_carried(decode_envelope(|| self.id(), &self.kind, msg)?);
         Ok(())
     }
 
@@ -802,10 +806,6 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
             self.sleep_asked.store(true, Ordering::Relaxed);
             self.ready.notify_one();
         }
-    }
-
-    fn is_asleep(&self) -> bool {
-        self.asleep.load(Ordering::Relaxed)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

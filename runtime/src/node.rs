@@ -272,7 +272,7 @@ fn restore_paused<S: Service>(
         let mut early = Vec::with_capacity(w.early.len());
         for m in &w.early {
             early.push(
-                crate::mailbox::decode_envelope::<S::Msg>(header.id, &kind, m)
+                crate::mailbox::decode_envelope::<S::Msg>(|| header.id, &kind, m)
                     .map_err(|e| bad("early message", e.to_string()))?,
             );
         }
@@ -2145,10 +2145,10 @@ impl NodeShared {
 
     fn snapshot_stats(&self) -> NodeStats {
         let mut s = self.stats.snapshot();
-        (s.services_live, s.services_asleep) = self.registry.with_all(|services| {
-            let asleep = services.values().filter(|s| s.is_asleep()).count();
-            (services.len() as u64, asleep as u64)
-        });
+        s.services_live = self.registry.with_all(|services| services.len()) as u64;
+        // Every sleep ends in a wake (the bell is the only way back), so the difference is the
+        // services asleep now, or being woken.
+        s.services_asleep = s.services_slept.saturating_sub(s.services_woken);
         s.peers_connected = self.links.all().iter().filter(|l| l.is_connected()).count() as u64;
         s.book_edges = self.books.len() as u64;
         s.asks_pending = self.asks.len() as u64;

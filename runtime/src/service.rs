@@ -842,9 +842,9 @@ pub(crate) fn run_service<S: Service>(
     mailbox: Arc<Mailbox<S::Msg>>,
     node: Arc<NodeShared>,
 ) -> impl std::future::Future<Output = ()> {
-    let span = tracing::debug_span!("service", id = %me.id(), kind = S::KIND, node = %node.name());
+    let span = service_span::<S>(me.id(), &node);
     let ctx = new_ctx(me);
-    serve(state, ctx, mailbox, None).instrument(span)
+    serve(state, ctx, mailbox, None, None).instrument(span)
 }
 
 /// Runs a restored copy: paused until the source commits (or discarded if it aborts).
@@ -858,7 +858,7 @@ pub(crate) fn run_restored<S: Service>(
     go: tokio::sync::oneshot::Receiver<Go>,
 ) -> impl std::future::Future<Output = ()> {
     let id = me.id();
-    let span = tracing::debug_span!("service", id = %id, kind = S::KIND, node = %node.name());
+    let span = service_span::<S>(id, &node);
     let mut ctx = new_ctx(me);
     async move {
         match go.await {
@@ -894,7 +894,7 @@ pub(crate) fn run_restored<S: Service>(
                     mig: restored.mig,
                     at: std::time::Instant::now(),
                 };
-                serve(state, ctx, mailbox, Some(arrived)).await
+                serve(state, ctx, mailbox, Some(arrived), None).await
             }
             Ok(Go::Discard) | Err(_) => {
                 // The carried queue is still at the source; what arrived here goes there.
@@ -1198,11 +1198,14 @@ struct Arrived {
 
 /// The message loop shared by new and restored services, run in the service's
 /// [`SENDING`] scope.
+/// `resumed`: woken from a sleep, with the restart budget it kept (`started` is not called
+/// again).
 fn serve<S: Service>(
     state: S,
     ctx: Ctx<S>,
     mailbox: Arc<Mailbox<S::Msg>>,
     arrived: Option<Arrived>,
+    resumed: Option<RestartBudget>,
 ) -> impl std::future::Future<Output = ()> {
     // Inside this service's task, a handle numbers its messages in the service's channels
     // (`numbered_here`), as `ctx.tell` does.
@@ -1211,10 +1214,18 @@ fn serve<S: Service>(
         seqs: ctx.seqs.clone(),
         keep: S::REPLICAS > 0,
     };
-    SENDING.scope(
-        sending,
-        serve_loop(state, ctx, mailbox, arrived, (RestartBudget(None), false)),
-    )
+    // (Split here, not in `serve_loop`: an `Option` taken apart inside the loop's future
+    // would be kept beside its parts.)
+    let restarts = match resumed {
+        Some(r) => (r, true),
+        None => (RestartBudget(None), false),
+    };
+    SENDING.scope(sending, serve_loop(state, ctx, mailbox, arrived, restarts))
+}
+
+/// The span of a service's task.
+fn service_span<S: Service>(id: ServiceId, node: &NodeShared) -> tracing::Span {
+    tracing::debug_span!("service", id = %id, kind = S::KIND, node = %node.name())
 }
 
 /// A service asleep: what its runner keeps between messages, waiting on its node's thread
@@ -1275,8 +1286,7 @@ impl<S: Service> Wake for Sleeper<S> {
             kind: mailbox.kind.clone(),
             node: node.name().clone(),
         };
-        let span =
-            tracing::debug_span!("service", id = %addr.id, kind = S::KIND, node = %node.name());
+        let span = service_span::<S>(addr.id, &node);
         let ctx = Ctx {
             me: ServiceRef::new(addr, node, chan),
             seqs,
@@ -1287,19 +1297,7 @@ impl<S: Service> Wake for Sleeper<S> {
             received,
             replies,
         };
-        let sending = Sending {
-            from: ctx.id(),
-            seqs: ctx.seqs.clone(),
-            keep: S::REPLICAS > 0,
-        };
-        actix_rt::spawn(
-            SENDING
-                .scope(
-                    sending,
-                    serve_loop(state, ctx, mailbox, None, (restarts, true)),
-                )
-                .instrument(span),
-        );
+        actix_rt::spawn(serve(state, ctx, mailbox, None, Some(restarts)).instrument(span));
     }
 }
 
@@ -1432,7 +1430,7 @@ fn serve_loop<S: Service>(
             paused = false;
             // A due timer goes before the next queued message.
             // (The clock is read only when a timer is pending.)
-            let due = if ctx.timers.0.is_none() {
+            let due = if ctx.timers.len() == 0 {
                 None
             } else {
                 ctx.timers.pop_due(tokio::time::Instant::now())
@@ -1575,8 +1573,6 @@ fn serve_loop<S: Service>(
                                 && S::REPLICAS == 0
                                 && copying.is_none()
                                 && arrived.is_none()
-                                && ctx.migrate_to.is_none()
-                                && !ctx.stop
                                 && mailbox.try_sleep()
                             {
                                 ctx.me.node.stats.services_slept.inc();

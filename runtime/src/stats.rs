@@ -34,7 +34,8 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: u64,)*
             /// Services running on the node.
             pub services_live: u64,
-            /// Of those, the services asleep (see `Limits::sleep_after_idle_ms`).
+            /// Of those, the services asleep (see `Limits::sleep_after_idle_ms`):
+            /// `services_slept - services_woken`.
             pub services_asleep: u64,
             /// Peers with an established connection.
             pub peers_connected: u64,
