@@ -190,7 +190,7 @@ pub enum Frame<'a> {
         wait: bool,
         /// MessagePack messages, oldest first.
         #[serde(borrow)]
-        msgs: Vec<&'a serde_bytes::Bytes>,
+        msgs: BatchMsgs<'a>,
     },
     /// The answer to an ask or a spawn.
     Reply {
@@ -886,6 +886,137 @@ pub fn append_to_batch(
     true
 }
 
+/// The messages of a `DeliverBatch`, oldest first.
+///
+/// Read by the fast path, they stay where they arrived: the encoded run of binary values,
+/// checked once and walked again on delivery, so a batch of thousands of messages costs no
+/// allocation (a list of them would be one of up to 64 KiB per frame). Read by serde (a batch
+/// written some other way), they are a list.
+#[derive(Clone)]
+pub struct BatchMsgs<'a>(BatchRepr<'a>);
+
+#[derive(Clone)]
+enum BatchRepr<'a> {
+    /// `count` MessagePack binary values back to back, exactly filling `bytes` (checked by
+    /// [`BatchMsgs::packed`]).
+    Packed {
+        bytes: &'a [u8],
+        count: usize,
+    },
+    Listed(Vec<&'a serde_bytes::Bytes>),
+}
+
+impl<'a> BatchMsgs<'a> {
+    /// Checks that `bytes` holds exactly `count` MessagePack binary values.
+    fn packed(bytes: &'a [u8], count: usize) -> Option<Self> {
+        let mut rd = bytes;
+        for _ in 0..count {
+            let len = rmp::decode::read_bin_len(&mut rd).ok()? as usize;
+            rd = rd.get(len..)?;
+        }
+        rd.is_empty()
+            .then_some(BatchMsgs(BatchRepr::Packed { bytes, count }))
+    }
+
+    /// A batch of these messages.
+    pub fn from_list(msgs: Vec<&'a [u8]>) -> Self {
+        BatchMsgs(BatchRepr::Listed(
+            msgs.into_iter().map(serde_bytes::Bytes::new).collect(),
+        ))
+    }
+
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            BatchRepr::Packed { count, .. } => *count,
+            BatchRepr::Listed(v) => v.len(),
+        }
+    }
+
+    /// No messages.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The messages, oldest first.
+    pub fn iter(&self) -> BatchIter<'a> {
+        BatchIter(match &self.0 {
+            BatchRepr::Packed { bytes, count } => IterRepr::Packed {
+                rd: bytes,
+                left: *count,
+            },
+            BatchRepr::Listed(v) => IterRepr::Listed(v.clone().into_iter()),
+        })
+    }
+}
+
+/// The messages of a [`BatchMsgs`], oldest first.
+pub struct BatchIter<'a>(IterRepr<'a>);
+
+enum IterRepr<'a> {
+    Packed { rd: &'a [u8], left: usize },
+    Listed(std::vec::IntoIter<&'a serde_bytes::Bytes>),
+}
+
+impl<'a> Iterator for BatchIter<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match &mut self.0 {
+            IterRepr::Packed { rd, left } => {
+                if *left == 0 {
+                    return None;
+                }
+                // Checked when the batch was read: this cannot fail, and ends the walk if it
+                // somehow did.
+                let Ok(len) = rmp::decode::read_bin_len(rd) else {
+                    *left = 0;
+                    return None;
+                };
+                let Some((msg, rest)) = rd.split_at_checked(len as usize) else {
+                    *left = 0;
+                    return None;
+                };
+                *rd = rest;
+                *left -= 1;
+                Some(msg)
+            }
+            IterRepr::Listed(it) => it.next().map(|b| &b[..]),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            IterRepr::Packed { left, .. } => *left,
+            IterRepr::Listed(it) => it.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for BatchIter<'_> {}
+
+impl std::fmt::Debug for BatchMsgs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(serde_bytes::Bytes::new))
+            .finish()
+    }
+}
+
+impl Serialize for BatchMsgs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter().map(serde_bytes::Bytes::new))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for BatchMsgs<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list: Vec<&'a serde_bytes::Bytes> = Deserialize::deserialize(d)?;
+        Ok(BatchMsgs(BatchRepr::Listed(list)))
+    }
+}
+
 fn read_batch(body: &[u8]) -> Option<Frame<'_>> {
     let mut rd = body.strip_prefix(BATCH_PREFIX)?;
     let to = read_id(&mut rd)?;
@@ -893,24 +1024,12 @@ fn read_batch(body: &[u8]) -> Option<Frame<'_>> {
     let first_seq: u64 = rmp::decode::read_int(&mut rd).ok()?;
     let wait = rmp::decode::read_bool(&mut rd).ok()?;
     let n = rmp::decode::read_array_len(&mut rd).ok()? as usize;
-    // Every message takes at least one byte, so a count beyond the bytes left is a lie: do not
-    // size anything by it.
+    // Every message takes at least one byte, so a count beyond the bytes left is a lie; the
+    // walk below stops at the end of the bytes either way.
     if n > rd.len() {
         return None;
     }
-    let mut msgs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = rmp::decode::read_bin_len(&mut rd).ok()? as usize;
-        if len > rd.len() {
-            return None;
-        }
-        let (msg, rest) = rd.split_at(len);
-        msgs.push(serde_bytes::Bytes::new(msg));
-        rd = rest;
-    }
-    if !rd.is_empty() {
-        return None;
-    }
+    let msgs = BatchMsgs::packed(rd, n)?;
     Some(Frame::DeliverBatch {
         to,
         from,
@@ -1183,6 +1302,9 @@ mod tests {
                 assert!(wait);
                 let lens: Vec<usize> = msgs.iter().map(|m| m.len()).collect();
                 assert_eq!(lens, vec![1, 2, 300, 0]);
+                assert_eq!(msgs.len(), 4);
+                assert_eq!(msgs.iter().nth(1), Some(&b"bb"[..]));
+                assert_eq!(msgs.iter().len(), 4);
             }
             other => panic!("{other:?}"),
         }
@@ -1197,6 +1319,21 @@ mod tests {
         lie.extend_from_slice(&[0x92, 1, 1, 0xc0, 1, 0xc2, 0xdd, 0xff, 0xff, 0xff, 0xff]);
         assert!(read_batch(&lie).is_none());
         assert!(decode(&lie).is_err());
+        // A message running past the end, or bytes after the last one, are refused too.
+        let body = r_body(&out);
+        let mut short = body.clone();
+        short.pop();
+        assert!(read_batch(&short).is_none());
+        let mut long = body;
+        long.push(0);
+        assert!(read_batch(&long).is_none());
+    }
+
+    /// The body of the one frame in `out`.
+    fn r_body(out: &[u8]) -> Vec<u8> {
+        let mut r = FrameReader::new(1 << 20);
+        r.push(out);
+        r.next_frame().unwrap().unwrap().to_vec()
     }
 
     #[test]

@@ -305,7 +305,9 @@ impl<M> Mailbox<M> {
     /// (`Inbox::take_repeats`), and whether marks wait to be collected (a copy came again
     /// from another node); empty and false at the cost of one atomic load when there are none.
     pub fn take_repeats(&self) -> (Vec<(Envelope<M>, bool)>, bool) {
-        if !self.repeats.swap(false, Ordering::AcqRel) {
+        // A load first: the mark is rarely set, and a swap on every message is a locked
+        // instruction for nothing.
+        if !self.repeats.load(Ordering::Acquire) || !self.repeats.swap(false, Ordering::AcqRel) {
             return (Vec::new(), false);
         }
         (lock(&self.state).take_repeats(), true)
@@ -573,7 +575,7 @@ pub(crate) trait Slot: Send + Sync + 'static {
         &self,
         sender: (Option<ServiceId>, u64, &NodeName),
         wait: bool,
-        msgs: &[&serde_bytes::Bytes],
+        msgs: &tern_proto::wire::BatchMsgs<'_>,
         start: usize,
     ) -> (usize, Option<DeliveryError>);
     /// A message handed on by another node (see `Admit::Forwarded`).
@@ -664,24 +666,25 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         &self,
         (from, first_seq, origin): (Option<ServiceId>, u64, &NodeName),
         wait: bool,
-        msgs: &[&serde_bytes::Bytes],
+        msgs: &tern_proto::wire::BatchMsgs<'_>,
         start: usize,
     ) -> (usize, Option<DeliveryError>) {
         let mode = if wait { Admit::Wait } else { Admit::Tell };
         let mut next = start;
+        let mut rest = msgs.iter().skip(start);
         let stopped = self.with(|st| {
             let mut queued = false;
             let stopped = loop {
-                if next == msgs.len() {
+                let Some(bytes) = rest.next() else {
                     break None;
-                }
+                };
                 // The caller checked that the numbering does not overflow.
                 let seq = if from.is_some() {
                     first_seq + next as u64
                 } else {
                     first_seq
                 };
-                let msg: M = match rmp_serde::from_slice(msgs[next]) {
+                let msg: M = match rmp_serde::from_slice(bytes) {
                     Ok(m) => m,
                     Err(e) => {
                         if let Some(from) = from {

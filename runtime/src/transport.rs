@@ -131,25 +131,32 @@ impl OutQueue {
         self.space.notify_waiters();
     }
 
-    /// Runs `write` on the pending bytes if they are under the bound, then wakes the writer;
-    /// the bytes queued afterwards.
+    /// Runs `write` on the pending bytes if they are under the bound, then wakes the writer if
+    /// they were empty; the bytes queued afterwards.
+    ///
+    /// Bytes that join a non-empty queue need no wake: the writer takes the whole queue at
+    /// once, under the same lock, so the take that will empty it has not happened yet and the
+    /// append that made it non-empty woke the writer for it.
     fn append(
         &self,
         peer: &NodeName,
         write: impl FnOnce(&mut Pending) -> Result<(), DeliveryError>,
     ) -> Result<usize, DeliveryError> {
-        let queued = {
+        let (queued, was_empty) = {
             let mut p = lock(&self.buf);
-            if p.bytes.len() >= self.bytes_max {
+            let before = p.bytes.len();
+            if before >= self.bytes_max {
                 return Err(DeliveryError::Backpressure {
                     node: peer.clone(),
                     bytes_max: self.bytes_max,
                 });
             }
             write(&mut p)?;
-            p.bytes.len()
+            (p.bytes.len(), before == 0)
         };
-        self.ready.notify_one();
+        if was_empty {
+            self.ready.notify_one();
+        }
         Ok(queued)
     }
 
