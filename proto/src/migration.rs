@@ -416,12 +416,20 @@ impl Default for Config {
 
 enum Phase<S, P> {
     Running,
-    /// Running while its state is copied ahead to `to` ([`Action::Precopy`]).
+    /// Running while its state is copied ahead to `to` ([`Action::Precopy`]); a member of a
+    /// group move runs so until every member has caught up, then they all freeze together.
     Precopying {
         mig: MigrationId,
         to: NodeName,
         /// When the pre-copy began.
         since: u64,
+        /// The group it moves with, if any.
+        group: Option<u64>,
+        /// Its state is copied ahead ([`Action::Precopy`] was given). False for a group member
+        /// that only waits for the others (its state moves whole in the freeze).
+        copying: bool,
+        /// What is left is small enough for the freeze: a group member waits for the others.
+        caught_up: bool,
     },
     Freezing {
         mig: MigrationId,
@@ -773,6 +781,25 @@ impl<S: Clone, P: Clone> Core<S, P> {
         &mut self,
         members: &[(ServiceId, NodeName)],
     ) -> (Vec<MigrationId>, Vec<Action<S, P>>) {
+        let members: Vec<(ServiceId, NodeName, bool)> = members
+            .iter()
+            .map(|(s, to)| (*s, to.clone(), false))
+            .collect();
+        self.migrate_group_with(&members)
+    }
+
+    /// As [`Core::migrate_group`]; the members marked `true` first copy their state ahead
+    /// while every member runs on ([`Action::Precopy`]). Each calls [`Core::precopied`] when
+    /// what is left of it is small (or its [`Config::precopy_ticks`] pass); once every such
+    /// member has, all members freeze together, so no member stays frozen while another
+    /// still copies. If one cannot move before the freeze (its pre-copy broke, its target
+    /// refused or was lost, it stopped), none freezes: every member runs on where it was,
+    /// untouched ([`Action::PrecopyEnded`] for those copying), and its report names the member
+    /// that failed.
+    pub fn migrate_group_with(
+        &mut self,
+        members: &[(ServiceId, NodeName, bool)],
+    ) -> (Vec<MigrationId>, Vec<Action<S, P>>) {
         let migs: Vec<MigrationId> = members
             .iter()
             .map(|_| {
@@ -785,12 +812,12 @@ impl<S: Clone, P: Clone> Core<S, P> {
             })
             .collect();
         let mut refusal = None;
-        for (i, (service, to)) in members.iter().enumerate() {
+        for (i, (service, to, _)) in members.iter().enumerate() {
             let reason = if *to == self.me {
                 Some(AbortReason::SameNode)
             } else if !self.peers.contains(to) {
                 Some(AbortReason::UnknownNode)
-            } else if members[..i].iter().any(|(s, _)| s == service) {
+            } else if members[..i].iter().any(|(s, _, _)| s == service) {
                 Some(AbortReason::Busy)
             } else {
                 self.refusal(*service)
@@ -801,7 +828,7 @@ impl<S: Clone, P: Clone> Core<S, P> {
             }
         }
         if let Some((culprit, reason)) = refusal {
-            for ((service, _), mig) in members.iter().zip(&migs) {
+            for ((service, _, _), mig) in members.iter().zip(&migs) {
                 let outcome = if *service == culprit {
                     reason.clone()
                 } else {
@@ -820,23 +847,60 @@ impl<S: Clone, P: Clone> Core<S, P> {
         self.groups.insert(
             g,
             Group {
-                members: members.iter().map(|(s, _)| *s).collect(),
+                members: members.iter().map(|(s, _, _)| *s).collect(),
                 prepared: 0,
                 failed: None,
             },
         );
-        for ((service, to), mig) in members.iter().zip(&migs) {
-            if let Some(h) = self.hosted.get_mut(service) {
+        if members.iter().any(|(_, _, precopy)| *precopy) {
+            for ((service, to, precopy), mig) in members.iter().zip(&migs) {
+                if let Some(h) = self.hosted.get_mut(service) {
+                    h.phase = Phase::Precopying {
+                        mig: mig.clone(),
+                        to: to.clone(),
+                        since: self.now,
+                        group: Some(g),
+                        copying: *precopy,
+                        caught_up: !*precopy,
+                    };
+                }
+                if *precopy {
+                    self.out.push(Action::Precopy {
+                        service: *service,
+                        mig: mig.clone(),
+                        to: to.clone(),
+                    });
+                }
+            }
+            return (migs, self.take());
+        }
+        self.freeze_group(
+            g,
+            members
+                .iter()
+                .map(|(s, to, _)| (*s, to.clone()))
+                .zip(migs.clone()),
+        );
+        (migs, self.take())
+    }
+
+    /// Freezes every member of group `g` at once.
+    fn freeze_group(
+        &mut self,
+        g: u64,
+        members: impl IntoIterator<Item = ((ServiceId, NodeName), MigrationId)>,
+    ) {
+        for ((service, to), mig) in members {
+            if let Some(h) = self.hosted.get_mut(&service) {
                 h.phase = Phase::Freezing {
-                    mig: mig.clone(),
-                    to: to.clone(),
+                    mig,
+                    to,
                     group: Some(g),
                     since: self.now,
                 };
             }
-            self.out.push(Action::Freeze { service: *service });
+            self.out.push(Action::Freeze { service });
         }
-        (migs, self.take())
     }
 
     /// Member `culprit` of group `g` cannot move: every member already waiting for its
@@ -1141,6 +1205,9 @@ impl<S: Clone, P: Clone> Core<S, P> {
                     mig: mig.clone(),
                     to: to.clone(),
                     since: self.now,
+                    group: None,
+                    copying: true,
+                    caught_up: false,
                 };
             }
             self.out.push(Action::Precopy {
@@ -1172,15 +1239,51 @@ impl<S: Clone, P: Clone> Core<S, P> {
         let Some(h) = self.hosted.get_mut(&service) else {
             return self.take();
         };
-        if !matches!(&h.phase, Phase::Precopying { mig: m, .. } if m == mig) {
-            return self.take();
-        }
-        let Phase::Precopying { mig, to, .. } = std::mem::replace(&mut h.phase, Phase::Running)
-        else {
-            return self.take();
+        let group = match &mut h.phase {
+            Phase::Precopying {
+                mig: m,
+                group,
+                caught_up,
+                ..
+            } if m == mig => {
+                *caught_up = true;
+                *group
+            }
+            _ => return self.take(),
         };
-        self.start_freeze(service, mig, to);
+        match group {
+            Some(g) => self.freeze_group_if_caught_up(g),
+            None => {
+                let Phase::Precopying { mig, to, .. } =
+                    std::mem::replace(&mut h.phase, Phase::Running)
+                else {
+                    return self.take();
+                };
+                self.start_freeze(service, mig, to);
+            }
+        }
         self.take()
+    }
+
+    /// Freezes group `g`'s members together once every one of them has caught up.
+    fn freeze_group_if_caught_up(&mut self, g: u64) {
+        let Some(group) = self.groups.get(&g) else {
+            return;
+        };
+        let mut ready = Vec::with_capacity(group.members.len());
+        for m in &group.members {
+            match self.hosted.get(m).map(|h| &h.phase) {
+                Some(Phase::Precopying {
+                    mig,
+                    to,
+                    caught_up: true,
+                    group: Some(in_g),
+                    ..
+                }) if *in_g == g => ready.push(((*m, to.clone()), mig.clone())),
+                _ => return,
+            }
+        }
+        self.freeze_group(g, ready);
     }
 
     /// The pre-copy of attempt `mig` failed (its state could not be encoded, its stream
@@ -1209,27 +1312,55 @@ impl<S: Clone, P: Clone> Core<S, P> {
         })
     }
 
-    /// Ends `service`'s pre-copy, if it has one, as aborted with `reason`.
+    /// Ends `service`'s pre-copy, if it has one, as aborted with `reason`; in a group, every
+    /// other member's too (none has frozen yet), and the group is gone.
     fn precopy_ended(&mut self, service: ServiceId, reason: AbortReason) {
-        let Some(h) = self.hosted.get_mut(&service) else {
+        let Some(group) = self.end_precopy(service, reason.clone()) else {
             return;
         };
-        if !matches!(h.phase, Phase::Precopying { .. }) {
+        let Some(g) = group else {
             return;
+        };
+        let members = self
+            .groups
+            .remove(&g)
+            .map(|gr| gr.members)
+            .unwrap_or_default();
+        let why = AbortReason::Group(format!("{service}: {reason}"));
+        for m in members.into_iter().filter(|m| *m != service) {
+            self.end_precopy(m, why.clone());
         }
-        let Phase::Precopying { mig, .. } = std::mem::replace(&mut h.phase, Phase::Running) else {
-            return;
+    }
+
+    /// Ends one service's pre-copy as aborted with `reason`: it runs on untouched. `None` if
+    /// it was not pre-copying, else its group.
+    fn end_precopy(&mut self, service: ServiceId, reason: AbortReason) -> Option<Option<u64>> {
+        let h = self.hosted.get_mut(&service)?;
+        if !matches!(h.phase, Phase::Precopying { .. }) {
+            return None;
+        }
+        let Phase::Precopying {
+            mig,
+            group,
+            copying,
+            ..
+        } = std::mem::replace(&mut h.phase, Phase::Running)
+        else {
+            return None;
         };
-        self.out.push(Action::PrecopyEnded {
-            service,
-            mig: mig.clone(),
-        });
+        if copying {
+            self.out.push(Action::PrecopyEnded {
+                service,
+                mig: mig.clone(),
+            });
+        }
         self.decide(mig.clone(), Decision::Aborted);
         self.out.push(Action::Report {
             mig,
             service,
             outcome: Outcome::Aborted(reason),
         });
+        Some(group)
     }
 
     /// The frozen service handed over its state and queue.
@@ -2328,6 +2459,167 @@ mod tests {
         assert_eq!(kinds(&acts), ["precopy-ended", "report"]);
         assert!(matches!(&acts[0], Action::PrecopyEnded { mig: m, .. } if *m == mig));
         assert!(!src.is_live(svc()), "gone");
+    }
+
+    #[test]
+    fn a_group_with_precopy_freezes_all_members_together_once_every_copy_caught_up() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let (big, other, small) = (
+            ServiceId::from_parts(1, 1),
+            ServiceId::from_parts(1, 2),
+            ServiceId::from_parts(1, 3),
+        );
+        let mut src: C = Core::new(a.clone(), Config::default());
+        src.add_peer(b.clone());
+        src.add_peer(c.clone());
+        for s in [big, other, small] {
+            src.host(s);
+        }
+        let (migs, acts) = src.migrate_group_with(&[
+            (big, b.clone(), true),
+            (other, c.clone(), true),
+            (small, b.clone(), false),
+        ]);
+        assert_eq!(
+            kinds(&acts),
+            ["precopy", "precopy"],
+            "only the large copy ahead"
+        );
+        for s in [big, other, small] {
+            assert!(src.is_live(s), "every member runs while the copies go");
+        }
+        // Another move of a member meanwhile is refused.
+        let (_, again) = src.migrate(small, c.clone());
+        assert!(matches!(
+            &again[..],
+            [Action::Report {
+                outcome: Outcome::Aborted(AbortReason::Busy),
+                ..
+            }]
+        ));
+        // One caught up: nothing freezes while the other still copies.
+        assert!(src.precopied(big, &migs[0]).is_empty());
+        assert!(src.is_live(big) && src.is_live(small));
+        // Said twice, or for the member that copies nothing: still nothing.
+        assert!(src.precopied(big, &migs[0]).is_empty());
+        assert!(src.precopied(small, &migs[2]).is_empty());
+        // The last one: all three freeze at once.
+        let acts = src.precopied(other, &migs[1]);
+        assert_eq!(kinds(&acts), ["freeze", "freeze", "freeze"]);
+        for s in [big, other, small] {
+            assert!(!src.is_live(s));
+        }
+        // From here it is a plain group move: each snapshot goes to its own target.
+        for (s, mig) in [big, other, small].into_iter().zip(&migs) {
+            let wire = only_wire(src.frozen(s, vec![1], Vec::new()));
+            assert!(matches!(wire, Wire::Snapshot { mig: m, .. } if m == *mig));
+        }
+        assert_eq!(src.groups(), 1);
+    }
+
+    #[test]
+    fn a_group_precopy_that_fails_leaves_every_member_running_untouched() {
+        let (a, b, c) = (NodeName::new("a"), NodeName::new("b"), NodeName::new("c"));
+        let (big, other, small) = (
+            ServiceId::from_parts(1, 1),
+            ServiceId::from_parts(1, 2),
+            ServiceId::from_parts(1, 3),
+        );
+        let members = [
+            (big, b.clone(), true),
+            (other, c.clone(), true),
+            (small, b.clone(), false),
+        ];
+        // Each way a member can fail before the freeze.
+        for how in 0..5 {
+            let mut src: C = Core::new(a.clone(), Config::default());
+            src.add_peer(b.clone());
+            src.add_peer(c.clone());
+            for s in [big, other, small] {
+                src.host(s);
+            }
+            let (migs, _) = src.migrate_group_with(&members);
+            // The first member caught up already: it fails with the others all the same.
+            assert!(src.precopied(big, &migs[0]).is_empty());
+            let (acts, culprit) = match how {
+                0 => (src.link_lost(&c), other),
+                1 => (src.stream_failed(&migs[1], "reset".into()), other),
+                2 => (src.precopy_failed(other, &migs[1], "encode".into()), other),
+                3 => (
+                    src.receive(
+                        c.clone(),
+                        Wire::Refused {
+                            mig: migs[1].clone(),
+                            reason: "unknown kind".into(),
+                        },
+                    ),
+                    other,
+                ),
+                _ => (src.unhost(small), small),
+            };
+            let ended: Vec<ServiceId> = acts
+                .iter()
+                .filter_map(|x| match x {
+                    Action::PrecopyEnded { service, .. } => Some(*service),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(ended.len(), 2, "case {how}: {:?}", kinds(&acts));
+            assert!(ended.contains(&big) && ended.contains(&other));
+            let mut reported = 0;
+            for x in &acts {
+                if let Action::Report {
+                    service,
+                    outcome: Outcome::Aborted(r),
+                    ..
+                } = x
+                {
+                    reported += 1;
+                    if *service == culprit {
+                        assert!(!matches!(r, AbortReason::Group(_)), "case {how}: {r:?}");
+                    } else {
+                        assert!(
+                            matches!(r, AbortReason::Group(w) if w.contains(&culprit.to_string())),
+                            "case {how}: {r:?}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(reported, 3, "case {how}: every member reported");
+            assert!(
+                !acts.iter().any(|x| matches!(x, Action::Freeze { .. })),
+                "case {how}: nothing froze"
+            );
+            for s in [big, other, small] {
+                if !(how == 4 && s == small) {
+                    assert!(src.is_live(s), "case {how}: {s} runs on");
+                }
+            }
+            assert_eq!(src.groups(), 0, "case {how}: the group is gone");
+            // A late word of the aborted attempt changes nothing, and they move again.
+            assert!(src.precopied(other, &migs[1]).is_empty());
+            let (_, acts) = src.migrate(big, b.clone());
+            assert_eq!(kinds(&acts), ["freeze"], "case {how}");
+        }
+    }
+
+    #[test]
+    fn a_group_whose_copies_do_not_catch_up_freezes_together_at_the_deadline() {
+        let (a, b) = (NodeName::new("a"), NodeName::new("b"));
+        let cfg = Config {
+            precopy_ticks: 100,
+            ..Config::default()
+        };
+        let (big, small) = (ServiceId::from_parts(1, 1), ServiceId::from_parts(1, 2));
+        let mut src: C = Core::new(a.clone(), cfg);
+        src.add_peer(b.clone());
+        src.host(big);
+        src.host(small);
+        let _ = src.tick(10);
+        let _ = src.migrate_group_with(&[(big, b.clone(), true), (small, b.clone(), false)]);
+        assert!(src.tick(109).is_empty());
+        assert_eq!(kinds(&src.tick(110)), ["freeze", "freeze"]);
+        assert!(!src.is_live(big) && !src.is_live(small));
     }
 
     #[test]

@@ -552,8 +552,10 @@ impl Driver {
         rx
     }
 
-    /// Starts moving local services as one group (see [`Core::migrate_group`]): each member
-    /// to its own target, all or none. One report per member, in the order given.
+    /// Starts moving local services as one group (see [`Core::migrate_group_with`]): each
+    /// member to its own target, all or none; members whose kind copies its state ahead do so
+    /// while the group runs, and all freeze together. One report per member, in the order
+    /// given.
     pub fn migrate_group(
         &self,
         node: &Arc<NodeShared>,
@@ -592,7 +594,14 @@ impl Driver {
                 // A member whose earlier attempt has not ended: its entry must stay, so the
                 // group is refused here, before the core freezes anything.
                 Some(_) => (Vec::new(), Vec::new()),
-                None => core.migrate_group(members),
+                // Members whose kind copies its state ahead do so first; all freeze together.
+                None => {
+                    let members: Vec<(ServiceId, NodeName, bool)> = members
+                        .iter()
+                        .map(|(id, to)| (*id, to.clone(), node.copies_ahead(*id)))
+                        .collect();
+                    core.migrate_group_with(&members)
+                }
             };
             let group = format!("{} services", members.len());
             for (i, ((id, to), tx)) in members.iter().zip(txs).enumerate() {

@@ -112,9 +112,13 @@ pub(crate) struct PreWriter {
     done: oneshot::Sender<PreStream>,
 }
 
+/// Why a pre-copy's writer stopped when its driver called it off.
+const CALLED_OFF: &str = "called off";
+
 /// Writes a pre-copy's chunks on a new stream to `to` (opened with the first chunk), then
 /// hands the stream to the snapshot's writer once the runner dropped its end. Called off, or
-/// failing, it resets the stream (the target drops what it built) and tells the driver.
+/// failing, it resets the stream (the target drops what it built); failing, it tells the
+/// driver.
 pub(crate) async fn write_precopy(
     node: Arc<NodeShared>,
     to: NodeName,
@@ -133,7 +137,7 @@ pub(crate) async fn write_precopy(
     let result: Result<(), String> = async {
         loop {
             let chunk = tokio::select! {
-                _ = &mut cancel => return Err("called off".to_string()),
+                _ = &mut cancel => return Err(CALLED_OFF.to_string()),
                 c = rx.recv() => c,
             };
             let Some(chunk) = chunk else {
@@ -182,7 +186,12 @@ pub(crate) async fn write_precopy(
             }
             tracing::debug!(service = %id, n = mig.n, error = %e, "pre-copy stream ended");
             let _ = done.send(Err(e.clone()));
-            node.driver.precopy_failed(&node, id, &mig, e);
+            // Called off, the driver ended the copy itself (an abort, or a state too small to
+            // copy ahead that moves whole in the freeze): nothing failed. A group member
+            // waiting for the others must not abort them over it.
+            if e != CALLED_OFF {
+                node.driver.precopy_failed(&node, id, &mig, e);
+            }
         }
     }
 }

@@ -258,6 +258,10 @@ struct Sim {
     group_of: BTreeMap<tern_proto::migration::MigrationId, usize>,
     /// Per group: members, committed, aborted.
     group_outcomes: Vec<(usize, usize, usize)>,
+    /// Members of a group not yet frozen nor reported, by source node and service: the
+    /// group's index. A group's members freeze in one step (none while another still copies
+    /// ahead) or not at all.
+    unfrozen: BTreeMap<(usize, ServiceId), (usize, MigrationId)>,
     /// Pre-copies under way, by source node and service.
     copies: BTreeMap<(usize, ServiceId), Copy>,
     /// What each target built from pre-copy rounds, by node and attempt (lost with the node).
@@ -323,7 +327,26 @@ impl Sim {
     }
 
     fn carry_out(&mut self, node: usize, actions: Vec<Action<Log, ()>>) -> Result<(), String> {
+        // Per group: its members frozen by these actions.
+        let mut frozen_now: BTreeMap<usize, usize> = BTreeMap::new();
         for action in actions {
+            match &action {
+                Action::Freeze { service } => {
+                    if let Some((g, _)) = self.unfrozen.remove(&(node, *service)) {
+                        *frozen_now.entry(g).or_default() += 1;
+                    }
+                }
+                // The member's attempt ended (not another attempt's refusal as busy).
+                Action::Report { service, mig, .. }
+                    if self
+                        .unfrozen
+                        .get(&(node, *service))
+                        .is_some_and(|(_, m)| m == mig) =>
+                {
+                    self.unfrozen.remove(&(node, *service));
+                }
+                _ => {}
+            }
             match action {
                 Action::ClaimRefused { refusal, peer } if peer == liar() => {
                     *self.report.forged.1.entry(refusal.claim).or_default() += 1;
@@ -570,6 +593,15 @@ impl Sim {
                 },
             }
         }
+        for (g, n) in frozen_now {
+            let members = self.group_outcomes[g].0;
+            if n != members {
+                return Err(format!(
+                    "t={}: group {g} froze {n} of its {members} members in one step",
+                    self.now
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -635,6 +667,7 @@ impl Sim {
                     self.dead[node] = true;
                     self.nodes[node].instances.clear();
                     self.copies.retain(|(n, _), _| *n != node);
+                    self.unfrozen.retain(|(n, _), _| *n != node);
                     self.built.retain(|(n, _), _| *n != node);
                     self.report.crashed += 1;
                     // The others notice only after their idle timeout.
@@ -804,16 +837,25 @@ impl Sim {
                         .copied()
                         .filter(|s| self.nodes[node].core.epoch(*s).is_some())
                         .collect();
-                    let members: Vec<(ServiceId, NodeName)> = hosted
+                    // Some members copy their state ahead first (as large ones would).
+                    let members: Vec<(ServiceId, NodeName, bool)> = hosted
                         .into_iter()
                         .map(|s| {
                             let k = 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize;
-                            (s, self.names[(node + k) % self.nodes.len()].clone())
+                            let precopy = self.rng.chance(self.cfg.precopy);
+                            (
+                                s,
+                                self.names[(node + k) % self.nodes.len()].clone(),
+                                precopy,
+                            )
                         })
                         .collect();
-                    let (migs, actions) = self.nodes[node].core.migrate_group(&members);
+                    let (migs, actions) = self.nodes[node].core.migrate_group_with(&members);
                     let g = self.group_outcomes.len();
                     self.group_outcomes.push((members.len(), 0, 0));
+                    for ((s, _, _), mig) in members.iter().zip(&migs) {
+                        self.unfrozen.insert((node, *s), (g, mig.clone()));
+                    }
                     self.report.groups.0 += 1;
                     for mig in migs {
                         self.group_of.insert(mig, g);
@@ -984,6 +1026,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimReport, String> {
         },
         group_of: BTreeMap::new(),
         group_outcomes: Vec::new(),
+        unfrozen: BTreeMap::new(),
         copies: BTreeMap::new(),
         built: BTreeMap::new(),
         precopied: std::collections::BTreeSet::new(),

@@ -1,7 +1,8 @@
 //! Pre-copy over real QUIC: a store written while it moves arrives with every write, its
 //! freeze leaves the bulk behind, an abort before the freeze leaves it running untouched, and
 //! hostile pre-copy streams get errors or refusals, and the target gives up a pre-copy that
-//! outlasts its deadline.
+//! outlasts its deadline. A group copies its large members ahead and freezes them together;
+//! a refusal during its pre-copy leaves every member running untouched.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -150,6 +151,171 @@ fn a_store_written_while_it_moves_arrives_with_every_write_and_its_freeze_leaves
         Ok::<_, anyhow::Error>(())
     })?;
     assert_eq!(c.node("b").migration_stats().arrived, 1);
+    c.shutdown();
+    Ok(())
+}
+
+/// Moves `moves` from "a" as one group while writing to `kv` without a pause; returns every
+/// member's report and how many writes went while the move ran.
+async fn group_move_while_writing(
+    c: &Cluster,
+    moves: &[(tern::ServiceId, &str)],
+    kv: &ServiceRef<KvStore>,
+    held: &mut BTreeMap<String, Vec<u8>>,
+    first: u64,
+) -> Result<(Vec<tern::MigrationReport>, u64)> {
+    let done = Cell::new(false);
+    let moving = async {
+        let r = c
+            .node("a")
+            .migrate_group(moves, MigrateOptions::default())
+            .await;
+        done.set(true);
+        r
+    };
+    let writing = async {
+        let mut n = first;
+        while !done.get() {
+            write(kv, n, held).await?;
+            n += 1;
+            tokio::task::yield_now().await;
+        }
+        Ok::<u64, anyhow::Error>(n - first)
+    };
+    let (res, writes) = tokio::join!(moving, writing);
+    let reports = match res {
+        Ok(r) => r.members,
+        Err(tern::Error::NotMoved(n)) => n.reports,
+        Err(e) => return Err(e.into()),
+    };
+    assert_eq!(reports.len(), moves.len());
+    Ok((reports, writes?))
+}
+
+/// A store with a few small entries: it copies nothing ahead, and moves whole in the freeze.
+async fn small_store(kv: &ServiceRef<KvStore>) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut held = BTreeMap::new();
+    for i in 0..3 {
+        kv.tell_wait(put(key(i), value(i))).await?;
+        held.insert(key(i), value(i));
+    }
+    assert_eq!(kv.ask(KvMsg::Len, SECS_10).await?, held.len());
+    Ok(held)
+}
+
+#[test]
+fn a_group_copies_its_large_member_ahead_and_every_member_arrives_with_every_write() -> Result<()> {
+    let c = connected(&["a", "b", "c"])?;
+    let big = c.node("a").spawn(KvStore::default())?;
+    let small = c.node("a").spawn(KvStore::default())?;
+    block_on(async {
+        let mut held = fill(&big).await?;
+        let small_held = small_store(&small).await?;
+        let moves = [(big.id(), "b"), (small.id(), "c")];
+        let (reports, writes) = group_move_while_writing(&c, &moves, &big, &mut held, 1).await?;
+        assert!(
+            reports.iter().all(|r| r.committed()),
+            "the group moved: {reports:?}"
+        );
+        assert!(writes > 0, "writes went on while the group copied");
+        assert!(
+            reports[0].precopied_bytes > 3 << 20,
+            "the large member went ahead: {:?}",
+            reports[0]
+        );
+        assert!(
+            reports[0].snapshot_bytes < 1 << 20,
+            "its freeze carried the changes only: {:?}",
+            reports[0]
+        );
+        assert_eq!(
+            reports[1].precopied_bytes, 0,
+            "the small member moved whole: {:?}",
+            reports[1]
+        );
+        assert_eq!(big.location().as_str(), "b");
+        assert_eq!(small.location().as_str(), "c");
+        holds(&big, &held).await?;
+        for (k, v) in &small_held {
+            let got = small
+                .ask(
+                    |reply| KvMsg::Get {
+                        key: k.clone(),
+                        reply,
+                    },
+                    SECS_10,
+                )
+                .await?;
+            assert_eq!(got.as_ref(), Some(v));
+        }
+        // Both serve on where they went.
+        for n in 100_000..100_200 {
+            write(&big, n, &mut held).await?;
+        }
+        holds(&big, &held).await?;
+        small.tell_wait(put(key(9), value(9))).await?;
+        assert_eq!(small.ask(KvMsg::Len, SECS_10).await?, small_held.len() + 1);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(c.node("b").migration_stats().arrived, 1);
+    assert_eq!(c.node("c").migration_stats().arrived, 1);
+    c.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_group_whose_precopy_is_refused_leaves_every_member_running_untouched() -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .node("c", &[])
+        .node_setup("a", tern_actors::register_all)
+        .node_setup("b", |n| {
+            n.register::<PlainKv>();
+        })
+        .node_setup("c", tern_actors::register_all)
+        .start()?;
+    c.wait_members(SECS_10)?;
+    let big = c.node("a").spawn(KvStore::default())?;
+    let small = c.node("a").spawn(KvStore::default())?;
+    block_on(async {
+        let mut held = fill(&big).await?;
+        let small_held = small_store(&small).await?;
+        // b takes stores that do not copy ahead only: it refuses the large member's pre-copy.
+        let moves = [(big.id(), "b"), (small.id(), "c")];
+        let (reports, _) = group_move_while_writing(&c, &moves, &big, &mut held, 1).await?;
+        match &reports[0].aborted {
+            Some(AbortReason::Refused(why)) => {
+                assert!(why.contains("does not copy ahead"), "{why}")
+            }
+            other => panic!("expected b's refusal, got {other:?}"),
+        }
+        assert!(
+            matches!(&reports[1].aborted, Some(AbortReason::Group(why)) if why.contains(&big.id().to_string())),
+            "the other member names the one that failed: {:?}",
+            reports[1]
+        );
+        for r in &reports {
+            assert_eq!(
+                r.frozen_after_us, 0,
+                "no member froze: the refusal came during the pre-copy: {r:?}"
+            );
+        }
+        assert_eq!(big.location().as_str(), "a");
+        assert_eq!(small.location().as_str(), "a");
+        holds(&big, &held).await?;
+        assert_eq!(small.ask(KvMsg::Len, SECS_10).await?, small_held.len());
+        // They move again, together, to a node that takes them.
+        let moves = [(big.id(), "c"), (small.id(), "c")];
+        let (reports, _) = group_move_while_writing(&c, &moves, &big, &mut held, 50_000).await?;
+        assert!(reports.iter().all(|r| r.committed()), "{reports:?}");
+        assert!(reports[0].precopied_bytes > 3 << 20, "{:?}", reports[0]);
+        holds(&big, &held).await?;
+        assert_eq!(small.ask(KvMsg::Len, SECS_10).await?, small_held.len());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert_eq!(c.node("b").migration_stats().arrived, 0);
+    assert_eq!(c.node("c").migration_stats().arrived, 2);
     c.shutdown();
     Ok(())
 }
