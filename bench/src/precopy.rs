@@ -1,6 +1,7 @@
 //! Pre-copy figures: the freeze and total time of a service that moves while a writer changes
 //! 1% of its state per second, with its state copied ahead ([`tern::Precopy`]) and, in the
-//! same run, the same data and writes in a kind that moves its whole state in the freeze.
+//! same run, the same data and writes in a kind that moves its whole state in the freeze; and
+//! the same for a group move of that service with a small one (`group`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -123,6 +124,52 @@ fn moves<S: Service<Msg = PageMsg>>(
     writes_per_s: u64,
     runs: usize,
 ) -> Result<Samples> {
+    moves_by(svc, count, writes_per_s, runs, async |from, to| {
+        let report = c
+            .node(from)
+            .migrate(svc.id(), to, MigrateOptions::default())
+            .await?;
+        if !report.committed() {
+            bail!("{} did not move: {report:?}", S::KIND);
+        }
+        Ok((report.freeze_us, report.total_us, report.precopied_bytes))
+    })
+}
+
+/// As [`moves`], with `small` moving in one group with `svc` (a group's freeze and total).
+fn group_moves<S: Service<Msg = PageMsg>>(
+    c: &Cluster,
+    (svc, small): (&ServiceRef<S>, &ServiceRef<Pages>),
+    count: u32,
+    writes_per_s: u64,
+    runs: usize,
+) -> Result<Samples> {
+    moves_by(svc, count, writes_per_s, runs, async |from, to| {
+        let group = c
+            .node(from)
+            .migrate_group(
+                &[(svc.id(), to), (small.id(), to)],
+                MigrateOptions::default(),
+            )
+            .await?;
+        Ok((
+            group.freeze_us,
+            group.total_us,
+            group.members[0].precopied_bytes,
+        ))
+    })
+}
+
+/// Moves back and forth `runs` times between a and b with `migrate` (from, to: the freeze,
+/// the total and the bytes copied ahead) while a writer replaces entries of `svc` at
+/// `writes_per_s`; checks every write was handled once.
+fn moves_by<S: Service<Msg = PageMsg>>(
+    svc: &ServiceRef<S>,
+    count: u32,
+    writes_per_s: u64,
+    runs: usize,
+    migrate: impl AsyncFn(&'static str, &'static str) -> Result<(u64, u64, u64)>,
+) -> Result<Samples> {
     let mut s = Samples::default();
     let every = Duration::from_micros(1_000_000 / writes_per_s.max(1));
     let mut sent = 0u64;
@@ -133,10 +180,7 @@ fn moves<S: Service<Msg = PageMsg>>(
             let moving = async {
                 // The writer runs a moment before the move too: the state is being changed.
                 tokio::time::sleep((every * 4).min(Duration::from_millis(100))).await;
-                let r = c
-                    .node(from)
-                    .migrate(svc.id(), to, MigrateOptions::default())
-                    .await;
+                let r = migrate(from, to).await;
                 done.set(true);
                 r
             };
@@ -151,15 +195,12 @@ fn moves<S: Service<Msg = PageMsg>>(
                 }
                 Ok::<(), anyhow::Error>(())
             };
-            let (report, wrote) = tokio::join!(moving, writing);
+            let (moved, wrote) = tokio::join!(moving, writing);
             wrote?;
-            let report = report?;
-            if !report.committed() {
-                bail!("{} did not move: {report:?}", S::KIND);
-            }
-            s.freeze.push(report.freeze_us);
-            s.total.push(report.total_us);
-            s.ahead.push(report.precopied_bytes);
+            let (freeze, total, ahead) = moved?;
+            s.freeze.push(freeze);
+            s.total.push(total);
+            s.ahead.push(ahead);
         }
         let handled = svc.ask(PageMsg::Writes, Duration::from_secs(60)).await?;
         if handled != sent {
@@ -205,27 +246,85 @@ pub fn run(scale: &Scale) -> Result<Value> {
             writes: 0,
         })?;
         let full = moves(&c, &whole, count, writes_per_s, runs)?;
-        let (freeze_p50, freeze_p99) = percentiles(pre.freeze);
-        let (total_p50, _) = percentiles(pre.total);
-        let (ahead_p50, _) = percentiles(pre.ahead);
-        let (full_freeze_p50, full_freeze_p99) = percentiles(full.freeze);
-        let (full_total_p50, _) = percentiles(full.total);
-        cases.push(json!({
+        cases.push(compared(
+            json!({
+                "state_bytes": state_bytes,
+                "writes_per_s": writes_per_s,
+                "write_bytes": ENTRY_BYTES,
+                "runs": runs,
+            }),
+            pre,
+            full,
+        ));
+    }
+    let group = group_case(&c, if quick { 3 } else { 6 })?;
+    c.shutdown();
+    Ok(json!({ "cases": cases, "group": group }))
+}
+
+/// A group move of a 64 MiB service written at 1% per second with a 4 KiB one, copied ahead
+/// and, in the same run, with the large one moving whole in the freeze.
+fn group_case(c: &Cluster, runs: usize) -> Result<Value> {
+    let state_bytes = 64usize << 20;
+    let writes_per_s = ((state_bytes / 100) / ENTRY_BYTES) as u64;
+    let count = (state_bytes / ENTRY_BYTES) as u32;
+    progress(&format!(
+        "pre-copy in a group: {state_bytes} bytes and 4 KiB, {runs} runs each way"
+    ));
+    let small = || {
+        c.node("a").spawn(Pages {
+            pages: entries(ENTRY_BYTES).into_iter().collect(),
+            writes: 0,
+        })
+    };
+    let ahead = c.node("a").spawn(Pages {
+        pages: entries(state_bytes).into_iter().collect(),
+        writes: 0,
+    })?;
+    let pre = group_moves(c, (&ahead, &small()?), count, writes_per_s, runs)?;
+    let whole = c.node("a").spawn(PlainPages {
+        pages: entries(state_bytes),
+        writes: 0,
+    })?;
+    let full = group_moves(c, (&whole, &small()?), count, writes_per_s, runs)?;
+    Ok(compared(
+        json!({
             "state_bytes": state_bytes,
+            "members": 2,
             "writes_per_s": writes_per_s,
             "write_bytes": ENTRY_BYTES,
             "runs": runs,
-            "freeze_us_p50": freeze_p50,
-            "freeze_us_p99": freeze_p99,
-            "total_us_p50": total_p50,
-            "precopied_bytes_p50": ahead_p50,
-            "full_copy_freeze_us_p50": full_freeze_p50,
-            "full_copy_freeze_us_p99": full_freeze_p99,
-            "full_copy_total_us_p50": full_total_p50,
-            "freeze_vs_full_copy": round2(freeze_p50 as f64 / full_freeze_p50.max(1) as f64),
-            "total_vs_full_copy": round2(total_p50 as f64 / full_total_p50.max(1) as f64),
-        }));
+        }),
+        pre,
+        full,
+    ))
+}
+
+/// `case` (a JSON object) with the figures of `pre` (copied ahead) against `full` (whole).
+fn compared(case: Value, pre: Samples, full: Samples) -> Value {
+    let (freeze_p50, freeze_p99) = percentiles(pre.freeze);
+    let (total_p50, _) = percentiles(pre.total);
+    let (ahead_p50, _) = percentiles(pre.ahead);
+    let (full_freeze_p50, full_freeze_p99) = percentiles(full.freeze);
+    let (full_total_p50, _) = percentiles(full.total);
+    let mut case = case;
+    if let Value::Object(m) = &mut case {
+        m.extend(
+            json!({
+                "freeze_us_p50": freeze_p50,
+                "freeze_us_p99": freeze_p99,
+                "total_us_p50": total_p50,
+                "precopied_bytes_p50": ahead_p50,
+                "full_copy_freeze_us_p50": full_freeze_p50,
+                "full_copy_freeze_us_p99": full_freeze_p99,
+                "full_copy_total_us_p50": full_total_p50,
+                "freeze_vs_full_copy": round2(freeze_p50 as f64 / full_freeze_p50.max(1) as f64),
+                "total_vs_full_copy": round2(total_p50 as f64 / full_total_p50.max(1) as f64),
+            })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        );
     }
-    c.shutdown();
-    Ok(json!({ "cases": cases }))
+    case
 }
