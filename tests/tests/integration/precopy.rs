@@ -86,21 +86,17 @@ async fn holds(kv: &ServiceRef<KvStore>, held: &BTreeMap<String, Vec<u8>>) -> Re
     Ok(())
 }
 
-/// Migrates `kv` to `to` while writing to it without a pause; returns the report and how many
-/// writes went while the move ran.
-async fn move_while_writing(
-    c: &Cluster,
+/// Runs `moving` while writing to `kv` without a pause, numbering the writes from `first`;
+/// returns what `moving` gave and how many writes went while it ran.
+async fn while_writing<T>(
     kv: &ServiceRef<KvStore>,
-    to: &str,
     held: &mut BTreeMap<String, Vec<u8>>,
     first: u64,
-) -> Result<(tern::MigrationReport, u64)> {
+    moving: impl std::future::Future<Output = T>,
+) -> Result<(T, u64)> {
     let done = Cell::new(false);
     let moving = async {
-        let r = c
-            .node("a")
-            .migrate(kv.id(), to, MigrateOptions::default())
-            .await;
+        let r = moving.await;
         done.set(true);
         r
     };
@@ -114,13 +110,27 @@ async fn move_while_writing(
         }
         Ok::<u64, anyhow::Error>(n - first)
     };
-    let (report, writes) = tokio::join!(moving, writing);
+    let (moved, writes) = tokio::join!(moving, writing);
+    Ok((moved, writes?))
+}
+
+/// Migrates `kv` to `to` while writing to it without a pause; returns the report and how many
+/// writes went while the move ran.
+async fn move_while_writing(
+    c: &Cluster,
+    kv: &ServiceRef<KvStore>,
+    to: &str,
+    held: &mut BTreeMap<String, Vec<u8>>,
+    first: u64,
+) -> Result<(tern::MigrationReport, u64)> {
+    let moving = c.node("a").migrate(kv.id(), to, MigrateOptions::default());
+    let (report, writes) = while_writing(kv, held, first, moving).await?;
     let report = match report {
         Ok(r) => r,
         Err(tern::Error::NotMoved(n)) if n.reports.len() == 1 => n.reports[0].clone(),
         Err(e) => return Err(e.into()),
     };
-    Ok((report, writes?))
+    Ok((report, writes))
 }
 
 #[test]
@@ -164,32 +174,15 @@ async fn group_move_while_writing(
     held: &mut BTreeMap<String, Vec<u8>>,
     first: u64,
 ) -> Result<(Vec<tern::MigrationReport>, u64)> {
-    let done = Cell::new(false);
-    let moving = async {
-        let r = c
-            .node("a")
-            .migrate_group(moves, MigrateOptions::default())
-            .await;
-        done.set(true);
-        r
-    };
-    let writing = async {
-        let mut n = first;
-        while !done.get() {
-            write(kv, n, held).await?;
-            n += 1;
-            tokio::task::yield_now().await;
-        }
-        Ok::<u64, anyhow::Error>(n - first)
-    };
-    let (res, writes) = tokio::join!(moving, writing);
+    let moving = c.node("a").migrate_group(moves, MigrateOptions::default());
+    let (res, writes) = while_writing(kv, held, first, moving).await?;
     let reports = match res {
         Ok(r) => r.members,
         Err(tern::Error::NotMoved(n)) => n.reports,
         Err(e) => return Err(e.into()),
     };
     assert_eq!(reports.len(), moves.len());
-    Ok((reports, writes?))
+    Ok((reports, writes))
 }
 
 /// A store with a few small entries: it copies nothing ahead, and moves whole in the freeze.
