@@ -256,8 +256,9 @@ fn a_group_copies_its_large_member_ahead_and_every_member_arrives_with_every_wri
     Ok(())
 }
 
-#[test]
-fn a_group_whose_precopy_is_refused_leaves_every_member_running_untouched() -> Result<()> {
+/// Nodes a, b and c, members of one another; b registers [`PlainKv`] under `KvStore`'s kind,
+/// so it refuses pre-copies of it.
+fn plain_b() -> Result<Cluster> {
     let c = Cluster::builder()
         .node("a", &[])
         .node("b", &[])
@@ -269,6 +270,12 @@ fn a_group_whose_precopy_is_refused_leaves_every_member_running_untouched() -> R
         .node_setup("c", tern_actors::register_all)
         .start()?;
     c.wait_members(SECS_10)?;
+    Ok(c)
+}
+
+#[test]
+fn a_group_whose_precopy_is_refused_leaves_every_member_running_untouched() -> Result<()> {
+    let c = plain_b()?;
     let big = c.node("a").spawn(KvStore::default())?;
     let small = c.node("a").spawn(KvStore::default())?;
     block_on(async {
@@ -330,17 +337,7 @@ impl Service for PlainKv {
 #[test]
 fn a_precopy_the_target_refuses_leaves_the_store_running_untouched_and_it_moves_elsewhere(
 ) -> Result<()> {
-    let c = Cluster::builder()
-        .node("a", &[])
-        .node("b", &[])
-        .node("c", &[])
-        .node_setup("a", tern_actors::register_all)
-        .node_setup("b", |n| {
-            n.register::<PlainKv>();
-        })
-        .node_setup("c", tern_actors::register_all)
-        .start()?;
-    c.wait_members(SECS_10)?;
+    let c = plain_b()?;
     let kv = c.node("a").spawn(KvStore::default())?;
     block_on(async {
         let mut held = fill(&kv).await?;
