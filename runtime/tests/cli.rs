@@ -516,3 +516,57 @@ fn tern_pair_and_join_make_a_certificate_without_copying_keys() {
     let _ = std::fs::remove_dir_all(&holder);
     let _ = std::fs::remove_dir_all(&device);
 }
+
+#[test]
+fn tern_completions_prints_each_shells_script_without_a_cluster() {
+    // No certificates and no node: completions need neither.
+    let empty = scratch("completions");
+    let nowhere = "127.0.0.1:9".parse().expect("an address");
+    let commands = [
+        "ca",
+        "ps",
+        "nodes",
+        "tree",
+        "assoc",
+        "plan",
+        "migrate",
+        "names",
+        "release",
+        "drain",
+        "pair",
+        "join",
+        "completions",
+    ];
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = tern(&empty, nowhere, &["completions", shell]);
+        assert!(
+            out.status.success(),
+            "tern completions {shell} failed: {}",
+            text(&out.stderr)
+        );
+        let script = text(&out.stdout);
+        for c in commands {
+            assert!(script.contains(c), "{shell}'s script lacks `{c}`");
+        }
+        // Options of a subcommand are completed too (fish names them `-l tree`).
+        assert!(
+            script.contains("--tree") || script.contains("-l tree"),
+            "{shell}'s script lacks `--tree`"
+        );
+    }
+    let bash = text(&tern(&empty, nowhere, &["completions", "bash"]).stdout);
+    assert!(bash.contains("complete -F _tern"), "{bash}");
+    // An unknown shell is refused, with the ones there are.
+    let out = tern(&empty, nowhere, &["completions", "tcsh"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("possible values") && err.contains("zsh"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {}",
+        text(&out.stdout)
+    );
+}

@@ -18,9 +18,11 @@
 //! tern plan SERVICE [--to NODE] [--tree]  where placement would put it, and why
 //! tern migrate SERVICE --to NODE [--tree] move it (or its tree) and print the report
 //! tern drain NODE                         move everything off NODE
+//! tern completions SHELL                  the completion script for bash, zsh, fish,
+//!                                         elvish or powershell, on stdout
 //! ```
 //!
-//! Every command but `ca` talks to a node over an admin connection (QUIC, mutual TLS,
+//! Every command but `ca`, `pair`, `join` and `completions` talks to a node over an admin connection (QUIC, mutual TLS,
 //! ALPN `tern-admin/1`) as `--as NAME` (default `admin`: an admin or observer certificate in
 //! `--certs`), entering the cluster at `--node [NAME@]ADDR` (or `TERN_NODE`; with a name, the
 //! node answering must be that one). Nodes reached through the entry must be the ones the
@@ -140,6 +142,12 @@ enum Cmd {
         /// Where the CA is.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+    },
+    /// Prints the completion script of SHELL for these commands on stdout, for example
+    /// `tern completions bash > ~/.local/share/bash-completion/completions/tern`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
     /// On the new device: gets NAME's certificate from `tern pair` with its code; the key is
     /// made here and never leaves.
@@ -313,6 +321,11 @@ fn hint(error: &str, args: &Args) -> Option<String> {
 }
 
 fn run(args: &Args) -> Result<bool> {
+    if let Cmd::Completions { shell } = &args.command {
+        let mut cmd = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut cmd, "tern", &mut std::io::stdout());
+        return Ok(true);
+    }
     if let Cmd::Ca(CaCmd::Revoke { name, dir, offline }) = &args.command {
         return revoke(args, name, dir, *offline);
     }
@@ -581,7 +594,7 @@ fn warn_unreachable(s: &Survey) {
 async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
     let entry = connect(args.node.addr, args.node.name.as_ref(), identity).await?;
     let outcome = match &args.command {
-        Cmd::Ca(_) | Cmd::Pair { .. } | Cmd::Join { .. } => {
+        Cmd::Ca(_) | Cmd::Pair { .. } | Cmd::Join { .. } | Cmd::Completions { .. } => {
             unreachable!("handled before connecting")
         }
         Cmd::Ps => {
