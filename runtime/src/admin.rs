@@ -100,6 +100,16 @@ pub enum AdminRequest {
         /// The service.
         service: ServiceId,
     },
+    /// The node's figures: counters, migrations and freeze times, services, peers and
+    /// channels (what `tern top` shows).
+    Figures,
+    /// The node's metrics as OpenMetrics text (what its metrics endpoint serves).
+    Metrics,
+    /// The node's events numbered after `after`, oldest first (what `tern events` shows).
+    Events {
+        /// The number of the last event already seen (0: from the oldest kept).
+        after: u64,
+    },
     /// Offers the cluster CA's revocation list (DER, as `tern ca revoke` writes it); the
     /// node installs it if it is the CA's and newer, and it spreads to every node.
     Revoke {
@@ -119,7 +129,10 @@ impl AdminRequest {
             | AdminRequest::Tree { .. }
             | AdminRequest::Assoc { .. }
             | AdminRequest::Plan { .. }
-            | AdminRequest::Names => true,
+            | AdminRequest::Names
+            | AdminRequest::Figures
+            | AdminRequest::Metrics
+            | AdminRequest::Events { .. } => true,
             AdminRequest::Migrate { .. }
             | AdminRequest::Drain
             | AdminRequest::Revoke { .. }
@@ -168,6 +181,12 @@ pub enum AdminReply {
         /// Whether the list offered was newer than the one held (and is now in force).
         newer: bool,
     },
+    /// The node's figures.
+    Figures(Box<crate::metrics::NodeFigures>),
+    /// The node's metrics, as OpenMetrics text.
+    Metrics(String),
+    /// Events, oldest first.
+    Events(Vec<crate::NodeEvent>),
     /// The request failed; why, in words.
     Error(String),
 }
@@ -344,6 +363,19 @@ async fn answer(
         AdminRequest::Nodes => Ok(AdminReply::Nodes(node.members())),
         AdminRequest::Tree { service } => node.tree(service).map(AdminReply::Tree),
         AdminRequest::Names => Ok(AdminReply::Names(node.all_names())),
+        AdminRequest::Figures => Ok(AdminReply::Figures(Box::new(
+            crate::metrics::NodeFigures::of(node),
+        ))),
+        AdminRequest::Metrics => Ok(AdminReply::Metrics(
+            crate::metrics::NodeFigures::of(node).to_openmetrics(),
+        )),
+        AdminRequest::Events { after } => Ok(AdminReply::Events(
+            node.logs
+                .events()
+                .into_iter()
+                .filter(|e| e.n > after)
+                .collect(),
+        )),
         AdminRequest::Release { service } => node
             .release(service)
             .map(|was_held| AdminReply::Released { was_held }),
@@ -609,30 +641,30 @@ impl Survey {
     }
 }
 
-/// Asks `entry`'s node for the members, then every member that is up for its services
-/// (dialing each with `identity`, except `entry`'s own node).
-pub async fn survey(
+/// Asks `entry`'s node for the members, then asks `req` of every member that is up (dialing
+/// each with `identity`, except `entry`'s own node): the members, and each one's answer by
+/// name, in the members' order.
+pub async fn ask_every_node(
     entry: &AdminClient,
     identity: &crate::certs::NodeIdentity,
-) -> Result<Survey, Error> {
+    req: &AdminRequest,
+) -> Result<(Vec<Member>, Vec<(String, Result<AdminReply, Error>)>), Error> {
     let AdminReply::Nodes(nodes) = entry.request(&AdminRequest::Nodes, |_| {}).await? else {
         return Err(Error::Admin(format!(
             "{} answered Nodes with something else",
             entry.node()
         )));
     };
-    let mut services = Vec::new();
-    let mut unreachable = Vec::new();
+    let mut answers = Vec::with_capacity(nodes.len());
     for m in &nodes {
-        let name = m.info.name.to_string();
         let asked = if &m.info.name == entry.node() {
-            entry.request(&AdminRequest::Ps, |_| {}).await
+            entry.request(req, |_| {}).await
         } else if m.status != crate::MemberStatus::Up {
             Err(Error::Admin(format!("{:?}", m.status).to_lowercase()))
         } else if let Some(addr) = m.info.addr {
             match AdminClient::connect_to(addr, identity, &m.info.name).await {
                 Ok(c) => {
-                    let r = c.request(&AdminRequest::Ps, |_| {}).await;
+                    let r = c.request(req, |_| {}).await;
                     c.close().await;
                     r
                 }
@@ -641,6 +673,21 @@ pub async fn survey(
         } else {
             Err(Error::Admin("no address known".into()))
         };
+        answers.push((m.info.name.to_string(), asked));
+    }
+    Ok((nodes, answers))
+}
+
+/// Asks `entry`'s node for the members, then every member that is up for its services
+/// (dialing each with `identity`, except `entry`'s own node).
+pub async fn survey(
+    entry: &AdminClient,
+    identity: &crate::certs::NodeIdentity,
+) -> Result<Survey, Error> {
+    let (nodes, answers) = ask_every_node(entry, identity, &AdminRequest::Ps).await?;
+    let mut services = Vec::new();
+    let mut unreachable = Vec::new();
+    for (name, asked) in answers {
         match asked {
             Ok(AdminReply::Ps { services: s, .. }) => {
                 services.extend(s.into_iter().map(|info| ServiceEntry {

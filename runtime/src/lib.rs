@@ -23,6 +23,7 @@ mod inbound;
 mod limits;
 mod mailbox;
 mod members;
+pub mod metrics;
 mod migrate;
 mod names;
 mod node;
@@ -49,6 +50,7 @@ pub mod trust;
 pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;
 pub use members::{Member, MemberInfo, MemberStatus, NodeLoad, Power};
+pub use metrics::NodeFigures;
 pub use migrate::{MigrateOptions, MigrationReport, MigrationStats};
 pub use node::{
     bind_udp, Limits, LossReport, Node, NodeConfig, NodeEvent, NodeHandle, PeerConfig, ServiceInfo,
@@ -73,7 +75,7 @@ pub use tern_proto::names::NameError;
 pub use tern_proto::placement::{AffinityPolicy, Needs, Policy};
 pub use tern_proto::traffic::EdgeRate;
 pub use tracked::{Precopy, Tracked, TrackedMap, PRECOPY_MIN_BYTES};
-pub use transport::PeerStatus;
+pub use transport::{LinkFigures, PeerStatus};
 pub use tree::{
     child_role, GroupReport, TreeMember, CHILD_ROLE_PREFIX, GROUP_MEMBERS_MAX, TREE_MEMBERS_MAX,
 };

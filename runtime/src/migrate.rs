@@ -88,8 +88,13 @@ pub struct MigrationStats {
     pub arrived: u64,
     /// Snapshots this node refused as a target, by reason.
     pub refused_in: BTreeMap<String, u64>,
-    /// Committed migrations by freeze time: `(upper bound in µs, count)`, powers of two.
+    /// Committed migrations by freeze time: `(upper bound in µs, count)`, where a bucket
+    /// holds the freezes longer than the previous bound and at most its own; bounds are powers
+    /// of two up to 2^30 µs, then `u64::MAX`; buckets with no freeze are left out.
     pub freeze_us_histogram: Vec<(u64, u64)>,
+    /// The freeze times of the committed migrations, added up (µs).
+    #[serde(default)]
+    pub freeze_us_sum: u64,
     /// Messages forwarded by tombstones on this node.
     pub tombstone_forwards: u64,
     /// Address-book entries rewritten on this node by channel rebuilds.
@@ -239,10 +244,20 @@ struct Outgoing {
     span: tracing::Span,
 }
 
+/// The histogram bucket of a freeze of `freeze_us`: bucket `i` holds the freezes in
+/// `(2^(i-1), 2^i]` µs (bucket 0 those of at most 1 µs), the last one everything longer.
+fn freeze_bucket(freeze_us: u64) -> usize {
+    let above = freeze_us.saturating_sub(1);
+    ((64 - above.leading_zeros()) as usize).min(FREEZE_BUCKETS - 1)
+}
+
+/// Buckets of the freeze histogram: the last holds freezes over 2^30 µs (about 18 minutes).
+const FREEZE_BUCKETS: usize = 32;
+
 #[derive(Default)]
 struct Counters {
     stats: MigrationStats,
-    freeze_hist: [u64; 32],
+    freeze_hist: [u64; FREEZE_BUCKETS],
 }
 
 /// One node's migration driver.
@@ -463,7 +478,10 @@ impl Driver {
             .iter()
             .enumerate()
             .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (1u64 << i, *n))
+            .map(|(i, n)| match i {
+                i if i + 1 == FREEZE_BUCKETS => (u64::MAX, *n),
+                i => (1u64 << i, *n),
+            })
             .collect();
         drop(c);
         s.tombstones = lock(&self.core).tombstones() as u64;
@@ -1052,12 +1070,15 @@ impl Driver {
             match &report.aborted {
                 None => {
                     c.stats.committed += 1;
-                    let bucket = (64 - report.freeze_us.max(1).leading_zeros() as usize).min(31);
-                    c.freeze_hist[bucket] += 1;
+                    c.stats.freeze_us_sum = c.stats.freeze_us_sum.saturating_add(report.freeze_us);
+                    c.freeze_hist[freeze_bucket(report.freeze_us)] += 1;
                 }
                 Some(r) => *c.stats.aborted.entry(r.label().to_owned()).or_default() += 1,
             }
         }
+        // Every move this node made as a source, however it was asked (a user, placement, a
+        // drain, the service itself), is in its event log (`tern events`).
+        node.logs.event("migration", crate::node::describe(&report));
         tracing::info!(
             parent: &o.span,
             committed = report.committed(),
@@ -2437,5 +2458,24 @@ pub(crate) fn on_control(
             answer_request(node, link, req, Ok(node.unfit_here(&kind, forced)));
         }
         other => node.driver.on_msg(node, &link.name, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::freeze_bucket;
+
+    #[test]
+    fn a_freeze_falls_in_the_bucket_whose_bound_is_the_first_not_below_it() {
+        assert_eq!(freeze_bucket(0), 0);
+        assert_eq!(freeze_bucket(1), 0);
+        assert_eq!(freeze_bucket(2), 1);
+        assert_eq!(freeze_bucket(3), 2);
+        assert_eq!(freeze_bucket(4), 2);
+        assert_eq!(freeze_bucket(5), 3);
+        assert_eq!(freeze_bucket(1_000), 10, "1,000 us is at most 1,024");
+        assert_eq!(freeze_bucket(1 << 30), 30);
+        assert_eq!(freeze_bucket((1 << 30) + 1), 31);
+        assert_eq!(freeze_bucket(u64::MAX), 31);
     }
 }

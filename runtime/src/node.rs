@@ -1670,7 +1670,6 @@ impl NodeShared {
                 .driver
                 .migrate(&node, id, to, opts, refuse.map(|(_, why)| why));
             if let Ok(report) = rx.await {
-                node.logs.event("migration", describe(&report));
                 done(match report.aborted {
                     None => Ok(report),
                     Some(_) => Err(crate::reports::NotMoved {
@@ -1792,6 +1791,11 @@ impl NodeShared {
     }
 
     /// Every local service, with its mailbox, parent and epoch.
+    /// The channels touching this node's services, busiest first.
+    pub fn traffic(&self) -> Vec<EdgeRate> {
+        lock(&self.traffic).all()
+    }
+
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
         let local: Vec<(ServiceAddr, [usize; 3])> = self.registry.with_all(|services| {
             services
@@ -2143,7 +2147,7 @@ impl NodeShared {
         }
     }
 
-    fn snapshot_stats(&self) -> NodeStats {
+    pub(crate) fn snapshot_stats(&self) -> NodeStats {
         let mut s = self.stats.snapshot();
         s.services_live = self.registry.with_all(|services| services.len()) as u64;
         // Every sleep ends in a wake (the bell is the only way back), so the difference is the
@@ -2819,7 +2823,7 @@ impl NodeHandle {
 
     /// Observed traffic of the edges touching this node's services, heaviest first.
     pub fn traffic(&self) -> Vec<EdgeRate> {
-        lock(&self.shared.traffic).all()
+        self.shared.traffic()
     }
 
     /// Counters of this node's migrations: committed, aborted by reason, freeze histogram.

@@ -15,6 +15,7 @@
 //! admins = ["admin"]                # admin certificates that may use `tern` on it (none: closed)
 //! # crl = "certs/crl.pem"           # the CA's revocation list, read at start and on SIGHUP
 //! # data_dir = "data/tv"            # replicated services' checkpoints, resumed after a restart
+//! # metrics_listen = "127.0.0.1:9464" # Prometheus scrapes GET /metrics here (none: not served)
 //!
 //! [[peers]]
 //! name = "phone"
@@ -98,6 +99,10 @@ pub struct NodeFile {
     /// ([`NodeConfig::data_dir`]); absent: nowhere, and a restart starts empty.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Where the node serves its metrics for Prometheus ([`NodeHandle::serve_metrics`]);
+    /// absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Every other key of the file: the app's settings ([`app_settings`](Self::app_settings)).
     #[serde(flatten)]
     pub app: toml::Table,
@@ -175,6 +180,15 @@ impl NodeFile {
         register(&node);
         if let Some(percent) = self.battery_percent {
             node.set_power(Power::Battery { percent });
+        }
+        if let Some(addr) = self.metrics_listen {
+            match node.serve_metrics(addr) {
+                Ok(bound) => tracing::info!(%bound, "serving metrics at /metrics"),
+                Err(e) => {
+                    node.shutdown();
+                    return Err(e);
+                }
+            }
         }
         Ok(node)
     }
@@ -305,6 +319,10 @@ mod tests {
         let f2 = NodeFile::parse(&with_data, "tv.toml").unwrap();
         assert_eq!(f2.data_dir, Some(PathBuf::from("data/tv")));
         assert!(f2.app.get("data_dir").is_none(), "not an app setting");
+        let with_metrics = format!("metrics_listen = \"127.0.0.1:9464\"\n{text}");
+        let f3 = NodeFile::parse(&with_metrics, "tv.toml").unwrap();
+        assert_eq!(f3.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(f3.app.get("metrics_listen").is_none(), "not an app setting");
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct App {

@@ -24,14 +24,14 @@ impl Counter {
 }
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         #[derive(Debug, Default)]
         pub(crate) struct Stats { $(pub $name: Counter,)* }
 
         /// A snapshot of a node's counters and gauges.
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
         pub struct NodeStats {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
             /// Services running on the node.
             pub services_live: u64,
             /// Of those, the services asleep (see `Limits::sleep_after_idle_ms`):
@@ -48,6 +48,14 @@ macro_rules! counters {
         impl Stats {
             pub fn snapshot(&self) -> NodeStats {
                 NodeStats { $($name: self.$name.get(),)* ..NodeStats::default() }
+            }
+        }
+
+        impl NodeStats {
+            /// The monotonic counters, each with its name and its doc comment (what it
+            /// counts): what the metrics endpoint exports.
+            pub(crate) fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), concat!($($doc, "\n",)*), self.$name),)*]
             }
         }
     };

@@ -262,6 +262,47 @@ pub struct PeerStatus {
     pub capabilities: Vec<String>,
     /// Why the last connection attempt or connection failed.
     pub last_error: Option<String>,
+    /// Figures of the current connection, if one is up.
+    #[serde(default)]
+    pub link: Option<LinkFigures>,
+    /// Bytes of frames queued for the peer and not yet written to its connection (data and
+    /// control queues, each bounded by `Limits::link_queue_bytes_max`).
+    #[serde(default)]
+    pub queued_bytes: u64,
+}
+
+/// What QUIC measured on a live connection to a peer (reset when the connection is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkFigures {
+    /// The smoothed round-trip time (µs).
+    pub rtt_us: u64,
+    /// UDP payload bytes sent on this connection.
+    pub sent_bytes: u64,
+    /// UDP payload bytes received on this connection.
+    pub received_bytes: u64,
+    /// Packets sent on this connection.
+    pub sent_packets: u64,
+    /// Of those, the packets QUIC declared lost (and sent again what they carried).
+    pub lost_packets: u64,
+    /// Congestion events on this connection (losses or ECN marks that shrank the window).
+    pub congestion_events: u64,
+    /// The congestion window now (bytes).
+    pub cwnd_bytes: u64,
+}
+
+impl LinkFigures {
+    fn of(conn: &quinn::Connection) -> Self {
+        let s = conn.stats();
+        LinkFigures {
+            rtt_us: u64::try_from(s.path.rtt.as_micros()).unwrap_or(u64::MAX),
+            sent_bytes: s.udp_tx.bytes,
+            received_bytes: s.udp_rx.bytes,
+            sent_packets: s.path.sent_packets,
+            lost_packets: s.path.lost_packets,
+            congestion_events: s.path.congestion_events,
+            cwnd_bytes: s.path.cwnd,
+        }
+    }
 }
 
 /// The peer links of a node, by name (at most `peers_max`). One of the node's subsystems:
@@ -455,6 +496,8 @@ impl PeerLink {
             connected: st.live.is_some(),
             capabilities: st.caps.clone(),
             last_error: st.last_error.clone(),
+            link: st.live.as_ref().map(|l| LinkFigures::of(&l.conn)),
+            queued_bytes: (self.data.queued_bytes() + self.ctrl.queued_bytes()) as u64,
         }
     }
 

@@ -152,7 +152,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "features",
-        &["placement", "admin", "host", "pairing", "runner"],
+        &["placement", "admin", "host", "pairing", "runner", "metrics"],
     ),
     ("api", &["lib"]),
 ];

@@ -15,6 +15,7 @@ mod limits;
 mod liveness;
 mod mailbox;
 mod messaging;
+mod metrics;
 mod migration;
 mod output;
 mod pairing;
