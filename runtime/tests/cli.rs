@@ -141,6 +141,28 @@ fn counter_node(certs: &Path, entry: SocketAddr) -> String {
         .to_owned()
 }
 
+/// Membership comes by gossip: waits until the entry node lists every one of `names`.
+fn joined(certs: &Path, entry: SocketAddr, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes = json(certs, entry, &["--json", "nodes"]);
+        let listed: Vec<&str> = nodes
+            .as_array()
+            .expect("nodes --json is a list")
+            .iter()
+            .filter_map(|m| m["info"]["name"].as_str())
+            .collect();
+        if names.iter().all(|n| listed.contains(n)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all of {names:?} joined: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn tern_drives_a_cluster_made_from_its_own_certificates() {
     let certs = scratch("drive");
@@ -166,22 +188,7 @@ fn tern_drives_a_cluster_made_from_its_own_certificates() {
     counter.tell(5).expect("a message");
     let entry = phone.local_addr();
 
-    // Membership comes by gossip: wait until the entry node lists both.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let nodes = json(&certs, entry, &["--json", "nodes"]);
-        let names: Vec<&str> = nodes
-            .as_array()
-            .expect("nodes --json is a list")
-            .iter()
-            .filter_map(|m| m["info"]["name"].as_str())
-            .collect();
-        if names.contains(&"phone") && names.contains(&"tv") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the tv never joined: {nodes}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    joined(&certs, entry, &["phone", "tv"]);
 
     // The table form names the columns and the service.
     let ps = tern(&certs, entry, &["ps"]);
@@ -340,6 +347,11 @@ fn certificates_are_issued_for_a_number_of_days() {
 }
 
 /// Waits up to 20 s for `cond`.
+/// Runs `f` to its end on an actix system of its own.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    actix_rt::System::new().block_on(f)
+}
+
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
@@ -533,6 +545,9 @@ fn tern_completions_prints_each_shells_script_without_a_cluster() {
         "names",
         "release",
         "drain",
+        "top",
+        "events",
+        "metrics",
         "pair",
         "join",
         "completions",
@@ -569,4 +584,146 @@ fn tern_completions_prints_each_shells_script_without_a_cluster() {
         "nothing on stdout: {}",
         text(&out.stdout)
     );
+}
+
+#[test]
+fn tern_top_events_and_metrics_show_what_the_nodes_report() {
+    use std::io::BufRead;
+    let certs = scratch("watch");
+    ca(&certs, &["init"]);
+    for name in ["phone", "tv"] {
+        ca(&certs, &["issue", name]);
+    }
+    ca(&certs, &["issue", "admin", "--role", "admin"]);
+    let phone = start(&certs, "phone");
+    let tv = start(&certs, "tv");
+    phone.add_peer("tv", tv.local_addr()).expect("a peer");
+    let entry = phone.local_addr();
+    joined(&certs, entry, &["phone", "tv"]);
+    let counter = phone.spawn(Counter::default()).expect("a service");
+    let report = block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))
+        .expect("the move");
+    assert!(report.committed(), "{report:?}");
+
+    // `top` over a span in which the counter is told all along: the tv handles, the phone
+    // sends, the phone's one migration and its freeze.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let teller = {
+        let (counter, stop) = (counter.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = counter.tell(1);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let top = json(&certs, entry, &["--json", "top", "--every-ms", "300"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    teller.join().expect("the teller");
+    let line = |name: &str| {
+        top["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["node"] == name)
+            .unwrap_or_else(|| panic!("no line for {name}: {top}"))
+            .clone()
+    };
+    let (p, t) = (line("phone"), line("tv"));
+    assert_eq!(p["migrations"], 1, "{top}");
+    let p50 = p["freeze_p50_us_at_most"].as_u64().expect("a freeze");
+    assert!(
+        report.freeze_us <= p50 && p50 < 2 * report.freeze_us.max(1),
+        "{p50} bounds {} us",
+        report.freeze_us
+    );
+    assert_eq!(t["migrations"], 0, "{top}");
+    assert!(t["handled_per_s"].as_f64().expect("a rate") > 0.0, "{top}");
+    assert!(p["out_per_s"].as_f64().expect("a rate") > 0.0, "{top}");
+    assert_eq!(
+        (t["services"].as_u64(), p["services"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let services = top["services"].as_array().expect("services");
+    assert!(
+        services
+            .iter()
+            .any(|s| s["id"] == counter.id().to_string() && s["node"] == "tv"),
+        "{top}"
+    );
+    // The table form too.
+    let table = text(&tern(&certs, entry, &["top", "--once", "--every-ms", "100"]).stdout);
+    assert!(
+        table.starts_with("NODE") && table.contains("tv") && table.contains("counter@1"),
+        "{table}"
+    );
+
+    // `metrics` is what the phone's endpoint would serve.
+    let metrics = text(&tern(&certs, entry, &["metrics"]).stdout);
+    assert!(
+        metrics.contains("tern_migrations_committed_total{node=\"phone\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+
+    // `events` lists the move; `--follow` then prints the next one as it happens.
+    let events = text(&tern(&certs, entry, &["events"]).stdout);
+    assert!(
+        events.contains(&format!("moved {} to tv", counter.id())),
+        "{events}"
+    );
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--certs", &certs.display().to_string()])
+        .args([
+            "--node",
+            &entry.to_string(),
+            "events",
+            "--follow",
+            "--every-ms",
+            "50",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern events --follow");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().expect("its output");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_line = |what: &str| loop {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => continue,
+            Err(e) => panic!("no line with {what:?} from tern events --follow: {e}"),
+        }
+    };
+    wait_line(&format!("moved {} to tv", counter.id()));
+    // The counter comes back: the tv moves it, so the tv's log has it; the phone's gets a
+    // second move when it goes out again.
+    block_on(phone.migrate(counter.id(), "phone", tern::MigrateOptions::default()))
+        .expect("the move back");
+    block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))
+        .expect("the move out again");
+    let again = wait_line(&format!("moved {} to tv (epoch 3)", counter.id()));
+    assert!(again.contains("migration"), "{again}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    reader.join().expect("the reader");
+
+    // `--follow` prints as it goes, `--json` one object: both at once is refused.
+    let err = fails(&certs, entry, &["--json", "events", "--follow"]);
+    assert!(err.contains("--follow"), "{err}");
+    // Traffic still flows after all this watching.
+    let handled = tv.stats().processed;
+    counter.tell(2).expect("a message");
+    eventually("the tv handles it", || tv.stats().processed > handled);
+    phone.shutdown();
+    tv.shutdown();
 }

@@ -18,6 +18,10 @@
 //! tern plan SERVICE [--to NODE] [--tree]  where placement would put it, and why
 //! tern migrate SERVICE --to NODE [--tree] move it (or its tree) and print the report
 //! tern drain NODE                         move everything off NODE
+//! tern top [--once] [--every-ms 1000]     rates, migrations and freezes of every node;
+//!                                         the deepest mailboxes; the busiest channels
+//! tern events [--follow]                  the entry node's events, then each new one
+//! tern metrics                            the entry node's metrics (OpenMetrics text)
 //! tern completions SHELL                  the completion script for bash, zsh, fish,
 //!                                         elvish or powershell, on stdout
 //! ```
@@ -27,6 +31,10 @@
 //! `--certs`), entering the cluster at `--node [NAME@]ADDR` (or `TERN_NODE`; with a name, the
 //! node answering must be that one). Nodes reached through the entry must be the ones the
 //! entry named. SERVICE is an id, the start of one, or a kind with one service.
+
+// The watching commands (`top`, `events`, `metrics`), in their own file.
+#[path = "tern/watch.rs"]
+mod watch;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -143,6 +151,28 @@ enum Cmd {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+    /// Every node's handled, incoming and outgoing message rates, migrations and median
+    /// freeze; the services with the deepest mailboxes; the busiest channels. Redrawn every
+    /// interval until interrupted.
+    Top {
+        /// The interval the rates are measured over (ms).
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// One view (two readings an interval apart), then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// The entry node's recent events (refusals, protocol errors, peers, migrations).
+    Events {
+        /// Then print each new event as it comes, until the node goes away or Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+        /// How often to ask for new events when following (ms).
+        #[arg(long, default_value_t = 500)]
+        every_ms: u64,
+    },
+    /// The entry node's metrics, as its Prometheus endpoint serves them (OpenMetrics text).
+    Metrics,
     /// Prints the completion script of SHELL for these commands on stdout, for example
     /// `tern completions bash > ~/.local/share/bash-completion/completions/tern`.
     Completions {
@@ -597,6 +627,15 @@ async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
         Cmd::Ca(_) | Cmd::Pair { .. } | Cmd::Join { .. } | Cmd::Completions { .. } => {
             unreachable!("handled before connecting")
         }
+        Cmd::Top { every_ms, once } => {
+            let every = std::time::Duration::from_millis((*every_ms).max(100));
+            watch::top(&entry, identity, every, *once, args.json).await?
+        }
+        Cmd::Events { follow, every_ms } => {
+            let every = std::time::Duration::from_millis((*every_ms).max(50));
+            watch::events(&entry, every, *follow, args.json).await?
+        }
+        Cmd::Metrics => watch::metrics(&entry).await?,
         Cmd::Ps => {
             let s = survey(&entry, identity).await?;
             warn_unreachable(&s);
