@@ -219,7 +219,8 @@ impl PartialEq<&str> for KindName {
 pub struct KindKey {
     /// The kind's name, e.g. `"kv"`.
     pub name: KindName,
-    /// The kind's version; state and messages of another version are not accepted.
+    /// The kind's version; a version reads another's states and messages only when it
+    /// declares an upgrade from it (`Service::UPGRADES` in crate `tern`).
     pub version: u32,
 }
 

@@ -31,6 +31,10 @@ pub struct KindInfo {
     pub kind: KindKey,
     /// Its required and preferred capabilities.
     pub needs: crate::placement::Needs,
+    /// Older versions of the kind whose services the node takes too, upgrading them on
+    /// arrival.
+    #[serde(default)]
+    pub reads: Vec<u32>,
 }
 
 /// A device's power, as the device sets it (`NodeHandle::set_power` in crate `tern`).

@@ -40,13 +40,31 @@ pub struct NodeView {
     pub up: bool,
     /// Moving its services away: takes none.
     pub draining: bool,
-    /// The kinds (with their versions) registered there: it can host only these.
+    /// The kinds (with their versions) registered there: it runs these.
     pub kinds: Vec<KindKey>,
+    /// Older versions of those kinds whose services it takes too, upgrading them on arrival
+    /// (the kind declares how). It hosts nothing else.
+    #[serde(default)]
+    pub reads: Vec<KindKey>,
 }
 
 impl NodeView {
     fn has(&self, cap: &str) -> bool {
         self.capabilities.iter().any(|c| c == cap)
+    }
+
+    /// The version of kind `name` this node runs (the newest, should it register several).
+    pub fn runs_version(&self, name: &str) -> Option<u32> {
+        self.kinds
+            .iter()
+            .filter(|k| k.name == name)
+            .map(|k| k.version)
+            .max()
+    }
+
+    /// Whether it can host a service of `kind`: it runs that version, or reads it.
+    pub fn takes(&self, kind: &KindKey) -> bool {
+        self.kinds.contains(kind) || self.reads.contains(kind)
     }
 
     /// Why this node cannot take a service of `kind` needing `needs`, whoever asks; `None`
@@ -57,10 +75,17 @@ impl NodeView {
                 node: self.name.clone(),
             });
         }
-        if !self.kinds.contains(kind) {
-            return Some(Unfit::LacksKind {
-                node: self.name.clone(),
-                kind: kind.clone(),
+        if !self.takes(kind) {
+            return Some(match self.runs_version(&kind.name) {
+                Some(runs) => Unfit::OtherVersion {
+                    node: self.name.clone(),
+                    kind: kind.clone(),
+                    runs,
+                },
+                None => Unfit::LacksKind {
+                    node: self.name.clone(),
+                    kind: kind.clone(),
+                },
             });
         }
         let missing: Vec<String> = needs
@@ -83,7 +108,7 @@ impl NodeView {
     /// capabilities (never a missing kind: the node could not run it).
     pub fn refuses(&self, kind: &KindKey, needs: &Needs, forced: bool) -> Option<Unfit> {
         match self.unfit(kind, needs)? {
-            u @ Unfit::LacksKind { .. } => Some(u),
+            u @ (Unfit::LacksKind { .. } | Unfit::OtherVersion { .. }) => Some(u),
             _ if forced => None,
             u => Some(u),
         }
@@ -111,6 +136,17 @@ pub enum Unfit {
         /// The kind it lacks.
         kind: KindKey,
     },
+    /// The node runs another version of the kind, and cannot take this one: an older
+    /// version (a service never moves to an older version), or a newer one that does not
+    /// declare how to upgrade from it.
+    OtherVersion {
+        /// The node.
+        node: NodeName,
+        /// The kind and version of the service.
+        kind: KindKey,
+        /// The version the node runs.
+        runs: u32,
+    },
     /// The node lacks capabilities the kind requires.
     LacksCapability {
         /// The node.
@@ -127,6 +163,18 @@ impl std::fmt::Display for Unfit {
             Unfit::LacksKind { node, kind } => {
                 write!(f, "node {node} has not registered kind {kind}")
             }
+            Unfit::OtherVersion { node, kind, runs } if *runs < kind.version => write!(
+                f,
+                "node {node} runs {}@{runs}, older than {kind}: a service never moves to an \
+                 older version of its kind",
+                kind.name
+            ),
+            Unfit::OtherVersion { node, kind, runs } => write!(
+                f,
+                "node {node} runs {}@{runs}, which does not read {kind}: version {runs} \
+                 declares no upgrade from version {}",
+                kind.name, kind.version
+            ),
             Unfit::LacksCapability { node, missing } => {
                 write!(f, "node {node} lacks required {}", missing.join(", "))
             }
@@ -229,6 +277,9 @@ pub struct AffinityPolicy {
     pub power_weight: f64,
     /// Added to the node the service is on, so that a move must gain at least this much.
     pub stay_bonus: f64,
+    /// Added to a node that runs the newest version of the service's kind, when the candidates
+    /// run different versions: during a rolling update, services gather on updated devices.
+    pub newest_version_weight: f64,
 }
 
 impl Default for AffinityPolicy {
@@ -239,6 +290,7 @@ impl Default for AffinityPolicy {
             load_weight: 1.0,
             power_weight: 2.0,
             stay_bonus: 0.5,
+            newest_version_weight: 4.0,
         }
     }
 }
@@ -280,6 +332,20 @@ impl Policy for AffinityPolicy {
             let p = self.power_weight * (100 - node.power_percent) as f64 / 100.0;
             value -= p;
             reasons.push(format!("battery {}% (-{p:.2})", node.power_percent));
+        }
+        let versions = cx
+            .nodes
+            .iter()
+            .filter(|n| n.up && n.takes(&svc.kind))
+            .filter_map(|n| n.runs_version(&svc.kind.name));
+        let (oldest, newest) = versions.fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let runs = node.runs_version(&svc.kind.name);
+        if oldest < newest && runs == Some(newest) {
+            value += self.newest_version_weight;
+            reasons.push(format!(
+                "runs {}@{newest}, the newest version (+{:.1})",
+                svc.kind.name, self.newest_version_weight
+            ));
         }
         if node.name == svc.at {
             value += self.stay_bonus;
@@ -368,6 +434,9 @@ fn ruled_out_as(why: &Unfit) -> String {
     match why {
         Unfit::Draining { node } => format!("{node}: draining"),
         Unfit::LacksKind { node, kind } => format!("{node}: has not registered kind {kind}"),
+        Unfit::OtherVersion { node, kind, runs } => {
+            format!("{node}: runs {}@{runs}, cannot take {kind}", kind.name)
+        }
         Unfit::LacksCapability { node, missing } => {
             format!("{node}: lacks required {}", missing.join(", "))
         }
@@ -590,6 +659,7 @@ mod tests {
             up: true,
             draining: false,
             kinds: vec![KindKey::new("k", 1)],
+            reads: Vec::new(),
         }
     }
 
@@ -681,9 +751,72 @@ mod tests {
     }
 
     #[test]
+    fn versions_decide_who_takes_a_service_and_the_newest_is_preferred() {
+        // k@1 runs on the phone; the tv runs k@2 and reads k@1; the car runs k@2 and reads
+        // nothing older; the laptop still runs k@1.
+        let phone = node("phone", &[], 1);
+        let mut tv = node("tv", &[], 3);
+        tv.kinds = vec![KindKey::new("k", 2)];
+        tv.reads = vec![KindKey::new("k", 1)];
+        let mut car = node("car", &[], 0);
+        car.kinds = vec![KindKey::new("k", 2)];
+        let laptop = node("laptop", &[], 0);
+        let v1 = svc(1, "phone", &[], &[]);
+        assert_eq!(tv.unfit(&v1.kind, &v1.needs), None, "the tv upgrades it");
+        let no_upgrade = car
+            .unfit(&v1.kind, &v1.needs)
+            .expect("the car cannot read k@1");
+        assert_eq!(
+            no_upgrade.to_string(),
+            "node car runs k@2, which does not read k@1: version 2 declares no upgrade from \
+             version 1"
+        );
+        // A k@2 service never goes back to a node running k@1, forced or not.
+        let mut v2 = svc(2, "tv", &[], &[]);
+        v2.kind = KindKey::new("k", 2);
+        let older = laptop.refuses(&v2.kind, &v2.needs, true).expect("older");
+        assert_eq!(
+            older.to_string(),
+            "node laptop runs k@1, older than k@2: a service never moves to an older version \
+             of its kind"
+        );
+        // Placement moves the k@1 service to the newest version despite the tv's load, and
+        // says why; the laptop runs the old version, the car cannot take it.
+        let nodes = [phone, tv, car, laptop];
+        let c = choose(
+            &AffinityPolicy::default(),
+            &v1,
+            &nodes,
+            &Affinity::default(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(c.node.as_str(), "tv", "{c:?}");
+        assert!(c
+            .reasons
+            .iter()
+            .any(|r| r == "runs k@2, the newest version (+4.0)"));
+        assert!(c
+            .reasons
+            .iter()
+            .any(|r| r == "car: runs k@2, cannot take k@1"));
+        // When every candidate runs the same version, nobody gets the bonus.
+        let same = [node("phone", &[], 1), node("laptop", &[], 0)];
+        let c = choose(
+            &AffinityPolicy::default(),
+            &v1,
+            &same,
+            &Affinity::default(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert!(!c.reasons.iter().any(|r| r.contains("newest")), "{c:?}");
+    }
+
+    #[test]
     fn a_node_without_the_kind_or_draining_is_never_chosen_and_says_why() {
         let mut lacks_kind = node("tv", &["display"], 0);
-        lacks_kind.kinds = vec![KindKey::new("k", 2)];
+        lacks_kind.kinds = vec![KindKey::new("other", 1)];
         let mut draining = node("laptop", &["display"], 0);
         draining.draining = true;
         let nodes = [node("phone", &[], 3), lacks_kind, draining];

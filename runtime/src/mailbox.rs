@@ -5,7 +5,7 @@
 //! the sender, who may also wait for room.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -106,6 +106,49 @@ pub(crate) struct Mailbox<M> {
     idle_rounds: std::sync::atomic::AtomicU8,
     /// The node's bell, when the service may sleep (`None`: it never does).
     bell: Option<Arc<Bell>>,
+    /// How to read messages older versions of the kind wrote, when the kind declares
+    /// upgrades (`None`: every message is read as this version's).
+    versions: Option<Box<Versions<M>>>,
+}
+
+/// The versions peer nodes write one kind's messages in: the version each says it runs, in
+/// its own gossip. Shared by the node's mailboxes of the kind; a leaf lock.
+#[derive(Debug, Default)]
+pub(crate) struct PeerVersions(std::sync::RwLock<HashMap<NodeName, u32>>);
+
+impl PeerVersions {
+    pub fn version_of(&self, node: &NodeName) -> Option<u32> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+    }
+
+    /// `node` said it runs `version`; true when that is news.
+    pub fn set(&self, node: &NodeName, version: u32) -> bool {
+        let mut table = self.0.write().unwrap_or_else(|p| p.into_inner());
+        table.insert(node.clone(), version) != Some(version)
+    }
+}
+
+/// How a mailbox of a kind with upgrades reads what older versions wrote.
+pub(crate) struct Versions<M> {
+    /// Reads a message written by a version (`service::read_msg` of the kind).
+    pub read: fn(u32, &[u8]) -> Result<M, String>,
+    /// The version the messages carried with a restored copy were written in: its source's.
+    pub carried: u32,
+    /// The versions peers run.
+    pub peers: Arc<PeerVersions>,
+}
+
+/// Who wrote a message's bytes, for a kind whose versions differ across the cluster.
+#[derive(Clone, Copy)]
+pub(crate) enum Written<'a> {
+    /// A sender on node `.0`, in the version that node runs.
+    By(&'a NodeName),
+    /// The source of a restored copy, in the snapshot's version.
+    Carried,
 }
 
 /// How a sleeping service is woken: the waker sends its mailbox's key to the node's thread,
@@ -222,6 +265,38 @@ impl<M> Mailbox<M> {
             sleep_asked: AtomicBool::new(false),
             idle_rounds: std::sync::atomic::AtomicU8::new(0),
             bell: None,
+            versions: None,
+        }
+    }
+
+    /// Reads older versions' messages as `versions` says.
+    pub fn reading(mut self, versions: Option<Versions<M>>) -> Self {
+        self.versions = versions.map(Box::new);
+        self
+    }
+
+    /// The version `written`'s bytes are in, when it is not this mailbox's.
+    fn older_version(&self, written: Written<'_>) -> Option<u32> {
+        let v = self.versions.as_ref()?;
+        let version = match written {
+            Written::By(node) => v.peers.version_of(node)?,
+            Written::Carried => v.carried,
+        };
+        (version != self.kind.version).then_some(version)
+    }
+
+    /// Decodes a message written in `version` (`None`: this mailbox's). A message a peer
+    /// wrote in an older version that does not read as one is tried as this version's: the
+    /// peer may have been updated since its last gossip.
+    fn decode(&self, bytes: &[u8], version: Option<u32>) -> Result<M, String>
+    where
+        M: DeserializeOwned,
+    {
+        match (version, &self.versions) {
+            (Some(version), Some(v)) => {
+                (v.read)(version, bytes).or_else(|e| rmp_serde::from_slice(bytes).map_err(|_| e))
+            }
+            _ => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
         }
     }
 
@@ -535,11 +610,12 @@ pub(crate) fn decode_envelope<M: DeserializeOwned>(
     id: impl FnOnce() -> ServiceId,
     kind: &KindKey,
     c: &CarriedMsg,
+    decode: impl FnOnce(&[u8]) -> Result<M, String>,
 ) -> Result<Envelope<M>, DeliveryError> {
-    let msg: M = rmp_serde::from_slice(&c.msg).map_err(|e| DeliveryError::BadMessage {
+    let msg: M = decode(&c.msg).map_err(|detail| DeliveryError::BadMessage {
         id: id(),
         kind: kind.clone(),
-        detail: e.to_string(),
+        detail,
     })?;
     Ok(Envelope {
         from: c.from,
@@ -643,9 +719,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         wait: bool,
         bytes: &[u8],
     ) -> Result<(), DeliveryError> {
-        let msg: M = match rmp_serde::from_slice(bytes) {
+        let msg: M = match self.decode(bytes, self.older_version(Written::By(origin))) {
             Ok(m) => m,
-            Err(e) => {
+            Err(detail) => {
                 // Moved or stopped: the sender, told of the refusal, skips it where the
                 // service is now.
                 if let Some(from) = meta.from {
@@ -654,7 +730,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                 return Err(DeliveryError::BadMessage {
                     id: self.id(),
                     kind: self.kind.clone(),
-                    detail: e.to_string(),
+                    detail,
                 });
             }
         };
@@ -670,6 +746,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         start: usize,
     ) -> (usize, Option<DeliveryError>) {
         let mode = if wait { Admit::Wait } else { Admit::Tell };
+        let version = self.older_version(Written::By(origin));
         let mut next = start;
         let mut rest = msgs.iter().skip(start);
         let stopped = self.with(|st| {
@@ -684,16 +761,16 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
                 } else {
                     first_seq
                 };
-                let msg: M = match rmp_serde::from_slice(bytes) {
+                let msg: M = match self.decode(bytes, version) {
                     Ok(m) => m,
-                    Err(e) => {
+                    Err(detail) => {
                         if let Some(from) = from {
                             let _ = st.skip(from, seq);
                         }
                         break Some(DeliveryError::BadMessage {
                             id: st.id(),
                             kind: self.kind.clone(),
-                            detail: e.to_string(),
+                            detail,
                         });
                     }
                 };
@@ -721,7 +798,15 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
         origin: &NodeName,
         hand: tern_proto::forward::Hand,
     ) -> Result<(), DeliveryError> {
-        let env = match decode_envelope::<M>(|| self.id(), &self.kind, msg) {
+        // Forwarded as it was sent: in the version of the node it was first sent from.
+        let written_by = msg.origin.as_ref().unwrap_or(origin);
+        let version = self.older_version(Written::By(written_by));
+        let env = match decode_envelope::<M>(
+            || self.id(),
+            &self.kind,
+            msg,
+            |b| self.decode(b, version),
+        ) {
             Ok(mut env) => {
                 env.origin.get_or_insert_with(|| origin.clone());
                 env
@@ -752,7 +837,13 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
     }
 
     fn deliver_carried(&self, msg: &CarriedMsg) -> Result<(), DeliveryError> {
-        self.push_carried(decode_envelope(|| self.id(), &self.kind, msg)?);
+        let version = self.older_version(Written::Carried);
+        self.push_carried(decode_envelope(
+            || self.id(),
+            &self.kind,
+            msg,
+            |b| self.decode(b, version),
+        )?);
         Ok(())
     }
 

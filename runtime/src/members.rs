@@ -33,6 +33,22 @@ pub(crate) struct Members {
     others: std::collections::HashMap<NodeName, Known>,
 }
 
+/// A node's capabilities, whether it drains, and the versions of one kind it runs and reads.
+pub(crate) type Fitness = (Vec<String>, bool, Vec<KindKey>, Vec<KindKey>);
+
+/// The versions of kind `name` in a node's `kinds`: those it runs, and those it reads.
+pub(crate) fn versions_of(
+    kinds: &[tern_proto::members::KindInfo],
+    name: &str,
+) -> (Vec<KindKey>, Vec<KindKey>) {
+    let mine = kinds.iter().filter(|k| k.kind.name == name);
+    let runs = mine.clone().map(|k| k.kind.clone()).collect();
+    let reads = mine
+        .flat_map(|k| k.reads.iter().map(|v| KindKey::new(name, *v)))
+        .collect();
+    (runs, reads)
+}
+
 impl Members {
     pub fn new(me: MemberInfo) -> Self {
         Members {
@@ -129,17 +145,17 @@ impl Members {
             .min_by(|(na, ea), (nb, eb)| eb.cmp(ea).then_with(|| na.cmp(nb)))
     }
 
-    /// What `name` offered when last heard of (without copying the rest of the table).
     /// What placement needs to know of `name` to tell whether it can take a service of
-    /// `kind`: its capabilities, whether it drains, and whether it has the kind.
-    pub fn fitness_of(&self, name: &NodeName, kind: &KindKey) -> Option<(Vec<String>, bool, bool)> {
+    /// `kind`: its capabilities, whether it drains, and the versions of the kind it runs and
+    /// reads.
+    pub fn fitness_of(&self, name: &NodeName, kind: &KindKey) -> Option<Fitness> {
         let info = if *name == self.me.name {
             &self.me
         } else {
             &self.others.get(name)?.info
         };
-        let has = info.kinds.iter().any(|k| k.kind == *kind);
-        Some((info.capabilities.clone(), info.draining, has))
+        let (runs, reads) = versions_of(&info.kinds, &kind.name);
+        Some((info.capabilities.clone(), info.draining, runs, reads))
     }
 
     fn capabilities_of(&self, name: &NodeName) -> Option<Vec<String>> {
@@ -351,6 +367,10 @@ impl NodeShared {
                     let hosted: std::collections::HashSet<ServiceId> =
                         info.services.iter().map(|(id, _, _, _)| *id).collect();
                     heard_names.push((info.name.clone(), info.names.clone(), hosted));
+                }
+                if direct {
+                    // The versions a node runs are its own word too.
+                    self.note_versions(&info.name, &info.kinds);
                 }
                 let (name, addr, caps) = (info.name.clone(), info.addr, info.capabilities.clone());
                 if m.learn(info, direct, max) {

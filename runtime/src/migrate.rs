@@ -531,6 +531,8 @@ impl Driver {
         refuse: Option<AbortReason>,
     ) -> oneshot::Receiver<MigrationReport> {
         let (tx, rx) = oneshot::channel();
+        // Read before the core is locked (the member table is another subsystem).
+        let ahead = node.copies_ahead(id, &to);
         let actions = {
             let mut core = lock(&self.core);
             if core.epoch(id).is_none() && node.slot(id).is_some() {
@@ -545,7 +547,7 @@ impl Driver {
                     },
                     Vec::new(),
                 ),
-                None => core.migrate_with(id, to.clone(), node.copies_ahead(id)),
+                None => core.migrate_with(id, to.clone(), ahead),
             };
             let entry = self.outgoing_entry(node, &core, id, mig, to, opts, tx, None);
             if let Some(why) = refuse {
@@ -588,6 +590,10 @@ impl Driver {
             txs.push(tx);
             rxs.push(rx);
         }
+        let ahead: Vec<bool> = members
+            .iter()
+            .map(|(id, to)| node.copies_ahead(*id, to))
+            .collect();
         let actions = {
             let mut core = lock(&self.core);
             for (id, _) in members {
@@ -616,7 +622,8 @@ impl Driver {
                 None => {
                     let members: Vec<(ServiceId, NodeName, bool)> = members
                         .iter()
-                        .map(|(id, to)| (*id, to.clone(), node.copies_ahead(*id)))
+                        .zip(&ahead)
+                        .map(|((id, to), ahead)| (*id, to.clone(), *ahead))
                         .collect();
                     core.migrate_group_with(&members)
                 }
@@ -1924,11 +1931,7 @@ fn admit_snapshot(node: &NodeShared, from: &NodeName, h: &SnapHeader) -> Result<
     kind_allowed(&limits.kind_rules, &h.kind.name, KindRight::Push, from)
         .map_err(|refusal| refusal.detail)?;
     if !node.has_kind(&h.kind) {
-        return Err(format!(
-            "unknown kind: {} is not registered on {}",
-            h.kind,
-            node.name()
-        ));
+        return Err(node.kind_refusal(&h.kind));
     }
     if h.state_bytes > limits.snapshot_bytes_max as u64 {
         return Err(format!(

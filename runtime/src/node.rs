@@ -200,7 +200,7 @@ pub struct ServiceInfo {
     pub epoch: u64,
 }
 
-type RestoreFn = fn(&Arc<NodeShared>, &[u8]) -> Result<ServiceAddr, Error>;
+type RestoreFn = fn(&Arc<NodeShared>, &KindKey, &[u8]) -> Result<ServiceAddr, Error>;
 type RestorePausedFn = fn(
     &Arc<NodeShared>,
     &NodeName,
@@ -222,6 +222,9 @@ struct KindEntry {
     needs: Needs,
     /// The kind copies its state ahead when it moves ([`Service::PRECOPY`]).
     precopy: Option<EmptyPartFn>,
+    /// For an older version of a kind registered here: the version that takes its services,
+    /// upgrading them on arrival ([`Service::UPGRADES`]). `None` for a version this node runs.
+    upgraded_to: Option<u32>,
 }
 
 fn open_channel<S: Service>(
@@ -245,7 +248,15 @@ fn restore_paused<S: Service>(
         kind: kind.clone(),
         detail: format!("{what}: {e}"),
     };
-    let mut value: S = rmp_serde::from_slice(&state).map_err(|e| bad("state", e.to_string()))?;
+    // The snapshot is in its source's version; an older one's is upgraded here.
+    let written = header.kind.version;
+    let mut value: S = crate::service::read_state(written, &state).map_err(|e| bad("state", e))?;
+    if written != S::VERSION && part.is_some() {
+        return Err(bad(
+            "pre-copied part",
+            format!("copied ahead from version {written}: only the whole state is upgraded"),
+        ));
+    }
     match (part, S::PRECOPY) {
         // What was copied ahead takes the place of the part the state's bytes left out.
         (Some(part), Some(p)) => (p.part)(&mut value)
@@ -264,7 +275,7 @@ fn restore_paused<S: Service>(
     }
     let mut timers = Vec::with_capacity(header.timers.len());
     for t in &header.timers {
-        let msg: S::Msg = rmp_serde::from_slice(&t.msg).map_err(|e| bad("timer", e.to_string()))?;
+        let msg = crate::service::read_msg::<S>(written, &t.msg).map_err(|e| bad("timer", e))?;
         timers.push((Duration::from_micros(t.after_us), msg));
     }
     let mut windows = Vec::with_capacity(header.windows.len());
@@ -272,8 +283,13 @@ fn restore_paused<S: Service>(
         let mut early = Vec::with_capacity(w.early.len());
         for m in &w.early {
             early.push(
-                crate::mailbox::decode_envelope::<S::Msg>(|| header.id, &kind, m)
-                    .map_err(|e| bad("early message", e.to_string()))?,
+                crate::mailbox::decode_envelope::<S::Msg>(
+                    || header.id,
+                    &kind,
+                    m,
+                    |b| crate::service::read_msg::<S>(written, b),
+                )
+                .map_err(|e| bad("early message", e.to_string()))?,
             );
         }
         windows.push(crate::mailbox::WindowExport {
@@ -287,7 +303,8 @@ fn restore_paused<S: Service>(
     let capacity = node.limits.mailbox_capacity;
     let mailbox = Arc::new(
         Mailbox::<S::Msg>::restored(header.id, kind.clone(), capacity, windows)
-            .sleeping_with(node.bell_for::<S>()),
+            .sleeping_with(node.bell_for::<S>())
+            .reading(node.versions_for::<S>(written)),
     );
     let slot: Arc<dyn Slot> = mailbox.clone();
     let restored = Restored {
@@ -342,11 +359,16 @@ fn restore_paused<S: Service>(
     })
 }
 
-fn restore_service<S: Service>(node: &Arc<NodeShared>, bytes: &[u8]) -> Result<ServiceAddr, Error> {
-    let state: S = rmp_serde::from_slice(bytes).map_err(|e| Error::State {
-        kind: S::kind_key(),
-        detail: e.to_string(),
-    })?;
+fn restore_service<S: Service>(
+    node: &Arc<NodeShared>,
+    kind: &KindKey,
+    bytes: &[u8],
+) -> Result<ServiceAddr, Error> {
+    let state: S =
+        crate::service::read_state(kind.version, bytes).map_err(|detail| Error::State {
+            kind: kind.clone(),
+            detail,
+        })?;
     Ok(node.spawn(state, None)?.addr().clone())
 }
 
@@ -506,6 +528,8 @@ pub(crate) struct NodeShared {
     id_prefix: u64,
     next_id: AtomicU64,
     kinds: RwLock<HashMap<KindKey, KindEntry>>,
+    /// For each kind registered here that declares upgrades: the version each peer runs.
+    kind_versions: RwLock<HashMap<String, Arc<crate::mailbox::PeerVersions>>>,
     /// The local services (the registry subsystem).
     pub(crate) registry: Registry,
     /// Wakes sleeping services (`None` when `Limits::sleep_after_idle_ms` is 0).
@@ -629,20 +653,88 @@ impl NodeShared {
     }
 
     pub fn register<S: Service>(&self) {
-        self.kinds
-            .write()
+        let entry = |upgraded_to: Option<u32>| KindEntry {
+            restore: restore_service::<S>,
+            restore_paused: restore_paused::<S>,
+            channel: open_channel::<S>,
+            // Only a service of the version run here copies ahead: an older one's state is
+            // upgraded whole on arrival.
+            precopy: S::PRECOPY
+                .filter(|_| upgraded_to.is_none())
+                .map(|p| p.empty),
+            needs: Needs {
+                required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
+                preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
+            },
+            upgraded_to,
+        };
+        let mut kinds = self.kinds.write().unwrap_or_else(|p| p.into_inner());
+        match kinds.get(&S::kind_key()) {
+            // A version run here takes the place of an upgrade to another one.
+            Some(e) if e.upgraded_to.is_some() => {
+                kinds.insert(S::kind_key(), entry(None));
+            }
+            Some(_) => {}
+            None => {
+                kinds.insert(S::kind_key(), entry(None));
+            }
+        }
+        for u in S::UPGRADES {
+            if u.from >= S::VERSION {
+                tracing::error!(
+                    kind = %S::kind_key(),
+                    from = u.from,
+                    "an upgrade from a version not older than the kind's own is ignored"
+                );
+                continue;
+            }
+            kinds
+                .entry(KindKey::new(S::KIND, u.from))
+                .or_insert_with(|| entry(Some(S::VERSION)));
+        }
+        drop(kinds);
+        if !S::UPGRADES.is_empty() {
+            self.kind_versions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(S::KIND.to_owned())
+                .or_default();
+        }
+    }
+
+    /// How `S`'s mailboxes read older versions' messages, when `S` declares upgrades;
+    /// `carried` is the version a restored copy's carried messages were written in.
+    pub(crate) fn versions_for<S: Service>(
+        &self,
+        carried: u32,
+    ) -> Option<crate::mailbox::Versions<S::Msg>> {
+        if S::UPGRADES.is_empty() {
+            return None;
+        }
+        let peers = self
+            .kind_versions
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(S::kind_key())
-            .or_insert(KindEntry {
-                restore: restore_service::<S>,
-                restore_paused: restore_paused::<S>,
-                channel: open_channel::<S>,
-                precopy: S::PRECOPY.map(|p| p.empty),
-                needs: Needs {
-                    required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
-                    preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
-                },
-            });
+            .get(S::KIND)
+            .cloned()?;
+        Some(crate::mailbox::Versions {
+            read: crate::service::read_msg::<S>,
+            carried,
+            peers,
+        })
+    }
+
+    /// Notes the versions `member` says it runs of the kinds here that declare upgrades.
+    pub(crate) fn note_versions(&self, member: &NodeName, kinds: &[tern_proto::members::KindInfo]) {
+        let table = self.kind_versions.read().unwrap_or_else(|p| p.into_inner());
+        if table.is_empty() {
+            return;
+        }
+        for k in kinds {
+            if let Some(peers) = table.get(&*k.kind.name) {
+                peers.set(member, k.kind.version);
+            }
+        }
     }
 
     /// The bell that wakes `S`'s services when they sleep; `None` when they never do
@@ -685,7 +777,8 @@ impl NodeShared {
         };
         let mailbox = Arc::new(
             Mailbox::<S::Msg>::new(id, kind, self.limits.mailbox_capacity)
-                .sleeping_with(self.bell_for::<S>()),
+                .sleeping_with(self.bell_for::<S>())
+                .reading(self.versions_for::<S>(S::VERSION)),
         );
         self.register_local(id, mailbox.clone())?;
         if let Some(p) = parent {
@@ -1729,17 +1822,28 @@ impl NodeShared {
         }
     }
 
-    /// The kinds registered here, with what each needs (at most `KINDS_MAX`, for gossip).
+    /// The kinds run here, with what each needs and the older versions each reads (at most
+    /// `KINDS_MAX`, for gossip).
     pub fn kind_infos(&self) -> Vec<tern_proto::members::KindInfo> {
-        let mut kinds: Vec<tern_proto::members::KindInfo> = self
-            .kinds
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let table = self.kinds.read().unwrap_or_else(|p| p.into_inner());
+        let mut kinds: Vec<tern_proto::members::KindInfo> = table
             .iter()
+            .filter(|(_, k)| k.upgraded_to.is_none())
             .take(tern_proto::members::KINDS_MAX)
-            .map(|(kind, k)| tern_proto::members::KindInfo {
-                kind: kind.clone(),
-                needs: k.needs.clone(),
+            .map(|(kind, k)| {
+                let mut reads: Vec<u32> = table
+                    .iter()
+                    .filter(|(older, o)| {
+                        older.name == kind.name && o.upgraded_to == Some(kind.version)
+                    })
+                    .map(|(older, _)| older.version)
+                    .collect();
+                reads.sort_unstable();
+                tern_proto::members::KindInfo {
+                    kind: kind.clone(),
+                    needs: k.needs.clone(),
+                    reads,
+                }
             })
             .collect();
         kinds.sort_by(|a, b| a.kind.cmp(&b.kind));
@@ -1790,12 +1894,12 @@ impl NodeShared {
         out
     }
 
-    /// Every local service, with its mailbox, parent and epoch.
     /// The channels touching this node's services, busiest first.
     pub fn traffic(&self) -> Vec<EdgeRate> {
         lock(&self.traffic).all()
     }
 
+    /// Every local service, with its mailbox, parent and epoch.
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
         let local: Vec<(ServiceAddr, [usize; 3])> = self.registry.with_all(|services| {
             services
@@ -1840,10 +1944,37 @@ impl NodeShared {
             .map(|k| k.precopy)
     }
 
-    /// Whether the service `id` run here copies its state ahead when it moves.
-    pub fn copies_ahead(&self, id: ServiceId) -> bool {
-        self.slot(id)
-            .is_some_and(|s| self.precopy_part(s.kind()).is_some_and(|p| p.is_some()))
+    /// Whether the service `id` run here copies its state ahead when it moves to `to`: its
+    /// kind does, and `to` runs the same version as far as gossip says (a newer version
+    /// upgrades the whole state on arrival).
+    pub fn copies_ahead(&self, id: ServiceId, to: &NodeName) -> bool {
+        let Some(kind) = self.slot(id).map(|s| s.kind().clone()) else {
+            return false;
+        };
+        if self.precopy_part(&kind).flatten().is_none() {
+            return false;
+        }
+        match lock(&self.members).fitness_of(to, &kind) {
+            Some((_, _, runs, _)) => runs.is_empty() || runs.contains(&kind),
+            None => true,
+        }
+    }
+
+    /// Why this node refuses a service of `kind` it has not registered: it runs another
+    /// version of the kind (older, or newer with no upgrade from it), or none.
+    pub fn kind_refusal(&self, kind: &KindKey) -> String {
+        let (runs, _) = crate::members::versions_of(&self.kind_infos(), &kind.name);
+        match runs.iter().map(|k| k.version).max() {
+            Some(runs) => format!(
+                "other version: {}",
+                tern_proto::placement::Unfit::OtherVersion {
+                    node: self.name.clone(),
+                    kind: kind.clone(),
+                    runs,
+                }
+            ),
+            None => format!("unknown kind: {kind} is not registered on {}", self.name),
+        }
     }
 
     pub fn has_kind(&self, kind: &KindKey) -> bool {
@@ -1865,7 +1996,7 @@ impl NodeShared {
                 kind: kind.clone(),
                 node: self.name.clone(),
             })?;
-        restore(self, state)
+        restore(self, kind, state)
     }
 
     pub fn resolve<S: Service>(
@@ -1873,7 +2004,11 @@ impl NodeShared {
         addr: &ServiceAddr,
     ) -> Result<ServiceRef<S>, DeliveryError> {
         let expected = S::kind_key();
-        if addr.kind != expected {
+        // Another version of the kind is the same service as far as a handle goes (devices
+        // on different versions of the app during a rolling update): a newer receiver
+        // upgrades what an older sender writes ([`Service::UPGRADES`]); an older one reads it
+        // as its own version's, or refuses it.
+        if addr.kind.name != expected.name {
             return Err(DeliveryError::KindMismatch {
                 id: addr.id,
                 expected,
@@ -2356,6 +2491,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
         id_prefix,
         next_id: AtomicU64::new(1),
         kinds: RwLock::new(HashMap::new()),
+        kind_versions: RwLock::new(HashMap::new()),
         registry: Registry::new(limits.services_max, name.clone()),
         bell: bell.as_ref().map(|(b, _)| b.clone()),
         books: Books::new(limits.book_edges_max),
@@ -2562,7 +2698,10 @@ impl NodeHandle {
         self.shared.restore(kind, state)
     }
 
-    /// A typed handle to the service at `addr`, local or remote.
+    /// A typed handle to the service at `addr`, local or remote. `S` must be of `addr`'s
+    /// kind (else [`DeliveryError::KindMismatch`]), in any version: during a rolling update a
+    /// device may hold a handle of its own version to a service that runs another one (see
+    /// [`Service::UPGRADES`]).
     pub fn resolve<S: Service>(&self, addr: &ServiceAddr) -> Result<ServiceRef<S>, DeliveryError> {
         self.shared.resolve(addr)
     }

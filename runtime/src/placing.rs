@@ -281,11 +281,16 @@ impl PlacementState {
 impl NodeShared {
     /// How placement sees member `m`: `up` when reachable, hosting `services`.
     pub(crate) fn node_view(&self, m: &Member, up: bool, services: u64) -> NodeView {
-        let kinds = if m.local {
-            self.kind_infos().into_iter().map(|k| k.kind).collect()
+        let infos = if m.local {
+            self.kind_infos()
         } else {
-            m.info.kinds.iter().map(|k| k.kind.clone()).collect()
+            m.info.kinds.clone()
         };
+        let kinds = infos.iter().map(|k| k.kind.clone()).collect();
+        let reads = infos
+            .iter()
+            .flat_map(|k| k.reads.iter().map(|v| KindKey::new(&k.kind.name, *v)))
+            .collect();
         NodeView {
             name: m.info.name.clone(),
             capabilities: m.info.capabilities.clone(),
@@ -295,6 +300,7 @@ impl NodeShared {
             up,
             draining: m.info.draining,
             kinds,
+            reads,
         }
     }
 
@@ -339,7 +345,8 @@ impl NodeShared {
             (m.me().capabilities.clone(), m.me().draining)
         };
         let needs = self.needs_of(kind);
-        let view = self.fitness_view(capabilities, draining, needs.is_some(), kind);
+        let (runs, reads) = crate::members::versions_of(&self.kind_infos(), &kind.name);
+        let view = self.fitness_view(capabilities, draining, (runs, reads));
         view.refuses(kind, &needs.unwrap_or_default(), forced)
     }
 
@@ -348,8 +355,7 @@ impl NodeShared {
         &self,
         capabilities: Vec<String>,
         draining: bool,
-        has_kind: bool,
-        kind: &KindKey,
+        (kinds, reads): (Vec<KindKey>, Vec<KindKey>),
     ) -> NodeView {
         NodeView {
             name: self.name().clone(),
@@ -359,11 +365,8 @@ impl NodeShared {
             power_percent: 100,
             up: true,
             draining,
-            kinds: if has_kind {
-                vec![kind.clone()]
-            } else {
-                Vec::new()
-            },
+            kinds,
+            reads,
         }
     }
 
@@ -419,8 +422,8 @@ impl NodeShared {
         }
         let kind = self.local_addr_of(id)?.kind;
         let needs = self.needs_of(&kind).unwrap_or_default();
-        let (capabilities, draining, has_kind) = lock(&self.members).fitness_of(to, &kind)?;
-        let mut view = self.fitness_view(capabilities, draining, has_kind, &kind);
+        let (capabilities, draining, runs, reads) = lock(&self.members).fitness_of(to, &kind)?;
+        let mut view = self.fitness_view(capabilities, draining, (runs, reads));
         view.name = to.clone();
         view.refuses(&kind, &needs, opts.force)
     }

@@ -406,11 +406,11 @@ fn admit_precopy(
     }
     match node.precopy_part(kind) {
         Some(Some(empty)) => Ok(empty()),
-        Some(None) => Err(format!("malformed: kind {kind} does not copy ahead")),
-        None => Err(format!(
-            "unknown kind: {kind} is not registered on {}",
-            node.name()
+        Some(None) => Err(format!(
+            "malformed: kind {kind} does not copy ahead here (it does not, or this node runs \
+             another version of it)"
         )),
+        None => Err(node.kind_refusal(kind)),
     }
 }
 

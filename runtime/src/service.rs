@@ -60,7 +60,8 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     type Msg: Serialize + DeserializeOwned + Send + 'static;
     /// The kind's registered name.
     const KIND: &'static str;
-    /// The kind's version. State and messages of one version are not read by another.
+    /// The kind's version. A version reads the states and messages of older ones only as
+    /// [`UPGRADES`](Self::UPGRADES) says; a service never moves to an older version.
     const VERSION: u32;
 
     /// Capabilities a node must offer to host this kind (placement never puts it elsewhere).
@@ -96,9 +97,115 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     /// travels in the freeze.
     const PRECOPY: Option<Precopy<Self>> = None;
 
+    /// How this version reads the states and messages of older versions of the kind, one
+    /// [`Upgrade`] per older version it accepts. A node that registers this version takes
+    /// services of those versions too: a move from a device running an older version of the
+    /// app upgrades the state, the queued and carried messages and the pending timers on
+    /// arrival, and messages from devices still running an older version are upgraded as
+    /// they arrive. Empty, the default: only this version's services are taken.
+    const UPGRADES: &'static [Upgrade<Self>] = &[];
+
     /// The kind key of this service type.
     fn kind_key() -> KindKey {
         KindKey::new(Self::KIND, Self::VERSION)
+    }
+}
+
+/// How a version of a kind reads what an older version wrote ([`Service::UPGRADES`]): its
+/// state, and its messages. Each function gets the older version's bytes; decode them as the
+/// older types with [`read_older`] and convert. A chain of versions is a chain of
+/// conversions: the upgrade from 1 to 3 reads a version-1 state and passes it through the
+/// conversion to 2, then to 3.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tern::{read_older, Ctx, Service, Upgrade};
+///
+/// /// Version 1 kept the volume as a fraction.
+/// #[derive(Serialize, Deserialize)]
+/// struct SpeakerV1 { volume: f32 }
+/// #[derive(Serialize, Deserialize)]
+/// enum SpeakerMsgV1 { Volume(f32) }
+///
+/// /// Version 2 keeps it in percent, and can mute.
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Speaker { percent: u8, muted: bool }
+/// #[derive(Serialize, Deserialize)]
+/// enum SpeakerMsg { Volume(u8), Mute(bool) }
+///
+/// fn percent(fraction: f32) -> u8 { (fraction.clamp(0.0, 1.0) * 100.0).round() as u8 }
+///
+/// impl Service for Speaker {
+///     type Msg = SpeakerMsg;
+///     const KIND: &'static str = "speaker";
+///     const VERSION: u32 = 2;
+///     const UPGRADES: &'static [Upgrade<Self>] = &[Upgrade {
+///         from: 1,
+///         state: |bytes| {
+///             let old: SpeakerV1 = read_older(bytes)?;
+///             Ok(Speaker { percent: percent(old.volume), muted: false })
+///         },
+///         msg: |bytes| match read_older(bytes)? {
+///             SpeakerMsgV1::Volume(v) => Ok(SpeakerMsg::Volume(percent(v))),
+///         },
+///     }];
+///     async fn handle(&mut self, msg: SpeakerMsg, _ctx: &mut Ctx<Self>) {
+///         match msg {
+///             SpeakerMsg::Volume(p) => self.percent = p,
+///             SpeakerMsg::Mute(m) => self.muted = m,
+///         }
+///     }
+/// }
+///
+/// let v1 = rmp_serde::to_vec(&SpeakerV1 { volume: 0.25 }).unwrap();
+/// let upgraded = (Speaker::UPGRADES[0].state)(&v1).unwrap();
+/// assert_eq!((upgraded.percent, upgraded.muted), (25, false));
+/// ```
+pub struct Upgrade<S: Service> {
+    /// The older version this reads.
+    pub from: u32,
+    /// Reads a state that version `from` wrote.
+    pub state: fn(&[u8]) -> Result<S, String>,
+    /// Reads a message that version `from` wrote (queued, carried, in a timer, or sent by a
+    /// device that still runs it).
+    pub msg: fn(&[u8]) -> Result<S::Msg, String>,
+}
+
+/// Decodes bytes an older version of a kind wrote as `T` (that version's state or message
+/// type), for an [`Upgrade`]; the error says why they do not decode.
+pub fn read_older<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// Why version `to` of kind `name` cannot read what version `from` wrote.
+fn no_upgrade(name: &str, from: u32, to: u32) -> String {
+    if from > to {
+        format!("{name}@{from} is newer than {name}@{to}, which cannot read it")
+    } else {
+        format!("{name}@{to} declares no upgrade from version {from}")
+    }
+}
+
+/// Reads a state of `S`'s kind written by version `from`: as it is for `S::VERSION`, else
+/// through the kind's upgrade from `from`.
+pub(crate) fn read_state<S: Service>(from: u32, bytes: &[u8]) -> Result<S, String> {
+    if from == S::VERSION {
+        return read_older(bytes);
+    }
+    match S::UPGRADES.iter().find(|u| u.from == from) {
+        Some(u) => (u.state)(bytes).map_err(|e| format!("upgrading from version {from}: {e}")),
+        None => Err(no_upgrade(S::KIND, from, S::VERSION)),
+    }
+}
+
+/// Reads a message of `S`'s kind written by version `from` (see [`read_state`]).
+pub(crate) fn read_msg<S: Service>(from: u32, bytes: &[u8]) -> Result<S::Msg, String> {
+    if from == S::VERSION {
+        return read_older(bytes);
+    }
+    match S::UPGRADES.iter().find(|u| u.from == from) {
+        Some(u) => (u.msg)(bytes).map_err(|e| format!("upgrading from version {from}: {e}")),
+        None => Err(no_upgrade(S::KIND, from, S::VERSION)),
     }
 }
 

@@ -29,3 +29,4 @@ mod sleep;
 mod timers;
 mod tls;
 mod trees;
+mod upgrades;
