@@ -2,6 +2,7 @@
 //! and a watch while it plays.
 //!
 //! - [`media`]: the services (player, lyrics, playlist, remote, scrobbler) and the audit;
+//! - [`next`]: the app's next version (version 2 of the player), for rolling updates;
 //! - [`app`]: one running app: spawning, wiring, auditing;
 //! - [`scenario`]: the scripted walk through the devices, in one process;
 //! - [`device`]: one device as its own process, from a TOML file;
@@ -12,5 +13,6 @@ pub mod app;
 pub mod dashboard;
 pub mod device;
 pub mod media;
+pub mod next;
 pub mod scenario;
 pub mod timeline;

@@ -63,6 +63,10 @@ pub struct PlayerStatus {
     pub volume: u8,
     /// Commands taken.
     pub commands: u64,
+    /// The last tracks played, oldest first (kept from the app's next version on: see
+    /// [`crate::next`]; empty before).
+    #[serde(default)]
+    pub history: Vec<String>,
 }
 
 /// Messages of [`Player`].
@@ -128,9 +132,25 @@ impl Player {
         }
     }
 
+    /// The track playing.
+    pub fn title(&self) -> Option<&str> {
+        self.track.as_ref().map(|t| t.title.as_str())
+    }
+
+    /// What the player says about itself.
+    pub fn status(&self) -> PlayerStatus {
+        PlayerStatus {
+            track: self.title().map(str::to_owned),
+            position_ms: self.position_ms,
+            volume: self.volume,
+            commands: self.totals.commands.received(),
+            history: Vec::new(),
+        }
+    }
+
     /// Asks the playlist for the next track; a missing answer is counted, and the player
     /// keeps the track it had.
-    async fn next_track(&mut self, ctx: &mut Ctx<Self>) {
+    async fn next_track<S: Service<Msg = PlayerMsg>>(&mut self, ctx: &mut Ctx<S>) {
         if let Some(done) = self.track.take() {
             self.totals.played_sent += 1;
             let n = self.totals.played_sent;
@@ -146,7 +166,7 @@ impl Player {
         self.totals.asks_sent += 1;
         let n = self.totals.asks_sent;
         let answer =
-            ask_role::<Self, Playlist, _>(ctx, "playlist", |reply| PlaylistMsg::Next { n, reply })
+            ask_role::<S, Playlist, _>(ctx, "playlist", |reply| PlaylistMsg::Next { n, reply })
                 .await;
         match answer {
             Ok(track) => {
@@ -171,6 +191,14 @@ impl Service for Player {
     const REPLICAS: u8 = 1;
 
     async fn handle(&mut self, msg: PlayerMsg, ctx: &mut Ctx<Self>) {
+        self.on(msg, ctx).await
+    }
+}
+
+impl Player {
+    /// Handles one message, for this version of the kind or a later one whose messages are
+    /// the same ([`crate::next::Player`]).
+    pub async fn on<S: Service<Msg = PlayerMsg>>(&mut self, msg: PlayerMsg, ctx: &mut Ctx<S>) {
         match msg {
             PlayerMsg::Play => {
                 if !self.playing {
@@ -211,13 +239,7 @@ impl Service for Player {
                 }
             }
             PlayerMsg::Status(reply) => {
-                let status = PlayerStatus {
-                    track: self.track.as_ref().map(|t| t.title.clone()),
-                    position_ms: self.position_ms,
-                    volume: self.volume,
-                    commands: self.totals.commands.received(),
-                };
-                let _ = ctx.reply(reply, status);
+                let _ = ctx.reply(reply, self.status());
             }
             PlayerMsg::Finish => self.playing = false,
             PlayerMsg::Totals(reply) => {

@@ -176,6 +176,7 @@ impl ClusterBuilder {
             specs,
             setup: self.setup,
             node_setups: self.node_setups,
+            updated: Vec::new(),
             faults_seed: self.faults_seed,
             admins: self.admins,
         };
@@ -195,6 +196,9 @@ pub struct Cluster {
     specs: Vec<NodeSpec>,
     setup: Option<Setup>,
     node_setups: Vec<(String, Setup)>,
+    /// Nodes restarted as updated devices ([`Cluster::restart_updated`]): their setup from
+    /// then on, in place of the cluster's and their own.
+    updated: Vec<(String, Setup)>,
     faults_seed: Option<u64>,
     admins: Vec<String>,
 }
@@ -279,6 +283,29 @@ impl Cluster {
         self.restart_with(name, identity)
     }
 
+    /// As [`restart`](Self::restart), as a device updated to its app's next version: `setup`
+    /// (which registers the new versions of the app's kinds) runs in place of the cluster's
+    /// setup and the node's own, at this start and the next ones. Drain the node first
+    /// ([`NodeHandle::drain`]) for its services to move away before it stops.
+    ///
+    /// ```no_run
+    /// # fn demo(mut cluster: tern_harness::Cluster) -> anyhow::Result<()> {
+    /// let moved = tern_harness::block_on(cluster.node("tv").drain());
+    /// assert!(moved.failed.is_empty());
+    /// cluster.restart_updated("tv", tern_demo::next::register)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn restart_updated(
+        &mut self,
+        name: &str,
+        setup: impl Fn(&NodeHandle) + 'static,
+    ) -> Result<()> {
+        self.updated.retain(|(n, _)| n != name);
+        self.updated.push((name.to_owned(), Box::new(setup)));
+        let identity = self.node(name).identity();
+        self.restart_with(name, identity)
+    }
+
     fn restart_with(&mut self, name: &str, identity: tern::certs::NodeIdentity) -> Result<()> {
         let i = self
             .nodes
@@ -305,7 +332,10 @@ impl Cluster {
             }
         }
         let node = Node::start(cfg).with_context(|| format!("restarting node {name}"))?;
-        run_setups(&node, &self.setup, &self.node_setups);
+        match self.updated.iter().find(|(n, _)| n == name) {
+            Some((_, updated)) => updated(&node),
+            None => run_setups(&node, &self.setup, &self.node_setups),
+        }
         for other in &self.nodes {
             node.add_peer(other.name().as_str(), other.local_addr())?;
         }

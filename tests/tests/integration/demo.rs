@@ -156,3 +156,147 @@ fn audit_catches_loss_duplication_and_reordering() {
     audit.asks_unanswered = 1;
     assert!(!audit.is_clean());
 }
+
+/// The player's status, asked through `via`.
+fn status_via(
+    cluster: &tern_harness::Cluster,
+    app: &tern_demo::app::MediaApp,
+    via: &str,
+) -> anyhow::Result<tern_demo::media::PlayerStatus> {
+    use tern_demo::media::{Player, PlayerMsg, ASK_TIMEOUT};
+    let player = cluster.node(via).resolve::<Player>(&app.player)?;
+    Ok(tern_harness::block_on(
+        player.ask(PlayerMsg::Status, ASK_TIMEOUT),
+    )?)
+}
+
+/// Waits until the music goes on: the position or the track moves, and the remote's
+/// commands keep arriving.
+fn still_plays(
+    cluster: &tern_harness::Cluster,
+    app: &tern_demo::app::MediaApp,
+    via: &str,
+) -> anyhow::Result<()> {
+    let before = status_via(cluster, app, via)?;
+    tern_harness::wait_for(
+        std::time::Duration::from_secs(20),
+        "the music to go on",
+        || {
+            status_via(cluster, app, via).is_ok_and(|now| {
+                (now.position_ms != before.position_ms || now.track != before.track)
+                    && now.commands > before.commands
+            })
+        },
+    )
+}
+
+/// A rolling update of Tern Media across the three devices with a speaker, while it plays:
+/// each device in turn is drained and restarted with the app's next version (version 2 of the
+/// player); the player moves to an updated device, is upgraded there on arrival and goes on
+/// with its state (position, volume, the commands it counted) and a version-2 feature (the
+/// tracks it played); it is never moved back to a device still on version 1; and every
+/// stream arrives whole, once and in order.
+#[test]
+fn a_rolling_update_moves_the_player_to_its_next_version_while_it_plays() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use tern_demo::app::{MediaApp, Pace};
+    let devices = ["phone", "tv", "car"];
+    let mut cluster = scenario::DEVICES
+        .iter()
+        .filter(|(name, _)| devices.contains(name))
+        .fold(tern_harness::Cluster::builder(), |b, (name, caps)| {
+            b.node(name, caps)
+        })
+        .setup(tern_demo::media::register)
+        .start()?;
+    cluster.wait_connected(Duration::from_secs(10))?;
+    scenario::wait_for_members(&cluster, Duration::from_secs(10))?;
+    let pace = Pace::default();
+    let app = MediaApp::spawn(cluster.node("phone"), pace)?;
+    app.play(cluster.node("phone"), pace)?;
+    still_plays(&cluster, &app, "phone")?;
+
+    // The tv and the car first: nothing of the app runs there (the player's standby may).
+    for device in ["tv", "car"] {
+        let report = tern_harness::block_on(cluster.node(device).drain());
+        assert!(report.failed.is_empty(), "{report:?}");
+        cluster.restart_updated(device, tern_demo::next::register)?;
+        cluster.wait_connected(Duration::from_secs(10))?;
+        scenario::wait_for_members(&cluster, Duration::from_secs(10))?;
+        still_plays(&cluster, &app, "phone")?;
+    }
+    // Both updated devices say they run player@2 and read version 1's.
+    let phone = cluster.node("phone");
+    tern_harness::wait_for(
+        Duration::from_secs(10),
+        "gossip of the updated kinds",
+        || {
+            phone
+                .members()
+                .iter()
+                .filter(|m| {
+                    m.info
+                        .kinds
+                        .iter()
+                        .any(|k| k.kind.to_string() == "player@2" && k.reads == [1])
+                })
+                .count()
+                == 2
+        },
+    )?;
+    // The user moves the player to the tv (placement alone would keep it with the services
+    // it talks to, all on the phone).
+    let to = tern::NodeName::new("tv");
+    let before = status_via(&cluster, &app, "phone")?;
+    let report = tern_harness::block_on(phone.migrate(
+        app.player.id,
+        to.as_str(),
+        tern::MigrateOptions::default(),
+    ))?;
+    assert!(report.committed(), "{report:?}");
+    let upgraded = cluster
+        .node(to.as_str())
+        .services()
+        .into_iter()
+        .find(|s| s.addr.id == app.player.id)
+        .expect("the player runs on the updated device");
+    assert_eq!(upgraded.addr.kind.to_string(), "player@2");
+    // Its state came along: the commands it counted, and it plays on, now remembering tracks.
+    let after = status_via(&cluster, &app, "phone")?;
+    assert!(
+        after.commands >= before.commands,
+        "{before:?} then {after:?}"
+    );
+    still_plays(&cluster, &app, "phone")?;
+    tern_harness::wait_for(Duration::from_secs(20), "a track in the history", || {
+        status_via(&cluster, &app, "phone").is_ok_and(|s| !s.history.is_empty())
+    })?;
+    // Never back to the phone while it runs version 1.
+    let back = tern_harness::block_on(cluster.node(to.as_str()).migrate(
+        app.player.id,
+        "phone",
+        tern::MigrateOptions::default(),
+    ));
+    let err = back
+        .expect_err("version 1 cannot take player@2")
+        .to_string();
+    assert!(err.contains("older than player@2"), "{err}");
+
+    // Last, the phone: its services move to the updated devices, then it is updated too.
+    let report = tern_harness::block_on(cluster.node("phone").drain());
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(!report.moved.is_empty(), "{report:?}");
+    let via = to.as_str().to_owned();
+    cluster.restart_updated("phone", tern_demo::next::register)?;
+    cluster.wait_connected(Duration::from_secs(10))?;
+    scenario::wait_for_members(&cluster, Duration::from_secs(10))?;
+    still_plays(&cluster, &app, &via)?;
+
+    let audit = tern_harness::block_on(app.finish(cluster.node(&via), Duration::from_secs(20)))?;
+    cluster.shutdown();
+    for (stream, v) in &audit.streams {
+        assert!(v.received > 0, "{stream}: nothing received");
+    }
+    assert!(audit.is_clean(), "{audit:?}");
+    Ok(())
+}
