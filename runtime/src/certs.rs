@@ -579,6 +579,24 @@ pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(trim_serial(cert.raw_serial()))
 }
 
+/// When a certificate starts and stops being valid, in seconds since the Unix epoch.
+pub fn validity_of(der: &[u8]) -> Result<(i64, i64), Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// Whether `ca_der`'s key signed the certificate `der` (`Err` says why not).
+pub fn check_signed_by(der: &[u8], ca_der: &[u8]) -> Result<(), Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Cert(format!("unreadable certificate: {e}")))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| Error::Cert(format!("unreadable CA certificate: {e}")))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|e| Error::Cert(format!("not signed by this CA: {e}")))
+}
+
 /// A certificate's public key (its DER `SubjectPublicKeyInfo`): what binds a name to one
 /// device. A renewed certificate for the same key has the same one.
 pub fn key_of(der: &[u8]) -> Result<Vec<u8>, Error> {

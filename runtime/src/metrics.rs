@@ -63,6 +63,13 @@ pub struct NodeFigures {
     pub peers: Vec<PeerStatus>,
     /// The channels touching its services, busiest first, with their smoothed rates.
     pub channels: Vec<EdgeRate>,
+    /// The node's clock when it read these figures (ms since the Unix epoch): `tern doctor`
+    /// compares it with its own.
+    #[serde(default)]
+    pub clock_unix_ms: u64,
+    /// When the node's certificate stops being valid (s since the Unix epoch).
+    #[serde(default)]
+    pub certificate_not_after_unix: Option<i64>,
 }
 
 impl NodeFigures {
@@ -75,6 +82,12 @@ impl NodeFigures {
             services: node.service_infos(),
             peers: node.links.all().iter().map(|l| l.status()).collect(),
             channels: node.traffic(),
+            clock_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            certificate_not_after_unix: crate::certs::validity_of(&node.trust.identity().cert_der)
+                .ok()
+                .map(|(_, not_after)| not_after),
         }
     }
 

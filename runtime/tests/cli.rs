@@ -548,6 +548,7 @@ fn tern_completions_prints_each_shells_script_without_a_cluster() {
         "top",
         "events",
         "metrics",
+        "doctor",
         "pair",
         "join",
         "completions",
@@ -726,4 +727,74 @@ fn tern_top_events_and_metrics_show_what_the_nodes_report() {
     eventually("the tv handles it", || tv.stats().processed > handled);
     phone.shutdown();
     tv.shutdown();
+}
+
+#[test]
+fn tern_doctor_checks_certificates_nodes_and_links_with_hints() {
+    let certs = scratch("doctor");
+    ca(&certs, &["init"]);
+    for name in ["phone", "tv"] {
+        ca(&certs, &["issue", name]);
+    }
+    ca(&certs, &["issue", "admin", "--role", "admin"]);
+    // An admin certificate ten days from its end, whose name the nodes do not list.
+    ca(&certs, &["issue", "ops", "--role", "admin", "--days", "10"]);
+    let phone = start(&certs, "phone");
+    let tv = start(&certs, "tv");
+    phone.add_peer("tv", tv.local_addr()).expect("a peer");
+    let entry = phone.local_addr();
+    joined(&certs, entry, &["phone", "tv"]);
+
+    // All well: every check passes, in one JSON object.
+    let report = json(&certs, entry, &["--json", "doctor"]);
+    assert_eq!(report["failures"], 0, "{report}");
+    let checks = report["checks"].as_array().expect("checks");
+    for subject in ["phone", "tv", "phone clock", "tv clock", "tv certificate"] {
+        let check = checks
+            .iter()
+            .find(|c| c["subject"] == subject)
+            .unwrap_or_else(|| panic!("no check of {subject}: {report}"));
+        assert_eq!(check["status"], "ok", "{check}");
+    }
+    // The text form, one line per check and a summary.
+    let out = tern(&certs, entry, &["doctor"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("ok    tv: answered in"), "{said}");
+    assert!(said.contains("0 failed"), "{said}");
+
+    // As ops: its certificate ends soon (a warning), and the nodes do not let it in (a
+    // failure), each with what to do.
+    let out = tern_as(&certs, "ops", &entry.to_string(), &["doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("WARN") && said.contains("certificate valid for 9 more days"),
+        "{said}"
+    );
+    assert!(said.contains("hint: renew it"), "{said}");
+    assert!(said.contains("FAIL  entry"), "{said}");
+    assert!(said.contains("admins list"), "{said}");
+
+    // The tv leaves: its check fails, and so does the phone's link to it.
+    tv.shutdown();
+    eventually("the phone to see the tv gone", || {
+        phone
+            .members()
+            .iter()
+            .any(|m| m.info.name.as_str() == "tv" && m.status != tern::MemberStatus::Up)
+    });
+    let out = tern(&certs, entry, &["doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let said = text(&out.stdout);
+    assert!(said.contains("FAIL  tv: left"), "{said}");
+    assert!(said.contains("WARN  phone -> tv: not connected"), "{said}");
+    // No cluster at all: the entry fails with where to look.
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("an address");
+    let out = tern(&certs, nowhere, &["doctor"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = text(&out.stdout);
+    assert!(said.contains("FAIL  entry 127.0.0.1:9"), "{said}");
+    assert!(said.contains("hint:"), "{said}");
+    phone.shutdown();
 }

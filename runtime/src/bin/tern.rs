@@ -22,11 +22,14 @@
 //!                                         the deepest mailboxes; the busiest channels
 //! tern events [--follow]                  the entry node's events, then each new one
 //! tern metrics                            the entry node's metrics (OpenMetrics text)
+//! tern doctor                             the admin certificate, the entry node and every
+//!                                         member (answers, clock, certificates, links), with
+//!                                         a hint for each problem
 //! tern completions SHELL                  the completion script for bash, zsh, fish,
 //!                                         elvish or powershell, on stdout
 //! ```
 //!
-//! Every command but `ca`, `pair`, `join` and `completions` talks to a node over an admin connection (QUIC, mutual TLS,
+//! Every command but `ca`, `pair`, `join`, `completions` (and `doctor`, which checks it) talks to a node over an admin connection (QUIC, mutual TLS,
 //! ALPN `tern-admin/1`) as `--as NAME` (default `admin`: an admin or observer certificate in
 //! `--certs`), entering the cluster at `--node [NAME@]ADDR` (or `TERN_NODE`; with a name, the
 //! node answering must be that one). Nodes reached through the entry must be the ones the
@@ -35,6 +38,9 @@
 // The watching commands (`top`, `events`, `metrics`), in their own file.
 #[path = "tern/watch.rs"]
 mod watch;
+// `tern doctor`.
+#[path = "tern/doctor.rs"]
+mod doctor;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -173,6 +179,10 @@ enum Cmd {
     },
     /// The entry node's metrics, as its Prometheus endpoint serves them (OpenMetrics text).
     Metrics,
+    /// Checks the admin certificate, the entry node and every member (answers, clock,
+    /// certificate lifetime, links), with a hint for each problem. Exit status 1 when a check
+    /// fails.
+    Doctor,
     /// Prints the completion script of SHELL for these commands on stdout, for example
     /// `tern completions bash > ~/.local/share/bash-completion/completions/tern`.
     Completions {
@@ -396,6 +406,9 @@ fn run(args: &Args) -> Result<bool> {
             key.display()
         );
         return Ok(true);
+    }
+    if let Cmd::Doctor = &args.command {
+        return runtime()?.block_on(doctor::doctor(args));
     }
     let identity = load_identity(&args.certs, &args.admin)?;
     let rt = runtime()?;
@@ -624,7 +637,11 @@ fn warn_unreachable(s: &Survey) {
 async fn cluster_command(args: &Args, identity: &NodeIdentity) -> Result<bool> {
     let entry = connect(args.node.addr, args.node.name.as_ref(), identity).await?;
     let outcome = match &args.command {
-        Cmd::Ca(_) | Cmd::Pair { .. } | Cmd::Join { .. } | Cmd::Completions { .. } => {
+        Cmd::Ca(_)
+        | Cmd::Pair { .. }
+        | Cmd::Join { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Doctor => {
             unreachable!("handled before connecting")
         }
         Cmd::Top { every_ms, once } => {
