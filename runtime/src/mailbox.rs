@@ -104,6 +104,8 @@ pub(crate) struct Mailbox<M> {
     sleep_asked: AtomicBool,
     /// Sweeps since the runner last took a message.
     idle_rounds: std::sync::atomic::AtomicU8,
+    /// Timers the service has pending, as its runner last noted (for `ServiceInfo`).
+    timers: std::sync::atomic::AtomicU32,
     /// The node's bell, when the service may sleep (`None`: it never does).
     bell: Option<Arc<Bell>>,
     /// How to read messages older versions of the kind wrote, when the kind declares
@@ -236,6 +238,14 @@ impl<M> Mailbox<M> {
         self.asleep.load(Ordering::Relaxed)
     }
 
+    /// The runner notes how many timers the service has pending.
+    pub fn note_timers(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if self.timers.load(Ordering::Relaxed) != n {
+            self.timers.store(n, Ordering::Relaxed);
+        }
+    }
+
     /// True when the node's sweep asked this runner to sleep.
     pub fn sleep_asked(&self) -> bool {
         self.sleep_asked.load(Ordering::Relaxed)
@@ -264,6 +274,7 @@ impl<M> Mailbox<M> {
             asleep: AtomicBool::new(false),
             sleep_asked: AtomicBool::new(false),
             idle_rounds: std::sync::atomic::AtomicU8::new(0),
+            timers: std::sync::atomic::AtomicU32::new(0),
             bell: None,
             versions: None,
         }
@@ -635,6 +646,8 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn kind(&self) -> &KindKey;
     fn depth(&self) -> usize;
     fn capacity(&self) -> usize;
+    /// Timers pending, as the runner last noted.
+    fn timers_pending(&self) -> usize;
     /// Decodes `bytes` as the service's message type and queues it. `asker` is the node
     /// waiting on `meta.ask`; `wait` keeps the number open when the mailbox is full.
     fn deliver_bytes(
@@ -710,6 +723,10 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> Slot for Mailbox<M> {
 
     fn capacity(&self) -> usize {
         lock(&self.state).capacity()
+    }
+
+    fn timers_pending(&self) -> usize {
+        self.timers.load(Ordering::Relaxed) as usize
     }
 
     fn deliver_bytes(

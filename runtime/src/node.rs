@@ -198,6 +198,10 @@ pub struct ServiceInfo {
     pub parent: Option<ServiceId>,
     /// Its epoch: how many times it has migrated.
     pub epoch: u64,
+    /// Timers it has pending (as its runner last noted: after each message it handled, and
+    /// when it arrived).
+    #[serde(default)]
+    pub timers_pending: usize,
 }
 
 type RestoreFn = fn(&Arc<NodeShared>, &KindKey, &[u8]) -> Result<ServiceAddr, Error>;
@@ -1901,11 +1905,11 @@ impl NodeShared {
 
     /// Every local service, with its mailbox, parent and epoch.
     pub fn service_infos(&self) -> Vec<ServiceInfo> {
-        let local: Vec<(ServiceAddr, [usize; 3])> = self.registry.with_all(|services| {
+        let local: Vec<(ServiceAddr, [usize; 4])> = self.registry.with_all(|services| {
             services
                 .iter()
                 .map(|(id, s)| {
-                    let sizes = [s.depth(), s.capacity(), s.senders()];
+                    let sizes = [s.depth(), s.capacity(), s.senders(), s.timers_pending()];
                     (self.registry.addr_of(*id, &**s), sizes)
                 })
                 .collect()
@@ -1913,13 +1917,14 @@ impl NodeShared {
         // Parents and epochs are read outside the registry's lock (other subsystems).
         local
             .into_iter()
-            .map(|(addr, [depth, capacity, senders])| ServiceInfo {
+            .map(|(addr, [depth, capacity, senders, timers])| ServiceInfo {
                 parent: self.parent_of(addr.id),
                 epoch: self.driver.epoch(addr.id).unwrap_or(0),
                 addr,
                 mailbox_depth: depth,
                 mailbox_capacity: capacity,
                 sender_windows: senders,
+                timers_pending: timers,
             })
             .collect()
     }

@@ -980,6 +980,7 @@ pub(crate) fn run_restored<S: Service>(
                     // Bounded on the source by the same limit.
                     let _ = ctx.timers.add(now + after, msg, max);
                 }
+                mailbox.note_timers(ctx.timers.len());
                 ctx.seqs.borrow_mut().extend(restored.seqs);
                 if !restored.outputs.is_empty() {
                     ctx.me.node.send_outputs(id, restored.outputs);
@@ -1628,6 +1629,7 @@ fn serve_loop<S: Service>(
                         return;
                     }
                     ctx.me.node.stats.processed.inc();
+                    mailbox.note_timers(ctx.timers.len());
                     if S::REPLICAS > 0 {
                         let from = in_hand
                             .as_ref()

@@ -27,6 +27,7 @@ pub struct HarnessGuide;
 pub mod dataplane;
 pub mod failover;
 pub mod faults;
+pub mod kit;
 pub mod rogue;
 pub mod sim;
 

@@ -10,6 +10,7 @@ mod demo;
 mod faults;
 mod frames;
 mod hostile;
+mod kit;
 mod layers;
 mod limits;
 mod liveness;
