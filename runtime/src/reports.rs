@@ -55,7 +55,7 @@ impl MigrationReport {
 
 /// Why a call that moves services did not do what was asked: the reports of the migrations
 /// tried (each says which service, from where, to where, and why it did not move) and the
-/// services refused before anything was tried (with why). Carried by [`Error::NotMoved`], and
+/// services refused before anything was tried (with why). Carried by [`Error::NotMoved`](crate::Error::NotMoved), and
 /// by the outcome of [`Ctx::migrate`](crate::Ctx::migrate) given back to the service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotMoved {
