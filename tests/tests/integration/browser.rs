@@ -327,6 +327,27 @@ fn dashboard_in_a_real_browser_migrates_and_stays_clean() -> Result<()> {
     browser.click("#to-tv")?;
     lands(&browser, &cluster, "player", &app.player, "tv")?;
     lands(&browser, &cluster, "lyrics", &app.lyrics, "tv")?;
+    // The charts: one freeze bar per move (the player and its child), whose freezes add up
+    // to what the phone's metrics count, and a line per busy channel.
+    browser.wait(
+        "two freeze bars",
+        "return document.querySelectorAll('#freezes rect').length === 2",
+    )?;
+    let bars = browser
+        .script(
+            "return [...document.querySelectorAll('#freezes rect')] \
+             .reduce((sum, r) => sum + Number(r.dataset.freezeUs), 0)",
+        )?
+        .as_u64()
+        .unwrap_or(0);
+    assert!(bars > 0);
+    assert_eq!(bars, cluster.node("phone").migration_stats().freeze_us_sum);
+    browser.wait(
+        "rate lines for the busy channels",
+        "return [...document.querySelectorAll('#rates polyline')] \
+         .filter(l => Number(l.dataset.last) > 0).length >= 3 \
+         && document.querySelectorAll('#rates-legend span').length >= 3",
+    )?;
     // The remote's channel to the player is remote now (dashed); the child link local.
     browser.wait(
         "remote channel lines",
