@@ -37,6 +37,9 @@ pub enum Error {
     /// A frame could not be read or written.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// Discovery by mDNS could not start (see `NodeHandle::start_discovery`).
+    #[error("discovery: {0}")]
+    Discovery(String),
     /// Certificate creation or parsing failed.
     #[error("certificate: {0}")]
     Cert(String),

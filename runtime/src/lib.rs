@@ -15,6 +15,7 @@
 pub mod admin;
 mod books;
 pub mod certs;
+pub mod discovery;
 mod error;
 mod events;
 mod handle;

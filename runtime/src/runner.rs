@@ -16,6 +16,7 @@
 //! # crl = "certs/crl.pem"           # the CA's revocation list, read at start and on SIGHUP
 //! # data_dir = "data/tv"            # replicated services' checkpoints, resumed after a restart
 //! # metrics_listen = "127.0.0.1:9464" # Prometheus scrapes GET /metrics here (none: not served)
+//! # discovery = true                # find the cluster's other nodes by mDNS (no peers needed)
 //!
 //! [[peers]]
 //! name = "phone"
@@ -103,6 +104,10 @@ pub struct NodeFile {
     /// absent: not served.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Announce the node and find the cluster's others by mDNS
+    /// ([`NodeHandle::start_discovery`]); off when absent.
+    #[serde(default)]
+    pub discovery: bool,
     /// Every other key of the file: the app's settings ([`app_settings`](Self::app_settings)).
     #[serde(flatten)]
     pub app: toml::Table,
@@ -180,6 +185,12 @@ impl NodeFile {
         register(&node);
         if let Some(percent) = self.battery_percent {
             node.set_power(Power::Battery { percent });
+        }
+        if self.discovery {
+            if let Err(e) = node.start_discovery() {
+                node.shutdown();
+                return Err(e);
+            }
         }
         if let Some(addr) = self.metrics_listen {
             match node.serve_metrics(addr) {
@@ -323,6 +334,9 @@ mod tests {
         let f3 = NodeFile::parse(&with_metrics, "tv.toml").unwrap();
         assert_eq!(f3.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert!(f3.app.get("metrics_listen").is_none(), "not an app setting");
+        assert!(!f3.discovery);
+        let f4 = NodeFile::parse(&format!("discovery = true\n{text}"), "tv.toml").unwrap();
+        assert!(f4.discovery && f4.app.get("discovery").is_none());
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct App {

@@ -152,7 +152,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "features",
-        &["placement", "admin", "host", "pairing", "runner", "metrics"],
+        &[
+            "placement",
+            "admin",
+            "host",
+            "pairing",
+            "runner",
+            "metrics",
+            "discovery",
+        ],
     ),
     ("api", &["lib"]),
 ];

@@ -7,6 +7,7 @@ mod common;
 mod crashes;
 mod decisions;
 mod demo;
+mod discovery;
 mod faults;
 mod frames;
 mod hostile;
