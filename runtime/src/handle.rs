@@ -457,6 +457,17 @@ impl<S: Service> ServiceRef<S> {
     }
 
     /// The service's id.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// // A handle made on another node, from the address, names the same service.
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// assert_eq!(from_phone.id(), counter.id());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn id(&self) -> ServiceId {
         self.addr.id
     }
@@ -476,11 +487,35 @@ impl<S: Service> ServiceRef<S> {
     /// (see [`location`](Self::location) for where it runs now). Serializable; turn it back
     /// into a handle with [`NodeHandle::resolve`](crate::NodeHandle::resolve), which follows
     /// the service wherever it went.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// let addr = counter.addr().clone();
+    /// assert_eq!((addr.kind.to_string(), addr.node.as_str()), ("counter@1".into(), "phone"));
+    /// // An address travels (it is serializable) and becomes a handle again anywhere.
+    /// let again = tv.resolve::<Counter>(&addr)?;
+    /// again.tell(CounterMsg::Add(2))?;
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn addr(&self) -> &ServiceAddr {
         &self.addr
     }
 
     /// The node this handle sends to now.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// assert_eq!(counter.location().as_str(), "phone");
+    /// block_on(counter.migrate("tv", tern::MigrateOptions::default()))?;
+    /// assert_eq!(counter.location().as_str(), "tv");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn location(&self) -> NodeName {
         lock(&self.chan.state).node.clone()
     }
@@ -507,17 +542,62 @@ impl<S: Service> ServiceRef<S> {
 
     /// The sender id this node's handles to the service put on messages sent from outside any
     /// service (what a [`LossReport`](crate::LossReport) names as `sender` for them).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// // Every handle on the phone to this service sends as the phone's one client of it.
+    /// let other = phone.resolve::<Counter>(counter.addr())?;
+    /// assert_eq!(from_phone.sender_id(), other.sender_id());
+    /// // A loss report about what the phone sent would name it.
+    /// assert!(phone.losses().iter().all(|l| l.sender != from_phone.sender_id()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn sender_id(&self) -> ServiceId {
         self.chan.client
     }
 
     /// Messages sent to the service from this node (by handles and services here) that it
     /// has not yet confirmed taking. Confirmations come in batches every few milliseconds.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// for n in 1..=100 {
+    ///     from_phone.tell(CounterMsg::Add(n))?;
+    /// }
+    /// // The answer comes after the hundred were taken; their confirmations follow shortly.
+    /// let total = block_on(from_phone.ask(CounterMsg::Total, std::time::Duration::from_secs(5)))?;
+    /// assert_eq!(total, 5050);
+    /// let started = std::time::Instant::now();
+    /// while from_phone.unconfirmed() > 0 && started.elapsed().as_secs() < 10 {
+    ///     std::thread::sleep(std::time::Duration::from_millis(5));
+    /// }
+    /// assert_eq!(from_phone.unconfirmed(), 0);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn unconfirmed(&self) -> u64 {
         self.chan.outstanding()
     }
 
     /// True when the service runs on the node this handle belongs to.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// assert!(counter.is_local());
+    /// block_on(counter.migrate("tv", tern::MigrateOptions::default()))?;
+    /// assert!(!counter.is_local(), "it runs on the tv now; the phone's handle follows it");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_local(&self) -> bool {
         matches!(lock(&self.chan.state).route, Route::Local(_))
     }
@@ -531,6 +611,19 @@ impl<S: Service> ServiceRef<S> {
     /// Outside any service it is numbered as this node's client, and so is it in a task a
     /// handler spawned (such a task can outlive a move of its service and keep running here:
     /// numbers from the service's counters would clash with those it uses where it went).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// from_phone.tell(CounterMsg::Add(40))?;
+    /// from_phone.tell(CounterMsg::Add(2))?;
+    /// let total = block_on(from_phone.ask(CounterMsg::Total, std::time::Duration::from_secs(5)))?;
+    /// assert_eq!(total, 42, "in order, once each");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn tell(&self, msg: S::Msg) -> Result<(), DeliveryError> {
         match crate::service::numbered_here(self.addr.id) {
             None => self.send(Meta::default(), msg),
@@ -545,6 +638,24 @@ impl<S: Service> ServiceRef<S> {
     }
 
     /// Like [`tell`](Self::tell), but waits while the mailbox or the link is full.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// // More than a mailbox holds: each waits for room instead of failing.
+    /// block_on(async {
+    ///     for _ in 0..10_000 {
+    ///         from_phone.tell_wait(CounterMsg::Add(1)).await?;
+    ///     }
+    ///     Ok::<_, tern::DeliveryError>(())
+    /// })?;
+    /// let total = block_on(from_phone.ask(CounterMsg::Total, std::time::Duration::from_secs(10)))?;
+    /// assert_eq!(total, 10_000);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn tell_wait(&self, msg: S::Msg) -> Result<(), DeliveryError> {
         match crate::service::numbered_here(self.addr.id) {
             None => self.send_wait(Meta::default(), msg, None).await,
@@ -561,6 +672,19 @@ impl<S: Service> ServiceRef<S> {
     /// Sends a request made by `make` around a reply handle, and waits up to `timeout` for the
     /// answer. A full mailbox makes the request wait for room within the same timeout. Inside
     /// a service's handler it is numbered as the service, as [`tell`](Self::tell) is.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let from_phone = phone.resolve::<Counter>(counter.addr())?;
+    /// from_phone.tell(CounterMsg::Add(7))?;
+    /// // `CounterMsg::Total` is made around the reply handle: `|reply| CounterMsg::Total(reply)`.
+    /// let total = block_on(from_phone.ask(CounterMsg::Total, std::time::Duration::from_secs(5)))?;
+    /// assert_eq!(total, 7);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn ask<R: DeserializeOwned + Send + 'static>(
         &self,
         make: impl FnOnce(ReplyTo<R>) -> S::Msg,

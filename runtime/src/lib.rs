@@ -16,6 +16,8 @@ pub mod admin;
 mod books;
 pub mod certs;
 pub mod discovery;
+#[doc(hidden)]
+pub mod doc_support;
 mod error;
 mod events;
 mod handle;

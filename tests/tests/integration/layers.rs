@@ -160,6 +160,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "runner",
             "metrics",
             "discovery",
+            "doc_support",
         ],
     ),
     ("api", &["lib"]),
