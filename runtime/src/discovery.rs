@@ -1,5 +1,5 @@
-//! Discovery on a home network: with [`NodeConfig::discovery`](crate::NodeConfig::discovery)
-//! on, a node announces itself by mDNS/DNS-SD (service type [`SERVICE_TYPE`], its name as the
+//! Discovery on a home network: once [`NodeHandle::start_discovery`] is called (or
+//! `discovery = true` in a node file), a node announces itself by mDNS/DNS-SD (service type [`SERVICE_TYPE`], its name as the
 //! instance, its QUIC port, and in a TXT record the fingerprint of its cluster CA) and browses
 //! for the others; each node it finds becomes a peer it dials, by the name announced.
 //!
