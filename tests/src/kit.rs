@@ -417,15 +417,19 @@ where
         };
         let quiet = || timers(stayed.id()) == 0 && timers(moving.id()) == 0;
         let read = |svc: &tern::ServiceRef<S>| block_on(svc.ask(|r| (self.read)(r), ASK_TIMEOUT));
-        let (s0, m0) = match (read(stayed), read(moving)) {
-            (Ok(s), Ok(m)) => (s, m),
+        // Both copies read at once; an ask either leaves unanswered is a finding.
+        let read_both = |report: &mut KitReport| match (read(stayed), read(moving)) {
+            (Ok(s), Ok(m)) => Some((s, m)),
             (_, Err(e)) | (Err(e), _) => {
                 report.findings.push(Finding::AskLost {
                     after: report.messages,
                     error: e.to_string(),
                 });
-                return;
+                None
             }
+        };
+        let Some((s0, m0)) = read_both(report) else {
+            return;
         };
         // Every message of the load was handled before the reads were answered (an ask comes
         // after the tells on the same channel); what may still change them is their timers.
@@ -433,16 +437,8 @@ where
         while !quiet() && started.elapsed() < SETTLE {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (s1, m1) = (read(stayed), read(moving));
-        let (s1, m1) = match (s1, m1) {
-            (Ok(s), Ok(m)) => (s, m),
-            (_, Err(e)) | (Err(e), _) => {
-                report.findings.push(Finding::AskLost {
-                    after: report.messages,
-                    error: e.to_string(),
-                });
-                return;
-            }
+        let Some((s1, m1)) = read_both(report) else {
+            return;
         };
         if s1 == m1 {
             report.asks_answered += 2;
