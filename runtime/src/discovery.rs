@@ -152,7 +152,9 @@ fn heard(
         return ignore("no address announced".into());
     };
     let addr = SocketAddr::new(*ip, found.get_port());
-    match node.links.get_or_insert(&peer, Some(addr), &node.limits) {
+    // Made as a peer only heard of: the first to give its place to a configured or
+    // connecting one when the table is full, and forgotten if it never connects.
+    match node.links.insert_heard(&peer, addr, &node.limits) {
         Ok(_) => node.logs.event(
             "discovered",
             format!("{name} at {addr}, by mDNS; dialing it"),

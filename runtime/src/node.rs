@@ -1826,6 +1826,20 @@ impl NodeShared {
         }
     }
 
+    /// The versions of kind `name` registered here: those run, and the older ones read (one
+    /// pass over the table, without building the gossip list).
+    pub fn versions_here(&self, name: &str) -> (Vec<KindKey>, Vec<KindKey>) {
+        let table = self.kinds.read().unwrap_or_else(|p| p.into_inner());
+        let (mut runs, mut reads) = (Vec::new(), Vec::new());
+        for (k, e) in table.iter().filter(|(k, _)| k.name == name) {
+            match e.upgraded_to {
+                None => runs.push(k.clone()),
+                Some(_) => reads.push(k.clone()),
+            }
+        }
+        (runs, reads)
+    }
+
     /// The kinds run here, with what each needs and the older versions each reads (at most
     /// `KINDS_MAX`, for gossip).
     pub fn kind_infos(&self) -> Vec<tern_proto::members::KindInfo> {
@@ -1968,7 +1982,7 @@ impl NodeShared {
     /// Why this node refuses a service of `kind` it has not registered: it runs another
     /// version of the kind (older, or newer with no upgrade from it), or none.
     pub fn kind_refusal(&self, kind: &KindKey) -> String {
-        let (runs, _) = crate::members::versions_of(&self.kind_infos(), &kind.name);
+        let (runs, _) = self.versions_here(&kind.name);
         match runs.iter().map(|k| k.version).max() {
             Some(runs) => format!(
                 "other version: {}",

@@ -345,7 +345,7 @@ impl NodeShared {
             (m.me().capabilities.clone(), m.me().draining)
         };
         let needs = self.needs_of(kind);
-        let (runs, reads) = crate::members::versions_of(&self.kind_infos(), &kind.name);
+        let (runs, reads) = self.versions_here(&kind.name);
         let view = self.fitness_view(capabilities, draining, (runs, reads));
         view.refuses(kind, &needs.unwrap_or_default(), forced)
     }
