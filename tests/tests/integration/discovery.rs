@@ -142,21 +142,27 @@ fn nodes_in_two_namespaces_find_each_other_by_mdns_and_work_together() -> Result
     let liar = in_netns(&ns.names[1], move || {
         announce("ghost", b_addr, &fingerprint)
     })?;
+    wait_for(Duration::from_secs(30), "a to dial the ghost", || {
+        let dialing = format!("ghost at {b_addr}, by mDNS; dialing it");
+        a.events()
+            .iter()
+            .any(|e| e.kind == "discovered" && e.detail == dialing)
+    })?;
+    // b's certificate does not carry the name a dialed: the handshake fails (b sees a, from
+    // a's address, abort it), and a never counts the ghost as connected. A link made from an announcement that
+    // never connects is forgotten, so it may be gone from a's table by now.
     wait_for(
         Duration::from_secs(30),
-        "a to try the ghost and fail",
+        "the ghost refused at the handshake",
         || {
-            a.peers()
-                .iter()
-                .any(|p| p.name.as_str() == "ghost" && !p.connected && p.last_error.is_some())
+            b.events().iter().any(|e| {
+                e.kind == "connection-refused"
+                    && e.detail.starts_with("from 10.77.0.1:")
+                    && e.detail.contains("not valid for name \"ghost\"")
+            })
         },
     )?;
-    let ghost = a
-        .peers()
-        .into_iter()
-        .find(|p| p.name.as_str() == "ghost")
-        .expect("the ghost's link");
-    assert_eq!(ghost.addr, Some(b_addr));
+    assert!(!a.is_connected("ghost"));
     assert!(a.is_connected("b"));
 
     // They work together: a service moves from a to b, and answers there.
