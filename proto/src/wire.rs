@@ -519,6 +519,31 @@ pub struct SnapHeader {
     /// built.
     #[serde(default)]
     pub precopied: bool,
+    /// The trace context of the source's migration span (W3C Trace Context's trace id,
+    /// parent span id and flags), so that the target's span joins the same trace. Set when
+    /// the source exports spans (the `otel` feature) and its span is sampled; only ever
+    /// used to attribute the target's spans, never trusted for anything else.
+    #[serde(default)]
+    pub trace: Option<TraceContext>,
+}
+
+/// A span's place in a distributed trace, as W3C Trace Context's `traceparent` carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The trace: 16 bytes, not all zero.
+    pub trace_id: [u8; 16],
+    /// The span the receiver's span is a child of: 8 bytes, not all zero.
+    pub span_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Whether the ids are not all zero (W3C Trace Context calls all-zero ids invalid: a
+    /// receiver starts a trace of its own instead).
+    pub fn is_valid(&self) -> bool {
+        self.trace_id != [0; 16] && self.span_id != [0; 8]
+    }
 }
 
 /// The answer a service gave to an ask it took, kept so that a copy of that ask (its asker

@@ -12,7 +12,8 @@ use proptest::prelude::*;
 
 use crate::ids::{KindKey, NodeName, ServiceAddr, ServiceId};
 use crate::wire::{
-    self, encode_frame, CarriedMsg, Frame, FrameReader, MigMsg, SnapHeader, TimerWire, WindowWire,
+    self, encode_frame, CarriedMsg, Frame, FrameReader, MigMsg, SnapHeader, TimerWire,
+    TraceContext, WindowWire,
 };
 
 struct Counting;
@@ -186,6 +187,11 @@ fn header() -> impl Strategy<Value = SnapHeader> {
                         msg: vec![0x92, 0x01, 0x02],
                     }],
                     precopied: n % 2 == 0,
+                    trace: (n % 3 == 0).then_some(TraceContext {
+                        trace_id: [n as u8; 16],
+                        span_id: [7; 8],
+                        flags: 1,
+                    }),
                 }
             },
         )

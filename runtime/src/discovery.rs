@@ -90,28 +90,26 @@ fn start(node: &NodeHandle) -> Result<(), Error> {
     // The thread holds the node weakly: a stopped node is not kept alive by its discovery.
     let shared = std::sync::Arc::downgrade(&node.shared);
     let me = node.name().clone();
-    std::thread::Builder::new()
-        .name(format!("tern-{name}-discovery"))
-        .spawn(move || {
-            let wait = std::time::Duration::from_millis(STOP_CHECK_MS);
-            loop {
-                let Some(node) = shared.upgrade() else { break };
-                if node.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                match events.recv_timeout(wait) {
-                    Ok(mdns_sd::ServiceEvent::ServiceResolved(found)) => {
-                        heard(&node, &me, &fingerprint, &found)
-                    }
-                    Err(_) if events.is_disconnected() => break,
-                    Ok(_) | Err(_) => {}
-                }
+    crate::trace::spawn(format!("tern-{name}-discovery"), move || {
+        let wait = std::time::Duration::from_millis(STOP_CHECK_MS);
+        loop {
+            let Some(node) = shared.upgrade() else { break };
+            if node.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
             }
-            if let Err(e) = daemon.shutdown() {
-                tracing::debug!(error = %e, "discovery: the mDNS daemon was already stopping");
+            match events.recv_timeout(wait) {
+                Ok(mdns_sd::ServiceEvent::ServiceResolved(found)) => {
+                    heard(&node, &me, &fingerprint, &found)
+                }
+                Err(_) if events.is_disconnected() => break,
+                Ok(_) | Err(_) => {}
             }
-        })
-        .map_err(|e| Error::io("starting the discovery thread", e))?;
+        }
+        if let Err(e) = daemon.shutdown() {
+            tracing::debug!(error = %e, "discovery: the mDNS daemon was already stopping");
+        }
+    })
+    .map_err(|e| Error::io("starting the discovery thread", e))?;
     tracing::info!(node = %name, %listen, "discovery: announcing and browsing by mDNS");
     Ok(())
 }

@@ -45,10 +45,61 @@ mod stats;
 mod store;
 mod sync;
 pub mod tls;
+mod trace;
 mod tracked;
 mod transport;
 mod tree;
 pub mod trust;
+
+/// OpenTelemetry traces (cargo feature `otel`).
+///
+/// Tern's spans are `tracing` spans: a program exports them through OpenTelemetry by adding a
+/// `tracing-opentelemetry` layer, with the tracer of the SDK and exporter it chooses, to its
+/// subscriber. With this feature, a migration's span on its source (`migration`) and its span on
+/// the target (`migration-in`) are one trace: the source carries its span's context in the
+/// snapshot header, and the target's span is its child. A call to
+/// [`NodeHandle::migrate`] made inside a span of the program's own makes the migration part
+/// of that span's trace.
+///
+/// The two crates are re-exported so that a program uses the versions Tern was built with.
+/// A node's threads log to the subscriber that was the default on the thread that started
+/// it, so several nodes in one process (a test) can each report to their own.
+///
+/// ```
+/// use opentelemetry::trace::TracerProvider as _;
+/// use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+/// use tern::otel::tracing_opentelemetry;
+/// use tracing_subscriber::layer::SubscriberExt as _;
+/// # use tern::doc_support::{block_on, two_nodes, Counter};
+///
+/// let exporter = InMemorySpanExporter::default(); // OTLP, Jaeger, ... in a real program
+/// let provider = SdkTracerProvider::builder()
+///     .with_simple_exporter(exporter.clone())
+///     .build();
+/// let subscriber = tracing_subscriber::registry()
+///     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("my-app")));
+/// let _default = tracing::subscriber::set_default(subscriber);
+///
+/// let (phone, tv) = two_nodes()?; // started here: their threads report to this subscriber
+/// let counter = phone.spawn(Counter::default())?;
+/// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+/// # drop(counter);
+/// # phone.shutdown();
+/// # tv.shutdown();
+/// provider.force_flush()?;
+///
+/// let spans = exporter.get_finished_spans()?;
+/// let source = spans.iter().find(|s| s.name == "migration").expect("the source's span");
+/// let target = spans.iter().find(|s| s.name == "migration-in").expect("the target's span");
+/// assert_eq!(target.span_context.trace_id(), source.span_context.trace_id());
+/// assert_eq!(target.parent_span_id, source.span_context.span_id());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(feature = "otel")]
+pub mod otel {
+    pub use opentelemetry;
+    pub use tracing_opentelemetry;
+}
 
 pub use error::{AskError, DeliveryError, Error};
 pub use handle::ServiceRef;

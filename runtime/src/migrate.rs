@@ -668,16 +668,21 @@ impl Driver {
         tx: oneshot::Sender<MigrationReport>,
         group: Option<&str>,
     ) -> Outgoing {
-        let span = tracing::info_span!(
-            "migration",
-            node = %node.name(),
-            id = %format!("{}#{}", mig.source, mig.n),
-            service = %id,
-            to = %to,
-            group = group.unwrap_or("")
-        );
+        // Made in the node's subscriber, whichever thread asks (a child of the asker's span
+        // when that is the same subscriber's).
+        let span = crate::trace::within(node.dispatch.as_ref(), || {
+            let span = tracing::info_span!(
+                "migration",
+                node = %node.name(),
+                id = %format!("{}#{}", mig.source, mig.n),
+                service = %id,
+                to = %to,
+                group = group.unwrap_or("")
+            );
+            tracing::info!(parent: &span, drain = opts.drain, "migration asked");
+            span
+        });
         lock(&self.counters).stats.started += 1;
-        tracing::info!(parent: &span, drain = opts.drain, "migration asked");
         Outgoing {
             mig,
             to,
@@ -704,6 +709,13 @@ impl Driver {
             force: opts.force,
             span,
         }
+    }
+
+    /// The trace context of the attempt moving `id` (its span's), for the target's span to
+    /// join: None without the `otel` feature or an OpenTelemetry layer.
+    pub fn trace_of(&self, id: ServiceId) -> Option<tern_proto::wire::TraceContext> {
+        let span = lock(&self.outgoing).get(&id).map(|o| o.span.clone())?;
+        crate::trace::context_of(&span)
     }
 
     /// Answers an attempt refused because its service is already moving.
@@ -1497,6 +1509,7 @@ async fn write_snapshot(
         header.custody = node.custody_for_snapshot(header.id, &to);
         (header.held, header.forced) = node.driver.hold_and_force(header.id);
         header.names = node.names_of(header.id);
+        header.trace = node.driver.trace_of(header.id);
         // The windows, send counters, book and timers follow the header in frames of their
         // own, so that a service with many senders, a large book or many timers fits any
         // frame bound.
@@ -1820,6 +1833,9 @@ pub(crate) struct SnapRecv {
     carried_announced: u64,
     /// What was copied ahead of the snapshot on its stream (its room held until restored).
     pre: Option<PreIn>,
+    /// The target's span of the attempt (`migration-in`), a child of the source's when its
+    /// header carried a trace context; it ends with the stream.
+    span: tracing::Span,
 }
 
 /// Room reserved for a snapshot's state, counted against the node's
@@ -2002,6 +2018,16 @@ pub(crate) fn snapshot_frame(
             // Early messages, the book and timers share the snapshot's byte bound with the
             // state.
             let early_max = (node.limits.snapshot_bytes_max as u64).saturating_sub(h.state_bytes);
+            let span = tracing::info_span!(
+                "migration-in",
+                node = %node.name(),
+                id = %format!("{from}#{}", h.mig),
+                service = %h.id,
+                from = %from,
+                state_bytes = h.state_bytes,
+                carried = h.carried
+            );
+            crate::trace::join(&span, h.trace);
             let mut recv = SnapRecv {
                 n: h.mig,
                 id: h.id,
@@ -2020,6 +2046,7 @@ pub(crate) fn snapshot_frame(
                 carried_in: 0,
                 carried_announced: h.carried,
                 pre,
+                span,
             };
             if refused_before {
                 recv.refused = true;
@@ -2029,6 +2056,7 @@ pub(crate) fn snapshot_frame(
             match refusal {
                 Err(reason) => {
                     recv.refused = true;
+                    tracing::info!(parent: &recv.span, %reason, "refused");
                     node.driver.refuse_snapshot(node, from, h.mig, reason);
                 }
                 Ok(()) => {
@@ -2162,11 +2190,15 @@ pub(crate) fn snapshot_frame(
             };
             recv.ended = true;
             if let Some(slot) = &recv.slot {
+                let _in = recv.span.enter();
                 for r in slot.carried_complete() {
                     refuse(node, recv.id, r);
                 }
-                tracing::debug!(service = %recv.id, carried = recv.carried_in, "carried queue complete");
+                tracing::debug!(carried = recv.carried_in, "carried queue complete");
             }
+            // The target's part ends here (its span's end is its last exit), whatever the
+            // stream's close waits for.
+            recv.span = tracing::Span::none();
         }
         other => {
             return Err(wire::WireError::Unexpected {
@@ -2212,10 +2244,16 @@ fn state_complete(node: &Arc<NodeShared>, from: &NodeName, rx: &mut Option<SnapR
     recv.room.release();
     let part = recv.pre.take().and_then(|p| p.part);
     recv.state_due = None;
+    let state_bytes = state.len();
+    // Not inside the span: the service's own span, made here, outlives it.
     match node.restore_paused(from, header, state, part) {
-        Ok(copy) => recv.slot = node.driver.on_snapshot(node, from, copy),
+        Ok(copy) => {
+            tracing::info!(parent: &recv.span, state_bytes, "restored");
+            recv.slot = node.driver.on_snapshot(node, from, copy);
+        }
         Err(e) => {
             recv.refused = true;
+            tracing::info!(parent: &recv.span, error = %e, "restore failed");
             node.driver
                 .refuse_snapshot(node, from, recv.n, format!("restore failed: {e}"));
         }
@@ -2231,6 +2269,7 @@ impl SnapRecv {
     /// Gives the snapshot up: refused to its source, its room given back; what still comes on
     /// its stream is read and dropped.
     fn give_up(&mut self, node: &Arc<NodeShared>, from: &NodeName, reason: String) {
+        tracing::info!(parent: &self.span, %reason, "refused");
         self.refused = true;
         self.header = None;
         self.state = Vec::new();

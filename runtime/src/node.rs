@@ -514,6 +514,9 @@ impl AskTable {
 /// State shared by everything on a node: handles, services, transport tasks.
 pub(crate) struct NodeShared {
     name: NodeName,
+    /// The subscriber the node's thread logs to (the one its starter's thread had): its
+    /// migrations' spans are made there too, whichever thread asks for them.
+    pub dispatch: Option<tracing::Dispatch>,
     pub limits: Limits,
     /// Who may open admin connections (`None`: any certificate of the cluster).
     pub admins: Vec<String>,
@@ -2446,23 +2449,22 @@ impl Node {
             )));
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("tern-{name}"))
-            .spawn(move || {
-                let sys = actix_rt::System::new();
-                match sys.block_on(boot(config)) {
-                    Ok(booted) => {
-                        let _ = tx.send(Ok(booted));
-                        if let Err(e) = sys.run() {
-                            tracing::error!(error = %e, "node system ended with an error");
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
+        // The node's thread logs where this one does (`trace::spawn`).
+        let thread = crate::trace::spawn(format!("tern-{name}"), move || {
+            let sys = actix_rt::System::new();
+            match sys.block_on(boot(config)) {
+                Ok(booted) => {
+                    let _ = tx.send(Ok(booted));
+                    if let Err(e) = sys.run() {
+                        tracing::error!(error = %e, "node system ended with an error");
                     }
                 }
-            })
-            .map_err(|e| Error::io("starting node thread", e))?;
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| Error::io("starting node thread", e))?;
         let (shared, actor, local_addr) = rx.recv().map_err(|_| Error::Stopped)??;
         Ok(NodeHandle {
             shared,
@@ -2505,6 +2507,7 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
     let mut bell = (limits.sleep_after_idle_ms > 0).then(crate::mailbox::Bell::new);
     let shared = Arc::new(NodeShared {
         name: name.clone(),
+        dispatch: crate::trace::current_dispatch(),
         stats: Stats::default(),
         asks: AskTable::new(limits.asks_pending_max),
         id_prefix,

@@ -2198,6 +2198,7 @@ impl NodeShared {
             replies: body.replies,
             outputs: body.outputs,
             precopied: false,
+            trace: None,
         };
         self.driver.host_at(id, claim.epoch);
         lock(&self.replicas.taken_from).insert(id, h.primary.clone());

@@ -1088,6 +1088,7 @@ fn snapshot<S: Service>(
         outputs: Vec::new(),
         // Set when the state was copied ahead (`Precopy::cut`).
         precopied: false,
+        trace: None,
     };
     let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
     Ok((

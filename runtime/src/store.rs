@@ -133,13 +133,12 @@ impl Store {
         });
         let writer = {
             let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("tern-store".into())
-                .spawn(move || write_loop(&inner))
-                .map_err(|cause| Error::Io {
+            crate::trace::spawn("tern-store".into(), move || write_loop(&inner)).map_err(
+                |cause| Error::Io {
                     what: "starting the store's writer".into(),
                     cause,
-                })?
+                },
+            )?
         };
         Ok((
             Store {

@@ -104,6 +104,7 @@ pub fn snap_header(
         replies: vec![],
         outputs: vec![],
         precopied: false,
+        trace: None,
     }
 }
 

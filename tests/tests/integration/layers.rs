@@ -139,7 +139,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "base",
         &[
             "error", "stats", "certs", "tls", "trust", "sync", "events", "books", "limits",
-            "reports", "tracked",
+            "reports", "tracked", "trace",
         ],
     ),
     ("net", &["transport"]),

@@ -30,5 +30,6 @@ mod sim;
 mod sleep;
 mod timers;
 mod tls;
+mod traces;
 mod trees;
 mod upgrades;
