@@ -525,12 +525,18 @@ impl<S: Service> ServiceRef<S> {
     /// does: `Ok` only when it moved, [`Error::NotMoved`](crate::Error::NotMoved) with the
     /// report otherwise. The handle keeps working: it follows the service.
     ///
-    /// ```no_run
-    /// # use tern::{MigrateOptions, Service, ServiceRef};
-    /// # async fn demo<S: Service>(player: ServiceRef<S>) -> Result<(), tern::Error> {
-    /// let report = player.migrate("tv", MigrateOptions::default()).await?;
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # use tern::MigrateOptions;
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = phone.spawn(Counter::default())?;
+    /// player.tell(CounterMsg::Add(3))?;
+    /// let report = block_on(player.migrate("tv", MigrateOptions::default()))?;
     /// println!("freeze {} us, {} messages carried", report.freeze_us, report.carried);
-    /// # Ok(()) }
+    /// // The same handle reaches it on the tv, with what it had.
+    /// assert_eq!(block_on(player.ask(CounterMsg::Total, SECS_10))?, 3);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn migrate(
         &self,

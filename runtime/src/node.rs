@@ -2623,26 +2623,92 @@ async fn boot(config: NodeConfig) -> Result<(Arc<NodeShared>, Addr<NodeActor>, S
 
 impl NodeHandle {
     /// The node's name, from its certificate.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// assert_eq!(phone.name().as_str(), "phone");
+    /// assert_eq!(tv.name().as_str(), "tv");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn name(&self) -> &NodeName {
         self.shared.name()
     }
 
     /// The UDP address the node listens on.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // What a peer dials to reach the tv.
+    /// let addr = tv.local_addr();
+    /// assert!(addr.ip().is_loopback() && addr.port() != 0);
+    /// phone.add_peer("tv", addr)?;
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     /// The node's capabilities now (see [`set_capabilities`](Self::set_capabilities)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// phone.set_capabilities(&["display", "speaker"]);
+    /// assert_eq!(phone.capabilities(), ["display", "speaker"]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn capabilities(&self) -> Vec<String> {
         self.shared.capabilities()
     }
 
     /// The node's limits.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let limits = phone.limits();
+    /// println!("a mailbox holds {} messages, a node {} services", limits.mailbox_capacity, limits.services_max);
+    /// assert!(limits.mailbox_capacity > 0);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn limits(&self) -> &Limits {
         &self.shared.limits
     }
 
     /// Registers service kind `S` so this node can run and restore it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tern::{Ctx, Service};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Lamp { on: bool }
+    /// #[derive(Serialize, Deserialize)]
+    /// enum LampMsg { Toggle }
+    /// impl Service for Lamp {
+    ///     type Msg = LampMsg;
+    ///     const KIND: &'static str = "lamp";
+    ///     const VERSION: u32 = 1;
+    ///     async fn handle(&mut self, LampMsg::Toggle: LampMsg, _ctx: &mut Ctx<Self>) {
+    ///         self.on = !self.on;
+    ///     }
+    /// }
+    /// // Every node that may run the kind registers it, here and wherever it may move.
+    /// assert!(phone.spawn(Lamp { on: false }).is_err());
+    /// phone.register::<Lamp>();
+    /// tv.register::<Lamp>();
+    /// let lamp = phone.spawn(Lamp { on: false })?;
+    /// lamp.tell(LampMsg::Toggle)?;
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn register<S: Service>(&self) -> &Self {
         self.shared.register::<S>();
         // Peers plan only for nodes that have a kind: tell them now, not at the next round.
@@ -2651,11 +2717,32 @@ impl NodeHandle {
     }
 
     /// Starts a service of a registered kind on this node.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter { total: 5 })?;
+    /// counter.tell(CounterMsg::Add(2))?;
+    /// assert_eq!(block_on(counter.ask(CounterMsg::Total, SECS_10))?, 7);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn spawn<S: Service>(&self, state: S) -> Result<ServiceRef<S>, Error> {
         self.shared.spawn(state, None)
     }
 
     /// Starts a service on peer `node` from `state`, through that node's kind registry.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // Started on the tv from the phone; the handle works from here.
+    /// let counter = block_on(phone.spawn_on(tv.name(), &Counter { total: 1 }, SECS_10))?;
+    /// assert!(tv.services().iter().any(|s| s.addr.id == counter.id()));
+    /// assert_eq!(block_on(counter.ask(CounterMsg::Total, SECS_10))?, 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn spawn_on<S: Service>(
         &self,
         node: &NodeName,
@@ -2716,6 +2803,19 @@ impl NodeHandle {
     }
 
     /// Starts a service from MessagePack `state` of registered `kind`.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// use tern::Service as _;
+    /// // A state saved earlier, as MessagePack (how snapshots carry it too).
+    /// let saved = rmp_serde::to_vec(&Counter { total: 7 })?;
+    /// let addr = tv.restore(&Counter::kind_key(), &saved)?;
+    /// let counter = tv.resolve::<Counter>(&addr)?;
+    /// assert_eq!(block_on(counter.ask(CounterMsg::Total, SECS_10))?, 7);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn restore(&self, kind: &KindKey, state: &[u8]) -> Result<ServiceAddr, Error> {
         self.shared.restore(kind, state)
     }
@@ -2724,11 +2824,59 @@ impl NodeHandle {
     /// kind (else [`DeliveryError::KindMismatch`]), in any version: during a rolling update a
     /// device may hold a handle of its own version to a service that runs another one (see
     /// [`Service::UPGRADES`]).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let addr = tv.spawn(Counter::default())?.addr().clone();
+    /// // An address travels (in a message, a book, a file); a node makes a handle of it.
+    /// let counter = phone.resolve::<Counter>(&addr)?;
+    /// counter.tell(CounterMsg::Add(2))?;
+    /// assert_eq!(block_on(counter.ask(CounterMsg::Total, SECS_10))?, 2);
+    /// // Of the wrong kind, it is refused.
+    /// assert!(phone.resolve::<tern::doc_support::Probe>(&addr).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn resolve<S: Service>(&self, addr: &ServiceAddr) -> Result<ServiceRef<S>, DeliveryError> {
         self.shared.resolve(addr)
     }
 
     /// Answers an ask from outside any service.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # use std::sync::{mpsc, Mutex, OnceLock};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tern::{Ctx, ReplyTo, Service};
+    /// // A desk hands each question to a worker thread, which answers through the node.
+    /// static WORK: OnceLock<Mutex<mpsc::Sender<ReplyTo<u64>>>> = OnceLock::new();
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Desk;
+    /// #[derive(Serialize, Deserialize)]
+    /// enum DeskMsg { Question(ReplyTo<u64>) }
+    /// impl Service for Desk {
+    ///     type Msg = DeskMsg;
+    ///     const KIND: &'static str = "desk";
+    ///     const VERSION: u32 = 1;
+    ///     async fn handle(&mut self, DeskMsg::Question(reply): DeskMsg, _ctx: &mut Ctx<Self>) {
+    ///         let _ = WORK.get().expect("a worker").lock().expect("lock").send(reply);
+    ///     }
+    /// }
+    /// let (tx, rx) = mpsc::channel();
+    /// WORK.set(Mutex::new(tx)).expect("set once");
+    /// tv.register::<Desk>();
+    /// let desk = tv.spawn(Desk)?;
+    /// let node = tv.clone();
+    /// std::thread::spawn(move || {
+    ///     let reply = rx.recv().expect("a question");
+    ///     node.reply(reply, 42).expect("answered");
+    /// });
+    /// assert_eq!(block_on(desk.ask(DeskMsg::Question, SECS_10))?, 42);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn reply<R: Serialize + Send + 'static>(
         &self,
         to: ReplyTo<R>,
@@ -2740,6 +2888,20 @@ impl NodeHandle {
     /// Adds or replaces entry `role` in the book of local service `holder` (an id, an
     /// address or a handle). The book is kept where the holder runs: a holder that does not
     /// run here is refused, naming where it was looked for.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = phone.spawn(Counter::default())?;
+    /// // The player names the lyrics service "lyrics": its channel moves with it.
+    /// tv.book_insert(player.id(), "lyrics", lyrics.addr())?;
+    /// assert_eq!(tv.book(player.id()), [("lyrics".to_string(), lyrics.addr().clone())]);
+    /// // A holder that does not run here is refused.
+    /// assert!(phone.book_insert(player.id(), "lyrics", lyrics.addr()).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_insert(
         &self,
         holder: impl Into<ServiceId>,
@@ -2758,17 +2920,58 @@ impl NodeHandle {
     }
 
     /// Removes entry `role` from the book of `holder`.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.book_insert(player.id(), "lyrics", lyrics.addr())?;
+    /// assert!(tv.book_remove(player.id(), "lyrics"));
+    /// assert!(!tv.book_remove(player.id(), "lyrics"));
+    /// assert!(tv.book(player.id()).is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_remove(&self, holder: impl Into<ServiceId>, role: &str) -> bool {
         self.shared.book_remove(holder.into(), role)
     }
 
     /// The book of `holder`, as this node knows it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.book_insert(player.id(), "lyrics", lyrics.addr())?;
+    /// for (role, addr) in tv.book(player.id()) {
+    ///     println!("{role}: {} on {}", addr.id, addr.node);
+    /// }
+    /// assert_eq!(tv.book(player.id()).len(), 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book(&self, holder: impl Into<ServiceId>) -> Vec<(String, ServiceAddr)> {
         let holder = holder.into();
         self.shared.books.book(holder)
     }
 
     /// Who `id` holds and who holds it, across the cluster as this node knows it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.book_insert(player.id(), "lyrics", lyrics.addr())?;
+    /// let of_lyrics = tv.associations(lyrics.id());
+    /// assert_eq!(of_lyrics.held_by[0].0.id, player.id());
+    /// assert_eq!(of_lyrics.held_by[0].1, "lyrics");
+    /// assert_eq!(tv.associations(player.id()).holds[0].1.id, lyrics.id());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn associations(&self, id: ServiceId) -> Associations {
         self.shared.books.associations(id)
     }
@@ -2784,14 +2987,20 @@ impl NodeHandle {
     /// give a node a kind it lacks). The service is then held where it landed (`opts.hold`,
     /// the default): automatic placement leaves it alone until [`release`](Self::release).
     ///
-    /// ```no_run
-    /// # async fn demo(phone: tern::NodeHandle, id: tern::ServiceId) {
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # let id = phone.spawn(Counter::default())?.id();
+    /// # block_on(async {
     /// match phone.migrate(id, "tv", tern::MigrateOptions::default()).await {
     ///     Ok(report) => println!("moved in {} us of freeze, {} messages carried", report.freeze_us, report.carried),
     ///     Err(tern::Error::NotMoved(why)) => println!("still where it was: {why}"),
     ///     Err(e) => println!("could not ask: {e}"),
     /// }
-    /// # }
+    /// # });
+    /// assert_eq!(tv.location(id), Some(tv.name().clone()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn migrate(
         &self,
@@ -2804,11 +3013,35 @@ impl NodeHandle {
 
     /// Lets automatic placement move `id` again (an explicit move held it where it put it).
     /// `false` when it was not held. Works on the node that runs the service.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// // The move holds it on the tv; releasing it lets placement move it again.
+    /// assert!(tv.is_held(counter.id()));
+    /// assert!(tv.release(counter.id())?);
+    /// assert!(!tv.release(counter.id())?);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn release(&self, id: ServiceId) -> Result<bool, Error> {
         self.shared.release(id)
     }
 
     /// Whether local service `id` is held where an explicit move put it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// assert!(!phone.is_held(counter.id()));
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// assert!(tv.is_held(counter.id()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_held(&self, id: ServiceId) -> bool {
         self.shared.placement.is_held(id)
     }
@@ -2817,7 +3050,7 @@ impl NodeHandle {
     /// [`lookup`](Self::lookup). The name moves with the service and goes when it stops. A name
     /// another service holds is refused ([`NameError::Taken`](crate::NameError::Taken)).
     ///
-    /// ```no_run
+    /// ```
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Serialize, Deserialize)] struct Board;
     /// # #[derive(Serialize, Deserialize)] enum BoardMsg { Stroke(u32) }
@@ -2827,19 +3060,36 @@ impl NodeHandle {
     /// #     const VERSION: u32 = 1;
     /// #     async fn handle(&mut self, _m: BoardMsg, _c: &mut tern::Ctx<Self>) {}
     /// # }
-    /// # fn demo(phone: tern::NodeHandle, tv: tern::NodeHandle) -> Result<(), tern::Error> {
+    /// # let (phone, tv) = tern::doc_support::two_nodes()?;
+    /// # phone.register::<Board>();
+    /// # tv.register::<Board>();
     /// let board = phone.spawn(Board)?;
     /// phone.register_name("board", board.id())?;
     /// // On any node, once gossip has reached it (within a second):
+    /// # for _ in 0..2000 { if tv.lookup::<Board>("board").is_ok() { break } std::thread::sleep(std::time::Duration::from_millis(5)); }
     /// let found = tv.lookup::<Board>("board")?;
     /// found.tell(BoardMsg::Stroke(1))?;
-    /// # Ok(()) }
+    /// assert_eq!(found.id(), board.id());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn register_name(&self, name: &str, id: ServiceId) -> Result<(), Error> {
         self.shared.register_name(name, id)
     }
 
     /// Removes `name` if local service `id` holds it; `true` if it did.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let clock = phone.spawn(Counter::default())?;
+    /// phone.register_name("clock", clock.id())?;
+    /// assert!(phone.unregister_name("clock", clock.id()));
+    /// assert!(!phone.unregister_name("clock", clock.id()));
+    /// assert!(phone.lookup::<Counter>("clock").is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn unregister_name(&self, name: &str, id: ServiceId) -> bool {
         self.shared.unregister_name(name, id)
     }
@@ -2848,23 +3098,77 @@ impl NodeHandle {
     /// service when it moves. [`NameError::Unknown`](crate::NameError::Unknown) when no node
     /// this one hears from has it; a kind other than `S` is
     /// [`DeliveryError::KindMismatch`](crate::DeliveryError::KindMismatch).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let clock = phone.spawn(Counter::default())?;
+    /// phone.register_name("clock", clock.id())?;
+    /// let found = phone.lookup::<Counter>("clock")?;
+    /// assert_eq!(found.id(), clock.id());
+    /// // The name moves with the service, and the handle follows it.
+    /// block_on(phone.migrate(clock.id(), "tv", tern::MigrateOptions::default()))?;
+    /// found.tell(CounterMsg::Add(1))?;
+    /// assert_eq!(block_on(found.ask(CounterMsg::Total, SECS_10))?, 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn lookup<S: Service>(&self, name: &str) -> Result<ServiceRef<S>, Error> {
         self.shared.lookup(name)
     }
 
     /// Every registered name this node knows of, with its service, sorted by name.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let clock = phone.spawn(Counter::default())?;
+    /// let alarm = phone.spawn(Counter::default())?;
+    /// phone.register_name("clock", clock.id())?;
+    /// phone.register_name("alarm", alarm.id())?;
+    /// assert_eq!(phone.names(), [("alarm".to_string(), alarm.id()), ("clock".to_string(), clock.id())]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn names(&self) -> Vec<(String, ServiceId)> {
         self.shared.all_names()
     }
 
     /// The assembly tree rooted at `root`: root first, then breadth first, each member with
     /// its parent and the node it runs on.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.adopt(player.id(), lyrics.addr())?;
+    /// let tree = tv.tree(player.id())?;
+    /// assert_eq!(tree.len(), 2);
+    /// assert_eq!((tree[0].addr.id, tree[0].depth), (player.id(), 0));
+    /// assert_eq!((tree[1].addr.id, tree[1].parent), (lyrics.id(), Some(player.id())));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn tree(&self, root: ServiceId) -> Result<Vec<TreeMember>, Error> {
         self.shared.tree(root)
     }
 
     /// Makes `child` a child of `parent` (which runs on this node) in its assembly tree. A
     /// service has one parent at most and a tree has no cycle.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.adopt(player.id(), lyrics.addr())?;
+    /// assert_eq!(tv.children(player.id()), [lyrics.id()]);
+    /// // One parent at most, and no cycle.
+    /// assert!(tv.adopt(lyrics.id(), player.addr()).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn adopt(&self, parent: ServiceId, child: &ServiceAddr) -> Result<(), Error> {
         self.shared.adopt(parent, child)
     }
@@ -2873,11 +3177,22 @@ impl NodeHandle {
     /// and all move or none does. Channels between members are local again on `to`;
     /// channels to the rest of the cluster are rebuilt as for one service.
     ///
-    /// ```no_run
-    /// # async fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
-    /// let report = phone.migrate_tree(player, "tv", tern::MigrateOptions::default()).await?;
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = phone.spawn(Counter::default())?;
+    /// let lyrics = player_child(&phone, &player)?;
+    /// # fn player_child(phone: &tern::NodeHandle, player: &tern::ServiceRef<Counter>) -> Result<tern::ServiceId, tern::Error> {
+    /// #     let child = phone.spawn(Counter::default())?;
+    /// #     phone.adopt(player.id(), child.addr())?;
+    /// #     Ok(child.id())
+    /// # }
+    /// let report = block_on(phone.migrate_tree(player.id(), "tv", tern::MigrateOptions::default()))?;
     /// println!("{} services moved, frozen for {} us", report.members.len(), report.freeze_us);
-    /// # Ok(()) }
+    /// assert_eq!(report.members.len(), 2);
+    /// assert_eq!(phone.location(lyrics), Some(tv.name().clone()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn migrate_tree(
         &self,
@@ -2891,6 +3206,23 @@ impl NodeHandle {
     /// Moves services that run on one node as one unit, each to its own node (a split
     /// tree): all or none, frozen together. `Ok` only when all moved; otherwise
     /// [`Error::NotMoved`] with every member's report.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = phone.spawn(Counter::default())?;
+    /// let queue = phone.spawn(Counter::default())?;
+    /// // Both move, frozen together, or neither does.
+    /// let report = block_on(phone.migrate_group(
+    ///     &[(player.id(), "tv"), (queue.id(), "tv")],
+    ///     tern::MigrateOptions::default(),
+    /// ))?;
+    /// assert!(report.committed);
+    /// assert_eq!(report.members.len(), 2);
+    /// assert_eq!(phone.location(queue.id()).map(|n| n.to_string()), Some("tv".into()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn migrate_group<N: Into<NodeName> + Clone>(
         &self,
         moves: &[(ServiceId, N)],
@@ -2904,6 +3236,19 @@ impl NodeHandle {
     }
 
     /// Every node this one knows, itself first: capabilities, load, power, status.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let members = phone.members();
+    /// // Itself first.
+    /// assert_eq!(members[0].info.name.as_str(), "phone");
+    /// for m in &members {
+    ///     println!("{}: {:?}, capabilities {:?}", m.info.name, m.status, m.info.capabilities);
+    /// }
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn members(&self) -> Vec<Member> {
         self.shared.members()
     }
@@ -2911,6 +3256,17 @@ impl NodeHandle {
     /// Replaces this node's capabilities (a display turned off, a speaker plugged in). Peers
     /// learn at the next gossip; local services that require a capability the node lost are
     /// moved to a node that has it, and those that prefer one to a node that offers it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// tv.set_capabilities(&["display"]);
+    /// // The display turned off: what requires one moves to a node that has it.
+    /// tv.set_capabilities(&[]);
+    /// assert!(tv.capabilities().is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_capabilities(&self, capabilities: &[&str]) {
         let caps: Vec<String> = capabilities.iter().map(|c| c.to_string()).collect();
         lock(&self.shared.members).update_me(|me| me.capabilities = caps);
@@ -2925,12 +3281,15 @@ impl NodeHandle {
     /// or above the threshold, a node that drained for its battery takes services again
     /// (`power-restored`); a drain a user asked for stays.
     ///
-    /// ```no_run
-    /// # fn demo(phone: &tern::NodeHandle) {
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
     /// use tern::Power;
     /// phone.set_power(Power::Battery { percent: 8 }); // drains
+    /// assert_eq!(phone.members()[0].info.power, Power::Battery { percent: 8 });
     /// phone.set_power(Power::Plugged); // charging: placement may use the phone again
-    /// # }
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_power(&self, power: Power) {
         lock(&self.shared.members).update_me(|me| me.power = power);
@@ -2975,6 +3334,19 @@ impl NodeHandle {
 
     /// Pins (or unpins) local service `id`: placement, drain and the rebalancer never move
     /// it, and `migrate` refuses to.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// phone.pin(counter.id(), true);
+    /// let refused = block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()));
+    /// assert!(refused.is_err());
+    /// phone.pin(counter.id(), false);
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn pin(&self, id: ServiceId, pinned: bool) {
         self.shared.placement.pin(id, pinned);
         // The check itself is the protocol core's: it refuses whoever asks (this node, a
@@ -2983,16 +3355,49 @@ impl NodeHandle {
     }
 
     /// Observed traffic of the edges touching this node's services, heaviest first.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// for edge in phone.traffic() {
+    ///     println!("{} -> {}: {:.1} msgs/s, {} in all", edge.from, edge.to, edge.msgs_per_s, edge.total_msgs);
+    /// }
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn traffic(&self) -> Vec<EdgeRate> {
         self.shared.traffic()
     }
 
     /// Counters of this node's migrations: committed, aborted by reason, freeze histogram.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// let stats = phone.migration_stats();
+    /// assert_eq!((stats.started, stats.committed), (1, 1));
+    /// assert_eq!(tv.migration_stats().arrived, 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn migration_stats(&self) -> MigrationStats {
         self.shared.driver.stats()
     }
 
     /// Where this node believes service `id` runs.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// assert_eq!(phone.location(counter.id()), Some(phone.name().clone()));
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// assert_eq!(phone.location(counter.id()), Some(tv.name().clone()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn location(&self, id: ServiceId) -> Option<NodeName> {
         if self.shared.slot(id).is_some() {
             return Some(self.name().clone());
@@ -3002,6 +3407,18 @@ impl NodeHandle {
 
     /// Children of `id` in its assembly tree, wherever they run (from the cluster-wide
     /// books: a parent holds each child under the role `child:<id>`).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// assert!(tv.children(player.id()).is_empty());
+    /// tv.adopt(player.id(), lyrics.addr())?;
+    /// assert_eq!(tv.children(player.id()), [lyrics.id()]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn children(&self, id: ServiceId) -> Vec<ServiceId> {
         self.shared
             .children_of(id)
@@ -3011,6 +3428,17 @@ impl NodeHandle {
     }
 
     /// Services running on this node.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// let info = phone.services().into_iter().find(|s| s.addr.id == counter.id()).expect("runs here");
+    /// println!("{} {}: {} of {} queued", info.addr.kind, info.addr.id, info.mailbox_depth, info.mailbox_capacity);
+    /// assert_eq!(info.epoch, 0);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn services(&self) -> Vec<ServiceInfo> {
         self.shared.service_infos()
     }
@@ -3019,18 +3447,36 @@ impl NodeHandle {
     /// checkpoints acknowledged (`None` for a service not run here or not replicated; see
     /// [`Service::REPLICAS`](crate::Service::REPLICAS)).
     ///
-    /// ```no_run
-    /// # fn demo(node: &tern::NodeHandle, id: tern::ServiceId) {
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # let id = phone.spawn(Counter::default())?.id();
+    /// # let node = &phone;
     /// if let Some(r) = node.replica(id) {
     ///     println!("standby {:?}, {} checkpoints acknowledged", r.standby, r.acked);
     /// }
-    /// # }
+    /// // A counter is not replicated (`Service::REPLICAS` is 0).
+    /// assert!(node.replica(id).is_none());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn replica(&self, id: impl Into<ServiceId>) -> Option<crate::ReplicaInfo> {
         self.shared.replicas.info(id.into())
     }
 
     /// The checkpoints this node holds as the standby of other nodes' services, by service.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // Checkpoints of replicated services (`Service::REPLICAS`) that run elsewhere.
+    /// for held in tv.standby_checkpoints() {
+    ///     println!("{held:?}");
+    /// }
+    /// assert!(tv.standby_checkpoints().is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn standby_checkpoints(&self) -> Vec<crate::StandbyInfo> {
         self.shared.replicas.held()
     }
@@ -3039,12 +3485,17 @@ impl NodeHandle {
     /// once every checkpoint cut before the call is written (it waits for the disk). Empty
     /// without a data directory.
     ///
-    /// ```no_run
-    /// # fn demo(node: tern::NodeHandle) -> Result<(), tern::Error> {
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # let node = &phone;
     /// for c in node.stored_checkpoints()? {
     ///     println!("{} at epoch {}: checkpoint {}", c.service, c.epoch, c.no);
     /// }
-    /// # Ok(()) }
+    /// // Started without a data directory: nothing is stored.
+    /// assert!(node.stored_checkpoints()?.is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn stored_checkpoints(&self) -> Result<Vec<crate::StoredInfo>, Error> {
         let Some(store) = &self.shared.store else {
@@ -3064,22 +3515,73 @@ impl NodeHandle {
     /// Services whose checkpoints this node found in its data directory when it started and
     /// has not resumed or given up yet (it claims each once its kind is registered): service,
     /// kind, stored epoch.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // Only a node started on a data directory with checkpoints in it resumes anything.
+    /// for (id, kind, epoch) in phone.resuming() {
+    ///     println!("{kind} {id} from epoch {epoch}");
+    /// }
+    /// assert!(phone.resuming().is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn resuming(&self) -> Vec<(ServiceId, KindKey, u64)> {
         self.shared.replicas.dormant()
     }
 
     /// A snapshot of the node's counters.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// counter.tell(CounterMsg::Add(1))?;
+    /// block_on(counter.ask(CounterMsg::Total, SECS_10))?;
+    /// let stats = phone.stats();
+    /// // The add was handled before the ask was taken (the ask's own count may come later).
+    /// assert!(stats.processed >= 1 && stats.services_live >= 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn stats(&self) -> NodeStats {
         self.shared.snapshot_stats()
     }
 
     /// Messages sent from this node that were declared lost with a node, oldest first
     /// (the last `losses_max`; `stats()` counts them all). See [`LossReport`].
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // Messages that will not be handled, or may not have been, as their senders learn it.
+    /// for loss in phone.losses() {
+    ///     println!("to {}: {} messages from {}", loss.service, loss.messages, loss.sender);
+    /// }
+    /// assert!(phone.losses().is_empty());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn losses(&self) -> Vec<LossReport> {
         self.shared.logs.losses()
     }
 
     /// The node's recent events, oldest first.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// block_on(phone.migrate(counter.id(), "tv", tern::MigrateOptions::default()))?;
+    /// let events = phone.events();
+    /// assert!(events.iter().any(|e| e.kind == "migration" && e.detail.contains(" to tv")));
+    /// for e in events {
+    ///     println!("{} {}", e.kind, e.detail);
+    /// }
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn events(&self) -> Vec<NodeEvent> {
         self.shared.logs.events()
     }
@@ -3091,13 +3593,18 @@ impl NodeHandle {
     /// get loss reports), and it spreads to every other node. A list the CA did not sign is
     /// refused with the reason.
     ///
-    /// ```no_run
-    /// # fn demo(node: &tern::NodeHandle, ca: &tern::certs::ClusterCa,
-    /// #         stolen: &tern::certs::NodeIdentity) -> Result<(), tern::Error> {
+    /// ```
+    /// use tern::certs::ClusterCa;
+    /// use tern::{Node, NodeConfig};
+    /// let ca = ClusterCa::new()?;
+    /// let node = Node::start(NodeConfig::new(ca.issue("phone")?, "127.0.0.1:0".parse()?))?;
+    /// // The watch was stolen: its certificate is revoked, and refused from now on.
+    /// let stolen = ca.issue("watch")?;
     /// let crl = ca.revocation_list(&[stolen.serial()?], 1)?;
     /// node.install_revocations(&crl)?;
     /// assert!(node.revocations().is_some_and(|r| r.revokes(&stolen.serial().unwrap())));
-    /// # Ok(()) }
+    /// # node.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn install_revocations(&self, crl: &[u8]) -> Result<crate::trust::Installed, Error> {
         self.shared
@@ -3105,6 +3612,15 @@ impl NodeHandle {
     }
 
     /// The revocation list this node holds, if any.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // None until the cluster's authority installs a list (`install_revocations`).
+    /// assert!(phone.revocations().is_none());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn revocations(&self) -> Option<Arc<crate::trust::Revocations>> {
         self.shared.trust.revocations()
     }
@@ -3114,10 +3630,17 @@ impl NodeHandle {
     /// already open keep the one they were made with until they close. It must be a node's
     /// certificate for this node's name from the same CA, and not revoked.
     ///
-    /// ```no_run
-    /// # fn demo(node: &tern::NodeHandle, ca: &tern::certs::ClusterCa) -> Result<(), tern::Error> {
+    /// ```
+    /// use tern::certs::ClusterCa;
+    /// use tern::{Node, NodeConfig};
+    /// let ca = ClusterCa::new()?;
+    /// let node = Node::start(NodeConfig::new(ca.issue("phone")?, "127.0.0.1:0".parse()?))?;
+    /// let before = node.identity().serial()?;
+    /// // A renewed certificate: new connections present it.
     /// node.reload_identity(ca.issue(node.name().as_str())?)?;
-    /// # Ok(()) }
+    /// assert_ne!(node.identity().serial()?, before);
+    /// # node.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn reload_identity(&self, identity: crate::certs::NodeIdentity) -> Result<(), Error> {
         let server = self.shared.trust.reload(identity)?;
@@ -3133,11 +3656,32 @@ impl NodeHandle {
     }
 
     /// The certificate this node presents now.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let identity = phone.identity();
+    /// assert_eq!(identity.name()?.as_str(), "phone");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn identity(&self) -> crate::certs::NodeIdentity {
         self.shared.trust.identity()
     }
 
     /// Adds (or re-addresses) a peer; the node connects to it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // Already connected: the address is kept up to date.
+    /// tv.add_peer("phone", phone.local_addr())?;
+    /// assert!(tv.is_connected("phone"));
+    /// // A node is not its own peer.
+    /// assert!(phone.add_peer("phone", phone.local_addr()).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn add_peer(&self, name: &str, addr: SocketAddr) -> Result<(), Error> {
         crate::certs::check_node_name(name)?;
         if name == self.name().as_str() {
@@ -3150,11 +3694,30 @@ impl NodeHandle {
     }
 
     /// The state of every link to a peer.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let link = phone.peers().into_iter().find(|p| p.name.as_str() == "tv").expect("a peer");
+    /// assert!(link.connected);
+    /// println!("tv at {:?}, rtt {:?}", link.addr, link.link.map(|l| l.rtt_us));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared.links.all().iter().map(|l| l.status()).collect()
     }
 
     /// True when a connection to `peer` is up.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// assert!(phone.is_connected("tv"));
+    /// assert!(!phone.is_connected("car"));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_connected(&self, peer: &str) -> bool {
         self.shared
             .links
@@ -3166,6 +3729,17 @@ impl NodeHandle {
     /// goodbye goes to its peers and nothing lingers; its actix system ends and its thread is
     /// joined. Peers learn only by their idle timeout. For fault tests (the harness's
     /// `Cluster::kill`); a node leaving on purpose calls [`shutdown`](Self::shutdown).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// tv.halt();
+    /// // Gone as a crash would be: the tv handles nothing more.
+    /// assert!(tv.spawn(Counter::default()).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn halt(&self) {
         self.shared.halted.0.store(true, Ordering::SeqCst);
         self.shared.stopping.store(true, Ordering::SeqCst);
@@ -3188,6 +3762,16 @@ impl NodeHandle {
 
     /// Stops the node: closes its endpoint, ends its actix system and joins its thread.
     /// Pending asks on this node fail with `NodeLost`.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// tv.shutdown();
+    /// assert!(tv.spawn(Counter::default()).is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn shutdown(&self) {
         self.actor.do_send(Stop);
         self.join();

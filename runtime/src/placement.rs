@@ -742,12 +742,17 @@ impl NodeHandle {
     /// Returns once every move has ended. Call [`shutdown`](Self::shutdown) after it to
     /// leave the cluster with nothing lost.
     ///
-    /// ```no_run
-    /// # async fn demo(phone: tern::NodeHandle) {
-    /// let report = phone.drain().await;
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # tern::doc_support::gossiped(&phone, &tv)?;
+    /// # phone.spawn(Counter::default())?;
+    /// let report = block_on(phone.drain());
     /// println!("{} moved, pinned: {:?}, failed: {:?}", report.moved.len(), report.pinned, report.failed);
+    /// assert!(report.failed.is_empty() && phone.services().iter().all(|s| s.addr.kind.name.as_str() == "probe"));
     /// phone.shutdown();
-    /// # }
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn drain(&self) -> DrainReport {
         // Asked for: power coming back does not end it.
@@ -768,24 +773,56 @@ impl NodeHandle {
 
     /// What the last drain of this node did (whether [`drain`](Self::drain) or a low
     /// battery started it), once it has ended.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # tern::doc_support::gossiped(&phone, &tv)?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// assert!(tv.last_drain().is_none());
+    /// block_on(tv.drain());
+    /// let last = tv.last_drain().expect("drained");
+    /// assert_eq!(last.moved.len(), 1);
+    /// assert_eq!(phone.location(counter.id()), Some(phone.name().clone()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn last_drain(&self) -> Option<DrainReport> {
         self.shared.last_drain()
     }
 
     /// Replaces the placement policy (the default is [`AffinityPolicy`](crate::AffinityPolicy)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// use std::sync::Arc;
+    /// // The default policy, with load weighed more than it is by default.
+    /// let mut policy = tern::AffinityPolicy::default();
+    /// policy.load_weight *= 2.0;
+    /// phone.set_policy(Arc::new(policy));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_policy(&self, policy: Arc<dyn Policy>) {
         self.shared.placement.set_policy(policy);
     }
 
     /// Where `ids` (with their trees when `opts.tree`) would go and why, moving nothing.
     ///
-    /// ```no_run
-    /// # fn demo(phone: tern::NodeHandle, player: tern::ServiceId) -> Result<(), tern::Error> {
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # tern::doc_support::gossiped(&phone, &tv)?;
+    /// # let player = phone.spawn(Counter::default())?.id();
     /// let plan = phone.plan(&[player], &tern::PlanOptions { tree: true, ..Default::default() })?;
     /// for m in &plan.moves {
     ///     println!("{} {} -> {}: {}", m.kind, m.from, m.to, m.reasons.join("; "));
     /// }
-    /// # Ok(()) }
+    /// // Nothing moved.
+    /// assert_eq!(phone.location(player), Some(phone.name().clone()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn plan(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<Plan, Error> {
         self.shared.plan(ids, opts)
@@ -796,6 +833,20 @@ impl NodeHandle {
     /// when every planned move happened. If any service cannot be placed, nothing moves and
     /// [`Error::NotMoved`] lists every refusal; if a group did not move, it carries every
     /// report (groups from other source nodes may have moved: their reports say so).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # tern::doc_support::gossiped(&phone, &tv)?;
+    /// let counter = phone.spawn(Counter::default())?;
+    /// let opts = tern::PlanOptions { to: Some("tv".into()), ..Default::default() };
+    /// let report = block_on(phone.place(&[counter.id()], &opts))?;
+    /// assert_eq!(report.plan.moves.len(), 1);
+    /// assert!(report.groups.iter().all(|g| g.committed));
+    /// assert!(tv.is_held(counter.id()));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn place(&self, ids: &[ServiceId], opts: &PlanOptions) -> Result<PlaceReport, Error> {
         let report = self.shared.place(ids, opts).await?;
         if report.groups.iter().all(|g| g.committed) {
@@ -810,12 +861,33 @@ impl NodeHandle {
 
     /// Starts the periodic affinity rebalancer on this node (`None` stops it). Of the nodes
     /// that run it, the one with the smallest name plans for the whole cluster.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// use tern::RebalancerConfig;
+    /// phone.set_rebalancer(Some(RebalancerConfig { interval_ms: 30_000, ..Default::default() }));
+    /// // ... and off again.
+    /// phone.set_rebalancer(None);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_rebalancer(&self, cfg: Option<RebalancerConfig>) {
         self.shared.set_rebalancer(cfg);
     }
 
     /// Runs one rebalancer round now, planned here for the whole cluster, and waits for its
     /// migrations.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let round = block_on(phone.rebalance_now(&tern::RebalancerConfig::default()));
+    /// println!("led by {}: {} moves", round.leader, round.moves.len());
+    /// assert_eq!(round.leader, *phone.name());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn rebalance_now(&self, cfg: &RebalancerConfig) -> RebalanceRound {
         let node = self.shared.clone();
         let cfg = cfg.clone();
@@ -836,6 +908,16 @@ impl NodeHandle {
     }
 
     /// The rebalancer rounds this node led, oldest first.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// assert!(phone.rebalance_rounds().is_empty());
+    /// block_on(phone.rebalance_now(&tern::RebalancerConfig::default()));
+    /// assert_eq!(phone.rebalance_rounds().len(), 1);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn rebalance_rounds(&self) -> Vec<RebalanceRound> {
         self.shared.rebalance_rounds()
     }
@@ -843,6 +925,19 @@ impl NodeHandle {
     /// The services associated with `id`: in its book, holding it in theirs, or observed
     /// exchanging messages with it (rates from the traffic tables of this node and its
     /// peers), heaviest first.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let player = tv.spawn(Counter::default())?;
+    /// let lyrics = tv.spawn(Counter::default())?;
+    /// tv.book_insert(player.id(), "lyrics", lyrics.addr())?;
+    /// let with_player = tv.associated(player.id());
+    /// assert_eq!(with_player[0].peer, lyrics.id());
+    /// assert_eq!(with_player[0].declared, ["holds lyrics"]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn associated(&self, id: ServiceId) -> Vec<Association> {
         self.shared.associated(id)
     }

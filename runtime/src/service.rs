@@ -433,26 +433,75 @@ pub(crate) fn encoded_len<T: Serialize>(msg: &T) -> usize {
 
 impl<S: Service> Ctx<S> {
     /// This service's id.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // In a handler of yours (here, one `inside` runs on the phone):
+    /// let id = inside(&phone, |ctx| ctx.id())?;
+    /// assert!(phone.services().iter().any(|s| s.addr.id == id));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn id(&self) -> ServiceId {
         self.me.id()
     }
 
     /// This service's kind.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let kind = inside(&phone, |ctx| ctx.kind())?;
+    /// assert_eq!((kind.name.as_str(), kind.version), ("probe", 1));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn kind(&self) -> KindKey {
         S::kind_key()
     }
 
     /// This service's address (id, kind, node).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let addr = inside(&phone, |ctx| ctx.addr().clone())?;
+    /// assert_eq!(addr.node.as_str(), "phone");
+    /// // An address can be given to anyone, on any node.
+    /// assert_eq!(tv.resolve::<tern::doc_support::Probe>(&addr)?.id(), addr.id);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn addr(&self) -> &ServiceAddr {
         self.me.addr()
     }
 
     /// The node running this service now.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let here = inside(&tv, |ctx| ctx.node_name().clone())?;
+    /// assert_eq!(here.as_str(), "tv");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn node_name(&self) -> &NodeName {
         self.me.node.name()
     }
 
     /// A handle to this service, for giving to others.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // A handle to give to others, for example in a message.
+    /// let (id, me) = inside(&phone, |ctx| (ctx.id(), ctx.myself()))?;
+    /// assert_eq!(me.id(), id);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn myself(&self) -> ServiceRef<S> {
         self.me.clone()
     }
@@ -478,6 +527,20 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Sends `msg` to `to`, numbered in this service's channel to it.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     ctx.tell(&counter, CounterMsg::Add(3)).expect("queued");
+    ///     // From the same service, in order: the ask comes after the tell.
+    ///     ctx.ask(&counter, CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 3);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn tell<T: Service>(
         &mut self,
         to: &ServiceRef<T>,
@@ -493,6 +556,22 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Like [`tell`](Self::tell), but waits for room when the target's mailbox or link is full.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter::default())?;
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     for n in 1..=100 {
+    ///         // Waits when the counter's mailbox or the link is full, instead of failing.
+    ///         ctx.tell_wait(&counter, CounterMsg::Add(n)).await.expect("sent");
+    ///     }
+    ///     ctx.ask(&counter, CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 5050);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn tell_wait<T: Service>(
         &mut self,
         to: &ServiceRef<T>,
@@ -519,6 +598,18 @@ impl<S: Service> Ctx<S> {
 
     /// Sends a request to `to` and waits for the answer. The service handles nothing else
     /// meanwhile.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let counter = tv.spawn(Counter { total: 9 })?;
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     ctx.ask(&counter, CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 9);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn ask<T: Service, R: DeserializeOwned + Send + 'static>(
         &mut self,
         to: &ServiceRef<T>,
@@ -536,6 +627,32 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Answers an ask, wherever the asker is.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tern::{Ctx, ReplyTo, Service};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Echo;
+    /// #[derive(Serialize, Deserialize)]
+    /// enum EchoMsg { Say(String, ReplyTo<String>) }
+    /// impl Service for Echo {
+    ///     type Msg = EchoMsg;
+    ///     const KIND: &'static str = "echo";
+    ///     const VERSION: u32 = 1;
+    ///     async fn handle(&mut self, EchoMsg::Say(text, reply): EchoMsg, ctx: &mut Ctx<Self>) {
+    ///         // Wherever the asker is; an asker that gave up is no error of ours.
+    ///         let _ = ctx.reply(reply, text.to_uppercase());
+    ///     }
+    /// }
+    /// tv.register::<Echo>();
+    /// let echo = tv.spawn(Echo)?;
+    /// let heard = block_on(echo.ask(|r| EchoMsg::Say("hello".into(), r), SECS_10))?;
+    /// assert_eq!(heard, "HELLO");
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn reply<R: Serialize + Send + 'static>(
         &self,
         to: ReplyTo<R>,
@@ -609,12 +726,41 @@ impl<S: Service> Ctx<S> {
     }
 
     /// The address in this service's book under `role`.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?.addr().clone();
+    /// let found = inside(&phone, move |ctx| {
+    ///     ctx.book_insert("store", store)?;
+    ///     Ok::<_, tern::Error>((ctx.book_get("store"), ctx.book_get("nothing")))
+    /// })??;
+    /// assert_eq!(found.0.map(|a| a.node.to_string()), Some("tv".into()));
+    /// assert!(found.1.is_none());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_get(&self, role: &str) -> Option<ServiceAddr> {
         self.me.node.books.get(self.id(), role)
     }
 
     /// A typed handle to the service in this service's book under `role`
     /// ([`DeliveryError::UnknownRole`] when there is no such entry).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter { total: 4 })?;
+    /// let addr = store.addr().clone();
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     ctx.book_insert("store", addr)?;
+    ///     let store = ctx.book_ref::<Counter>("store")?;
+    ///     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(ctx.ask(&store, CounterMsg::Total, SECS_10).await?)
+    /// }))?;
+    /// assert_eq!(total.map_err(|e| e.to_string())?, 4);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_ref<T: Service>(&self, role: &str) -> Result<ServiceRef<T>, DeliveryError> {
         let addr = self
             .book_get(role)
@@ -626,6 +772,25 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Sends `msg` to the service in this service's book under `role`.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?;
+    /// let addr = store.addr().clone();
+    /// inside(&phone, move |ctx| {
+    ///     ctx.book_insert("store", addr)?;
+    ///     ctx.tell_role::<Counter>("store", CounterMsg::Add(5))?;
+    ///     // No such entry: refused, nothing sent.
+    ///     assert!(ctx.tell_role::<Counter>("archive", CounterMsg::Add(1)).is_err());
+    ///     Ok::<_, tern::Error>(())
+    /// })??;
+    /// # let mut total = 0;
+    /// # for _ in 0..1000 { total = block_on(store.ask(CounterMsg::Total, SECS_10))?; if total == 5 { break } std::thread::sleep(std::time::Duration::from_millis(5)); }
+    /// # assert_eq!(total, 5);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn tell_role<T: Service>(&mut self, role: &str, msg: T::Msg) -> Result<(), DeliveryError> {
         let to = self.book_ref::<T>(role)?;
         self.tell(&to, msg)
@@ -633,6 +798,23 @@ impl<S: Service> Ctx<S> {
 
     /// Like [`tell_role`](Self::tell_role), but waits for room when the target's mailbox or
     /// link is full.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?;
+    /// let addr = store.addr().clone();
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     ctx.book_insert("store", addr).expect("a book entry");
+    ///     for n in 1..=10 {
+    ///         ctx.tell_wait_role::<Counter>("store", CounterMsg::Add(n)).await.expect("sent");
+    ///     }
+    ///     ctx.ask_role::<Counter, u64>("store", CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 55);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn tell_wait_role<T: Service>(
         &mut self,
         role: &str,
@@ -643,6 +825,20 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Asks the service in this service's book under `role` (see [`ask`](Self::ask)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter { total: 8 })?;
+    /// let addr = store.addr().clone();
+    /// let total = inside_async(&phone, move |ctx| Box::pin(async move {
+    ///     ctx.book_insert("store", addr).expect("a book entry");
+    ///     ctx.ask_role::<Counter, u64>("store", CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 8);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn ask_role<T: Service, R: DeserializeOwned + Send + 'static>(
         &mut self,
         role: &str,
@@ -655,48 +851,167 @@ impl<S: Service> Ctx<S> {
 
     /// Registers `name` for this service, cluster-wide (see
     /// [`NodeHandle::register_name`](crate::NodeHandle::register_name)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let id = inside(&phone, |ctx| ctx.register_name("clock").map(|()| ctx.id()))??;
+    /// assert_eq!(phone.lookup::<tern::doc_support::Probe>("clock")?.id(), id);
+    /// // Taken.
+    /// assert!(inside(&phone, |ctx| ctx.register_name("clock"))?.is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn register_name(&self, name: &str) -> Result<(), Error> {
         self.me.node.register_name(name, self.id())
     }
 
     /// Removes `name` if this service holds it; `true` if it did.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let gone = inside(&phone, |ctx| {
+    ///     ctx.register_name("clock")?;
+    ///     Ok::<_, tern::Error>(ctx.unregister_name("clock"))
+    /// })??;
+    /// assert!(gone);
+    /// assert!(phone.lookup::<tern::doc_support::Probe>("clock").is_err());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn unregister_name(&self, name: &str) -> bool {
         self.me.node.unregister_name(name, self.id())
     }
 
     /// A handle to the service registered as `name`, wherever it runs (see
     /// [`NodeHandle::lookup`](crate::NodeHandle::lookup)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let clock = tv.spawn(Counter { total: 12 })?;
+    /// tv.register_name("clock", clock.id())?;
+    /// let total = inside_async(&tv, |ctx| Box::pin(async move {
+    ///     let clock = ctx.lookup::<Counter>("clock").expect("registered");
+    ///     ctx.ask(&clock, CounterMsg::Total, SECS_10).await
+    /// }))??;
+    /// assert_eq!(total, 12);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn lookup<T: Service>(&self, name: &str) -> Result<ServiceRef<T>, Error> {
         self.me.node.lookup(name)
     }
 
     /// This service's whole book.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let (a, b) = (tv.spawn(Counter::default())?, tv.spawn(Counter::default())?);
+    /// let (a, b) = (a.addr().clone(), b.addr().clone());
+    /// let book = inside(&phone, move |ctx| {
+    ///     ctx.book_insert("left", a)?;
+    ///     ctx.book_insert("right", b)?;
+    ///     Ok::<_, tern::Error>(ctx.book())
+    /// })??;
+    /// assert_eq!(book.len(), 2);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book(&self) -> Vec<(String, ServiceAddr)> {
         self.me.node.books.book(self.id())
     }
 
     /// Adds or replaces the entry `role` of this service's book.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?.addr().clone();
+    /// let (me, book) = inside(&phone, move |ctx| {
+    ///     // The entry, and the channel it names, move with this service.
+    ///     ctx.book_insert("store", store)?;
+    ///     Ok::<_, tern::Error>((ctx.id(), ctx.book()))
+    /// })??;
+    /// assert_eq!(book[0].0, "store");
+    /// assert_eq!(phone.book(me), book);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_insert(&self, role: &str, target: ServiceAddr) -> Result<(), Error> {
         self.me.node.book_insert(self.addr(), role, target)
     }
 
     /// Removes the entry `role` of this service's book; true if there was one.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?.addr().clone();
+    /// let removed = inside(&phone, move |ctx| {
+    ///     ctx.book_insert("store", store)?;
+    ///     Ok::<_, tern::Error>((ctx.book_remove("store"), ctx.book_remove("store")))
+    /// })??;
+    /// assert_eq!(removed, (true, false));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn book_remove(&self, role: &str) -> bool {
         self.me.node.book_remove(self.id(), role)
     }
 
     /// Who this service holds and who holds it, across the cluster.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let store = tv.spawn(Counter::default())?;
+    /// let addr = store.addr().clone();
+    /// let mine = inside(&phone, move |ctx| {
+    ///     ctx.book_insert("store", addr)?;
+    ///     Ok::<_, tern::Error>(ctx.associations())
+    /// })??;
+    /// assert_eq!(mine.holds[0].1.id, store.id());
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn associations(&self) -> Associations {
         self.me.node.books.associations(self.id())
     }
 
     /// Starts a child service on this node, recorded as an assembly-tree edge.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let (parent, child) = inside(&phone, |ctx| {
+    ///     let child = ctx.spawn_child(Counter::default())?;
+    ///     Ok::<_, tern::Error>((ctx.id(), child.id()))
+    /// })??;
+    /// // It moves with its parent when the tree moves (`migrate_tree`).
+    /// assert_eq!(phone.children(parent), [child]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn spawn_child<C: Service>(&self, state: C) -> Result<ServiceRef<C>, Error> {
         self.me.node.spawn(state, Some(self.id()))
     }
 
     /// Makes `child` a child of this service in its assembly tree (see
     /// [`NodeHandle::adopt`](crate::NodeHandle::adopt)).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let stray = phone.spawn(Counter::default())?;
+    /// let addr = stray.addr().clone();
+    /// let parent = inside(&phone, move |ctx| ctx.adopt(&addr).map(|()| ctx.id()))??;
+    /// assert_eq!(phone.children(parent), [stray.id()]);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn adopt(&self, child: &ServiceAddr) -> Result<(), Error> {
         self.me.node.adopt(self.id(), child)
     }
@@ -735,11 +1050,40 @@ impl<S: Service> Ctx<S> {
     }
 
     /// Cancels a pending timer; false if it already fired or was cancelled.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # use std::time::Duration;
+    /// # use tern::doc_support::ProbeMsg;
+    /// let cancelled = inside(&phone, |ctx| {
+    ///     let timer = ctx.schedule(Duration::from_secs(60), ProbeMsg::default())?;
+    ///     Ok::<_, tern::Error>((ctx.cancel(timer), ctx.cancel(timer), ctx.timers_pending()))
+    /// })??;
+    /// assert_eq!(cancelled, (true, false, 0));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn cancel(&mut self, timer: TimerId) -> bool {
         self.timers.cancel(timer)
     }
 
     /// Number of pending timers.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// # use std::time::Duration;
+    /// # use tern::doc_support::ProbeMsg;
+    /// let pending = inside(&phone, |ctx| {
+    ///     ctx.schedule(Duration::from_secs(60), ProbeMsg::default())?;
+    ///     ctx.schedule(Duration::from_secs(90), ProbeMsg::default())?;
+    ///     Ok::<_, tern::Error>(ctx.timers_pending())
+    /// })??;
+    /// assert_eq!(pending, 2);
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn timers_pending(&self) -> usize {
         self.timers.len()
     }
@@ -751,6 +1095,18 @@ impl<S: Service> Ctx<S> {
     /// wait (not this handler: the move starts only after it returns), or drop it; the outcome
     /// is also logged (`migration` event). To have the outcome come back to the service
     /// itself, use [`migrate_then`](Self::migrate_then).
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// // The move starts once the handler returns; the `Migration` resolves to its outcome.
+    /// let (id, moving) = inside(&phone, |ctx| (ctx.id(), ctx.migrate("tv", tern::MigrateOptions::default())))?;
+    /// let report = block_on(moving)?;
+    /// assert_eq!(report.to.as_str(), "tv");
+    /// assert!(tv.services().iter().any(|s| s.addr.id == id));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn migrate(&mut self, to: impl Into<NodeName>, opts: MigrateOptions) -> Migration {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.migrate_to = Some(Box::new((
@@ -806,6 +1162,19 @@ impl<S: Service> Ctx<S> {
 
     /// Stops this service after the current message. Messages still queued are refused and
     /// their senders told.
+    ///
+    /// ```
+    /// # use tern::doc_support::{block_on, inside, inside_async, two_nodes, Counter, CounterMsg, SECS_10};
+    /// # let (phone, tv) = two_nodes()?;
+    /// let id = inside(&phone, |ctx| {
+    ///     ctx.stop();
+    ///     ctx.id()
+    /// })?;
+    /// # for _ in 0..1000 { if !phone.services().iter().any(|s| s.addr.id == id) { break } std::thread::sleep(std::time::Duration::from_millis(5)); }
+    /// assert!(!phone.services().iter().any(|s| s.addr.id == id));
+    /// # phone.shutdown(); tv.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn stop(&mut self) {
         self.stop = true;
     }
