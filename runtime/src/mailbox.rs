@@ -132,6 +132,21 @@ impl PeerVersions {
         let mut table = self.0.write().unwrap_or_else(|p| p.into_inner());
         table.insert(node.clone(), version) != Some(version)
     }
+
+    /// `node` no longer runs the kind, or left the cluster: its messages are read as this
+    /// node's own version's again.
+    pub fn forget(&self, node: &NodeName) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
+    /// Peers whose version is known.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 /// How a mailbox of a kind with upgrades reads what older versions wrote.

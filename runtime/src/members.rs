@@ -457,6 +457,9 @@ impl NodeShared {
         };
         lock(&self.members).set_status(peer, status);
         self.names_forget_node(peer);
+        if left {
+            self.forget_versions(peer);
+        }
         self.logs.event(
             if left { "member-left" } else { "member-lost" },
             peer.to_string(),

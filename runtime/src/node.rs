@@ -737,11 +737,45 @@ impl NodeShared {
         if table.is_empty() {
             return;
         }
-        for k in kinds {
-            if let Some(peers) = table.get(&*k.kind.name) {
-                peers.set(member, k.kind.version);
+        // The kinds with upgrades that the member runs (its newest version of each); one it
+        // no longer lists is forgotten, so the table holds only what members say now.
+        for (name, peers) in table.iter() {
+            let runs = kinds
+                .iter()
+                .filter(|k| *k.kind.name == **name)
+                .map(|k| k.kind.version)
+                .max();
+            match runs {
+                Some(version) => {
+                    peers.set(member, version);
+                }
+                None => peers.forget(member),
             }
         }
+    }
+
+    /// A member that left: its versions are forgotten (a lost one's are kept, for what it
+    /// sent before and for its return).
+    pub(crate) fn forget_versions(&self, member: &NodeName) {
+        for peers in self
+            .kind_versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            peers.forget(member);
+        }
+    }
+
+    /// How many members' versions of kind `name` this node knows (0 for a kind without
+    /// upgrades).
+    #[cfg(test)]
+    pub(crate) fn versions_known(&self, name: &str) -> usize {
+        self.kind_versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map_or(0, |p| p.len())
     }
 
     /// The bell that wakes `S`'s services when they sleep; `None` when they never do
@@ -3976,6 +4010,67 @@ pub(crate) fn reply_from_wire(body: wire::ReplyBody<'_>) -> ReplyPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits up to 10 s for `cond`.
+    fn until(what: &str, cond: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "waited for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The versions a node keeps of its peers' kinds hold only what members say now: a kind a
+    /// member no longer lists, and a member that left, are forgotten.
+    #[test]
+    fn peers_versions_are_forgotten_when_a_member_stops_listing_the_kind_or_leaves() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct TallyV1(u64);
+        impl Service for TallyV1 {
+            type Msg = u64;
+            const KIND: &'static str = "tally";
+            const VERSION: u32 = 1;
+            async fn handle(&mut self, n: u64, _: &mut crate::Ctx<Self>) {
+                self.0 += n;
+            }
+        }
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct TallyV2(u64);
+        impl Service for TallyV2 {
+            type Msg = u64;
+            const KIND: &'static str = "tally";
+            const VERSION: u32 = 2;
+            const UPGRADES: &'static [crate::Upgrade<Self>] = &[crate::Upgrade {
+                from: 1,
+                state: |b| crate::read_older::<u64>(b).map(TallyV2),
+                msg: crate::read_older::<u64>,
+            }];
+            async fn handle(&mut self, n: u64, _: &mut crate::Ctx<Self>) {
+                self.0 += n;
+            }
+        }
+        let (phone, tv) = crate::doc_support::two_nodes().expect("two nodes");
+        phone.register::<TallyV2>();
+        tv.register::<TallyV1>();
+        until("the phone to learn the tv's version", || {
+            phone.shared.versions_known("tally") == 1
+        });
+        // Gossip from the tv that no longer lists the kind.
+        phone.shared.note_versions(tv.name(), &[]);
+        assert_eq!(phone.shared.versions_known("tally"), 0);
+        until("the tv's next gossip", || {
+            phone.shared.versions_known("tally") == 1
+        });
+        // The tv leaves (it says goodbye): forgotten.
+        tv.shutdown();
+        until("the tv's version to be forgotten", || {
+            phone.shared.versions_known("tally") == 0
+        });
+        phone.shutdown();
+    }
 
     #[test]
     fn pending_asks_are_bounded_and_freed() {

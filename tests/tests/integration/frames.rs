@@ -263,6 +263,17 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
         let why = refusal(p.mig().await?, 7);
         assert!(why.contains("nope"), "{why}");
 
+        // A newer version of a kind the node runs (test-slow@2, where it runs version 1),
+        // forced: refused at the header, forced or not, saying why.
+        let mut newer = snap_header(10, KindKey::new("test-slow", 2), 4, 0);
+        newer.forced = true;
+        p.send_uni(&begin(newer)).await?;
+        let why = refusal(p.mig().await?, 10);
+        assert!(
+            why.contains("runs test-slow@1, older than test-slow@2"),
+            "{why}"
+        );
+
         // State that is not the kind's state.
         let mut s = begin(snap_header(8, slow.clone(), 3, 0));
         s.extend(frame(&Frame::SnapState {
@@ -319,7 +330,7 @@ fn hostile_snapshot_streams_get_errors_or_refusals_and_nothing_is_installed() ->
     assert_eq!(ours, 0);
     let m = a.migration_stats();
     assert_eq!(m.arrived, 0, "{m:?}");
-    assert!(m.refused_in.values().sum::<u64>() >= 4, "{m:?}");
+    assert!(m.refused_in.values().sum::<u64>() >= 5, "{m:?}");
     assert!(a.stats().protocol_errors >= 4);
     c.shutdown();
     Ok(())
