@@ -714,6 +714,9 @@ impl Driver {
     /// The trace context of the attempt moving `id` (its span's), for the target's span to
     /// join: None without the `otel` feature or an OpenTelemetry layer.
     pub fn trace_of(&self, id: ServiceId) -> Option<tern_proto::wire::TraceContext> {
+        if !crate::trace::CARRIES {
+            return None;
+        }
         let span = lock(&self.outgoing).get(&id).map(|o| o.span.clone())?;
         crate::trace::context_of(&span)
     }

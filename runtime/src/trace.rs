@@ -14,6 +14,10 @@
 
 use tern_proto::wire::TraceContext;
 
+/// Whether this build carries trace contexts (the `otel` feature): without it a snapshot's
+/// writer does not even look its span up.
+pub(crate) const CARRIES: bool = cfg!(feature = "otel");
+
 /// The subscriber the current thread logs to, for a thread it starts; None when there is
 /// none yet (the new thread then follows the global default, whenever one is installed).
 pub(crate) fn current_dispatch() -> Option<tracing::Dispatch> {
