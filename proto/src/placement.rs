@@ -21,6 +21,10 @@ pub struct Needs {
     pub required: Vec<String>,
     /// Capabilities it is better off with.
     pub preferred: Vec<String>,
+    /// Older versions of the kind its version writes (it declares a downgrade to each): a
+    /// node running one of them takes the service, written as that version's.
+    #[serde(default)]
+    pub writes: Vec<u32>,
 }
 
 /// A node as placement sees it.
@@ -67,6 +71,17 @@ impl NodeView {
         self.kinds.contains(kind) || self.reads.contains(kind)
     }
 
+    /// The older version a service of `kind` is written as to move here: the version this
+    /// node runs, when it does not take `kind` itself and `writes` (the versions the kind
+    /// declares downgrades to) has it. `None` when the service travels as it is.
+    pub fn written_as(&self, kind: &KindKey, writes: &[u32]) -> Option<u32> {
+        if self.takes(kind) {
+            return None;
+        }
+        self.runs_version(&kind.name)
+            .filter(|v| *v < kind.version && writes.contains(v))
+    }
+
     /// Why this node cannot take a service of `kind` needing `needs`, whoever asks; `None`
     /// when it can. Reachability and exclusions are the caller's to check.
     pub fn unfit(&self, kind: &KindKey, needs: &Needs) -> Option<Unfit> {
@@ -75,7 +90,7 @@ impl NodeView {
                 node: self.name.clone(),
             });
         }
-        if !self.takes(kind) {
+        if !self.takes(kind) && self.written_as(kind, &needs.writes).is_none() {
             return Some(match self.runs_version(&kind.name) {
                 Some(runs) => Unfit::OtherVersion {
                     node: self.name.clone(),
@@ -137,7 +152,7 @@ pub enum Unfit {
         kind: KindKey,
     },
     /// The node runs another version of the kind, and cannot take this one: an older
-    /// version (a service never moves to an older version), or a newer one that does not
+    /// version the service's kind declares no downgrade to, or a newer one that does not
     /// declare how to upgrade from it.
     OtherVersion {
         /// The node.
@@ -165,8 +180,9 @@ impl std::fmt::Display for Unfit {
             }
             Unfit::OtherVersion { node, kind, runs } if *runs < kind.version => write!(
                 f,
-                "node {node} runs {}@{runs}, older than {kind}: a service never moves to an \
-                 older version of its kind",
+                "node {node} runs {}@{runs}, older than {kind}: a service moves to an older \
+                 version of its kind only written as that version's, by a downgrade to version \
+                 {runs} that {kind} declares",
                 kind.name
             ),
             Unfit::OtherVersion { node, kind, runs } => write!(
@@ -336,7 +352,9 @@ impl Policy for AffinityPolicy {
         let versions = cx
             .nodes
             .iter()
-            .filter(|n| n.up && n.takes(&svc.kind))
+            .filter(|n| {
+                n.up && (n.takes(&svc.kind) || n.written_as(&svc.kind, &svc.needs.writes).is_some())
+            })
             .filter_map(|n| n.runs_version(&svc.kind.name));
         let (oldest, newest) = versions.fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let runs = node.runs_version(&svc.kind.name);
@@ -671,6 +689,7 @@ mod tests {
             needs: Needs {
                 required: required.iter().map(|c| c.to_string()).collect(),
                 preferred: preferred.iter().map(|c| c.to_string()).collect(),
+                writes: Vec::new(),
             },
             pinned: false,
             held: false,
@@ -777,9 +796,41 @@ mod tests {
         let older = laptop.refuses(&v2.kind, &v2.needs, true).expect("older");
         assert_eq!(
             older.to_string(),
-            "node laptop runs k@1, older than k@2: a service never moves to an older version \
-             of its kind"
+            "node laptop runs k@1, older than k@2: a service moves to an older version of its \
+             kind only written as that version's, by a downgrade to version 1 that k@2 declares"
         );
+        // With a downgrade to version 1 it goes there, written as version 1's; a node that
+        // runs k@2 takes it as it is, and one that runs nothing of k never.
+        let mut writes_v1 = v2.clone();
+        writes_v1.needs.writes = vec![1];
+        assert_eq!(laptop.unfit(&writes_v1.kind, &writes_v1.needs), None);
+        assert_eq!(
+            laptop.written_as(&writes_v1.kind, &writes_v1.needs.writes),
+            Some(1)
+        );
+        assert_eq!(
+            car.written_as(&writes_v1.kind, &writes_v1.needs.writes),
+            None
+        );
+        let mut bare = node("bare", &[], 0);
+        bare.kinds.clear();
+        assert!(matches!(
+            bare.unfit(&writes_v1.kind, &writes_v1.needs),
+            Some(Unfit::LacksKind { .. })
+        ));
+        // Placement still prefers the newest version: the busy tv over the idle laptop.
+        let c = choose(
+            &AffinityPolicy::default(),
+            &writes_v1,
+            &[laptop.clone(), tv.clone()],
+            &Affinity::default(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(c.node.as_str(), "tv", "{c:?}");
+        // A downgrade to another version does not help.
+        writes_v1.needs.writes = vec![0];
+        assert!(laptop.unfit(&writes_v1.kind, &writes_v1.needs).is_some());
         // Placement moves the k@1 service to the newest version despite the tv's load, and
         // says why; the laptop runs the old version, the car cannot take it.
         let nodes = [phone, tv, car, laptop];
@@ -851,6 +902,7 @@ mod tests {
         let needs_camera = Needs {
             required: vec!["camera".into()],
             preferred: vec![],
+            writes: vec![],
         };
         assert_eq!(
             nodes[0]

@@ -797,7 +797,7 @@ impl<S: Service> ServiceRef<S> {
                         Err(e) => (e, None),
                     }
                 }
-                Route::Remote(link) => match link.deliver(self.addr.id, meta, wait, &msg) {
+                Route::Remote(link) => match self.deliver_to(link, &st.node, (meta, wait), &msg) {
                     Ok(queued) => {
                         self.note_sent(&mut st, meta);
                         return Ok(Attempt::Sent(queued, false));
@@ -821,6 +821,32 @@ impl<S: Service> ServiceRef<S> {
             id: self.addr.id,
             node: st.node.clone(),
         })
+    }
+
+    /// Sends `msg` over `link` to the service on node `at`, written as the version `at` runs
+    /// when that is an older one the kind writes ([`Service::DOWNGRADES`]).
+    fn deliver_to(
+        &self,
+        link: &PeerLink,
+        at: &NodeName,
+        (meta, wait): (Meta, bool),
+        msg: &S::Msg,
+    ) -> Result<usize, DeliveryError> {
+        if !S::DOWNGRADES.is_empty() {
+            let older = self
+                .node
+                .peer_version(S::KIND, at)
+                .and_then(crate::service::downgrade_to::<S>);
+            if let Some(d) = older {
+                let bytes = (d.msg)(msg).map_err(|e| DeliveryError::BadMessage {
+                    id: self.addr.id,
+                    kind: tern_proto::ids::KindKey::new(S::KIND, d.to),
+                    detail: format!("downgrading to version {}: {e}", d.to),
+                })?;
+                return link.deliver_encoded(self.addr.id, meta, wait, &bytes);
+            }
+        }
+        link.deliver(self.addr.id, meta, wait, msg)
     }
 
     /// The encoded copy to keep of a message to a replicated service (`None` for any other),

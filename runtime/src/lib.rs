@@ -120,7 +120,9 @@ pub use replicas::{
 };
 pub use replies::{REPEAT_ASKERS_MAX, REPLIES_KEPT_MAX, REPLY_BYTES_KEPT_MAX};
 pub use reports::NotMoved;
-pub use service::{read_older, Ctx, Migration, ReplyTo, Restart, Service, TimerId, Upgrade};
+pub use service::{
+    read_older, write_older, Ctx, Downgrade, Migration, ReplyTo, Restart, Service, TimerId, Upgrade,
+};
 pub use stats::NodeStats;
 pub use tern_proto::directory::{Associations, BookEdge};
 pub use tern_proto::ids::{KindKey, KindName, NodeName, ServiceAddr, ServiceId};

@@ -153,6 +153,10 @@ impl PeerVersions {
 pub(crate) struct Versions<M> {
     /// Reads a message written by a version (`service::read_msg` of the kind).
     pub read: fn(u32, &[u8]) -> Result<M, String>,
+    /// Reads a message in any version the kind reads, newest first
+    /// (`service::read_msg_any`): for bytes whose writer is not who the origin says (a
+    /// message an older copy hands back after an aborted move to it).
+    pub read_any: fn(&[u8]) -> Result<M, String>,
     /// The version the messages carried with a restored copy were written in: its source's.
     pub carried: u32,
     /// The versions peers run.
@@ -313,16 +317,20 @@ impl<M> Mailbox<M> {
 
     /// Decodes a message written in `version` (`None`: this mailbox's). A message a peer
     /// wrote in an older version that does not read as one is tried as this version's: the
-    /// peer may have been updated since its last gossip.
+    /// peer may have been updated since its last gossip. Last, any version the kind reads is
+    /// tried (bytes an older copy wrote and handed back).
     fn decode(&self, bytes: &[u8], version: Option<u32>) -> Result<M, String>
     where
         M: DeserializeOwned,
     {
         match (version, &self.versions) {
-            (Some(version), Some(v)) => {
-                (v.read)(version, bytes).or_else(|e| rmp_serde::from_slice(bytes).map_err(|_| e))
-            }
-            _ => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+            (Some(version), Some(v)) => (v.read)(version, bytes)
+                .or_else(|e| rmp_serde::from_slice(bytes).map_err(|_| e))
+                .or_else(|e| (v.read_any)(bytes).map_err(|_| e)),
+            (None, Some(v)) => rmp_serde::from_slice(bytes)
+                .map_err(|e| e.to_string())
+                .or_else(|e| (v.read_any)(bytes).map_err(|_| e)),
+            (_, None) => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
         }
     }
 
@@ -623,12 +631,21 @@ impl<M> Envelope<M> {
 pub(crate) fn encode_envelope<M: Serialize>(
     env: &Envelope<M>,
 ) -> Result<CarriedMsg, DeliveryError> {
+    encode_envelope_with(env, crate::service::write_plain::<M>)
+}
+
+/// An envelope as it travels, its message written by `write` (as it is, or as an older
+/// version's).
+pub(crate) fn encode_envelope_with<M>(
+    env: &Envelope<M>,
+    write: fn(&M) -> Result<Vec<u8>, String>,
+) -> Result<CarriedMsg, DeliveryError> {
     Ok(CarriedMsg {
         from: env.from,
         seq: env.seq,
         ask: env.ask.as_ref().map(|a| (a.node.clone(), a.ask)),
         origin: env.origin.clone(),
-        msg: rmp_serde::to_vec(&env.msg).map_err(|e| DeliveryError::Encode(e.to_string()))?,
+        msg: write(&env.msg).map_err(DeliveryError::Encode)?,
     })
 }
 

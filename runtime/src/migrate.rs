@@ -14,12 +14,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::{DeliveryError, Error};
-use crate::mailbox::{encode_envelope, lock, Envelope, Refusal, Slot};
+use crate::mailbox::{encode_envelope_with, lock, Envelope, Refusal, Slot};
 use crate::node::NodeShared;
 use crate::precopy::{PreIn, PreOut, PreStream, PreTx};
 use tern_proto::claims::{self, Location};
 use tern_proto::forward::{Hand, HandOn};
-use tern_proto::ids::{NodeName, ServiceId};
+use tern_proto::ids::{KindKey, NodeName, ServiceId};
 use tern_proto::migration::{
     AbortReason, Action, Config, Core, MigrationId, Outcome, Snapshot, Wire,
 };
@@ -144,8 +144,13 @@ pub(crate) trait CarriedSource: Send + Sync {
     ) -> usize;
 }
 
-/// The typed queue a frozen runner hands over; it takes it back on abort.
-pub(crate) struct CarriedQueue<M>(pub Mutex<VecDeque<Envelope<M>>>);
+/// The typed queue a frozen runner hands over; it takes it back on abort. Its messages are
+/// written by the second field: as they are, or as an older version's (a downgrade).
+pub(crate) struct CarriedQueue<M>(pub Mutex<VecDeque<Envelope<M>>>, pub MsgWriter<M>);
+
+/// Writes a message as the bytes a snapshot carries (`crate::service::write_plain`, or a
+/// kind's downgrade).
+pub(crate) type MsgWriter<M> = fn(&M) -> Result<Vec<u8>, String>;
 
 impl<M: Serialize + Send> CarriedSource for CarriedQueue<M> {
     fn len(&self) -> usize {
@@ -164,7 +169,7 @@ impl<M: Serialize + Send> CarriedSource for CarriedQueue<M> {
         let mut bytes = 0;
         while i < q.len() && bytes < bytes_max {
             let env = &q[i];
-            match encode_envelope(env) {
+            match encode_envelope_with(env, self.1) {
                 Ok(m) => {
                     bytes += m.msg.len() + 32;
                     out.push(m);
@@ -241,6 +246,9 @@ struct Outgoing {
     hold: bool,
     /// The target takes it even while draining or lacking a required capability.
     force: bool,
+    /// The older version the snapshot was written as (a downgrade), which the leftovers are
+    /// written as too.
+    written_as: Option<u32>,
     span: tracing::Span,
 }
 
@@ -269,6 +277,9 @@ pub(crate) struct Driver {
     counters: Mutex<Counters>,
     /// Services copying their state ahead (`precopy.rs`), one attempt each.
     precopies: Mutex<HashMap<ServiceId, PreOut>>,
+    /// Services of kinds that write older versions that left this node: their tombstones
+    /// write what they forward for the version run where they went (`rewrite_forwarded`).
+    rewrites: Mutex<HashMap<ServiceId, KindKey>>,
 }
 
 /// Bytes of state per `SnapState` frame.
@@ -313,6 +324,7 @@ impl Driver {
             incoming: Mutex::new(HashMap::new()),
             counters: Mutex::new(Counters::default()),
             precopies: Mutex::new(HashMap::new()),
+            rewrites: Mutex::new(HashMap::new()),
         }
     }
 
@@ -704,6 +716,7 @@ impl Driver {
             decide: None,
             leftovers: None,
             target_runs: None,
+            written_as: None,
             drain: opts.drain,
             hold: opts.hold,
             force: opts.force,
@@ -742,6 +755,32 @@ impl Driver {
         }
     }
 
+    /// The node the running migration of `id` moves it to.
+    pub fn target_of(&self, id: ServiceId) -> Option<NodeName> {
+        lock(&self.outgoing).get(&id).map(|o| o.to.clone())
+    }
+
+    /// Service `id`, of a kind run here that writes older versions, left this node: its
+    /// tombstone writes what it forwards for the version run where it goes. Entries whose
+    /// tombstone is gone are dropped (the table holds one per tombstone at most).
+    fn note_rewrites(&self, id: ServiceId, kind: KindKey) {
+        let mut table = lock(&self.rewrites);
+        {
+            let core = lock(&self.core);
+            table.retain(|s, _| core.tombstone(*s).is_some());
+        }
+        table.insert(id, kind);
+    }
+
+    /// The kind (as run here) of a service whose tombstone writes what it forwards.
+    fn rewritten_kind(&self, id: ServiceId) -> Option<KindKey> {
+        let table = lock(&self.rewrites);
+        if table.is_empty() {
+            return None;
+        }
+        table.get(&id).cloned()
+    }
+
     /// Whether the running migration of `id` holds it at its target, and forces it there.
     pub fn hold_and_force(&self, id: ServiceId) -> (bool, bool) {
         lock(&self.outgoing)
@@ -771,6 +810,10 @@ impl Driver {
                 o.decide = Some(decide);
                 if let Ok(s) = &snap {
                     o.carried = s.carried.len() as u64;
+                    o.written_as = node
+                        .slot(id)
+                        .filter(|slot| slot.kind().version != s.header.kind.version)
+                        .map(|_| s.header.kind.version);
                 }
                 tracing::info!(
                     parent: &o.span,
@@ -1265,11 +1308,41 @@ impl Driver {
                 }
                 let n = encoded.len();
                 let mut msgs = Vec::with_capacity(n);
+                let kind = slot.kind().clone();
+                let written_as = lock(&self.outgoing)
+                    .get(&service)
+                    .and_then(|o| o.written_as);
+                let rewrite = node.rewrite_of(&kind);
                 for m in encoded {
                     match m {
-                        Ok(msg) => msgs.push(msg),
+                        // Written as the snapshot was: an older version's, in a downgrade.
+                        Ok(mut msg) => match (written_as, rewrite) {
+                            (Some(v), Some(rewrite)) => match rewrite(kind.version, &msg.msg, v) {
+                                Ok(bytes) => {
+                                    msg.msg = bytes;
+                                    msgs.push(msg);
+                                }
+                                Err(detail) => refuse(
+                                    node,
+                                    service,
+                                    refusal_of(
+                                        &msg,
+                                        DeliveryError::BadMessage {
+                                            id: service,
+                                            kind: kind.clone(),
+                                            detail,
+                                        },
+                                    ),
+                                ),
+                            },
+                            _ => msgs.push(msg),
+                        },
                         Err(r) => refuse(node, service, *r),
                     }
+                }
+                // Its tombstone writes what it forwards for the version found there.
+                if rewrite.is_some() {
+                    self.note_rewrites(service, kind);
                 }
                 let writer = lock(&self.outgoing)
                     .get_mut(&service)
@@ -1780,7 +1853,45 @@ pub(crate) fn forward_by_tombstone(
             node.driver.notice_unsent(to, &origin, epoch);
         }
     }
+    let msg = match node.driver.rewritten_kind(to) {
+        Some(kind) => rewrite_forwarded(node, (to, &kind), (origin, &at), msg)?,
+        None => msg,
+    };
     forward(node, &at, to, origin, msg, hand)
+}
+
+/// A message a tombstone forwards to node `at`, written for the version `at` runs: as it is,
+/// unless it was written in a newer version than that one (here, in this node's version or an
+/// older sender's) and the kind, as run here, writes the older one.
+fn rewrite_forwarded(
+    node: &NodeShared,
+    (to, kind): (ServiceId, &KindKey),
+    (origin, at): (&NodeName, &NodeName),
+    mut msg: CarriedMsg,
+) -> Result<CarriedMsg, DeliveryError> {
+    let Some(there) = node.peer_version(&kind.name, at) else {
+        return Ok(msg);
+    };
+    // Written for this node: by an older sender in its version, else in this node's.
+    let sender = msg.origin.as_ref().unwrap_or(origin);
+    let written = if sender == node.name() {
+        kind.version
+    } else {
+        node.peer_version(&kind.name, sender)
+            .map_or(kind.version, |v| v.min(kind.version))
+    };
+    if written <= there {
+        return Ok(msg);
+    }
+    let Some(rewrite) = node.rewrite_of(kind) else {
+        return Ok(msg);
+    };
+    msg.msg = rewrite(written, &msg.msg, there).map_err(|detail| DeliveryError::BadMessage {
+        id: to,
+        kind: kind.clone(),
+        detail,
+    })?;
+    Ok(msg)
 }
 
 /// Sends `msg` for `to` on to node `at`, keeping its numbering, asker and origin.

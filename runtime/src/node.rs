@@ -217,6 +217,9 @@ type RestorePausedFn = fn(
 pub(crate) type EmptyPartFn = fn() -> Box<dyn Tracked>;
 
 type ChannelFn = fn(&Arc<NodeShared>, &ServiceAddr) -> Result<Arc<dyn AnyChannel>, DeliveryError>;
+/// Writes a message of the kind, in the version its writer ran (first), as an older
+/// version's (last) (`service::rewrite_msg`).
+pub(crate) type RewriteFn = fn(u32, &[u8], u32) -> Result<Vec<u8>, String>;
 
 struct KindEntry {
     restore: RestoreFn,
@@ -229,6 +232,9 @@ struct KindEntry {
     /// For an older version of a kind registered here: the version that takes its services,
     /// upgrading them on arrival ([`Service::UPGRADES`]). `None` for a version this node runs.
     upgraded_to: Option<u32>,
+    /// For a version run here that declares downgrades ([`Service::DOWNGRADES`]): how a
+    /// tombstone writes what it forwards to a copy on an older version.
+    rewrite: Option<RewriteFn>,
 }
 
 fn open_channel<S: Service>(
@@ -672,8 +678,16 @@ impl NodeShared {
             needs: Needs {
                 required: S::REQUIRES.iter().map(|c| c.to_string()).collect(),
                 preferred: S::PREFERS.iter().map(|c| c.to_string()).collect(),
+                // Only the version run here writes older ones.
+                writes: if upgraded_to.is_none() {
+                    crate::service::writes_versions::<S>()
+                } else {
+                    Vec::new()
+                },
             },
             upgraded_to,
+            rewrite: (upgraded_to.is_none() && !crate::service::writes_versions::<S>().is_empty())
+                .then_some(crate::service::rewrite_msg::<S> as RewriteFn),
         };
         let mut kinds = self.kinds.write().unwrap_or_else(|p| p.into_inner());
         match kinds.get(&S::kind_key()) {
@@ -699,8 +713,16 @@ impl NodeShared {
                 .entry(KindKey::new(S::KIND, u.from))
                 .or_insert_with(|| entry(Some(S::VERSION)));
         }
+        if S::REPLICAS > 0 && !S::DOWNGRADES.is_empty() {
+            tracing::error!(
+                kind = %S::kind_key(),
+                "a replicated kind's downgrades are ignored: its standbys keep its own version"
+            );
+        }
         drop(kinds);
-        if !S::UPGRADES.is_empty() {
+        // The versions peers run: what their messages are written in, and what to write for
+        // them.
+        if !S::UPGRADES.is_empty() || !crate::service::writes_versions::<S>().is_empty() {
             self.kind_versions
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -726,9 +748,33 @@ impl NodeShared {
             .cloned()?;
         Some(crate::mailbox::Versions {
             read: crate::service::read_msg::<S>,
+            read_any: crate::service::read_msg_any::<S>,
             carried,
             peers,
         })
+    }
+
+    /// The version `node` runs of kind `name`, as its gossip says: known for the kinds here
+    /// that declare upgrades or downgrades; this node's own for itself.
+    pub(crate) fn peer_version(&self, name: &str, node: &NodeName) -> Option<u32> {
+        if node == &self.name {
+            return self.versions_here(name).0.iter().map(|k| k.version).max();
+        }
+        self.kind_versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)?
+            .version_of(node)
+    }
+
+    /// How the version of `kind` run here writes its messages as an older version's, when it
+    /// declares downgrades.
+    pub(crate) fn rewrite_of(&self, kind: &KindKey) -> Option<RewriteFn> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .and_then(|k| k.rewrite)
     }
 
     /// Notes the versions `member` says it runs of the kinds here that declare upgrades.

@@ -387,6 +387,11 @@ impl NodeShared {
             let Some(kind) = self.local_addr_of(*id).map(|a| a.kind) else {
                 continue;
             };
+            // Asked for the version it would be written as.
+            let kind = match self.written_for(&kind, to) {
+                Some(v) => KindKey::new(kind.name.as_str(), v),
+                None => kind,
+            };
             let asked = self
                 .request_control::<Option<Unfit>>(to.clone(), CAN_TAKE_WAIT, |req| {
                     MigMsg::CanTake {
@@ -405,6 +410,22 @@ impl NodeShared {
             }
         }
         None
+    }
+
+    /// The older version a service of `kind` run here is written as when it moves to `to`:
+    /// gossip says `to` runs that version, and `kind` declares a downgrade to it
+    /// ([`Service::DOWNGRADES`](crate::Service::DOWNGRADES)). `None`: it travels as it is.
+    pub(crate) fn written_for(&self, kind: &KindKey, to: &NodeName) -> Option<u32> {
+        if to == self.name() {
+            return None;
+        }
+        let writes = self.needs_of(kind)?.writes;
+        if writes.is_empty() {
+            return None;
+        }
+        let (capabilities, draining, runs, reads) = lock(&self.members).fitness_of(to, kind)?;
+        self.fitness_view(capabilities, draining, (runs, reads))
+            .written_as(kind, &writes)
     }
 
     /// Why node `to` cannot take the local service `id`, checked before anything freezes:

@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use crate::error::{AskError, DeliveryError, Error};
 use crate::handle::{SendNow, ServiceRef};
-use crate::mailbox::{encode_envelope, lock, sleep_key, Envelope, Mailbox, Meta};
-use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, OutSnap};
+use crate::mailbox::{encode_envelope_with, lock, sleep_key, Envelope, Mailbox, Meta};
+use crate::migrate::{CarriedQueue, Decision, Go, MigrateOptions, MsgWriter, OutSnap};
 use crate::node::NodeShared;
 use crate::precopy::Copying;
 use crate::replicas::Gate;
@@ -61,7 +61,8 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     /// The kind's registered name.
     const KIND: &'static str;
     /// The kind's version. A version reads the states and messages of older ones only as
-    /// [`UPGRADES`](Self::UPGRADES) says; a service never moves to an older version.
+    /// [`UPGRADES`](Self::UPGRADES) says, and a service moves to an older version only as
+    /// [`DOWNGRADES`](Self::DOWNGRADES) says.
     const VERSION: u32;
 
     /// Capabilities a node must offer to host this kind (placement never puts it elsewhere).
@@ -104,6 +105,16 @@ pub trait Service: Serialize + DeserializeOwned + Send + Sized + 'static {
     /// arrival, and messages from devices still running an older version are upgraded as
     /// they arrive. Empty, the default: only this version's services are taken.
     const UPGRADES: &'static [Upgrade<Self>] = &[];
+
+    /// How this version writes the states and messages of older versions of the kind, one
+    /// [`Downgrade`] per older version it can write. With a downgrade to version `v`, a
+    /// service moves to a node that runs version `v` (a device rolled back, or not updated
+    /// yet): this node writes the state, the queued and carried messages and the pending
+    /// timers as version `v`'s, and from then on every node running this version writes what
+    /// it sends the service as version `v`'s. Empty, the default: a service never moves to an
+    /// older version. A replicated kind ([`REPLICAS`](Self::REPLICAS) above 0) ignores its
+    /// downgrades: its standbys' checkpoints are in its own version.
+    const DOWNGRADES: &'static [Downgrade<Self>] = &[];
 
     /// The kind key of this service type.
     fn kind_key() -> KindKey {
@@ -171,6 +182,133 @@ pub struct Upgrade<S: Service> {
     pub msg: fn(&[u8]) -> Result<S::Msg, String>,
 }
 
+/// How a version of a kind writes what an older version reads ([`Service::DOWNGRADES`]): its
+/// state, and its messages, as that version's bytes. Convert to the older types and encode
+/// them with [`write_older`]. What the older version cannot hold is lost in the conversion,
+/// as the kind decides; a conversion that fails (returns `Err`) stops the move before the
+/// service leaves (the state) or refuses that message to its sender (a message).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tern::{read_older, write_older, Ctx, Downgrade, Service, Upgrade};
+///
+/// /// Version 1 kept the volume as a fraction.
+/// #[derive(Serialize, Deserialize)]
+/// struct SpeakerV1 { volume: f32 }
+/// #[derive(Serialize, Deserialize)]
+/// enum SpeakerMsgV1 { Volume(f32) }
+///
+/// /// Version 2 keeps it in percent, and can mute; version 1 plays a muted speaker at 0.
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Speaker { percent: u8, muted: bool }
+/// #[derive(Serialize, Deserialize)]
+/// enum SpeakerMsg { Volume(u8), Mute(bool) }
+///
+/// impl Service for Speaker {
+///     type Msg = SpeakerMsg;
+///     const KIND: &'static str = "speaker";
+///     const VERSION: u32 = 2;
+///     const UPGRADES: &'static [Upgrade<Self>] = &[Upgrade {
+///         from: 1,
+///         state: |bytes| {
+///             let old: SpeakerV1 = read_older(bytes)?;
+///             Ok(Speaker { percent: (old.volume * 100.0) as u8, muted: false })
+///         },
+///         msg: |bytes| match read_older(bytes)? {
+///             SpeakerMsgV1::Volume(v) => Ok(SpeakerMsg::Volume((v * 100.0) as u8)),
+///         },
+///     }];
+///     const DOWNGRADES: &'static [Downgrade<Self>] = &[Downgrade {
+///         to: 1,
+///         state: |s| {
+///             let volume = if s.muted { 0.0 } else { f32::from(s.percent) / 100.0 };
+///             write_older(&SpeakerV1 { volume })
+///         },
+///         msg: |m| match m {
+///             SpeakerMsg::Volume(p) => write_older(&SpeakerMsgV1::Volume(f32::from(*p) / 100.0)),
+///             SpeakerMsg::Mute(true) => write_older(&SpeakerMsgV1::Volume(0.0)),
+///             SpeakerMsg::Mute(false) => Err("version 1 cannot unmute".into()),
+///         },
+///     }];
+///     async fn handle(&mut self, msg: SpeakerMsg, _ctx: &mut Ctx<Self>) {
+///         match msg {
+///             SpeakerMsg::Volume(p) => self.percent = p,
+///             SpeakerMsg::Mute(m) => self.muted = m,
+///         }
+///     }
+/// }
+///
+/// let muted = Speaker { percent: 40, muted: true };
+/// let v1: SpeakerV1 = read_older(&(Speaker::DOWNGRADES[0].state)(&muted).unwrap()).unwrap();
+/// assert_eq!(v1.volume, 0.0);
+/// assert!((Speaker::DOWNGRADES[0].msg)(&SpeakerMsg::Mute(false)).is_err());
+/// ```
+pub struct Downgrade<S: Service> {
+    /// The older version this writes.
+    pub to: u32,
+    /// Writes the state as version `to`'s.
+    pub state: fn(&S) -> Result<Vec<u8>, String>,
+    /// Writes a message as version `to`'s (queued, carried, in a timer, or sent to a service
+    /// on a node that runs version `to`).
+    pub msg: fn(&S::Msg) -> Result<Vec<u8>, String>,
+}
+
+/// Encodes `value` (an older version's state or message) as that version reads it, for a
+/// [`Downgrade`].
+pub fn write_older<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    write_plain(value)
+}
+
+/// Writes a message (or a state) as it is: MessagePack, as every version reads its own.
+pub(crate) fn write_plain<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec(value).map_err(|e| e.to_string())
+}
+
+/// The downgrade of `S` to version `to`, when `S` is not replicated and declares one.
+pub(crate) fn downgrade_to<S: Service>(to: u32) -> Option<&'static Downgrade<S>> {
+    if S::REPLICAS > 0 || to >= S::VERSION {
+        return None;
+    }
+    S::DOWNGRADES.iter().find(|d| d.to == to)
+}
+
+/// The older versions `S` writes (see [`downgrade_to`]).
+pub(crate) fn writes_versions<S: Service>() -> Vec<u32> {
+    if S::REPLICAS > 0 {
+        return Vec::new();
+    }
+    let mut v: Vec<u32> = S::DOWNGRADES
+        .iter()
+        .map(|d| d.to)
+        .filter(|to| *to < S::VERSION)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Writes a message of `S`, read as version `written` wrote it, as version `to`'s: what a
+/// tombstone does to a message it forwards to a copy on an older version. The bytes as they
+/// are when `written` is not newer than `to`.
+pub(crate) fn rewrite_msg<S: Service>(
+    written: u32,
+    bytes: &[u8],
+    to: u32,
+) -> Result<Vec<u8>, String> {
+    if written <= to {
+        return Ok(bytes.to_vec());
+    }
+    let d = downgrade_to::<S>(to).ok_or_else(|| {
+        format!(
+            "{}@{} declares no downgrade to version {to}",
+            S::KIND,
+            S::VERSION
+        )
+    })?;
+    let msg = read_msg::<S>(written, bytes)?;
+    (d.msg)(&msg).map_err(|e| format!("downgrading to version {to}: {e}"))
+}
+
 /// Decodes bytes an older version of a kind wrote as `T` (that version's state or message
 /// type), for an [`Upgrade`]; the error says why they do not decode.
 pub fn read_older<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -207,6 +345,20 @@ pub(crate) fn read_msg<S: Service>(from: u32, bytes: &[u8]) -> Result<S::Msg, St
         Some(u) => (u.msg)(bytes).map_err(|e| format!("upgrading from version {from}: {e}")),
         None => Err(no_upgrade(S::KIND, from, S::VERSION)),
     }
+}
+
+/// Reads a message of `S`'s kind in whichever version reads it: this version's, then each
+/// older one `S` upgrades from, newest first.
+pub(crate) fn read_msg_any<S: Service>(bytes: &[u8]) -> Result<S::Msg, String> {
+    let first = match read_older(bytes) {
+        Ok(m) => return Ok(m),
+        Err(e) => e,
+    };
+    let mut from: Vec<u32> = S::UPGRADES.iter().map(|u| u.from).collect();
+    from.sort_unstable_by(|a, b| b.cmp(a));
+    from.into_iter()
+        .find_map(|v| read_msg::<S>(v, bytes).ok())
+        .ok_or(first)
 }
 
 /// A kind's restart policy after a panic ([`Service::RESTART`]).
@@ -1407,14 +1559,29 @@ pub(crate) fn run_restored<S: Service>(
 type Taken<M> = (OutSnap, Arc<CarriedQueue<M>>);
 
 /// Takes the snapshot of a frozen service: its state, queue, timers, counters, windows, book.
+/// `written_as`: the older version its target runs, which it is written as (a downgrade).
 fn snapshot<S: Service>(
     state: &S,
     ctx: &Ctx<S>,
     mailbox: &Mailbox<S::Msg>,
+    written_as: Option<u32>,
 ) -> Result<Taken<S::Msg>, String> {
-    let bytes = rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?;
-    let timers = timer_wires(ctx)?;
-    let (queue, windows) = mailbox.take_for_snapshot(encode_envelope);
+    let (kind, bytes, write): (KindKey, Vec<u8>, MsgWriter<S::Msg>) = match written_as {
+        None => (
+            S::kind_key(),
+            rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?,
+            write_plain::<S::Msg>,
+        ),
+        Some(v) => {
+            let d = downgrade_to::<S>(v)
+                .ok_or_else(|| format!("{} declares no downgrade to version {v}", S::kind_key()))?;
+            let bytes =
+                (d.state)(state).map_err(|e| format!("state: downgrading to version {v}: {e}"))?;
+            (KindKey::new(S::KIND, v), bytes, d.msg)
+        }
+    };
+    let timers = timer_wires(ctx, write)?;
+    let (queue, windows) = mailbox.take_for_snapshot(|env| encode_envelope_with(env, write));
     let mut wins = Vec::with_capacity(windows.len());
     for w in windows {
         let early: Result<Vec<_>, _> = w.early.into_iter().collect();
@@ -1435,7 +1602,7 @@ fn snapshot<S: Service>(
     let header = SnapHeader {
         mig: 0,
         id: ctx.id(),
-        kind: S::kind_key(),
+        kind,
         epoch: 0,
         parent: ctx.me.node.parent_of(ctx.id()),
         state_bytes: bytes.len() as u64,
@@ -1459,7 +1626,7 @@ fn snapshot<S: Service>(
         precopied: false,
         trace: None,
     };
-    let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue)));
+    let carried = Arc::new(CarriedQueue(std::sync::Mutex::new(queue), write));
     Ok((
         OutSnap {
             header,
@@ -1477,7 +1644,7 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
     ctx.me.node.replica_checkpoint(ctx.id(), |taken| {
         let body = tern_proto::replica::CheckpointBody {
             state: rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?,
-            timers: timer_wires(ctx)?,
+            timers: timer_wires(ctx, write_plain::<S::Msg>)?,
             send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
             taken,
             book: ctx.me.node.books.book(ctx.id()),
@@ -1491,14 +1658,18 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
     });
 }
 
-/// A service's pending timers as they travel: due so long from now.
-fn timer_wires<S: Service>(ctx: &Ctx<S>) -> Result<Vec<TimerWire>, String> {
+/// A service's pending timers as they travel: due so long from now, their messages written
+/// by `write`.
+fn timer_wires<S: Service>(
+    ctx: &Ctx<S>,
+    write: MsgWriter<S::Msg>,
+) -> Result<Vec<TimerWire>, String> {
     let now = tokio::time::Instant::now();
     let mut timers = Vec::with_capacity(ctx.timers.len());
     for (at, msg) in ctx.timers.iter() {
         timers.push(TimerWire {
             after_us: at.saturating_duration_since(now).as_micros() as u64,
-            msg: rmp_serde::to_vec(msg).map_err(|e| format!("timer: {e}"))?,
+            msg: write(msg).map_err(|e| format!("timer: {e}"))?,
         });
     }
     Ok(timers)
@@ -1596,6 +1767,15 @@ async fn freeze<S: Service>(
     // the next epoch, which none of them may then claim.
     // In a block: the snapshot is handed to the driver before the await, and a binding still
     // in scope there would be kept in the runner's future, which every idle service pays for.
+    // The older version its target runs, when the kind writes it (a downgrade): gossip's
+    // word now, which the target checks again on the header.
+    let written_as = if S::DOWNGRADES.is_empty() {
+        None
+    } else {
+        node.driver
+            .target_of(id)
+            .and_then(|to| node.written_for(&S::kind_key(), &to))
+    };
     let (carried, rx) = {
         let fence = if S::REPLICAS > 0 {
             // Boxed: the wait's state is not part of every runner's future.
@@ -1610,14 +1790,19 @@ async fn freeze<S: Service>(
             Ok(false)
         };
         let snap = match (fence, ahead) {
-            (Ok(()), Ok(false)) => snapshot(state, ctx, mailbox),
+            (Ok(()), Ok(false)) => snapshot(state, ctx, mailbox, written_as),
+            // What travelled ahead is in this version: an older target could not read it.
+            (Ok(()), Ok(true)) if written_as.is_some() => Err(
+                "the target runs an older version than the state copied ahead; move again"
+                    .to_string(),
+            ),
             (Ok(()), Ok(true)) => {
                 // The part travelled ahead: the snapshot's state leaves it out.
                 let part = S::PRECOPY.map(|p| (p.part)(state));
                 if let Some(part) = part {
                     part.leave_out(true);
                 }
-                let snap = snapshot(state, ctx, mailbox);
+                let snap = snapshot(state, ctx, mailbox, None);
                 if let Some(p) = S::PRECOPY {
                     (p.part)(state).leave_out(false);
                 }
@@ -2239,5 +2424,102 @@ fn sender_stopped<S: Service>(ctx: &Ctx<S>) {
         .collect();
     if !sent.is_empty() {
         ctx.me.node.sender_stopped(ctx.id(), &sent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct GaugeV1(u64);
+    #[derive(Serialize, Deserialize)]
+    enum GaugeMsgV1 {
+        Set(u64),
+    }
+
+    /// Version 2 writes version 1 and reads it; `Split` has no version-1 form.
+    #[derive(Serialize, Deserialize)]
+    struct Gauge {
+        value: u64,
+    }
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum GaugeMsg {
+        Set { value: u64 },
+        Split,
+    }
+
+    impl Service for Gauge {
+        type Msg = GaugeMsg;
+        const KIND: &'static str = "gauge";
+        const VERSION: u32 = 2;
+        const UPGRADES: &'static [Upgrade<Self>] = &[Upgrade {
+            from: 1,
+            state: |b| read_older::<GaugeV1>(b).map(|g| Gauge { value: g.0 }),
+            msg: |b| match read_older(b)? {
+                GaugeMsgV1::Set(value) => Ok(GaugeMsg::Set { value }),
+            },
+        }];
+        const DOWNGRADES: &'static [Downgrade<Self>] = &[Downgrade {
+            to: 1,
+            state: |g| write_older(&GaugeV1(g.value)),
+            msg: |m| match m {
+                GaugeMsg::Set { value } => write_older(&GaugeMsgV1::Set(*value)),
+                GaugeMsg::Split => Err("version 1 cannot split".into()),
+            },
+        }];
+        async fn handle(&mut self, _: GaugeMsg, _: &mut Ctx<Self>) {}
+    }
+
+    /// The same kind, replicated: its downgrades are ignored.
+    #[derive(Serialize, Deserialize)]
+    struct Replicated;
+    impl Service for Replicated {
+        type Msg = GaugeMsg;
+        const KIND: &'static str = "gauge";
+        const VERSION: u32 = 2;
+        const REPLICAS: u8 = 1;
+        const DOWNGRADES: &'static [Downgrade<Self>] = &[Downgrade {
+            to: 1,
+            state: |_| write_older(&GaugeV1(0)),
+            msg: |_| write_older(&GaugeMsgV1::Set(0)),
+        }];
+        async fn handle(&mut self, _: GaugeMsg, _: &mut Ctx<Self>) {}
+    }
+
+    #[test]
+    fn a_tombstone_writes_what_it_forwards_as_the_older_version_or_says_why_not() {
+        let v2 = write_plain(&GaugeMsg::Set { value: 7 }).unwrap();
+        let v1 = write_plain(&GaugeMsgV1::Set(7)).unwrap();
+        // Written in version 2, for version 1: converted.
+        assert_eq!(rewrite_msg::<Gauge>(2, &v2, 1).unwrap(), v1);
+        // Written by an older sender in version 1: as it is.
+        assert_eq!(rewrite_msg::<Gauge>(1, &v1, 1).unwrap(), v1);
+        // What version 1 cannot hold, and a version nothing here writes, are refused.
+        let split = write_plain(&GaugeMsg::Split).unwrap();
+        let err = rewrite_msg::<Gauge>(2, &split, 1).unwrap_err();
+        assert!(err.contains("version 1 cannot split"), "{err}");
+        assert!(rewrite_msg::<Gauge>(2, &v2, 0)
+            .unwrap_err()
+            .contains("no downgrade to version 0"));
+        assert_eq!(writes_versions::<Gauge>(), vec![1]);
+        // A replicated kind writes no older version.
+        assert!(downgrade_to::<Replicated>(1).is_none());
+        assert!(writes_versions::<Replicated>().is_empty());
+    }
+
+    #[test]
+    fn bytes_of_an_unknown_writer_are_read_in_any_version_the_kind_reads() {
+        let v1 = write_plain(&GaugeMsgV1::Set(3)).unwrap();
+        // Not a version-2 message...
+        assert!(read_older::<GaugeMsg>(&v1).is_err());
+        // ...but read through the upgrade from version 1.
+        assert_eq!(
+            read_msg_any::<Gauge>(&v1).unwrap(),
+            GaugeMsg::Set { value: 3 }
+        );
+        let v2 = write_plain(&GaugeMsg::Split).unwrap();
+        assert_eq!(read_msg_any::<Gauge>(&v2).unwrap(), GaugeMsg::Split);
+        assert!(read_msg_any::<Gauge>(&[0xc1]).is_err());
     }
 }
