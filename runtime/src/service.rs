@@ -540,9 +540,10 @@ impl<M> Timers<M> {
 pub struct Ctx<S: Service> {
     /// Itself; its node is `me.node`.
     me: ServiceRef<S>,
-    /// Per receiver, the last number this service used as a sender; shared with the
-    /// service's task ([`SENDING`]) so handles used inside its handlers number the same way.
-    seqs: Seqs,
+    /// Per receiver, the last number this service used as a sender: the map its task's
+    /// [`SENDING`] holds (so handles used inside its handlers number the same way), kept here
+    /// from the first send on.
+    seqs: Option<Seqs>,
     timers: Timers<S::Msg>,
     stop: bool,
     /// A move asked for by the handler in hand (boxed: rare, and every service pays for the
@@ -669,13 +670,19 @@ impl<S: Service> Ctx<S> {
 
     /// The metadata of this service's next message to `to`.
     fn next_meta(&mut self, to: ServiceId) -> Meta {
-        next_meta(&self.seqs, self.me.id(), to, S::REPLICAS > 0)
+        let seqs = match &self.seqs {
+            Some(seqs) => seqs,
+            None => self.seqs.insert(SENDING.with(|s| s.numbers().clone())),
+        };
+        next_meta(seqs, self.me.id(), to, S::REPLICAS > 0)
     }
 
     /// Gives back the number of a message that was not queued, so its receiver does not
     /// wait for it.
     fn unnumber(&mut self, to: ServiceId) {
-        unnumber(&self.seqs, to)
+        if let Some(seqs) = &self.seqs {
+            unnumber(seqs, to);
+        }
     }
 
     /// Sends `msg` to `to`, numbered in this service's channel to it.
@@ -1338,9 +1345,37 @@ type Seqs = std::rc::Rc<std::cell::RefCell<IdMap<u64>>>;
 /// The service whose task is running, and its send counters.
 struct Sending {
     from: ServiceId,
-    seqs: Seqs,
+    /// Per receiver, the last number this service used as a sender: used by its context and
+    /// by handles inside its handlers alike. Made at its first send: a service that never
+    /// sends has none. (Made at the start, on the node's thread, the map's allocation sat
+    /// among the places the tasks of sleeping services free, and kept the next tasks from
+    /// reusing them: docs/benchmarks.md.)
+    seqs: std::cell::OnceCell<Seqs>,
     /// The service is replicated: its node keeps copies of what it sends (`Meta::keep`).
     keep: bool,
+}
+
+impl Sending {
+    /// The send numbers, made if this is the first send.
+    fn numbers(&self) -> &Seqs {
+        self.seqs.get_or_init(Seqs::default)
+    }
+}
+
+/// Per receiver, the last number the running service used (none if it never sent). Called
+/// only inside a service's task.
+fn sent_numbers() -> Vec<(ServiceId, u64)> {
+    SENDING.with(|s| {
+        s.seqs
+            .get()
+            .map(|m| m.borrow().iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// The running service's send numbers, kept by a service that falls asleep.
+fn kept_numbers() -> Option<Seqs> {
+    SENDING.with(|s| s.seqs.get().cloned())
 }
 
 tokio::task_local! {
@@ -1388,10 +1423,13 @@ impl Numbered {
 /// service's task; `None` elsewhere (a handle then sends as the node's client).
 pub(crate) fn numbered_here(to: ServiceId) -> Option<Numbered> {
     SENDING
-        .try_with(|s| Numbered {
-            meta: next_meta(&s.seqs, s.from, to, s.keep),
-            seqs: s.seqs.clone(),
-            to,
+        .try_with(|s| {
+            let seqs = s.numbers().clone();
+            Numbered {
+                meta: next_meta(&seqs, s.from, to, s.keep),
+                seqs,
+                to,
+            }
         })
         .ok()
 }
@@ -1449,7 +1487,7 @@ pub(crate) struct Restored<M> {
 fn new_ctx<S: Service>(me: ServiceRef<S>) -> Ctx<S> {
     Ctx {
         me,
-        seqs: Seqs::default(),
+        seqs: None,
         timers: Timers::new(),
         stop: false,
         migrate_to: None,
@@ -1472,7 +1510,7 @@ pub(crate) fn run_service<S: Service>(
 ) -> impl std::future::Future<Output = ()> {
     let span = service_span::<S>(me.id(), &node);
     let ctx = new_ctx(me);
-    serve(state, ctx, mailbox, None, None).instrument(span)
+    serve(state, ctx, mailbox, None, None, None).instrument(span)
 }
 
 /// Runs a restored copy: paused until the source commits (or discarded if it aborts).
@@ -1502,7 +1540,12 @@ pub(crate) fn run_restored<S: Service>(
                     let _ = ctx.timers.add(now + after, msg, max);
                 }
                 mailbox.note_timers(ctx.timers.len());
-                ctx.seqs.borrow_mut().extend(restored.seqs);
+                // The numbers it sent with at its source go on here (none if it never sent).
+                let seqs = (!restored.seqs.is_empty()).then(|| {
+                    let mut numbers = IdMap::default();
+                    numbers.extend(restored.seqs);
+                    Seqs::new(std::cell::RefCell::new(numbers))
+                });
                 if !restored.outputs.is_empty() {
                     ctx.me.node.send_outputs(id, restored.outputs);
                 }
@@ -1523,7 +1566,7 @@ pub(crate) fn run_restored<S: Service>(
                     mig: restored.mig,
                     at: std::time::Instant::now(),
                 };
-                serve(state, ctx, mailbox, Some(arrived), None).await
+                serve(state, ctx, mailbox, Some(arrived), None, seqs).await
             }
             Ok(Go::Discard) | Err(_) => {
                 // The carried queue is still at the source; what arrived here goes there.
@@ -1608,7 +1651,7 @@ fn snapshot<S: Service>(
         state_bytes: bytes.len() as u64,
         carried: queue.len() as u64,
         timers,
-        send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
+        send_seqs: sent_numbers(),
         windows: wins,
         // Set by the stream's writer, which cuts the windows and counters into frames.
         tables: 0,
@@ -1645,14 +1688,14 @@ fn checkpoint<S: Service>(state: &S, ctx: &Ctx<S>) {
         let body = tern_proto::replica::CheckpointBody {
             state: rmp_serde::to_vec(state).map_err(|e| format!("state: {e}"))?,
             timers: timer_wires(ctx, write_plain::<S::Msg>)?,
-            send_seqs: ctx.seqs.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
+            send_seqs: sent_numbers(),
             taken,
             book: ctx.me.node.books.book(ctx.id()),
             replies: ctx.replies_kept(),
             outputs: ctx
                 .me
                 .node
-                .outputs_of(ctx.id(), ctx.seqs.borrow().keys().copied()),
+                .outputs_of(ctx.id(), sent_numbers().into_iter().map(|(to, _)| to)),
         };
         rmp_serde::to_vec(&body).map_err(|e| format!("checkpoint: {e}"))
     });
@@ -1869,12 +1912,13 @@ fn serve<S: Service>(
     mailbox: Arc<Mailbox<S::Msg>>,
     arrived: Option<Arrived>,
     resumed: Option<RestartBudget>,
+    seqs: Option<Seqs>,
 ) -> impl std::future::Future<Output = ()> {
     // Inside this service's task, a handle numbers its messages in the service's channels
     // (`numbered_here`), as `ctx.tell` does.
     let sending = Sending {
         from: ctx.id(),
-        seqs: ctx.seqs.clone(),
+        seqs: seqs.map_or_else(std::cell::OnceCell::new, std::cell::OnceCell::from),
         keep: S::REPLICAS > 0,
     };
     // (Split here, not in `serve_loop`: an `Option` taken apart inside the loop's future
@@ -1900,7 +1944,7 @@ struct Sleeper<S: Service> {
     node: Arc<NodeShared>,
     chan: Arc<crate::handle::Channel<S::Msg>>,
     mailbox: Arc<Mailbox<S::Msg>>,
-    seqs: Seqs,
+    seqs: Option<Seqs>,
     replies: Option<Box<std::cell::RefCell<crate::replies::Replies>>>,
     restarts: RestartBudget,
     counted: (u32, u32),
@@ -1916,7 +1960,7 @@ impl<S: Service> Sleeper<S> {
             node,
             chan,
             mailbox,
-            seqs: ctx.seqs,
+            seqs: kept_numbers(),
             replies: ctx.replies,
             restarts,
             counted: (ctx.sent, ctx.received),
@@ -1952,7 +1996,7 @@ impl<S: Service> Wake for Sleeper<S> {
         let span = service_span::<S>(addr.id, &node);
         let ctx = Ctx {
             me: ServiceRef::new(addr, node, chan),
-            seqs,
+            seqs: None,
             timers: Timers::new(),
             stop: false,
             migrate_to: None,
@@ -1960,7 +2004,7 @@ impl<S: Service> Wake for Sleeper<S> {
             received,
             replies,
         };
-        actix_rt::spawn(serve(state, ctx, mailbox, None, Some(restarts)).instrument(span));
+        actix_rt::spawn(serve(state, ctx, mailbox, None, Some(restarts), seqs).instrument(span));
     }
 }
 
@@ -2415,12 +2459,9 @@ fn report_panic<S: Service, M>(
 /// The service stopped for good: each service it sent to hears its last number there, so
 /// that its window for this one can go (`tern_proto::inbox::Inbox::close_sender`).
 fn sender_stopped<S: Service>(ctx: &Ctx<S>) {
-    let sent: Vec<(ServiceId, u64)> = ctx
-        .seqs
-        .borrow()
-        .iter()
-        .filter(|(_, last)| **last > 0)
-        .map(|(to, last)| (*to, *last))
+    let sent: Vec<(ServiceId, u64)> = sent_numbers()
+        .into_iter()
+        .filter(|(_, last)| *last > 0)
         .collect();
     if !sent.is_empty() {
         ctx.me.node.sender_stopped(ctx.id(), &sent);
