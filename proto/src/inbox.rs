@@ -708,11 +708,27 @@ impl<T: Numbered> Inbox<T> {
         self.handed_over = queue.len();
         self.frozen = true;
         self.frozen_skips = None;
-        // Per sender, the first number still queued: everything below it was taken.
+        // Per sender with a window, the first number still queued: everything below it was
+        // taken. This walk is inside the freeze, so it is kept light: a run of one sender's
+        // messages costs one look-up, not one each, and the walk ends once every sender with
+        // a window is found.
         let mut first_queued: BTreeMap<ServiceId, u64> = BTreeMap::new();
+        let mut missing = self.windows.len();
+        let mut last_seen: Option<ServiceId> = None;
         for item in &queue {
-            if let Some(from) = item.sender() {
-                first_queued.entry(from).or_insert(item.seq());
+            if missing == 0 {
+                break;
+            }
+            let from = item.sender();
+            if from.is_none() || from == last_seen {
+                continue;
+            }
+            last_seen = from;
+            if let Some(from) = from.filter(|f| self.windows.contains_key(f)) {
+                if let std::collections::btree_map::Entry::Vacant(v) = first_queued.entry(from) {
+                    v.insert(item.seq());
+                    missing -= 1;
+                }
             }
         }
         let mut windows: Vec<WindowExport<U>> = self
@@ -1142,6 +1158,50 @@ mod tests {
         let _ = idle.start();
         let (_, windows) = idle.take_for_snapshot(|x| x.seq);
         assert_eq!(windows[0].taken, 8);
+    }
+
+    #[test]
+    fn a_snapshot_finds_each_senders_first_queued_number_however_deep_it_is() {
+        const A: ServiceId = ServiceId::from_parts(7, 2);
+        const B: ServiceId = ServiceId::from_parts(7, 3);
+        const C: ServiceId = ServiceId::from_parts(7, 4);
+        let from = |f: ServiceId, seq: u64| Msg {
+            from: Some(f),
+            seq,
+            ask: false,
+        };
+        let mut inbox = Inbox::new(ME, 1_000);
+        // C's only message is taken: its window stays, with nothing queued.
+        assert_eq!(inbox.admit(from(C, 1), Admit::Tell), Ok(true));
+        for seq in 1..=3 {
+            assert_eq!(inbox.admit(from(A, seq), Admit::Tell), Ok(true));
+        }
+        assert_eq!(pop_seqs_n(&mut inbox, 3), vec![1, 1, 2]);
+        // A's 3 heads a long run of A's; B's first queued message is deep behind it, and an
+        // unnumbered one sits between.
+        for seq in 4..=500 {
+            assert_eq!(inbox.admit(from(A, seq), Admit::Tell), Ok(true));
+        }
+        let unnumbered = Msg {
+            from: None,
+            seq: 0,
+            ask: false,
+        };
+        assert_eq!(inbox.admit(unnumbered, Admit::Tell), Ok(true));
+        for seq in 1..=5 {
+            assert_eq!(inbox.admit(from(B, seq), Admit::Tell), Ok(true));
+        }
+        let (queue, windows) = inbox.take_for_snapshot(|x| x.seq);
+        assert_eq!(queue.len(), 498 + 1 + 5);
+        let taken = |f: ServiceId| {
+            windows
+                .iter()
+                .find(|w| w.from == f)
+                .map(|w| (w.next, w.taken))
+        };
+        assert_eq!(taken(A), Some((501, 2)));
+        assert_eq!(taken(B), Some((6, 0)));
+        assert_eq!(taken(C), Some((2, 1)));
     }
 
     fn pop_seqs_n(inbox: &mut Inbox<Msg>, n: usize) -> Vec<u64> {
