@@ -16,6 +16,20 @@ use tern_harness::{block_on, wait_for, Cluster};
 
 use crate::common::SECS_10;
 
+/// Waits until every one of `nodes` has heard from each of them that it runs `kind` (the
+/// version each runs travels with it).
+fn kind_gossiped(nodes: &[&tern::NodeHandle], kind: &str) -> Result<()> {
+    wait_for(SECS_10, "gossip of the kinds", || {
+        nodes.iter().all(|n| {
+            n.members()
+                .iter()
+                .filter(|m| m.info.kinds.iter().any(|k| k.kind.name == kind))
+                .count()
+                == nodes.len()
+        })
+    })
+}
+
 /// Version 1 of a tally: a total.
 #[derive(Default, Serialize, Deserialize)]
 pub struct TallyV1 {
@@ -154,15 +168,7 @@ fn a_move_to_the_next_version_upgrades_state_queue_timers_and_older_devices_mess
     let c = mixed(&["a", "c"], &["b"])?;
     let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
     // Every node has heard which version the others run (b upgrades by what c runs).
-    wait_for(SECS_10, "gossip of the kinds", || {
-        [a, b, cc].iter().all(|n| {
-            n.members()
-                .iter()
-                .filter(|m| m.info.kinds.iter().any(|k| k.kind.name == "tally"))
-                .count()
-                == 3
-        })
-    })?;
+    kind_gossiped(&[a, b, cc], "tally")?;
     let tally = a.spawn(TallyV1::default())?;
     block_on(async {
         for n in 1..=10 {
@@ -497,15 +503,7 @@ fn a_kind_that_writes_its_older_version_moves_back_to_it_and_every_sender_writes
         c.node("b").clone(),
         c.node("c").clone(),
     );
-    wait_for(SECS_10, "gossip of the kinds", || {
-        [&a, &b, &cc].iter().all(|n| {
-            n.members()
-                .iter()
-                .filter(|m| m.info.kinds.iter().any(|k| k.kind.name == "meter"))
-                .count()
-                == 3
-        })
-    })?;
+    kind_gossiped(&[&a, &b, &cc], "meter")?;
     // A few MiB of state: the freeze lasts long enough for c's marks to reach a during it.
     let meter = a.spawn(Meter {
         pad: vec![7; 4 << 20],
@@ -733,15 +731,7 @@ fn a_state_its_older_version_cannot_hold_stays_where_it_runs_and_moves_once_it_c
         .start()?;
     c.wait_connected(SECS_10)?;
     let (a, b) = (c.node("a").clone(), c.node("b").clone());
-    wait_for(SECS_10, "gossip of the kinds", || {
-        [&a, &b].iter().all(|n| {
-            n.members()
-                .iter()
-                .filter(|m| m.info.kinds.iter().any(|k| k.kind.name == "note"))
-                .count()
-                == 2
-        })
-    })?;
+    kind_gossiped(&[&a, &b], "note")?;
     let note = a.spawn(Note::default())?;
     block_on(async {
         for n in 1..=10 {
