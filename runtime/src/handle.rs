@@ -73,8 +73,11 @@ pub(crate) struct Channel<M> {
     /// The sender id of messages sent from outside any service through this channel.
     client: ServiceId,
     state: Mutex<ChanState<M>>,
-    /// Woken when kept copies are let go: a sender waiting for room looks again.
-    room: tokio::sync::Notify,
+    /// Woken when kept copies are let go: a sender waiting for room looks again. Made by the
+    /// first sender that waits (under the state's lock, before it looks): only channels of
+    /// replicated services keep copies, and every channel pays for the field (16 bytes
+    /// instead of 32).
+    room: std::sync::OnceLock<Box<tokio::sync::Notify>>,
 }
 
 /// A channel seen without its message type, for the node's table.
@@ -137,7 +140,7 @@ impl<M: Send + 'static> Channel<M> {
                 retained: None,
                 replicated: false,
             }),
-            room: tokio::sync::Notify::new(),
+            room: std::sync::OnceLock::new(),
         }
     }
 
@@ -211,6 +214,13 @@ impl<M: Send + 'static> Channel<M> {
     }
 
     /// True unless the kept copies are at their bound.
+    /// Wakes the senders waiting for room, if any ever waited. Called under the state's lock.
+    fn room_made(&self) {
+        if let Some(room) = self.room.get() {
+            room.notify_waiters();
+        }
+    }
+
     fn retains_room(&self) -> bool {
         lock(&self.state)
             .retained
@@ -246,7 +256,7 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
         st.ledger.settle(sender, seq);
         if let Some(kept) = &mut st.retained {
             if kept.settle(sender, seq) > 0 {
-                self.room.notify_waiters();
+                self.room_made();
             }
         }
     }
@@ -267,7 +277,7 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
         st.ledger.refused(sender, seq);
         if let Some(kept) = &mut st.retained {
             if kept.forget(sender, seq) {
-                self.room.notify_waiters();
+                self.room_made();
             }
         }
     }
@@ -363,7 +373,7 @@ impl<M: Send + 'static> AnyChannel for Channel<M> {
                 dropped += kept.forget_range(*sender, *first, *last);
             }
             if dropped > 0 {
-                self.room.notify_waiters();
+                self.room_made();
             }
         }
         ranges
@@ -1004,7 +1014,7 @@ impl<S: Service> ServiceRef<S> {
                     msg = back;
                     match (route, e) {
                         (_, DeliveryError::Unsettled { .. }) => {
-                            let woken = self.chan.room.notified();
+                            let woken = self.chan.room.get_or_init(Box::default).notified();
                             if !self.chan.retains_room() {
                                 woken.await;
                             }

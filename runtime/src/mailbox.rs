@@ -82,8 +82,9 @@ pub(crate) struct Mailbox<M> {
     pub kind: KindKey,
     state: Mutex<Inbox<Envelope<M>>>,
     ready: Notify,
-    space: Notify,
-    space_waiters: AtomicUsize,
+    /// Where senders wait for room, made by the first that waits: most mailboxes never fill,
+    /// and every one pays for the field (16 bytes instead of 40).
+    space: std::sync::OnceLock<Box<Space>>,
     /// Set by the node to ask the runner to freeze after the message in hand.
     pub freeze: std::sync::atomic::AtomicBool,
     /// Set by the node to ask the runner to copy its state ahead (`NodeShared::driver`
@@ -170,6 +171,14 @@ pub(crate) enum Written<'a> {
     By(&'a NodeName),
     /// The source of a restored copy, in the snapshot's version.
     Carried,
+}
+
+/// Where senders wait for room in one mailbox (see `Mailbox::wait_until`).
+#[derive(Default)]
+pub(crate) struct Space {
+    notify: Notify,
+    /// Senders registered on `notify`: a pop wakes them only when there are any.
+    waiters: AtomicUsize,
 }
 
 /// How a sleeping service is woken: the waker sends its mailbox's key to the node's thread,
@@ -284,8 +293,7 @@ impl<M> Mailbox<M> {
             kind,
             state: Mutex::new(inbox),
             ready: Notify::new(),
-            space: Notify::new(),
-            space_waiters: AtomicUsize::new(0),
+            space: std::sync::OnceLock::new(),
             freeze: std::sync::atomic::AtomicBool::new(false),
             precopy: std::sync::atomic::AtomicBool::new(false),
             handled_dirty: AtomicBool::new(false),
@@ -458,7 +466,7 @@ impl<M> Mailbox<M> {
     pub fn retire(&self, node: NodeName, epoch: u64) -> Leftovers<Envelope<M>> {
         let left = lock(&self.state).retire(node, epoch);
         self.wake();
-        self.space.notify_waiters();
+        self.room_changed();
         left
     }
 
@@ -489,22 +497,34 @@ impl<M> Mailbox<M> {
     pub fn discard_all(&self) -> Discarded<Envelope<M>> {
         let out = lock(&self.state).discard_all();
         self.wake();
-        self.space.notify_waiters();
+        self.room_changed();
         out
     }
 
+    /// Wakes every sender waiting for room, if any ever waited here.
+    fn room_changed(&self) {
+        if let Some(space) = self.space.get() {
+            space.notify.notify_waiters();
+        }
+    }
+
     /// Returns once `ok` holds of the inbox; woken by pops (and by moves and closes).
+    ///
+    /// The waiter makes the waiting place (if it is the first), registers, then looks under
+    /// the inbox's lock. A change made under that lock before the look is seen by the look; one
+    /// made after it finds the place made and the waiter counted, and wakes it.
     async fn wait_until(&self, ok: impl Fn(&Inbox<Envelope<M>>) -> bool) {
+        let space = self.space.get_or_init(Box::default);
         loop {
-            let notified = self.space.notified();
+            let notified = space.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            self.space_waiters.fetch_add(1, Ordering::SeqCst);
+            space.waiters.fetch_add(1, Ordering::SeqCst);
             let room = ok(&lock(&self.state));
             if !room {
                 notified.await;
             }
-            self.space_waiters.fetch_sub(1, Ordering::SeqCst);
+            space.waiters.fetch_sub(1, Ordering::SeqCst);
             if room {
                 return;
             }
@@ -544,8 +564,12 @@ impl<M> Mailbox<M> {
             self.handled_dirty.store(true, Ordering::Relaxed);
             newly_dirty = true;
         }
-        if env.is_some() && half_empty && self.space_waiters.load(Ordering::SeqCst) > 0 {
-            self.space.notify_waiters();
+        if env.is_some() && half_empty {
+            if let Some(space) = self.space.get() {
+                if space.waiters.load(Ordering::SeqCst) > 0 {
+                    space.notify.notify_waiters();
+                }
+            }
         }
         (env, newly_dirty)
     }
@@ -586,7 +610,7 @@ impl<M> Mailbox<M> {
     pub fn close(&self) -> Vec<Envelope<M>> {
         let rest = lock(&self.state).close();
         self.wake();
-        self.space.notify_waiters();
+        self.room_changed();
         rest
     }
 
