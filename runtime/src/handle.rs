@@ -74,9 +74,9 @@ pub(crate) struct Channel<M> {
     client: ServiceId,
     state: Mutex<ChanState<M>>,
     /// Woken when kept copies are let go: a sender waiting for room looks again. Made by the
-    /// first sender that waits (under the state's lock, before it looks): only channels of
-    /// replicated services keep copies, and every channel pays for the field (16 bytes
-    /// instead of 32).
+    /// first sender that waits, before it looks under the state's lock (where copies are let
+    /// go), so a release after its look finds it: only channels of replicated services keep
+    /// copies, and every channel pays for the field (16 bytes instead of 32).
     room: std::sync::OnceLock<Box<tokio::sync::Notify>>,
 }
 
@@ -213,7 +213,6 @@ impl<M: Send + 'static> Channel<M> {
         lock(&self.state).replicated
     }
 
-    /// True unless the kept copies are at their bound.
     /// Wakes the senders waiting for room, if any ever waited. Called under the state's lock.
     fn room_made(&self) {
         if let Some(room) = self.room.get() {
@@ -221,6 +220,7 @@ impl<M: Send + 'static> Channel<M> {
         }
     }
 
+    /// True unless the kept copies are at their bound.
     fn retains_room(&self) -> bool {
         lock(&self.state)
             .retained
