@@ -2442,7 +2442,6 @@ fn report_panic<S: Service, M>(
             rest.len()
         ),
     );
-    ctx.me.node.stats.services_panicked.inc();
     let reason = DeliveryError::ServicePanicked {
         id,
         detail: detail.to_string(),
@@ -2454,6 +2453,9 @@ fn report_panic<S: Service, M>(
     }
     sender_stopped(ctx);
     ctx.me.node.service_stopped(id, rest, reason);
+    // Counted once the service is gone from the node's table: whoever sees the count sees it
+    // gone too.
+    ctx.me.node.stats.services_panicked.inc();
 }
 
 /// The service stopped for good: each service it sent to hears its last number there, so
