@@ -1458,14 +1458,23 @@ impl Future for Migration {
     }
 }
 
-/// How many messages a service handles before yielding its thread to the others.
-const MESSAGES_PER_TURN: u32 = 64;
+/// How long a busy service handles messages before it yields its thread to the node's other
+/// tasks and to the network, in microseconds (a turn ends at the first look at the clock past
+/// it). A yield lets the runtime poll for I/O, a system call: a turn counted in messages made
+/// cheap handlers pay for it often and let costly ones keep the thread for long.
+const TURN_US: u64 = 300;
+const TURN: std::time::Duration = std::time::Duration::from_micros(TURN_US);
+
+/// A busy service looks at the clock once every this many messages.
+const TURN_LOOK_EVERY: u32 = 16;
 
 /// How many messages a busy service handles between reports of its handled marks, besides the
 /// node's confirmation round (`PROGRESS_MS`, 20 ms): a sender that keeps copies until they are confirmed
 /// (at most `retained_per_channel_max` per channel; a replicated service keeps its tells) would
 /// otherwise send at most that many per round.
-const MARKS_EVERY: u32 = 8 * MESSAGES_PER_TURN;
+const MARKS_EVERY: u32 = 512;
+// The marks are looked at with the clock.
+const _: () = assert!(MARKS_EVERY % TURN_LOOK_EVERY == 0);
 
 /// What a restored copy brings besides its state.
 pub(crate) struct Restored<M> {
@@ -2048,6 +2057,8 @@ fn serve_loop<S: Service>(
             }
         }
         let mut turn = 0u32;
+        // When this turn's first look at the clock was (`TURN_US`).
+        let mut turn_began: Option<std::time::Instant> = None;
         let mut paused = false;
         // The state being copied ahead for a move (`Service::PRECOPY`).
         let mut copying: Option<Box<Copying>> = None;
@@ -2245,16 +2256,26 @@ fn serve_loop<S: Service>(
                         ctx.me.node.migrate_detached(ctx.id(), to, opts, done);
                     }
                     turn += 1;
-                    if turn % MESSAGES_PER_TURN == 0 {
+                    if turn % TURN_LOOK_EVERY == 0 {
                         if turn >= MARKS_EVERY {
                             turn = 0;
                             ctx.me.node.flush_handled(ctx.id());
                         }
-                        tokio::task::yield_now().await;
+                        let now = std::time::Instant::now();
+                        match turn_began {
+                            None => turn_began = Some(now),
+                            Some(began) if now.duration_since(began) >= TURN => {
+                                turn_began = None;
+                                tokio::task::yield_now().await;
+                            }
+                            Some(_) => {}
+                        }
                     }
                 }
                 None if mailbox.is_closed() => break,
                 None => {
+                    // Idle: the next message begins a new turn.
+                    turn_began = None;
                     // A replicated service's checkpoint may fall due while it waits.
                     let replica_at = if S::REPLICAS > 0 {
                         checkpoint(&state, &ctx);

@@ -195,3 +195,119 @@ fn unknown_services_and_kinds_get_errors_not_hangs() -> Result<()> {
     c.shutdown();
     Ok(())
 }
+
+/// Always has a message queued once started: each `Spin` tells itself the next.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Spinner {
+    spins: u64,
+    spinning: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum SpinMsg {
+    Start,
+    Spin,
+    Stop,
+    Spins(tern::ReplyTo<u64>),
+}
+
+impl tern::Service for Spinner {
+    type Msg = SpinMsg;
+    const KIND: &'static str = "test-spinner";
+    const VERSION: u32 = 1;
+    async fn handle(&mut self, msg: SpinMsg, ctx: &mut tern::Ctx<Self>) {
+        match msg {
+            SpinMsg::Start => {
+                self.spinning = true;
+                let _ = ctx.tell(&ctx.myself(), SpinMsg::Spin);
+            }
+            SpinMsg::Spin => {
+                self.spins += 1;
+                if self.spinning {
+                    let _ = ctx.tell(&ctx.myself(), SpinMsg::Spin);
+                }
+            }
+            SpinMsg::Stop => self.spinning = false,
+            SpinMsg::Spins(reply) => {
+                let _ = ctx.reply(reply, self.spins);
+            }
+        }
+    }
+}
+
+/// A service that never runs out of messages takes its thread in turns: the node's other
+/// services, local and remote askers, and new spawns are all served while it spins, and it
+/// keeps spinning meanwhile. (Were its turn unbounded, nothing else on its node would run.)
+#[test]
+fn a_service_that_never_runs_out_of_messages_leaves_its_node_serving_the_others() -> Result<()> {
+    let c = Cluster::builder()
+        .node("a", &[])
+        .node("b", &[])
+        .setup(|n| {
+            crate::common::register_test_kinds(n);
+            n.register::<Spinner>();
+        })
+        .start()?;
+    c.wait_connected(SECS_10)?;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let spinner = a.spawn(Spinner::default())?;
+    let kv = a.spawn(KvStore::default())?;
+    let kv_from_b: ServiceRef<KvStore> = b.resolve(kv.addr())?;
+    spinner.tell(SpinMsg::Start)?;
+    let spins = || block_on(spinner.ask(SpinMsg::Spins, SECS_10));
+    wait_for(SECS_10, "the spinner to spin", || {
+        spins().is_ok_and(|n| n > 10_000)
+    })?;
+
+    let before = spins()?;
+    block_on(async {
+        for i in 0..50u8 {
+            // A local asker, and one on b whose asks and answers cross a's network.
+            let put = |reply| KvMsg::Put {
+                key: format!("k{i}"),
+                value: vec![i],
+                reply,
+            };
+            let previous = kv.ask(|r| put(Some(r)), SECS_10).await?;
+            assert!(matches!(previous, Ok(None)), "k{i} was new");
+            let got = kv_from_b
+                .ask(
+                    |reply| KvMsg::Get {
+                        key: format!("k{i}"),
+                        reply,
+                    },
+                    SECS_10,
+                )
+                .await?;
+            assert_eq!(got, Some(vec![i]));
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // A service started on a's thread while it spins answers too.
+    let late = a.spawn(SeqSink::default())?;
+    let report = block_on(late.ask(SinkMsg::Report, SECS_10))?;
+    assert!(report.senders.is_empty());
+    let during = spins()?;
+    assert!(
+        during > before,
+        "the spinner went on: {before} then {during}"
+    );
+
+    // Stopped, it goes quiet, and traffic flows as before.
+    spinner.tell(SpinMsg::Stop)?;
+    // A spin queued before the stop was handled may be behind the first ask; a second ask,
+    // sent once the first is answered, is behind that spin.
+    spins()?;
+    let settled = spins()?;
+    assert_eq!(spins()?, settled, "no spin after the stop was handled");
+    let got = block_on(kv_from_b.ask(
+        |reply| KvMsg::Get {
+            key: "k7".into(),
+            reply,
+        },
+        SECS_10,
+    ))?;
+    assert_eq!(got, Some(vec![7]));
+    c.shutdown();
+    Ok(())
+}
