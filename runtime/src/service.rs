@@ -1473,7 +1473,7 @@ const TURN_LOOK_EVERY: u32 = 16;
 /// (at most `retained_per_channel_max` per channel; a replicated service keeps its tells) would
 /// otherwise send at most that many per round.
 const MARKS_EVERY: u32 = 512;
-// The marks are looked at with the clock.
+// The marks' count is looked at only with the clock, every `TURN_LOOK_EVERY` messages.
 const _: () = assert!(MARKS_EVERY % TURN_LOOK_EVERY == 0);
 
 /// What a restored copy brings besides its state.
